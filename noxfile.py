@@ -1,0 +1,170 @@
+"""Development sessions for the gpukernels monorepo.
+
+    nox -s tests                    every package's tests in one venv (the README's test command)
+    nox -s "tests(silvertorch)"     one package
+    nox -s lint                     ruff + the import-boundary check
+    nox -s "build(moeblaze)"        wheel + sdist into dist/<package>/
+    nox -s "isolation(freescale)"   fresh venv with only that wheel + gpukernels-common
+    nox -s "bench(multibalance)"    the package's benchmarks -> benchmarks/RESULTS.md
+    nox -s gpu                      GPU machine: preinstalled torch/triton, no install step
+    nox -s demo                     the composed stack (tools/demo)
+
+Torch is pinned for development only, through GKC_TORCH (default "torch==2.13.0", the local
+CPU build on the dev/CI machines; set GKC_TORCH="" to keep whatever torch pip resolves).
+The packages themselves only ask for torch>=2.5.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+COMMON = "gpukernels-common"
+PACKAGES = ["silvertorch", "moeblaze", "freescale", "multibalance"]
+ALL = [COMMON] + PACKAGES
+IMPORT_NAME = {p: p.replace("-", "_") for p in ALL}
+# Extras each package's tests use beyond [test] (all CPU-installable from PyPI).
+TEST_EXTRAS = {COMMON: "test", "silvertorch": "test,serve", "moeblaze": "test", "freescale": "test", "multibalance": "test"}
+TORCH = os.environ.get("GKC_TORCH", "torch==2.13.0")
+INTERPRET_ENV = {"TRITON_INTERPRET": "1", "PYTHONHASHSEED": "0"}
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _install_torch(session: nox.Session) -> None:
+    if TORCH:
+        session.install(TORCH)
+
+
+def _install_editable(session: nox.Session, packages: list[str]) -> None:
+    args = ["-e", f"packages/{COMMON}[test]"]
+    for p in packages:
+        if p != COMMON:
+            args += ["-e", f"packages/{p}[{TEST_EXTRAS[p]}]"]
+    session.install(*args)
+
+
+def _pytest(session: nox.Session, package: str, extra_env: dict | None = None) -> None:
+    workers = os.environ.get("GKC_PYTEST_WORKERS", "2")
+    args = ["pytest", f"packages/{package}/tests", "-ra", "--import-mode=importlib", "-p", "no:cacheprovider"]
+    if workers != "0":
+        args += ["-n", workers]
+    session.run(*args, *session.posargs, env={**INTERPRET_ENV, **(extra_env or {})})
+
+
+@nox.session(name="tests", tags=["test"])
+def tests_all(session: nox.Session) -> None:
+    """Every package's tests (and the repository tools' tests) in one venv."""
+    _install_torch(session)
+    _install_editable(session, ALL)
+    session.install("ruff")
+    session.run("pytest", "tools/tests", "-ra", "--import-mode=importlib", "-p", "no:cacheprovider", env=INTERPRET_ENV)
+    for package in ALL:
+        session.log(f"=== {package} ===")
+        _pytest(session, package)
+
+
+@nox.session(tags=["test"])
+@nox.parametrize("package", ALL, ids=ALL)
+def tests(session: nox.Session, package: str) -> None:
+    """One package's tests (Triton kernels through the interpreter on CPU)."""
+    _install_torch(session)
+    _install_editable(session, [package])
+    _pytest(session, package)
+
+
+@nox.session(tags=["lint"])
+def lint(session: nox.Session) -> None:
+    session.install("ruff", "pytest")
+    session.run("ruff", "check", ".")
+    session.run("python", "tools/check_boundaries.py")
+    session.run("pytest", "tools/tests/test_check_boundaries.py", "-q", "-p", "no:cacheprovider")
+
+
+def _build(session: nox.Session, package: str) -> Path:
+    out = ROOT / "dist" / package
+    shutil.rmtree(out, ignore_errors=True)
+    session.chdir(ROOT / "packages" / package)
+    session.run("hatch", "build", "-t", "wheel", "-t", "sdist", str(out))
+    session.chdir(ROOT)
+    return out
+
+
+@nox.session(tags=["build"])
+@nox.parametrize("package", ALL, ids=ALL)
+def build(session: nox.Session, package: str) -> None:
+    """Wheel and sdist via hatch into dist/<package>/."""
+    session.install("hatch")
+    out = _build(session, package)
+    session.log(f"built: {sorted(p.name for p in out.iterdir())}")
+
+
+@nox.session(reuse_venv=False, tags=["isolation"])
+@nox.parametrize("package", PACKAGES, ids=PACKAGES)
+def isolation(session: nox.Session, package: str) -> None:
+    """A fresh venv with only this package's wheel and gpukernels-common's: import + smoke test."""
+    session.install("hatch")
+    common_dist = _build(session, COMMON)
+    pkg_dist = _build(session, package)
+    _install_torch(session)
+    wheels = [str(next(common_dist.glob("*.whl"))), str(next(pkg_dist.glob("*.whl")))]
+    session.install(*wheels, "pytest")
+    others = [p for p in PACKAGES if p != package]
+    session.run(
+        "python", "-c",
+        "import importlib.metadata as m, importlib.util as u, sys\n"
+        f"pkg={IMPORT_NAME[package]!r}; others={others!r}\n"
+        "mod = __import__(pkg); print(pkg, mod.__version__, 'from', mod.__file__)\n"
+        "bad = [o for o in others if u.find_spec(o) is not None]\n"
+        "assert not bad, f'other packages importable in isolation: {bad}'\n"
+        "assert 'site-packages' in mod.__file__, 'imported from the source tree, not the wheel'\n",
+    )
+    # Run the smoke test from a temporary copy so the source tree is not on sys.path.
+    tmp = Path(session.create_tmp()) / "smoke"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(ROOT / "packages" / package / "tests" / "test_smoke.py", tmp / "test_smoke.py")
+    session.chdir(tmp)
+    session.run("pytest", "test_smoke.py", "-q", "-p", "no:cacheprovider", env=INTERPRET_ENV)
+
+
+@nox.session(tags=["bench"], default=False)
+@nox.parametrize("package", ALL, ids=ALL)
+def bench(session: nox.Session, package: str) -> None:
+    """Run the package's benchmarks (benchmarks/run.py) and render benchmarks/RESULTS.md."""
+    _install_torch(session)
+    _install_editable(session, [package])
+    extras = {"silvertorch": ["faiss-cpu", "pyroaring"], "multibalance": ["torchjd"]}.get(package, [])
+    if extras:
+        session.install(*extras)
+    session.run("python", f"packages/{package}/benchmarks/run.py", *session.posargs)
+
+
+@nox.session(venv_backend="none", default=False, tags=["gpu"])
+def gpu(session: nox.Session) -> None:
+    """GPU machine: compiled kernels, `gpu`-marked tests and GPU benchmarks, no install step."""
+    paths = [str(ROOT / "packages" / p / "src") for p in ALL]
+    env = {"PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]), "TRITON_INTERPRET": "0"}
+    for package in ALL:
+        session.run(
+            sys.executable, "-m", "pytest", f"packages/{package}/tests", "-ra", "--import-mode=importlib",
+            "-p", "gpukernels_common.testing.plugin", "-p", "no:cacheprovider", *session.posargs, env=env,
+        )
+    for package in ALL:
+        runner = ROOT / "packages" / package / "benchmarks" / "run.py"
+        if runner.exists():
+            session.run(sys.executable, str(runner), "--gpu", env=env)
+
+
+@nox.session(default=False, tags=["demo"])
+def demo(session: nox.Session) -> None:
+    """The composed stack on MovieLens-100k (tools/demo)."""
+    _install_torch(session)
+    _install_editable(session, ALL)
+    session.run("python", "tools/demo/run.py", *session.posargs, env={"TRITON_INTERPRET": "1"})

@@ -1,0 +1,20 @@
+"""gpukernels-common: backend choice, op registration, test and benchmark helpers.
+
+Importing this package never imports triton.
+"""
+
+from .__about__ import __version__
+from .backend import Backend, explain_backend, select_backend
+from .device import has_cuda, triton_available
+from .registry import RegisteredOp, register_op
+
+__all__ = [
+    "__version__",
+    "Backend",
+    "explain_backend",
+    "select_backend",
+    "has_cuda",
+    "triton_available",
+    "RegisteredOp",
+    "register_op",
+]

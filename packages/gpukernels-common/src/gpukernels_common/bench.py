@@ -1,0 +1,176 @@
+"""Benchmark helpers: timing, saved-for-backward bytes, peak memory, JSON-lines records."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import env
+from .device import device_name, has_cuda, triton_version
+
+
+def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup_ms=None, rep_ms=None) -> dict:
+    """Median (and p20/p80) milliseconds of `fn()`.
+
+    CUDA: `triton.testing.do_bench` (CUDA events, cache flushed). CPU: perf_counter over
+    repeated calls after a warm-up.
+    """
+    warmup_ms = env.bench_warmup_ms() if warmup_ms is None else warmup_ms
+    rep_ms = env.bench_rep_ms() if rep_ms is None else rep_ms
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
+    start = time.perf_counter()
+    fn()
+    first = (time.perf_counter() - start) * 1e3
+    deadline = time.perf_counter() + warmup_ms / 1e3
+    while time.perf_counter() < deadline:
+        fn()
+    n = max(3, min(1000, int(rep_ms / max(first, 1e-3))))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
+    return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of distinct storages that autograd saves for backward while `fn()` runs.
+
+    Counted through `saved_tensors_hooks`, so it is exact on the CPU too. A storage saved
+    twice (e.g. a weight used by two ops) counts once; parameters and inputs count if saved.
+    """
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device.type, getattr(t.device, "index", None))
+        seen[key] = max(seen.get(key, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def peak_cuda_memory(fn: Callable[[], object], device=None) -> int:
+    """Peak CUDA bytes allocated during `fn()` above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """The conditions every record carries."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if has_cuda() else "cpu")
+    return {
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+@dataclasses.dataclass
+class BenchRecord:
+    """One measured figure set: which benchmark, which provider, which shape, what came out."""
+
+    bench: str
+    provider: str
+    shape: dict
+    figures: dict
+    env: dict = dataclasses.field(default_factory=environment)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> "BenchRecord":
+        return cls(**json.loads(line))
+
+
+def write_records(path: str | Path, records: list[BenchRecord], *, append: bool = False) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a" if append else "w") as f:
+        for r in records:
+            f.write(r.to_json() + "\n")
+    return path
+
+
+def read_records(path: str | Path) -> list[BenchRecord]:
+    return [BenchRecord.from_json(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_markdown(records: list[BenchRecord], title: str) -> str:
+    """Group records by benchmark into Markdown tables, each under its conditions."""
+    lines = [f"# {title}", "", "Generated from JSON-lines benchmark records; every table names its conditions.", ""]
+    by_bench: dict[str, list[BenchRecord]] = {}
+    for r in records:
+        by_bench.setdefault(r.bench, []).append(r)
+    for bench, recs in by_bench.items():
+        e = recs[0].env
+        lines += [f"## {bench}", ""]
+        lines.append(
+            f"Conditions: device `{e.get('device')}`, torch {e.get('torch')}, triton {e.get('triton')}, "
+            f"python {e.get('python')}, commit `{e.get('commit')}`, {e.get('date')}."
+        )
+        lines.append("")
+        shape_keys = sorted({k for r in recs for k in r.shape})
+        fig_keys = sorted({k for r in recs for k in r.figures})
+        header = ["provider"] + shape_keys + fig_keys
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for r in recs:
+            row = [r.provider] + [_fmt(r.shape.get(k, "")) for k in shape_keys] + [_fmt(r.figures.get(k, "")) for k in fig_keys]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_results(jsonl_paths: list[str | Path], md_path: str | Path, title: str) -> Path:
+    """Render every record in `jsonl_paths` (those that exist) into `md_path`."""
+    records: list[BenchRecord] = []
+    for p in jsonl_paths:
+        if Path(p).exists():
+            records.extend(read_records(p))
+    md_path = Path(md_path)
+    md_path.write_text(render_markdown(records, title))
+    return md_path

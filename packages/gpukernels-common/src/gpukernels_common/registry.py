@@ -1,0 +1,98 @@
+"""Pair a Triton implementation with its PyTorch reference as one `torch.library` custom op.
+
+`torch.compile` and `torch.export` see a single op; which implementation runs is decided
+per call by `select_backend` from the tensors' device and `GKC_BACKEND`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .backend import Backend, select_backend
+
+_REGISTERED: dict[str, "RegisteredOp"] = {}
+
+
+class RegisteredOp:
+    """A custom op plus direct handles on both implementations (for tests and benchmarks)."""
+
+    def __init__(self, name: str, op, reference: Callable, triton: Callable | None):
+        self.name = name
+        self.op = op
+        self.reference = reference
+        self.triton = triton
+
+    def __call__(self, *args, **kwargs):
+        return self.op(*args, **kwargs)
+
+    def run(self, backend: Backend, *args, **kwargs):
+        """Run one implementation explicitly, bypassing dispatch."""
+        if backend is Backend.REFERENCE or self.triton is None:
+            return self.reference(*args, **kwargs)
+        return self.triton(*args, **kwargs)
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+
+    def __repr__(self) -> str:
+        return f"RegisteredOp({self.name!r}, triton={'yes' if self.triton else 'no'})"
+
+
+def _tensors(args: Iterable) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, torch.Tensor))
+    return out
+
+
+def register_op(
+    name: str,
+    *,
+    reference: Callable,
+    triton: Callable | None = None,
+    fake: Callable | None = None,
+    mutates_args: Iterable[str] = (),
+) -> RegisteredOp:
+    """Register `name` ("namespace::op") with a reference and an optional Triton implementation.
+
+    The op's schema comes from `reference`'s type annotations. `fake` computes output
+    metadata for tracing; it defaults to the reference, which works for ops whose output
+    shapes follow from their input shapes.
+    """
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+
+    hints = typing.get_type_hints(reference)
+    sig = inspect.signature(reference)
+    sig = sig.replace(
+        parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()],
+        return_annotation=hints.get("return", sig.return_annotation),
+    )
+
+    @functools.wraps(reference)
+    def dispatch(*args, **kwargs):
+        backend = select_backend(*_tensors(list(args) + list(kwargs.values())))
+        if backend.uses_triton and triton is not None:
+            return triton(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    dispatch.__signature__ = sig
+    dispatch.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+    dispatch.__annotations__["return"] = sig.return_annotation
+    op = torch.library.custom_op(name, dispatch, mutates_args=tuple(mutates_args))
+    op.register_fake(fake or reference)
+    registered = RegisteredOp(name, op, reference, triton)
+    _REGISTERED[name] = registered
+    return registered
+
+
+def registered_ops() -> dict[str, RegisteredOp]:
+    return dict(_REGISTERED)

@@ -1,0 +1,136 @@
+"""Test helpers: tolerances per dtype and backend, RMS-relative assert_close, poisoned outputs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import Backend
+
+# (rms_tol, max_tol): relative-RMS error bound, and a bound on the worst element's error
+# relative to the reference's largest magnitude. The GPU runs fp32 `tl.dot` in TF32,
+# the interpreter computes it exactly in numpy, hence the separate tiers.
+TOLERANCES: dict[tuple[torch.dtype, Backend], tuple[float, float]] = {
+    (torch.float64, Backend.REFERENCE): (1e-12, 1e-10),
+    (torch.float32, Backend.REFERENCE): (1e-6, 1e-5),
+    (torch.float32, Backend.INTERPRET): (1e-5, 1e-4),
+    (torch.float32, Backend.TRITON): (2e-3, 1e-2),
+    (torch.float16, Backend.REFERENCE): (1e-3, 1e-2),
+    (torch.float16, Backend.INTERPRET): (2e-3, 2e-2),
+    (torch.float16, Backend.TRITON): (2e-3, 2e-2),
+    (torch.bfloat16, Backend.REFERENCE): (1e-2, 5e-2),
+    (torch.bfloat16, Backend.INTERPRET): (1.6e-2, 6e-2),
+    (torch.bfloat16, Backend.TRITON): (1.6e-2, 6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, backend: Backend | str = Backend.REFERENCE) -> tuple[float, float]:
+    backend = Backend(backend)
+    if not dtype.is_floating_point:
+        return (0.0, 0.0)
+    return TOLERANCES[(dtype, backend)]
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    backend: Backend | str = Backend.REFERENCE,
+    rms_tol: float | None = None,
+    max_tol: float | None = None,
+    name: str = "tensor",
+) -> None:
+    """Compare by relative RMS error and worst-element error; report where it failed.
+
+    NaN or inf in one tensor but not the other always fails. Integer tensors must be equal.
+    """
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    dtype = dtype or expected.dtype
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    if not dtype.is_floating_point:
+        bad = a != e
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise AssertionError(
+                f"{name}: {int(bad.sum())}/{a.numel()} elements differ; first at {idx}: "
+                f"{a[idx].item()} != expected {e[idx].item()}"
+            )
+        return
+    default_rms, default_max = tolerance(dtype, backend)
+    rms_tol = default_rms if rms_tol is None else rms_tol
+    max_tol = default_max if max_tol is None else max_tol
+    a_finite, e_finite = torch.isfinite(a), torch.isfinite(e)
+    mismatch = (a_finite != e_finite) | (~a_finite & ~e_finite & ~((a == e) | (a.isnan() & e.isnan())))
+    if mismatch.any():
+        idx = tuple(int(i) for i in mismatch.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(mismatch.sum())} non-finite mismatches; first at {idx}: "
+            f"{a[idx].item()} vs expected {e[idx].item()}"
+        )
+    both = a_finite & e_finite
+    if not both.any():
+        return
+    diff = (a - e).where(both, torch.zeros_like(a))
+    ref = e.where(both, torch.zeros_like(e))
+    scale_rms = ref.pow(2).mean().sqrt().clamp_min(1e-30)
+    scale_max = ref.abs().max().clamp_min(1e-30)
+    rms_err = float(diff.pow(2).mean().sqrt() / scale_rms)
+    max_err = float(diff.abs().max() / scale_max)
+    if rms_err > rms_tol or max_err > max_tol:
+        idx = tuple(int(i) for i in torch.unravel_index(diff.abs().argmax(), diff.shape))
+        raise AssertionError(
+            f"{name} ({dtype}, {Backend(backend).value}): relative RMS error {rms_err:.3e} (tol {rms_tol:.1e}), "
+            f"worst element error {max_err:.3e} of max|ref| (tol {max_tol:.1e}) at index {idx}: "
+            f"{a[idx].item():.6g} vs expected {e[idx].item():.6g}"
+        )
+
+
+def _poison_value(dtype: torch.dtype):
+    if dtype.is_floating_point:
+        return float("nan")
+    if dtype == torch.bool:
+        return True
+    return torch.iinfo(dtype).min
+
+
+class CanaryBuffer:
+    """An output tensor inside a larger buffer whose padding must stay untouched.
+
+    The interpreter does not catch out-of-bounds stores; a kernel that writes past its
+    output corrupts the padding, which `check()` detects. The output itself starts
+    poisoned (NaN, or the dtype's minimum) so unwritten elements show up.
+    """
+
+    def __init__(self, shape, dtype=torch.float32, device="cpu", pad: int = 1024, canary=None):
+        self.shape = torch.Size(shape)
+        numel = self.shape.numel()
+        self.pad = pad
+        if canary is None:
+            canary = -12345.0 if dtype.is_floating_point else (-7 if dtype != torch.bool else False)
+        self.canary = canary
+        self.buffer = torch.full((numel + 2 * pad,), canary, dtype=dtype, device=device)
+        self.tensor = self.buffer[pad : pad + numel].view(self.shape)
+        self.tensor.fill_(_poison_value(dtype))
+
+    def check(self, name: str = "output") -> None:
+        for side, part in (("before", self.buffer[: self.pad]), ("after", self.buffer[self.pad + self.shape.numel() :])):
+            if not bool((part == self.canary).all()):
+                n = int((part != self.canary).sum())
+                raise AssertionError(f"{name}: {n} canary elements {side} the buffer were overwritten (out-of-bounds store)")
+
+
+def poisoned_empty(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Like `torch.empty`, but filled with NaN (floats) or the dtype's minimum (integers)."""
+    return torch.full(tuple(shape), _poison_value(dtype), dtype=dtype, device=device)
+
+
+def poison_grads(*tensors: torch.Tensor) -> None:
+    """Set `.grad` to NaN so a backward that forgets to write (instead of accumulating) shows up."""
+    for t in tensors:
+        if t.grad is not None:
+            t.grad.fill_(float("nan"))
+
+
+__all__ = ["TOLERANCES", "tolerance", "assert_close", "CanaryBuffer", "poisoned_empty", "poison_grads"]
