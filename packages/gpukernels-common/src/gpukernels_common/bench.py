@@ -116,7 +116,7 @@ class BenchRecord:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, line: str) -> "BenchRecord":
+    def from_json(cls, line: str) -> BenchRecord:
         return cls(**json.loads(line))
 
 

@@ -9,7 +9,7 @@ import importlib.util
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when `import triton` would succeed (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None

@@ -15,7 +15,7 @@ import torch
 
 from .backend import Backend, select_backend
 
-_REGISTERED: dict[str, "RegisteredOp"] = {}
+_REGISTERED: dict[str, RegisteredOp] = {}
 
 
 class RegisteredOp:

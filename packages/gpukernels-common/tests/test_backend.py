@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpukernels_common import Backend, explain_backend, select_backend
+
+
+def test_reference_forced(monkeypatch):
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    assert select_backend(torch.zeros(2)) is Backend.REFERENCE
+
+
+def test_cpu_with_interpreter(monkeypatch):
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend, why = explain_backend(torch.zeros(2))
+    assert backend is Backend.INTERPRET and "TRITON_INTERPRET" in why
+
+
+def test_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+    assert select_backend(torch.zeros(2)) is Backend.REFERENCE
+
+
+def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GKC_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_backend(torch.zeros(2))
+
+
+def test_bad_backend_value(monkeypatch):
+    monkeypatch.setenv("GKC_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="GKC_BACKEND"):
+        select_backend(torch.zeros(2))
+
+
+def test_meta_tensors_use_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend(torch.empty(2, device="meta")) is Backend.REFERENCE
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, gpukernels_common, gpukernels_common.testing, gpukernels_common.bench; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_info_cli_names_backend_and_reason():
+    out = subprocess.run([sys.executable, "-m", "gpukernels_common", "info"], capture_output=True, text=True, check=True,
+                         env={"TRITON_INTERPRET": "1", "PATH": ""})
+    assert "cpu: backend=interpret because CPU tensors and TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_pick_compiled_triton(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+    assert select_backend(torch.zeros(2, device="cuda")) is Backend.TRITON

@@ -1,0 +1,44 @@
+import json
+
+import torch
+
+from gpukernels_common.bench import (
+    BenchRecord,
+    read_records,
+    render_markdown,
+    render_results,
+    saved_tensor_bytes,
+    time_fn,
+    write_records,
+)
+
+
+def test_saved_bytes_matches_hand_count():
+    # y = (x @ w).relu(): matmul saves x (4x8 fp32) and w (8x16 fp32); relu saves its output (4x16).
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    got = saved_tensor_bytes(lambda: (x @ w).relu())
+    assert got == (4 * 8 + 8 * 16 + 4 * 16) * 4
+
+
+def test_saved_bytes_counts_shared_storage_once():
+    x = torch.randn(10, requires_grad=True)
+    assert saved_tensor_bytes(lambda: x * x) == 10 * 4
+
+
+def test_time_fn_cpu():
+    out = time_fn(lambda: torch.randn(64, 64) @ torch.randn(64, 64), warmup_ms=1, rep_ms=5)
+    assert out["ms"] > 0 and out["ms_p20"] <= out["ms_p80"]
+
+
+def test_records_roundtrip_and_render(tmp_path):
+    recs = [BenchRecord("matmul", "torch", {"n": 64}, {"ms": 0.5}), BenchRecord("matmul", "ours", {"n": 64}, {"ms": 0.25})]
+    path = write_records(tmp_path / "r.jsonl", recs)
+    line = json.loads(path.read_text().splitlines()[0])
+    assert {"device", "torch", "commit"} <= set(line["env"])
+    back = read_records(path)
+    assert back[1].figures == {"ms": 0.25}
+    md = render_markdown(back, "demo")
+    assert "| ours | 64 | 0.25 |" in md and "Conditions:" in md
+    out = render_results([path, tmp_path / "missing.jsonl"], tmp_path / "RESULTS.md", "demo")
+    assert out.read_text() == md

@@ -1,0 +1,71 @@
+
+import torch
+
+from gpukernels_common import Backend, register_op
+
+CALLS = []
+
+
+def _ref(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    CALLS.append("reference")
+    return x * alpha + 1
+
+
+def _tri(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    CALLS.append("triton")
+    return x * alpha + 1
+
+
+OP = register_op("gkctest::axpb", reference=_ref, triton=_tri)
+
+
+def _bwd(ctx, grad):
+    return grad * ctx.alpha, None
+
+
+def _setup(ctx, inputs, output):
+    ctx.alpha = inputs[1]
+
+
+OP.register_autograd(_bwd, setup_context=_setup)
+
+
+def test_dispatch_follows_backend(monkeypatch):
+    x = torch.randn(5)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+    CALLS.clear()
+    OP(x, 2.0)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    OP(x, 2.0)
+    assert CALLS == ["triton", "reference"]
+
+
+def test_run_explicit_backend():
+    CALLS.clear()
+    OP.run(Backend.REFERENCE, torch.ones(2), 1.0)
+    OP.run(Backend.INTERPRET, torch.ones(2), 1.0)
+    assert CALLS == ["reference", "triton"]
+
+
+def test_autograd_and_registration_is_idempotent():
+    assert register_op("gkctest::axpb", reference=_ref) is OP
+    x = torch.randn(3, requires_grad=True)
+    OP(x, 3.0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 3.0))
+
+
+def test_export_and_compile_see_one_op(monkeypatch):
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return OP(x, 2.0).sum()
+
+    ep = torch.export.export(M(), (torch.randn(4),))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert "gkctest.axpb.default" in targets
+    x = torch.randn(4)
+    torch.testing.assert_close(ep.module()(x), M()(x))
+    compiled = torch.compile(M(), backend="eager")
+    torch.testing.assert_close(compiled(x), M()(x))

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from gpukernels_common import Backend
+from gpukernels_common.testing import CanaryBuffer, assert_close, poison_grads, poisoned_empty, tolerance
+
+
+def test_assert_close_passes_within_tolerance():
+    x = torch.randn(100)
+    assert_close(x + 1e-8, x)
+
+
+def test_assert_close_fails_and_says_where():
+    x = torch.randn(10, 10)
+    y = x.clone()
+    y[3, 7] += 10.0
+    with pytest.raises(AssertionError, match=r"at index \(3, 7\)"):
+        assert_close(y, x, name="scores")
+
+
+def test_assert_close_nan_mismatch_fails():
+    x = torch.zeros(4)
+    y = x.clone()
+    y[2] = float("nan")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_close(y, x)
+
+
+def test_assert_close_integers_exact():
+    with pytest.raises(AssertionError, match="1/3 elements differ"):
+        assert_close(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]))
+
+
+def test_tolerance_tiers():
+    assert tolerance(torch.float32, Backend.TRITON)[0] > tolerance(torch.float32, Backend.INTERPRET)[0]
+    assert tolerance(torch.bfloat16, "interpret")[0] >= 1.6e-2 - 1e-12
+    assert tolerance(torch.int32) == (0.0, 0.0)
+
+
+def test_canary_detects_out_of_bounds_write():
+    buf = CanaryBuffer((3, 5), torch.float32)
+    assert torch.isnan(buf.tensor).all()
+    buf.tensor.fill_(1.0)
+    buf.check()
+    buf.buffer[buf.pad + 15] = 0.0  # one past the end
+    with pytest.raises(AssertionError, match="after"):
+        buf.check()
+
+
+def test_poisoned_empty_and_grads():
+    assert torch.isnan(poisoned_empty((2, 2))).all()
+    assert (poisoned_empty((2,), torch.int32) == torch.iinfo(torch.int32).min).all()
+    w = torch.zeros(3, requires_grad=True)
+    w.sum().backward()
+    poison_grads(w)
+    assert torch.isnan(w.grad).all()
+
+
+def test_quick_fixture_is_bool(quick):
+    assert isinstance(quick, bool)
