@@ -86,7 +86,7 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session(tags=["lint"])
 def lint(session: nox.Session) -> None:
-    session.install("ruff", "pytest")
+    session.install("ruff", "pytest", "pytest-timeout")
     session.run("ruff", "check", ".")
     session.run("python", "tools/check_boundaries.py")
     session.run("pytest", "tools/tests/test_check_boundaries.py", "-q", "-p", "no:cacheprovider")
