@@ -135,7 +135,7 @@ def read_records(path: str | Path) -> list[BenchRecord]:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
 
 

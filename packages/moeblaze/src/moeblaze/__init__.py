@@ -1,5 +1,10 @@
-"""moeblaze."""
+"""moeblaze: memory-efficient Mixture-of-Experts training."""
 
 from .__about__ import __version__
+from .dispatch import Dispatch, dispatch
+from .experts import moe_experts
+from .layer import MoE
+from .naive import moe_reference
+from .router import Router, Routing, route
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "MoE", "moe_experts", "dispatch", "Dispatch", "route", "Router", "Routing", "moe_reference"]

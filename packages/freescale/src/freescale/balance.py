@@ -1,0 +1,161 @@
+"""Load-balanced batches across data-parallel ranks.
+
+Each step: all-gather the per-sample lengths, partition the GLOBAL batch by cost (the same
+deterministic result on every rank, computable in a background thread while the previous
+step runs), then move samples between ranks with uneven `all_to_all_single` on the jagged
+values and on any dense per-sample tensors. The global batch is the same set of samples;
+normalise the loss by the global sample count (`plan.global_batch`) and sum gradients over
+ranks, and the gradients equal the unbalanced run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+
+from .cost import CostModel
+from .jagged import KeyedJagged
+from .partition import Partition, bubble_of, oversized, partition
+
+
+@dataclasses.dataclass
+class BalancePlan:
+    rank: int
+    world_size: int
+    local_sizes: list[int]  # samples per rank before balancing
+    partition: Partition  # global sample ids per rank after balancing (rank-major global ids)
+    before_loads: torch.Tensor
+    oversized: torch.Tensor  # global ids whose cost alone exceeds a fair share
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.local_sizes)
+
+    def send_order(self) -> tuple[torch.Tensor, list[int]]:
+        """Local sample indices in send order (grouped by destination) and counts per destination."""
+        start = sum(self.local_sizes[: self.rank])
+        stop = start + self.local_sizes[self.rank]
+        order, counts = [], []
+        for ids in self.partition.assignments:
+            mine = ids[(ids >= start) & (ids < stop)] - start
+            order.append(mine)
+            counts.append(mine.numel())
+        return torch.cat(order), counts
+
+    def recv_counts(self) -> list[int]:
+        ids = self.partition.assignments[self.rank]
+        bounds = torch.tensor([0] + list(torch.cumsum(torch.tensor(self.local_sizes), 0)))
+        return [int(((ids >= bounds[s]) & (ids < bounds[s + 1])).sum()) for s in range(self.world_size)]
+
+    def report(self) -> dict:
+        return {"bubble_before": bubble_of(self.before_loads), "bubble_after": self.partition.bubble(),
+                "max_load_before": float(self.before_loads.max()), "max_load_after": float(self.partition.loads.max()),
+                "counts_after": self.partition.counts(), "oversized_samples": self.oversized.tolist()}
+
+
+class BatchBalancer:
+    """Balance each step's global batch over the ranks of `process_group` by sequence cost."""
+
+    def __init__(self, process_group=None, cost_model: CostModel | None = None, method: str = "kk_equal",
+                 refine: bool = True, background: bool = True):
+        self.group = process_group
+        self.cost_model = cost_model or CostModel(a=1.0, b=1.0)
+        self.method, self.refine = method, refine
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freescale-partition") if background else None
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    def _gather_lengths(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+        if self.world_size == 1:
+            return [lengths]
+        size = torch.tensor([lengths.numel()], dtype=torch.long)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.long)
+        padded[: lengths.numel()] = lengths
+        out = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded, group=self.group)
+        return [o[: int(s.item())] for o, s in zip(out, sizes)]
+
+    def _make_plan(self, per_rank: list[torch.Tensor]) -> BalancePlan:
+        costs = self.cost_model(torch.cat(per_rank))
+        local_sizes = [t.numel() for t in per_rank]
+        before = torch.stack([self.cost_model(t).sum() for t in per_rank])
+        part = partition(costs, self.world_size, method=self.method, refine=self.refine)
+        return BalancePlan(self.rank, self.world_size, local_sizes, part, before, oversized(costs, self.world_size))
+
+    def plan(self, lengths: torch.Tensor) -> BalancePlan:
+        """All-gather this rank's per-sample lengths and partition the global batch."""
+        return self._make_plan(self._gather_lengths(torch.as_tensor(lengths, dtype=torch.long)))
+
+    def plan_async(self, lengths: torch.Tensor) -> Future:
+        """Like plan(), with the partitioning in a background thread (the all-gather runs now)."""
+        per_rank = self._gather_lengths(torch.as_tensor(lengths, dtype=torch.long))
+        if self._pool is None:
+            fut: Future = Future()
+            fut.set_result(self._make_plan(per_rank))
+            return fut
+        return self._pool.submit(self._make_plan, per_rank)
+
+    def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
+        """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank."""
+        dense = dense or {}
+        if features.batch_size != plan.local_sizes[plan.rank]:
+            raise ValueError(f"features has {features.batch_size} samples, the plan expects {plan.local_sizes[plan.rank]}")
+        for k, v in dense.items():
+            if v.shape[0] != features.batch_size:
+                raise ValueError(f"dense[{k!r}] has {v.shape[0]} rows, expected {features.batch_size}")
+        order, send_counts = plan.send_order()
+        recv_counts = plan.recv_counts()
+        ordered = features.permute(order)
+        if plan.world_size == 1:
+            return ordered, {k: v[order] for k, v in dense.items()}
+        n_keys = len(features.keys)
+        # per-sample lengths for every key, sample-major so they split by sample counts
+        lengths_sm = ordered.lengths_per_key().T.contiguous()
+        recv_lengths = lengths_sm.new_empty(sum(recv_counts), n_keys)
+        dist.all_to_all_single(recv_lengths, lengths_sm, recv_counts, send_counts, group=self.group)
+        # values: sample-major so each destination's slice is contiguous
+        per_sample_values = _sample_major_values(ordered)
+        send_value_counts = [int(s.sum()) for s in torch.split(lengths_sm.sum(1), send_counts)]
+        recv_value_counts = [int(s.sum()) for s in torch.split(recv_lengths.sum(1), recv_counts)]
+        recv_values = per_sample_values.new_empty(sum(recv_value_counts))
+        dist.all_to_all_single(recv_values, per_sample_values, recv_value_counts, send_value_counts, group=self.group)
+        out_dense = {}
+        for k, v in dense.items():
+            v = v[order].contiguous()
+            buf = v.new_empty((sum(recv_counts),) + tuple(v.shape[1:]))
+            dist.all_to_all_single(buf, v, recv_counts, send_counts, group=self.group)
+            out_dense[k] = buf
+        return _from_sample_major(features.keys, recv_values, recv_lengths), out_dense
+
+    def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
+        """plan + exchange in one call. Returns (features, dense, plan)."""
+        plan = self.plan(features.sample_lengths())
+        feats, dense = self.exchange(plan, features, dense)
+        return feats, dense, plan
+
+
+def _sample_major_values(kj: KeyedJagged) -> torch.Tensor:
+    """Values reordered sample-major (sample 0's keys, then sample 1's, ...)."""
+    b, k = kj.batch_size, len(kj.keys)
+    chunks = list(torch.split(kj.values, kj.lengths.tolist()))
+    return torch.cat([chunks[key * b + i] for i in range(b) for key in range(k)]) if chunks else kj.values
+
+
+def _from_sample_major(keys, values: torch.Tensor, lengths_sm: torch.Tensor) -> KeyedJagged:
+    b, k = lengths_sm.shape
+    chunks = list(torch.split(values, lengths_sm.reshape(-1).tolist()))
+    key_major = [chunks[i * k + key] for key in range(k) for i in range(b)]
+    vals = torch.cat(key_major) if key_major else values
+    return KeyedJagged(keys, vals, lengths_sm.T.reshape(-1).contiguous())

@@ -1,0 +1,133 @@
+"""Per-rank step accounting: busy compute, straggler wait and exposed communication.
+
+At every synchronising collective wrapped by `meter.sync(op)`, a cheap barrier is taken first
+(measurement mode): the time spent in it is straggler wait (this rank arrived before the
+slowest one); the collective's own time after it is exposed communication. Everything timed
+with `meter.compute()` is busy compute. Per step, compute + wait + comm + untracked = step.
+
+    bubble ratio       = sum(wait) / sum(step)     (over ranks and steps)
+    bubble reduction   = 1 - bubble_balanced / bubble_baseline      (the paper's form)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+class BubbleMeter:
+    def __init__(self, process_group=None, measure_wait: bool = True, timeout: float | None = None):
+        """`timeout` (seconds): the barrier becomes gloo's monitored barrier, which fails within the
+        timeout naming the rank that never arrived (a dead or hung rank) instead of hanging."""
+        self.group = process_group
+        self.measure_wait = measure_wait
+        self.timeout = timeout
+        self.steps: list[dict] = []
+        self.events: list[dict] = []
+        self._current: dict | None = None
+        self._t0 = time.perf_counter()
+
+    def _rank(self) -> int:
+        return dist.get_rank(self.group) if dist.is_available() and dist.is_initialized() else 0
+
+    def _event(self, name, start, end):
+        self.events.append({"name": name, "ph": "X", "pid": self._rank(), "tid": 0,
+                            "ts": (start - self._t0) * 1e6, "dur": (end - start) * 1e6})
+
+    @contextlib.contextmanager
+    def step(self, samples: int = 0):
+        self._current = {"compute": 0.0, "wait": 0.0, "comm": 0.0, "samples": samples}
+        start = time.perf_counter()
+        try:
+            yield self
+        finally:
+            end = time.perf_counter()
+            self._current["step"] = end - start
+            self._current["untracked"] = self._current["step"] - self._current["compute"] - self._current["wait"] - self._current["comm"]
+            self.steps.append(self._current)
+            self._event("step", start, end)
+            self._current = None
+
+    @contextlib.contextmanager
+    def compute(self, name: str = "compute"):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            if self._current is not None:
+                self._current["compute"] += end - start
+            self._event(name, start, end)
+
+    def sync(self, op=None, name: str = "collective"):
+        """Run a synchronising collective `op()` (or just the barrier) and account its time."""
+        t0 = time.perf_counter()
+        if self.measure_wait and dist.is_available() and dist.is_initialized():
+            if self.timeout is not None and dist.get_backend(self.group) == "gloo":
+                import datetime
+
+                dist.monitored_barrier(group=self.group, timeout=datetime.timedelta(seconds=self.timeout))
+            else:
+                dist.barrier(group=self.group)
+        t1 = time.perf_counter()
+        result = op() if op is not None else None
+        t2 = time.perf_counter()
+        if self._current is not None:
+            self._current["wait"] += t1 - t0
+            self._current["comm"] += t2 - t1
+        self._event(f"wait:{name}", t0, t1)
+        self._event(name, t1, t2)
+        return result
+
+    @contextlib.contextmanager
+    def comm(self, name: str = "comm"):
+        """Time exposed communication that is not a synchronisation point (e.g. waiting on async work)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            if self._current is not None:
+                self._current["comm"] += end - start
+            self._event(name, start, end)
+
+    def summary(self, skip: int = 0, gather: bool = True) -> dict:
+        """Ratios over all steps (after `skip` warm-up steps), over all ranks when distributed."""
+        steps = self.steps[skip:]
+        totals = {k: sum(s[k] for s in steps) for k in ("step", "compute", "wait", "comm", "untracked", "samples")}
+        totals["n_steps"] = len(steps)
+        if gather and dist.is_available() and dist.is_initialized():
+            every = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(every, totals, group=self.group)
+            per_rank_steps = [t["step"] for t in every]
+            totals = {k: sum(t[k] for t in every) for k in totals}
+            totals["n_steps"] = every[0]["n_steps"]
+            world = len(every)
+            wall = max(per_rank_steps)
+        else:
+            world, wall = 1, totals["step"]
+        step = max(totals["step"], 1e-12)
+        return {
+            "bubble_ratio": totals["wait"] / step,
+            "exposed_comm_ratio": totals["comm"] / step,
+            "busy_ratio": totals["compute"] / step,
+            "untracked_ratio": totals["untracked"] / step,
+            "step_ms": 1e3 * wall / max(totals["n_steps"], 1),
+            "samples_per_s": totals["samples"] / wall if wall > 0 else 0.0,
+            "world_size": world,
+        }
+
+    def chrome_trace(self, path: str | os.PathLike) -> Path:
+        """Write this rank's events as a Chrome trace (open in chrome://tracing or Perfetto)."""
+        path = Path(path)
+        path.write_text(json.dumps({"traceEvents": self.events}))
+        return path
+
+
+def bubble_reduction(baseline: float, balanced: float) -> float:
+    return 1.0 - balanced / baseline if baseline > 0 else 0.0

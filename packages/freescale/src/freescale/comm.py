@@ -1,0 +1,95 @@
+"""Prioritised, chunked asynchronous collectives that overlap with compute.
+
+Collectives submitted to a `CommScheduler` are issued on a dedicated communication thread in
+priority order (lower number = consumed sooner by the model), then submission order. Large
+all-to-alls are cut into chunks of at most `chunk_bytes`, and chunks of every pending op are
+ordered by priority, so an urgent op submitted together with a large background one is not
+stuck behind all of it. Ordering is decided per `flush()` round from (priority, sequence),
+which is identical on every rank, so ranks always issue collectives in the same order (a
+requirement of gloo and NCCL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+from concurrent.futures import Future
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(order=True)
+class _Chunk:
+    priority: int
+    seq: int
+    index: int
+    run: object = dataclasses.field(compare=False)
+
+
+class CommScheduler:
+    def __init__(self, process_group=None, chunk_bytes: int = 1 << 20):
+        self.group = process_group
+        self.chunk_bytes = chunk_bytes
+        self._seq = itertools.count()
+        self._pending: list[_Chunk] = []
+        self._queue: queue.Queue = queue.Queue()
+        self.completed: list[str] = []  # op names in completion order (for tests and traces)
+        self._thread = threading.Thread(target=self._loop, name="freescale-comm", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                item.run()
+            except Exception as err:  # surface errors through the op's future, keep serving others
+                if not item.run.future.done():
+                    item.run.future.set_exception(err)
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits=None, input_splits=None,
+                   priority: int = 0, name: str = "all_to_all") -> Future:
+        """Queue an all_to_all_single; chunked along dim 1 when it is larger than chunk_bytes."""
+        future: Future = Future()
+        seq = next(self._seq)
+        total = input.numel() * input.element_size()
+        n_chunks = max(1, -(-total // self.chunk_bytes)) if input.dim() == 2 else 1
+        n_chunks = min(n_chunks, input.shape[1]) if input.dim() == 2 else 1
+        cols = torch.arange(input.shape[1]).tensor_split(n_chunks) if input.dim() == 2 else [None]
+        remaining = [len(cols)]
+        lock = threading.Lock()
+
+        def make_run(c):
+            def run():
+                if c is None:
+                    dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+                else:
+                    out = output.new_empty(output.shape[0], c.numel())
+                    dist.all_to_all_single(out, input[:, c].contiguous(), output_splits, input_splits, group=self.group)
+                    output[:, c] = out
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    self.completed.append(name)
+                    future.set_result(output)
+            run.future = future
+            return run
+
+        for i, c in enumerate(cols):
+            self._pending.append(_Chunk(priority, seq, i, make_run(c)))
+        return future
+
+    def flush(self) -> None:
+        """Hand every pending chunk to the communication thread, most urgent first."""
+        for chunk in sorted(self._pending):
+            self._queue.put(chunk)
+        self._pending = []
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)

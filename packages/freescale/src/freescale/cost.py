@@ -1,0 +1,47 @@
+"""Per-sample cost models: cost(L) = a*L + b*L^2 (HSTU-style attention is quadratic in length)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class CostModel:
+    """cost(L) = a*L + b*L^2 in arbitrary units (FLOPs from the model shape, or seconds when fitted)."""
+
+    def __init__(self, a: float = 1.0, b: float = 0.0):
+        if a < 0 or b < 0 or (a == 0 and b == 0):
+            raise ValueError(f"cost coefficients must be non-negative and not both zero, got a={a}, b={b}")
+        self.a, self.b = float(a), float(b)
+
+    @classmethod
+    def from_model_shape(cls, d_model: int, n_heads: int, n_layers: int, d_ff: int | None = None) -> CostModel:
+        """Forward+backward FLOPs per token (linear part) and per token pair (attention part).
+
+        Per layer and token: projections ~ 2*(4*d^2) (U, V, Q, K) + output 2*d^2, feed-forward
+        2*2*d*d_ff; attention ~ 2*2*d per token pair (scores and weighted sum). x3 for backward.
+        """
+        d_ff = d_ff if d_ff is not None else 4 * d_model
+        linear = n_layers * (10 * d_model * d_model + 4 * d_model * d_ff) * 3
+        quadratic = n_layers * 4 * d_model * 3
+        return cls(a=linear, b=quadratic)
+
+    def __call__(self, lengths) -> torch.Tensor:
+        lengths = torch.as_tensor(lengths, dtype=torch.float64)
+        return self.a * lengths + self.b * lengths * lengths
+
+    def fit(self, rank_lengths: Sequence[Sequence[int]], step_times: Sequence[float]) -> CostModel:
+        """Least-squares fit of (a, b) from measured per-rank step times: time_r = a*sum(L) + b*sum(L^2)."""
+        if len(rank_lengths) != len(step_times) or len(step_times) < 2:
+            raise ValueError("fit needs at least two (lengths, time) observations of equal count")
+        x = torch.tensor([[float(sum(ls)), float(sum(int(v) ** 2 for v in ls))] for ls in rank_lengths], dtype=torch.float64)
+        y = torch.tensor(list(step_times), dtype=torch.float64).unsqueeze(1)
+        coef = torch.linalg.lstsq(x, y).solution.squeeze(1).clamp_min(0)
+        if float(coef.sum()) == 0:
+            raise ValueError("fitted cost is zero everywhere: step times do not grow with length")
+        self.a, self.b = float(coef[0]), float(coef[1])
+        return self
+
+    def __repr__(self) -> str:
+        return f"CostModel(a={self.a:.4g}, b={self.b:.4g})"

@@ -1,0 +1,119 @@
+"""A small keyed jagged tensor in pure torch (the shape of TorchRec's KeyedJaggedTensor).
+
+`lengths` is key-major: lengths[k * batch + i] is the length of sample i under key k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class KeyedJagged:
+    def __init__(self, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor):
+        keys = list(keys)
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be distinct and non-empty, got {keys}")
+        if values.dim() != 1 or lengths.dim() != 1:
+            raise ValueError(f"values and lengths must be 1-D, got {tuple(values.shape)} and {tuple(lengths.shape)}")
+        if lengths.dtype not in (torch.int32, torch.int64) or (lengths < 0).any():
+            raise ValueError("lengths must be a non-negative integer tensor")
+        if lengths.numel() % len(keys):
+            raise ValueError(f"lengths has {lengths.numel()} entries, not a multiple of {len(keys)} keys")
+        if int(lengths.sum()) != values.numel():
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but values has {values.numel()} entries")
+        self.keys, self.values, self.lengths = keys, values, lengths.long()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[torch.Tensor]]) -> KeyedJagged:
+        """{key: [per-sample 1-D tensors]} with the same batch size per key."""
+        keys = list(data)
+        sizes = {len(v) for v in data.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"every key needs the same number of samples, got {sizes}")
+        lengths = torch.tensor([t.numel() for k in keys for t in data[k]], dtype=torch.long)
+        parts = [t.reshape(-1) for k in keys for t in data[k]]
+        values = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        return cls(keys, values, lengths)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.numel() // len(self.keys)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
+
+    def lengths_per_key(self) -> torch.Tensor:
+        return self.lengths.view(len(self.keys), self.batch_size)
+
+    def sample_lengths(self) -> torch.Tensor:
+        """Total length of each sample over all keys."""
+        return self.lengths_per_key().sum(0)
+
+    def __getitem__(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.keys.index(key)
+        b = self.batch_size
+        start = int(self.lengths[: k * b].sum())
+        lengths = self.lengths[k * b : (k + 1) * b]
+        return self.values[start : start + int(lengths.sum())], lengths
+
+    def to_dict(self) -> dict[str, list[torch.Tensor]]:
+        out, chunks = {}, list(torch.split(self.values, self.lengths.tolist()))
+        b = self.batch_size
+        for k, key in enumerate(self.keys):
+            out[key] = chunks[k * b : (k + 1) * b]
+        return out
+
+    def permute(self, indices: torch.Tensor) -> KeyedJagged:
+        """Select/reorder samples (a subset is allowed)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
+            raise IndexError(f"sample indices must be in [0, {self.batch_size})")
+        b = self.batch_size
+        offsets = self.offsets
+        rows = (torch.arange(len(self.keys)).unsqueeze(1) * b + indices.unsqueeze(0)).reshape(-1)
+        new_lengths = self.lengths[rows]
+        if new_lengths.sum() == 0:
+            return KeyedJagged(self.keys, self.values[:0], new_lengths)
+        starts = offsets[rows]
+        # gather every selected run of values without a Python loop
+        run_ids = torch.repeat_interleave(torch.arange(rows.numel()), new_lengths)
+        within = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(torch.cumsum(new_lengths, 0) - new_lengths, new_lengths)
+        return KeyedJagged(self.keys, self.values[starts[run_ids] + within], new_lengths)
+
+    def split(self, sizes: Sequence[int]) -> list[KeyedJagged]:
+        if sum(sizes) != self.batch_size:
+            raise ValueError(f"split sizes sum to {sum(sizes)}, batch size is {self.batch_size}")
+        out, start = [], 0
+        for s in sizes:
+            out.append(self.permute(torch.arange(start, start + s)))
+            start += s
+        return out
+
+    @staticmethod
+    def concat(parts: Sequence[KeyedJagged]) -> KeyedJagged:
+        if not parts:
+            raise ValueError("concat needs at least one KeyedJagged")
+        keys = parts[0].keys
+        if any(p.keys != keys for p in parts):
+            raise ValueError("concat needs the same keys in every part")
+        lengths = torch.cat([torch.cat([p.lengths_per_key()[k] for p in parts]) for k in range(len(keys))])
+        values = torch.cat([torch.cat([p[key][0] for p in parts]) for key in keys])
+        return KeyedJagged(keys, values, lengths)
+
+    def to_torchrec(self):
+        """TorchRec's KeyedJaggedTensor (needs `torchrec` installed)."""
+        try:
+            from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        except ImportError as err:
+            raise ModuleNotFoundError("to_torchrec() needs torchrec: pip install torchrec") from err
+        return KeyedJaggedTensor(keys=self.keys, values=self.values, lengths=self.lengths)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, KeyedJagged) and self.keys == other.keys and torch.equal(self.lengths, other.lengths)
+                and torch.equal(self.values, other.values))
+
+    def __repr__(self) -> str:
+        return f"KeyedJagged(keys={self.keys}, batch_size={self.batch_size}, values={self.values.numel()})"

@@ -1,0 +1,82 @@
+"""An HSTU-style sequential recommender over jagged sequences, in plain torch.
+
+HSTU layer (Zhai et al. 2024): one projection gives U, V, Q, K (SiLU), attention weights are
+SiLU(QK^T)/n with a causal mask (no softmax), and the output is LayerNorm(A V) * U projected
+back, with a residual. Sequences are padded per batch from their jagged form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int = 2, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.h = n_heads
+        self.norm = nn.LayerNorm(d_model)
+        self.uvqk = nn.Linear(d_model, 4 * d_model)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm(x))).chunk(4, dim=-1)
+        heads = lambda t: t.view(b, n, self.h, d // self.h).transpose(1, 2)  # noqa: E731
+        scores = F.silu(heads(q) @ heads(k).transpose(-1, -2)) / n
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        scores = scores * (causal & mask[:, None, None, :]).to(scores.dtype)
+        attn = (scores @ heads(v)).transpose(1, 2).reshape(b, n, d)
+        return x + self.dropout(self.out(self.attn_norm(attn) * u))
+
+
+def pad_jagged(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-aligned padding: the most recent item of each sequence sits in the last column."""
+    max_len = int(lengths.max()) if max_len is None else max_len
+    b = lengths.numel()
+    out = values.new_zeros(b, max_len)
+    mask = torch.zeros(b, max_len, dtype=torch.bool)
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    for i in range(b):
+        seq = values[offsets[i] : offsets[i + 1]][-max_len:]
+        if seq.numel():
+            out[i, -seq.numel():] = seq
+            mask[i, -seq.numel():] = True
+    return out, mask
+
+
+class HSTURecommender(nn.Module):
+    """Next-item model: item (+ position) embeddings -> HSTU layers -> user state at the last position.
+
+    `ffn_factory(d_model)` optionally adds a feed-forward block after each HSTU layer (e.g. an MoE).
+    """
+
+    def __init__(self, n_items: int, d_model: int = 32, n_layers: int = 2, n_heads: int = 2, max_len: int = 200,
+                 ffn_factory=None):
+        super().__init__()
+        self.max_len = max_len
+        self.item = nn.Embedding(n_items, d_model)
+        self.position = nn.Embedding(max_len, d_model)
+        self.layers = nn.ModuleList(HSTULayer(d_model, n_heads) for _ in range(n_layers))
+        self.ffns = nn.ModuleList(ffn_factory(d_model) for _ in range(n_layers)) if ffn_factory else None
+        self.final_norm = nn.LayerNorm(d_model)
+
+    def user_state(self, items: torch.Tensor, lengths: torch.Tensor, item_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        padded, mask = pad_jagged(items, lengths, min(self.max_len, int(lengths.max())))
+        x = (self.item(padded) if item_embeddings is None else item_embeddings) + self.position.weight[-padded.shape[1]:]
+        x = x * mask.unsqueeze(-1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask)
+            if self.ffns is not None:
+                b, n, d = x.shape
+                x = x + self.ffns[i](x.reshape(b * n, d)).reshape(b, n, d) * mask.unsqueeze(-1)
+        return self.final_norm(x[:, -1])
+
+    def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits over all items for the next item of each sequence."""
+        return self.user_state(items, lengths) @ self.item.weight.T

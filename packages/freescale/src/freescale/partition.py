@@ -1,0 +1,171 @@
+"""Partition a global batch's per-sample costs over data-parallel ranks.
+
+Methods:
+- `contiguous`: the naive split (sample i goes to rank i // (B/W)); the baseline.
+- `lpt`: longest-processing-time greedy, counts free.  `lpt_equal`: LPT with equal counts.
+- `kk`: Karmarkar-Karp multi-way largest differencing, counts free.
+- `kk_equal`: equal-count KK (sorted items grouped W at a time, then differenced), as in
+  verl's and NVIDIA recsys-examples' sequence balancing.
+Every method can be followed by pairwise-swap refinement (`refine=True`, count-preserving).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+
+import torch
+
+METHODS = ("contiguous", "lpt", "lpt_equal", "kk", "kk_equal")
+
+
+@dataclasses.dataclass
+class Partition:
+    assignments: list[torch.Tensor]  # sample indices per rank, ascending
+    loads: torch.Tensor  # total cost per rank
+    method: str
+
+    @property
+    def world_size(self) -> int:
+        return len(self.assignments)
+
+    def bubble(self) -> float:
+        """Idle fraction if every rank waits for the slowest: sum(max - load) / (W * max)."""
+        return bubble_of(self.loads)
+
+    def imbalance(self) -> float:
+        """(max - min) / max of per-rank cost."""
+        mx = float(self.loads.max())
+        return (mx - float(self.loads.min())) / mx if mx > 0 else 0.0
+
+    def counts(self) -> list[int]:
+        return [a.numel() for a in self.assignments]
+
+
+def bubble_of(loads: torch.Tensor) -> float:
+    loads = loads.double()
+    mx = float(loads.max())
+    return float((mx - loads).sum() / (loads.numel() * mx)) if mx > 0 else 0.0
+
+
+def _contiguous(costs, world):
+    n = costs.numel()
+    bounds = [round(r * n / world) for r in range(world + 1)]
+    return [list(range(bounds[r], bounds[r + 1])) for r in range(world)]
+
+
+def _lpt(costs, world, equal):
+    n = costs.numel()
+    cap = [n // world + (1 if r < n % world else 0) for r in range(world)] if equal else [n] * world
+    order = sorted(range(n), key=lambda i: (-float(costs[i]), i))
+    bins = [[] for _ in range(world)]
+    heap = [(0.0, r) for r in range(world)]
+    full = []
+    for i in order:
+        while True:
+            load, r = heapq.heappop(heap)
+            if len(bins[r]) < cap[r]:
+                break
+            full.append((load, r))
+        bins[r].append(i)
+        heapq.heappush(heap, (load + float(costs[i]), r))
+    return bins
+
+
+def _kk(costs, world, equal):
+    n = costs.numel()
+    counter = itertools.count()
+    heap = []
+    if equal:
+        pad = (-n) % world
+        items = sorted(range(n), key=lambda i: (-float(costs[i]), i)) + [-1] * pad  # -1: zero-cost padding
+        for g in range(0, len(items), world):
+            group = items[g : g + world]
+            subsets = [([i] if i >= 0 else [], float(costs[i]) if i >= 0 else 0.0) for i in group]
+            subsets.sort(key=lambda s: s[1])
+            heapq.heappush(heap, (-(subsets[-1][1] - subsets[0][1]), next(counter), subsets))
+    else:
+        for i in range(n):
+            subsets = [([], 0.0)] * (world - 1) + [([i], float(costs[i]))]
+            heapq.heappush(heap, (-float(costs[i]), next(counter), subsets))
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        # largest of one with smallest of the other
+        merged = [(a[k][0] + b[world - 1 - k][0], a[k][1] + b[world - 1 - k][1]) for k in range(world)]
+        merged.sort(key=lambda s: s[1])
+        heapq.heappush(heap, (-(merged[-1][1] - merged[0][1]), next(counter), merged))
+    return [s[0] for s in heap[0][2]] if heap else [[] for _ in range(world)]
+
+
+def _refine(bins, costs, max_rounds=200):
+    """Pairwise swaps between the most and least loaded ranks while the max load drops."""
+    c = [float(x) for x in costs]
+    loads = [sum(c[i] for i in b) for b in bins]
+    for _ in range(max_rounds):
+        hi = max(range(len(bins)), key=lambda r: loads[r])
+        lo = min(range(len(bins)), key=lambda r: loads[r])
+        gap = loads[hi] - loads[lo]
+        if gap <= 0:
+            break
+        best, best_delta = None, 0.0
+        for i in bins[hi]:
+            for j in bins[lo]:
+                d = c[i] - c[j]
+                if 0 < d < gap:
+                    gain = min(d, gap - d)  # how much the pair's max drops
+                    if gain > best_delta:
+                        best, best_delta = (i, j, d), gain
+        if best is None:
+            break
+        i, j, d = best
+        bins[hi].remove(i)
+        bins[lo].remove(j)
+        bins[hi].append(j)
+        bins[lo].append(i)
+        loads[hi] -= d
+        loads[lo] += d
+    return bins
+
+
+def partition(costs, world_size: int, method: str = "kk_equal", refine: bool = True) -> Partition:
+    """Assign samples to `world_size` ranks minimising the most loaded rank's cost."""
+    costs = torch.as_tensor(costs, dtype=torch.float64).reshape(-1)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if costs.numel() < world_size:
+        raise ValueError(f"need at least one sample per rank: {costs.numel()} samples for {world_size} ranks")
+    if not torch.isfinite(costs).all() or (costs < 0).any():
+        raise ValueError("costs must be finite and non-negative")
+    if method == "contiguous":
+        bins = _contiguous(costs, world_size)
+    elif method.startswith("lpt"):
+        bins = _lpt(costs, world_size, equal=method == "lpt_equal")
+    else:
+        bins = _kk(costs, world_size, equal=method == "kk_equal")
+    if refine and method != "contiguous":
+        bins = _refine(bins, costs)
+    assignments = [torch.tensor(sorted(b), dtype=torch.long) for b in bins]
+    loads = torch.stack([costs[a].sum() if a.numel() else costs.new_zeros(()) for a in assignments])
+    return Partition(assignments, loads, method)
+
+
+def oversized(costs, world_size: int) -> torch.Tensor:
+    """Indices of samples whose cost alone exceeds a rank's fair share (sum / W): no placement
+    can balance those; split or cap them (see `cap_lengths`)."""
+    costs = torch.as_tensor(costs, dtype=torch.float64)
+    return (costs > costs.sum() / world_size).nonzero().reshape(-1)
+
+
+def cap_lengths(lengths: torch.Tensor, cost_model, world_size: int) -> torch.Tensor:
+    """Cap sequence lengths so no sample costs more than a rank's fair share (keeps the most recent items)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long).clone()
+    for _ in range(64):
+        big = oversized(cost_model(lengths), world_size)
+        if big.numel() == 0:
+            return lengths
+        lengths[big] = (lengths[big] * 0.9).long().clamp_min(1)
+    return lengths

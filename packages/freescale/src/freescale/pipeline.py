@@ -1,0 +1,65 @@
+"""A three-stage training pipeline: copy batch i+1, balance + distribute it, while batch i trains.
+
+Stage 1 copies the next batch to the device (non-blocking), stage 2 all-gathers its lengths
+and partitions the global batch in the balancer's background thread, and stage 3 runs
+forward/backward on the current batch. The sample exchange for batch i+1 then runs before
+batch i+1's step. Every synchronising point goes through the BubbleMeter when one is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .balance import BatchBalancer
+from .bubbles import BubbleMeter
+from .jagged import KeyedJagged
+
+Batch = tuple[KeyedJagged, dict[str, torch.Tensor]]
+
+
+def _to(batch: Batch, device) -> Batch:
+    feats, dense = batch
+    return (KeyedJagged(feats.keys, feats.values.to(device, non_blocking=True), feats.lengths.to(device)),
+            {k: v.to(device, non_blocking=True) for k, v in dense.items()})
+
+
+class TrainPipeline:
+    def __init__(self, step_fn: Callable[[KeyedJagged, dict, int], object], balancer: BatchBalancer | None = None,
+                 device: torch.device | str = "cpu", meter: BubbleMeter | None = None):
+        """`step_fn(features, dense, global_batch)` runs forward/backward/optimizer on one balanced batch."""
+        self.step_fn, self.balancer, self.device, self.meter = step_fn, balancer, torch.device(device), meter
+        self._staged = None  # (batch, plan future)
+
+    def _stage(self, batch: Batch):
+        batch = _to(batch, self.device)
+        fut = self.balancer.plan_async(batch[0].sample_lengths().cpu()) if self.balancer else None
+        return batch, fut
+
+    def _finish(self, staged):
+        (feats, dense), fut = staged
+        if fut is None:
+            return feats, dense, feats.batch_size
+        plan = fut.result()
+        if self.meter is not None:
+            feats, dense = self.meter.sync(lambda: self.balancer.exchange(plan, feats, dense), name="balance_exchange")
+        else:
+            feats, dense = self.balancer.exchange(plan, feats, dense)
+        self.last_plan = plan
+        return feats, dense, plan.global_batch
+
+    def run(self, batches: Iterator[Batch]) -> list:
+        """Train over all batches; returns what step_fn returned for each."""
+        outputs = []
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            return outputs
+        current = self._finish(self._stage(first))
+        for nxt in it:
+            staged = self._stage(nxt)  # stages 1-2 for batch i+1 (partition in the background)
+            outputs.append(self.step_fn(*current))  # stage 3 for batch i
+            current = self._finish(staged)
+        outputs.append(self.step_fn(*current))
+        return outputs

@@ -1,0 +1,73 @@
+"""A discrete-event simulator of data-parallel steps for 2 to thousands of ranks.
+
+Each step: the global batch is partitioned (same cost model and partitioners as training);
+each rank computes for load * seconds_per_cost, while its embedding communication
+(bytes / link bandwidth) overlaps the compute. SM-based communication slows the compute it
+overlaps by `overlap_slowdown` (measured 30-40% on H100s for NCCL kernels); SM-free
+(copy-engine) transfers do not. Ranks then meet at the gradient all-reduce: the early ones
+wait (the bubble).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from .cost import CostModel
+from .partition import partition
+
+
+@dataclasses.dataclass
+class SimResult:
+    step_times: list[float]
+    bubble_ratio: float
+    exposed_comm_ratio: float
+    busy_ratio: float
+    samples_per_s: float
+    per_step_bubble: list[float]
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["step_ms"] = 1e3 * sum(self.step_times) / len(self.step_times)
+        del d["step_times"], d["per_step_bubble"]
+        return d
+
+
+def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostModel, method: str = "contiguous",
+             seconds_per_cost: float = 1e-9, embedding_bytes_per_token: float = 0.0, link_bandwidth: float = float("inf"),
+             overlap_slowdown: float = 0.35, sm_free: bool = False, allreduce_seconds: float = 0.0,
+             refine: bool = True) -> SimResult:
+    """Simulate one step per global batch of sequence lengths."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not batches:
+        raise ValueError("batches is empty")
+    alpha = 0.0 if sm_free else overlap_slowdown
+    steps, waits, comms, busies, per_step = [], 0.0, 0.0, 0.0, []
+    total_samples = 0
+    for lengths in batches:
+        lengths = torch.as_tensor(lengths)
+        total_samples += lengths.numel()
+        part = partition(cost_model(lengths), world_size, method=method, refine=refine)
+        finish, comp_list, exposed_list = [], [], []
+        for r, idx in enumerate(part.assignments):
+            compute = float(part.loads[r]) * seconds_per_cost
+            comm = float(lengths[idx].sum()) * embedding_bytes_per_token / link_bandwidth if link_bandwidth != float("inf") else 0.0
+            overlapped = min(comm, compute)
+            compute_eff = compute + alpha * overlapped
+            exposed = max(0.0, comm - compute_eff)
+            finish.append(compute_eff + exposed)
+            comp_list.append(compute_eff)
+            exposed_list.append(exposed + allreduce_seconds)
+        sync = max(finish)
+        step = sync + allreduce_seconds
+        wait = [sync - f for f in finish]
+        steps.append(step)
+        waits += sum(wait)
+        comms += sum(exposed_list)
+        busies += sum(comp_list)
+        per_step.append(sum(wait) / (world_size * step) if step > 0 else 0.0)
+    denom = world_size * sum(steps)
+    return SimResult(steps, waits / denom, comms / denom, busies / denom, total_samples / sum(steps), per_step)

@@ -1,0 +1,171 @@
+"""Multi-process scenarios for test_distributed.py, run as a script:
+
+    python dist_worker.py SCENARIO WORLD PORT OUT_DIR
+Each rank runs the scenario under gloo; rank 0 writes OUT_DIR/result.pt (tensors/ints only).
+"""
+
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from freescale import BatchBalancer, BubbleMeter, CommScheduler, CostModel, KeyedJagged, ShardedEmbeddings, simulate
+
+
+def global_batch(n=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths_a = torch.randint(0, 9, (n,), generator=g)
+    lengths_b = torch.randint(1, 4, (n,), generator=g)
+    a = [torch.randint(0, 50, (int(x),), generator=g) for x in lengths_a]
+    b = [torch.randint(0, 30, (int(x),), generator=g) for x in lengths_b]
+    dense = torch.randn(n, 3, generator=g)
+    return a, b, dense
+
+
+def local_slice(world, rank, n):
+    sizes = [n // world + (1 if r < n % world else 0) for r in range(world)]
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def sample_loss(weight, a_vals, dense_row):
+    return (weight[a_vals].sum(0) * dense_row).sum() ** 2 if a_vals.numel() else (dense_row.sum() * 0.0)
+
+
+def scenario_balance(rank, world):
+    a, b, dense = global_batch()
+    n = len(a)
+    lo, hi = local_slice(world, rank, n)
+    feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
+    ids = torch.arange(lo, hi)
+    bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), method="kk_equal")
+    plan = bal.plan_async(feats.sample_lengths()).result()
+    new, moved = bal.exchange(plan, feats, {"id": ids, "dense": dense[lo:hi]})
+    # content check: every received sample equals the original with that id
+    for j, gid in enumerate(moved["id"].tolist()):
+        assert torch.equal(new.permute(torch.tensor([j]))["a"][0], a[gid])
+        assert torch.equal(new.permute(torch.tensor([j]))["b"][0], b[gid])
+        assert torch.equal(moved["dense"][j], dense[gid])
+    all_ids = [None] * world
+    dist.all_gather_object(all_ids, moved["id"].tolist())
+    # gradients with balancing equal the unbalanced ones (global-count normalisation, SUM all-reduce)
+    torch.manual_seed(0)
+    weight = torch.randn(50, 3, requires_grad=True)
+
+    def grads(feats_, dense_):
+        weight.grad = None
+        vals, lengths = feats_["a"]
+        chunks = torch.split(vals, lengths.tolist())
+        loss = sum(sample_loss(weight, c, d) for c, d in zip(chunks, dense_)) / n
+        loss.backward()
+        g = weight.grad.clone()
+        dist.all_reduce(g)
+        return g
+
+    g_bal = grads(new, moved["dense"])
+    g_naive = grads(feats, dense[lo:hi])
+    return {"ids": torch.tensor(sorted(sum(all_ids, []))), "g_bal": g_bal, "g_naive": g_naive,
+            "bubble_before": torch.tensor(plan.report()["bubble_before"]), "bubble_after": torch.tensor(plan.report()["bubble_after"])}
+
+
+def scenario_embeddings(rank, world):
+    out = {}
+    a, b, dense = global_batch()
+    n = len(a)
+    lo, hi = local_slice(world, rank, n)
+    feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
+    for sharding in ("row", "table"):
+        emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=4, sharding=sharding, init_seed=3)
+        pooled = emb(feats)
+        loss = sum((p * dense[lo:hi, :1]).pow(2).sum() for p in pooled.values())
+        loss.backward()
+        full = {k: emb.full_weight(k) for k in emb.keys}
+        grads = {}
+        for k in emb.keys:
+            parts = [None] * world
+            g = emb.shards[k].grad if emb.shards[k].grad is not None else torch.zeros_like(emb.shards[k])
+            dist.all_gather_object(parts, (emb._row_start[k], g))
+            grads[k] = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
+        out[sharding] = {"full": full, "grads": grads}
+        got = [None] * world
+        dist.all_gather_object(got, {k: v.detach() for k, v in pooled.items()})
+        out[sharding]["pooled"] = {k: torch.cat([g[k] for g in got]) for k in emb.keys}
+    return out
+
+
+def scenario_scheduler(rank, world):
+    sched = CommScheduler(chunk_bytes=4096)
+    big_in = torch.full((world * 4, 2048), float(rank))  # 32 KB per rank-slice: chunked
+    big_out = torch.empty_like(big_in)
+    small_in = torch.full((world,), float(rank + 10))
+    small_out = torch.empty_like(small_in)
+    f_big = sched.all_to_all(big_out, big_in, priority=5, name="background")
+    f_small = sched.all_to_all(small_out, small_in, priority=0, name="urgent")
+    sched.flush()
+    f_big.result(timeout=60)
+    f_small.result(timeout=60)
+    sched.close()
+    expect_big = torch.cat([torch.full((4, 2048), float(s)) for s in range(world)])
+    assert torch.equal(big_out, expect_big)
+    assert small_out.tolist() == [float(s + 10) for s in range(world)]
+    return {"order": sched.completed}
+
+
+def scenario_sim(rank, world):
+    # sleep-simulated compute proportional to cost; compare the measured step with the simulator
+    sec_per_cost = 8e-5
+    batches = [torch.tensor([400, 20, 30, 10, 350, 40, 25, 15]), torch.tensor([10, 500, 20, 30, 20, 300, 10, 60])]
+    cost = CostModel(a=1.0, b=0.0)
+    res = {}
+    for method in ("contiguous", "lpt_equal"):
+        meter = BubbleMeter()
+        bal = BatchBalancer(cost_model=cost, method=method)
+        for lengths in batches:
+            lo, hi = local_slice(world, rank, lengths.numel())
+            local = lengths[lo:hi]
+            with meter.step(samples=local.numel()):
+                plan = bal.plan(local)
+                mine = torch.cat(list(torch.split(torch.cat([lengths]), [lengths.numel()])))[plan.partition.assignments[rank]]
+                with meter.compute():
+                    time.sleep(float(cost(mine).sum()) * sec_per_cost)
+                meter.sync(name="allreduce")
+        s = meter.summary()
+        sim = simulate(batches, world, cost, method=method, seconds_per_cost=sec_per_cost)
+        res[method] = {"real_step_ms": torch.tensor(s["step_ms"]), "sim_step_ms": torch.tensor(sim.as_dict()["step_ms"]),
+                       "real_bubble": torch.tensor(s["bubble_ratio"]), "sim_bubble": torch.tensor(sim.bubble_ratio)}
+    return res
+
+
+def scenario_hang(rank, world):
+    meter = BubbleMeter(timeout=3.0)
+    if rank == 1:
+        time.sleep(12)  # a hung rank
+        return {}
+    start = time.perf_counter()
+    try:
+        with meter.step():
+            meter.sync(name="allreduce")
+    except RuntimeError as err:
+        return {"error": str(err), "seconds": torch.tensor(time.perf_counter() - start)}
+    return {"error": "no error", "seconds": torch.tensor(time.perf_counter() - start)}
+
+
+def run(rank, scenario, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    result = globals()[f"scenario_{scenario}"](rank, world)
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "result.pt"))
+    if scenario != "hang":
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    scenario, world, port, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    mp.spawn(run, args=(scenario, world, port, out_dir), nprocs=world, join=True)

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from freescale import CostModel, cap_lengths, oversized, partition
+from freescale.data import zipf_lengths
+from freescale.partition import METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n, world", [(37, 4), (64, 8), (9, 3), (5, 5)])
+def test_partition_is_a_permutation_and_beats_contiguous(method, n, world):
+    costs = CostModel(a=16.0, b=1.0)(zipf_lengths(n, seed=n + world, max_len=512))
+    part = partition(costs, world, method=method)
+    ids = torch.cat(part.assignments)
+    assert sorted(ids.tolist()) == list(range(n))
+    torch.testing.assert_close(part.loads.sum(), costs.sum())
+    if method.endswith("equal") or method == "contiguous":
+        assert max(part.counts()) - min(part.counts()) <= 1
+    base = partition(costs, world, method="contiguous")
+    assert float(part.loads.max()) <= float(base.loads.max()) + 1e-9
+
+
+def test_kk_follows_largest_differencing():
+    # LDM by hand: 10-7=3, 5-3=2, then {3,2,2,1} -> 1, {2,1,1} -> 1, {1,1} -> 0: a perfect split
+    assert sorted(partition([10, 7, 5, 3, 2, 1], 2, method="kk", refine=False).loads.tolist()) == [14.0, 14.0]
+    # and the textbook case where differencing is not optimal: {8,7,6,5,4} -> difference 2
+    assert sorted(partition([8, 7, 6, 5, 4], 2, method="kk", refine=False).loads.tolist()) == [14.0, 16.0]
+
+
+def test_refinement_only_improves():
+    costs = torch.tensor([10.0, 9, 8, 7, 1, 1, 1, 1])
+    a = partition(costs, 2, method="lpt_equal", refine=False)
+    b = partition(costs, 2, method="lpt_equal", refine=True)
+    assert float(b.loads.max()) <= float(a.loads.max()) and b.counts() == a.counts()
+
+
+def test_oversized_and_capping():
+    costs = torch.tensor([100.0, 1, 1, 1])
+    assert oversized(costs, 2).tolist() == [0]
+    model = CostModel(a=0.0, b=1.0)
+    capped = cap_lengths(torch.tensor([100, 10, 10, 10]), model, 2)
+    assert oversized(model(capped), 2).numel() == 0 and capped[1:].tolist() == [10, 10, 10]
+
+
+def test_partition_bad_inputs():
+    with pytest.raises(ValueError, match="method"):
+        partition([1.0, 2.0], 2, method="magic")
+    with pytest.raises(ValueError, match="at least one sample per rank"):
+        partition([1.0], 2)
+    with pytest.raises(ValueError, match="finite"):
+        partition([1.0, float("nan")], 2)
+
+
+def test_cost_model_fit_recovers_coefficients():
+    true = CostModel(a=3.0, b=0.5)
+    ranks = [[10, 20], [5, 50, 7], [100], [1, 2, 3, 4], [64, 64]]
+    times = [float(true(r).sum()) for r in ranks]
+    fitted = CostModel().fit(ranks, times)
+    assert fitted.a == pytest.approx(3.0, rel=1e-6) and fitted.b == pytest.approx(0.5, rel=1e-6)
+    shape = CostModel.from_model_shape(d_model=64, n_heads=2, n_layers=2)
+    assert shape.a > 0 and shape.b > 0
+    with pytest.raises(ValueError):
+        CostModel(a=0, b=0)

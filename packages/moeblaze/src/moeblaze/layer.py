@@ -1,0 +1,68 @@
+"""`moeblaze.MoE`: router + routed experts (+ optional shared experts) as one nn.Module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .experts import CHECKPOINTS, moe_experts
+from .naive import ACTIVATIONS
+from .router import Router
+
+
+class MoE(nn.Module):
+    """Dropless token-choice Mixture of Experts.
+
+    After each forward, `self.aux_loss` holds aux_loss_coef * load-balancing loss +
+    z_loss_coef * router z-loss; add it to the training loss.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, activation: str = "swiglu",
+                 checkpoint: str = "preact", n_shared_experts: int = 0, score: str = "softmax", renormalize: bool = True,
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if checkpoint not in CHECKPOINTS:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
+        self.activation, self.checkpoint = activation, checkpoint
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.router = Router(d_model, n_experts, top_k, score, renormalize)
+        std_in, std_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
+        self.w_gate = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * std_in)
+        self.w_up = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * std_in) if activation == "swiglu" else None
+        self.w_down = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * std_out)
+        self.shared = nn.ModuleList(_SharedExpert(d_model, d_ff) for _ in range(n_shared_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x's last dimension must be d_model={self.d_model}, got {x.shape[-1]}")
+        shape = x.shape
+        flat = x.reshape(-1, self.d_model)
+        routing = self.router(flat)
+        self.aux_loss = self.aux_loss_coef * routing.aux_loss + self.z_loss_coef * routing.z_loss
+        out = moe_experts(flat, routing.expert_ids, routing.weights.to(flat.dtype), self.w_gate, self.w_up, self.w_down,
+                          self.activation, self.checkpoint)
+        for expert in self.shared:
+            out = out + expert(flat)
+        return out.reshape(shape)
+
+
+class _SharedExpert(nn.Module):
+    """A dense SwiGLU FFN every token goes through (DeepSeek-style shared expert)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        a, b = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)

@@ -1,0 +1,31 @@
+"""The plain PyTorch reference: a per-expert loop with ordinary autograd (what tests compare against)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+ACTIVATIONS = ("swiglu", "silu", "gelu")
+
+
+def activate(a: torch.Tensor, b: torch.Tensor | None, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        return F.silu(a) * b
+    if activation == "silu":
+        return F.silu(a)
+    if activation == "gelu":
+        return F.gelu(a)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def moe_reference(x, expert_ids, weights, w_gate, w_up, w_down, activation: str = "swiglu") -> torch.Tensor:
+    """sum_j weights[t, j] * FFN_{expert_ids[t, j]}(x[t]) by looping over experts."""
+    out = torch.zeros_like(x)
+    for e in range(w_gate.shape[0]):
+        tok, j = (expert_ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        h = activate(xe @ w_gate[e], xe @ w_up[e] if w_up is not None else None, activation)
+        out = out.index_add(0, tok, (h @ w_down[e]) * weights[tok, j].unsqueeze(1))
+    return out

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+import moeblaze
+from moeblaze import MoE, moe_reference, route
+
+
+def test_router_topk_renorm_and_losses():
+    logits = torch.randn(10, 6)
+    r = route(logits, 3)
+    assert r.expert_ids.shape == (10, 3) and r.expert_ids.dtype == torch.int32
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(10))
+    uniform = route(torch.zeros(8, 4), 4)
+    assert float(uniform.aux_loss) == pytest.approx(1.0)  # perfectly balanced -> E * sum(1/E * 1/E) * E ... = 1
+    assert route(logits, 1, renormalize=False).weights.max() < 1
+    with pytest.raises(ValueError, match="top_k"):
+        route(logits, 7)
+    with pytest.raises(ValueError, match="NaN"):
+        route(torch.full((2, 3), float("nan")), 1)
+    with pytest.raises(ValueError, match="score"):
+        route(logits, 1, score="relu")
+
+
+def test_module_matches_reference_and_backprops():
+    torch.manual_seed(0)
+    layer = MoE(16, 24, n_experts=4, top_k=2, n_shared_experts=1)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    out = layer(x)
+    flat = x.reshape(-1, 16)
+    r = layer.router(flat)
+    ref = moe_reference(flat, r.expert_ids.long(), r.weights, layer.w_gate, layer.w_up, layer.w_down) + layer.shared[0](flat)
+    torch.testing.assert_close(out.reshape(-1, 16), ref, rtol=1e-4, atol=1e-5)
+    (out.sum() + layer.aux_loss).backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    assert layer.router.proj.weight.grad.abs().sum() > 0  # router learns through the combine weights
+
+
+def test_module_options_and_errors():
+    assert MoE(8, 8, 4, 1, activation="gelu").w_up is None
+    with pytest.raises(ValueError, match="top_k"):
+        MoE(8, 8, 2, 3)
+    with pytest.raises(ValueError, match="checkpoint"):
+        MoE(8, 8, 2, 1, checkpoint="none")
+    with pytest.raises(ValueError, match="d_model=8"):
+        MoE(8, 8, 2, 1)(torch.randn(2, 7))
+    assert "MoE" in moeblaze.__all__

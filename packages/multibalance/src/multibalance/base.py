@@ -1,0 +1,208 @@
+"""The interface every balancer shares: attach the shared representation(s), then backward once.
+
+    balancer = multibalance.MultiBalance(["like", "love"], relax=0.7, beta=0.9, target="max")
+    rep = balancer.attach(shared(x))                 # heads read `rep`
+    losses = {"like": bce(head_like(rep), y1), "love": bce(head_love(rep), y2)}
+    balancer.backward(losses)                        # one backward through the shared bottom
+    optimizer.step()
+
+Representation-level balancers differentiate each task loss only down to the detached
+representation (head-only backward passes), combine the per-task representation gradients
+and run ONE backward through the shared bottom, in the same autograd call as the heads'
+backward so DistributedDataParallel all-reduces once. Parameter-level balancers
+(`shared_parameters=` given) take per-task gradients of the shared parameters instead: the
+expensive classic path, kept for comparison.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class Balancer(nn.Module, abc.ABC):
+    """Base class. Subclasses implement `combine(grads, losses)`.
+
+    `grads[t][j]` is task t's gradient w.r.t. target j (a representation, or a shared
+    parameter for parameter-level balancers); `combine` returns one gradient per target.
+    """
+
+    #: whether this balancer needs per-task gradients at all (equal weights / uncertainty don't)
+    needs_task_grads = True
+
+    def __init__(self, task_names: Sequence[str], *, weights: Mapping[str, float] | None = None,
+                 shared_parameters=None, process_group=None):
+        super().__init__()
+        names = list(task_names)
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"task_names must be distinct non-empty strings, got {task_names!r}")
+        self.task_names = names
+        weights = dict(weights or {})
+        unknown = set(weights) - set(names)
+        if unknown:
+            raise ValueError(f"weights names unknown tasks {sorted(unknown)}; tasks are {names}")
+        self.register_buffer("static_weights", torch.tensor([float(weights.get(n, 1.0)) for n in names]))
+        self.shared_parameters = list(shared_parameters) if shared_parameters is not None else None
+        self.process_group = process_group
+        self._reps: list[torch.Tensor] = []
+        self._leaves: list[torch.Tensor] = []
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def parameter_level(self) -> bool:
+        return self.shared_parameters is not None
+
+    # -- representation bookkeeping ------------------------------------------------------
+    def attach(self, *reps: torch.Tensor):
+        """Register the shared representation(s); returns what the task heads must read.
+
+        Representation-level: detached leaves (so per-task gradients stop there).
+        Parameter-level: the tensors unchanged.
+        """
+        if not reps:
+            raise ValueError("attach() needs at least one representation tensor")
+        for i, r in enumerate(reps):
+            if not isinstance(r, torch.Tensor) or not r.requires_grad:
+                raise ValueError(f"representation {i} must be a tensor that requires grad (the shared bottom's output)")
+        self._reps = list(reps)
+        if self.parameter_level or not self.needs_task_grads:
+            self._leaves = list(reps)
+        else:
+            self._leaves = [r.detach().requires_grad_(True) for r in reps]
+        return self._leaves[0] if len(reps) == 1 else tuple(self._leaves)
+
+    def _ordered_losses(self, losses) -> list[torch.Tensor]:
+        if isinstance(losses, Mapping):
+            unknown = set(losses) - set(self.task_names)
+            missing = set(self.task_names) - set(losses)
+            if unknown or missing:
+                raise ValueError(f"losses: unknown tasks {sorted(unknown)}, missing tasks {sorted(missing)}; "
+                                 f"expected {self.task_names}")
+            out = [losses[n] for n in self.task_names]
+        else:
+            out = list(losses)
+            if len(out) != self.num_tasks:
+                raise ValueError(f"losses: expected {self.num_tasks} losses ({self.task_names}), got {len(out)}")
+        for name, loss in zip(self.task_names, out):
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError(f"loss {name!r} must be a scalar tensor")
+            if not torch.isfinite(loss.detach()):
+                raise ValueError(f"loss {name!r} is not finite ({loss.item()})")
+        return out
+
+    def _task_grads(self, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Per-task gradients w.r.t. the targets, without touching any `.grad`."""
+        targets = self.shared_parameters if self.parameter_level else self._leaves
+        grads = []
+        for name, loss in zip(self.task_names, losses):
+            g = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+            if all(x is None for x in g):
+                self._missing_dependency(name)
+            grads.append([torch.zeros_like(t) if x is None else x for x, t in zip(g, targets)])
+        return grads
+
+    def _head_backward_per_task(self, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each task's head backward runs once: it accumulates the head's parameter gradients
+        (weighted by the static weight) and leaves the task's representation gradient on the leaves."""
+        grads = []
+        for t, (name, loss, w) in enumerate(zip(self.task_names, losses, self.static_weights.tolist())):
+            for leaf in self._leaves:
+                leaf.grad = None
+            if not loss.requires_grad:
+                self._missing_dependency(name)
+            loss.backward(torch.tensor(w if w != 0 else 1.0, dtype=loss.dtype), retain_graph=t < len(losses) - 1)
+            if all(leaf.grad is None for leaf in self._leaves):
+                self._missing_dependency(name)
+            div = w if w != 0 else float("inf")  # a zero-weight task contributes nothing
+            grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad / div for leaf in self._leaves])
+        for leaf in self._leaves:
+            leaf.grad = None
+        return grads
+
+    def _missing_dependency(self, name: str):
+        what = "the shared parameters" if self.parameter_level else "the attached representation"
+        raise ValueError(f"loss {name!r} does not depend on {what}; did the head read the tensor attach() returned?")
+
+    @staticmethod
+    def _data_parallel() -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    # -- the step ----------------------------------------------------------------------
+    def backward(self, losses, *, scaler=None) -> dict[str, float]:
+        """Balance and run the backward. Returns per-task scale factors (for logging).
+
+        Representation level, single process: each head's backward runs once (its parameter
+        gradients plus the task's representation gradient), then one backward through the
+        shared bottom. Under torch.distributed (world > 1) everything after the per-task
+        representation gradients is ONE autograd call, so DistributedDataParallel's hooks see a
+        single backward and all-reduce once.
+
+        With a `torch.amp.GradScaler`, pass the unscaled losses and the scaler: gradients are
+        taken of the scaled losses and norms are divided by the scale before they enter any
+        running statistic.
+        """
+        if not self._reps:
+            raise RuntimeError("call attach() on the shared representation before backward()")
+        losses = self._ordered_losses(losses)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        scaled = [loss * scale for loss in losses] if scale != 1.0 else losses
+        reps, self._reps = self._reps, []
+        try:
+            if not self.needs_task_grads:
+                (self.total_loss(losses) * scale).backward()
+                return self.last_scales()
+            fused = not self.parameter_level and not self._data_parallel()
+            grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
+            if scale != 1.0:
+                grads = [[g / scale for g in gt] for gt in grads]
+            combined = self.combine(grads, losses)
+            if scale != 1.0:
+                combined = [g * scale for g in combined]
+            if fused:
+                torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+                return self.last_scales()
+            head_total = sum(w * loss for w, loss in zip(self.static_weights.tolist(), scaled))
+            if self.parameter_level:
+                # heads (and a throwaway shared gradient) from one backward; then replace the shared grads
+                before = [None if p.grad is None else p.grad.clone() for p in self.shared_parameters]
+                head_total.backward()
+                for p, b, g in zip(self.shared_parameters, before, combined):
+                    p.grad = g.to(p.dtype) if b is None else b + g.to(p.dtype)
+            else:
+                torch.autograd.backward([head_total] + reps, [None] + [g.to(r.dtype) for g, r in zip(combined, reps)])
+            return self.last_scales()
+        finally:
+            self._leaves = []
+
+    def total_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        return sum(w * loss for w, loss in zip(self.static_weights.tolist(), losses))
+
+    @abc.abstractmethod
+    def combine(self, grads: list[list[torch.Tensor]], losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One combined gradient per target from the per-task gradients."""
+
+    def last_scales(self) -> dict[str, float]:
+        return {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # running statistics are sized on first use: adopt the checkpoint's shapes
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                self._buffers[name] = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- helpers for subclasses --------------------------------------------------------
+    def _all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks when torch.distributed is initialised (norm statistics)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            x = x.clone()
+            dist.all_reduce(x, group=self.process_group)
+        return x

@@ -1,0 +1,268 @@
+"""Classic multi-task balancers behind the same interface as MultiBalance.
+
+Representation-level by default (gradients w.r.t. the attached representation); PCGrad,
+MGDA and MetaBalance become parameter-level (the expensive classic form) when given
+`shared_parameters=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .base import Balancer
+
+
+def _flat(grads_t: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1).double() for g in grads_t])
+
+
+def _unflat(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(vec[i : i + t.numel()].view_as(t).to(t.dtype))
+        i += t.numel()
+    return out
+
+
+class EqualWeights(Balancer):
+    """Sum of (statically weighted) losses: the baseline every method is compared with."""
+
+    needs_task_grads = False
+
+    def combine(self, grads, losses):  # used only if called directly
+        return [sum(grads[t][j] * float(w) for t, w in enumerate(self.static_weights)) for j in range(len(grads[0]))]
+
+
+class UncertaintyWeighting(Balancer):
+    """Kendall et al. 2018: L = sum_t exp(-s_t) * L_t + s_t with learnable s_t = log sigma_t^2.
+
+    Add `balancer.parameters()` to the optimizer.
+    """
+
+    needs_task_grads = False
+
+    def __init__(self, task_names: Sequence[str], **kw):
+        super().__init__(task_names, **kw)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.task_names)))
+
+    def total_loss(self, losses):
+        s = self.log_vars
+        return sum(w * (torch.exp(-s[t]) * loss + s[t]) for t, (w, loss) in enumerate(zip(self.static_weights.tolist(), losses)))
+
+    def combine(self, grads, losses):
+        w = torch.exp(-self.log_vars.detach()).tolist()
+        return [sum(grads[t][j] * w[t] for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+
+    def last_scales(self):
+        return {n: float(torch.exp(-s)) for n, s in zip(self.task_names, self.log_vars.detach())}
+
+
+class GradNorm(Balancer):
+    """Chen et al. 2018, on the representation gradient.
+
+    G_t = w_t*||g_t||; target_t = mean(G) * r_t^alpha with r_t = (L_t/L_t(0)) / mean(L/L(0)).
+    The combined gradient uses the current weights; then w_t <- w_t - lr*sign(G_t - target_t)*||g_t||
+    (the gradient of sum_t |G_t - target_t| with the target held constant), clamped positive
+    and renormalised to sum to the number of tasks.
+    """
+
+    def __init__(self, task_names: Sequence[str], *, alpha: float = 1.5, lr: float = 0.025, **kw):
+        super().__init__(task_names, **kw)
+        self.alpha, self.lr = alpha, lr
+        self.register_buffer("task_weights", torch.ones(len(self.task_names), dtype=torch.float64))
+        self.register_buffer("initial_losses", torch.zeros(0, dtype=torch.float64))
+
+    def combine(self, grads, losses):
+        w = self.task_weights.clone()
+        out = [sum(grads[t][j] * float(w[t] * self.static_weights[t]) for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+        lvals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
+        if self.initial_losses.numel() == 0:
+            self.initial_losses = lvals.clone()
+        norms = torch.stack([_flat(grads[t]).norm() for t in range(self.num_tasks)])
+        g_w = w * norms
+        ratio = lvals / self.initial_losses.clamp_min(1e-12)
+        target = g_w.mean() * (ratio / ratio.mean()) ** self.alpha
+        new = (w - self.lr * torch.sign(g_w - target) * norms).clamp_min(1e-6)
+        self.task_weights = new * self.num_tasks / new.sum()
+        return out
+
+    def last_scales(self):
+        return {n: float(w) for n, w in zip(self.task_names, self.task_weights)}
+
+
+class PCGrad(Balancer):
+    """Yu et al. 2020: project each task gradient off the others it conflicts with, in random order."""
+
+    def __init__(self, task_names: Sequence[str], *, seed: int = 0, **kw):
+        super().__init__(task_names, **kw)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def combine(self, grads, losses):
+        flat = [_flat(g) * float(w) for g, w in zip(grads, self.static_weights)]
+        projected = []
+        for i in range(self.num_tasks):
+            gi = flat[i].clone()
+            for j in torch.randperm(self.num_tasks, generator=self.generator).tolist():
+                if j == i:
+                    continue
+                dot = torch.dot(gi, flat[j])
+                if dot < 0:
+                    gi = gi - dot / flat[j].pow(2).sum().clamp_min(1e-30) * flat[j]
+            projected.append(gi)
+        return _unflat(torch.stack(projected).sum(0), grads[0])
+
+
+def _project_simplex(v: torch.Tensor) -> torch.Tensor:
+    u, _ = torch.sort(v, descending=True)
+    css = torch.cumsum(u, 0) - 1
+    idx = torch.arange(1, v.numel() + 1, dtype=v.dtype)
+    rho = int((u - css / idx > 0).nonzero().max())
+    return (v - css[rho] / (rho + 1)).clamp_min(0)
+
+
+def min_norm_weights(gram: torch.Tensor, iters: int = 2000, tol: float = 1e-12) -> torch.Tensor:
+    """argmin_{a in simplex} a^T K a (the MGDA sub-problem, Sener & Koltun 2018).
+
+    Two tasks: closed form. More: accelerated projected gradient (FISTA) onto the simplex,
+    which converges far faster than Frank-Wolfe on these small dense problems.
+    """
+    gram = gram.double()
+    t = gram.shape[0]
+    if t == 1:
+        return torch.ones(1, dtype=gram.dtype)
+    if t == 2:
+        g11, g12, g22 = gram[0, 0], gram[0, 1], gram[1, 1]
+        denom = g11 - 2 * g12 + g22
+        a = torch.tensor(0.5, dtype=gram.dtype) if denom <= 0 else ((g22 - g12) / denom).clamp(0, 1)
+        return torch.stack([a, 1 - a])
+    lipschitz = float(torch.linalg.eigvalsh(gram).max()) * 2 + 1e-30
+    a = torch.full((t,), 1.0 / t, dtype=gram.dtype)
+    y, momentum = a.clone(), 1.0
+    for _ in range(iters):
+        nxt = _project_simplex(y - (2 * gram @ y) / lipschitz)
+        m_next = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
+        y = nxt + (momentum - 1) / m_next * (nxt - a)
+        if float((nxt - a).abs().max()) < tol:
+            a = nxt
+            break
+        a, momentum = nxt, m_next
+    return a
+
+
+class MGDA(Balancer):
+    """Multiple-gradient descent: the min-norm convex combination of the task gradients.
+
+    On the representation this is MGDA-UB (Sener & Koltun 2018); with `shared_parameters=`
+    it is the original parameter-level MGDA. The combined gradient is sum_t a_t*g_t (a on the simplex).
+    """
+
+    def __init__(self, task_names: Sequence[str], **kw):
+        super().__init__(task_names, **kw)
+        self.register_buffer("alphas", torch.zeros(0, dtype=torch.float64))
+
+    def combine(self, grads, losses):
+        flat = torch.stack([_flat(g) for g in grads])
+        self.alphas = min_norm_weights(flat @ flat.T)
+        return _unflat((self.alphas.unsqueeze(1) * flat).sum(0), grads[0])
+
+    def last_scales(self):
+        return {n: float(a) for n, a in zip(self.task_names, self.alphas)}
+
+
+class DBMTL(Balancer):
+    """DB-MTL (Lin et al. 2023), on the representation: log-transformed losses, then each task's
+    gradient scaled to the largest moving-average gradient norm.
+
+    The gradient of log L_t is g_t/L_t; with m_t the EMA of ||g_t/L_t||, the combined gradient is
+    sum_t (max_k m_k / m_t) * g_t/L_t. (The original keeps an EMA of parameter gradients; on a
+    representation whose batch changes every step we average its norm instead.)
+    """
+
+    def __init__(self, task_names: Sequence[str], *, beta: float = 0.9, eps: float = 1e-8, **kw):
+        super().__init__(task_names, **kw)
+        self.beta, self.eps = beta, eps
+        self.register_buffer("ema", torch.zeros(0, dtype=torch.float64))
+
+    def combine(self, grads, losses):
+        logs = [[g / (float(loss.detach()) + self.eps) for g in gt] for gt, loss in zip(grads, losses)]
+        norms = torch.stack([_flat(g).norm() for g in logs])
+        self.ema = norms.clone() if self.ema.numel() == 0 else self.beta * self.ema + (1 - self.beta) * norms
+        scale = self.ema.max() / self.ema.clamp_min(1e-30) * self.static_weights.double()
+        return [sum(logs[t][j] * float(scale[t]) for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+
+
+class FAMO(Balancer):
+    """FAMO (Liu et al. 2023): fast adaptive multitask optimisation, O(1) in the number of tasks.
+
+    Backward uses weights c_t = (z_t/L_t) / sum_k (z_k/L_k) with z = softmax(xi) on the losses
+    (no per-task gradients). After the optimizer step call `update(new_losses)` with the losses
+    on the same batch: delta_t = log L_t(before) - log L_t(after), and
+    xi <- xi - lr * (J_softmax^T delta + gamma * xi).
+    """
+
+    needs_task_grads = False
+
+    def __init__(self, task_names: Sequence[str], *, lr: float = 0.025, gamma: float = 1e-3, eps: float = 1e-8, **kw):
+        super().__init__(task_names, **kw)
+        self.lr, self.gamma, self.eps = lr, gamma, eps
+        self.register_buffer("logits", torch.zeros(len(self.task_names), dtype=torch.float64))
+        self.register_buffer("prev_losses", torch.zeros(0, dtype=torch.float64))
+
+    def weights(self, loss_values: torch.Tensor) -> torch.Tensor:
+        z = torch.softmax(self.logits, 0)
+        c = z / (loss_values + self.eps)
+        return c / c.sum()
+
+    def total_loss(self, losses):
+        vals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
+        self.prev_losses = vals
+        c = self.weights(vals) * self.static_weights.double()
+        return sum(float(c[t]) * loss for t, loss in enumerate(losses))
+
+    def combine(self, grads, losses):
+        c = self.weights(torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64))
+        return [sum(grads[t][j] * float(c[t]) for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+
+    def update(self, new_losses) -> None:
+        if self.prev_losses.numel() == 0:
+            raise RuntimeError("FAMO.update() needs a backward() first")
+        new = torch.tensor([float(x.detach()) for x in self._ordered_losses(new_losses)], dtype=torch.float64)
+        delta = (self.prev_losses + self.eps).log() - (new + self.eps).log()
+        z = torch.softmax(self.logits, 0)
+        jac_t_delta = z * (delta - (z * delta).sum())  # J^T delta for J = diag(z) - z z^T
+        self.logits = self.logits - self.lr * (jac_t_delta + self.gamma * self.logits)
+
+
+class MetaBalance(Balancer):
+    """MetaBalance (He et al. 2022) on shared parameters: per parameter tensor, every task's
+    gradient is moved toward the target task's moving-average magnitude.
+
+    m_tp <- beta*m_tp + (1-beta)*||g_tp|| (from zero); g_tp <- relax*(m_0p/m_tp)*g_tp + (1-relax)*g_tp.
+    Needs `shared_parameters=`; task `target` (default the first) is left unchanged.
+    """
+
+    def __init__(self, task_names: Sequence[str], *, shared_parameters, relax: float = 0.7, beta: float = 0.9,
+                 target: str | None = None, weights: Mapping[str, float] | None = None, process_group=None):
+        super().__init__(task_names, weights=weights, shared_parameters=shared_parameters, process_group=process_group)
+        if not self.shared_parameters:
+            raise ValueError("MetaBalance needs shared_parameters (a non-empty list of the shared bottom's parameters)")
+        if not 0.0 <= relax < 1.0 or not 0.0 <= beta < 1.0:
+            raise ValueError(f"relax and beta must be in [0, 1), got relax={relax}, beta={beta}")
+        target = target or self.task_names[0]
+        if target not in self.task_names:
+            raise ValueError(f"target {target!r} is not one of {self.task_names}")
+        self.relax, self.beta, self.target_index = relax, beta, self.task_names.index(target)
+        self.register_buffer("ema", torch.zeros(len(self.shared_parameters), len(self.task_names), dtype=torch.float64))
+
+    def combine(self, grads, losses):
+        out = []
+        for p in range(len(self.shared_parameters)):
+            norms = torch.stack([grads[t][p].double().norm() for t in range(self.num_tasks)])
+            self.ema[p] = self.beta * self.ema[p] + (1 - self.beta) * norms
+            m = self.ema[p].clamp_min(1e-30)
+            scale = self.relax * m[self.target_index] / m + (1 - self.relax)
+            out.append(sum(grads[t][p] * float(scale[t] * self.static_weights[t]) for t in range(self.num_tasks)))
+        return out

@@ -1,0 +1,88 @@
+"""MultiBalance: per-task gradient magnitudes balanced on the shared representation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .base import Balancer
+
+
+class MultiBalance(Balancer):
+    """Rescale each task's representation gradient toward a target magnitude.
+
+    Per representation j and task t: n_tj = ||g_tj|| (see `norm`), m_tj <- beta*m_tj + (1-beta)*n_tj
+    (initialised to the first n_tj), target M_j = max/mean over tasks or one task's m,
+    s_tj = relax*M_j/m_tj + (1-relax), and G_j = sum_t w_t*s_tj*g_tj.
+
+    - `norm="batch"`: Frobenius norm of the whole [B, ...] gradient (default).
+      `norm="sample"`: mean over samples of each sample's gradient norm.
+      Under torch.distributed both are reduced over ranks (sum of squares / sum and count),
+      so every rank uses the norms of the global batch and DDP matches one process.
+    - `warmup_steps`: plain weighted sum (s = 1) for the first steps while the averages settle.
+    """
+
+    def __init__(self, task_names: Sequence[str], *, relax: float = 0.7, beta: float = 0.9, target: str = "max",
+                 norm: str = "batch", weights: Mapping[str, float] | None = None, warmup_steps: int = 0,
+                 eps: float = 1e-12, process_group=None):
+        super().__init__(task_names, weights=weights, process_group=process_group)
+        if not 0.0 <= relax <= 1.0:
+            raise ValueError(f"relax must be in [0, 1], got {relax}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        if target not in ("max", "mean") and target not in self.task_names:
+            raise ValueError(f"target must be 'max', 'mean' or a task name {self.task_names}, got {target!r}")
+        if norm not in ("batch", "sample"):
+            raise ValueError(f"norm must be 'batch' or 'sample', got {norm!r}")
+        self.relax, self.beta, self.target, self.norm, self.warmup_steps, self.eps = relax, beta, target, norm, warmup_steps, eps
+        self.register_buffer("ema", torch.zeros(0))  # [n_reps, n_tasks], sized on first use
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scales", torch.ones(0))
+
+    def _norms(self, grads: list[list[torch.Tensor]]) -> torch.Tensor:
+        """[n_reps, n_tasks] gradient norms, reduced over data-parallel ranks; no host sync."""
+        n_reps = len(grads[0])
+        flat = [g.float() for gt in grads for g in gt]  # task-major
+        if self.norm == "batch":
+            stats = torch.stack([g.pow(2).sum() for g in flat])
+            stats = self._all_reduce_sum(stats)
+            norms = stats.sqrt()
+        else:
+            per = [g.reshape(g.shape[0], -1).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1) for g in flat]
+            stats = torch.stack([torch.stack([p.sum() for p in per]), torch.tensor([float(p.numel()) for p in per], device=per[0].device)])
+            stats = self._all_reduce_sum(stats)
+            norms = stats[0] / stats[1].clamp_min(1)
+        return norms.view(self.num_tasks, n_reps).T
+
+    def combine(self, grads, losses):
+        norms = self._norms(grads)
+        if self.ema.shape != norms.shape or self.ema.device != norms.device:
+            self.ema = norms.clone()
+        else:
+            self.ema.mul_(self.beta).add_(norms, alpha=1 - self.beta)
+        self.step += 1
+        m = self.ema.clamp_min(self.eps)
+        if self.target == "max":
+            target = m.max(dim=1, keepdim=True).values
+        elif self.target == "mean":
+            target = m.mean(dim=1, keepdim=True)
+        else:
+            target = m[:, self.task_names.index(self.target)].unsqueeze(1)
+        scales = self.relax * target / m + (1 - self.relax)
+        if self.warmup_steps and int(self.step) <= self.warmup_steps:
+            scales = torch.ones_like(scales)
+        self.scales = scales
+        coeff = scales * self.static_weights.to(scales.device, scales.dtype)  # [n_reps, n_tasks]
+        out = []
+        for j in range(len(grads[0])):
+            acc = grads[0][j] * coeff[j, 0].to(grads[0][j].dtype)
+            for t in range(1, self.num_tasks):
+                acc = acc + grads[t][j] * coeff[j, t].to(grads[t][j].dtype)
+            out.append(acc)
+        return out
+
+    def last_scales(self) -> dict[str, float]:
+        if self.scales.numel() == 0:
+            return {}
+        return {n: float(s) for n, s in zip(self.task_names, self.scales[0])}

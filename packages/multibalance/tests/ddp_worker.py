@@ -1,0 +1,56 @@
+"""Run by test_ddp.py as a script: 2 gloo ranks train with MultiBalance under DDP; rank 0 saves grads."""
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from multibalance import MultiBalance
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bottom = torch.nn.Linear(4, 6)
+        self.head_a = torch.nn.Linear(6, 1)
+        self.head_b = torch.nn.Linear(6, 1)
+
+    def forward(self, x):
+        return torch.tanh(self.bottom(x))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g), 5 * torch.randn(8, 1, generator=g)
+
+
+def train(wrapper, net, norm, x, ya, yb, steps=2):
+    bal = MultiBalance(["a", "b"], relax=0.8, norm=norm)
+    for _ in range(steps):
+        net.zero_grad()
+        rep = bal.attach(wrapper(x))
+        bal.backward({"a": ((net.head_a(rep) - ya) ** 2).mean(), "b": ((net.head_b(rep) - yb) ** 2).mean()})
+    return {k: p.grad.clone() for k, p in net.named_parameters()}
+
+
+def worker(rank, world, port, norm, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        net = Net()
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        x, ya, yb = (t.chunk(world)[rank] for t in data())
+        grads = train(ddp, net, norm, x, ya, yb)
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    port, norm, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    mp.spawn(worker, args=(2, port, norm, out), nprocs=2, join=True)

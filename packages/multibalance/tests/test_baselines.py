@@ -1,0 +1,139 @@
+"""Each baseline against its published update rule on a toy problem with hand-derived values."""
+
+import math
+
+import pytest
+import torch
+
+from multibalance import (
+    DBMTL,
+    FAMO,
+    MGDA,
+    EqualWeights,
+    GradNorm,
+    MetaBalance,
+    PCGrad,
+    UncertaintyWeighting,
+    min_norm_weights,
+)
+
+A = torch.tensor([[1.0, 0.0]])
+B = torch.tensor([[-1.0, 1.0]])
+
+
+def _linear_step(bal, coefs, scales=(1.0, 1.0)):
+    """Rep z (1x2) with L_t = s_t * <z, a_t>: the representation gradient of task t is s_t*a_t."""
+    z = torch.ones(1, 2, requires_grad=True)
+    rep = bal.attach(z * 1.0)
+    bal.backward([s * (rep * c).sum() for s, c in zip(scales, coefs)])
+    return z.grad
+
+
+def test_equal_weights_is_plain_sum():
+    torch.testing.assert_close(_linear_step(EqualWeights(["a", "b"], weights={"b": 2.0}), [A, B]), A + 2 * B)
+
+
+def test_pcgrad_projects_conflicts():
+    # a.b = -1 < 0: a' = a + b/2 = (0.5, 0.5); b' = b + a = (0, 1); sum (0.5, 1.5)
+    torch.testing.assert_close(_linear_step(PCGrad(["a", "b"]), [A, B]), torch.tensor([[0.5, 1.5]]))
+
+
+def test_pcgrad_no_conflict_is_sum():
+    torch.testing.assert_close(_linear_step(PCGrad(["a", "b"]), [A, torch.tensor([[1.0, 1.0]])]), torch.tensor([[2.0, 1.0]]))
+
+
+def test_mgda_min_norm_two_tasks():
+    # min over a in [0,1] of ||a*A + (1-a)*B||: a = (B.B - A.B)/||A-B||^2 = (2+1)/5 = 0.6 -> (0.2, 0.4)
+    bal = MGDA(["a", "b"])
+    torch.testing.assert_close(_linear_step(bal, [A, B]), torch.tensor([[0.2, 0.4]]))
+    assert bal.last_scales()["a"] == pytest.approx(0.6)
+
+
+def test_min_norm_frank_wolfe_matches_brute_force():
+    torch.manual_seed(0)
+    g = torch.randn(4, 6, dtype=torch.float64)
+    a = min_norm_weights(g @ g.T)
+    assert a.min() >= 0 and a.sum().item() == pytest.approx(1.0)
+    best = min((w / w.sum()) @ g @ g.T @ (w / w.sum()) for w in torch.rand(20000, 4, dtype=torch.float64))
+    assert float(a @ g @ g.T @ a) <= float(best) + 1e-6
+
+
+def test_uncertainty_weighting_gradients():
+    bal = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        bal.log_vars.copy_(torch.tensor([0.0, math.log(2.0)]))
+    z = torch.ones(1, 2, requires_grad=True)
+    rep = bal.attach(z * 1.0)
+    la, lb = (rep * A).sum() * 3, (rep * B).sum() + 5
+    bal.backward([la, lb])
+    torch.testing.assert_close(z.grad, 3 * A + 0.5 * B)
+    # d/ds (e^-s L + s) = 1 - e^-s L: a: 1 - 3 = -2; b: 1 - 0.5 * (0 + 5) = -1.5
+    torch.testing.assert_close(bal.log_vars.grad, torch.tensor([-2.0, -1.5]))
+
+
+def test_gradnorm_weight_update():
+    bal = GradNorm(["a", "b"], alpha=1.0, lr=0.1)
+    g = _linear_step(bal, [A, B], scales=(1.0, 1.0))
+    torch.testing.assert_close(g, A + B)  # first step: weights 1
+    # norms 1, sqrt2; equal loss ratios -> targets = mean(G) = (1+sqrt2)/2
+    # a below target -> w_a += 0.1*1, b above -> w_b -= 0.1*sqrt2; renormalise to sum 2
+    wa, wb = 1.1, 1 - 0.1 * math.sqrt(2)
+    expect = torch.tensor([wa, wb], dtype=torch.float64) * 2 / (wa + wb)
+    torch.testing.assert_close(bal.task_weights, expect)
+
+
+def test_dbmtl_log_losses_and_max_norm():
+    bal = DBMTL(["a", "b"])
+    z = torch.ones(1, 2, requires_grad=True)
+    rep = bal.attach(z * 1.0)
+    la = (rep * A).sum() + 1.0  # value 2, grad A -> log-grad A/2, norm 0.5
+    lb = (rep * B).sum() + 4.0  # value 4, grad B -> log-grad B/4, norm sqrt2/4
+    bal.backward([la, lb])
+    m = max(0.5, math.sqrt(2) / 4)
+    expect = (m / 0.5) * A / 2 + (m / (math.sqrt(2) / 4)) * B / 4
+    torch.testing.assert_close(z.grad, expect)
+
+
+def test_famo_weights_and_update():
+    bal = FAMO(["a", "b"], lr=0.5, gamma=0.0)
+    z = torch.ones(1, 2, requires_grad=True)
+    rep = bal.attach(z * 1.0)
+    la, lb = (rep * A).sum() + 1.0, (rep * B).sum() + 3.0  # values 2, 3
+    bal.backward([la, lb])
+    c = torch.tensor([0.5 / 2, 0.5 / 3])
+    c = c / c.sum()
+    torch.testing.assert_close(z.grad, c[0] * A + c[1] * B)
+    bal.update([torch.tensor(1.0), torch.tensor(3.0)])  # a improved (log 2), b did not
+    delta = torch.tensor([math.log(2.0), 0.0], dtype=torch.float64)
+    zsm = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    expect = -0.5 * zsm * (delta - (zsm * delta).sum())
+    torch.testing.assert_close(bal.logits, expect)
+    assert bal.logits[1] > bal.logits[0]  # the task that improved less gains weight
+
+
+def test_metabalance_on_parameters():
+    w = torch.nn.Parameter(torch.ones(2))
+    bal = MetaBalance(["a", "b"], shared_parameters=[w], relax=0.5, beta=0.0)
+    rep = bal.attach(w * 1.0)
+    bal.backward([(rep * torch.tensor([3.0, 4.0])).sum(), (rep * torch.tensor([0.0, 10.0])).sum()])
+    # target a: |g_a| = 5, |g_b| = 10 -> s_b = 0.5*5/10 + 0.5 = 0.75 -> (3, 4) + (0, 7.5)
+    torch.testing.assert_close(w.grad, torch.tensor([3.0, 11.5]))
+
+
+def test_parameter_level_pcgrad_and_mgda_need_full_backward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    head_a, head_b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    x = torch.randn(5, 3)
+    for cls in (PCGrad, MGDA):
+        lin.zero_grad()
+        head_a.zero_grad()
+        bal = cls(["a", "b"], shared_parameters=list(lin.parameters()))
+        rep = bal.attach(lin(x))
+        bal.backward([head_a(rep).pow(2).mean(), head_b(rep).mean()])
+        assert lin.weight.grad is not None and head_a.weight.grad is not None
+
+
+def test_metabalance_needs_parameters():
+    with pytest.raises(ValueError, match="shared_parameters"):
+        MetaBalance(["a", "b"], shared_parameters=[])

@@ -1,0 +1,34 @@
+"""DDP over 2 gloo processes gives the same gradients as one process on the global batch."""
+
+import importlib.util
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+_spec = importlib.util.spec_from_file_location("mb_ddp_worker", WORKER)
+ddp_worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ddp_worker)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("norm", ["batch", "sample"])
+def test_ddp_equals_single_process(tmp_path, norm):
+    out = tmp_path / "grads.pt"
+    proc = subprocess.run([sys.executable, str(WORKER), str(_free_port()), norm, str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(out, weights_only=True)
+    net = ddp_worker.Net()
+    expected = ddp_worker.train(net, net, norm, *ddp_worker.data())
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{norm}: {k}")
