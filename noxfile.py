@@ -7,7 +7,7 @@
     nox -s "isolation(freescale)"   fresh venv with only that wheel + gpukernels-common
     nox -s "bench(multibalance)"    the package's benchmarks -> benchmarks/RESULTS.md
     nox -s gpu                      GPU machine: preinstalled torch/triton, no install step
-    nox -s demo                     the composed stack (tools/demo)
+    nox -s quickstart               one real call into each package (tools/quickstart.py)
 
 Torch is pinned for development only, through GKC_TORCH (default "torch==2.13.0", the local
 CPU build on the dev/CI machines; set GKC_TORCH="" to keep whatever torch pip resolves).
@@ -165,9 +165,9 @@ def gpu(session: nox.Session) -> None:
             session.run(sys.executable, str(runner), "--gpu", env=env)
 
 
-@nox.session(default=False, tags=["demo"])
-def demo(session: nox.Session) -> None:
-    """The composed stack on MovieLens-100k (tools/demo)."""
+@nox.session(default=False, tags=["quickstart"])
+def quickstart(session: nox.Session) -> None:
+    """One real call into each package on the CPU (tools/quickstart.py)."""
     _install_torch(session)
     _install_editable(session, ALL)
-    session.run("python", "tools/demo/run.py", *session.posargs, env={"TRITON_INTERPRET": "1"})
+    session.run("python", "tools/quickstart.py", *session.posargs)

@@ -3,6 +3,8 @@
 from .__about__ import __version__
 
 # --- bloom (Bloom index + filter language) ---
+from .bloom import BloomFilter, BloomIndex, FilterPlans, FilterSchema, FilterSyntaxError, parse_filters  # noqa: E402
+
 # --- end bloom ---
 
 # --- ivf (IVF / flat / fresh indexes, top-K) ---
@@ -11,4 +13,4 @@ from .__about__ import __version__
 # --- model (OverArch, Value Model, RetrievalModel, publish) ---
 # --- end model ---
 
-__all__ = ["__version__"]  # each block above extends __all__
+__all__ = ["__version__", "BloomIndex", "BloomFilter", "parse_filters", "FilterPlans", "FilterSchema", "FilterSyntaxError"]

@@ -1,0 +1,381 @@
+"""BloomIndex: bit-sliced Bloom filters over item attributes, searched as bit operations.
+
+Layout: items in bundles of 2048; bundle b has `widths[b]` rows (a prime >= max terms of an
+item in the bundle * k * b_multiplier) of 32 int64 words; bit i % 64 of word (i % 2048) // 64
+in row p is set when item i has a term hashing to row p. A term's test over 64 items is the
+AND of k words. Beside the bits the index keeps the items' attributes (for exact NOT, exact
+verification and rebuilding bundles on append) and a tombstone mask for deleted items.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from gpukernels_common import select_backend
+
+from .hashing import bloom_positions, next_prime, second_hash, term_hash
+from .parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE, FilterPlans
+
+BUNDLE = 2048
+WORDS_PER_BUNDLE = BUNDLE // 64
+FORMAT_VERSION = 1
+
+
+def _or_bits(n_words: int, word: torch.Tensor, bit: torch.Tensor, device) -> torch.Tensor:
+    """OR-scatter: distinct (word, bit) pairs summed as powers of two (exact in int64 wraparound)."""
+    out = torch.zeros(n_words, dtype=torch.int64, device=device)
+    if word.numel():
+        key = torch.unique(word * 64 + bit)
+        out.index_add_(0, key // 64, torch.bitwise_left_shift(torch.ones_like(key), key % 64))
+    return out
+
+
+def _validate_attributes(feature_ids, offsets, values):
+    if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0:
+        raise ValueError("offsets must be a 1-D tensor [n_items + 1] starting at 0")
+    if (offsets.diff() < 0).any():
+        raise ValueError("offsets must be non-decreasing")
+    if feature_ids.dim() != 1 or values.dim() != 1 or feature_ids.numel() != values.numel():
+        raise ValueError(f"feature_ids and values must be 1-D with the same length, got {tuple(feature_ids.shape)} and {tuple(values.shape)}")
+    if int(offsets[-1]) != values.numel():
+        raise ValueError(f"offsets end at {int(offsets[-1])} but there are {values.numel()} (feature_id, value) pairs")
+    if feature_ids.dtype.is_floating_point or values.dtype.is_floating_point:
+        raise ValueError("feature_ids and values must be integer tensors")
+
+
+class BloomIndex:
+    def __init__(self, *, k, b_multiplier, feature_ids, offsets, values, bits, row_offsets, widths, deleted):
+        self.k, self.b_multiplier = int(k), float(b_multiplier)
+        self.feature_ids, self.offsets, self.values = feature_ids, offsets, values
+        self.bits, self.row_offsets, self.widths, self.deleted = bits, row_offsets, widths, deleted
+        self._refresh()
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def build(cls, feature_ids, offsets, values, k: int = 3, b_multiplier: float = 5.0, device=None) -> BloomIndex:
+        """Index items given as jagged (feature_id, value) pairs: item i owns pairs offsets[i]:offsets[i+1]."""
+        feature_ids, offsets, values = (torch.as_tensor(t) for t in (feature_ids, offsets, values))
+        _validate_attributes(feature_ids, offsets, values)
+        if not 1 <= k <= 10:
+            raise ValueError(f"k must be in [1, 10], got {k}")
+        if b_multiplier <= 1.0:
+            raise ValueError(f"b_multiplier must be > 1, got {b_multiplier}")
+        device = torch.device(device) if device is not None else feature_ids.device
+        n = offsets.numel() - 1
+        idx = cls(k=k, b_multiplier=b_multiplier, feature_ids=feature_ids.to(device, torch.int64),
+                  offsets=offsets.to(device, torch.int64), values=values.to(device, torch.int64),
+                  bits=torch.zeros(0, 32, dtype=torch.int64, device=device),
+                  row_offsets=torch.zeros(1, dtype=torch.int64, device=device),
+                  widths=torch.zeros(0, dtype=torch.int64, device=device),
+                  deleted=torch.zeros(math.ceil(n / 64), dtype=torch.int64, device=device))
+        idx._build_bundles(0)
+        return idx
+
+    def _build_bundles(self, first_bundle: int) -> None:
+        """(Re)build bundles first_bundle.. from the stored attributes."""
+        n = self.num_items
+        n_bundles = math.ceil(n / BUNDLE)
+        device = self.offsets.device
+        keep_rows = int(self.row_offsets[first_bundle]) if first_bundle < self.row_offsets.numel() else int(self.row_offsets[-1])
+        item_lo = first_bundle * BUNDLE
+        lengths = self.offsets.diff()
+        per_bundle_max = [int(lengths[b * BUNDLE : (b + 1) * BUNDLE].max()) if b * BUNDLE < n else 0
+                          for b in range(first_bundle, n_bundles)]
+        new_widths = torch.tensor([next_prime(max(math.ceil(m * self.k * self.b_multiplier), self.k + 1)) for m in per_bundle_max],
+                                  dtype=torch.int64, device=device)
+        widths = torch.cat([self.widths[:first_bundle], new_widths])
+        row_offsets = torch.zeros(n_bundles + 1, dtype=torch.int64, device=device)
+        row_offsets[1:] = torch.cumsum(widths, 0)
+        start = int(self.offsets[item_lo]) if item_lo <= n else 0
+        item_of_term = torch.repeat_interleave(torch.arange(item_lo, n, device=device), lengths[item_lo:])
+        h = term_hash(self.feature_ids[start:], self.values[start:])
+        bundle = item_of_term // BUNDLE
+        pos = bloom_positions(h, widths[bundle], self.k)  # [terms, k]
+        wib = (item_of_term % BUNDLE) // 64
+        word = ((row_offsets[bundle].unsqueeze(1) + pos) * 32 + wib.unsqueeze(1)) - keep_rows * 32
+        bit = (item_of_term % 64).unsqueeze(1).expand_as(word)
+        new_rows = int(row_offsets[-1]) - keep_rows
+        fresh = _or_bits(new_rows * 32, word.reshape(-1), bit.reshape(-1), device).view(new_rows, 32)
+        self.bits = torch.cat([self.bits[:keep_rows], fresh])
+        self.widths, self.row_offsets = widths, row_offsets
+        self._refresh()
+
+    def _refresh(self) -> None:
+        n = self.num_items
+        n_words = math.ceil(n / 64)
+        live = torch.full((n_words,), -1, dtype=torch.int64, device=self.offsets.device)
+        if n % 64:
+            live[-1] = (1 << (n % 64)) - 1
+        self.live = live & ~self.deleted[:n_words]
+        # exact side table: (term hash, item) sorted by hash, for exact NOT and verification
+        lengths = self.offsets.diff()
+        items = torch.repeat_interleave(torch.arange(n, device=self.offsets.device), lengths)
+        h = term_hash(self.feature_ids, self.values)
+        order = torch.argsort(h)
+        self._term_hashes, self._term_items = h[order], items[order]
+        self._exact_cache: dict[int, torch.Tensor] = {}
+
+    # -- facts ---------------------------------------------------------------------------
+    @property
+    def num_items(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def num_words(self) -> int:
+        return math.ceil(self.num_items / 64)
+
+    def bloom_bytes(self) -> int:
+        return self.bits.numel() * 8
+
+    def bytes_per_item(self) -> float:
+        """Bloom bits per item in bytes (the side table and attributes are reported separately)."""
+        return self.bloom_bytes() / max(self.num_items, 1)
+
+    # -- exact side table ------------------------------------------------------------------
+    def _items_with(self, h: int) -> torch.Tensor:
+        key = torch.tensor([h], dtype=torch.int64, device=self._term_hashes.device)
+        lo = torch.searchsorted(self._term_hashes, key)
+        hi = torch.searchsorted(self._term_hashes, key, right=True)
+        return self._term_items[int(lo) : int(hi)]
+
+    def exact_term_words(self, h: int) -> torch.Tensor:
+        """Packed bitmap (int64 [num_words]) of the items that really have the term with hash h."""
+        if h not in self._exact_cache:
+            items = self._items_with(h)
+            self._exact_cache[h] = _or_bits(self.num_words, items // 64, items % 64, self.offsets.device)
+        return self._exact_cache[h]
+
+    def _exact_tables(self, plans: FilterPlans):
+        """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words], row index per (query, slot))."""
+        q, t = plans.hashes.shape
+        row_of = torch.zeros(q, t, dtype=torch.int32)
+        rows, seen = [], {}
+        ops, args = plans.ops.cpu(), plans.args.cpu()
+        for i, j in (ops == EXACT_TERM).nonzero().tolist():
+            slot = int(args[i, j])
+            h = int(plans.hashes[i, slot])
+            if h not in seen:
+                seen[h] = len(rows)
+                rows.append(self.exact_term_words(h))
+            row_of[i, slot] = seen[h]
+        table = torch.stack(rows) if rows else torch.zeros(1, max(self.num_words, 1), dtype=torch.int64, device=self.bits.device)
+        return table, row_of.to(self.bits.device)
+
+    # -- evaluation (reference) ------------------------------------------------------------
+    def _eval_reference(self, plans: FilterPlans, q: int, w: torch.Tensor, exact, row_of) -> torch.Tensor:
+        wmask = (w >= 0) & (w < self.num_words)
+        wc = w.clamp(0, max(self.num_words - 1, 0))
+        bundle = wc // WORDS_PER_BUNDLE
+        wib = wc % WORDS_PER_BUNDLE
+        stack: list[torch.Tensor] = []
+        for op, slot in zip(plans.ops[q].tolist(), plans.args[q].tolist()):
+            if op == TERM:
+                pos = bloom_positions(plans.hashes[q, slot].expand_as(wc), self.widths[bundle], self.k)
+                words = self.bits[self.row_offsets[bundle].unsqueeze(1) + pos, wib.unsqueeze(1)]
+                acc = words[:, 0]
+                for j in range(1, self.k):
+                    acc = acc & words[:, j]
+                stack.append(acc)
+            elif op == EXACT_TERM:
+                stack.append(exact[int(row_of[q, slot])][wc])
+            elif op == TRUE:
+                stack.append(torch.full_like(wc, -1))
+            elif op == NOT:
+                stack.append(~stack.pop())
+            elif op in (AND, OR):
+                b, a = stack.pop(), stack.pop()
+                stack.append(a & b if op == AND else a | b)
+        res = stack[-1] & self.live[wc]
+        return torch.where(wmask, res, torch.zeros_like(res))
+
+    def _check_plans(self, plans: FilterPlans):
+        if not isinstance(plans, FilterPlans):
+            raise TypeError(f"plans must come from silvertorch.parse_filters, got {type(plans).__name__}")
+
+    def search(self, plans: FilterPlans) -> torch.Tensor:
+        """Full-corpus filter: int64 [Q, ceil(N/64)]; bit i % 64 of word i // 64 set = item i passes."""
+        self._check_plans(plans)
+        plans = plans.to(self.bits.device)
+        exact, row_of = self._exact_tables(plans)
+        if self.num_words == 0:
+            return torch.zeros(plans.num_queries, 0, dtype=torch.int64, device=self.bits.device)
+        if select_backend(self.bits).uses_triton:
+            import triton
+
+            from .kernels import search_kernel
+
+            out = torch.empty(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device)
+            bw = 128
+            search_kernel[(plans.num_queries, triton.cdiv(self.num_words, bw))](
+                out, self.bits, self.row_offsets, self.widths, self.live, plans.ops, plans.args, plans.hashes,
+                second_hash(plans.hashes), exact, row_of, plans.ops.shape[1], plans.hashes.shape[1], self.num_words,
+                K=self.k, BW=bw)
+            return out
+        w = torch.arange(self.num_words, device=self.bits.device)
+        return torch.stack([self._eval_reference(plans, q, w, exact, row_of) for q in range(plans.num_queries)])
+
+    def search_ranges(self, plans: FilterPlans, starts: torch.Tensor, lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Filter only item ranges: int32 [Q, R, ceil(max_length/32)], bit b of word o = item starts[q,r] + 32*o + b."""
+        self._check_plans(plans)
+        starts, lengths = torch.as_tensor(starts), torch.as_tensor(lengths)
+        if starts.shape != lengths.shape or starts.dim() != 2 or starts.shape[0] != plans.num_queries:
+            raise ValueError(f"starts and lengths must both be [num_queries={plans.num_queries}, ranges], got "
+                             f"{tuple(starts.shape)} and {tuple(lengths.shape)}")
+        if (lengths < 0).any() or (lengths > max_length).any():
+            raise ValueError(f"lengths must be in [0, max_length={max_length}]")
+        if (starts < 0).any() or ((starts + lengths) > self.num_items).any():
+            raise ValueError(f"ranges must lie inside the index's {self.num_items} items")
+        plans = plans.to(self.bits.device)
+        starts, lengths = starts.to(self.bits.device, torch.int64), lengths.to(self.bits.device, torch.int64)
+        exact, row_of = self._exact_tables(plans)
+        q, r = starts.shape
+        w32 = max(math.ceil(max_length / 32), 1)
+        if select_backend(self.bits).uses_triton and self.num_words:
+            import triton
+
+            from .kernels import range_kernel
+
+            out = torch.empty(q, r, w32, dtype=torch.int32, device=self.bits.device)
+            bw = 64
+            range_kernel[(q * r, triton.cdiv(w32, bw))](
+                out, starts.contiguous(), lengths.contiguous(), self.bits, self.row_offsets, self.widths, self.live,
+                plans.ops, plans.args, plans.hashes, second_hash(plans.hashes), exact, row_of, plans.ops.shape[1],
+                plans.hashes.shape[1], self.num_words, r, w32, K=self.k, BW=bw)
+            return out
+        return self._ranges_reference(plans, starts, lengths, w32, exact, row_of)
+
+    def _ranges_reference(self, plans, starts, lengths, w32, exact, row_of):
+        q, r = starts.shape
+        out = torch.zeros(q, r, w32, dtype=torch.int32, device=self.bits.device)
+        o = torch.arange(w32, device=self.bits.device)
+        for qi in range(q):
+            first = starts[qi].unsqueeze(1) + 32 * o  # [R, W32]
+            w0 = (first // 64).reshape(-1)
+            shift = (first % 64).reshape(-1)
+            e0 = self._eval_reference(plans, qi, w0, exact, row_of)
+            e1 = self._eval_reference(plans, qi, w0 + 1, exact, row_of)
+            lo = (e0 >> shift) & ((torch.ones_like(shift) << (64 - shift).clamp(max=63)) - 1).where(shift > 0, torch.full_like(shift, -1))
+            hi = torch.where(shift == 0, torch.zeros_like(e1), e1 << (64 - shift).clamp(max=63))
+            word = (lo | hi) & 0xFFFFFFFF
+            remaining = (lengths[qi].unsqueeze(1) - 32 * o).reshape(-1)
+            keep = torch.where(remaining >= 32, torch.full_like(remaining, 0xFFFFFFFF),
+                               (torch.ones_like(remaining) << remaining.clamp(0, 31)) - 1)
+            word = torch.where(remaining > 0, word & keep, torch.zeros_like(word))
+            word = torch.where(word >= 2**31, word - 2**32, word)
+            out[qi] = word.view(r, w32).to(torch.int32)
+        return out
+
+    def filter(self, plans: FilterPlans) -> BloomFilter:
+        """A range-filter object for the IVF search (see silvertorch.filtering)."""
+        self._check_plans(plans)
+        return BloomFilter(self, plans)
+
+    # -- exact evaluation ----------------------------------------------------------------
+    def verify(self, plans: FilterPlans, positions: torch.Tensor) -> torch.Tensor:
+        """Exact filter result (bool [Q, M]) for candidate item positions; -1 = padding -> False."""
+        self._check_plans(plans)
+        positions = torch.as_tensor(positions, dtype=torch.int64, device=self.bits.device)
+        if positions.dim() != 2 or positions.shape[0] != plans.num_queries:
+            raise ValueError(f"positions must be [num_queries={plans.num_queries}, M], got {tuple(positions.shape)}")
+        if ((positions < -1) | (positions >= self.num_items)).any():
+            raise ValueError(f"positions must be -1 (padding) or in [0, {self.num_items})")
+        valid = positions >= 0
+        p = positions.clamp(min=0)
+        alive = ((self.live[p // 64] >> (p % 64)) & 1).bool() & valid
+        out = torch.zeros_like(valid)
+        for q in range(plans.num_queries):
+            stack = []
+            for op, slot in zip(plans.ops[q].tolist(), plans.args[q].tolist()):
+                if op in (TERM, EXACT_TERM):
+                    members = self._items_with(int(plans.hashes[q, slot]))
+                    stack.append(torch.isin(p[q], members))
+                elif op == TRUE:
+                    stack.append(torch.ones_like(valid[q]))
+                elif op == NOT:
+                    stack.append(~stack.pop())
+                elif op in (AND, OR):
+                    b, a = stack.pop(), stack.pop()
+                    stack.append(a & b if op == AND else a | b)
+            out[q] = stack[-1] & alive[q]
+        return out
+
+    # -- mutation --------------------------------------------------------------------------
+    def append(self, feature_ids, offsets, values) -> torch.Tensor:
+        """Add items; returns their positions. The last partial bundle and the new ones are rebuilt."""
+        feature_ids, offsets, values = (torch.as_tensor(t, device=self.bits.device) for t in (feature_ids, offsets, values))
+        _validate_attributes(feature_ids, offsets, values)
+        old_n = self.num_items
+        self.feature_ids = torch.cat([self.feature_ids, feature_ids.to(torch.int64)])
+        self.values = torch.cat([self.values, values.to(torch.int64)])
+        self.offsets = torch.cat([self.offsets, offsets[1:].to(torch.int64) + self.offsets[-1]])
+        words = self.num_words
+        self.deleted = torch.cat([self.deleted, torch.zeros(words - self.deleted.numel(), dtype=torch.int64, device=self.bits.device)])
+        self._build_bundles(old_n // BUNDLE)
+        return torch.arange(old_n, self.num_items, device=self.bits.device)
+
+    def delete(self, positions) -> None:
+        """Tombstone items: every search, range search and verification drops them."""
+        positions = torch.as_tensor(positions, dtype=torch.int64, device=self.bits.device).reshape(-1)
+        if ((positions < 0) | (positions >= self.num_items)).any():
+            raise ValueError(f"positions to delete must be in [0, {self.num_items})")
+        self.deleted |= _or_bits(self.num_words, positions // 64, positions % 64, self.bits.device)
+        self._refresh()
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write a safetensors file with a JSON header (format version, k, b_multiplier)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"bits": self.bits, "row_offsets": self.row_offsets, "widths": self.widths, "deleted": self.deleted,
+                   "feature_ids": self.feature_ids, "offsets": self.offsets, "values": self.values}
+        meta = {"format": "silvertorch.BloomIndex", "format_version": str(FORMAT_VERSION),
+                "config": json.dumps({"k": self.k, "b_multiplier": self.b_multiplier, "bundle": BUNDLE})}
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path, device="cpu") -> BloomIndex:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable safetensors BloomIndex file ({err})") from err
+        if meta.get("format") != "silvertorch.BloomIndex":
+            raise ValueError(f"{path}: not a silvertorch BloomIndex file (format={meta.get('format')!r})")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(f"{path}: format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        config = json.loads(meta["config"])
+        if config.get("bundle") != BUNDLE:
+            raise ValueError(f"{path}: bundle size {config.get('bundle')} != {BUNDLE}")
+        missing = {"bits", "row_offsets", "widths", "deleted", "feature_ids", "offsets", "values"} - set(tensors)
+        if missing:
+            raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+        idx = cls(k=config["k"], b_multiplier=config["b_multiplier"], **tensors)
+        if idx.bits.shape[0] != int(idx.row_offsets[-1]) or idx.widths.numel() != math.ceil(idx.num_items / BUNDLE):
+            raise ValueError(f"{path}: inconsistent shapes (rows {idx.bits.shape[0]} vs offsets {int(idx.row_offsets[-1])})")
+        return idx
+
+
+class BloomFilter:
+    """Range-filter protocol over a BloomIndex and a batch of plans (consumed by the IVF search)."""
+
+    def __init__(self, index: BloomIndex, plans: FilterPlans):
+        self.index, self.plans = index, plans
+
+    @property
+    def num_queries(self) -> int:
+        return self.plans.num_queries
+
+    def range_masks(self, starts, lengths, max_length: int) -> torch.Tensor:
+        return self.index.search_ranges(self.plans, starts, lengths, max_length)
+
+    def exact_mask(self, positions) -> torch.Tensor:
+        return self.index.verify(self.plans, positions)

@@ -1,0 +1,93 @@
+"""Triton kernels for Bloom-index search (imported only when a Triton backend runs).
+
+The filter program runs as a stack machine with MAX_DEPTH (8) register slots, one 64-item
+word per lane: TERM is the AND of the term's k rows in the item's bundle, EXACT_TERM reads the
+exact side-table bitmap, AND/OR/NOT combine, and the live mask (existing, not deleted) is
+applied last.
+"""
+
+import triton
+import triton.language as tl
+
+NOP, TERM, EXACT_TERM, AND, OR, NOT, TRUE = 0, 1, 2, 3, 4, 5, 6
+
+
+@triton.jit
+def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+                exact_ptr, exact_row_ptr, L, T, n_words, K: tl.constexpr, BW: tl.constexpr):
+    bundle = w // 32
+    wib = w % 32
+    width = tl.load(width_ptr + bundle, mask=wmask, other=2)
+    roff = tl.load(row_off_ptr + bundle, mask=wmask, other=0)
+    ones = tl.full((BW,), -1, tl.int64)
+    zero = tl.zeros((BW,), tl.int64)
+    s0, s1, s2, s3, s4, s5, s6, s7 = zero, zero, zero, zero, zero, zero, zero, zero
+    for i in range(L):
+        op = tl.load(ops_ptr + q * L + i) + tl.zeros((BW,), tl.int32)  # as a vector: masks need tensor operands
+        slot = tl.load(args_ptr + q * L + i)
+        # the value a push would bring: a Bloom term, an exact term, or TRUE
+        h1 = tl.load(h1_ptr + q * T + slot).to(tl.uint64, bitcast=True)
+        h2 = tl.load(h2_ptr + q * T + slot).to(tl.uint64, bitcast=True)
+        wu = width.to(tl.uint64)
+        p0 = h1 % wu
+        step = 1 + h2 % (wu - 1)
+        term = ones
+        for j in tl.static_range(K):
+            p = ((p0 + j * step) % wu).to(tl.int64)
+            term = term & tl.load(bits_ptr + (roff + p) * 32 + wib, mask=wmask & (op == TERM), other=-1)
+        erow = tl.load(exact_row_ptr + q * T + slot)
+        exact = tl.load(exact_ptr + erow.to(tl.int64) * n_words + w, mask=wmask & (op == EXACT_TERM), other=0)
+        pushed = tl.where(op == TERM, term, tl.where(op == EXACT_TERM, exact, ones))
+        is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
+        is_bin = (op == AND) | (op == OR)
+        combined = tl.where(op == AND, s0 & s1, s0 | s1)
+        n0 = tl.where(is_push, pushed, tl.where(is_bin, combined, tl.where(op == NOT, ~s0, s0)))
+        n1 = tl.where(is_push, s0, tl.where(is_bin, s2, s1))
+        n2 = tl.where(is_push, s1, tl.where(is_bin, s3, s2))
+        n3 = tl.where(is_push, s2, tl.where(is_bin, s4, s3))
+        n4 = tl.where(is_push, s3, tl.where(is_bin, s5, s4))
+        n5 = tl.where(is_push, s4, tl.where(is_bin, s6, s5))
+        n6 = tl.where(is_push, s5, tl.where(is_bin, s7, s6))
+        n7 = tl.where(is_push, s6, tl.where(is_bin, zero, s7))
+        s0, s1, s2, s3, s4, s5, s6, s7 = n0, n1, n2, n3, n4, n5, n6, n7
+    return s0 & tl.load(live_ptr + w, mask=wmask, other=0)
+
+
+@triton.jit
+def search_kernel(out_ptr, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+                  exact_ptr, exact_row_ptr, L, T, n_words, K: tl.constexpr, BW: tl.constexpr):
+    q = tl.program_id(0)
+    w = tl.program_id(1) * BW + tl.arange(0, BW)
+    wmask = w < n_words
+    res = _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+                      exact_ptr, exact_row_ptr, L, T, n_words, K, BW)
+    tl.store(out_ptr + q.to(tl.int64) * n_words + w, res, mask=wmask)
+
+
+@triton.jit
+def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr,
+                 h1_ptr, h2_ptr, exact_ptr, exact_row_ptr, L, T, n_words, R, W32, K: tl.constexpr, BW: tl.constexpr):
+    """int32 words aligned to each range's start: bit b of word o = item start + 32*o + b."""
+    qr = tl.program_id(0)
+    q = qr // R
+    o = tl.program_id(1) * BW + tl.arange(0, BW)
+    start = tl.load(starts_ptr + qr)
+    length = tl.load(lengths_ptr + qr)
+    omask = o < W32
+    first = start + 32 * o
+    valid = omask & (32 * o < length)
+    w0 = first // 64
+    shift = (first % 64).to(tl.uint64)
+    m0 = valid & (w0 < n_words)
+    m1 = valid & (w0 + 1 < n_words)
+    e0 = _eval_words(w0, m0, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+                     exact_ptr, exact_row_ptr, L, T, n_words, K, BW)
+    e1 = _eval_words(w0 + 1, m1, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+                     exact_ptr, exact_row_ptr, L, T, n_words, K, BW)
+    lo = e0.to(tl.uint64, bitcast=True) >> shift
+    hi = tl.where(shift == 0, tl.zeros_like(lo), e1.to(tl.uint64, bitcast=True) << ((64 - shift) % 64))
+    word = (lo | hi) & 0xFFFFFFFF
+    remaining = length - 32 * o
+    keep = tl.where(remaining >= 32, 0xFFFFFFFF, (tl.full(remaining.shape, 1, tl.uint64) << tl.maximum(remaining, 0).to(tl.uint64)) - 1)
+    word = tl.where(valid, word & keep, 0)
+    tl.store(out_ptr + qr.to(tl.int64) * W32 + o, word.to(tl.uint32).to(tl.int32, bitcast=True), mask=omask)

@@ -1,0 +1,249 @@
+"""The filter language and its compilation to fixed-shape stack programs.
+
+Grammar (EBNF; keywords case-insensitive; NOT binds tighter than AND, AND tighter than OR):
+
+    expr    = and_expr { ("OR" | "|") and_expr } ;
+    and_expr= not_expr { ("AND" | "&") not_expr } ;
+    not_expr= ("NOT" | "!") not_expr | atom ;
+    atom    = "(" expr ")" | term ;
+    term    = feature ":" ( value [ ":" weight ] | "{" value { "," value } "}" ) ;
+    feature = integer | name ;   value = integer | name | '"' text '"' ;
+
+`cat:{music,sports}` means `cat:music OR cat:sports`. Numeric terms (`3:17`, `-2` values
+allowed) are the official SilverTorch syntax; a trailing `:weight` is accepted and ignored.
+Named features need a `FilterSchema` mapping names to feature ids; non-integer values are
+hashed with FNV-1a 64 (`hashing.string_value`). An empty expression matches everything.
+
+A batch compiles to `FilterPlans`: per query a postfix program of at most `max_ops` ops
+(TERM, EXACT_TERM, AND, OR, NOT, TRUE; NOP pads), term hashes, and a bounded stack depth.
+Terms under an odd number of NOTs compile to EXACT_TERM: the index evaluates them exactly
+(from its side table), so NOT never flips a Bloom false positive into a lost true match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from .hashing import string_value, term_hash
+
+NOP, TERM, EXACT_TERM, AND, OR, NOT, TRUE = 0, 1, 2, 3, 4, 5, 6
+MAX_DEPTH = 8  # the kernels keep this many stack slots in registers
+
+
+class FilterSyntaxError(ValueError):
+    def __init__(self, expression: str, position: int, expected: str, found: str):
+        self.position = position
+        pointer = expression + "\n" + " " * position + "^"
+        super().__init__(f"filter syntax error at position {position}: expected {expected}, found {found}\n{pointer}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterSchema:
+    """Names for feature ids: FilterSchema({"lang": 1, "cat": 2})."""
+
+    features: dict
+
+    def feature_id(self, name: str, expression: str, position: int) -> int:
+        if name not in self.features:
+            raise FilterSyntaxError(expression, position, f"a known feature ({', '.join(sorted(self.features))})", repr(name))
+        return int(self.features[name])
+
+
+@dataclasses.dataclass
+class FilterPlans:
+    """Fixed-shape compiled filters for a batch of queries."""
+
+    ops: torch.Tensor  # int32 [Q, L]
+    args: torch.Tensor  # int32 [Q, L]: term slot for TERM / EXACT_TERM
+    hashes: torch.Tensor  # int64 [Q, T]
+    expressions: list
+
+    @property
+    def num_queries(self) -> int:
+        return self.ops.shape[0]
+
+    def to(self, device) -> FilterPlans:
+        return FilterPlans(self.ops.to(device), self.args.to(device), self.hashes.to(device), self.expressions)
+
+
+_TOKEN = re.compile(r'\s*(?:(?P<lp>\()|(?P<rp>\))|(?P<lb>\{)|(?P<rb>\})|(?P<comma>,)|(?P<colon>:)|(?P<and>&)|(?P<or>\|)|(?P<not>!)'
+                    r'|(?P<str>"[^"]*")|(?P<word>-?[A-Za-z0-9_.\-]+))')
+
+
+def _tokenize(text: str):
+    pos, out = 0, []
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            start = pos + (len(text[pos:]) - len(text[pos:].lstrip()))
+            raise FilterSyntaxError(text, start, "a term, operator or parenthesis", repr(text[start]))
+        kind = m.lastgroup
+        start = m.start(kind)
+        value = m.group(kind)
+        if kind == "word" and value.upper() in ("AND", "OR", "NOT"):
+            kind = value.lower()
+        out.append((kind, value, start))
+        pos = m.end()
+    out.append(("end", "", len(text)))
+    return out
+
+
+class _Parser:
+    def __init__(self, text, schema, max_terms):
+        self.text, self.schema, self.max_terms = text, schema, max_terms
+        self.tokens = _tokenize(text)
+        self.i = 0
+        self.n_terms = 0
+
+    def peek(self):
+        return self.tokens[self.i]
+
+    def take(self, kind, expected):
+        tok = self.peek()
+        if tok[0] != kind:
+            self.fail(expected)
+        self.i += 1
+        return tok
+
+    def fail(self, expected):
+        kind, value, pos = self.peek()
+        raise FilterSyntaxError(self.text, pos, expected, "end of expression" if kind == "end" else repr(value))
+
+    def parse(self):
+        if self.peek()[0] == "end":
+            return ("true",)
+        node = self.expr()
+        if self.peek()[0] != "end":
+            self.fail("AND, OR or the end of the expression")
+        return node
+
+    def expr(self):
+        node = self.and_expr()
+        while self.peek()[0] == "or":
+            self.i += 1
+            node = ("or", node, self.and_expr())
+        return node
+
+    def and_expr(self):
+        node = self.not_expr()
+        while self.peek()[0] == "and":
+            self.i += 1
+            node = ("and", node, self.not_expr())
+        return node
+
+    def not_expr(self):
+        if self.peek()[0] in ("not",):
+            self.i += 1
+            return ("not", self.not_expr())
+        return self.atom()
+
+    def atom(self):
+        kind = self.peek()[0]
+        if kind == "lp":
+            self.i += 1
+            node = self.expr()
+            self.take("rp", "')'")
+            return node
+        if kind == "word":
+            return self.term()
+        self.fail("a term like feature:value, NOT or '('")
+
+    def _value(self):
+        kind, value, pos = self.peek()
+        if kind == "str":
+            self.i += 1
+            return string_value(value[1:-1])
+        if kind != "word":
+            self.fail("a value")
+        self.i += 1
+        return int(value) if re.fullmatch(r"-?\d+", value) else string_value(value)
+
+    def _leaf(self, fid, value):
+        self.n_terms += 1
+        if self.n_terms > self.max_terms:
+            raise ValueError(f"filter {self.text!r} has more than max_terms={self.max_terms} terms")
+        return ("term", fid, value)
+
+    def term(self):
+        _, name, pos = self.take("word", "a feature")
+        if re.fullmatch(r"-?\d+", name):
+            fid = int(name)
+        elif self.schema is None:
+            raise FilterSyntaxError(self.text, pos, "a numeric feature id (named features need a FilterSchema)", repr(name))
+        else:
+            fid = self.schema.feature_id(name, self.text, pos)
+        self.take("colon", "':' after the feature")
+        if self.peek()[0] == "lb":
+            self.i += 1
+            node = self._leaf(fid, self._value())
+            while self.peek()[0] == "comma":
+                self.i += 1
+                node = ("or", node, self._leaf(fid, self._value()))
+            self.take("rb", "',' or '}'")
+            return node
+        node = self._leaf(fid, self._value())
+        if self.peek()[0] == "colon":  # official syntax: optional weight, ignored
+            self.i += 1
+            self.take("word", "a weight")
+        return node
+
+
+def _compile(node, program, terms, negated, depth):
+    """Postfix emission; returns the stack depth this subtree needs."""
+    kind = node[0]
+    if kind == "true":
+        program.append((TRUE, 0))
+        return depth + 1
+    if kind == "term":
+        terms.append((node[1], node[2]))
+        program.append((EXACT_TERM if negated else TERM, len(terms) - 1))
+        return depth + 1
+    if kind == "not":
+        need = _compile(node[1], program, terms, not negated, depth)
+        program.append((NOT, 0))
+        return need
+    left = _compile(node[1], program, terms, negated, depth)
+    right = _compile(node[2], program, terms, negated, depth + 1)
+    program.append((AND if kind == "and" else OR, 0))
+    return max(left, right)
+
+
+def parse_filters(expressions, schema: FilterSchema | dict | None = None, max_terms: int = 32,
+                  max_length: int = 4096) -> FilterPlans:
+    """Compile a batch of filter expressions (one per query) into fixed-shape plans."""
+    if isinstance(expressions, str):
+        raise TypeError("parse_filters takes a list of expressions (one per query), not a string")
+    if isinstance(schema, dict):
+        schema = FilterSchema(schema)
+    programs, all_terms = [], []
+    for text in expressions:
+        if not isinstance(text, str):
+            raise TypeError(f"each filter must be a string, got {type(text).__name__}")
+        if len(text) > max_length:
+            raise ValueError(f"filter expression is {len(text)} characters long; the limit is max_length={max_length}")
+        tree = _Parser(text, schema, max_terms).parse()
+        program, terms = [], []
+        depth = _compile(tree, program, terms, False, 0)
+        if depth > MAX_DEPTH:
+            raise ValueError(f"filter {text!r} nests too deeply: needs a stack of {depth}, the limit is {MAX_DEPTH}")
+        programs.append(program)
+        all_terms.append(terms)
+    q = len(programs)
+    length = max([len(p) for p in programs] + [1])
+    n_terms = max([len(t) for t in all_terms] + [1])
+    ops = torch.zeros(q, length, dtype=torch.int32)
+    args = torch.zeros(q, length, dtype=torch.int32)
+    hashes = torch.zeros(q, n_terms, dtype=torch.int64)
+    for i, (program, terms) in enumerate(zip(programs, all_terms)):
+        for j, (op, arg) in enumerate(program):
+            ops[i, j], args[i, j] = op, arg
+        if terms:
+            fids = torch.tensor([t[0] for t in terms], dtype=torch.int64)
+            vals = torch.tensor([t[1] for t in terms], dtype=torch.int64)
+            hashes[i, : len(terms)] = term_hash(fids, vals)
+    return FilterPlans(ops, args, hashes, list(expressions))

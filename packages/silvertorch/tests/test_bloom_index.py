@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from silvertorch import BloomIndex, parse_filters
+
+N_FEATURES, N_VALUES = 3, 4
+
+
+def _items(n, max_terms=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_terms + 1, (n,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    total = int(lengths.sum())
+    return torch.randint(1, N_FEATURES + 1, (total,), generator=g), offsets, torch.randint(0, N_VALUES, (total,), generator=g)
+
+
+def _exact(expr_fn, fids, offsets, vals):
+    n = offsets.numel() - 1
+    out = []
+    for i in range(n):
+        s, e = int(offsets[i]), int(offsets[i + 1])
+        terms = set(zip(fids[s:e].tolist(), vals[s:e].tolist()))
+        out.append(expr_fn(terms))
+    return torch.tensor(out)
+
+
+def _unpack(words, n):
+    return ((words.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(words.shape[0], -1)[:, :n].bool()
+
+
+# expression trees: (text, python predicate)
+def _leaf():
+    return st.tuples(st.integers(1, N_FEATURES), st.integers(0, N_VALUES - 1)).map(
+        lambda t: (f"{t[0]}:{t[1]}", lambda terms, t=t: t in terms))
+
+
+def _extend(children):
+    return st.one_of(
+        st.tuples(children, children).map(lambda p: (f"({p[0][0]} AND {p[1][0]})", lambda s, p=p: p[0][1](s) and p[1][1](s))),
+        st.tuples(children, children).map(lambda p: (f"({p[0][0]} | {p[1][0]})", lambda s, p=p: p[0][1](s) or p[1][1](s))),
+        children.map(lambda c: (f"NOT {c[0]}", lambda s, c=c: not c[1](s))),
+    )
+
+
+EXPRESSIONS = st.recursive(_leaf(), _extend, max_leaves=6)
+FIDS, OFFSETS, VALS = _items(2500, seed=1)
+INDEX = BloomIndex.build(FIDS, OFFSETS, VALS, k=2, b_multiplier=1.5)  # small filters: many false positives
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exprs=st.lists(EXPRESSIONS, min_size=1, max_size=3))
+def test_no_true_match_is_ever_lost(exprs):
+    plans = parse_filters([e[0] for e in exprs])
+    got = _unpack(INDEX.search(plans), INDEX.num_items)
+    for q, (_, fn) in enumerate(exprs):
+        truth = _exact(fn, FIDS, OFFSETS, VALS)
+        assert not (truth & ~got[q]).any(), f"{exprs[q][0]}: lost {int((truth & ~got[q]).sum())} true matches"
+        exact = INDEX.verify(parse_filters([exprs[q][0]]), torch.arange(INDEX.num_items).unsqueeze(0))[0]
+        assert torch.equal(exact, truth)
+
+
+def test_kernel_matches_reference_and_ranges_match_full(monkeypatch):
+    plans = parse_filters(["1:2 AND NOT 2:3", "1:{1,2} OR 3:0", "", "!(1:0 | 2:1) & 3:{0,1,2}"])
+    ref = INDEX.search(plans)
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    tri = INDEX.search(plans)
+    assert torch.equal(ref, tri)
+    starts = torch.tensor([[5, 100], [0, 2047], [77, 1], [2400, 3]])
+    lengths = torch.tensor([[70, 10], [64, 100], [33, 0], [100, 5]])
+    ranges_tri = INDEX.search_ranges(plans, starts, lengths, 100)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    ranges_ref = INDEX.search_ranges(plans, starts, lengths, 100)
+    assert torch.equal(ranges_tri, ranges_ref)
+    full = _unpack(ref, INDEX.num_items)
+    for q in range(4):
+        for r in range(2):
+            s, n = int(starts[q, r]), int(lengths[q, r])
+            bits = ((ranges_ref[q, r].long().unsqueeze(-1) >> torch.arange(32)) & 1).reshape(-1).bool()
+            assert torch.equal(bits[:n], full[q, s : s + n]) and not bits[n:].any()
+
+
+def test_false_positive_rate_within_theory():
+    k, m, terms = 3, 4.0, 6
+    n = 8192
+    g = torch.Generator().manual_seed(3)
+    fids = torch.ones(n * terms, dtype=torch.long)
+    vals = torch.randint(0, 10**9, (n * terms,), generator=g)
+    offsets = torch.arange(0, n * terms + 1, terms)
+    idx = BloomIndex.build(fids, offsets, vals, k=k, b_multiplier=m)
+    probes = [f"1:{-(i + 1)}" for i in range(8)]  # values no item has
+    hits = _unpack(idx.search(parse_filters(probes)), n).float().mean().item()
+    theory = (1 - math.exp(-1 / m)) ** k
+    sigma = math.sqrt(theory * (1 - theory) / (n * len(probes)))
+    assert hits <= theory + 4 * sigma + 0.002, (hits, theory)
+    assert hits > 0.2 * theory  # the filter is not trivially exact either
+
+
+def test_append_delete_save_load(tmp_path):
+    fids, offsets, vals = _items(3000, seed=5)
+    full = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=5)
+    part = BloomIndex.build(fids[: int(offsets[2100])], offsets[:2101], vals[: int(offsets[2100])], k=3, b_multiplier=5)
+    new = part.append(fids[int(offsets[2100]) :], offsets[2100:] - offsets[2100], vals[int(offsets[2100]) :])
+    assert new.tolist() == list(range(2100, 3000))
+    plans = parse_filters(["1:2 OR 2:3", "NOT 3:1"])
+    assert torch.equal(part.search(plans), full.search(plans))
+    full.delete(torch.tensor([0, 63, 2999]))
+    res = _unpack(full.search(parse_filters([""])), 3000)[0]
+    assert not res[[0, 63, 2999]].any() and res.sum() == 2997
+    assert not full.verify(parse_filters([""]), torch.tensor([[63, 64]]))[0, 0]
+    path = full.save(tmp_path / "bloom.safetensors")
+    back = BloomIndex.load(path)
+    assert torch.equal(back.search(plans), full.search(plans)) and back.k == 3
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable"):
+        BloomIndex.load(tmp_path / "bad.safetensors")
+
+
+def test_bytes_per_item_and_bad_inputs():
+    fids, offsets, vals = _items(4096, max_terms=10, seed=2)
+    idx = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=5)
+    assert 10 * 3 * 5 / 8 <= idx.bytes_per_item() <= 1.2 * 10 * 3 * 5 / 8
+    with pytest.raises(ValueError, match="offsets end"):
+        BloomIndex.build(fids, offsets[:-1], vals)
+    with pytest.raises(ValueError, match="b_multiplier"):
+        BloomIndex.build(fids, offsets, vals, b_multiplier=1.0)
+    with pytest.raises(ValueError, match="k must be"):
+        BloomIndex.build(fids, offsets, vals, k=0)
+    plans = parse_filters(["1:1"])
+    with pytest.raises(ValueError, match="inside the index"):
+        idx.search_ranges(plans, torch.tensor([[4090]]), torch.tensor([[10]]), 16)
+    with pytest.raises(ValueError, match="max_length"):
+        idx.search_ranges(plans, torch.tensor([[0]]), torch.tensor([[40]]), 16)
+    with pytest.raises(ValueError, match="num_queries"):
+        idx.search_ranges(plans, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), 16)
+    with pytest.raises(TypeError, match="parse_filters"):
+        idx.search(["1:1"])
+    with pytest.raises(ValueError, match="positions"):
+        idx.verify(plans, torch.tensor([[5000]]))

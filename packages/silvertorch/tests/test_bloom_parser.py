@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from silvertorch import FilterSyntaxError, parse_filters
+from silvertorch.bloom.hashing import bloom_positions, next_prime, string_value, term_hash
+from silvertorch.bloom.parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE
+
+SCHEMA = {"lang": 1, "cat": 2, "creator": 3}
+
+
+def test_precedence_and_polarity():
+    p = parse_filters(["lang:en AND (cat:music OR cat:sports) AND NOT creator:123"], schema=SCHEMA)
+    assert p.ops[0].tolist() == [TERM, TERM, TERM, OR, AND, EXACT_TERM, NOT, AND]
+    q = parse_filters(["1:1 | 2:2 & !3:3"])  # NOT > AND > OR
+    assert q.ops[0].tolist() == [TERM, TERM, EXACT_TERM, NOT, AND, OR]
+    assert parse_filters(["NOT NOT 1:1"]).ops[0].tolist() == [TERM, NOT, NOT]
+
+
+def test_set_sugar_weights_strings_and_empty():
+    a = parse_filters(["cat:{music,sports}"], schema=SCHEMA)
+    b = parse_filters(["cat:music OR cat:sports"], schema=SCHEMA)
+    assert torch.equal(a.ops, b.ops) and torch.equal(a.hashes, b.hashes)
+    assert torch.equal(parse_filters(["3:-17:0.5"]).hashes, parse_filters(["3:-17"]).hashes)
+    assert torch.equal(parse_filters(['2:"rock music"']).hashes[0, 0], term_hash(torch.tensor(2), torch.tensor(string_value("rock music"))))
+    assert parse_filters([""]).ops[0].tolist() == [TRUE]
+
+
+@pytest.mark.parametrize(
+    "text, position, expected",
+    [("1:", 2, "a value"), ("(1:2", 4, "')'"), ("1:2 AND", 7, "a term"), ("AND 1:2", 0, "a term"),
+     ("1:2 2:3", 4, "AND, OR"), ("1:2 @", 4, "a term, operator"), ("1:{2,", 5, "a value"), ("lang:en", 0, "numeric feature id")],
+)
+def test_errors_name_position_and_expectation(text, position, expected):
+    with pytest.raises(FilterSyntaxError) as err:
+        parse_filters([text])
+    assert err.value.position == position and expected in str(err.value)
+
+
+def test_limits_and_types():
+    with pytest.raises(ValueError, match="max_terms"):
+        parse_filters([" OR ".join(f"1:{i}" for i in range(40))])
+    with pytest.raises(ValueError, match="max_length"):
+        parse_filters(["1:1" + " " * 5000])
+    with pytest.raises(ValueError, match="nests too deeply"):
+        nested = "1:0"
+        for i in range(9):
+            nested = f"1:{i} AND ({nested})"  # right-deep: each level keeps one more operand on the stack
+        parse_filters([nested])
+    with pytest.raises(TypeError, match="list"):
+        parse_filters("1:1")
+    with pytest.raises(FilterSyntaxError, match="known feature"):
+        parse_filters(["genre:x"], schema=SCHEMA)
+
+
+def test_positions_are_distinct_and_in_range():
+    h = term_hash(torch.arange(500), torch.arange(500) * 7)
+    width = torch.full((500,), next_prime(31))
+    pos = bloom_positions(h, width, 5)
+    assert ((pos >= 0) & (pos < 31)).all()
+    assert all(len(set(row)) == 5 for row in pos.tolist())
