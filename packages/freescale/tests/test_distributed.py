@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpukernels_common.testing import free_port
+
 HERE = Path(__file__).parent
 WORKER = HERE / "dist_worker.py"
 _spec = importlib.util.spec_from_file_location("fs_dist_worker", WORKER)
@@ -19,14 +20,10 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(scenario, world, tmp_path, timeout=120):
-    proc = subprocess.run([sys.executable, str(WORKER), scenario, str(world), str(_port()), str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(WORKER), scenario, str(world), str(free_port()), str(tmp_path)],
                           capture_output=True, text=True, timeout=timeout)
     return proc, (torch.load(tmp_path / "result.pt", weights_only=True) if (tmp_path / "result.pt").exists() else None)
 
@@ -66,9 +63,9 @@ def test_simulator_matches_real_run(tmp_path):
     proc, res = _run("sim", 2, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for method, r in res.items():
-        # stated tolerance: step time within 30%, bubble ratio within 0.12 (sleep jitter, barrier cost)
-        assert abs(float(r["real_step_ms"]) / float(r["sim_step_ms"]) - 1) < 0.30, (method, r)
-        assert abs(float(r["real_bubble"]) - float(r["sim_bubble"])) < 0.12, (method, r)
+        # stated tolerance: step time within 20%, bubble ratio within 0.1 (sleep jitter on a loaded 2-core box)
+        assert abs(float(r["real_step_ms"]) / float(r["sim_step_ms"]) - 1) < 0.20, (method, r)
+        assert abs(float(r["real_bubble"]) - float(r["sim_bubble"])) < 0.10, (method, r)
     assert float(res["lpt_equal"]["real_bubble"]) < float(res["contiguous"]["real_bubble"])
 
 
@@ -84,7 +81,7 @@ def test_hung_rank_gives_clear_error_within_timeout(tmp_path):
 def test_resume_continues_the_same_loss_curve(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     def train(steps, log, ckpt=None, resume=False):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "freescale.train", "--batch-size", "16", "--steps", str(steps), "--loss-log", str(log)]
         cmd += (["--checkpoint", str(ckpt)] if ckpt else []) + (["--resume"] if resume else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)

@@ -1,7 +1,6 @@
 """DDP over 2 gloo processes gives the same gradients as one process on the global batch."""
 
 import importlib.util
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,22 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpukernels_common.testing import free_port
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 _spec = importlib.util.spec_from_file_location("mb_ddp_worker", WORKER)
 ddp_worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ddp_worker)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("norm", ["batch", "sample"])
 def test_ddp_equals_single_process(tmp_path, norm):
     out = tmp_path / "grads.pt"
-    proc = subprocess.run([sys.executable, str(WORKER), str(_free_port()), norm, str(out)],
+    proc = subprocess.run([sys.executable, str(WORKER), str(free_port()), norm, str(out)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = torch.load(out, weights_only=True)

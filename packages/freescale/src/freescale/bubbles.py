@@ -53,16 +53,22 @@ class BubbleMeter:
             self._event("step", start, end)
             self._current = None
 
+    def _account(self, part: str, name: str, start: float, end: float) -> None:
+        if self._current is not None:
+            self._current[part] += end - start
+        self._event(name, start, end)
+
     @contextlib.contextmanager
-    def compute(self, name: str = "compute"):
+    def _timed(self, part: str, name: str):
         start = time.perf_counter()
         try:
             yield
         finally:
-            end = time.perf_counter()
-            if self._current is not None:
-                self._current["compute"] += end - start
-            self._event(name, start, end)
+            self._account(part, name, start, time.perf_counter())
+
+    def compute(self, name: str = "compute"):
+        """Context manager timing busy compute."""
+        return self._timed("compute", name)
 
     def sync(self, op=None, name: str = "collective"):
         """Run a synchronising collective `op()` (or just the barrier) and account its time."""
@@ -76,25 +82,14 @@ class BubbleMeter:
                 dist.barrier(group=self.group)
         t1 = time.perf_counter()
         result = op() if op is not None else None
-        t2 = time.perf_counter()
-        if self._current is not None:
-            self._current["wait"] += t1 - t0
-            self._current["comm"] += t2 - t1
-        self._event(f"wait:{name}", t0, t1)
-        self._event(name, t1, t2)
+        self._account("wait", f"wait:{name}", t0, t1)
+        self._account("comm", name, t1, time.perf_counter())
         return result
 
-    @contextlib.contextmanager
     def comm(self, name: str = "comm"):
-        """Time exposed communication that is not a synchronisation point (e.g. waiting on async work)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            end = time.perf_counter()
-            if self._current is not None:
-                self._current["comm"] += end - start
-            self._event(name, start, end)
+        """Context manager timing exposed communication that is not a synchronisation point
+        (e.g. waiting on async work)."""
+        return self._timed("comm", name)
 
     def summary(self, skip: int = 0, gather: bool = True) -> dict:
         """Ratios over all steps (after `skip` warm-up steps), over all ranks when distributed."""

@@ -133,4 +133,13 @@ def poison_grads(*tensors: torch.Tensor) -> None:
             t.grad.fill_(float("nan"))
 
 
-__all__ = ["TOLERANCES", "tolerance", "assert_close", "CanaryBuffer", "poisoned_empty", "poison_grads"]
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for torch.distributed tests' MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["free_port", "TOLERANCES", "tolerance", "assert_close", "CanaryBuffer", "poisoned_empty", "poison_grads"]
