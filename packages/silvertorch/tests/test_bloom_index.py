@@ -63,6 +63,19 @@ def test_no_true_match_is_ever_lost(exprs):
         assert torch.equal(exact, truth)
 
 
+def test_build_kernel_matches_reference(monkeypatch):
+    fids, offsets, vals = _items(5000, seed=7)  # 3 bundles, the last one partial
+    ref = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    tri = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
+    assert torch.equal(tri.bits, ref.bits) and torch.equal(tri.widths, ref.widths)
+    cut = int(offsets[10])
+    tri.append(fids[:cut], offsets[:11], vals[:cut])
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    ref.append(fids[:cut], offsets[:11], vals[:cut])
+    assert torch.equal(tri.bits, ref.bits)
+
+
 def test_kernel_matches_reference_and_ranges_match_full(monkeypatch):
     plans = parse_filters(["1:2 AND NOT 2:3", "1:{1,2} OR 3:0", "", "!(1:0 | 2:1) & 3:{0,1,2}"])
     ref = INDEX.search(plans)

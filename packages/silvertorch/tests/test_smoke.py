@@ -16,3 +16,10 @@ def test_bloom_smoke():
     assert words.shape == (2, 1)
     assert int(words[0, 0]) & 0b011 == 0b011  # items 0 and 1 pass (Bloom: a superset)
     assert int(words[1, 0]) == 0b110  # NOT is exact
+
+
+def test_ivf_smoke():
+    x = torch.randn(200, 16)
+    index = silvertorch.IVFIndex.build(x, n_clusters=4)
+    scores, ids = index.search(x[:3], k=5, nprobe=4)
+    assert ids.shape == (3, 5) and (ids[:, 0] == torch.arange(3)).all()  # each item finds itself first

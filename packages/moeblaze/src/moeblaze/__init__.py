@@ -5,6 +5,7 @@ from .dispatch import Dispatch, dispatch
 from .experts import moe_experts
 from .layer import MoE
 from .naive import moe_reference
+from .parallel import expert_parallel_experts
 from .router import Router, Routing, route
 
-__all__ = ["__version__", "MoE", "moe_experts", "dispatch", "Dispatch", "route", "Router", "Routing", "moe_reference"]
+__all__ = ["__version__", "MoE", "moe_experts", "dispatch", "Dispatch", "route", "Router", "Routing", "moe_reference", "expert_parallel_experts"]

@@ -120,8 +120,11 @@ class Balancer(nn.Module, abc.ABC):
             loss.backward(torch.tensor(w if w != 0 else 1.0, dtype=loss.dtype), retain_graph=t < len(losses) - 1)
             if all(leaf.grad is None for leaf in self._leaves):
                 self._missing_dependency(name)
-            div = w if w != 0 else float("inf")  # a zero-weight task contributes nothing
-            grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad / div for leaf in self._leaves])
+            if w == 1.0:
+                grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in self._leaves])
+            else:
+                div = w if w != 0 else float("inf")  # a zero-weight task contributes nothing
+                grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad / div for leaf in self._leaves])
         for leaf in self._leaves:
             leaf.grad = None
         return grads

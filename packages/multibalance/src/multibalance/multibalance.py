@@ -43,9 +43,9 @@ class MultiBalance(Balancer):
     def _norms(self, grads: list[list[torch.Tensor]]) -> torch.Tensor:
         """[n_reps, n_tasks] gradient norms, reduced over data-parallel ranks; no host sync."""
         n_reps = len(grads[0])
-        flat = [g.float() for gt in grads for g in gt]  # task-major
+        flat = [g if g.dtype == torch.float32 else g.float() for gt in grads for g in gt]  # task-major
         if self.norm == "batch":
-            stats = torch.stack([g.pow(2).sum() for g in flat])
+            stats = torch.stack([torch.linalg.vector_norm(g) for g in flat]).pow(2)
             stats = self._all_reduce_sum(stats)
             norms = stats.sqrt()
         else:
@@ -76,9 +76,10 @@ class MultiBalance(Balancer):
         coeff = scales * self.static_weights.to(scales.device, scales.dtype)  # [n_reps, n_tasks]
         out = []
         for j in range(len(grads[0])):
-            acc = grads[0][j] * coeff[j, 0].to(grads[0][j].dtype)
+            c = coeff[j].to(grads[0][j].dtype)
+            acc = grads[0][j] * c[0]
             for t in range(1, self.num_tasks):
-                acc = acc + grads[t][j] * coeff[j, t].to(grads[t][j].dtype)
+                acc.addcmul_(grads[t][j], c[t])  # in place: no temporary per task
             out.append(acc)
         return out
 

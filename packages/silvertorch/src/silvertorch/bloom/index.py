@@ -93,13 +93,23 @@ class BloomIndex:
         start = int(self.offsets[item_lo]) if item_lo <= n else 0
         item_of_term = torch.repeat_interleave(torch.arange(item_lo, n, device=device), lengths[item_lo:])
         h = term_hash(self.feature_ids[start:], self.values[start:])
-        bundle = item_of_term // BUNDLE
-        pos = bloom_positions(h, widths[bundle], self.k)  # [terms, k]
-        wib = (item_of_term % BUNDLE) // 64
-        word = ((row_offsets[bundle].unsqueeze(1) + pos) * 32 + wib.unsqueeze(1)) - keep_rows * 32
-        bit = (item_of_term % 64).unsqueeze(1).expand_as(word)
         new_rows = int(row_offsets[-1]) - keep_rows
-        fresh = _or_bits(new_rows * 32, word.reshape(-1), bit.reshape(-1), device).view(new_rows, 32)
+        if select_backend(h).uses_triton and h.numel():
+            import triton
+
+            from .kernels import build_kernel
+
+            fresh = torch.zeros(new_rows, 32, dtype=torch.int64, device=device)
+            block = 1024
+            build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, second_hash(h), item_of_term, widths, row_offsets,
+                                                          h.numel(), keep_rows, K=self.k, BLOCK=block)
+        else:
+            bundle = item_of_term // BUNDLE
+            pos = bloom_positions(h, widths[bundle], self.k)  # [terms, k]
+            wib = (item_of_term % BUNDLE) // 64
+            word = ((row_offsets[bundle].unsqueeze(1) + pos) * 32 + wib.unsqueeze(1)) - keep_rows * 32
+            bit = (item_of_term % 64).unsqueeze(1).expand_as(word)
+            fresh = _or_bits(new_rows * 32, word.reshape(-1), bit.reshape(-1), device).view(new_rows, 32)
         self.bits = torch.cat([self.bits[:keep_rows], fresh])
         self.widths, self.row_offsets = widths, row_offsets
         self._refresh()

@@ -91,3 +91,25 @@ def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_
     keep = tl.where(remaining >= 32, 0xFFFFFFFF, (tl.full(remaining.shape, 1, tl.uint64) << tl.maximum(remaining, 0).to(tl.uint64)) - 1)
     word = tl.where(valid, word & keep, 0)
     tl.store(out_ptr + qr.to(tl.int64) * W32 + o, word.to(tl.uint32).to(tl.int32, bitcast=True), mask=omask)
+
+
+@triton.jit
+def build_kernel(bits_ptr, h1_ptr, h2_ptr, item_ptr, width_ptr, row_off_ptr, n_terms, row_base,
+                 K: tl.constexpr, BLOCK: tl.constexpr):
+    """Set each term's k rows for its item: one lane per (item, term) pair; OR is order-free,
+    so the atomics give a deterministic result."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tmask = t < n_terms
+    item = tl.load(item_ptr + t, mask=tmask, other=0)
+    bundle = item // 2048
+    wu = tl.load(width_ptr + bundle, mask=tmask, other=2).to(tl.uint64)
+    roff = tl.load(row_off_ptr + bundle, mask=tmask, other=0)
+    h1 = tl.load(h1_ptr + t, mask=tmask, other=0).to(tl.uint64, bitcast=True)
+    h2 = tl.load(h2_ptr + t, mask=tmask, other=0).to(tl.uint64, bitcast=True)
+    p0 = h1 % wu
+    step = 1 + h2 % (wu - 1)
+    wib = (item % 2048) // 64
+    bit = tl.full((BLOCK,), 1, tl.int64) << (item % 64)
+    for j in tl.static_range(K):
+        p = ((p0 + j * step) % wu).to(tl.int64)
+        tl.atomic_or(bits_ptr + (roff + p - row_base) * 32 + wib, bit, mask=tmask)

@@ -1,0 +1,65 @@
+"""The range-filter protocol between filters and the IVF search.
+
+A range filter answers, for each query q and item range r (positions in the index's
+cluster-ordered storage), which items pass: `range_masks(starts, lengths, max_length)` returns
+int32 words [Q, R, ceil(max_length/32)] where bit b (LSB = 0) of word w is item
+starts[q,r] + 32*w + b (bits at or past the length are 0). `BloomIndex.filter(plans)` is one;
+`DenseMaskFilter` wraps a precomputed boolean mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+
+class RangeFilter(Protocol):
+    num_queries: int
+
+    def range_masks(self, starts: torch.Tensor, lengths: torch.Tensor, max_length: int) -> torch.Tensor: ...
+
+    def exact_mask(self, positions: torch.Tensor) -> torch.Tensor: ...
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [..., n] -> int32 [..., ceil(n/32)], LSB first."""
+    n = mask.shape[-1]
+    words = math.ceil(n / 32) if n else 1
+    padded = torch.zeros(*mask.shape[:-1], words * 32, dtype=torch.int64, device=mask.device)
+    padded[..., :n] = mask.to(torch.int64)
+    w = (padded.view(*mask.shape[:-1], words, 32) << torch.arange(32, device=mask.device)).sum(-1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [..., W] -> bool [..., n]."""
+    bits = (words.to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=words.device)) & 1
+    return bits.reshape(*words.shape[:-1], -1)[..., :n].bool()
+
+
+class DenseMaskFilter:
+    """A filter given as a boolean mask [Q, N] over index positions (exact)."""
+
+    def __init__(self, mask: torch.Tensor):
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
+        self.mask = mask
+
+    @property
+    def num_queries(self) -> int:
+        return self.mask.shape[0]
+
+    def range_masks(self, starts, lengths, max_length):
+        q, r = starts.shape
+        offs = torch.arange(max_length, device=self.mask.device)
+        pos = starts.unsqueeze(-1) + offs  # [Q, R, L]
+        inside = offs < lengths.unsqueeze(-1)
+        n = self.mask.shape[1]
+        vals = self.mask.gather(1, pos.clamp(max=max(n - 1, 0)).reshape(q, -1)).view(q, r, max_length) & inside & (pos < n)
+        return pack_bits(vals)
+
+    def exact_mask(self, positions):
+        valid = positions >= 0
+        return self.mask.gather(1, positions.clamp(min=0)) & valid

@@ -1,0 +1,236 @@
+"""IVFIndex and FlatIndex: int8 inverted-file search with filters applied while scoring.
+
+    index = silvertorch.IVFIndex.build(embeddings, ids=None, n_clusters=256)
+    scores, ids = index.search(queries, k=100, nprobe=16, filters=bloom.filter(plans))
+
+Items are stored in cluster order (CSR `offsets`; `order[i]` = original row of stored item i,
+`ids` = user ids in stored order), as symmetric int8 codes with a per-item scale. A search
+probes the nprobe best centroids per query, scores only those clusters' items (a Triton kernel
+or the PyTorch reference: int8 dot products in int32, filtered items skipped) into a
+[Q, nprobe x max_cluster] candidate buffer — never a query x corpus matrix — and selects the
+top k with ties broken by storage position. Missing results are id -1 with score -inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from gpukernels_common import select_backend
+
+from .kmeans import kmeans
+from .quantize import quantize_rows
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class SearchResult:
+    scores: torch.Tensor  # [Q, k] float32, -inf where missing
+    ids: torch.Tensor  # [Q, k] int64, -1 where missing
+    positions: torch.Tensor  # [Q, k] storage positions, -1 where missing
+    found: torch.Tensor  # [Q] candidates that passed the filter in the probed clusters
+    nprobe: torch.Tensor  # [Q] clusters finally probed (after adaptive widening)
+
+
+def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
+    if queries.dim() != 2 or queries.shape[1] != dim:
+        raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
+    if not queries.dtype.is_floating_point:
+        raise ValueError(f"queries must be floating point, got {queries.dtype}")
+    if not torch.isfinite(queries).all():
+        raise ValueError("queries contain NaN or inf")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+class IVFIndex:
+    def __init__(self, centroids, offsets, codes, scales, ids, order, max_cluster: int | None = None):
+        self.centroids, self.offsets, self.codes, self.scales, self.ids, self.order = centroids, offsets, codes, scales, ids, order
+        sizes = offsets.diff()
+        self.max_cluster = int(sizes.max()) if max_cluster is None and sizes.numel() else int(max_cluster or 0)
+        self.removed = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
+
+    @classmethod
+    def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, n_clusters: int = 256, dtype: str = "int8",
+              iters: int = 20, seed: int = 0) -> IVFIndex:
+        if dtype != "int8":
+            raise ValueError(f"IVFIndex stores int8 codes (dtype='int8'); use FlatIndex for dtype={dtype!r}")
+        if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
+            raise ValueError(f"embeddings must be a float tensor [num_items, dim], got {embeddings.dtype} {tuple(embeddings.shape)}")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("embeddings contain NaN or inf")
+        n = embeddings.shape[0]
+        ids = torch.arange(n, device=embeddings.device) if ids is None else torch.as_tensor(ids, device=embeddings.device).long()
+        if ids.shape != (n,):
+            raise ValueError(f"ids must be [{n}], got {tuple(ids.shape)}")
+        centroids, assign = kmeans(embeddings, n_clusters, iters=iters, seed=seed)
+        order = torch.argsort(assign, stable=True)
+        counts = torch.bincount(assign, minlength=n_clusters)
+        offsets = torch.zeros(n_clusters + 1, dtype=torch.int64, device=embeddings.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        codes, scales = quantize_rows(embeddings[order])
+        return cls(centroids, offsets, codes, scales, ids[order], order)
+
+    @property
+    def num_items(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def n_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    def bytes_per_item(self) -> float:
+        """Stored bytes per item: int8 code, fp32 scale, int64 id."""
+        return self.codes.shape[1] + self.scales.element_size() + self.ids.element_size()
+
+    # -- search ------------------------------------------------------------------------------
+    def probe(self, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
+        """[Q, nprobe] best clusters by centroid inner product."""
+        return torch.topk(queries.float() @ self.centroids.T, nprobe, dim=1).indices
+
+    def candidate_scores(self, queries: torch.Tensor, clusters: torch.Tensor, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [Q, P*L] of every item of the probed clusters (-inf: outside/filtered/removed) and positions."""
+        q_codes, q_scales = quantize_rows(queries)
+        starts = self.offsets[clusters]
+        lengths = self.offsets[clusters + 1] - starts
+        L = max(self.max_cluster, 1)
+        words = None
+        if filters is not None:
+            if filters.num_queries != queries.shape[0]:
+                raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
+            words = filters.range_masks(starts, lengths, L).to(self.codes.device)
+        if self.removed.any():
+            from ..filtering import pack_bits
+
+            pos = starts.unsqueeze(-1) + torch.arange(L, device=starts.device)
+            alive = pack_bits(~self.removed[pos.clamp(max=self.num_items - 1)])
+            words = alive if words is None else words & alive
+        q, p = clusters.shape
+        positions = (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(q, p * L)
+        if select_backend(self.codes).uses_triton:
+            import triton
+
+            from .kernels import score_kernel
+
+            out = torch.empty(q * p, L, dtype=torch.float32, device=self.codes.device)
+            bn = 64
+            w32 = words.shape[-1] if words is not None else 1
+            score_kernel[(q * p, triton.cdiv(L, bn))](
+                out, self.codes, self.scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
+                words.reshape(-1).contiguous() if words is not None else starts, self.codes.shape[1], p, L, w32,
+                HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(self.codes.shape[1])))
+            return out.view(q, p * L), positions
+        return self._scores_reference(q_codes, q_scales, starts, lengths, words, L).view(q, p * L), positions
+
+    def _scores_reference(self, q_codes, q_scales, starts, lengths, words, L):
+        from ..filtering import unpack_bits
+
+        offs = torch.arange(L, device=starts.device)
+        keep = offs < lengths.unsqueeze(-1)
+        if words is not None:
+            keep = keep & unpack_bits(words, L)
+        pos = (starts.unsqueeze(-1) + offs).clamp(max=max(self.num_items - 1, 0))
+        out = torch.full(pos.shape, float("-inf"), device=self.codes.device)
+        for qi in range(pos.shape[0]):  # per query: the probed rows only
+            rows = self.codes[pos[qi]].to(torch.int32)  # [P, L, D]
+            dots = (rows * q_codes[qi].to(torch.int32)).sum(-1)
+            scored = dots.float() * (self.scales[pos[qi]] * q_scales[qi])
+            out[qi] = torch.where(keep[qi], scored, out[qi])
+        return out
+
+    def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None, adaptive: bool = False,
+                          max_nprobe: int | None = None) -> SearchResult:
+        """Search; with `adaptive`, queries that found fewer than k passing items are re-run with
+        twice the clusters until they have k or reach `max_nprobe` (default: all clusters)."""
+        _check_queries(queries, self.codes.shape[1], k)
+        if not 1 <= nprobe <= self.n_clusters:
+            raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
+        max_nprobe = self.n_clusters if max_nprobe is None else min(max_nprobe, self.n_clusters)
+        queries = queries.to(self.codes.device)
+        result = self._search_once(queries, k, nprobe, filters)
+        while adaptive and nprobe < max_nprobe and bool((result.found < k).any()):
+            nprobe = min(2 * nprobe, max_nprobe)
+            wider = self._search_once(queries, k, nprobe, filters)
+            short = result.found < k
+            for name in ("scores", "ids", "positions", "found", "nprobe"):
+                getattr(result, name)[short] = getattr(wider, name)[short]
+        return result
+
+    def _search_once(self, queries, k, nprobe, filters) -> SearchResult:
+        clusters = self.probe(queries, nprobe)
+        scores, positions = self.candidate_scores(queries, clusters, filters)
+        found = torch.isfinite(scores).sum(1)
+        kk = min(k, scores.shape[1])
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :kk]  # ties: storage order
+        top = scores.gather(1, order)
+        pos = torch.where(torch.isfinite(top), positions.gather(1, order), torch.full_like(order, -1))
+        if kk < k:
+            pad = k - kk
+            top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
+            pos = torch.cat([pos, torch.full((pos.shape[0], pad), -1, dtype=pos.dtype, device=pos.device)], 1)
+        ids = torch.where(pos >= 0, self.ids[pos.clamp(min=0)], torch.full_like(pos, -1))
+        return SearchResult(top, ids, pos, found, torch.full_like(found, nprobe))
+
+    def search(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.search_with_stats(queries, k, nprobe, filters)
+        return r.scores, r.ids
+
+    # -- mutation and persistence ------------------------------------------------------------
+    def remove(self, ids) -> int:
+        """Tombstone items by user id; returns how many were removed."""
+        hit = torch.isin(self.ids, torch.as_tensor(ids, device=self.ids.device))
+        self.removed |= hit
+        return int(hit.sum())
+
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"centroids": self.centroids, "offsets": self.offsets, "codes": self.codes, "scales": self.scales,
+                   "ids": self.ids, "order": self.order, "removed": self.removed}
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"format": "silvertorch.IVFIndex", "format_version": str(FORMAT_VERSION),
+                            "config": json.dumps({"dim": self.codes.shape[1], "n_clusters": self.n_clusters})})
+        return path
+
+    @classmethod
+    def load(cls, path, device="cpu") -> IVFIndex:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable safetensors IVFIndex file ({err})") from err
+        if meta.get("format") != "silvertorch.IVFIndex" or meta.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(f"{path}: not a silvertorch IVFIndex file of format version {FORMAT_VERSION} ({meta.get('format')}, {meta.get('format_version')})")
+        removed = t.pop("removed")
+        idx = cls(**t)
+        if idx.codes.shape[0] != int(idx.offsets[-1]) or idx.ids.shape[0] != idx.codes.shape[0]:
+            raise ValueError(f"{path}: inconsistent shapes")
+        idx.removed = removed.bool()
+        return idx
+
+
+class FlatIndex(IVFIndex):
+    """Brute force over all items (one cluster), int8 codes; same search API (nprobe is ignored)."""
+
+    @classmethod
+    def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, dtype: str = "int8", **_) -> FlatIndex:
+        if dtype != "int8":
+            raise ValueError(f"FlatIndex supports dtype='int8' in this release, got {dtype!r}")
+        if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point or not torch.isfinite(embeddings).all():
+            raise ValueError("embeddings must be a finite float tensor [num_items, dim]")
+        n = embeddings.shape[0]
+        ids = torch.arange(n, device=embeddings.device) if ids is None else torch.as_tensor(ids).long()
+        codes, scales = quantize_rows(embeddings)
+        centroids = torch.zeros(1, embeddings.shape[1], device=embeddings.device)
+        offsets = torch.tensor([0, n], device=embeddings.device)
+        return cls(centroids, offsets, codes, scales, ids, torch.arange(n, device=embeddings.device))
+
+    def search_with_stats(self, queries, k, nprobe=1, filters=None, adaptive=False, max_nprobe=None):
+        return super().search_with_stats(queries, k, 1, filters)

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from silvertorch import BloomIndex, DenseMaskFilter, FlatIndex, IVFIndex, parse_filters
+from silvertorch.filtering import pack_bits, unpack_bits
+
+
+def _data(n=4000, d=64, centers=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, d, generator=g) * 3
+    x = c[torch.randint(0, centers, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    return x, torch.randn(6, d, generator=g) * 2
+
+
+INDEX_X, QUERIES = _data()
+INDEX = IVFIndex.build(INDEX_X, ids=torch.arange(10_000, 14_000), n_clusters=16)
+
+
+def _exact_over_probed(index, x, q, nprobe, k, mask=None):
+    clusters = index.probe(q, nprobe)
+    xs = x[index.order]
+    out = []
+    for i in range(q.shape[0]):
+        allowed = torch.zeros(index.num_items, dtype=torch.bool)
+        for c in clusters[i]:
+            allowed[index.offsets[c] : index.offsets[c + 1]] = True
+        if mask is not None:
+            allowed &= mask[i]
+        s = (xs @ q[i]).masked_fill(~allowed, float("-inf"))
+        top = torch.topk(s, k).indices
+        out.append(set(index.ids[top[torch.isfinite(s[top])]].tolist()))
+    return out
+
+
+def test_int8_recall_against_fp32_over_same_clusters():
+    r = INDEX.search_with_stats(QUERIES, k=100, nprobe=4)
+    truth = _exact_over_probed(INDEX, INDEX_X, QUERIES, 4, 100)
+    recall = sum(len(t & set(r.ids[i].tolist())) for i, t in enumerate(truth)) / sum(len(t) for t in truth)
+    assert recall >= 0.99, recall
+    assert (r.scores[:, :-1] >= r.scores[:, 1:]).all()
+
+
+def test_kernel_and_reference_give_same_candidates(monkeypatch):
+    mask = torch.rand(6, INDEX.num_items, generator=torch.Generator().manual_seed(1)) < 0.3
+    clusters = INDEX.probe(QUERIES, 3)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    ref, pos = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask))
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    tri, pos2 = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask))
+    assert torch.equal(pos, pos2)
+    assert torch.equal(torch.isfinite(ref), torch.isfinite(tri))
+    torch.testing.assert_close(tri, ref, rtol=0, atol=0)
+    kept = torch.isfinite(ref)
+    assert mask.gather(1, pos.clamp(max=INDEX.num_items - 1))[kept].all()  # filtered items never scored
+
+
+def test_k_above_candidates_and_filter_matching_nothing():
+    r = INDEX.search_with_stats(QUERIES[:2], k=5000, nprobe=2)
+    assert (r.ids >= 0).sum(1).tolist() == r.found.tolist() and (r.ids[:, -1] == -1).all()
+    none = DenseMaskFilter(torch.zeros(2, INDEX.num_items, dtype=torch.bool))
+    r = INDEX.search_with_stats(QUERIES[:2], k=10, nprobe=16, filters=none)
+    assert (r.ids == -1).all() and torch.isinf(r.scores).all() and (r.found == 0).all()
+
+
+def test_adaptive_probe_widens_for_selective_filters():
+    mask = torch.zeros(6, INDEX.num_items, dtype=torch.bool)
+    mask[:, ::997] = True  # 0.1% of the items pass
+    fixed = INDEX.search_with_stats(QUERIES, k=4, nprobe=1, filters=DenseMaskFilter(mask))
+    wide = INDEX.search_with_stats(QUERIES, k=4, nprobe=1, filters=DenseMaskFilter(mask), adaptive=True)
+    assert (wide.found >= 4).all() and (wide.found >= fixed.found).all() and (wide.nprobe > 1).any()
+
+
+def test_bloom_filter_in_the_loop():
+    g = torch.Generator().manual_seed(2)
+    cat = torch.randint(0, 5, (INDEX.num_items,), generator=g)  # attribute per stored position
+    bloom = BloomIndex.build(torch.ones(INDEX.num_items, dtype=torch.long), torch.arange(INDEX.num_items + 1), cat, k=3, b_multiplier=8)
+    plans = parse_filters(["1:2"] * 6)
+    r = INDEX.search_with_stats(QUERIES, k=20, nprobe=4, filters=bloom.filter(plans))
+    hits = r.positions[r.positions >= 0]
+    assert (cat[hits] == 2).float().mean() > 0.95  # Bloom: a superset with few false positives
+    exact = DenseMaskFilter((cat == 2).expand(6, -1))
+    e = INDEX.search_with_stats(QUERIES, k=20, nprobe=4, filters=exact)
+    assert (r.found >= e.found).all()
+
+
+def test_empty_cluster_remove_save_load(tmp_path):
+    x, q = _data(n=300, d=32, centers=4, seed=3)
+    idx = IVFIndex.build(x, n_clusters=4)
+    offsets = torch.cat([idx.offsets[:2], idx.offsets[1:]])  # insert an empty cluster
+    centroids = torch.cat([idx.centroids[:1], torch.full_like(idx.centroids[:1], 100.0), idx.centroids[1:]])
+    holed = IVFIndex(centroids, offsets, idx.codes, idx.scales, idx.ids, idx.order)
+    r = holed.search_with_stats(q, k=10, nprobe=2)  # the empty cluster scores highest for some queries
+    assert (r.found >= 0).all()
+    best = idx.search(q, k=3, nprobe=4)[1][:, 0]
+    assert idx.remove(best) >= 1
+    after = idx.search(q, k=10, nprobe=4)[1]
+    assert not torch.isin(after, best).any()
+    back = IVFIndex.load(idx.save(tmp_path / "ivf.safetensors"))
+    assert torch.equal(back.search(q, k=10, nprobe=4)[1], after)
+    (tmp_path / "x.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable"):
+        IVFIndex.load(tmp_path / "x.safetensors")
+
+
+def test_flat_index_is_exact_up_to_int8():
+    x, q = _data(n=500, d=32, seed=4)
+    flat = FlatIndex.build(x)
+    ids = flat.search(q, k=10)[1]
+    exact = torch.topk(q @ x.T, 10).indices
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact)) / exact.numel()
+    assert overlap >= 0.9
+
+
+def test_pack_unpack_roundtrip():
+    m = torch.rand(3, 70) < 0.5
+    assert torch.equal(unpack_bits(pack_bits(m), 70), m)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [(lambda: INDEX.search(torch.full((1, 64), float("nan")), 5), "NaN"),
+     (lambda: INDEX.search(torch.randn(1, 63), 5), r"\[num_queries, 64\]"),
+     (lambda: INDEX.search(torch.randn(1, 64), 0), "k must be"),
+     (lambda: INDEX.search(torch.randn(1, 64), 5, nprobe=99), "nprobe"),
+     (lambda: INDEX.search(torch.randn(2, 64), 5, filters=DenseMaskFilter(torch.ones(1, INDEX.num_items, dtype=torch.bool))), "filters cover"),
+     (lambda: IVFIndex.build(torch.randn(10, 4), n_clusters=11), "n_clusters"),
+     (lambda: IVFIndex.build(torch.randn(10, 4), dtype="fp8"), "int8")],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
