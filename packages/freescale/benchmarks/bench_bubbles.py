@@ -120,6 +120,8 @@ def main():
                                            {"lengths": kind, "world": w, "samples_per_rank": per_rank, "steps": sim_steps},
                                            {"bubble_ratio": round(r.bubble_ratio, 5), "bubble_reduction_pct": round(100 * red, 1),
                                             "samples_per_s_rel": round(r.samples_per_s / naive.samples_per_s, 3)}))
+    if args.quick:  # a smoke run: print only, keep the full figures on disk
+        return
     write_records(HERE / "results" / "bubbles.jsonl", records)
 
 

@@ -91,6 +91,8 @@ def main():
                                        {"d": d, "d_ff": f, "experts": e, "top_k": k},
                                        {"bytes_per_token": round(b, 1), "floor_bytes": floor, "x_floor": round(b / floor, 3),
                                         "x_grouped_mm": round(b / gm, 3)}))
+    if args.quick:  # a smoke run: print only, keep the full figures on disk
+        return
     write_records(HERE / "results" / "memory.jsonl", records)
 
 

@@ -74,6 +74,8 @@ def main():
             records.append(BenchRecord("step-time overhead vs equal weights", m,
                                        {"tasks": n_tasks, "batch": batch, "shared_params_M": round(sum(p.numel() for p in model.shared_parameters()) / 1e6, 2)},
                                        {"ms_per_step": round(ms, 3), "overhead_pct": round(overhead, 1), "qps_change_pct": round(100 * (base / ms - 1), 1)}))
+    if args.quick:  # a smoke run: print only, keep the full figures on disk
+        return
     write_records(HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl"), records)
 
 

@@ -128,6 +128,8 @@ def main():
                     print(f"{dataset:9s} {method:16s} {task:14s} {metric:3s} {mean:.4f} ± {half:.4f}")
                     records.append(BenchRecord(f"quality on {dataset} ({len(seeds)} seeds, {epochs} epochs)", method,
                                                {"task": task, "metric": metric}, {"mean": round(mean, 5), "ci95": round(half, 5)}))
+    if args.quick:  # a smoke run: print only, keep the full figures on disk
+        return
     write_records(HERE / "results" / "quality.jsonl", records)
 
 

@@ -102,6 +102,8 @@ def main():
                 print(f"n={n} k={k} m={m} {text:32s} " + " ".join(f"{a}={b}" for a, b in fig.items()))
                 records.append(BenchRecord(f"Bloom filter search ({device})", "silvertorch " + ("triton" if args.gpu else "reference"),
                                            {"items": n, "k": k, "b_multiplier": m, "query": text or "(empty: all)"}, fig))
+    if args.quick:  # a smoke run: print only, keep the full figures on disk
+        return
     write_records(HERE / "results" / ("bloom_gpu.jsonl" if args.gpu else "bloom.jsonl"), records)
 
 
