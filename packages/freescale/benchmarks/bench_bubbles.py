@@ -9,7 +9,6 @@ Cost per sample: 256*L + L^2 (HSTU-like); bubble = straggler wait / step time.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import socket
@@ -23,7 +22,7 @@ import torch.multiprocessing as mp
 
 from freescale import BatchBalancer, BubbleMeter, CostModel, bubble_reduction, simulate
 from freescale.data import movielens_sequences, zipf_lengths
-from gpukernels_common.bench import BenchRecord, write_records
+from gpukernels_common.bench import BenchRecord, bench_args, write_records
 
 HERE = Path(__file__).resolve().parent
 COST = CostModel(a=256.0, b=1.0)
@@ -82,10 +81,7 @@ def real_run(world, method, batches, sec_per_cost):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu", action="store_true", help="(no GPU path: this benchmark simulates compute)")
-    args = parser.parse_args()
+    args = bench_args(gpu_help="(no GPU path: this benchmark simulates compute)")
     records = []
     world, per_rank = 4, 32
     steps = 4 if args.quick else 12

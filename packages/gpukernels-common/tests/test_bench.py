@@ -42,3 +42,11 @@ def test_records_roundtrip_and_render(tmp_path):
     assert "| ours | 64 | 0.25 |" in md and "Conditions:" in md
     out = render_results([path, tmp_path / "missing.jsonl"], tmp_path / "RESULTS.md", "demo")
     assert out.read_text() == md
+
+
+def test_bench_args():
+    from gpukernels_common.bench import bench_args
+
+    args = bench_args(["--quick"])
+    assert args.quick and not args.gpu
+    assert bench_args([]).quick is False

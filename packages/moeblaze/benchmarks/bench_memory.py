@@ -12,14 +12,13 @@ plus the pre-activations a and b) plus routing indices.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from gpukernels_common.bench import BenchRecord, write_records
+from gpukernels_common.bench import BenchRecord, bench_args, write_records
 from moeblaze import dispatch, moe_experts, moe_reference
 
 HERE = Path(__file__).resolve().parent
@@ -57,10 +56,7 @@ def grouped_mm_path(x, ids, w, wg, wu, wd):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu", action="store_true", help="(memory is measured exactly on the CPU)")
-    args = parser.parse_args()
+    args = bench_args(gpu_help="(memory is measured exactly on the CPU)")
     dtype = torch.bfloat16
     grid = [(d, 4 * d, e, k) for d in (512, 1024, 2048) for e in (4, 8, 16) for k in (1, 2, 4)]
     grid.append((1536, 256, 128, 8))

@@ -8,13 +8,12 @@ here and are not measured. Without --gpu: one tiny CPU sanity timing (not a perf
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from gpukernels_common.bench import BenchRecord, time_fn, write_records
+from gpukernels_common.bench import BenchRecord, bench_args, time_fn, write_records
 from moeblaze import moe_experts, moe_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,10 +32,7 @@ def routing(tokens, e, k, skewed, device):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu", action="store_true")
-    args = parser.parse_args()
+    args = bench_args()
     device = "cuda" if args.gpu else "cpu"
     if args.gpu:
         grid = [(32768, 2048, 8192, 16, 2), (24576, 1536, 1024, 32, 2), (40960, 768, 256, 128, 8), (16384, 4096, 1024, 64, 8)]

@@ -6,7 +6,6 @@ parameter-level methods (MetaBalance, PCGrad and MGDA on the shared parameters).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ sys.path.insert(0, str(HERE))
 from common import SharedBottomModel  # noqa: E402
 
 import multibalance as mb  # noqa: E402
-from gpukernels_common.bench import BenchRecord, time_fn, write_records  # noqa: E402
+from gpukernels_common.bench import BenchRecord, bench_args, time_fn, write_records  # noqa: E402
 
 
 def make_balancer(name, tasks, model):
@@ -32,10 +31,7 @@ def make_balancer(name, tasks, model):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu", action="store_true")
-    args = parser.parse_args()
+    args = bench_args()
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA")

@@ -8,7 +8,6 @@ Random 80/20 split per seed; Adam lr 1e-3; 2 epochs; batch 512.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -21,7 +20,7 @@ sys.path.insert(0, str(HERE))
 from common import SharedBottomModel  # noqa: E402
 
 import multibalance as mb  # noqa: E402
-from gpukernels_common.bench import BenchRecord, write_records  # noqa: E402
+from gpukernels_common.bench import BenchRecord, bench_args, write_records  # noqa: E402
 from multibalance.data import adult, movielens_100k  # noqa: E402
 
 T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
@@ -95,10 +94,7 @@ def run(dataset, method, seed, epochs, data):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu", action="store_true", help="(CPU-only benchmark; accepted for run.py)")
-    args = parser.parse_args()
+    args = bench_args(gpu_help="(CPU-only benchmark; accepted for run.py)")
     seeds = [0, 1] if args.quick else [0, 1, 2, 3, 4]
     epochs = 1 if args.quick else 2
     methods = ["equal", "uncertainty", "mgda-ub", "multibalance"]

@@ -9,7 +9,6 @@ our PyTorch reference path (the Triton kernels run there only through the interp
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gpukernels_common.bench import BenchRecord, time_fn, write_records
+from gpukernels_common.bench import BenchRecord, bench_args, time_fn, write_records
 from silvertorch import BloomIndex, parse_filters
 
 HERE = Path(__file__).resolve().parent
@@ -57,10 +56,7 @@ def roaring_eval(index, universe, query):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu", action="store_true")
-    args = parser.parse_args()
+    args = bench_args()
     device = "cuda" if args.gpu else "cpu"
     sizes = [1_000_000, 10_000_000] if args.gpu else ([100_000] if args.quick else [1_000_000])
     grid = [(3, 5.0)] if args.quick else [(2, 2.0), (3, 2.0), (3, 5.0), (3, 10.0), (5, 5.0), (5, 10.0)]

@@ -9,14 +9,13 @@ reference path; `--gpu` scores with the compiled Triton kernel.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from gpukernels_common.bench import BenchRecord, write_records
+from gpukernels_common.bench import BenchRecord, bench_args, write_records
 from silvertorch import DenseMaskFilter, IVFIndex
 
 HERE = Path(__file__).resolve().parent
@@ -37,10 +36,7 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu", action="store_true")
-    args = parser.parse_args()
+    args = bench_args()
     device = "cuda" if args.gpu else "cpu"
     n, d, nlist, nq = (20_000, 64, 64, 32) if args.quick else (200_000, 128, 512, 128)
     x, q, attr = data(n, d, 2 * nlist, nq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as _dt
 import json
@@ -16,6 +17,15 @@ import torch
 
 from . import env
 from .device import device_name, has_cuda, triton_version
+
+
+def bench_args(argv=None, gpu_help: str = "measure the GPU figures (needs CUDA)") -> argparse.Namespace:
+    """The flags every benchmark script takes: --quick (small shapes, print only, record nothing)
+    and --gpu."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small shapes; print only, record nothing")
+    parser.add_argument("--gpu", action="store_true", help=gpu_help)
+    return parser.parse_args(argv)
 
 
 def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup_ms=None, rep_ms=None) -> dict:
