@@ -49,6 +49,16 @@ def _block_schedule(offsets: torch.Tensor, n_rows: int, n_experts: int, block_m:
     return torch.where(valid, e_c, -1).to(torch.int32), torch.where(valid, row, 0).to(torch.int32), n_blocks
 
 
+def _expert_groups(offsets: torch.Tensor, sorted_slots: torch.Tensor, top_k: int):
+    """(expert, first row, end row, slots, tokens) for every non-empty expert group."""
+    bounds = offsets.tolist()
+    for e in range(offsets.numel() - 1):
+        r0, r1 = bounds[e], bounds[e + 1]
+        if r0 < r1:
+            slots = sorted_slots[r0:r1].long()
+            yield e, r0, r1, slots, torch.div(slots, top_k, rounding_mode="floor")
+
+
 def _forward_triton(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, store_pre):
     import triton
 
@@ -88,13 +98,8 @@ def _forward_torch(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_
     b = x.new_empty(rows, f) if store_pre and gated else None
     h = x.new_empty(rows, f)
     y = x.new_empty(rows, d)
-    bounds = offsets.tolist()
-    for e in range(wg.shape[0]):
-        r0, r1 = bounds[e], bounds[e + 1]
-        if r0 == r1:
-            continue
-        slots = sorted_slots[r0:r1].long()
-        xe = x[torch.div(slots, top_k, rounding_mode="floor")]
+    for e, r0, r1, slots, tokens in _expert_groups(offsets, sorted_slots, top_k):
+        xe = x[tokens]
         ae = xe @ wg[e]
         be = xe @ wu[e] if gated else None
         he = activate(ae, be, activation)
@@ -132,13 +137,7 @@ class _Experts(torch.autograd.Function):
         dwu = torch.zeros(wg.shape, dtype=acc, device=x.device) if ctx.gated else None
         dwd = torch.zeros(wd.shape, dtype=acc, device=x.device)
         droute = torch.zeros(route_w.shape, dtype=acc, device=x.device)
-        bounds = offsets.tolist()
-        for e in range(wg.shape[0]):
-            r0, r1 = bounds[e], bounds[e + 1]
-            if r0 == r1:
-                continue
-            slots = sorted_slots[r0:r1].long()
-            tok = torch.div(slots, k, rounding_mode="floor")
+        for e, r0, r1, slots, tok in _expert_groups(offsets, sorted_slots, k):
             xe = x[tok].to(acc)
             wge, wde = wg[e].to(acc), wd[e].to(acc)
             wue = wu[e].to(acc) if ctx.gated else None

@@ -45,19 +45,26 @@ def _act(a, b, ACT: tl.constexpr):
 
 
 @triton.jit
-def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_ptr, block_row_ptr,
-                   a_ptr, b_ptr, h_ptr, D, F, TOP_K,
-                   ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Rows of one expert's group: gather x rows while loading, gate and up GEMMs share each x tile."""
+def _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM: tl.constexpr):
+    """This program's rows of one expert's group (from the host-free block schedule)."""
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
     row0 = tl.load(block_row_ptr + pid_m)
     e_safe = tl.maximum(e, 0)
     end = tl.load(offsets_ptr + e_safe + 1)
     rows = row0 + tl.arange(0, BM)
     rmask = rows < tl.where(e >= 0, end, 0)  # idle blocks (e = -1) touch nothing
+    return e_safe, rows, rmask
+
+
+@triton.jit
+def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_ptr, block_row_ptr,
+                   a_ptr, b_ptr, h_ptr, D, F, TOP_K,
+                   ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Rows of one expert's group: gather x rows while loading, gate and up GEMMs share each x tile."""
+    pid_n = tl.program_id(1)
+    e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM)
     tokens = tl.load(slots_ptr + rows, mask=rmask, other=0) // TOP_K
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < F
@@ -93,14 +100,8 @@ def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_p
 def down_kernel(h_ptr, wd_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, y_ptr, D, F,
                 UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[row] = routing_weight[slot] * (h[row] @ W_down[e]), rows in expert-grouped order."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    row0 = tl.load(block_row_ptr + pid_m)
-    e_safe = tl.maximum(e, 0)
-    end = tl.load(offsets_ptr + e_safe + 1)
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < tl.where(e >= 0, end, 0)  # idle blocks (e = -1) touch nothing
+    e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < D
     acc = tl.zeros((BM, BN), dtype=tl.float32)
