@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpukernels_common.testing import free_port
+from gpukernels_common.testing import free_port, run_workers
 
 HERE = Path(__file__).parent
 WORKER = HERE / "dist_worker.py"
@@ -22,16 +21,15 @@ _spec.loader.exec_module(worker)
 
 
 
-def _run(scenario, world, tmp_path, timeout=120):
-    proc = subprocess.run([sys.executable, str(WORKER), scenario, str(world), str(free_port()), str(tmp_path)],
-                          capture_output=True, text=True, timeout=timeout)
-    return proc, (torch.load(tmp_path / "result.pt", weights_only=True) if (tmp_path / "result.pt").exists() else None)
+def _run(scenario, world, tmp_path, timeout=120, check=True):
+    result = tmp_path / "result.pt"
+    proc = run_workers([sys.executable, WORKER, scenario, world, free_port(), tmp_path], result, timeout=timeout, check=check)
+    return proc, (torch.load(result, weights_only=True) if result.exists() else None)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_balanced_batch_is_permutation_with_equal_gradients(tmp_path, world):
     proc, res = _run("balance", world, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert res["ids"].tolist() == list(range(23))
     torch.testing.assert_close(res["g_bal"], res["g_naive"], rtol=1e-5, atol=1e-5)
     assert float(res["bubble_after"]) <= float(res["bubble_before"])
@@ -39,7 +37,6 @@ def test_balanced_batch_is_permutation_with_equal_gradients(tmp_path, world):
 
 def test_sharded_embeddings_equal_local(tmp_path):
     proc, res = _run("embeddings", 2, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     a, b, dense = worker.global_batch()
     for sharding in ("row", "table"):
         full = {k: v.clone().requires_grad_(True) for k, v in res[sharding]["full"].items()}
@@ -55,13 +52,11 @@ def test_sharded_embeddings_equal_local(tmp_path):
 
 def test_scheduler_completes_in_priority_order(tmp_path):
     proc, res = _run("scheduler", 2, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert res["order"] == ["urgent", "background"]
 
 
 def test_simulator_matches_real_run(tmp_path):
     proc, res = _run("sim", 2, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     for method, r in res.items():
         # stated tolerance: step time within 20%, bubble ratio within 0.1 (sleep jitter on a loaded 2-core box)
         assert abs(float(r["real_step_ms"]) / float(r["sim_step_ms"]) - 1) < 0.20, (method, r)
@@ -71,7 +66,7 @@ def test_simulator_matches_real_run(tmp_path):
 
 def test_hung_rank_gives_clear_error_within_timeout(tmp_path):
     start = time.perf_counter()
-    proc, res = _run("hang", 2, tmp_path, timeout=90)
+    proc, res = _run("hang", 2, tmp_path, timeout=90, check=False)
     assert res is not None, proc.stderr[-3000:]
     assert "1" in res["error"] and res["error"] != "no error", res["error"]
     assert float(res["seconds"]) < 10
@@ -84,12 +79,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "freescale.train", "--batch-size", "16", "--steps", str(steps), "--loss-log", str(log)]
         cmd += (["--checkpoint", str(ckpt)] if ckpt else []) + (["--resume"] if resume else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
-        # gloo can abort a rank while the process group is torn down after the final barrier
-        # ("terminate called without an active exception", seen under heavy load); the run's
-        # results were written before that barrier, so only such a teardown abort is tolerated.
-        teardown_abort = "terminate called without an active exception" in proc.stderr and Path(log).exists()
-        assert proc.returncode == 0 or teardown_abort, proc.stderr[-3000:]
+        run_workers(cmd, log, timeout=150, env=env)
         return json.loads(Path(log).read_text())
 
     straight = train(4, tmp_path / "a.json")

@@ -58,3 +58,19 @@ def test_poisoned_empty_and_grads():
 
 def test_quick_fixture_is_bool(quick):
     assert isinstance(quick, bool)
+
+
+def test_run_workers_tolerates_only_a_teardown_abort_after_results(tmp_path):
+    import sys
+
+    from gpukernels_common.testing import GLOO_TEARDOWN_ABORT, run_workers
+
+    result = tmp_path / "result.txt"
+    abort = f"import sys; sys.stderr.write({GLOO_TEARDOWN_ABORT!r}); sys.exit(134)"
+    with pytest.raises(AssertionError, match="terminate called"):
+        run_workers([sys.executable, "-c", abort], result)  # no result written: a failure
+    result.write_text("done")
+    assert run_workers([sys.executable, "-c", abort], result).returncode == 134
+    with pytest.raises(AssertionError, match="boom"):
+        run_workers([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(1)"], result)
+    assert run_workers([sys.executable, "-c", "raise SystemExit(3)"], result, check=False).returncode == 3

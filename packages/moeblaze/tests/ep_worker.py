@@ -40,6 +40,7 @@ def run(rank, world, port, out):
     dist.all_gather_object(gathered, {"y": y.detach(), "dx": xs.grad, "dw": ws.grad, "dparams": [p.grad for p in params]})
     if rank == 0:
         torch.save(gathered, out)
+    dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
     dist.destroy_process_group()
 
 

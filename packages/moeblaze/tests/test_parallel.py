@@ -1,14 +1,13 @@
 """Expert parallelism over 2 gloo processes equals the single-process layer (outputs and gradients)."""
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpukernels_common.testing import free_port
+from gpukernels_common.testing import free_port, run_workers
 from moeblaze import moe_experts
 
 WORKER = Path(__file__).with_name("ep_worker.py")
@@ -19,8 +18,7 @@ _spec.loader.exec_module(ep_worker)
 
 def test_expert_parallel_equals_single_process(tmp_path):
     out = tmp_path / "ep.pt"
-    proc = subprocess.run([sys.executable, str(WORKER), str(free_port()), str(out)], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_workers([sys.executable, WORKER, free_port(), out], out)
     ranks = torch.load(out, weights_only=True)
     x, ids, w, wg, wu, wd = ep_worker.inputs()
     tensors = [t.clone().requires_grad_() for t in (x, w, wg, wu, wd)]

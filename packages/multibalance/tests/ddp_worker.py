@@ -47,6 +47,7 @@ def worker(rank, world, port, norm, out):
         grads = train(ddp, net, norm, x, ya, yb)
         if rank == 0:
             torch.save(grads, out)
+        dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
     finally:
         dist.destroy_process_group()
 

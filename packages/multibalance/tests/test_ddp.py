@@ -1,14 +1,13 @@
 """DDP over 2 gloo processes gives the same gradients as one process on the global batch."""
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpukernels_common.testing import free_port
+from gpukernels_common.testing import free_port, run_workers
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 _spec = importlib.util.spec_from_file_location("mb_ddp_worker", WORKER)
@@ -21,9 +20,7 @@ _spec.loader.exec_module(ddp_worker)
 @pytest.mark.parametrize("norm", ["batch", "sample"])
 def test_ddp_equals_single_process(tmp_path, norm):
     out = tmp_path / "grads.pt"
-    proc = subprocess.run([sys.executable, str(WORKER), str(free_port()), norm, str(out)],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_workers([sys.executable, WORKER, free_port(), norm, out], out)
     got = torch.load(out, weights_only=True)
     net = ddp_worker.Net()
     expected = ddp_worker.train(net, net, norm, *ddp_worker.data())
