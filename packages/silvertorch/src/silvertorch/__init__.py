@@ -1,18 +1,21 @@
 """silvertorch: retrieval served as one PyTorch model."""
 
 from .__about__ import __version__
+from .bloom import BloomFilter, BloomIndex, FilterPlans, FilterSchema, FilterSyntaxError, parse_filters
+from .filtering import DenseMaskFilter, RangeFilter
+from .ivf import FlatIndex, IVFIndex, SearchResult
+from .model import RetrievalModel, Retrieved
+from .publish import load_item_table, load_towers, publish, save_item_table, save_towers
+from .scoring import OverArch, ValueModel
+from .towers import EmbeddingTower
 
-# --- bloom (Bloom index + filter language) ---
-from .bloom import BloomFilter, BloomIndex, FilterPlans, FilterSchema, FilterSyntaxError, parse_filters  # noqa: E402
-
-# --- end bloom ---
-# --- ivf (IVF / flat / fresh indexes, top-K) ---
-from .filtering import DenseMaskFilter, RangeFilter  # noqa: E402
-from .ivf import FlatIndex, IVFIndex, SearchResult  # noqa: E402
-
-# --- end ivf ---
-
-# --- model (OverArch, Value Model, RetrievalModel, publish) ---
-# --- end model ---
-
-__all__ = ["__version__", "BloomIndex", "BloomFilter", "parse_filters", "FilterPlans", "FilterSchema", "FilterSyntaxError", "IVFIndex", "FlatIndex", "SearchResult", "DenseMaskFilter", "RangeFilter"]
+__all__ = [
+    "__version__",
+    # filters
+    "BloomIndex", "BloomFilter", "parse_filters", "FilterPlans", "FilterSchema", "FilterSyntaxError", "DenseMaskFilter", "RangeFilter",
+    # indexes
+    "IVFIndex", "FlatIndex", "SearchResult",
+    # the model and its artifact
+    "RetrievalModel", "Retrieved", "OverArch", "ValueModel", "EmbeddingTower",
+    "publish", "save_towers", "load_towers", "save_item_table", "load_item_table",
+]

@@ -1,0 +1,104 @@
+"""silvertorch command line: build an artifact, query it, serve it.
+
+    silvertorch build --towers towers/ --items items.safetensors --out artifact/ [--n-clusters 64 ...]
+    silvertorch query artifact/ --user 42 --filter 'genre:Comedy AND year:{1995,1996}' -n 10
+    silvertorch serve artifact/ [--host 127.0.0.1] [--port 8080] [--max-batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+
+
+def _build(args) -> int:
+    from .publish import load_item_table, load_towers, publish
+
+    user_tower, overarch, value_model = load_towers(args.towers)
+    embeddings, ids, attributes, schema = load_item_table(args.items)
+    model = publish(args.out, user_tower, overarch, value_model, item_embeddings=embeddings, item_ids=ids,
+                    attributes=attributes, schema=schema, progress=not args.quiet, n_clusters=args.n_clusters,
+                    nprobe=args.nprobe, k_candidates=args.k_candidates, num_results=args.num_results,
+                    fresh_capacity=args.fresh_capacity, bloom_k=args.bloom_k, bloom_multiplier=args.bloom_multiplier)
+    print(json.dumps({"artifact": str(args.out), "items": model.num_main, "clusters": model.centroids.shape[0],
+                      "bloom_bytes_per_item": round(model.bloom_bits.numel() * 8 / model.num_main, 2)}))
+    return 0
+
+
+def _query(args) -> int:
+    import torch
+
+    from .model import RetrievalModel
+
+    model = RetrievalModel.load(args.artifact)
+    features = torch.tensor([[float(v) for v in args.user.split(",")]])
+    spec = model.config()["user_tower"].get("input") or {}
+    if spec.get("dtype") == "int64":
+        features = features.long()
+    weights = [float(w) for w in args.value_weights.split(",")] if args.value_weights else None
+    r = model.retrieve(features, [args.filter], weights)
+    keep = r.ids[0] >= 0
+    rows = [{"id": int(i), "score": round(float(s), 5), "fresh": bool(f)}
+            for i, s, f in zip(r.ids[0][keep], r.scores[0][keep], r.fresh[0][keep])]
+    print(json.dumps(rows[: args.n], indent=1))
+    return 0
+
+
+def _serve(args) -> int:
+    from .model import RetrievalModel
+    from .server import ServerLimits, serve
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            print(f"silvertorch serve: cannot bind {args.host}:{args.port} ({err.strerror}); pass another --port", file=sys.stderr)
+            return 2
+    model = RetrievalModel.load(args.artifact)
+    serve(model, args.host, args.port, ServerLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, timeout_s=args.timeout))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="silvertorch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="publish towers + an item table into a retrieval model artifact")
+    b.add_argument("--towers", required=True, help="directory written by silvertorch.save_towers")
+    b.add_argument("--items", required=True, help="safetensors file written by silvertorch.save_item_table")
+    b.add_argument("--out", required=True, help="artifact directory to write")
+    b.add_argument("--n-clusters", type=int, default=None, help="IVF clusters (default sqrt(items))")
+    b.add_argument("--nprobe", type=int, default=8)
+    b.add_argument("--k-candidates", type=int, default=256, help="candidates re-scored by OverArch")
+    b.add_argument("--num-results", type=int, default=10, help="top-N returned per query (the most a request may ask)")
+    b.add_argument("--fresh-capacity", type=int, default=1024, help="items that can be added without a rebuild")
+    b.add_argument("--bloom-k", type=int, default=3)
+    b.add_argument("--bloom-multiplier", type=float, default=5.0)
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_build)
+    q = sub.add_parser("query", help="run one query against an artifact")
+    q.add_argument("artifact")
+    q.add_argument("--user", required=True, help="user features, comma-separated (e.g. a user id)")
+    q.add_argument("--filter", default="", help="filter expression, e.g. 'genre:Comedy AND NOT year:1995'")
+    q.add_argument("-n", type=int, default=10)
+    q.add_argument("--value-weights", default=None, help="per-task weights for the Value Model, comma-separated")
+    q.set_defaults(func=_query)
+    s = sub.add_parser("serve", help="serve an artifact over HTTP (needs silvertorch[serve])")
+    s.add_argument("artifact")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--max-batch", type=int, default=64)
+    s.add_argument("--max-wait-ms", type=float, default=2.0)
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds before a request gets a 504")
+    s.set_defaults(func=_serve)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError) as err:
+        print(f"silvertorch {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""RetrievalModel: user features and a filter to top-N items in one forward pass.
+
+    model = RetrievalModel.build(user_tower, overarch, value_model, item_embeddings, item_ids,
+                                 attributes=(feature_ids, offsets, values), schema={"genre": 1})
+    result = model.retrieve(user_features, ["genre:Comedy AND year:{1995,1996}"])
+
+forward(user_features, ops, args, hashes[, value_weights]) runs, with tensor ops only (no
+host synchronization, static shapes: `torch.compile` and `torch.export` see one graph):
+
+    user tower -> u . centroids -> top-nprobe clusters
+    -> Bloom filter on the probed clusters' items (EXACT_TERM slots, the terms under NOT, exactly)
+    -> int8 scores of the passing items (int8 products are exact in fp32) and the fresh items
+    -> top-K candidates -> exact verification of their attributes (drops Bloom false positives)
+    -> bf16 item embeddings -> OverArch task logits -> Value Model -> top-N
+
+Item storage: positions [0, N) are the main index in cluster order (int8 codes, per-item scale,
+Bloom bits over the same order); positions [N, N + fresh_capacity) are the fresh index, filled
+by `add_items` without a rebuild and scored exactly. Payloads (ids, bf16 embeddings, attribute
+terms, liveness) cover both, so a winner from either side is gathered the same way; `delete_items`
+clears liveness, so deleted items are never returned. `rebuild()` folds the fresh items in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .__about__ import __version__
+from .bloom.hashing import bloom_positions, term_hash
+from .bloom.index import BUNDLE, BloomIndex
+from .bloom.parser import AND, EXACT_TERM, MAX_DEPTH, NOT, OR, TERM, TRUE, FilterPlans, FilterSchema, parse_filters
+from .ivf.index import IVFIndex
+from .ivf.quantize import quantize_rows
+from .scoring import OverArch, ValueModel
+from .towers import TOWERS
+
+FORMAT = "silvertorch.RetrievalModel"
+FORMAT_VERSION = 1
+CONFIG_FILE, TENSORS_FILE = "config.json", "model.safetensors"
+
+
+@dataclasses.dataclass
+class Retrieved:
+    ids: torch.Tensor  # [Q, N] int64, -1 where fewer than N items pass
+    scores: torch.Tensor  # [Q, N] Value Model output, -inf where missing
+    task_probs: torch.Tensor  # [Q, N, T] per-task probabilities from OverArch
+    fresh: torch.Tensor  # [Q, N] bool: the item came from the fresh index
+
+
+def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
+    """Jagged (feature_id, value) pairs -> padded [N, A] fids, values and counts."""
+    feature_ids, offsets, values = (torch.as_tensor(t).long() for t in (feature_ids, offsets, values))
+    counts = offsets.diff()
+    n = counts.numel()
+    a = int(counts.max()) if n else 0
+    width = max(a, 1) if width is None else width
+    if a > width:
+        raise ValueError(f"an item has {a} attribute terms; this model stores at most {width} per item")
+    slot = torch.arange(values.numel()) - torch.repeat_interleave(offsets[:-1], counts)
+    row = torch.repeat_interleave(torch.arange(n), counts)
+    fids = torch.zeros(n, width, dtype=torch.int64)
+    vals = torch.zeros(n, width, dtype=torch.int64)
+    fids[row, slot], vals[row, slot] = feature_ids, values
+    return fids, vals, counts
+
+
+def _unpad_jagged(fids, vals, counts):
+    keep = torch.arange(fids.shape[1]) < counts.unsqueeze(1)
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return fids[keep], offsets, vals[keep]
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel, tensors: dict, *,
+                 nprobe: int, k_candidates: int, num_results: int, bloom_k: int, bloom_multiplier: float,
+                 schema: dict | None = None, max_ops: int = 32, max_terms: int = 16, exact_verify: bool = True,
+                 fresh_used: int = 0):
+        super().__init__()
+        self.user_tower, self.overarch, self.value_model = user_tower, overarch, value_model
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.num_main = self.codes.shape[0]
+        self.fresh_capacity = self.item_ids.shape[0] - self.num_main
+        self.fresh_used = fresh_used
+        self.dim = self.codes.shape[1]
+        n_clusters, max_cluster = self.cluster_positions.shape
+        if not 1 <= nprobe <= n_clusters:
+            raise ValueError(f"nprobe must be in [1, n_clusters={n_clusters}], got {nprobe}")
+        if not 1 <= k_candidates <= nprobe * max_cluster + self.fresh_capacity:
+            raise ValueError(f"k_candidates must be in [1, nprobe x largest cluster + fresh capacity = "
+                             f"{nprobe * max_cluster + self.fresh_capacity}], got {k_candidates}")
+        if not 1 <= num_results <= k_candidates:
+            raise ValueError(f"num_results must be in [1, k_candidates={k_candidates}], got {num_results}")
+        if overarch.dim != self.dim or overarch.num_tasks != value_model.num_tasks:
+            raise ValueError(f"overarch (dim {overarch.dim}, {overarch.num_tasks} tasks) does not fit the items (dim {self.dim}) "
+                             f"and the value model ({value_model.num_tasks} tasks)")
+        self.nprobe, self.k_candidates, self.num_results = nprobe, k_candidates, num_results
+        self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
+        self.schema = dict(schema or {})
+        self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def build(cls, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel, item_embeddings: torch.Tensor,
+              item_ids=None, attributes=None, schema: dict | None = None, *, n_clusters: int | None = None, nprobe: int = 8,
+              k_candidates: int = 256, num_results: int = 10, fresh_capacity: int = 1024, bloom_k: int = 3,
+              bloom_multiplier: float = 5.0, max_attributes: int | None = None, item_dense=None, max_ops: int = 32,
+              max_terms: int = 16, exact_verify: bool = True, kmeans_iters: int = 20, seed: int = 0,
+              progress=None) -> RetrievalModel:
+        """Quantize and cluster the item embeddings, index their attributes, assemble the model.
+
+        attributes: jagged (feature_ids, offsets, values) per item, in item_embeddings' row order.
+        `progress(step_name)` is called before each build step (the CLI shows a progress bar).
+        """
+        step = progress or (lambda name: None)
+        emb = torch.as_tensor(item_embeddings).detach().float().cpu()
+        if emb.dim() != 2 or emb.shape[0] < 1:
+            raise ValueError(f"item_embeddings must be [num_items >= 1, dim], got {tuple(emb.shape)}")
+        n, d = emb.shape
+        ids = torch.arange(n) if item_ids is None else torch.as_tensor(item_ids).long().cpu()
+        if ids.shape != (n,) or (ids < 0).any() or torch.unique(ids).numel() != n:
+            raise ValueError(f"item_ids must be {n} distinct non-negative ids")
+        if attributes is None:
+            attributes = (torch.zeros(0, dtype=torch.int64), torch.zeros(n + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        fids, offsets, vals = (torch.as_tensor(t).long().cpu() for t in attributes)
+        if offsets.shape != (n + 1,):
+            raise ValueError(f"attribute offsets must be [num_items + 1 = {n + 1}], got {tuple(offsets.shape)}")
+        step("clustering (k-means++) and int8 quantization")
+        n_clusters = n_clusters or max(1, int(round(math.sqrt(n))))
+        ivf = IVFIndex.build(emb, ids, n_clusters=n_clusters, iters=kmeans_iters, seed=seed)
+        order = ivf.order
+        step("Bloom index over item attributes")
+        pf, pv, pc = _pad_jagged(fids, offsets, vals)
+        width = max(max_attributes or 0, pf.shape[1])
+        pf, pv, pc = _pad_jagged(fids, offsets, vals, width)
+        pf, pv, pc = pf[order], pv[order], pc[order]
+        bloom = BloomIndex.build(*_unpad_jagged(pf, pv, pc), k=bloom_k, b_multiplier=bloom_multiplier)
+        step("assembling the model")
+        sizes = ivf.offsets.diff()
+        max_cluster = max(int(sizes.max()), 1)
+        slot = torch.arange(max_cluster)
+        cluster_positions = (ivf.offsets[:-1].unsqueeze(1) + slot).clamp(max=n - 1)
+        cluster_valid = slot < sizes.unsqueeze(1)
+        f = fresh_capacity
+        dense = None if item_dense is None else torch.as_tensor(item_dense).float()[order]
+        tensors = {
+            "centroids": ivf.centroids.float(), "cluster_positions": cluster_positions, "cluster_valid": cluster_valid,
+            "codes": ivf.codes, "scales": ivf.scales.float(),
+            "bloom_bits": bloom.bits, "bloom_row_offsets": bloom.row_offsets, "bloom_widths": bloom.widths,
+            "item_ids": torch.cat([ivf.ids, torch.full((f,), -1, dtype=torch.int64)]),
+            "item_embeddings": torch.cat([emb[order], torch.zeros(f, d)]).to(torch.bfloat16),
+            "attr_feature_ids": torch.cat([pf, torch.zeros(f, width, dtype=torch.int64)]),
+            "attr_values": torch.cat([pv, torch.zeros(f, width, dtype=torch.int64)]),
+            "attr_counts": torch.cat([pc, torch.zeros(f, dtype=torch.int64)]),
+            "alive": torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(f, dtype=torch.bool)]),
+        }
+        if dense is not None:
+            tensors["item_dense"] = torch.cat([dense, torch.zeros(f, dense.shape[1])])
+        tensors["attr_terms"] = term_hash(tensors["attr_feature_ids"], tensors["attr_values"])
+        return cls(user_tower, overarch, value_model, tensors, nprobe=nprobe, k_candidates=k_candidates, num_results=num_results,
+                   bloom_k=bloom_k, bloom_multiplier=bloom_multiplier, schema=schema, max_ops=max_ops, max_terms=max_terms,
+                   exact_verify=exact_verify)
+
+    # -- filters -----------------------------------------------------------------------------
+    def prepare_filters(self, expressions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compile filter expressions to (ops, args, hashes) padded to the model's fixed plan shape."""
+        plans = parse_filters(expressions, FilterSchema(self.schema) if self.schema else None, max_terms=self.max_terms)
+        return self.pad_plans(plans)
+
+    def pad_plans(self, plans: FilterPlans):
+        q, length = plans.ops.shape
+        if length > self.max_ops:
+            raise ValueError(f"a filter compiles to {length} operations; this model accepts at most max_ops={self.max_ops}")
+        if plans.hashes.shape[1] > self.max_terms:
+            raise ValueError(f"a filter has {plans.hashes.shape[1]} terms; this model accepts at most max_terms={self.max_terms}")
+        ops = torch.zeros(q, self.max_ops, dtype=torch.int32)
+        args = torch.zeros(q, self.max_ops, dtype=torch.int32)
+        hashes = torch.zeros(q, self.max_terms, dtype=torch.int64)
+        ops[:, :length], args[:, :length] = plans.ops, plans.args
+        hashes[:, : plans.hashes.shape[1]] = plans.hashes
+        dev = self.codes.device
+        return ops.to(dev), args.to(dev), hashes.to(dev)
+
+    def _exact_terms(self, positions, hashes):
+        """[Q, T, M] bool: item at positions[q, m] really has term hashes[q, t]."""
+        terms = self.attr_terms[positions]  # [Q, M, A]
+        used = torch.arange(terms.shape[-1], device=terms.device) < self.attr_counts[positions].unsqueeze(-1)
+        hit = (terms.unsqueeze(1) == hashes[:, :, None, None]) & used.unsqueeze(1)
+        return hit.any(-1)
+
+    def _bloom_terms(self, positions, hashes):
+        """[Q, T, M] bool: Bloom test (a superset) of term hashes[q, t] for main-index items."""
+        bundle = positions // BUNDLE
+        width = self.bloom_widths[bundle].unsqueeze(1)  # [Q, 1, M]
+        rows = bloom_positions(hashes.unsqueeze(-1).expand(-1, -1, positions.shape[1]), width.expand(-1, hashes.shape[1], -1), self.bloom_k)
+        rows = rows + self.bloom_row_offsets[bundle][:, None, :, None]
+        word = ((positions % BUNDLE) // 64)[:, None, :, None].expand_as(rows)
+        bits = (self.bloom_bits[rows, word] >> (positions % 64)[:, None, :, None]) & 1
+        return bits.bool().all(-1)
+
+    @staticmethod
+    def _run_plans(ops, args, bloom_terms, exact_terms):
+        """Evaluate postfix plans on a [Q, MAX_DEPTH, M] stack with tensor ops (no data-dependent branches)."""
+        q, _, m = exact_terms.shape
+        dev = exact_terms.device
+        stack = torch.ones(q, MAX_DEPTH, m, dtype=torch.bool, device=dev)
+        sp = torch.zeros(q, dtype=torch.int64, device=dev)
+        depth = torch.arange(MAX_DEPTH, device=dev)
+        for step in range(ops.shape[1]):
+            op, slot = ops[:, step], args[:, step].long()
+            pick = slot[:, None, None].expand(q, 1, m)
+            push = torch.where((op == TERM)[:, None], bloom_terms.gather(1, pick).squeeze(1),
+                               torch.where((op == EXACT_TERM)[:, None], exact_terms.gather(1, pick).squeeze(1),
+                                           torch.ones(q, m, dtype=torch.bool, device=dev)))
+            top = stack.gather(1, (sp - 1).clamp(min=0)[:, None, None].expand(q, 1, m)).squeeze(1)
+            below = stack.gather(1, (sp - 2).clamp(min=0)[:, None, None].expand(q, 1, m)).squeeze(1)
+            is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
+            is_pair = (op == AND) | (op == OR)
+            value = torch.where(is_push[:, None], push, torch.where((op == NOT)[:, None], ~top,
+                                torch.where((op == AND)[:, None], below & top, below | top)))
+            at = torch.where(is_push, sp, torch.where(op == NOT, sp - 1, sp - 2))
+            write = (depth[None, :] == at[:, None]) & (is_push | is_pair | (op == NOT))[:, None]
+            stack = torch.where(write[:, :, None], value[:, None, :], stack)
+            sp = sp + is_push.long() - is_pair.long()
+        return stack[:, 0]
+
+    # -- the forward pass ----------------------------------------------------------------------
+    def forward(self, user_features, ops, args, hashes, value_weights=None):
+        """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N])."""
+        u = self.user_tower(user_features).float()
+        q = u.shape[0]
+        clusters = torch.topk(u @ self.centroids.T, self.nprobe, dim=1).indices
+        pos = self.cluster_positions[clusters].reshape(q, -1)
+        keep = self.cluster_valid[clusters].reshape(q, -1) & self.alive[pos]
+        keep = keep & self._run_plans(ops, args, self._bloom_terms(pos, hashes), self._exact_terms(pos, hashes))
+        q_codes, q_scales = quantize_rows(u)
+        dots = torch.bmm(self.codes[pos].float(), q_codes.float().unsqueeze(-1)).squeeze(-1)  # exact: |dot| < 2^24
+        main = torch.where(keep, dots * self.scales[pos] * q_scales.unsqueeze(1), torch.full_like(dots, float("-inf")))
+        scores, cand = main, pos
+        if self.fresh_capacity:
+            fpos = torch.arange(self.num_main, self.item_ids.shape[0], device=u.device).expand(q, -1)
+            exact = self._exact_terms(fpos, hashes)
+            fkeep = self.alive[fpos] & self._run_plans(ops, args, exact, exact)
+            fscores = u @ self.item_embeddings[self.num_main:].float().T
+            scores = torch.cat([main, torch.where(fkeep, fscores, torch.full_like(fscores, float("-inf")))], 1)
+            cand = torch.cat([pos, fpos], 1)
+        top, j = torch.topk(scores, self.k_candidates, dim=1)
+        cand = cand.gather(1, j)
+        found = torch.isfinite(top)
+        if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
+            exact = self._exact_terms(cand, hashes)
+            found = found & self._run_plans(ops, args, exact, exact)
+        items = self.item_embeddings[cand].float()
+        dense = self.item_dense[cand] if hasattr(self, "item_dense") else None
+        logits = self.overarch(u, items, dense)
+        value = self.value_model(logits, value_weights)
+        value = torch.where(found, value, torch.full_like(value, float("-inf")))
+        best, k = torch.topk(value, self.num_results, dim=1)
+        winners = cand.gather(1, k)
+        ok = torch.isfinite(best)
+        ids = torch.where(ok, self.item_ids[winners], torch.full_like(winners, -1))
+        probs = torch.sigmoid(logits).gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return ids, best, probs, ok & (winners >= self.num_main)
+
+    def retrieve(self, user_features: torch.Tensor, filters: list[str] | None = None, value_weights=None) -> Retrieved:
+        """Validate, compile the filters, run one forward."""
+        user_features = torch.as_tensor(user_features)
+        if user_features.dim() < 1 or user_features.shape[0] < 1:
+            raise ValueError(f"user_features must be a batch [Q >= 1, ...], got {tuple(user_features.shape)}")
+        q = user_features.shape[0]
+        filters = [""] * q if filters is None else filters
+        if isinstance(filters, str) or len(filters) != q:
+            raise ValueError(f"filters must be a list of {q} expressions (one per user), got {filters!r:.80}")
+        if user_features.dtype.is_floating_point and not torch.isfinite(user_features).all():
+            raise ValueError("user_features contain NaN or inf")
+        if value_weights is not None:
+            value_weights = torch.as_tensor(value_weights, dtype=torch.float32, device=self.codes.device)
+            if value_weights.shape not in ((self.value_model.num_tasks,), (q, self.value_model.num_tasks)) or not torch.isfinite(value_weights).all():
+                raise ValueError(f"value_weights must be finite, [{self.value_model.num_tasks}] or [{q}, {self.value_model.num_tasks}]")
+        with torch.no_grad():
+            out = self(user_features.to(self.codes.device), *self.prepare_filters(filters), value_weights)
+        return Retrieved(*out)
+
+    # -- freshness -------------------------------------------------------------------------------
+    def add_items(self, embeddings, ids, attributes=None, dense=None) -> torch.Tensor:
+        """Append items to the fresh index (no rebuild); returns their storage positions."""
+        emb = torch.as_tensor(embeddings).float()
+        ids = torch.as_tensor(ids).long().reshape(-1)
+        n = ids.numel()
+        if emb.shape != (n, self.dim) or not torch.isfinite(emb).all():
+            raise ValueError(f"embeddings must be finite [{n}, {self.dim}], got {tuple(emb.shape)}")
+        if (ids < 0).any() or torch.unique(ids).numel() != n:
+            raise ValueError("ids must be distinct and non-negative")
+        live_ids = self.item_ids[self.alive]
+        if torch.isin(ids.to(live_ids.device), live_ids).any():
+            raise ValueError("some ids are already live in the model; delete them first to replace them")
+        if self.fresh_used + n > self.fresh_capacity:
+            raise ValueError(f"the fresh index holds {self.fresh_capacity} items and {self.fresh_used} are used; "
+                             f"call rebuild() to fold them into the main index")
+        if attributes is None:
+            attributes = (torch.zeros(0, dtype=torch.int64), torch.zeros(n + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        if torch.as_tensor(attributes[1]).shape != (n + 1,):
+            raise ValueError(f"attribute offsets must be [{n + 1}]")
+        fids, vals, counts = _pad_jagged(*attributes, width=self.attr_terms.shape[1])
+        if hasattr(self, "item_dense") and (dense is None or torch.as_tensor(dense).shape != (n, self.item_dense.shape[1])):
+            raise ValueError(f"this model has dense item features; pass dense [{n}, {self.item_dense.shape[1]}]")
+        at = torch.arange(self.num_main + self.fresh_used, self.num_main + self.fresh_used + n, device=self.codes.device)
+        dev = self.codes.device
+        self.item_embeddings[at] = emb.to(dev, torch.bfloat16)
+        self.item_ids[at] = ids.to(dev)
+        self.attr_feature_ids[at], self.attr_values[at], self.attr_counts[at] = fids.to(dev), vals.to(dev), counts.to(dev)
+        self.attr_terms[at] = term_hash(fids, vals).to(dev)
+        if dense is not None:
+            self.item_dense[at] = torch.as_tensor(dense).float().to(dev)
+        self.alive[at] = True
+        self.fresh_used += n
+        return at
+
+    def delete_items(self, ids) -> int:
+        """Never return these ids again (main or fresh); returns how many live items were deleted."""
+        hit = torch.isin(self.item_ids, torch.as_tensor(ids, device=self.item_ids.device).long()) & self.alive
+        self.alive &= ~hit
+        return int(hit.sum())
+
+    def rebuild(self, **overrides) -> RetrievalModel:
+        """A new model over every live item (main and fresh), with an empty fresh index."""
+        live = self.alive.nonzero().squeeze(1)
+        counts = self.attr_counts[live].cpu()
+        attributes = _unpad_jagged(self.attr_feature_ids[live].cpu(), self.attr_values[live].cpu(), counts)
+        options = {"n_clusters": self.centroids.shape[0], "nprobe": self.nprobe, "k_candidates": self.k_candidates,
+                   "num_results": self.num_results, "fresh_capacity": self.fresh_capacity, "bloom_k": self.bloom_k,
+                   "bloom_multiplier": self.bloom_multiplier, "max_attributes": self.attr_terms.shape[1],
+                   "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify}
+        options.update(overrides)
+        options["n_clusters"] = min(options["n_clusters"], live.numel())
+        options["nprobe"] = min(options["nprobe"], options["n_clusters"])
+        dense = self.item_dense[live].cpu() if hasattr(self, "item_dense") else None
+        return RetrievalModel.build(self.user_tower, self.overarch, self.value_model, self.item_embeddings[live].float().cpu(),
+                                    self.item_ids[live].cpu(), attributes, self.schema, item_dense=dense, **options)
+
+    # -- artifact ----------------------------------------------------------------------------------
+    def config(self) -> dict:
+        tower = type(self.user_tower).__name__
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "silvertorch_version": __version__,
+            "dim": self.dim, "num_main": self.num_main, "fresh_capacity": self.fresh_capacity, "fresh_used": self.fresh_used,
+            "nprobe": self.nprobe, "k_candidates": self.k_candidates, "num_results": self.num_results,
+            "bloom_k": self.bloom_k, "bloom_multiplier": self.bloom_multiplier, "schema": self.schema,
+            "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify,
+            "user_tower": {"type": tower if tower in TOWERS else "custom",
+                           "config": self.user_tower.config() if tower in TOWERS else None,
+                           "input": getattr(self.user_tower, "input_spec", None)},
+            "overarch": self.overarch.config(), "value_model": self.value_model.config(),
+        }
+
+    def save(self, directory) -> Path:
+        """Write config.json (format version, shapes) and model.safetensors (every tensor); no pickle."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config = self.config()
+        config["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory, user_tower: nn.Module | None = None, device="cpu") -> RetrievalModel:
+        """Load an artifact; versions and every tensor's shape and dtype are checked first."""
+        from safetensors import SafetensorError, safe_open
+
+        directory = Path(directory)
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{directory}: no readable {CONFIG_FILE} ({err})") from err
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{directory}: not a {FORMAT} artifact (format={config.get('format')!r})")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: format version {config.get('format_version')} is not supported by silvertorch "
+                             f"{__version__} (it reads version {FORMAT_VERSION}); rebuild the artifact")
+        try:
+            with safe_open(str(directory / TENSORS_FILE), framework="pt", device=str(device)) as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{directory}: {TENSORS_FILE} is not readable ({err})") from err
+        expected = config["tensors"]
+        if set(expected) != set(tensors):
+            raise ValueError(f"{directory}: tensors differ from the config: missing {sorted(set(expected) - set(tensors))[:5]}, "
+                             f"unexpected {sorted(set(tensors) - set(expected))[:5]}")
+        for name, spec in expected.items():
+            t = tensors[name]
+            if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
+                raise ValueError(f"{directory}: tensor {name} is {str(t.dtype)} {list(t.shape)}, the config says {spec['dtype']} {spec['shape']}")
+        tower_spec = config["user_tower"]
+        if user_tower is None:
+            if tower_spec["type"] not in TOWERS:
+                raise ValueError(f"{directory}: the user tower is a custom module; pass user_tower= a module of the same architecture")
+            user_tower = TOWERS[tower_spec["type"]](**tower_spec["config"])
+        overarch, value_model = OverArch(**config["overarch"]), ValueModel(**config["value_model"])
+        modules = {"user_tower": user_tower, "overarch": overarch, "value_model": value_model}
+        for prefix, module in modules.items():
+            state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            try:
+                module.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"{directory}: the {prefix} weights do not fit the module: {err}") from err
+        buffers = {k: v for k, v in tensors.items() if k.split(".")[0] not in modules}
+        model = cls(user_tower, overarch, value_model, buffers, nprobe=config["nprobe"], k_candidates=config["k_candidates"],
+                    num_results=config["num_results"], bloom_k=config["bloom_k"], bloom_multiplier=config["bloom_multiplier"],
+                    schema=config["schema"], max_ops=config["max_ops"], max_terms=config["max_terms"],
+                    exact_verify=config["exact_verify"], fresh_used=config["fresh_used"])
+        return model.to(device).eval()

@@ -1,0 +1,159 @@
+"""Publish: trained towers + an item table -> one RetrievalModel artifact directory.
+
+    publish("artifact/", user_tower, overarch, value_model, item_tower=item_tower,
+            item_features=features, item_ids=ids, attributes=(fids, offsets, values), schema=schema)
+
+Item embeddings are evaluated by the item tower in batches (or given directly), clustered with
+k-means++, quantized to int8, the attributes indexed into a Bloom index, and the model written
+as config.json + model.safetensors. `progress=True` shows a bar per step (tqdm when installed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import RetrievalModel
+from .scoring import OverArch, ValueModel
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # a plain line per step when the [progress] extra is not installed
+        print(f"silvertorch: {desc} ...", file=sys.stderr)
+        return None
+    return tqdm(total=total, desc=desc, unit="items", file=sys.stderr)
+
+
+def item_embeddings_from_tower(item_tower: nn.Module, item_features: torch.Tensor, batch_size: int = 8192,
+                               progress: bool = False) -> torch.Tensor:
+    """Evaluate the item tower over the item table in batches (no autograd)."""
+    n = item_features.shape[0]
+    bar = _bar(n, "item embeddings", progress)
+    out = []
+    with torch.no_grad():
+        for chunk in item_features.split(batch_size):
+            out.append(item_tower(chunk).float().cpu())
+            if bar:
+                bar.update(chunk.shape[0])
+    if bar:
+        bar.close()
+    emb = torch.cat(out)
+    if not torch.isfinite(emb).all():
+        raise ValueError("the item tower produced NaN or inf embeddings")
+    return emb
+
+
+def publish(out_dir, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel, *, item_embeddings=None,
+            item_tower: nn.Module | None = None, item_features=None, item_ids=None, attributes=None, schema=None,
+            progress: bool = False, **build_options) -> RetrievalModel:
+    """Build the retrieval model from towers and an item table, write it to out_dir, return it."""
+    if (item_embeddings is None) == (item_tower is None):
+        raise ValueError("pass either item_embeddings or item_tower with item_features")
+    if item_tower is not None:
+        if item_features is None:
+            raise ValueError("item_tower needs item_features (one row per item)")
+        item_embeddings = item_embeddings_from_tower(item_tower, torch.as_tensor(item_features), progress=progress)
+    steps = ["clustering (k-means++) and int8 quantization", "Bloom index over item attributes", "assembling the model"]
+    bar = _bar(len(steps), "publish", progress)
+
+    def step(name):
+        if bar:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+    model = RetrievalModel.build(user_tower, overarch, value_model, item_embeddings, item_ids, attributes, schema,
+                                 progress=step, **build_options)
+    if bar:
+        bar.close()
+    model.save(Path(out_dir))
+    return model
+
+
+# -- the files `silvertorch build` reads: trained towers and an item table ----------------------
+TOWERS_FORMAT, ITEMS_FORMAT = "silvertorch.Towers", "silvertorch.ItemTable"
+
+
+def save_towers(directory, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel) -> Path:
+    """Write trained towers (a built-in user tower, OverArch, Value Model) as towers.json + towers.safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .towers import TOWERS
+
+    kind = type(user_tower).__name__
+    if kind not in TOWERS:
+        raise ValueError(f"save_towers writes built-in user towers ({', '.join(TOWERS)}); for {kind} call publish() from Python")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in
+               (("user_tower", user_tower), ("overarch", overarch), ("value_model", value_model)) for k, v in m.state_dict().items()}
+    save_file(tensors, str(directory / "towers.safetensors"))
+    config = {"format": TOWERS_FORMAT, "format_version": 1, "user_tower": {"type": kind, "config": user_tower.config()},
+              "overarch": overarch.config(), "value_model": value_model.config()}
+    (directory / "towers.json").write_text(json.dumps(config, indent=1))
+    return directory
+
+
+def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
+    import json
+
+    from safetensors.torch import load_file
+
+    from .towers import TOWERS
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "towers.json").read_text())
+        tensors = load_file(str(directory / "towers.safetensors"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{directory}: no readable towers.json + towers.safetensors ({err})") from err
+    if config.get("format") != TOWERS_FORMAT or config.get("format_version") != 1:
+        raise ValueError(f"{directory}: not a {TOWERS_FORMAT} version 1 directory")
+    spec = config["user_tower"]
+    if spec["type"] not in TOWERS:
+        raise ValueError(f"{directory}: unknown user tower type {spec['type']!r}")
+    modules = {"user_tower": TOWERS[spec["type"]](**spec["config"]), "overarch": OverArch(**config["overarch"]),
+               "value_model": ValueModel(**config["value_model"])}
+    for prefix, module in modules.items():
+        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    return modules["user_tower"], modules["overarch"], modules["value_model"]
+
+
+def save_item_table(path, embeddings, ids, attributes, schema: dict | None = None) -> Path:
+    """Items for `silvertorch build`: embeddings [N, D], ids [N], jagged attributes, filter schema."""
+    import json
+
+    from safetensors.torch import save_file
+
+    fids, offsets, values = (torch.as_tensor(t).long() for t in attributes)
+    tensors = {"embeddings": torch.as_tensor(embeddings).float(), "ids": torch.as_tensor(ids).long(),
+               "attr_feature_ids": fids, "attr_offsets": offsets, "attr_values": values}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": ITEMS_FORMAT, "format_version": "1", "schema": json.dumps(schema or {})})
+    return Path(path)
+
+
+def load_item_table(path):
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors item table ({err})") from err
+    if meta.get("format") != ITEMS_FORMAT:
+        raise ValueError(f"{path}: not a {ITEMS_FORMAT} file (format={meta.get('format')!r})")
+    missing = {"embeddings", "ids", "attr_feature_ids", "attr_offsets", "attr_values"} - set(t)
+    if missing:
+        raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+    return t["embeddings"], t["ids"], (t["attr_feature_ids"], t["attr_offsets"], t["attr_values"]), json.loads(meta.get("schema", "{}"))

@@ -1,0 +1,227 @@
+"""HTTP server for a published RetrievalModel (optional extra: pip install silvertorch[serve]).
+
+    silvertorch serve artifact/ --port 8080        # binds 127.0.0.1 unless --host says otherwise
+
+POST /v1/retrieve  {"user_features": [42], "filter": "genre:Comedy", "n": 10, "value_weights": [1, 0.5]}
+             ->    {"ids": [...], "scores": [...], "task_probs": [[...], ...], "fresh": [...], "batch_size": 7}
+GET  /healthz (alive), /readyz (model loaded and warmed up), /metrics (latency percentiles, batch sizes)
+
+Requests are validated and their filters compiled in the handler (a bad request is a 400 with the
+reason and never reaches the model); valid ones wait at most `max_wait_ms` in a queue, and one
+worker runs up to `max_batch` of them as one forward in a worker thread. Requests are capped in
+body size, expression length and n, and time out after `timeout_s` (504). On shutdown the server
+stops taking requests, finishes the queued ones, then exits.
+"""
+
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import time
+
+import torch
+
+from .bloom.parser import FilterSyntaxError
+from .model import RetrievalModel
+
+
+@dataclasses.dataclass
+class ServerLimits:
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    max_expression_length: int = 1024
+    max_body_bytes: int = 65536
+    timeout_s: float = 10.0
+    max_queue: int = 4096
+
+
+class _Pending:
+    __slots__ = ("features", "plan", "weights", "n", "future")
+
+    def __init__(self, features, plan, weights, n, future):
+        self.features, self.plan, self.weights, self.n, self.future = features, plan, weights, n, future
+
+
+class Metrics:
+    def __init__(self, window: int = 10000):
+        self.latencies = collections.deque(maxlen=window)
+        self.batch_sizes = collections.Counter()
+        self.requests = self.errors = self.batches = 0
+
+    def snapshot(self) -> dict:
+        lat = sorted(self.latencies)
+
+        def pct(p):
+            return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000, 3) if lat else None
+
+        total = sum(self.batch_sizes.values())
+        mean = sum(b * c for b, c in self.batch_sizes.items()) / total if total else None
+        return {"requests": self.requests, "errors": self.errors, "batches": self.batches,
+                "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)},
+                "batch_size": {"mean": mean, "max": max(self.batch_sizes, default=None),
+                               "histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())}}}
+
+
+def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse
+        from pydantic import BaseModel, Field
+    except ImportError as err:
+        raise ImportError("the server needs the serve extra: pip install 'silvertorch[serve]'") from err
+
+    limits = limits or ServerLimits()
+    model.eval()
+    spec = model.config()["user_tower"].get("input") or {}
+    n_tasks = model.value_model.num_tasks
+
+    class RetrieveRequest(BaseModel):
+        user_features: list[float | int] = Field(min_length=1, max_length=4096)
+        filter: str = Field(default="", max_length=limits.max_expression_length)
+        n: int = Field(default=model.num_results, ge=1, le=model.num_results)
+        value_weights: list[float] | None = Field(default=None, min_length=n_tasks, max_length=n_tasks)
+
+    state = {"ready": False, "accepting": True}
+    metrics = Metrics()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=limits.max_queue)
+
+    def run_batch(batch: list[_Pending]):
+        feats = torch.stack([p.features for p in batch])
+        ops, args, hashes = (torch.cat(parts) for parts in zip(*(p.plan for p in batch)))
+        weights = None
+        if any(p.weights is not None for p in batch):
+            fixed = model.value_model.weights
+            weights = torch.stack([p.weights if p.weights is not None else fixed for p in batch])
+        with torch.no_grad():
+            return model(feats, ops, args, hashes, weights)
+
+    async def worker():
+        while True:
+            first = await queue.get()
+            batch = [first]
+            deadline = time.perf_counter() + limits.max_wait_ms / 1000
+            while len(batch) < limits.max_batch:
+                wait = deadline - time.perf_counter()
+                if wait <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), wait))
+                except asyncio.TimeoutError:
+                    break
+            batch = [p for p in batch if not p.future.done()]  # timed-out requests are dropped
+            if not batch:
+                continue
+            try:
+                ids, scores, probs, fresh = await asyncio.to_thread(run_batch, batch)
+            except Exception as err:  # a failed batch fails its requests, never the server
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                continue
+            metrics.batches += 1
+            metrics.batch_sizes[len(batch)] += 1
+            for i, p in enumerate(batch):
+                if not p.future.done():
+                    p.future.set_result((ids[i, : p.n], scores[i, : p.n], probs[i, : p.n], fresh[i, : p.n], len(batch)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(worker())
+        warm = torch.zeros(1, len(spec.get("max", [0])) if spec else 1, dtype=torch.int64 if spec.get("dtype") == "int64" else torch.float32)
+        with contextlib.suppress(Exception):  # a tower with another input shape warms up on its first request
+            await asyncio.to_thread(model, warm, *model.prepare_filters([""]))
+        state["ready"] = True
+        yield
+        state["ready"] = state["accepting"] = False
+        for _ in range(int(limits.timeout_s * 100)):  # drain: queued requests are answered before exit
+            if queue.empty():
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app = FastAPI(title="silvertorch", lifespan=lifespan)
+
+    def bad(reason: str, status: int = 400):
+        metrics.errors += 1
+        return JSONResponse({"error": reason}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return bad(f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.middleware("http")
+    async def cap_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            return bad(f"request body larger than {limits.max_body_bytes} bytes", 413)
+        return await call_next(request)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        ok = state["ready"] and state["accepting"]
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return metrics.snapshot()
+
+    @app.post("/v1/retrieve")
+    async def retrieve(req: RetrieveRequest):
+        start = time.perf_counter()
+        metrics.requests += 1
+        if not state["accepting"]:
+            return bad("the server is shutting down", 503)
+        if spec:
+            if len(req.user_features) != spec["width"]:
+                return bad(f"user_features: expected {spec['width']} values, got {len(req.user_features)}")
+            if spec["dtype"] == "int64":
+                if any(not float(v).is_integer() or not 0 <= v <= hi for v, hi in zip(req.user_features, spec["max"])):
+                    return bad(f"user_features: expected integers in [0, {spec['max']}] per position")
+        dtype = torch.int64 if spec.get("dtype") == "int64" else torch.float32
+        features = torch.tensor(req.user_features, dtype=dtype)
+        if dtype == torch.float32 and not torch.isfinite(features).all():
+            return bad("user_features: NaN or inf")
+        try:
+            plan = model.prepare_filters([req.filter])
+        except (FilterSyntaxError, ValueError, TypeError) as err:
+            return bad(f"filter: {err}")
+        weights = None if req.value_weights is None else torch.tensor(req.value_weights, dtype=torch.float32)
+        if weights is not None and not torch.isfinite(weights).all():
+            return bad("value_weights: NaN or inf")
+        future = asyncio.get_running_loop().create_future()
+        try:
+            queue.put_nowait(_Pending(features, plan, weights, req.n, future))
+        except asyncio.QueueFull:
+            return bad("the server is overloaded; retry later", 503)
+        try:
+            ids, scores, probs, fresh, batch_size = await asyncio.wait_for(future, limits.timeout_s)
+        except asyncio.TimeoutError:
+            return bad(f"the request took longer than {limits.timeout_s} s", 504)
+        except Exception as err:
+            return bad(f"internal error: {type(err).__name__}: {err}", 500)
+        keep = ids >= 0
+        metrics.latencies.append(time.perf_counter() - start)
+        return {"ids": ids[keep].tolist(), "scores": scores[keep].tolist(), "task_probs": probs[keep].tolist(),
+                "fresh": fresh[keep].tolist(), "batch_size": batch_size}
+
+    return app
+
+
+def serve(model: RetrievalModel, host: str = "127.0.0.1", port: int = 8080, limits: ServerLimits | None = None,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (SIGINT/SIGTERM shut it down gracefully)."""
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise ImportError("the server needs the serve extra: pip install 'silvertorch[serve]'") from err
+    uvicorn.run(create_app(model, limits), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)

@@ -1,0 +1,222 @@
+"""RetrievalModel end to end against a plain PyTorch pipeline (exact filters, fp32 brute force)."""
+
+import json
+
+import pytest
+import torch
+
+from silvertorch import (
+    BloomIndex,
+    EmbeddingTower,
+    FilterSyntaxError,
+    OverArch,
+    RetrievalModel,
+    ValueModel,
+    parse_filters,
+)
+
+N, D, USERS = 2500, 24, 40
+SCHEMA = {"cat": 1, "year": 2}
+# expression -> the same predicate in Python, over (category, year)
+FILTERS = {
+    "": lambda c, y: True,
+    "cat:1": lambda c, y: c == 1,
+    "cat:{1,3} AND NOT year:1995": lambda c, y: c in (1, 3) and y != 1995,
+    "NOT (cat:0 | cat:2) & year:{1991,1992,1993}": lambda c, y: c not in (0, 2) and y in (1991, 1992, 1993),
+    "year:1999 OR (cat:4 AND NOT cat:4)": lambda c, y: y == 1999,
+}
+
+
+def _catalog(seed=0, n=N):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=1)
+    cat = torch.randint(0, 5, (n,), generator=g)
+    year = torch.randint(1990, 2000, (n,), generator=g)
+    fids = torch.tensor([1, 2]).repeat(n)
+    vals = torch.stack([cat, year], 1).reshape(-1)
+    return emb, cat, year, (fids, torch.arange(0, 2 * n + 1, 2), vals)
+
+
+def _modules(seed=0, tasks=2):
+    torch.manual_seed(seed)
+    tower = EmbeddingTower([USERS], D, normalize=True)
+    return tower, OverArch(D, tasks, [16]), ValueModel(tasks, torch.linspace(1.0, 0.5, tasks))
+
+
+EMB, CAT, YEAR, ATTRS = _catalog()
+TOWER, OVERARCH, VALUE = _modules()
+IDS = torch.arange(5000, 5000 + N)
+
+
+def _model(**kw):
+    options = dict(n_clusters=12, nprobe=12, k_candidates=300, num_results=10, fresh_capacity=32, max_ops=12)
+    options.update(kw)
+    return RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, ATTRS, SCHEMA, **options)
+
+
+MODEL = _model()
+
+
+def _plain_pipeline(users, expressions, k, n, emb=EMB, cat=CAT, year=YEAR, ids=IDS, alive=None):
+    """The reference: exact filter, fp32 brute-force top-K, OverArch, Value Model, top-N."""
+    with torch.no_grad():
+        u = TOWER(users)
+        out = []
+        for qi, expr in enumerate(expressions):
+            ok = torch.tensor([FILTERS[expr](int(c), int(y)) for c, y in zip(cat, year)])
+            if alive is not None:
+                ok &= alive
+            s = (emb @ u[qi]).masked_fill(~ok, float("-inf"))
+            cand = torch.topk(s, min(k, int(ok.sum()))).indices
+            value = VALUE(OVERARCH(u[qi], emb[cand].bfloat16().float()))
+            top = torch.topk(value, min(n, cand.numel())).indices
+            out.append(ids[cand[top]].tolist())
+    return out
+
+
+@pytest.mark.parametrize("expr", list(FILTERS))
+def test_top_n_matches_plain_pipeline(expr):
+    users = torch.arange(0, USERS, 5).unsqueeze(1)
+    r = MODEL.retrieve(users, [expr] * users.shape[0])
+    truth = _plain_pipeline(users, [expr] * users.shape[0], 300, 10)
+    hits = total = 0
+    for qi, want in enumerate(truth):
+        got = [i for i in r.ids[qi].tolist() if i >= 0]
+        rows = [i - 5000 for i in got]
+        assert all(FILTERS[expr](int(CAT[i]), int(YEAR[i])) for i in rows), "a returned item fails the filter"
+        assert len(got) == len(want)  # every query has at least N passing items here
+        hits += len(set(got) & set(want))
+        total += len(want)
+        s = r.scores[qi][: len(got)]
+        assert (s[:-1] >= s[1:]).all()
+    assert hits / total >= 0.9, hits / total
+
+
+def test_graph_filter_equals_bloom_index():
+    """The model's tensor-op stack machine gives the BloomIndex's bits (exact NOT included)."""
+    exprs = list(FILTERS)
+    ops, args, hashes = MODEL.prepare_filters(exprs)
+    pos = torch.arange(MODEL.num_main).expand(len(exprs), -1)
+    got = MODEL._run_plans(ops, args, MODEL._bloom_terms(pos, hashes), MODEL._exact_terms(pos, hashes))
+    fids = MODEL.attr_feature_ids[: MODEL.num_main]
+    counts = MODEL.attr_counts[: MODEL.num_main]
+    keep = torch.arange(fids.shape[1]) < counts.unsqueeze(1)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    bloom = BloomIndex.build(fids[keep], offsets, MODEL.attr_values[: MODEL.num_main][keep], k=MODEL.bloom_k,
+                             b_multiplier=MODEL.bloom_multiplier)
+    words = bloom.search(parse_filters(exprs, SCHEMA))  # int64 words, bit i % 64 of word i // 64
+    want = ((words.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(len(exprs), -1)[:, : MODEL.num_main].bool()
+    assert torch.equal(got, want)
+
+
+def test_bloom_false_positives_removed_by_exact_verification():
+    tight = _model(bloom_k=1, bloom_multiplier=1.05)  # a deliberately weak Bloom index
+    loose = _model(bloom_k=1, bloom_multiplier=1.05, exact_verify=False)
+    users = torch.arange(0, USERS, 3).unsqueeze(1)
+    exprs = ["cat:1 AND year:1999"] * users.shape[0]
+    bad_loose = sum(not FILTERS["year:1999 OR (cat:4 AND NOT cat:4)"](0, int(YEAR[i - 5000])) or int(CAT[i - 5000]) != 1
+                    for i in loose.retrieve(users, exprs).ids.flatten().tolist() if i >= 0)
+    got = [i for i in tight.retrieve(users, exprs).ids.flatten().tolist() if i >= 0]
+    assert bad_loose > 0, "the weak Bloom index should let false positives through without verification"
+    assert all(int(CAT[i - 5000]) == 1 and int(YEAR[i - 5000]) == 1999 for i in got)
+
+
+def test_per_request_value_weights_change_ranking():
+    tower, overarch, _ = _modules(tasks=3)
+    model = RetrievalModel.build(tower, overarch, ValueModel(3), EMB, IDS, ATTRS, SCHEMA, n_clusters=8, nprobe=8,
+                                 k_candidates=100, num_results=5, fresh_capacity=0)
+    users = torch.tensor([[3], [4]])
+    a = model.retrieve(users, ["", ""], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    b = model.retrieve(users, ["", ""], [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert torch.equal(a.ids[0], b.ids[0])
+    assert torch.allclose(a.scores[1], a.task_probs[1, :, 2]) and torch.allclose(b.scores[1], b.task_probs[1, :, 0])
+
+
+def test_fresh_items_appear_and_deleted_items_vanish():
+    model = _model(k_candidates=10)  # every ANN candidate is returned, so the ANN stage decides
+    users = torch.tensor([[7]])
+    u = TOWER(users).detach()
+    # a fresh item equal to the (unit) user vector wins the ANN stage; it must come back tagged fresh
+    fresh_attrs = (torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([1, 1999]))
+    model.add_items(u, torch.tensor([99999]), fresh_attrs)
+    r = model.retrieve(users, ["cat:1"])
+    assert 99999 in r.ids[0].tolist()
+    assert bool(r.fresh[0][r.ids[0].tolist().index(99999)])
+    assert 99999 not in model.retrieve(users, ["cat:2"]).ids[0].tolist()  # fresh items are filtered exactly
+    before = model.retrieve(users, [""]).ids[0].tolist()
+    gone = [i for i in before if i != 99999][:3] + [99999]
+    assert model.delete_items(gone) == 4
+    after = model.retrieve(users, [""]).ids[0].tolist()
+    assert not set(gone) & set(after) and len([i for i in after if i >= 0]) == 10
+    rebuilt = model.rebuild()
+    assert rebuilt.fresh_used == 0 and rebuilt.num_main == N - 3
+    assert not set(gone) & set(rebuilt.retrieve(users, [""]).ids[0].tolist())
+    with pytest.raises(ValueError, match="already live"):
+        model.add_items(u, torch.tensor([5001]))
+    with pytest.raises(ValueError, match="fresh index holds 32"):
+        model.add_items(torch.zeros(40, D), torch.arange(10**6, 10**6 + 40))
+
+
+def test_save_load_round_trip_and_version_checks(tmp_path):
+    model = _model()
+    model.add_items(torch.randn(2, D), torch.tensor([70000, 70001]))
+    model.delete_items([5003])
+    model.save(tmp_path / "a")
+    loaded = RetrievalModel.load(tmp_path / "a")
+    users, exprs = torch.arange(6).unsqueeze(1), ["cat:1", "", "NOT cat:1", "year:1995", "", "cat:3"]
+    x, y = model.retrieve(users, exprs), loaded.retrieve(users, exprs)
+    assert torch.equal(x.ids, y.ids) and torch.equal(x.scores, y.scores) and loaded.fresh_used == 2
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["format_version"] = 99
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format version 99"):
+        RetrievalModel.load(tmp_path / "a")
+    cfg["format_version"] = 1
+    cfg["tensors"]["codes"]["shape"][1] += 1
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tensor codes"):
+        RetrievalModel.load(tmp_path / "a")
+    with pytest.raises(ValueError, match="config.json"):
+        RetrievalModel.load(tmp_path / "missing")
+
+
+def test_export_round_trip(tmp_path):
+    users = torch.arange(4).unsqueeze(1)
+    plans = MODEL.prepare_filters(["cat:1", "", "NOT year:1995", "cat:{2,3}"])
+    program = torch.export.export(MODEL, (users, *plans))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    loaded = torch.export.load(str(tmp_path / "model.pt2"))
+    want = MODEL(users, *plans)
+    got = loaded.module()(users, *plans)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+def test_compile_full_graph():
+    users = torch.arange(3).unsqueeze(1)
+    plans = MODEL.prepare_filters(["cat:1", "", "NOT year:1995"])
+    compiled = torch.compile(MODEL, backend="aot_eager", fullgraph=True)  # fullgraph: no graph breaks, no host syncs
+    for a, b in zip(MODEL(users, *plans), compiled(users, *plans)):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_are_named():
+    users = torch.tensor([[1], [2]])
+    with pytest.raises(ValueError, match="filters must be a list of 2"):
+        MODEL.retrieve(users, ["cat:1"])
+    with pytest.raises(FilterSyntaxError, match="position"):
+        MODEL.retrieve(users, ["cat:1 AND", ""])
+    with pytest.raises(FilterSyntaxError, match="known feature"):
+        MODEL.retrieve(users, ["genre:1", ""])
+    with pytest.raises(ValueError, match="value_weights"):
+        MODEL.retrieve(users, ["", ""], [1.0, float("nan")])
+    with pytest.raises(ValueError, match="max_terms"):
+        MODEL.retrieve(users[:1], [" OR ".join(f"year:{1990 + i}" for i in range(17))])
+    with pytest.raises(ValueError, match="k_candidates"):
+        _model(nprobe=1, k_candidates=10**6)
+    with pytest.raises(ValueError, match="num_results"):
+        _model(num_results=301)
+    with pytest.raises(ValueError, match="item_ids"):
+        RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, torch.zeros(N), ATTRS, SCHEMA)
+    with pytest.raises(ValueError, match="attribute offsets"):
+        RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, (ATTRS[0], ATTRS[1][:-1], ATTRS[2]), SCHEMA)
