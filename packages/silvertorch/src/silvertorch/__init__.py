@@ -7,6 +7,7 @@ from .ivf import FlatIndex, IVFIndex, SearchResult
 from .model import RetrievalModel, Retrieved
 from .publish import load_item_table, load_towers, publish, save_item_table, save_towers
 from .scoring import OverArch, ValueModel
+from .topk import select_topk
 from .towers import EmbeddingTower
 
 __all__ = [
@@ -14,7 +15,7 @@ __all__ = [
     # filters
     "BloomIndex", "BloomFilter", "parse_filters", "FilterPlans", "FilterSchema", "FilterSyntaxError", "DenseMaskFilter", "RangeFilter",
     # indexes
-    "IVFIndex", "FlatIndex", "SearchResult",
+    "IVFIndex", "FlatIndex", "SearchResult", "select_topk",
     # the model and its artifact
     "RetrievalModel", "Retrieved", "OverArch", "ValueModel", "EmbeddingTower",
     "publish", "save_towers", "load_towers", "save_item_table", "load_item_table",

@@ -1,0 +1,271 @@
+"""Exact top-k of candidate score rows, for k from 1 to 1,000,000.
+
+    values, indices = select_topk(scores, k)          # scores [Q, M] float32, -inf = no candidate
+
+Every method returns what a stable descending sort returns (`select_topk_reference`): values
+descending, equal scores in ascending index order, and slots past a row's last candidate as
+value -inf with index -1. Methods:
+
+- "sort": the reference, one stable sort of the whole row. Cheapest for short rows.
+- "two_level" (k <= 4096): rows cut into tiles of max(1024, 8k) columns; `torch.topk` keeps each
+  tile's k best, then one `torch.topk` over the tile winners gives the k-th value T. Every score
+  above T is among the winners; `torch.topk` picks ties arbitrarily, so the ties at T are taken
+  from the full row in index order. Only the k selected are then sorted.
+- "radix" (large k): scores become order-preserving 32-bit keys; three digit histograms
+  (11, 11, 10 bits, most significant first) find each row's k-th largest key T and how many
+  keys exceed it; the selection is every key > T plus the first ties at T in index order, and
+  only those k are sorted. The histogram step runs as a Triton kernel when
+  `select_backend(scores).uses_triton` (the interpreter on CPU), else in PyTorch, where each
+  pass after the first works on the keys still matching the threshold's prefix.
+
+All argument checks happen before any kernel runs. Triton is imported only when its kernel is
+first built, never at module import.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gpukernels_common import select_backend
+
+METHODS = ("auto", "sort", "two_level", "radix")
+AUTO_SORT_MAX_COLUMNS = 8192  # auto: rows this short are sorted whole
+TWO_LEVEL_MAX_K = 4096  # auto: above this k the radix select is used
+ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # converted losslessly to float32
+
+# (shift, bits) of each radix digit of the 32-bit unsigned key, most significant first.
+RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))
+RADIX_BINS = 2048
+HISTOGRAM_BLOCK = 4096  # columns per Triton program
+_INT32_MIN = -(2**31)
+
+
+def select_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best scores of each row: (values [Q, k] float32 descending, indices [Q, k] int64).
+
+    Equal scores come in ascending column order; when a row has fewer than k candidates
+    (scores above -inf) the remaining slots hold value -inf and index -1. Raises ValueError
+    for a non-2-D or non-float `scores`, NaN in `scores`, k < 1, k > M or an unknown method.
+    """
+    scores = _checked_scores(scores, k, method)
+    num_rows, num_columns = scores.shape
+    if num_rows == 0:
+        return scores.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=scores.device)
+    if method == "auto":
+        if num_columns <= AUTO_SORT_MAX_COLUMNS:
+            method = "sort"
+        else:
+            method = "two_level" if k <= TWO_LEVEL_MAX_K else "radix"
+    if method == "sort":
+        return _select_sort(scores, k)
+    if method == "two_level":
+        return _select_two_level(scores, k)
+    return _select_radix(scores, k)
+
+
+def select_topk_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch reference: stable descending sort of each row, first k kept."""
+    return _select_sort(_checked_scores(scores, k, "sort"), k)
+
+
+def _select_sort(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+    return _mark_missing(values[:, :k].contiguous(), indices[:, :k].contiguous())
+
+
+# -- checks and shared helpers ---------------------------------------------------------------
+def _checked_scores(scores, k, method) -> torch.Tensor:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [num_rows, num_columns], got shape {tuple(scores.shape)}")
+    if scores.dtype not in ACCEPTED_DTYPES:
+        raise ValueError(f"scores must be a float tensor (float32, float16 or bfloat16), got {scores.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {type(k).__name__}")
+    num_columns = scores.shape[1]
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}")
+    if k > num_columns:
+        raise ValueError(f"k={k} exceeds the number of columns M={num_columns}")
+    if num_columns >= 2**31 - 1:
+        raise ValueError(f"scores rows must have fewer than 2**31 - 1 columns, got M={num_columns}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    return scores.float().contiguous()
+
+
+def _mark_missing(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots holding -inf are not candidates: index -1."""
+    return values, indices.masked_fill(values == float("-inf"), -1)
+
+
+def order_preserving_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like the float32 scores (-0.0 and 0.0 share a key; no NaN allowed).
+
+    Non-negative floats keep their bits; negative ones get their 31 magnitude bits inverted.
+    The unsigned 32-bit key the radix digits are taken from is this key with its sign bit flipped.
+    """
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+# -- two-level: tile-local top-k, then a merge of the tile winners ----------------------------
+def _select_two_level(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile winners give the exact k-th value T and every score above it; ties at T are then
+    taken from the full row in index order (`torch.topk` picks ties arbitrarily)."""
+    num_rows, num_columns = scores.shape
+    tile_width = min(max(1024, 8 * k), num_columns)
+    num_tiles = -(-num_columns // tile_width)
+    padding = num_tiles * tile_width - num_columns
+    padded = torch.nn.functional.pad(scores, (0, padding), value=float("-inf")) if padding else scores
+    tile_values, tile_columns = torch.topk(padded.view(num_rows, num_tiles, tile_width), min(k, tile_width), dim=2,
+                                           sorted=False)
+    tile_start = torch.arange(num_tiles, device=scores.device).mul_(tile_width).view(1, num_tiles, 1)
+    winner_values = tile_values.reshape(num_rows, -1)
+    winner_columns = (tile_columns + tile_start).reshape(num_rows, -1)
+    # A score above T is in its tile's winners (else its tile alone holds k scores above T), so
+    # `above` is exact; padding (-inf) never exceeds T since every row has >= k real scores.
+    kth_value = torch.topk(winner_values, k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    above = winner_values > kth_value
+    ties_needed = k - above.sum(1)
+    tie_rows, tie_columns = (scores == kth_value).nonzero(as_tuple=True)  # row-major: columns ascending
+    first_tie_of_row = torch.searchsorted(tie_rows, torch.arange(num_rows, device=scores.device))
+    tie_rank = torch.arange(tie_rows.numel(), device=scores.device) - first_tie_of_row[tie_rows]
+    kept_tie = tie_rank < ties_needed[tie_rows]
+    rows = torch.cat([above.nonzero(as_tuple=True)[0], tie_rows[kept_tie]])
+    columns = torch.cat([winner_columns[above], tie_columns[kept_tie]])
+    columns = columns[torch.sort(rows, stable=True).indices].view(num_rows, k)  # exactly k per row
+    return _sorted_selection(scores, columns)
+
+
+def _sorted_selection(scores: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each row's selected columns by score descending, then column ascending."""
+    columns = torch.sort(columns, dim=1).values
+    values = scores.gather(1, columns)
+    values, order = torch.sort(values, dim=1, descending=True, stable=True)
+    return _mark_missing(values, columns.gather(1, order))
+
+
+# -- radix select -----------------------------------------------------------------------------
+def _digits(keys: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
+    """Digit (shift, bits) of the unsigned key (= signed key with its top bit flipped)."""
+    digit = (keys >> shift) & ((1 << bits) - 1)
+    if shift + bits == 32:
+        digit = digit ^ (1 << (bits - 1))
+    return digit
+
+
+def _choose_digit(histogram: torch.Tensor, remaining: torch.Tensor):
+    """Per row, the digit holding the remaining-th largest key: (digit, keys in higher digits, keys at it)."""
+    at_or_above = histogram.flip(1).cumsum(1).flip(1)  # [Q, bins]: keys with digit >= d
+    digit = (at_or_above >= remaining.unsqueeze(1)).sum(1) - 1
+    at = histogram.gather(1, digit.unsqueeze(1)).squeeze(1)
+    above = at_or_above.gather(1, digit.unsqueeze(1)).squeeze(1) - at
+    return digit, above, at
+
+
+def _radix_threshold_torch(keys: torch.Tensor, k: int):
+    """(threshold unsigned key [Q], keys above it [Q], keys equal to it [Q]) by PyTorch histograms.
+
+    The first pass histograms every key; later passes only the keys whose higher digits match
+    the threshold's (compacted into flat lists of (row, key)).
+    """
+    num_rows = keys.shape[0]
+    remaining = torch.full((num_rows,), k, dtype=torch.int64, device=keys.device)
+    threshold = torch.zeros(num_rows, dtype=torch.int64, device=keys.device)
+    count_above = torch.zeros_like(threshold)
+    rows = torch.arange(num_rows, device=keys.device, dtype=torch.int32)
+    candidates, candidate_rows = keys, rows.unsqueeze(1)  # pass 1: the [Q, M] keys
+    count_at = remaining
+    for shift, bits in RADIX_DIGITS:
+        digit = _digits(candidates, shift, bits)
+        bins = (candidate_rows * RADIX_BINS + digit).reshape(-1)
+        histogram = torch.bincount(bins, minlength=num_rows * RADIX_BINS).view(num_rows, RADIX_BINS)
+        chosen, above, count_at = _choose_digit(histogram, remaining)
+        threshold = (threshold << bits) | chosen
+        count_above += above
+        remaining -= above
+        if shift:
+            keep = digit == chosen.to(digit.dtype)[candidate_rows.long()]
+            if candidates.dim() == 2:
+                candidate_rows, columns = keep.nonzero(as_tuple=True)
+                candidates = keys[candidate_rows, columns]
+                candidate_rows = candidate_rows.to(torch.int32)
+            else:
+                candidates, candidate_rows = candidates[keep], candidate_rows[keep]
+    return threshold, count_above, count_at
+
+
+@functools.cache
+def _digit_histogram_kernel():
+    """Triton kernel: per-row histogram of one digit among the keys matching the threshold prefix.
+
+    One program per (row, block of HISTOGRAM_BLOCK columns); counts are added to the row's
+    [RADIX_BINS] int32 histogram with atomics.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def digit_histogram(keys_ptr, prefix_ptr, histogram_ptr, num_columns,
+                        DIGIT_SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                        NUM_BINS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        in_row = columns < num_columns
+        signed_keys = tl.load(keys_ptr + row.to(tl.int64) * num_columns + columns, mask=in_row, other=0)
+        keys = signed_keys.to(tl.uint32, bitcast=True) ^ 0x80000000  # unsigned order-preserving key
+        digit = ((keys >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1)).to(tl.int32)
+        counted = in_row
+        if HAS_PREFIX:
+            prefix = tl.load(prefix_ptr + row).to(tl.uint32, bitcast=True)
+            counted = counted & ((keys >> (DIGIT_SHIFT + DIGIT_BITS)) == prefix)
+        counts = tl.histogram(digit, NUM_BINS, mask=counted)
+        tl.atomic_add(histogram_ptr + row * NUM_BINS + tl.arange(0, NUM_BINS), counts)
+
+    return digit_histogram
+
+
+def _radix_threshold_triton(keys: torch.Tensor, k: int):
+    """Same as `_radix_threshold_torch`, each pass one Triton histogram over the full rows."""
+    num_rows, num_columns = keys.shape
+    kernel = _digit_histogram_kernel()
+    grid = (num_rows, -(-num_columns // HISTOGRAM_BLOCK))
+    remaining = torch.full((num_rows,), k, dtype=torch.int64, device=keys.device)
+    threshold = torch.zeros(num_rows, dtype=torch.int64, device=keys.device)
+    count_above = torch.zeros_like(threshold)
+    count_at = remaining
+    for pass_index, (shift, bits) in enumerate(RADIX_DIGITS):
+        histogram = torch.zeros(num_rows, RADIX_BINS, dtype=torch.int32, device=keys.device)
+        prefix = threshold.to(torch.int32)  # the digits chosen so far (< 2**22)
+        kernel[grid](keys, prefix, histogram, num_columns, DIGIT_SHIFT=shift, DIGIT_BITS=bits,
+                     HAS_PREFIX=pass_index > 0, NUM_BINS=RADIX_BINS, BLOCK=HISTOGRAM_BLOCK)
+        chosen, above, count_at = _choose_digit(histogram.long(), remaining)
+        threshold = (threshold << bits) | chosen
+        count_above += above
+        remaining -= above
+    return threshold, count_above, count_at
+
+
+def _select_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    num_rows = scores.shape[0]
+    keys = order_preserving_keys(scores)
+    find_threshold = _radix_threshold_triton if select_backend(scores).uses_triton else _radix_threshold_torch
+    threshold, count_above, count_at = find_threshold(keys, k)
+    signed_threshold = (threshold + _INT32_MIN).to(torch.int32).unsqueeze(1)
+    selected = keys >= signed_threshold
+    surplus_rows = (count_above + count_at > k).nonzero().squeeze(1)
+    if surplus_rows.numel():  # keep only the first (k - count_above) ties at the threshold
+        ties = keys[surplus_rows] == signed_threshold[surplus_rows]
+        tie_rank = ties.cumsum(1, dtype=torch.int32)
+        needed = (k - count_above[surplus_rows]).to(torch.int32).unsqueeze(1)
+        selected[surplus_rows] &= ~(ties & (tie_rank > needed))
+    columns = selected.nonzero()[:, 1].view(num_rows, k)  # ascending per row
+    order = torch.sort(keys.gather(1, columns), dim=1, descending=True, stable=True).indices
+    indices = columns.gather(1, order)
+    return _mark_missing(scores.gather(1, indices), indices)
