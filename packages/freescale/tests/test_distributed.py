@@ -52,7 +52,7 @@ def test_sharded_embeddings_equal_local(tmp_path):
 
 def test_scheduler_completes_in_priority_order(tmp_path):
     proc, res = _run("scheduler", 2, tmp_path)
-    assert res["order"] == ["urgent", "background"]
+    assert res["order"] == ["urgent", "reduce", "background"]
 
 
 def test_simulator_matches_real_run(tmp_path):

@@ -84,6 +84,35 @@ class CommScheduler:
             self._pending.append(_Chunk(priority, seq, i, make_run(c)))
         return future
 
+    def all_reduce(self, tensor: torch.Tensor, priority: int = 0, name: str = "all_reduce") -> Future:
+        """Queue a sum all-reduce of `tensor` in place; flat chunks of at most chunk_bytes, so an
+        urgent op is not stuck behind a large one. The future's result is `tensor`."""
+        future: Future = Future()
+        seq = next(self._seq)
+        flat = tensor.view(-1) if tensor.is_contiguous() else None
+        if flat is None:
+            raise ValueError(f"all_reduce: tensor {name!r} must be contiguous (it is reduced in place)")
+        per_chunk = max(1, self.chunk_bytes // max(1, tensor.element_size()))
+        bounds = list(range(0, max(1, flat.numel()), per_chunk))
+        remaining = [len(bounds)]
+        lock = threading.Lock()
+
+        def make_run(lo):
+            def run():
+                dist.all_reduce(flat[lo : lo + per_chunk], group=self.group)
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    self.completed.append(name)
+                    future.set_result(tensor)
+            run.future = future
+            return run
+
+        for i, lo in enumerate(bounds):
+            self._pending.append(_Chunk(priority, seq, i, make_run(lo)))
+        return future
+
     def flush(self) -> None:
         """Hand every pending chunk to the communication thread, most urgent first."""
         for chunk in sorted(self._pending):

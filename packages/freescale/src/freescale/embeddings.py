@@ -22,8 +22,7 @@ def _world(group):
 
 
 class ShardedEmbeddings(nn.Module):
-    def __init__(self, tables: dict[str, int], dim: int, sharding: str = "row", process_group=None,
-                 transport=None, init_seed: int = 0):
+    def __init__(self, tables: dict[str, int], dim: int, sharding: str = "row", process_group=None, init_seed: int = 0):
         super().__init__()
         if sharding not in ("row", "table"):
             raise ValueError(f"sharding must be 'row' or 'table', got {sharding!r}")
@@ -32,7 +31,6 @@ class ShardedEmbeddings(nn.Module):
         self.group, self.sharding, self.dim = process_group, sharding, dim
         self.keys = list(tables)
         self.num_rows = dict(tables)
-        self.transport = transport  # None: torch.distributed collectives; see freescale.transport
         world, rank = _world(process_group)
         self.world, self.rank = world, rank
         gen = torch.Generator().manual_seed(init_seed)

@@ -66,16 +66,34 @@ class HSTURecommender(nn.Module):
         self.ffns = nn.ModuleList(ffn_factory(d_model) for _ in range(n_layers)) if ffn_factory else None
         self.final_norm = nn.LayerNorm(d_model)
 
-    def user_state(self, items: torch.Tensor, lengths: torch.Tensor, item_embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        padded, mask = pad_jagged(items, lengths, min(self.max_len, int(lengths.max())))
-        x = (self.item(padded) if item_embeddings is None else item_embeddings) + self.position.weight[-padded.shape[1]:]
-        x = x * mask.unsqueeze(-1)
+    def sequence_states(self, items: torch.Tensor | None, lengths: torch.Tensor,
+                        item_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state after every position of each jagged history: ([B, W, D], valid mask [B, W]),
+        right-aligned (the newest item in the last column); attention is causal, so position t
+        has seen items up to t only, and the feed-forward blocks run on the valid positions only.
+
+        Or from item rows looked up elsewhere (e.g. a sharded table): `item_embeddings`
+        [B, W, D], right-aligned like `pad_jagged` (W <= max_len), `items` then unused."""
+        if item_embeddings is None:
+            padded, mask = pad_jagged(items, lengths, min(self.max_len, int(lengths.max())))
+            x = self.item(padded)
+        else:
+            width = item_embeddings.shape[1]
+            if width > self.max_len or item_embeddings.shape[0] != lengths.numel():
+                raise ValueError(f"item_embeddings must be [B={lengths.numel()}, W<={self.max_len}, D], got {tuple(item_embeddings.shape)}")
+            mask = torch.arange(width, device=lengths.device) >= (width - lengths.clamp_max(width)).unsqueeze(1)
+            x = item_embeddings
+        x = (x + self.position.weight[-x.shape[1]:]) * mask.unsqueeze(-1)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask)
             if self.ffns is not None:
-                b, n, d = x.shape
-                x = x + self.ffns[i](x.reshape(b * n, d)).reshape(b, n, d) * mask.unsqueeze(-1)
-        return self.final_norm(x[:, -1])
+                valid = x[mask]
+                x = x.masked_scatter(mask.unsqueeze(-1), valid + self.ffns[i](valid))
+        return self.final_norm(x), mask
+
+    def user_state(self, items: torch.Tensor | None, lengths: torch.Tensor, item_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """User vector [B, D] after each whole history (the last position of `sequence_states`)."""
+        return self.sequence_states(items, lengths, item_embeddings)[0][:, -1]
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits over all items for the next item of each sequence."""
