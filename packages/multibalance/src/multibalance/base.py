@@ -117,7 +117,7 @@ class Balancer(nn.Module, abc.ABC):
                 leaf.grad = None
             if not loss.requires_grad:
                 self._missing_dependency(name)
-            loss.backward(torch.tensor(w if w != 0 else 1.0, dtype=loss.dtype), retain_graph=t < len(losses) - 1)
+            loss.backward(None if w in (0.0, 1.0) else torch.tensor(w, dtype=loss.dtype), retain_graph=t < len(losses) - 1)
             if all(leaf.grad is None for leaf in self._leaves):
                 self._missing_dependency(name)
             if w == 1.0:
@@ -189,7 +189,8 @@ class Balancer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def combine(self, grads: list[list[torch.Tensor]], losses: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One combined gradient per target from the per-task gradients."""
+        """One combined gradient per target from the per-task gradients (which it may overwrite:
+        they are the balancer's own)."""
 
     def last_scales(self) -> dict[str, float]:
         return {}

@@ -45,9 +45,9 @@ class MultiBalance(Balancer):
         n_reps = len(grads[0])
         flat = [g if g.dtype == torch.float32 else g.float() for gt in grads for g in gt]  # task-major
         if self.norm == "batch":
-            stats = torch.stack([torch.linalg.vector_norm(g) for g in flat]).pow(2)
-            stats = self._all_reduce_sum(stats)
-            norms = stats.sqrt()
+            norms = torch.stack(torch._foreach_norm(flat))  # one call for every (task, rep)
+            if self._data_parallel():
+                norms = self._all_reduce_sum(norms.pow(2)).sqrt()
         else:
             per = [g.reshape(g.shape[0], -1).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1) for g in flat]
             stats = torch.stack([torch.stack([p.sum() for p in per]), torch.tensor([float(p.numel()) for p in per], device=per[0].device)])
@@ -77,9 +77,9 @@ class MultiBalance(Balancer):
         out = []
         for j in range(len(grads[0])):
             c = coeff[j].to(grads[0][j].dtype)
-            acc = grads[0][j] * c[0]
+            acc = grads[0][j].mul_(c[0])  # in place: the per-task gradients are the balancer's own
             for t in range(1, self.num_tasks):
-                acc.addcmul_(grads[t][j], c[t])  # in place: no temporary per task
+                acc.addcmul_(grads[t][j], c[t])
             out.append(acc)
         return out
 
