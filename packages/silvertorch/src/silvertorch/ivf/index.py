@@ -21,6 +21,7 @@ import torch
 
 from gpukernels_common import select_backend
 
+from ..topk import select_topk
 from .kmeans import kmeans
 from .quantize import quantize_rows
 
@@ -124,23 +125,36 @@ class IVFIndex:
                 words.reshape(-1).contiguous() if words is not None else starts, self.codes.shape[1], p, L, w32,
                 HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(self.codes.shape[1])))
             return out.view(q, p * L), positions
-        return self._scores_reference(q_codes, q_scales, starts, lengths, words, L).view(q, p * L), positions
+        return self._scores_reference(q_codes, q_scales, clusters, starts, lengths, words, L).view(q, p * L), positions
 
-    def _scores_reference(self, q_codes, q_scales, starts, lengths, words, L):
+    def _scores_reference(self, q_codes, q_scales, clusters, starts, lengths, words, L):
         from ..filtering import unpack_bits
 
         offs = torch.arange(L, device=starts.device)
         keep = offs < lengths.unsqueeze(-1)
         if words is not None:
             keep = keep & unpack_bits(words, L)
-        pos = (starts.unsqueeze(-1) + offs).clamp(max=max(self.num_items - 1, 0))
-        out = torch.full(pos.shape, float("-inf"), device=self.codes.device)
-        for qi in range(pos.shape[0]):  # per query: the probed rows only
-            rows = self.codes[pos[qi]].to(torch.int32)  # [P, L, D]
-            dots = (rows * q_codes[qi].to(torch.int32)).sum(-1)
-            scored = dots.float() * (self.scales[pos[qi]] * q_scales[qi])
-            out[qi] = torch.where(keep[qi], scored, out[qi])
-        return out
+        q, p = starts.shape
+        out = torch.full((q, p, L), float("-inf"), device=self.codes.device)
+        # cluster-major: each probed cluster's rows are contiguous, scored against every query that
+        # probes it in one matmul. int8 x int8 sums are integers below 2^24 when D <= 1040, so fp32
+        # matmul is exact and equals the kernel's int32 accumulation.
+        exact_in_fp32 = self.codes.shape[1] * 127 * 127 < 2**24
+        flat = clusters.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        for c, group in zip(uniq.tolist(), order.split(counts.tolist())):
+            lo, hi = int(self.offsets[c]), int(self.offsets[c + 1])
+            if hi == lo:
+                continue
+            qi, pi = group // p, group % p
+            block = self.codes[lo:hi]
+            if exact_in_fp32:
+                dots = q_codes[qi].float() @ block.float().T
+            else:
+                dots = (q_codes[qi].to(torch.int32).unsqueeze(1) * block.to(torch.int32).unsqueeze(0)).sum(-1).float()
+            out[qi, pi, : hi - lo] = dots * (self.scales[lo:hi].unsqueeze(0) * q_scales[qi].unsqueeze(1))
+        return torch.where(keep, out, torch.full_like(out, float("-inf"))).view(q * p, L)
 
     def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None, adaptive: bool = False,
                           max_nprobe: int | None = None) -> SearchResult:
@@ -165,9 +179,8 @@ class IVFIndex:
         scores, positions = self.candidate_scores(queries, clusters, filters)
         found = torch.isfinite(scores).sum(1)
         kk = min(k, scores.shape[1])
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :kk]  # ties: storage order
-        top = scores.gather(1, order)
-        pos = torch.where(torch.isfinite(top), positions.gather(1, order), torch.full_like(order, -1))
+        top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
+        pos = torch.where(order >= 0, positions.gather(1, order.clamp_min(0)), torch.full_like(order, -1))
         if kk < k:
             pad = k - kk
             top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
