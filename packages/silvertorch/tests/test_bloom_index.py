@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpukernels_common.testing import CanaryBuffer
 from silvertorch import BloomIndex, parse_filters
 
 N_FEATURES, N_VALUES = 3, 4
@@ -80,11 +81,17 @@ def test_kernel_matches_reference_and_ranges_match_full(monkeypatch):
     plans = parse_filters(["1:2 AND NOT 2:3", "1:{1,2} OR 3:0", "", "!(1:0 | 2:1) & 3:{0,1,2}"])
     ref = INDEX.search(plans)
     monkeypatch.setenv("GKC_BACKEND", "interpret")
-    tri = INDEX.search(plans)
-    assert torch.equal(ref, tri)
+    canary = CanaryBuffer(ref.shape, dtype=torch.int64)  # poisoned output inside canary padding
+    tri = INDEX.search(plans, out=canary.tensor)
+    canary.check("search")
+    assert tri is canary.tensor and torch.equal(ref, tri)
     starts = torch.tensor([[5, 100], [0, 2047], [77, 1], [2400, 3]])
     lengths = torch.tensor([[70, 10], [64, 100], [33, 0], [100, 5]])
-    ranges_tri = INDEX.search_ranges(plans, starts, lengths, 100)
+    canary = CanaryBuffer((4, 2, 4), dtype=torch.int32)
+    ranges_tri = INDEX.search_ranges(plans, starts, lengths, 100, out=canary.tensor)
+    canary.check("search_ranges")
+    with pytest.raises(ValueError, match="out must be"):
+        INDEX.search_ranges(plans, starts, lengths, 100, out=torch.empty(4, 2, 3, dtype=torch.int32))
     monkeypatch.setenv("GKC_BACKEND", "reference")
     ranges_ref = INDEX.search_ranges(plans, starts, lengths, 100)
     assert torch.equal(ranges_tri, ranges_ref)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from gpukernels_common.testing import CanaryBuffer
 from silvertorch import BloomIndex, DenseMaskFilter, FlatIndex, IVFIndex, parse_filters
 from silvertorch.filtering import pack_bits, unpack_bits
 
@@ -61,7 +62,10 @@ def test_kernel_and_reference_give_same_candidates(monkeypatch):
     monkeypatch.setenv("GKC_BACKEND", "reference")
     ref, pos = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask))
     monkeypatch.setenv("GKC_BACKEND", "interpret")
-    tri, pos2 = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask))
+    canary = CanaryBuffer(ref.shape)  # NaN-poisoned output inside canary padding
+    tri, pos2 = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask), out=canary.tensor)
+    canary.check("candidate scores")
+    assert tri is canary.tensor and not tri.isnan().any()
     assert torch.equal(pos, pos2)
     assert torch.equal(torch.isfinite(ref), torch.isfinite(tri))
     torch.testing.assert_close(tri, ref, rtol=0, atol=0)

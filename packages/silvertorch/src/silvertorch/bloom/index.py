@@ -206,19 +206,22 @@ class BloomIndex:
         if not isinstance(plans, FilterPlans):
             raise TypeError(f"plans must come from silvertorch.parse_filters, got {type(plans).__name__}")
 
-    def search(self, plans: FilterPlans) -> torch.Tensor:
-        """Full-corpus filter: int64 [Q, ceil(N/64)]; bit i % 64 of word i // 64 set = item i passes."""
+    def search(self, plans: FilterPlans, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-corpus filter: int64 [Q, ceil(N/64)]; bit i % 64 of word i // 64 set = item i passes.
+        `out`: a preallocated int64 [Q, ceil(N/64)] tensor to write into (returned)."""
         self._check_plans(plans)
+        out = _checked_out(out, (plans.num_queries, self.num_words), torch.int64, self.bits.device)
         plans = plans.to(self.bits.device)
         exact, row_of = self._exact_tables(plans)
         if self.num_words == 0:
-            return torch.zeros(plans.num_queries, 0, dtype=torch.int64, device=self.bits.device)
+            return torch.zeros(plans.num_queries, 0, dtype=torch.int64, device=self.bits.device) if out is None else out
         if select_backend(self.bits).uses_triton:
             import triton
 
             from .kernels import search_kernel
 
-            out = torch.empty(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device)
+            if out is None:
+                out = torch.empty(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device)
             bw = 128
             search_kernel[(plans.num_queries, triton.cdiv(self.num_words, bw))](
                 out, self.bits, self.row_offsets, self.widths, self.live, plans.ops, plans.args, plans.hashes,
@@ -226,10 +229,13 @@ class BloomIndex:
                 K=self.k, BW=bw)
             return out
         w = torch.arange(self.num_words, device=self.bits.device)
-        return torch.stack([self._eval_reference(plans, q, w, exact, row_of) for q in range(plans.num_queries)])
+        result = torch.stack([self._eval_reference(plans, q, w, exact, row_of) for q in range(plans.num_queries)])
+        return result if out is None else out.copy_(result)
 
-    def search_ranges(self, plans: FilterPlans, starts: torch.Tensor, lengths: torch.Tensor, max_length: int) -> torch.Tensor:
-        """Filter only item ranges: int32 [Q, R, ceil(max_length/32)], bit b of word o = item starts[q,r] + 32*o + b."""
+    def search_ranges(self, plans: FilterPlans, starts: torch.Tensor, lengths: torch.Tensor, max_length: int, *,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """Filter only item ranges: int32 [Q, R, ceil(max_length/32)], bit b of word o = item starts[q,r] + 32*o + b.
+        `out`: a preallocated int32 tensor of that shape to write into (returned)."""
         self._check_plans(plans)
         starts, lengths = torch.as_tensor(starts), torch.as_tensor(lengths)
         if starts.shape != lengths.shape or starts.dim() != 2 or starts.shape[0] != plans.num_queries:
@@ -244,19 +250,22 @@ class BloomIndex:
         exact, row_of = self._exact_tables(plans)
         q, r = starts.shape
         w32 = max(math.ceil(max_length / 32), 1)
+        out = _checked_out(out, (q, r, w32), torch.int32, self.bits.device)
         if select_backend(self.bits).uses_triton and self.num_words:
             import triton
 
             from .kernels import range_kernel
 
-            out = torch.empty(q, r, w32, dtype=torch.int32, device=self.bits.device)
+            if out is None:
+                out = torch.empty(q, r, w32, dtype=torch.int32, device=self.bits.device)
             bw = 64
             range_kernel[(q * r, triton.cdiv(w32, bw))](
                 out, starts.contiguous(), lengths.contiguous(), self.bits, self.row_offsets, self.widths, self.live,
                 plans.ops, plans.args, plans.hashes, second_hash(plans.hashes), exact, row_of, plans.ops.shape[1],
                 plans.hashes.shape[1], self.num_words, r, w32, K=self.k, BW=bw)
             return out
-        return self._ranges_reference(plans, starts, lengths, w32, exact, row_of)
+        result = self._ranges_reference(plans, starts, lengths, w32, exact, row_of)
+        return result if out is None else out.copy_(result)
 
     def _ranges_reference(self, plans, starts, lengths, w32, exact, row_of):
         q, r = starts.shape
@@ -389,3 +398,9 @@ class BloomFilter:
 
     def exact_mask(self, positions) -> torch.Tensor:
         return self.index.verify(self.plans, positions)
+
+
+def _checked_out(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device)):
+        raise ValueError(f"out must be {dtype} {tuple(shape)} on {device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out

@@ -93,8 +93,10 @@ class IVFIndex:
         """[Q, nprobe] best clusters by centroid inner product."""
         return torch.topk(queries.float() @ self.centroids.T, nprobe, dim=1).indices
 
-    def candidate_scores(self, queries: torch.Tensor, clusters: torch.Tensor, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores [Q, P*L] of every item of the probed clusters (-inf: outside/filtered/removed) and positions."""
+    def candidate_scores(self, queries: torch.Tensor, clusters: torch.Tensor, filters=None, *,
+                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [Q, P*L] of every item of the probed clusters (-inf: outside/filtered/removed) and
+        positions; L is the largest cluster. `out`: a preallocated float32 [Q, P*L] to write into."""
         q_codes, q_scales = quantize_rows(queries)
         starts = self.offsets[clusters]
         lengths = self.offsets[clusters + 1] - starts
@@ -111,21 +113,24 @@ class IVFIndex:
             alive = pack_bits(~self.removed[pos.clamp(max=self.num_items - 1)])
             words = alive if words is None else words & alive
         q, p = clusters.shape
+        if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device):
+            raise ValueError(f"out must be float32 ({q}, {p * L}) on {self.codes.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
         positions = (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(q, p * L)
         if select_backend(self.codes).uses_triton:
             import triton
 
             from .kernels import score_kernel
 
-            out = torch.empty(q * p, L, dtype=torch.float32, device=self.codes.device)
+            out = torch.empty(q, p * L, dtype=torch.float32, device=self.codes.device) if out is None else out
             bn = 64
             w32 = words.shape[-1] if words is not None else 1
             score_kernel[(q * p, triton.cdiv(L, bn))](
                 out, self.codes, self.scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
                 words.reshape(-1).contiguous() if words is not None else starts, self.codes.shape[1], p, L, w32,
                 HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(self.codes.shape[1])))
-            return out.view(q, p * L), positions
-        return self._scores_reference(q_codes, q_scales, clusters, starts, lengths, words, L).view(q, p * L), positions
+            return out, positions
+        result = self._scores_reference(q_codes, q_scales, clusters, starts, lengths, words, L).view(q, p * L)
+        return (result if out is None else out.copy_(result)), positions
 
     def _scores_reference(self, q_codes, q_scales, clusters, starts, lengths, words, L):
         from ..filtering import unpack_bits
