@@ -66,19 +66,11 @@ class MovieLens:
         return self.items[self.offsets[1:] - 1]
 
     def attributes(self):
-        """Jagged (feature id, value) per item: each genre (hashed by name) and the release year."""
-        from silvertorch.bloom.hashing import string_value
+        """Jagged (feature id, value) per item for the Bloom index: each genre and the release year."""
+        from silvertorch import FilterSchema
 
-        fids, vals, offsets = [], [], [0]
-        for gs, year in zip(self.genres, self.years):
-            for g in gs:
-                fids.append(GENRE)
-                vals.append(string_value(g))
-            if year:
-                fids.append(YEAR)
-                vals.append(year)
-            offsets.append(len(vals))
-        return torch.tensor(fids, dtype=torch.int64), torch.tensor(offsets), torch.tensor(vals, dtype=torch.int64)
+        items = [{"genre": gs, "year": [year] if year else []} for gs, year in zip(self.genres, self.years)]
+        return FilterSchema(SCHEMA).encode_items(items)
 
 
 def load() -> MovieLens:

@@ -113,6 +113,9 @@ def main():
             print(f"n={n} k={k} m={m} absent-term probes: " + " ".join(f"{a}={b}" for a, b in fig.items()))
             records.append(BenchRecord(f"Bloom false-positive rate over absent-term probes ({device}, skewed items)", "silvertorch",
                                        {"items": n, "k": k, "b_multiplier": m}, fig))
+    if not args.quick:
+        write_records(HERE / "results" / ("bloom_gpu.jsonl" if args.gpu else "bloom.jsonl"), records)  # before the 10M build
+        records = []
     if not args.gpu and not args.quick:  # the 10M-item build, on the CPU reference path (no roaring: its build is hours in Python)
         n = 10_000_000
         fids, offsets, vals = make_items(n)
@@ -130,7 +133,7 @@ def main():
                                        {"items": n, "k": 3, "b_multiplier": 5.0, "query": text}, fig))
     if args.quick:  # a smoke run: print only, keep the full figures on disk
         return
-    write_records(HERE / "results" / ("bloom_gpu.jsonl" if args.gpu else "bloom.jsonl"), records)
+    write_records(HERE / "results" / ("bloom_gpu.jsonl" if args.gpu else "bloom.jsonl"), records, append=True)
 
 
 if __name__ == "__main__":

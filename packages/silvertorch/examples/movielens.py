@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from silvertorch import EmbeddingTower, OverArch, ValueModel, publish, save_item_table, save_towers
+from silvertorch import EmbeddingTower, FilterSchema, OverArch, ValueModel, publish, save_item_table, save_towers
 
 GENRE, YEAR = 1, 2
 SCHEMA = {"genre": GENRE, "year": YEAR}
@@ -79,18 +79,8 @@ def load_movielens(test_fraction: float = 0.1) -> MovieLens:
 
 def item_attributes(ml: MovieLens):
     """Jagged (feature_id, value) pairs: every genre (hashed by name) and the release year."""
-    from silvertorch.bloom.hashing import string_value
-
-    fids, vals, offsets = [], [], [0]
-    for gs, year in zip(ml.item_genres, ml.item_years.tolist()):
-        for g in gs:
-            fids.append(GENRE)
-            vals.append(string_value(g))
-        if year:
-            fids.append(YEAR)
-            vals.append(year)
-        offsets.append(len(vals))
-    return torch.tensor(fids, dtype=torch.int64), torch.tensor(offsets), torch.tensor(vals, dtype=torch.int64)
+    items = [{"genre": gs, "year": [year] if year else []} for gs, year in zip(ml.item_genres, ml.item_years.tolist())]
+    return FilterSchema(SCHEMA).encode_items(items)
 
 
 class ItemTower(nn.Module):

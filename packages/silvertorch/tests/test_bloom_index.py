@@ -160,3 +160,14 @@ def test_bytes_per_item_and_bad_inputs():
         idx.search(["1:1"])
     with pytest.raises(ValueError, match="positions"):
         idx.verify(plans, torch.tensor([[5000]]))
+
+
+def test_reference_build_in_chunks_equals_one_pass(monkeypatch):
+    import silvertorch.bloom.index as bloom_index
+
+    fids, offsets, vals = _items(3000, seed=11)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    whole = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
+    monkeypatch.setattr(bloom_index, "BUILD_CHUNK", 777)  # pairs per step: many chunks, one straddling each bundle edge
+    chunked = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
+    assert torch.equal(whole.bits, chunked.bits) and whole.bits.any()

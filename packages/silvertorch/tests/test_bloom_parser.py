@@ -58,3 +58,20 @@ def test_positions_are_distinct_and_in_range():
     pos = bloom_positions(h, width, 5)
     assert ((pos >= 0) & (pos < 31)).all()
     assert all(len(set(row)) == 5 for row in pos.tolist())
+
+
+def test_schema_encodes_item_attributes_as_the_language_hashes_them():
+    from silvertorch import BloomIndex, FilterSchema
+
+    schema = FilterSchema({"genre": 1, "year": 2, "title": 3})
+    items = [{"genre": ["Comedy", "Drama"], "year": 1995}, {"genre": "Horror", "year": []}, {"title": "Toy Story", "year": 1995}]
+    fids, offsets, values = schema.encode_items(items)
+    assert offsets.tolist() == [0, 3, 4, 6] and fids.tolist() == [1, 1, 2, 1, 3, 2]
+    index = BloomIndex.build(fids, offsets, values, k=3, b_multiplier=5.0)
+    plans = parse_filters(['genre:Comedy', 'year:1995 AND NOT genre:Drama', 'title:"Toy Story"', "genre:Horror"], schema=schema)
+    exact = index.verify(plans, torch.arange(3).unsqueeze(0).expand(4, 3))
+    assert exact.tolist() == [[True, False, False], [False, False, True], [False, False, True], [False, True, False]]
+    with pytest.raises(ValueError, match="unknown attribute 'rating'"):
+        schema.encode_items([{"rating": 5}])
+    with pytest.raises(ValueError, match="must be int or str"):
+        schema.encode_items([{"year": 1995.0}])

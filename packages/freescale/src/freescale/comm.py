@@ -51,67 +51,58 @@ class CommScheduler:
                 if not item.run.future.done():
                     item.run.future.set_exception(err)
 
+    def _queue_chunks(self, parts: list, send, result, priority: int, name: str) -> Future:
+        """Queue `send(part)` for every part as chunks of one op; the future resolves to `result`
+        once the last chunk is done."""
+        future: Future = Future()
+        seq = next(self._seq)
+        remaining = [len(parts)]
+        lock = threading.Lock()
+
+        def make_run(part):
+            def run():
+                send(part)
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    self.completed.append(name)
+                    future.set_result(result)
+            run.future = future
+            return run
+
+        for i, part in enumerate(parts):
+            self._pending.append(_Chunk(priority, seq, i, make_run(part)))
+        return future
+
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits=None, input_splits=None,
                    priority: int = 0, name: str = "all_to_all") -> Future:
         """Queue an all_to_all_single; chunked along dim 1 when it is larger than chunk_bytes."""
-        future: Future = Future()
-        seq = next(self._seq)
         total = input.numel() * input.element_size()
         n_chunks = max(1, -(-total // self.chunk_bytes)) if input.dim() == 2 else 1
         n_chunks = min(n_chunks, input.shape[1]) if input.dim() == 2 else 1
         cols = torch.arange(input.shape[1]).tensor_split(n_chunks) if input.dim() == 2 else [None]
-        remaining = [len(cols)]
-        lock = threading.Lock()
 
-        def make_run(c):
-            def run():
-                if c is None:
-                    dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
-                else:
-                    out = output.new_empty(output.shape[0], c.numel())
-                    dist.all_to_all_single(out, input[:, c].contiguous(), output_splits, input_splits, group=self.group)
-                    output[:, c] = out
-                with lock:
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last:
-                    self.completed.append(name)
-                    future.set_result(output)
-            run.future = future
-            return run
+        def send(c):
+            if c is None:
+                dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+            else:
+                out = output.new_empty(output.shape[0], c.numel())
+                dist.all_to_all_single(out, input[:, c].contiguous(), output_splits, input_splits, group=self.group)
+                output[:, c] = out
 
-        for i, c in enumerate(cols):
-            self._pending.append(_Chunk(priority, seq, i, make_run(c)))
-        return future
+        return self._queue_chunks(list(cols), send, output, priority, name)
 
     def all_reduce(self, tensor: torch.Tensor, priority: int = 0, name: str = "all_reduce") -> Future:
         """Queue a sum all-reduce of `tensor` in place; flat chunks of at most chunk_bytes, so an
         urgent op is not stuck behind a large one. The future's result is `tensor`."""
-        future: Future = Future()
-        seq = next(self._seq)
-        flat = tensor.view(-1) if tensor.is_contiguous() else None
-        if flat is None:
+        if not tensor.is_contiguous():
             raise ValueError(f"all_reduce: tensor {name!r} must be contiguous (it is reduced in place)")
+        flat = tensor.view(-1)
         per_chunk = max(1, self.chunk_bytes // max(1, tensor.element_size()))
-        bounds = list(range(0, max(1, flat.numel()), per_chunk))
-        remaining = [len(bounds)]
-        lock = threading.Lock()
-
-        def make_run(lo):
-            def run():
-                dist.all_reduce(flat[lo : lo + per_chunk], group=self.group)
-                with lock:
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last:
-                    self.completed.append(name)
-                    future.set_result(tensor)
-            run.future = future
-            return run
-
-        for i, lo in enumerate(bounds):
-            self._pending.append(_Chunk(priority, seq, i, make_run(lo)))
-        return future
+        starts = list(range(0, max(1, flat.numel()), per_chunk))
+        return self._queue_chunks(starts, lambda lo: dist.all_reduce(flat[lo : lo + per_chunk], group=self.group),
+                                  tensor, priority, name)
 
     def flush(self) -> None:
         """Hand every pending chunk to the communication thread, most urgent first."""

@@ -25,6 +25,9 @@ WORDS_PER_BUNDLE = BUNDLE // 64
 FORMAT_VERSION = 1
 
 
+BUILD_CHUNK = 1 << 22  # (item, term) pairs per step of the reference build
+
+
 def _or_bits(n_words: int, word: torch.Tensor, bit: torch.Tensor, device) -> torch.Tensor:
     """OR-scatter: distinct (word, bit) pairs summed as powers of two (exact in int64 wraparound)."""
     out = torch.zeros(n_words, dtype=torch.int64, device=device)
@@ -104,12 +107,16 @@ class BloomIndex:
             build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, second_hash(h), item_of_term, widths, row_offsets,
                                                           h.numel(), keep_rows, K=self.k, BLOCK=block)
         else:
-            bundle = item_of_term // BUNDLE
-            pos = bloom_positions(h, widths[bundle], self.k)  # [terms, k]
-            wib = (item_of_term % BUNDLE) // 64
-            word = ((row_offsets[bundle].unsqueeze(1) + pos) * 32 + wib.unsqueeze(1)) - keep_rows * 32
-            bit = (item_of_term % 64).unsqueeze(1).expand_as(word)
-            fresh = _or_bits(new_rows * 32, word.reshape(-1), bit.reshape(-1), device).view(new_rows, 32)
+            fresh = torch.zeros(new_rows * 32, dtype=torch.int64, device=device)
+            for lo in range(0, h.numel(), BUILD_CHUNK):  # chunks bound the temporaries (10M items: ~1 GB, not ~30)
+                items = item_of_term[lo : lo + BUILD_CHUNK]
+                bundle = items // BUNDLE
+                pos = bloom_positions(h[lo : lo + BUILD_CHUNK], widths[bundle], self.k)  # [terms, k]
+                wib = (items % BUNDLE) // 64
+                word = ((row_offsets[bundle].unsqueeze(1) + pos) * 32 + wib.unsqueeze(1)) - keep_rows * 32
+                bit = (items % 64).unsqueeze(1).expand_as(word)
+                fresh |= _or_bits(new_rows * 32, word.reshape(-1), bit.reshape(-1), device)
+            fresh = fresh.view(new_rows, 32)
         self.bits = torch.cat([self.bits[:keep_rows], fresh])
         self.widths, self.row_offsets = widths, row_offsets
         self._refresh()

@@ -51,6 +51,25 @@ class FilterSchema:
             raise FilterSyntaxError(expression, position, f"a known feature ({', '.join(sorted(self.features))})", repr(name))
         return int(self.features[name])
 
+    def encode_items(self, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-item attributes, e.g. [{"genre": ["Comedy", "Drama"], "year": 1995}, ...] -> the jagged
+        (feature_ids, offsets, values) that BloomIndex.build and publish take. Integers stay
+        integers (`year:1995`); strings are hashed as the filter language hashes a word or a
+        quoted value (`genre:Comedy`, `title:"Toy Story"`)."""
+        fids, vals, offsets = [], [], [0]
+        for i, item in enumerate(items):
+            for name, values in item.items():
+                if name not in self.features:
+                    raise ValueError(f"item {i}: unknown attribute {name!r}; the schema has {sorted(self.features)}")
+                for v in values if isinstance(values, (list, tuple, set)) else [values]:
+                    if isinstance(v, bool) or not isinstance(v, (int, str)):
+                        raise ValueError(f"item {i}: attribute {name!r} values must be int or str, got {type(v).__name__}")
+                    fids.append(int(self.features[name]))
+                    vals.append(v if isinstance(v, int) else string_value(v))
+            offsets.append(len(vals))
+        return (torch.tensor(fids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
+                torch.tensor(vals, dtype=torch.int64))
+
 
 @dataclasses.dataclass
 class FilterPlans:
