@@ -192,3 +192,26 @@ def test_kmeans_bad_arguments():
         kmeans(torch.randn(10, 4), 2, metric="cosine")
     with pytest.raises(ValueError, match="n_clusters"):
         kmeans(torch.randn(10, 4), 11)
+
+
+@pytest.mark.parametrize("cls", [IVFIndex, FlatIndex])
+def test_add_makes_new_items_searchable_and_survives_save_load(cls, tmp_path):
+    x, q = _gaussian_clusters(4, n=600, d=32, centers=12, n_queries=8)
+    index = cls.build(x[:500], ids=torch.arange(500), n_clusters=8) if cls is IVFIndex else cls.build(x[:500], ids=torch.arange(500))
+    index.remove([3])
+    index.add(x[500:], ids=torch.arange(1000, 1100))
+    assert index.num_items == 600 and int(index.offsets[-1]) == 600
+    assert torch.equal(index.ids[index.order.argsort()], torch.cat([torch.arange(500), torch.arange(1000, 1100)]))
+    nprobe = index.n_clusters
+    scores, ids = index.search(x[500:520], k=1, nprobe=nprobe)  # an added item is its own best match
+    exact = torch.cat([torch.arange(500), torch.arange(1000, 1100)])[(x[500:520] @ x.T).masked_fill(torch.arange(600) == 3, float("-inf")).argmax(1)]
+    assert (ids[:, 0] == exact).float().mean() >= 0.9
+    full = index.search(q, k=600, nprobe=nprobe)[1]
+    assert not (full == 3).any() and set(range(1000, 1100)) <= set(full[0].tolist())
+    index.save(tmp_path / "ivf.safetensors")
+    again = IVFIndex.load(tmp_path / "ivf.safetensors")
+    assert torch.equal(again.search(q, k=50, nprobe=nprobe)[1], index.search(q, k=50, nprobe=nprobe)[1])
+    with pytest.raises(ValueError, match="ids must be new"):
+        index.add(x[:2], ids=[1000, 5000])
+    with pytest.raises(ValueError, match="embeddings must be"):
+        index.add(torch.randn(2, 7), ids=[7000, 7001])

@@ -198,6 +198,36 @@ class IVFIndex:
         return r.scores, r.ids
 
     # -- mutation and persistence ------------------------------------------------------------
+    def add(self, embeddings: torch.Tensor, ids) -> None:
+        """Add items without re-clustering: each joins the cluster of largest centroid inner product
+        and the storage is re-laid in cluster order (one O(N) copy). Storage positions change:
+        `order` maps them to build-input rows, the added items numbered after the existing ones,
+        so a Bloom index or mask over storage order must be rebuilt by the caller."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.codes.shape[1] or not embeddings.dtype.is_floating_point:
+            raise ValueError(f"embeddings must be a float tensor [num_new, {self.codes.shape[1]}], got {embeddings.dtype} {tuple(embeddings.shape)}")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("embeddings contain NaN or inf")
+        ids = torch.as_tensor(ids, device=self.ids.device).long()
+        if ids.shape != (embeddings.shape[0],):
+            raise ValueError(f"ids must be [{embeddings.shape[0]}], got {tuple(ids.shape)}")
+        live = self.ids[~self.removed]
+        if ids.unique().numel() != ids.numel() or torch.isin(ids, live).any():
+            raise ValueError("ids must be new: each id may be live in the index once")
+        embeddings = embeddings.to(self.codes.device)
+        clusters = torch.cat([torch.repeat_interleave(torch.arange(self.n_clusters, device=self.codes.device), self.offsets.diff()),
+                              (embeddings.float() @ self.centroids.T).argmax(1)])
+        perm = torch.argsort(clusters, stable=True)  # existing items keep their relative order
+        codes, scales = quantize_rows(embeddings)
+        next_rows = torch.arange(embeddings.shape[0], device=self.codes.device) + (int(self.order.max()) + 1 if self.order.numel() else 0)
+        self.codes = torch.cat([self.codes, codes])[perm]
+        self.scales = torch.cat([self.scales, scales])[perm]
+        self.ids = torch.cat([self.ids, ids])[perm]
+        self.order = torch.cat([self.order, next_rows])[perm]
+        self.removed = torch.cat([self.removed, torch.zeros(embeddings.shape[0], dtype=torch.bool, device=self.codes.device)])[perm]
+        counts = torch.bincount(clusters, minlength=self.n_clusters)
+        self.offsets = torch.cat([self.offsets.new_zeros(1), torch.cumsum(counts, 0)])
+        self.max_cluster = int(counts.max())
+
     def remove(self, ids) -> int:
         """Tombstone items by user id; returns how many were removed."""
         hit = torch.isin(self.ids, torch.as_tensor(ids, device=self.ids.device))
