@@ -195,23 +195,38 @@ def test_kmeans_bad_arguments():
 
 
 @pytest.mark.parametrize("cls", [IVFIndex, FlatIndex])
-def test_add_makes_new_items_searchable_and_survives_save_load(cls, tmp_path):
+def test_fresh_items_are_merged_tagged_filtered_saved_and_compacted(cls, tmp_path):
     x, q = _gaussian_clusters(4, n=600, d=32, centers=12, n_queries=8)
     index = cls.build(x[:500], ids=torch.arange(500), n_clusters=8) if cls is IVFIndex else cls.build(x[:500], ids=torch.arange(500))
     index.remove([3])
     index.add(x[500:], ids=torch.arange(1000, 1100))
-    assert index.num_items == 600 and int(index.offsets[-1]) == 600
-    assert torch.equal(index.ids[index.order.argsort()], torch.cat([torch.arange(500), torch.arange(1000, 1100)]))
-    nprobe = index.n_clusters
-    scores, ids = index.search(x[500:520], k=1, nprobe=nprobe)  # an added item is its own best match
-    exact = torch.cat([torch.arange(500), torch.arange(1000, 1100)])[(x[500:520] @ x.T).masked_fill(torch.arange(600) == 3, float("-inf")).argmax(1)]
-    assert (ids[:, 0] == exact).float().mean() >= 0.9
-    full = index.search(q, k=600, nprobe=nprobe)[1]
-    assert not (full == 3).any() and set(range(1000, 1100)) <= set(full[0].tolist())
+    assert (index.num_main, index.num_fresh, index.num_items) == (500, 100, 600)
+    everyone = torch.cat([torch.arange(500), torch.arange(1000, 1100)])
+    nprobe = index.n_clusters  # every cluster + the fresh part = exhaustive int8 search
+    r = index.search_with_stats(q, k=50, nprobe=nprobe)
+    truth = everyone[torch.topk((q @ x.T).masked_fill(torch.arange(600) == 3, float("-inf")), 50, dim=1).indices]
+    assert sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(r.ids, truth)) / truth.numel() >= 0.97
+    assert torch.equal(r.fresh, r.ids >= 1000) and not (r.ids == 3).any()
+    near = index.search_with_stats(x[550:560], k=1, nprobe=nprobe)  # queries next to added items
+    best = everyone[(x[550:560] @ x.T).masked_fill(torch.arange(600) == 3, float("-inf")).argmax(1)]
+    assert (near.ids[:, 0] == best).float().mean() >= 0.9 and near.fresh.any()
+    # a filter over positions covers the fresh ones (num_main + j): keep fresh items with even ids only
+    mask = torch.zeros(8, 600, dtype=torch.bool)
+    mask[:, 500:] = torch.arange(1000, 1100) % 2 == 0
+    f = index.search_with_stats(q, k=60, nprobe=nprobe, filters=DenseMaskFilter(mask))
+    kept = f.ids[f.ids >= 0]
+    assert (f.found == 50).all() and ((kept >= 1000) & (kept % 2 == 0)).all() and kept.numel() == 8 * 50
+    assert index.remove([1000, 3, 4]) == 2  # 3 was removed already
+    assert not (index.search(q, k=600, nprobe=nprobe)[1] == 1000).any()
     index.save(tmp_path / "ivf.safetensors")
     again = IVFIndex.load(tmp_path / "ivf.safetensors")
-    assert torch.equal(again.search(q, k=50, nprobe=nprobe)[1], index.search(q, k=50, nprobe=nprobe)[1])
+    assert again.num_fresh == 100 and torch.equal(again.search(q, k=50, nprobe=nprobe)[1], index.search(q, k=50, nprobe=nprobe)[1])
+    before = index.search_with_stats(q, k=50, nprobe=nprobe)
+    index.compact()
+    assert (index.num_main, index.num_fresh) == (597, 0) and int(index.offsets[-1]) == 597
+    after = index.search_with_stats(q, k=50, nprobe=nprobe)
+    assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(before.ids, after.ids)) and not after.fresh.any()
     with pytest.raises(ValueError, match="ids must be new"):
-        index.add(x[:2], ids=[1000, 5000])
+        index.add(x[:2], ids=[1001, 5000])
     with pytest.raises(ValueError, match="embeddings must be"):
         index.add(torch.randn(2, 7), ids=[7000, 7001])

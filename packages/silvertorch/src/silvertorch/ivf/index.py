@@ -35,6 +35,7 @@ class SearchResult:
     positions: torch.Tensor  # [Q, k] storage positions, -1 where missing
     found: torch.Tensor  # [Q] candidates that passed the filter in the probed clusters
     nprobe: torch.Tensor  # [Q] clusters finally probed (after adaptive widening)
+    fresh: torch.Tensor  # [Q, k] bool: the item comes from the fresh part (added since the last build)
 
 
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
@@ -54,6 +55,11 @@ class IVFIndex:
         sizes = offsets.diff()
         self.max_cluster = int(sizes.max()) if max_cluster is None and sizes.numel() else int(max_cluster or 0)
         self.removed = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
+        # the fresh part: items added since the last build, scored exhaustively beside the probed
+        # clusters; storage positions num_main + j (filters must cover them: e.g. BloomIndex.append)
+        self.fresh_codes = codes.new_zeros(0, codes.shape[1])
+        self.fresh_scales, self.fresh_ids = scales.new_zeros(0), ids.new_zeros(0)
+        self.fresh_removed = torch.zeros(0, dtype=torch.bool, device=codes.device)
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, n_clusters: int = 256, dtype: str = "int8",
@@ -78,7 +84,16 @@ class IVFIndex:
 
     @property
     def num_items(self) -> int:
+        """Main + fresh items (tombstoned ones included): the positions a filter must cover."""
+        return self.codes.shape[0] + self.fresh_codes.shape[0]
+
+    @property
+    def num_main(self) -> int:
         return self.codes.shape[0]
+
+    @property
+    def num_fresh(self) -> int:
+        return self.fresh_codes.shape[0]
 
     @property
     def n_clusters(self) -> int:
@@ -110,7 +125,7 @@ class IVFIndex:
             from ..filtering import pack_bits
 
             pos = starts.unsqueeze(-1) + torch.arange(L, device=starts.device)
-            alive = pack_bits(~self.removed[pos.clamp(max=self.num_items - 1)])
+            alive = pack_bits(~self.removed[pos.clamp(max=max(self.num_main - 1, 0))])
             words = alive if words is None else words & alive
         q, p = clusters.shape
         if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device):
@@ -175,13 +190,17 @@ class IVFIndex:
             nprobe = min(2 * nprobe, max_nprobe)
             wider = self._search_once(queries, k, nprobe, filters)
             short = result.found < k
-            for name in ("scores", "ids", "positions", "found", "nprobe"):
+            for name in ("scores", "ids", "positions", "found", "nprobe", "fresh"):
                 getattr(result, name)[short] = getattr(wider, name)[short]
         return result
 
     def _search_once(self, queries, k, nprobe, filters) -> SearchResult:
         clusters = self.probe(queries, nprobe)
         scores, positions = self.candidate_scores(queries, clusters, filters)
+        if self.num_fresh:  # merged into the same selection, so one top-k covers both parts
+            fresh_scores = self._fresh_scores(queries, filters)
+            fresh_pos = torch.arange(self.num_main, self.num_items, device=positions.device).expand(queries.shape[0], -1)
+            scores, positions = torch.cat([scores, fresh_scores], 1), torch.cat([positions, fresh_pos], 1)
         found = torch.isfinite(scores).sum(1)
         kk = min(k, scores.shape[1])
         top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
@@ -190,8 +209,24 @@ class IVFIndex:
             pad = k - kk
             top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
             pos = torch.cat([pos, torch.full((pos.shape[0], pad), -1, dtype=pos.dtype, device=pos.device)], 1)
-        ids = torch.where(pos >= 0, self.ids[pos.clamp(min=0)], torch.full_like(pos, -1))
-        return SearchResult(top, ids, pos, found, torch.full_like(found, nprobe))
+        all_ids = torch.cat([self.ids, self.fresh_ids])
+        ids = torch.where(pos >= 0, all_ids[pos.clamp(min=0)], torch.full_like(pos, -1))
+        return SearchResult(top, ids, pos, found, torch.full_like(found, nprobe), pos >= self.num_main)
+
+    def _fresh_scores(self, queries, filters) -> torch.Tensor:
+        """[Q, F] exact int8 scores of every fresh item (-inf: filtered or removed)."""
+        from ..filtering import unpack_bits
+
+        q_codes, q_scales = quantize_rows(queries)
+        dots = q_codes.float() @ self.fresh_codes.float().T  # integer sums, exact in fp32 for D <= 1040
+        scores = dots * (self.fresh_scales.unsqueeze(0) * q_scales.unsqueeze(1))
+        keep = ~self.fresh_removed.unsqueeze(0).expand_as(scores)
+        if filters is not None:
+            q, f = scores.shape
+            starts = torch.full((q, 1), self.num_main, dtype=torch.int64, device=scores.device)
+            lengths = torch.full((q, 1), f, dtype=torch.int64, device=scores.device)
+            keep = keep & unpack_bits(filters.range_masks(starts, lengths, f).to(scores.device), f)[:, 0]
+        return scores.masked_fill(~keep, float("-inf"))
 
     def search(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.search_with_stats(queries, k, nprobe, filters)
@@ -199,10 +234,10 @@ class IVFIndex:
 
     # -- mutation and persistence ------------------------------------------------------------
     def add(self, embeddings: torch.Tensor, ids) -> None:
-        """Add items without re-clustering: each joins the cluster of largest centroid inner product
-        and the storage is re-laid in cluster order (one O(N) copy). Storage positions change:
-        `order` maps them to build-input rows, the added items numbered after the existing ones,
-        so a Bloom index or mask over storage order must be rebuilt by the caller."""
+        """Add items to the fresh part (no re-clustering, O(new items)): searched exhaustively beside
+        the probed clusters and merged in the same top-k, results tagged `fresh`. Their storage
+        positions follow the main ones (`num_main + j`), so a filter over positions must cover
+        them (`BloomIndex.append` with the same items). `compact()` folds them into the clusters."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.codes.shape[1] or not embeddings.dtype.is_floating_point:
             raise ValueError(f"embeddings must be a float tensor [num_new, {self.codes.shape[1]}], got {embeddings.dtype} {tuple(embeddings.shape)}")
         if not torch.isfinite(embeddings).all():
@@ -210,36 +245,53 @@ class IVFIndex:
         ids = torch.as_tensor(ids, device=self.ids.device).long()
         if ids.shape != (embeddings.shape[0],):
             raise ValueError(f"ids must be [{embeddings.shape[0]}], got {tuple(ids.shape)}")
-        live = self.ids[~self.removed]
+        live = torch.cat([self.ids[~self.removed], self.fresh_ids[~self.fresh_removed]])
         if ids.unique().numel() != ids.numel() or torch.isin(ids, live).any():
             raise ValueError("ids must be new: each id may be live in the index once")
-        embeddings = embeddings.to(self.codes.device)
-        clusters = torch.cat([torch.repeat_interleave(torch.arange(self.n_clusters, device=self.codes.device), self.offsets.diff()),
-                              (embeddings.float() @ self.centroids.T).argmax(1)])
-        perm = torch.argsort(clusters, stable=True)  # existing items keep their relative order
-        codes, scales = quantize_rows(embeddings)
-        next_rows = torch.arange(embeddings.shape[0], device=self.codes.device) + (int(self.order.max()) + 1 if self.order.numel() else 0)
-        self.codes = torch.cat([self.codes, codes])[perm]
-        self.scales = torch.cat([self.scales, scales])[perm]
-        self.ids = torch.cat([self.ids, ids])[perm]
-        self.order = torch.cat([self.order, next_rows])[perm]
-        self.removed = torch.cat([self.removed, torch.zeros(embeddings.shape[0], dtype=torch.bool, device=self.codes.device)])[perm]
-        counts = torch.bincount(clusters, minlength=self.n_clusters)
+        codes, scales = quantize_rows(embeddings.to(self.codes.device))
+        self.fresh_codes = torch.cat([self.fresh_codes, codes])
+        self.fresh_scales = torch.cat([self.fresh_scales, scales])
+        self.fresh_ids = torch.cat([self.fresh_ids, ids])
+        self.fresh_removed = torch.cat([self.fresh_removed, torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)])
+
+    def compact(self) -> None:
+        """Fold the fresh part into the clusters (each item joins the cluster of largest centroid
+        inner product; the storage is re-laid in cluster order, one O(N) copy) and drop
+        tombstoned items. Storage positions change: `order` maps them to build-input rows, the
+        fresh items numbered after the existing ones; rebuild any filter over positions."""
+        device = self.codes.device
+        main_clusters = torch.repeat_interleave(torch.arange(self.n_clusters, device=device), self.offsets.diff())
+        fresh_clusters = (self.fresh_codes.float() * self.fresh_scales.unsqueeze(1)) @ self.centroids.T
+        clusters = torch.cat([main_clusters, fresh_clusters.argmax(1) if self.num_fresh else main_clusters[:0]])
+        next_rows = torch.arange(self.num_fresh, device=device) + (int(self.order.max()) + 1 if self.order.numel() else 0)
+        keep = ~torch.cat([self.removed, self.fresh_removed])
+        perm = torch.argsort(clusters[keep], stable=True)  # surviving items keep their relative order
+        self.codes = torch.cat([self.codes, self.fresh_codes])[keep][perm]
+        self.scales = torch.cat([self.scales, self.fresh_scales])[keep][perm]
+        self.ids = torch.cat([self.ids, self.fresh_ids])[keep][perm]
+        self.order = torch.cat([self.order, next_rows])[keep][perm]
+        counts = torch.bincount(clusters[keep], minlength=self.n_clusters)
         self.offsets = torch.cat([self.offsets.new_zeros(1), torch.cumsum(counts, 0)])
-        self.max_cluster = int(counts.max())
+        self.max_cluster = int(counts.max()) if counts.numel() else 0
+        self.removed = torch.zeros(self.codes.shape[0], dtype=torch.bool, device=device)
+        self.fresh_codes, self.fresh_scales, self.fresh_ids = self.fresh_codes[:0], self.fresh_scales[:0], self.fresh_ids[:0]
+        self.fresh_removed = self.fresh_removed[:0]
 
     def remove(self, ids) -> int:
         """Tombstone items by user id; returns how many were removed."""
-        hit = torch.isin(self.ids, torch.as_tensor(ids, device=self.ids.device))
+        ids = torch.as_tensor(ids, device=self.ids.device)
+        hit, fresh_hit = torch.isin(self.ids, ids) & ~self.removed, torch.isin(self.fresh_ids, ids) & ~self.fresh_removed
         self.removed |= hit
-        return int(hit.sum())
+        self.fresh_removed |= fresh_hit
+        return int(hit.sum() + fresh_hit.sum())
 
     def save(self, path) -> Path:
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {"centroids": self.centroids, "offsets": self.offsets, "codes": self.codes, "scales": self.scales,
-                   "ids": self.ids, "order": self.order, "removed": self.removed}
+                   "ids": self.ids, "order": self.order, "removed": self.removed, "fresh_codes": self.fresh_codes,
+                   "fresh_scales": self.fresh_scales, "fresh_ids": self.fresh_ids, "fresh_removed": self.fresh_removed}
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
                   metadata={"format": "silvertorch.IVFIndex", "format_version": str(FORMAT_VERSION),
                             "config": json.dumps({"dim": self.codes.shape[1], "n_clusters": self.n_clusters})})
@@ -257,10 +309,17 @@ class IVFIndex:
         if meta.get("format") != "silvertorch.IVFIndex" or meta.get("format_version") != str(FORMAT_VERSION):
             raise ValueError(f"{path}: not a silvertorch IVFIndex file of format version {FORMAT_VERSION} ({meta.get('format')}, {meta.get('format_version')})")
         removed = t.pop("removed")
+        fresh = {k: t.pop(k) for k in ("fresh_codes", "fresh_scales", "fresh_ids", "fresh_removed") if k in t}
         idx = cls(**t)
         if idx.codes.shape[0] != int(idx.offsets[-1]) or idx.ids.shape[0] != idx.codes.shape[0]:
             raise ValueError(f"{path}: inconsistent shapes")
         idx.removed = removed.bool()
+        if fresh:
+            n = fresh["fresh_ids"].shape[0]
+            if fresh["fresh_codes"].shape != (n, idx.codes.shape[1]) or fresh["fresh_scales"].shape != (n,) or fresh["fresh_removed"].shape != (n,):
+                raise ValueError(f"{path}: inconsistent fresh-part shapes")
+            idx.fresh_codes, idx.fresh_scales, idx.fresh_ids = fresh["fresh_codes"], fresh["fresh_scales"], fresh["fresh_ids"]
+            idx.fresh_removed = fresh["fresh_removed"].bool()
         return idx
 
 
