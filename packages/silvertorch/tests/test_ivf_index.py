@@ -230,3 +230,29 @@ def test_fresh_items_are_merged_tagged_filtered_saved_and_compacted(cls, tmp_pat
         index.add(x[:2], ids=[1001, 5000])
     with pytest.raises(ValueError, match="embeddings must be"):
         index.add(torch.randn(2, 7), ids=[7000, 7001])
+
+
+def test_bf16_flat_index_is_exact_up_to_bf16(tmp_path):
+    x, q = _gaussian_clusters(5, n=800, d=48, centers=10, n_queries=10)
+    flat = FlatIndex.build(x, ids=torch.arange(800) + 50, dtype="bfloat16")
+    assert flat.codes.dtype == torch.bfloat16 and flat.bytes_per_item() == 48 * 2 + 4 + 8
+    exact = torch.topk(q @ x.T, 20, dim=1)
+    scores, ids = flat.search(q, k=20)
+
+    def recall(found):
+        return sum(len(set(a.tolist()) & set((b + 50).tolist())) for a, b in zip(found, exact.indices)) / exact.indices.numel()
+
+    assert recall(ids) >= 0.99 and recall(ids) >= recall(FlatIndex.build(x, ids=torch.arange(800) + 50).search(q, k=20)[1])
+    torch.testing.assert_close(scores, exact.values, rtol=2e-2, atol=2e-2)
+    mask = torch.rand(10, 800, generator=torch.Generator().manual_seed(2)) < 0.3
+    r = flat.search_with_stats(q, k=10, filters=DenseMaskFilter(mask))
+    assert mask.gather(1, r.positions).all() and (r.found == mask.sum(1)).all()
+    flat.remove([50])
+    flat.add(x[:3] * 2, ids=[5000, 5001, 5002])  # twice as long: they win their own queries
+    r = flat.search_with_stats(x[:3], k=1)
+    assert r.ids[:, 0].tolist() == [5000, 5001, 5002] and r.fresh.all()
+    flat.save(tmp_path / "flat.safetensors")
+    again = FlatIndex.load(tmp_path / "flat.safetensors")
+    assert again.codes.dtype == torch.bfloat16 and torch.equal(again.search(q, k=20)[1], flat.search(q, k=20)[1])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        FlatIndex.build(x, dtype="fp8")

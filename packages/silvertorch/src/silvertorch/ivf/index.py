@@ -100,8 +100,11 @@ class IVFIndex:
         return self.centroids.shape[0]
 
     def bytes_per_item(self) -> float:
-        """Stored bytes per item: int8 code, fp32 scale, int64 id."""
-        return self.codes.shape[1] + self.scales.element_size() + self.ids.element_size()
+        """Stored bytes per item: code (int8, or bf16 for a bf16 FlatIndex), fp32 scale, int64 id."""
+        return self.codes.shape[1] * self.codes.element_size() + self.scales.element_size() + self.ids.element_size()
+
+    def _encode_items(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rows(x)
 
     # -- search ------------------------------------------------------------------------------
     def probe(self, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
@@ -248,7 +251,7 @@ class IVFIndex:
         live = torch.cat([self.ids[~self.removed], self.fresh_ids[~self.fresh_removed]])
         if ids.unique().numel() != ids.numel() or torch.isin(ids, live).any():
             raise ValueError("ids must be new: each id may be live in the index once")
-        codes, scales = quantize_rows(embeddings.to(self.codes.device))
+        codes, scales = self._encode_items(embeddings.to(self.codes.device))
         self.fresh_codes = torch.cat([self.fresh_codes, codes])
         self.fresh_scales = torch.cat([self.fresh_scales, scales])
         self.fresh_ids = torch.cat([self.fresh_ids, ids])
@@ -324,20 +327,63 @@ class IVFIndex:
 
 
 class FlatIndex(IVFIndex):
-    """Brute force over all items (one cluster), int8 codes; same search API (nprobe is ignored)."""
+    """Brute force over all items (one cluster); same search API (nprobe is ignored).
+
+    dtype="int8": symmetric int8 codes, scored by the IVF kernel/reference over the one cluster.
+    dtype="bfloat16": bf16 rows and fp32 queries, fp32 accumulation (twice the bytes of int8, no
+    quantization of the query; for small corpora where recall matters more than memory)."""
+
+    DTYPES = ("int8", "bfloat16")
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, dtype: str = "int8", **_) -> FlatIndex:
-        if dtype != "int8":
-            raise ValueError(f"FlatIndex supports dtype='int8' in this release, got {dtype!r}")
+        if dtype not in cls.DTYPES:
+            raise ValueError(f"FlatIndex dtype must be one of {cls.DTYPES}, got {dtype!r}")
         if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point or not torch.isfinite(embeddings).all():
             raise ValueError("embeddings must be a finite float tensor [num_items, dim]")
         n = embeddings.shape[0]
         ids = torch.arange(n, device=embeddings.device) if ids is None else torch.as_tensor(ids).long()
-        codes, scales = quantize_rows(embeddings)
+        if dtype == "int8":
+            codes, scales = quantize_rows(embeddings)
+        else:
+            codes, scales = embeddings.to(torch.bfloat16), torch.ones(n, device=embeddings.device)
         centroids = torch.zeros(1, embeddings.shape[1], device=embeddings.device)
         offsets = torch.tensor([0, n], device=embeddings.device)
         return cls(centroids, offsets, codes, scales, ids, torch.arange(n, device=embeddings.device))
+
+    @property
+    def is_bf16(self) -> bool:
+        return self.codes.dtype == torch.bfloat16
+
+    def _encode_items(self, x):
+        return (x.to(torch.bfloat16), torch.ones(x.shape[0], device=x.device)) if self.is_bf16 else quantize_rows(x)
+
+    def _dense_scores(self, queries, codes, removed, first_position, filters) -> torch.Tensor:
+        """[Q, M] fp32 scores of bf16 rows at positions first_position.. (-inf: filtered or removed)."""
+        from ..filtering import unpack_bits
+
+        scores = queries.float() @ codes.float().T
+        keep = ~removed.unsqueeze(0).expand_as(scores)
+        if filters is not None and codes.shape[0]:
+            q, m = scores.shape
+            starts = torch.full((q, 1), first_position, dtype=torch.int64, device=scores.device)
+            lengths = torch.full((q, 1), m, dtype=torch.int64, device=scores.device)
+            keep = keep & unpack_bits(filters.range_masks(starts, lengths, m).to(scores.device), m)[:, 0]
+        return scores.masked_fill(~keep, float("-inf"))
+
+    def candidate_scores(self, queries, clusters, filters=None, *, out=None):
+        if not self.is_bf16:
+            return super().candidate_scores(queries, clusters, filters, out=out)
+        if filters is not None and filters.num_queries != queries.shape[0]:
+            raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
+        scores = self._dense_scores(queries, self.codes, self.removed, 0, filters)
+        positions = torch.arange(self.num_main, device=scores.device).expand_as(scores)
+        return (scores if out is None else out.copy_(scores)), positions
+
+    def _fresh_scores(self, queries, filters):
+        if not self.is_bf16:
+            return super()._fresh_scores(queries, filters)
+        return self._dense_scores(queries, self.fresh_codes, self.fresh_removed, self.num_main, filters)
 
     def search_with_stats(self, queries, k, nprobe=1, filters=None, adaptive=False, max_nprobe=None):
         return super().search_with_stats(queries, k, 1, filters)
