@@ -56,14 +56,16 @@ def test_int8_recall_against_fp32_over_same_clusters(d):
     assert sum(len(t & set(r.ids[i].tolist())) for i, t in enumerate(truth)) / sum(len(t) for t in truth) >= 0.98
 
 
-def test_kernel_and_reference_give_same_candidates(monkeypatch):
+@pytest.mark.parametrize("schedule", ["query", "cluster"])
+def test_kernel_and_reference_give_same_candidates(monkeypatch, schedule):
     mask = torch.rand(6, INDEX.num_items, generator=torch.Generator().manual_seed(1)) < 0.3
     clusters = INDEX.probe(QUERIES, 3)
+    clusters[1] = clusters[0]  # two queries probing the same clusters share a cluster-major block
     monkeypatch.setenv("GKC_BACKEND", "reference")
     ref, pos = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask))
     monkeypatch.setenv("GKC_BACKEND", "interpret")
     canary = CanaryBuffer(ref.shape)  # NaN-poisoned output inside canary padding
-    tri, pos2 = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask), out=canary.tensor)
+    tri, pos2 = INDEX.candidate_scores(QUERIES, clusters, DenseMaskFilter(mask), out=canary.tensor, schedule=schedule)
     canary.check("candidate scores")
     assert tri is canary.tensor and not tri.isnan().any()
     assert torch.equal(pos, pos2)
@@ -256,3 +258,19 @@ def test_bf16_flat_index_is_exact_up_to_bf16(tmp_path):
     assert again.codes.dtype == torch.bfloat16 and torch.equal(again.search(q, k=20)[1], flat.search(q, k=20)[1])
     with pytest.raises(ValueError, match="dtype must be one of"):
         FlatIndex.build(x, dtype="fp8")
+
+
+def test_cluster_major_schedule_splits_busy_clusters_into_blocks(monkeypatch):
+    x, q = _gaussian_clusters(6, n=1500, d=40, centers=8, n_queries=40)  # odd d; 160 pairs on 8 clusters: > 16 per cluster
+    index = IVFIndex.build(x, n_clusters=8)
+    index.remove(torch.arange(0, 1500, 7))
+    clusters = index.probe(q, 4)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    ref, _ = index.candidate_scores(q, clusters)
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    canary = CanaryBuffer(ref.shape)
+    tri, _ = index.candidate_scores(q, clusters, out=canary.tensor)  # auto: 40 queries -> cluster-major
+    canary.check("cluster-major scores")
+    torch.testing.assert_close(tri, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="schedule"):
+        index.candidate_scores(q, clusters, schedule="tiles")

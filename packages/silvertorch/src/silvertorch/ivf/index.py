@@ -38,6 +38,30 @@ class SearchResult:
     fresh: torch.Tensor  # [Q, k] bool: the item comes from the fresh part (added since the last build)
 
 
+SCHEDULES = ("auto", "query", "cluster")
+CLUSTER_MAJOR_MIN_QUERIES = 16  # auto: from this batch size on, queries share cluster tiles
+
+
+def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
+    """The (query, slot) pairs q*P + p grouped by the cluster they probe, and a schedule of blocks
+    of at most block_q pairs of one cluster, from device tensors only: the grid is the upper
+    bound ceil(Q*P / block_q) + n_clusters and surplus blocks carry cluster -1."""
+    flat = clusters.reshape(-1)
+    pairs = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=n_clusters)
+    pair_ends = torch.cumsum(counts, 0)
+    blocks = (counts + block_q - 1) // block_q
+    cum = torch.cumsum(blocks, 0)
+    n_blocks = (flat.numel() + block_q - 1) // block_q + n_clusters
+    b = torch.arange(n_blocks, device=clusters.device)
+    e = torch.searchsorted(cum, b, right=True)
+    valid = e < n_clusters
+    e = e.clamp(max=n_clusters - 1)
+    row = (pair_ends[e] - counts[e]) + (b - (cum[e] - blocks[e])) * block_q
+    return (pairs, pair_ends.to(torch.int64), torch.where(valid, e, -1).to(torch.int32),
+            torch.where(valid, row, 0).to(torch.int64), n_blocks)
+
+
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
     if queries.dim() != 2 or queries.shape[1] != dim:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
@@ -112,9 +136,14 @@ class IVFIndex:
         return torch.topk(queries.float() @ self.centroids.T, nprobe, dim=1).indices
 
     def candidate_scores(self, queries: torch.Tensor, clusters: torch.Tensor, filters=None, *,
-                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         out: torch.Tensor | None = None, schedule: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [Q, P*L] of every item of the probed clusters (-inf: outside/filtered/removed) and
-        positions; L is the largest cluster. `out`: a preallocated float32 [Q, P*L] to write into."""
+        positions; L is the largest cluster. `out`: a preallocated float32 [Q, P*L] to write into.
+        `schedule` (Triton backends): "query" (one program per query × cluster × items), "cluster"
+        (queries grouped by the cluster they probe, tl.dot on a shared row tile), "auto": cluster-
+        major from CLUSTER_MAJOR_MIN_QUERIES queries on."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         q_codes, q_scales = quantize_rows(queries)
         starts = self.offsets[clusters]
         lengths = self.offsets[clusters + 1] - starts
@@ -137,15 +166,24 @@ class IVFIndex:
         if select_backend(self.codes).uses_triton:
             import triton
 
-            from .kernels import score_kernel
+            from .kernels import score_cluster_major_kernel, score_kernel
 
             out = torch.empty(q, p * L, dtype=torch.float32, device=self.codes.device) if out is None else out
-            bn = 64
             w32 = words.shape[-1] if words is not None else 1
-            score_kernel[(q * p, triton.cdiv(L, bn))](
-                out, self.codes, self.scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
-                words.reshape(-1).contiguous() if words is not None else starts, self.codes.shape[1], p, L, w32,
-                HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(self.codes.shape[1])))
+            flat_words = words.reshape(-1).contiguous() if words is not None else starts
+            d = self.codes.shape[1]
+            if schedule == "cluster" or (schedule == "auto" and q >= CLUSTER_MAJOR_MIN_QUERIES):
+                bq, bn = 16, 64
+                pairs, pair_ends, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, self.n_clusters, bq)
+                score_cluster_major_kernel[(n_blocks, triton.cdiv(L, bn))](
+                    out, self.codes, self.scales, q_codes, q_scales, self.offsets, pairs, pair_ends, block_cluster, block_row,
+                    flat_words, d, p, L, w32, HAS_FILTER=words is not None, BQ=bq, BN=bn,
+                    BD=min(64, max(16, triton.next_power_of_2(d))))
+            else:
+                bn = 64
+                score_kernel[(q * p, triton.cdiv(L, bn))](
+                    out, self.codes, self.scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
+                    flat_words, d, p, L, w32, HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(d)))
             return out, positions
         result = self._scores_reference(q_codes, q_scales, clusters, starts, lengths, words, L).view(q, p * L)
         return (result if out is None else out.copy_(result)), positions
