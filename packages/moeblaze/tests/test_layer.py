@@ -44,3 +44,39 @@ def test_module_options_and_errors():
     with pytest.raises(ValueError, match="d_model=8"):
         MoE(8, 8, 2, 1)(torch.randn(2, 7))
     assert "MoE" in moeblaze.__all__
+
+
+def test_capacity_drops_later_tokens_overflow_in_token_order():
+    logits = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]])  # three tokens want expert 0
+    r = route(logits, 1, capacity=2)
+    assert r.expert_ids[:, 0].tolist() == [0, 0, 3, 1]  # the third token's slot is dropped (id E = 3)
+    assert r.dropped[:, 0].tolist() == [False, False, True, False] and float(r.weights[2, 0]) == 0.0
+    assert torch.equal(route(logits, 1).expert_ids[:, 0], torch.tensor([0, 0, 0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="capacity"):
+        route(logits, 1, capacity=0)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoE(8, 8, 2, 1, capacity_factor=0.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+@pytest.mark.parametrize("checkpoint", ["preact", "recompute"])
+def test_capacity_factor_matches_reference_without_the_dropped_slots(monkeypatch, backend, checkpoint):
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    torch.manual_seed(1)
+    layer = MoE(12, 20, n_experts=4, top_k=2, checkpoint=checkpoint, capacity_factor=0.6)
+    with torch.no_grad():
+        layer.router.proj.weight[0] += 2.0  # a hot expert, so its overflow is dropped
+    x = torch.randn(37, 12, requires_grad=True)
+    out = layer(x)
+    r = layer.router(x)
+    capacity = moeblaze.router.expert_capacity(37, 2, 4, 0.6)
+    kept = r.expert_ids[~r.dropped].long()
+    assert int(layer.last_dropped) == int(r.dropped.sum()) > 0
+    assert torch.bincount(kept, minlength=4).max() <= capacity
+    ref = moe_reference(x, r.expert_ids.long(), r.weights, layer.w_gate, layer.w_up, layer.w_down)  # id E: skipped
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, layer.w_gate, layer.w_down, layer.router.proj.weight], go)
+    want = torch.autograd.grad(ref, [x, layer.w_gate, layer.w_down, layer.router.proj.weight], go)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

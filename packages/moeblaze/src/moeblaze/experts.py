@@ -86,7 +86,8 @@ def _forward_triton(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top
         h, wd, sorted_slots, route_w, offsets, block_expert, block_row, y, d, f, UPCAST=upcast, BM=bm, BN=bn_d, BK=bk)
     out = x.new_empty(t, d)
     bt = 16
-    kernels.combine_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bn_d))](y, position, out, t, d, TOP_K=top_k, BT=bt, BD=bn_d)
+    kernels.combine_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bn_d))](y, position, offsets[n_experts:], out, t, d, TOP_K=top_k,
+                                                                       BT=bt, BD=bn_d)
     return out, (a if store_pre else None), (b if store_pre and gated else None), h
 
 
@@ -97,7 +98,7 @@ def _forward_torch(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_
     a = x.new_empty(rows, f) if store_pre else None
     b = x.new_empty(rows, f) if store_pre and gated else None
     h = x.new_empty(rows, f)
-    y = x.new_empty(rows, d)
+    y = x.new_zeros(rows, d)  # rows of dropped slots (past offsets[E]) stay zero
     for e, r0, r1, slots, tokens in _expert_groups(offsets, sorted_slots, top_k):
         xe = x[tokens]
         ae = xe @ wg[e]
@@ -168,8 +169,8 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                 checkpoint: str = "preact") -> torch.Tensor:
     """Functional routed-experts layer.
 
-    x [T, d]; expert_ids [T, k] (int); weights [T, k]; w_gate [E, d, d_ff]; w_up [E, d, d_ff]
-    (SwiGLU only, else None); w_down [E, d_ff, d]. Returns [T, d].
+    x [T, d]; expert_ids [T, k] (int; E marks a slot dropped by the capacity); weights [T, k];
+    w_gate [E, d, d_ff]; w_up [E, d, d_ff] (SwiGLU only, else None); w_down [E, d_ff, d]. Returns [T, d].
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -192,13 +193,15 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
         raise ValueError(f"expert_ids and weights must both be [{t}, top_k], got {tuple(expert_ids.shape)} and {tuple(weights.shape)}")
     if expert_ids.shape[1] > n_experts:
         raise ValueError(f"top_k={expert_ids.shape[1]} exceeds n_experts={n_experts}")
-    if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= n_experts):
-        raise ValueError(f"expert_ids must be in [0, {n_experts})")
+    if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) > n_experts):
+        raise ValueError(f"expert_ids must be in [0, {n_experts}] ({n_experts}: a slot dropped by the capacity)")
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("weights", weights)):
         if w is not None and (w.device != x.device):
             raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
-    disp = dispatch(expert_ids, n_experts)
+    # one more group collects the dropped slots (id n_experts); the experts see only the first
+    # n_experts groups, so dropped slots are neither computed nor combined
+    disp = dispatch(expert_ids, n_experts + 1)
     use_triton = select_backend(x).uses_triton
     tensors = [t_.contiguous() if t_ is not None else None for t_ in (x, weights.reshape(-1), w_gate, w_up, w_down)]
-    return _Experts.apply(*tensors, disp.sorted_slots, disp.expert_offsets, disp.slot_position, expert_ids.shape[1],
-                          activation, checkpoint, use_triton)
+    return _Experts.apply(*tensors, disp.sorted_slots, disp.expert_offsets[: n_experts + 1].clone(), disp.slot_position,
+                          expert_ids.shape[1], activation, checkpoint, use_triton)

@@ -123,14 +123,16 @@ def down_kernel(h_ptr, wd_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert
 
 
 @triton.jit
-def combine_kernel(y_ptr, pos_ptr, out_ptr, T, D, TOP_K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """out[t] = sum_j y[position[t*k + j]]: a deterministic gather-sum back to token order."""
+def combine_kernel(y_ptr, pos_ptr, kept_ptr, out_ptr, T, D, TOP_K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """out[t] = sum_j y[position[t*k + j]]: a deterministic gather-sum back to token order. Rows at
+    or past *kept_ptr (slots dropped by the capacity, never computed) count as zero."""
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     tmask = tok < T
     mask = tmask[:, None] & (cols < D)[None, :]
+    kept = tl.load(kept_ptr)
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for j in range(TOP_K):
         p = tl.load(pos_ptr + tok * TOP_K + j, mask=tmask, other=0)
-        acc += tl.load(y_ptr + p.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(y_ptr + p.to(tl.int64)[:, None] * D + cols[None, :], mask=mask & (p < kept)[:, None], other=0.0).to(tl.float32)
     tl.store(out_ptr + tok.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -14,7 +14,9 @@ from .router import Router
 
 
 class MoE(nn.Module):
-    """Dropless token-choice Mixture of Experts.
+    """Token-choice Mixture of Experts, dropless by default; `capacity_factor` caps each expert at
+    ceil(capacity_factor * tokens * top_k / n_experts) slots (later tokens' overflow dropped,
+    never computed; `self.last_dropped` counts them).
 
     After each forward, `self.aux_loss` holds aux_loss_coef * load-balancing loss +
     z_loss_coef * router z-loss; add it to the training loss.
@@ -22,7 +24,7 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, activation: str = "swiglu",
                  checkpoint: str = "preact", n_shared_experts: int = 0, score: str = "softmax", renormalize: bool = True,
-                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001):
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, capacity_factor: float | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -33,13 +35,14 @@ class MoE(nn.Module):
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.activation, self.checkpoint = activation, checkpoint
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.router = Router(d_model, n_experts, top_k, score, renormalize)
+        self.router = Router(d_model, n_experts, top_k, score, renormalize, capacity_factor)
         std_in, std_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
         self.w_gate = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * std_in)
         self.w_up = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * std_in) if activation == "swiglu" else None
         self.w_down = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * std_out)
         self.shared = nn.ModuleList(_SharedExpert(d_model, d_ff) for _ in range(n_shared_experts))
         self.aux_loss = torch.zeros(())
+        self.last_dropped = torch.zeros((), dtype=torch.long)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -48,6 +51,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat)
         self.aux_loss = self.aux_loss_coef * routing.aux_loss + self.z_loss_coef * routing.z_loss
+        self.last_dropped = routing.dropped.sum()
         out = moe_experts(flat, routing.expert_ids, routing.weights.to(flat.dtype), self.w_gate, self.w_up, self.w_down,
                           self.activation, self.checkpoint)
         for expert in self.shared:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -14,10 +15,21 @@ class Routing:
     weights: torch.Tensor  # [T, k] combine weights (differentiable)
     aux_loss: torch.Tensor  # load-balancing loss (Switch/GShard form), scalar
     z_loss: torch.Tensor  # router z-loss (ST-MoE), scalar
+    dropped: torch.Tensor  # [T, k] bool: slots over their expert's capacity (id E, weight 0)
 
 
-def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize: bool = True) -> Routing:
-    """Top-k routing of [T, E] logits."""
+def expert_capacity(tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """Slots each expert keeps: ceil(capacity_factor * tokens * top_k / n_experts)."""
+    return max(1, math.ceil(capacity_factor * tokens * top_k / n_experts))
+
+
+def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize: bool = True,
+          capacity: int | None = None) -> Routing:
+    """Top-k routing of [T, E] logits. With `capacity`, each expert keeps its first `capacity`
+    slots in token order (earlier tokens first, as in Switch/GShard); the others are dropped:
+    expert id E and weight 0, so they are neither computed nor combined (the token keeps its
+    other experts' outputs and, in a residual block, its input). Weights are renormalized before
+    dropping; the auxiliary loss sees the router's choice before dropping."""
     if logits.dim() != 2:
         raise ValueError(f"router logits must be [tokens, experts], got shape {tuple(logits.shape)}")
     n_experts = logits.shape[1]
@@ -39,14 +51,34 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
     mean_prob = (probs / probs.sum(-1, keepdim=True)).mean(0)
     aux = n_experts * (frac * mean_prob).sum()
     z = torch.logsumexp(logits32, -1).pow(2).mean()
-    return Routing(expert_ids.to(torch.int32), weights.to(logits.dtype), aux, z)
+    dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
+    if capacity is not None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 slot per expert, got {capacity}")
+        flat = expert_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # slot order within each expert: token order
+        counts = torch.bincount(flat, minlength=n_experts)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(flat.numel(), device=flat.device) - first[flat[order]]
+        dropped = (rank >= capacity).view_as(expert_ids)
+        expert_ids = expert_ids.masked_fill(dropped, n_experts)
+        weights = weights.masked_fill(dropped, 0.0)
+    return Routing(expert_ids.to(torch.int32), weights.to(logits.dtype), aux, z, dropped)
 
 
 class Router(nn.Module):
-    def __init__(self, d_model: int, n_experts: int, top_k: int, score: str = "softmax", renormalize: bool = True):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, score: str = "softmax", renormalize: bool = True,
+                 capacity_factor: float | None = None):
         super().__init__()
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 (or None: dropless), got {capacity_factor}")
         self.proj = nn.Linear(d_model, n_experts, bias=False)
-        self.top_k, self.score, self.renormalize = top_k, score, renormalize
+        self.n_experts, self.top_k, self.score, self.renormalize = n_experts, top_k, score, renormalize
+        self.capacity_factor = capacity_factor
 
     def forward(self, x: torch.Tensor) -> Routing:
-        return route(self.proj(x), self.top_k, self.score, self.renormalize)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(x.shape[0], self.top_k, self.n_experts, self.capacity_factor)
+        return route(self.proj(x), self.top_k, self.score, self.renormalize, capacity)
