@@ -197,9 +197,12 @@ class RetrievalModel(nn.Module):
     def _bloom_terms(self, positions, hashes):
         """[Q, T, M] bool: Bloom test (a superset) of term hashes[q, t] for main-index items."""
         bundle = positions // BUNDLE
-        width = self.bloom_widths[bundle].unsqueeze(1)  # [Q, 1, M]
-        rows = bloom_positions(hashes.unsqueeze(-1).expand(-1, -1, positions.shape[1]), width.expand(-1, hashes.shape[1], -1), self.bloom_k)
-        rows = rows + self.bloom_row_offsets[bundle][:, None, :, None]
+        q, t = hashes.shape
+        n_bundles = self.bloom_widths.numel()
+        # a term's rows depend on its bundle only: hash once per (term, bundle), then gather per item
+        per_bundle = bloom_positions(hashes.unsqueeze(-1).expand(q, t, n_bundles), self.bloom_widths.expand(q, t, n_bundles), self.bloom_k)
+        per_bundle = per_bundle + self.bloom_row_offsets[:n_bundles][None, None, :, None]  # [Q, T, B, k]
+        rows = per_bundle.gather(2, bundle[:, None, :, None].expand(q, t, -1, self.bloom_k))  # [Q, T, M, k]
         word = ((positions % BUNDLE) // 64)[:, None, :, None].expand_as(rows)
         bits = (self.bloom_bits[rows, word] >> (positions % 64)[:, None, :, None]) & 1
         return bits.bool().all(-1)
