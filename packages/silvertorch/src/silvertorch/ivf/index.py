@@ -62,6 +62,28 @@ def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
             torch.where(valid, row, 0).to(torch.int64), n_blocks)
 
 
+def _check_embeddings(embeddings: torch.Tensor, dim: int | None = None) -> None:
+    if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point or (dim is not None and embeddings.shape[1] != dim):
+        raise ValueError(f"embeddings must be a float tensor [num_items, {dim or 'dim'}], got {embeddings.dtype} {tuple(embeddings.shape)}")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or inf")
+
+
+def _encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored rows: symmetric int8 codes + scales, or bf16 rows with unit scales."""
+    if dtype == "int8":
+        return quantize_rows(x)
+    return x.to(torch.bfloat16), torch.ones(x.shape[0], device=x.device)
+
+
+def _int8_dots(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[Q, M] exact integer dot products of int8 codes, as float32 (what the kernels accumulate in
+    int32). Sums stay below 2^24 when D <= 1040, so an fp32 matmul is exact and fast."""
+    if rows.shape[1] * 127 * 127 < 2**24:
+        return q_codes.float() @ rows.float().T
+    return (q_codes.to(torch.int32).unsqueeze(1) * rows.to(torch.int32).unsqueeze(0)).sum(-1).float()
+
+
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
     if queries.dim() != 2 or queries.shape[1] != dim:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
@@ -90,10 +112,7 @@ class IVFIndex:
               iters: int = 20, seed: int = 0) -> IVFIndex:
         if dtype != "int8":
             raise ValueError(f"IVFIndex stores int8 codes (dtype='int8'); use FlatIndex for dtype={dtype!r}")
-        if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
-            raise ValueError(f"embeddings must be a float tensor [num_items, dim], got {embeddings.dtype} {tuple(embeddings.shape)}")
-        if not torch.isfinite(embeddings).all():
-            raise ValueError("embeddings contain NaN or inf")
+        _check_embeddings(embeddings)
         n = embeddings.shape[0]
         ids = torch.arange(n, device=embeddings.device) if ids is None else torch.as_tensor(ids, device=embeddings.device).long()
         if ids.shape != (n,):
@@ -127,8 +146,37 @@ class IVFIndex:
         """Stored bytes per item: code (int8, or bf16 for a bf16 FlatIndex), fp32 scale, int64 id."""
         return self.codes.shape[1] * self.codes.element_size() + self.scales.element_size() + self.ids.element_size()
 
-    def _encode_items(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_rows(x)
+    @property
+    def dtype(self) -> str:
+        """How rows are stored: "int8" (IVFIndex, FlatIndex) or "bfloat16" (FlatIndex)."""
+        return "bfloat16" if self.codes.dtype == torch.bfloat16 else "int8"
+
+    def _exhaustive_scores(self, queries, codes, scales, removed, first_position, filters) -> torch.Tensor:
+        """[Q, M] scores of every row of `codes` (storage positions first_position..; -inf: filtered
+        or removed): int8 rows against quantized queries as the kernels score them, bf16 rows
+        against fp32 queries."""
+        from ..filtering import unpack_bits
+
+        if codes.dtype == torch.bfloat16:
+            scores = queries.float() @ codes.float().T
+        else:
+            q_codes, q_scales = quantize_rows(queries)
+            scores = _int8_dots(q_codes, codes) * (scales.unsqueeze(0) * q_scales.unsqueeze(1))
+        keep = ~removed.unsqueeze(0).expand_as(scores)
+        if filters is not None and codes.shape[0]:
+            q, m = scores.shape
+            starts = torch.full((q, 1), first_position, dtype=torch.int64, device=scores.device)
+            lengths = torch.full((q, 1), m, dtype=torch.int64, device=scores.device)
+            keep = keep & unpack_bits(filters.range_masks(starts, lengths, m).to(scores.device), m)[:, 0]
+        return scores.masked_fill(~keep, float("-inf"))
+
+    def _ids_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """User ids of storage positions (main, then fresh; -1 stays -1)."""
+        main = self.ids[positions.clamp(0, max(self.num_main - 1, 0))] if self.num_main else torch.full_like(positions, -1)
+        if self.num_fresh:
+            fresh = self.fresh_ids[(positions - self.num_main).clamp(0, self.num_fresh - 1)]
+            main = torch.where(positions >= self.num_main, fresh, main)
+        return torch.where(positions >= 0, main, torch.full_like(positions, -1))
 
     # -- search ------------------------------------------------------------------------------
     def probe(self, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
@@ -198,9 +246,7 @@ class IVFIndex:
         q, p = starts.shape
         out = torch.full((q, p, L), float("-inf"), device=self.codes.device)
         # cluster-major: each probed cluster's rows are contiguous, scored against every query that
-        # probes it in one matmul. int8 x int8 sums are integers below 2^24 when D <= 1040, so fp32
-        # matmul is exact and equals the kernel's int32 accumulation.
-        exact_in_fp32 = self.codes.shape[1] * 127 * 127 < 2**24
+        # probes it in one matmul
         flat = clusters.reshape(-1)
         order = torch.argsort(flat, stable=True)
         uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
@@ -209,11 +255,7 @@ class IVFIndex:
             if hi == lo:
                 continue
             qi, pi = group // p, group % p
-            block = self.codes[lo:hi]
-            if exact_in_fp32:
-                dots = q_codes[qi].float() @ block.float().T
-            else:
-                dots = (q_codes[qi].to(torch.int32).unsqueeze(1) * block.to(torch.int32).unsqueeze(0)).sum(-1).float()
+            dots = _int8_dots(q_codes[qi], self.codes[lo:hi])
             out[qi, pi, : hi - lo] = dots * (self.scales[lo:hi].unsqueeze(0) * q_scales[qi].unsqueeze(1))
         return torch.where(keep, out, torch.full_like(out, float("-inf"))).view(q * p, L)
 
@@ -239,7 +281,8 @@ class IVFIndex:
         clusters = self.probe(queries, nprobe)
         scores, positions = self.candidate_scores(queries, clusters, filters)
         if self.num_fresh:  # merged into the same selection, so one top-k covers both parts
-            fresh_scores = self._fresh_scores(queries, filters)
+            fresh_scores = self._exhaustive_scores(queries, self.fresh_codes, self.fresh_scales, self.fresh_removed,
+                                                   self.num_main, filters)
             fresh_pos = torch.arange(self.num_main, self.num_items, device=positions.device).expand(queries.shape[0], -1)
             scores, positions = torch.cat([scores, fresh_scores], 1), torch.cat([positions, fresh_pos], 1)
         found = torch.isfinite(scores).sum(1)
@@ -250,24 +293,7 @@ class IVFIndex:
             pad = k - kk
             top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
             pos = torch.cat([pos, torch.full((pos.shape[0], pad), -1, dtype=pos.dtype, device=pos.device)], 1)
-        all_ids = torch.cat([self.ids, self.fresh_ids])
-        ids = torch.where(pos >= 0, all_ids[pos.clamp(min=0)], torch.full_like(pos, -1))
-        return SearchResult(top, ids, pos, found, torch.full_like(found, nprobe), pos >= self.num_main)
-
-    def _fresh_scores(self, queries, filters) -> torch.Tensor:
-        """[Q, F] exact int8 scores of every fresh item (-inf: filtered or removed)."""
-        from ..filtering import unpack_bits
-
-        q_codes, q_scales = quantize_rows(queries)
-        dots = q_codes.float() @ self.fresh_codes.float().T  # integer sums, exact in fp32 for D <= 1040
-        scores = dots * (self.fresh_scales.unsqueeze(0) * q_scales.unsqueeze(1))
-        keep = ~self.fresh_removed.unsqueeze(0).expand_as(scores)
-        if filters is not None:
-            q, f = scores.shape
-            starts = torch.full((q, 1), self.num_main, dtype=torch.int64, device=scores.device)
-            lengths = torch.full((q, 1), f, dtype=torch.int64, device=scores.device)
-            keep = keep & unpack_bits(filters.range_masks(starts, lengths, f).to(scores.device), f)[:, 0]
-        return scores.masked_fill(~keep, float("-inf"))
+        return SearchResult(top, self._ids_at(pos), pos, found, torch.full_like(found, nprobe), pos >= self.num_main)
 
     def search(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.search_with_stats(queries, k, nprobe, filters)
@@ -279,17 +305,14 @@ class IVFIndex:
         the probed clusters and merged in the same top-k, results tagged `fresh`. Their storage
         positions follow the main ones (`num_main + j`), so a filter over positions must cover
         them (`BloomIndex.append` with the same items). `compact()` folds them into the clusters."""
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.codes.shape[1] or not embeddings.dtype.is_floating_point:
-            raise ValueError(f"embeddings must be a float tensor [num_new, {self.codes.shape[1]}], got {embeddings.dtype} {tuple(embeddings.shape)}")
-        if not torch.isfinite(embeddings).all():
-            raise ValueError("embeddings contain NaN or inf")
+        _check_embeddings(embeddings, self.codes.shape[1])
         ids = torch.as_tensor(ids, device=self.ids.device).long()
         if ids.shape != (embeddings.shape[0],):
             raise ValueError(f"ids must be [{embeddings.shape[0]}], got {tuple(ids.shape)}")
         live = torch.cat([self.ids[~self.removed], self.fresh_ids[~self.fresh_removed]])
         if ids.unique().numel() != ids.numel() or torch.isin(ids, live).any():
             raise ValueError("ids must be new: each id may be live in the index once")
-        codes, scales = self._encode_items(embeddings.to(self.codes.device))
+        codes, scales = _encode(embeddings.to(self.codes.device), self.dtype)
         self.fresh_codes = torch.cat([self.fresh_codes, codes])
         self.fresh_scales = torch.cat([self.fresh_scales, scales])
         self.fresh_ids = torch.cat([self.fresh_ids, ids])
@@ -377,51 +400,22 @@ class FlatIndex(IVFIndex):
     def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, dtype: str = "int8", **_) -> FlatIndex:
         if dtype not in cls.DTYPES:
             raise ValueError(f"FlatIndex dtype must be one of {cls.DTYPES}, got {dtype!r}")
-        if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point or not torch.isfinite(embeddings).all():
-            raise ValueError("embeddings must be a finite float tensor [num_items, dim]")
+        _check_embeddings(embeddings)
         n = embeddings.shape[0]
         ids = torch.arange(n, device=embeddings.device) if ids is None else torch.as_tensor(ids).long()
-        if dtype == "int8":
-            codes, scales = quantize_rows(embeddings)
-        else:
-            codes, scales = embeddings.to(torch.bfloat16), torch.ones(n, device=embeddings.device)
+        codes, scales = _encode(embeddings, dtype)
         centroids = torch.zeros(1, embeddings.shape[1], device=embeddings.device)
         offsets = torch.tensor([0, n], device=embeddings.device)
         return cls(centroids, offsets, codes, scales, ids, torch.arange(n, device=embeddings.device))
 
-    @property
-    def is_bf16(self) -> bool:
-        return self.codes.dtype == torch.bfloat16
-
-    def _encode_items(self, x):
-        return (x.to(torch.bfloat16), torch.ones(x.shape[0], device=x.device)) if self.is_bf16 else quantize_rows(x)
-
-    def _dense_scores(self, queries, codes, removed, first_position, filters) -> torch.Tensor:
-        """[Q, M] fp32 scores of bf16 rows at positions first_position.. (-inf: filtered or removed)."""
-        from ..filtering import unpack_bits
-
-        scores = queries.float() @ codes.float().T
-        keep = ~removed.unsqueeze(0).expand_as(scores)
-        if filters is not None and codes.shape[0]:
-            q, m = scores.shape
-            starts = torch.full((q, 1), first_position, dtype=torch.int64, device=scores.device)
-            lengths = torch.full((q, 1), m, dtype=torch.int64, device=scores.device)
-            keep = keep & unpack_bits(filters.range_masks(starts, lengths, m).to(scores.device), m)[:, 0]
-        return scores.masked_fill(~keep, float("-inf"))
-
-    def candidate_scores(self, queries, clusters, filters=None, *, out=None):
-        if not self.is_bf16:
-            return super().candidate_scores(queries, clusters, filters, out=out)
+    def candidate_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto"):
+        if self.dtype == "int8":
+            return super().candidate_scores(queries, clusters, filters, out=out, schedule=schedule)
         if filters is not None and filters.num_queries != queries.shape[0]:
             raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
-        scores = self._dense_scores(queries, self.codes, self.removed, 0, filters)
+        scores = self._exhaustive_scores(queries, self.codes, self.scales, self.removed, 0, filters)
         positions = torch.arange(self.num_main, device=scores.device).expand_as(scores)
         return (scores if out is None else out.copy_(scores)), positions
-
-    def _fresh_scores(self, queries, filters):
-        if not self.is_bf16:
-            return super()._fresh_scores(queries, filters)
-        return self._dense_scores(queries, self.fresh_codes, self.fresh_removed, self.num_main, filters)
 
     def search_with_stats(self, queries, k, nprobe=1, filters=None, adaptive=False, max_nprobe=None):
         return super().search_with_stats(queries, k, 1, filters)
