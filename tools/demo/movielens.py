@@ -74,17 +74,17 @@ class MovieLens:
 
 
 def load() -> MovieLens:
-    root = _ml100k_dir()
-    item_rows = _rows(root / "ml-100k.item")
-    index = {r[0]: i for i, r in enumerate(item_rows)}
-    inter = sorted(_rows(root / "ml-100k.inter"), key=lambda r: (int(r[0]), float(r[3]), int(r[1])))
-    _, lengths = torch.unique_consecutive(torch.tensor([int(r[0]) for r in inter]), return_counts=True)
+    """Histories from freescale's MovieLens reader (user-major, by time); titles, genres and years
+    from the item file, in the same dense item order (raw ids ascending)."""
+    from freescale.data import movielens_sequences
+
+    seq = movielens_sequences()
+    rows = {r[0]: r for r in _rows(_ml100k_dir() / "ml-100k.item")}
+    item_rows = [rows[raw] for raw in seq.item_ids]
     return MovieLens(titles=[r[1] for r in item_rows],
                      genres=[r[3].split() if len(r) > 3 else [] for r in item_rows],
                      years=[int(r[2]) if r[2].isdigit() else 0 for r in item_rows],
-                     items=torch.tensor([index[r[1]] for r in inter]),
-                     ratings=torch.tensor([int(float(r[2])) for r in inter]),
-                     lengths=lengths)
+                     items=seq.items, ratings=seq.ratings.long(), lengths=seq.lengths)
 
 
 def training_windows(ml: MovieLens, per_user: int, max_len: int, seed: int) -> torch.Tensor:

@@ -169,36 +169,44 @@ def _choose_digit(histogram: torch.Tensor, remaining: torch.Tensor):
     return digit, above, at
 
 
-def _radix_threshold_torch(keys: torch.Tensor, k: int):
-    """(threshold unsigned key [Q], keys above it [Q], keys equal to it [Q]) by PyTorch histograms.
-
-    The first pass histograms every key; later passes only the keys whose higher digits match
-    the threshold's (compacted into flat lists of (row, key)).
-    """
+def _radix_threshold(keys: torch.Tensor, k: int, histogram_of):
+    """(threshold unsigned key [Q], keys above it [Q], keys equal to it [Q]): one digit per pass,
+    most significant first; `histogram_of(pass_index, shift, bits, threshold)` counts, per row,
+    the digit of the keys whose higher digits equal the threshold chosen so far."""
     num_rows = keys.shape[0]
     remaining = torch.full((num_rows,), k, dtype=torch.int64, device=keys.device)
     threshold = torch.zeros(num_rows, dtype=torch.int64, device=keys.device)
     count_above = torch.zeros_like(threshold)
-    rows = torch.arange(num_rows, device=keys.device, dtype=torch.int32)
-    candidates, candidate_rows = keys, rows.unsqueeze(1)  # pass 1: the [Q, M] keys
     count_at = remaining
-    for shift, bits in RADIX_DIGITS:
-        digit = _digits(candidates, shift, bits)
-        bins = (candidate_rows * RADIX_BINS + digit).reshape(-1)
-        histogram = torch.bincount(bins, minlength=num_rows * RADIX_BINS).view(num_rows, RADIX_BINS)
-        chosen, above, count_at = _choose_digit(histogram, remaining)
+    for pass_index, (shift, bits) in enumerate(RADIX_DIGITS):
+        chosen, above, count_at = _choose_digit(histogram_of(pass_index, shift, bits, threshold), remaining)
         threshold = (threshold << bits) | chosen
         count_above += above
         remaining -= above
-        if shift:
-            keep = digit == chosen.to(digit.dtype)[candidate_rows.long()]
-            if candidates.dim() == 2:
-                candidate_rows, columns = keep.nonzero(as_tuple=True)
-                candidates = keys[candidate_rows, columns]
-                candidate_rows = candidate_rows.to(torch.int32)
-            else:
-                candidates, candidate_rows = candidates[keep], candidate_rows[keep]
     return threshold, count_above, count_at
+
+
+def _radix_threshold_torch(keys: torch.Tensor, k: int):
+    """PyTorch histograms: the first pass counts every key; later passes only the keys whose
+    higher digits match the threshold's (compacted into flat lists of (row, key))."""
+    num_rows = keys.shape[0]
+    state = {"keys": keys, "rows": torch.arange(num_rows, device=keys.device, dtype=torch.int32).unsqueeze(1)}
+
+    def histogram_of(pass_index, shift, bits, threshold):
+        if pass_index:  # narrow to the keys matching the digits chosen so far
+            prev_shift, prev_bits = RADIX_DIGITS[pass_index - 1]
+            chosen = threshold & ((1 << prev_bits) - 1)  # the digit the last pass chose
+            keep = _digits(state["keys"], prev_shift, prev_bits) == chosen.to(torch.int64)[state["rows"].long()]
+            if state["keys"].dim() == 2:
+                rows, columns = keep.nonzero(as_tuple=True)
+                state["keys"], state["rows"] = keys[rows, columns], rows.to(torch.int32)
+            else:
+                state["keys"], state["rows"] = state["keys"][keep], state["rows"][keep]
+        digit = _digits(state["keys"], shift, bits)
+        bins = (state["rows"] * RADIX_BINS + digit).reshape(-1)
+        return torch.bincount(bins, minlength=num_rows * RADIX_BINS).view(num_rows, RADIX_BINS)
+
+    return _radix_threshold(keys, k, histogram_of)
 
 
 @functools.cache
@@ -236,20 +244,15 @@ def _radix_threshold_triton(keys: torch.Tensor, k: int):
     num_rows, num_columns = keys.shape
     kernel = _digit_histogram_kernel()
     grid = (num_rows, -(-num_columns // HISTOGRAM_BLOCK))
-    remaining = torch.full((num_rows,), k, dtype=torch.int64, device=keys.device)
-    threshold = torch.zeros(num_rows, dtype=torch.int64, device=keys.device)
-    count_above = torch.zeros_like(threshold)
-    count_at = remaining
-    for pass_index, (shift, bits) in enumerate(RADIX_DIGITS):
+
+    def histogram_of(pass_index, shift, bits, threshold):
         histogram = torch.zeros(num_rows, RADIX_BINS, dtype=torch.int32, device=keys.device)
         prefix = threshold.to(torch.int32)  # the digits chosen so far (< 2**22)
         kernel[grid](keys, prefix, histogram, num_columns, DIGIT_SHIFT=shift, DIGIT_BITS=bits,
                      HAS_PREFIX=pass_index > 0, NUM_BINS=RADIX_BINS, BLOCK=HISTOGRAM_BLOCK)
-        chosen, above, count_at = _choose_digit(histogram.long(), remaining)
-        threshold = (threshold << bits) | chosen
-        count_above += above
-        remaining -= above
-    return threshold, count_above, count_at
+        return histogram.long()
+
+    return _radix_threshold(keys, k, histogram_of)
 
 
 def _select_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
