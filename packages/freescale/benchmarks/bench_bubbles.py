@@ -36,12 +36,12 @@ def length_pool(kind: str, n: int, seed: int = 0) -> torch.Tensor:
     return lengths[torch.randint(0, lengths.numel(), (n,), generator=g)]
 
 
-def _rank(rank, world, port, method, batches, sec_per_cost, queue):
+def _rank(rank, world, port, method, batches, sec_per_cost, queue, cost, long_sequences):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     meter = BubbleMeter()
-    balancer = BatchBalancer(cost_model=COST, method=method)
+    balancer = BatchBalancer(cost_model=cost, method=method, long_sequences=long_sequences)
     per = batches[0].numel() // world
     local_of = lambda lengths: lengths[rank * per : (rank + 1) * per]  # noqa: E731
     # pipelined as in TrainPipeline: batch i+1's lengths are all-gathered and partitioned (in a
@@ -53,11 +53,11 @@ def _rank(rank, world, port, method, batches, sec_per_cost, queue):
             if future is not None:
                 with meter.comm("plan_wait"):
                     plan = future.result()
-                mine = lengths[plan.partition.assignments[rank]]
+                mine = plan.received().lengths  # whole samples, or capped/split windows
                 if i + 1 < len(batches):
                     future = meter.sync(lambda: balancer.plan_async(local_of(batches[i + 1])), name="plan_gather")
             with meter.compute():
-                time.sleep(float(COST(mine).sum()) * sec_per_cost)
+                time.sleep(float(cost(mine).sum()) * sec_per_cost)
             meter.sync(lambda: dist.all_reduce(torch.zeros(1 << 16)), name="grad_allreduce")
     s = meter.summary(skip=1)
     if rank == 0:
@@ -65,13 +65,13 @@ def _rank(rank, world, port, method, batches, sec_per_cost, queue):
     dist.destroy_process_group()
 
 
-def real_run(world, method, batches, sec_per_cost):
+def real_run(world, method, batches, sec_per_cost, cost=COST, long_sequences="report"):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, world, port, method, batches, sec_per_cost, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, method, batches, sec_per_cost, queue, cost, long_sequences)) for r in range(world)]
     for p in procs:
         p.start()
     out = queue.get(timeout=600)

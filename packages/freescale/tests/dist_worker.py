@@ -8,6 +8,7 @@ import datetime
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -72,6 +73,73 @@ def scenario_balance(rank, world):
             "bubble_before": torch.tensor(plan.report()["bubble_before"]), "bubble_after": torch.tensor(plan.report()["bubble_after"])}
 
 
+def long_batch(seed=1):
+    """Ten histories, one far longer than the rest: alone it costs more than a rank's fair share."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (10,), generator=g)
+    lengths[3] = 40
+    items = [torch.randint(0, 50, (int(n),), generator=g) for n in lengths]
+    targets = [torch.randint(0, 5, (int(n),), generator=g) for n in lengths]
+    return items, targets, torch.randn(10, 3, generator=g)
+
+
+LONG_COST, LONG_CONTEXT, LONG_FIELD = CostModel(a=1.0, b=1.0), 4, 5  # receptive field <= context + 1
+
+
+def windowed_loss(weight, items, targets, dense, mask, lengths):
+    """Per-position loss whose output at position t reads positions t-4..t only (a receptive field
+    that fits the split context): summed over the positions in `mask`."""
+    loss = weight.sum() * 0.0
+    offsets = [0] + torch.cumsum(lengths, 0).tolist()
+    for i in range(lengths.numel()):
+        seq, tgt, keep = items[offsets[i]:offsets[i + 1]], targets[offsets[i]:offsets[i + 1]], mask[offsets[i]:offsets[i + 1]]
+        for t in keep.nonzero().reshape(-1).tolist():
+            h = weight[seq[max(0, t - LONG_FIELD + 1) : t + 1]].sum(0)
+            loss = loss + ((h * dense[i]).sum() - tgt[t]) ** 2
+    return loss
+
+
+def scenario_long_sequences(rank, world):
+    items, targets, dense = long_batch()
+    n = len(items)
+    lo, hi = local_slice(world, rank, n)
+    feats = KeyedJagged.from_dict({"item": items[lo:hi], "target": targets[lo:hi]})
+    out = {}
+    for mode in ("report", "cap", "split"):
+        bal = BatchBalancer(cost_model=LONG_COST, method="lpt_equal", long_sequences=mode, split_context=LONG_CONTEXT)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            new, moved, plan = bal.balance(feats, {"id": torch.arange(lo, hi), "dense": dense[lo:hi]})
+            bal.plan(bal.lengths_of(feats))  # a second step warns no more
+        got = plan.received()
+        assert torch.equal(got.source, moved["id"]), (got.source, moved["id"])
+        vals, lengths = new["item"]
+        chunks = torch.split(vals, lengths.tolist())
+        for j, src in enumerate(got.source.tolist()):  # every received window is its source's positions
+            assert torch.equal(chunks[j], items[src][int(got.start[j]) : int(got.stop[j])])
+            assert torch.equal(moved["dense"][j], dense[src])
+            assert int(got.trailing[j]) == items[src].numel() - int(got.stop[j])
+        loads = [None] * world
+        dist.all_gather_object(loads, float(LONG_COST(lengths).sum()))
+        rep = plan.report()
+        out[mode] = {"max_rank_cost": torch.tensor(max(loads)), "floor_cost": torch.tensor(rep["floor_cost"]),
+                     "fair_share": torch.tensor(rep["fair_share"]), "oversized": torch.tensor(rep["oversized_samples"]),
+                     "max_load_after": torch.tensor(rep["max_load_after"]), "positions": torch.tensor(plan.global_positions),
+                     "bubble_floor": torch.tensor(rep["bubble_floor"]), "bubble_after": torch.tensor(rep["bubble_after"]),
+                     "warnings": torch.tensor(sum("fair share" in str(w.message) for w in caught))}
+        if mode == "split":
+            torch.manual_seed(0)
+            weight = torch.randn(50, 3, requires_grad=True)
+            loss = windowed_loss(weight, vals, new["target"][0].float(), moved["dense"], got.loss_mask(), lengths)
+            loss = loss / plan.global_positions
+            loss.backward()
+            grad, total = weight.grad.clone(), loss.detach().clone()
+            dist.all_reduce(grad)
+            dist.all_reduce(total)
+            out[mode].update(grad=grad, loss=total)
+    return out
+
+
 def scenario_embeddings(rank, world):
     out = {}
     a, b, dense = global_batch()
@@ -117,6 +185,30 @@ def scenario_scheduler(rank, world):
     assert torch.equal(big_out, expect_big)
     assert small_out.tolist() == [float(s + 10) for s in range(world)]
     return {"order": sched.completed}
+
+
+def scenario_preempt(rank, world):
+    """An urgent op flushed after a large background round, while that round is still queued."""
+    orders = {}
+    for preempt in (False, True):
+        sched = CommScheduler(chunk_bytes=1024, preempt=preempt)
+        big_in = torch.full((world * 4, 8192), float(rank))  # 256 chunks: still queued when urgent comes
+        big_out = torch.empty_like(big_in)
+        f_big = sched.all_to_all(big_out, big_in, priority=5, name="background")
+        sched.flush()
+        urgent = torch.full((8,), float(rank + 1))
+        f_urgent = sched.all_reduce(urgent, priority=0, name="urgent")
+        sched.flush()
+        f_urgent.result(timeout=60)
+        f_big.result(timeout=60)
+        sched.close()
+        assert torch.equal(urgent, torch.full((8,), float(sum(range(1, world + 1)))))
+        assert torch.equal(big_out, torch.cat([torch.full((4, 8192), float(s)) for s in range(world)]))
+        every = [None] * world
+        dist.all_gather_object(every, sched.completed)
+        assert all(o == every[0] for o in every), every  # the same order on every rank
+        orders[preempt] = sched.completed
+    return {"fifo": orders[False], "preempt": orders[True]}
 
 
 def scenario_sim(rank, world):

@@ -55,6 +55,12 @@ def test_scheduler_completes_in_priority_order(tmp_path):
     assert res["order"] == ["urgent", "reduce", "background"]
 
 
+def test_scheduler_preempts_an_earlier_round(tmp_path):
+    proc, res = _run("preempt", 2, tmp_path)
+    assert res["fifo"] == ["background", "urgent"]  # per-round order: the earlier round finishes first
+    assert res["preempt"] == ["urgent", "background"]  # the urgent op jumps the queued chunks
+
+
 def test_simulator_matches_real_run(tmp_path):
     proc, res = _run("sim", 2, tmp_path)
     for method, r in res.items():
@@ -87,3 +93,28 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     resumed = train(4, tmp_path / "d.json", ckpt=tmp_path / "c.pt", resume=True)
     assert resumed["start"] == 2
     assert straight["losses"][2:] == pytest.approx(resumed["losses"], rel=1e-4)
+
+
+def test_long_sequences_floor_cap_and_split(tmp_path):
+    proc, res = _run("long_sequences", 2, tmp_path)
+    items, targets, dense = worker.long_batch()
+    floor = float(res["report"]["floor_cost"])
+    # report: the long sample is named and no placement gets under its cost
+    assert res["report"]["oversized"].tolist() == [3] and floor > float(res["report"]["fair_share"])
+    assert float(res["report"]["max_rank_cost"]) >= floor
+    assert float(res["report"]["bubble_after"]) >= float(res["report"]["bubble_floor"]) - 1e-9 > 0
+    assert [int(res[m]["warnings"]) for m in ("report", "cap", "split")] == [1, 0, 0]  # said once, where it applies
+    for mode in ("cap", "split"):  # cutting it brings the busiest rank under that floor
+        assert float(res[mode]["max_rank_cost"]) < floor, mode
+        assert float(res[mode]["max_rank_cost"]) == pytest.approx(float(res[mode]["max_load_after"]))
+    assert int(res["cap"]["positions"]) < int(res["report"]["positions"]) == int(res["split"]["positions"])
+    # split + merge (loss over the global position count, gradients summed) equals the unsplit run
+    # for a model whose receptive field fits the split context
+    torch.manual_seed(0)
+    weight = torch.randn(50, 3, requires_grad=True)
+    lengths = torch.tensor([s.numel() for s in items])
+    loss = worker.windowed_loss(weight, torch.cat(items), torch.cat(targets).float(), dense,
+                                torch.ones(int(lengths.sum()), dtype=torch.bool), lengths) / int(lengths.sum())
+    loss.backward()
+    torch.testing.assert_close(res["split"]["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res["split"]["grad"], weight.grad, rtol=1e-5, atol=1e-6)

@@ -92,20 +92,40 @@ def test_top_n_matches_plain_pipeline(expr):
     assert hits / total >= 0.9, hits / total
 
 
-def test_graph_filter_equals_bloom_index():
-    """The model's tensor-op stack machine gives the BloomIndex's bits (exact NOT included)."""
-    exprs = list(FILTERS)
-    ops, args, hashes = MODEL.prepare_filters(exprs)
-    pos = torch.arange(MODEL.num_main).expand(len(exprs), -1)
-    got = MODEL._run_plans(ops, args, MODEL._bloom_terms(pos, hashes), MODEL._exact_terms(pos, hashes))
-    fids = MODEL.attr_feature_ids[: MODEL.num_main]
-    counts = MODEL.attr_counts[: MODEL.num_main]
+def _bloom_index_bits(model, exprs):
+    """[Q, num_main] bool: what a BloomIndex over the model's main items answers for the filters."""
+    fids = model.attr_feature_ids[: model.num_main]
+    counts = model.attr_counts[: model.num_main]
     keep = torch.arange(fids.shape[1]) < counts.unsqueeze(1)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    bloom = BloomIndex.build(fids[keep], offsets, MODEL.attr_values[: MODEL.num_main][keep], k=MODEL.bloom_k,
-                             b_multiplier=MODEL.bloom_multiplier)
+    bloom = BloomIndex.build(fids[keep], offsets, model.attr_values[: model.num_main][keep], k=model.bloom_k,
+                             b_multiplier=model.bloom_multiplier)
     words = bloom.search(parse_filters(exprs, SCHEMA))  # int64 words, bit i % 64 of word i // 64
-    want = ((words.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(len(exprs), -1)[:, : MODEL.num_main].bool()
+    return ((words.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(len(exprs), -1)[:, : model.num_main].bool()
+
+
+def test_graph_filter_equals_bloom_index():
+    """The model's word-level tensor-op stack machine gives the BloomIndex's bits (exact NOT included)."""
+    exprs = list(FILTERS)
+    ops, args, hashes = MODEL.prepare_filters(exprs)
+    words = torch.arange((MODEL.num_main + 63) // 64).expand(len(exprs), -1)
+    packed = MODEL._run_plans(ops, args, MODEL._bloom_words(words, hashes), MODEL._exact_words(words, hashes))
+    got = ((packed.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(len(exprs), -1)[:, : MODEL.num_main].bool()
+    assert torch.equal(got, _bloom_index_bits(MODEL, exprs))
+
+
+def test_probed_cluster_bits_equal_bloom_index():
+    """Each probed item's bit, read from the words covering its cluster (clusters start anywhere in a
+    word), is the BloomIndex's answer for that item, cleared for padding slots and deleted items."""
+    model = _model(n_clusters=7, nprobe=7)
+    model.delete_items(IDS[::97])
+    exprs = list(FILTERS)
+    clusters = torch.stack([torch.randperm(7, generator=torch.Generator().manual_seed(i))[:5] for i in range(len(exprs))])
+    got = model._probed_passing(clusters, *model.prepare_filters(exprs))
+    slots = model.cluster_positions[clusters]
+    want = _bloom_index_bits(model, exprs).gather(1, slots.flatten(1)).view_as(slots)
+    want &= model.cluster_valid[clusters] & model.alive[slots]
+    assert want.any() and not want.all()
     assert torch.equal(got, want)
 
 
@@ -220,3 +240,65 @@ def test_bad_inputs_are_named():
         RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, torch.zeros(N), ATTRS, SCHEMA)
     with pytest.raises(ValueError, match="attribute offsets"):
         RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, (ATTRS[0], ATTRS[1][:-1], ATTRS[2]), SCHEMA)
+
+
+RARE = 3  # feature id of a tag carried by 3 of the 2,500 items (0.12%)
+
+
+def _rare_catalog():
+    fids, offsets, vals = ATTRS
+    rare = torch.arange(N) % 1000 == 7
+    per_item = [torch.tensor([1, 2] + ([RARE] if r else [])) for r in rare.tolist()]
+    per_value = [torch.cat([vals[2 * i : 2 * i + 2], torch.ones(int(r), dtype=torch.int64)]) for i, r in enumerate(rare.tolist())]
+    counts = torch.tensor([t.numel() for t in per_item])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return (torch.cat(per_item), offsets, torch.cat(per_value)), set(IDS[rare].tolist())
+
+
+def test_adaptive_probing_finds_the_rare_items_fixed_probing_misses():
+    attrs, rare_ids = _rare_catalog()
+    schema = dict(SCHEMA, tag=RARE)
+    options = dict(n_clusters=12, nprobe=2, k_candidates=100, num_results=10, fresh_capacity=0)
+    fixed = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, **options)
+    adaptive = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, max_nprobe=12, **options)
+    users = torch.arange(0, USERS, 4).unsqueeze(1)
+    exprs = ["tag:1"] * users.shape[0]
+    a, f = adaptive.retrieve(users, exprs), fixed.retrieve(users, exprs)
+    got_a = [{i for i in row if i >= 0} for row in a.ids.tolist()]
+    got_f = [{i for i in row if i >= 0} for row in f.ids.tolist()]
+    assert all(got == rare_ids for got in got_a)  # every cluster probed: all 3 found (and only those)
+    assert all(got <= rare_ids for got in got_f) and sum(map(len, got_f)) < sum(map(len, got_a))
+    assert (a.found >= f.found).all() and (a.found > f.found).any()
+    assert (a.found >= len(rare_ids)).all()  # Bloom false positives may add to the count, never take from it
+
+
+def test_adaptive_probing_equals_fixed_when_the_first_clusters_suffice():
+    fixed = _model(nprobe=3, k_candidates=100)
+    adaptive = _model(nprobe=3, max_nprobe=12, k_candidates=100)
+    users = torch.arange(0, USERS, 3).unsqueeze(1)
+    exprs = [""] * users.shape[0]
+    f, a = fixed.retrieve(users, exprs), adaptive.retrieve(users, exprs)
+    assert (f.found >= 100).all()  # the premise: 3 clusters already hold K items
+    for name in ("ids", "scores", "task_probs", "fresh", "found"):
+        assert torch.equal(getattr(f, name), getattr(a, name)), name
+    everything = MODEL.retrieve(users, exprs)  # all 12 clusters probed, no filter: every item is found
+    assert (everything.found == N).all()
+
+
+def test_adaptive_model_exports_and_round_trips(tmp_path):
+    """Adaptive probing is tensor ops only: torch.export takes it whole (the fixed model's compile test
+    covers the rest of the forward); the artifact keeps max_nprobe."""
+    model = _model(nprobe=2, max_nprobe=12, k_candidates=200)
+    users = torch.arange(4).unsqueeze(1)
+    plans = model.prepare_filters(["cat:1 AND year:1999", "", "NOT year:1995", "cat:{2,3}"])
+    want = model(users, *plans)
+    assert (want[4][:1] < want[4][1:]).all()  # the selective filter needs more clusters, and still finds fewer
+    program = torch.export.export(model, (users, *plans))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    loaded = RetrievalModel.load(model.save(tmp_path / "artifact"))
+    assert loaded.max_nprobe == 12
+    for got in (torch.export.load(str(tmp_path / "model.pt2")).module()(users, *plans), loaded(users, *plans)):
+        for x, y in zip(want, got):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="max_nprobe must be in"):
+        _model(nprobe=4, max_nprobe=3)

@@ -7,8 +7,9 @@ from .comm import CommScheduler
 from .cost import CostModel
 from .embeddings import ShardedEmbeddings
 from .jagged import KeyedJagged
+from .longseq import Windows, cap_lengths
 from .model import HSTURecommender
-from .partition import Partition, cap_lengths, oversized, partition
+from .partition import Partition, oversized, partition
 from .pipeline import TrainPipeline
 from .simulate import SimResult, simulate
 
@@ -20,6 +21,7 @@ __all__ = [
     "Partition",
     "oversized",
     "cap_lengths",
+    "Windows",
     "BatchBalancer",
     "BalancePlan",
     "ShardedEmbeddings",

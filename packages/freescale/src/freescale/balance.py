@@ -6,11 +6,16 @@ step runs), then move samples between ranks with uneven `all_to_all_single` on t
 values and on any dense per-sample tensors. The global batch is the same set of samples;
 normalise the loss by the global sample count (`plan.global_batch`) and sum gradients over
 ranks, and the gradients equal the unbalanced run's.
+
+Where one sample alone costs more than a rank's fair share no placement helps: the plan reports
+that floor, and `long_sequences="cap"` or `"split"` cuts such samples down first (see
+`freescale.longseq` for what each keeps of the model's maths).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -18,6 +23,7 @@ import torch.distributed as dist
 
 from .cost import CostModel
 from .jagged import KeyedJagged
+from .longseq import MODES, Windows, floor_of, long_sequence_windows
 from .partition import Partition, bubble_of, oversized, partition
 
 
@@ -25,14 +31,34 @@ from .partition import Partition, bubble_of, oversized, partition
 class BalancePlan:
     rank: int
     world_size: int
-    local_sizes: list[int]  # samples per rank before balancing
+    local_sizes: list[int]  # samples per rank before balancing (after capping/splitting)
     partition: Partition  # global sample ids per rank after balancing (rank-major global ids)
-    before_loads: torch.Tensor
-    oversized: torch.Tensor  # global ids whose cost alone exceeds a fair share
+    before_loads: torch.Tensor  # per-rank cost of the unbalanced, uncut batch
+    oversized: torch.Tensor  # global ids whose cost alone exceeds a fair share (before cutting)
+    lengths: torch.Tensor  # the global lengths the plan was made from
+    source_sizes: list[int]  # samples per rank as handed to `exchange` (before capping/splitting)
+    cost_model: CostModel
+    windows: Windows | None = None  # what capping/splitting made of each sample (None: whole)
+    long_sequences: str = "report"
 
     @property
     def global_batch(self) -> int:
-        return sum(self.local_sizes)
+        """Samples in the global batch (before splitting): the normaliser of a per-sample loss."""
+        return self.lengths.numel()
+
+    @property
+    def global_positions(self) -> int:
+        """Positions that carry a loss in the global batch (after capping; unchanged by
+        splitting): the normaliser of a per-position loss."""
+        return self._all_windows().positions()
+
+    def received(self) -> Windows:
+        """Windows of the samples this rank holds after `exchange`, in order: `context` (leading
+        positions without loss, see `loss_mask()`) and `trailing` (for `sequence_states`)."""
+        return self._all_windows().select(self.partition.assignments[self.rank])
+
+    def _all_windows(self) -> Windows:
+        return self.windows if self.windows is not None else Windows.whole(self.lengths)
 
     def send_order(self) -> tuple[torch.Tensor, list[int]]:
         """Local sample indices in send order (grouped by destination) and counts per destination."""
@@ -51,19 +77,40 @@ class BalancePlan:
         return [int(((ids >= bounds[s]) & (ids < bounds[s + 1])).sum()) for s in range(self.world_size)]
 
     def report(self) -> dict:
+        """Imbalance before/after, and the floor: `floor_cost` (the costliest sample before
+        cutting), `fair_share`, `floor_bound` (the costliest exceeds the fair share) and
+        `bubble_floor` (the least bubble any placement of whole samples reaches)."""
+        before = self.cost_model(self.lengths)
+        after = self.cost_model(self.windows.lengths) if self.windows is not None else before
         return {"bubble_before": bubble_of(self.before_loads), "bubble_after": self.partition.bubble(),
                 "max_load_before": float(self.before_loads.max()), "max_load_after": float(self.partition.loads.max()),
-                "counts_after": self.partition.counts(), "oversized_samples": self.oversized.tolist()}
+                "counts_after": self.partition.counts(), "oversized_samples": self.oversized.tolist(),
+                **floor_of(before, self.world_size), "long_sequences": self.long_sequences,
+                "max_sample_cost_after": float(after.max()),
+                "cost_change_pct": 100.0 * (float(after.sum()) / float(before.sum()) - 1.0) if float(before.sum()) > 0 else 0.0}
 
 
 class BatchBalancer:
     """Balance each step's global batch over the ranks of `process_group` by sequence cost."""
 
     def __init__(self, process_group=None, cost_model: CostModel | None = None, method: str = "kk_equal",
-                 refine: bool = True, background: bool = True):
+                 refine: bool = True, background: bool = True, long_sequences: str = "report",
+                 split_context: int | None = None):
+        """`long_sequences`: what to do with a sample that alone costs more than a rank's fair
+        share: "report" it (the plan's report names it and its floor; warned once), "cap" it
+        to its most recent positions, or "split" it into pieces for other ranks with
+        `split_context` positions of context each (default: half a piece). Capping and
+        splitting cost by the number of positions and need every key of the features to hold
+        one entry per position (e.g. items and their targets); see `freescale.longseq`."""
+        if long_sequences not in MODES:
+            raise ValueError(f"long_sequences must be one of {MODES}, got {long_sequences!r}")
+        if split_context is not None and (not isinstance(split_context, int) or split_context < 0):
+            raise ValueError(f"split_context must be a non-negative int or None, got {split_context!r}")
         self.group = process_group
         self.cost_model = cost_model or CostModel(a=1.0, b=1.0)
         self.method, self.refine = method, refine
+        self.long_sequences, self.split_context = long_sequences, split_context
+        self._warned = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freescale-partition") if background else None
 
     @property
@@ -87,12 +134,36 @@ class BatchBalancer:
         dist.all_gather(out, padded, group=self.group)
         return [o[: int(s.item())] for o, s in zip(out, sizes)]
 
+    def lengths_of(self, features: KeyedJagged) -> torch.Tensor:
+        """What the plan costs per sample: its number of positions when every key holds one entry
+        per position (aligned keys, e.g. items and their targets; required for capping and
+        splitting), else its total length over keys."""
+        per_key = features.lengths_per_key()
+        if self.long_sequences == "report" and not (per_key == per_key[:1]).all():
+            return features.sample_lengths()
+        return features.aligned_lengths()
+
     def _make_plan(self, per_rank: list[torch.Tensor]) -> BalancePlan:
-        costs = self.cost_model(torch.cat(per_rank))
-        local_sizes = [t.numel() for t in per_rank]
+        lengths = torch.cat(per_rank)
+        source_sizes = [t.numel() for t in per_rank]
+        costs = self.cost_model(lengths)
         before = torch.stack([self.cost_model(t).sum() for t in per_rank])
+        big = oversized(costs, self.world_size)
+        windows = long_sequence_windows(self.long_sequences, lengths, self.cost_model, self.world_size, self.split_context)
+        if windows is None:
+            local_sizes = source_sizes
+            if big.numel() and not self._warned:
+                self._warned = True
+                warnings.warn(f"{big.numel()} sample(s) alone cost more than a rank's fair share: no placement removes "
+                              f"that bubble (plan.report()['bubble_floor']); BatchBalancer(long_sequences='cap' or "
+                              f"'split') cuts them", stacklevel=2)
+        else:
+            source_rank = torch.repeat_interleave(torch.arange(self.world_size), torch.tensor(source_sizes))
+            local_sizes = torch.bincount(source_rank[windows.source], minlength=self.world_size).tolist()
+            costs = self.cost_model(windows.lengths)
         part = partition(costs, self.world_size, method=self.method, refine=self.refine)
-        return BalancePlan(self.rank, self.world_size, local_sizes, part, before, oversized(costs, self.world_size))
+        return BalancePlan(self.rank, self.world_size, local_sizes, part, before, big, lengths, source_sizes,
+                           self.cost_model, windows, self.long_sequences)
 
     def plan(self, lengths: torch.Tensor) -> BalancePlan:
         """All-gather this rank's per-sample lengths and partition the global batch."""
@@ -110,11 +181,17 @@ class BatchBalancer:
     def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank."""
         dense = dense or {}
-        if features.batch_size != plan.local_sizes[plan.rank]:
-            raise ValueError(f"features has {features.batch_size} samples, the plan expects {plan.local_sizes[plan.rank]}")
+        expected = plan.source_sizes[plan.rank]
+        if features.batch_size != expected:
+            raise ValueError(f"features has {features.batch_size} samples, the plan expects {expected}")
         for k, v in dense.items():
             if v.shape[0] != features.batch_size:
                 raise ValueError(f"dense[{k!r}] has {v.shape[0]} rows, expected {features.batch_size}")
+        if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
+            first = sum(plan.source_sizes[: plan.rank])
+            mine = plan.windows.select((plan.windows.source >= first) & (plan.windows.source < first + expected))
+            features = features.windows(mine.source - first, mine.start, mine.stop)
+            dense = {k: v[mine.source - first] for k, v in dense.items()}
         order, send_counts = plan.send_order()
         recv_counts = plan.recv_counts()
         ordered = features.permute(order)
@@ -141,7 +218,7 @@ class BatchBalancer:
 
     def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """plan + exchange in one call. Returns (features, dense, plan)."""
-        plan = self.plan(features.sample_lengths())
+        plan = self.plan(self.lengths_of(features))
         feats, dense = self.exchange(plan, features, dense)
         return feats, dense, plan
 

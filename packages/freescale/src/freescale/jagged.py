@@ -72,14 +72,41 @@ class KeyedJagged:
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise IndexError(f"sample indices must be in [0, {self.batch_size})")
         b = self.batch_size
-        offsets = self.offsets
         rows = (torch.arange(len(self.keys)).unsqueeze(1) * b + indices.unsqueeze(0)).reshape(-1)
-        new_lengths = self.lengths[rows]
+        return self._gather_runs(self.offsets[rows], self.lengths[rows])
+
+    def windows(self, indices: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> KeyedJagged:
+        """Samples `indices` (repeats allowed), each cut to its positions [start, stop) under every
+        key; the keys must be per-position sequences of one length per sample (aligned)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        start, stop = torch.as_tensor(start, dtype=torch.long), torch.as_tensor(stop, dtype=torch.long)
+        lengths = self.aligned_lengths()
+        if not (indices.shape == start.shape == stop.shape) or indices.dim() != 1:
+            raise ValueError(f"indices, start and stop must be 1-D of one size, got {tuple(indices.shape)}, "
+                             f"{tuple(start.shape)}, {tuple(stop.shape)}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
+            raise IndexError(f"sample indices must be in [0, {self.batch_size})")
+        if ((start < 0) | (stop < start) | (stop > lengths[indices])).any():
+            raise ValueError("windows need 0 <= start <= stop <= the sample's length")
+        b = self.batch_size
+        rows = (torch.arange(len(self.keys)).unsqueeze(1) * b + indices.unsqueeze(0)).reshape(-1)
+        n_keys = len(self.keys)
+        return self._gather_runs(self.offsets[rows] + start.repeat(n_keys), (stop - start).repeat(n_keys))
+
+    def aligned_lengths(self) -> torch.Tensor:
+        """Per-sample length when every key holds one entry per position of the same sequence
+        (e.g. items and their targets); a ValueError otherwise."""
+        per_key = self.lengths_per_key()
+        if not (per_key == per_key[:1]).all():
+            raise ValueError(f"keys {self.keys} must have the same length in every sample (per-position sequences)")
+        return per_key[0]
+
+    def _gather_runs(self, starts: torch.Tensor, new_lengths: torch.Tensor) -> KeyedJagged:
+        """A KeyedJagged whose entry j (key-major) holds values[starts[j] : starts[j] + new_lengths[j]]."""
         if new_lengths.sum() == 0:
             return KeyedJagged(self.keys, self.values[:0], new_lengths)
-        starts = offsets[rows]
         # gather every selected run of values without a Python loop
-        run_ids = torch.repeat_interleave(torch.arange(rows.numel()), new_lengths)
+        run_ids = torch.repeat_interleave(torch.arange(new_lengths.numel()), new_lengths)
         within = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(torch.cumsum(new_lengths, 0) - new_lengths, new_lengths)
         return KeyedJagged(self.keys, self.values[starts[run_ids] + within], new_lengths)
 

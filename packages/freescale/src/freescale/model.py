@@ -1,8 +1,11 @@
 """An HSTU-style sequential recommender over jagged sequences, in plain torch.
 
 HSTU layer (Zhai et al. 2024): one projection gives U, V, Q, K (SiLU), attention weights are
-SiLU(QK^T)/n with a causal mask (no softmax), and the output is LayerNorm(A V) * U projected
-back, with a residual. Sequences are padded per batch from their jagged form.
+SiLU(QK^T)/N with a causal mask (no softmax), and the output is LayerNorm(A V) * U projected
+back, with a residual. N is the model's max_len, a constant (as in the reference HSTU code,
+which pads to a fixed length), so a sequence's states do not depend on which other sequences
+share its padded batch: balanced, capped or split batches see the same maths. Sequences are
+padded per batch from their jagged form; positions count back from the newest item.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from torch.nn import functional as F
 
 
 class HSTULayer(nn.Module):
-    def __init__(self, d_model: int, n_heads: int = 2, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int = 2, dropout: float = 0.0, max_len: int = 200):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
-        self.h = n_heads
+        self.h, self.max_len = n_heads, max_len
         self.norm = nn.LayerNorm(d_model)
         self.uvqk = nn.Linear(d_model, 4 * d_model)
         self.attn_norm = nn.LayerNorm(d_model)
@@ -28,7 +31,7 @@ class HSTULayer(nn.Module):
         b, n, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm(x))).chunk(4, dim=-1)
         heads = lambda t: t.view(b, n, self.h, d // self.h).transpose(1, 2)  # noqa: E731
-        scores = F.silu(heads(q) @ heads(k).transpose(-1, -2)) / n
+        scores = F.silu(heads(q) @ heads(k).transpose(-1, -2)) / self.max_len
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         scores = scores * (causal & mask[:, None, None, :]).to(scores.dtype)
         attn = (scores @ heads(v)).transpose(1, 2).reshape(b, n, d)
@@ -62,18 +65,23 @@ class HSTURecommender(nn.Module):
         self.max_len = max_len
         self.item = nn.Embedding(n_items, d_model)
         self.position = nn.Embedding(max_len, d_model)
-        self.layers = nn.ModuleList(HSTULayer(d_model, n_heads) for _ in range(n_layers))
+        self.layers = nn.ModuleList(HSTULayer(d_model, n_heads, max_len=max_len) for _ in range(n_layers))
         self.ffns = nn.ModuleList(ffn_factory(d_model) for _ in range(n_layers)) if ffn_factory else None
         self.final_norm = nn.LayerNorm(d_model)
 
     def sequence_states(self, items: torch.Tensor | None, lengths: torch.Tensor,
-                        item_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        item_embeddings: torch.Tensor | None = None,
+                        trailing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The state after every position of each jagged history: ([B, W, D], valid mask [B, W]),
         right-aligned (the newest item in the last column); attention is causal, so position t
         has seen items up to t only, and the feed-forward blocks run on the valid positions only.
 
         Or from item rows looked up elsewhere (e.g. a sharded table): `item_embeddings`
-        [B, W, D], right-aligned like `pad_jagged` (W <= max_len), `items` then unused."""
+        [B, W, D], right-aligned like `pad_jagged` (W <= max_len), `items` then unused.
+
+        `trailing` [B]: positions of each full sequence that come after the given window (a piece
+        of a split sequence, `BalancePlan.received().trailing`), so positions still count back
+        from the full sequence's newest item; window + trailing must fit max_len."""
         if item_embeddings is None:
             padded, mask = pad_jagged(items, lengths, min(self.max_len, int(lengths.max())))
             x = self.item(padded)
@@ -83,7 +91,17 @@ class HSTURecommender(nn.Module):
                 raise ValueError(f"item_embeddings must be [B={lengths.numel()}, W<={self.max_len}, D], got {tuple(item_embeddings.shape)}")
             mask = torch.arange(width, device=lengths.device) >= (width - lengths.clamp_max(width)).unsqueeze(1)
             x = item_embeddings
-        x = (x + self.position.weight[-x.shape[1]:]) * mask.unsqueeze(-1)
+        width = x.shape[1]
+        if trailing is None:
+            positions = self.position.weight[-width:]
+        else:
+            trailing = torch.as_tensor(trailing, dtype=torch.long, device=lengths.device)
+            if trailing.shape != lengths.shape or (trailing < 0).any() or (lengths.clamp_max(width) + trailing > self.max_len).any():
+                raise ValueError(f"trailing must be [B={lengths.numel()}] non-negative counts with window + trailing "
+                                 f"<= max_len={self.max_len}")
+            index = self.max_len - width + torch.arange(width, device=lengths.device) - trailing.unsqueeze(1)
+            positions = self.position(index.clamp_min(0))  # padding slots clamp, then are masked out
+        x = (x + positions) * mask.unsqueeze(-1)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask)
             if self.ffns is not None:

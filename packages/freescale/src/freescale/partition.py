@@ -155,17 +155,6 @@ def partition(costs, world_size: int, method: str = "kk_equal", refine: bool = T
 
 def oversized(costs, world_size: int) -> torch.Tensor:
     """Indices of samples whose cost alone exceeds a rank's fair share (sum / W): no placement
-    can balance those; split or cap them (see `cap_lengths`)."""
+    can balance those; split or cap them (`BatchBalancer(long_sequences=...)`, `freescale.longseq`)."""
     costs = torch.as_tensor(costs, dtype=torch.float64)
     return (costs > costs.sum() / world_size).nonzero().reshape(-1)
-
-
-def cap_lengths(lengths: torch.Tensor, cost_model, world_size: int) -> torch.Tensor:
-    """Cap sequence lengths so no sample costs more than a rank's fair share (keeps the most recent items)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long).clone()
-    for _ in range(64):
-        big = oversized(cost_model(lengths), world_size)
-        if big.numel() == 0:
-            return lengths
-        lengths[big] = (lengths[big] * 0.9).long().clamp_min(1)
-    return lengths

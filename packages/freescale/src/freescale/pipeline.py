@@ -34,7 +34,7 @@ class TrainPipeline:
 
     def _stage(self, batch: Batch):
         batch = _to(batch, self.device)
-        fut = self.balancer.plan_async(batch[0].sample_lengths().cpu()) if self.balancer else None
+        fut = self.balancer.plan_async(self.balancer.lengths_of(batch[0]).cpu()) if self.balancer else None
         return batch, fut
 
     def _finish(self, staged):

@@ -5,7 +5,8 @@ each rank computes for load * seconds_per_cost, while its embedding communicatio
 (bytes / link bandwidth) overlaps the compute. SM-based communication slows the compute it
 overlaps by `overlap_slowdown` (measured 30-40% on H100s for NCCL kernels); SM-free
 (copy-engine) transfers do not. Ranks then meet at the gradient all-reduce: the early ones
-wait (the bubble).
+wait (the bubble). `long_sequences="cap"|"split"` cuts samples that alone exceed a rank's
+fair share first, as `BatchBalancer` does (split pieces recompute their context).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .cost import CostModel
+from .longseq import long_sequence_windows
 from .partition import partition
 
 
@@ -38,7 +40,7 @@ class SimResult:
 def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostModel, method: str = "contiguous",
              seconds_per_cost: float = 1e-9, embedding_bytes_per_token: float = 0.0, link_bandwidth: float = float("inf"),
              overlap_slowdown: float = 0.35, sm_free: bool = False, allreduce_seconds: float = 0.0,
-             refine: bool = True) -> SimResult:
+             refine: bool = True, long_sequences: str = "report", split_context: int | None = None) -> SimResult:
     """Simulate one step per global batch of sequence lengths."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -50,6 +52,8 @@ def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostM
     for lengths in batches:
         lengths = torch.as_tensor(lengths)
         total_samples += lengths.numel()
+        windows = long_sequence_windows(long_sequences, lengths, cost_model, world_size, split_context)
+        lengths = lengths if windows is None else windows.lengths
         part = partition(cost_model(lengths), world_size, method=method, refine=refine)
         finish, comp_list, exposed_list = [], [], []
         for r, idx in enumerate(part.assignments):

@@ -7,6 +7,7 @@ from .__about__ import __version__
 from .backend import Backend, explain_backend, select_backend
 from .device import has_cuda, triton_available
 from .registry import RegisteredOp, register_op
+from .schedule import grouped_blocks
 
 __all__ = [
     "__version__",
@@ -17,4 +18,5 @@ __all__ = [
     "triton_available",
     "RegisteredOp",
     "register_op",
+    "grouped_blocks",
 ]

@@ -1,4 +1,7 @@
-"""Routed experts: fused forward (Triton or grouped torch), recompute-not-store backward.
+"""Routed experts: fused forward and backward, recompute-not-store.
+
+Both directions run as Triton kernels (kernels.py) whenever a Triton backend is selected, else
+as the per-expert PyTorch loop below (the reference backend; both give the same gradients).
 
 Saved for backward per checkpoint mode (besides x, the weights and the int32 dispatch):
 - "preact" (default): the pre-activations a (and b for SwiGLU), [T*k, d_ff] each;
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukernels_common import select_backend
+from gpukernels_common import grouped_blocks, select_backend
 
 from .dispatch import dispatch
 from .naive import ACTIVATIONS, activate
@@ -35,20 +38,6 @@ def _activation_grad(a, b, dh, activation):
     return dh * b * dsilu, dh * a * sig
 
 
-def _block_schedule(offsets: torch.Tensor, n_rows: int, n_experts: int, block_m: int):
-    """Row blocks of every expert's group, from device tensors only (the grid is an upper bound)."""
-    counts = (offsets[1:] - offsets[:-1]).long()
-    blocks = (counts + block_m - 1) // block_m
-    cum = torch.cumsum(blocks, 0)
-    n_blocks = (n_rows + block_m - 1) // block_m + n_experts
-    b = torch.arange(n_blocks, device=offsets.device)
-    e = torch.searchsorted(cum, b, right=True)
-    valid = e < n_experts
-    e_c = e.clamp(max=n_experts - 1)
-    row = offsets[e_c].long() + (b - (cum[e_c] - blocks[e_c])) * block_m
-    return torch.where(valid, e_c, -1).to(torch.int32), torch.where(valid, row, 0).to(torch.int32), n_blocks
-
-
 def _expert_groups(offsets: torch.Tensor, sorted_slots: torch.Tensor, top_k: int):
     """(expert, first row, end row, slots, tokens) for every non-empty expert group."""
     bounds = offsets.tolist()
@@ -59,6 +48,54 @@ def _expert_groups(offsets: torch.Tensor, sorted_slots: torch.Tensor, top_k: int
             yield e, r0, r1, slots, torch.div(slots, top_k, rounding_mode="floor")
 
 
+class _Launch:
+    """Tile sizes and the host-free row-block schedule shared by the forward and backward kernels."""
+
+    def __init__(self, x, offsets, n_experts, d, f, top_k):
+        import triton
+
+        self.interpret = x.device.type == "cpu"
+        # the interpreter's 16-bit tl.dot is wrong, so it gets fp32 operands; fp32 inputs stay fp32
+        self.upcast = self.interpret or x.dtype == torch.float32
+        self.bm = 16 if self.interpret else 64
+        self.bk = 32 if self.interpret else 64
+        self.bn_f = min(64, max(16, triton.next_power_of_2(f)))
+        self.bn_d = min(64, max(16, triton.next_power_of_2(d)))
+        self.rows = x.shape[0] * top_k
+        counts = offsets[1:] - offsets[:-1]  # the experts' row groups (dropped slots past offsets[E] excluded)
+        expert, row, self.n_blocks = grouped_blocks(offsets[:-1], counts, self.rows, self.bm)
+        self.block_expert, self.block_row = expert.to(torch.int32), row.to(torch.int32)
+
+
+def _gate_up(launch, x, wg, wu, sorted_slots, offsets, top_k, activation, a, b, h):
+    """Run the gate/up kernel: writes a and b when given, h when given."""
+    import triton
+
+    from . import kernels
+
+    d, f = wg.shape[1:]
+    gated = activation == "swiglu"
+    placeholder = x.new_empty(1)
+    kernels.gate_up_kernel[(launch.n_blocks, triton.cdiv(f, launch.bn_f))](
+        x, wg, wu if gated else wg, sorted_slots, offsets, launch.block_expert, launch.block_row,
+        placeholder if a is None else a, placeholder if b is None else b, placeholder if h is None else h, d, f, top_k,
+        *wg.stride(), ACT=_ACT_CODE[activation], GATED=gated, STORE_PRE=a is not None, STORE_H=h is not None,
+        UPCAST=launch.upcast, BM=launch.bm, BN=launch.bn_f, BK=launch.bk)
+
+
+def _combine_rows(launch, rows_out, position, offsets, n_experts, top_k, out):
+    """out[t] = sum of token t's k grouped rows (dropped slots, past offsets[E], count as zero)."""
+    import triton
+
+    from . import kernels
+
+    t, d = out.shape
+    bt = 16
+    kernels.combine_kernel[(triton.cdiv(t, bt), triton.cdiv(d, launch.bn_d))](
+        rows_out, position, offsets[n_experts:], out, t, d, TOP_K=top_k, BT=bt, BD=launch.bn_d)
+    return out
+
+
 def _forward_triton(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, store_pre):
     import triton
 
@@ -66,29 +103,69 @@ def _forward_triton(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top
 
     t, d = x.shape
     n_experts, _, f = wg.shape
-    rows = t * top_k
-    interpret = x.device.type == "cpu"
-    upcast = interpret or x.dtype == torch.float32
-    bm = 16 if interpret else 64
-    block_expert, block_row, n_blocks = _block_schedule(offsets, rows, n_experts, bm)
+    launch = _Launch(x, offsets, n_experts, d, f, top_k)
     gated = activation == "swiglu"
-    a = x.new_empty(rows, f) if store_pre else x.new_empty(1)
-    b = x.new_empty(rows, f) if (store_pre and gated) else x.new_empty(1)
-    h = x.new_empty(rows, f)
-    bn = min(64, max(16, triton.next_power_of_2(f)))
-    bk = 32 if interpret else 64
-    kernels.gate_up_kernel[(n_blocks, triton.cdiv(f, bn))](
-        x, wg, wu if gated else wg, sorted_slots, offsets, block_expert, block_row, a, b, h, d, f, top_k,
-        ACT=_ACT_CODE[activation], GATED=gated, STORE_PRE=store_pre, UPCAST=upcast, BM=bm, BN=bn, BK=bk)
-    y = x.new_empty(rows, d)
-    bn_d = min(64, max(16, triton.next_power_of_2(d)))
-    kernels.down_kernel[(n_blocks, triton.cdiv(d, bn_d))](
-        h, wd, sorted_slots, route_w, offsets, block_expert, block_row, y, d, f, UPCAST=upcast, BM=bm, BN=bn_d, BK=bk)
-    out = x.new_empty(t, d)
-    bt = 16
-    kernels.combine_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bn_d))](y, position, offsets[n_experts:], out, t, d, TOP_K=top_k,
-                                                                       BT=bt, BD=bn_d)
-    return out, (a if store_pre else None), (b if store_pre and gated else None), h
+    a = x.new_empty(launch.rows, f) if store_pre else None
+    b = x.new_empty(launch.rows, f) if (store_pre and gated) else None
+    h = x.new_empty(launch.rows, f)
+    _gate_up(launch, x, wg, wu, sorted_slots, offsets, top_k, activation, a, b, h)
+    y = x.new_empty(launch.rows, d)
+    kernels.down_kernel[(launch.n_blocks, triton.cdiv(d, launch.bn_d))](
+        h, wd, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, y, d, f, *wd.stride(),
+        UPCAST=launch.upcast, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
+    out = _combine_rows(launch, y, position, offsets, n_experts, top_k, x.new_empty(t, d))
+    return out, a, b, h
+
+
+def _backward_triton(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a, b, h, top_k, activation, checkpoint):
+    """B1-B4 as Triton kernels; no host synchronisation, no atomics, fp32 accumulation."""
+    import triton
+
+    from . import kernels
+
+    n_experts, d, f = wg.shape
+    launch = _Launch(x, offsets, n_experts, d, f, top_k)
+    gated = activation == "swiglu"
+    placeholder = x.new_empty(1)
+    go = grad_out.contiguous()  # e.g. out.sum().backward() hands in an expanded (stride 0) gradient
+    if checkpoint == "recompute":
+        a = x.new_empty(launch.rows, f)
+        b = x.new_empty(launch.rows, f) if gated else None
+        _gate_up(launch, x, wg, wu, sorted_slots, offsets, top_k, activation, a, b, None)
+        # a and b are this backward's own buffers: B1 overwrites them with da and db
+        da, db = a, b
+    else:
+        # a and b are saved tensors (a retain_graph=True caller runs backward again): fresh buffers
+        da = torch.empty_like(a)
+        db = torch.empty_like(b) if gated else None
+    b_arg = b if gated else placeholder
+    h_arg = h if checkpoint == "full" else placeholder
+    flags = dict(ACT=_ACT_CODE[activation], GATED=gated, SAVED_H=checkpoint == "full", UPCAST=launch.upcast)
+
+    # B2 first: it reads a and b, which B1 may overwrite
+    dwd = wd.new_empty(wd.shape)  # contiguous, whatever the weight's strides
+    kernels.down_weight_grad_kernel[(n_experts, triton.cdiv(f, launch.bn_f), triton.cdiv(d, launch.bn_d))](
+        go, a, b_arg, h_arg, sorted_slots, route_w, offsets, dwd, d, f, top_k, **flags, BM=launch.bm, BF=launch.bn_f,
+        BD=launch.bn_d)
+    droute = torch.zeros_like(route_w)  # dropped slots keep a zero gradient
+    kernels.act_grad_kernel[(launch.n_blocks,)](
+        go, wd, a, b_arg, h_arg, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, da,
+        db if gated else placeholder, droute, d, f, top_k, *wd.stride(), **flags, BM=launch.bm, BN=launch.bn_f,
+        BK=launch.bk)
+    dwg = wg.new_empty(wg.shape)
+    dwu = wu.new_empty(wu.shape) if gated else None
+    kernels.gate_up_weight_grad_kernel[(n_experts, triton.cdiv(d, launch.bn_d), triton.cdiv(f, launch.bn_f))](
+        x, da, db if gated else placeholder, sorted_slots, offsets, dwg, dwu if gated else placeholder, d, f, top_k,
+        GATED=gated, UPCAST=launch.upcast, BM=launch.bm, BD=launch.bn_d, BF=launch.bn_f)
+    dx_rows = x.new_empty(launch.rows, d)  # transient [T*k, d], freed before returning
+    kernels.input_grad_kernel[(launch.n_blocks, triton.cdiv(d, launch.bn_d))](
+        da, db if gated else placeholder, wg, wu if gated else wg, offsets, launch.block_expert, launch.block_row, dx_rows,
+        d, f, *wg.stride(), GATED=gated, UPCAST=launch.upcast, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
+    # slot s sits at grouped row position[s]; rebuilt from sorted_slots rather than saved
+    position = torch.empty_like(sorted_slots).scatter_(
+        0, sorted_slots.long(), torch.arange(launch.rows, dtype=sorted_slots.dtype, device=x.device))
+    dx = _combine_rows(launch, dx_rows, position, offsets, n_experts, top_k, torch.empty_like(x))
+    return dx, droute, dwg, dwu, dwd
 
 
 def _forward_torch(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, store_pre):
@@ -114,54 +191,60 @@ def _forward_torch(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_
     return out, a, b, h
 
 
+def _backward_torch(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a, b, h, top_k, activation, checkpoint):
+    """The reference backward: per-expert matmuls on gathered rows, dx accumulated per token."""
+    gated = activation == "swiglu"
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    go_all = grad_out.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dwg = torch.zeros(wg.shape, dtype=acc, device=x.device)
+    dwu = torch.zeros(wg.shape, dtype=acc, device=x.device) if gated else None
+    dwd = torch.zeros(wd.shape, dtype=acc, device=x.device)
+    droute = torch.zeros(route_w.shape, dtype=acc, device=x.device)
+    for e, r0, r1, slots, tok in _expert_groups(offsets, sorted_slots, top_k):
+        xe = x[tok].to(acc)
+        wge, wde = wg[e].to(acc), wd[e].to(acc)
+        wue = wu[e].to(acc) if gated else None
+        if checkpoint == "recompute":
+            ae = xe @ wge
+            be = xe @ wue if gated else None
+        else:
+            ae = a[r0:r1].to(acc)
+            be = b[r0:r1].to(acc) if gated else None
+        he = h[r0:r1].to(acc) if checkpoint == "full" else activate(ae, be, activation)
+        go = go_all[tok]
+        droute[slots] = (go * (he @ wde)).sum(1)  # router gradient from recomputed expert outputs
+        gy = go * route_w[slots].to(acc).unsqueeze(1)
+        dwd[e] = he.T @ gy
+        da, db = _activation_grad(ae, be, gy @ wde.T, activation)
+        dwg[e] = xe.T @ da
+        dxe = da @ wge.T
+        if gated:
+            dwu[e] = xe.T @ db
+            dxe = dxe + db @ wue.T
+        dx.index_add_(0, tok, dxe)
+    return (dx.to(x.dtype), droute.to(route_w.dtype), dwg.to(wg.dtype), dwu.to(wu.dtype) if gated else None,
+            dwd.to(wd.dtype))
+
+
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, checkpoint, use_triton):
         impl = _forward_triton if use_triton else _forward_torch
         store_pre = checkpoint != "recompute"
         out, a, b, h = impl(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, store_pre)
-        ctx.top_k, ctx.activation, ctx.checkpoint = top_k, activation, checkpoint
-        ctx.gated = activation == "swiglu"
-        saved = [x, route_w, wg, wu if ctx.gated else None, wd, sorted_slots, offsets]
-        saved += [a, b if ctx.gated else None, h if checkpoint == "full" else None]
+        ctx.top_k, ctx.activation, ctx.checkpoint, ctx.use_triton = top_k, activation, checkpoint, use_triton
+        gated = activation == "swiglu"
+        saved = [x, route_w, wg, wu if gated else None, wd, sorted_slots, offsets]
+        saved += [a, b if gated else None, h if checkpoint == "full" else None]
         ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, route_w, wg, wu, wd, sorted_slots, offsets, a, b, h = ctx.saved_tensors
-        k, act = ctx.top_k, ctx.activation
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        go_all = grad_out.to(acc)
-        dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-        dwg = torch.zeros(wg.shape, dtype=acc, device=x.device)
-        dwu = torch.zeros(wg.shape, dtype=acc, device=x.device) if ctx.gated else None
-        dwd = torch.zeros(wd.shape, dtype=acc, device=x.device)
-        droute = torch.zeros(route_w.shape, dtype=acc, device=x.device)
-        for e, r0, r1, slots, tok in _expert_groups(offsets, sorted_slots, k):
-            xe = x[tok].to(acc)
-            wge, wde = wg[e].to(acc), wd[e].to(acc)
-            wue = wu[e].to(acc) if ctx.gated else None
-            if ctx.checkpoint == "recompute":
-                ae = xe @ wge
-                be = xe @ wue if ctx.gated else None
-            else:
-                ae = a[r0:r1].to(acc)
-                be = b[r0:r1].to(acc) if ctx.gated else None
-            he = h[r0:r1].to(acc) if ctx.checkpoint == "full" else activate(ae, be, act)
-            go = go_all[tok]
-            droute[slots] = (go * (he @ wde)).sum(1)  # router gradient from recomputed expert outputs
-            gy = go * route_w[slots].to(acc).unsqueeze(1)
-            dwd[e] = he.T @ gy
-            da, db = _activation_grad(ae, be, gy @ wde.T, act)
-            dwg[e] = xe.T @ da
-            dxe = da @ wge.T
-            if ctx.gated:
-                dwu[e] = xe.T @ db
-                dxe = dxe + db @ wue.T
-            dx.index_add_(0, tok, dxe)
-        return (dx.to(x.dtype), droute.to(route_w.dtype), dwg.to(wg.dtype), dwu.to(wu.dtype) if ctx.gated else None,
-                dwd.to(wd.dtype), None, None, None, None, None, None, None)
+        impl = _backward_triton if ctx.use_triton else _backward_torch
+        dx, droute, dwg, dwu, dwd = impl(grad_out, *ctx.saved_tensors, ctx.top_k, ctx.activation, ctx.checkpoint)
+        return dx, droute, dwg, dwu, dwd, None, None, None, None, None, None, None
 
 
 def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
@@ -170,7 +253,8 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     """Functional routed-experts layer.
 
     x [T, d]; expert_ids [T, k] (int; E marks a slot dropped by the capacity); weights [T, k];
-    w_gate [E, d, d_ff]; w_up [E, d, d_ff] (SwiGLU only, else None); w_down [E, d_ff, d]. Returns [T, d].
+    w_gate [E, d, d_ff]; w_up [E, d, d_ff] (SwiGLU only, else None); w_down [E, d_ff, d], each with
+    any strides (the kernels read views such as transposed slices in place). Returns [T, d].
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -202,6 +286,9 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     # n_experts groups, so dropped slots are neither computed nor combined
     disp = dispatch(expert_ids, n_experts + 1)
     use_triton = select_backend(x).uses_triton
-    tensors = [t_.contiguous() if t_ is not None else None for t_ in (x, weights.reshape(-1), w_gate, w_up, w_down)]
+    if w_up is not None and w_up.stride() != w_gate.stride():  # the kernels read gate and up with one set of strides
+        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    # the weights stay as given (any strides: a view needs no copy); x and the routing weights contiguous
+    tensors = [x.contiguous(), weights.reshape(-1).contiguous(), w_gate, w_up, w_down]
     return _Experts.apply(*tensors, disp.sorted_slots, disp.expert_offsets[: n_experts + 1].clone(), disp.slot_position,
                           expert_ids.shape[1], activation, checkpoint, use_triton)

@@ -6,8 +6,8 @@
 transformers (>= 5) dispatches every experts module (`gate_up_proj` [E, 2*I, d], `down_proj`
 [E, d, I], SiLU gating) through its experts interface; `register()` adds "moeblaze" there and
 `use_moeblaze(model)` selects it. The model's router, shared experts and weights stay as they
-are (checkpoints load and save unchanged); each forward views the weights in moeblaze's layout
-([E, d, I] and [E, I, d]), which costs one copy of the expert weights per call, then runs
+are (checkpoints load and save unchanged); each forward hands moeblaze transposed views of them
+([E, d, I] and [E, I, d]: no copy, the kernels read through the strides), then runs
 `moe_experts` (buffer-free dispatch, fused kernels, recompute-not-store backward). Slots that
 transformers marks with the sentinel id E (expert parallelism) are skipped, as dropped slots are.
 Requires the optional extra: `pip install moeblaze[hf]`.

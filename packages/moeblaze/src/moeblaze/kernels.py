@@ -2,6 +2,17 @@
 
 Activations are computed in fp32 registers; under the interpreter every operand is upcast to
 fp32 before `tl.dot` (its bf16 dot is wrong), on the GPU 16-bit operands go to the tensor cores.
+Rows are in expert-grouped order (row r reads token sorted_slots[r] // top_k); the row-block
+kernels take their expert and first row from the host-free block schedule. Expert weights are
+read through their strides (gate and up share one set), so views such as transformers'
+transposed, concatenated layout need no copy; weight gradients are written contiguous.
+
+Backward (no atomics, every reduction in a fixed order, so gradients are deterministic):
+- `down_weight_grad_kernel` (B2): dW_down[e] = h^T (s * dO), h recomputed from a (and b);
+- `act_grad_kernel` (B1): dh = dO W_down^T, router gradient <dh, h>, then da (and db);
+- `gate_up_weight_grad_kernel` (B3): dW_gate[e], dW_up[e] = x^T [da | db];
+- `input_grad_kernel` (B4): per grouped row da W_gate^T + db W_up^T, then `combine_kernel`
+  sums each token's k rows.
 """
 
 import triton
@@ -45,6 +56,50 @@ def _act(a, b, ACT: tl.constexpr):
 
 
 @triton.jit
+def _act_grad(a, b, dh, ACT: tl.constexpr):
+    """(dL/da, dL/db) from dL/dh, recomputing the activation's derivative from a (and b);
+    the non-gated activations return dL/da twice (the second is unused)."""
+    if ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * a * a) * 0.3989422804014327
+        da = dh * (cdf + a * pdf)
+        return da, da
+    sig = tl.sigmoid(a)
+    dsilu = sig * (1.0 + a * (1.0 - sig))
+    if ACT == 1:
+        return dh * dsilu, dh * dsilu
+    return dh * b * dsilu, dh * a * sig
+
+
+@triton.jit
+def _mm_operand(t, UPCAST: tl.constexpr):
+    """A `tl.dot` operand: upcast to fp32 under the interpreter (its 16-bit dot is wrong), else as is."""
+    if UPCAST:
+        return t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _expert_rows(offsets_ptr, e):
+    """First and end row of expert e's group (loop bounds read on the device)."""
+    return tl.load(offsets_ptr + e), tl.load(offsets_ptr + e + 1)
+
+
+@triton.jit
+def _activation_tile(a_ptr, b_ptr, h_ptr, offs, mask, ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr):
+    """(a, b, h) in fp32 at `offs`: h loaded when saved (checkpoint "full"), else recomputed."""
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = a
+    if GATED:
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SAVED_H:
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = _act(a, b, ACT)
+    return a, b, h
+
+
+@triton.jit
 def _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM: tl.constexpr):
     """This program's rows of one expert's group (from the host-free block schedule)."""
     pid_m = tl.program_id(0)
@@ -59,10 +114,12 @@ def _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM: tl.constexpr):
 
 @triton.jit
 def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_ptr, block_row_ptr,
-                   a_ptr, b_ptr, h_ptr, D, F, TOP_K,
-                   ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                   a_ptr, b_ptr, h_ptr, D, F, TOP_K, w_stride_e, w_stride_d, w_stride_f,
+                   ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
+                   UPCAST: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Rows of one expert's group: gather x rows while loading, gate and up GEMMs share each x tile."""
+    """Rows of one expert's group: gather x rows while loading, gate and up GEMMs share each x tile.
+    The forward stores h (and a, b unless checkpoint="recompute"); the recompute backward only a, b."""
     pid_n = tl.program_id(1)
     e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM)
     tokens = tl.load(slots_ptr + rows, mask=rmask, other=0) // TOP_K
@@ -70,51 +127,46 @@ def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_p
     cmask = cols < F
     acc_a = tl.zeros((BM, BN), dtype=tl.float32)
     acc_b = tl.zeros((BM, BN), dtype=tl.float32)
-    w_base = e_safe.to(tl.int64) * D * F
+    w_base = e_safe.to(tl.int64) * w_stride_e
     for k0 in range(0, D, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < D
         xt = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         wmask = kmask[:, None] & cmask[None, :]
-        wg = tl.load(wg_ptr + w_base + kk[:, None] * F + cols[None, :], mask=wmask, other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wg = wg.to(tl.float32)
-        acc_a += tl.dot(xt, wg)
+        w_offs = w_base + kk[:, None] * w_stride_d + cols[None, :] * w_stride_f
+        wg = tl.load(wg_ptr + w_offs, mask=wmask, other=0.0)
+        xt = _mm_operand(xt, UPCAST)
+        acc_a += tl.dot(xt, _mm_operand(wg, UPCAST))
         if GATED:
-            wu = tl.load(wu_ptr + w_base + kk[:, None] * F + cols[None, :], mask=wmask, other=0.0)
-            if UPCAST:
-                wu = wu.to(tl.float32)
-            acc_b += tl.dot(xt, wu)
-    h = _act(acc_a, acc_b, ACT)
+            wu = tl.load(wu_ptr + w_offs, mask=wmask, other=0.0)
+            acc_b += tl.dot(xt, _mm_operand(wu, UPCAST))
     out = rows.to(tl.int64)[:, None] * F + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if STORE_PRE:
         tl.store(a_ptr + out, acc_a.to(a_ptr.dtype.element_ty), mask=omask)
         if GATED:
             tl.store(b_ptr + out, acc_b.to(b_ptr.dtype.element_ty), mask=omask)
-    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=omask)
+    if STORE_H:
+        tl.store(h_ptr + out, _act(acc_a, acc_b, ACT).to(h_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
 def down_kernel(h_ptr, wd_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, y_ptr, D, F,
-                UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                wd_stride_e, wd_stride_f, wd_stride_d, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[row] = routing_weight[slot] * (h[row] @ W_down[e]), rows in expert-grouped order."""
     pid_n = tl.program_id(1)
     e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < D
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    w_base = e_safe.to(tl.int64) * F * D
+    w_base = e_safe.to(tl.int64) * wd_stride_e
     for k0 in range(0, F, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < F
         ht = tl.load(h_ptr + rows.to(tl.int64)[:, None] * F + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wd = tl.load(wd_ptr + w_base + kk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        if UPCAST:
-            ht = ht.to(tl.float32)
-            wd = wd.to(tl.float32)
-        acc += tl.dot(ht, wd)
+        wd = tl.load(wd_ptr + w_base + kk[:, None] * wd_stride_f + cols[None, :] * wd_stride_d,
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc += tl.dot(_mm_operand(ht, UPCAST), _mm_operand(wd, UPCAST))
     slots = tl.load(slots_ptr + rows, mask=rmask, other=0)
     rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
@@ -136,3 +188,135 @@ def combine_kernel(y_ptr, pos_ptr, kept_ptr, out_ptr, T, D, TOP_K: tl.constexpr,
         p = tl.load(pos_ptr + tok * TOP_K + j, mask=tmask, other=0)
         acc += tl.load(y_ptr + p.to(tl.int64)[:, None] * D + cols[None, :], mask=mask & (p < kept)[:, None], other=0.0).to(tl.float32)
     tl.store(out_ptr + tok.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr, offsets_ptr, dwd_ptr, D, F, TOP_K,
+                            ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr,
+                            BM: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+    """B2, program (e, f tile, d tile): dW_down[e] = h^T (s * dO[token]) over expert e's rows.
+    An expert without rows writes zeros."""
+    e = tl.program_id(0)
+    fcols = tl.program_id(1) * BF + tl.arange(0, BF)
+    dcols = tl.program_id(2) * BD + tl.arange(0, BD)
+    fmask = fcols < F
+    dmask = dcols < D
+    start, end = _expert_rows(offsets_ptr, e)
+    acc = tl.zeros((BF, BD), dtype=tl.float32)
+    for r0 in range(start, end, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < end
+        slots = tl.load(slots_ptr + rows, mask=rmask, other=0)
+        tokens = slots // TOP_K
+        rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
+        # h^T tile [BF, BM], loaded transposed
+        _, _, ht = _activation_tile(a_ptr, b_ptr, h_ptr, rows.to(tl.int64)[None, :] * F + fcols[:, None],
+                                    fmask[:, None] & rmask[None, :], ACT, GATED, SAVED_H)
+        go = tl.load(go_ptr + tokens.to(tl.int64)[:, None] * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
+                     other=0.0)
+        gy = (go.to(tl.float32) * rw[:, None]).to(go.dtype)  # operands in the input dtype, as in the forward
+        acc += tl.dot(_mm_operand(ht.to(go.dtype), UPCAST), _mm_operand(gy, UPCAST))
+    tl.store(dwd_ptr + e.to(tl.int64) * F * D + fcols[:, None] * D + dcols[None, :], acc.to(dwd_ptr.dtype.element_ty),
+             mask=fmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def act_grad_kernel(go_ptr, wd_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert_ptr,
+                    block_row_ptr, da_ptr, db_ptr, droute_ptr, D, F, TOP_K, wd_stride_e, wd_stride_f, wd_stride_d,
+                    ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """B1, one row block: dh = dO[token] W_down[e]^T tile by tile over d_ff; the router gradient
+    <dh, h> is summed over the tiles inside the program (deterministic, no atomics); da (and db)
+    from s * dh. da/db may alias a/b: each tile is read before it is overwritten, by this program only."""
+    e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM)
+    slots = tl.load(slots_ptr + rows, mask=rmask, other=0)
+    tokens = slots // TOP_K
+    rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
+    w_base = e_safe.to(tl.int64) * wd_stride_e
+    d_route = tl.zeros((BM,), dtype=tl.float32)
+    for f0 in range(0, F, BN):
+        cols = f0 + tl.arange(0, BN)
+        cmask = cols < F
+        dh = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < D
+            go = tl.load(go_ptr + tokens.to(tl.int64)[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+            wdt = tl.load(wd_ptr + w_base + cols[None, :] * wd_stride_f + kk[:, None] * wd_stride_d,
+                          mask=kmask[:, None] & cmask[None, :], other=0.0)
+            dh += tl.dot(_mm_operand(go, UPCAST), _mm_operand(wdt, UPCAST))
+        out = rows.to(tl.int64)[:, None] * F + cols[None, :]
+        omask = rmask[:, None] & cmask[None, :]
+        a, b, h = _activation_tile(a_ptr, b_ptr, h_ptr, out, omask, ACT, GATED, SAVED_H)
+        d_route += tl.sum(dh * h, axis=1)
+        da, db = _act_grad(a, b, dh * rw[:, None], ACT)
+        tl.store(da_ptr + out, da.to(da_ptr.dtype.element_ty), mask=omask)
+        if GATED:
+            tl.store(db_ptr + out, db.to(db_ptr.dtype.element_ty), mask=omask)
+    tl.store(droute_ptr + slots, d_route.to(droute_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def gate_up_weight_grad_kernel(x_ptr, da_ptr, db_ptr, slots_ptr, offsets_ptr, dwg_ptr, dwu_ptr, D, F, TOP_K,
+                               GATED: tl.constexpr, UPCAST: tl.constexpr,
+                               BM: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    """B3, program (e, d tile, f tile): dW_gate[e] = x[token]^T da, dW_up[e] = x[token]^T db over
+    expert e's rows, sharing each gathered x tile. An expert without rows writes zeros."""
+    e = tl.program_id(0)
+    dcols = tl.program_id(1) * BD + tl.arange(0, BD)
+    fcols = tl.program_id(2) * BF + tl.arange(0, BF)
+    dmask = dcols < D
+    fmask = fcols < F
+    start, end = _expert_rows(offsets_ptr, e)
+    acc_g = tl.zeros((BD, BF), dtype=tl.float32)
+    acc_u = tl.zeros((BD, BF), dtype=tl.float32)
+    for r0 in range(start, end, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < end
+        tokens = tl.load(slots_ptr + rows, mask=rmask, other=0) // TOP_K
+        # x^T tile [BD, BM], gathered and loaded transposed
+        xt = tl.load(x_ptr + tokens.to(tl.int64)[None, :] * D + dcols[:, None], mask=dmask[:, None] & rmask[None, :],
+                     other=0.0)
+        xt = _mm_operand(xt, UPCAST)
+        offs = rows.to(tl.int64)[:, None] * F + fcols[None, :]
+        gmask = rmask[:, None] & fmask[None, :]
+        da = tl.load(da_ptr + offs, mask=gmask, other=0.0)
+        acc_g += tl.dot(xt, _mm_operand(da, UPCAST))
+        if GATED:
+            db = tl.load(db_ptr + offs, mask=gmask, other=0.0)
+            acc_u += tl.dot(xt, _mm_operand(db, UPCAST))
+    w_offs = e.to(tl.int64) * D * F + dcols[:, None] * F + fcols[None, :]
+    wmask = dmask[:, None] & fmask[None, :]
+    tl.store(dwg_ptr + w_offs, acc_g.to(dwg_ptr.dtype.element_ty), mask=wmask)
+    if GATED:
+        tl.store(dwu_ptr + w_offs, acc_u.to(dwu_ptr.dtype.element_ty), mask=wmask)
+
+
+@triton.jit
+def input_grad_kernel(da_ptr, db_ptr, wg_ptr, wu_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, dx_rows_ptr, D, F,
+                      w_stride_e, w_stride_d, w_stride_f, GATED: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """B4, one row block: dx_rows[row] = da W_gate[e]^T + db W_up[e]^T (grouped order; summed per
+    token afterwards by `combine_kernel`)."""
+    pid_n = tl.program_id(1)
+    e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < D
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    w_base = e_safe.to(tl.int64) * w_stride_e
+    for k0 in range(0, F, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < F
+        offs = rows.to(tl.int64)[:, None] * F + kk[None, :]
+        gmask = rmask[:, None] & kmask[None, :]
+        w_offs = w_base + cols[None, :] * w_stride_d + kk[:, None] * w_stride_f  # W^T tile [BK, BN]
+        wmask = kmask[:, None] & cmask[None, :]
+        da = tl.load(da_ptr + offs, mask=gmask, other=0.0)
+        wgt = tl.load(wg_ptr + w_offs, mask=wmask, other=0.0)
+        acc += tl.dot(_mm_operand(da, UPCAST), _mm_operand(wgt, UPCAST))
+        if GATED:
+            db = tl.load(db_ptr + offs, mask=gmask, other=0.0)
+            wut = tl.load(wu_ptr + w_offs, mask=wmask, other=0.0)
+            acc += tl.dot(_mm_operand(db, UPCAST), _mm_operand(wut, UPCAST))
+    tl.store(dx_rows_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(dx_rows_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])

@@ -7,8 +7,12 @@
 forward(user_features, ops, args, hashes[, value_weights]) runs, with tensor ops only (no
 host synchronization, static shapes: `torch.compile` and `torch.export` see one graph):
 
-    user tower -> u . centroids -> top-nprobe clusters
-    -> Bloom filter on the probed clusters' items (EXACT_TERM slots, the terms under NOT, exactly)
+    user tower -> u . centroids -> top-nprobe clusters (top-max_nprobe with adaptive probing)
+    -> filter plans evaluated on the packed 64-item words covering the probed clusters, as the
+       Bloom index's own search does (a TERM is the AND of its k row words; EXACT_TERM, the terms
+       under NOT, are packed from the stored attributes) -> one bit per probed item
+    -> adaptive probing: a cluster beyond the first nprobe is kept only while fewer than
+       k_candidates items passed in the clusters ranked before it
     -> int8 scores of the passing items (int8 products are exact in fp32) and the fresh items
     -> top-K candidates -> exact verification of their attributes (drops Bloom false positives)
     -> bf16 item embeddings -> OverArch task logits -> Value Model -> top-N
@@ -32,7 +36,7 @@ from torch import nn
 
 from .__about__ import __version__
 from .bloom.hashing import bloom_positions, term_hash
-from .bloom.index import BUNDLE, BloomIndex
+from .bloom.index import WORDS_PER_BUNDLE, BloomIndex
 from .bloom.parser import AND, EXACT_TERM, MAX_DEPTH, NOT, OR, TERM, TRUE, FilterPlans, FilterSchema, parse_filters
 from .ivf.index import IVFIndex
 from .ivf.quantize import quantize_rows
@@ -50,6 +54,7 @@ class Retrieved:
     scores: torch.Tensor  # [Q, N] Value Model output, -inf where missing
     task_probs: torch.Tensor  # [Q, N, T] per-task probabilities from OverArch
     fresh: torch.Tensor  # [Q, N] bool: the item came from the fresh index
+    found: torch.Tensor  # [Q] int64: items that passed the filter (Bloom) in the probed clusters and the fresh index
 
 
 def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
@@ -69,6 +74,12 @@ def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
     return fids, vals, counts
 
 
+def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for an index of any shape, through index_select (on the CPU about ten times
+    faster than advanced indexing for the [Q, M] gathers of the forward)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
 def _unpad_jagged(fids, vals, counts):
     keep = torch.arange(fids.shape[1]) < counts.unsqueeze(1)
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
@@ -80,7 +91,7 @@ class RetrievalModel(nn.Module):
     def __init__(self, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel, tensors: dict, *,
                  nprobe: int, k_candidates: int, num_results: int, bloom_k: int, bloom_multiplier: float,
                  schema: dict | None = None, max_ops: int = 32, max_terms: int = 16, exact_verify: bool = True,
-                 fresh_used: int = 0):
+                 fresh_used: int = 0, max_nprobe: int | None = None):
         super().__init__()
         self.user_tower, self.overarch, self.value_model = user_tower, overarch, value_model
         for name, t in tensors.items():
@@ -92,15 +103,20 @@ class RetrievalModel(nn.Module):
         n_clusters, max_cluster = self.cluster_positions.shape
         if not 1 <= nprobe <= n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={n_clusters}], got {nprobe}")
-        if not 1 <= k_candidates <= nprobe * max_cluster + self.fresh_capacity:
-            raise ValueError(f"k_candidates must be in [1, nprobe x largest cluster + fresh capacity = "
-                             f"{nprobe * max_cluster + self.fresh_capacity}], got {k_candidates}")
+        max_nprobe = nprobe if max_nprobe is None else max_nprobe
+        if not nprobe <= max_nprobe <= n_clusters:
+            raise ValueError(f"max_nprobe must be in [nprobe={nprobe}, n_clusters={n_clusters}], got {max_nprobe}")
+        if not 1 <= k_candidates <= max_nprobe * max_cluster + self.fresh_capacity:
+            raise ValueError(f"k_candidates must be in [1, max_nprobe x largest cluster + fresh capacity = "
+                             f"{max_nprobe * max_cluster + self.fresh_capacity}], got {k_candidates}")
         if not 1 <= num_results <= k_candidates:
             raise ValueError(f"num_results must be in [1, k_candidates={k_candidates}], got {num_results}")
         if overarch.dim != self.dim or overarch.num_tasks != value_model.num_tasks:
             raise ValueError(f"overarch (dim {overarch.dim}, {overarch.num_tasks} tasks) does not fit the items (dim {self.dim}) "
                              f"and the value model ({value_model.num_tasks} tasks)")
-        self.nprobe, self.k_candidates, self.num_results = nprobe, k_candidates, num_results
+        self.nprobe, self.max_nprobe, self.k_candidates, self.num_results = nprobe, max_nprobe, k_candidates, num_results
+        # a cluster of max_cluster items starting anywhere in a word spans at most this many words
+        self.words_per_cluster = (max_cluster + 62) // 64 + 1
         self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
         self.schema = dict(schema or {})
         self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
@@ -112,10 +128,13 @@ class RetrievalModel(nn.Module):
               k_candidates: int = 256, num_results: int = 10, fresh_capacity: int = 1024, bloom_k: int = 3,
               bloom_multiplier: float = 5.0, max_attributes: int | None = None, item_dense=None, max_ops: int = 32,
               max_terms: int = 16, exact_verify: bool = True, kmeans_iters: int = 20, seed: int = 0,
-              progress=None) -> RetrievalModel:
+              progress=None, max_nprobe: int | None = None) -> RetrievalModel:
         """Quantize and cluster the item embeddings, index their attributes, assemble the model.
 
         attributes: jagged (feature_ids, offsets, values) per item, in item_embeddings' row order.
+        max_nprobe: adaptive probing; the forward probes up to max_nprobe clusters (best centroid
+        first) and keeps the smallest prefix of at least nprobe clusters in which k_candidates
+        items pass the filter (default nprobe: fixed probing).
         `progress(step_name)` is called before each build step (the CLI shows a progress bar).
         """
         step = progress or (lambda name: None)
@@ -165,7 +184,7 @@ class RetrievalModel(nn.Module):
         tensors["attr_terms"] = term_hash(tensors["attr_feature_ids"], tensors["attr_values"])
         return cls(user_tower, overarch, value_model, tensors, nprobe=nprobe, k_candidates=k_candidates, num_results=num_results,
                    bloom_k=bloom_k, bloom_multiplier=bloom_multiplier, schema=schema, max_ops=max_ops, max_terms=max_terms,
-                   exact_verify=exact_verify)
+                   exact_verify=exact_verify, max_nprobe=max_nprobe)
 
     # -- filters -----------------------------------------------------------------------------
     def prepare_filters(self, expressions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,87 +208,125 @@ class RetrievalModel(nn.Module):
 
     def _exact_terms(self, positions, hashes):
         """[Q, T, M] bool: item at positions[q, m] really has term hashes[q, t]."""
-        terms = self.attr_terms[positions]  # [Q, M, A]
-        used = torch.arange(terms.shape[-1], device=terms.device) < self.attr_counts[positions].unsqueeze(-1)
-        hit = (terms.unsqueeze(1) == hashes[:, :, None, None]) & used.unsqueeze(1)
-        return hit.any(-1)
+        terms = _rows(self.attr_terms, positions)  # [Q, M, A]
+        counts = _rows(self.attr_counts, positions).unsqueeze(1)
+        hit = torch.zeros(hashes.shape[0], hashes.shape[1], positions.shape[1], dtype=torch.bool, device=positions.device)
+        for a in range(terms.shape[-1]):  # one attribute slot at a time: [Q, T, M], never [Q, T, M, A]
+            hit = hit | ((terms[:, None, :, a] == hashes.unsqueeze(-1)) & (counts > a))
+        return hit
 
-    def _bloom_terms(self, positions, hashes):
-        """[Q, T, M] bool: Bloom test (a superset) of term hashes[q, t] for main-index items."""
-        bundle = positions // BUNDLE
+    def _exact_words(self, words, hashes):
+        """int64 [Q, T, M]: bit b of [q, t, m] set when main-index item 64 * words[q, m] + b really has
+        term hashes[q, t] (bits past the main index describe its last item and must be masked)."""
+        q, m = words.shape
+        bit = torch.arange(64, device=words.device)
+        items = (words.unsqueeze(-1) * 64 + bit).clamp(max=self.num_main - 1).reshape(q, m * 64)
+        hit = self._exact_terms(items, hashes).view(q, -1, m, 8, 8).to(torch.uint8)
+        # 8 items to a byte (distinct powers of two: the sum is the OR), 8 little-endian bytes to a word
+        return (hit << torch.arange(8, dtype=torch.uint8, device=words.device)).sum(-1, dtype=torch.uint8).view(torch.int64).squeeze(-1)
+
+    def _bloom_words(self, words, hashes):
+        """int64 [Q, T, M]: the Bloom test (a superset) of term hashes[q, t] on the 64 main-index items
+        of words[q, m]: the AND of the term's k row words in the word's bundle."""
         q, t = hashes.shape
         n_bundles = self.bloom_widths.numel()
-        # a term's rows depend on its bundle only: hash once per (term, bundle), then gather per item
+        # a term's rows depend on its bundle only: hash once per (term, bundle), then gather per word
         per_bundle = bloom_positions(hashes.unsqueeze(-1).expand(q, t, n_bundles), self.bloom_widths.expand(q, t, n_bundles), self.bloom_k)
         per_bundle = per_bundle + self.bloom_row_offsets[:n_bundles][None, None, :, None]  # [Q, T, B, k]
-        rows = per_bundle.gather(2, bundle[:, None, :, None].expand(q, t, -1, self.bloom_k))  # [Q, T, M, k]
-        word = ((positions % BUNDLE) // 64)[:, None, :, None].expand_as(rows)
-        bits = (self.bloom_bits[rows, word] >> (positions % 64)[:, None, :, None]) & 1
-        return bits.bool().all(-1)
+        bundle = (words // WORDS_PER_BUNDLE)[:, None, :, None].expand(q, t, -1, self.bloom_k)
+        rows = per_bundle.gather(2, bundle)  # [Q, T, M, k]
+        bits = _rows(self.bloom_bits.view(-1), rows * WORDS_PER_BUNDLE + (words % WORDS_PER_BUNDLE)[:, None, :, None])
+        passing = bits[..., 0]
+        for j in range(1, self.bloom_k):
+            passing = passing & bits[..., j]
+        return passing
 
     @staticmethod
     def _run_plans(ops, args, bloom_terms, exact_terms):
-        """Evaluate postfix plans on a [Q, MAX_DEPTH, M] stack with tensor ops (no data-dependent branches)."""
+        """Evaluate postfix plans on a [Q, MAX_DEPTH, M] stack with tensor ops (no data-dependent branches).
+        Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise)."""
         q, _, m = exact_terms.shape
         dev = exact_terms.device
-        stack = torch.ones(q, MAX_DEPTH, m, dtype=torch.bool, device=dev)
-        sp = torch.zeros(q, dtype=torch.int64, device=dev)
-        depth = torch.arange(MAX_DEPTH, device=dev)
+        everything = torch.full((q, 1, m), True if exact_terms.dtype == torch.bool else -1, dtype=exact_terms.dtype, device=dev)
+        # everything that does not depend on the stack, for all steps at once: [Q, L, 1] op kinds, [Q, L, M] pushes
+        term, exact_term, true, negate, conj, disj = ((ops == code).unsqueeze(-1) for code in (TERM, EXACT_TERM, TRUE, NOT, AND, OR))
+        pick = args.long().unsqueeze(-1).expand(q, -1, m)
+        pushed = torch.where(term, bloom_terms.gather(1, pick), torch.where(exact_term, exact_terms.gather(1, pick), everything))
+        is_push, is_pair = term | exact_term | true, conj | disj
+        moves = is_push.long() - is_pair.long()
+        sp = moves.cumsum(1) - moves  # stack size before each step
+        at = torch.where(is_push, sp, torch.where(negate, sp - 1, sp - 2))
+        write = (torch.arange(MAX_DEPTH, device=dev) == at) & (is_push | is_pair | negate)  # [Q, L, MAX_DEPTH]
+        top_at, below_at = (sp - 1).clamp(min=0).expand(q, -1, m), (sp - 2).clamp(min=0).expand(q, -1, m)
+        stack = everything.expand(q, MAX_DEPTH, m)
         for step in range(ops.shape[1]):
-            op, slot = ops[:, step], args[:, step].long()
-            pick = slot[:, None, None].expand(q, 1, m)
-            push = torch.where((op == TERM)[:, None], bloom_terms.gather(1, pick).squeeze(1),
-                               torch.where((op == EXACT_TERM)[:, None], exact_terms.gather(1, pick).squeeze(1),
-                                           torch.ones(q, m, dtype=torch.bool, device=dev)))
-            top = stack.gather(1, (sp - 1).clamp(min=0)[:, None, None].expand(q, 1, m)).squeeze(1)
-            below = stack.gather(1, (sp - 2).clamp(min=0)[:, None, None].expand(q, 1, m)).squeeze(1)
-            is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
-            is_pair = (op == AND) | (op == OR)
-            value = torch.where(is_push[:, None], push, torch.where((op == NOT)[:, None], ~top,
-                                torch.where((op == AND)[:, None], below & top, below | top)))
-            at = torch.where(is_push, sp, torch.where(op == NOT, sp - 1, sp - 2))
-            write = (depth[None, :] == at[:, None]) & (is_push | is_pair | (op == NOT))[:, None]
-            stack = torch.where(write[:, :, None], value[:, None, :], stack)
-            sp = sp + is_push.long() - is_pair.long()
+            top = stack.gather(1, top_at[:, step : step + 1])
+            below = stack.gather(1, below_at[:, step : step + 1])
+            value = torch.where(is_push[:, step : step + 1], pushed[:, step : step + 1],
+                                torch.where(negate[:, step : step + 1], ~top,
+                                            torch.where(conj[:, step : step + 1], below & top, below | top)))
+            stack = torch.where(write[:, step].unsqueeze(-1), value, stack)
         return stack[:, 0]
+
+    def _probed_passing(self, clusters, ops, args, hashes):
+        """bool [Q, P, S]: item slot s of probed cluster clusters[q, p] exists, is alive and passes the
+        filter, evaluated once per packed word covering the cluster, not once per item."""
+        q, p = clusters.shape
+        slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
+        first = slots[:, :, :1] // 64
+        n_words = self.words_per_cluster
+        words = (first + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
+        words = words.reshape(q, p * n_words)
+        passing = self._run_plans(ops, args, self._bloom_words(words, hashes), self._exact_words(words, hashes))
+        local = (slots // 64 - first).clamp(max=n_words - 1)  # clamped only for padding slots
+        bit = (passing.view(q, p, n_words).gather(2, local) >> (slots % 64)) & 1
+        return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
 
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
-        """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N])."""
+        """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q])."""
         u = self.user_tower(user_features).float()
         q = u.shape[0]
-        clusters = torch.topk(u @ self.centroids.T, self.nprobe, dim=1).indices
-        pos = self.cluster_positions[clusters].reshape(q, -1)
-        keep = self.cluster_valid[clusters].reshape(q, -1) & self.alive[pos]
-        keep = keep & self._run_plans(ops, args, self._bloom_terms(pos, hashes), self._exact_terms(pos, hashes))
-        q_codes, q_scales = quantize_rows(u)
-        dots = torch.bmm(self.codes[pos].float(), q_codes.float().unsqueeze(-1)).squeeze(-1)  # exact: |dot| < 2^24
-        main = torch.where(keep, dots * self.scales[pos] * q_scales.unsqueeze(1), torch.full_like(dots, float("-inf")))
-        scores, cand = main, pos
+        clusters = torch.topk(u @ self.centroids.T, self.max_nprobe, dim=1).indices  # best centroid first
+        keep = self._probed_passing(clusters, ops, args, hashes)  # [Q, P, S]
+        fresh_found = torch.zeros(q, dtype=torch.int64, device=u.device)
         if self.fresh_capacity:
             fpos = torch.arange(self.num_main, self.item_ids.shape[0], device=u.device).expand(q, -1)
             exact = self._exact_terms(fpos, hashes)
-            fkeep = self.alive[fpos] & self._run_plans(ops, args, exact, exact)
+            fkeep = _rows(self.alive, fpos) & self._run_plans(ops, args, exact, exact)
+            fresh_found = fkeep.sum(1)
+        if self.max_nprobe > self.nprobe:  # adaptive: probe cluster p only while fewer than K items passed before it
+            per_cluster = keep.sum(2)
+            before = per_cluster.cumsum(1) - per_cluster + fresh_found.unsqueeze(1)
+            probe = (torch.arange(self.max_nprobe, device=u.device) < self.nprobe) | (before < self.k_candidates)
+            keep = keep & probe.unsqueeze(-1)
+        found = keep.sum((1, 2)) + fresh_found
+        pos, keep = _rows(self.cluster_positions, clusters).reshape(q, -1), keep.reshape(q, -1)
+        q_codes, q_scales = quantize_rows(u)
+        dots = torch.bmm(_rows(self.codes, pos).float(), q_codes.float().unsqueeze(-1)).squeeze(-1)  # exact: |dot| < 2^24
+        main = torch.where(keep, dots * _rows(self.scales, pos) * q_scales.unsqueeze(1), torch.full_like(dots, float("-inf")))
+        scores, cand = main, pos
+        if self.fresh_capacity:
             fscores = u @ self.item_embeddings[self.num_main:].float().T
             scores = torch.cat([main, torch.where(fkeep, fscores, torch.full_like(fscores, float("-inf")))], 1)
             cand = torch.cat([pos, fpos], 1)
         top, j = torch.topk(scores, self.k_candidates, dim=1)
         cand = cand.gather(1, j)
-        found = torch.isfinite(top)
+        verified = torch.isfinite(top)
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
             exact = self._exact_terms(cand, hashes)
-            found = found & self._run_plans(ops, args, exact, exact)
-        items = self.item_embeddings[cand].float()
-        dense = self.item_dense[cand] if hasattr(self, "item_dense") else None
+            verified = verified & self._run_plans(ops, args, exact, exact)
+        items = _rows(self.item_embeddings, cand).float()
+        dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
         logits = self.overarch(u, items, dense)
         value = self.value_model(logits, value_weights)
-        value = torch.where(found, value, torch.full_like(value, float("-inf")))
+        value = torch.where(verified, value, torch.full_like(value, float("-inf")))
         best, k = torch.topk(value, self.num_results, dim=1)
         winners = cand.gather(1, k)
         ok = torch.isfinite(best)
-        ids = torch.where(ok, self.item_ids[winners], torch.full_like(winners, -1))
+        ids = torch.where(ok, _rows(self.item_ids, winners), torch.full_like(winners, -1))
         probs = torch.sigmoid(logits).gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        return ids, best, probs, ok & (winners >= self.num_main)
+        return ids, best, probs, ok & (winners >= self.num_main), found
 
     def retrieve(self, user_features: torch.Tensor, filters: list[str] | None = None, value_weights=None) -> Retrieved:
         """Validate, compile the filters, run one forward."""
@@ -336,13 +393,14 @@ class RetrievalModel(nn.Module):
         live = self.alive.nonzero().squeeze(1)
         counts = self.attr_counts[live].cpu()
         attributes = _unpad_jagged(self.attr_feature_ids[live].cpu(), self.attr_values[live].cpu(), counts)
-        options = {"n_clusters": self.centroids.shape[0], "nprobe": self.nprobe, "k_candidates": self.k_candidates,
-                   "num_results": self.num_results, "fresh_capacity": self.fresh_capacity, "bloom_k": self.bloom_k,
-                   "bloom_multiplier": self.bloom_multiplier, "max_attributes": self.attr_terms.shape[1],
+        options = {"n_clusters": self.centroids.shape[0], "nprobe": self.nprobe, "max_nprobe": self.max_nprobe,
+                   "k_candidates": self.k_candidates, "num_results": self.num_results, "fresh_capacity": self.fresh_capacity,
+                   "bloom_k": self.bloom_k, "bloom_multiplier": self.bloom_multiplier, "max_attributes": self.attr_terms.shape[1],
                    "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify}
         options.update(overrides)
         options["n_clusters"] = min(options["n_clusters"], live.numel())
         options["nprobe"] = min(options["nprobe"], options["n_clusters"])
+        options["max_nprobe"] = min(max(options["max_nprobe"], options["nprobe"]), options["n_clusters"])
         dense = self.item_dense[live].cpu() if hasattr(self, "item_dense") else None
         return RetrievalModel.build(self.user_tower, self.overarch, self.value_model, self.item_embeddings[live].float().cpu(),
                                     self.item_ids[live].cpu(), attributes, self.schema, item_dense=dense, **options)
@@ -353,7 +411,7 @@ class RetrievalModel(nn.Module):
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "silvertorch_version": __version__,
             "dim": self.dim, "num_main": self.num_main, "fresh_capacity": self.fresh_capacity, "fresh_used": self.fresh_used,
-            "nprobe": self.nprobe, "k_candidates": self.k_candidates, "num_results": self.num_results,
+            "nprobe": self.nprobe, "max_nprobe": self.max_nprobe, "k_candidates": self.k_candidates, "num_results": self.num_results,
             "bloom_k": self.bloom_k, "bloom_multiplier": self.bloom_multiplier, "schema": self.schema,
             "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify,
             "user_tower": {"type": tower if tower in TOWERS else "custom",
@@ -420,5 +478,6 @@ class RetrievalModel(nn.Module):
         model = cls(user_tower, overarch, value_model, buffers, nprobe=config["nprobe"], k_candidates=config["k_candidates"],
                     num_results=config["num_results"], bloom_k=config["bloom_k"], bloom_multiplier=config["bloom_multiplier"],
                     schema=config["schema"], max_ops=config["max_ops"], max_terms=config["max_terms"],
-                    exact_verify=config["exact_verify"], fresh_used=config["fresh_used"])
+                    exact_verify=config["exact_verify"], fresh_used=config["fresh_used"],
+                    max_nprobe=config.get("max_nprobe"))  # absent in artifacts written before adaptive probing
         return model.to(device).eval()

@@ -114,7 +114,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
             if not batch:
                 continue
             try:
-                ids, scores, probs, fresh = await asyncio.to_thread(run_batch, batch)
+                ids, scores, probs, fresh, _found = await asyncio.to_thread(run_batch, batch)
             except Exception as err:  # a failed batch fails its requests, never the server
                 for p in batch:
                     if not p.future.done():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gpukernels_common import select_backend
+from gpukernels_common import grouped_blocks, select_backend
 
 from ..topk import select_topk
 from .kmeans import kmeans
@@ -50,16 +50,8 @@ def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
     pairs = torch.argsort(flat, stable=True).to(torch.int32)
     counts = torch.bincount(flat, minlength=n_clusters)
     pair_ends = torch.cumsum(counts, 0)
-    blocks = (counts + block_q - 1) // block_q
-    cum = torch.cumsum(blocks, 0)
-    n_blocks = (flat.numel() + block_q - 1) // block_q + n_clusters
-    b = torch.arange(n_blocks, device=clusters.device)
-    e = torch.searchsorted(cum, b, right=True)
-    valid = e < n_clusters
-    e = e.clamp(max=n_clusters - 1)
-    row = (pair_ends[e] - counts[e]) + (b - (cum[e] - blocks[e])) * block_q
-    return (pairs, pair_ends.to(torch.int64), torch.where(valid, e, -1).to(torch.int32),
-            torch.where(valid, row, 0).to(torch.int64), n_blocks)
+    cluster, first, n_blocks = grouped_blocks(pair_ends - counts, counts, flat.numel(), block_q)
+    return pairs, pair_ends.to(torch.int64), cluster.to(torch.int32), first, n_blocks
 
 
 def _check_embeddings(embeddings: torch.Tensor, dim: int | None = None) -> None:
