@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .combine import weighted_sum
+
 
 class Balancer(nn.Module, abc.ABC):
     """Base class. Subclasses implement `combine(grads, losses)`.
@@ -194,6 +196,15 @@ class Balancer(nn.Module, abc.ABC):
 
     def last_scales(self) -> dict[str, float]:
         return {}
+
+    @staticmethod
+    def weighted_sums(grads: list[list[torch.Tensor]], coeff: torch.Tensor) -> list[torch.Tensor]:
+        """For every target j, sum_t coeff[t] * grads[t][j] (coeff [T], or [n_targets, T] for one
+        row per target), written into task 0's buffers, which `combine` may overwrite."""
+        n_targets = len(grads[0])
+        coeff = coeff.to(grads[0][0].device)
+        rows = coeff.expand(n_targets, -1) if coeff.dim() == 1 else coeff
+        return [weighted_sum([gt[j] for gt in grads], rows[j]) for j in range(n_targets)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # running statistics are sized on first use: adopt the checkpoint's shapes

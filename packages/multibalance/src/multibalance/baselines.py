@@ -33,7 +33,7 @@ class EqualWeights(Balancer):
     needs_task_grads = False
 
     def combine(self, grads, losses):  # used only if called directly
-        return [sum(grads[t][j] * float(w) for t, w in enumerate(self.static_weights)) for j in range(len(grads[0]))]
+        return self.weighted_sums(grads, self.static_weights)
 
 
 class UncertaintyWeighting(Balancer):
@@ -53,8 +53,7 @@ class UncertaintyWeighting(Balancer):
         return sum(w * (torch.exp(-s[t]) * loss + s[t]) for t, (w, loss) in enumerate(zip(self.static_weights.tolist(), losses)))
 
     def combine(self, grads, losses):
-        w = torch.exp(-self.log_vars.detach()).tolist()
-        return [sum(grads[t][j] * w[t] for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+        return self.weighted_sums(grads, torch.exp(-self.log_vars.detach()))
 
     def last_scales(self):
         return {n: float(torch.exp(-s)) for n, s in zip(self.task_names, self.log_vars.detach())}
@@ -77,11 +76,11 @@ class GradNorm(Balancer):
 
     def combine(self, grads, losses):
         w = self.task_weights.clone()
-        out = [sum(grads[t][j] * float(w[t] * self.static_weights[t]) for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+        norms = torch.stack([_flat(grads[t]).norm() for t in range(self.num_tasks)])  # before the sum overwrites task 0
+        out = self.weighted_sums(grads, w * self.static_weights.to(w.dtype))
         lvals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
         if self.initial_losses.numel() == 0:
             self.initial_losses = lvals.clone()
-        norms = torch.stack([_flat(grads[t]).norm() for t in range(self.num_tasks)])
         g_w = w * norms
         ratio = lvals / self.initial_losses.clamp_min(1e-12)
         target = g_w.mean() * (ratio / ratio.mean()) ** self.alpha
@@ -191,7 +190,7 @@ class DBMTL(Balancer):
         norms = torch.stack([_flat(g).norm() for g in logs])
         self.ema = norms.clone() if self.ema.numel() == 0 else self.beta * self.ema + (1 - self.beta) * norms
         scale = self.ema.max() / self.ema.clamp_min(1e-30) * self.static_weights.double()
-        return [sum(logs[t][j] * float(scale[t]) for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+        return self.weighted_sums(logs, scale)
 
 
 class FAMO(Balancer):
@@ -224,7 +223,7 @@ class FAMO(Balancer):
 
     def combine(self, grads, losses):
         c = self.weights(torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64))
-        return [sum(grads[t][j] * float(c[t]) for t in range(self.num_tasks)) for j in range(len(grads[0]))]
+        return self.weighted_sums(grads, c)
 
     def update(self, new_losses) -> None:
         if self.prev_losses.numel() == 0:
@@ -258,11 +257,11 @@ class MetaBalance(Balancer):
         self.register_buffer("ema", torch.zeros(len(self.shared_parameters), len(self.task_names), dtype=torch.float64))
 
     def combine(self, grads, losses):
-        out = []
+        coeff = []
         for p in range(len(self.shared_parameters)):
             norms = torch.stack([grads[t][p].double().norm() for t in range(self.num_tasks)])
             self.ema[p] = self.beta * self.ema[p] + (1 - self.beta) * norms
             m = self.ema[p].clamp_min(1e-30)
             scale = self.relax * m[self.target_index] / m + (1 - self.relax)
-            out.append(sum(grads[t][p] * float(scale[t] * self.static_weights[t]) for t in range(self.num_tasks)))
-        return out
+            coeff.append(scale * self.static_weights.to(scale.dtype))
+        return self.weighted_sums(grads, torch.stack(coeff))

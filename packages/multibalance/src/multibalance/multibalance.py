@@ -74,14 +74,7 @@ class MultiBalance(Balancer):
             scales = torch.ones_like(scales)
         self.scales = scales
         coeff = scales * self.static_weights.to(scales.device, scales.dtype)  # [n_reps, n_tasks]
-        out = []
-        for j in range(len(grads[0])):
-            c = coeff[j].to(grads[0][j].dtype)
-            acc = grads[0][j].mul_(c[0])  # in place: the per-task gradients are the balancer's own
-            for t in range(1, self.num_tasks):
-                acc.addcmul_(grads[t][j], c[t])
-            out.append(acc)
-        return out
+        return self.weighted_sums(grads, coeff)
 
     def last_scales(self) -> dict[str, float]:
         if self.scales.numel() == 0:

@@ -1,0 +1,47 @@
+"""The weighted sum of per-task gradients that every combining balancer ends with."""
+
+from __future__ import annotations
+
+import torch
+
+from gpukernels_common import select_backend
+
+from .naive import weighted_sum_reference
+
+
+def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t coeff[t] * grads[t] with the coefficients on the device (no host sync).
+
+    Writes into `out`, by default into grads[0] (the per-task gradients are the balancer's own).
+    A Triton backend reads every gradient once and writes once, accumulating in fp32; the
+    reference chains in-place multiply-adds in the gradients' dtype.
+    """
+    if not grads:
+        raise ValueError("grads must hold at least one tensor")
+    first = grads[0]
+    for t, g in enumerate(grads):
+        if g.shape != first.shape or g.dtype != first.dtype or g.device != first.device:
+            raise ValueError(f"grads[{t}] is {g.dtype} {tuple(g.shape)} on {g.device}; grads[0] is "
+                             f"{first.dtype} {tuple(first.shape)} on {first.device}: all must match")
+    if coeff.shape != (len(grads),) or not coeff.dtype.is_floating_point or coeff.device != first.device:
+        raise ValueError(f"coeff must be a floating [{len(grads)}] tensor on {first.device}, got {coeff.dtype} "
+                         f"{tuple(coeff.shape)} on {coeff.device}")
+    out = first if out is None else out
+    if out.shape != first.shape or out.dtype != first.dtype or out.device != first.device:
+        raise ValueError(f"out must be {first.dtype} {tuple(first.shape)} on {first.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if not select_backend(first).uses_triton or not all(g.is_contiguous() for g in grads) or not out.is_contiguous():
+        return weighted_sum_reference(grads, coeff, out)
+    import triton
+
+    from . import kernels
+
+    n = first.numel()
+    block = 8192 if first.device.type == "cpu" else 2048  # the interpreter pays per program, not per element
+    coeff = coeff.to(torch.float32).contiguous()
+    for start in range(0, len(grads), kernels.MAX_INPUTS):
+        part = grads[start: start + kernels.MAX_INPUTS]
+        ptrs = part + [part[0]] * (kernels.MAX_INPUTS - len(part))  # unused slots are never read
+        kernels.weighted_sum_kernel[(triton.cdiv(n, block),)](
+            out, coeff[start:], *ptrs, n, N_IN=len(part), ACCUMULATE=start > 0, BLOCK=block)
+    return out

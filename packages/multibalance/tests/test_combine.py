@@ -1,0 +1,79 @@
+"""The weighted sum every combining balancer ends with: Triton kernel vs the PyTorch reference."""
+
+import pytest
+import torch
+
+from gpukernels_common import select_backend
+from gpukernels_common.testing import CanaryBuffer, assert_close
+from multibalance.combine import weighted_sum
+from multibalance.naive import weighted_sum_reference
+
+
+def _inputs(n_tasks, shape, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(n_tasks)]
+    coeff = (torch.rand(n_tasks, generator=gen, dtype=torch.float64) * 3 - 1).to(device)
+    expected = sum(c * g.double() for c, g in zip(coeff.tolist(), grads))
+    return grads, coeff, expected
+
+
+@pytest.mark.parametrize("n_tasks", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_reference_into_canary_output(monkeypatch, n_tasks, dtype):
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    grads, coeff, expected = _inputs(n_tasks, (37, 291), dtype)  # 10,767 elements: a partial last block
+    assert select_backend(grads[0]).uses_triton
+    out = CanaryBuffer(grads[0].shape, dtype=dtype)
+    result = weighted_sum(grads, coeff, out=out.tensor)
+    out.check("weighted_sum")
+    assert result is out.tensor
+    assert_close(result, expected.to(dtype), dtype=dtype, backend="interpret", name="kernel")
+    reference = weighted_sum_reference([g.clone() for g in grads], coeff, torch.full_like(grads[0], float("nan")))
+    assert_close(result, reference, dtype=dtype, backend="interpret", name="kernel vs reference")
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_default_output_is_the_first_gradient(monkeypatch, backend):
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    grads, coeff, expected = _inputs(10, (5, 3, 7), torch.float32)
+    first = grads[0]
+    result = weighted_sum(grads, coeff)
+    assert result.data_ptr() == first.data_ptr()
+    assert_close(result, expected.float(), name=backend)
+
+
+def test_nan_in_a_gradient_propagates(monkeypatch):
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    grads, coeff, _ = _inputs(3, (4, 5), torch.float32)
+    grads[2][1, 1] = float("nan")
+    out = weighted_sum(grads, coeff)
+    assert torch.isnan(out[1, 1]) and torch.isfinite(out).sum() == out.numel() - 1
+
+
+def test_non_contiguous_gradients_use_the_reference(monkeypatch):
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    grads, coeff, expected = _inputs(3, (6, 4), torch.float32)
+    grads = [g.t() for g in grads]
+    assert_close(weighted_sum(grads, coeff), expected.t().float())
+
+
+@pytest.mark.parametrize("grads, coeff, out, match", [
+    ([], torch.ones(0), None, "at least one"),
+    ([torch.zeros(3), torch.zeros(4)], torch.ones(2), None, r"grads\[1\]"),
+    ([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], torch.ones(2), None, r"grads\[1\]"),
+    ([torch.zeros(3)], torch.ones(2), None, "coeff must be"),
+    ([torch.zeros(3)], torch.ones(1, dtype=torch.int64), None, "coeff must be"),
+    ([torch.zeros(3)], torch.ones(1), torch.zeros(4), "out must be"),
+])
+def test_bad_arguments(grads, coeff, out, match):
+    with pytest.raises(ValueError, match=match):
+        weighted_sum(grads, coeff, out=out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_matches_reference_on_gpu(dtype):
+    grads, coeff, expected = _inputs(11, (1027, 513), dtype, device="cuda")
+    assert select_backend(grads[0]).value == "triton"
+    out = weighted_sum(grads, coeff, out=torch.full_like(grads[0], float("nan")))
+    assert_close(out, expected.to(dtype), dtype=dtype, backend="triton")
