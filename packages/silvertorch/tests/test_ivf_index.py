@@ -260,7 +260,11 @@ def test_bf16_flat_index_is_exact_up_to_bf16(tmp_path):
         FlatIndex.build(x, dtype="fp8")
 
 
-def test_cluster_major_schedule_splits_busy_clusters_into_blocks(monkeypatch):
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_cluster_major_schedule_splits_busy_clusters_into_blocks(monkeypatch, int8_dot):
+    import silvertorch.ivf.index as ivf_index
+
+    monkeypatch.setattr(ivf_index, "int8_dot_supported", lambda device: int8_dot)  # int8 x int8 -> int32, or fp32 tiles
     x, q = _gaussian_clusters(6, n=1500, d=40, centers=8, n_queries=40)  # odd d; 160 pairs on 8 clusters: > 16 per cluster
     index = IVFIndex.build(x, n_clusters=8)
     index.remove(torch.arange(0, 1500, 7))
@@ -274,3 +278,18 @@ def test_cluster_major_schedule_splits_busy_clusters_into_blocks(monkeypatch):
     torch.testing.assert_close(tri, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="schedule"):
         index.candidate_scores(q, clusters, schedule="tiles")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["query", "cluster"])
+def test_compiled_scoring_kernels_match_reference_on_gpu(monkeypatch, schedule):
+    x, q = _gaussian_clusters(7, n=3000, d=96, centers=16, n_queries=48)
+    index = IVFIndex.build(x.cuda(), n_clusters=16)
+    index.remove(torch.arange(0, 3000, 5))
+    queries = q.cuda()
+    clusters = index.probe(queries, 4)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    ref, _ = index.candidate_scores(queries, clusters)
+    monkeypatch.setenv("GKC_BACKEND", "triton")
+    tri, _ = index.candidate_scores(queries, clusters, schedule=schedule)  # cluster: int8 tl.dot on sm80+
+    torch.testing.assert_close(tri, ref, rtol=0, atol=0)

@@ -42,6 +42,12 @@ SCHEDULES = ("auto", "query", "cluster")
 CLUSTER_MAJOR_MIN_QUERIES = 16  # auto: from this batch size on, queries share cluster tiles
 
 
+def int8_dot_supported(device: torch.device) -> bool:
+    """Whether the cluster-major kernel multiplies int8 tiles into int32 (`tl.dot` on the integer
+    tensor cores, sm80 and newer; the interpreter too) rather than fp32 copies of them."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
     """The (query, slot) pairs q*P + p grouped by the cluster they probe, and a schedule of blocks
     of at most block_q pairs of one cluster, from device tensors only: the grid is the upper
@@ -217,8 +223,8 @@ class IVFIndex:
                 pairs, pair_ends, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, self.n_clusters, bq)
                 score_cluster_major_kernel[(n_blocks, triton.cdiv(L, bn))](
                     out, self.codes, self.scales, q_codes, q_scales, self.offsets, pairs, pair_ends, block_cluster, block_row,
-                    flat_words, d, p, L, w32, HAS_FILTER=words is not None, BQ=bq, BN=bn,
-                    BD=min(64, max(16, triton.next_power_of_2(d))))
+                    flat_words, d, p, L, w32, HAS_FILTER=words is not None, INT8_DOT=int8_dot_supported(self.codes.device),
+                    BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
             else:
                 bn = 64
                 score_kernel[(q * p, triton.cdiv(L, bn))](

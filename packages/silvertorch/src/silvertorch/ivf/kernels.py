@@ -38,11 +38,13 @@ def score_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, star
 @triton.jit
 def score_cluster_major_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, offsets_ptr, pairs_ptr,
                                pair_ends_ptr, block_cluster_ptr, block_row_ptr, words_ptr, D, P, L, W32,
-                               HAS_FILTER: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                               HAS_FILTER: tl.constexpr, INT8_DOT: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
+                               BD: tl.constexpr):
     """One program per (block of BQ (query, slot) pairs probing the same cluster, BN items): the
-    cluster's rows are loaded once for the whole block and scored with tl.dot. int8 values are
-    exact in fp32 (and TF32), their products and sums below 2^24 too, so the scores equal the
-    query-major kernel's int32 accumulation bit for bit."""
+    cluster's rows are loaded once for the whole block and scored with tl.dot. INT8_DOT: int8
+    operands accumulated in int32 (the integer tensor cores, exact at any D); otherwise fp32
+    operands: int8 values are exact in fp32 (and TF32), their products and sums below 2^24 too.
+    Either way the scores equal the query-major kernel's int32 accumulation bit for bit."""
     b = tl.program_id(0)
     cluster = tl.load(block_cluster_ptr + b)
     if cluster >= 0:
@@ -55,17 +57,20 @@ def score_cluster_major_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_sc
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         in_cluster = n < length
         rows = (start + n).to(tl.int64)
-        acc = tl.zeros((BQ, BN), dtype=tl.float32)
+        acc = tl.zeros((BQ, BN), dtype=tl.int32 if INT8_DOT else tl.float32)
         for d0 in range(0, D, BD):
             d = d0 + tl.arange(0, BD)
             dmask = d < D
-            qv = tl.load(q_codes_ptr + q[:, None] * D + d[None, :], mask=valid[:, None] & dmask[None, :], other=0).to(tl.float32)
-            c = tl.load(codes_ptr + rows[:, None] * D + d[None, :], mask=in_cluster[:, None] & dmask[None, :], other=0).to(tl.float32)
-            acc += tl.dot(qv, tl.trans(c))
+            qv = tl.load(q_codes_ptr + q[:, None] * D + d[None, :], mask=valid[:, None] & dmask[None, :], other=0)
+            c = tl.load(codes_ptr + rows[:, None] * D + d[None, :], mask=in_cluster[:, None] & dmask[None, :], other=0)
+            if INT8_DOT:
+                acc += tl.dot(qv, tl.trans(c), out_dtype=tl.int32)
+            else:
+                acc += tl.dot(qv.to(tl.float32), tl.trans(c.to(tl.float32)))
         keep = valid[:, None] & in_cluster[None, :]
         if HAS_FILTER:
             word = tl.load(words_ptr + pair[:, None] * W32 + (n // 32)[None, :], mask=keep, other=0)
             keep = keep & (((word >> (n % 32)[None, :]) & 1) != 0)
         scale = tl.load(scales_ptr + rows, mask=in_cluster, other=0.0)[None, :] * tl.load(q_scales_ptr + q, mask=valid, other=0.0)[:, None]
-        score = tl.where(keep, acc * scale, float("-inf"))
+        score = tl.where(keep, acc.to(tl.float32) * scale, float("-inf"))
         tl.store(out_ptr + pair[:, None] * L + n[None, :], score, mask=valid[:, None] & (n < L)[None, :])
