@@ -1,4 +1,5 @@
-"""Run by test_parallel.py: 2 gloo ranks, 4 experts (2 per rank); rank 0 saves outputs and grads."""
+"""Run by test_parallel.py: 2 gloo ranks, 4 experts (2 per rank), every case in CASES in one
+process group; rank 0 saves each rank's outputs, gradients and traffic counts."""
 
 import datetime
 import os
@@ -8,36 +9,99 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeblaze import expert_parallel_experts
+from moeblaze import MoE, expert_parallel_experts
+
+WORLD, N_EXPERTS = 2, 4
+LOCAL = N_EXPERTS // WORLD
+
+# name: tokens per rank, d, d_ff, top_k, routing, checkpoint
+CASES = {
+    "top1_odd_d": dict(tokens=(9, 6), d=7, f=10, k=1, routing="random", checkpoint="preact"),
+    "top2_hot_expert": dict(tokens=(13, 13), d=8, f=12, k=2, routing="hot", checkpoint="recompute"),
+    "top_k_equals_experts": dict(tokens=(7, 5), d=5, f=9, k=N_EXPERTS, routing="random", checkpoint="preact"),
+    # every choice is an expert of rank 0: de-duplication is maximal and rank 1 receives nothing
+    "all_on_rank0": dict(tokens=(6, 8), d=6, f=8, k=2, routing="rank0", checkpoint="preact"),
+    "rank1_without_tokens": dict(tokens=(8, 0), d=5, f=6, k=2, routing="random", checkpoint="preact"),
+}
+# the MoE module with expert_group and a capacity: each rank drops over its own tokens
+LAYER_CASE = dict(tokens=(10, 7), d=6, f=10, k=2, capacity_factor=0.6, activation="silu", n_shared_experts=1)
 
 
-def inputs(seed=0, t=13, d=8, f=12, e=4, k=2):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2 * t, d, generator=g)  # rows [rank*t, (rank+1)*t) belong to each rank
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(2 * t)]).int()
-    ids[:t, 0] = 0  # a hot expert on rank 0's side
-    w = torch.rand(2 * t, k, generator=g)
-    wg, wu = (torch.randn(e, d, f, generator=g) / d**0.5 for _ in range(2))
-    wd = torch.randn(e, f, d, generator=g) / f**0.5
-    return x, ids, w, wg, wu, wd
+def case_inputs(name):
+    """The global batch (rank r's tokens are the r-th chunk), with full expert weights."""
+    case = CASES[name]
+    g = torch.Generator().manual_seed(sorted(CASES).index(name))
+    t, d, f, k = sum(case["tokens"]), case["d"], case["f"], case["k"]
+    x = torch.randn(t, d, generator=g)
+    choose_from = LOCAL if case["routing"] == "rank0" else N_EXPERTS
+    ids = torch.stack([torch.randperm(choose_from, generator=g)[:k] for _ in range(t)]).int()
+    if case["routing"] == "hot":
+        ids[: case["tokens"][0], 0] = 0
+    w = torch.rand(t, k, generator=g)
+    if case["routing"] == "random" and k > 1:  # a few slots dropped by a capacity: id E, weight 0
+        ids[1, 0] = ids[t - 1, k - 1] = N_EXPERTS
+        w[1, 0] = w[t - 1, k - 1] = 0
+    wg, wu = (torch.randn(N_EXPERTS, d, f, generator=g) / d**0.5 for _ in range(2))
+    wd = torch.randn(N_EXPERTS, f, d, generator=g) / f**0.5
+    grad_out = torch.randn(t, d, generator=g)
+    return x, ids, w, (wg, wu, wd), grad_out
+
+
+def layer_inputs():
+    """A single-process MoE (all experts) and the global batch and output gradient."""
+    c = LAYER_CASE
+    torch.manual_seed(11)
+    layer = MoE(c["d"], c["f"], N_EXPERTS, c["k"], activation=c["activation"], capacity_factor=c["capacity_factor"],
+                n_shared_experts=c["n_shared_experts"])
+    x = torch.randn(sum(c["tokens"]), c["d"])
+    grad_out = torch.randn(sum(c["tokens"]), c["d"])
+    return layer, x, grad_out
+
+
+def rank_slice(tokens, rank):
+    return slice(sum(tokens[:rank]), sum(tokens[: rank + 1]))
+
+
+def expert_slice(rank):
+    return slice(rank * LOCAL, (rank + 1) * LOCAL)
+
+
+def run_case(name, rank):
+    x, ids, w, params, grad_out = case_inputs(name)
+    sl = rank_slice(CASES[name]["tokens"], rank)
+    xs, ws = x[sl].clone().requires_grad_(), w[sl].clone().requires_grad_()
+    local = [p[expert_slice(rank)].clone().requires_grad_() for p in params]
+    traffic = {}
+    y = expert_parallel_experts(xs, ids[sl], ws, *local, n_experts=N_EXPERTS, checkpoint=CASES[name]["checkpoint"],
+                                traffic=traffic)
+    y.backward(grad_out[sl])
+    return {"y": y.detach(), "dx": xs.grad, "dw": ws.grad, "dparams": [p.grad for p in local], "traffic": traffic}
+
+
+def run_layer(rank):
+    full, x, grad_out = layer_inputs()
+    c = LAYER_CASE
+    layer = MoE(c["d"], c["f"], N_EXPERTS, c["k"], activation=c["activation"], capacity_factor=c["capacity_factor"],
+                n_shared_experts=c["n_shared_experts"], expert_group=dist.group.WORLD)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            src = full.get_parameter(name)
+            p.copy_(src[expert_slice(rank)] if name.startswith("w_") else src)
+    sl = rank_slice(c["tokens"], rank)
+    xs = x[sl].clone().requires_grad_()
+    y = layer(xs)
+    (y * grad_out[sl]).sum().backward()
+    return {"y": y.detach(), "dx": xs.grad, "grads": {n: p.grad for n, p in layer.named_parameters()},
+            "dropped": int(layer.last_dropped), "aux_loss": layer.aux_loss.detach(), "traffic": layer.last_traffic}
 
 
 def run(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    x, ids, w, wg, wu, wd = inputs()
-    t = x.shape[0] // world
-    sl = slice(rank * t, (rank + 1) * t)
-    xs = x[sl].clone().requires_grad_()
-    ws = w[sl].clone().requires_grad_()
-    local = 4 // world
-    params = [p[rank * local : (rank + 1) * local].clone().requires_grad_() for p in (wg, wu, wd)]
-    y = expert_parallel_experts(xs, ids[sl], ws, *params, n_experts=4)
-    g = torch.Generator().manual_seed(5)
-    grad_out = torch.randn(x.shape[0], x.shape[1], generator=g)[sl]
-    y.backward(grad_out)
+    results = {name: run_case(name, rank) for name in CASES}
+    results["layer"] = run_layer(rank)
     gathered = [None] * world
-    dist.all_gather_object(gathered, {"y": y.detach(), "dx": xs.grad, "dw": ws.grad, "dparams": [p.grad for p in params]})
+    dist.all_gather_object(gathered, results)
     if rank == 0:
         torch.save(gathered, out)
     dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
@@ -45,4 +109,4 @@ def run(rank, world, port, out):
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(2, int(sys.argv[1]), sys.argv[2]), nprocs=2, join=True)
+    mp.spawn(run, args=(WORLD, int(sys.argv[1]), sys.argv[2]), nprocs=WORLD, join=True)

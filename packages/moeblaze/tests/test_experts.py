@@ -191,7 +191,7 @@ def test_saved_bytes_follow_checkpoint_mode():
         (lambda a: {**a, "w_down": a["w_down"][:-1]}, "w_down must be"),
         (lambda a: {**a, "expert_ids": a["expert_ids"] + 10}, "expert_ids must be in"),
         (lambda a: {**a, "weights": a["weights"][:, :1]}, "expert_ids and weights"),
-        (lambda a: {**a, "w_up": None}, "swiglu needs w_up"),
+        (lambda a: {**a, "w_up": None}, "activation 'swiglu' needs w_up"),
         (lambda a: {**a, "activation": "relu"}, "activation must be"),
         (lambda a: {**a, "checkpoint": "some"}, "checkpoint must be"),
         (lambda a: {**a, "x": a["x"][0]}, "x must be"),

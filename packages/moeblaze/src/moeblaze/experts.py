@@ -247,6 +247,38 @@ class _Experts(torch.autograd.Function):
         return dx, droute, dwg, dwu, dwd, None, None, None, None, None, None, None
 
 
+def check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation, checkpoint, n_experts, world=None):
+    """Argument checks shared by the routed-experts layer and its expert-parallel form (`world`
+    given), where this rank holds n_experts / world of the experts (expert ids count all n_experts)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [tokens, d_model], got shape {tuple(x.shape)}")
+    t, d = x.shape
+    local = n_experts // (world or 1)
+    where = "n_experts" if world is None else f"n_experts / world = {local}"
+    if w_gate.dim() != 3 or w_gate.shape[:2] != (local, d) or local == 0:
+        raise ValueError(f"w_gate must be [{where}, d_model={d}, d_ff], got {tuple(w_gate.shape)}")
+    f = w_gate.shape[2]
+    if w_down.shape != (local, f, d):
+        raise ValueError(f"w_down must be [{local}, {f}, {d}], got {tuple(w_down.shape)}")
+    if (w_up is not None) != (activation == "swiglu") or (w_up is not None and w_up.shape != w_gate.shape):
+        expected = f"w_up of shape {tuple(w_gate.shape)}" if activation == "swiglu" else "w_up=None"
+        raise ValueError(f"activation {activation!r} needs {expected}, got {None if w_up is None else tuple(w_up.shape)}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != t or expert_ids.shape != weights.shape:
+        raise ValueError(f"expert_ids and weights must both be [{t}, top_k], got {tuple(expert_ids.shape)} and "
+                         f"{tuple(weights.shape)}")
+    if expert_ids.shape[1] > n_experts:
+        raise ValueError(f"top_k={expert_ids.shape[1]} exceeds n_experts={n_experts}")
+    if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) > n_experts):
+        raise ValueError(f"expert_ids must be in [0, {n_experts}] ({n_experts}: a slot dropped by the capacity)")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("weights", weights)):
+        if w is not None and w.device != x.device:
+            raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
+
+
 def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
                 w_up: torch.Tensor | None, w_down: torch.Tensor, activation: str = "swiglu",
                 checkpoint: str = "preact") -> torch.Tensor:
@@ -256,32 +288,8 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     w_gate [E, d, d_ff]; w_up [E, d, d_ff] (SwiGLU only, else None); w_down [E, d_ff, d], each with
     any strides (the kernels read views such as transposed slices in place). Returns [T, d].
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if checkpoint not in CHECKPOINTS:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be [tokens, d_model], got shape {tuple(x.shape)}")
-    t, d = x.shape
-    if w_gate.dim() != 3 or w_gate.shape[1] != d:
-        raise ValueError(f"w_gate must be [n_experts, d_model={d}, d_ff], got {tuple(w_gate.shape)}")
-    n_experts, _, f = w_gate.shape
-    if w_down.shape != (n_experts, f, d):
-        raise ValueError(f"w_down must be [{n_experts}, {f}, {d}], got {tuple(w_down.shape)}")
-    if activation == "swiglu":
-        if w_up is None or w_up.shape != w_gate.shape:
-            raise ValueError(f"swiglu needs w_up of shape {tuple(w_gate.shape)}, got {None if w_up is None else tuple(w_up.shape)}")
-    elif w_up is not None:
-        raise ValueError(f"activation {activation!r} takes no w_up (pass None)")
-    if expert_ids.shape != weights.shape or expert_ids.shape[0] != t:
-        raise ValueError(f"expert_ids and weights must both be [{t}, top_k], got {tuple(expert_ids.shape)} and {tuple(weights.shape)}")
-    if expert_ids.shape[1] > n_experts:
-        raise ValueError(f"top_k={expert_ids.shape[1]} exceeds n_experts={n_experts}")
-    if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) > n_experts):
-        raise ValueError(f"expert_ids must be in [0, {n_experts}] ({n_experts}: a slot dropped by the capacity)")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("weights", weights)):
-        if w is not None and (w.device != x.device):
-            raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
+    check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation, checkpoint, w_gate.shape[0] if w_gate.dim() == 3 else 0)
+    n_experts = w_gate.shape[0]
     # one more group collects the dropped slots (id n_experts); the experts see only the first
     # n_experts groups, so dropped slots are neither computed nor combined
     disp = dispatch(expert_ids, n_experts + 1)

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from .experts import CHECKPOINTS, moe_experts
 from .naive import ACTIVATIONS
+from .parallel import expert_parallel_experts, local_expert_count
 from .router import Router
 
 
@@ -20,11 +21,20 @@ class MoE(nn.Module):
 
     After each forward, `self.aux_loss` holds aux_loss_coef * load-balancing loss +
     z_loss_coef * router z-loss; add it to the training loss.
+
+    With `expert_group` (a torch.distributed process group, e.g. `dist.group.WORLD`) the routed
+    experts are sharded over its ranks: this rank's w_gate/w_up/w_down hold experts
+    [rank * E_local, (rank + 1) * E_local), E_local = n_experts / group size, and tokens reach
+    them through `expert_parallel_experts`. The router and shared experts stay replicated
+    (all-reduce their gradients as for any data-parallel parameter; never the expert weights').
+    The capacity then applies per rank, to this rank's tokens; `self.last_traffic` holds the
+    rows this rank sent in the last forward (see `expert_parallel_experts`).
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, activation: str = "swiglu",
                  checkpoint: str = "preact", n_shared_experts: int = 0, score: str = "softmax", renormalize: bool = True,
-                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, capacity_factor: float | None = None):
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, capacity_factor: float | None = None,
+                 expert_group=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -36,13 +46,16 @@ class MoE(nn.Module):
         self.activation, self.checkpoint = activation, checkpoint
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.router = Router(d_model, n_experts, top_k, score, renormalize, capacity_factor)
+        self.expert_group = expert_group
+        held = n_experts if expert_group is None else local_expert_count(n_experts, expert_group)
         std_in, std_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
-        self.w_gate = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * std_in)
-        self.w_up = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * std_in) if activation == "swiglu" else None
-        self.w_down = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * std_out)
+        self.w_gate = nn.Parameter(torch.randn(held, d_model, d_ff) * std_in)
+        self.w_up = nn.Parameter(torch.randn(held, d_model, d_ff) * std_in) if activation == "swiglu" else None
+        self.w_down = nn.Parameter(torch.randn(held, d_ff, d_model) * std_out)
         self.shared = nn.ModuleList(_SharedExpert(d_model, d_ff) for _ in range(n_shared_experts))
         self.aux_loss = torch.zeros(())
         self.last_dropped = torch.zeros((), dtype=torch.long)
+        self.last_traffic: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -52,8 +65,15 @@ class MoE(nn.Module):
         routing = self.router(flat)
         self.aux_loss = self.aux_loss_coef * routing.aux_loss + self.z_loss_coef * routing.z_loss
         self.last_dropped = routing.dropped.sum()
-        out = moe_experts(flat, routing.expert_ids, routing.weights.to(flat.dtype), self.w_gate, self.w_up, self.w_down,
-                          self.activation, self.checkpoint)
+        weights = routing.weights.to(flat.dtype)
+        if self.expert_group is None:
+            out = moe_experts(flat, routing.expert_ids, weights, self.w_gate, self.w_up, self.w_down, self.activation,
+                              self.checkpoint)
+        else:
+            self.last_traffic = {}
+            out = expert_parallel_experts(flat, routing.expert_ids, weights, self.w_gate, self.w_up, self.w_down,
+                                          self.n_experts, self.expert_group, self.activation, self.checkpoint,
+                                          traffic=self.last_traffic)
         for expert in self.shared:
             out = out + expert(flat)
         return out.reshape(shape)
