@@ -145,7 +145,7 @@ def train_step(ml, local, global_positions, negatives, table, tower, heads, bala
         targets, liked = features["target"][0], features["liked"][0].float()
         ids = torch.cat([history, targets, negatives])
         with meter.comm("embedding_lookup"):  # ids to their owners and rows back (all-to-all)
-            rows = table(freescale.KeyedJagged(["item"], ids, torch.ones_like(ids)))["item"]
+            rows = table(freescale.KeyedJagged(["item"], ids, torch.ones_like(ids)), pooling="none")["item"]
         with meter.compute("forward"):
             leaf = rows.detach().requires_grad_(True)  # the backward stays local until the comm phase
             hist_rows, target_rows, neg_rows = leaf.split([history.numel(), targets.numel(), negatives.numel()])

@@ -3,12 +3,15 @@ exposed communication for the same model shape.
 
 Model: two embedding tables (table-wise sharded: one per rank; TorchRec's CPU sharder offers
 table-wise, column-wise and data-parallel, not row-wise) sum-pooled over jagged histories, plus
-a dense MLP over [pooled, dense features] with a logistic loss; SGD. Each rank draws the same
-batches for every framework. Exposed communication = step time - the same framework's step
-with the same code and batches as two one-rank jobs running at once (every table local,
-collectives trivial, the same CPU contention); it includes each pipeline's own overhead. (The two frameworks' compute differs too: TorchRec's
-fbgemm CPU kernels fuse pooling and a sparse optimizer update; freescale's tables are plain
-parameters with dense gradients.)
+a dense MLP over [pooled, dense features] with a logistic loss; SGD. Both sides pool on the
+table's owner and send back one vector per (sample, table); freescale's tables take sparse
+gradients (`sparse_grad=True`: only the looked-up rows are updated, as TorchRec's fbgemm kernel
+does in its fused backward + SGD update). A third freescale row returns every looked-up row and
+pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic.
+Each rank draws the same batches for every framework. Exposed communication = step time - the
+same framework's step with the same code and batches as two one-rank jobs running at once
+(every table local, collectives trivial, the same CPU contention); it includes each pipeline's
+own overhead.
 
 TorchRec is an optional anchor, never a dependency: without it this prints a message and exits 0.
 Run it where torchrec is installed, with freescale on the path, e.g.
@@ -17,6 +20,7 @@ Run it where torchrec is installed, with freescale on the path, e.g.
     /tmp/trec/bin/pip install tensordict torchmetrics==1.0.3 tqdm pyre-extensions numpy
     PYTHONPATH=packages/freescale/src:packages/gpukernels-common/src /tmp/trec/bin/python \\
         packages/freescale/benchmarks/bench_torchrec.py
+then `python packages/freescale/benchmarks/run.py --only torchrec` (any interpreter) renders RESULTS.md.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import importlib.metadata
 import importlib.util
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +45,7 @@ from torch.nn import functional as F
 HERE = Path(__file__).resolve().parent
 KEYS = ("history", "other")
 COMPUTE_ONLY = " (two one-rank jobs: compute only)"
+UNPOOLED = "freescale TrainPipeline, rows returned unpooled (pooled on the requester)"
 
 
 @dataclasses.dataclass
@@ -51,6 +57,7 @@ class Shape:
     max_len: int = 512
     steps: int = 20
     warmup: int = 3
+    repeats: int = 5  # each runner's median over this many runs
 
 
 def make_batches(rank: int, shape: Shape):
@@ -79,18 +86,25 @@ def timed(run_steps, shape: Shape) -> float:
     return stamps[-1] - stamps[shape.warmup - 1]
 
 
-def run_freescale(batches, shape: Shape, balance: bool) -> float:
+def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = True) -> float:
     import freescale
 
-    tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table")
+    tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table", sparse_grad=True)
     head = mlp(shape)
     opt = torch.optim.SGD(list(tables.parameters()) + list(head.parameters()), lr=0.01)
     scheduler = freescale.CommScheduler()
     balancer = freescale.BatchBalancer(cost_model=freescale.CostModel(a=1.0), method="kk_equal") if balance else None
 
+    def pooled_of(features):
+        if owner_pooling:
+            return tables(features)
+        rows = tables(features, pooling="none")  # every looked-up row comes back; summed here
+        bags = {key: torch.repeat_interleave(torch.arange(features.batch_size), features[key][1]) for key in KEYS}
+        return {key: rows[key].new_zeros(features.batch_size, shape.dim).index_add(0, bags[key], rows[key]) for key in KEYS}
+
     def step(features, dense, global_batch):
         opt.zero_grad()
-        pooled = tables(features)
+        pooled = pooled_of(features)
         logit = head(torch.cat([pooled["history"] + pooled["other"], dense["dense"]], 1)).squeeze(1)
         (F.binary_cross_entropy_with_logits(logit, dense["label"], reduction="sum") / global_batch).backward()
         flat = torch.cat([p.grad.reshape(-1) for p in head.parameters()])
@@ -177,13 +191,16 @@ def _rank(rank, world, port, data_rank, shape, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     batches = make_batches(data_rank, shape)
-    seconds = {}
-    for name, run in (("torchrec TrainPipelineSparseDist", lambda: run_torchrec(batches, shape)),
-                      ("freescale TrainPipeline", lambda: run_freescale(batches, shape, balance=False)),
-                      ("freescale TrainPipeline + kk_equal balancing", lambda: run_freescale(batches, shape, balance=True))):
-        dist.barrier()
-        seconds[name] = run()
-    queue.put(seconds)
+    runners = (("torchrec TrainPipelineSparseDist", lambda: run_torchrec(batches, shape)),
+               ("freescale TrainPipeline", lambda: run_freescale(batches, shape, balance=False)),
+               ("freescale TrainPipeline + kk_equal balancing", lambda: run_freescale(batches, shape, balance=True)),
+               (UNPOOLED, lambda: run_freescale(batches, shape, balance=False, owner_pooling=False)))
+    seconds = {name: [] for name, _ in runners}
+    for _ in range(shape.repeats):  # round robin, so that load from other jobs hits every runner alike
+        for name, run in runners:
+            dist.barrier()
+            seconds[name].append(run())
+    queue.put({name: statistics.median(runs) for name, runs in seconds.items()})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -216,7 +233,7 @@ def main() -> int:
     if importlib.util.find_spec("torchrec") is None:
         print("bench_torchrec: torchrec is not installed here; skipping (see this script's docstring to run it)")
         return 0
-    shape = Shape(steps=4, warmup=2) if args.quick else Shape()
+    shape = Shape(steps=4, warmup=2, repeats=1) if args.quick else Shape()
     world = 2
     # compute only: the same code as two one-rank jobs at once (every table local, collectives
     # trivial, the same CPU contention), then the two-rank job
@@ -235,7 +252,8 @@ def main() -> int:
               f"exposed comm {figures.get('exposed_comm_ms', 0.0):6.2f} ms")
         records.append(BenchRecord("TorchRec side by side, 2 gloo ranks", name,
                                    {"world": world, "batch_per_rank": shape.batch, "tables": f"{len(KEYS)} x {shape.rows} x {shape.dim}, table-wise",
-                                    "lengths": f"zipf 1.2, max {shape.max_len}", "steps": shape.steps, **versions}, figures))
+                                    "lengths": f"zipf 1.2, max {shape.max_len}", "steps": shape.steps,
+                                    "repeats (median)": shape.repeats, **versions}, figures))
     if not args.quick:
         write_records(HERE / "results" / "torchrec.jsonl", records)
     return 0

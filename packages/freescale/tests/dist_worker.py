@@ -45,12 +45,16 @@ def scenario_balance(rank, world):
     ids = torch.arange(lo, hi)
     bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), method="kk_equal")
     plan = bal.plan_async(feats.sample_lengths()).result()
-    new, moved = bal.exchange(plan, feats, {"id": ids, "dense": dense[lo:hi]})
+    # dense tensors of one dtype travel together (1-D, 2-D, 3-D side by side)
+    new, moved = bal.exchange(plan, feats, {"id": ids, "dense": dense[lo:hi], "label": dense[lo:hi, 0],
+                                            "pair": dense[lo:hi, :2].reshape(-1, 1, 2)})
+    assert list(moved) == ["id", "dense", "label", "pair"]
     # content check: every received sample equals the original with that id
     for j, gid in enumerate(moved["id"].tolist()):
         assert torch.equal(new.permute(torch.tensor([j]))["a"][0], a[gid])
         assert torch.equal(new.permute(torch.tensor([j]))["b"][0], b[gid])
         assert torch.equal(moved["dense"][j], dense[gid])
+        assert torch.equal(moved["label"][j], dense[gid, 0]) and torch.equal(moved["pair"][j], dense[gid, :2].reshape(1, 2))
     all_ids = [None] * world
     dist.all_gather_object(all_ids, moved["id"].tolist())
     # gradients with balancing equal the unbalanced ones (global-count normalisation, SUM all-reduce)
@@ -140,28 +144,57 @@ def scenario_long_sequences(rank, world):
     return out
 
 
-def scenario_embeddings(rank, world):
-    out = {}
+EMBEDDING_TABLES, EMBEDDING_DIM = {"a": 50, "b": 30}, 4
+POOLINGS = ("sum", "mean", "none")
+
+
+def embedding_batch(world, idle_rank):
+    """The global batch of `global_batch`; with `idle_rank`, that rank's samples have no ids at all."""
     a, b, dense = global_batch()
-    n = len(a)
-    lo, hi = local_slice(world, rank, n)
-    feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
-    for sharding in ("row", "table"):
-        emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=4, sharding=sharding, init_seed=3)
-        pooled = emb(feats)
-        loss = sum((p * dense[lo:hi, :1]).pow(2).sum() for p in pooled.values())
-        loss.backward()
-        full = {k: emb.full_weight(k) for k in emb.keys}
-        grads = {}
-        for k in emb.keys:
-            parts = [None] * world
-            g = emb.shards[k].grad if emb.shards[k].grad is not None else torch.zeros_like(emb.shards[k])
-            dist.all_gather_object(parts, (emb._row_start[k], g))
-            grads[k] = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
-        out[sharding] = {"full": full, "grads": grads}
-        got = [None] * world
-        dist.all_gather_object(got, {k: v.detach() for k, v in pooled.items()})
-        out[sharding]["pooled"] = {k: torch.cat([g[k] for g in got]) for k in emb.keys}
+    if idle_rank is not None:
+        lo, hi = local_slice(world, idle_rank, len(a))
+        a[lo:hi] = [t[:0] for t in a[lo:hi]]
+        b[lo:hi] = [t[:0] for t in b[lo:hi]]
+    return {"a": a, "b": b}, dense
+
+
+def embedding_loss_weights(key, pooling):
+    """Fixed random weights for the output rows of the whole batch (more than it has), so the loss
+    tells rows apart; always drawn whole (a prefix of a longer draw differs)."""
+    return torch.randn(256, EMBEDDING_DIM, generator=torch.Generator().manual_seed(sum(map(ord, key)) * 7 + POOLINGS.index(pooling)))
+
+
+def embedding_loss(outputs, pooling, first_row):
+    """sum over keys of (output * weights)^2; `first_row[key]`: this rank's first row in the global batch."""
+    return sum((out * embedding_loss_weights(key, pooling)[first_row[key] : first_row[key] + out.shape[0]]).pow(2).sum()
+               for key, out in outputs.items())
+
+
+def scenario_embeddings(rank, world):
+    """Every sharding x pooling, with ids on every rank and with the last rank holding none; rank 0
+    gets the outputs, full tables and full gradients."""
+    out = {}
+    for idle_rank in (None, world - 1):
+        seqs, _ = embedding_batch(world, idle_rank)
+        lo, hi = local_slice(world, rank, len(seqs["a"]))
+        feats = KeyedJagged.from_dict({k: v[lo:hi] for k, v in seqs.items()})
+        for sharding in ("row", "table"):
+            for pooling in POOLINGS:
+                emb = ShardedEmbeddings(EMBEDDING_TABLES, dim=EMBEDDING_DIM, sharding=sharding, init_seed=3)
+                outputs = emb(feats, pooling=pooling)
+                first_row = {k: (lo if pooling != "none" else sum(t.numel() for t in v[:lo])) for k, v in seqs.items()}
+                embedding_loss(outputs, pooling, first_row).backward()
+                grads = {}
+                for k in emb.keys:
+                    parts = [None] * world
+                    g = emb.shards[k].grad if emb.shards[k].grad is not None else torch.zeros_like(emb.shards[k])
+                    dist.all_gather_object(parts, (emb._row_start[k], g))
+                    grads[k] = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
+                got = [None] * world
+                dist.all_gather_object(got, {k: v.detach() for k, v in outputs.items()})
+                out[f"{idle_rank}/{sharding}/{pooling}"] = {
+                    "full": {k: emb.full_weight(k) for k in emb.keys}, "grads": grads,
+                    "outputs": {k: torch.cat([g[k] for g in got]) for k in emb.keys}}
     return out
 
 

@@ -35,19 +35,32 @@ def test_balanced_batch_is_permutation_with_equal_gradients(tmp_path, world):
     assert float(res["bubble_after"]) <= float(res["bubble_before"])
 
 
-def test_sharded_embeddings_equal_local(tmp_path):
-    proc, res = _run("embeddings", 2, tmp_path)
-    a, b, dense = worker.global_batch()
-    for sharding in ("row", "table"):
-        full = {k: v.clone().requires_grad_(True) for k, v in res[sharding]["full"].items()}
-        loss = 0
-        for key, seqs in (("a", a), ("b", b)):
-            pooled = torch.stack([full[key][s].sum(0) if s.numel() else torch.zeros(4) for s in seqs])
-            torch.testing.assert_close(res[sharding]["pooled"][key], pooled.detach())
-            loss = loss + (pooled * dense[:, :1]).pow(2).sum()
-        loss.backward()
-        for key in full:
-            torch.testing.assert_close(res[sharding]["grads"][key], full[key].grad, msg=f"{sharding} {key}")
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
+    """Owner-side pooling (sum, mean) and unpooled rows equal a local nn.EmbeddingBag / lookup in
+    forward and gradients, table-wise and row-wise, with empty bags and a rank without ids (at
+    3 ranks: uneven row blocks, and table-wise a rank that owns no table)."""
+    proc, res = _run("embeddings", world, tmp_path)
+    assert len(res) == 2 * 2 * len(worker.POOLINGS)
+    for name, r in res.items():
+        idle_rank = None if name.startswith("None/") else world - 1
+        pooling = name.rsplit("/", 1)[1]
+        seqs, _ = worker.embedding_batch(world, idle_rank)
+        assert any(s.numel() == 0 for s in seqs["a"])  # empty bags are in the batch
+        lookups, outputs = {}, {}
+        for key, bags in seqs.items():
+            ids = torch.cat(bags)
+            if pooling == "none":
+                lookups[key] = torch.nn.Embedding.from_pretrained(r["full"][key].clone(), freeze=False)
+                outputs[key] = lookups[key](ids)
+            else:
+                lookups[key] = torch.nn.EmbeddingBag.from_pretrained(r["full"][key].clone(), freeze=False, mode=pooling)
+                offsets = torch.tensor([0] + [s.numel() for s in bags[:-1]]).cumsum(0)
+                outputs[key] = lookups[key](ids, offsets)
+            torch.testing.assert_close(r["outputs"][key], outputs[key].detach(), msg=name)
+        worker.embedding_loss(outputs, pooling, {k: 0 for k in seqs}).backward()
+        for key, lookup in lookups.items():
+            torch.testing.assert_close(r["grads"][key], lookup.weight.grad, msg=f"{name} {key}")
 
 
 def test_scheduler_completes_in_priority_order(tmp_path):

@@ -15,6 +15,7 @@ that floor, and `long_sequences="cap"` or `"split"` cuts such samples down first
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -208,13 +209,18 @@ class BatchBalancer:
         recv_value_counts = [int(s.sum()) for s in torch.split(recv_lengths.sum(1), recv_counts)]
         recv_values = per_sample_values.new_empty(sum(recv_value_counts))
         dist.all_to_all_single(recv_values, per_sample_values, recv_value_counts, send_value_counts, group=self.group)
-        out_dense = {}
+        moved = {}
+        by_dtype: dict[torch.dtype, list[str]] = {}
         for k, v in dense.items():
-            v = v[order].contiguous()
-            buf = v.new_empty((sum(recv_counts),) + tuple(v.shape[1:]))
-            dist.all_to_all_single(buf, v, recv_counts, send_counts, group=self.group)
-            out_dense[k] = buf
-        return _from_sample_major(features.keys, recv_values, recv_lengths), out_dense
+            by_dtype.setdefault(v.dtype, []).append(k)
+        for names in by_dtype.values():  # one all-to-all per dtype: each sample's rows side by side
+            widths = [math.prod(dense[k].shape[1:]) for k in names]
+            rows = torch.cat([dense[k][order].reshape(-1, w) for k, w in zip(names, widths)], 1)
+            buf = rows.new_empty(sum(recv_counts), rows.shape[1])
+            dist.all_to_all_single(buf, rows, recv_counts, send_counts, group=self.group)
+            for k, part in zip(names, buf.split(widths, 1)):
+                moved[k] = part.contiguous().view((-1,) + tuple(dense[k].shape[1:]))
+        return _from_sample_major(features.keys, recv_values, recv_lengths), {k: moved[k] for k in dense}
 
     def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """plan + exchange in one call. Returns (features, dense, plan)."""

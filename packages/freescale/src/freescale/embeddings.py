@@ -2,10 +2,16 @@
 
 - `sharding="table"`: each table lives whole on one rank (round-robin by table).
 - `sharding="row"`: each table's rows are split in contiguous blocks over all ranks.
-Forward: every rank sends each id to the rank that owns its row (all-to-all), owners gather
-the rows, rows come back (all-to-all) and are sum-pooled per (sample, key). Backward runs the
-reverse all-to-all (torch.distributed.nn's differentiable all_to_all_single), so gradients
-land on the owner's shard only.
+
+A lookup sends every id, with the bag it belongs to, to the rank that owns its row (one
+all-to-all for all tables). Each owner sums the rows it holds per bag and sends back one vector
+per bag it was sent (a second all-to-all); the requester adds the owners' vectors. With
+`pooling="sum"` or `"mean"` a bag is a (sample, key): under table-wise sharding its one owner
+returns the final sum, under row-wise sharding each owner a partial sum, so the return traffic is
+one vector per (sample, key) per owner instead of one per id (as TorchRec does). With
+`pooling="none"` every id is its own bag: the rows come back one per id (jagged, e.g. a sequence
+model's items). Backward sends the gradients back the reverse way, so they land on the owner's
+shard only.
 """
 
 from __future__ import annotations
@@ -13,45 +19,75 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 from .jagged import KeyedJagged
+
+POOLINGS = ("sum", "mean", "none")
 
 
 def _world(group):
     return (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
 
 
+class _AllToAll(torch.autograd.Function):
+    """Uneven all_to_all_single along dim 0 whose backward returns the gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, input, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        output = input.new_empty(sum(output_splits), *input.shape[1:])
+        dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits, group=group)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        output_splits, input_splits = ctx.splits
+        return _AllToAll.apply(grad_output, input_splits, output_splits, ctx.group), None, None, None
+
+
 class ShardedEmbeddings(nn.Module):
-    def __init__(self, tables: dict[str, int], dim: int, sharding: str = "row", process_group=None, init_seed: int = 0):
+    def __init__(self, tables: dict[str, int], dim: int, sharding: str = "row", process_group=None, init_seed: int = 0,
+                 sparse_grad: bool = False):
+        """`sparse_grad=True`: the shards get sparse gradients holding the looked-up rows only (for
+        optimizers that take them, e.g. SGD or SparseAdam; saves zeroing and updating whole tables)."""
         super().__init__()
         if sharding not in ("row", "table"):
             raise ValueError(f"sharding must be 'row' or 'table', got {sharding!r}")
         if not tables:
             raise ValueError("tables must name at least one table and its row count")
-        self.group, self.sharding, self.dim = process_group, sharding, dim
+        self.group, self.sharding, self.dim, self.sparse_grad = process_group, sharding, dim, sparse_grad
         self.keys = list(tables)
         self.num_rows = dict(tables)
         world, rank = _world(process_group)
         self.world, self.rank = world, rank
+        # routing per table: its owner (table-wise) or its rows per rank (row-wise)
+        self.register_buffer("_table_owner", torch.arange(len(self.keys)) % world, persistent=False)
+        self.register_buffer("_rows_per_rank", torch.tensor([-(-tables[key] // world) for key in self.keys]), persistent=False)
+        self._index_dtype = torch.int32 if max(tables.values()) < 2**31 else torch.int64  # rows and bag sizes on the wire
         gen = torch.Generator().manual_seed(init_seed)
         self.shards = nn.ParameterDict()
         self._row_start = {}
         for t, key in enumerate(self.keys):
             full = torch.randn(tables[key], dim, generator=gen) * dim**-0.5  # same full table on every rank
             if sharding == "table":
-                owner = t % world
-                rows = (0, tables[key]) if owner == rank else (0, 0)
+                rows = (0, tables[key]) if int(self._table_owner[t]) == rank else (0, 0)
             else:
-                per = -(-tables[key] // world)
+                per = int(self._rows_per_rank[t])
                 rows = (min(rank * per, tables[key]), min((rank + 1) * per, tables[key]))
             self._row_start[key] = rows[0]
             self.shards[key] = nn.Parameter(full[rows[0] : rows[1]].clone())
 
-    def owner_of(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+    def _route(self, table: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Owner rank of every id of table index `table`, and its row within that owner's shard."""
         if self.sharding == "table":
-            return torch.full_like(ids, self.keys.index(key) % self.world)
-        per = -(-self.num_rows[key] // self.world)
-        return ids // per
+            return self._table_owner[table], ids
+        per = self._rows_per_rank[table]
+        owner = ids // per
+        return owner, ids - owner * per
+
+    def owner_of(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        return self._route(torch.full_like(ids, self.keys.index(key)), ids)[0]
 
     def full_weight(self, key: str) -> torch.Tensor:
         """Gather the whole table (for checks and checkpoints)."""
@@ -61,34 +97,83 @@ class ShardedEmbeddings(nn.Module):
         dist.all_gather_object(parts, (self._row_start[key], self.shards[key].detach()), group=self.group)
         return torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
 
-    def forward(self, features: KeyedJagged) -> dict[str, torch.Tensor]:
-        """Sum-pooled embeddings per key: {key: [batch, dim]}."""
-        out = {}
-        for key in self.keys:
-            ids, lengths = features[key]
+    def forward(self, features: KeyedJagged, pooling: str = "sum") -> dict[str, torch.Tensor]:
+        """Per table key: `"sum"` / `"mean"` pooled per sample, {key: [batch, dim]} (an empty bag
+        gives zeros, as `nn.EmbeddingBag`); `"none"`: {key: [ids of that key, dim]}, one row per id
+        in the order of the features' values."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        missing = [key for key in self.keys if key not in features.keys]
+        if missing:
+            raise KeyError(f"features have no ids for the tables {missing} (features: {features.keys}, tables: {self.keys})")
+        ids_per_key, lengths_per_key = zip(*(features[key] for key in self.keys))
+        for key, ids in zip(self.keys, ids_per_key):
             if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_rows[key]):
-                raise IndexError(f"ids for table {key!r} must be in [0, {self.num_rows[key]})")
-            rows = self._fetch(key, ids)
-            segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-            pooled = rows.new_zeros(lengths.numel(), self.dim).index_add(0, segment, rows)
-            out[key] = pooled
-        return out
+                raise IndexError(f"ids for table {key!r} must be in [0, {self.num_rows[key]}), "
+                                 f"got [{int(ids.min())}, {int(ids.max())}]")
+        ids = torch.cat(ids_per_key).long()  # key-major in the tables' order, like the lengths
+        ids_count = [t.numel() for t in ids_per_key]
+        device = ids.device
+        table = torch.repeat_interleave(torch.arange(len(self.keys), device=device), torch.tensor(ids_count, device=device))
+        if pooling == "none":
+            bag, sizes = torch.arange(ids.numel(), device=device), ids_count
+        else:
+            lengths = torch.cat(lengths_per_key)
+            bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+            sizes = [features.batch_size] * len(self.keys)
+        pooled = self._bag_sums(ids, table, bag, sum(sizes))
+        if pooling == "mean":
+            pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+        return dict(zip(self.keys, pooled.split(sizes)))
 
-    def _fetch(self, key: str, ids: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return self.shards[key][ids]
-        owner = self.owner_of(key, ids)
-        order = torch.argsort(owner, stable=True)
-        send_counts = torch.bincount(owner, minlength=self.world)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        asked = ids.new_empty(sum(recv))
-        dist.all_to_all_single(asked, ids[order].contiguous(), recv, send, group=self.group)
-        local_rows = self.shards[key][asked - self._row_start[key]]
-        import torch.distributed.nn.functional as dnn
+    def _bag_sums(self, ids: torch.Tensor, table: torch.Tensor, bag: torch.Tensor, n_bags: int) -> torch.Tensor:
+        """[n_bags, dim]: the sum of each bag's rows. `bag` must be non-decreasing (each bag's ids
+        consecutive, under one table)."""
+        world, n_tables = self.world, len(self.keys)
+        owner, row = self._route(table, ids)
+        if owner.numel() > 1 and bool((owner[1:] < owner[:-1]).any()):  # e.g. table-wise: often grouped already
+            order = torch.argsort(owner, stable=True)  # grouped by owner, bag order kept within each
+            owner, row, table, bag = owner[order], row[order], table[order], bag[order]
+        # the bags sent to each owner: runs of equal (owner, bag)
+        stride = max(n_bags, 1)
+        sent, bag_size = torch.unique_consecutive(owner * stride + bag, return_counts=True)
+        sent_owner, sent_bag = sent // stride, sent % stride
+        sent_table = table[bag_size.cumsum(0) - bag_size]
+        bags_to = torch.bincount(sent_owner * n_tables + sent_table, minlength=world * n_tables).view(world, n_tables)
+        ids_to = torch.bincount(owner, minlength=world)
+        counts = torch.cat([ids_to.unsqueeze(1), bags_to], 1)  # per owner: ids, bags per table
+        # one message per owner: the sizes of the bags sent to it, then the rows asked for
+        index_dtype = self._index_dtype
+        sizes_to = bag_size.to(index_dtype).split(bags_to.sum(1).tolist())
+        rows_to = row.to(index_dtype).split(ids_to.tolist())
+        request = torch.cat([part for d in range(world) for part in (sizes_to[d], rows_to[d])])
 
-        got = dnn.all_to_all_single(local_rows.new_empty(ids.numel(), self.dim), local_rows, send, recv, group=self.group)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
-        return got[inverse]
+        # on the owner: the bags every rank sent, source-major, each source's bags in its order
+        counts_from = self._all_to_all(counts, [1] * world, [1] * world)
+        ids_from, bags_from = counts_from[:, 0], counts_from[:, 1:]
+        bags_per_source = bags_from.sum(1)
+        message = self._all_to_all(request, (ids_from + bags_per_source).tolist(), (ids_to + bags_to.sum(1)).tolist())
+        parts = message.split(torch.stack([bags_per_source, ids_from], 1).reshape(-1).tolist())
+        slot_size, asked = torch.cat(parts[0::2]), torch.cat(parts[1::2])
+        slot_table = torch.arange(n_tables, device=ids.device).repeat(world).repeat_interleave(bags_from.reshape(-1))
+        asked_table = slot_table.repeat_interleave(slot_size.long())
+        sums, slots = [], []
+        for t, key in enumerate(self.keys):  # every table, even with no ids: the backward all-to-all needs the graph
+            of_table = (slot_table == t).nonzero().squeeze(1)
+            sizes = slot_size[of_table]
+            offsets = (sizes.cumsum(0) - sizes).to(asked.dtype)
+            sums.append(F.embedding_bag(asked[asked_table == t], self.shards[key], offsets, mode="sum", sparse=self.sparse_grad))
+            slots.append(of_table)
+        table_major = torch.cat(slots)
+        owner_sums = torch.cat(sums) if len(sums) > 1 else sums[0]
+        if bool((table_major[1:] < table_major[:-1]).any()):  # back to slot order (not needed from one source)
+            owner_sums = owner_sums.index_select(0, torch.argsort(table_major))
+
+        # back on the requester: one vector per bag per owner, added up
+        got = self._all_to_all(owner_sums, bags_to.sum(1).tolist(), bags_per_source.tolist())
+        if sent_bag.numel() == n_bags and bool((sent_bag == torch.arange(n_bags, device=ids.device)).all()):
+            return got  # every bag from one owner, in order (e.g. unpooled rows grouped by owner already)
+        return got.new_zeros(n_bags, self.dim).index_add(0, sent_bag, got)
+
+    def _all_to_all(self, tensor: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+        return tensor if self.world == 1 else _AllToAll.apply(tensor, output_splits, input_splits, self.group)

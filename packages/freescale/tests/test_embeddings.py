@@ -1,0 +1,52 @@
+"""ShardedEmbeddings in one process (every table local): pooling against nn.EmbeddingBag and
+bad input. The sharded lookups on 2-3 gloo ranks are in test_distributed.py."""
+
+import pytest
+import torch
+
+from freescale import KeyedJagged, ShardedEmbeddings
+
+
+def _features(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bags = {key: [torch.randint(0, rows, (int(n),), generator=g) for n in torch.randint(0, 5, (9,), generator=g)]
+            for key, rows in (("b", 30), ("a", 50))}  # features in another key order than the tables
+    return bags, KeyedJagged.from_dict(bags)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_one_process_pooling_equals_embedding_bag(pooling):
+    bags, features = _features()
+    assert any(b.numel() == 0 for b in bags["a"] + bags["b"])
+    emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=1)
+    out = emb(features, pooling=pooling)
+    for key in ("a", "b"):
+        reference = torch.nn.EmbeddingBag.from_pretrained(emb.shards[key].detach(), mode=pooling)
+        offsets = torch.tensor([0] + [b.numel() for b in bags[key][:-1]]).cumsum(0)
+        torch.testing.assert_close(out[key], reference(torch.cat(bags[key]), offsets))
+    rows = emb(features, pooling="none")
+    assert torch.equal(rows["a"], emb.shards["a"].detach()[torch.cat(bags["a"])])
+
+
+def test_sparse_gradients_equal_dense():
+    _, features = _features(seed=1)
+    grads = {}
+    for sparse_grad in (False, True):
+        emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2, sparse_grad=sparse_grad)
+        out = emb(features, pooling="mean")
+        (out["a"].pow(2).sum() + out["b"].sum()).backward()
+        grads[sparse_grad] = {k: p.grad for k, p in emb.shards.items()}
+    for key, dense in grads[False].items():
+        assert grads[True][key].is_sparse
+        torch.testing.assert_close(grads[True][key].to_dense(), dense)
+
+
+def test_bad_input_is_named():
+    _, features = _features()
+    emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=5)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        emb(features, pooling="max")
+    with pytest.raises(KeyError, match=r"tables \['c'\]"):
+        ShardedEmbeddings({"a": 50, "c": 30}, dim=5)(features)
+    with pytest.raises(IndexError, match="table 'a' must be in \\[0, 20\\)"):
+        ShardedEmbeddings({"a": 20, "b": 30}, dim=5)(features)
