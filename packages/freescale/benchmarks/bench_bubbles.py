@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from freescale import BatchBalancer, BubbleMeter, CostModel, bubble_reduction, simulate
 from freescale.data import movielens_sequences, zipf_lengths
-from gpukernels_common.bench import BenchRecord, bench_args, write_records
+from gpukernels_common.bench import BenchRecord, bench_args, spawn_jobs, write_records
 
 HERE = Path(__file__).resolve().parent
 COST = CostModel(a=256.0, b=1.0)
@@ -36,7 +34,7 @@ def length_pool(kind: str, n: int, seed: int = 0) -> torch.Tensor:
     return lengths[torch.randint(0, lengths.numel(), (n,), generator=g)]
 
 
-def _rank(rank, world, port, method, batches, sec_per_cost, queue, cost, long_sequences):
+def _rank(queue, job, rank, world, port, method, batches, sec_per_cost, cost, long_sequences):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -59,25 +57,14 @@ def _rank(rank, world, port, method, batches, sec_per_cost, queue, cost, long_se
             with meter.compute():
                 time.sleep(float(cost(mine).sum()) * sec_per_cost)
             meter.sync(lambda: dist.all_reduce(torch.zeros(1 << 16)), name="grad_allreduce")
-    s = meter.summary(skip=1)
-    if rank == 0:
-        queue.put(s)
+    summary = meter.summary(skip=1)  # a collective: every rank takes part
+    queue.put(summary if rank == 0 else None)
     dist.destroy_process_group()
 
 
 def real_run(world, method, batches, sec_per_cost, cost=COST, long_sequences="report"):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, world, port, method, batches, sec_per_cost, queue, cost, long_sequences)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = queue.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
-    return out
+    args = (method, batches, sec_per_cost, cost, long_sequences)
+    return next(r for r in spawn_jobs(_rank, world, args) if r is not None)
 
 
 def main():

@@ -30,7 +30,6 @@ import datetime
 import importlib.metadata
 import importlib.util
 import os
-import socket
 import statistics
 import sys
 import time
@@ -38,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
@@ -184,9 +182,10 @@ def run_torchrec(batches, shape: Shape) -> float:
     return timed(steps, shape)
 
 
-def _rank(rank, world, port, data_rank, shape, queue):
-    """One process of a `world`-rank job; `data_rank` picks its batches (so that two one-rank jobs
-    run the same per-process work as the two-rank job)."""
+def _rank(queue, job, rank, world, port, shape):
+    """One process of a `world`-rank job; `job * world + rank` picks its batches (so that two
+    one-rank jobs run the same per-process work as the two-rank job)."""
+    data_rank = job * world + rank
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
@@ -205,24 +204,11 @@ def _rank(rank, world, port, data_rank, shape, queue):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_jobs(jobs: int, world: int, shape: Shape) -> dict:
     """`jobs` independent `world`-rank jobs at once; seconds per runner, slowest process."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    ports = [_free_port() for _ in range(jobs)]
-    procs = [ctx.Process(target=_rank, args=(r, world, ports[j], j * world + r, shape, queue))
-             for j in range(jobs) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=1200) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    from gpukernels_common.bench import spawn_jobs
+
+    results = spawn_jobs(_rank, world, (shape,), jobs=jobs, timeout=1200)
     return {name: max(r[name] for r in results) for name in results[0]}  # a step ends with the slowest rank
 
 

@@ -50,3 +50,14 @@ def test_bench_args():
     args = bench_args(["--quick"])
     assert args.quick and not args.gpu
     assert bench_args([]).quick is False
+
+
+def test_spawn_jobs_runs_every_rank_of_every_job_on_its_own_port():
+    from gpukernels_common.bench import spawn_jobs
+    from gpukernels_common.testing import report_rank
+
+    results = spawn_jobs(report_rank, 2, ("x", 3), jobs=2, timeout=120)
+    assert sorted((job, rank, world, args) for job, rank, world, _, args in results) == [
+        (j, r, 2, ("x", 3)) for j in range(2) for r in range(2)]
+    ports = {job: {port for j, _, _, port, _ in results if j == job} for job in range(2)}
+    assert all(len(p) == 1 for p in ports.values()) and ports[0] != ports[1]

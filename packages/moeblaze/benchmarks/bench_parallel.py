@@ -20,17 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from gpukernels_common.bench import BenchRecord, bench_args, write_records
-from gpukernels_common.testing import free_port
+from gpukernels_common.bench import BenchRecord, bench_args, spawn_jobs, write_records
 from moeblaze import MoE
 
 HERE = Path(__file__).resolve().parent
 D_MODEL, D_FF = 32, 32  # the counts do not depend on them
 
 
-def _rank(rank, world, port, configs, tokens, queue):
+def _rank(queue, job, rank, world, port, configs, tokens):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GKC_BACKEND="reference")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.nn's deprecation notice, per rank
@@ -45,23 +43,13 @@ def _rank(rank, world, port, configs, tokens, queue):
         counts = torch.tensor([layer.last_traffic[key] for key in ("slots", "rows", "remote_slots", "remote_rows")])
         dist.all_reduce(counts)
         totals.append(counts.tolist())
-    if rank == 0:
-        queue.put(totals)
+    queue.put(totals if rank == 0 else None)
     dist.barrier()
     dist.destroy_process_group()
 
 
 def run_world(world, configs, tokens):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, configs, tokens, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    totals = queue.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
-    return totals
+    return next(r for r in spawn_jobs(_rank, world, (configs, tokens)) if r is not None)
 
 
 def main():

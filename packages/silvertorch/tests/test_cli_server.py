@@ -29,7 +29,7 @@ def artifact(tmp_path_factory):
     attrs = (torch.ones(N, dtype=torch.int64), torch.arange(N + 1), genre)
     save_item_table(root / "items.safetensors", torch.randn(N, D, generator=g), torch.arange(N) + 1, attrs, {"genre": 1})
     rc = main(["build", "--towers", str(root / "towers"), "--items", str(root / "items.safetensors"), "--out", str(root / "art"),
-               "--n-clusters", "8", "--nprobe", "8", "--k-candidates", "64", "--num-results", "8", "--quiet"])
+               "--n-clusters", "8", "--nprobe", "4", "--max-nprobe", "8", "--k-candidates", "64", "--num-results", "8", "--quiet"])
     assert rc == 0
     return root / "art", genre
 
@@ -37,8 +37,12 @@ def artifact(tmp_path_factory):
 def test_build_and_query(artifact, capsys):
     path, genre = artifact
     assert main(["query", str(path), "--user", "3", "--filter", "genre:2", "-n", "5"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)
+    rows = out["results"]
     assert len(rows) == 5 and all(int(genre[r["id"] - 1]) == 2 for r in rows)
+    model = RetrievalModel.load(path)
+    assert (model.nprobe, model.max_nprobe) == (4, 8)  # --max-nprobe reached the artifact
+    assert out["found"] == int(model.retrieve(torch.tensor([[3]]), ["genre:2"]).found[0]) >= 5
     assert main(["query", str(path), "--user", "3", "--filter", "genre:2 AND"]) == 2
     assert "position" in capsys.readouterr().err
     assert main(["build", "--towers", str(path), "--items", "nope", "--out", str(path / "x"), "--quiet"]) == 2
@@ -81,6 +85,7 @@ def test_real_server_batches_concurrent_requests_and_rejects_bad_ones(artifact):
             assert r.status_code == 200, r.text
             out = r.json()
             assert len(out["ids"]) == 5 and all(int(genre[x - 1]) == i % 4 for x in out["ids"])
+            assert 5 <= out["found"] <= N  # Bloom passes in the probed clusters, before verification
         assert max(r.json()["batch_size"] for _, r in answers) > 1, "concurrent requests were never batched"
 
         bad = [({"user_features": [1], "filter": "genre:1 AND"}, "position"),

@@ -129,6 +129,26 @@ def test_probed_cluster_bits_equal_bloom_index():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("queries", [1, 2, 9])
+def test_cluster_major_scores_equal_per_query_integer_dots(queries):
+    """The forward's int8 scores (the batch's probed clusters scored once for all queries; with 9
+    queries their padded rows outnumber the items and every item is scored) are each query's exact
+    integer dot products with its own clusters' slots, padding slots included."""
+    model = _model(n_clusters=12, nprobe=3)
+    union_rows = min(12, queries * 3) * model.cluster_positions.shape[1]
+    assert (union_rows < model.num_main) == (queries < 9)  # both branches are covered
+    g = torch.Generator().manual_seed(queries)
+    q_codes = torch.randint(-127, 128, (queries, D), dtype=torch.int8, generator=g)
+    clusters = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(queries)])
+    clusters[-1, 0] = clusters[0, 0]  # queries sharing a cluster read the same scored rows
+    want = (model.codes[model.cluster_positions[clusters]].long() * q_codes.long()[:, None, None, :]).sum(-1)
+    got = model._probed_dots(q_codes, clusters)
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+    if queries == 2:  # the union is built from tensor ops only
+        compiled = torch.compile(model._probed_dots, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(q_codes, clusters), got)
+
+
 def test_bloom_false_positives_removed_by_exact_verification():
     tight = _model(bloom_k=1, bloom_multiplier=1.05)  # a deliberately weak Bloom index
     loose = _model(bloom_k=1, bloom_multiplier=1.05, exact_verify=False)

@@ -88,6 +88,34 @@ def peak_cuda_memory(fn: Callable[[], object], device=None) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1, timeout: float = 600) -> list:
+    """Run `jobs` independent multi-process jobs of `world` spawned local processes each (every job
+    on its own loopback port, e.g. one torch.distributed process group per job) and return what
+    the processes put on the queue, in arrival order.
+
+    Process `rank` of job `job` calls target(queue, job, rank, world, port, *args) and must put
+    exactly one item on the queue (None when it has nothing to report).
+    """
+    import torch.multiprocessing as mp
+
+    from .testing import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    ports = [free_port() for _ in range(jobs)]
+    procs = [ctx.Process(target=target, args=(queue, j, r, world, ports[j], *args)) for j in range(jobs) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=timeout) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
 def git_commit(cwd: str | Path | None = None) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)

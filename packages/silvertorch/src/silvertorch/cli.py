@@ -1,7 +1,8 @@
 """silvertorch command line: build an artifact, query it, serve it.
 
-    silvertorch build --towers towers/ --items items.safetensors --out artifact/ [--n-clusters 64 ...]
+    silvertorch build --towers towers/ --items items.safetensors --out artifact/ [--n-clusters 64 --max-nprobe 32 ...]
     silvertorch query artifact/ --user 42 --filter 'genre:Comedy AND year:{1995,1996}' -n 10
+        -> {"found": 1234, "results": [{"id": ..., "score": ..., "fresh": false}, ...]}
     silvertorch serve artifact/ [--host 127.0.0.1] [--port 8080] [--max-batch 64]
 """
 
@@ -20,7 +21,7 @@ def _build(args) -> int:
     embeddings, ids, attributes, schema = load_item_table(args.items)
     model = publish(args.out, user_tower, overarch, value_model, item_embeddings=embeddings, item_ids=ids,
                     attributes=attributes, schema=schema, progress=not args.quiet, n_clusters=args.n_clusters,
-                    nprobe=args.nprobe, k_candidates=args.k_candidates, num_results=args.num_results,
+                    nprobe=args.nprobe, max_nprobe=args.max_nprobe, k_candidates=args.k_candidates, num_results=args.num_results,
                     fresh_capacity=args.fresh_capacity, bloom_k=args.bloom_k, bloom_multiplier=args.bloom_multiplier)
     print(json.dumps({"artifact": str(args.out), "items": model.num_main, "clusters": model.centroids.shape[0],
                       "bloom_bytes_per_item": round(model.bloom_bits.numel() * 8 / model.num_main, 2)}))
@@ -42,7 +43,7 @@ def _query(args) -> int:
     keep = r.ids[0] >= 0
     rows = [{"id": int(i), "score": round(float(s), 5), "fresh": bool(f)}
             for i, s, f in zip(r.ids[0][keep], r.scores[0][keep], r.fresh[0][keep])]
-    print(json.dumps(rows[: args.n], indent=1))
+    print(json.dumps({"found": int(r.found[0]), "results": rows[: args.n]}, indent=1))
     return 0
 
 
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", required=True, help="artifact directory to write")
     b.add_argument("--n-clusters", type=int, default=None, help="IVF clusters (default sqrt(items))")
     b.add_argument("--nprobe", type=int, default=8)
+    b.add_argument("--max-nprobe", type=int, default=None,
+                   help="adaptive probing: probe up to this many clusters until k-candidates items pass the filter (default: --nprobe)")
     b.add_argument("--k-candidates", type=int, default=256, help="candidates re-scored by OverArch")
     b.add_argument("--num-results", type=int, default=10, help="top-N returned per query (the most a request may ask)")
     b.add_argument("--fresh-capacity", type=int, default=1024, help="items that can be added without a rebuild")

@@ -13,7 +13,8 @@ host synchronization, static shapes: `torch.compile` and `torch.export` see one 
        under NOT, are packed from the stored attributes) -> one bit per probed item
     -> adaptive probing: a cluster beyond the first nprobe is kept only while fewer than
        k_candidates items passed in the clusters ranked before it
-    -> int8 scores of the passing items (int8 products are exact in fp32) and the fresh items
+    -> int8 scores of the probed items (exact integer dot products, cluster-major: the batch's probed
+       clusters scored once for all its queries) and the fresh items
     -> top-K candidates -> exact verification of their attributes (drops Bloom false positives)
     -> bf16 item embeddings -> OverArch task logits -> Value Model -> top-N
 
@@ -38,7 +39,7 @@ from .__about__ import __version__
 from .bloom.hashing import bloom_positions, term_hash
 from .bloom.index import WORDS_PER_BUNDLE, BloomIndex
 from .bloom.parser import AND, EXACT_TERM, MAX_DEPTH, NOT, OR, TERM, TRUE, FilterPlans, FilterSchema, parse_filters
-from .ivf.index import IVFIndex
+from .ivf.index import IVFIndex, _int8_dots
 from .ivf.quantize import quantize_rows
 from .scoring import OverArch, ValueModel
 from .towers import TOWERS
@@ -78,6 +79,15 @@ def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table[index] for an index of any shape, through index_select (on the CPU about ten times
     faster than advanced indexing for the [Q, M] gathers of the forward)."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
+def _int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on the CPU
+    (torch._int_mm, oneDNN), no float copy of the rows; elsewhere the IVF reference's fp32 matmul
+    (exact while sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
+    if rows.device.type == "cpu":
+        return torch._int_mm(q_codes, rows.T)
+    return _int8_dots(q_codes, rows)
 
 
 def _unpad_jagged(fids, vals, counts):
@@ -243,7 +253,7 @@ class RetrievalModel(nn.Module):
 
     @staticmethod
     def _run_plans(ops, args, bloom_terms, exact_terms):
-        """Evaluate postfix plans on a [Q, MAX_DEPTH, M] stack with tensor ops (no data-dependent branches).
+        """Evaluate postfix plans on a [Q, MAX_DEPTH (+ 1 spare), M] stack with tensor ops (no data-dependent branches).
         Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise)."""
         q, _, m = exact_terms.shape
         dev = exact_terms.device
@@ -256,16 +266,19 @@ class RetrievalModel(nn.Module):
         moves = is_push.long() - is_pair.long()
         sp = moves.cumsum(1) - moves  # stack size before each step
         at = torch.where(is_push, sp, torch.where(negate, sp - 1, sp - 2))
-        write = (torch.arange(MAX_DEPTH, device=dev) == at) & (is_push | is_pair | negate)  # [Q, L, MAX_DEPTH]
+        # the slot each step writes; steps that write nothing (NOP padding) write a spare slot past
+        # the stack, so a step updates one [Q, 1, M] row in place instead of selecting the whole stack
+        writes = (is_push | is_pair | negate) & (at >= 0) & (at < MAX_DEPTH)
+        at = torch.where(writes, at, MAX_DEPTH).expand(q, -1, m)
         top_at, below_at = (sp - 1).clamp(min=0).expand(q, -1, m), (sp - 2).clamp(min=0).expand(q, -1, m)
-        stack = everything.expand(q, MAX_DEPTH, m)
+        stack = everything.expand(q, MAX_DEPTH + 1, m).clone()
         for step in range(ops.shape[1]):
             top = stack.gather(1, top_at[:, step : step + 1])
             below = stack.gather(1, below_at[:, step : step + 1])
             value = torch.where(is_push[:, step : step + 1], pushed[:, step : step + 1],
                                 torch.where(negate[:, step : step + 1], ~top,
                                             torch.where(conj[:, step : step + 1], below & top, below | top)))
-            stack = torch.where(write[:, step].unsqueeze(-1), value, stack)
+            stack.scatter_(1, at[:, step : step + 1], value)
         return stack[:, 0]
 
     def _probed_passing(self, clusters, ops, args, hashes):
@@ -281,6 +294,29 @@ class RetrievalModel(nn.Module):
         local = (slots // 64 - first).clamp(max=n_words - 1)  # clamped only for padding slots
         bit = (passing.view(q, p, n_words).gather(2, local) >> (slots % 64)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
+
+    def _probed_dots(self, q_codes, clusters):
+        """float32 [Q, P, S]: exact integer dot products of the int8 query codes with the int8 codes of
+        every slot of their probed clusters. Cluster-major: the rows of the batch's probed clusters
+        (the union, at most Q x P of them) are scored against every query in one int8 matmul and each
+        query reads its own clusters' scores back, instead of gathering and converting a padded
+        [Q, P x S, D] block per query. When that union's padded rows would outnumber the main index,
+        every main item is scored instead (no gather at all). Static shapes: the union is padded to
+        min(n_clusters, Q x P) clusters with unprobed ones that nobody reads."""
+        q, p = clusters.shape
+        n_clusters, width = self.cluster_positions.shape
+        union_size = min(n_clusters, q * p)
+        if union_size * width >= self.num_main:
+            rows, row_of_slot = self.codes, self.cluster_positions
+        else:
+            probed = torch.zeros(n_clusters, dtype=torch.int32, device=clusters.device).index_fill(0, clusters.reshape(-1), 1)
+            union = torch.argsort(1 - probed, stable=True)[:union_size]  # probed clusters first, in cluster order
+            rows = _rows(self.codes, self.cluster_positions[union]).reshape(-1, self.dim)
+            rank = probed.cumsum(0) - 1  # a probed cluster's place in the union
+            row_of_slot = rank.unsqueeze(1) * width + torch.arange(width, device=clusters.device)
+        dots = _int8_matmul(q_codes, rows)  # [Q, R]
+        index = _rows(row_of_slot, clusters) + (torch.arange(q, device=clusters.device) * rows.shape[0])[:, None, None]
+        return _rows(dots.reshape(-1), index).float()
 
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
@@ -303,7 +339,7 @@ class RetrievalModel(nn.Module):
         found = keep.sum((1, 2)) + fresh_found
         pos, keep = _rows(self.cluster_positions, clusters).reshape(q, -1), keep.reshape(q, -1)
         q_codes, q_scales = quantize_rows(u)
-        dots = torch.bmm(_rows(self.codes, pos).float(), q_codes.float().unsqueeze(-1)).squeeze(-1)  # exact: |dot| < 2^24
+        dots = self._probed_dots(q_codes, clusters).reshape(q, -1)
         main = torch.where(keep, dots * _rows(self.scales, pos) * q_scales.unsqueeze(1), torch.full_like(dots, float("-inf")))
         scores, cand = main, pos
         if self.fresh_capacity:

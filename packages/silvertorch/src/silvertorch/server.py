@@ -3,7 +3,10 @@
     silvertorch serve artifact/ --port 8080        # binds 127.0.0.1 unless --host says otherwise
 
 POST /v1/retrieve  {"user_features": [42], "filter": "genre:Comedy", "n": 10, "value_weights": [1, 0.5]}
-             ->    {"ids": [...], "scores": [...], "task_probs": [[...], ...], "fresh": [...], "batch_size": 7}
+             ->    {"ids": [...], "scores": [...], "task_probs": [[...], ...], "fresh": [...], "found": 1234,
+                    "batch_size": 7}
+`found`: the items that passed the filter (Bloom, before exact verification) in the probed clusters
+and the fresh index; fewer than the model's k_candidates means the filter starved the candidates.
 GET  /healthz (alive), /readyz (model loaded and warmed up), /metrics (latency percentiles, batch sizes)
 
 Requests are validated and their filters compiled in the handler (a bad request is a 400 with the
@@ -114,7 +117,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
             if not batch:
                 continue
             try:
-                ids, scores, probs, fresh, _found = await asyncio.to_thread(run_batch, batch)
+                ids, scores, probs, fresh, found = await asyncio.to_thread(run_batch, batch)
             except Exception as err:  # a failed batch fails its requests, never the server
                 for p in batch:
                     if not p.future.done():
@@ -124,7 +127,8 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
             metrics.batch_sizes[len(batch)] += 1
             for i, p in enumerate(batch):
                 if not p.future.done():
-                    p.future.set_result((ids[i, : p.n], scores[i, : p.n], probs[i, : p.n], fresh[i, : p.n], len(batch)))
+                    p.future.set_result((ids[i, : p.n], scores[i, : p.n], probs[i, : p.n], fresh[i, : p.n], int(found[i]),
+                                         len(batch)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -204,7 +208,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         except asyncio.QueueFull:
             return bad("the server is overloaded; retry later", 503)
         try:
-            ids, scores, probs, fresh, batch_size = await asyncio.wait_for(future, limits.timeout_s)
+            ids, scores, probs, fresh, found, batch_size = await asyncio.wait_for(future, limits.timeout_s)
         except asyncio.TimeoutError:
             return bad(f"the request took longer than {limits.timeout_s} s", 504)
         except Exception as err:
@@ -212,7 +216,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         keep = ids >= 0
         metrics.latencies.append(time.perf_counter() - start)
         return {"ids": ids[keep].tolist(), "scores": scores[keep].tolist(), "task_probs": probs[keep].tolist(),
-                "fresh": fresh[keep].tolist(), "batch_size": batch_size}
+                "fresh": fresh[keep].tolist(), "found": found, "batch_size": batch_size}
 
     return app
 

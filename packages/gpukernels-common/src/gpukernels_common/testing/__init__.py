@@ -164,3 +164,8 @@ def run_workers(cmd, result, *, timeout: float = 180, env=None, check: bool = Tr
 
 
 __all__ = ["free_port", "run_workers", "GLOO_TEARDOWN_ABORT", "TOLERANCES", "tolerance", "assert_close", "CanaryBuffer", "poisoned_empty", "poison_grads"]
+
+
+def report_rank(queue, job, rank, world, port, *args) -> None:
+    """A `bench.spawn_jobs` target that reports who it was (importable by spawned processes)."""
+    queue.put((job, rank, world, port, args))
