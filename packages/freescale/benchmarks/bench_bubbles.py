@@ -53,7 +53,7 @@ def _rank(queue, job, rank, world, port, method, batches, sec_per_cost, cost, lo
                     plan = future.result()
                 mine = plan.received().lengths  # whole samples, or capped/split windows
                 if i + 1 < len(batches):
-                    future = meter.sync(lambda: balancer.plan_async(local_of(batches[i + 1])), name="plan_gather")
+                    future = balancer.plan_async(local_of(batches[i + 1]))  # gathered and partitioned in the background
             with meter.compute():
                 time.sleep(float(cost(mine).sum()) * sec_per_cost)
             meter.sync(lambda: dist.all_reduce(torch.zeros(1 << 16)), name="grad_allreduce")

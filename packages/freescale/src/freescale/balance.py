@@ -113,6 +113,13 @@ class BatchBalancer:
         self.long_sequences, self.split_context = long_sequences, split_context
         self._warned = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freescale-partition") if background else None
+        # plan_async gathers the lengths in the background thread too, on a gloo group of its own:
+        # collectives from two threads on one group could reach the ranks in different orders.
+        # new_group is collective: every process constructs the balancer, as with any group.
+        self._gather_group = None
+        if background and dist.is_initialized() and self.world_size > 1:
+            members = None if process_group is None else dist.get_process_group_ranks(process_group)
+            self._gather_group = dist.new_group(ranks=members, backend="gloo")
 
     @property
     def world_size(self) -> int:
@@ -122,17 +129,18 @@ class BatchBalancer:
     def rank(self) -> int:
         return dist.get_rank(self.group) if dist.is_initialized() else 0
 
-    def _gather_lengths(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def _gather_lengths(self, lengths: torch.Tensor, group=None) -> list[torch.Tensor]:
         if self.world_size == 1:
             return [lengths]
+        group = group or self.group
         size = torch.tensor([lengths.numel()], dtype=torch.long)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size, group=self.group)
+        dist.all_gather(sizes, size, group=group)
         longest = int(max(s.item() for s in sizes))
         padded = torch.zeros(longest, dtype=torch.long)
         padded[: lengths.numel()] = lengths
         out = [torch.zeros_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(out, padded, group=self.group)
+        dist.all_gather(out, padded, group=group)
         return [o[: int(s.item())] for o, s in zip(out, sizes)]
 
     def lengths_of(self, features: KeyedJagged) -> torch.Tensor:
@@ -171,13 +179,17 @@ class BatchBalancer:
         return self._make_plan(self._gather_lengths(torch.as_tensor(lengths, dtype=torch.long)))
 
     def plan_async(self, lengths: torch.Tensor) -> Future:
-        """Like plan(), with the partitioning in a background thread (the all-gather runs now)."""
-        per_rank = self._gather_lengths(torch.as_tensor(lengths, dtype=torch.long))
+        """Like plan(), off the caller's thread: the all-gather of the lengths (on the balancer's
+        own gloo group) and the partitioning run in the background thread, so no rank waits for
+        the others here; the wait moves to the future's result, after the step's compute."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
         if self._pool is None:
             fut: Future = Future()
-            fut.set_result(self._make_plan(per_rank))
+            fut.set_result(self.plan(lengths))
             return fut
-        return self._pool.submit(self._make_plan, per_rank)
+        if self._gather_group is None and self.world_size > 1:  # made before init_process_group: gather here
+            return self._pool.submit(self._make_plan, self._gather_lengths(lengths))
+        return self._pool.submit(lambda: self._make_plan(self._gather_lengths(lengths, self._gather_group)))
 
     def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank."""
