@@ -80,6 +80,21 @@ def _mm_operand(t, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _rows_times_weight(acc, a_ptr, rows, rmask, w_ptr, w_base, stride_k, stride_n, cols, cmask, K,
+                       UPCAST: tl.constexpr, BK: tl.constexpr):
+    """acc += A[rows, :K] @ W[:K, cols]: A row-major [*, K], W read through its strides (so a
+    transposed or sliced weight view needs no copy)."""
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        at = tl.load(a_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + w_base + kk[:, None] * stride_k + cols[None, :] * stride_n,
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc += tl.dot(_mm_operand(at, UPCAST), _mm_operand(wt, UPCAST))
+    return acc
+
+
+@triton.jit
 def _expert_rows(offsets_ptr, e):
     """First and end row of expert e's group (loop bounds read on the device)."""
     return tl.load(offsets_ptr + e), tl.load(offsets_ptr + e + 1)
@@ -159,14 +174,8 @@ def down_kernel(h_ptr, wd_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < D
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    w_base = e_safe.to(tl.int64) * wd_stride_e
-    for k0 in range(0, F, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < F
-        ht = tl.load(h_ptr + rows.to(tl.int64)[:, None] * F + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wd = tl.load(wd_ptr + w_base + kk[:, None] * wd_stride_f + cols[None, :] * wd_stride_d,
-                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.dot(_mm_operand(ht, UPCAST), _mm_operand(wd, UPCAST))
+    acc = _rows_times_weight(acc, h_ptr, rows, rmask, wd_ptr, e_safe.to(tl.int64) * wd_stride_e, wd_stride_f, wd_stride_d,
+                             cols, cmask, F, UPCAST, BK)
     slots = tl.load(slots_ptr + rows, mask=rmask, other=0)
     rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
@@ -304,19 +313,9 @@ def input_grad_kernel(da_ptr, db_ptr, wg_ptr, wu_ptr, offsets_ptr, block_expert_
     cmask = cols < D
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     w_base = e_safe.to(tl.int64) * w_stride_e
-    for k0 in range(0, F, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < F
-        offs = rows.to(tl.int64)[:, None] * F + kk[None, :]
-        gmask = rmask[:, None] & kmask[None, :]
-        w_offs = w_base + cols[None, :] * w_stride_d + kk[:, None] * w_stride_f  # W^T tile [BK, BN]
-        wmask = kmask[:, None] & cmask[None, :]
-        da = tl.load(da_ptr + offs, mask=gmask, other=0.0)
-        wgt = tl.load(wg_ptr + w_offs, mask=wmask, other=0.0)
-        acc += tl.dot(_mm_operand(da, UPCAST), _mm_operand(wgt, UPCAST))
-        if GATED:
-            db = tl.load(db_ptr + offs, mask=gmask, other=0.0)
-            wut = tl.load(wu_ptr + w_offs, mask=wmask, other=0.0)
-            acc += tl.dot(_mm_operand(db, UPCAST), _mm_operand(wut, UPCAST))
+    # W^T tiles [BK, BN]: the reduction runs over d_ff (stride f), the output columns over d
+    acc = _rows_times_weight(acc, da_ptr, rows, rmask, wg_ptr, w_base, w_stride_f, w_stride_d, cols, cmask, F, UPCAST, BK)
+    if GATED:
+        acc = _rows_times_weight(acc, db_ptr, rows, rmask, wu_ptr, w_base, w_stride_f, w_stride_d, cols, cmask, F, UPCAST, BK)
     tl.store(dx_rows_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(dx_rows_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
