@@ -38,43 +38,56 @@ def sample_loss(weight, a_vals, dense_row):
 
 
 def scenario_balance(rank, world):
-    a, b, dense = global_batch()
-    n = len(a)
-    lo, hi = local_slice(world, rank, n)
-    feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
-    ids = torch.arange(lo, hi)
+    # one balancer, three steps: a plan from cost lengths (the exchange all-to-alls the lengths),
+    # then from the features (per-key lengths gathered: no lengths all-to-all), then a larger
+    # global batch (the gather's padding bound grows)
     bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), method="kk_equal")
-    plan = bal.plan_async(feats.sample_lengths()).result()
-    # dense tensors of one dtype travel together (1-D, 2-D, 3-D side by side)
-    new, moved = bal.exchange(plan, feats, {"id": ids, "dense": dense[lo:hi], "label": dense[lo:hi, 0],
-                                            "pair": dense[lo:hi, :2].reshape(-1, 1, 2)})
-    assert list(moved) == ["id", "dense", "label", "pair"]
-    # content check: every received sample equals the original with that id
-    for j, gid in enumerate(moved["id"].tolist()):
-        assert torch.equal(new.permute(torch.tensor([j]))["a"][0], a[gid])
-        assert torch.equal(new.permute(torch.tensor([j]))["b"][0], b[gid])
-        assert torch.equal(moved["dense"][j], dense[gid])
-        assert torch.equal(moved["label"][j], dense[gid, 0]) and torch.equal(moved["pair"][j], dense[gid, :2].reshape(1, 2))
-    all_ids = [None] * world
-    dist.all_gather_object(all_ids, moved["id"].tolist())
-    # gradients with balancing equal the unbalanced ones (global-count normalisation, SUM all-reduce)
-    torch.manual_seed(0)
-    weight = torch.randn(50, 3, requires_grad=True)
+    out = {}
+    for name, n, from_features in (("lengths", 23, False), ("features", 23, True), ("grown", 31, True)):
+        a, b, dense = global_batch(n)
+        lo, hi = local_slice(world, rank, n)
+        feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
+        ids = torch.arange(lo, hi)
+        plan = bal.plan_async(feats if from_features else feats.sample_lengths()).result()
+        assert (plan.key_lengths is not None) == from_features
+        if from_features:  # features other than those planned are refused before any collective
+            try:
+                bal.exchange(plan, KeyedJagged.from_dict({"a": b[lo:hi], "b": a[lo:hi]}))
+                raise AssertionError("exchange accepted features the plan was not made from")
+            except ValueError as err:
+                assert "differ from those the plan was made from" in str(err), err
+        # dense tensors of any dtypes travel with the values (1-D, 2-D, 3-D, int64, bool, empty rows)
+        new, moved = bal.exchange(plan, feats, {"id": ids, "dense": dense[lo:hi], "label": dense[lo:hi, 0],
+                                                "pair": dense[lo:hi, :2].reshape(-1, 1, 2), "odd": ids % 2 == 1,
+                                                "none": dense[lo:hi, :0]})
+        assert list(moved) == ["id", "dense", "label", "pair", "odd", "none"]
+        assert moved["odd"].dtype == torch.bool and moved["none"].shape == (moved["id"].numel(), 0)
+        # content check: every received sample equals the original with that id
+        for j, gid in enumerate(moved["id"].tolist()):
+            assert torch.equal(new.permute(torch.tensor([j]))["a"][0], a[gid])
+            assert torch.equal(new.permute(torch.tensor([j]))["b"][0], b[gid])
+            assert torch.equal(moved["dense"][j], dense[gid]) and bool(moved["odd"][j]) == (gid % 2 == 1)
+            assert torch.equal(moved["label"][j], dense[gid, 0]) and torch.equal(moved["pair"][j], dense[gid, :2].reshape(1, 2))
+        all_ids = [None] * world
+        dist.all_gather_object(all_ids, moved["id"].tolist())
+        # gradients with balancing equal the unbalanced ones (global-count normalisation, SUM all-reduce)
+        torch.manual_seed(0)
+        weight = torch.randn(50, 3, requires_grad=True)
 
-    def grads(feats_, dense_):
-        weight.grad = None
-        vals, lengths = feats_["a"]
-        chunks = torch.split(vals, lengths.tolist())
-        loss = sum(sample_loss(weight, c, d) for c, d in zip(chunks, dense_)) / n
-        loss.backward()
-        g = weight.grad.clone()
-        dist.all_reduce(g)
-        return g
+        def grads(feats_, dense_):
+            weight.grad = None
+            vals, lengths = feats_["a"]
+            chunks = torch.split(vals, lengths.tolist())
+            loss = sum(sample_loss(weight, c, d) for c, d in zip(chunks, dense_)) / n
+            loss.backward()
+            g = weight.grad.clone()
+            dist.all_reduce(g)
+            return g
 
-    g_bal = grads(new, moved["dense"])
-    g_naive = grads(feats, dense[lo:hi])
-    return {"ids": torch.tensor(sorted(sum(all_ids, []))), "g_bal": g_bal, "g_naive": g_naive,
-            "bubble_before": torch.tensor(plan.report()["bubble_before"]), "bubble_after": torch.tensor(plan.report()["bubble_after"])}
+        out[name] = {"ids": torch.tensor(sorted(sum(all_ids, []))), "g_bal": grads(new, moved["dense"]),
+                     "g_naive": grads(feats, dense[lo:hi]), "bubble_before": torch.tensor(plan.report()["bubble_before"]),
+                     "bubble_after": torch.tensor(plan.report()["bubble_after"])}
+    return out
 
 
 def long_batch(seed=1):

@@ -40,3 +40,20 @@ def test_bad_inputs():
         _kj().permute(torch.tensor([3]))
     with pytest.raises(ValueError, match="split sizes"):
         _kj().split([1, 1])
+
+
+def test_sample_major_matches_a_loop_and_round_trips():
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 5, (3 * 7,), generator=g)  # 3 keys, 7 samples, empty runs included
+    kj = KeyedJagged(["a", "b", "c"], torch.randint(0, 100, (int(lengths.sum()),), generator=g), lengths)
+    order = torch.tensor([4, 0, 6, 6, 2])  # a subset, reordered, with a repeat
+    values, per_key = kj.sample_major(order)
+    chunks = kj.to_dict()
+    expected = [chunks[key][i] for i in order.tolist() for key in kj.keys]
+    assert torch.equal(values, torch.cat(expected))
+    assert per_key.tolist() == [[chunks[key][i].numel() for key in kj.keys] for i in order.tolist()]
+    assert KeyedJagged.from_sample_major(kj.keys, values, per_key) == kj.permute(order)
+    empty_values, empty_lengths = kj.sample_major(torch.tensor([], dtype=torch.long))
+    assert empty_values.numel() == 0 and empty_lengths.shape == (0, 3)
+    with pytest.raises(IndexError):
+        kj.sample_major(torch.tensor([7]))

@@ -3,7 +3,10 @@
 Each step: all-gather the per-sample lengths, partition the GLOBAL batch by cost (the same
 deterministic result on every rank, computable in a background thread while the previous
 step runs), then move samples between ranks with uneven `all_to_all_single` on the jagged
-values and on any dense per-sample tensors. The global batch is the same set of samples;
+values and on any dense per-sample tensors. A plan made from the features themselves
+(`plan(features)`) gathers every sample's per-key lengths too, so the exchange knows what it
+receives and moves values and dense tensors in one all-to-all; the gather is one all-gather
+once the per-rank sample count stops growing. The global batch is the same set of samples;
 normalise the loss by the global sample count (`plan.global_batch`) and sum gradients over
 ranks, and the gradients equal the unbalanced run's.
 
@@ -41,6 +44,9 @@ class BalancePlan:
     cost_model: CostModel
     windows: Windows | None = None  # what capping/splitting made of each sample (None: whole)
     long_sequences: str = "report"
+    # per-sample lengths under every key (global samples x keys, before capping/splitting), when
+    # the plan was made from the features: the exchange then needs no lengths all-to-all
+    key_lengths: torch.Tensor | None = None
 
     @property
     def global_batch(self) -> int:
@@ -71,6 +77,16 @@ class BalancePlan:
             order.append(mine)
             counts.append(mine.numel())
         return torch.cat(order), counts
+
+    def received_key_lengths(self) -> torch.Tensor | None:
+        """Per-key lengths (samples x keys) of the samples this rank holds after `exchange`, in
+        order; None when the plan was made from cost lengths alone."""
+        if self.key_lengths is None:
+            return None
+        ids = self.partition.assignments[self.rank]
+        if self.windows is None:
+            return self.key_lengths[ids]
+        return self.windows.lengths[ids].unsqueeze(1).expand(-1, self.key_lengths.shape[1]).contiguous()
 
     def recv_counts(self) -> list[int]:
         ids = self.partition.assignments[self.rank]
@@ -117,6 +133,7 @@ class BatchBalancer:
         # collectives from two threads on one group could reach the ranks in different orders.
         # new_group is collective: every process constructs the balancer, as with any group.
         self._gather_group = None
+        self._gather_bounds: dict[int, int] = {}  # per group: the largest per-rank sample count seen
         if background and dist.is_initialized() and self.world_size > 1:
             members = None if process_group is None else dist.get_process_group_ranks(process_group)
             self._gather_group = dist.new_group(ranks=members, backend="gloo")
@@ -129,19 +146,26 @@ class BatchBalancer:
     def rank(self) -> int:
         return dist.get_rank(self.group) if dist.is_initialized() else 0
 
-    def _gather_lengths(self, lengths: torch.Tensor, group=None) -> list[torch.Tensor]:
+    def _gather_rows(self, rows: torch.Tensor, group=None) -> list[torch.Tensor]:
+        """All-gather every rank's (samples x columns) integer rows. One all-gather of the sample
+        count and the rows padded to the largest count seen so far; a second one, padded to the
+        new largest, only when some rank has more (every rank sees that in the first)."""
         if self.world_size == 1:
-            return [lengths]
+            return [rows]
         group = group or self.group
-        size = torch.tensor([lengths.numel()], dtype=torch.long)
-        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size, group=group)
-        longest = int(max(s.item() for s in sizes))
-        padded = torch.zeros(longest, dtype=torch.long)
-        padded[: lengths.numel()] = lengths
-        out = [torch.zeros_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(out, padded, group=group)
-        return [o[: int(s.item())] for o, s in zip(out, sizes)]
+        key = id(group)  # plan() and plan_async() gather on different groups, maybe at once
+        while True:
+            bound = self._gather_bounds.get(key, 0)
+            message = rows.new_zeros(1 + bound * rows.shape[1])
+            message[0] = rows.shape[0]
+            if rows.shape[0] <= bound:
+                message[1 : 1 + rows.numel()] = rows.reshape(-1)
+            out = [torch.empty_like(message) for _ in range(self.world_size)]
+            dist.all_gather(out, message, group=group)
+            sizes = [int(o[0]) for o in out]
+            if max(sizes) <= bound:
+                return [o[1 : 1 + n * rows.shape[1]].view(n, rows.shape[1]) for o, n in zip(out, sizes)]
+            self._gather_bounds[key] = max(sizes)
 
     def lengths_of(self, features: KeyedJagged) -> torch.Tensor:
         """What the plan costs per sample: its number of positions when every key holds one entry
@@ -152,8 +176,21 @@ class BatchBalancer:
             return features.sample_lengths()
         return features.aligned_lengths()
 
-    def _make_plan(self, per_rank: list[torch.Tensor]) -> BalancePlan:
+    def _plan_rows(self, lengths_or_features: torch.Tensor | KeyedJagged) -> torch.Tensor:
+        """What the gather carries per sample: the cost length, then (features given) its length
+        under every key."""
+        if isinstance(lengths_or_features, KeyedJagged):
+            per_key = lengths_or_features.lengths_per_key().cpu()
+            return torch.cat([self.lengths_of(lengths_or_features).cpu().unsqueeze(1), per_key.T], 1)
+        lengths = torch.as_tensor(lengths_or_features, dtype=torch.long).cpu()
+        if lengths.dim() != 1:
+            raise ValueError(f"lengths must be 1-D (one cost length per sample), got shape {tuple(lengths.shape)}")
+        return lengths.unsqueeze(1)
+
+    def _make_plan(self, per_rank_rows: list[torch.Tensor]) -> BalancePlan:
+        per_rank = [r[:, 0] for r in per_rank_rows]
         lengths = torch.cat(per_rank)
+        key_lengths = torch.cat(per_rank_rows)[:, 1:] if per_rank_rows[0].shape[1] > 1 else None
         source_sizes = [t.numel() for t in per_rank]
         costs = self.cost_model(lengths)
         before = torch.stack([self.cost_model(t).sum() for t in per_rank])
@@ -172,24 +209,26 @@ class BatchBalancer:
             costs = self.cost_model(windows.lengths)
         part = partition(costs, self.world_size, method=self.method, refine=self.refine)
         return BalancePlan(self.rank, self.world_size, local_sizes, part, before, big, lengths, source_sizes,
-                           self.cost_model, windows, self.long_sequences)
+                           self.cost_model, windows, self.long_sequences, key_lengths)
 
-    def plan(self, lengths: torch.Tensor) -> BalancePlan:
-        """All-gather this rank's per-sample lengths and partition the global batch."""
-        return self._make_plan(self._gather_lengths(torch.as_tensor(lengths, dtype=torch.long)))
+    def plan(self, lengths_or_features: torch.Tensor | KeyedJagged) -> BalancePlan:
+        """All-gather this rank's per-sample lengths and partition the global batch. Given the
+        features (rather than their cost lengths, `lengths_of(features)`), the plan also knows
+        every sample's per-key lengths and the exchange saves its lengths all-to-all."""
+        return self._make_plan(self._gather_rows(self._plan_rows(lengths_or_features)))
 
-    def plan_async(self, lengths: torch.Tensor) -> Future:
+    def plan_async(self, lengths_or_features: torch.Tensor | KeyedJagged) -> Future:
         """Like plan(), off the caller's thread: the all-gather of the lengths (on the balancer's
         own gloo group) and the partitioning run in the background thread, so no rank waits for
         the others here; the wait moves to the future's result, after the step's compute."""
-        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+        rows = self._plan_rows(lengths_or_features)
         if self._pool is None:
             fut: Future = Future()
-            fut.set_result(self.plan(lengths))
+            fut.set_result(self._make_plan(self._gather_rows(rows)))
             return fut
         if self._gather_group is None and self.world_size > 1:  # made before init_process_group: gather here
-            return self._pool.submit(self._make_plan, self._gather_lengths(lengths))
-        return self._pool.submit(lambda: self._make_plan(self._gather_lengths(lengths, self._gather_group)))
+            return self._pool.submit(self._make_plan, self._gather_rows(rows))
+        return self._pool.submit(lambda: self._make_plan(self._gather_rows(rows, self._gather_group)))
 
     def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank."""
@@ -200,6 +239,10 @@ class BatchBalancer:
         for k, v in dense.items():
             if v.shape[0] != features.batch_size:
                 raise ValueError(f"dense[{k!r}] has {v.shape[0]} rows, expected {features.batch_size}")
+        if plan.key_lengths is not None:
+            first = sum(plan.source_sizes[: plan.rank])
+            if not torch.equal(plan.key_lengths[first : first + expected], features.lengths_per_key().T.cpu()):
+                raise ValueError("features' per-key lengths differ from those the plan was made from")
         if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
             first = sum(plan.source_sizes[: plan.rank])
             mine = plan.windows.select((plan.windows.source >= first) & (plan.windows.source < first + expected))
@@ -207,50 +250,57 @@ class BatchBalancer:
             dense = {k: v[mine.source - first] for k, v in dense.items()}
         order, send_counts = plan.send_order()
         recv_counts = plan.recv_counts()
-        ordered = features.permute(order)
         if plan.world_size == 1:
-            return ordered, {k: v[order] for k, v in dense.items()}
-        n_keys = len(features.keys)
-        # per-sample lengths for every key, sample-major so they split by sample counts
-        lengths_sm = ordered.lengths_per_key().T.contiguous()
-        recv_lengths = lengths_sm.new_empty(sum(recv_counts), n_keys)
-        dist.all_to_all_single(recv_lengths, lengths_sm, recv_counts, send_counts, group=self.group)
-        # values: sample-major so each destination's slice is contiguous
-        per_sample_values = _sample_major_values(ordered)
-        send_value_counts = [int(s.sum()) for s in torch.split(lengths_sm.sum(1), send_counts)]
-        recv_value_counts = [int(s.sum()) for s in torch.split(recv_lengths.sum(1), recv_counts)]
-        recv_values = per_sample_values.new_empty(sum(recv_value_counts))
-        dist.all_to_all_single(recv_values, per_sample_values, recv_value_counts, send_value_counts, group=self.group)
-        moved = {}
-        by_dtype: dict[torch.dtype, list[str]] = {}
-        for k, v in dense.items():
-            by_dtype.setdefault(v.dtype, []).append(k)
-        for names in by_dtype.values():  # one all-to-all per dtype: each sample's rows side by side
-            widths = [math.prod(dense[k].shape[1:]) for k in names]
-            rows = torch.cat([dense[k][order].reshape(-1, w) for k, w in zip(names, widths)], 1)
-            buf = rows.new_empty(sum(recv_counts), rows.shape[1])
-            dist.all_to_all_single(buf, rows, recv_counts, send_counts, group=self.group)
-            for k, part in zip(names, buf.split(widths, 1)):
-                moved[k] = part.contiguous().view((-1,) + tuple(dense[k].shape[1:]))
-        return _from_sample_major(features.keys, recv_values, recv_lengths), {k: moved[k] for k in dense}
+            return features.permute(order), {k: v[order] for k, v in dense.items()}
+        # sample-major, so that each destination's samples are one contiguous slice
+        values, lengths = features.sample_major(order)
+        recv_lengths = plan.received_key_lengths()
+        if recv_lengths is None:  # the receivers learn the lengths first: the value counts follow from them
+            recv_lengths = lengths.new_empty(sum(recv_counts), lengths.shape[1])
+            dist.all_to_all_single(recv_lengths, lengths, recv_counts, send_counts, group=self.group)
+        recv_lengths = recv_lengths.to(lengths.device)
+        parts = [values.unsqueeze(1)] + [v[order].reshape(order.numel(), math.prod(v.shape[1:])) for v in dense.values()]
+        received = _all_to_all_rows(parts, [_run_sums(lengths, send_counts)] + [send_counts] * len(dense),
+                                    [_run_sums(recv_lengths, recv_counts)] + [recv_counts] * len(dense), self.group)
+        moved = {k: got.view((got.shape[0],) + tuple(v.shape[1:])) for (k, v), got in zip(dense.items(), received[1:])}
+        return KeyedJagged.from_sample_major(features.keys, received[0].reshape(-1), recv_lengths), moved
 
     def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """plan + exchange in one call. Returns (features, dense, plan)."""
-        plan = self.plan(self.lengths_of(features))
+        plan = self.plan(features)
         feats, dense = self.exchange(plan, features, dense)
         return feats, dense, plan
 
 
-def _sample_major_values(kj: KeyedJagged) -> torch.Tensor:
-    """Values reordered sample-major (sample 0's keys, then sample 1's, ...)."""
-    b, k = kj.batch_size, len(kj.keys)
-    chunks = list(torch.split(kj.values, kj.lengths.tolist()))
-    return torch.cat([chunks[key * b + i] for i in range(b) for key in range(k)]) if chunks else kj.values
+def _run_sums(lengths: torch.Tensor, counts: list[int]) -> list[int]:
+    """Total of `lengths` (samples x keys) over each run of `counts` consecutive samples."""
+    ends = torch.cumsum(torch.cat([lengths.new_zeros(1), lengths.sum(1)]), 0)
+    bounds = torch.cumsum(torch.tensor([0] + counts), 0).to(ends.device)
+    return (ends[bounds[1:]] - ends[bounds[:-1]]).tolist()
 
 
-def _from_sample_major(keys, values: torch.Tensor, lengths_sm: torch.Tensor) -> KeyedJagged:
-    b, k = lengths_sm.shape
-    chunks = list(torch.split(values, lengths_sm.reshape(-1).tolist()))
-    key_major = [chunks[i * k + key] for key in range(k) for i in range(b)]
-    vals = torch.cat(key_major) if key_major else values
-    return KeyedJagged(keys, vals, lengths_sm.T.reshape(-1).contiguous())
+def _all_to_all_rows(parts: list[torch.Tensor], send_rows: list[list[int]], recv_rows: list[list[int]], group):
+    """One `all_to_all_single` for tensors of any dtypes: part i (2-D) sends its next
+    send_rows[i][d] rows to rank d and receives recv_rows[i][s] rows from rank s. Every part
+    travels as its raw bytes (exact), each rank's slices of all parts side by side; returns the
+    received parts, rank 0's rows first."""
+    world = len(send_rows[0])
+    as_bytes = [p.contiguous().view(torch.uint8) for p in parts]  # (rows, row bytes)
+    row_bytes = [b.shape[1] for b in as_bytes]
+    pieces = [b.split(rows) for b, rows in zip(as_bytes, send_rows)]
+    send = torch.cat([pieces[i][d].reshape(-1) for d in range(world) for i in range(len(parts))])
+    send_sizes = [sum(rows[d] * w for rows, w in zip(send_rows, row_bytes)) for d in range(world)]
+    recv_sizes = [sum(rows[s] * w for rows, w in zip(recv_rows, row_bytes)) for s in range(world)]
+    recv = send.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+    from_rank = [chunk.split([rows[s] * w for rows, w in zip(recv_rows, row_bytes)])
+                 for s, chunk in enumerate(recv.split(recv_sizes))]
+    out = []
+    for i, p in enumerate(parts):
+        if row_bytes[i] == 0:  # a zero-width part: nothing travelled (and no byte view of it exists)
+            out.append(p.new_empty(sum(recv_rows[i]), 0))
+            continue
+        # the concatenation copies to a fresh buffer, aligned for the view back to the part's dtype
+        got = torch.cat([from_rank[s][i] for s in range(world)])
+        out.append(got.view(sum(recv_rows[i]), row_bytes[i]).view(p.dtype))
+    return out

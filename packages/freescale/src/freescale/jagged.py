@@ -103,12 +103,25 @@ class KeyedJagged:
 
     def _gather_runs(self, starts: torch.Tensor, new_lengths: torch.Tensor) -> KeyedJagged:
         """A KeyedJagged whose entry j (key-major) holds values[starts[j] : starts[j] + new_lengths[j]]."""
-        if new_lengths.sum() == 0:
-            return KeyedJagged(self.keys, self.values[:0], new_lengths)
-        # gather every selected run of values without a Python loop
-        run_ids = torch.repeat_interleave(torch.arange(new_lengths.numel()), new_lengths)
-        within = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(torch.cumsum(new_lengths, 0) - new_lengths, new_lengths)
-        return KeyedJagged(self.keys, self.values[starts[run_ids] + within], new_lengths)
+        return KeyedJagged(self.keys, gather_runs(self.values, starts, new_lengths), new_lengths)
+
+    def sample_major(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples `indices` with each sample's keys side by side (sample 0's keys, then sample 1's,
+        ...), so that a run of samples is one contiguous slice: (values, lengths of shape
+        (samples, keys)). `from_sample_major` undoes it."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
+            raise IndexError(f"sample indices must be in [0, {self.batch_size})")
+        rows = torch.arange(len(self.keys)).unsqueeze(0) * self.batch_size + indices.unsqueeze(1)
+        lengths = self.lengths[rows.to(self.lengths.device)]
+        return gather_runs(self.values, self.offsets[rows.to(self.lengths.device)].reshape(-1), lengths.reshape(-1)), lengths
+
+    @classmethod
+    def from_sample_major(cls, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor) -> KeyedJagged:
+        """The KeyedJagged of sample-major `values` with `lengths` of shape (samples, keys)."""
+        flat = lengths.reshape(-1)
+        starts = (torch.cumsum(flat, 0) - flat).view(lengths.shape)
+        return cls(keys, gather_runs(values, starts.T.reshape(-1), lengths.T.reshape(-1)), lengths.T.reshape(-1))
 
     def split(self, sizes: Sequence[int]) -> list[KeyedJagged]:
         if sum(sizes) != self.batch_size:
@@ -144,3 +157,13 @@ class KeyedJagged:
 
     def __repr__(self) -> str:
         return f"KeyedJagged(keys={self.keys}, batch_size={self.batch_size}, values={self.values.numel()})"
+
+
+def gather_runs(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """values[starts[j] : starts[j] + lengths[j]] for every j, concatenated, without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return values[:0]
+    # position p of run j reads starts[j] + (p - first output position of run j)
+    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return values[(torch.arange(total, device=shift.device) + shift).to(values.device)]

@@ -1,9 +1,9 @@
 """A three-stage training pipeline: copy batch i+1, balance + distribute it, while batch i trains.
 
-Stage 1 copies the next batch to the device (non-blocking), stage 2 all-gathers its lengths
-and partitions the global batch in the balancer's background thread, and stage 3 runs
-forward/backward on the current batch. The sample exchange for batch i+1 then runs before
-batch i+1's step. Every synchronising point goes through the BubbleMeter when one is given.
+Stage 1 copies the next batch to the device (non-blocking), stage 2 all-gathers its per-key
+lengths and partitions the global batch in the balancer's background thread, and stage 3 runs
+forward/backward on the current batch. The sample exchange for batch i+1 (one all-to-all)
+then runs before batch i+1's step. Every synchronising point goes through the BubbleMeter when one is given.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class TrainPipeline:
 
     def _stage(self, batch: Batch):
         batch = _to(batch, self.device)
-        fut = self.balancer.plan_async(self.balancer.lengths_of(batch[0]).cpu()) if self.balancer else None
+        # the plan gathers the per-key lengths too, so the exchange needs no lengths all-to-all
+        fut = self.balancer.plan_async(batch[0]) if self.balancer else None
         return batch, fut
 
     def _finish(self, staged):
