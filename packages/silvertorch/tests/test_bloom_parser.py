@@ -16,6 +16,23 @@ def test_precedence_and_polarity():
     assert parse_filters(["NOT NOT 1:1"]).ops[0].tolist() == [TERM, NOT, NOT]
 
 
+def test_exact_terms_take_the_leading_slots():
+    """A query's terms under NOT get slots 0, 1, ... (evaluators compute exact bits for a few leading
+    slots only); every op still names its own term's hash."""
+    text = "1:1 AND NOT 2:2 AND (3:3 OR NOT (4:4 | !5:5)) AND NOT 6:6"
+    p = parse_filters([text, "7:7"])
+    terms = {TERM: [(1, 1), (3, 3), (5, 5)], EXACT_TERM: [(2, 2), (4, 4), (6, 6)]}  # each kind in program order
+    seen = {TERM: [], EXACT_TERM: []}
+    for op, slot in zip(p.ops[0].tolist(), p.args[0].tolist()):
+        if op in seen:
+            seen[op].append(slot)
+    assert seen == {EXACT_TERM: [0, 1, 2], TERM: [3, 4, 5]}
+    for op, slots in seen.items():
+        fids, vals = torch.tensor(terms[op]).T
+        assert torch.equal(p.hashes[0, slots], term_hash(fids, vals))
+    assert p.exact_terms_per_query().tolist() == [3, 0]
+
+
 def test_set_sugar_weights_strings_and_empty():
     a = parse_filters(["cat:{music,sports}"], schema=SCHEMA)
     b = parse_filters(["cat:music OR cat:sports"], schema=SCHEMA)

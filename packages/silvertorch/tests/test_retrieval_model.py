@@ -1,5 +1,6 @@
 """RetrievalModel end to end against a plain PyTorch pipeline (exact filters, fp32 brute force)."""
 
+import inspect
 import json
 
 import pytest
@@ -24,6 +25,8 @@ FILTERS = {
     "cat:{1,3} AND NOT year:1995": lambda c, y: c in (1, 3) and y != 1995,
     "NOT (cat:0 | cat:2) & year:{1991,1992,1993}": lambda c, y: c not in (0, 2) and y in (1991, 1992, 1993),
     "year:1999 OR (cat:4 AND NOT cat:4)": lambda c, y: y == 1999,
+    # as many terms under NOT as the test models' max_exact_terms, plain terms after them in the slots
+    "cat:1 AND NOT year:{1990,1991,1992} AND NOT year:1999": lambda c, y: c == 1 and y not in (1990, 1991, 1992, 1999),
 }
 
 
@@ -49,7 +52,8 @@ IDS = torch.arange(5000, 5000 + N)
 
 
 def _model(**kw):
-    options = dict(n_clusters=12, nprobe=12, k_candidates=300, num_results=10, fresh_capacity=32, max_ops=12)
+    # max_exact_terms=4 (default 8): FILTERS reach the bound, and a 5-term NOT list passes it
+    options = dict(n_clusters=12, nprobe=12, k_candidates=300, num_results=10, fresh_capacity=32, max_ops=12, max_exact_terms=4)
     options.update(kw)
     return RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, ATTRS, SCHEMA, **options)
 
@@ -206,7 +210,11 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
     users, exprs = torch.arange(6).unsqueeze(1), ["cat:1", "", "NOT cat:1", "year:1995", "", "cat:3"]
     x, y = model.retrieve(users, exprs), loaded.retrieve(users, exprs)
     assert torch.equal(x.ids, y.ids) and torch.equal(x.scores, y.scores) and loaded.fresh_used == 2
+    assert loaded.max_exact_terms == model.max_exact_terms == 4
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    del cfg["max_exact_terms"]  # artifacts written before the bound evaluate every slot exactly
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    assert RetrievalModel.load(tmp_path / "a").max_exact_terms == model.max_terms
     cfg["format_version"] = 99
     (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format version 99"):
@@ -252,6 +260,11 @@ def test_bad_inputs_are_named():
         MODEL.retrieve(users, ["", ""], [1.0, float("nan")])
     with pytest.raises(ValueError, match="max_terms"):
         MODEL.retrieve(users[:1], [" OR ".join(f"year:{1990 + i}" for i in range(17))])
+    with pytest.raises(ValueError, match=r"'NOT year:\{1,2,3,4,5\}' has 5 terms under NOT .* max_exact_terms=4"):
+        MODEL.retrieve(users, ["cat:1", "NOT year:{1,2,3,4,5}"])
+    with pytest.raises(ValueError, match="max_exact_terms must be in"):
+        _model(max_exact_terms=17)
+    assert inspect.signature(RetrievalModel.build).parameters["max_exact_terms"].default == 8
     with pytest.raises(ValueError, match="k_candidates"):
         _model(nprobe=1, k_candidates=10**6)
     with pytest.raises(ValueError, match="num_results"):

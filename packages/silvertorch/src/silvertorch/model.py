@@ -10,7 +10,8 @@ host synchronization, static shapes: `torch.compile` and `torch.export` see one 
     user tower -> u . centroids -> top-nprobe clusters (top-max_nprobe with adaptive probing)
     -> filter plans evaluated on the packed 64-item words covering the probed clusters, as the
        Bloom index's own search does (a TERM is the AND of its k row words; EXACT_TERM, the terms
-       under NOT, are packed from the stored attributes) -> one bit per probed item
+       under NOT, are packed from the stored attributes, for the plans' first max_exact_terms
+       slots only: the parser puts a filter's exact terms there) -> one bit per probed item
     -> adaptive probing: a cluster beyond the first nprobe is kept only while fewer than
        k_candidates items passed in the clusters ranked before it
     -> int8 scores of the probed items (exact integer dot products, cluster-major: the batch's probed
@@ -101,7 +102,7 @@ class RetrievalModel(nn.Module):
     def __init__(self, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel, tensors: dict, *,
                  nprobe: int, k_candidates: int, num_results: int, bloom_k: int, bloom_multiplier: float,
                  schema: dict | None = None, max_ops: int = 32, max_terms: int = 16, exact_verify: bool = True,
-                 fresh_used: int = 0, max_nprobe: int | None = None):
+                 fresh_used: int = 0, max_nprobe: int | None = None, max_exact_terms: int = 8):
         super().__init__()
         self.user_tower, self.overarch, self.value_model = user_tower, overarch, value_model
         for name, t in tensors.items():
@@ -129,7 +130,10 @@ class RetrievalModel(nn.Module):
         self.words_per_cluster = (max_cluster + 62) // 64 + 1
         self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
         self.schema = dict(schema or {})
+        if not 1 <= max_exact_terms <= max_terms:
+            raise ValueError(f"max_exact_terms must be in [1, max_terms={max_terms}], got {max_exact_terms}")
         self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
+        self.max_exact_terms = max_exact_terms
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -138,13 +142,15 @@ class RetrievalModel(nn.Module):
               k_candidates: int = 256, num_results: int = 10, fresh_capacity: int = 1024, bloom_k: int = 3,
               bloom_multiplier: float = 5.0, max_attributes: int | None = None, item_dense=None, max_ops: int = 32,
               max_terms: int = 16, exact_verify: bool = True, kmeans_iters: int = 20, seed: int = 0,
-              progress=None, max_nprobe: int | None = None) -> RetrievalModel:
+              progress=None, max_nprobe: int | None = None, max_exact_terms: int = 8) -> RetrievalModel:
         """Quantize and cluster the item embeddings, index their attributes, assemble the model.
 
         attributes: jagged (feature_ids, offsets, values) per item, in item_embeddings' row order.
         max_nprobe: adaptive probing; the forward probes up to max_nprobe clusters (best centroid
         first) and keeps the smallest prefix of at least nprobe clusters in which k_candidates
         items pass the filter (default nprobe: fixed probing).
+        max_exact_terms: how many terms under NOT one filter may have (they are evaluated exactly;
+        the probed-cluster filter's exact-attribute cost grows with this bound, not with max_terms).
         `progress(step_name)` is called before each build step (the CLI shows a progress bar).
         """
         step = progress or (lambda name: None)
@@ -194,7 +200,7 @@ class RetrievalModel(nn.Module):
         tensors["attr_terms"] = term_hash(tensors["attr_feature_ids"], tensors["attr_values"])
         return cls(user_tower, overarch, value_model, tensors, nprobe=nprobe, k_candidates=k_candidates, num_results=num_results,
                    bloom_k=bloom_k, bloom_multiplier=bloom_multiplier, schema=schema, max_ops=max_ops, max_terms=max_terms,
-                   exact_verify=exact_verify, max_nprobe=max_nprobe)
+                   exact_verify=exact_verify, max_nprobe=max_nprobe, max_exact_terms=max_exact_terms)
 
     # -- filters -----------------------------------------------------------------------------
     def prepare_filters(self, expressions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,6 +214,11 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"a filter compiles to {length} operations; this model accepts at most max_ops={self.max_ops}")
         if plans.hashes.shape[1] > self.max_terms:
             raise ValueError(f"a filter has {plans.hashes.shape[1]} terms; this model accepts at most max_terms={self.max_terms}")
+        exact = plans.exact_terms_per_query()
+        if (exact > self.max_exact_terms).any():
+            i = int(exact.argmax())
+            raise ValueError(f"filter {plans.expressions[i]!r} has {int(exact[i])} terms under NOT (evaluated exactly); this model "
+                             f"accepts at most max_exact_terms={self.max_exact_terms} (RetrievalModel.build(max_exact_terms=...))")
         ops = torch.zeros(q, self.max_ops, dtype=torch.int32)
         args = torch.zeros(q, self.max_ops, dtype=torch.int32)
         hashes = torch.zeros(q, self.max_terms, dtype=torch.int64)
@@ -226,12 +237,13 @@ class RetrievalModel(nn.Module):
         return hit
 
     def _exact_words(self, words, hashes):
-        """int64 [Q, T, M]: bit b of [q, t, m] set when main-index item 64 * words[q, m] + b really has
-        term hashes[q, t] (bits past the main index describe its last item and must be masked)."""
+        """int64 [Q, E, M], E = max_exact_terms: bit b of [q, t, m] set when main-index item
+        64 * words[q, m] + b really has term hashes[q, t] (bits past the main index describe its last
+        item and must be masked). Only the first E slots: the plans keep their EXACT_TERM terms there."""
         q, m = words.shape
         bit = torch.arange(64, device=words.device)
         items = (words.unsqueeze(-1) * 64 + bit).clamp(max=self.num_main - 1).reshape(q, m * 64)
-        hit = self._exact_terms(items, hashes).view(q, -1, m, 8, 8).to(torch.uint8)
+        hit = self._exact_terms(items, hashes[:, : self.max_exact_terms]).view(q, -1, m, 8, 8).to(torch.uint8)
         # 8 items to a byte (distinct powers of two: the sum is the OR), 8 little-endian bytes to a word
         return (hit << torch.arange(8, dtype=torch.uint8, device=words.device)).sum(-1, dtype=torch.uint8).view(torch.int64).squeeze(-1)
 
@@ -254,14 +266,17 @@ class RetrievalModel(nn.Module):
     @staticmethod
     def _run_plans(ops, args, bloom_terms, exact_terms):
         """Evaluate postfix plans on a [Q, MAX_DEPTH (+ 1 spare), M] stack with tensor ops (no data-dependent branches).
-        Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise)."""
-        q, _, m = exact_terms.shape
+        Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise);
+        exact_terms may hold only the leading slots (where the plans keep their EXACT_TERM terms)."""
+        q, n_exact, m = exact_terms.shape
         dev = exact_terms.device
         everything = torch.full((q, 1, m), True if exact_terms.dtype == torch.bool else -1, dtype=exact_terms.dtype, device=dev)
         # everything that does not depend on the stack, for all steps at once: [Q, L, 1] op kinds, [Q, L, M] pushes
         term, exact_term, true, negate, conj, disj = ((ops == code).unsqueeze(-1) for code in (TERM, EXACT_TERM, TRUE, NOT, AND, OR))
         pick = args.long().unsqueeze(-1).expand(q, -1, m)
-        pushed = torch.where(term, bloom_terms.gather(1, pick), torch.where(exact_term, exact_terms.gather(1, pick), everything))
+        # the exact read is clamped for the other steps' slots; torch.where drops what they read
+        exact = exact_terms.gather(1, pick.clamp(max=n_exact - 1))
+        pushed = torch.where(term, bloom_terms.gather(1, pick), torch.where(exact_term, exact, everything))
         is_push, is_pair = term | exact_term | true, conj | disj
         moves = is_push.long() - is_pair.long()
         sp = moves.cumsum(1) - moves  # stack size before each step
@@ -320,7 +335,8 @@ class RetrievalModel(nn.Module):
 
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
-        """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q])."""
+        """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q]).
+        ops, args, hashes: plans from prepare_filters / pad_plans, which check them against the model's bounds."""
         u = self.user_tower(user_features).float()
         q = u.shape[0]
         clusters = torch.topk(u @ self.centroids.T, self.max_nprobe, dim=1).indices  # best centroid first
@@ -432,7 +448,8 @@ class RetrievalModel(nn.Module):
         options = {"n_clusters": self.centroids.shape[0], "nprobe": self.nprobe, "max_nprobe": self.max_nprobe,
                    "k_candidates": self.k_candidates, "num_results": self.num_results, "fresh_capacity": self.fresh_capacity,
                    "bloom_k": self.bloom_k, "bloom_multiplier": self.bloom_multiplier, "max_attributes": self.attr_terms.shape[1],
-                   "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify}
+                   "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify,
+                   "max_exact_terms": self.max_exact_terms}
         options.update(overrides)
         options["n_clusters"] = min(options["n_clusters"], live.numel())
         options["nprobe"] = min(options["nprobe"], options["n_clusters"])
@@ -450,6 +467,7 @@ class RetrievalModel(nn.Module):
             "nprobe": self.nprobe, "max_nprobe": self.max_nprobe, "k_candidates": self.k_candidates, "num_results": self.num_results,
             "bloom_k": self.bloom_k, "bloom_multiplier": self.bloom_multiplier, "schema": self.schema,
             "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify,
+            "max_exact_terms": self.max_exact_terms,
             "user_tower": {"type": tower if tower in TOWERS else "custom",
                            "config": self.user_tower.config() if tower in TOWERS else None,
                            "input": getattr(self.user_tower, "input_spec", None)},
@@ -515,5 +533,6 @@ class RetrievalModel(nn.Module):
                     num_results=config["num_results"], bloom_k=config["bloom_k"], bloom_multiplier=config["bloom_multiplier"],
                     schema=config["schema"], max_ops=config["max_ops"], max_terms=config["max_terms"],
                     exact_verify=config["exact_verify"], fresh_used=config["fresh_used"],
-                    max_nprobe=config.get("max_nprobe"))  # absent in artifacts written before adaptive probing
+                    # absent in artifacts written before adaptive probing / the exact-term bound
+                    max_nprobe=config.get("max_nprobe"), max_exact_terms=config.get("max_exact_terms", config["max_terms"]))
         return model.to(device).eval()

@@ -18,6 +18,8 @@ A batch compiles to `FilterPlans`: per query a postfix program of at most `max_o
 (TERM, EXACT_TERM, AND, OR, NOT, TRUE; NOP pads), term hashes, and a bounded stack depth.
 Terms under an odd number of NOTs compile to EXACT_TERM: the index evaluates them exactly
 (from its side table), so NOT never flips a Bloom false positive into a lost true match.
+A query's EXACT_TERM terms take its first term slots (0, 1, ...; the other terms follow), so an
+evaluator can compute exact bits for a fixed few leading slots instead of every slot.
 """
 
 from __future__ import annotations
@@ -76,13 +78,17 @@ class FilterPlans:
     """Fixed-shape compiled filters for a batch of queries."""
 
     ops: torch.Tensor  # int32 [Q, L]
-    args: torch.Tensor  # int32 [Q, L]: term slot for TERM / EXACT_TERM
+    args: torch.Tensor  # int32 [Q, L]: term slot for TERM / EXACT_TERM (EXACT_TERM slots first)
     hashes: torch.Tensor  # int64 [Q, T]
     expressions: list
 
     @property
     def num_queries(self) -> int:
         return self.ops.shape[0]
+
+    def exact_terms_per_query(self) -> torch.Tensor:
+        """int64 [Q]: how many terms each query evaluates exactly (its leading term slots)."""
+        return (self.ops == EXACT_TERM).sum(1)
 
     def to(self, device) -> FilterPlans:
         return FilterPlans(self.ops.to(device), self.args.to(device), self.hashes.to(device), self.expressions)
@@ -250,8 +256,11 @@ def parse_filters(expressions, schema: FilterSchema | dict | None = None, max_te
         depth = _compile(tree, program, terms, False, 0)
         if depth > MAX_DEPTH:
             raise ValueError(f"filter {text!r} nests too deeply: needs a stack of {depth}, the limit is {MAX_DEPTH}")
-        programs.append(program)
-        all_terms.append(terms)
+        # renumber the term slots: exact terms first, each group in program order
+        order = sorted((op != EXACT_TERM, arg) for op, arg in program if op in (TERM, EXACT_TERM))
+        slot = {arg: new for new, (_, arg) in enumerate(order)}
+        programs.append([(op, slot[arg] if op in (TERM, EXACT_TERM) else arg) for op, arg in program])
+        all_terms.append([terms[arg] for _, arg in order])
     q = len(programs)
     length = max([len(p) for p in programs] + [1])
     n_terms = max([len(t) for t in all_terms] + [1])
