@@ -29,7 +29,7 @@ def artifact(tmp_path_factory):
     attrs = (torch.ones(N, dtype=torch.int64), torch.arange(N + 1), genre)
     save_item_table(root / "items.safetensors", torch.randn(N, D, generator=g), torch.arange(N) + 1, attrs, {"genre": 1})
     rc = main(["build", "--towers", str(root / "towers"), "--items", str(root / "items.safetensors"), "--out", str(root / "art"),
-               "--n-clusters", "8", "--nprobe", "4", "--max-nprobe", "8", "--k-candidates", "64", "--num-results", "8", "--quiet"])
+               "--n-clusters", "8", "--nprobe", "4", "--max-nprobe", "8", "--max-exact-terms", "3", "--k-candidates", "64", "--num-results", "8", "--quiet"])
     assert rc == 0
     return root / "art", genre
 
@@ -41,7 +41,7 @@ def test_build_and_query(artifact, capsys):
     rows = out["results"]
     assert len(rows) == 5 and all(int(genre[r["id"] - 1]) == 2 for r in rows)
     model = RetrievalModel.load(path)
-    assert (model.nprobe, model.max_nprobe) == (4, 8)  # --max-nprobe reached the artifact
+    assert (model.nprobe, model.max_nprobe, model.max_exact_terms) == (4, 8, 3)  # the options reached the artifact
     assert out["found"] == int(model.retrieve(torch.tensor([[3]]), ["genre:2"]).found[0]) >= 5
     assert main(["query", str(path), "--user", "3", "--filter", "genre:2 AND"]) == 2
     assert "position" in capsys.readouterr().err

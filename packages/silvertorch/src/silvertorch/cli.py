@@ -22,7 +22,8 @@ def _build(args) -> int:
     model = publish(args.out, user_tower, overarch, value_model, item_embeddings=embeddings, item_ids=ids,
                     attributes=attributes, schema=schema, progress=not args.quiet, n_clusters=args.n_clusters,
                     nprobe=args.nprobe, max_nprobe=args.max_nprobe, k_candidates=args.k_candidates, num_results=args.num_results,
-                    fresh_capacity=args.fresh_capacity, bloom_k=args.bloom_k, bloom_multiplier=args.bloom_multiplier)
+                    fresh_capacity=args.fresh_capacity, bloom_k=args.bloom_k, bloom_multiplier=args.bloom_multiplier,
+                    **({} if args.max_exact_terms is None else {"max_exact_terms": args.max_exact_terms}))
     print(json.dumps({"artifact": str(args.out), "items": model.num_main, "clusters": model.centroids.shape[0],
                       "bloom_bytes_per_item": round(model.bloom_bits.numel() * 8 / model.num_main, 2)}))
     return 0
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     b.add_argument("--nprobe", type=int, default=8)
     b.add_argument("--max-nprobe", type=int, default=None,
                    help="adaptive probing: probe up to this many clusters until k-candidates items pass the filter (default: --nprobe)")
+    b.add_argument("--max-exact-terms", type=int, default=None,
+                   help="terms under NOT one filter may have (evaluated exactly; the forward's cost grows with it; "
+                        "default: RetrievalModel.build's)")
     b.add_argument("--k-candidates", type=int, default=256, help="candidates re-scored by OverArch")
     b.add_argument("--num-results", type=int, default=10, help="top-N returned per query (the most a request may ask)")
     b.add_argument("--fresh-capacity", type=int, default=1024, help="items that can be added without a rebuild")
