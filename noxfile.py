@@ -1,6 +1,7 @@
 """Development sessions for the gpukernels monorepo.
 
-    nox -s tests                    every package's tests, and the tools' (the README's test command)
+    nox -s tests                    every package's tests, and the tools' (with compile_check: the README's test command)
+    nox -s compile_check            every kernel the tests launch, compiled for sm_90 by Triton's ptxas (no GPU)
     nox -s "tests(silvertorch)"     one package (a venv each, reused between runs)
     nox -s lint                     ruff + the import-boundary check
     nox -s "build(moeblaze)"        wheel + sdist into dist/<package>/
@@ -86,6 +87,18 @@ def tests(session: nox.Session, package: str) -> None:
         return
     _install_editable(session, [package])
     _pytest(session, package)
+
+
+@nox.session(tags=["test"])
+def compile_check(session: nox.Session) -> None:
+    """Every Triton kernel the tests launch, compiled for sm_90 without a GPU (tools/compile_check.py):
+    the tests run once more through the interpreter with the GPU's tile sizes to record the
+    specialisations, then Triton's own ptxas assembles each. Catches what the interpreter lets
+    through (non-constexpr globals, return-type or signedness errors, shared-memory overflow)."""
+    _install_torch(session)
+    _install_editable(session, PACKAGES)
+    workers = os.environ.get("GKC_PYTEST_WORKERS", "2")
+    session.run("python", "tools/compile_check.py", *session.posargs, "--", *(["-n", workers] if workers != "0" else []))
 
 
 @nox.session(tags=["lint"])

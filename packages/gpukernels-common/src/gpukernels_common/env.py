@@ -27,6 +27,14 @@ def triton_interpret() -> bool:
     return _flag("TRITON_INTERPRET")
 
 
+def gpu_launch_shapes(device) -> bool:
+    """Whether launches on `device` take the compiled-GPU tile sizes and operand dtypes: CUDA
+    devices, or any device under `GKC_GPU_LAUNCH_SHAPES=1`. `tools/compile_check.py` sets it to
+    record the GPU specialisations through the interpreter; what the interpreter computes with
+    them is not checked (its 16-bit `tl.dot` is wrong)."""
+    return getattr(device, "type", device) == "cuda" or _flag("GKC_GPU_LAUNCH_SHAPES")
+
+
 def quick() -> bool:
     """`GKC_QUICK=1`: tests use their shape subsets (same as `pytest --quick`)."""
     return _flag("GKC_QUICK")

@@ -74,8 +74,8 @@ def _act_grad(a, b, dh, ACT: tl.constexpr):
 @triton.jit
 def _mm_operand(t, UPCAST: tl.constexpr):
     """A `tl.dot` operand: upcast to fp32 under the interpreter (its 16-bit dot is wrong), else as is."""
-    if UPCAST:
-        return t.to(tl.float32)
+    if UPCAST:  # one return statement: the compiler checks every return's type, taken or not
+        t = t.to(tl.float32)
     return t
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukernels_common import select_backend
+from gpukernels_common import env, select_backend
 
 from .naive import weighted_sum_reference
 
@@ -37,7 +37,7 @@ def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tens
     from . import kernels
 
     n = first.numel()
-    block = 8192 if first.device.type == "cpu" else 2048  # the interpreter pays per program, not per element
+    block = 2048 if env.gpu_launch_shapes(first.device) else 8192  # the interpreter pays per program, not per element
     coeff = coeff.to(torch.float32).contiguous()
     for start in range(0, len(grads), kernels.MAX_INPUTS):
         part = grads[start: start + kernels.MAX_INPUTS]

@@ -24,8 +24,6 @@ first built, never at module import.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from gpukernels_common import select_backend
@@ -209,40 +207,10 @@ def _radix_threshold_torch(keys: torch.Tensor, k: int):
     return _radix_threshold(keys, k, histogram_of)
 
 
-@functools.cache
-def _digit_histogram_kernel():
-    """Triton kernel: per-row histogram of one digit among the keys matching the threshold prefix.
-
-    One program per (row, block of HISTOGRAM_BLOCK columns); counts are added to the row's
-    [RADIX_BINS] int32 histogram with atomics.
-    """
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def digit_histogram(keys_ptr, prefix_ptr, histogram_ptr, num_columns,
-                        DIGIT_SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                        NUM_BINS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        in_row = columns < num_columns
-        signed_keys = tl.load(keys_ptr + row.to(tl.int64) * num_columns + columns, mask=in_row, other=0)
-        keys = signed_keys.to(tl.uint32, bitcast=True) ^ 0x80000000  # unsigned order-preserving key
-        digit = ((keys >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1)).to(tl.int32)
-        counted = in_row
-        if HAS_PREFIX:
-            prefix = tl.load(prefix_ptr + row).to(tl.uint32, bitcast=True)
-            counted = counted & ((keys >> (DIGIT_SHIFT + DIGIT_BITS)) == prefix)
-        counts = tl.histogram(digit, NUM_BINS, mask=counted)
-        tl.atomic_add(histogram_ptr + row * NUM_BINS + tl.arange(0, NUM_BINS), counts)
-
-    return digit_histogram
-
-
 def _radix_threshold_triton(keys: torch.Tensor, k: int):
     """Same as `_radix_threshold_torch`, each pass one Triton histogram over the full rows."""
     num_rows, num_columns = keys.shape
-    kernel = _digit_histogram_kernel()
+    from .topk_kernels import digit_histogram_kernel as kernel
     grid = (num_rows, -(-num_columns // HISTOGRAM_BLOCK))
 
     def histogram_of(pass_index, shift, bits, threshold):

@@ -9,7 +9,11 @@ applied last.
 import triton
 import triton.language as tl
 
-NOP, TERM, EXACT_TERM, AND, OR, NOT, TRUE = 0, 1, 2, 3, 4, 5, 6
+from . import parser
+
+# the parser's opcodes; a compiled kernel reads module globals only when they are constexpr
+TERM, EXACT_TERM, AND, OR, NOT, TRUE = (tl.constexpr(code) for code in (parser.TERM, parser.EXACT_TERM, parser.AND,
+                                                                         parser.OR, parser.NOT, parser.TRUE))
 
 
 @triton.jit
@@ -78,6 +82,7 @@ def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_
     valid = omask & (32 * o < length)
     w0 = first // 64
     shift = (first % 64).to(tl.uint64)
+    back_shift = ((64 - first % 64) % 64).to(tl.uint64)  # in signed ints: Triton 3.1 refuses uint64 % int32
     m0 = valid & (w0 < n_words)
     m1 = valid & (w0 + 1 < n_words)
     e0 = _eval_words(w0, m0, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
@@ -85,7 +90,7 @@ def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_
     e1 = _eval_words(w0 + 1, m1, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
                      exact_ptr, exact_row_ptr, L, T, n_words, K, BW)
     lo = e0.to(tl.uint64, bitcast=True) >> shift
-    hi = tl.where(shift == 0, tl.zeros_like(lo), e1.to(tl.uint64, bitcast=True) << ((64 - shift) % 64))
+    hi = tl.where(shift == 0, tl.zeros_like(lo), e1.to(tl.uint64, bitcast=True) << back_shift)
     word = (lo | hi) & 0xFFFFFFFF
     remaining = length - 32 * o
     keep = tl.where(remaining >= 32, 0xFFFFFFFF, (tl.full(remaining.shape, 1, tl.uint64) << tl.maximum(remaining, 0).to(tl.uint64)) - 1)

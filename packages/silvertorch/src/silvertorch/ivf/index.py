@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gpukernels_common import grouped_blocks, select_backend
+from gpukernels_common import env, grouped_blocks, select_backend
 
 from ..topk import select_topk
 from .kmeans import kmeans
@@ -224,6 +224,7 @@ class IVFIndex:
                 score_cluster_major_kernel[(n_blocks, triton.cdiv(L, bn))](
                     out, self.codes, self.scales, q_codes, q_scales, self.offsets, pairs, pair_ends, block_cluster, block_row,
                     flat_words, d, p, L, w32, HAS_FILTER=words is not None, INT8_DOT=int8_dot_supported(self.codes.device),
+                    FP16_DOT=env.gpu_launch_shapes(self.codes.device),
                     BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
             else:
                 bn = 64

@@ -38,8 +38,8 @@ def score_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, star
 @triton.jit
 def score_cluster_major_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, offsets_ptr, pairs_ptr,
                                pair_ends_ptr, block_cluster_ptr, block_row_ptr, words_ptr, D, P, L, W32,
-                               HAS_FILTER: tl.constexpr, INT8_DOT: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
-                               BD: tl.constexpr):
+                               HAS_FILTER: tl.constexpr, INT8_DOT: tl.constexpr, FP16_DOT: tl.constexpr,
+                               BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """One program per (block of BQ (query, slot) pairs probing the same cluster, BN items): the
     cluster's rows are loaded once for the whole block and scored with tl.dot. INT8_DOT: int8
     operands accumulated in int32 (the integer tensor cores, exact at any D); otherwise fp32
@@ -65,6 +65,8 @@ def score_cluster_major_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_sc
             c = tl.load(codes_ptr + rows[:, None] * D + d[None, :], mask=in_cluster[:, None] & dmask[None, :], other=0)
             if INT8_DOT:
                 acc += tl.dot(qv, tl.trans(c), out_dtype=tl.int32)
+            elif FP16_DOT:
+                acc += tl.dot(qv.to(tl.float16), tl.trans(c.to(tl.float16)), out_dtype=tl.float32)
             else:
                 acc += tl.dot(qv.to(tl.float32), tl.trans(c.to(tl.float32)))
         keep = valid[:, None] & in_cluster[None, :]

@@ -1,0 +1,255 @@
+"""Compile every Triton kernel the tests launch, for a GPU target, on a machine without a GPU.
+
+    python tools/compile_check.py                         # all packages, sm_90
+    python tools/compile_check.py moeblaze --arch 80 90
+    python tools/compile_check.py --log launches.jsonl    # reuse a recorded log
+    python tools/compile_check.py silvertorch -- -n 2 -k bloom   # after --: pytest arguments
+
+Step 1 runs the packages' tests through the interpreter with `launch_recorder` (one JSON line
+per distinct specialisation) under `GKC_GPU_LAUNCH_SHAPES=1`, so the kernels are launched with
+the tile sizes and operand dtypes a GPU run takes; the interpreter computes wrong numbers with
+some of them (16-bit `tl.dot`), so test failures are expected there and ignored. A
+specialisation with float16 tensors is also compiled with bfloat16 ones: the interpreter tests
+use fp16 where GPU runs use bf16. Step 2, in a fresh process without TRITON_INTERPRET, hands each
+specialisation to `JITFunction.warmup` behind a compile-only driver: Triton lowers it to PTX
+and its bundled ptxas assembles the cubin, so unsupported ops, layout or dtype errors and
+shared-memory overflows show up before a GPU session is spent on them. `cuobjdump` reports
+registers and local memory (spills) per kernel. Nothing runs on a GPU: a kernel that compiles
+can still compute wrong numbers; the `gpu`-marked tests are for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ["silvertorch", "moeblaze", "freescale", "multibalance"]
+# largest dynamic shared memory per block (bytes): sm_80 A100, sm_90 H100/H200
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def record(packages: list[str], log: Path, pytest_args: list[str]) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "GKC_GPU_LAUNCH_SHAPES": "1", "GKC_LAUNCH_LOG": str(log),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tools"), os.environ.get("PYTHONPATH", "")])}
+    for p in packages:
+        cmd = [sys.executable, "-m", "pytest", str(ROOT / "packages" / p / "tests"), "-q", "-p", "launch_recorder",
+               "-p", "no:cacheprovider", "--import-mode=importlib", *pytest_args]
+        print("record:", " ".join(cmd[2:]), flush=True)
+        rc = subprocess.call(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        if rc not in (0, 1):  # 1: some tests failed, expected with GPU shapes in the interpreter
+            raise SystemExit(f"pytest could not run the {p} tests (exit {rc})")
+
+
+class CompileOnlyDriver:
+    """Stands in for the CUDA driver: names a target, never touches a device."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _decode(value, torch, tl):
+    if isinstance(value, dict) and "tensor" in value:
+        dtype = getattr(torch, value["tensor"])
+        base = torch.empty(64, dtype=dtype)
+        return base if value["aligned"] else base[1:]
+    if isinstance(value, dict) and "int" in value:
+        return value["int"]
+    if isinstance(value, dict) and "tl_dtype" in value:
+        return getattr(tl, value["tl_dtype"])
+    return value
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory (spills) from the bundled cuobjdump (empty when it is missing)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = {}
+    for key in ("REG", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        if m:
+            usage[key.lower()] = int(m.group(1))
+    return usage
+
+
+def _kernel(module: str, qualname: str):
+    """The JITFunction; a kernel built inside a cached factory (`f.<locals>.kernel`) comes from calling f()."""
+    obj = importlib.import_module(module)
+    if ".<locals>." in qualname:
+        return getattr(obj, qualname.split(".<locals>.")[0])()
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _short(exc: BaseException) -> str:
+    """The innermost compilation error's source line and the root cause's message."""
+    chain = []
+    while exc is not None and len(chain) < 20:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    where = ""
+    for e in chain:
+        lines = [x for x in str(e).splitlines() if x.strip()]
+        caret = next((i for i, x in enumerate(lines) if x.strip() == "^"), None)
+        if caret:
+            where = lines[caret - 1].strip()
+    root = chain[-1]
+    lines = [x for x in str(root).splitlines() if x.strip()]
+    message = f"{type(root).__name__}: {lines[-1].strip() if lines else ''}"
+    return f"{where} | {message}" if where and where not in message else message
+
+
+def _entries(log: Path) -> list[dict]:
+    recorded = list(dict.fromkeys(log.read_text().splitlines()))  # dedupe across pytest workers, keep order
+    twins = [x.replace('"float16"', '"bfloat16"') for x in recorded]
+    return [json.loads(x) for x in dict.fromkeys(recorded + twins)]
+
+
+def _label(e: dict) -> str:
+    consts = {k: v for k, v in e["args"].items() if not isinstance(v, dict)}
+    dtypes = sorted({v["tensor"] for v in e["args"].values() if isinstance(v, dict) and "tensor" in v})
+    return f"{e['module']}.{e['name']} {consts} tensors {'/'.join(dtypes)}"
+
+
+def compile_entries(log: Path, arch: int, start: int) -> None:
+    """The child: compile entries[start:] for one target, one JSON line per entry on stdout.
+
+    One target per process: a JITFunction caches the target of its first compilation."""
+    import torch
+    import triton.language as tl
+    from triton.runtime import driver
+
+    driver.set_active(CompileOnlyDriver(arch))
+    for i, e in enumerate(_entries(log)[start:], start):
+        print(json.dumps({"begin": i}), flush=True)  # so the parent can name a kernel that crashes the compiler
+        result = {"index": i}
+        try:
+            fn = _kernel(e["module"], e["name"])
+            args = {k: _decode(v, torch, tl) for k, v in e["args"].items()}
+            options = {k: _decode(v, torch, tl) for k, v in e["options"].items()}
+            kernel = fn.warmup(grid=(1,), **args, **options)
+            result.update(shared=kernel.metadata.shared, **_resource_usage(kernel.asm["cubin"]))
+        except Exception as exc:  # report every failure
+            result["error"] = _short(exc)
+        print(json.dumps(result), flush=True)
+
+
+def check(log: Path, arches: list[int]) -> int:
+    """Compile every entry for every target in child processes; print one line each and a summary."""
+    import triton
+
+    entries = _entries(log)
+    n_recorded = len(dict.fromkeys(log.read_text().splitlines()))
+    print(f"triton {triton.__version__}: {len(entries)} specialisations ({n_recorded} recorded in {log}, "
+          "the rest their bfloat16 twins)", flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions, not stand-ins
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gkc-compile-check-")
+    failures, per_kernel = 0, collections.Counter()
+    try:
+        for arch in arches:
+            start = 0
+            while start < len(entries):
+                child = subprocess.Popen([sys.executable, __file__, "--compile-only", "--log", str(log), "--arch",
+                                          str(arch), "--start", str(start)], env=env, stdout=subprocess.PIPE, text=True)
+                current = None
+                for line in child.stdout:
+                    if not line.startswith("{"):
+                        continue
+                    r = json.loads(line)
+                    if "begin" in r:
+                        current = r["begin"]
+                        continue
+                    e = entries[r["index"]]
+                    limit = MAX_SHARED.get(arch)
+                    problems = []
+                    if "error" in r:
+                        problems.append(r["error"])
+                    elif limit and r["shared"] > limit:
+                        problems.append(f"shared memory {r['shared']} B > {limit} B")
+                    status = "FAIL" if problems else "ok"
+                    if not problems and r.get("local"):
+                        status, problems = "WARN", [f"spills {r['local']} B to local memory"]
+                    failures += status == "FAIL"
+                    per_kernel[(arch, e["name"], status)] += 1
+                    usage = "" if "error" in r else f": regs {r.get('reg', '?')}, shared {r['shared']} B"
+                    print(f"{status:4s} sm_{arch} {_label(e)}{usage} {'; '.join(problems)}", flush=True)
+                    current = None
+                rc = child.wait()
+                if current is None:
+                    if rc != 0:
+                        raise SystemExit(f"the compile process failed (exit {rc}) outside any kernel")
+                    break
+                failures += 1  # the compiler itself crashed on this entry: report it, go on after it
+                per_kernel[(arch, entries[current]["name"], "FAIL")] += 1
+                print(f"FAIL sm_{arch} {_label(entries[current])} the compiler process died (exit {rc})", flush=True)
+                start = current + 1
+    finally:
+        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    print("\nsummary (target, kernel, status: specialisations)")
+    for (arch, name, status), n in sorted(per_kernel.items()):
+        print(f"  sm_{arch} {name.split('.')[-1]:28s} {status:4s} {n}")
+    print(f"{failures} failure(s)")
+    return failures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("packages", nargs="*", metavar="PACKAGE", help=f"some of {PACKAGES} (default all)")
+    ap.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (default 90)")
+    ap.add_argument("--log", type=Path, help="compile an existing launch log instead of running the tests")
+    ap.add_argument("--keep-log", type=Path, help="where to keep the recorded log")
+    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # the child's half
+    ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []  # after --: extra pytest arguments
+    args = ap.parse_args(argv[:len(argv) - len(pytest_args) - (1 if "--" in argv else 0)])
+    unknown = set(args.packages) - set(PACKAGES)
+    if unknown:
+        ap.error(f"unknown packages {sorted(unknown)}; choose from {PACKAGES}")
+    if args.compile_only:
+        compile_entries(args.log, args.arch[0], args.start)
+        return
+    if args.log is None:
+        log = args.keep_log or Path(tempfile.mkdtemp()) / "launches.jsonl"
+        log.unlink(missing_ok=True)
+        record(args.packages or PACKAGES, log, pytest_args)
+        if not log.exists():
+            raise SystemExit("no Triton kernel was launched by these tests")
+    else:
+        log = args.log
+    raise SystemExit(1 if check(log, args.arch) else 0)
+
+
+if __name__ == "__main__":
+    main()
