@@ -45,7 +45,10 @@ class MultiBalance(Balancer):
         n_reps = len(grads[0])
         flat = [g if g.dtype == torch.float32 else g.float() for gt in grads for g in gt]  # task-major
         if self.norm == "batch":
-            norms = torch.stack(torch._foreach_norm(flat))  # one call for every (task, rep)
+            if flat[0].device.type == "cpu":  # BLAS dot: a quarter of vector_norm's time on a cached tensor
+                norms = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in flat]).sqrt()
+            else:
+                norms = torch.stack(torch._foreach_norm(flat))  # one launch for every (task, rep)
             if self._data_parallel():
                 norms = self._all_reduce_sum(norms.pow(2)).sqrt()
         else:
