@@ -4,9 +4,9 @@ exposed communication for the same model shape.
 Model: two embedding tables (table-wise sharded: one per rank; TorchRec's CPU sharder offers
 table-wise, column-wise and data-parallel, not row-wise) sum-pooled over jagged histories, plus
 a dense MLP over [pooled, dense features] with a logistic loss; SGD. Both sides pool on the
-table's owner and send back one vector per (sample, table); freescale's tables take sparse
-gradients (`sparse_grad=True`: only the looked-up rows are updated, as TorchRec's fbgemm kernel
-does in its fused backward + SGD update). A third freescale row returns every looked-up row and
+table's owner and send back one vector per (sample, table); both update the looked-up rows with
+SGD inside the backward (freescale `fused_lr=`, TorchRec's fbgemm fused backward + optimizer), so
+neither builds a gradient for the tables. A third freescale row returns every looked-up row and
 pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic.
 Each rank draws the same batches for every framework. Exposed communication = step time - the
 same framework's step with the same code and batches as two one-rank jobs running at once
@@ -87,9 +87,9 @@ def timed(run_steps, shape: Shape) -> float:
 def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = True) -> float:
     import freescale
 
-    tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table", sparse_grad=True)
+    tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table", fused_lr=0.01)
     head = mlp(shape)
-    opt = torch.optim.SGD(list(tables.parameters()) + list(head.parameters()), lr=0.01)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01)  # the tables update themselves in the backward
     scheduler = freescale.CommScheduler()
     balancer = freescale.BatchBalancer(cost_model=freescale.CostModel(a=1.0), method="kk_equal") if balance else None
 

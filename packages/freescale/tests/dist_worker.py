@@ -183,6 +183,9 @@ def embedding_loss(outputs, pooling, first_row):
                for key, out in outputs.items())
 
 
+FUSED_LR = 0.25
+
+
 def scenario_embeddings(rank, world):
     """Every sharding x pooling, with ids on every rank and with the last rank holding none; rank 0
     gets the outputs, full tables and full gradients."""
@@ -205,8 +208,13 @@ def scenario_embeddings(rank, world):
                     grads[k] = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
                 got = [None] * world
                 dist.all_gather_object(got, {k: v.detach() for k, v in outputs.items()})
+                # the same step with SGD fused into the backward: the tables come out updated
+                fused = ShardedEmbeddings(EMBEDDING_TABLES, dim=EMBEDDING_DIM, sharding=sharding, init_seed=3, fused_lr=FUSED_LR)
+                embedding_loss(fused(feats, pooling=pooling), pooling, first_row).backward()
+                assert all(p.grad is None for p in fused.shards.values())
                 out[f"{idle_rank}/{sharding}/{pooling}"] = {
                     "full": {k: emb.full_weight(k) for k in emb.keys}, "grads": grads,
+                    "fused_updated": {k: fused.full_weight(k) for k in emb.keys},
                     "outputs": {k: torch.cat([g[k] for g in got]) for k in emb.keys}}
     return out
 

@@ -64,6 +64,8 @@ def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
         worker.embedding_loss(outputs, pooling, {k: 0 for k in seqs}).backward()
         for key, lookup in lookups.items():
             torch.testing.assert_close(r["grads"][key], lookup.weight.grad, msg=f"{name} {key}")
+            expected = r["full"][key] - worker.FUSED_LR * lookup.weight.grad  # fused_lr: one SGD step in the backward
+            torch.testing.assert_close(r["fused_updated"][key], expected, msg=f"{name} {key} fused")
 
 
 def test_scheduler_completes_in_priority_order(tmp_path):

@@ -41,6 +41,21 @@ def test_sparse_gradients_equal_dense():
         torch.testing.assert_close(grads[True][key].to_dense(), dense)
 
 
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+def test_fused_sgd_updates_like_sgd_on_dense_gradients(pooling):
+    _, features = _features(seed=3)
+    dense = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2)
+    fused = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2, fused_lr=0.3)
+    for emb in (dense, fused):
+        out = emb(features, pooling=pooling)
+        (out["a"].pow(2).sum() + 3 * out["b"].sum()).backward()
+    torch.optim.SGD(dense.parameters(), lr=0.3).step()
+    for key in ("a", "b"):
+        assert fused.shards[key].grad is None
+        torch.testing.assert_close(fused.shards[key].detach(), dense.shards[key].detach())
+    assert not torch.equal(fused.shards["a"].detach(), ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2).shards["a"].detach())
+
+
 def test_bad_input_is_named():
     _, features = _features()
     emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=5)
@@ -48,5 +63,9 @@ def test_bad_input_is_named():
         emb(features, pooling="max")
     with pytest.raises(KeyError, match=r"tables \['c'\]"):
         ShardedEmbeddings({"a": 50, "c": 30}, dim=5)(features)
+    with pytest.raises(ValueError, match="fused_lr must be a positive learning rate"):
+        ShardedEmbeddings({"a": 50}, dim=5, fused_lr=0.1, sparse_grad=True)
+    with pytest.raises(ValueError, match="fused_lr must be a positive learning rate"):
+        ShardedEmbeddings({"a": 50}, dim=5, fused_lr=-1.0)
     with pytest.raises(IndexError, match="table 'a' must be in \\[0, 20\\)"):
         ShardedEmbeddings({"a": 20, "b": 30}, dim=5)(features)

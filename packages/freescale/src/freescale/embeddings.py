@@ -12,6 +12,11 @@ one vector per (sample, key) per owner instead of one per id (as TorchRec does).
 `pooling="none"` every id is its own bag: the rows come back one per id (jagged, e.g. a sequence
 model's items). Backward sends the gradients back the reverse way, so they land on the owner's
 shard only.
+
+Table updates: dense gradients by default; `sparse_grad=True` gives sparse ones (the looked-up
+rows) for optimizers that take them; `fused_lr=` applies SGD to the looked-up rows inside the
+backward, as TorchRec's fused embedding optimizers do: no gradient tensor for the tables, no
+optimizer step over them (leave the shards out of the optimizer).
 """
 
 from __future__ import annotations
@@ -46,17 +51,44 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad_output, input_splits, output_splits, ctx.group), None, None, None
 
 
+class _FusedSGDBagSum(torch.autograd.Function):
+    """Per-bag sums of `weight` rows whose backward updates the rows in place (w -= lr * grad)
+    instead of returning a gradient for `weight`."""
+
+    @staticmethod
+    def forward(ctx, ids, offsets, weight, lr):
+        ctx.save_for_backward(ids, offsets)
+        ctx.weight, ctx.lr = weight, lr
+        return F.embedding_bag(ids, weight.detach(), offsets, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ids, offsets = ctx.saved_tensors
+        if ids.numel():
+            sizes = torch.diff(offsets, append=offsets.new_tensor([ids.numel()]))
+            # the step scaled on the [bags, dim] gradient, not per id; int64 ids: index_add_'s fast path on CPU
+            steps = (grad_output * -ctx.lr).to(ctx.weight.dtype).repeat_interleave(sizes, dim=0, output_size=ids.numel())
+            with torch.no_grad():  # duplicates add up, as a dense gradient would
+                ctx.weight.index_add_(0, ids.long(), steps)
+        return None, None, None, None
+
+
 class ShardedEmbeddings(nn.Module):
     def __init__(self, tables: dict[str, int], dim: int, sharding: str = "row", process_group=None, init_seed: int = 0,
-                 sparse_grad: bool = False):
+                 sparse_grad: bool = False, fused_lr: float | None = None):
         """`sparse_grad=True`: the shards get sparse gradients holding the looked-up rows only (for
-        optimizers that take them, e.g. SGD or SparseAdam; saves zeroing and updating whole tables)."""
+        optimizers that take them, e.g. SGD or SparseAdam; saves zeroing and updating whole tables).
+        `fused_lr`: SGD with this learning rate on the looked-up rows inside the backward; the
+        shards get no gradient (keep them out of the optimizer)."""
         super().__init__()
         if sharding not in ("row", "table"):
             raise ValueError(f"sharding must be 'row' or 'table', got {sharding!r}")
+        if fused_lr is not None and (sparse_grad or not fused_lr > 0):
+            raise ValueError(f"fused_lr must be a positive learning rate and excludes sparse_grad=True, got "
+                             f"fused_lr={fused_lr!r}, sparse_grad={sparse_grad!r}")
         if not tables:
             raise ValueError("tables must name at least one table and its row count")
-        self.group, self.sharding, self.dim, self.sparse_grad = process_group, sharding, dim, sparse_grad
+        self.group, self.sharding, self.dim, self.sparse_grad, self.fused_lr = process_group, sharding, dim, sparse_grad, fused_lr
         self.keys = list(tables)
         self.num_rows = dict(tables)
         world, rank = _world(process_group)
@@ -108,9 +140,10 @@ class ShardedEmbeddings(nn.Module):
             raise KeyError(f"features have no ids for the tables {missing} (features: {features.keys}, tables: {self.keys})")
         ids_per_key, lengths_per_key = zip(*(features[key] for key in self.keys))
         for key, ids in zip(self.keys, ids_per_key):
-            if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_rows[key]):
-                raise IndexError(f"ids for table {key!r} must be in [0, {self.num_rows[key]}), "
-                                 f"got [{int(ids.min())}, {int(ids.max())}]")
+            if ids.numel():
+                low, high = torch.aminmax(ids)  # one pass
+                if low < 0 or high >= self.num_rows[key]:
+                    raise IndexError(f"ids for table {key!r} must be in [0, {self.num_rows[key]}), got [{int(low)}, {int(high)}]")
         ids = torch.cat(ids_per_key).long()  # key-major in the tables' order, like the lengths
         ids_count = [t.numel() for t in ids_per_key]
         device = ids.device
@@ -162,7 +195,11 @@ class ShardedEmbeddings(nn.Module):
             of_table = (slot_table == t).nonzero().squeeze(1)
             sizes = slot_size[of_table]
             offsets = (sizes.cumsum(0) - sizes).to(asked.dtype)
-            sums.append(F.embedding_bag(asked[asked_table == t], self.shards[key], offsets, mode="sum", sparse=self.sparse_grad))
+            rows_of_t = asked[asked_table == t]
+            if self.fused_lr is not None:
+                sums.append(_FusedSGDBagSum.apply(rows_of_t, offsets, self.shards[key], self.fused_lr))
+            else:
+                sums.append(F.embedding_bag(rows_of_t, self.shards[key], offsets, mode="sum", sparse=self.sparse_grad))
             slots.append(of_table)
         table_major = torch.cat(slots)
         owner_sums = torch.cat(sums) if len(sums) > 1 else sums[0]
