@@ -113,6 +113,29 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert straight["losses"][2:] == pytest.approx(resumed["losses"], rel=1e-4)
 
 
+def test_training_script_on_every_position_with_split_histories(tmp_path):
+    """--all-positions: balancing leaves the losses of one process unchanged; splitting the
+    histories that exceed a rank's fair share changes only what the split pieces no longer see."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "freescale.train", "--all-positions", "--max-len", "300", "--batch-size", "16", "--steps", "2"]
+
+    def train(log, *extra, ranks=2):
+        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+        run_workers([sys.executable, *(launch if ranks > 1 else []), *args, "--loss-log", str(log), *extra], log,
+                    timeout=150, env=env)
+        return json.loads(Path(log).read_text())["losses"]
+
+    single = train(tmp_path / "single.json", ranks=1)
+    balanced = train(tmp_path / "balanced.json")
+    split = train(tmp_path / "split.json", "--long-sequences", "split")
+    assert balanced == pytest.approx(single, rel=1e-5)
+    assert split[0] != pytest.approx(single[0], rel=1e-7)  # a history of the first batch was split
+    assert split == pytest.approx(single, rel=0.02)
+    with pytest.raises(SystemExit):
+        from freescale import train as train_module
+        train_module.main(["--long-sequences", "split"])  # split needs --all-positions
+
+
 def test_long_sequences_floor_cap_and_split(tmp_path):
     proc, res = _run("long_sequences", 2, tmp_path)
     items, targets, dense = worker.long_batch()

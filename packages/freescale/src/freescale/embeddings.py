@@ -31,6 +31,10 @@ from .jagged import KeyedJagged
 POOLINGS = ("sum", "mean", "none")
 
 
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _world(group):
     return (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
 
@@ -144,36 +148,65 @@ class ShardedEmbeddings(nn.Module):
                 low, high = torch.aminmax(ids)  # one pass
                 if low < 0 or high >= self.num_rows[key]:
                     raise IndexError(f"ids for table {key!r} must be in [0, {self.num_rows[key]}), got [{int(low)}, {int(high)}]")
-        ids = torch.cat(ids_per_key).long()  # key-major in the tables' order, like the lengths
-        ids_count = [t.numel() for t in ids_per_key]
-        device = ids.device
-        table = torch.repeat_interleave(torch.arange(len(self.keys), device=device), torch.tensor(ids_count, device=device))
-        if pooling == "none":
-            bag, sizes = torch.arange(ids.numel(), device=device), ids_count
+        if pooling == "none":  # every id its own bag
+            bag_sizes, sizes = [torch.ones_like(ids) for ids in ids_per_key], [ids.numel() for ids in ids_per_key]
         else:
-            lengths = torch.cat(lengths_per_key)
-            bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
-            sizes = [features.batch_size] * len(self.keys)
-        pooled = self._bag_sums(ids, table, bag, sum(sizes))
+            bag_sizes, sizes = list(lengths_per_key), [features.batch_size] * len(self.keys)
+        pooled = self._bag_sums(list(ids_per_key), bag_sizes)
         if pooling == "mean":
+            lengths = torch.cat(lengths_per_key)
             pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
         return dict(zip(self.keys, pooled.split(sizes)))
 
-    def _bag_sums(self, ids: torch.Tensor, table: torch.Tensor, bag: torch.Tensor, n_bags: int) -> torch.Tensor:
-        """[n_bags, dim]: the sum of each bag's rows. `bag` must be non-decreasing (each bag's ids
-        consecutive, under one table)."""
+    def _requests_table_wise(self, ids_per_key: list[torch.Tensor], sizes_per_key: list[torch.Tensor]):
+        """Table-wise routing from the keys alone: all of a key's bags (empty ones too) go to its
+        table's owner, the owners' keys in table order; no per-id owner or bag index."""
         world, n_tables = self.world, len(self.keys)
+        owners = self._table_owner.tolist()
+        order = sorted(range(n_tables), key=lambda t: (owners[t], t))
+        bag_base = [0]
+        for sizes in sizes_per_key:
+            bag_base.append(bag_base[-1] + sizes.numel())
+        device = ids_per_key[0].device
+        sent_bag = torch.cat([torch.arange(bag_base[t], bag_base[t + 1], device=device) for t in order])
+        bags_to = torch.zeros(world, n_tables, dtype=torch.long, device=device)
+        ids_to = torch.zeros(world, dtype=torch.long, device=device)
+        for t in range(n_tables):
+            bags_to[owners[t], t] = sizes_per_key[t].numel()
+            ids_to[owners[t]] += ids_per_key[t].numel()
+        bag_size = torch.cat([sizes_per_key[t] for t in order])
+        row = torch.cat([ids_per_key[t] for t in order])
+        return sent_bag, bag_size, bags_to, ids_to, row, bag_base[-1]
+
+    def _requests_per_id(self, ids_per_key: list[torch.Tensor], sizes_per_key: list[torch.Tensor]):
+        """Row-wise routing: every id's owner; a bag whose ids live on several owners becomes one
+        partial bag per owner (runs of equal (owner, bag) in owner order)."""
+        world, n_tables = self.world, len(self.keys)
+        ids = torch.cat(ids_per_key).long()  # key-major in the tables' order, like the bag sizes
+        device = ids.device
+        ids_count = torch.tensor([t.numel() for t in ids_per_key], device=device)
+        table = torch.repeat_interleave(torch.arange(n_tables, device=device), ids_count)
+        sizes = torch.cat(sizes_per_key)
+        n_bags = sizes.numel()
+        bag = torch.repeat_interleave(torch.arange(n_bags, device=device), sizes)
         owner, row = self._route(table, ids)
-        if owner.numel() > 1 and bool((owner[1:] < owner[:-1]).any()):  # e.g. table-wise: often grouped already
+        if owner.numel() > 1 and bool((owner[1:] < owner[:-1]).any()):
             order = torch.argsort(owner, stable=True)  # grouped by owner, bag order kept within each
             owner, row, table, bag = owner[order], row[order], table[order], bag[order]
-        # the bags sent to each owner: runs of equal (owner, bag)
         stride = max(n_bags, 1)
         sent, bag_size = torch.unique_consecutive(owner * stride + bag, return_counts=True)
         sent_owner, sent_bag = sent // stride, sent % stride
         sent_table = table[bag_size.cumsum(0) - bag_size]
         bags_to = torch.bincount(sent_owner * n_tables + sent_table, minlength=world * n_tables).view(world, n_tables)
         ids_to = torch.bincount(owner, minlength=world)
+        return sent_bag, bag_size, bags_to, ids_to, row, n_bags
+
+    def _bag_sums(self, ids_per_key: list[torch.Tensor], sizes_per_key: list[torch.Tensor]) -> torch.Tensor:
+        """[bags, dim]: the sum of each bag's rows, bags key-major; `sizes_per_key[t]`: the sizes
+        of key t's bags, whose ids follow each other in `ids_per_key[t]`."""
+        world, n_tables = self.world, len(self.keys)
+        requests = self._requests_table_wise if self.sharding == "table" else self._requests_per_id
+        sent_bag, bag_size, bags_to, ids_to, row, n_bags = requests(ids_per_key, sizes_per_key)
         counts = torch.cat([ids_to.unsqueeze(1), bags_to], 1)  # per owner: ids, bags per table
         # one message per owner: the sizes of the bags sent to it, then the rows asked for
         index_dtype = self._index_dtype
@@ -187,20 +220,27 @@ class ShardedEmbeddings(nn.Module):
         bags_per_source = bags_from.sum(1)
         message = self._all_to_all(request, (ids_from + bags_per_source).tolist(), (ids_to + bags_to.sum(1)).tolist())
         parts = message.split(torch.stack([bags_per_source, ids_from], 1).reshape(-1).tolist())
-        slot_size, asked = torch.cat(parts[0::2]), torch.cat(parts[1::2])
-        slot_table = torch.arange(n_tables, device=ids.device).repeat(world).repeat_interleave(bags_from.reshape(-1))
-        asked_table = slot_table.repeat_interleave(slot_size.long())
+        slot_size = torch.cat(parts[0::2])
+        # each source's bags and ids come grouped by table: cut them into (source, table) runs and
+        # gather each table's runs, rather than a table id per id and a mask per table
+        slots_st = bags_from.reshape(-1)  # [world * n_tables] bags per (source, table)
+        slot_bounds = torch.cat([slots_st.new_zeros(1), slots_st.cumsum(0)])
+        id_bounds = torch.cat([slot_size.new_zeros(1, dtype=torch.long), slot_size.long().cumsum(0)])
+        ids_st = (id_bounds[slot_bounds[1:]] - id_bounds[slot_bounds[:-1]]).tolist()
+        slot_runs = slot_size.split(slots_st.tolist())
+        id_runs = [run for s in range(world) for run in parts[2 * s + 1].split(ids_st[s * n_tables:(s + 1) * n_tables])]
+        slot_starts = slot_bounds.tolist()
         sums, slots = [], []
         for t, key in enumerate(self.keys):  # every table, even with no ids: the backward all-to-all needs the graph
-            of_table = (slot_table == t).nonzero().squeeze(1)
-            sizes = slot_size[of_table]
-            offsets = (sizes.cumsum(0) - sizes).to(asked.dtype)
-            rows_of_t = asked[asked_table == t]
+            runs = [s * n_tables + t for s in range(world)]
+            sizes = _cat([slot_runs[r] for r in runs])
+            rows_of_t = _cat([id_runs[r] for r in runs])
+            offsets = (sizes.cumsum(0) - sizes).to(message.dtype)
             if self.fused_lr is not None:
                 sums.append(_FusedSGDBagSum.apply(rows_of_t, offsets, self.shards[key], self.fused_lr))
             else:
                 sums.append(F.embedding_bag(rows_of_t, self.shards[key], offsets, mode="sum", sparse=self.sparse_grad))
-            slots.append(of_table)
+            slots.append(_cat([torch.arange(slot_starts[r], slot_starts[r + 1], device=row.device) for r in runs]))
         table_major = torch.cat(slots)
         owner_sums = torch.cat(sums) if len(sums) > 1 else sums[0]
         if bool((table_major[1:] < table_major[:-1]).any()):  # back to slot order (not needed from one source)
@@ -208,7 +248,7 @@ class ShardedEmbeddings(nn.Module):
 
         # back on the requester: one vector per bag per owner, added up
         got = self._all_to_all(owner_sums, bags_to.sum(1).tolist(), bags_per_source.tolist())
-        if sent_bag.numel() == n_bags and bool((sent_bag == torch.arange(n_bags, device=ids.device)).all()):
+        if sent_bag.numel() == n_bags and bool((sent_bag == torch.arange(n_bags, device=row.device)).all()):
             return got  # every bag from one owner, in order (e.g. unpooled rows grouped by owner already)
         return got.new_zeros(n_bags, self.dim).index_add(0, sent_bag, got)
 

@@ -2,11 +2,17 @@
 
     torchrun --nproc_per_node 2 -m freescale.train --steps 20 --checkpoint ckpt.pt
     torchrun --nproc_per_node 2 -m freescale.train --steps 40 --checkpoint ckpt.pt --resume
+    torchrun --nproc_per_node 2 -m freescale.train --all-positions --max-len 400 --long-sequences split
 
 Each rank takes a contiguous slice of every global batch (the naive split), the BatchBalancer
 rebalances it by sequence cost (`--method contiguous` disables that), the loss is normalised
 by the global batch, gradients are summed over ranks, and a checkpoint (state dicts only,
 loaded with weights_only=True) is written at the end.
+
+The loss is the next item after each history (`--all-positions`: after every position, HSTU
+style, normalised by the global count of loss positions). `--long-sequences cap|split` handles
+histories that alone exceed a rank's fair share (see `freescale.longseq`); `split` needs
+`--all-positions`, since every piece of a history carries the loss of its own positions.
 """
 
 from __future__ import annotations
@@ -24,21 +30,38 @@ from .bubbles import BubbleMeter
 from .cost import CostModel
 from .data import movielens_sequences
 from .jagged import KeyedJagged
+from .longseq import MODES, Windows
 from .model import HSTURecommender
 
 
-def global_batches(seq, batch_size: int, steps: int, seed: int, max_len: int):
+def global_batches(seq, batch_size: int, steps: int, seed: int, max_len: int, all_positions: bool = False):
+    """Per step: the global batch's histories (and, with `all_positions`, the item after each
+    position as the aligned key "next") and the item after each history."""
     g = torch.Generator().manual_seed(seed)
     offsets = seq.offsets
     for _ in range(steps):
         users = torch.randint(0, seq.lengths.numel(), (batch_size,), generator=g)
-        hist, targets = [], []
+        hist, nxt, targets = [], [], []
         for u in users.tolist():
             items = seq.items[offsets[u] : offsets[u + 1]]
             cut = int(torch.randint(1, items.numel(), (1,), generator=g))
-            hist.append(items[max(0, cut - max_len) : cut])
+            first = max(0, cut - max_len)
+            hist.append(items[first:cut])
+            nxt.append(items[first + 1 : cut + 1])
             targets.append(items[cut])
-        yield KeyedJagged.from_dict({"history": hist}), {"target": torch.stack(targets)}
+        keys = {"history": hist, "next": nxt} if all_positions else {"history": hist}
+        yield KeyedJagged.from_dict(keys), {"target": torch.stack(targets)}
+
+
+def _all_positions_loss(model, local: KeyedJagged, windows: Windows) -> torch.Tensor:
+    """Sum of the next-item losses at every position that carries one (context positions of a
+    split piece do not); positions count back from the whole history's newest item."""
+    items, lengths = local["history"]
+    targets, _ = local["next"]
+    trailing = windows.trailing if bool(windows.trailing.any()) else None
+    states, mask = model.sequence_states(items, lengths, trailing=trailing)
+    losses = torch.nn.functional.cross_entropy(states[mask] @ model.item.weight.T, targets, reduction="none")
+    return losses[windows.loss_mask()].sum()
 
 
 def main(argv=None):
@@ -50,7 +73,13 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--loss-log", default=None, help="write per-step losses (JSON) here (rank 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=100, help="positions kept of each history (and the model's max_len)")
+    p.add_argument("--all-positions", action="store_true", help="next-item loss after every position, not only the last")
+    p.add_argument("--long-sequences", choices=MODES, default="report",
+                   help="histories that alone exceed a rank's fair share: report them, cap them, or split them")
     args = p.parse_args(argv)
+    if args.long_sequences == "split" and not args.all_positions:
+        p.error("--long-sequences split needs --all-positions: each piece carries the loss of its own positions")
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -58,7 +87,7 @@ def main(argv=None):
     rank = dist.get_rank() if distributed else 0
     torch.manual_seed(args.seed)
     seq = movielens_sequences()
-    model = HSTURecommender(seq.n_items, d_model=32, n_layers=2, max_len=100)
+    model = HSTURecommender(seq.n_items, d_model=32, n_layers=2, max_len=args.max_len)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     start = 0
     if args.resume and args.checkpoint and os.path.exists(args.checkpoint):
@@ -66,10 +95,11 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-    balancer = BatchBalancer(cost_model=CostModel.from_model_shape(32, 2, 2), method=args.method) if distributed else None
+    balancer = (BatchBalancer(cost_model=CostModel.from_model_shape(32, 2, 2), method=args.method,
+                              long_sequences=args.long_sequences) if distributed else None)
     meter = BubbleMeter()
     losses = []
-    batches = global_batches(seq, args.batch_size, args.steps, args.seed, 100)
+    batches = global_batches(seq, args.batch_size, args.steps, args.seed, args.max_len, args.all_positions)
     for step, (feats, dense) in enumerate(batches):
         if step < start:
             continue  # the same data stream as an uninterrupted run
@@ -77,15 +107,25 @@ def main(argv=None):
         lo = sum(args.batch_size // world + (1 if r < args.batch_size % world else 0) for r in range(rank))
         target = dense["target"][lo : lo + local.batch_size]
         with meter.step(samples=local.batch_size):
-            if balancer is not None:
+            if args.all_positions:
+                # the global count of loss positions: what the loss is normalised by on every rank
+                normaliser = int(feats["history"][1].sum())
+                windows = Windows.whole(local["history"][1])
+                if balancer is not None:
+                    local, _, plan = balancer.balance(local)
+                    windows, normaliser = plan.received(), plan.global_positions
+            elif balancer is not None:
                 local, moved, _plan = balancer.balance(local, {"target": target})
                 target = moved["target"]
             with meter.compute():
                 opt.zero_grad()
-                items, lengths = local["history"]
-                logits = model(items, lengths)
-                loss_sum = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-                (loss_sum / args.batch_size).backward()
+                if args.all_positions:
+                    loss_sum = _all_positions_loss(model, local, windows)
+                else:
+                    items, lengths = local["history"]
+                    normaliser = args.batch_size
+                    loss_sum = torch.nn.functional.cross_entropy(model(items, lengths), target, reduction="sum")
+                (loss_sum / normaliser).backward()
             if distributed:
                 def allreduce():
                     for prm in model.parameters():
@@ -98,7 +138,7 @@ def main(argv=None):
             else:
                 total = loss_sum.detach()
             opt.step()
-        losses.append(float(total) / args.batch_size)
+        losses.append(float(total) / normaliser)
     summary = meter.summary()
     if rank == 0:
         print(json.dumps({"losses": losses, "bubble": summary}))
