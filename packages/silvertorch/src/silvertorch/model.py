@@ -5,7 +5,8 @@
     result = model.retrieve(user_features, ["genre:Comedy AND year:{1995,1996}"])
 
 forward(user_features, ops, args, hashes[, value_weights]) runs, with tensor ops only (no
-host synchronization, static shapes: `torch.compile` and `torch.export` see one graph):
+host synchronization, static shapes: `torch.compile` and `torch.export` see one graph; the one
+exception, eager on the CPU, stops the filter loop after the batch's last real step):
 
     user tower -> u . centroids -> top-nprobe clusters (top-max_nprobe with adaptive probing)
     -> filter plans evaluated on the packed 64-item words covering the probed clusters, as the
@@ -39,7 +40,7 @@ from torch import nn
 from .__about__ import __version__
 from .bloom.hashing import bloom_positions, term_hash
 from .bloom.index import WORDS_PER_BUNDLE, BloomIndex
-from .bloom.parser import AND, EXACT_TERM, MAX_DEPTH, NOT, OR, TERM, TRUE, FilterPlans, FilterSchema, parse_filters
+from .bloom.parser import AND, EXACT_TERM, MAX_DEPTH, NOP, NOT, OR, TERM, TRUE, FilterPlans, FilterSchema, parse_filters
 from .ivf.index import IVFIndex, _int8_dots
 from .ivf.quantize import quantize_rows
 from .scoring import OverArch, ValueModel
@@ -268,6 +269,12 @@ class RetrievalModel(nn.Module):
         """Evaluate postfix plans on a [Q, MAX_DEPTH (+ 1 spare), M] stack with tensor ops (no data-dependent branches).
         Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise);
         exact_terms may hold only the leading slots (where the plans keep their EXACT_TERM terms)."""
+        if ops.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            # eager on the CPU the loop below is dispatch-bound: skip the NOP padding after the
+            # batch's last real step (graphs for compile and export keep all max_ops steps)
+            real = (ops != NOP).any(0).nonzero()
+            last = int(real[-1]) + 1 if real.numel() else 0
+            ops, args = ops[:, :last], args[:, :last]
         q, n_exact, m = exact_terms.shape
         dev = exact_terms.device
         everything = torch.full((q, 1, m), True if exact_terms.dtype == torch.bool else -1, dtype=exact_terms.dtype, device=dev)
