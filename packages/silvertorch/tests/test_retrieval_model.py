@@ -27,6 +27,7 @@ FILTERS = {
     "year:1999 OR (cat:4 AND NOT cat:4)": lambda c, y: y == 1999,
     # as many terms under NOT as the test models' max_exact_terms, plain terms after them in the slots
     "cat:1 AND NOT year:{1990,1991,1992} AND NOT year:1999": lambda c, y: c == 1 and y not in (1990, 1991, 1992, 1999),
+    "NOT cat:{0,2}": lambda c, y: c not in (0, 2),  # exact terms only: no Bloom term slot in use
 }
 
 

@@ -60,6 +60,22 @@ class Retrieved:
     found: torch.Tensor  # [Q] int64: items that passed the filter (Bloom) in the probed clusters and the fresh index
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """Eager on the CPU, where small tensor ops cost their dispatch: the forward may read the
+    batch's plans on the host to skip padding. Compiled and exported graphs, and GPUs (no host
+    sync), keep the static bounds."""
+    return t.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+def _slots_in_use(ops: torch.Tensor, args: torch.Tensor, codes: tuple[int, ...], bound: int) -> int:
+    """Leading term slots that steps of these kinds read: the batch's own count eager on the CPU
+    (at least 1, so shapes stay non-empty), else the static bound."""
+    if not _eager_cpu(ops):
+        return bound
+    used = args[torch.isin(ops, torch.tensor(codes, dtype=ops.dtype))]
+    return max(1, min(bound, int(used.max()) + 1)) if used.numel() else 1
+
+
 def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
     """Jagged (feature_id, value) pairs -> padded [N, A] fids, values and counts."""
     feature_ids, offsets, values = (torch.as_tensor(t).long() for t in (feature_ids, offsets, values))
@@ -269,9 +285,7 @@ class RetrievalModel(nn.Module):
         """Evaluate postfix plans on a [Q, MAX_DEPTH (+ 1 spare), M] stack with tensor ops (no data-dependent branches).
         Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise);
         exact_terms may hold only the leading slots (where the plans keep their EXACT_TERM terms)."""
-        if ops.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-            # eager on the CPU the loop below is dispatch-bound: skip the NOP padding after the
-            # batch's last real step (graphs for compile and export keep all max_ops steps)
+        if _eager_cpu(ops):  # the loop below is dispatch-bound: skip the NOP padding after the batch's last real step
             real = (ops != NOP).any(0).nonzero()
             last = int(real[-1]) + 1 if real.numel() else 0
             ops, args = ops[:, :last], args[:, :last]
@@ -281,9 +295,10 @@ class RetrievalModel(nn.Module):
         # everything that does not depend on the stack, for all steps at once: [Q, L, 1] op kinds, [Q, L, M] pushes
         term, exact_term, true, negate, conj, disj = ((ops == code).unsqueeze(-1) for code in (TERM, EXACT_TERM, TRUE, NOT, AND, OR))
         pick = args.long().unsqueeze(-1).expand(q, -1, m)
-        # the exact read is clamped for the other steps' slots; torch.where drops what they read
+        # reads are clamped for the other steps' slots; torch.where drops what they read
         exact = exact_terms.gather(1, pick.clamp(max=n_exact - 1))
-        pushed = torch.where(term, bloom_terms.gather(1, pick), torch.where(exact_term, exact, everything))
+        bloom = bloom_terms.gather(1, pick.clamp(max=bloom_terms.shape[1] - 1))
+        pushed = torch.where(term, bloom, torch.where(exact_term, exact, everything))
         is_push, is_pair = term | exact_term | true, conj | disj
         moves = is_push.long() - is_pair.long()
         sp = moves.cumsum(1) - moves  # stack size before each step
@@ -312,7 +327,10 @@ class RetrievalModel(nn.Module):
         n_words = self.words_per_cluster
         words = (first + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
         words = words.reshape(q, p * n_words)
-        passing = self._run_plans(ops, args, self._bloom_words(words, hashes), self._exact_words(words, hashes))
+        bloom_slots = _slots_in_use(ops, args, (TERM,), hashes.shape[1])
+        exact_slots = _slots_in_use(ops, args, (EXACT_TERM,), self.max_exact_terms)
+        passing = self._run_plans(ops, args, self._bloom_words(words, hashes[:, :bloom_slots]),
+                                  self._exact_words(words, hashes[:, :exact_slots]))
         local = (slots // 64 - first).clamp(max=n_words - 1)  # clamped only for padding slots
         bit = (passing.view(q, p, n_words).gather(2, local) >> (slots % 64)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
@@ -373,7 +391,7 @@ class RetrievalModel(nn.Module):
         cand = cand.gather(1, j)
         verified = torch.isfinite(top)
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
-            exact = self._exact_terms(cand, hashes)
+            exact = self._exact_terms(cand, hashes[:, :_slots_in_use(ops, args, (TERM, EXACT_TERM), hashes.shape[1])])
             verified = verified & self._run_plans(ops, args, exact, exact)
         items = _rows(self.item_embeddings, cand).float()
         dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
