@@ -9,7 +9,8 @@ figure issue 5 asks for). Items: 64-d unit vectors around 2,000 centres; attribu
 nprobe 16 up to 64 clusters until K items pass); `mean_found` is the items that passed in the
 probed clusters. A third model evaluates all 16 term slots exactly on the probed clusters
 (max_exact_terms = max_terms, the cost before filters kept their terms under NOT in a few leading
-slots), beside the default bound of 4: same results, the difference is that cost.
+slots), beside the default bound: same results, the difference is that cost, for compiled and
+exported graphs and GPUs; eager on the CPU both read only the slots the batch's plans use.
 """
 
 from __future__ import annotations
