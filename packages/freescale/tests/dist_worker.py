@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from freescale import BatchBalancer, BubbleMeter, CommScheduler, CostModel, KeyedJagged, ShardedEmbeddings, simulate
+from freescale import (BatchBalancer, BubbleMeter, CommScheduler, CostModel, KeyedJagged, ShardedEmbeddings, TrainPipeline,
+                       simulate)
 
 
 def global_batch(n=23, seed=0):
@@ -293,6 +294,40 @@ def scenario_sim(rank, world):
         res[method] = {"real_step_ms": torch.tensor(s["step_ms"]), "sim_step_ms": torch.tensor(sim.as_dict()["step_ms"]),
                        "real_bubble": torch.tensor(s["bubble_ratio"]), "sim_bubble": torch.tensor(sim.bubble_ratio)}
     return res
+
+
+def scenario_pipeline(rank, world):
+    """TrainPipeline over 4 global batches, balanced (plan and exchange in the background while
+    the previous batch's step runs, which does collectives of its own) and not: per step, the ids
+    each rank received, with their samples checked against the originals."""
+    batches = [global_batch(19 + 4 * i, seed=i) for i in range(4)]
+    local = []
+    for a, b, dense in batches:
+        lo, hi = local_slice(world, rank, len(a))
+        local.append((KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]}), {"id": torch.arange(lo, hi), "dense": dense[lo:hi]}))
+    out = {}
+    for name, balancer in (("balanced", BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), method="kk_equal")), ("plain", None)):
+        meter = BubbleMeter()
+        seen = []
+
+        def step(feats, dense, global_batch, seen=seen, meter=meter):
+            step_index = len(seen)
+            a, b, dense_all = batches[step_index]
+            for j, gid in enumerate(dense["id"].tolist()):  # every received sample is the original one
+                one = feats.permute(torch.tensor([j]))
+                assert torch.equal(one["a"][0], a[gid]) and torch.equal(one["b"][0], b[gid])
+                assert torch.equal(dense["dense"][j], dense_all[gid])
+            total = torch.tensor([float(dense["dense"].sum())])
+            meter.sync(lambda: dist.all_reduce(total), name="dense_allreduce")  # the step's own collective
+            seen.append((dense["id"], global_batch))
+
+        with meter.step():
+            TrainPipeline(step, balancer=balancer, meter=meter).run(iter(local))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, [(ids.tolist(), g) for ids, g in seen])
+        out[name] = {"ids": [sorted(i for r in range(world) for i in gathered[r][s][0]) for s in range(len(batches))],
+                     "global_batch": [gathered[0][s][1] for s in range(len(batches))]}
+    return out
 
 
 def scenario_hang(rank, world):

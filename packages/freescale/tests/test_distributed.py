@@ -68,6 +68,16 @@ def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
             torch.testing.assert_close(r["fused_updated"][key], expected, msg=f"{name} {key} fused")
 
 
+def test_train_pipeline_moves_every_sample_once(tmp_path):
+    """Balanced, the next batch is planned and exchanged in the background while the current
+    step runs its own collective; every step still gets each sample of its global batch once."""
+    proc, res = _run("pipeline", 2, tmp_path)
+    for name in ("balanced", "plain"):
+        assert res[name]["ids"] == [list(range(19 + 4 * i)) for i in range(4)], name
+    assert res["balanced"]["global_batch"] == [19 + 4 * i for i in range(4)]
+    assert res["plain"]["global_batch"] == [10, 12, 14, 16]  # rank 0's own share: no plan, no global count
+
+
 def test_scheduler_completes_in_priority_order(tmp_path):
     proc, res = _run("scheduler", 2, tmp_path)
     assert res["order"] == ["urgent", "reduce", "background"]

@@ -230,9 +230,30 @@ class BatchBalancer:
             return self._pool.submit(self._make_plan, self._gather_rows(rows))
         return self._pool.submit(lambda: self._make_plan(self._gather_rows(rows, self._gather_group)))
 
-    def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
-        """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank."""
+    def balance_async(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None) -> Future:
+        """plan + exchange off the caller's thread: a future of (features, dense, plan). The
+        lengths all-gather, the partition and the sample all-to-all all run in the background
+        thread on the balancer's own gloo group, so they overlap the caller's step (CPU tensors;
+        anything else, or no background thread, balances here and returns a done future)."""
         dense = dense or {}
+        on_cpu = features.values.device.type == "cpu" and all(v.device.type == "cpu" for v in dense.values())
+        if self._pool is None or self._gather_group is None or not on_cpu:
+            fut: Future = Future()
+            fut.set_result(self.balance(features, dense))
+            return fut
+        rows = self._plan_rows(features)
+
+        def plan_and_exchange():
+            plan = self._make_plan(self._gather_rows(rows, self._gather_group))
+            return (*self.exchange(plan, features, dense, group=self._gather_group), plan)
+
+        return self._pool.submit(plan_and_exchange)
+
+    def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None, group=None):
+        """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank.
+        `group`: the process group of the all-to-all (default the balancer's)."""
+        dense = dense or {}
+        group = group or self.group
         expected = plan.source_sizes[plan.rank]
         if features.batch_size != expected:
             raise ValueError(f"features has {features.batch_size} samples, the plan expects {expected}")
@@ -257,11 +278,11 @@ class BatchBalancer:
         recv_lengths = plan.received_key_lengths()
         if recv_lengths is None:  # the receivers learn the lengths first: the value counts follow from them
             recv_lengths = lengths.new_empty(sum(recv_counts), lengths.shape[1])
-            dist.all_to_all_single(recv_lengths, lengths, recv_counts, send_counts, group=self.group)
+            dist.all_to_all_single(recv_lengths, lengths, recv_counts, send_counts, group=group)
         recv_lengths = recv_lengths.to(lengths.device)
         parts = [values.unsqueeze(1)] + [v[order].reshape(order.numel(), math.prod(v.shape[1:])) for v in dense.values()]
         received = _all_to_all_rows(parts, [_run_sums(lengths, send_counts)] + [send_counts] * len(dense),
-                                    [_run_sums(recv_lengths, recv_counts)] + [recv_counts] * len(dense), self.group)
+                                    [_run_sums(recv_lengths, recv_counts)] + [recv_counts] * len(dense), group)
         moved = {k: got.view((got.shape[0],) + tuple(v.shape[1:])) for (k, v), got in zip(dense.items(), received[1:])}
         return KeyedJagged.from_sample_major(features.keys, received[0].reshape(-1), recv_lengths), moved
 

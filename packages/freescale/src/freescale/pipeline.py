@@ -1,9 +1,11 @@
 """A three-stage training pipeline: copy batch i+1, balance + distribute it, while batch i trains.
 
-Stage 1 copies the next batch to the device (non-blocking), stage 2 all-gathers its per-key
-lengths and partitions the global batch in the balancer's background thread, and stage 3 runs
-forward/backward on the current batch. The sample exchange for batch i+1 (one all-to-all)
-then runs before batch i+1's step. Every synchronising point goes through the BubbleMeter when one is given.
+Stage 1 copies the next batch to the device (non-blocking); stage 2 all-gathers its per-key
+lengths, partitions the global batch and (CPU tensors) moves its samples with one all-to-all,
+all in the balancer's background thread on its own gloo group; stage 3 runs forward/backward on
+the current batch meanwhile. On a GPU the sample exchange (NCCL, on the caller's group) runs
+just before batch i+1's step instead. Every synchronising point goes through the BubbleMeter
+when one is given.
 """
 
 from __future__ import annotations
@@ -34,14 +36,21 @@ class TrainPipeline:
 
     def _stage(self, batch: Batch):
         batch = _to(batch, self.device)
+        if self.balancer is None:
+            return batch, None, False
+        if self.device.type == "cpu":  # plan and exchange in the background, beside batch i's step
+            return batch, self.balancer.balance_async(*batch), True
         # the plan gathers the per-key lengths too, so the exchange needs no lengths all-to-all
-        fut = self.balancer.plan_async(batch[0]) if self.balancer else None
-        return batch, fut
+        return batch, self.balancer.plan_async(batch[0]), False
 
     def _finish(self, staged):
-        (feats, dense), fut = staged
+        (feats, dense), fut, exchanged = staged
         if fut is None:
             return feats, dense, feats.batch_size
+        if exchanged:
+            feats, dense, plan = self.meter.sync(fut.result, name="balance_exchange") if self.meter is not None else fut.result()
+            self.last_plan = plan
+            return feats, dense, plan.global_batch
         plan = fut.result()
         if self.meter is not None:
             feats, dense = self.meter.sync(lambda: self.balancer.exchange(plan, feats, dense), name="balance_exchange")
