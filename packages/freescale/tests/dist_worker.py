@@ -14,8 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from freescale import (BatchBalancer, BubbleMeter, CommScheduler, CostModel, KeyedJagged, ShardedEmbeddings, TrainPipeline,
-                       simulate)
+from freescale import (
+    BatchBalancer,
+    BubbleMeter,
+    CommScheduler,
+    CostModel,
+    KeyedJagged,
+    ShardedEmbeddings,
+    TrainPipeline,
+    simulate,
+)
 
 
 def global_batch(n=23, seed=0):
