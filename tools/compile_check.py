@@ -103,10 +103,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def _kernel(module: str, qualname: str):
-    """The JITFunction; a kernel built inside a cached factory (`f.<locals>.kernel`) comes from calling f()."""
+    """The JITFunction, found by module and qualified name (kernels live at module level)."""
     obj = importlib.import_module(module)
-    if ".<locals>." in qualname:
-        return getattr(obj, qualname.split(".<locals>.")[0])()
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj

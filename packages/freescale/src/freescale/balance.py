@@ -223,9 +223,7 @@ class BatchBalancer:
         the others here; the wait moves to the future's result, after the step's compute."""
         rows = self._plan_rows(lengths_or_features)
         if self._pool is None:
-            fut: Future = Future()
-            fut.set_result(self._make_plan(self._gather_rows(rows)))
-            return fut
+            return _done(self._make_plan(self._gather_rows(rows)))
         if self._gather_group is None and self.world_size > 1:  # made before init_process_group: gather here
             return self._pool.submit(self._make_plan, self._gather_rows(rows))
         return self._pool.submit(lambda: self._make_plan(self._gather_rows(rows, self._gather_group)))
@@ -238,9 +236,7 @@ class BatchBalancer:
         dense = dense or {}
         on_cpu = features.values.device.type == "cpu" and all(v.device.type == "cpu" for v in dense.values())
         if self._pool is None or self._gather_group is None or not on_cpu:
-            fut: Future = Future()
-            fut.set_result(self.balance(features, dense))
-            return fut
+            return _done(self.balance(features, dense))
         rows = self._plan_rows(features)
 
         def plan_and_exchange():
@@ -254,18 +250,16 @@ class BatchBalancer:
         `group`: the process group of the all-to-all (default the balancer's)."""
         dense = dense or {}
         group = group or self.group
-        expected = plan.source_sizes[plan.rank]
+        expected, first = plan.source_sizes[plan.rank], sum(plan.source_sizes[: plan.rank])
         if features.batch_size != expected:
             raise ValueError(f"features has {features.batch_size} samples, the plan expects {expected}")
         for k, v in dense.items():
             if v.shape[0] != features.batch_size:
                 raise ValueError(f"dense[{k!r}] has {v.shape[0]} rows, expected {features.batch_size}")
         if plan.key_lengths is not None:
-            first = sum(plan.source_sizes[: plan.rank])
             if not torch.equal(plan.key_lengths[first : first + expected], features.lengths_per_key().T.cpu()):
                 raise ValueError("features' per-key lengths differ from those the plan was made from")
         if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
-            first = sum(plan.source_sizes[: plan.rank])
             mine = plan.windows.select((plan.windows.source >= first) & (plan.windows.source < first + expected))
             features = features.windows(mine.source - first, mine.start, mine.stop)
             dense = {k: v[mine.source - first] for k, v in dense.items()}
@@ -291,6 +285,12 @@ class BatchBalancer:
         plan = self.plan(features)
         feats, dense = self.exchange(plan, features, dense)
         return feats, dense, plan
+
+
+def _done(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
 
 
 def _run_sums(lengths: torch.Tensor, counts: list[int]) -> list[int]:

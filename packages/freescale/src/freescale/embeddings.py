@@ -242,7 +242,7 @@ class ShardedEmbeddings(nn.Module):
                 sums.append(F.embedding_bag(rows_of_t, self.shards[key], offsets, mode="sum", sparse=self.sparse_grad))
             slots.append(_cat([torch.arange(slot_starts[r], slot_starts[r + 1], device=row.device) for r in runs]))
         table_major = torch.cat(slots)
-        owner_sums = torch.cat(sums) if len(sums) > 1 else sums[0]
+        owner_sums = _cat(sums)
         if bool((table_major[1:] < table_major[:-1]).any()):  # back to slot order (not needed from one source)
             owner_sums = owner_sums.index_select(0, torch.argsort(table_major))
 

@@ -32,7 +32,9 @@ class TrainPipeline:
                  device: torch.device | str = "cpu", meter: BubbleMeter | None = None):
         """`step_fn(features, dense, global_batch)` runs forward/backward/optimizer on one balanced batch."""
         self.step_fn, self.balancer, self.device, self.meter = step_fn, balancer, torch.device(device), meter
-        self._staged = None  # (batch, plan future)
+
+    def _sync(self, fn, name: str):
+        return self.meter.sync(fn, name=name) if self.meter is not None else fn()
 
     def _stage(self, batch: Batch):
         batch = _to(batch, self.device)
@@ -48,14 +50,10 @@ class TrainPipeline:
         if fut is None:
             return feats, dense, feats.batch_size
         if exchanged:
-            feats, dense, plan = self.meter.sync(fut.result, name="balance_exchange") if self.meter is not None else fut.result()
-            self.last_plan = plan
-            return feats, dense, plan.global_batch
-        plan = fut.result()
-        if self.meter is not None:
-            feats, dense = self.meter.sync(lambda: self.balancer.exchange(plan, feats, dense), name="balance_exchange")
+            feats, dense, plan = self._sync(fut.result, "balance_exchange")
         else:
-            feats, dense = self.balancer.exchange(plan, feats, dense)
+            plan = fut.result()
+            feats, dense = self._sync(lambda: self.balancer.exchange(plan, feats, dense), "balance_exchange")
         self.last_plan = plan
         return feats, dense, plan.global_batch
 

@@ -103,9 +103,11 @@ def main(argv=None):
     for step, (feats, dense) in enumerate(batches):
         if step < start:
             continue  # the same data stream as an uninterrupted run
-        local = feats.split([args.batch_size // world + (1 if r < args.batch_size % world else 0) for r in range(world)])[rank]
-        lo = sum(args.batch_size // world + (1 if r < args.batch_size % world else 0) for r in range(rank))
+        sizes = [args.batch_size // world + (1 if r < args.batch_size % world else 0) for r in range(world)]
+        local = feats.split(sizes)[rank]
+        lo = sum(sizes[:rank])
         target = dense["target"][lo : lo + local.batch_size]
+        normaliser = args.batch_size  # a per-sample loss; per position below
         with meter.step(samples=local.batch_size):
             if args.all_positions:
                 # the global count of loss positions: what the loss is normalised by on every rank
@@ -123,7 +125,6 @@ def main(argv=None):
                     loss_sum = _all_positions_loss(model, local, windows)
                 else:
                     items, lengths = local["history"]
-                    normaliser = args.batch_size
                     loss_sum = torch.nn.functional.cross_entropy(model(items, lengths), target, reduction="sum")
                 (loss_sum / normaliser).backward()
             if distributed:

@@ -95,9 +95,13 @@ def _rows_times_weight(acc, a_ptr, rows, rmask, w_ptr, w_base, stride_k, stride_
 
 
 @triton.jit
-def _expert_rows(offsets_ptr, e):
-    """First and end row of expert e's group (loop bounds read on the device)."""
-    return tl.load(offsets_ptr + e), tl.load(offsets_ptr + e + 1)
+def _expert_weight_tile(offsets_ptr, N1, N2, B1: tl.constexpr, B2: tl.constexpr):
+    """A weight-gradient program (expert e, tile of dim 1, tile of dim 2): e, the tiles' columns
+    and masks, and the first and end row of e's group (loop bounds read on the device)."""
+    e = tl.program_id(0)
+    cols1 = tl.program_id(1) * B1 + tl.arange(0, B1)
+    cols2 = tl.program_id(2) * B2 + tl.arange(0, B2)
+    return e, cols1, cols1 < N1, cols2, cols2 < N2, tl.load(offsets_ptr + e), tl.load(offsets_ptr + e + 1)
 
 
 @triton.jit
@@ -205,12 +209,7 @@ def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
                             BM: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
     """B2, program (e, f tile, d tile): dW_down[e] = h^T (s * dO[token]) over expert e's rows.
     An expert without rows writes zeros."""
-    e = tl.program_id(0)
-    fcols = tl.program_id(1) * BF + tl.arange(0, BF)
-    dcols = tl.program_id(2) * BD + tl.arange(0, BD)
-    fmask = fcols < F
-    dmask = dcols < D
-    start, end = _expert_rows(offsets_ptr, e)
+    e, fcols, fmask, dcols, dmask, start, end = _expert_weight_tile(offsets_ptr, F, D, BF, BD)
     acc = tl.zeros((BF, BD), dtype=tl.float32)
     for r0 in range(start, end, BM):
         rows = r0 + tl.arange(0, BM)
@@ -272,12 +271,7 @@ def gate_up_weight_grad_kernel(x_ptr, da_ptr, db_ptr, slots_ptr, offsets_ptr, dw
                                BM: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
     """B3, program (e, d tile, f tile): dW_gate[e] = x[token]^T da, dW_up[e] = x[token]^T db over
     expert e's rows, sharing each gathered x tile. An expert without rows writes zeros."""
-    e = tl.program_id(0)
-    dcols = tl.program_id(1) * BD + tl.arange(0, BD)
-    fcols = tl.program_id(2) * BF + tl.arange(0, BF)
-    dmask = dcols < D
-    fmask = fcols < F
-    start, end = _expert_rows(offsets_ptr, e)
+    e, dcols, dmask, fcols, fmask, start, end = _expert_weight_tile(offsets_ptr, D, F, BD, BF)
     acc_g = tl.zeros((BD, BF), dtype=tl.float32)
     acc_u = tl.zeros((BD, BF), dtype=tl.float32)
     for r0 in range(start, end, BM):

@@ -6,7 +6,7 @@
 
 forward(user_features, ops, args, hashes[, value_weights]) runs, with tensor ops only (no
 host synchronization, static shapes: `torch.compile` and `torch.export` see one graph; the one
-exception, eager on the CPU, stops the filter loop after the batch's last real step):
+exception, eager on the CPU, cuts the plans to the steps and term slots the batch uses):
 
     user tower -> u . centroids -> top-nprobe clusters (top-max_nprobe with adaptive probing)
     -> filter plans evaluated on the packed 64-item words covering the probed clusters, as the
@@ -60,20 +60,22 @@ class Retrieved:
     found: torch.Tensor  # [Q] int64: items that passed the filter (Bloom) in the probed clusters and the fresh index
 
 
-def _eager_cpu(t: torch.Tensor) -> bool:
-    """Eager on the CPU, where small tensor ops cost their dispatch: the forward may read the
-    batch's plans on the host to skip padding. Compiled and exported graphs, and GPUs (no host
-    sync), keep the static bounds."""
-    return t.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, max_exact: int):
+    """(ops, args, hashes, exact slots) cut to what the batch's plans use: eager on the CPU, where
+    the stack machine's small ops cost their dispatch, the steps up to the batch's last real one
+    and the leading term slots its steps read (at least 1, so shapes stay non-empty). Compiled and
+    exported graphs, and GPUs (no host sync), keep the static bounds."""
+    if ops.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return ops, args, hashes, max_exact
+    real = (ops != NOP).any(0).nonzero()
+    last = int(real[-1]) + 1 if real.numel() else 0
+    ops, args = ops[:, :last], args[:, :last]
 
+    def slots(codes, bound):
+        used = args[torch.isin(ops, torch.tensor(codes, dtype=ops.dtype))]
+        return max(1, min(bound, int(used.max()) + 1)) if used.numel() else 1
 
-def _slots_in_use(ops: torch.Tensor, args: torch.Tensor, codes: tuple[int, ...], bound: int) -> int:
-    """Leading term slots that steps of these kinds read: the batch's own count eager on the CPU
-    (at least 1, so shapes stay non-empty), else the static bound."""
-    if not _eager_cpu(ops):
-        return bound
-    used = args[torch.isin(ops, torch.tensor(codes, dtype=ops.dtype))]
-    return max(1, min(bound, int(used.max()) + 1)) if used.numel() else 1
+    return ops, args, hashes[:, : slots((TERM, EXACT_TERM), hashes.shape[1])], slots((EXACT_TERM,), max_exact)
 
 
 def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
@@ -285,10 +287,6 @@ class RetrievalModel(nn.Module):
         """Evaluate postfix plans on a [Q, MAX_DEPTH (+ 1 spare), M] stack with tensor ops (no data-dependent branches).
         Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise);
         exact_terms may hold only the leading slots (where the plans keep their EXACT_TERM terms)."""
-        if _eager_cpu(ops):  # the loop below is dispatch-bound: skip the NOP padding after the batch's last real step
-            real = (ops != NOP).any(0).nonzero()
-            last = int(real[-1]) + 1 if real.numel() else 0
-            ops, args = ops[:, :last], args[:, :last]
         q, n_exact, m = exact_terms.shape
         dev = exact_terms.device
         everything = torch.full((q, 1, m), True if exact_terms.dtype == torch.bool else -1, dtype=exact_terms.dtype, device=dev)
@@ -318,7 +316,7 @@ class RetrievalModel(nn.Module):
             stack.scatter_(1, at[:, step : step + 1], value)
         return stack[:, 0]
 
-    def _probed_passing(self, clusters, ops, args, hashes):
+    def _probed_passing(self, clusters, ops, args, hashes, exact_slots: int | None = None):
         """bool [Q, P, S]: item slot s of probed cluster clusters[q, p] exists, is alive and passes the
         filter, evaluated once per packed word covering the cluster, not once per item."""
         q, p = clusters.shape
@@ -327,10 +325,8 @@ class RetrievalModel(nn.Module):
         n_words = self.words_per_cluster
         words = (first + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
         words = words.reshape(q, p * n_words)
-        bloom_slots = _slots_in_use(ops, args, (TERM,), hashes.shape[1])
-        exact_slots = _slots_in_use(ops, args, (EXACT_TERM,), self.max_exact_terms)
-        passing = self._run_plans(ops, args, self._bloom_words(words, hashes[:, :bloom_slots]),
-                                  self._exact_words(words, hashes[:, :exact_slots]))
+        exact_slots = self.max_exact_terms if exact_slots is None else exact_slots
+        passing = self._run_plans(ops, args, self._bloom_words(words, hashes), self._exact_words(words, hashes[:, :exact_slots]))
         local = (slots // 64 - first).clamp(max=n_words - 1)  # clamped only for padding slots
         bit = (passing.view(q, p, n_words).gather(2, local) >> (slots % 64)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
@@ -365,7 +361,8 @@ class RetrievalModel(nn.Module):
         u = self.user_tower(user_features).float()
         q = u.shape[0]
         clusters = torch.topk(u @ self.centroids.T, self.max_nprobe, dim=1).indices  # best centroid first
-        keep = self._probed_passing(clusters, ops, args, hashes)  # [Q, P, S]
+        ops, args, hashes, exact_slots = _batch_extent(ops, args, hashes, self.max_exact_terms)
+        keep = self._probed_passing(clusters, ops, args, hashes, exact_slots)  # [Q, P, S]
         fresh_found = torch.zeros(q, dtype=torch.int64, device=u.device)
         if self.fresh_capacity:
             fpos = torch.arange(self.num_main, self.item_ids.shape[0], device=u.device).expand(q, -1)
@@ -391,7 +388,7 @@ class RetrievalModel(nn.Module):
         cand = cand.gather(1, j)
         verified = torch.isfinite(top)
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
-            exact = self._exact_terms(cand, hashes[:, :_slots_in_use(ops, args, (TERM, EXACT_TERM), hashes.shape[1])])
+            exact = self._exact_terms(cand, hashes)
             verified = verified & self._run_plans(ops, args, exact, exact)
         items = _rows(self.item_embeddings, cand).float()
         dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
