@@ -7,7 +7,9 @@ a dense MLP over [pooled, dense features] with a logistic loss; SGD. Both sides 
 table's owner and send back one vector per (sample, table); both update the looked-up rows with
 SGD inside the backward (freescale `fused_lr=`, TorchRec's fbgemm fused backward + optimizer), so
 neither builds a gradient for the tables. A third freescale row returns every looked-up row and
-pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic.
+pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic. The
+freescale pipeline sends batch i+1's embedding ids to their owners while batch i computes (as
+TorchRec's pipeline does); one row turns that off, for what it saves.
 Each rank draws the same batches for every framework. Exposed communication = step time - the
 same framework's step with the same code and batches as two one-rank jobs running at once
 (every table local, collectives trivial, the same CPU contention); it includes each pipeline's
@@ -44,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 KEYS = ("history", "other")
 COMPUTE_ONLY = " (two one-rank jobs: compute only)"
 UNPOOLED = "freescale TrainPipeline, rows returned unpooled (pooled on the requester)"
+NOT_PREFETCHED = "freescale TrainPipeline, ids not distributed ahead"
 
 
 @dataclasses.dataclass
@@ -84,7 +87,7 @@ def timed(run_steps, shape: Shape) -> float:
     return stamps[-1] - stamps[shape.warmup - 1]
 
 
-def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = True) -> float:
+def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = True, prefetch: bool = True) -> float:
     import freescale
 
     tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table", fused_lr=0.01)
@@ -118,7 +121,8 @@ def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = Tr
             step(features, dense, global_batch)
             on_step()
 
-        pipe = freescale.TrainPipeline(step_and_stamp, balancer=balancer)
+        prefetched = {"embeddings": tables, "pooling": "sum" if owner_pooling else "none"} if prefetch else {}
+        pipe = freescale.TrainPipeline(step_and_stamp, balancer=balancer, **prefetched)
         pipe.run((freescale.KeyedJagged(list(KEYS), v, ln), {"dense": d, "label": y}) for v, ln, d, y in batches)
 
     seconds = timed(steps, shape)
@@ -192,6 +196,7 @@ def _rank(queue, job, rank, world, port, shape):
     batches = make_batches(data_rank, shape)
     runners = (("torchrec TrainPipelineSparseDist", lambda: run_torchrec(batches, shape)),
                ("freescale TrainPipeline", lambda: run_freescale(batches, shape, balance=False)),
+               (NOT_PREFETCHED, lambda: run_freescale(batches, shape, balance=False, prefetch=False)),
                ("freescale TrainPipeline + kk_equal balancing", lambda: run_freescale(batches, shape, balance=True)),
                (UNPOOLED, lambda: run_freescale(batches, shape, balance=False, owner_pooling=False)))
     seconds = {name: [] for name, _ in runners}

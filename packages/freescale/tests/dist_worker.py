@@ -307,12 +307,16 @@ def scenario_sim(rank, world):
 def scenario_pipeline(rank, world):
     """TrainPipeline over 4 global batches, balanced (plan and exchange in the background while
     the previous batch's step runs, which does collectives of its own) and not: per step, the ids
-    each rank received, with their samples checked against the originals."""
+    each rank received, with their samples checked against the originals. The step looks its
+    features up in two sharded modules whose ids the pipeline distributed ahead (row-wise summed,
+    table-wise unpooled); the rows are checked against the whole tables."""
     batches = [global_batch(19 + 4 * i, seed=i) for i in range(4)]
     local = []
     for a, b, dense in batches:
         lo, hi = local_slice(world, rank, len(a))
         local.append((KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]}), {"id": torch.arange(lo, hi), "dense": dense[lo:hi]}))
+    tables = [ShardedEmbeddings(EMBEDDING_TABLES, dim=EMBEDDING_DIM, sharding=sharding, init_seed=5) for sharding in ("row", "table")]
+    full = [{k: t.full_weight(k) for k in t.keys} for t in tables]
     out = {}
     for name, balancer in (("balanced", BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), method="kk_equal")), ("plain", None)):
         meter = BubbleMeter()
@@ -325,12 +329,20 @@ def scenario_pipeline(rank, world):
                 one = feats.permute(torch.tensor([j]))
                 assert torch.equal(one["a"][0], a[gid]) and torch.equal(one["b"][0], b[gid])
                 assert torch.equal(dense["dense"][j], dense_all[gid])
+            for module in tables:  # the ids were sent ahead for these very features
+                assert module._prefetched is not None and module._prefetched.features is feats
+            summed, rows = tables[0](feats, "sum"), tables[1](feats, "none")
+            for k in EMBEDDING_TABLES:
+                ids, lengths = feats[k]
+                offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
+                torch.testing.assert_close(summed[k], torch.nn.functional.embedding_bag(ids, full[0][k], offsets, mode="sum"))
+                torch.testing.assert_close(rows[k], full[1][k][ids])
             total = torch.tensor([float(dense["dense"].sum())])
             meter.sync(lambda: dist.all_reduce(total), name="dense_allreduce")  # the step's own collective
             seen.append((dense["id"], global_batch))
 
         with meter.step():
-            TrainPipeline(step, balancer=balancer, meter=meter).run(iter(local))
+            TrainPipeline(step, balancer=balancer, meter=meter, embeddings=tables, pooling=["sum", "none"]).run(iter(local))
         gathered = [None] * world
         dist.all_gather_object(gathered, [(ids.tolist(), g) for ids, g in seen])
         out[name] = {"ids": [sorted(i for r in range(world) for i in gathered[r][s][0]) for s in range(len(batches))],

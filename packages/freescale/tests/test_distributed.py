@@ -69,8 +69,9 @@ def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
 
 
 def test_train_pipeline_moves_every_sample_once(tmp_path):
-    """Balanced, the next batch is planned and exchanged in the background while the current
-    step runs its own collective; every step still gets each sample of its global batch once."""
+    """Balanced, the next batch is planned and exchanged, and its embedding ids distributed, in
+    the background while the current step runs its own collective; every step still gets each
+    sample of its global batch once, and its lookups the right rows (checked in the worker)."""
     proc, res = _run("pipeline", 2, tmp_path)
     for name in ("balanced", "plain"):
         assert res[name]["ids"] == [list(range(19 + 4 * i)) for i in range(4)], name

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from freescale import KeyedJagged
+from freescale.jagged import gather_runs
 
 
 def _kj():
@@ -57,3 +58,16 @@ def test_sample_major_matches_a_loop_and_round_trips():
     assert empty_values.numel() == 0 and empty_lengths.shape == (0, 3)
     with pytest.raises(IndexError):
         kj.sample_major(torch.tensor([7]))
+
+
+@pytest.mark.parametrize("runs, mean", [(37, 3), (5, 900)])  # the index gather, then slices joined by cat
+def test_gather_runs_equals_slicing(runs, mean):
+    g = torch.Generator().manual_seed(runs)
+    lengths = torch.randint(0, 2 * mean + 1, (runs,), generator=g)
+    values = torch.randn(int(lengths.sum()) + 7, generator=g)
+    starts = torch.randint(0, 8, (runs,), generator=g) + (torch.cumsum(lengths, 0) - lengths)
+    order = torch.randperm(runs, generator=g)
+    starts, lengths = starts[order], lengths[order]
+    expected = torch.cat([values[a : a + n] for a, n in zip(starts.tolist(), lengths.tolist())])
+    assert torch.equal(gather_runs(values, starts, lengths), expected)
+    assert torch.equal(gather_runs(values, starts, lengths.zero_()), values[:0])

@@ -21,6 +21,8 @@ optimizer step over them (leave the shards out of the optimizer).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,6 +35,32 @@ POOLINGS = ("sum", "mean", "none")
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _exchange(tensor: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """Uneven all_to_all_single along dim 0 without autograd (ids and counts)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensor
+    output = tensor.new_empty(sum(output_splits), *tensor.shape[1:])
+    dist.all_to_all_single(output, tensor.contiguous(), output_splits, input_splits, group=group)
+    return output
+
+
+@dataclasses.dataclass
+class DistributedIds:
+    """One batch's ids at their owners: all a lookup needs but the rows' values (`distribute()`)."""
+
+    rows: list[torch.Tensor]  # per table: the owner-local rows of the bags sent to this rank
+    offsets: list[torch.Tensor]  # per table: where each of those bags starts in `rows`
+    order: torch.Tensor | None  # the per-table sums back to the order the bags arrived in (None: already)
+    bags_to_owner: list[int]  # bags this rank sent to each owner: the vectors it gets back from each
+    bags_from_source: list[int]  # bags each rank sent here: the vectors sent back to each
+    sent_bag: torch.Tensor | None  # this rank's bag of every vector it gets back (None: the identity)
+    n_bags: int
+    features: KeyedJagged | None = None
+    pooling: str = "sum"
+    split_sizes: list[int] = dataclasses.field(default_factory=list)  # output rows per key
+    bag_lengths: torch.Tensor | None = None  # ids per bag, for pooling="mean"
 
 
 def _world(group):
@@ -113,6 +141,7 @@ class ShardedEmbeddings(nn.Module):
                 rows = (min(rank * per, tables[key]), min((rank + 1) * per, tables[key]))
             self._row_start[key] = rows[0]
             self.shards[key] = nn.Parameter(full[rows[0] : rows[1]].clone())
+        self._prefetched: DistributedIds | None = None
 
     def _route(self, table: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Owner rank of every id of table index `table`, and its row within that owner's shard."""
@@ -136,7 +165,20 @@ class ShardedEmbeddings(nn.Module):
     def forward(self, features: KeyedJagged, pooling: str = "sum") -> dict[str, torch.Tensor]:
         """Per table key: `"sum"` / `"mean"` pooled per sample, {key: [batch, dim]} (an empty bag
         gives zeros, as `nn.EmbeddingBag`); `"none"`: {key: [ids of that key, dim]}, one row per id
-        in the order of the features' values."""
+        in the order of the features' values. Uses the ids `prefetch()` distributed for these very
+        features and this pooling when there are some; otherwise distributes them now."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched.features is features and prefetched.pooling == pooling:
+            distributed = prefetched
+        else:
+            distributed = self.distribute(features, pooling)
+        return self._lookup(distributed)
+
+    def distribute(self, features: KeyedJagged, pooling: str = "sum", process_group=None) -> DistributedIds:
+        """The first half of a lookup, TorchRec's "input distribution": check the ids, route them
+        and send every owner the bags and rows it must sum (two all-to-alls of integers, no
+        autograd). `process_group`: where those all-to-alls run (default the module's), e.g. a
+        group of its own in a background thread while another batch computes."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         missing = [key for key in self.keys if key not in features.keys]
@@ -152,11 +194,17 @@ class ShardedEmbeddings(nn.Module):
             bag_sizes, sizes = [torch.ones_like(ids) for ids in ids_per_key], [ids.numel() for ids in ids_per_key]
         else:
             bag_sizes, sizes = list(lengths_per_key), [features.batch_size] * len(self.keys)
-        pooled = self._bag_sums(list(ids_per_key), bag_sizes)
+        distributed = self._send_requests(list(ids_per_key), bag_sizes, process_group or self.group)
+        distributed.features, distributed.pooling, distributed.split_sizes = features, pooling, sizes
         if pooling == "mean":
-            lengths = torch.cat(lengths_per_key)
-            pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
-        return dict(zip(self.keys, pooled.split(sizes)))
+            distributed.bag_lengths = torch.cat(lengths_per_key)
+        return distributed
+
+    def prefetch(self, distributed: DistributedIds) -> None:
+        """Hand the module the ids `distribute()` sent ahead (e.g. in a pipeline's background
+        thread): the next `forward` on the same features object and pooling uses them. One batch
+        is held at a time."""
+        self._prefetched = distributed
 
     def _requests_table_wise(self, ids_per_key: list[torch.Tensor], sizes_per_key: list[torch.Tensor]):
         """Table-wise routing from the keys alone: all of a key's bags (empty ones too) go to its
@@ -201,9 +249,9 @@ class ShardedEmbeddings(nn.Module):
         ids_to = torch.bincount(owner, minlength=world)
         return sent_bag, bag_size, bags_to, ids_to, row, n_bags
 
-    def _bag_sums(self, ids_per_key: list[torch.Tensor], sizes_per_key: list[torch.Tensor]) -> torch.Tensor:
-        """[bags, dim]: the sum of each bag's rows, bags key-major; `sizes_per_key[t]`: the sizes
-        of key t's bags, whose ids follow each other in `ids_per_key[t]`."""
+    def _send_requests(self, ids_per_key: list[torch.Tensor], sizes_per_key: list[torch.Tensor], group) -> DistributedIds:
+        """Send every owner the bags it sums: `sizes_per_key[t]`, the sizes of key t's bags, whose
+        ids follow each other in `ids_per_key[t]`. What the owner received comes back cut per table."""
         world, n_tables = self.world, len(self.keys)
         requests = self._requests_table_wise if self.sharding == "table" else self._requests_per_id
         sent_bag, bag_size, bags_to, ids_to, row, n_bags = requests(ids_per_key, sizes_per_key)
@@ -215,10 +263,10 @@ class ShardedEmbeddings(nn.Module):
         request = torch.cat([part for d in range(world) for part in (sizes_to[d], rows_to[d])])
 
         # on the owner: the bags every rank sent, source-major, each source's bags in its order
-        counts_from = self._all_to_all(counts, [1] * world, [1] * world)
+        counts_from = _exchange(counts, [1] * world, [1] * world, group)
         ids_from, bags_from = counts_from[:, 0], counts_from[:, 1:]
         bags_per_source = bags_from.sum(1)
-        message = self._all_to_all(request, (ids_from + bags_per_source).tolist(), (ids_to + bags_to.sum(1)).tolist())
+        message = _exchange(request, (ids_from + bags_per_source).tolist(), (ids_to + bags_to.sum(1)).tolist(), group)
         parts = message.split(torch.stack([bags_per_source, ids_from], 1).reshape(-1).tolist())
         slot_size = torch.cat(parts[0::2])
         # each source's bags and ids come grouped by table: cut them into (source, table) runs and
@@ -230,27 +278,39 @@ class ShardedEmbeddings(nn.Module):
         slot_runs = slot_size.split(slots_st.tolist())
         id_runs = [run for s in range(world) for run in parts[2 * s + 1].split(ids_st[s * n_tables:(s + 1) * n_tables])]
         slot_starts = slot_bounds.tolist()
-        sums, slots = [], []
-        for t, key in enumerate(self.keys):  # every table, even with no ids: the backward all-to-all needs the graph
+        table_rows, table_offsets, slots = [], [], []
+        for t in range(n_tables):  # every table, even with no ids: the backward all-to-all needs the graph
             runs = [s * n_tables + t for s in range(world)]
             sizes = _cat([slot_runs[r] for r in runs])
-            rows_of_t = _cat([id_runs[r] for r in runs])
-            offsets = (sizes.cumsum(0) - sizes).to(message.dtype)
-            if self.fused_lr is not None:
-                sums.append(_FusedSGDBagSum.apply(rows_of_t, offsets, self.shards[key], self.fused_lr))
-            else:
-                sums.append(F.embedding_bag(rows_of_t, self.shards[key], offsets, mode="sum", sparse=self.sparse_grad))
+            table_rows.append(_cat([id_runs[r] for r in runs]))
+            table_offsets.append((sizes.cumsum(0) - sizes).to(message.dtype))
             slots.append(_cat([torch.arange(slot_starts[r], slot_starts[r + 1], device=row.device) for r in runs]))
         table_major = torch.cat(slots)
-        owner_sums = _cat(sums)
-        if bool((table_major[1:] < table_major[:-1]).any()):  # back to slot order (not needed from one source)
-            owner_sums = owner_sums.index_select(0, torch.argsort(table_major))
-
-        # back on the requester: one vector per bag per owner, added up
-        got = self._all_to_all(owner_sums, bags_to.sum(1).tolist(), bags_per_source.tolist())
+        # back to slot order after the per-table sums (not needed from one source)
+        order = torch.argsort(table_major) if bool((table_major[1:] < table_major[:-1]).any()) else None
         if sent_bag.numel() == n_bags and bool((sent_bag == torch.arange(n_bags, device=row.device)).all()):
-            return got  # every bag from one owner, in order (e.g. unpooled rows grouped by owner already)
-        return got.new_zeros(n_bags, self.dim).index_add(0, sent_bag, got)
+            sent_bag = None  # every bag from one owner, in order (e.g. unpooled rows grouped by owner already)
+        return DistributedIds(table_rows, table_offsets, order, bags_to.sum(1).tolist(), bags_per_source.tolist(),
+                              sent_bag, n_bags)
+
+    def _lookup(self, d: DistributedIds) -> dict[str, torch.Tensor]:
+        """The second half of a lookup: the owner's per-bag sums (autograd into the shards), one
+        all-to-all back, and the requester adds up each bag's vectors."""
+        sums = []
+        for t, key in enumerate(self.keys):
+            if self.fused_lr is not None:
+                sums.append(_FusedSGDBagSum.apply(d.rows[t], d.offsets[t], self.shards[key], self.fused_lr))
+            else:
+                sums.append(F.embedding_bag(d.rows[t], self.shards[key], d.offsets[t], mode="sum", sparse=self.sparse_grad))
+        owner_sums = _cat(sums)
+        if d.order is not None:
+            owner_sums = owner_sums.index_select(0, d.order)
+        # back on the requester: one vector per bag per owner, added up
+        got = self._all_to_all(owner_sums, d.bags_to_owner, d.bags_from_source)
+        pooled = got if d.sent_bag is None else got.new_zeros(d.n_bags, self.dim).index_add(0, d.sent_bag, got)
+        if d.pooling == "mean":
+            pooled = pooled / d.bag_lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+        return dict(zip(self.keys, pooled.split(d.split_sizes)))
 
     def _all_to_all(self, tensor: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
         return tensor if self.world == 1 else _AllToAll.apply(tensor, output_splits, input_splits, self.group)

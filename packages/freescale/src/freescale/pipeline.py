@@ -2,20 +2,27 @@
 
 Stage 1 copies the next batch to the device (non-blocking); stage 2 all-gathers its per-key
 lengths, partitions the global batch and (CPU tensors) moves its samples with one all-to-all,
-all in the balancer's background thread on its own gloo group; stage 3 runs forward/backward on
-the current batch meanwhile. On a GPU the sample exchange (NCCL, on the caller's group) runs
-just before batch i+1's step instead. Every synchronising point goes through the BubbleMeter
-when one is given.
+all in the balancer's background thread on its own gloo group, then sends the batch's embedding
+ids to the ranks that own their rows (the "input distribution" of the `ShardedEmbeddings` given
+as `embeddings`), in the pipeline's background thread on a gloo group of its own; stage 3 runs
+forward/backward on the current batch meanwhile, and its lookups only fetch the rows. On a GPU
+the sample exchange and the id distribution (NCCL, on the callers' groups) run just before
+batch i+1's step instead. Every synchronising point goes through the BubbleMeter when one is
+given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 
-from .balance import BatchBalancer
+from .balance import BatchBalancer, _done
 from .bubbles import BubbleMeter
+from .embeddings import POOLINGS, ShardedEmbeddings
 from .jagged import KeyedJagged
 
 Batch = tuple[KeyedJagged, dict[str, torch.Tensor]]
@@ -29,31 +36,68 @@ def _to(batch: Batch, device) -> Batch:
 
 class TrainPipeline:
     def __init__(self, step_fn: Callable[[KeyedJagged, dict, int], object], balancer: BatchBalancer | None = None,
-                 device: torch.device | str = "cpu", meter: BubbleMeter | None = None):
-        """`step_fn(features, dense, global_batch)` runs forward/backward/optimizer on one balanced batch."""
+                 device: torch.device | str = "cpu", meter: BubbleMeter | None = None,
+                 embeddings: ShardedEmbeddings | Sequence[ShardedEmbeddings] = (), pooling: str | Sequence[str] = "sum"):
+        """`step_fn(features, dense, global_batch)` runs forward/backward/optimizer on one balanced
+        batch. `embeddings`: the sharded tables the step looks `features` up in, with `pooling`
+        (one for all, or one per module): their ids are distributed ahead, while the previous
+        step runs, and the step's `module(features, pooling)` finds them there. Every process
+        constructs the pipeline (it makes a process group per module for that)."""
         self.step_fn, self.balancer, self.device, self.meter = step_fn, balancer, torch.device(device), meter
+        self.embeddings = [embeddings] if isinstance(embeddings, ShardedEmbeddings) else list(embeddings)
+        poolings = [pooling] * len(self.embeddings) if isinstance(pooling, str) else list(pooling)
+        if len(poolings) != len(self.embeddings) or any(p not in POOLINGS for p in poolings):
+            raise ValueError(f"pooling must be one of {POOLINGS} or one per module of embeddings "
+                             f"({len(self.embeddings)}), got {pooling!r}")
+        self.poolings = poolings
+        self._warned = False
+        # the id all-to-alls run in a thread of their own beside the step's collectives: each on
+        # a gloo group of its own (collectives from two threads on one group could cross)
+        background = self.device.type == "cpu" and bool(self.embeddings)
+        self._groups = [self._own_group(m.group) if background and m.world > 1 else None for m in self.embeddings]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freescale-input-dist") if background else None
+
+    @staticmethod
+    def _own_group(group):
+        members = None if group is None else dist.get_process_group_ranks(group)
+        return dist.new_group(ranks=members, backend="gloo")
 
     def _sync(self, fn, name: str):
         return self.meter.sync(fn, name=name) if self.meter is not None else fn()
 
+    def _distribute(self, feats: KeyedJagged, groups) -> list:
+        return [m.distribute(feats, pooling, group) for m, pooling, group in zip(self.embeddings, self.poolings, groups)]
+
     def _stage(self, batch: Batch):
         batch = _to(batch, self.device)
         if self.balancer is None:
-            return batch, None, False
-        if self.device.type == "cpu":  # plan and exchange in the background, beside batch i's step
-            return batch, self.balancer.balance_async(*batch), True
-        # the plan gathers the per-key lengths too, so the exchange needs no lengths all-to-all
-        return batch, self.balancer.plan_async(batch[0]), False
+            balanced, exchanged = _done((*batch, None)), True
+        elif self.device.type == "cpu":  # plan and exchange in the background, beside batch i's step
+            balanced, exchanged = self.balancer.balance_async(*batch), True
+        else:  # the plan gathers the per-key lengths too, so the exchange needs no lengths all-to-all
+            balanced, exchanged = self.balancer.plan_async(batch[0]), False
+        ids = None
+        if self._pool is not None and exchanged:  # the ids of the balanced batch, once it is here
+            ids = self._pool.submit(lambda: (balanced.result(), self._distribute(balanced.result()[0], self._groups)))
+        return batch, balanced, exchanged, ids
 
     def _finish(self, staged):
-        (feats, dense), fut, exchanged = staged
-        if fut is None:
-            return feats, dense, feats.batch_size
-        if exchanged:
-            feats, dense, plan = self._sync(fut.result, "balance_exchange")
+        (feats, dense), balanced, exchanged, ids = staged
+        if ids is not None:
+            (feats, dense, plan), distributed = self._sync(ids.result, "balance_and_input_dist")
+        elif exchanged:
+            feats, dense, plan = self._sync(balanced.result, "balance_exchange")
+            distributed = None
         else:
-            plan = fut.result()
+            plan = balanced.result()
             feats, dense = self._sync(lambda: self.balancer.exchange(plan, feats, dense), "balance_exchange")
+            distributed = None
+        if distributed is None and self.embeddings:  # no background thread: distribute here
+            distributed = self._sync(lambda: self._distribute(feats, [m.group for m in self.embeddings]), "input_dist")
+        for module, d in zip(self.embeddings, distributed or ()):
+            module.prefetch(d)
+        if plan is None:
+            return feats, dense, feats.batch_size
         self.last_plan = plan
         return feats, dense, plan.global_batch
 
@@ -66,8 +110,20 @@ class TrainPipeline:
             return outputs
         current = self._finish(self._stage(first))
         for nxt in it:
-            staged = self._stage(nxt)  # stages 1-2 for batch i+1 (partition in the background)
-            outputs.append(self.step_fn(*current))  # stage 3 for batch i
+            staged = self._stage(nxt)  # stages 1-2 for batch i+1 (in the background)
+            outputs.append(self._step(current))  # stage 3 for batch i
             current = self._finish(staged)
-        outputs.append(self.step_fn(*current))
+        outputs.append(self._step(current))
         return outputs
+
+    def _step(self, batch):
+        output = self.step_fn(*batch)
+        unused = [m for m in self.embeddings if m._prefetched is not None]
+        if unused and not self._warned:
+            self._warned = True
+            warnings.warn(f"{len(unused)} of the pipeline's embedding modules were not called on the step's features "
+                          f"with the pipeline's pooling {self.poolings}: their ids were distributed ahead for nothing "
+                          f"(call module(features, pooling) on the features step_fn receives)", stacklevel=3)
+        for m in unused:
+            m._prefetched = None
+        return output
