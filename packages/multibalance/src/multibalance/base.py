@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import factored
 from .combine import weighted_sum
 
 
@@ -35,6 +36,9 @@ class Balancer(nn.Module, abc.ABC):
 
     #: whether this balancer needs per-task gradients at all (equal weights / uncertainty don't)
     needs_task_grads = True
+    #: whether `coefficients(norms)` alone decides the combination (then heads that open with a
+    #: Linear layer take the factored path, see `multibalance.factored`)
+    uses_norms_only = False
 
     def __init__(self, task_names: Sequence[str], *, weights: Mapping[str, float] | None = None,
                  shared_parameters=None, process_group=None):
@@ -52,6 +56,7 @@ class Balancer(nn.Module, abc.ABC):
         self.process_group = process_group
         self._reps: list[torch.Tensor] = []
         self._leaves: list[torch.Tensor] = []
+        self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
 
     @property
     def num_tasks(self) -> int:
@@ -164,6 +169,12 @@ class Balancer(nn.Module, abc.ABC):
                 (self.total_loss(losses) * scale).backward()
                 return self.last_scales()
             fused = not self.parameter_level and not self._data_parallel()
+            if fused and self.uses_norms_only and 0.0 not in self.static_weights.tolist():
+                found = factored.find_linear_consumers(scaled, self._leaves)
+                if found is not None:
+                    self._factored_backward(scaled, reps, scale, *found)
+                    return self.last_scales()
+            self.last_path = "general"
             grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
             if scale != 1.0:
                 grads = [[g / scale for g in gt] for gt in grads]
@@ -185,6 +196,29 @@ class Balancer(nn.Module, abc.ABC):
             return self.last_scales()
         finally:
             self._leaves = []
+
+    def _factored_backward(self, scaled, reps, scale, consumers, params):
+        """The heads' backward into their parameters only, the task norms and the combination from
+        the factors d_tj @ W_tj (never a [B, D] per-task gradient), then the bottom's backward."""
+        self.last_path = "factored"
+        weights = self.static_weights.tolist()
+        deltas = factored.head_backward(scaled, weights, consumers, params)
+        per_rep = [factored.stack_factors([deltas[t][j] for t in range(len(weights))],
+                                          [None if row[j] is None else row[j].weight for row in consumers]) for j in range(len(reps))]
+        # the factors carry the static weight and the grad scaler's scale: norms of the unweighted loss
+        unweight = torch.tensor([1.0 / w for w in weights], device=reps[0].device)
+        norms = torch.stack([factored.task_norms(f, len(weights), self.per_sample_norms, unweight.device) for f in per_rep])
+        coeff = self.coefficients(norms * (unweight.abs() / scale))  # [n_reps, T], the static weights included
+        combined = [factored.combine(f, coeff[j] * unweight, leaf) for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
+        torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+
+    #: whether `coefficients` expects the mean per-sample norm rather than the batch norm
+    per_sample_norms = False
+
+    def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
+        """[n_reps, T] combination weights (static weights included) from the [n_reps, T] norms of
+        the per-task gradients; only for balancers with `uses_norms_only`."""
+        raise NotImplementedError
 
     def total_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         return sum(w * loss for w, loss in zip(self.static_weights.tolist(), losses))

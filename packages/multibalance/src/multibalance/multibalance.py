@@ -21,6 +21,11 @@ class MultiBalance(Balancer):
       Under torch.distributed both are reduced over ranks (sum of squares / sum and count),
       so every rank uses the norms of the global batch and DDP matches one process.
     - `warmup_steps`: plain weighted sum (s = 1) for the first steps while the averages settle.
+
+    In one process, heads that read the representation through a Linear layer of their own (the
+    usual case) never form a [B, D] gradient per task: the norms and the combination come from
+    the factors dL/dh and the layer's weight (`multibalance.factored`; `last_path` says which
+    path the last step took). Other heads, and DistributedDataParallel, take the general path.
     """
 
     def __init__(self, task_names: Sequence[str], *, relax: float = 0.7, beta: float = 0.9, target: str = "max",
@@ -58,8 +63,16 @@ class MultiBalance(Balancer):
             norms = stats[0] / stats[1].clamp_min(1)
         return norms.view(self.num_tasks, n_reps).T
 
+    uses_norms_only = True
+
+    @property
+    def per_sample_norms(self) -> bool:
+        return self.norm == "sample"
+
     def combine(self, grads, losses):
-        norms = self._norms(grads)
+        return self.weighted_sums(grads, self.coefficients(self._norms(grads)))
+
+    def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
         if self.ema.shape != norms.shape or self.ema.device != norms.device:
             self.ema = norms.clone()
         else:
@@ -76,8 +89,7 @@ class MultiBalance(Balancer):
         if self.warmup_steps and int(self.step) <= self.warmup_steps:
             scales = torch.ones_like(scales)
         self.scales = scales
-        coeff = scales * self.static_weights.to(scales.device, scales.dtype)  # [n_reps, n_tasks]
-        return self.weighted_sums(grads, coeff)
+        return scales * self.static_weights.to(scales.device, scales.dtype)  # [n_reps, n_tasks]
 
     def last_scales(self) -> dict[str, float]:
         if self.scales.numel() == 0:

@@ -1,0 +1,171 @@
+"""Per-task representation gradients in factored form, for heads that open with a Linear layer.
+
+When task t's head reads representation j through one linear layer h = r @ W.T (+ b), its
+representation gradient is g_tj = d_tj @ W, with d_tj = dL_t/dh of shape [B, h_t]. When
+h_t < D (the usual narrow head on a wide representation) everything MultiBalance needs comes
+from the factors without ever forming the [B, D] gradients:
+
+- ||g||^2 = <d^T d, W W^T> (two h_t x h_t Gram matrices), per sample (d (W W^T)) . d summed
+  over the row;
+- the combination sum_t c_t g_tj = [c_1 d_1j, ..., c_T d_Tj] @ [W_1; ...; W_T], one matmul of
+  the same size as the heads' own representation-gradient matmuls, with no per-task buffer and no
+  accumulation passes.
+
+The heads' parameters get their gradients from ONE backward over the weighted losses, told to
+stop at the parameters (`inputs=`), so autograd never computes a per-task representation
+gradient; a pre-hook on each head's first linear node keeps d_tj. The shared bottom then gets one
+backward, as on the general path. Any other head shape (a non-linear first op, a layer shared
+between tasks, a representation read twice by one task, a compiled head, a first layer at least
+as wide as the representation, where the factors are no smaller than the gradient) takes the
+general path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+
+# linear nodes and the index of their input ("mat1") edge; the weight is saved as mat2 = W.T
+_LINEAR_INPUT = {"AddmmBackward0": 1, "MmBackward0": 0}
+
+
+@dataclasses.dataclass
+class _Consumer:
+    node: object  # the head's first linear node
+    weight: torch.Tensor  # W, [h, D] (as the forward used it, e.g. the autocast copy)
+
+
+def _leaf_node(node, leaf_nodes: dict) -> int | None:
+    """The representation index `node` leads to directly or through one dtype cast (autocast)."""
+    if node is None:
+        return None
+    if id(node) in leaf_nodes:
+        return leaf_nodes[id(node)]
+    if type(node).__name__ == "ToCopyBackward0" and len(node.next_functions) == 1:
+        inner = node.next_functions[0][0]
+        return leaf_nodes.get(id(inner)) if inner is not None else None
+    return None
+
+
+def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]):
+    """Per task and representation: the one linear node reading it (or None when the task does
+    not read it), plus the heads' parameters; None when any head does not fit (see module docs)."""
+    leaf_nodes = {id(get_gradient_edge(leaf).node): j for j, leaf in enumerate(leaves)}
+    consumers: list[list[_Consumer | None]] = []
+    params: dict[int, torch.Tensor] = {}
+    owner: dict[int, int] = {}  # linear node -> the task it belongs to
+    for t, loss in enumerate(losses):
+        found: list[_Consumer | None] = [None] * len(leaves)
+        seen, stack = set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in leaf_nodes:
+                continue
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a head parameter
+            if variable is not None:
+                params[id(variable)] = variable
+                continue
+            for index, (child, _) in enumerate(node.next_functions):
+                j = _leaf_node(child, leaf_nodes)
+                if j is None:
+                    stack.append(child)
+                    continue
+                if _LINEAR_INPUT.get(type(node).__name__) != index or found[j] is not None or id(node) in owner:
+                    return None  # not a linear layer's input, read twice, or a layer shared by tasks
+                edges = [e for i, (e, _) in enumerate(node.next_functions) if i != index]
+                if all(e is None for e in edges):
+                    return None  # a frozen layer without bias: its node would not run
+                weight = node._saved_mat2.T.detach()
+                if weight.shape[0] >= weight.shape[1]:
+                    return None  # a layer as wide as the representation: the factors save nothing
+                owner[id(node)] = t
+                found[j] = _Consumer(node, weight)
+        if all(c is None for c in found):
+            return None  # the general path names the task that does not read the representation
+        consumers.append(found)
+    if not params:
+        return None
+    return consumers, list(params.values())
+
+
+def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, params) -> list[list[torch.Tensor | None]]:
+    """One backward over sum_t w_t L_t into the heads' parameters only; returns d_tj (of w_t L_t)."""
+    deltas: list[list[torch.Tensor | None]] = [[None] * len(row) for row in consumers]
+    handles = []
+    for t, row in enumerate(consumers):
+        for j, c in enumerate(row):
+            if c is not None:
+                def keep(grad_outputs, t=t, j=j):
+                    deltas[t][j] = grad_outputs[0]
+                handles.append(c.node.register_prehook(keep))
+    try:
+        total = sum(loss if w == 1.0 else w * loss for w, loss in zip(weights, losses))
+        torch.autograd.backward(total, inputs=params)
+    finally:
+        for h in handles:
+            h.remove()
+    return deltas
+
+
+@dataclasses.dataclass
+class Factors:
+    """One representation's factors over the tasks that read it: d side by side, [B, sum h_t],
+    and the weights [sum h_t, D], both fp32; `widths` the h_t."""
+
+    present: list[int]
+    left: torch.Tensor
+    right: torch.Tensor
+    widths: list[int]
+
+
+def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor | None]) -> Factors | None:
+    present = [t for t, d in enumerate(deltas) if d is not None]
+    if not present:
+        return None
+    ds = [deltas[t].reshape(-1, deltas[t].shape[-1]) for t in present]
+    return Factors(present, torch.cat(ds, 1).float(), torch.cat([weights[t] for t in present], 0).float(),
+                   [d.shape[1] for d in ds])
+
+
+def task_norms(f: Factors | None, n_tasks: int, per_sample: bool, device) -> torch.Tensor:
+    """[T] norms of the representation gradients d_t @ W_t (0 where a task does not read it): the
+    Frobenius norm, or (per_sample) the mean over samples of each row's norm. From h x h Gram
+    matrices: ||d W||^2 = <d^T d, W W^T>, a row's (d_b (W W^T)) . d_b."""
+    if f is None:
+        return torch.zeros(n_tasks, device=device)
+    width = f.widths[0]
+    if all(w == width for w in f.widths):  # every task in one batched op
+        ds = f.left.view(f.left.shape[0], len(f.widths), width).transpose(0, 1)  # [T', B, h]
+        ws = f.right.view(len(f.widths), width, -1)  # [T', h, D]
+        gram_w = torch.bmm(ws, ws.transpose(1, 2))
+        if per_sample:
+            norms = (torch.bmm(ds, gram_w) * ds).sum(2).clamp_min(0).sqrt().mean(1)
+        else:
+            norms = (torch.bmm(ds.transpose(1, 2), ds) * gram_w).sum((1, 2)).clamp_min(0).sqrt()
+    else:
+        norms = []
+        for d, w in zip(f.left.split(f.widths, 1), f.right.split(f.widths, 0)):
+            gram_w = w @ w.T
+            if per_sample:
+                norms.append(((d @ gram_w) * d).sum(1).clamp_min(0).sqrt().mean())
+            else:
+                norms.append(torch.dot((d.T @ d).reshape(-1), gram_w.reshape(-1)).clamp_min(0).sqrt())
+        norms = torch.stack(norms)
+    if len(f.present) == n_tasks:
+        return norms
+    return torch.zeros(n_tasks, device=device).index_copy(0, torch.tensor(f.present, device=device), norms)
+
+
+def combine(f: Factors | None, coeff: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sum_t coeff[t] * d_t @ W_t as one matmul (coeff: [T] on the device), fp32, shaped like `like`;
+    the coefficients scale the weights' rows (h x D per task), the smaller side."""
+    if f is None:
+        return torch.zeros_like(like, dtype=torch.float32)
+    c = coeff[f.present] if len(f.present) < coeff.numel() else coeff
+    row_scale = c.repeat_interleave(torch.tensor(f.widths, device=c.device), output_size=f.right.shape[0])
+    return (f.left @ (f.right * row_scale.unsqueeze(1))).view(like.shape)

@@ -1,0 +1,125 @@
+"""The factored path (heads that open with a Linear layer) against the general path, which forms
+every task's representation gradient: same gradients everywhere, and the general path wherever
+a head does not fit."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from multibalance import MultiBalance
+
+
+class Model(nn.Module):
+    """A shared bottom with two representations and per-task MLP heads of the given widths;
+    `reads[t]`: which representations task t reads (each through a Linear of its own)."""
+
+    def __init__(self, widths, reads, d=(9, 6)):
+        super().__init__()
+        self.bottom = nn.Linear(5, d[0] + d[1])
+        self.d = d
+        self.reads = reads
+        self.first = nn.ModuleList(nn.ModuleList(nn.Linear(d[j], w, bias=j == 0) for j in range(2)) for w in widths)
+        self.out = nn.ModuleList(nn.Linear(w, 1) for w in widths)
+
+    def shared(self, x):
+        z = torch.tanh(self.bottom(x))
+        return z[:, : self.d[0]], z[:, self.d[0] :]
+
+    def losses(self, reps, y):
+        out = {}
+        for t, reads in enumerate(self.reads):
+            h = sum(self.first[t][j](reps[j]) for j in reads)
+            out[f"t{t}"] = ((self.out[t](torch.relu(h)).squeeze(1) - y[t]) ** 2).mean() * (3.0**t)
+        return out
+
+
+def _step(model, balancer, x, y, steps=2):
+    for _ in range(steps):  # the second step uses the moving averages of the first
+        model.zero_grad(set_to_none=True)
+        reps = balancer.attach(*model.shared(x))
+        balancer.backward(model.losses(reps, y))
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _general(**kwargs) -> MultiBalance:
+    bal = MultiBalance(["t0", "t1", "t2"], **kwargs)
+    bal.uses_norms_only = False  # forms every task's representation gradient
+    return bal
+
+
+@pytest.mark.parametrize("widths", [(4, 4, 4), (3, 5, 2)])  # one batched op for all tasks; per task
+@pytest.mark.parametrize("norm", ["batch", "sample"])
+@pytest.mark.parametrize("reads", [((0, 1), (0, 1), (0, 1)), ((0,), (0, 1), (1,))])
+def test_factored_equals_general(widths, norm, reads):
+    torch.manual_seed(len(widths) + widths[1])
+    model = Model(widths, reads)
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(11, 5), torch.randn(3, 11)
+    kwargs = dict(relax=0.6, beta=0.8, norm=norm, weights={"t1": 0.5, "t2": 2.0})
+    fast = MultiBalance(["t0", "t1", "t2"], **kwargs)
+    got = _step(model, fast, x, y)
+    slow = _general(**kwargs)
+    expected = _step(ref, slow, x, y)
+    assert fast.last_path == "factored" and slow.last_path == "general"
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(fast.ema, slow.ema, rtol=1e-5, atol=1e-7)
+
+
+def test_factored_with_grad_scaler_and_autocast():
+    torch.manual_seed(1)
+    model = Model((4, 4, 4), ((0,), (0, 1), (1,)))
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(11, 5), torch.randn(3, 11)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    fast, slow = MultiBalance(["t0", "t1", "t2"]), _general()
+    for m, bal in ((model, fast), (ref, slow)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reps = bal.attach(*m.shared(x))
+            losses = {k: v.float() for k, v in m.losses(reps, y).items()}
+        bal.backward(losses, scaler=scaler)
+    assert fast.last_path == "factored"
+    torch.testing.assert_close(fast.ema, slow.ema, rtol=2e-2, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is None:  # a first layer of a representation its task does not read
+            continue
+        assert torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, q.grad, rtol=3e-2, atol=3e-2 * float(q.grad.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("kind", ["nonlinear", "two linear layers", "wide"])
+def test_other_heads_take_the_general_path(kind):
+    """Heads that do not read the representation through one Linear layer of their own."""
+    torch.manual_seed(2)
+    bottom, first, second, wide = nn.Linear(5, 9), nn.Linear(9, 4), nn.Linear(9, 4), nn.Linear(9, 9)
+    x, y = torch.randn(11, 5), torch.randn(3, 11)
+    fast, slow = MultiBalance(["t0", "t1", "t2"], relax=1.0), _general(relax=1.0)
+    grads = []
+    for bal in (fast, slow):
+        bottom.zero_grad()
+        rep = bal.attach(torch.tanh(bottom(x)))
+        if kind == "nonlinear":
+            heads = [torch.tanh(rep).sum(1) * (t + 1) for t in range(3)]
+        elif kind == "wide":  # a first layer as wide as the representation
+            heads = [wide(rep).sum(1) * (t + 1) if t == 0 else first(rep).sum(1) * (t + 1) for t in range(3)]
+        else:  # one task reads it through two layers
+            heads = [(first(rep) + second(rep)).sum(1) * (t + 1) for t in range(3)]
+        bal.backward({f"t{t}": ((h - y[t]) ** 2).mean() for t, h in enumerate(heads)})
+        grads.append(bottom.weight.grad.clone())
+    assert fast.last_path == "general"
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_layer_shared_between_tasks_takes_the_general_path():
+    torch.manual_seed(3)
+    bottom, first = nn.Linear(5, 9), nn.Linear(9, 4)
+    x = torch.randn(11, 5)
+    bal = MultiBalance(["a", "b"], relax=1.0)
+    rep = bal.attach(torch.tanh(bottom(x)))
+    h = first(rep)  # one node that both tasks read
+    bal.backward({"a": h[:, 0].pow(2).mean(), "b": h[:, 1].pow(2).mean() * 10})
+    assert bal.last_path == "general"
