@@ -15,6 +15,9 @@ from silvertorch import (
     ValueModel,
     parse_filters,
 )
+from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
+from silvertorch.ivf.probed import _probed_dots as probed_dots
+from silvertorch.ivf.probed import probed_scores
 
 N, D, USERS = 2500, 24, 40
 SCHEMA = {"cat": 1, "year": 2}
@@ -147,11 +150,31 @@ def test_cluster_major_scores_equal_per_query_integer_dots(queries):
     clusters = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(queries)])
     clusters[-1, 0] = clusters[0, 0]  # queries sharing a cluster read the same scored rows
     want = (model.codes[model.cluster_positions[clusters]].long() * q_codes.long()[:, None, None, :]).sum(-1)
-    got = model._probed_dots(q_codes, clusters)
+    got = probed_dots(model.codes, model.cluster_positions, clusters, q_codes)
     assert got.dtype == torch.float32 and torch.equal(got, want.float())
     if queries == 2:  # the union is built from tensor ops only
-        compiled = torch.compile(model._probed_dots, backend="aot_eager", fullgraph=True)
-        assert torch.equal(compiled(q_codes, clusters), got)
+        compiled = torch.compile(probed_dots, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(model.codes, model.cluster_positions, clusters, q_codes), got)
+
+
+@pytest.mark.parametrize("queries", [3, CLUSTER_MAJOR_MIN_QUERIES + 1])  # query-major, cluster-major kernel
+def test_probed_scores_kernel_matches_reference(monkeypatch, queries):
+    """The model's scoring op on the Triton interpreter against its reference: random keep bits
+    (padding slots included), clusters shared between queries; -inf exactly where keep is off."""
+    from gpukernels_common import Backend
+
+    model = _model(n_clusters=12, nprobe=3)
+    g = torch.Generator().manual_seed(queries)
+    q_codes = torch.randint(-127, 128, (queries, D), dtype=torch.int8, generator=g)
+    q_scales = torch.rand(queries, generator=g) + 0.01
+    clusters = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(queries)])
+    clusters[-1, 0] = clusters[0, 0]
+    keep = (torch.rand(queries, 3, model.cluster_positions.shape[1], generator=g) < 0.7) & model.cluster_valid[clusters]
+    args = (model.codes, model.scales, model.cluster_positions, model.cluster_offsets, clusters, keep, q_codes, q_scales)
+    want = probed_scores.run(Backend.REFERENCE, *args)
+    got = probed_scores.run(Backend.INTERPRET, *args)
+    assert torch.equal(torch.isinf(got), ~keep.reshape(queries, -1))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 def test_bloom_false_positives_removed_by_exact_verification():
@@ -233,6 +256,8 @@ def test_export_round_trip(tmp_path):
     users = torch.arange(4).unsqueeze(1)
     plans = MODEL.prepare_filters(["cat:1", "", "NOT year:1995", "cat:{2,3}"])
     program = torch.export.export(MODEL, (users, *plans))
+    # the scoring step stays one custom op: the fused kernels run inside the exported graph
+    assert "silvertorch.probed_scores" in str(program.graph)
     torch.export.save(program, str(tmp_path / "model.pt2"))
     loaded = torch.export.load(str(tmp_path / "model.pt2"))
     want = MODEL(users, *plans)

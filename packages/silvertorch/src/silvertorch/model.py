@@ -41,7 +41,9 @@ from .__about__ import __version__
 from .bloom.hashing import bloom_positions, term_hash
 from .bloom.index import WORDS_PER_BUNDLE, BloomIndex
 from .bloom.parser import AND, EXACT_TERM, MAX_DEPTH, NOP, NOT, OR, TERM, TRUE, FilterPlans, FilterSchema, parse_filters
-from .ivf.index import IVFIndex, _int8_dots
+from .ivf.index import IVFIndex
+from .ivf.probed import probed_scores
+from .ivf.probed import rows_of as _rows
 from .ivf.quantize import quantize_rows
 from .scoring import OverArch, ValueModel
 from .towers import TOWERS
@@ -95,21 +97,6 @@ def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
     return fids, vals, counts
 
 
-def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table[index] for an index of any shape, through index_select (on the CPU about ten times
-    faster than advanced indexing for the [Q, M] gathers of the forward)."""
-    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
-
-
-def _int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on the CPU
-    (torch._int_mm, oneDNN), no float copy of the rows; elsewhere the IVF reference's fp32 matmul
-    (exact while sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
-    if rows.device.type == "cpu":
-        return torch._int_mm(q_codes, rows.T)
-    return _int8_dots(q_codes, rows)
-
-
 def _unpad_jagged(fids, vals, counts):
     keep = torch.arange(fids.shape[1]) < counts.unsqueeze(1)
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
@@ -153,6 +140,9 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"max_exact_terms must be in [1, max_terms={max_terms}], got {max_exact_terms}")
         self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
         self.max_exact_terms = max_exact_terms
+        # where each cluster's items start and end in storage: the fused scoring kernels' ranges
+        sizes = self.cluster_valid.sum(1)
+        self.register_buffer("cluster_offsets", torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]), persistent=False)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -331,29 +321,6 @@ class RetrievalModel(nn.Module):
         bit = (passing.view(q, p, n_words).gather(2, local) >> (slots % 64)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
 
-    def _probed_dots(self, q_codes, clusters):
-        """float32 [Q, P, S]: exact integer dot products of the int8 query codes with the int8 codes of
-        every slot of their probed clusters. Cluster-major: the rows of the batch's probed clusters
-        (the union, at most Q x P of them) are scored against every query in one int8 matmul and each
-        query reads its own clusters' scores back, instead of gathering and converting a padded
-        [Q, P x S, D] block per query. When that union's padded rows would outnumber the main index,
-        every main item is scored instead (no gather at all). Static shapes: the union is padded to
-        min(n_clusters, Q x P) clusters with unprobed ones that nobody reads."""
-        q, p = clusters.shape
-        n_clusters, width = self.cluster_positions.shape
-        union_size = min(n_clusters, q * p)
-        if union_size * width >= self.num_main:
-            rows, row_of_slot = self.codes, self.cluster_positions
-        else:
-            probed = torch.zeros(n_clusters, dtype=torch.int32, device=clusters.device).index_fill(0, clusters.reshape(-1), 1)
-            union = torch.argsort(1 - probed, stable=True)[:union_size]  # probed clusters first, in cluster order
-            rows = _rows(self.codes, self.cluster_positions[union]).reshape(-1, self.dim)
-            rank = probed.cumsum(0) - 1  # a probed cluster's place in the union
-            row_of_slot = rank.unsqueeze(1) * width + torch.arange(width, device=clusters.device)
-        dots = _int8_matmul(q_codes, rows)  # [Q, R]
-        index = _rows(row_of_slot, clusters) + (torch.arange(q, device=clusters.device) * rows.shape[0])[:, None, None]
-        return _rows(dots.reshape(-1), index).float()
-
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
         """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q]).
@@ -377,8 +344,10 @@ class RetrievalModel(nn.Module):
         found = keep.sum((1, 2)) + fresh_found
         pos, keep = _rows(self.cluster_positions, clusters).reshape(q, -1), keep.reshape(q, -1)
         q_codes, q_scales = quantize_rows(u)
-        dots = self._probed_dots(q_codes, clusters).reshape(q, -1)
-        main = torch.where(keep, dots * _rows(self.scales, pos) * q_scales.unsqueeze(1), torch.full_like(dots, float("-inf")))
+        # int8 scores of the probed slots, -inf where keep is off: one custom op (the fused IVF kernels
+        # on a Triton backend, in eager, compiled and exported graphs alike)
+        main = probed_scores(self.codes, self.scales, self.cluster_positions, self.cluster_offsets, clusters,
+                             keep.view(q, self.max_nprobe, -1), q_codes, q_scales)
         scores, cand = main, pos
         if self.fresh_capacity:
             fscores = u @ self.item_embeddings[self.num_main:].float().T

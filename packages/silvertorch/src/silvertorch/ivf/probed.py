@@ -1,0 +1,106 @@
+"""The retrieval model's scoring step as one custom op, `silvertorch::probed_scores`.
+
+For each query, every slot of its probed clusters: the int8 dot product of the query's codes
+with the item's codes, times the item's and the query's scale, or -inf where the filter's keep
+bit is off (a padding slot, a deleted item, an item that fails the filter). `torch.compile` and
+`torch.export` see one op, so a compiled or exported model keeps the fused kernels: on a Triton
+backend the IVF scoring kernels run with the keep bits packed into their mask words (query-major,
+or cluster-major from `CLUSTER_MAJOR_MIN_QUERIES` queries on, as `IVFIndex.candidate_scores`);
+the reference scores the union of the batch's probed clusters in one int8 matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpukernels_common import env, register_op
+
+from .index import CLUSTER_MAJOR_MIN_QUERIES, _cluster_pairs, _int8_dots, int8_dot_supported
+
+
+def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for an index of any shape, through index_select (on the CPU about ten times
+    faster than advanced indexing for the [Q, M] gathers of the forward)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
+def int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on the CPU
+    (torch._int_mm, oneDNN), no float copy of the rows; elsewhere the IVF reference's fp32 matmul
+    (exact while sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
+    if rows.device.type == "cpu":
+        return torch._int_mm(q_codes, rows.T)
+    return _int8_dots(q_codes, rows)
+
+
+def _probed_dots(codes, cluster_positions, clusters, q_codes):
+    """float32 [Q, P, S]: exact integer dot products of the int8 query codes with the int8 codes of
+    every slot of their probed clusters. Cluster-major: the rows of the batch's probed clusters
+    (the union, at most Q x P of them) are scored against every query in one int8 matmul and each
+    query reads its own clusters' scores back, instead of gathering and converting a padded
+    [Q, P x S, D] block per query. When that union's padded rows would outnumber the main index,
+    every main item is scored instead (no gather at all). Static shapes: the union is padded to
+    min(n_clusters, Q x P) clusters with unprobed ones that nobody reads."""
+    q, p = clusters.shape
+    n_clusters, width = cluster_positions.shape
+    union_size = min(n_clusters, q * p)
+    if union_size * width >= codes.shape[0]:
+        rows, row_of_slot = codes, cluster_positions
+    else:
+        probed = torch.zeros(n_clusters, dtype=torch.int32, device=clusters.device).index_fill(0, clusters.reshape(-1), 1)
+        union = torch.argsort(1 - probed, stable=True)[:union_size]  # probed clusters first, in cluster order
+        rows = rows_of(codes, cluster_positions[union]).reshape(-1, codes.shape[1])
+        rank = probed.cumsum(0) - 1  # a probed cluster's place in the union
+        row_of_slot = rank.unsqueeze(1) * width + torch.arange(width, device=clusters.device)
+    dots = int8_matmul(q_codes, rows)  # [Q, R]
+    index = rows_of(row_of_slot, clusters) + (torch.arange(q, device=clusters.device) * rows.shape[0])[:, None, None]
+    return rows_of(dots.reshape(-1), index).float()
+
+
+def probed_scores_reference(codes: torch.Tensor, scales: torch.Tensor, cluster_positions: torch.Tensor,
+                            cluster_offsets: torch.Tensor, clusters: torch.Tensor, keep: torch.Tensor,
+                            q_codes: torch.Tensor, q_scales: torch.Tensor) -> torch.Tensor:
+    """float32 [Q, P x S] (see the module docs); `cluster_offsets` [n_clusters + 1] only for the kernels."""
+    q, p = clusters.shape
+    dots = _probed_dots(codes, cluster_positions, clusters, q_codes)
+    scale = rows_of(scales, rows_of(cluster_positions, clusters)) * q_scales[:, None, None]  # as the kernels: item x query first
+    return torch.where(keep, dots * scale, torch.full_like(dots, float("-inf"))).reshape(q, -1)
+
+
+def probed_scores_triton(codes: torch.Tensor, scales: torch.Tensor, cluster_positions: torch.Tensor,
+                         cluster_offsets: torch.Tensor, clusters: torch.Tensor, keep: torch.Tensor,
+                         q_codes: torch.Tensor, q_scales: torch.Tensor) -> torch.Tensor:
+    import triton
+
+    from ..filtering import pack_bits
+    from .kernels import score_cluster_major_kernel, score_kernel
+
+    q, p = clusters.shape
+    n_clusters, width = cluster_positions.shape
+    d = codes.shape[1]
+    words = pack_bits(keep).contiguous()  # [Q, P, W32]: the kernels' filter words
+    w32 = words.shape[-1]
+    out = torch.empty(q, p * width, dtype=torch.float32, device=codes.device)
+    if q >= CLUSTER_MAJOR_MIN_QUERIES:
+        bq, bn = 16, 64
+        pairs, pair_ends, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, n_clusters, bq)
+        score_cluster_major_kernel[(n_blocks, triton.cdiv(width, bn))](
+            out, codes, scales, q_codes, q_scales, cluster_offsets, pairs, pair_ends, block_cluster, block_row,
+            words, d, p, width, w32, HAS_FILTER=True, INT8_DOT=int8_dot_supported(codes.device),
+            FP16_DOT=env.gpu_launch_shapes(codes.device), BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
+    else:
+        starts = cluster_offsets[clusters]
+        lengths = cluster_offsets[clusters + 1] - starts
+        bn = 64
+        score_kernel[(q * p, triton.cdiv(width, bn))](
+            out, codes, scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
+            words, d, p, width, w32, HAS_FILTER=True, BN=bn, BD=min(128, triton.next_power_of_2(d)))
+    return out
+
+
+def _probed_scores_fake(codes, scales, cluster_positions, cluster_offsets, clusters, keep, q_codes, q_scales):
+    return q_codes.new_empty(clusters.shape[0], clusters.shape[1] * cluster_positions.shape[1], dtype=torch.float32)
+
+
+probed_scores = register_op("silvertorch::probed_scores", reference=probed_scores_reference,
+                            triton=probed_scores_triton, fake=_probed_scores_fake)
