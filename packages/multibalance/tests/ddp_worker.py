@@ -28,23 +28,27 @@ def data():
     return torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g), 5 * torch.randn(8, 1, generator=g)
 
 
-def train(wrapper, net, norm, x, ya, yb, steps=2):
+def train(wrapper, net, norm, path, x, ya, yb, steps=2):
+    """Gradients after `steps` balanced steps; `path`: "factored" (the heads open with a Linear
+    layer) or "general" (forced: every task's representation gradient formed)."""
     bal = MultiBalance(["a", "b"], relax=0.8, norm=norm)
+    bal.uses_norms_only = path == "factored"
     for _ in range(steps):
         net.zero_grad()
         rep = bal.attach(wrapper(x))
         bal.backward({"a": ((net.head_a(rep) - ya) ** 2).mean(), "b": ((net.head_b(rep) - yb) ** 2).mean()})
+    assert bal.last_path == path, (bal.last_path, path)
     return {k: p.grad.clone() for k, p in net.named_parameters()}
 
 
-def worker(rank, world, port, norm, out):
+def worker(rank, world, port, norm, path, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         net = Net()
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         x, ya, yb = (t.chunk(world)[rank] for t in data())
-        grads = train(ddp, net, norm, x, ya, yb)
+        grads = train(ddp, net, norm, path, x, ya, yb)
         if rank == 0:
             torch.save(grads, out)
         dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
@@ -53,5 +57,5 @@ def worker(rank, world, port, norm, out):
 
 
 if __name__ == "__main__":
-    port, norm, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    mp.spawn(worker, args=(2, port, norm, out), nprocs=2, join=True)
+    port, norm, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    mp.spawn(worker, args=(2, port, norm, path, out), nprocs=2, join=True)

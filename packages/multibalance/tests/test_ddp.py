@@ -17,12 +17,13 @@ _spec.loader.exec_module(ddp_worker)
 
 
 
+@pytest.mark.parametrize("path", ["factored", "general"])  # the worker asserts the path each side took
 @pytest.mark.parametrize("norm", ["batch", "sample"])
-def test_ddp_equals_single_process(tmp_path, norm):
+def test_ddp_equals_single_process(tmp_path, norm, path):
     out = tmp_path / "grads.pt"
-    run_workers([sys.executable, WORKER, free_port(), norm, out], out)
+    run_workers([sys.executable, WORKER, free_port(), norm, path, out], out)
     got = torch.load(out, weights_only=True)
     net = ddp_worker.Net()
-    expected = ddp_worker.train(net, net, norm, *ddp_worker.data())
+    expected = ddp_worker.train(net, net, norm, path, *ddp_worker.data())
     for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{norm}: {k}")
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{norm} {path}: {k}")

@@ -56,9 +56,9 @@ def _contiguous(costs, world):
 
 
 def _lpt(costs, world, equal):
-    n = costs.numel()
+    n = len(costs)
     cap = [n // world + (1 if r < n % world else 0) for r in range(world)] if equal else [n] * world
-    order = sorted(range(n), key=lambda i: (-float(costs[i]), i))
+    order = sorted(range(n), key=lambda i: (-costs[i], i))
     bins = [[] for _ in range(world)]
     heap = [(0.0, r) for r in range(world)]
     full = []
@@ -69,26 +69,26 @@ def _lpt(costs, world, equal):
                 break
             full.append((load, r))
         bins[r].append(i)
-        heapq.heappush(heap, (load + float(costs[i]), r))
+        heapq.heappush(heap, (load + costs[i], r))
     return bins
 
 
 def _kk(costs, world, equal):
-    n = costs.numel()
+    n = len(costs)
     counter = itertools.count()
     heap = []
     if equal:
         pad = (-n) % world
-        items = sorted(range(n), key=lambda i: (-float(costs[i]), i)) + [-1] * pad  # -1: zero-cost padding
+        items = sorted(range(n), key=lambda i: (-costs[i], i)) + [-1] * pad  # -1: zero-cost padding
         for g in range(0, len(items), world):
             group = items[g : g + world]
-            subsets = [([i] if i >= 0 else [], float(costs[i]) if i >= 0 else 0.0) for i in group]
+            subsets = [([i] if i >= 0 else [], costs[i] if i >= 0 else 0.0) for i in group]
             subsets.sort(key=lambda s: s[1])
             heapq.heappush(heap, (-(subsets[-1][1] - subsets[0][1]), next(counter), subsets))
     else:
         for i in range(n):
-            subsets = [([], 0.0)] * (world - 1) + [([i], float(costs[i]))]
-            heapq.heappush(heap, (-float(costs[i]), next(counter), subsets))
+            subsets = [([], 0.0)] * (world - 1) + [([i], costs[i])]
+            heapq.heappush(heap, (-costs[i], next(counter), subsets))
     while len(heap) > 1:
         _, _, a = heapq.heappop(heap)
         _, _, b = heapq.heappop(heap)
@@ -99,9 +99,8 @@ def _kk(costs, world, equal):
     return [s[0] for s in heap[0][2]] if heap else [[] for _ in range(world)]
 
 
-def _refine(bins, costs, max_rounds=200):
+def _refine(bins, c, max_rounds=200):
     """Pairwise swaps between the most and least loaded ranks while the max load drops."""
-    c = [float(x) for x in costs]
     loads = [sum(c[i] for i in b) for b in bins]
     for _ in range(max_rounds):
         hi = max(range(len(bins)), key=lambda r: loads[r])
@@ -140,14 +139,15 @@ def partition(costs, world_size: int, method: str = "kk_equal", refine: bool = T
         raise ValueError(f"need at least one sample per rank: {costs.numel()} samples for {world_size} ranks")
     if not torch.isfinite(costs).all() or (costs < 0).any():
         raise ValueError("costs must be finite and non-negative")
+    values = costs.tolist()  # Python floats: the greedy and differencing loops index them one by one
     if method == "contiguous":
         bins = _contiguous(costs, world_size)
     elif method.startswith("lpt"):
-        bins = _lpt(costs, world_size, equal=method == "lpt_equal")
+        bins = _lpt(values, world_size, equal=method == "lpt_equal")
     else:
-        bins = _kk(costs, world_size, equal=method == "kk_equal")
+        bins = _kk(values, world_size, equal=method == "kk_equal")
     if refine and method != "contiguous":
-        bins = _refine(bins, costs)
+        bins = _refine(bins, values)
     assignments = [torch.tensor(sorted(b), dtype=torch.long) for b in bins]
     loads = torch.stack([costs[a].sum() if a.numel() else costs.new_zeros(()) for a in assignments])
     return Partition(assignments, loads, method)

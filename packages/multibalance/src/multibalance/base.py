@@ -169,10 +169,10 @@ class Balancer(nn.Module, abc.ABC):
                 (self.total_loss(losses) * scale).backward()
                 return self.last_scales()
             fused = not self.parameter_level and not self._data_parallel()
-            if fused and self.uses_norms_only and 0.0 not in self.static_weights.tolist():
+            if not self.parameter_level and self.uses_norms_only and 0.0 not in self.static_weights.tolist():
                 found = factored.find_linear_consumers(scaled, self._leaves)
                 if found is not None:
-                    self._factored_backward(scaled, reps, scale, *found)
+                    self._factored_backward(scaled, reps, scale, *found, one_call=not fused)
                     return self.last_scales()
             self.last_path = "general"
             grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
@@ -197,20 +197,42 @@ class Balancer(nn.Module, abc.ABC):
         finally:
             self._leaves = []
 
-    def _factored_backward(self, scaled, reps, scale, consumers, params):
-        """The heads' backward into their parameters only, the task norms and the combination from
-        the factors d_tj @ W_tj (never a [B, D] per-task gradient), then the bottom's backward."""
+    def _factored_backward(self, scaled, reps, scale, consumers, params, one_call: bool):
+        """The task norms and the combination from the factors d_tj @ W_tj (never a [B, D] per-task
+        gradient). In one process the heads' backward runs into their parameters only, then the
+        bottom's; with `one_call` (DDP) the factors come from an autograd.grad that stops at the
+        heads' first layers, and heads and bottom then take ONE backward, so DDP all-reduces once."""
         self.last_path = "factored"
         weights = self.static_weights.tolist()
-        deltas = factored.head_backward(scaled, weights, consumers, params)
+        if one_call:
+            deltas = factored.head_deltas(scaled, weights, consumers)
+        else:
+            deltas = factored.head_backward(scaled, weights, consumers, params)
         per_rep = [factored.stack_factors([deltas[t][j] for t in range(len(weights))],
                                           [None if row[j] is None else row[j].weight for row in consumers]) for j in range(len(reps))]
         # the factors carry the static weight and the grad scaler's scale: norms of the unweighted loss
         unweight = torch.tensor([1.0 / w for w in weights], device=reps[0].device)
-        norms = torch.stack([factored.task_norms(f, len(weights), self.per_sample_norms, unweight.device) for f in per_rep])
-        coeff = self.coefficients(norms * (unweight.abs() / scale))  # [n_reps, T], the static weights included
+        own = unweight.abs() / scale
+        sums = torch.stack([factored.task_norm_sums(f, len(weights), self.per_sample_norms, own.device) for f in per_rep])
+        rows = torch.tensor([[float(leaf.shape[0])] * len(weights) for leaf in self._leaves], device=own.device)
+        norms = self._global_norms(sums * (own if self.per_sample_norms else own * own), rows)
+        coeff = self.coefficients(norms)  # [n_reps, T], the static weights included
         combined = [factored.combine(f, coeff[j] * unweight, leaf) for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
-        torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+        grads = [g.to(r.dtype) for g, r in zip(combined, reps)]
+        if one_call:
+            head_total = sum(w * loss for w, loss in zip(weights, scaled))
+            torch.autograd.backward([head_total] + reps, [None] + grads)
+        else:
+            torch.autograd.backward(reps, grads)
+
+    def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Norms of the global batch from this rank's parts: sums of squares (batch norms), or
+        (`per_sample_norms`) sums of per-sample norms over `rows` samples each. Under
+        torch.distributed the parts are summed over ranks first, so DDP matches one process."""
+        if self.per_sample_norms:
+            stats = self._all_reduce_sum(torch.stack([sums, rows]))
+            return stats[0] / stats[1].clamp_min(1)
+        return self._all_reduce_sum(sums).sqrt()
 
     #: whether `coefficients` expects the mean per-sample norm rather than the batch norm
     per_sample_norms = False

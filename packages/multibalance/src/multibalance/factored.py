@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 # linear nodes and the index of their input ("mat1") edge; the weight is saved as mat2 = W.T
 _LINEAR_INPUT = {"AddmmBackward0": 1, "MmBackward0": 0}
@@ -123,6 +123,18 @@ class Factors:
     widths: list[int]
 
 
+def head_deltas(losses: list[torch.Tensor], weights: list[float], consumers) -> list[list[torch.Tensor | None]]:
+    """d_tj (of w_t L_t) from one autograd.grad down to the heads' first linear outputs: no
+    parameter gradient, the graph kept for the step's one backward (DistributedDataParallel)."""
+    where = [(t, j) for t, row in enumerate(consumers) for j, c in enumerate(row) if c is not None]
+    total = sum(loss if w == 1.0 else w * loss for w, loss in zip(weights, losses))
+    grads = torch.autograd.grad(total, [GradientEdge(consumers[t][j].node, 0) for t, j in where], retain_graph=True)
+    deltas: list[list[torch.Tensor | None]] = [[None] * len(row) for row in consumers]
+    for (t, j), g in zip(where, grads):
+        deltas[t][j] = g
+    return deltas
+
+
 def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor | None]) -> Factors | None:
     present = [t for t, d in enumerate(deltas) if d is not None]
     if not present:
@@ -132,10 +144,11 @@ def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor 
                    [d.shape[1] for d in ds])
 
 
-def task_norms(f: Factors | None, n_tasks: int, per_sample: bool, device) -> torch.Tensor:
-    """[T] norms of the representation gradients d_t @ W_t (0 where a task does not read it): the
-    Frobenius norm, or (per_sample) the mean over samples of each row's norm. From h x h Gram
-    matrices: ||d W||^2 = <d^T d, W W^T>, a row's (d_b (W W^T)) . d_b."""
+def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device) -> torch.Tensor:
+    """[T] for the representation gradients d_t @ W_t (0 where a task does not read it): the sum of
+    squares, or (per_sample) the sum over samples of each row's norm, the local parts of the norms
+    (see `Balancer._global_norms`). From h x h Gram matrices: ||d W||^2 = <d^T d, W W^T>, a row's
+    (d_b (W W^T)) . d_b."""
     if f is None:
         return torch.zeros(n_tasks, device=device)
     width = f.widths[0]
@@ -144,17 +157,17 @@ def task_norms(f: Factors | None, n_tasks: int, per_sample: bool, device) -> tor
         ws = f.right.view(len(f.widths), width, -1)  # [T', h, D]
         gram_w = torch.bmm(ws, ws.transpose(1, 2))
         if per_sample:
-            norms = (torch.bmm(ds, gram_w) * ds).sum(2).clamp_min(0).sqrt().mean(1)
+            norms = (torch.bmm(ds, gram_w) * ds).sum(2).clamp_min(0).sqrt().sum(1)
         else:
-            norms = (torch.bmm(ds.transpose(1, 2), ds) * gram_w).sum((1, 2)).clamp_min(0).sqrt()
+            norms = (torch.bmm(ds.transpose(1, 2), ds) * gram_w).sum((1, 2)).clamp_min(0)
     else:
         norms = []
         for d, w in zip(f.left.split(f.widths, 1), f.right.split(f.widths, 0)):
             gram_w = w @ w.T
             if per_sample:
-                norms.append(((d @ gram_w) * d).sum(1).clamp_min(0).sqrt().mean())
+                norms.append(((d @ gram_w) * d).sum(1).clamp_min(0).sqrt().sum())
             else:
-                norms.append(torch.dot((d.T @ d).reshape(-1), gram_w.reshape(-1)).clamp_min(0).sqrt())
+                norms.append(torch.dot((d.T @ d).reshape(-1), gram_w.reshape(-1)).clamp_min(0))
         norms = torch.stack(norms)
     if len(f.present) == n_tasks:
         return norms

@@ -51,17 +51,15 @@ class MultiBalance(Balancer):
         flat = [g if g.dtype == torch.float32 else g.float() for gt in grads for g in gt]  # task-major
         if self.norm == "batch":
             if flat[0].device.type == "cpu":  # BLAS dot: a quarter of vector_norm's time on a cached tensor
-                norms = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in flat]).sqrt()
+                sums = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in flat])
             else:
-                norms = torch.stack(torch._foreach_norm(flat))  # one launch for every (task, rep)
-            if self._data_parallel():
-                norms = self._all_reduce_sum(norms.pow(2)).sqrt()
+                sums = torch.stack(torch._foreach_norm(flat)).pow(2)  # one launch for every (task, rep)
+            rows = sums
         else:
             per = [g.reshape(g.shape[0], -1).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1) for g in flat]
-            stats = torch.stack([torch.stack([p.sum() for p in per]), torch.tensor([float(p.numel()) for p in per], device=per[0].device)])
-            stats = self._all_reduce_sum(stats)
-            norms = stats[0] / stats[1].clamp_min(1)
-        return norms.view(self.num_tasks, n_reps).T
+            sums = torch.stack([p.sum() for p in per])
+            rows = torch.tensor([float(p.numel()) for p in per], device=sums.device)
+        return self._global_norms(sums.view(self.num_tasks, n_reps).T, rows.view(self.num_tasks, n_reps).T)
 
     uses_norms_only = True
 
