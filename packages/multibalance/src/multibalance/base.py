@@ -57,6 +57,7 @@ class Balancer(nn.Module, abc.ABC):
         self._reps: list[torch.Tensor] = []
         self._leaves: list[torch.Tensor] = []
         self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
+        self._static_copy: tuple | None = None  # (device, version, tensor): the static weights on the step's device
 
     @property
     def num_tasks(self) -> int:
@@ -136,6 +137,15 @@ class Balancer(nn.Module, abc.ABC):
             leaf.grad = None
         return grads
 
+    def static_weights_on(self, device) -> torch.Tensor:
+        """The static weights on `device`, copied once (not every step: a host-to-device copy
+        waits for the GPU); a new copy after `load_state_dict` changes them."""
+        device = torch.device(device)
+        key = (device, self.static_weights.device, self.static_weights._version)
+        if self._static_copy is None or self._static_copy[0] != key:
+            self._static_copy = (key, self.static_weights.to(device))
+        return self._static_copy[1]
+
     def _missing_dependency(self, name: str):
         what = "the shared parameters" if self.parameter_level else "the attached representation"
         raise ValueError(f"loss {name!r} does not depend on {what}; did the head read the tensor attach() returned?")
@@ -211,10 +221,11 @@ class Balancer(nn.Module, abc.ABC):
         per_rep = [factored.stack_factors([deltas[t][j] for t in range(len(weights))],
                                           [None if row[j] is None else row[j].weight for row in consumers]) for j in range(len(reps))]
         # the factors carry the static weight and the grad scaler's scale: norms of the unweighted loss
-        unweight = torch.tensor([1.0 / w for w in weights], device=reps[0].device)
+        # (device tensors only: no host-to-device copy, so no sync on a GPU)
+        unweight = self.static_weights_on(reps[0].device).reciprocal()
         own = unweight.abs() / scale
         sums = torch.stack([factored.task_norm_sums(f, len(weights), self.per_sample_norms, own.device) for f in per_rep])
-        rows = torch.tensor([[float(leaf.shape[0])] * len(weights) for leaf in self._leaves], device=own.device)
+        rows = torch.stack([torch.full((len(weights),), float(leaf.shape[0]), device=own.device) for leaf in self._leaves])
         norms = self._global_norms(sums * (own if self.per_sample_norms else own * own), rows)
         coeff = self.coefficients(norms)  # [n_reps, T], the static weights included
         combined = [factored.combine(f, coeff[j] * unweight, leaf) for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]

@@ -171,7 +171,8 @@ def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device) ->
         norms = torch.stack(norms)
     if len(f.present) == n_tasks:
         return norms
-    return torch.zeros(n_tasks, device=device).index_copy(0, torch.tensor(f.present, device=device), norms)
+    zero, found = norms.new_zeros(()), dict(zip(f.present, norms.unbind()))
+    return torch.stack([found.get(t, zero) for t in range(n_tasks)])
 
 
 def combine(f: Factors | None, coeff: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -179,6 +180,9 @@ def combine(f: Factors | None, coeff: torch.Tensor, like: torch.Tensor) -> torch
     the coefficients scale the weights' rows (h x D per task), the smaller side."""
     if f is None:
         return torch.zeros_like(like, dtype=torch.float32)
-    c = coeff[f.present] if len(f.present) < coeff.numel() else coeff
-    row_scale = c.repeat_interleave(torch.tensor(f.widths, device=c.device), output_size=f.right.shape[0])
-    return (f.left @ (f.right * row_scale.unsqueeze(1))).view(like.shape)
+    c = coeff if len(f.present) == coeff.numel() else torch.stack([coeff[t] for t in f.present])
+    if all(w == f.widths[0] for w in f.widths):
+        right = (f.right.view(len(f.widths), f.widths[0], -1) * c.view(-1, 1, 1)).view(f.right.shape)
+    else:
+        right = f.right * torch.cat([c[i].expand(w) for i, w in enumerate(f.widths)]).unsqueeze(1)
+    return (f.left @ right).view(like.shape)

@@ -87,9 +87,30 @@ class MultiBalance(Balancer):
         if self.warmup_steps and int(self.step) <= self.warmup_steps:
             scales = torch.ones_like(scales)
         self.scales = scales
-        return scales * self.static_weights.to(scales.device, scales.dtype)  # [n_reps, n_tasks]
+        return scales * self.static_weights_on(scales.device).to(scales.dtype)  # [n_reps, n_tasks]
 
-    def last_scales(self) -> dict[str, float]:
+    def last_scales(self) -> Mapping[str, float]:
+        """The last step's scale per task (first representation), read from the device only when
+        looked at, so that `backward` returning it costs no host sync on a GPU."""
         if self.scales.numel() == 0:
             return {}
-        return {n: float(s) for n, s in zip(self.task_names, self.scales[0])}
+        return _TaskScales(self.task_names, self.scales[0])
+
+
+class _TaskScales(Mapping):
+    def __init__(self, names: list[str], values: torch.Tensor):
+        self._names, self._values = names, values
+
+    def __getitem__(self, name: str) -> float:
+        if name not in self._names:
+            raise KeyError(name)
+        return float(self._values[self._names.index(name)])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return repr(dict(zip(self._names, self._values.tolist())))
