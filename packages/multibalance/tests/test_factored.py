@@ -69,6 +69,27 @@ def test_factored_equals_general(widths, norm, reads):
     torch.testing.assert_close(fast.ema, slow.ema, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("norm", ["batch", "sample"])
+def test_sequence_representation(norm):
+    """A [B, S, D] representation read by Linear heads on its last dimension (S rows per sample)."""
+    torch.manual_seed(4)
+    bottom, heads = nn.Linear(5, 8), nn.ModuleList(nn.Linear(8, 3) for _ in range(3))
+    x, y = torch.randn(6, 4, 5), torch.randn(3, 6)
+    fast, slow = MultiBalance(["t0", "t1", "t2"], norm=norm, relax=0.9), _general(norm=norm, relax=0.9)
+    grads = []
+    for bal in (fast, slow):
+        for m in (bottom, heads):
+            m.zero_grad()
+        for _ in range(2):
+            rep = bal.attach(torch.tanh(bottom(x)))
+            bal.backward({f"t{t}": ((heads[t](rep).sum((1, 2)) - y[t]) ** 2).mean() * (t + 1) for t in range(3)})
+        grads.append([p.grad.clone() for m in (bottom, heads) for p in m.parameters()])
+    assert fast.last_path == "factored" and slow.last_path == "general"
+    torch.testing.assert_close(fast.ema, slow.ema, rtol=1e-5, atol=1e-7)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_factored_with_grad_scaler_and_autocast():
     torch.manual_seed(1)
     model = Model((4, 4, 4), ((0,), (0, 1), (1,)))

@@ -224,7 +224,8 @@ class Balancer(nn.Module, abc.ABC):
         # (device tensors only: no host-to-device copy, so no sync on a GPU)
         unweight = self.static_weights_on(reps[0].device).reciprocal()
         own = unweight.abs() / scale
-        sums = torch.stack([factored.task_norm_sums(f, len(weights), self.per_sample_norms, own.device) for f in per_rep])
+        sums = torch.stack([factored.task_norm_sums(f, len(weights), self.per_sample_norms, own.device, leaf.shape[0])
+                            for f, leaf in zip(per_rep, self._leaves)])
         rows = torch.stack([torch.full((len(weights),), float(leaf.shape[0]), device=own.device) for leaf in self._leaves])
         norms = self._global_norms(sums * (own if self.per_sample_norms else own * own), rows)
         coeff = self.coefficients(norms)  # [n_reps, T], the static weights included

@@ -6,7 +6,8 @@ h_t < D (the usual narrow head on a wide representation) everything MultiBalance
 from the factors without ever forming the [B, D] gradients:
 
 - ||g||^2 = <d^T d, W W^T> (two h_t x h_t Gram matrices), per sample (d (W W^T)) . d summed
-  over the row;
+  over the sample's rows (a [B, S, D] representation read by a Linear on its last dimension has
+  S rows per sample);
 - the combination sum_t c_t g_tj = [c_1 d_1j, ..., c_T d_Tj] @ [W_1; ...; W_T], one matmul of
   the same size as the heads' own representation-gradient matmuls, with no per-task buffer and no
   accumulation passes.
@@ -14,7 +15,8 @@ from the factors without ever forming the [B, D] gradients:
 The heads' parameters get their gradients from ONE backward over the weighted losses, told to
 stop at the parameters (`inputs=`), so autograd never computes a per-task representation
 gradient; a pre-hook on each head's first linear node keeps d_tj. The shared bottom then gets one
-backward, as on the general path. Any other head shape (a non-linear first op, a layer shared
+backward, as on the general path (under DDP: the factors from an autograd.grad that stops at the
+heads' first layers, then one backward for heads and bottom). Any other head shape (a non-linear first op, a layer shared
 between tasks, a representation read twice by one task, a compiled head, a first layer at least
 as wide as the representation, where the factors are no smaller than the gradient) takes the
 general path.
@@ -27,25 +29,31 @@ import dataclasses
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-# linear nodes and the index of their input ("mat1") edge; the weight is saved as mat2 = W.T
-_LINEAR_INPUT = {"AddmmBackward0": 1, "MmBackward0": 0}
+# linear nodes: the index of their input ("mat1") edge and where its [rows, features] size is
+# saved; the weight is saved as mat2 = W.T
+_LINEAR_INPUT = {"AddmmBackward0": (1, "_saved_mat1_sym_sizes"), "MmBackward0": (0, "_saved_self_sym_sizes")}
+# what may stand between a representation and its linear layer: a dtype cast (autocast) and the
+# flattening of leading dimensions ([B, S, D] -> [B*S, D]), which keeps each sample's rows together
+_PASS_THROUGH = ("ToCopyBackward0", "ViewBackward0")
 
 
 @dataclasses.dataclass
 class _Consumer:
     node: object  # the head's first linear node
     weight: torch.Tensor  # W, [h, D] (as the forward used it, e.g. the autocast copy)
+    rows: int  # rows of the linear layer's input: the representation's samples x positions
 
 
 def _leaf_node(node, leaf_nodes: dict) -> int | None:
-    """The representation index `node` leads to directly or through one dtype cast (autocast)."""
-    if node is None:
-        return None
-    if id(node) in leaf_nodes:
-        return leaf_nodes[id(node)]
-    if type(node).__name__ == "ToCopyBackward0" and len(node.next_functions) == 1:
-        inner = node.next_functions[0][0]
-        return leaf_nodes.get(id(inner)) if inner is not None else None
+    """The representation index `node` leads to directly or through casts and views."""
+    for _ in range(len(_PASS_THROUGH) + 1):
+        if node is None:
+            return None
+        if id(node) in leaf_nodes:
+            return leaf_nodes[id(node)]
+        if type(node).__name__ not in _PASS_THROUGH or len(node.next_functions) != 1:
+            return None
+        node = node.next_functions[0][0]
     return None
 
 
@@ -75,7 +83,8 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                 if j is None:
                     stack.append(child)
                     continue
-                if _LINEAR_INPUT.get(type(node).__name__) != index or found[j] is not None or id(node) in owner:
+                linear = _LINEAR_INPUT.get(type(node).__name__)
+                if linear is None or linear[0] != index or found[j] is not None or id(node) in owner:
                     return None  # not a linear layer's input, read twice, or a layer shared by tasks
                 edges = [e for i, (e, _) in enumerate(node.next_functions) if i != index]
                 if all(e is None for e in edges):
@@ -83,11 +92,18 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                 weight = node._saved_mat2.T.detach()
                 if weight.shape[0] >= weight.shape[1]:
                     return None  # a layer as wide as the representation: the factors save nothing
+                rows, features = getattr(node, linear[1])
+                leaf = leaves[j]
+                if rows * features != leaf.numel() or leaf.dim() == 0 or rows % leaf.shape[0]:
+                    return None  # a view that does not keep each sample's rows together
                 owner[id(node)] = t
-                found[j] = _Consumer(node, weight)
+                found[j] = _Consumer(node, weight, rows)
         if all(c is None for c in found):
             return None  # the general path names the task that does not read the representation
         consumers.append(found)
+    for j in range(len(leaves)):  # the combination stacks the factors of one representation side by side
+        if len({row[j].rows for row in consumers if row[j] is not None}) > 1:
+            return None
     if not params:
         return None
     return consumers, list(params.values())
@@ -144,11 +160,11 @@ def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor 
                    [d.shape[1] for d in ds])
 
 
-def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device) -> torch.Tensor:
+def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, samples: int = 1) -> torch.Tensor:
     """[T] for the representation gradients d_t @ W_t (0 where a task does not read it): the sum of
-    squares, or (per_sample) the sum over samples of each row's norm, the local parts of the norms
-    (see `Balancer._global_norms`). From h x h Gram matrices: ||d W||^2 = <d^T d, W W^T>, a row's
-    (d_b (W W^T)) . d_b."""
+    squares, or (per_sample) the sum over the `samples` samples of each sample's norm (a sample's
+    rows are consecutive), the local parts of the norms (see `Balancer._global_norms`). From h x h
+    Gram matrices: ||d W||^2 = <d^T d, W W^T>, a row's (d_r (W W^T)) . d_r."""
     if f is None:
         return torch.zeros(n_tasks, device=device)
     width = f.widths[0]
@@ -157,7 +173,7 @@ def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device) ->
         ws = f.right.view(len(f.widths), width, -1)  # [T', h, D]
         gram_w = torch.bmm(ws, ws.transpose(1, 2))
         if per_sample:
-            norms = (torch.bmm(ds, gram_w) * ds).sum(2).clamp_min(0).sqrt().sum(1)
+            norms = (torch.bmm(ds, gram_w) * ds).sum(2).view(len(f.widths), samples, -1).sum(2).clamp_min(0).sqrt().sum(1)
         else:
             norms = (torch.bmm(ds.transpose(1, 2), ds) * gram_w).sum((1, 2)).clamp_min(0)
     else:
@@ -165,7 +181,7 @@ def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device) ->
         for d, w in zip(f.left.split(f.widths, 1), f.right.split(f.widths, 0)):
             gram_w = w @ w.T
             if per_sample:
-                norms.append(((d @ gram_w) * d).sum(1).clamp_min(0).sqrt().sum())
+                norms.append(((d @ gram_w) * d).sum(1).view(samples, -1).sum(1).clamp_min(0).sqrt().sum())
             else:
                 norms.append(torch.dot((d.T @ d).reshape(-1), gram_w.reshape(-1)).clamp_min(0))
         norms = torch.stack(norms)
