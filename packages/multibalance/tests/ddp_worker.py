@@ -30,14 +30,16 @@ def data():
 
 def train(wrapper, net, norm, path, x, ya, yb, steps=2):
     """Gradients after `steps` balanced steps; `path`: "factored" (the heads open with a Linear
-    layer) or "general" (forced: every task's representation gradient formed)."""
+    layer), "general" (forced: every task's representation gradient formed), or "tanh heads"
+    (heads that open with a tanh: the general path, under DDP through the balance point)."""
     bal = MultiBalance(["a", "b"], relax=0.8, norm=norm)
-    bal.uses_norms_only = path == "factored"
+    bal.uses_norms_only = path != "general"
+    first = torch.tanh if path == "tanh heads" else (lambda r: r)
     for _ in range(steps):
         net.zero_grad()
         rep = bal.attach(wrapper(x))
-        bal.backward({"a": ((net.head_a(rep) - ya) ** 2).mean(), "b": ((net.head_b(rep) - yb) ** 2).mean()})
-    assert bal.last_path == path, (bal.last_path, path)
+        bal.backward({"a": ((net.head_a(first(rep)) - ya) ** 2).mean(), "b": ((net.head_b(first(rep)) - yb) ** 2).mean()})
+    assert bal.last_path == ("factored" if path == "factored" else "general"), (bal.last_path, path)
     return {k: p.grad.clone() for k, p in net.named_parameters()}
 
 

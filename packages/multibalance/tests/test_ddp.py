@@ -17,7 +17,7 @@ _spec.loader.exec_module(ddp_worker)
 
 
 
-@pytest.mark.parametrize("path", ["factored", "general"])  # the worker asserts the path each side took
+@pytest.mark.parametrize("path", ["factored", "general", "tanh heads"])  # the worker asserts the path each side took
 @pytest.mark.parametrize("norm", ["batch", "sample"])
 def test_ddp_equals_single_process(tmp_path, norm, path):
     out = tmp_path / "grads.pt"

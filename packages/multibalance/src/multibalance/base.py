@@ -27,6 +27,28 @@ from . import factored
 from .combine import weighted_sum
 
 
+class _BalancePoint(torch.autograd.Function):
+    """Identity on the representations whose backward hands the shared bottom the balanced
+    gradients (`step.resolve`) in place of the heads' summed ones. One node for all of them, so
+    it runs once every head's backward is done: the balanced step stays ONE autograd call, as
+    DistributedDataParallel needs."""
+
+    @staticmethod
+    def forward(ctx, step, *reps):
+        ctx.step = step
+        return tuple(r.view_as(r) for r in reps)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.step.resolve(grads))
+
+
+class _PendingStep:
+    """What the balance point returns, set by `backward` before the autograd call."""
+
+    resolve = None
+
+
 class Balancer(nn.Module, abc.ABC):
     """Base class. Subclasses implement `combine(grads, losses)`.
 
@@ -57,6 +79,7 @@ class Balancer(nn.Module, abc.ABC):
         self._reps: list[torch.Tensor] = []
         self._leaves: list[torch.Tensor] = []
         self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
+        self._pending: _PendingStep | None = None  # under torch.distributed: what the balance point returns
         self._static_copy: tuple | None = None  # (device, version, tensor): the static weights on the step's device
 
     @property
@@ -71,8 +94,9 @@ class Balancer(nn.Module, abc.ABC):
     def attach(self, *reps: torch.Tensor):
         """Register the shared representation(s); returns what the task heads must read.
 
-        Representation-level: detached leaves (so per-task gradients stop there).
-        Parameter-level: the tensors unchanged.
+        Representation-level: detached leaves (so per-task gradients stop there); under
+        torch.distributed, for balancers that combine by norms, views through one balance point
+        node (so the balanced step is one autograd call). Parameter-level: the tensors unchanged.
         """
         if not reps:
             raise ValueError("attach() needs at least one representation tensor")
@@ -80,8 +104,12 @@ class Balancer(nn.Module, abc.ABC):
             if not isinstance(r, torch.Tensor) or not r.requires_grad:
                 raise ValueError(f"representation {i} must be a tensor that requires grad (the shared bottom's output)")
         self._reps = list(reps)
+        self._pending = None
         if self.parameter_level or not self.needs_task_grads:
             self._leaves = list(reps)
+        elif self.uses_norms_only and self._data_parallel():
+            self._pending = _PendingStep()
+            self._leaves = list(_BalancePoint.apply(self._pending, *reps))
         else:
             self._leaves = [r.detach().requires_grad_(True) for r in reps]
         return self._leaves[0] if len(reps) == 1 else tuple(self._leaves)
@@ -178,11 +206,18 @@ class Balancer(nn.Module, abc.ABC):
             if not self.needs_task_grads:
                 (self.total_loss(losses) * scale).backward()
                 return self.last_scales()
+            if self._pending is not None:
+                self._backward_through_point(scaled, losses, scale)
+                return self.last_scales()
             fused = not self.parameter_level and not self._data_parallel()
-            if not self.parameter_level and self.uses_norms_only and 0.0 not in self.static_weights.tolist():
+            if fused and self.uses_norms_only and 0.0 not in self.static_weights.tolist():
                 found = factored.find_linear_consumers(scaled, self._leaves)
                 if found is not None:
-                    self._factored_backward(scaled, reps, scale, *found, one_call=not fused)
+                    self.last_path = "factored"
+                    consumers, params = found
+                    deltas = factored.head_backward(scaled, self.static_weights.tolist(), consumers, params)
+                    combined = self._factored_combination(deltas, consumers, scale)
+                    torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
                     return self.last_scales()
             self.last_path = "general"
             grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
@@ -205,37 +240,51 @@ class Balancer(nn.Module, abc.ABC):
                 torch.autograd.backward([head_total] + reps, [None] + [g.to(r.dtype) for g, r in zip(combined, reps)])
             return self.last_scales()
         finally:
-            self._leaves = []
+            self._leaves, self._pending = [], None
 
-    def _factored_backward(self, scaled, reps, scale, consumers, params, one_call: bool):
-        """The task norms and the combination from the factors d_tj @ W_tj (never a [B, D] per-task
-        gradient). In one process the heads' backward runs into their parameters only, then the
-        bottom's; with `one_call` (DDP) the factors come from an autograd.grad that stops at the
-        heads' first layers, and heads and bottom then take ONE backward, so DDP all-reduces once."""
-        self.last_path = "factored"
+    def _backward_through_point(self, scaled, losses, scale):
+        """Under torch.distributed: ONE backward of the weighted head losses. The heads' first
+        linear nodes keep their factors on the way (factored path), or the per-task gradients
+        are taken first (general path); either way the balance point then hands the bottom the
+        combination instead of the heads' summed gradient."""
         weights = self.static_weights.tolist()
-        if one_call:
-            deltas = factored.head_deltas(scaled, weights, consumers)
+        dtypes = [leaf.dtype for leaf in self._leaves]
+        found = factored.find_linear_consumers(scaled, self._leaves) if 0.0 not in weights else None
+        handles = []
+        if found is not None:
+            self.last_path = "factored"
+            consumers, _ = found
+            deltas, handles = factored.keep_deltas(consumers)  # filled as the heads' backward passes
+            self._pending.resolve = lambda _: [g.to(d) for g, d in zip(self._factored_combination(deltas, consumers, scale), dtypes)]
         else:
-            deltas = factored.head_backward(scaled, weights, consumers, params)
+            self.last_path = "general"
+            grads = self._task_grads(scaled)
+            if scale != 1.0:
+                grads = [[g / scale for g in gt] for gt in grads]
+            combined = [g * scale for g in self.combine(grads, losses)]
+            self._pending.resolve = lambda _: [g.to(d) for g, d in zip(combined, dtypes)]
+        try:
+            torch.autograd.backward(sum(w * loss for w, loss in zip(weights, scaled)))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _factored_combination(self, deltas, consumers, scale) -> list[torch.Tensor]:
+        """One combined gradient (fp32) per representation from the factors d_tj @ W_tj, which carry
+        the static weight and the grad scaler's scale; never a [B, D] per-task gradient."""
+        weights = self.static_weights.tolist()
         per_rep = [factored.stack_factors([deltas[t][j] for t in range(len(weights))],
-                                          [None if row[j] is None else row[j].weight for row in consumers]) for j in range(len(reps))]
-        # the factors carry the static weight and the grad scaler's scale: norms of the unweighted loss
-        # (device tensors only: no host-to-device copy, so no sync on a GPU)
-        unweight = self.static_weights_on(reps[0].device).reciprocal()
+                                          [None if row[j] is None else row[j].weight for row in consumers])
+                   for j in range(len(self._leaves))]
+        # norms of the unweighted loss; device tensors only (no host-to-device copy: no sync on a GPU)
+        unweight = self.static_weights_on(self._leaves[0].device).reciprocal()
         own = unweight.abs() / scale
         sums = torch.stack([factored.task_norm_sums(f, len(weights), self.per_sample_norms, own.device, leaf.shape[0])
                             for f, leaf in zip(per_rep, self._leaves)])
         rows = torch.stack([torch.full((len(weights),), float(leaf.shape[0]), device=own.device) for leaf in self._leaves])
         norms = self._global_norms(sums * (own if self.per_sample_norms else own * own), rows)
         coeff = self.coefficients(norms)  # [n_reps, T], the static weights included
-        combined = [factored.combine(f, coeff[j] * unweight, leaf) for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
-        grads = [g.to(r.dtype) for g, r in zip(combined, reps)]
-        if one_call:
-            head_total = sum(w * loss for w, loss in zip(weights, scaled))
-            torch.autograd.backward([head_total] + reps, [None] + grads)
-        else:
-            torch.autograd.backward(reps, grads)
+        return [factored.combine(f, coeff[j] * unweight, leaf) for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
 
     def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Norms of the global batch from this rank's parts: sums of squares (batch norms), or

@@ -15,8 +15,10 @@ from the factors without ever forming the [B, D] gradients:
 The heads' parameters get their gradients from ONE backward over the weighted losses, told to
 stop at the parameters (`inputs=`), so autograd never computes a per-task representation
 gradient; a pre-hook on each head's first linear node keeps d_tj. The shared bottom then gets one
-backward, as on the general path (under DDP: the factors from an autograd.grad that stops at the
-heads' first layers, then one backward for heads and bottom). Any other head shape (a non-linear first op, a layer shared
+backward, as on the general path. Under DDP the heads read the representations through one
+"balance point" node (see `Balancer.attach`): ONE backward runs the heads, the hooks keep the
+factors, the balance point hands the bottom the combination in place of the heads' summed
+gradient, and DDP all-reduces once. Any other head shape (a non-linear first op, a layer shared
 between tasks, a representation read twice by one task, a compiled head, a first layer at least
 as wide as the representation, where the factors are no smaller than the gradient) takes the
 general path.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
 
 # linear nodes: the index of their input ("mat1") edge and where its [rows, features] size is
 # saved; the weight is saved as mat2 = W.T
@@ -44,23 +46,26 @@ class _Consumer:
     rows: int  # rows of the linear layer's input: the representation's samples x positions
 
 
-def _leaf_node(node, leaf_nodes: dict) -> int | None:
-    """The representation index `node` leads to directly or through casts and views."""
+def _leaf_node(node, output_nr: int, leaf_edges: dict) -> int | None:
+    """The representation index the edge (node, output_nr) leads to directly or through casts
+    and views (representations are told apart by edge: several may come from one node)."""
     for _ in range(len(_PASS_THROUGH) + 1):
         if node is None:
             return None
-        if id(node) in leaf_nodes:
-            return leaf_nodes[id(node)]
+        if (id(node), output_nr) in leaf_edges:
+            return leaf_edges[(id(node), output_nr)]
         if type(node).__name__ not in _PASS_THROUGH or len(node.next_functions) != 1:
             return None
-        node = node.next_functions[0][0]
+        node, output_nr = node.next_functions[0]
     return None
 
 
 def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]):
     """Per task and representation: the one linear node reading it (or None when the task does
     not read it), plus the heads' parameters; None when any head does not fit (see module docs)."""
-    leaf_nodes = {id(get_gradient_edge(leaf).node): j for j, leaf in enumerate(leaves)}
+    edges = [get_gradient_edge(leaf) for leaf in leaves]
+    leaf_edges = {(id(e.node), e.output_nr): j for j, e in enumerate(edges)}
+    leaf_nodes = {id(e.node) for e in edges}
     consumers: list[list[_Consumer | None]] = []
     params: dict[int, torch.Tensor] = {}
     owner: dict[int, int] = {}  # linear node -> the task it belongs to
@@ -78,8 +83,8 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
             if variable is not None:
                 params[id(variable)] = variable
                 continue
-            for index, (child, _) in enumerate(node.next_functions):
-                j = _leaf_node(child, leaf_nodes)
+            for index, (child, output_nr) in enumerate(node.next_functions):
+                j = _leaf_node(child, output_nr, leaf_edges)
                 if j is None:
                     stack.append(child)
                     continue
@@ -109,8 +114,9 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
     return consumers, list(params.values())
 
 
-def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, params) -> list[list[torch.Tensor | None]]:
-    """One backward over sum_t w_t L_t into the heads' parameters only; returns d_tj (of w_t L_t)."""
+def keep_deltas(consumers) -> tuple[list[list[torch.Tensor | None]], list]:
+    """Pre-hooks on the heads' first linear nodes that keep d_tj when the backward reaches them:
+    the table they fill, and the hook handles (remove them after the backward)."""
     deltas: list[list[torch.Tensor | None]] = [[None] * len(row) for row in consumers]
     handles = []
     for t, row in enumerate(consumers):
@@ -119,6 +125,12 @@ def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, p
                 def keep(grad_outputs, t=t, j=j):
                     deltas[t][j] = grad_outputs[0]
                 handles.append(c.node.register_prehook(keep))
+    return deltas, handles
+
+
+def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, params) -> list[list[torch.Tensor | None]]:
+    """One backward over sum_t w_t L_t into the heads' parameters only; returns d_tj (of w_t L_t)."""
+    deltas, handles = keep_deltas(consumers)
     try:
         total = sum(loss if w == 1.0 else w * loss for w, loss in zip(weights, losses))
         torch.autograd.backward(total, inputs=params)
@@ -137,18 +149,6 @@ class Factors:
     left: torch.Tensor
     right: torch.Tensor
     widths: list[int]
-
-
-def head_deltas(losses: list[torch.Tensor], weights: list[float], consumers) -> list[list[torch.Tensor | None]]:
-    """d_tj (of w_t L_t) from one autograd.grad down to the heads' first linear outputs: no
-    parameter gradient, the graph kept for the step's one backward (DistributedDataParallel)."""
-    where = [(t, j) for t, row in enumerate(consumers) for j, c in enumerate(row) if c is not None]
-    total = sum(loss if w == 1.0 else w * loss for w, loss in zip(weights, losses))
-    grads = torch.autograd.grad(total, [GradientEdge(consumers[t][j].node, 0) for t, j in where], retain_graph=True)
-    deltas: list[list[torch.Tensor | None]] = [[None] * len(row) for row in consumers]
-    for (t, j), g in zip(where, grads):
-        deltas[t][j] = g
-    return deltas
 
 
 def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor | None]) -> Factors | None:
