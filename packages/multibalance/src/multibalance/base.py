@@ -6,10 +6,12 @@
     balancer.backward(losses)                        # one backward through the shared bottom
     optimizer.step()
 
-Representation-level balancers differentiate each task loss only down to the detached
-representation (head-only backward passes), combine the per-task representation gradients
-and run ONE backward through the shared bottom, in the same autograd call as the heads'
-backward so DistributedDataParallel all-reduces once. Parameter-level balancers
+Representation-level balancers differentiate each task loss only down to the representation
+(head-only backward passes, or for heads that open with a Linear layer only the factors of
+those gradients, see `multibalance.factored`), combine the per-task representation gradients
+and run ONE backward through the shared bottom; under torch.distributed the heads' and the
+bottom's backward are one autograd call, so DistributedDataParallel all-reduces once.
+Parameter-level balancers
 (`shared_parameters=` given) take per-task gradients of the shared parameters instead: the
 expensive classic path, kept for comparison.
 """
@@ -187,10 +189,11 @@ class Balancer(nn.Module, abc.ABC):
         """Balance and run the backward. Returns per-task scale factors (for logging).
 
         Representation level, single process: each head's backward runs once (its parameter
-        gradients plus the task's representation gradient), then one backward through the
-        shared bottom. Under torch.distributed (world > 1) everything after the per-task
-        representation gradients is ONE autograd call, so DistributedDataParallel's hooks see a
-        single backward and all-reduce once.
+        gradients plus the task's representation gradient, or its factors), then one backward
+        through the shared bottom. Under torch.distributed (world > 1) the heads' and the
+        bottom's backward are ONE autograd call (through the balance point for balancers that
+        combine by norms), so DistributedDataParallel's hooks see a single backward and
+        all-reduce once.
 
         With a `torch.amp.GradScaler`, pass the unscaled losses and the scaler: gradients are
         taken of the scaled losses and norms are divided by the scale before they enter any
