@@ -4,7 +4,7 @@ bad input. The sharded lookups on 2-3 gloo ranks are in test_distributed.py."""
 import pytest
 import torch
 
-from freescale import KeyedJagged, ShardedEmbeddings
+from freescale import KeyedJagged, ShardedEmbeddings, TrainPipeline
 
 
 def _features(seed=0):
@@ -69,3 +69,30 @@ def test_bad_input_is_named():
         ShardedEmbeddings({"a": 50}, dim=5, fused_lr=-1.0)
     with pytest.raises(IndexError, match="table 'a' must be in \\[0, 20\\)"):
         ShardedEmbeddings({"a": 20, "b": 30}, dim=5)(features)
+
+
+def test_pipeline_sends_ids_ahead_and_warns_when_the_step_does_not_use_them():
+    """One process: TrainPipeline(embeddings=) distributes each batch's ids before its step, the
+    step's lookup uses them (mean pooling, against nn.EmbeddingBag); a step that looks up other
+    features leaves them unused and the pipeline says so."""
+    emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=1)
+    batches = [(_features(seed)[1], {}) for seed in range(3)]
+    reference = torch.nn.EmbeddingBag.from_pretrained(emb.shards["a"].detach(), mode="mean")
+
+    def step(features, dense, global_batch):
+        assert emb._prefetched is not None and emb._prefetched.features is features
+        out = emb(features, pooling="mean")
+        assert emb._prefetched is None  # used
+        ids, lengths = features["a"]
+        torch.testing.assert_close(out["a"], reference(ids, torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])))
+        return global_batch
+
+    assert TrainPipeline(step, embeddings=emb, pooling="mean").run(iter(batches)) == [9, 9, 9]
+
+    def step_on_a_copy(features, dense, global_batch):
+        emb(KeyedJagged(features.keys, features.values.clone(), features.lengths.clone()), pooling="mean")
+
+    with pytest.warns(UserWarning, match="distributed ahead for nothing"):
+        TrainPipeline(step_on_a_copy, embeddings=emb, pooling="mean").run(iter(batches))
+    with pytest.raises(ValueError, match="pooling"):
+        TrainPipeline(step, embeddings=[emb], pooling=["sum", "mean"])

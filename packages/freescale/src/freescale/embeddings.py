@@ -167,10 +167,10 @@ class ShardedEmbeddings(nn.Module):
         gives zeros, as `nn.EmbeddingBag`); `"none"`: {key: [ids of that key, dim]}, one row per id
         in the order of the features' values. Uses the ids `prefetch()` distributed for these very
         features and this pooling when there are some; otherwise distributes them now."""
-        prefetched, self._prefetched = self._prefetched, None
+        prefetched = self._prefetched
         if prefetched is not None and prefetched.features is features and prefetched.pooling == pooling:
-            distributed = prefetched
-        else:
+            self._prefetched, distributed = None, prefetched
+        else:  # (a prefetch for other features stays, so that the pipeline can warn about it)
             distributed = self.distribute(features, pooling)
         return self._lookup(distributed)
 
