@@ -89,28 +89,9 @@ class MultiBalance(Balancer):
         self.scales = scales
         return scales * self.static_weights_on(scales.device).to(scales.dtype)  # [n_reps, n_tasks]
 
-    def last_scales(self) -> Mapping[str, float]:
-        """The last step's scale per task (first representation), read from the device only when
-        looked at, so that `backward` returning it costs no host sync on a GPU."""
+    def last_scales(self) -> dict[str, float]:
+        """The last step's scale per task (first representation), as floats (reading them waits
+        for the device)."""
         if self.scales.numel() == 0:
             return {}
-        return _TaskScales(self.task_names, self.scales[0])
-
-
-class _TaskScales(Mapping):
-    def __init__(self, names: list[str], values: torch.Tensor):
-        self._names, self._values = names, values
-
-    def __getitem__(self, name: str) -> float:
-        if name not in self._names:
-            raise KeyError(name)
-        return float(self._values[self._names.index(name)])
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __repr__(self) -> str:
-        return repr(dict(zip(self._names, self._values.tolist())))
+        return dict(zip(self.task_names, self.scales[0].tolist()))
