@@ -144,3 +144,11 @@ def test_a_layer_shared_between_tasks_takes_the_general_path():
     h = first(rep)  # one node that both tasks read
     bal.backward({"a": h[:, 0].pow(2).mean(), "b": h[:, 1].pow(2).mean() * 10})
     assert bal.last_path == "general"
+
+
+def test_empty_batch_takes_the_general_path():
+    bottom, heads = nn.Linear(5, 8), nn.ModuleList(nn.Linear(8, 3) for _ in range(2))
+    bal = MultiBalance(["a", "b"])
+    rep = bal.attach(torch.tanh(bottom(torch.randn(0, 5))))
+    bal.backward({"a": heads[0](rep).sum(), "b": heads[1](rep).sum()})
+    assert bal.last_path == "general" and torch.equal(bottom.weight.grad, torch.zeros_like(bottom.weight))

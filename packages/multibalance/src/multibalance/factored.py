@@ -99,7 +99,7 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                     return None  # a layer as wide as the representation: the factors save nothing
                 rows, features = getattr(node, linear[1])
                 leaf = leaves[j]
-                if rows * features != leaf.numel() or leaf.dim() == 0 or rows % leaf.shape[0]:
+                if leaf.numel() == 0 or rows * features != leaf.numel() or rows % leaf.shape[0]:
                     return None  # a view that does not keep each sample's rows together
                 owner[id(node)] = t
                 found[j] = _Consumer(node, weight, rows)
