@@ -38,7 +38,8 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _exchange(tensor: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    """Uneven all_to_all_single along dim 0 without autograd (ids and counts)."""
+    """Uneven all_to_all_single along dim 0, no autograd (ids and counts; `_AllToAll` adds the
+    backward for the rows)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return tensor
     output = tensor.new_empty(sum(output_splits), *tensor.shape[1:])
@@ -73,9 +74,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, output_splits, input_splits, group):
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        output = input.new_empty(sum(output_splits), *input.shape[1:])
-        dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits, group=group)
-        return output
+        return _exchange(input, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -99,9 +99,9 @@ def _kk(costs, world, equal):
     return [s[0] for s in heap[0][2]] if heap else [[] for _ in range(world)]
 
 
-def _refine(bins, c, max_rounds=200):
+def _refine(bins, costs, max_rounds=200):
     """Pairwise swaps between the most and least loaded ranks while the max load drops."""
-    loads = [sum(c[i] for i in b) for b in bins]
+    loads = [sum(costs[i] for i in b) for b in bins]
     for _ in range(max_rounds):
         hi = max(range(len(bins)), key=lambda r: loads[r])
         lo = min(range(len(bins)), key=lambda r: loads[r])
@@ -111,7 +111,7 @@ def _refine(bins, c, max_rounds=200):
         best, best_delta = None, 0.0
         for i in bins[hi]:
             for j in bins[lo]:
-                d = c[i] - c[j]
+                d = costs[i] - costs[j]
                 if 0 < d < gap:
                     gain = min(d, gap - d)  # how much the pair's max drops
                     if gain > best_delta:

@@ -68,6 +68,10 @@ class TrainPipeline:
     def _distribute(self, feats: KeyedJagged, groups) -> list:
         return [m.distribute(feats, pooling, group) for m, pooling, group in zip(self.embeddings, self.poolings, groups)]
 
+    def _distribute_when_balanced(self, balanced):
+        feats, dense, plan = balanced.result()
+        return (feats, dense, plan), self._distribute(feats, self._groups)
+
     def _stage(self, batch: Batch):
         batch = _to(batch, self.device)
         if self.balancer is None:
@@ -78,7 +82,7 @@ class TrainPipeline:
             balanced, exchanged = self.balancer.plan_async(batch[0]), False
         ids = None
         if self._pool is not None and exchanged:  # the ids of the balanced batch, once it is here
-            ids = self._pool.submit(lambda: (balanced.result(), self._distribute(balanced.result()[0], self._groups)))
+            ids = self._pool.submit(self._distribute_when_balanced, balanced)
         return batch, balanced, exchanged, ids
 
     def _finish(self, staged):

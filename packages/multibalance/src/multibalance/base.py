@@ -63,6 +63,8 @@ class Balancer(nn.Module, abc.ABC):
     #: whether `coefficients(norms)` alone decides the combination (then heads that open with a
     #: Linear layer take the factored path, see `multibalance.factored`)
     uses_norms_only = False
+    #: whether `coefficients` expects the mean per-sample norm rather than the batch norm
+    per_sample_norms = False
 
     def __init__(self, task_names: Sequence[str], *, weights: Mapping[str, float] | None = None,
                  shared_parameters=None, process_group=None):
@@ -284,12 +286,15 @@ class Balancer(nn.Module, abc.ABC):
         own = unweight.abs() / scale
         sums = torch.stack([factored.task_norm_sums(f, len(weights), self.per_sample_norms, own.device, leaf.shape[0])
                             for f, leaf in zip(per_rep, self._leaves)])
-        rows = torch.stack([torch.full((len(weights),), float(leaf.shape[0]), device=own.device) for leaf in self._leaves])
-        norms = self._global_norms(sums * (own if self.per_sample_norms else own * own), rows)
+        if self.per_sample_norms:
+            rows = torch.stack([torch.full((len(weights),), float(leaf.shape[0]), device=own.device) for leaf in self._leaves])
+            norms = self._global_norms(sums * own, rows)
+        else:
+            norms = self._global_norms(sums * (own * own))
         coeff = self.coefficients(norms)  # [n_reps, T], the static weights included
         return [factored.combine(f, coeff[j] * unweight, leaf) for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
 
-    def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Norms of the global batch from this rank's parts: sums of squares (batch norms), or
         (`per_sample_norms`) sums of per-sample norms over `rows` samples each. Under
         torch.distributed the parts are summed over ranks first, so DDP matches one process."""
@@ -298,13 +303,11 @@ class Balancer(nn.Module, abc.ABC):
             return stats[0] / stats[1].clamp_min(1)
         return self._all_reduce_sum(sums).sqrt()
 
-    #: whether `coefficients` expects the mean per-sample norm rather than the batch norm
-    per_sample_norms = False
-
     def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
         """[n_reps, T] combination weights (static weights included) from the [n_reps, T] norms of
-        the per-task gradients; only for balancers with `uses_norms_only`."""
-        raise NotImplementedError
+        the per-task gradients. Called only when `uses_norms_only` is set, which a subclass sets
+        together with this method (as MultiBalance does)."""
+        raise NotImplementedError(f"{type(self).__name__} sets uses_norms_only but does not define coefficients()")
 
     def total_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         return sum(w * loss for w, loss in zip(self.static_weights.tolist(), losses))

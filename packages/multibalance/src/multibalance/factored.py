@@ -91,8 +91,8 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                 linear = _LINEAR_INPUT.get(type(node).__name__)
                 if linear is None or linear[0] != index or found[j] is not None or id(node) in owner:
                     return None  # not a linear layer's input, read twice, or a layer shared by tasks
-                edges = [e for i, (e, _) in enumerate(node.next_functions) if i != index]
-                if all(e is None for e in edges):
+                others = [e for i, (e, _) in enumerate(node.next_functions) if i != index]
+                if all(e is None for e in others):
                     return None  # a frozen layer without bias: its node would not run
                 weight = node._saved_mat2.T.detach()
                 if weight.shape[0] >= weight.shape[1]:

@@ -22,10 +22,11 @@ class MultiBalance(Balancer):
       so every rank uses the norms of the global batch and DDP matches one process.
     - `warmup_steps`: plain weighted sum (s = 1) for the first steps while the averages settle.
 
-    In one process, heads that read the representation through a Linear layer of their own (the
-    usual case) never form a [B, D] gradient per task: the norms and the combination come from
-    the factors dL/dh and the layer's weight (`multibalance.factored`; `last_path` says which
-    path the last step took). Other heads, and DistributedDataParallel, take the general path.
+    Heads that read the representation through a Linear layer of their own (the usual case)
+    never form a [B, D] gradient per task, in one process or under DistributedDataParallel: the
+    norms and the combination come from the factors dL/dh and the layer's weight
+    (`multibalance.factored`; `last_path` says which path the last step took). Other heads take
+    the general path.
     """
 
     def __init__(self, task_names: Sequence[str], *, relax: float = 0.7, beta: float = 0.9, target: str = "max",
@@ -54,11 +55,11 @@ class MultiBalance(Balancer):
                 sums = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in flat])
             else:
                 sums = torch.stack(torch._foreach_norm(flat)).pow(2)  # one launch for every (task, rep)
-            rows = sums
+            return self._global_norms(sums.view(self.num_tasks, n_reps).T)
         else:
             per = [g.reshape(g.shape[0], -1).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1) for g in flat]
-            sums = torch.stack([p.sum() for p in per])
-            rows = torch.tensor([float(p.numel()) for p in per], device=sums.device)
+        sums = torch.stack([p.sum() for p in per])
+        rows = torch.tensor([float(p.numel()) for p in per], device=sums.device)
         return self._global_norms(sums.view(self.num_tasks, n_reps).T, rows.view(self.num_tasks, n_reps).T)
 
     uses_norms_only = True

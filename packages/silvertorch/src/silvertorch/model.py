@@ -342,12 +342,11 @@ class RetrievalModel(nn.Module):
             probe = (torch.arange(self.max_nprobe, device=u.device) < self.nprobe) | (before < self.k_candidates)
             keep = keep & probe.unsqueeze(-1)
         found = keep.sum((1, 2)) + fresh_found
-        pos, keep = _rows(self.cluster_positions, clusters).reshape(q, -1), keep.reshape(q, -1)
         q_codes, q_scales = quantize_rows(u)
         # int8 scores of the probed slots, -inf where keep is off: one custom op (the fused IVF kernels
         # on a Triton backend, in eager, compiled and exported graphs alike)
-        main = probed_scores(self.codes, self.scales, self.cluster_positions, self.cluster_offsets, clusters,
-                             keep.view(q, self.max_nprobe, -1), q_codes, q_scales)
+        main = probed_scores(self.codes, self.scales, self.cluster_positions, self.cluster_offsets, clusters, keep, q_codes, q_scales)
+        pos = _rows(self.cluster_positions, clusters).reshape(q, -1)
         scores, cand = main, pos
         if self.fresh_capacity:
             fscores = u @ self.item_embeddings[self.num_main:].float().T
