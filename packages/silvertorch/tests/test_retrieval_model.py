@@ -15,6 +15,7 @@ from silvertorch import (
     ValueModel,
     parse_filters,
 )
+from silvertorch.bloom.probed import probed_filter_words
 from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
 from silvertorch.ivf.probed import _probed_dots as probed_dots
 from silvertorch.ivf.probed import probed_scores
@@ -112,14 +113,40 @@ def _bloom_index_bits(model, exprs):
     return ((words.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(len(exprs), -1)[:, : model.num_main].bool()
 
 
-def test_graph_filter_equals_bloom_index():
-    """The model's word-level tensor-op stack machine gives the BloomIndex's bits (exact NOT included)."""
+def _filter_words_args(model, exprs, words):
+    ops, args, hashes = model.prepare_filters(exprs)
+    return (model.bloom_bits, model.bloom_row_offsets, model.bloom_widths, words, ops, args, hashes,
+            model._exact_words(words, hashes[:, : model.max_exact_terms]), model.bloom_k)
+
+
+@pytest.mark.parametrize("backend", ["REFERENCE", "INTERPRET"])
+def test_graph_filter_equals_bloom_index(backend):
+    """The model's filter op (the tensor-op stack machine, and the Bloom kernel) gives the
+    BloomIndex's bits on every word of the main index (exact NOT included)."""
+    from gpukernels_common import Backend
+
     exprs = list(FILTERS)
-    ops, args, hashes = MODEL.prepare_filters(exprs)
     words = torch.arange((MODEL.num_main + 63) // 64).expand(len(exprs), -1)
-    packed = MODEL._run_plans(ops, args, MODEL._bloom_words(words, hashes), MODEL._exact_words(words, hashes))
+    packed = probed_filter_words.run(Backend[backend], *_filter_words_args(MODEL, exprs, words))
     got = ((packed.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(len(exprs), -1)[:, : MODEL.num_main].bool()
     assert torch.equal(got, _bloom_index_bits(MODEL, exprs))
+
+
+@pytest.mark.parametrize("words_per_query", [1, 23, 70])
+def test_filter_words_kernel_matches_reference(words_per_query):
+    """The filter op's kernel against its reference on random words in any order, repeated, across
+    bundles (a weak Bloom index so that false positives occur), plans cut to the batch's extent."""
+    from gpukernels_common import Backend
+
+    model = _model(bloom_k=2, bloom_multiplier=1.5, max_exact_terms=4)
+    exprs = list(FILTERS)[1:] + ["cat:{0,1,2} AND NOT (year:1990 | cat:2)"]
+    g = torch.Generator().manual_seed(words_per_query)
+    words = torch.randint(0, (model.num_main + 63) // 64, (len(exprs), words_per_query), generator=g)
+    args = _filter_words_args(model, exprs, words)
+    want = probed_filter_words.run(Backend.REFERENCE, *args)
+    got = probed_filter_words.run(Backend.INTERPRET, *args)
+    assert (want != 0).any() and (want != -1).any()
+    assert torch.equal(got, want)
 
 
 def test_probed_cluster_bits_equal_bloom_index():
@@ -256,7 +283,8 @@ def test_export_round_trip(tmp_path):
     users = torch.arange(4).unsqueeze(1)
     plans = MODEL.prepare_filters(["cat:1", "", "NOT year:1995", "cat:{2,3}"])
     program = torch.export.export(MODEL, (users, *plans))
-    # the scoring step stays one custom op: the fused kernels run inside the exported graph
+    # the filter and scoring steps stay one custom op each: the kernels run inside the exported graph
+    assert "silvertorch.probed_filter_words" in str(program.graph)
     assert "silvertorch.probed_scores" in str(program.graph)
     torch.export.save(program, str(tmp_path / "model.pt2"))
     loaded = torch.export.load(str(tmp_path / "model.pt2"))

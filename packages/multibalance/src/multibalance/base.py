@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import factored
-from .combine import weighted_sum
+from .combine import weighted_loss, weighted_sum
 
 
 class _BalancePoint(torch.autograd.Function):
@@ -85,6 +85,7 @@ class Balancer(nn.Module, abc.ABC):
         self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
         self._pending: _PendingStep | None = None  # under torch.distributed: what the balance point returns
         self._static_copy: tuple | None = None  # (device, version, tensor): the static weights on the step's device
+        self._static_floats: tuple | None = None  # (tensor, version, list): the static weights as floats
 
     @property
     def num_tasks(self) -> int:
@@ -152,7 +153,7 @@ class Balancer(nn.Module, abc.ABC):
         """Each task's head backward runs once: it accumulates the head's parameter gradients
         (weighted by the static weight) and leaves the task's representation gradient on the leaves."""
         grads = []
-        for t, (name, loss, w) in enumerate(zip(self.task_names, losses, self.static_weights.tolist())):
+        for t, (name, loss, w) in enumerate(zip(self.task_names, losses, self.static_weight_list())):
             for leaf in self._leaves:
                 leaf.grad = None
             if not loss.requires_grad:
@@ -168,6 +169,14 @@ class Balancer(nn.Module, abc.ABC):
         for leaf in self._leaves:
             leaf.grad = None
         return grads
+
+    def static_weight_list(self) -> list[float]:
+        """The static weights as floats, read once (not every step: reading a device tensor waits for
+        the device); read again after `load_state_dict` or `.to()` changes them."""
+        w = self.static_weights
+        if self._static_floats is None or self._static_floats[0] is not w or self._static_floats[1] != w._version:
+            self._static_floats = (w, w._version, w.tolist())
+        return self._static_floats[2]
 
     def static_weights_on(self, device) -> torch.Tensor:
         """The static weights on `device`, copied once (not every step: a host-to-device copy
@@ -215,12 +224,12 @@ class Balancer(nn.Module, abc.ABC):
                 self._backward_through_point(scaled, losses, scale)
                 return self.last_scales()
             fused = not self.parameter_level and not self._data_parallel()
-            if fused and self.uses_norms_only and 0.0 not in self.static_weights.tolist():
+            if fused and self.uses_norms_only and 0.0 not in self.static_weight_list():
                 found = factored.find_linear_consumers(scaled, self._leaves)
                 if found is not None:
                     self.last_path = "factored"
                     consumers, params = found
-                    deltas = factored.head_backward(scaled, self.static_weights.tolist(), consumers, params)
+                    deltas = factored.head_backward(scaled, self.static_weight_list(), consumers, params)
                     combined = self._factored_combination(deltas, consumers, scale)
                     torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
                     return self.last_scales()
@@ -234,7 +243,7 @@ class Balancer(nn.Module, abc.ABC):
             if fused:
                 torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
                 return self.last_scales()
-            head_total = sum(w * loss for w, loss in zip(self.static_weights.tolist(), scaled))
+            head_total = weighted_loss(scaled, self.static_weight_list())
             if self.parameter_level:
                 # heads (and a throwaway shared gradient) from one backward; then replace the shared grads
                 before = [None if p.grad is None else p.grad.clone() for p in self.shared_parameters]
@@ -252,7 +261,7 @@ class Balancer(nn.Module, abc.ABC):
         linear nodes keep their factors on the way (factored path), or the per-task gradients
         are taken first (general path); either way the balance point then hands the bottom the
         combination instead of the heads' summed gradient."""
-        weights = self.static_weights.tolist()
+        weights = self.static_weight_list()
         dtypes = [leaf.dtype for leaf in self._leaves]
         found = factored.find_linear_consumers(scaled, self._leaves) if 0.0 not in weights else None
         handles = []
@@ -269,7 +278,7 @@ class Balancer(nn.Module, abc.ABC):
             combined = [g * scale for g in self.combine(grads, losses)]
             self._pending.resolve = lambda _: [g.to(d) for g, d in zip(combined, dtypes)]
         try:
-            torch.autograd.backward(sum(w * loss for w, loss in zip(weights, scaled)))
+            torch.autograd.backward(weighted_loss(scaled, weights))
         finally:
             for h in handles:
                 h.remove()
@@ -277,22 +286,28 @@ class Balancer(nn.Module, abc.ABC):
     def _factored_combination(self, deltas, consumers, scale) -> list[torch.Tensor]:
         """One combined gradient (fp32) per representation from the factors d_tj @ W_tj, which carry
         the static weight and the grad scaler's scale; never a [B, D] per-task gradient."""
-        weights = self.static_weights.tolist()
-        per_rep = [factored.stack_factors([deltas[t][j] for t in range(len(weights))],
+        weights = self.static_weight_list()
+        n_tasks, device = len(weights), self._leaves[0].device
+        per_rep = [factored.stack_factors([deltas[t][j] for t in range(n_tasks)],
                                           [None if row[j] is None else row[j].weight for row in consumers])
                    for j in range(len(self._leaves))]
-        # norms of the unweighted loss; device tensors only (no host-to-device copy: no sync on a GPU)
-        unweight = self.static_weights_on(self._leaves[0].device).reciprocal()
-        own = unweight.abs() / scale
-        sums = torch.stack([factored.task_norm_sums(f, len(weights), self.per_sample_norms, own.device, leaf.shape[0])
-                            for f, leaf in zip(per_rep, self._leaves)])
+        sums = [factored.task_norm_sums(f, n_tasks, self.per_sample_norms, device, leaf.shape[0])
+                for f, leaf in zip(per_rep, self._leaves)]
+        sums = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)
+        # the factors carry the static weight and the scaler's scale: the norms are of the plain
+        # loss. Device tensors only (no host-to-device copy: no sync on a GPU); nothing to undo
+        # in the usual case (unit weights, no scaler), where every small op is skipped.
+        plain = scale == 1.0 and all(w == 1.0 for w in weights)
+        unweight = None if plain else self.static_weights_on(device).reciprocal()
+        own = None if plain else unweight.abs() / scale
         if self.per_sample_norms:
-            rows = torch.stack([torch.full((len(weights),), float(leaf.shape[0]), device=own.device) for leaf in self._leaves])
-            norms = self._global_norms(sums * own, rows)
+            rows = torch.stack([torch.full((n_tasks,), float(leaf.shape[0]), device=device) for leaf in self._leaves])
+            norms = self._global_norms(sums if plain else sums * own, rows)
         else:
-            norms = self._global_norms(sums * (own * own))
+            norms = self._global_norms(sums if plain else sums * (own * own))
         coeff = self.coefficients(norms)  # [n_reps, T], the static weights included
-        return [factored.combine(f, coeff[j] * unweight, leaf) for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
+        return [factored.combine(f, coeff[j] if plain else coeff[j] * unweight, leaf)
+                for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
 
     def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Norms of the global batch from this rank's parts: sums of squares (batch norms), or
@@ -310,7 +325,7 @@ class Balancer(nn.Module, abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} sets uses_norms_only but does not define coefficients()")
 
     def total_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        return sum(w * loss for w, loss in zip(self.static_weights.tolist(), losses))
+        return weighted_loss(losses, self.static_weight_list())
 
     @abc.abstractmethod
     def combine(self, grads: list[list[torch.Tensor]], losses: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The weighted sum of per-task gradients that every combining balancer ends with."""
+"""The weighted sums every balancer ends with: of the task losses, and of per-task gradients."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import torch
 from gpukernels_common import env, select_backend
 
 from .naive import weighted_sum_reference
+
+
+def weighted_loss(losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_t weights[t] * losses[t], skipping unit weights (no multiply, and no `0 + loss` as
+    Python's sum() would start with: each op here is a node the backward visits)."""
+    total = None
+    for w, loss in zip(weights, losses):
+        term = loss if w == 1.0 else w * loss
+        total = term if total is None else total + term
+    return total
 
 
 def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

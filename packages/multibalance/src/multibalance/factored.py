@@ -31,6 +31,8 @@ import dataclasses
 import torch
 from torch.autograd.graph import get_gradient_edge
 
+from .combine import weighted_loss
+
 # linear nodes: the index of their input ("mat1") edge and where its [rows, features] size is
 # saved; the weight is saved as mat2 = W.T
 _LINEAR_INPUT = {"AddmmBackward0": (1, "_saved_mat1_sym_sizes"), "MmBackward0": (0, "_saved_self_sym_sizes")}
@@ -72,26 +74,32 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
     for t, loss in enumerate(losses):
         found: list[_Consumer | None] = [None] * len(leaves)
         seen, stack = set(), [loss.grad_fn]
-        while stack:
+        while stack:  # runs every step: kept lean (a node's next_functions are built once, no exceptions)
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
             if id(node) in leaf_nodes:
                 continue
-            variable = getattr(node, "variable", None)  # AccumulateGrad: a head parameter
-            if variable is not None:
+            kind = type(node).__name__
+            if kind == "AccumulateGrad":  # a head parameter
+                variable = node.variable
                 params[id(variable)] = variable
                 continue
-            for index, (child, output_nr) in enumerate(node.next_functions):
-                j = _leaf_node(child, output_nr, leaf_edges)
+            children = node.next_functions
+            for index, (child, output_nr) in enumerate(children):
+                if child is None:
+                    continue
+                j = leaf_edges.get((id(child), output_nr))
+                if j is None and type(child).__name__ in _PASS_THROUGH:
+                    j = _leaf_node(child, output_nr, leaf_edges)
                 if j is None:
                     stack.append(child)
                     continue
-                linear = _LINEAR_INPUT.get(type(node).__name__)
+                linear = _LINEAR_INPUT.get(kind)
                 if linear is None or linear[0] != index or found[j] is not None or id(node) in owner:
                     return None  # not a linear layer's input, read twice, or a layer shared by tasks
-                others = [e for i, (e, _) in enumerate(node.next_functions) if i != index]
+                others = [e for i, (e, _) in enumerate(children) if i != index]
                 if all(e is None for e in others):
                     return None  # a frozen layer without bias: its node would not run
                 weight = node._saved_mat2.T.detach()
@@ -132,8 +140,7 @@ def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, p
     """One backward over sum_t w_t L_t into the heads' parameters only; returns d_tj (of w_t L_t)."""
     deltas, handles = keep_deltas(consumers)
     try:
-        total = sum(loss if w == 1.0 else w * loss for w, loss in zip(weights, losses))
-        torch.autograd.backward(total, inputs=params)
+        torch.autograd.backward(weighted_loss(losses, weights), inputs=params)
     finally:
         for h in handles:
             h.remove()

@@ -75,19 +75,21 @@ class MultiBalance(Balancer):
         if self.ema.shape != norms.shape or self.ema.device != norms.device:
             self.ema = norms.clone()
         else:
-            self.ema.mul_(self.beta).add_(norms, alpha=1 - self.beta)
+            self.ema.lerp_(norms, 1 - self.beta)
         self.step += 1
         m = self.ema.clamp_min(self.eps)
         if self.target == "max":
-            target = m.max(dim=1, keepdim=True).values
+            target = m.amax(dim=1, keepdim=True)
         elif self.target == "mean":
             target = m.mean(dim=1, keepdim=True)
         else:
             target = m[:, self.task_names.index(self.target)].unsqueeze(1)
-        scales = self.relax * target / m + (1 - self.relax)
+        scales = torch.div(target, m).mul_(self.relax).add_(1 - self.relax)  # in place: few small ops per step
         if self.warmup_steps and int(self.step) <= self.warmup_steps:
             scales = torch.ones_like(scales)
         self.scales = scales
+        if all(w == 1.0 for w in self.static_weight_list()):
+            return scales
         return scales * self.static_weights_on(scales.device).to(scales.dtype)  # [n_reps, n_tasks]
 
     def last_scales(self) -> dict[str, float]:

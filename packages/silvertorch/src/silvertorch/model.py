@@ -9,10 +9,11 @@ host synchronization, static shapes: `torch.compile` and `torch.export` see one 
 exception, eager on the CPU, cuts the plans to the steps and term slots the batch uses):
 
     user tower -> u . centroids -> top-nprobe clusters (top-max_nprobe with adaptive probing)
-    -> filter plans evaluated on the packed 64-item words covering the probed clusters, as the
-       Bloom index's own search does (a TERM is the AND of its k row words; EXACT_TERM, the terms
-       under NOT, are packed from the stored attributes, for the plans' first max_exact_terms
-       slots only: the parser puts a filter's exact terms there) -> one bit per probed item
+    -> filter plans evaluated on the packed 64-item words covering the probed clusters by one
+       custom op, `silvertorch::probed_filter_words` (the Bloom index's kernel on a Triton backend):
+       a TERM is the AND of its k row words; EXACT_TERM, the terms under NOT, are packed from the
+       stored attributes, for the plans' first max_exact_terms slots only: the parser puts a
+       filter's exact terms there -> one bit per probed item
     -> adaptive probing: a cluster beyond the first nprobe is kept only while fewer than
        k_candidates items passed in the clusters ranked before it
     -> int8 scores of the probed items (exact integer dot products, cluster-major: the batch's probed
@@ -38,9 +39,10 @@ import torch
 from torch import nn
 
 from .__about__ import __version__
-from .bloom.hashing import bloom_positions, term_hash
-from .bloom.index import WORDS_PER_BUNDLE, BloomIndex
-from .bloom.parser import AND, EXACT_TERM, MAX_DEPTH, NOP, NOT, OR, TERM, TRUE, FilterPlans, FilterSchema, parse_filters
+from .bloom.hashing import term_hash
+from .bloom.index import BloomIndex
+from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
+from .bloom.probed import probed_filter_words, run_plans
 from .ivf.index import IVFIndex
 from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
@@ -256,56 +258,6 @@ class RetrievalModel(nn.Module):
         # 8 items to a byte (distinct powers of two: the sum is the OR), 8 little-endian bytes to a word
         return (hit << torch.arange(8, dtype=torch.uint8, device=words.device)).sum(-1, dtype=torch.uint8).view(torch.int64).squeeze(-1)
 
-    def _bloom_words(self, words, hashes):
-        """int64 [Q, T, M]: the Bloom test (a superset) of term hashes[q, t] on the 64 main-index items
-        of words[q, m]: the AND of the term's k row words in the word's bundle."""
-        q, t = hashes.shape
-        n_bundles = self.bloom_widths.numel()
-        # a term's rows depend on its bundle only: hash once per (term, bundle), then gather per word
-        per_bundle = bloom_positions(hashes.unsqueeze(-1).expand(q, t, n_bundles), self.bloom_widths.expand(q, t, n_bundles), self.bloom_k)
-        per_bundle = per_bundle + self.bloom_row_offsets[:n_bundles][None, None, :, None]  # [Q, T, B, k]
-        bundle = (words // WORDS_PER_BUNDLE)[:, None, :, None].expand(q, t, -1, self.bloom_k)
-        rows = per_bundle.gather(2, bundle)  # [Q, T, M, k]
-        bits = _rows(self.bloom_bits.view(-1), rows * WORDS_PER_BUNDLE + (words % WORDS_PER_BUNDLE)[:, None, :, None])
-        passing = bits[..., 0]
-        for j in range(1, self.bloom_k):
-            passing = passing & bits[..., j]
-        return passing
-
-    @staticmethod
-    def _run_plans(ops, args, bloom_terms, exact_terms):
-        """Evaluate postfix plans on a [Q, MAX_DEPTH (+ 1 spare), M] stack with tensor ops (no data-dependent branches).
-        Term values [Q, T, M] are bool per item or int64 words of 64 items (the same ops, bitwise);
-        exact_terms may hold only the leading slots (where the plans keep their EXACT_TERM terms)."""
-        q, n_exact, m = exact_terms.shape
-        dev = exact_terms.device
-        everything = torch.full((q, 1, m), True if exact_terms.dtype == torch.bool else -1, dtype=exact_terms.dtype, device=dev)
-        # everything that does not depend on the stack, for all steps at once: [Q, L, 1] op kinds, [Q, L, M] pushes
-        term, exact_term, true, negate, conj, disj = ((ops == code).unsqueeze(-1) for code in (TERM, EXACT_TERM, TRUE, NOT, AND, OR))
-        pick = args.long().unsqueeze(-1).expand(q, -1, m)
-        # reads are clamped for the other steps' slots; torch.where drops what they read
-        exact = exact_terms.gather(1, pick.clamp(max=n_exact - 1))
-        bloom = bloom_terms.gather(1, pick.clamp(max=bloom_terms.shape[1] - 1))
-        pushed = torch.where(term, bloom, torch.where(exact_term, exact, everything))
-        is_push, is_pair = term | exact_term | true, conj | disj
-        moves = is_push.long() - is_pair.long()
-        sp = moves.cumsum(1) - moves  # stack size before each step
-        at = torch.where(is_push, sp, torch.where(negate, sp - 1, sp - 2))
-        # the slot each step writes; steps that write nothing (NOP padding) write a spare slot past
-        # the stack, so a step updates one [Q, 1, M] row in place instead of selecting the whole stack
-        writes = (is_push | is_pair | negate) & (at >= 0) & (at < MAX_DEPTH)
-        at = torch.where(writes, at, MAX_DEPTH).expand(q, -1, m)
-        top_at, below_at = (sp - 1).clamp(min=0).expand(q, -1, m), (sp - 2).clamp(min=0).expand(q, -1, m)
-        stack = everything.expand(q, MAX_DEPTH + 1, m).clone()
-        for step in range(ops.shape[1]):
-            top = stack.gather(1, top_at[:, step : step + 1])
-            below = stack.gather(1, below_at[:, step : step + 1])
-            value = torch.where(is_push[:, step : step + 1], pushed[:, step : step + 1],
-                                torch.where(negate[:, step : step + 1], ~top,
-                                            torch.where(conj[:, step : step + 1], below & top, below | top)))
-            stack.scatter_(1, at[:, step : step + 1], value)
-        return stack[:, 0]
-
     def _probed_passing(self, clusters, ops, args, hashes, exact_slots: int | None = None):
         """bool [Q, P, S]: item slot s of probed cluster clusters[q, p] exists, is alive and passes the
         filter, evaluated once per packed word covering the cluster, not once per item."""
@@ -316,7 +268,8 @@ class RetrievalModel(nn.Module):
         words = (first + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
         words = words.reshape(q, p * n_words)
         exact_slots = self.max_exact_terms if exact_slots is None else exact_slots
-        passing = self._run_plans(ops, args, self._bloom_words(words, hashes), self._exact_words(words, hashes[:, :exact_slots]))
+        passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
+                                      self._exact_words(words, hashes[:, :exact_slots]), self.bloom_k)
         local = (slots // 64 - first).clamp(max=n_words - 1)  # clamped only for padding slots
         bit = (passing.view(q, p, n_words).gather(2, local) >> (slots % 64)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
@@ -334,7 +287,7 @@ class RetrievalModel(nn.Module):
         if self.fresh_capacity:
             fpos = torch.arange(self.num_main, self.item_ids.shape[0], device=u.device).expand(q, -1)
             exact = self._exact_terms(fpos, hashes)
-            fkeep = _rows(self.alive, fpos) & self._run_plans(ops, args, exact, exact)
+            fkeep = _rows(self.alive, fpos) & run_plans(ops, args, exact, exact)
             fresh_found = fkeep.sum(1)
         if self.max_nprobe > self.nprobe:  # adaptive: probe cluster p only while fewer than K items passed before it
             per_cluster = keep.sum(2)
@@ -357,7 +310,7 @@ class RetrievalModel(nn.Module):
         verified = torch.isfinite(top)
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
             exact = self._exact_terms(cand, hashes)
-            verified = verified & self._run_plans(ops, args, exact, exact)
+            verified = verified & run_plans(ops, args, exact, exact)
         items = _rows(self.item_embeddings, cand).float()
         dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
         logits = self.overarch(u, items, dense)

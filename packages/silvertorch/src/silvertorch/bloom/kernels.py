@@ -18,14 +18,17 @@ TERM, EXACT_TERM, AND, OR, NOT, TRUE = (tl.constexpr(code) for code in (parser.T
 
 @triton.jit
 def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
-                exact_ptr, exact_row_ptr, L, T, n_words, K: tl.constexpr, BW: tl.constexpr):
+                exact_ptr, exact_row_ptr, exact_col, exact_stride, L, T, K: tl.constexpr, BW: tl.constexpr,
+                HAS_LIVE: tl.constexpr):
+    """The plan of query q on words w; an EXACT_TERM of slot s reads exact_ptr[exact_row[q, s] * exact_stride + exact_col]."""
     bundle = w // 32
     wib = w % 32
     width = tl.load(width_ptr + bundle, mask=wmask, other=2)
     roff = tl.load(row_off_ptr + bundle, mask=wmask, other=0)
     ones = tl.full((BW,), -1, tl.int64)
     zero = tl.zeros((BW,), tl.int64)
-    s0, s1, s2, s3, s4, s5, s6, s7 = zero, zero, zero, zero, zero, zero, zero, zero
+    # an empty stack reads as "everything", as the tensor-op evaluator's (an empty program passes all)
+    s0, s1, s2, s3, s4, s5, s6, s7 = ones, ones, ones, ones, ones, ones, ones, ones
     for i in range(L):
         op = tl.load(ops_ptr + q * L + i) + tl.zeros((BW,), tl.int32)  # as a vector: masks need tensor operands
         slot = tl.load(args_ptr + q * L + i)
@@ -40,7 +43,7 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
             p = ((p0 + j * step) % wu).to(tl.int64)
             term = term & tl.load(bits_ptr + (roff + p) * 32 + wib, mask=wmask & (op == TERM), other=-1)
         erow = tl.load(exact_row_ptr + q * T + slot)
-        exact = tl.load(exact_ptr + erow.to(tl.int64) * n_words + w, mask=wmask & (op == EXACT_TERM), other=0)
+        exact = tl.load(exact_ptr + erow.to(tl.int64) * exact_stride + exact_col, mask=wmask & (op == EXACT_TERM), other=0)
         pushed = tl.where(op == TERM, term, tl.where(op == EXACT_TERM, exact, ones))
         is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
         is_bin = (op == AND) | (op == OR)
@@ -54,7 +57,9 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
         n6 = tl.where(is_push, s5, tl.where(is_bin, s7, s6))
         n7 = tl.where(is_push, s6, tl.where(is_bin, zero, s7))
         s0, s1, s2, s3, s4, s5, s6, s7 = n0, n1, n2, n3, n4, n5, n6, n7
-    return s0 & tl.load(live_ptr + w, mask=wmask, other=0)
+    if HAS_LIVE:
+        s0 = s0 & tl.load(live_ptr + w, mask=wmask, other=0)
+    return s0
 
 
 @triton.jit
@@ -64,7 +69,7 @@ def search_kernel(out_ptr, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, 
     w = tl.program_id(1) * BW + tl.arange(0, BW)
     wmask = w < n_words
     res = _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
-                      exact_ptr, exact_row_ptr, L, T, n_words, K, BW)
+                      exact_ptr, exact_row_ptr, w, n_words, L, T, K, BW, True)
     tl.store(out_ptr + q.to(tl.int64) * n_words + w, res, mask=wmask)
 
 
@@ -86,9 +91,9 @@ def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_
     m0 = valid & (w0 < n_words)
     m1 = valid & (w0 + 1 < n_words)
     e0 = _eval_words(w0, m0, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
-                     exact_ptr, exact_row_ptr, L, T, n_words, K, BW)
+                     exact_ptr, exact_row_ptr, w0, n_words, L, T, K, BW, True)
     e1 = _eval_words(w0 + 1, m1, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
-                     exact_ptr, exact_row_ptr, L, T, n_words, K, BW)
+                     exact_ptr, exact_row_ptr, w0 + 1, n_words, L, T, K, BW, True)
     lo = e0.to(tl.uint64, bitcast=True) >> shift
     hi = tl.where(shift == 0, tl.zeros_like(lo), e1.to(tl.uint64, bitcast=True) << back_shift)
     word = (lo | hi) & 0xFFFFFFFF
@@ -96,6 +101,21 @@ def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_
     keep = tl.where(remaining >= 32, 0xFFFFFFFF, (tl.full(remaining.shape, 1, tl.uint64) << tl.maximum(remaining, 0).to(tl.uint64)) - 1)
     word = tl.where(valid, word & keep, 0)
     tl.store(out_ptr + qr.to(tl.int64) * W32 + o, word.to(tl.uint32).to(tl.int32, bitcast=True), mask=omask)
+
+
+@triton.jit
+def words_kernel(out_ptr, words_ptr, bits_ptr, row_off_ptr, width_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+                 exact_ptr, exact_row_ptr, L, T, M, n_words, K: tl.constexpr, BW: tl.constexpr):
+    """out[q, m] = plan q on word words[q, m] (the retrieval model's probed words); exact terms come
+    per position m from exact_ptr [Q * E, M]; no live mask (the model applies liveness per slot)."""
+    q = tl.program_id(0)
+    m = tl.program_id(1) * BW + tl.arange(0, BW)
+    mmask = m < M
+    w = tl.load(words_ptr + q.to(tl.int64) * M + m, mask=mmask, other=0)
+    wmask = mmask & (w >= 0) & (w < n_words)
+    res = _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, bits_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+                      exact_ptr, exact_row_ptr, m, M, L, T, K, BW, False)
+    tl.store(out_ptr + q.to(tl.int64) * M + m, res, mask=mmask)
 
 
 @triton.jit
