@@ -1,7 +1,7 @@
 
 import torch
 
-from gpukernels_common import Backend, register_op
+from gpukernels_common import Backend, inline_references, register_op
 
 CALLS = []
 
@@ -69,3 +69,25 @@ def test_export_and_compile_see_one_op(monkeypatch):
     torch.testing.assert_close(ep.module()(x), M()(x))
     compiled = torch.compile(M(), backend="eager")
     torch.testing.assert_close(compiled(x), M()(x))
+
+
+def test_inline_references_traces_plain_ops(monkeypatch):
+    """Inside inline_references() the op runs its reference even where the dispatcher would pick
+    the Triton side, and an export holds aten ops only; outside, the custom op again."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return OP(x, 2.0).sum()
+
+    CALLS.clear()
+    with inline_references():
+        OP(torch.ones(2), 1.0)
+        ep = torch.export.export(M(), (torch.randn(4),))
+    OP(torch.ones(2), 1.0)
+    assert CALLS[0] == "reference" and CALLS[-1] == "triton"
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert "gkctest.axpb.default" not in targets and "aten.mul.Tensor" in targets
+    x = torch.randn(4)
+    torch.testing.assert_close(ep.module()(x), (x * 2 + 1).sum())

@@ -48,6 +48,21 @@ def test_build_and_query(artifact, capsys):
     assert main(["build", "--towers", str(path), "--items", "nope", "--out", str(path / "x"), "--quiet"]) == 2
 
 
+def test_package_command(artifact, tmp_path, capsys):
+    """`silvertorch package` writes an AOTInductor package whose answers equal the model's."""
+    path, _ = artifact
+    assert main(["package", str(path), str(tmp_path / "m.zip"), "--user", "3"]) == 2
+    assert "must end in .pt2" in capsys.readouterr().err
+    assert main(["package", str(path), str(tmp_path / "m.pt2"), "--user", "3", "--filter", "genre:2", "--max-batch", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["package"] == str(tmp_path / "m.pt2")
+    model = RetrievalModel.load(path)
+    users, exprs = torch.tensor([[1], [5], [7]]), ["genre:1", "", "NOT genre:0"]
+    runner = torch._inductor.aoti_load_package(str(tmp_path / "m.pt2"))
+    got, want = runner(users, *model.prepare_filters(exprs)), model(users, *model.prepare_filters(exprs))
+    assert torch.equal(got[0], want[0]) and (want[0] >= 0).all()
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
 def test_serve_port_in_use_is_reported(artifact, capsys):
     import socket
 

@@ -1,21 +1,40 @@
 """Pair a Triton implementation with its PyTorch reference as one `torch.library` custom op.
 
 `torch.compile` and `torch.export` see a single op; which implementation runs is decided
-per call by `select_backend` from the tensors' device and `GKC_BACKEND`.
+per call by `select_backend` from the tensors' device and `GKC_BACKEND`. Inside
+`inline_references()` a call runs the reference's plain torch ops instead, so a trace holds no
+custom op: what AOTInductor needs to compile a graph into a package that runs without Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from .backend import Backend, select_backend
 
 _REGISTERED: dict[str, RegisteredOp] = {}
+# how many inline_references() blocks are open: a plain global, which torch.compile and
+# torch.export read (and guard on) while tracing, where a ContextVar cannot be traced
+_INLINE_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def inline_references() -> Iterator[None]:
+    """Within the block, registered ops run their PyTorch reference directly instead of the custom
+    op (e.g. around `torch.export.export`, so that the exported graph is made of aten ops only
+    and AOTInductor can compile all of it; the hand-written kernels are then not used).
+    Process-wide while open: meant for a trace, not for concurrent serving threads."""
+    _INLINE_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _INLINE_DEPTH[0] -= 1
 
 
 class RegisteredOp:
@@ -28,6 +47,8 @@ class RegisteredOp:
         self.triton = triton
 
     def __call__(self, *args, **kwargs):
+        if _INLINE_DEPTH[0]:
+            return self.reference(*args, **kwargs)
         return self.op(*args, **kwargs)
 
     def run(self, backend: Backend, *args, **kwargs):

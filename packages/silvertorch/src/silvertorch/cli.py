@@ -4,6 +4,8 @@
     silvertorch query artifact/ --user 42 --filter 'genre:Comedy AND year:{1995,1996}' -n 10
         -> {"found": 1234, "results": [{"id": ..., "score": ..., "fresh": false}, ...]}
     silvertorch serve artifact/ [--host 127.0.0.1] [--port 8080] [--max-batch 64]
+    silvertorch package artifact/ model.pt2 --user 42 [--max-batch 1024]
+        -> an AOTInductor package of the forward (see RetrievalModel.package)
 """
 
 from __future__ import annotations
@@ -30,21 +32,36 @@ def _build(args) -> int:
 
 
 def _query(args) -> int:
-    import torch
 
     from .model import RetrievalModel
 
     model = RetrievalModel.load(args.artifact)
-    features = torch.tensor([[float(v) for v in args.user.split(",")]])
-    spec = model.config()["user_tower"].get("input") or {}
-    if spec.get("dtype") == "int64":
-        features = features.long()
+    features = _user_features(model, args.user)
     weights = [float(w) for w in args.value_weights.split(",")] if args.value_weights else None
     r = model.retrieve(features, [args.filter], weights)
     keep = r.ids[0] >= 0
     rows = [{"id": int(i), "score": round(float(s), 5), "fresh": bool(f)}
             for i, s, f in zip(r.ids[0][keep], r.scores[0][keep], r.fresh[0][keep])]
     print(json.dumps({"found": int(r.found[0]), "results": rows[: args.n]}, indent=1))
+    return 0
+
+
+def _user_features(model, text: str):
+    """One user's features from a comma-separated list, in the dtype the user tower takes."""
+    import torch
+
+    features = torch.tensor([[float(v) for v in text.split(",")]])
+    spec = model.config()["user_tower"].get("input") or {}
+    return features.long() if spec.get("dtype") == "int64" else features
+
+
+def _package(args) -> int:
+    from .model import RetrievalModel
+
+    model = RetrievalModel.load(args.artifact)
+    path = model.package(args.out, _user_features(model, args.user), [args.filter], max_batch=args.max_batch)
+    print(json.dumps({"package": str(path), "max_batch": args.max_batch, "inputs": "user_features, ops, args, hashes",
+                      "outputs": "ids, scores, task_probs, fresh, found"}))
     return 0
 
 
@@ -99,6 +116,14 @@ def main(argv=None) -> int:
     s.add_argument("--max-wait-ms", type=float, default=2.0)
     s.add_argument("--timeout", type=float, default=10.0, help="seconds before a request gets a 504")
     s.set_defaults(func=_serve)
+
+    pk = sub.add_parser("package", help="compile the model into an AOTInductor package (.pt2) that runs without silvertorch")
+    pk.add_argument("artifact")
+    pk.add_argument("out", help="the package file to write (.pt2)")
+    pk.add_argument("--user", required=True, help="an example user's features, comma-separated (traced with)")
+    pk.add_argument("--filter", default="", help="an example filter expression")
+    pk.add_argument("--max-batch", type=int, default=1024, help="the most users one call of the package may take")
+    pk.set_defaults(func=_package)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

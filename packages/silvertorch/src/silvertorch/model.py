@@ -417,6 +417,45 @@ class RetrievalModel(nn.Module):
             "overarch": self.overarch.config(), "value_model": self.value_model.config(),
         }
 
+    def package(self, path, user_features: torch.Tensor, filters: list[str] | None = None, max_batch: int = 1024) -> Path:
+        """Compile the forward ahead of time into one AOTInductor package (a `.pt2` file): the graph
+        and this model's tensors, compiled to C++ on the CPU (Triton on a GPU). It runs without
+        Python code of ours: `torch._inductor.aoti_load_package(path)` in Python (torch alone),
+        or `torch::inductor::AOTIModelPackageLoader` in C++, called as
+        `runner(user_features, *model.prepare_filters(filters))` for 1 to `max_batch` users and
+        returning forward's (ids, scores, task_probs, fresh, found) with the Value Model's fixed
+        weights. `user_features` and `filters`: an example batch to trace with.
+
+        The custom ops are traced through their references (`gpukernels_common.inline_references`),
+        so Inductor compiles their tensor ops in place of the hand-written kernels. The package is a
+        snapshot: items added or deleted afterwards are not in it. Needs a C++ compiler on the CPU."""
+        from gpukernels_common import inline_references
+
+        if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+            raise RuntimeError(f"RetrievalModel.package needs torch >= 2.6 (AOTInductor packages), found {torch.__version__}")
+        path = Path(path)
+        if path.suffix != ".pt2":
+            raise ValueError(f"path must end in .pt2 (an AOTInductor package), got {str(path)!r}")
+        if not isinstance(max_batch, int) or max_batch < 2:
+            raise ValueError(f"max_batch must be an int >= 2, got {max_batch!r}")
+        user_features = torch.as_tensor(user_features).to(self.codes.device)
+        if user_features.dim() < 1 or not 1 <= user_features.shape[0] <= max_batch:
+            raise ValueError(f"user_features must be an example batch [1..max_batch={max_batch}, ...], got "
+                             f"{tuple(user_features.shape)}")
+        q = user_features.shape[0]
+        filters = [""] * q if filters is None else list(filters)
+        if len(filters) != q:
+            raise ValueError(f"filters must be a list of {q} expressions (one per user), got {len(filters)}")
+        if q == 1:  # a batch dimension traced at size 1 would be specialised to 1
+            user_features, filters = torch.cat([user_features, user_features]), filters * 2
+        # contiguous: the compiled code assumes the example's strides (an expanded batch would read row 0 only)
+        inputs = (user_features.contiguous(), *self.prepare_filters(filters))
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        with torch.no_grad(), inline_references():
+            program = torch.export.export(self, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+
     def save(self, directory) -> Path:
         """Write config.json (format version, shapes) and model.safetensors (every tensor); no pickle."""
         from safetensors.torch import save_file
