@@ -254,7 +254,10 @@ class RetrievalModel(nn.Module):
         q, m = words.shape
         bit = torch.arange(64, device=words.device)
         items = (words.unsqueeze(-1) * 64 + bit).clamp(max=self.num_main - 1).reshape(q, m * 64)
-        hit = self._exact_terms(items, hashes[:, : self.max_exact_terms]).view(q, -1, m, 8, 8).to(torch.uint8)
+        hit = self._exact_terms(items, hashes[:, : self.max_exact_terms])
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return (hit.view(q, -1, m, 64).long() << bit).sum(-1)
+        hit = hit.view(q, -1, m, 8, 8).to(torch.uint8)
         # 8 items to a byte (distinct powers of two: the sum is the OR), 8 little-endian bytes to a word
         return (hit << torch.arange(8, dtype=torch.uint8, device=words.device)).sum(-1, dtype=torch.uint8).view(torch.int64).squeeze(-1)
 

@@ -43,8 +43,9 @@ def _probed_dots(codes, cluster_positions, clusters, q_codes):
     min(n_clusters, Q x P) clusters with unprobed ones that nobody reads."""
     q, p = clusters.shape
     n_clusters, width = cluster_positions.shape
-    union_size = min(n_clusters, q * p)
-    if union_size * width >= codes.shape[0]:
+    union_size = torch.sym_min(n_clusters, q * p)
+    # a batch size left symbolic (an export for any batch) takes the union path: one graph for all
+    if isinstance(q, int) and union_size * width >= codes.shape[0]:
         rows, row_of_slot = codes, cluster_positions
     else:
         probed = torch.zeros(n_clusters, dtype=torch.int32, device=clusters.device).index_fill(0, clusters.reshape(-1), 1)
