@@ -167,6 +167,8 @@ def test_bad_losses(toy):
         bal.backward({**losses, "zz": losses["t0"]})
     with pytest.raises(ValueError, match="not finite"):
         bal.backward({"t0": losses["t0"] * float("nan"), "t1": losses["t1"]})
+    with pytest.raises(ValueError, match="loss 't1' is not finite \\(inf\\)"):
+        bal.backward({"t0": losses["t0"], "t1": losses["t1"] * float("inf")})
     stray = (model.heads[0].weight ** 2).sum()  # does not read the representation
     with pytest.raises(ValueError, match="does not depend on the attached representation"):
         bal.backward({"t0": losses["t0"], "t1": stray})

@@ -134,8 +134,14 @@ class Balancer(nn.Module, abc.ABC):
         for name, loss in zip(self.task_names, out):
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ValueError(f"loss {name!r} must be a scalar tensor")
-            if not torch.isfinite(loss.detach()):
-                raise ValueError(f"loss {name!r} is not finite ({loss.item()})")
+        # one device read for all tasks (a read per loss would wait for a GPU once per task)
+        if len({loss.device for loss in out}) == 1:
+            finite = bool(torch.isfinite(torch.stack([loss.detach().float() for loss in out])).all())
+        else:
+            finite = all(bool(torch.isfinite(loss.detach())) for loss in out)
+        if not finite:
+            name, loss = next((n, x) for n, x in zip(self.task_names, out) if not torch.isfinite(x.detach()))
+            raise ValueError(f"loss {name!r} is not finite ({loss.item()})")
         return out
 
     def _task_grads(self, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
