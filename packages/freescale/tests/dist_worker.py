@@ -205,18 +205,23 @@ def scenario_embeddings(rank, world):
         feats = KeyedJagged.from_dict({k: v[lo:hi] for k, v in seqs.items()})
         for sharding in ("row", "table"):
             for pooling in POOLINGS:
-                emb = ShardedEmbeddings(EMBEDDING_TABLES, dim=EMBEDDING_DIM, sharding=sharding, init_seed=3)
-                outputs = emb(feats, pooling=pooling)
                 first_row = {k: (lo if pooling != "none" else sum(t.numel() for t in v[:lo])) for k, v in seqs.items()}
-                embedding_loss(outputs, pooling, first_row).backward()
-                grads = {}
-                for k in emb.keys:
-                    parts = [None] * world
-                    g = emb.shards[k].grad if emb.shards[k].grad is not None else torch.zeros_like(emb.shards[k])
-                    dist.all_gather_object(parts, (emb._row_start[k], g))
-                    grads[k] = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
-                got = [None] * world
-                dist.all_gather_object(got, {k: v.detach() for k, v in outputs.items()})
+                seen = {}
+                for transport in ("collective", "copy_engine"):  # the rows through all-to-all, or pulled by copies
+                    emb = ShardedEmbeddings(EMBEDDING_TABLES, dim=EMBEDDING_DIM, sharding=sharding, init_seed=3, transport=transport)
+                    outputs = emb(feats, pooling=pooling)
+                    embedding_loss(outputs, pooling, first_row).backward()
+                    grads = {}
+                    for k in emb.keys:
+                        parts = [None] * world
+                        g = emb.shards[k].grad if emb.shards[k].grad is not None else torch.zeros_like(emb.shards[k])
+                        dist.all_gather_object(parts, (emb._row_start[k], g))
+                        grads[k] = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
+                    got = [None] * world
+                    dist.all_gather_object(got, {k: v.detach() for k, v in outputs.items()})
+                    seen[transport] = (got, grads)
+                got, grads = seen["collective"]
+                copied, copied_grads = seen["copy_engine"]
                 # the same step with SGD fused into the backward: the tables come out updated
                 fused = ShardedEmbeddings(EMBEDDING_TABLES, dim=EMBEDDING_DIM, sharding=sharding, init_seed=3, fused_lr=FUSED_LR)
                 embedding_loss(fused(feats, pooling=pooling), pooling, first_row).backward()
@@ -224,7 +229,9 @@ def scenario_embeddings(rank, world):
                 out[f"{idle_rank}/{sharding}/{pooling}"] = {
                     "full": {k: emb.full_weight(k) for k in emb.keys}, "grads": grads,
                     "fused_updated": {k: fused.full_weight(k) for k in emb.keys},
-                    "outputs": {k: torch.cat([g[k] for g in got]) for k in emb.keys}}
+                    "outputs": {k: torch.cat([g[k] for g in got]) for k in emb.keys},
+                    "copy_engine_outputs": {k: torch.cat([g[k] for g in copied]) for k in emb.keys},
+                    "copy_engine_grads": copied_grads}
     return out
 
 

@@ -42,7 +42,8 @@ def test_balanced_batch_is_permutation_with_equal_gradients(tmp_path, world):
 def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
     """Owner-side pooling (sum, mean) and unpooled rows equal a local nn.EmbeddingBag / lookup in
     forward and gradients, table-wise and row-wise, with empty bags and a rank without ids (at
-    3 ranks: uneven row blocks, and table-wise a rank that owns no table)."""
+    3 ranks: uneven row blocks, and table-wise a rank that owns no table); the copy-engine
+    transport gives the collective's outputs and gradients bit for bit."""
     proc, res = _run("embeddings", world, tmp_path)
     assert len(res) == 2 * 2 * len(worker.POOLINGS)
     for name, r in res.items():
@@ -62,6 +63,9 @@ def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
                 outputs[key] = lookups[key](ids, offsets)
             torch.testing.assert_close(r["outputs"][key], outputs[key].detach(), msg=name)
         worker.embedding_loss(outputs, pooling, {k: 0 for k in seqs}).backward()
+        for key in seqs:  # the copy-engine transport's pull protocol (gloo here) moves the same rows
+            assert torch.equal(r["copy_engine_outputs"][key], r["outputs"][key]), f"{name} {key} copy_engine"
+            assert torch.equal(r["copy_engine_grads"][key], r["grads"][key]), f"{name} {key} copy_engine grad"
         for key, lookup in lookups.items():
             torch.testing.assert_close(r["grads"][key], lookup.weight.grad, msg=f"{name} {key}")
             expected = r["full"][key] - worker.FUSED_LR * lookup.weight.grad  # fused_lr: one SGD step in the backward

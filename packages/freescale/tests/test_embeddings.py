@@ -69,6 +69,8 @@ def test_bad_input_is_named():
         ShardedEmbeddings({"a": 50}, dim=5, fused_lr=-1.0)
     with pytest.raises(IndexError, match="table 'a' must be in \\[0, 20\\)"):
         ShardedEmbeddings({"a": 20, "b": 30}, dim=5)(features)
+    with pytest.raises(ValueError, match="transport must be one of \\('collective', 'copy_engine'\\), got 'nccl'"):
+        ShardedEmbeddings({"a": 50}, dim=5, transport="nccl")
 
 
 def test_pipeline_sends_ids_ahead_and_warns_when_the_step_does_not_use_them():

@@ -29,8 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .jagged import KeyedJagged
+from .transport import CollectiveTransport, make_transport
 
 POOLINGS = ("sum", "mean", "none")
+_COLLECTIVE = CollectiveTransport()
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -38,13 +40,11 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _exchange(tensor: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    """Uneven all_to_all_single along dim 0, no autograd (ids and counts; `_AllToAll` adds the
-    backward for the rows)."""
+    """Uneven all_to_all_single along dim 0, no autograd (ids and counts; `_AllToAll` moves the
+    rows, with a backward)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return tensor
-    output = tensor.new_empty(sum(output_splits), *tensor.shape[1:])
-    dist.all_to_all_single(output, tensor.contiguous(), output_splits, input_splits, group=group)
-    return output
+    return _COLLECTIVE.exchange(tensor, output_splits, input_splits, group)
 
 
 @dataclasses.dataclass
@@ -69,17 +69,18 @@ def _world(group):
 
 
 class _AllToAll(torch.autograd.Function):
-    """Uneven all_to_all_single along dim 0 whose backward returns the gradients the reverse way."""
+    """Uneven all-to-all along dim 0 through `transport` whose backward returns the gradients the
+    reverse way (through the same transport)."""
 
     @staticmethod
-    def forward(ctx, input, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        return _exchange(input, output_splits, input_splits, group)
+    def forward(ctx, input, output_splits, input_splits, group, transport):
+        ctx.splits, ctx.group, ctx.transport = (output_splits, input_splits), group, transport
+        return transport.exchange(input, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad_output):
         output_splits, input_splits = ctx.splits
-        return _AllToAll.apply(grad_output, input_splits, output_splits, ctx.group), None, None, None
+        return _AllToAll.apply(grad_output, input_splits, output_splits, ctx.group, ctx.transport), None, None, None, None
 
 
 class _FusedSGDBagSum(torch.autograd.Function):
@@ -106,11 +107,14 @@ class _FusedSGDBagSum(torch.autograd.Function):
 
 class ShardedEmbeddings(nn.Module):
     def __init__(self, tables: dict[str, int], dim: int, sharding: str = "row", process_group=None, init_seed: int = 0,
-                 sparse_grad: bool = False, fused_lr: float | None = None):
+                 sparse_grad: bool = False, fused_lr: float | None = None, transport: str = "collective"):
         """`sparse_grad=True`: the shards get sparse gradients holding the looked-up rows only (for
         optimizers that take them, e.g. SGD or SparseAdam; saves zeroing and updating whole tables).
         `fused_lr`: SGD with this learning rate on the looked-up rows inside the backward; the
-        shards get no gradient (keep them out of the optimizer)."""
+        shards get no gradient (keep them out of the optimizer).
+        `transport`: how the looked-up vectors and their gradients move, "collective"
+        (all-to-all) or "copy_engine" (peers pull them with copies: the GPUs' copy engines, no SM;
+        see `freescale.transport`). The ids' all-to-alls stay collectives."""
         super().__init__()
         if sharding not in ("row", "table"):
             raise ValueError(f"sharding must be 'row' or 'table', got {sharding!r}")
@@ -120,6 +124,7 @@ class ShardedEmbeddings(nn.Module):
         if not tables:
             raise ValueError("tables must name at least one table and its row count")
         self.group, self.sharding, self.dim, self.sparse_grad, self.fused_lr = process_group, sharding, dim, sparse_grad, fused_lr
+        self.transport = make_transport(transport)
         self.keys = list(tables)
         self.num_rows = dict(tables)
         world, rank = _world(process_group)
@@ -312,4 +317,4 @@ class ShardedEmbeddings(nn.Module):
         return dict(zip(self.keys, pooled.split(d.split_sizes)))
 
     def _all_to_all(self, tensor: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
-        return tensor if self.world == 1 else _AllToAll.apply(tensor, output_splits, input_splits, self.group)
+        return tensor if self.world == 1 else _AllToAll.apply(tensor, output_splits, input_splits, self.group, self.transport)
