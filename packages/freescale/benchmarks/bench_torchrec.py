@@ -7,7 +7,9 @@ a dense MLP over [pooled, dense features] with a logistic loss; SGD. Both sides 
 table's owner and send back one vector per (sample, table); both update the looked-up rows with
 SGD inside the backward (freescale `fused_lr=`, TorchRec's fbgemm fused backward + optimizer), so
 neither builds a gradient for the tables. A third freescale row returns every looked-up row and
-pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic. The
+pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic. Two
+rows balance the samples over the ranks (kk_equal on the id counts): always, and only when the
+slowest rank's cost drops by 5% or more (`min_gain=0.05`; otherwise no sample moves). The
 freescale pipeline sends batch i+1's embedding ids to their owners while batch i computes (as
 TorchRec's pipeline does); one row turns that off, for what it saves.
 Each rank draws the same batches for every framework. Exposed communication = step time - the
@@ -47,6 +49,7 @@ KEYS = ("history", "other")
 COMPUTE_ONLY = " (two one-rank jobs: compute only)"
 UNPOOLED = "freescale TrainPipeline, rows returned unpooled (pooled on the requester)"
 NOT_PREFETCHED = "freescale TrainPipeline, ids not distributed ahead"
+BALANCED_MIN_GAIN = "freescale TrainPipeline + kk_equal balancing, min_gain 5% (samples stay when the gain is smaller)"
 
 
 @dataclasses.dataclass
@@ -87,14 +90,15 @@ def timed(run_steps, shape: Shape) -> float:
     return stamps[-1] - stamps[shape.warmup - 1]
 
 
-def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = True, prefetch: bool = True) -> float:
+def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = True, prefetch: bool = True,
+                  min_gain: float = 0.0) -> float:
     import freescale
 
     tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table", fused_lr=0.01)
     head = mlp(shape)
     opt = torch.optim.SGD(head.parameters(), lr=0.01)  # the tables update themselves in the backward
     scheduler = freescale.CommScheduler()
-    balancer = freescale.BatchBalancer(cost_model=freescale.CostModel(a=1.0), method="kk_equal") if balance else None
+    balancer = freescale.BatchBalancer(cost_model=freescale.CostModel(a=1.0), method="kk_equal", min_gain=min_gain) if balance else None
 
     def pooled_of(features):
         if owner_pooling:
@@ -198,6 +202,7 @@ def _rank(queue, job, rank, world, port, shape):
                ("freescale TrainPipeline", lambda: run_freescale(batches, shape, balance=False)),
                (NOT_PREFETCHED, lambda: run_freescale(batches, shape, balance=False, prefetch=False)),
                ("freescale TrainPipeline + kk_equal balancing", lambda: run_freescale(batches, shape, balance=True)),
+               (BALANCED_MIN_GAIN, lambda: run_freescale(batches, shape, balance=True, min_gain=0.05)),
                (UNPOOLED, lambda: run_freescale(batches, shape, balance=False, owner_pooling=False)))
     seconds = {name: [] for name, _ in runners}
     for _ in range(shape.repeats):  # round robin, so that load from other jobs hits every runner alike

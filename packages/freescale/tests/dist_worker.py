@@ -96,6 +96,18 @@ def scenario_balance(rank, world):
         out[name] = {"ids": torch.tensor(sorted(sum(all_ids, []))), "g_bal": grads(new, moved["dense"]),
                      "g_naive": grads(feats, dense[lo:hi]), "bubble_before": torch.tensor(plan.report()["bubble_before"]),
                      "bubble_after": torch.tensor(plan.report()["bubble_after"])}
+    # min_gain: a gain below it keeps every sample in place, with no collective; above it, the samples move
+    a, b, dense = global_batch(23)
+    lo, hi = local_slice(world, rank, 23)
+    feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
+    for min_gain in (0.99, 0.01):
+        keeper = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), method="kk_equal", background=False, min_gain=min_gain)
+        plan = keeper.plan(feats)
+        new, moved = keeper.exchange(plan, feats, {"id": torch.arange(lo, hi)})
+        out[f"min_gain {min_gain}"] = {"kept": torch.tensor(plan.partition.method == "kept"), "same": torch.tensor(new is feats),
+                                       "ids": moved["id"], "local": torch.arange(lo, hi),
+                                       "bubble_before": torch.tensor(plan.report()["bubble_before"]),
+                                       "bubble_after": torch.tensor(plan.report()["bubble_after"])}
     return out
 
 

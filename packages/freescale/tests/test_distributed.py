@@ -36,6 +36,11 @@ def test_balanced_batch_is_permutation_with_equal_gradients(tmp_path, world):
         assert res[name]["ids"].tolist() == list(range(n)), name
         torch.testing.assert_close(res[name]["g_bal"], res[name]["g_naive"], rtol=1e-5, atol=1e-5, msg=name)
         assert float(res[name]["bubble_after"]) <= float(res[name]["bubble_before"]), name
+    kept, moved = res["min_gain 0.99"], res["min_gain 0.01"]  # this batch's balancing gains between the two
+    assert bool(kept["kept"]) and bool(kept["same"]) and torch.equal(kept["ids"], kept["local"])
+    assert float(kept["bubble_after"]) == float(kept["bubble_before"])
+    assert not bool(moved["kept"]) and not torch.equal(moved["ids"], moved["local"])
+    assert float(moved["bubble_after"]) < float(moved["bubble_before"])
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -79,6 +79,8 @@ def test_balancer_bad_options_and_misaligned_keys():
         BatchBalancer(long_sequences="trim")
     with pytest.raises(ValueError, match="split_context"):
         BatchBalancer(long_sequences="split", split_context=-1)
+    with pytest.raises(ValueError, match="min_gain must be a fraction in \\[0, 1\\), got 1.5"):
+        BatchBalancer(min_gain=1.5)
     feats = KeyedJagged.from_dict({"a": [torch.arange(3), torch.arange(2)], "b": [torch.arange(1), torch.arange(2)]})
     with pytest.raises(ValueError, match="same length in every sample"):
         BatchBalancer(long_sequences="cap").lengths_of(feats)
