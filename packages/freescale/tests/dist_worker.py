@@ -247,6 +247,52 @@ def scenario_embeddings(rank, world):
     return out
 
 
+def scenario_transport(rank, world):
+    """The copy-engine transport's pull protocol against all_to_all_single on raw tensors: random
+    uneven splits with zeros (a rank sending nothing), 3-D float64 and 1-D int64 rows, nobody
+    sending anything, and counts that contradict what the ranks send (an error on every rank)."""
+    from freescale.transport import CollectiveTransport, CopyEngineTransport
+
+    copy_engine, collective = CopyEngineTransport(), CollectiveTransport()
+    g = torch.Generator().manual_seed(7)
+    table = torch.randint(0, 4, (world, world), generator=g)  # rows rank r sends to rank j
+    table[0] = 0  # rank 0 sends nothing
+    sends, receives = table[rank].tolist(), table[:, rank].tolist()
+    out = {}
+    for name, tensor in (("float64 3-D", torch.randn(sum(sends), 3, 2, dtype=torch.float64) + rank),
+                         ("int64", torch.arange(sum(sends)) + 100 * rank)):
+        got = copy_engine.exchange(tensor, receives, sends, None)
+        out[name] = torch.tensor(torch.equal(got, collective.exchange(tensor, receives, sends, None)) and got.shape[0] == sum(receives))
+    nothing = copy_engine.exchange(torch.zeros(0, 5), [0] * world, [0] * world, None)
+    out["nothing"] = torch.tensor(nothing.shape == (0, 5))
+    try:
+        copy_engine.exchange(torch.zeros(sum(sends), 2), [r + 1 for r in receives], sends, None)
+        out["mismatch"] = "no error"
+    except ValueError as err:
+        out["mismatch"] = str(err)
+    return out
+
+
+def scenario_transport_cuda(rank, world):
+    """On GPUs (NCCL, one GPU per rank): the copy-engine transport's symmetric-memory pulls
+    against NCCL's all_to_all_single, fp32 and bf16 rows, twice (the buffer is reused)."""
+    from freescale.transport import CollectiveTransport, CopyEngineTransport
+
+    copy_engine, collective = CopyEngineTransport(), CollectiveTransport()
+    g = torch.Generator().manual_seed(7)
+    table = torch.randint(0, 300, (world, world), generator=g)
+    sends, receives = table[rank].tolist(), table[:, rank].tolist()
+    out = {}
+    for step in range(2):
+        for dtype in (torch.float32, torch.bfloat16):
+            tensor = (torch.randn(sum(sends), 64, generator=g) + rank).to("cuda", dtype)
+            got = copy_engine.exchange(tensor, receives, sends, None)
+            want = collective.exchange(tensor, receives, sends, None)
+            out[f"{step} {dtype}"] = torch.tensor(torch.equal(got, want))
+    torch.cuda.synchronize()
+    return out
+
+
 def scenario_scheduler(rank, world):
     sched = CommScheduler(chunk_bytes=4096)
     big_in = torch.full((world * 4, 2048), float(rank))  # 32 KB per rank-slice: chunked
@@ -386,7 +432,11 @@ def scenario_hang(rank, world):
 def run(rank, scenario, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    backend = "gloo"
+    if scenario.endswith("_cuda"):  # one GPU per rank
+        torch.cuda.set_device(rank)
+        backend = "nccl"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     result = globals()[f"scenario_{scenario}"](rank, world)
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "result.pt"))

@@ -77,6 +77,22 @@ def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
             torch.testing.assert_close(r["fused_updated"][key], expected, msg=f"{name} {key} fused")
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_copy_engine_transport_equals_all_to_all(tmp_path, world):
+    proc, res = _run("transport", world, tmp_path)
+    assert bool(res["float64 3-D"]) and bool(res["int64"]) and bool(res["nothing"])
+    assert "differ from what the ranks send this rank" in res["mismatch"]
+
+
+@pytest.mark.gpu
+def test_copy_engine_transport_on_gpus(tmp_path):
+    """Symmetric-memory staging and side-stream peer copies equal NCCL's all-to-all (2 GPUs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs that are peers of each other; found {torch.cuda.device_count()}")
+    proc, res = _run("transport_cuda", 2, tmp_path, timeout=300)
+    assert res and all(bool(v) for v in res.values()), res
+
+
 def test_train_pipeline_moves_every_sample_once(tmp_path):
     """Balanced, the next batch is planned and exchanged, and its embedding ids distributed, in
     the background while the current step runs its own collective; every step still gets each
