@@ -115,7 +115,8 @@ class BatchBalancer:
                  split_context: int | None = None, min_gain: float = 0.0):
         """`min_gain`: keep every sample where it is (no sample all-to-all at all) when balancing
         would cut the slowest rank's cost by less than this fraction, e.g. 0.05 on ranks whose
-        loads are already about equal; 0 (default) always moves to the partition.
+        loads are already about equal; 0 (default) moves whenever the partition is no worse than
+        the batch as it stands.
         `long_sequences`: what to do with a sample that alone costs more than a rank's fair
         share: "report" it (the plan's report names it and its floor; warned once), "cap" it
         to its most recent positions, or "split" it into pieces for other ranks with
