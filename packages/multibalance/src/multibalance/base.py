@@ -84,8 +84,7 @@ class Balancer(nn.Module, abc.ABC):
         self._leaves: list[torch.Tensor] = []
         self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
         self._pending: _PendingStep | None = None  # under torch.distributed: what the balance point returns
-        self._static_copy: tuple | None = None  # (device, version, tensor): the static weights on the step's device
-        self._static_floats: tuple | None = None  # (tensor, version, list): the static weights as floats
+        self._static: tuple | None = None  # (tensor, version, derived): see `_static_state`
 
     @property
     def num_tasks(self) -> int:
@@ -176,22 +175,25 @@ class Balancer(nn.Module, abc.ABC):
             leaf.grad = None
         return grads
 
-    def static_weight_list(self) -> list[float]:
-        """The static weights as floats, read once (not every step: reading a device tensor waits for
-        the device); read again after `load_state_dict` or `.to()` changes them."""
+    def _static_state(self) -> dict:
+        """What the steps derive from `static_weights`: their floats and their copies on the steps'
+        devices, made once (reading or copying a device tensor waits for the device), remade when
+        `load_state_dict` or `.to()` changes the weights."""
         w = self.static_weights
-        if self._static_floats is None or self._static_floats[0] is not w or self._static_floats[1] != w._version:
-            self._static_floats = (w, w._version, w.tolist())
-        return self._static_floats[2]
+        if self._static is None or self._static[0] is not w or self._static[1] != w._version:
+            self._static = (w, w._version, {"floats": w.tolist()})
+        return self._static[2]
+
+    def static_weight_list(self) -> list[float]:
+        """The static weights as floats."""
+        return self._static_state()["floats"]
 
     def static_weights_on(self, device) -> torch.Tensor:
-        """The static weights on `device`, copied once (not every step: a host-to-device copy
-        waits for the GPU); a new copy after `load_state_dict` changes them."""
-        device = torch.device(device)
-        key = (device, self.static_weights.device, self.static_weights._version)
-        if self._static_copy is None or self._static_copy[0] != key:
-            self._static_copy = (key, self.static_weights.to(device))
-        return self._static_copy[1]
+        """The static weights on `device`."""
+        state, device = self._static_state(), torch.device(device)
+        if device not in state:
+            state[device] = self.static_weights.to(device)
+        return state[device]
 
     def _missing_dependency(self, name: str):
         what = "the shared parameters" if self.parameter_level else "the attached representation"

@@ -74,7 +74,7 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
     for t, loss in enumerate(losses):
         found: list[_Consumer | None] = [None] * len(leaves)
         seen, stack = set(), [loss.grad_fn]
-        while stack:  # runs every step: kept lean (a node's next_functions are built once, no exceptions)
+        while stack:  # runs every step: a node's next_functions are built once, no exception per node
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
@@ -88,11 +88,7 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                 continue
             children = node.next_functions
             for index, (child, output_nr) in enumerate(children):
-                if child is None:
-                    continue
-                j = leaf_edges.get((id(child), output_nr))
-                if j is None and type(child).__name__ in _PASS_THROUGH:
-                    j = _leaf_node(child, output_nr, leaf_edges)
+                j = _leaf_node(child, output_nr, leaf_edges)
                 if j is None:
                     stack.append(child)
                     continue

@@ -17,6 +17,7 @@ import torch
 
 from gpukernels_common import register_op
 
+from ..ivf.probed import rows_of
 from .hashing import bloom_positions, second_hash
 from .index import WORDS_PER_BUNDLE
 from .parser import AND, EXACT_TERM, MAX_DEPTH, NOT, OR, TERM, TRUE
@@ -67,8 +68,7 @@ def bloom_words(bits: torch.Tensor, row_offsets: torch.Tensor, widths: torch.Ten
     per_bundle = per_bundle + row_offsets[:n_bundles][None, None, :, None]  # [Q, T, B, k]
     bundle = (words // WORDS_PER_BUNDLE)[:, None, :, None].expand(q, t, -1, bloom_k)
     rows = per_bundle.gather(2, bundle)  # [Q, T, M, k]
-    index = rows * WORDS_PER_BUNDLE + (words % WORDS_PER_BUNDLE)[:, None, :, None]
-    found = bits.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
+    found = rows_of(bits.reshape(-1), rows * WORDS_PER_BUNDLE + (words % WORDS_PER_BUNDLE)[:, None, :, None])
     passing = found[..., 0]
     for j in range(1, bloom_k):
         passing = passing & found[..., j]
