@@ -1,9 +1,10 @@
 """Step-time overhead under DistributedDataParallel: 2 gloo ranks (one CPU thread each), the
 model of bench_overhead.py wrapped in DDP, equal weights against MultiBalance on its factored
-path (the task norms reduced over ranks, heads and bottom in one backward, so DDP all-reduces
-once) and on its general path (every task's representation gradient formed). The three
-alternate in blocks of a few steps on the same model, each reports its median block; a step
-ends with the slower rank.
+path (the heads' backward, the task norms summed over ranks while it finishes, then the
+bottom's backward) and on its general path (every task's representation gradient formed). The
+three alternate in blocks of two steps on the same model; each reports its median block, and the
+overhead is the median of the per-block ratios with a 95% confidence interval
+(`common.paired_overhead`); a block ends with the slower rank.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SharedBottomModel  # noqa: E402
+from common import SharedBottomModel, paired_overhead  # noqa: E402
 
 WORLD = 2
-BLOCKS, STEPS_PER_BLOCK = 30, 4
+BLOCKS, STEPS_PER_BLOCK = 100, 2
 PROVIDERS = ("equal", "multibalance", "multibalance (general path)")
 
 
@@ -80,7 +81,7 @@ def _rank(queue, job, rank, world, port, n_tasks, batch, blocks):
             dist.barrier()  # the block ends with the slower rank
             times[name].append(1e3 * (time.perf_counter() - start) / STEPS_PER_BLOCK)
     paths = {name: getattr(bal, "last_path", "") or "-" for name, bal in balancers.items()}
-    queue.put({"ms": {name: statistics.median(t) for name, t in times.items()}, "paths": paths} if rank == 0 else None)
+    queue.put({"blocks": times, "paths": paths} if rank == 0 else None)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -97,16 +98,17 @@ def main() -> int:
     records = []
     for n_tasks in ([2] if args.quick else [2, 4, 8, 16]):
         result = next(r for r in spawn_jobs(_rank, WORLD, (n_tasks, batch, blocks), timeout=1800) if r is not None)
-        base = result["ms"]["equal"]
+        blocks = result["blocks"]
         for name in PROVIDERS:
-            ms = result["ms"][name]
-            overhead = 100 * (ms / base - 1)
-            print(f"tasks={n_tasks:2d} {name:28s} {ms:8.2f} ms/step  overhead {overhead:+6.1f}%  path {result['paths'][name]}")
+            ms = statistics.median(blocks[name])
+            stats = paired_overhead(blocks["equal"], blocks[name]) if name != "equal" else {"overhead_pct": 0, "ci95_pct": "-"}
+            print(f"tasks={n_tasks:2d} {name:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+6.1f}% "
+                  f"(95% CI {stats['ci95_pct']})  path {result['paths'][name]}")
             records.append(BenchRecord(f"step-time overhead under DDP ({WORLD} gloo ranks) vs equal weights", name,
                                        {"tasks": n_tasks, "global batch": batch, "world": WORLD,
                                         "timing (median)": f"{blocks} blocks of {STEPS_PER_BLOCK} steps, interleaved",
                                         "path": result["paths"][name]},
-                                       {"ms_per_step": round(ms, 3), "overhead_pct": round(overhead, 1)}))
+                                       {"ms_per_step": round(ms, 3), **stats}))
     if not args.quick:
         write_records(HERE / "results" / "ddp_overhead.jsonl", records)
     return 0

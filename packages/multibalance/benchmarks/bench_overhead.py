@@ -4,10 +4,12 @@ Prints and records ms/step for 2, 4, 8, 16 tasks. Representation-level MultiBala
 factored path, and its general path that forms every task's representation gradient) vs the
 parameter-level methods (MetaBalance, PCGrad and MGDA on the shared parameters).
 
-Equal weights and the two MultiBalance paths alternate in blocks of a few steps, many times
-over, and each reports its median block: on a shared machine the load drifts over seconds, and
-only a fine interleave lets the few-percent differences through. The parameter-level methods,
-slower by multiples, get a few coarse rounds.
+Equal weights and the two MultiBalance paths alternate in blocks of two steps, many times over;
+each reports its median block, and the overhead is the median of the per-block ratios to the
+equal-weights block beside it, with a 95% confidence interval (`common.paired_overhead`): on a
+shared machine the load drifts over seconds, and only a fine, paired interleave lets the
+few-percent differences through. The parameter-level methods, slower by multiples, get a few
+coarse rounds.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = 3  # coarse rounds for the parameter-level methods
-BLOCKS, STEPS_PER_BLOCK = 40, 5  # the paired interleave of equal weights and MultiBalance
+BLOCKS, STEPS_PER_BLOCK = 150, 2  # the paired interleave of equal weights and MultiBalance
 sys.path.insert(0, str(HERE))
-from common import SharedBottomModel  # noqa: E402
+from common import SharedBottomModel, paired_overhead  # noqa: E402
 
 import multibalance as mb  # noqa: E402
 from gpukernels_common.bench import BenchRecord, bench_args, time_fn, write_records  # noqa: E402
@@ -35,7 +37,7 @@ def _general(balancer):
 
 
 def _paired_ms(steps: dict, device: str) -> dict:
-    """Median ms per step of each provider over BLOCKS alternating blocks of STEPS_PER_BLOCK steps."""
+    """Ms per step of each provider in BLOCKS alternating blocks of STEPS_PER_BLOCK steps."""
     blocks = {name: [] for name in steps}
     for step in steps.values():  # warm up
         for _ in range(STEPS_PER_BLOCK):
@@ -50,7 +52,7 @@ def _paired_ms(steps: dict, device: str) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             blocks[name].append(1e3 * (time.perf_counter() - start) / STEPS_PER_BLOCK)
-    return {name: statistics.median(ms) for name, ms in blocks.items()}
+    return blocks
 
 
 def make_balancer(name, tasks, model):
@@ -94,7 +96,8 @@ def main():
             bal.backward(losses)
             opt.step()
 
-        median_ms = _paired_ms({m: (lambda b=balancers[m]: step(b)) for m in paired}, device)
+        blocks = _paired_ms({m: (lambda b=balancers[m]: step(b)) for m in paired}, device)
+        median_ms = {m: statistics.median(blocks[m]) for m in paired}
         times = {m: [] for m in coarse}
         for _ in range(ROUNDS):  # interleaved rounds, so machine noise hits every method alike
             for m in coarse:
@@ -103,13 +106,19 @@ def main():
         base = median_ms["equal"]
         for m in methods:
             ms = median_ms[m]
-            overhead = 100 * (ms / base - 1)
-            print(f"tasks={n_tasks:2d} {m:28s} {ms:8.2f} ms/step  overhead {overhead:+7.1f}%  QPS change {100 * (base / ms - 1):+6.1f}%")
+            if m in paired:
+                stats = paired_overhead(blocks["equal"], blocks[m]) if m != "equal" else {"overhead_pct": 0, "ci95_pct": "-"}
+            else:
+                stats = {"overhead_pct": round(100 * (ms / base - 1), 1), "ci95_pct": "-"}
+            overhead = stats["overhead_pct"]
+            print(f"tasks={n_tasks:2d} {m:28s} {ms:8.2f} ms/step  overhead {overhead:+7.1f}% (95% CI {stats['ci95_pct']})"
+                  f"  QPS change {100 * (1 / (1 + overhead / 100) - 1):+6.1f}%")
             records.append(BenchRecord("step-time overhead vs equal weights", m,
                                        {"tasks": n_tasks, "batch": batch, "shared_params_M": round(sum(p.numel() for p in model.shared_parameters()) / 1e6, 2),
                                         "timing (median)": f"{BLOCKS} blocks of {STEPS_PER_BLOCK} steps, interleaved" if m in paired else f"{ROUNDS} rounds",
                                         "path": getattr(balancers[m], "last_path", "") or "-"},
-                                       {"ms_per_step": round(ms, 3), "overhead_pct": round(overhead, 1), "qps_change_pct": round(100 * (base / ms - 1), 1)}))
+                                       {"ms_per_step": round(ms, 3), **stats,
+                                        "qps_change_pct": round(100 * (1 / (1 + overhead / 100) - 1), 1)}))
     if args.quick:  # a smoke run: print only, keep the full figures on disk
         return
     write_records(HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl"), records)

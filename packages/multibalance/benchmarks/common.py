@@ -1,6 +1,10 @@
-"""Shared model for the multibalance benchmarks: embeddings + MLP shared bottom, one MLP head per task."""
+"""Shared parts of the multibalance benchmarks: the model (embeddings + MLP shared bottom, one MLP
+head per task) and the paired overhead statistic."""
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import torch
 from torch import nn
@@ -20,3 +24,15 @@ class SharedBottomModel(nn.Module):
 
     def shared_parameters(self):
         return list(self.embeddings.parameters()) + list(self.bottom.parameters())
+
+
+def paired_overhead(base_ms: list[float], ms: list[float]) -> dict:
+    """Overhead of `ms` over `base_ms`, timed in alternating blocks (block i of each back to back):
+    the median of the per-block ratios, in percent, with a distribution-free 95% confidence
+    interval of that median (order statistics n/2 -+ 0.98 sqrt(n)). Pairing adjacent blocks
+    cancels the slow drifts of a shared machine; the interval shows what noise is left."""
+    ratios = sorted(100 * (b / a - 1) for a, b in zip(base_ms, ms))
+    n = len(ratios)
+    half = 0.98 * math.sqrt(n)
+    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return {"overhead_pct": round(statistics.median(ratios), 1), "ci95_pct": f"{ratios[low]:+.1f}..{ratios[high]:+.1f}"}

@@ -31,7 +31,7 @@ def data():
 def train(wrapper, net, norm, path, x, ya, yb, steps=2):
     """Gradients after `steps` balanced steps; `path`: "factored" (the heads open with a Linear
     layer), "general" (forced: every task's representation gradient formed), or "tanh heads"
-    (heads that open with a tanh: the general path, under DDP through the balance point)."""
+    (heads that open with a tanh: the general path)."""
     bal = MultiBalance(["a", "b"], relax=0.8, norm=norm)
     bal.uses_norms_only = path != "general"
     first = torch.tanh if path == "tanh heads" else (lambda r: r)
@@ -43,12 +43,21 @@ def train(wrapper, net, norm, path, x, ya, yb, steps=2):
     return {k: p.grad.clone() for k, p in net.named_parameters()}
 
 
-def worker(rank, world, port, norm, path, out):
+DDP_OPTIONS = {
+    "default": {},
+    # every parameter its own bucket, reduced as soon as its gradient is in (the heads' before the
+    # bottom's backward starts), into gradients that are views of the buckets
+    "small buckets": {"bucket_cap_mb": 1e-5, "gradient_as_bucket_view": True},
+    "static graph": {"static_graph": True},
+}
+
+
+def worker(rank, world, port, norm, path, out, ddp_options="default"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         net = Net()
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        ddp = torch.nn.parallel.DistributedDataParallel(net, **DDP_OPTIONS[ddp_options])
         x, ya, yb = (t.chunk(world)[rank] for t in data())
         grads = train(ddp, net, norm, path, x, ya, yb)
         if rank == 0:
@@ -59,5 +68,5 @@ def worker(rank, world, port, norm, path, out):
 
 
 if __name__ == "__main__":
-    port, norm, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    mp.spawn(worker, args=(2, port, norm, path, out), nprocs=2, join=True)
+    port, norm, path, out, ddp_options = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+    mp.spawn(worker, args=(2, port, norm, path, out, ddp_options), nprocs=2, join=True)

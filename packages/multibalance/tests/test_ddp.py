@@ -17,11 +17,15 @@ _spec.loader.exec_module(ddp_worker)
 
 
 
-@pytest.mark.parametrize("path", ["factored", "general", "tanh heads"])  # the worker asserts the path each side took
-@pytest.mark.parametrize("norm", ["batch", "sample"])
-def test_ddp_equals_single_process(tmp_path, norm, path):
+@pytest.mark.parametrize(("norm", "path", "ddp_options"), [
+    *[(norm, path, "default") for norm in ("batch", "sample") for path in ("factored", "general", "tanh heads")],
+    # the heads' backward and the bottom's are two autograd calls: DDP still reduces each gradient once
+    ("batch", "factored", "small buckets"),
+    ("batch", "factored", "static graph"),
+])  # the worker asserts the path each side took
+def test_ddp_equals_single_process(tmp_path, norm, path, ddp_options):
     out = tmp_path / "grads.pt"
-    run_workers([sys.executable, WORKER, free_port(), norm, path, out], out)
+    run_workers([sys.executable, WORKER, free_port(), norm, path, out, ddp_options], out)
     got = torch.load(out, weights_only=True)
     net = ddp_worker.Net()
     expected = ddp_worker.train(net, net, norm, path, *ddp_worker.data())

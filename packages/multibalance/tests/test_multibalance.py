@@ -44,6 +44,27 @@ def test_ema_over_two_steps():
     assert bal.last_scales()["b"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("make", [lambda n: MultiBalance(n, relax=1.0, beta=0.5), lambda n: multibalance.MGDA(n),
+                                  lambda n: multibalance.UncertaintyWeighting(n), lambda n: multibalance.GradNorm(n),
+                                  lambda n: multibalance.EqualWeights(n)])
+def test_backward_returns_each_steps_own_scales(make):
+    """The mapping backward returns keeps its step's values after later steps (read lazily)."""
+    bal = make(["a", "b"])
+    z = torch.ones(1, 2, requires_grad=True)
+    returned, logged = [], []
+    for coef_b in (2.0, 8.0, 3.0):
+        rep = bal.attach(z * 1.0)
+        returned.append(bal.backward({"a": (rep * torch.tensor([1.0, 0.0])).sum(),
+                                      "b": (rep * torch.tensor([0.0, coef_b])).sum()}))
+        logged.append(bal.last_scales())
+    for got, expected in zip(returned, logged):
+        assert isinstance(got, multibalance.TaskScales)
+        assert dict(got) == pytest.approx(expected)
+        assert set(got) == (set() if isinstance(bal, multibalance.EqualWeights) else {"a", "b"})
+    if isinstance(bal, MultiBalance):
+        assert logged[0] != pytest.approx(logged[1])  # the steps differ, so the check above could fail
+
+
 def test_equal_tasks_leave_gradient_unchanged(toy):
     model, ids, x, y = toy
     ref = copy.deepcopy(model)

@@ -1,7 +1,7 @@
 """multibalance: multi-task gradient balancing on the shared representation."""
 
 from .__about__ import __version__
-from .base import Balancer
+from .base import Balancer, TaskScales
 from .baselines import (
     DBMTL,
     FAMO,
@@ -19,6 +19,7 @@ from .multibalance import MultiBalance
 __all__ = [
     "__version__",
     "Balancer",
+    "TaskScales",
     "MultiBalance",
     "EqualWeights",
     "UncertaintyWeighting",

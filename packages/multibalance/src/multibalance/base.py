@@ -9,8 +9,10 @@
 Representation-level balancers differentiate each task loss only down to the representation
 (head-only backward passes, or for heads that open with a Linear layer only the factors of
 those gradients, see `multibalance.factored`), combine the per-task representation gradients
-and run ONE backward through the shared bottom; under torch.distributed the heads' and the
-bottom's backward are one autograd call, so DistributedDataParallel all-reduces once.
+and run ONE backward through the shared bottom. Under DistributedDataParallel every parameter
+still gets its gradient once and is all-reduced once: DDP reduces a bucket when all of its
+parameters have their gradients and finishes when the last bucket is reduced, whichever
+backward call that happens in (the bottom's, the last one of the step).
 Parameter-level balancers
 (`shared_parameters=` given) take per-task gradients of the shared parameters instead: the
 expensive classic path, kept for comparison.
@@ -19,7 +21,7 @@ expensive classic path, kept for comparison.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,26 +31,50 @@ from . import factored
 from .combine import weighted_loss, weighted_sum
 
 
-class _BalancePoint(torch.autograd.Function):
-    """Identity on the representations whose backward hands the shared bottom the balanced
-    gradients (`step.resolve`) in place of the heads' summed ones. One node for all of them, so
-    it runs once every head's backward is done: the balanced step stays ONE autograd call, as
-    DistributedDataParallel needs."""
+class TaskScales(Mapping):
+    """One step's scale factor per task, as `Balancer.backward` returns it: a read-only mapping
+    whose values stay on the device until first read (then one read for all tasks), so a
+    training loop that does not log them never waits for the device."""
 
-    @staticmethod
-    def forward(ctx, step, *reps):
-        ctx.step = step
-        return tuple(r.view_as(r) for r in reps)
+    __slots__ = ("_names", "_values", "_floats")
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, *ctx.step.resolve(grads))
+    def __init__(self, names: list[str], values: torch.Tensor | None):
+        self._names, self._values, self._floats = names, values, None
+
+    def _read(self) -> dict[str, float]:
+        if self._floats is None:
+            self._floats = {} if self._values is None else dict(zip(self._names, self._values.tolist()))
+        return self._floats
+
+    def __getitem__(self, name: str) -> float:
+        return self._read()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __repr__(self) -> str:
+        return f"TaskScales({self._read()!r})"
 
 
-class _PendingStep:
-    """What the balance point returns, set by `backward` before the autograd call."""
+class _PendingNorms:
+    """Norm statistics being summed over data-parallel ranks (`work` in flight, or None in one
+    process); `result()` waits for them and returns the [n_reps, T] norms."""
 
-    resolve = None
+    __slots__ = ("stats", "work", "per_sample")
+
+    def __init__(self, stats: torch.Tensor, work, per_sample: bool):
+        self.stats, self.work, self.per_sample = stats, work, per_sample
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        if self.per_sample:
+            return self.stats[0] / self.stats[1].clamp_min(1)
+        return self.stats.sqrt()
 
 
 class Balancer(nn.Module, abc.ABC):
@@ -83,7 +109,6 @@ class Balancer(nn.Module, abc.ABC):
         self._reps: list[torch.Tensor] = []
         self._leaves: list[torch.Tensor] = []
         self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
-        self._pending: _PendingStep | None = None  # under torch.distributed: what the balance point returns
         self._static: tuple | None = None  # (tensor, version, derived): see `_static_state`
 
     @property
@@ -98,9 +123,8 @@ class Balancer(nn.Module, abc.ABC):
     def attach(self, *reps: torch.Tensor):
         """Register the shared representation(s); returns what the task heads must read.
 
-        Representation-level: detached leaves (so per-task gradients stop there); under
-        torch.distributed, for balancers that combine by norms, views through one balance point
-        node (so the balanced step is one autograd call). Parameter-level: the tensors unchanged.
+        Representation-level: detached leaves (so per-task gradients stop there).
+        Parameter-level: the tensors unchanged.
         """
         if not reps:
             raise ValueError("attach() needs at least one representation tensor")
@@ -108,12 +132,8 @@ class Balancer(nn.Module, abc.ABC):
             if not isinstance(r, torch.Tensor) or not r.requires_grad:
                 raise ValueError(f"representation {i} must be a tensor that requires grad (the shared bottom's output)")
         self._reps = list(reps)
-        self._pending = None
         if self.parameter_level or not self.needs_task_grads:
             self._leaves = list(reps)
-        elif self.uses_norms_only and self._data_parallel():
-            self._pending = _PendingStep()
-            self._leaves = list(_BalancePoint.apply(self._pending, *reps))
         else:
             self._leaves = [r.detach().requires_grad_(True) for r in reps]
         return self._leaves[0] if len(reps) == 1 else tuple(self._leaves)
@@ -204,15 +224,16 @@ class Balancer(nn.Module, abc.ABC):
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     # -- the step ----------------------------------------------------------------------
-    def backward(self, losses, *, scaler=None) -> dict[str, float]:
-        """Balance and run the backward. Returns per-task scale factors (for logging).
+    def backward(self, losses, *, scaler=None) -> TaskScales:
+        """Balance and run the backward. Returns this step's per-task scale factors (for logging;
+        read from the device only when looked at).
 
-        Representation level, single process: each head's backward runs once (its parameter
-        gradients plus the task's representation gradient, or its factors), then one backward
-        through the shared bottom. Under torch.distributed (world > 1) the heads' and the
-        bottom's backward are ONE autograd call (through the balance point for balancers that
-        combine by norms), so DistributedDataParallel's hooks see a single backward and
-        all-reduce once.
+        Representation level: the heads' backward (their parameter gradients plus each task's
+        representation gradient, or its factors), then one backward through the shared bottom.
+        Under torch.distributed (world > 1) the norms are summed over ranks between the two;
+        the general path then takes the task gradients with `autograd.grad` and runs the heads'
+        and the bottom's backward in one call, so that a layer two heads share still gets its
+        gradient once.
 
         With a `torch.amp.GradScaler`, pass the unscaled losses and the scaler: gradients are
         taken of the scaled losses and norms are divided by the scale before they enter any
@@ -225,75 +246,55 @@ class Balancer(nn.Module, abc.ABC):
         scaled = [loss * scale for loss in losses] if scale != 1.0 else losses
         reps, self._reps = self._reps, []
         try:
-            if not self.needs_task_grads:
-                (self.total_loss(losses) * scale).backward()
-                return self.last_scales()
-            if self._pending is not None:
-                self._backward_through_point(scaled, losses, scale)
-                return self.last_scales()
-            fused = not self.parameter_level and not self._data_parallel()
-            if fused and self.uses_norms_only and 0.0 not in self.static_weight_list():
-                found = factored.find_linear_consumers(scaled, self._leaves)
-                if found is not None:
-                    self.last_path = "factored"
-                    consumers, params = found
-                    deltas = factored.head_backward(scaled, self.static_weight_list(), consumers, params)
-                    combined = self._factored_combination(deltas, consumers, scale)
-                    torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
-                    return self.last_scales()
-            self.last_path = "general"
-            grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
-            if scale != 1.0:
-                grads = [[g / scale for g in gt] for gt in grads]
-            combined = self.combine(grads, losses)
-            if scale != 1.0:
-                combined = [g * scale for g in combined]
-            if fused:
+            self._balanced_backward(reps, scaled, losses, scale)
+        finally:
+            self._leaves = []
+        return TaskScales(self.task_names, self._step_scales())
+
+    def _balanced_backward(self, reps, scaled, losses, scale):
+        if not self.needs_task_grads:
+            (self.total_loss(losses) * scale).backward()
+            return
+        if not self.parameter_level and self.uses_norms_only and 0.0 not in self.static_weight_list():
+            found = factored.find_linear_consumers(scaled, self._leaves)
+            if found is not None:
+                self.last_path = "factored"
+                consumers, params = found
+                started = []  # by the last head pre-hook: the norms' sum over ranks overlaps the rest of the heads
+
+                def start_norms(deltas):
+                    started.append(self._factored_norms(deltas, consumers, scale))
+
+                factored.head_backward(scaled, self.static_weight_list(), consumers, params, when_complete=start_norms)
+                if not started:
+                    raise RuntimeError("a head's first linear layer did not run in the heads' backward: its factors are missing")
+                combined = self._factored_finish(*started[0])
                 torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
-                return self.last_scales()
-            head_total = weighted_loss(scaled, self.static_weight_list())
-            if self.parameter_level:
-                # heads (and a throwaway shared gradient) from one backward; then replace the shared grads
-                before = [None if p.grad is None else p.grad.clone() for p in self.shared_parameters]
-                head_total.backward()
-                for p, b, g in zip(self.shared_parameters, before, combined):
-                    p.grad = g.to(p.dtype) if b is None else b + g.to(p.dtype)
-            else:
-                torch.autograd.backward([head_total] + reps, [None] + [g.to(r.dtype) for g, r in zip(combined, reps)])
-            return self.last_scales()
-        finally:
-            self._leaves, self._pending = [], None
-
-    def _backward_through_point(self, scaled, losses, scale):
-        """Under torch.distributed: ONE backward of the weighted head losses. The heads' first
-        linear nodes keep their factors on the way (factored path), or the per-task gradients
-        are taken first (general path); either way the balance point then hands the bottom the
-        combination instead of the heads' summed gradient."""
-        weights = self.static_weight_list()
-        dtypes = [leaf.dtype for leaf in self._leaves]
-        found = factored.find_linear_consumers(scaled, self._leaves) if 0.0 not in weights else None
-        handles = []
-        if found is not None:
-            self.last_path = "factored"
-            consumers, _ = found
-            deltas, handles = factored.keep_deltas(consumers)  # filled as the heads' backward passes
-            self._pending.resolve = lambda _: [g.to(d) for g, d in zip(self._factored_combination(deltas, consumers, scale), dtypes)]
+                return
+        fused = not self.parameter_level and not self._data_parallel()
+        self.last_path = "general"
+        grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
+        if scale != 1.0:
+            grads = [[g / scale for g in gt] for gt in grads]
+        combined = self.combine(grads, losses)
+        if scale != 1.0:
+            combined = [g * scale for g in combined]
+        if fused:
+            torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+            return
+        head_total = weighted_loss(scaled, self.static_weight_list())
+        if self.parameter_level:
+            # heads (and a throwaway shared gradient) from one backward; then replace the shared grads
+            before = [None if p.grad is None else p.grad.clone() for p in self.shared_parameters]
+            head_total.backward()
+            for p, b, g in zip(self.shared_parameters, before, combined):
+                p.grad = g.to(p.dtype) if b is None else b + g.to(p.dtype)
         else:
-            self.last_path = "general"
-            grads = self._task_grads(scaled)
-            if scale != 1.0:
-                grads = [[g / scale for g in gt] for gt in grads]
-            combined = [g * scale for g in self.combine(grads, losses)]
-            self._pending.resolve = lambda _: [g.to(d) for g, d in zip(combined, dtypes)]
-        try:
-            torch.autograd.backward(weighted_loss(scaled, weights))
-        finally:
-            for h in handles:
-                h.remove()
+            torch.autograd.backward([head_total] + reps, [None] + [g.to(r.dtype) for g, r in zip(combined, reps)])
 
-    def _factored_combination(self, deltas, consumers, scale) -> list[torch.Tensor]:
-        """One combined gradient (fp32) per representation from the factors d_tj @ W_tj, which carry
-        the static weight and the grad scaler's scale; never a [B, D] per-task gradient."""
+    def _factored_norms(self, deltas, consumers, scale):
+        """The factors stacked per representation and their task norms, already on their way
+        over the ranks under torch.distributed (the backward goes on meanwhile)."""
         weights = self.static_weight_list()
         n_tasks, device = len(weights), self._leaves[0].device
         per_rep = [factored.stack_factors([deltas[t][j] for t in range(n_tasks)],
@@ -310,21 +311,31 @@ class Balancer(nn.Module, abc.ABC):
         own = None if plain else unweight.abs() / scale
         if self.per_sample_norms:
             rows = torch.stack([torch.full((n_tasks,), float(leaf.shape[0]), device=device) for leaf in self._leaves])
-            norms = self._global_norms(sums if plain else sums * own, rows)
+            norms = self._reduce_norms(sums if plain else sums * own, rows)
         else:
-            norms = self._global_norms(sums if plain else sums * (own * own))
-        coeff = self.coefficients(norms)  # [n_reps, T], the static weights included
-        return [factored.combine(f, coeff[j] if plain else coeff[j] * unweight, leaf)
+            norms = self._reduce_norms(sums if plain else sums * (own * own))
+        return per_rep, norms, unweight
+
+    def _factored_finish(self, per_rep, norms: _PendingNorms, unweight) -> list[torch.Tensor]:
+        coeff = self.coefficients(norms.result())  # [n_reps, T], the static weights included
+        return [factored.combine(f, coeff[j] if unweight is None else coeff[j] * unweight, leaf)
                 for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
 
-    def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _reduce_norms(self, sums: torch.Tensor, rows: torch.Tensor | None = None) -> _PendingNorms:
         """Norms of the global batch from this rank's parts: sums of squares (batch norms), or
         (`per_sample_norms`) sums of per-sample norms over `rows` samples each. Under
-        torch.distributed the parts are summed over ranks first, so DDP matches one process."""
-        if self.per_sample_norms:
-            stats = self._all_reduce_sum(torch.stack([sums, rows]))
-            return stats[0] / stats[1].clamp_min(1)
-        return self._all_reduce_sum(sums).sqrt()
+        torch.distributed the parts are summed over ranks first (started here, awaited by
+        `result()`), so DDP matches one process."""
+        stats = torch.stack([sums, rows]) if self.per_sample_norms else sums
+        work = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            stats = stats.clone()  # the reduction writes in place; `sums` may be a caller's tensor
+            work = dist.all_reduce(stats, group=self.process_group, async_op=True)
+        return _PendingNorms(stats, work, self.per_sample_norms)
+
+    def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`_reduce_norms`, awaited."""
+        return self._reduce_norms(sums, rows).result()
 
     def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
         """[n_reps, T] combination weights (static weights included) from the [n_reps, T] norms of
@@ -340,8 +351,14 @@ class Balancer(nn.Module, abc.ABC):
         """One combined gradient per target from the per-task gradients (which it may overwrite:
         they are the balancer's own)."""
 
+    def _step_scales(self) -> torch.Tensor | None:
+        """The last step's [T] scale per task on the device (for MultiBalance, of the first
+        representation), in a tensor later steps replace rather than modify; None if none."""
+        return None
+
     def last_scales(self) -> dict[str, float]:
-        return {}
+        """The last step's scale per task, as floats (reading them waits for the device)."""
+        return dict(TaskScales(self.task_names, self._step_scales()))
 
     @staticmethod
     def weighted_sums(grads: list[list[torch.Tensor]], coeff: torch.Tensor) -> list[torch.Tensor]:
@@ -359,11 +376,3 @@ class Balancer(nn.Module, abc.ABC):
             if buf is not None and saved is not None and saved.shape != buf.shape:
                 self._buffers[name] = torch.empty_like(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    # -- helpers for subclasses --------------------------------------------------------
-    def _all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over data-parallel ranks when torch.distributed is initialised (norm statistics)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            x = x.clone()
-            dist.all_reduce(x, group=self.process_group)
-        return x

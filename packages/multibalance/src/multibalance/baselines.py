@@ -55,8 +55,8 @@ class UncertaintyWeighting(Balancer):
     def combine(self, grads, losses):
         return self.weighted_sums(grads, torch.exp(-self.log_vars.detach()))
 
-    def last_scales(self):
-        return {n: float(torch.exp(-s)) for n, s in zip(self.task_names, self.log_vars.detach())}
+    def _step_scales(self):
+        return torch.exp(-self.log_vars.detach())
 
 
 class GradNorm(Balancer):
@@ -88,8 +88,8 @@ class GradNorm(Balancer):
         self.task_weights = new * self.num_tasks / new.sum()
         return out
 
-    def last_scales(self):
-        return {n: float(w) for n, w in zip(self.task_names, self.task_weights)}
+    def _step_scales(self):
+        return self.task_weights
 
 
 class PCGrad(Balancer):
@@ -167,8 +167,8 @@ class MGDA(Balancer):
         self.alphas = min_norm_weights(flat @ flat.T)
         return _unflat((self.alphas.unsqueeze(1) * flat).sum(0), grads[0])
 
-    def last_scales(self):
-        return {n: float(a) for n, a in zip(self.task_names, self.alphas)}
+    def _step_scales(self):
+        return self.alphas if self.alphas.numel() else None
 
 
 class DBMTL(Balancer):

@@ -15,10 +15,8 @@ from the factors without ever forming the [B, D] gradients:
 The heads' parameters get their gradients from ONE backward over the weighted losses, told to
 stop at the parameters (`inputs=`), so autograd never computes a per-task representation
 gradient; a pre-hook on each head's first linear node keeps d_tj. The shared bottom then gets one
-backward, as on the general path. Under DDP the heads read the representations through one
-"balance point" node (see `Balancer.attach`): ONE backward runs the heads, the hooks keep the
-factors, the balance point hands the bottom the combination in place of the heads' summed
-gradient, and DDP all-reduces once. Any other head shape (a non-linear first op, a layer shared
+backward, as on the general path, in one process and under DDP alike (each parameter still gets
+its gradient once: see `multibalance.base`). Any other head shape (a non-linear first op, a layer shared
 between tasks, a representation read twice by one task, a compiled head, a first layer at least
 as wide as the representation, where the factors are no smaller than the gradient) takes the
 general path.
@@ -88,7 +86,11 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                 continue
             children = node.next_functions
             for index, (child, output_nr) in enumerate(children):
-                j = _leaf_node(child, output_nr, leaf_edges)
+                if child is None:
+                    continue
+                j = leaf_edges.get((id(child), output_nr))
+                if j is None and type(child).__name__ in _PASS_THROUGH:
+                    j = _leaf_node(child, output_nr, leaf_edges)
                 if j is None:
                     stack.append(child)
                     continue
@@ -118,23 +120,32 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
     return consumers, list(params.values())
 
 
-def keep_deltas(consumers) -> tuple[list[list[torch.Tensor | None]], list]:
+def keep_deltas(consumers, when_complete=None) -> tuple[list[list[torch.Tensor | None]], list]:
     """Pre-hooks on the heads' first linear nodes that keep d_tj when the backward reaches them:
-    the table they fill, and the hook handles (remove them after the backward)."""
+    the table they fill, and the hook handles (remove them after the backward).
+    `when_complete(table)`, if given, runs in the hook that fills the table's last entry."""
     deltas: list[list[torch.Tensor | None]] = [[None] * len(row) for row in consumers]
+    missing = [sum(c is not None for row in consumers for c in row)]
     handles = []
     for t, row in enumerate(consumers):
         for j, c in enumerate(row):
             if c is not None:
                 def keep(grad_outputs, t=t, j=j):
+                    first = deltas[t][j] is None
                     deltas[t][j] = grad_outputs[0]
+                    if first:
+                        missing[0] -= 1
+                        if not missing[0] and when_complete is not None:
+                            when_complete(deltas)
                 handles.append(c.node.register_prehook(keep))
     return deltas, handles
 
 
-def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, params) -> list[list[torch.Tensor | None]]:
-    """One backward over sum_t w_t L_t into the heads' parameters only; returns d_tj (of w_t L_t)."""
-    deltas, handles = keep_deltas(consumers)
+def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, params,
+                  when_complete=None) -> list[list[torch.Tensor | None]]:
+    """One backward over sum_t w_t L_t into the heads' parameters only; returns d_tj (of w_t L_t).
+    `when_complete`: see `keep_deltas`."""
+    deltas, handles = keep_deltas(consumers, when_complete)
     try:
         torch.autograd.backward(weighted_loss(losses, weights), inputs=params)
     finally:

@@ -76,7 +76,7 @@ class MultiBalance(Balancer):
             self.ema = norms.clone()
         else:
             self.ema.lerp_(norms, 1 - self.beta)
-        self.step += 1
+        self.step.add_(1)  # in place: `+=` would also re-register the buffer through Module.__setattr__
         m = self.ema.clamp_min(self.eps)
         if self.target == "max":
             target = m.amax(dim=1, keepdim=True)
@@ -87,14 +87,10 @@ class MultiBalance(Balancer):
         scales = torch.div(target, m).mul_(self.relax).add_(1 - self.relax)  # in place: few small ops per step
         if self.warmup_steps and int(self.step) <= self.warmup_steps:
             scales = torch.ones_like(scales)
-        self.scales = scales
+        self._buffers["scales"] = scales  # a new tensor each step: `backward`'s TaskScales keep theirs
         if all(w == 1.0 for w in self.static_weight_list()):
             return scales
         return scales * self.static_weights_on(scales.device).to(scales.dtype)  # [n_reps, n_tasks]
 
-    def last_scales(self) -> dict[str, float]:
-        """The last step's scale per task (first representation), as floats (reading them waits
-        for the device)."""
-        if self.scales.numel() == 0:
-            return {}
-        return dict(zip(self.task_names, self.scales[0].tolist()))
+    def _step_scales(self) -> torch.Tensor | None:
+        return self.scales[0] if self.scales.numel() else None
