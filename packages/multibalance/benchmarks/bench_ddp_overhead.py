@@ -98,10 +98,10 @@ def main() -> int:
     records = []
     for n_tasks in ([2] if args.quick else [2, 4, 8, 16]):
         result = next(r for r in spawn_jobs(_rank, WORLD, (n_tasks, batch, blocks), timeout=1800) if r is not None)
-        blocks = result["blocks"]
+        timed = result["blocks"]
         for name in PROVIDERS:
-            ms = statistics.median(blocks[name])
-            stats = paired_overhead(blocks["equal"], blocks[name]) if name != "equal" else {"overhead_pct": 0, "ci95_pct": "-"}
+            ms = statistics.median(timed[name])
+            stats = paired_overhead(timed["equal"], timed[name]) if name != "equal" else {"overhead_pct": 0, "ci95_pct": "-"}
             print(f"tasks={n_tasks:2d} {name:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+6.1f}% "
                   f"(95% CI {stats['ci95_pct']})  path {result['paths'][name]}")
             records.append(BenchRecord(f"step-time overhead under DDP ({WORLD} gloo ranks) vs equal weights", name,
