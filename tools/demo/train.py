@@ -189,7 +189,7 @@ def train_step(ml, local, global_positions, negatives, table, tower, heads, bala
         loss_sum = meter.sync(communicate, name="gradients")
         with meter.compute("optimizer"):
             opt.step()
-    return {"samples": int(lengths.numel()), "losses": dict(zip(TASKS, loss_sum.tolist())), "scales": scales,
+    return {"samples": int(lengths.numel()), "losses": dict(zip(TASKS, loss_sum.tolist())), "scales": dict(scales),
             "tokens": int(lengths.sum())}
 
 
