@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 from common import SharedBottomModel, paired_overhead  # noqa: E402
 
 WORLD = 2
-BLOCKS, STEPS_PER_BLOCK = 100, 2
+BLOCKS, STEPS_PER_BLOCK = 200, 2
 PROVIDERS = ("equal", "multibalance", "multibalance (general path)")
 
 
