@@ -101,7 +101,7 @@ def main() -> int:
         timed = result["blocks"]
         for name in PROVIDERS:
             ms = statistics.median(timed[name])
-            stats = paired_overhead(timed["equal"], timed[name]) if name != "equal" else {"overhead_pct": 0, "ci95_pct": "-"}
+            stats = paired_overhead(timed["equal"], timed[name])
             print(f"tasks={n_tasks:2d} {name:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+6.1f}% "
                   f"(95% CI {stats['ci95_pct']})  path {result['paths'][name]}")
             records.append(BenchRecord(f"step-time overhead under DDP ({WORLD} gloo ranks) vs equal weights", name,

@@ -107,18 +107,17 @@ def main():
         for m in methods:
             ms = median_ms[m]
             if m in paired:
-                stats = paired_overhead(blocks["equal"], blocks[m]) if m != "equal" else {"overhead_pct": 0, "ci95_pct": "-"}
+                stats = paired_overhead(blocks["equal"], blocks[m])
             else:
                 stats = {"overhead_pct": round(100 * (ms / base - 1), 1), "ci95_pct": "-"}
-            overhead = stats["overhead_pct"]
-            print(f"tasks={n_tasks:2d} {m:28s} {ms:8.2f} ms/step  overhead {overhead:+7.1f}% (95% CI {stats['ci95_pct']})"
-                  f"  QPS change {100 * (1 / (1 + overhead / 100) - 1):+6.1f}%")
+            qps_change = round(100 * (1 / (1 + stats["overhead_pct"] / 100) - 1), 1)
+            print(f"tasks={n_tasks:2d} {m:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+7.1f}% "
+                  f"(95% CI {stats['ci95_pct']})  QPS change {qps_change:+6.1f}%")
             records.append(BenchRecord("step-time overhead vs equal weights", m,
                                        {"tasks": n_tasks, "batch": batch, "shared_params_M": round(sum(p.numel() for p in model.shared_parameters()) / 1e6, 2),
                                         "timing (median)": f"{BLOCKS} blocks of {STEPS_PER_BLOCK} steps, interleaved" if m in paired else f"{ROUNDS} rounds",
                                         "path": getattr(balancers[m], "last_path", "") or "-"},
-                                       {"ms_per_step": round(ms, 3), **stats,
-                                        "qps_change_pct": round(100 * (1 / (1 + overhead / 100) - 1), 1)}))
+                                       {"ms_per_step": round(ms, 3), **stats, "qps_change_pct": qps_change}))
     if args.quick:  # a smoke run: print only, keep the full figures on disk
         return
     write_records(HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl"), records)

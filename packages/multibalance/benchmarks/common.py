@@ -30,7 +30,10 @@ def paired_overhead(base_ms: list[float], ms: list[float]) -> dict:
     """Overhead of `ms` over `base_ms`, timed in alternating blocks (block i of each back to back):
     the median of the per-block ratios, in percent, with a distribution-free 95% confidence
     interval of that median (order statistics n/2 -+ 0.98 sqrt(n)). Pairing adjacent blocks
-    cancels the slow drifts of a shared machine; the interval shows what noise is left."""
+    cancels the slow drifts of a shared machine; the interval shows what noise is left. The
+    baseline against itself (`ms is base_ms`): 0, no interval."""
+    if ms is base_ms:
+        return {"overhead_pct": 0, "ci95_pct": "-"}
     ratios = sorted(100 * (b / a - 1) for a, b in zip(base_ms, ms))
     n = len(ratios)
     half = 0.98 * math.sqrt(n)

@@ -32,7 +32,6 @@ def _build(args) -> int:
 
 
 def _query(args) -> int:
-
     from .model import RetrievalModel
 
     model = RetrievalModel.load(args.artifact)
