@@ -4,7 +4,8 @@ path (the heads' backward, the task norms summed over ranks while it finishes, t
 bottom's backward) and on its general path (every task's representation gradient formed). The
 three alternate in blocks of two steps on the same model; each reports its median block, and the
 overhead is the median of the per-block ratios with a 95% confidence interval
-(`common.paired_overhead`); a block ends with the slower rank.
+(`common.paired_overhead`); a block ends with the slower rank. Every figure is taken under both
+allocator conditions of `common.MALLOC_CONDITIONS` (each in its own pair of rank processes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SharedBottomModel, paired_overhead  # noqa: E402
+from common import MALLOC_CONDITIONS, SharedBottomModel, paired_overhead, set_malloc  # noqa: E402
 
 WORLD = 2
 BLOCKS, STEPS_PER_BLOCK = 200, 2
@@ -39,11 +40,12 @@ class _SharedOf(torch.nn.Module):
         return self.model.shared(sparse, dense)
 
 
-def _rank(queue, job, rank, world, port, n_tasks, batch, blocks):
+def _rank(queue, job, rank, world, port, n_tasks, batch, blocks, malloc):
     import torch.distributed as dist
 
     import multibalance as mb
 
+    set_malloc(malloc)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
@@ -87,7 +89,7 @@ def _rank(queue, job, rank, world, port, n_tasks, batch, blocks):
 
 
 def main() -> int:
-    from gpukernels_common.bench import BenchRecord, bench_args, spawn_jobs, write_records
+    from gpukernels_common.bench import bench_args, write_records
 
     args = bench_args(gpu_help="(CPU only: 2 gloo ranks)")
     if args.gpu:
@@ -96,22 +98,31 @@ def main() -> int:
     batch = 512 if args.quick else 2048
     blocks = 3 if args.quick else BLOCKS
     records = []
-    for n_tasks in ([2] if args.quick else [2, 4, 8, 16]):
-        result = next(r for r in spawn_jobs(_rank, WORLD, (n_tasks, batch, blocks), timeout=1800) if r is not None)
-        timed = result["blocks"]
-        for name in PROVIDERS:
-            ms = statistics.median(timed[name])
-            stats = paired_overhead(timed["equal"], timed[name])
-            print(f"tasks={n_tasks:2d} {name:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+6.1f}% "
-                  f"(95% CI {stats['ci95_pct']})  path {result['paths'][name]}")
-            records.append(BenchRecord(f"step-time overhead under DDP ({WORLD} gloo ranks) vs equal weights", name,
-                                       {"tasks": n_tasks, "global batch": batch, "world": WORLD,
-                                        "timing (median)": f"{blocks} blocks of {STEPS_PER_BLOCK} steps, interleaved",
-                                        "path": result["paths"][name]},
-                                       {"ms_per_step": round(ms, 3), **stats}))
+    for malloc in MALLOC_CONDITIONS:
+        for n_tasks in ([2] if args.quick else [2, 4, 8, 16]):
+            records += _measure(n_tasks, batch, blocks, malloc)
     if not args.quick:
         write_records(HERE / "results" / "ddp_overhead.jsonl", records)
     return 0
+
+
+def _measure(n_tasks, batch, blocks, malloc) -> list:
+    from gpukernels_common.bench import BenchRecord, spawn_jobs
+
+    records = []
+    result = next(r for r in spawn_jobs(_rank, WORLD, (n_tasks, batch, blocks, malloc), timeout=1800) if r is not None)
+    timed = result["blocks"]
+    for name in PROVIDERS:
+        ms = statistics.median(timed[name])
+        stats = paired_overhead(timed["equal"], timed[name])
+        print(f"[{malloc}] tasks={n_tasks:2d} {name:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+6.1f}% "
+              f"(95% CI {stats['ci95_pct']})  path {result['paths'][name]}")
+        records.append(BenchRecord(f"step-time overhead under DDP ({WORLD} gloo ranks) vs equal weights", name,
+                                   {"tasks": n_tasks, "global batch": batch, "world": WORLD, "malloc": malloc,
+                                    "timing (median)": f"{blocks} blocks of {STEPS_PER_BLOCK} steps, interleaved",
+                                    "path": result["paths"][name]},
+                                   {"ms_per_step": round(ms, 3), **stats}))
+    return records
 
 
 if __name__ == "__main__":

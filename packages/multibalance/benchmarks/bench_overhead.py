@@ -10,6 +10,9 @@ equal-weights block beside it, with a 95% confidence interval (`common.paired_ov
 shared machine the load drifts over seconds, and only a fine, paired interleave lets the
 few-percent differences through. The parameter-level methods, slower by multiples, get a few
 coarse rounds.
+
+On the CPU every figure is taken twice: with glibc's malloc as it comes, and with freed memory
+kept in the process ("steady"; see `common.MALLOC_CONDITIONS` for why the first is noisy).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROUNDS = 3  # coarse rounds for the parameter-level methods
 BLOCKS, STEPS_PER_BLOCK = 150, 2  # the paired interleave of equal weights and MultiBalance
 sys.path.insert(0, str(HERE))
-from common import SharedBottomModel, paired_overhead  # noqa: E402
+from common import MALLOC_CONDITIONS, SharedBottomModel, paired_overhead, set_malloc  # noqa: E402
 
 import multibalance as mb  # noqa: E402
 from gpukernels_common.bench import BenchRecord, bench_args, time_fn, write_records  # noqa: E402
@@ -67,57 +70,69 @@ def make_balancer(name, tasks, model):
     }[name]()
 
 
+def _measure(n_tasks, batch, cardinality, paired, coarse, device, malloc) -> list:
+    """One task count: the paired interleave of `paired`, coarse rounds of `coarse`."""
+    methods = paired + coarse
+    records = []
+    tasks = [f"t{i}" for i in range(n_tasks)]
+    model = SharedBottomModel(cardinality, 32, tasks).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    sparse = {k: torch.randint(0, v, (batch,), device=device) for k, v in cardinality.items()}
+    dense = torch.randn(batch, 32, device=device)
+    labels = {t: (torch.rand(batch, 1, device=device) < 0.3).float() for t in tasks}
+    balancers = {m: make_balancer(m, tasks, model) for m in methods}
+
+    def step(bal):
+        opt.zero_grad(set_to_none=True)
+        rep = bal.attach(model.shared(sparse, dense))
+        losses = {t: torch.nn.functional.binary_cross_entropy_with_logits(model.heads[t](rep), labels[t]) for t in tasks}
+        bal.backward(losses)
+        opt.step()
+
+    blocks = _paired_ms({m: (lambda b=balancers[m]: step(b)) for m in paired}, device)
+    median_ms = {m: statistics.median(blocks[m]) for m in paired}
+    times = {m: [] for m in coarse}
+    for _ in range(ROUNDS):  # interleaved rounds, so machine noise hits every method alike
+        for m in coarse:
+            times[m].append(time_fn(lambda b=balancers[m]: step(b), device=device, warmup_ms=50, rep_ms=400)["ms"])
+    median_ms.update({m: statistics.median(times[m]) for m in coarse})
+    base = median_ms["equal"]
+    for m in methods:
+        ms = median_ms[m]
+        if m in paired:
+            stats = paired_overhead(blocks["equal"], blocks[m])
+        else:
+            stats = {"overhead_pct": round(100 * (ms / base - 1), 1), "ci95_pct": "-"}
+        qps_change = round(100 * (1 / (1 + stats["overhead_pct"] / 100) - 1), 1)
+        print(f"[{malloc}] tasks={n_tasks:2d} {m:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+7.1f}% "
+              f"(95% CI {stats['ci95_pct']})  QPS change {qps_change:+6.1f}%")
+        records.append(BenchRecord("step-time overhead vs equal weights", m,
+                                   {"tasks": n_tasks, "batch": batch, "malloc": malloc, "shared_params_M": round(sum(p.numel() for p in model.shared_parameters()) / 1e6, 2),
+                                    "timing (median)": f"{BLOCKS} blocks of {STEPS_PER_BLOCK} steps, interleaved" if m in paired else f"{ROUNDS} rounds",
+                                    "path": getattr(balancers[m], "last_path", "") or "-"},
+                                   {"ms_per_step": round(ms, 3), **stats, "qps_change_pct": qps_change}))
+    return records
+
+
 def main():
     args = bench_args()
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA")
-    torch.manual_seed(0)
     batch = 512 if args.quick else 2048
     # embedding tables dominate the shared parameters, as in recommendation models
     cardinality = {"user": 20000, "item": 50000, "a": 1000, "b": 1000}
     records = []
     paired = ["equal", "multibalance", "multibalance (general path)"]
     coarse = ["metabalance(params)", "pcgrad(params)", "mgda(params)"]
-    methods = paired + coarse
-    for n_tasks in ([2, 4] if args.quick else [2, 4, 8, 16]):
-        tasks = [f"t{i}" for i in range(n_tasks)]
-        model = SharedBottomModel(cardinality, 32, tasks).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        sparse = {k: torch.randint(0, v, (batch,), device=device) for k, v in cardinality.items()}
-        dense = torch.randn(batch, 32, device=device)
-        labels = {t: (torch.rand(batch, 1, device=device) < 0.3).float() for t in tasks}
-        balancers = {m: make_balancer(m, tasks, model) for m in methods}
-
-        def step(bal):
-            opt.zero_grad(set_to_none=True)
-            rep = bal.attach(model.shared(sparse, dense))
-            losses = {t: torch.nn.functional.binary_cross_entropy_with_logits(model.heads[t](rep), labels[t]) for t in tasks}
-            bal.backward(losses)
-            opt.step()
-
-        blocks = _paired_ms({m: (lambda b=balancers[m]: step(b)) for m in paired}, device)
-        median_ms = {m: statistics.median(blocks[m]) for m in paired}
-        times = {m: [] for m in coarse}
-        for _ in range(ROUNDS):  # interleaved rounds, so machine noise hits every method alike
-            for m in coarse:
-                times[m].append(time_fn(lambda b=balancers[m]: step(b), device=device, warmup_ms=50, rep_ms=400)["ms"])
-        median_ms.update({m: statistics.median(times[m]) for m in coarse})
-        base = median_ms["equal"]
-        for m in methods:
-            ms = median_ms[m]
-            if m in paired:
-                stats = paired_overhead(blocks["equal"], blocks[m])
-            else:
-                stats = {"overhead_pct": round(100 * (ms / base - 1), 1), "ci95_pct": "-"}
-            qps_change = round(100 * (1 / (1 + stats["overhead_pct"] / 100) - 1), 1)
-            print(f"tasks={n_tasks:2d} {m:28s} {ms:8.2f} ms/step  overhead {stats['overhead_pct']:+7.1f}% "
-                  f"(95% CI {stats['ci95_pct']})  QPS change {qps_change:+6.1f}%")
-            records.append(BenchRecord("step-time overhead vs equal weights", m,
-                                       {"tasks": n_tasks, "batch": batch, "shared_params_M": round(sum(p.numel() for p in model.shared_parameters()) / 1e6, 2),
-                                        "timing (median)": f"{BLOCKS} blocks of {STEPS_PER_BLOCK} steps, interleaved" if m in paired else f"{ROUNDS} rounds",
-                                        "path": getattr(balancers[m], "last_path", "") or "-"},
-                                       {"ms_per_step": round(ms, 3), **stats, "qps_change_pct": qps_change}))
+    # "steady" cannot be undone, so it comes second; the parameter-level methods, slower by
+    # multiples, are timed under the first only
+    for condition in MALLOC_CONDITIONS if device == "cpu" else MALLOC_CONDITIONS[:1]:
+        set_malloc(condition)
+        torch.manual_seed(0)
+        for n_tasks in ([2, 4] if args.quick else [2, 4, 8, 16]):
+            records += _measure(n_tasks, batch, cardinality, paired, coarse if condition == MALLOC_CONDITIONS[0] else [],
+                                device, "CUDA caching allocator" if device == "cuda" else condition)
     if args.quick:  # a smoke run: print only, keep the full figures on disk
         return
     write_records(HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl"), records)

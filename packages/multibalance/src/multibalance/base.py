@@ -268,7 +268,7 @@ class Balancer(nn.Module, abc.ABC):
                 factored.head_backward(scaled, self.static_weight_list(), consumers, params, when_complete=start_norms)
                 if not started:
                     raise RuntimeError("a head's first linear layer did not run in the heads' backward: its factors are missing")
-                combined = self._factored_finish(*started[0])
+                combined = self._factored_finish(*started.pop())
                 torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
                 return
         fused = not self.parameter_level and not self._data_parallel()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.autograd.graph import get_gradient_edge
 
 from .combine import weighted_loss
 
@@ -46,59 +45,74 @@ class _Consumer:
     rows: int  # rows of the linear layer's input: the representation's samples x positions
 
 
-def _leaf_node(node, output_nr: int, leaf_edges: dict) -> int | None:
-    """The representation index the edge (node, output_nr) leads to directly or through casts
-    and views (representations are told apart by edge: several may come from one node)."""
+_KINDS: dict = {}  # autograd node class -> "leaf" (AccumulateGrad), "linear", "pass", or "" (anything else)
+
+
+def _kind(node) -> str:
+    cls = type(node)
+    kind = _KINDS.get(cls)
+    if kind is None:
+        name = cls.__name__
+        kind = _KINDS[cls] = ("leaf" if name == "AccumulateGrad" else "linear" if name in _LINEAR_INPUT
+                              else "pass" if name in _PASS_THROUGH else "")
+    return kind
+
+
+def _leaf_index(node, leaf_ids: dict) -> int | None:
+    """The representation index `node` leads to directly or through casts and views (the leaves
+    are leaf tensors: their node is their AccumulateGrad)."""
     for _ in range(len(_PASS_THROUGH) + 1):
-        if node is None:
+        kind = _kind(node)
+        if kind == "leaf":
+            return leaf_ids.get(id(node.variable))
+        if kind != "pass":
             return None
-        if (id(node), output_nr) in leaf_edges:
-            return leaf_edges[(id(node), output_nr)]
-        if type(node).__name__ not in _PASS_THROUGH or len(node.next_functions) != 1:
+        children = node.next_functions
+        if len(children) != 1 or children[0][0] is None:
             return None
-        node, output_nr = node.next_functions[0]
+        node = children[0][0]
     return None
 
 
 def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]):
     """Per task and representation: the one linear node reading it (or None when the task does
-    not read it), plus the heads' parameters; None when any head does not fit (see module docs)."""
-    edges = [get_gradient_edge(leaf) for leaf in leaves]
-    leaf_edges = {(id(e.node), e.output_nr): j for j, e in enumerate(edges)}
-    leaf_nodes = {id(e.node) for e in edges}
+    not read it), plus the heads' parameters; None when any head does not fit (see module docs).
+    `leaves` are leaf tensors (the detached representations the heads read)."""
+    leaf_ids = {id(leaf): j for j, leaf in enumerate(leaves)}
     consumers: list[list[_Consumer | None]] = []
     params: dict[int, torch.Tensor] = {}
-    owner: dict[int, int] = {}  # linear node -> the task it belongs to
-    for t, loss in enumerate(losses):
+    owner: set[int] = set()  # the heads' first linear nodes
+    for loss in losses:
         found: list[_Consumer | None] = [None] * len(leaves)
+        if loss.grad_fn is None:
+            return None  # the general path names the task that does not read the representation
         seen, stack = set(), [loss.grad_fn]
         while stack:  # runs every step: a node's next_functions are built once, no exception per node
             node = stack.pop()
-            if node is None or id(node) in seen:
+            if id(node) in seen:
                 continue
             seen.add(id(node))
-            if id(node) in leaf_nodes:
-                continue
-            kind = type(node).__name__
-            if kind == "AccumulateGrad":  # a head parameter
-                variable = node.variable
-                params[id(variable)] = variable
-                continue
             children = node.next_functions
-            for index, (child, output_nr) in enumerate(children):
+            for index, (child, _) in enumerate(children):
                 if child is None:
                     continue
-                j = leaf_edges.get((id(child), output_nr))
-                if j is None and type(child).__name__ in _PASS_THROUGH:
-                    j = _leaf_node(child, output_nr, leaf_edges)
+                kind = _kind(child)
+                j = None
+                if kind == "leaf":
+                    variable = child.variable
+                    j = leaf_ids.get(id(variable))
+                    if j is None:  # a head parameter
+                        params[id(variable)] = variable
+                        continue
+                elif kind == "pass":
+                    j = _leaf_index(child, leaf_ids)
                 if j is None:
                     stack.append(child)
                     continue
-                linear = _LINEAR_INPUT.get(kind)
+                linear = _LINEAR_INPUT.get(type(node).__name__)
                 if linear is None or linear[0] != index or found[j] is not None or id(node) in owner:
                     return None  # not a linear layer's input, read twice, or a layer shared by tasks
-                others = [e for i, (e, _) in enumerate(children) if i != index]
-                if all(e is None for e in others):
+                if all(e is None for i, (e, _) in enumerate(children) if i != index):
                     return None  # a frozen layer without bias: its node would not run
                 weight = node._saved_mat2.T.detach()
                 if weight.shape[0] >= weight.shape[1]:
@@ -107,7 +121,7 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                 leaf = leaves[j]
                 if leaf.numel() == 0 or rows * features != leaf.numel() or rows % leaf.shape[0]:
                     return None  # a view that does not keep each sample's rows together
-                owner[id(node)] = t
+                owner.add(id(node))
                 found[j] = _Consumer(node, weight, rows)
         if all(c is None for c in found):
             return None  # the general path names the task that does not read the representation
