@@ -46,10 +46,10 @@ def paired_overhead(base_ms: list[float], ms: list[float]) -> dict:
 # The CPU allocator conditions the overhead benchmarks time under. PyTorch's CPU tensors come
 # straight from malloc. glibc's malloc hands large blocks back to the kernel when they are freed
 # (it trims the heap top and unmaps big blocks), so a step that frees and reallocates them takes
-# fresh pages and their page faults: hundreds to a thousand per step on this model, from 30 to over
-# 1,000 depending on the order in which earlier steps freed their tensors. Alternating providers
-# in one process changes that order, so the fault count, and the step time with it, differs
-# between providers for reasons that have nothing to do with them. "steady" keeps the freed
+# fresh pages and their page faults: from about 30 to over 1,000 a step on this model, depending
+# on the order in which earlier steps freed their tensors. Alternating providers in one process
+# changes that order, so the fault count, and the step time with it, differs between providers
+# for reasons that have nothing to do with them. "steady" keeps the freed
 # memory in the process (the effect of the caching allocator PyTorch's CPU tuning guide
 # recommends, and of what PyTorch's CUDA allocator does on GPUs); the figures are given under both.
 MALLOC_CONDITIONS = ("glibc default", "steady")

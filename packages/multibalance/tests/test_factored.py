@@ -112,11 +112,13 @@ def test_factored_with_grad_scaler_and_autocast():
         torch.testing.assert_close(p.grad, q.grad, rtol=3e-2, atol=3e-2 * float(q.grad.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("kind", ["nonlinear", "two linear layers", "wide"])
+@pytest.mark.parametrize("kind", ["nonlinear", "two linear layers", "wide", "frozen without bias"])
 def test_other_heads_take_the_general_path(kind):
-    """Heads that do not read the representation through one Linear layer of their own."""
+    """Heads that do not read the representation through one Linear layer of their own (or
+    through one whose backward node would not run in the heads' backward)."""
     torch.manual_seed(2)
     bottom, first, second, wide = nn.Linear(5, 9), nn.Linear(9, 4), nn.Linear(9, 4), nn.Linear(9, 9)
+    frozen = nn.Linear(9, 4, bias=False).requires_grad_(False)
     x, y = torch.randn(11, 5), torch.randn(3, 11)
     fast, slow = MultiBalance(["t0", "t1", "t2"], relax=1.0), _general(relax=1.0)
     grads = []
@@ -127,6 +129,8 @@ def test_other_heads_take_the_general_path(kind):
             heads = [torch.tanh(rep).sum(1) * (t + 1) for t in range(3)]
         elif kind == "wide":  # a first layer as wide as the representation
             heads = [wide(rep).sum(1) * (t + 1) if t == 0 else first(rep).sum(1) * (t + 1) for t in range(3)]
+        elif kind == "frozen without bias":  # no parameter gradient: the heads' backward skips its node
+            heads = [frozen(rep).sum(1) * (t + 1) if t == 0 else first(rep).sum(1) * (t + 1) for t in range(3)]
         else:  # one task reads it through two layers
             heads = [(first(rep) + second(rep)).sum(1) * (t + 1) for t in range(3)]
         bal.backward({f"t{t}": ((h - y[t]) ** 2).mean() for t, h in enumerate(heads)})

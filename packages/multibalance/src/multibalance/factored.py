@@ -45,7 +45,7 @@ class _Consumer:
     rows: int  # rows of the linear layer's input: the representation's samples x positions
 
 
-_KINDS: dict = {}  # autograd node class -> "leaf" (AccumulateGrad), "linear", "pass", or "" (anything else)
+_KINDS: dict = {}  # autograd node class -> "leaf" (AccumulateGrad), "pass" (_PASS_THROUGH) or "" (anything else)
 
 
 def _kind(node) -> str:
@@ -53,8 +53,7 @@ def _kind(node) -> str:
     kind = _KINDS.get(cls)
     if kind is None:
         name = cls.__name__
-        kind = _KINDS[cls] = ("leaf" if name == "AccumulateGrad" else "linear" if name in _LINEAR_INPUT
-                              else "pass" if name in _PASS_THROUGH else "")
+        kind = _KINDS[cls] = "leaf" if name == "AccumulateGrad" else "pass" if name in _PASS_THROUGH else ""
     return kind
 
 
