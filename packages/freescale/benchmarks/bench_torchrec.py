@@ -6,7 +6,9 @@ table-wise, column-wise and data-parallel, not row-wise) sum-pooled over jagged 
 a dense MLP over [pooled, dense features] with a logistic loss; SGD. Both sides pool on the
 table's owner and send back one vector per (sample, table); both update the looked-up rows with
 SGD inside the backward (freescale `fused_lr=`, TorchRec's fbgemm fused backward + optimizer), so
-neither builds a gradient for the tables. A third freescale row returns every looked-up row and
+neither builds a gradient for the tables. One freescale row runs that update compiled
+(`fused_update="compiled"`: one torch.compile'd gather-scale-add loop, where the default adds a
+[ids, dim] tensor of per-id steps with `index_add_`). A third freescale row returns every looked-up row and
 pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic. Two
 rows balance the samples over the ranks (kk_equal on the id counts): always, and only when the
 slowest rank's cost drops by 5% or more (`min_gain=0.05`; otherwise no sample moves). The
@@ -49,6 +51,7 @@ KEYS = ("history", "other")
 COMPUTE_ONLY = " (two one-rank jobs: compute only)"
 UNPOOLED = "freescale TrainPipeline, rows returned unpooled (pooled on the requester)"
 NOT_PREFETCHED = "freescale TrainPipeline, ids not distributed ahead"
+COMPILED = "freescale TrainPipeline, compiled row update"
 BALANCED_MIN_GAIN = "freescale TrainPipeline + kk_equal balancing, min_gain 5% (samples stay when the gain is smaller)"
 
 
@@ -91,10 +94,11 @@ def timed(run_steps, shape: Shape) -> float:
 
 
 def run_freescale(batches, shape: Shape, balance: bool, owner_pooling: bool = True, prefetch: bool = True,
-                  min_gain: float = 0.0) -> float:
+                  min_gain: float = 0.0, fused_update: str = "eager") -> float:
     import freescale
 
-    tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table", fused_lr=0.01)
+    tables = freescale.ShardedEmbeddings({k: shape.rows for k in KEYS}, shape.dim, sharding="table", fused_lr=0.01,
+                                         fused_update=fused_update)
     head = mlp(shape)
     opt = torch.optim.SGD(head.parameters(), lr=0.01)  # the tables update themselves in the backward
     scheduler = freescale.CommScheduler()
@@ -200,6 +204,7 @@ def _rank(queue, job, rank, world, port, shape):
     batches = make_batches(data_rank, shape)
     runners = (("torchrec TrainPipelineSparseDist", lambda: run_torchrec(batches, shape)),
                ("freescale TrainPipeline", lambda: run_freescale(batches, shape, balance=False)),
+               (COMPILED, lambda: run_freescale(batches, shape, balance=False, fused_update="compiled")),
                (NOT_PREFETCHED, lambda: run_freescale(batches, shape, balance=False, prefetch=False)),
                ("freescale TrainPipeline + kk_equal balancing", lambda: run_freescale(batches, shape, balance=True)),
                (BALANCED_MIN_GAIN, lambda: run_freescale(batches, shape, balance=True, min_gain=0.05)),

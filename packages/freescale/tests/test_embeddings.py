@@ -41,11 +41,12 @@ def test_sparse_gradients_equal_dense():
         torch.testing.assert_close(grads[True][key].to_dense(), dense)
 
 
+@pytest.mark.parametrize("fused_update", ["eager", "compiled"])
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
-def test_fused_sgd_updates_like_sgd_on_dense_gradients(pooling):
+def test_fused_sgd_updates_like_sgd_on_dense_gradients(pooling, fused_update):
     _, features = _features(seed=3)
     dense = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2)
-    fused = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2, fused_lr=0.3)
+    fused = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2, fused_lr=0.3, fused_update=fused_update)
     for emb in (dense, fused):
         out = emb(features, pooling=pooling)
         (out["a"].pow(2).sum() + 3 * out["b"].sum()).backward()
@@ -54,6 +55,42 @@ def test_fused_sgd_updates_like_sgd_on_dense_gradients(pooling):
         assert fused.shards[key].grad is None
         torch.testing.assert_close(fused.shards[key].detach(), dense.shards[key].detach())
     assert not torch.equal(fused.shards["a"].detach(), ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=2).shards["a"].detach())
+
+
+def test_compiled_update_repeats_ids_and_skips_empty_bags():
+    """Many ids per row (duplicates add up), empty bags, a second step with another id count
+    (one dynamic-shape build), against the eager update."""
+    g = torch.Generator().manual_seed(4)
+    tables = {"a": 7, "b": 40}
+    eager = ShardedEmbeddings(tables, dim=6, init_seed=5, fused_lr=0.1)
+    compiled = ShardedEmbeddings(tables, dim=6, init_seed=5, fused_lr=0.1, fused_update="compiled")
+    for n_bags in (13, 21):
+        bags = {key: [torch.randint(0, rows, (int(n),), generator=g) for n in torch.randint(0, 9, (n_bags,), generator=g)]
+                for key, rows in tables.items()}
+        features = KeyedJagged.from_dict(bags)
+        weights = torch.randn(n_bags, 6, generator=g)
+        for emb in (eager, compiled):
+            out = emb(features)
+            ((out["a"] * weights).sum() + out["b"].pow(2).sum()).backward()
+    for key in tables:
+        torch.testing.assert_close(compiled.shards[key].detach(), eager.shards[key].detach(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(eager.shards["a"].detach(), ShardedEmbeddings(tables, dim=6, init_seed=5).shards["a"].detach())
+
+
+def test_compiled_update_failure_names_the_option(monkeypatch):
+    from freescale import embeddings
+
+    def broken():
+        def fail(*args):
+            raise OSError("no compiler")
+        return fail
+
+    monkeypatch.setattr(embeddings, "_compiled_scatter_bag_steps", broken)
+    _, features = _features(seed=5)
+    emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, fused_lr=0.1, fused_update="compiled")
+    out = emb(features)
+    with pytest.raises(RuntimeError, match="fused_update='compiled' failed: no compiler.*fused_update='eager'"):
+        (out["a"].sum() + out["b"].sum()).backward()
 
 
 def test_bad_input_is_named():
@@ -67,6 +104,10 @@ def test_bad_input_is_named():
         ShardedEmbeddings({"a": 50}, dim=5, fused_lr=0.1, sparse_grad=True)
     with pytest.raises(ValueError, match="fused_lr must be a positive learning rate"):
         ShardedEmbeddings({"a": 50}, dim=5, fused_lr=-1.0)
+    with pytest.raises(ValueError, match="fused_update must be one of \\('eager', 'compiled'\\), got 'fast'"):
+        ShardedEmbeddings({"a": 50}, dim=5, fused_lr=0.1, fused_update="fast")
+    with pytest.raises(ValueError, match="fused_update='compiled' needs fused_lr="):
+        ShardedEmbeddings({"a": 50}, dim=5, fused_update="compiled")
     with pytest.raises(IndexError, match="table 'a' must be in \\[0, 20\\)"):
         ShardedEmbeddings({"a": 20, "b": 30}, dim=5)(features)
     with pytest.raises(ValueError, match="transport must be one of \\('collective', 'copy_engine'\\), got 'nccl'"):
