@@ -77,6 +77,30 @@ def test_compiled_update_repeats_ids_and_skips_empty_bags():
     assert not torch.equal(eager.shards["a"].detach(), ShardedEmbeddings(tables, dim=6, init_seed=5).shards["a"].detach())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_update_on_gpu(dtype):
+    """On CUDA torch.compile writes a Triton kernel (atomic adds): both updates against the fp32
+    step. Many duplicate ids in fp32; in bf16 about two per row, so that the eager update's
+    per-add rounding stays within the tolerance."""
+    from freescale.embeddings import _FusedSGDBagSum
+
+    g = torch.Generator().manual_seed(6)
+    rows, lr = (300 if dtype == torch.float32 else 3000), 0.05
+    lengths = torch.randint(0, 40, (257,), generator=g)
+    ids = torch.randint(0, rows, (int(lengths.sum()),), generator=g).cuda()
+    offsets = (lengths.cumsum(0) - lengths).cuda()
+    grad = torch.randn(257, 24, generator=g).cuda().to(dtype)
+    start = torch.randn(rows, 24, generator=g).cuda().to(dtype)
+    bags = torch.repeat_interleave(torch.arange(257, device="cuda"), lengths.cuda())
+    expected = start.float().index_add(0, ids, grad.float()[bags] * -lr)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for compiled in (False, True):
+        weight = torch.nn.Parameter(start.clone())
+        _FusedSGDBagSum.apply(ids, offsets, weight, lr, compiled).backward(grad)
+        torch.testing.assert_close(weight.detach().float(), expected, rtol=tol, atol=tol, msg=f"compiled={compiled}")
+
+
 def test_compiled_update_failure_names_the_option(monkeypatch):
     from freescale import embeddings
 
