@@ -8,7 +8,7 @@ table's owner and send back one vector per (sample, table); both update the look
 SGD inside the backward (freescale `fused_lr=`, TorchRec's fbgemm fused backward + optimizer), so
 neither builds a gradient for the tables. One freescale row runs that update compiled
 (`fused_update="compiled"`: one torch.compile'd gather-scale-add loop, where the default adds a
-[ids, dim] tensor of per-id steps with `index_add_`). A third freescale row returns every looked-up row and
+[ids, dim] tensor of per-id steps with `index_add_`). Another returns every looked-up row and
 pools on the requester (`pooling="none"` + a sum per sample), for the cost of that traffic. Two
 rows balance the samples over the ranks (kk_equal on the id counts): always, and only when the
 slowest rank's cost drops by 5% or more (`min_gain=0.05`; otherwise no sample moves). The
