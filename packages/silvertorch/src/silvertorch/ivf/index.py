@@ -82,6 +82,15 @@ def _int8_dots(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (q_codes.to(torch.int32).unsqueeze(1) * rows.to(torch.int32).unsqueeze(0)).sum(-1).float()
 
 
+def int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on the CPU
+    (torch._int_mm, oneDNN), no float copy of the rows; elsewhere `_int8_dots` (fp32, exact while
+    sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
+    if rows.device.type == "cpu":
+        return torch._int_mm(q_codes, rows.T)
+    return _int8_dots(q_codes, rows)
+
+
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
     if queries.dim() != 2 or queries.shape[1] != dim:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
@@ -188,6 +197,12 @@ class IVFIndex:
         `schedule` (Triton backends): "query" (one program per query × cluster × items), "cluster"
         (queries grouped by the cluster they probe, tl.dot on a shared row tile), "auto": cluster-
         major from CLUSTER_MAJOR_MIN_QUERIES queries on."""
+        scores, starts, L = self._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
+        return scores, (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(scores.shape)
+
+    def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto"):
+        """`candidate_scores` without the positions: (scores [Q, P*L], starts [Q, P], L); slot j of
+        a row holds storage position starts[j // L] + j % L (search reads it only for the k kept)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         q_codes, q_scales = quantize_rows(queries)
@@ -208,7 +223,6 @@ class IVFIndex:
         q, p = clusters.shape
         if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device):
             raise ValueError(f"out must be float32 ({q}, {p * L}) on {self.codes.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-        positions = (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(q, p * L)
         if select_backend(self.codes).uses_triton:
             import triton
 
@@ -231,32 +245,33 @@ class IVFIndex:
                 score_kernel[(q * p, triton.cdiv(L, bn))](
                     out, self.codes, self.scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
                     flat_words, d, p, L, w32, HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(d)))
-            return out, positions
+            return out, starts, L
         result = self._scores_reference(q_codes, q_scales, clusters, starts, lengths, words, L).view(q, p * L)
-        return (result if out is None else out.copy_(result)), positions
+        return (result if out is None else out.copy_(result)), starts, L
 
     def _scores_reference(self, q_codes, q_scales, clusters, starts, lengths, words, L):
         from ..filtering import unpack_bits
 
-        offs = torch.arange(L, device=starts.device)
-        keep = offs < lengths.unsqueeze(-1)
-        if words is not None:
-            keep = keep & unpack_bits(words, L)
         q, p = starts.shape
-        out = torch.full((q, p, L), float("-inf"), device=self.codes.device)
         # cluster-major: each probed cluster's rows are contiguous, scored against every query that
-        # probes it in one matmul
+        # probes it in one int8 matmul
         flat = clusters.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # (query, probe) pairs grouped by cluster
         uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        for c, group in zip(uniq.tolist(), order.split(counts.tolist())):
-            lo, hi = int(self.offsets[c]), int(self.offsets[c + 1])
-            if hi == lo:
-                continue
-            qi, pi = group // p, group % p
-            dots = _int8_dots(q_codes[qi], self.codes[lo:hi])
-            out[qi, pi, : hi - lo] = dots * (self.scales[lo:hi].unsqueeze(0) * q_scales[qi].unsqueeze(1))
-        return torch.where(keep, out, torch.full_like(out, float("-inf"))).view(q * p, L)
+        bounds, query = self.offsets.tolist(), order // p
+        blocks = []
+        for c, qi in zip(uniq.tolist(), query.split(counts.tolist())):
+            lo, hi = bounds[c], bounds[c + 1]
+            if hi > lo:
+                dots = int8_matmul(q_codes.index_select(0, qi), self.codes[lo:hi]).float()
+                blocks.append((dots * (self.scales[lo:hi].unsqueeze(0) * q_scales.index_select(0, qi).unsqueeze(1))).reshape(-1))
+        keep = torch.arange(L, device=starts.device) < lengths.reshape(-1, 1)  # [Q x P, L]: the slots that hold items
+        out = torch.full((q * p, L), float("-inf"), device=self.codes.device)
+        if blocks:  # block rows are the pairs in `order`, each as long as its cluster: row-major, as the mask
+            out.index_copy_(0, order, out.masked_scatter(keep.index_select(0, order), torch.cat(blocks)))
+        if words is not None:
+            keep = keep & unpack_bits(words, L).reshape(q * p, L)
+        return out.masked_fill_(~keep, float("-inf"))
 
     def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None, adaptive: bool = False,
                           max_nprobe: int | None = None) -> SearchResult:
@@ -278,16 +293,18 @@ class IVFIndex:
 
     def _search_once(self, queries, k, nprobe, filters) -> SearchResult:
         clusters = self.probe(queries, nprobe)
-        scores, positions = self.candidate_scores(queries, clusters, filters)
+        scores, starts, L = self._slot_scores(queries, clusters, filters)
+        main_slots = scores.shape[1]
         if self.num_fresh:  # merged into the same selection, so one top-k covers both parts
             fresh_scores = self._exhaustive_scores(queries, self.fresh_codes, self.fresh_scales, self.fresh_removed,
                                                    self.num_main, filters)
-            fresh_pos = torch.arange(self.num_main, self.num_items, device=positions.device).expand(queries.shape[0], -1)
-            scores, positions = torch.cat([scores, fresh_scores], 1), torch.cat([positions, fresh_pos], 1)
-        found = torch.isfinite(scores).sum(1)
+            scores = torch.cat([scores, fresh_scores], 1)
+        found = (scores != float("-inf")).sum(1)  # scores are finite or -inf
         kk = min(k, scores.shape[1])
         top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
-        pos = torch.where(order >= 0, positions.gather(1, order.clamp_min(0)), torch.full_like(order, -1))
+        slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the k kept only: main slots, then fresh
+        pos = torch.where(order < main_slots, starts.gather(1, slot // L) + slot % L, self.num_main + order - main_slots)
+        pos = torch.where(order >= 0, pos, torch.full_like(order, -1))
         if kk < k:
             pad = k - kk
             top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
@@ -407,14 +424,14 @@ class FlatIndex(IVFIndex):
         offsets = torch.tensor([0, n], device=embeddings.device)
         return cls(centroids, offsets, codes, scales, ids, torch.arange(n, device=embeddings.device))
 
-    def candidate_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto"):
+    def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto"):
         if self.dtype == "int8":
-            return super().candidate_scores(queries, clusters, filters, out=out, schedule=schedule)
+            return super()._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
         if filters is not None and filters.num_queries != queries.shape[0]:
             raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
         scores = self._exhaustive_scores(queries, self.codes, self.scales, self.removed, 0, filters)
-        positions = torch.arange(self.num_main, device=scores.device).expand_as(scores)
-        return (scores if out is None else out.copy_(scores)), positions
+        starts = torch.zeros(scores.shape[0], 1, dtype=torch.int64, device=scores.device)  # one block: slot j is item j
+        return (scores if out is None else out.copy_(scores)), starts, max(self.num_main, 1)
 
     def search_with_stats(self, queries, k, nprobe=1, filters=None, adaptive=False, max_nprobe=None):
         return super().search_with_stats(queries, k, 1, filters)

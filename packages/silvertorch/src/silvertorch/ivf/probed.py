@@ -15,22 +15,13 @@ import torch
 
 from gpukernels_common import env, register_op
 
-from .index import CLUSTER_MAJOR_MIN_QUERIES, _cluster_pairs, _int8_dots, int8_dot_supported
+from .index import CLUSTER_MAJOR_MIN_QUERIES, _cluster_pairs, int8_dot_supported, int8_matmul
 
 
 def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table[index] for an index of any shape, through index_select (on the CPU about ten times
     faster than advanced indexing for the [Q, M] gathers of the forward)."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
-
-
-def int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on the CPU
-    (torch._int_mm, oneDNN), no float copy of the rows; elsewhere the IVF reference's fp32 matmul
-    (exact while sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
-    if rows.device.type == "cpu":
-        return torch._int_mm(q_codes, rows.T)
-    return _int8_dots(q_codes, rows)
 
 
 def _probed_dots(codes, cluster_positions, clusters, q_codes):
