@@ -87,6 +87,20 @@ def test_missing_slots_and_ties_at_threshold(method):
     assert (indices[1, 1499:] == -1).all() and (indices[1, :1499] >= 0).all()
 
 
+@pytest.mark.parametrize("method", ["two_level", "radix"])
+def test_rows_short_of_candidates_beside_rows_with_ties(method):
+    """A row with fewer than k candidates (its k-th value is -inf) in one batch with rows whose
+    k-th value is a finite tie spread over every tile: those ties still come in index order."""
+    scores = torch.full((3, 5000), NEG_INF)
+    scores[0, ::7] = 1.0  # 715 ties, about 146 per 1024-column tile, more than k
+    scores[0, 4999] = 3.0
+    scores[1, 10:30] = torch.arange(20.0)  # 20 candidates for k = 50
+    scores[2] = torch.randn(5000, generator=torch.Generator().manual_seed(1)).round()  # ties at every integer
+    values, indices = _assert_same_as_reference(scores, 50, method)
+    assert indices[0].tolist() == [4999] + list(range(0, 49 * 7, 7))
+    assert indices[1, :20].tolist() == list(range(29, 9, -1)) and (indices[1, 20:] == -1).all()
+
+
 def test_accepts_half_precision_and_empty_batch():
     scores = _random(2, 500).half()
     _assert_same_as_reference(scores, 50, "radix")

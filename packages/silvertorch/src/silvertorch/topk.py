@@ -140,7 +140,7 @@ def _select_two_level(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     kth_value = torch.topk(winner_values, k, dim=1, sorted=False).values.amin(1, keepdim=True)
     above = winner_values > kth_value
     ties_needed = k - above.sum(1)
-    tie_rows, tie_columns = (scores == kth_value).nonzero(as_tuple=True)  # row-major: columns ascending
+    tie_rows, tie_columns = _ties(scores, kth_value, winner_values, winner_columns)
     first_tie_of_row = torch.searchsorted(tie_rows, torch.arange(num_rows, device=scores.device))
     tie_rank = torch.arange(tie_rows.numel(), device=scores.device) - first_tie_of_row[tie_rows]
     kept_tie = tie_rank < ties_needed[tie_rows]
@@ -148,6 +148,25 @@ def _select_two_level(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     columns = torch.cat([winner_columns[above], tie_columns[kept_tie]])
     columns = columns[torch.sort(rows, stable=True).indices].view(num_rows, k)  # exactly k per row
     return _sorted_selection(scores, columns)
+
+
+def _ties(scores, kth_value, winner_values, winner_columns) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the scores equal to their row's k-th value T, rows ascending and, for a
+    finite T, columns ascending. A finite T's ties come from the full row (`torch.topk` picks ties
+    arbitrarily, so the first ones in index order may not be among the winners). A row with fewer
+    than k candidates has T = -inf: any of its -inf slots will do (they come back as index -1), and
+    its winners hold enough of them (every candidate is a winner, and there are at least k
+    winners), so that row is not scanned: under a selective filter most rows are like that."""
+    finite = kth_value[:, 0] > float("-inf")
+    if bool(finite.all()):
+        return (scores == kth_value).nonzero(as_tuple=True)  # row-major: columns ascending
+    scanned = finite.nonzero(as_tuple=True)[0]
+    rows, columns = (scores.index_select(0, scanned) == kth_value.index_select(0, scanned)).nonzero(as_tuple=True)
+    spare_rows, spare_at = ((winner_values == float("-inf")) & ~finite[:, None]).nonzero(as_tuple=True)
+    rows = torch.cat([scanned[rows], spare_rows])
+    columns = torch.cat([columns, winner_columns[spare_rows, spare_at]])
+    order = torch.sort(rows, stable=True).indices  # a row's ties stay in their order
+    return rows[order], columns[order]
 
 
 def _sorted_selection(scores: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
