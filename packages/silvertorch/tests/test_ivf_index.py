@@ -137,6 +137,17 @@ def test_pack_unpack_roundtrip():
     assert torch.equal(unpack_bits(pack_bits(m), 70), m)
 
 
+def test_pack_bits_layout():
+    """LSB first, 32 items a word, bit 31 as the int32 sign bit; what the kernels read."""
+    m = torch.zeros(2, 33, dtype=torch.bool)
+    m[0, [0, 5, 16, 31, 32]] = True
+    m[1] = True
+    expected = torch.tensor([[1 + 2**5 + 2**16 - 2**31, 1], [-1, 1]], dtype=torch.int32)
+    assert torch.equal(pack_bits(m), expected)
+    assert torch.equal(unpack_bits(expected, 33), m)
+    assert torch.equal(pack_bits(torch.zeros(4, 0, dtype=torch.bool)), torch.zeros(4, 1, dtype=torch.int32))
+
+
 @pytest.mark.parametrize(
     "call, match",
     [(lambda: INDEX.search(torch.full((1, 64), float("nan")), 5), "NaN"),

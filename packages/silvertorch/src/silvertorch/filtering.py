@@ -27,15 +27,18 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [..., n] -> int32 [..., ceil(n/32)], LSB first."""
     n = mask.shape[-1]
     words = math.ceil(n / 32) if n else 1
-    padded = torch.zeros(*mask.shape[:-1], words * 32, dtype=torch.int64, device=mask.device)
-    padded[..., :n] = mask.to(torch.int64)
-    w = (padded.view(*mask.shape[:-1], words, 32) << torch.arange(32, device=mask.device)).sum(-1)
-    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    if n != words * 32:
+        mask = torch.nn.functional.pad(mask, (0, words * 32 - n))
+    # int32 all the way (int64 intermediates doubled the memory traffic): each 16-bit half is
+    # summed below 2^16, and the high half shifted into the sign bit
+    bits = mask.reshape(*mask.shape[:-1], words, 2, 16).to(torch.int32)
+    halves = (bits << torch.arange(16, dtype=torch.int32, device=mask.device)).sum(-1, dtype=torch.int32)
+    return halves[..., 0] | (halves[..., 1] << 16)
 
 
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     """int32 [..., W] -> bool [..., n]."""
-    bits = (words.to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=words.device)) & 1
+    bits = (words.to(torch.int32).unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=words.device)) & 1
     return bits.reshape(*words.shape[:-1], -1)[..., :n].bool()
 
 
