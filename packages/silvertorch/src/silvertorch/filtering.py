@@ -43,25 +43,34 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class DenseMaskFilter:
-    """A filter given as a boolean mask [Q, N] over index positions (exact)."""
+    """A filter given as a boolean mask [Q, N] over index positions (exact). `range_masks` keeps
+    one padded copy of the mask, [Q, N + L] bools, for the next call."""
 
     def __init__(self, mask: torch.Tensor):
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
         self.mask = mask
+        self._pad: tuple[int, torch.Tensor] | None = None
 
     @property
     def num_queries(self) -> int:
         return self.mask.shape[0]
 
     def range_masks(self, starts, lengths, max_length):
-        q, r = starts.shape
-        offs = torch.arange(max_length, device=self.mask.device)
-        pos = starts.unsqueeze(-1) + offs  # [Q, R, L]
-        inside = offs < lengths.unsqueeze(-1)
-        n = self.mask.shape[1]
-        vals = self.mask.gather(1, pos.clamp(max=max(n - 1, 0)).reshape(q, -1)).view(q, r, max_length) & inside & (pos < n)
-        return pack_bits(vals)
+        q, n = self.mask.shape
+        # the mask read through overlapping windows (window s = mask[s : s + L], False past the
+        # end): one copy of the [Q, R, L] bits, no int64 position grid
+        windows = self._padded(max_length).as_strided((q, n + 1, max_length), (n + max_length, 1, 1))
+        rows = torch.arange(q, device=self.mask.device).unsqueeze(1)
+        inside = torch.arange(max_length, device=self.mask.device) < lengths.unsqueeze(-1)
+        return pack_bits(windows[rows, starts.clamp(0, n)] & inside)
+
+    def _padded(self, length: int) -> torch.Tensor:
+        """The mask with `length` False columns after it (kept for the next call: an adaptive
+        search asks again with the same length)."""
+        if self._pad is None or self._pad[0] != length:
+            self._pad = (length, torch.nn.functional.pad(self.mask, (0, length)).contiguous())
+        return self._pad[1]
 
     def exact_mask(self, positions):
         valid = positions >= 0
