@@ -17,8 +17,8 @@ Table updates: dense gradients by default; `sparse_grad=True` gives sparse ones 
 rows) for optimizers that take them; `fused_lr=` applies SGD to the looked-up rows inside the
 backward, as TorchRec's fused embedding optimizers do: no gradient tensor for the tables, no
 optimizer step over them (leave the shards out of the optimizer). `fused_update="compiled"`
-runs that update as one loop built by `torch.compile` (gather the bag's gradient, scale, add to
-the row) instead of `index_add_` over a [ids, dim] tensor of per-id steps.
+runs that update through `torch.compile`: one loop (gather the bag's gradient, scale, add to the
+row) instead of `index_add_` over a [ids, dim] tensor of per-id steps.
 """
 
 from __future__ import annotations
@@ -87,9 +87,11 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _scatter_bag_steps(weight, ids, bag, grad, lr: float):
-    """weight[ids[i]] -= lr * grad[bag[i]] for every i, duplicates adding up (the body that
-    `fused_update="compiled"` compiles; the same step as `_FusedSGDBagSum`'s eager one)."""
-    weight.index_put_((ids,), (grad.index_select(0, bag) * -lr).to(weight.dtype), accumulate=True)
+    """weight[ids[i]] -= lr * grad[bag[i]] for every i, duplicates adding up, as a dense gradient
+    would: the step scaled on the [bags, dim] gradient, not per id (int64 ids: `index_add_`'s fast
+    path on CPU). Run as is, or through `torch.compile` (`fused_update="compiled"`), which fuses
+    the gather, the scaling and the adds into one loop with no [ids, dim] tensor."""
+    weight.index_add_(0, ids, (grad * -lr).to(weight.dtype).index_select(0, bag))
 
 
 _compiled_scatter = None
@@ -119,19 +121,16 @@ class _FusedSGDBagSum(torch.autograd.Function):
         ids, offsets = ctx.saved_tensors
         if ids.numel():
             sizes = torch.diff(offsets, append=offsets.new_tensor([ids.numel()]))
-            with torch.no_grad():  # duplicates add up, as a dense gradient would
-                if ctx.compiled:
-                    bag = torch.repeat_interleave(torch.arange(offsets.numel(), device=ids.device), sizes, output_size=ids.numel())
-                    try:
-                        _compiled_scatter_bag_steps()(ctx.weight, ids.long(), bag, grad_output, ctx.lr)
-                    except Exception as error:  # re-raised with the way out
-                        raise RuntimeError(f"fused_update='compiled' failed: {error}. torch.compile builds this update "
-                                           "on first use and needs a C++ compiler on CPUs; fused_update='eager' needs "
-                                           "none") from error
-                else:
-                    # the step scaled on the [bags, dim] gradient, not per id; int64 ids: index_add_'s fast path on CPU
-                    steps = (grad_output * -ctx.lr).to(ctx.weight.dtype).repeat_interleave(sizes, dim=0, output_size=ids.numel())
-                    ctx.weight.index_add_(0, ids.long(), steps)
+            bag = torch.repeat_interleave(torch.arange(offsets.numel(), device=ids.device), sizes, output_size=ids.numel())
+            step = _compiled_scatter_bag_steps() if ctx.compiled else _scatter_bag_steps
+            try:
+                with torch.no_grad():
+                    step(ctx.weight, ids.long(), bag, grad_output, ctx.lr)
+            except Exception as error:
+                if not ctx.compiled:
+                    raise
+                raise RuntimeError(f"fused_update='compiled' failed: {error}. torch.compile builds this update on "
+                                   "first use and needs a C++ compiler on CPUs; fused_update='eager' needs none") from error
         return None, None, None, None, None
 
 

@@ -58,11 +58,10 @@ def select_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[tor
     if num_rows == 0:
         return scores.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=scores.device)
     if method == "auto":
-        if scores.device.type == "cpu" and k <= TWO_LEVEL_MAX_K and num_columns <= AUTO_SORT_MAX_COLUMNS:
-            long_rows = num_columns >= CPU_TWO_LEVEL_MIN_COLUMNS_PER_K * k and num_rows * num_columns >= CPU_TWO_LEVEL_MIN_SCORES
-            method = "two_level" if long_rows else "sort"
-        elif num_columns <= AUTO_SORT_MAX_COLUMNS:
-            method = "sort"
+        if num_columns <= AUTO_SORT_MAX_COLUMNS:
+            long_on_cpu = (scores.device.type == "cpu" and num_columns >= CPU_TWO_LEVEL_MIN_COLUMNS_PER_K * k
+                           and num_rows * num_columns >= CPU_TWO_LEVEL_MIN_SCORES)  # k <= 1,024 <= TWO_LEVEL_MAX_K here
+            method = "two_level" if long_on_cpu else "sort"
         else:
             method = "two_level" if k <= TWO_LEVEL_MAX_K else "radix"
     if method == "sort":
