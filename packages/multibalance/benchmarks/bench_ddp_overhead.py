@@ -1,8 +1,9 @@
 """Step-time overhead under DistributedDataParallel: 2 gloo ranks (one CPU thread each), the
 model of bench_overhead.py wrapped in DDP, equal weights against MultiBalance on its factored
 path (the heads' backward, the task norms summed over ranks while it finishes, then the
-bottom's backward) and on its general path (every task's representation gradient formed). The
-three alternate in blocks of two steps on the same model; each reports its median block, and the
+bottom's backward), the same with `norm_lag=1` (the norms' sum awaited a step later: no second
+synchronization point) and on its general path (every task's representation gradient formed).
+The four alternate in blocks of two steps on the same model; each reports its median block, and the
 overhead is the median of the per-block ratios with a 95% confidence interval
 (`common.paired_overhead`); a block ends with the slower rank. Every figure is taken under both
 allocator conditions of `common.MALLOC_CONDITIONS` (each in its own pair of rank processes).
@@ -25,7 +26,7 @@ from common import MALLOC_CONDITIONS, SharedBottomModel, paired_overhead, set_ma
 
 WORLD = 2
 BLOCKS, STEPS_PER_BLOCK = 200, 2
-PROVIDERS = ("equal", "multibalance", "multibalance (general path)")
+PROVIDERS = ("equal", "multibalance", "multibalance, norm_lag=1", "multibalance (general path)")
 
 
 class _SharedOf(torch.nn.Module):
@@ -61,7 +62,8 @@ def _rank(queue, job, rank, world, port, n_tasks, batch, blocks, malloc):
     labels = {t: (torch.rand(batch // world, 1, generator=g) < 0.3).float() for t in tasks}
     general = mb.MultiBalance(tasks)
     general.uses_norms_only = False
-    balancers = {"equal": mb.EqualWeights(tasks), "multibalance": mb.MultiBalance(tasks), "multibalance (general path)": general}
+    balancers = {"equal": mb.EqualWeights(tasks), "multibalance": mb.MultiBalance(tasks),
+                 "multibalance, norm_lag=1": mb.MultiBalance(tasks, norm_lag=1), "multibalance (general path)": general}
 
     def step(bal):
         opt.zero_grad(set_to_none=True)

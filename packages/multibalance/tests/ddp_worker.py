@@ -28,11 +28,12 @@ def data():
     return torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g), 5 * torch.randn(8, 1, generator=g)
 
 
-def train(wrapper, net, norm, path, x, ya, yb, steps=2):
+def train(wrapper, net, norm, path, x, ya, yb, norm_lag=0, steps=3):
     """Gradients after `steps` balanced steps; `path`: "factored" (the heads open with a Linear
     layer), "general" (forced: every task's representation gradient formed), or "tanh heads"
-    (heads that open with a tanh: the general path)."""
-    bal = MultiBalance(["a", "b"], relax=0.8, norm=norm)
+    (heads that open with a tanh: the general path). Three steps: with norm_lag=1 the third is
+    the first to average in the norms of a step before."""
+    bal = MultiBalance(["a", "b"], relax=0.8, norm=norm, norm_lag=norm_lag)
     bal.uses_norms_only = path != "general"
     first = torch.tanh if path == "tanh heads" else (lambda r: r)
     for _ in range(steps):
@@ -52,14 +53,14 @@ DDP_OPTIONS = {
 }
 
 
-def worker(rank, world, port, norm, path, out, ddp_options="default"):
+def worker(rank, world, port, norm, path, out, ddp_options="default", norm_lag=0):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         net = Net()
         ddp = torch.nn.parallel.DistributedDataParallel(net, **DDP_OPTIONS[ddp_options])
         x, ya, yb = (t.chunk(world)[rank] for t in data())
-        grads = train(ddp, net, norm, path, x, ya, yb)
+        grads = train(ddp, net, norm, path, x, ya, yb, norm_lag)
         if rank == 0:
             torch.save(grads, out)
         dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
@@ -68,5 +69,5 @@ def worker(rank, world, port, norm, path, out, ddp_options="default"):
 
 
 if __name__ == "__main__":
-    port, norm, path, out, ddp_options = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-    mp.spawn(worker, args=(2, port, norm, path, out, ddp_options), nprocs=2, join=True)
+    port, norm, path, out, ddp_options, norm_lag = int(sys.argv[1]), *sys.argv[2:6], int(sys.argv[6])
+    mp.spawn(worker, args=(2, port, norm, path, out, ddp_options, norm_lag), nprocs=2, join=True)

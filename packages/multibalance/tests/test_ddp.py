@@ -17,17 +17,20 @@ _spec.loader.exec_module(ddp_worker)
 
 
 
-@pytest.mark.parametrize(("norm", "path", "ddp_options"), [
-    *[(norm, path, "default") for norm in ("batch", "sample") for path in ("factored", "general", "tanh heads")],
+@pytest.mark.parametrize(("norm", "path", "ddp_options", "norm_lag"), [
+    *[(norm, path, "default", 0) for norm in ("batch", "sample") for path in ("factored", "general", "tanh heads")],
     # the heads' backward and the bottom's are two autograd calls: DDP still reduces each gradient once
-    ("batch", "factored", "small buckets"),
-    ("batch", "factored", "static graph"),
+    ("batch", "factored", "small buckets", 0),
+    ("batch", "factored", "static graph", 0),
+    # the norms' sum over ranks awaited a step later
+    ("batch", "factored", "default", 1),
+    ("sample", "general", "default", 1),
 ])  # the worker asserts the path each side took
-def test_ddp_equals_single_process(tmp_path, norm, path, ddp_options):
+def test_ddp_equals_single_process(tmp_path, norm, path, ddp_options, norm_lag):
     out = tmp_path / "grads.pt"
-    run_workers([sys.executable, WORKER, free_port(), norm, path, out, ddp_options], out)
+    run_workers([sys.executable, WORKER, free_port(), norm, path, out, ddp_options, norm_lag], out)
     got = torch.load(out, weights_only=True)
     net = ddp_worker.Net()
-    expected = ddp_worker.train(net, net, norm, path, *ddp_worker.data())
+    expected = ddp_worker.train(net, net, norm, path, *ddp_worker.data(), norm_lag)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{norm} {path}: {k}")

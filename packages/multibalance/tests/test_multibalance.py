@@ -44,6 +44,50 @@ def test_ema_over_two_steps():
     assert bal.last_scales()["b"] == pytest.approx(1 / 3)
 
 
+def _two_task_step(bal, z, coef_b, path):
+    """Task a's representation gradient is (1, 0), b's (0, coef_b): norms 1 and coef_b."""
+    rep = bal.attach(z * 1.0)
+    if path == "factored":  # heads that open with a Linear layer
+        head_a, head_b = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            head_a.weight.copy_(torch.tensor([[1.0, 0.0]]))
+            head_b.weight.copy_(torch.tensor([[0.0, coef_b]]))
+        scales = bal.backward({"a": head_a(rep).sum(), "b": head_b(rep).sum()})
+    else:
+        scales = bal.backward({"a": (rep * torch.tensor([1.0, 0.0])).sum(), "b": (rep * torch.tensor([0.0, coef_b])).sum()})
+    assert bal.last_path == path
+    return scales
+
+
+@pytest.mark.parametrize("path", ["factored", "general"])
+def test_norm_lag_averages_each_steps_norms_one_step_later(path):
+    """relax=1, target a (norm 1): b's scale is 1 / its running norm. b's norms 2, 4, 8, 1 with
+    beta=0.5: averages 2, 3, 5.5, 3.25 exactly; lagged, the scales use the average through the
+    step before (the first step its own)."""
+    exact = MultiBalance(["a", "b"], relax=1.0, beta=0.5, target="a")
+    lagged = MultiBalance(["a", "b"], relax=1.0, beta=0.5, target="a", norm_lag=1)
+    for coef_b, exact_ema, lagged_ema in ((2.0, 2.0, 2.0), (4.0, 3.0, 2.0), (8.0, 5.5, 3.0), (1.0, 3.25, 5.5)):
+        z = torch.ones(1, 2, requires_grad=True)
+        assert _two_task_step(exact, torch.ones(1, 2, requires_grad=True), coef_b, path)["b"] == pytest.approx(1 / exact_ema)
+        assert _two_task_step(lagged, z, coef_b, path)["b"] == pytest.approx(1 / lagged_ema)
+        assert float(lagged.ema[0, 1]) == pytest.approx(lagged_ema)
+        torch.testing.assert_close(z.grad, torch.tensor([[1.0, coef_b / lagged_ema]]))
+
+
+def test_norm_lag_state_dict_keeps_the_pending_norms():
+    """A checkpoint taken between steps carries the norms not yet averaged in."""
+    bal = MultiBalance(["a", "b"], relax=1.0, beta=0.5, target="a", norm_lag=1)
+    z = torch.ones(1, 2, requires_grad=True)
+    for coef_b in (2.0, 4.0):
+        _two_task_step(bal, z, coef_b, "general")
+    resumed = MultiBalance(["a", "b"], relax=1.0, beta=0.5, target="a", norm_lag=1)
+    resumed.load_state_dict(bal.state_dict())
+    for b in (bal, resumed):  # both average in the 4 of the step before: (2 + 4) / 2
+        assert _two_task_step(b, z, 8.0, "general")["b"] == pytest.approx(1 / 3)
+    fresh = MultiBalance(["a", "b"])
+    fresh.load_state_dict({k: v for k, v in MultiBalance(["a", "b"]).state_dict().items() if k != "lagged_norms"})
+
+
 @pytest.mark.parametrize("make", [lambda n: MultiBalance(n, relax=1.0, beta=0.5), lambda n: multibalance.MGDA(n),
                                   lambda n: multibalance.UncertaintyWeighting(n), lambda n: multibalance.GradNorm(n),
                                   lambda n: multibalance.EqualWeights(n)])
@@ -168,7 +212,7 @@ def test_torch_compile_model(toy):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"relax": 1.5}, "relax"), ({"beta": 1.0}, "beta"), ({"target": "nope"}, "target"), ({"norm": "l1"}, "norm"),
-     ({"weights": {"zz": 1.0}}, "unknown tasks")],
+     ({"weights": {"zz": 1.0}}, "unknown tasks"), ({"norm_lag": 2}, "norm_lag")],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

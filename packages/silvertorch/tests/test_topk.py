@@ -5,6 +5,7 @@ from gpukernels_common import env
 from silvertorch.topk import (
     _radix_threshold_torch,
     _radix_threshold_triton,
+    _select_two_level,
     order_preserving_keys,
     select_topk,
     select_topk_reference,
@@ -99,6 +100,19 @@ def test_rows_short_of_candidates_beside_rows_with_ties(method):
     values, indices = _assert_same_as_reference(scores, 50, method)
     assert indices[0].tolist() == [4999] + list(range(0, 49 * 7, 7))
     assert indices[1, :20].tolist() == list(range(29, 9, -1)) and (indices[1, 20:] == -1).all()
+
+
+@pytest.mark.parametrize("tile_width", [5, 64, 1000])
+@pytest.mark.parametrize("make", [_random, _few_values, _with_missing], ids=["rand", "ties", "missing"])
+@pytest.mark.parametrize("k", [1, 4, 63, 300])
+def test_two_level_tiles(make, k, tile_width):
+    """The GPUs' tiled two-level selection, run on the CPU (which uses one tile per row): a tile
+    whose k + 1 winners are all ties at T, rows short of candidates, a ragged last tile."""
+    scores = make(3, 1003)
+    scores[2, :400] = 1.25  # a tie spanning tiles, ahead of the row's other scores for small k
+    values, indices = _select_two_level(scores, k, tile_width=tile_width)
+    ref_values, ref_indices = select_topk_reference(scores, k)
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
 
 
 def test_accepts_half_precision_and_empty_batch():

@@ -61,20 +61,28 @@ class TaskScales(Mapping):
 
 class _PendingNorms:
     """Norm statistics being summed over data-parallel ranks (`work` in flight, or None in one
-    process); `result()` waits for them and returns the [n_reps, T] norms."""
+    process); `result()` waits for them (once) and returns the [n_reps, T] norms."""
 
-    __slots__ = ("stats", "work", "per_sample")
+    __slots__ = ("stats", "work", "per_sample", "norms")
 
-    def __init__(self, stats: torch.Tensor, work, per_sample: bool):
-        self.stats, self.work, self.per_sample = stats, work, per_sample
+    def __init__(self, stats: torch.Tensor | None, work, per_sample: bool, norms: torch.Tensor | None = None):
+        self.stats, self.work, self.per_sample, self.norms = stats, work, per_sample, norms
+
+    @classmethod
+    def ready(cls, norms: torch.Tensor) -> _PendingNorms:
+        return cls(None, None, False, norms)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.norms.shape if self.norms is not None else self.stats.shape[-2:]
 
     def result(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        if self.per_sample:
-            return self.stats[0] / self.stats[1].clamp_min(1)
-        return self.stats.sqrt()
+        if self.norms is None:
+            if self.work is not None:
+                self.work.wait()
+                self.work = None
+            self.norms = self.stats[0] / self.stats[1].clamp_min(1) if self.per_sample else self.stats.sqrt()
+        return self.norms
 
 
 class Balancer(nn.Module, abc.ABC):
@@ -317,7 +325,7 @@ class Balancer(nn.Module, abc.ABC):
         return per_rep, norms, unweight
 
     def _factored_finish(self, per_rep, norms: _PendingNorms, unweight) -> list[torch.Tensor]:
-        coeff = self.coefficients(norms.result())  # [n_reps, T], the static weights included
+        coeff = self._coefficients_from(norms)  # [n_reps, T], the static weights included
         return [factored.combine(f, coeff[j] if unweight is None else coeff[j] * unweight, leaf)
                 for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
 
@@ -333,9 +341,9 @@ class Balancer(nn.Module, abc.ABC):
             work = dist.all_reduce(stats, group=self.process_group, async_op=True)
         return _PendingNorms(stats, work, self.per_sample_norms)
 
-    def _global_norms(self, sums: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """`_reduce_norms`, awaited."""
-        return self._reduce_norms(sums, rows).result()
+    def _coefficients_from(self, norms: _PendingNorms) -> torch.Tensor:
+        """`coefficients` of the norms once summed over ranks (a subclass may use them later)."""
+        return self.coefficients(norms.result())
 
     def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
         """[n_reps, T] combination weights (static weights included) from the [n_reps, T] norms of

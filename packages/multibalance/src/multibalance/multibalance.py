@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .base import Balancer
+from .base import Balancer, _PendingNorms
 
 
 class MultiBalance(Balancer):
@@ -21,6 +21,12 @@ class MultiBalance(Balancer):
       Under torch.distributed both are reduced over ranks (sum of squares / sum and count),
       so every rank uses the norms of the global batch and DDP matches one process.
     - `warmup_steps`: plain weighted sum (s = 1) for the first steps while the averages settle.
+    - `norm_lag=1`: a step's norms enter the averages one step later, so its scales come from the
+      averages through the previous step (the first step uses its own norms). Under
+      torch.distributed the norms' sum over ranks then runs during the bottom's backward and the
+      next step's forward instead of holding the step: one synchronization point per step, as
+      with equal weights. One process and DDP still agree. `norm_lag=0` (default): the step's
+      own norms, waited for between the heads' backward and the bottom's.
 
     Heads that read the representation through a Linear layer of their own (the usual case)
     never form a [B, D] gradient per task, in one process or under DistributedDataParallel: the
@@ -31,7 +37,7 @@ class MultiBalance(Balancer):
 
     def __init__(self, task_names: Sequence[str], *, relax: float = 0.7, beta: float = 0.9, target: str = "max",
                  norm: str = "batch", weights: Mapping[str, float] | None = None, warmup_steps: int = 0,
-                 eps: float = 1e-12, process_group=None):
+                 eps: float = 1e-12, norm_lag: int = 0, process_group=None):
         super().__init__(task_names, weights=weights, process_group=process_group)
         if not 0.0 <= relax <= 1.0:
             raise ValueError(f"relax must be in [0, 1], got {relax}")
@@ -41,13 +47,18 @@ class MultiBalance(Balancer):
             raise ValueError(f"target must be 'max', 'mean' or a task name {self.task_names}, got {target!r}")
         if norm not in ("batch", "sample"):
             raise ValueError(f"norm must be 'batch' or 'sample', got {norm!r}")
+        if norm_lag not in (0, 1) or isinstance(norm_lag, bool):
+            raise ValueError(f"norm_lag must be 0 or 1, got {norm_lag!r}")
         self.relax, self.beta, self.target, self.norm, self.warmup_steps, self.eps = relax, beta, target, norm, warmup_steps, eps
+        self.norm_lag = norm_lag
+        self._lagged: _PendingNorms | None = None  # norm_lag=1: the last step's norms, not yet averaged in
         self.register_buffer("ema", torch.zeros(0))  # [n_reps, n_tasks], sized on first use
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("scales", torch.ones(0))
+        self.register_buffer("lagged_norms", torch.zeros(0))  # `_lagged`, written when a state_dict is taken
 
-    def _norms(self, grads: list[list[torch.Tensor]]) -> torch.Tensor:
-        """[n_reps, n_tasks] gradient norms, reduced over data-parallel ranks; no host sync."""
+    def _norms(self, grads: list[list[torch.Tensor]]) -> _PendingNorms:
+        """[n_reps, n_tasks] gradient norms, being reduced over data-parallel ranks; no host sync."""
         n_reps = len(grads[0])
         flat = [g if g.dtype == torch.float32 else g.float() for gt in grads for g in gt]  # task-major
         if self.norm == "batch":
@@ -55,12 +66,12 @@ class MultiBalance(Balancer):
                 sums = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in flat])
             else:
                 sums = torch.stack(torch._foreach_norm(flat)).pow(2)  # one launch for every (task, rep)
-            return self._global_norms(sums.view(self.num_tasks, n_reps).T)
+            return self._reduce_norms(sums.view(self.num_tasks, n_reps).T)
         else:
             per = [g.reshape(g.shape[0], -1).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1) for g in flat]
         sums = torch.stack([p.sum() for p in per])
         rows = torch.tensor([float(p.numel()) for p in per], device=sums.device)
-        return self._global_norms(sums.view(self.num_tasks, n_reps).T, rows.view(self.num_tasks, n_reps).T)
+        return self._reduce_norms(sums.view(self.num_tasks, n_reps).T, rows.view(self.num_tasks, n_reps).T)
 
     uses_norms_only = True
 
@@ -69,13 +80,28 @@ class MultiBalance(Balancer):
         return self.norm == "sample"
 
     def combine(self, grads, losses):
-        return self.weighted_sums(grads, self.coefficients(self._norms(grads)))
+        return self.weighted_sums(grads, self._coefficients_from(self._norms(grads)))
+
+    def _coefficients_from(self, norms: _PendingNorms) -> torch.Tensor:
+        if not self.norm_lag or self.ema.shape != norms.shape:  # exact, or the first step: its own norms
+            self._lagged = None
+            return self.coefficients(norms.result())
+        previous, self._lagged = self._lagged, norms
+        if previous is not None:  # summed over ranks during the last step's bottom backward: no wait
+            self._average_in(previous.result())
+        return self._step_coefficients()
 
     def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
+        self._average_in(norms)
+        return self._step_coefficients()
+
+    def _average_in(self, norms: torch.Tensor) -> None:
         if self.ema.shape != norms.shape or self.ema.device != norms.device:
             self.ema = norms.clone()
         else:
             self.ema.lerp_(norms, 1 - self.beta)
+
+    def _step_coefficients(self) -> torch.Tensor:
         self.step.add_(1)  # in place: `+=` would also re-register the buffer through Module.__setattr__
         m = self.ema.clamp_min(self.eps)
         if self.target == "max":
@@ -94,3 +120,13 @@ class MultiBalance(Balancer):
 
     def _step_scales(self) -> torch.Tensor | None:
         return self.scales[0] if self.scales.numel() else None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pending = self._lagged.result() if self._lagged is not None else self.ema.new_zeros(0)
+        self._buffers["lagged_norms"] = pending
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "lagged_norms", torch.zeros(0))  # checkpoints from before norm_lag
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._lagged = _PendingNorms.ready(self.lagged_norms) if self.lagged_norms.numel() else None

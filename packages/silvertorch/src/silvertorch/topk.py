@@ -8,10 +8,11 @@ value -inf with index -1. Methods:
 
 - "sort": the reference, one stable sort of the whole row. Cheapest for short rows, and on the
   CPU wherever k is a large part of the row.
-- "two_level" (k <= 4096): rows cut into tiles of max(1024, 8k) columns; `torch.topk` keeps each
-  tile's k best, then one `torch.topk` over the tile winners gives the k-th value T. Every score
-  above T is among the winners; `torch.topk` picks ties arbitrarily, so the ties at T are taken
-  from the full row in index order. Only the k selected are then sorted.
+- "two_level" (k <= 4096): rows cut into tiles (max(1024, 8k) columns on GPUs, the whole row on
+  the CPU); `torch.topk` keeps each tile's k + 1 best, then one more over the tile winners gives
+  the k-th value T and the (k+1)-th. Every score above T is among the winners; `torch.topk` picks
+  ties arbitrarily, so only a row whose (k+1)-th winner also equals T reads its full row for the
+  first ties at T in index order. Only the k selected are then sorted.
 - "radix" (large k): scores become order-preserving 32-bit keys; three digit histograms
   (11, 11, 10 bits, most significant first) find each row's k-th largest key T and how many
   keys exceed it; the selection is every key > T plus the first ties at T in index order, and
@@ -121,51 +122,47 @@ def order_preserving_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 # -- two-level: tile-local top-k, then a merge of the tile winners ----------------------------
-def _select_two_level(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile winners give the exact k-th value T and every score above it; ties at T are then
-    taken from the full row in index order (`torch.topk` picks ties arbitrarily)."""
+def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile winners give the exact k-th value T and every score above it. Each tile keeps k + 1
+    winners, so a row whose (k+1)-th best winner is below T has all its ties at T among its k
+    best winners; only the rows where it equals T (ties past the winners) read their full row
+    for the first ties in index order (`torch.topk` picks ties arbitrarily). A row with fewer
+    than k candidates has T = -inf: any of its -inf slots will do (they come back as index -1).
+    On the CPU the row is one tile (one `torch.topk` per row is fastest there)."""
     num_rows, num_columns = scores.shape
-    tile_width = min(max(1024, 8 * k), num_columns)
+    if tile_width is None:
+        tile_width = num_columns if scores.device.type == "cpu" else max(1024, 8 * k)
+    tile_width = min(tile_width, num_columns)
+    keep = min(k + 1, num_columns)  # one past k shows whether the ties at T go past the winners
     num_tiles = -(-num_columns // tile_width)
     padding = num_tiles * tile_width - num_columns
     padded = torch.nn.functional.pad(scores, (0, padding), value=float("-inf")) if padding else scores
-    tile_values, tile_columns = torch.topk(padded.view(num_rows, num_tiles, tile_width), min(k, tile_width), dim=2,
-                                           sorted=False)
-    tile_start = torch.arange(num_tiles, device=scores.device).mul_(tile_width).view(1, num_tiles, 1)
-    winner_values = tile_values.reshape(num_rows, -1)
-    winner_columns = (tile_columns + tile_start).reshape(num_rows, -1)
-    # A score above T is in its tile's winners (else its tile alone holds k scores above T), so
-    # `above` is exact; padding (-inf) never exceeds T since every row has >= k real scores.
-    kth_value = torch.topk(winner_values, k, dim=1, sorted=False).values.amin(1, keepdim=True)
-    above = winner_values > kth_value
-    ties_needed = k - above.sum(1)
-    tie_rows, tie_columns = _ties(scores, kth_value, winner_values, winner_columns)
-    first_tie_of_row = torch.searchsorted(tie_rows, torch.arange(num_rows, device=scores.device))
-    tie_rank = torch.arange(tie_rows.numel(), device=scores.device) - first_tie_of_row[tie_rows]
-    kept_tie = tie_rank < ties_needed[tie_rows]
-    rows = torch.cat([above.nonzero(as_tuple=True)[0], tie_rows[kept_tie]])
-    columns = torch.cat([winner_columns[above], tie_columns[kept_tie]])
-    columns = columns[torch.sort(rows, stable=True).indices].view(num_rows, k)  # exactly k per row
-    return _sorted_selection(scores, columns)
-
-
-def _ties(scores, kth_value, winner_values, winner_columns) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of the scores equal to their row's k-th value T, rows ascending and, for a
-    finite T, columns ascending. A finite T's ties come from the full row (`torch.topk` picks ties
-    arbitrarily, so the first ones in index order may not be among the winners). A row with fewer
-    than k candidates has T = -inf: any of its -inf slots will do (they come back as index -1), and
-    its winners hold enough of them (every candidate is a winner, and there are at least k
-    winners), so that row is not scanned: under a selective filter most rows are like that."""
-    finite = kth_value[:, 0] > float("-inf")
-    if bool(finite.all()):
-        return (scores == kth_value).nonzero(as_tuple=True)  # row-major: columns ascending
-    scanned = finite.nonzero(as_tuple=True)[0]
-    rows, columns = (scores.index_select(0, scanned) == kth_value.index_select(0, scanned)).nonzero(as_tuple=True)
-    spare_rows, spare_at = ((winner_values == float("-inf")) & ~finite[:, None]).nonzero(as_tuple=True)
-    rows = torch.cat([scanned[rows], spare_rows])
-    columns = torch.cat([columns, winner_columns[spare_rows, spare_at]])
-    order = torch.sort(rows, stable=True).indices  # a row's ties stay in their order
-    return rows[order], columns[order]
+    winner_values, winner_columns = padded.view(num_rows, num_tiles, tile_width).topk(min(keep, tile_width), dim=2,
+                                                                                      sorted=False)
+    if num_tiles > 1:  # a score above T is in its tile's winners (else its tile alone holds k scores above T)
+        tile_start = torch.arange(num_tiles, device=scores.device).mul_(tile_width).view(1, num_tiles, 1)
+        winner_values = winner_values.reshape(num_rows, -1)
+        winner_columns = (winner_columns + tile_start).reshape(num_rows, -1)
+        best_values, best = torch.topk(winner_values, keep, dim=1)
+        best_columns = winner_columns.gather(1, best)
+    else:
+        best_values, order = torch.sort(winner_values.view(num_rows, keep), dim=1, descending=True)
+        best_columns = winner_columns.view(num_rows, keep).gather(1, order)
+    kth_value = best_values[:, k - 1]
+    columns = best_columns[:, :k].contiguous()
+    if keep > k:
+        spill_rows = ((best_values[:, k] == kth_value) & (kth_value > float("-inf"))).nonzero(as_tuple=True)[0]
+        if spill_rows.numel():  # exact: the scores above T, then the first ties at T in index order
+            threshold = kth_value[spill_rows].unsqueeze(1)
+            num_above = (best_values[spill_rows, :k] > threshold).sum(1)  # they lead the sorted winners
+            tie_rows, tie_columns = (scores.index_select(0, spill_rows) == threshold).nonzero(as_tuple=True)
+            first_tie_of_row = torch.searchsorted(tie_rows, torch.arange(spill_rows.numel(), device=scores.device))
+            slot = num_above[tie_rows] + torch.arange(tie_rows.numel(), device=scores.device) - first_tie_of_row[tie_rows]
+            kept = slot < k
+            fixed = columns[spill_rows]
+            fixed[tie_rows[kept], slot[kept]] = tie_columns[kept]
+            columns[spill_rows] = fixed
+    return _sorted_selection(padded, columns)  # padding columns only come with -inf: index -1
 
 
 def _sorted_selection(scores: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
