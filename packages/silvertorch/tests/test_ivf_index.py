@@ -3,7 +3,7 @@ import torch
 
 from gpukernels_common.testing import CanaryBuffer
 from silvertorch import BloomIndex, DenseMaskFilter, FlatIndex, IVFIndex, parse_filters
-from silvertorch.filtering import pack_bits, unpack_bits
+from silvertorch.filtering import count_bits, pack_bits, unpack_bits
 
 
 def _data(n=4000, d=64, centers=24, seed=0):
@@ -130,6 +130,34 @@ def test_flat_index_is_exact_up_to_int8():
     exact = torch.topk(q @ x.T, 10).indices
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact)) / exact.numel()
     assert overlap >= 0.9
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+@pytest.mark.parametrize("filtered", [False, True])
+@pytest.mark.parametrize("removed", [False, True])
+def test_found_counts_the_candidates_that_pass(monkeypatch, backend, filtered, removed):
+    """`found` comes from the filter words (or the cluster lengths), not from the scores: it must
+    equal the finite candidate scores of the same search, deleted items and fresh ones included."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    x, q = _gaussian_clusters(8, n=1200, d=24, centers=8, n_queries=5)
+    index = IVFIndex.build(x[:1100], n_clusters=8)
+    index.add(x[1100:], ids=torch.arange(5000, 5100))
+    if removed:
+        index.remove(torch.cat([torch.arange(0, 1100, 3), torch.arange(5000, 5100, 4)]))
+    mask = torch.rand(5, index.num_items, generator=torch.Generator().manual_seed(3)) < 0.4
+    filters = DenseMaskFilter(mask) if filtered else None
+    clusters = index.probe(q, 3)
+    scores, _ = index.candidate_scores(q, clusters, filters)
+    fresh = ~index.fresh_removed & (mask[:, index.num_main:] if filtered else True)
+    r = index.search_with_stats(q, k=2000, nprobe=3, filters=filters)
+    assert r.found.tolist() == (torch.isfinite(scores).sum(1) + fresh.sum(-1)).tolist()
+    assert r.found.tolist() == (r.ids >= 0).sum(1).tolist()
+
+
+def test_count_bits():
+    m = torch.rand(4, 3, 100) < 0.5
+    m[0, 0] = True  # every bit of a word set, the sign bit included
+    assert torch.equal(count_bits(pack_bits(m)), m.sum(-1))
 
 
 def test_pack_unpack_roundtrip():

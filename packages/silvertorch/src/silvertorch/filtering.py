@@ -10,9 +10,13 @@ starts[q,r] + 32*w + b (bits at or past the length are 0). `BloomIndex.filter(pl
 from __future__ import annotations
 
 import math
+import sys
 from typing import Protocol
 
 import torch
+
+if sys.byteorder != "little":  # pack_bits/unpack_bits view int32 words as their bytes, least significant first
+    raise ImportError("silvertorch's filter words need a little-endian machine")
 
 
 class RangeFilter(Protocol):
@@ -29,17 +33,28 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     words = math.ceil(n / 32) if n else 1
     if n != words * 32:
         mask = torch.nn.functional.pad(mask, (0, words * 32 - n))
-    # int32 all the way (int64 intermediates doubled the memory traffic): each 16-bit half is
-    # summed below 2^16, and the high half shifted into the sign bit
-    bits = mask.reshape(*mask.shape[:-1], words, 2, 16).to(torch.int32)
-    halves = (bits << torch.arange(16, dtype=torch.int32, device=mask.device)).sum(-1, dtype=torch.int32)
-    return halves[..., 0] | (halves[..., 1] << 16)
+    # a byte at a time (a quarter of the memory traffic of int32 bit arithmetic): each 8 bools
+    # weighted 1..128 and summed in uint8, four bytes viewed as one little-endian int32 word
+    bits = mask.contiguous().view(torch.uint8).view(*mask.shape[:-1], words * 4, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (bits * weights).sum(-1, dtype=torch.uint8).view(torch.int32)
 
 
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
-    """int32 [..., W] -> bool [..., n]."""
-    bits = (words.to(torch.int32).unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=words.device)) & 1
-    return bits.reshape(*words.shape[:-1], -1)[..., :n].bool()
+    """int32 [..., W] -> bool [..., n]: each byte of the words looks up its 8 bools."""
+    byte_bits = ((torch.arange(256, device=words.device).unsqueeze(1) >> torch.arange(8, device=words.device)) & 1).bool()
+    as_bytes = words.to(torch.int32).contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return byte_bits.index_select(0, as_bytes).view(*words.shape[:-1], -1)[..., :n]
+
+
+def count_bits(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., W] -> int64 [...]: the set bits of each row of words (a SWAR popcount in int64,
+    where the 32-bit arithmetic cannot overflow)."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (((x * 0x01010101) >> 24) & 0xFF).sum(-1)
 
 
 class DenseMaskFilter:

@@ -21,6 +21,7 @@ import torch
 
 from gpukernels_common import env, grouped_blocks, select_backend
 
+from ..filtering import count_bits
 from ..topk import select_topk
 from .kmeans import kmeans
 from .quantize import quantize_rows
@@ -83,12 +84,12 @@ def _int8_dots(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on the CPU
-    (torch._int_mm, oneDNN), no float copy of the rows; elsewhere `_int8_dots` (fp32, exact while
-    sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
+    """int32 [Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on
+    the CPU (torch._int_mm, oneDNN), no float copy of the rows; elsewhere `_int8_dots` (fp32, exact
+    while sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
     if rows.device.type == "cpu":
         return torch._int_mm(q_codes, rows.T)
-    return _int8_dots(q_codes, rows)
+    return _int8_dots(q_codes, rows).to(torch.int32)
 
 
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
@@ -197,12 +198,13 @@ class IVFIndex:
         `schedule` (Triton backends): "query" (one program per query × cluster × items), "cluster"
         (queries grouped by the cluster they probe, tl.dot on a shared row tile), "auto": cluster-
         major from CLUSTER_MAJOR_MIN_QUERIES queries on."""
-        scores, starts, L = self._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
+        scores, starts, L, _ = self._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
         return scores, (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(scores.shape)
 
     def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto"):
-        """`candidate_scores` without the positions: (scores [Q, P*L], starts [Q, P], L); slot j of
-        a row holds storage position starts[j // L] + j % L (search reads it only for the k kept)."""
+        """`candidate_scores` without the positions: (scores [Q, P*L], starts [Q, P], L, found [Q]);
+        slot j of a row holds storage position starts[j // L] + j % L (search reads it only for the
+        k kept); `found` counts the slots that passed (from the filter words, not the scores)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         q_codes, q_scales = quantize_rows(queries)
@@ -217,10 +219,12 @@ class IVFIndex:
         if self.removed.any():
             from ..filtering import pack_bits
 
-            pos = starts.unsqueeze(-1) + torch.arange(L, device=starts.device)
-            alive = pack_bits(~self.removed[pos.clamp(max=max(self.num_main - 1, 0))])
+            slots = torch.arange(L, device=starts.device)
+            alive = ~self.removed[(starts.unsqueeze(-1) + slots).clamp(max=max(self.num_main - 1, 0))]
+            alive = pack_bits(alive & (slots < lengths.unsqueeze(-1)))  # bits past a cluster's end are 0, as a filter's
             words = alive if words is None else words & alive
         q, p = clusters.shape
+        found = lengths.sum(1) if words is None else count_bits(words).sum(1)
         if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device):
             raise ValueError(f"out must be float32 ({q}, {p * L}) on {self.codes.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
         if select_backend(self.codes).uses_triton:
@@ -245,33 +249,39 @@ class IVFIndex:
                 score_kernel[(q * p, triton.cdiv(L, bn))](
                     out, self.codes, self.scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
                     flat_words, d, p, L, w32, HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(d)))
-            return out, starts, L
+            return out, starts, L, found
         result = self._scores_reference(q_codes, q_scales, clusters, starts, lengths, words, L).view(q, p * L)
-        return (result if out is None else out.copy_(result)), starts, L
+        return (result if out is None else out.copy_(result)), starts, L, found
 
     def _scores_reference(self, q_codes, q_scales, clusters, starts, lengths, words, L):
         from ..filtering import unpack_bits
 
         q, p = starts.shape
+        device = self.codes.device
         # cluster-major: each probed cluster's rows are contiguous, scored against every query that
-        # probes it in one int8 matmul
+        # probes it in one int8 matmul, and each result row copied into its (query, probe) row
         flat = clusters.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (query, probe) pairs grouped by cluster
         uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        bounds, query = self.offsets.tolist(), order // p
-        blocks = []
-        for c, qi in zip(uniq.tolist(), query.split(counts.tolist())):
-            lo, hi = bounds[c], bounds[c + 1]
-            if hi > lo:
-                dots = int8_matmul(q_codes.index_select(0, qi), self.codes[lo:hi]).float()
-                blocks.append((dots * (self.scales[lo:hi].unsqueeze(0) * q_scales.index_select(0, qi).unsqueeze(1))).reshape(-1))
-        keep = torch.arange(L, device=starts.device) < lengths.reshape(-1, 1)  # [Q x P, L]: the slots that hold items
-        out = torch.full((q * p, L), float("-inf"), device=self.codes.device)
-        if blocks:  # block rows are the pairs in `order`, each as long as its cluster: row-major, as the mask
-            out.index_copy_(0, order, out.masked_scatter(keep.index_select(0, order), torch.cat(blocks)))
+        firsts, sizes = self.offsets[uniq], self.offsets[uniq + 1] - self.offsets[uniq]
+        q_sorted = q_codes.index_select(0, order // p)
+        dots = torch.ones(q * p, L, dtype=torch.int32, device=device)  # 1 in the slots past a cluster's end
+        pair = 0
+        for lo, n, size in zip(firsts.tolist(), counts.tolist(), sizes.tolist()):
+            if size:
+                dots[:, :size].index_copy_(0, order[pair:pair + n], int8_matmul(q_sorted[pair:pair + n], self.codes[lo:lo + size]))
+            pair += n
+        # score = dot x (item scale x query scale), as the kernels. A slot past its cluster's end
+        # has scale -inf, so its score is 1 x -inf = -inf without a mask (scales are > 0)
+        slots = torch.arange(L, device=device)
+        item_scales = self.scales[(firsts.unsqueeze(1) + slots).clamp_(max=max(self.num_main - 1, 0))]
+        item_scales.masked_fill_(slots >= sizes.unsqueeze(1), float("-inf"))  # [probed clusters, L]
+        probed_rank = torch.empty_like(flat)
+        probed_rank[order] = torch.repeat_interleave(torch.arange(uniq.numel(), device=device), counts)
+        scores = item_scales.index_select(0, probed_rank).mul_(q_scales.repeat_interleave(p).unsqueeze(1)).mul_(dots)
         if words is not None:
-            keep = keep & unpack_bits(words, L).reshape(q * p, L)
-        return out.masked_fill_(~keep, float("-inf"))
+            scores.masked_fill_(~unpack_bits(words, L).reshape(q * p, L), float("-inf"))
+        return scores
 
     def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None, adaptive: bool = False,
                           max_nprobe: int | None = None) -> SearchResult:
@@ -293,13 +303,13 @@ class IVFIndex:
 
     def _search_once(self, queries, k, nprobe, filters) -> SearchResult:
         clusters = self.probe(queries, nprobe)
-        scores, starts, L = self._slot_scores(queries, clusters, filters)
+        scores, starts, L, found = self._slot_scores(queries, clusters, filters)
         main_slots = scores.shape[1]
         if self.num_fresh:  # merged into the same selection, so one top-k covers both parts
             fresh_scores = self._exhaustive_scores(queries, self.fresh_codes, self.fresh_scales, self.fresh_removed,
                                                    self.num_main, filters)
             scores = torch.cat([scores, fresh_scores], 1)
-        found = (scores != float("-inf")).sum(1)  # scores are finite or -inf
+            found = found + (fresh_scores > float("-inf")).sum(1)  # scores are finite or -inf
         kk = min(k, scores.shape[1])
         top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
         slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the k kept only: main slots, then fresh
@@ -431,7 +441,8 @@ class FlatIndex(IVFIndex):
             raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
         scores = self._exhaustive_scores(queries, self.codes, self.scales, self.removed, 0, filters)
         starts = torch.zeros(scores.shape[0], 1, dtype=torch.int64, device=scores.device)  # one block: slot j is item j
-        return (scores if out is None else out.copy_(scores)), starts, max(self.num_main, 1)
+        found = (scores > float("-inf")).sum(1)
+        return (scores if out is None else out.copy_(scores)), starts, max(self.num_main, 1), found
 
     def search_with_stats(self, queries, k, nprobe=1, filters=None, adaptive=False, max_nprobe=None):
         return super().search_with_stats(queries, k, 1, filters)
