@@ -53,7 +53,7 @@ def _assert_same_as_reference(scores, k, method):
         (_random, 3, 1000, 1),
         (_random, 3, 1000, 37),
         (_random, 3, 4097, 4097),  # k = M
-        (_random, 2, 9000, 300),  # several two-level tiles, auto picks two_level
+        (_random, 2, 9000, 300),  # auto picks two_level (tiles: test_two_level_tiles)
         (_random, 2, 9000, 5000),  # auto picks radix
         (_few_values, 3, 4097, 1),
         (_few_values, 3, 4097, 1000),

@@ -33,10 +33,10 @@ from gpukernels_common import select_backend
 METHODS = ("auto", "sort", "two_level", "radix")
 AUTO_SORT_MAX_COLUMNS = 8192  # auto on GPUs: rows this short are sorted whole
 # auto on the CPU: two-level once rows are long against k and the batch is not tiny (a stable sort
-# of 128 x 4,800 scores takes 16 ms there, the two-level selection of k = 100 from them 5 ms; a
-# single row, or k above an eighth of the row, sorts faster)
-CPU_TWO_LEVEL_MIN_COLUMNS_PER_K = 8
-CPU_TWO_LEVEL_MIN_SCORES = 16384
+# of 128 x 4,800 scores takes 17.5 ms there, the two-level selection of k = 100 from them 3.6 ms,
+# of k = 1,200 as long as the sort; a batch of 3 x 100 sorts in half the time)
+CPU_TWO_LEVEL_MIN_COLUMNS_PER_K = 4
+CPU_TWO_LEVEL_MIN_SCORES = 1024
 TWO_LEVEL_MAX_K = 4096  # auto: above this k the radix select is used
 ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # converted losslessly to float32
 
@@ -61,7 +61,7 @@ def select_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[tor
     if method == "auto":
         if num_columns <= AUTO_SORT_MAX_COLUMNS:
             long_on_cpu = (scores.device.type == "cpu" and num_columns >= CPU_TWO_LEVEL_MIN_COLUMNS_PER_K * k
-                           and num_rows * num_columns >= CPU_TWO_LEVEL_MIN_SCORES)  # k <= 1,024 <= TWO_LEVEL_MAX_K here
+                           and num_rows * num_columns >= CPU_TWO_LEVEL_MIN_SCORES)  # k <= 2,048 <= TWO_LEVEL_MAX_K here
             method = "two_level" if long_on_cpu else "sort"
         else:
             method = "two_level" if k <= TWO_LEVEL_MAX_K else "radix"
