@@ -154,6 +154,34 @@ def test_found_counts_the_candidates_that_pass(monkeypatch, backend, filtered, r
     assert r.found.tolist() == (r.ids >= 0).sum(1).tolist()
 
 
+@pytest.mark.parametrize("density", [0.02, 0.3])
+def test_reference_scores_only_passing_items_as_the_padded_layout_would(monkeypatch, density):
+    """Under a filter the reference scores only the passing items (compacted per query); forced
+    on and off it must give the same search: scores, positions, ties (duplicated rows), found,
+    with deleted and fresh items and adaptive widening."""
+    import silvertorch.ivf.index as ivf_index
+
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    x, q = _gaussian_clusters(9, n=1500, d=20, centers=10, n_queries=7)
+    x[100:140] = x[50]  # exact ties
+    index = IVFIndex.build(x[:1400], n_clusters=10)
+    index.add(x[1400:], ids=torch.arange(9000, 9100))
+    index.remove(torch.cat([torch.arange(0, 1400, 11), torch.tensor([9003])]))
+    mask = torch.rand(7, index.num_items, generator=torch.Generator().manual_seed(5)) < density
+    mask[:, index.order.argsort()[100:140]] = True  # the tied rows pass
+    mask[3] = False  # a query that keeps nothing
+    filters = DenseMaskFilter(mask)
+    results = {}
+    for name, cost in (("passing", 0), ("padded", 10**9)):
+        monkeypatch.setattr(ivf_index, "PASSING_SLOT_COST", cost)
+        results[name] = [index.search_with_stats(q, k=k, nprobe=3, filters=filters, adaptive=adaptive)
+                         for k, adaptive in ((5, False), (60, False), (400, True))]
+    for a, b in zip(results["passing"], results["padded"]):
+        for field in ("scores", "ids", "positions", "found", "nprobe", "fresh"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert (results["passing"][1].found[3] == 0) and (results["passing"][1].ids[3] == -1).all()
+
+
 def test_count_bits():
     m = torch.rand(4, 3, 100) < 0.5
     m[0, 0] = True  # every bit of a word set, the sign bit included

@@ -21,7 +21,7 @@ import torch
 
 from gpukernels_common import env, grouped_blocks, select_backend
 
-from ..filtering import count_bits
+from ..filtering import count_bits, unpack_bits
 from ..topk import select_topk
 from .kmeans import kmeans
 from .quantize import quantize_rows
@@ -41,6 +41,11 @@ class SearchResult:
 
 SCHEDULES = ("auto", "query", "cluster")
 CLUSTER_MAJOR_MIN_QUERIES = 16  # auto: from this batch size on, queries share cluster tiles
+# the PyTorch reference scores only the passing items once they number at most 1/PASSING_SLOT_COST
+# of the probed slots: per item, gathering its row and a matmul per query cost about that many
+# times what a slot of the padded, cluster-major scoring costs (200k x 128, 128 queries on two
+# CPU cores: even at 6 slots per item for nprobe 16, at 11 for nprobe 64)
+PASSING_SLOT_COST = 10
 
 
 def int8_dot_supported(device: torch.device) -> bool:
@@ -163,8 +168,6 @@ class IVFIndex:
         """[Q, M] scores of every row of `codes` (storage positions first_position..; -inf: filtered
         or removed): int8 rows against quantized queries as the kernels score them, bf16 rows
         against fp32 queries."""
-        from ..filtering import unpack_bits
-
         if codes.dtype == torch.bfloat16:
             scores = queries.float() @ codes.float().T
         else:
@@ -201,13 +204,10 @@ class IVFIndex:
         scores, starts, L, _ = self._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
         return scores, (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(scores.shape)
 
-    def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto"):
-        """`candidate_scores` without the positions: (scores [Q, P*L], starts [Q, P], L, found [Q]);
-        slot j of a row holds storage position starts[j // L] + j % L (search reads it only for the
-        k kept); `found` counts the slots that passed (from the filter words, not the scores)."""
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        q_codes, q_scales = quantize_rows(queries)
+    def _probed_ranges(self, queries, clusters, filters):
+        """(starts [Q, P], lengths [Q, P], L, words): the probed clusters' storage ranges, L the
+        largest cluster, and their keep words [Q, P, ceil(L/32)] (passes the filter and not
+        deleted; bits past a cluster's end 0), or None when every item of every range is kept."""
         starts = self.offsets[clusters]
         lengths = self.offsets[clusters + 1] - starts
         L = max(self.max_cluster, 1)
@@ -223,6 +223,17 @@ class IVFIndex:
             alive = ~self.removed[(starts.unsqueeze(-1) + slots).clamp(max=max(self.num_main - 1, 0))]
             alive = pack_bits(alive & (slots < lengths.unsqueeze(-1)))  # bits past a cluster's end are 0, as a filter's
             words = alive if words is None else words & alive
+        return starts, lengths, L, words
+
+    def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto", ranges=None):
+        """`candidate_scores` without the positions: (scores [Q, P*L], starts [Q, P], L, found [Q]);
+        slot j of a row holds storage position starts[j // L] + j % L (search reads it only for the
+        k kept); `found` counts the slots that passed (from the filter words, not the scores).
+        `ranges`: `_probed_ranges` of the same arguments, if already taken."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        starts, lengths, L, words = ranges or self._probed_ranges(queries, clusters, filters)
+        q_codes, q_scales = quantize_rows(queries)
         q, p = clusters.shape
         found = lengths.sum(1) if words is None else count_bits(words).sum(1)
         if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device):
@@ -254,8 +265,6 @@ class IVFIndex:
         return (result if out is None else out.copy_(result)), starts, L, found
 
     def _scores_reference(self, q_codes, q_scales, clusters, starts, lengths, words, L):
-        from ..filtering import unpack_bits
-
         q, p = starts.shape
         device = self.codes.device
         # cluster-major: each probed cluster's rows are contiguous, scored against every query that
@@ -301,9 +310,53 @@ class IVFIndex:
                 getattr(result, name)[short] = getattr(wider, name)[short]
         return result
 
+    def _search_candidates(self, queries, clusters, filters):
+        """(scores [Q, M], positions_of, found [Q]) for one search: `positions_of(slots)` maps slots
+        of `scores` to storage positions. The PyTorch reference under a selective filter scores
+        only the items that pass (`_passing_scores`); otherwise every slot of the probed clusters
+        (`_slot_scores`)."""
+        ranges = None
+        if self.codes.dtype == torch.int8 and not select_backend(self.codes).uses_triton:
+            ranges = self._probed_ranges(queries, clusters, filters)
+            starts, _, L, words = ranges
+            if words is not None:
+                found = count_bits(words).sum(1)
+                if int(found.sum()) * PASSING_SLOT_COST <= words.shape[0] * words.shape[1] * L:
+                    scores, positions = self._passing_scores(queries, starts, L, words, found)
+                    return scores, (lambda slots: positions.gather(1, slots)), found
+        scores, starts, L, found = self._slot_scores(queries, clusters, filters, ranges=ranges)
+        return scores, (lambda slots: starts.gather(1, slots // L) + slots % L), found
+
+    def _passing_scores(self, queries, starts, L, words, found):
+        """Scores of the items whose keep bit is set, compacted per query: (scores [Q, W], storage
+        positions [Q, W]), W the most any query kept, -inf / -1 past a query's own count. A
+        query's items keep their slot order (probe, then position), so ties break as in the
+        padded layout. One int8 matmul per query over its gathered rows."""
+        q_codes, q_scales = quantize_rows(queries)
+        q = starts.shape[0]
+        query, probe, slot = unpack_bits(words, L).nonzero(as_tuple=True)  # query-major
+        positions = starts[query, probe] + slot
+        rows = self.codes.index_select(0, positions)
+        padded_queries = q_codes.new_zeros(q, 8, q_codes.shape[1])  # _int_mm's smallest right-hand side
+        padded_queries[:, 0] = q_codes
+        dots = torch.empty(positions.numel(), dtype=torch.int32, device=rows.device)
+        at = 0
+        for i, n in enumerate(found.tolist()):
+            if n:
+                dots[at:at + n] = int8_matmul(rows[at:at + n], padded_queries[i])[:, 0]
+            at += n
+        scores = dots * (self.scales.index_select(0, positions) * q_scales.index_select(0, query))  # item x query, as the kernels
+        width = max(int(found.max()), 1)
+        rank = torch.arange(positions.numel(), device=rows.device) - (found.cumsum(0) - found).index_select(0, query)
+        grid = torch.full((q, width), float("-inf"), device=rows.device)
+        grid[query, rank] = scores
+        grid_positions = torch.full((q, width), -1, dtype=torch.int64, device=rows.device)
+        grid_positions[query, rank] = positions
+        return grid, grid_positions
+
     def _search_once(self, queries, k, nprobe, filters) -> SearchResult:
         clusters = self.probe(queries, nprobe)
-        scores, starts, L, found = self._slot_scores(queries, clusters, filters)
+        scores, positions_of, found = self._search_candidates(queries, clusters, filters)
         main_slots = scores.shape[1]
         if self.num_fresh:  # merged into the same selection, so one top-k covers both parts
             fresh_scores = self._exhaustive_scores(queries, self.fresh_codes, self.fresh_scales, self.fresh_removed,
@@ -313,7 +366,7 @@ class IVFIndex:
         kk = min(k, scores.shape[1])
         top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
         slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the k kept only: main slots, then fresh
-        pos = torch.where(order < main_slots, starts.gather(1, slot // L) + slot % L, self.num_main + order - main_slots)
+        pos = torch.where(order < main_slots, positions_of(slot), self.num_main + order - main_slots)
         pos = torch.where(order >= 0, pos, torch.full_like(order, -1))
         if kk < k:
             pad = k - kk
@@ -434,9 +487,9 @@ class FlatIndex(IVFIndex):
         offsets = torch.tensor([0, n], device=embeddings.device)
         return cls(centroids, offsets, codes, scales, ids, torch.arange(n, device=embeddings.device))
 
-    def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto"):
+    def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto", ranges=None):
         if self.dtype == "int8":
-            return super()._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
+            return super()._slot_scores(queries, clusters, filters, out=out, schedule=schedule, ranges=ranges)
         if filters is not None and filters.num_queries != queries.shape[0]:
             raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
         scores = self._exhaustive_scores(queries, self.codes, self.scales, self.removed, 0, filters)
