@@ -182,6 +182,23 @@ def test_reference_scores_only_passing_items_as_the_padded_layout_would(monkeypa
     assert (results["passing"][1].found[3] == 0) and (results["passing"][1].ids[3] == -1).all()
 
 
+def test_dense_mask_range_masks():
+    """Word w, bit b of range r is mask[q, starts[q, r] + 32 w + b] while inside the range (and
+    the mask), else 0: odd starts and lengths, a range reaching the end, an empty one."""
+    g = torch.Generator().manual_seed(6)
+    mask = torch.rand(3, 203, generator=g) < 0.6
+    starts = torch.tensor([[0, 31, 33, 190], [64, 1, 202, 203], [100, 7, 0, 150]])
+    lengths = torch.tensor([[70, 1, 0, 13], [65, 96, 1, 0], [103, 32, 203, 53]])
+    got = DenseMaskFilter(mask).range_masks(starts, lengths, 203)
+    expected = torch.zeros(3, 4, 224, dtype=torch.bool)
+    for q in range(3):
+        for r in range(4):
+            s, n = int(starts[q, r]), int(lengths[q, r])
+            expected[q, r, :n] = mask[q, s:s + n]
+    assert got.dtype == torch.int32 and got.shape == (3, 4, 7)
+    assert torch.equal(got, pack_bits(expected))
+
+
 def test_count_bits():
     m = torch.rand(4, 3, 100) < 0.5
     m[0, 0] = True  # every bit of a word set, the sign bit included

@@ -59,13 +59,13 @@ def count_bits(words: torch.Tensor) -> torch.Tensor:
 
 class DenseMaskFilter:
     """A filter given as a boolean mask [Q, N] over index positions (exact). `range_masks` keeps
-    one padded copy of the mask, [Q, N + L] bools, for the next call."""
+    the mask packed into bits (32 times smaller than the mask) for the next call."""
 
     def __init__(self, mask: torch.Tensor):
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
         self.mask = mask
-        self._pad: tuple[int, torch.Tensor] | None = None
+        self._packed: tuple[int, torch.Tensor] | None = None
 
     @property
     def num_queries(self) -> int:
@@ -73,19 +73,28 @@ class DenseMaskFilter:
 
     def range_masks(self, starts, lengths, max_length):
         q, n = self.mask.shape
-        # the mask read through overlapping windows (window s = mask[s : s + L], False past the
-        # end): one copy of the [Q, R, L] bits, no int64 position grid
-        windows = self._padded(max_length).as_strided((q, n + 1, max_length), (n + max_length, 1, 1))
-        rows = torch.arange(q, device=self.mask.device).unsqueeze(1)
-        inside = torch.arange(max_length, device=self.mask.device) < lengths.unsqueeze(-1)
-        return pack_bits(windows[rows, starts.clamp(0, n)] & inside)
+        num_words = max(math.ceil(max_length / 32), 1)
+        # word w of a range starting at bit s: the packed words s // 32 + w and the next one,
+        # shifted right by s % 32 and joined (unsigned 32-bit values held in int64)
+        packed = self._packed_words(num_words)
+        start = starts.clamp(0, n).to(torch.int64)
+        offset = (start % 32).unsqueeze(-1)
+        first = (start // 32).unsqueeze(-1) + torch.arange(num_words, device=start.device)  # [Q, R, W]
+        low = packed.gather(1, first.reshape(q, -1)).view(first.shape)
+        high = packed.gather(1, (first + 1).reshape(q, -1)).view(first.shape)
+        words = ((low >> offset) | (high << (32 - offset))) & 0xFFFFFFFF
+        # bits at or past the range's length are 0
+        valid = (lengths.to(torch.int64).unsqueeze(-1) - 32 * torch.arange(num_words, device=start.device)).clamp(0, 32)
+        words &= (1 << valid) - 1
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    def _padded(self, length: int) -> torch.Tensor:
-        """The mask with `length` False columns after it (kept for the next call: an adaptive
-        search asks again with the same length)."""
-        if self._pad is None or self._pad[0] != length:
-            self._pad = (length, torch.nn.functional.pad(self.mask, (0, length)).contiguous())
-        return self._pad[1]
+    def _packed_words(self, num_words: int) -> torch.Tensor:
+        """The mask's bits as unsigned 32-bit words in int64 [Q, ceil(N/32) + num_words + 1], zero
+        words after the last (a range read past the end finds zeros); kept for the next call."""
+        if self._packed is None or self._packed[0] != num_words:
+            words = pack_bits(self.mask).to(torch.int64) & 0xFFFFFFFF
+            self._packed = (num_words, torch.nn.functional.pad(words, (0, num_words + 1)))
+        return self._packed[1]
 
     def exact_mask(self, positions):
         valid = positions >= 0

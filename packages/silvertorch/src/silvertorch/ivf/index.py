@@ -334,7 +334,10 @@ class IVFIndex:
         padded layout. One int8 matmul per query over its gathered rows."""
         q_codes, q_scales = quantize_rows(queries)
         q = starts.shape[0]
-        query, probe, slot = unpack_bits(words, L).nonzero(as_tuple=True)  # query-major
+        # the set bits, query-major: first the nonzero words (few under a selective filter), then their bits
+        query, probe, word = (words != 0).nonzero(as_tuple=True)
+        hit, bit = unpack_bits(words[query, probe, word].unsqueeze(1), 32).nonzero(as_tuple=True)
+        query, probe, slot = query[hit], probe[hit], word[hit] * 32 + bit
         positions = starts[query, probe] + slot
         rows = self.codes.index_select(0, positions)
         padded_queries = q_codes.new_zeros(q, 8, q_codes.shape[1])  # _int_mm's smallest right-hand side
