@@ -21,7 +21,7 @@ import torch
 
 from gpukernels_common import env, grouped_blocks, select_backend
 
-from ..filtering import count_bits, unpack_bits
+from ..filtering import count_bits, pack_bits, unpack_bits
 from ..topk import select_topk
 from .kmeans import kmeans
 from .quantize import quantize_rows
@@ -217,8 +217,6 @@ class IVFIndex:
                 raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
             words = filters.range_masks(starts, lengths, L).to(self.codes.device)
         if self.removed.any():
-            from ..filtering import pack_bits
-
             slots = torch.arange(L, device=starts.device)
             alive = ~self.removed[(starts.unsqueeze(-1) + slots).clamp(max=max(self.num_main - 1, 0))]
             alive = pack_bits(alive & (slots < lengths.unsqueeze(-1)))  # bits past a cluster's end are 0, as a filter's
