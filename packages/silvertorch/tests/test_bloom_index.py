@@ -171,3 +171,31 @@ def test_reference_build_in_chunks_equals_one_pass(monkeypatch):
     monkeypatch.setattr(bloom_index, "BUILD_CHUNK", 777)  # pairs per step: many chunks, one straddling each bundle edge
     chunked = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
     assert torch.equal(whole.bits, chunked.bits) and whole.bits.any()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bloom_kernels_on_device_match_cpu_reference(monkeypatch, device):
+    """Build (and append), full search and range search on `device` with the kernels the backend
+    picks for it (compiled Triton on CUDA, the interpreter on the CPU) against the CPU reference,
+    canary-padded outputs."""
+    fids, offsets, vals = _items(5000, seed=7)  # 3 bundles, the last one partial
+    plans = parse_filters(["1:2 AND NOT 2:3", "1:{1,2} OR 3:0", "", "!(1:0 | 2:1) & 3:{0,1,2}"])
+    starts = torch.tensor([[5, 100], [0, 2047], [77, 1], [4900, 3]])
+    lengths = torch.tensor([[70, 10], [64, 100], [33, 0], [100, 5]])
+    cut = int(offsets[10])
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    ref = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
+    ref.append(fids[:cut], offsets[:11], vals[:cut])
+    want_full, want_ranges = ref.search(plans), ref.search_ranges(plans, starts, lengths, 100)
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+    index = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5, device=device)
+    index.append(fids[:cut].to(device), offsets[:11].to(device), vals[:cut].to(device))
+    assert torch.equal(index.bits.cpu(), ref.bits) and torch.equal(index.widths.cpu(), ref.widths)
+    canary = CanaryBuffer(want_full.shape, dtype=torch.int64, device=device)
+    index.search(plans, out=canary.tensor)
+    canary.check("search")
+    assert torch.equal(canary.tensor.cpu(), want_full)
+    canary = CanaryBuffer(want_ranges.shape, dtype=torch.int32, device=device)
+    index.search_ranges(plans, starts.to(device), lengths.to(device), 100, out=canary.tensor)
+    canary.check("search_ranges")
+    assert torch.equal(canary.tensor.cpu(), want_ranges)

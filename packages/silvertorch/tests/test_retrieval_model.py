@@ -415,3 +415,40 @@ def test_adaptive_model_exports_and_round_trips(tmp_path):
             assert torch.equal(x, y)
     with pytest.raises(ValueError, match="max_nprobe must be in"):
         _model(nprobe=4, max_nprobe=3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_model_kernels_on_device_match_cpu_reference(device):
+    """The model's filter-words and scoring ops with the backend `device` gets (compiled Triton on
+    CUDA, the interpreter on the CPU) against their CPU references, and the whole forward on
+    `device` against the CPU model."""
+    from gpukernels_common import Backend, select_backend
+
+    backend = select_backend(device=device)
+    model = _model(bloom_k=2, bloom_multiplier=1.5, n_clusters=12, nprobe=3)
+    exprs = list(FILTERS)
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(0, (model.num_main + 63) // 64, (len(exprs), 40), generator=g)
+    args = _filter_words_args(model, exprs, words)
+    want = probed_filter_words.run(Backend.REFERENCE, *args)
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    assert torch.equal(probed_filter_words.run(backend, *moved).cpu(), want)
+    for queries in (3, CLUSTER_MAJOR_MIN_QUERIES + 1):  # query-major, cluster-major
+        q_codes = torch.randint(-127, 128, (queries, D), dtype=torch.int8, generator=g)
+        q_scales = torch.rand(queries, generator=g) + 0.01
+        clusters = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(queries)])
+        keep = (torch.rand(queries, 3, model.cluster_positions.shape[1], generator=g) < 0.7) & model.cluster_valid[clusters]
+        args = (model.codes, model.scales, model.cluster_positions, model.cluster_offsets, clusters, keep, q_codes, q_scales)
+        want = probed_scores.run(Backend.REFERENCE, *args)
+        got = probed_scores.run(backend, *[a.to(device) for a in args]).cpu()
+        assert torch.equal(torch.isinf(got), ~keep.reshape(queries, -1))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    users = torch.arange(0, USERS, 2).unsqueeze(1)
+    plans = model.prepare_filters([exprs[i % len(exprs)] for i in range(users.shape[0])])
+    with torch.no_grad():
+        want_ids, want_scores = model(users, *plans)[:2]
+        on_device = model.to(device)
+        got_ids, got_scores = on_device(users.to(device), *[p.to(device) for p in plans])[:2]
+    torch.testing.assert_close(got_scores.cpu(), want_scores, rtol=1e-4, atol=1e-5)
+    agree = sum(len(set(a) & set(b)) for a, b in zip(got_ids.cpu().tolist(), want_ids.tolist()))
+    assert agree >= 0.95 * want_ids.numel()  # near-ties may swap at the cut

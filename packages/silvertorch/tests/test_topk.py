@@ -164,3 +164,16 @@ def test_invalid_arguments(scores, k, match, method):
 def test_unknown_method():
     with pytest.raises(ValueError, match="method must be one of"):
         select_topk(torch.zeros(1, 4), 1, "heap")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_methods_on_device_match_cpu_reference(device):
+    """Every method on `device` (on CUDA: torch.topk tiles and the compiled Triton histogram
+    kernel) against the CPU reference, on ties, missing candidates and long rows."""
+    for make, rows, columns in ((_random, 3, 20_000), (_few_values, 2, 9000), (_with_missing, 3, 5000)):
+        scores = make(rows, columns)
+        for k in (1, 100, 4096, columns // 2):
+            want = select_topk_reference(scores, k)
+            for method in ("two_level", "radix", "auto"):
+                got = select_topk(scores.to(device), k, method)
+                assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), (make.__name__, k, method)
