@@ -65,9 +65,8 @@ def main():
                                            {"T": t, "d": d, "d_ff": f, "experts": e, "top_k": k,
                                             "routing": "zipf" if skewed else "uniform"},
                                            {"ms": round(ms, 3), "tflops": round(tflops, 4)}))
-    if args.quick:  # a smoke run: print only, keep the full figures on disk
-        return
-    write_records(HERE / "results" / ("speed_gpu.jsonl" if args.gpu else "speed.jsonl"), records)
+            if not args.quick:  # a smoke run prints only; else after each config: a run cut short keeps what it measured
+                write_records(HERE / "results" / ("speed_gpu.jsonl" if args.gpu else "speed.jsonl"), records)
 
 
 if __name__ == "__main__":

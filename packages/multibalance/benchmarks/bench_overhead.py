@@ -133,9 +133,8 @@ def main():
         for n_tasks in ([2, 4] if args.quick else [2, 4, 8, 16]):
             records += _measure(n_tasks, batch, cardinality, paired, coarse if condition == MALLOC_CONDITIONS[0] else [],
                                 device, "CUDA caching allocator" if device == "cuda" else condition)
-    if args.quick:  # a smoke run: print only, keep the full figures on disk
-        return
-    write_records(HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl"), records)
+            if not args.quick:  # a smoke run prints only; else after each task count: a run cut short keeps what it measured
+                write_records(HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl"), records)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ def main():
             print(f"n={n} k={k} m={m} absent-term probes: " + " ".join(f"{a}={b}" for a, b in fig.items()))
             records.append(BenchRecord(f"Bloom false-positive rate over absent-term probes ({device}, skewed items)", "silvertorch",
                                        {"items": n, "k": k, "b_multiplier": m}, fig))
+            if not args.quick:  # after each setting: a run cut short (a time-boxed GPU session) keeps what it measured
+                write_records(HERE / "results" / ("bloom_gpu.jsonl" if args.gpu else "bloom.jsonl"), records)
     if not args.quick:
         write_records(HERE / "results" / ("bloom_gpu.jsonl" if args.gpu else "bloom.jsonl"), records)  # before the 10M build
         records = []

@@ -105,9 +105,8 @@ def main():
                     print(f"{provider:52s} filter={label:26s} batch={batch:4d} {fig}")
                     records.append(BenchRecord(setting, provider, {"filter": label, "batch": batch,
                                                                    "selectivity_pct": round(100 * float(allowed.float().mean()), 2)}, fig))
-    if args.quick:
-        return
-    write_records(HERE / "results" / ("model_gpu.jsonl" if args.gpu else "model.jsonl"), records)
+                if not args.quick:  # after each batch: a run cut short (a time-boxed GPU session) keeps what it measured
+                    write_records(HERE / "results" / ("model_gpu.jsonl" if args.gpu else "model.jsonl"), records)
 
 
 if __name__ == "__main__":

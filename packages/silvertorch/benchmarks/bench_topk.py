@@ -49,13 +49,12 @@ def main():
             figures = {name: round(value, 3) for name, value in figures.items()}
             table.append((k, provider, figures["ms"], figures["ms_p20"], figures["ms_p80"], figures["x_torch_topk"]))
             records.append(BenchRecord(bench, provider, {"k": k}, figures))
+        if not args.quick:  # after each k: a run cut short (a time-boxed GPU session) keeps what it measured
+            write_records(HERE / "results" / ("topk_gpu.jsonl" if args.gpu else "topk.jsonl"), records)
     print(bench)
     print(f"{'k':>9}  {'provider':<40} {'ms':>9} {'p20':>9} {'p80':>9} {'x topk':>7}")
     for k, provider, ms, p20, p80, ratio in table:
         print(f"{k:>9}  {provider:<40} {ms:>9.1f} {p20:>9.1f} {p80:>9.1f} {ratio:>7.2f}")
-    if args.quick:
-        return
-    write_records(HERE / "results" / ("topk_gpu.jsonl" if args.gpu else "topk.jsonl"), records)
 
 
 if __name__ == "__main__":

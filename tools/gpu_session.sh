@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One time-boxed run on a lent GPU machine (torch and triton preinstalled, no network, no install
+# step): the gpu-marked tests of every package, then the GPU benchmarks, most wanted first, each
+# capped so that the whole run ends inside GPU_SESSION_SECONDS (default 540). Everything that
+# comes back lands in $OUT:
+#   env.txt        the machine, torch/triton versions, the commit
+#   gpu_tests.log  pytest -m gpu, package by package
+#   bench.log      each benchmark's output and exit status
+#   results.tgz    the benchmarks' records (packages/*/benchmarks/results/*_gpu.jsonl); each bench
+#                  writes them as it goes, so a capped bench keeps what it measured
+# Back on the development machine: `tar xzf <files_at>/results.tgz` in the repo root, then
+# `python packages/<pkg>/benchmarks/run.py --only nothing` renders that package's RESULTS.md.
+# `nox -s gpu` is the untimed version (every test, every benchmark).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+: > "$OUT/gpu_tests.log"
+: > "$OUT/bench.log"
+BUDGET=${GPU_SESSION_SECONDS:-540}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONHASHSEED=0
+PYTHONPATH="$(printf '%s:' "$PWD"/packages/*/src)${PYTHONPATH:-}"
+export PYTHONPATH
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  git log -1 --format='commit %H %s' 2>/dev/null || echo "commit: not a git checkout"
+} > "$OUT/env.txt" 2>&1
+
+# 1. The GPU suite: compiled kernels in 16-bit and fp32 against the references. The markers' plugin
+# is named unless an installed gpukernels-common already registers it.
+PLUGIN=(-p gpukernels_common.testing.plugin)
+python3 -c "import importlib.metadata as m, sys; sys.exit(not any(e.value.startswith('gpukernels_common.testing') for e in m.entry_points(group='pytest11')))" 2>/dev/null && PLUGIN=()
+for package in gpukernels-common silvertorch moeblaze freescale multibalance; do
+  limit=$(( $(left) < 150 ? $(left) : 150 ))
+  echo "== $package (limit ${limit}s)" >> "$OUT/gpu_tests.log"
+  timeout "$limit" python3 -m pytest "packages/$package/tests" -m gpu -ra -q --import-mode=importlib \
+    --continue-on-collection-errors "${PLUGIN[@]}" -p no:cacheprovider \
+    >> "$OUT/gpu_tests.log" 2>&1
+  echo "rc=$?" >> "$OUT/gpu_tests.log"
+done
+
+# 2. The GPU benchmarks, most wanted first: <package> <bench> <cap in seconds>.
+bench() {
+  local limit=$(( $(left) < $3 ? $(left) : $3 ))
+  if ((limit < 30)); then
+    echo "== $1/bench_$2: skipped, ${limit}s left" >> "$OUT/bench.log"
+    return
+  fi
+  echo "== $1/bench_$2 --gpu (limit ${limit}s)" >> "$OUT/bench.log"
+  timeout "$limit" python3 "packages/$1/benchmarks/bench_$2.py" --gpu >> "$OUT/bench.log" 2>&1
+  echo "rc=$?" >> "$OUT/bench.log"
+}
+bench silvertorch ivf 120
+bench moeblaze speed 150
+bench silvertorch topk 60
+bench multibalance overhead 90
+bench silvertorch bloom 90
+bench silvertorch model 180
+
+tar czf "$OUT/results.tgz" $(ls packages/*/benchmarks/results/*_gpu.jsonl 2>/dev/null) 2>> "$OUT/bench.log"
+echo "done in $(( $(date +%s) - START ))s" >> "$OUT/bench.log"
