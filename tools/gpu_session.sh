@@ -37,6 +37,10 @@ PLUGIN=(-p gpukernels_common.testing.plugin)
 python3 -c "import importlib.metadata as m, sys; sys.exit(not any(e.value.startswith('gpukernels_common.testing') for e in m.entry_points(group='pytest11')))" 2>/dev/null && PLUGIN=()
 for package in gpukernels-common silvertorch moeblaze freescale multibalance; do
   limit=$(( $(left) < 150 ? $(left) : 150 ))
+  if ((limit < 10)); then
+    echo "== $package: skipped, ${limit}s left" >> "$OUT/gpu_tests.log"
+    continue
+  fi
   echo "== $package (limit ${limit}s)" >> "$OUT/gpu_tests.log"
   timeout "$limit" python3 -m pytest "packages/$package/tests" -m gpu -ra -q --import-mode=importlib \
     --continue-on-collection-errors "${PLUGIN[@]}" -p no:cacheprovider \
