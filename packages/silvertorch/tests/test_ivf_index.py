@@ -206,6 +206,44 @@ def test_dense_mask_range_masks():
     assert torch.equal(got, pack_bits(expected))
 
 
+@pytest.mark.parametrize("kind", ["dense", "bloom"])
+def test_adaptive_search_reruns_only_short_queries_as_alone(kind):
+    """Adaptive widening re-runs only the queries short of k passing items, with their own rows of
+    the filter (`select`): the batch's results equal each query searched alone."""
+    x, q = _gaussian_clusters(10, n=2000, d=16, centers=12, n_queries=6)
+    index = IVFIndex.build(x, n_clusters=12)
+    g = torch.Generator().manual_seed(7)
+    if kind == "bloom":
+        cat = torch.randint(0, 40, (index.num_items,), generator=g)
+        bloom = BloomIndex.build(torch.ones(index.num_items, dtype=torch.long), torch.arange(index.num_items + 1), cat, k=3,
+                                 b_multiplier=8)
+        filters = bloom.filter(parse_filters(["1:3", "", "1:{1,2,3,4,5,6,7,8}", "1:39", "NOT 1:0", "1:5 | 1:6"]))
+    else:
+        rate = torch.tensor([0.01, 1.0, 0.2, 0.003, 0.9, 0.05]).unsqueeze(1)
+        filters = DenseMaskFilter(torch.rand(6, index.num_items, generator=g) < rate)
+    batch = index.search_with_stats(q, k=40, nprobe=1, filters=filters, adaptive=True)
+    assert len(set(batch.nprobe.tolist())) > 1  # some queries widened further than others
+    for i in range(6):
+        alone = index.search_with_stats(q[i:i + 1], k=40, nprobe=1, filters=filters.select(torch.tensor([i])), adaptive=True)
+        for field in ("scores", "ids", "found", "nprobe"):
+            assert torch.equal(getattr(batch, field)[i:i + 1], getattr(alone, field)), (i, field)
+
+
+def test_filters_select_rows():
+    g = torch.Generator().manual_seed(8)
+    mask = torch.rand(5, 300, generator=g) < 0.5
+    rows = torch.tensor([4, 1, 1])
+    starts, lengths = torch.tensor([[3, 250]] * 5), torch.tensor([[40, 50]] * 5)
+    dense = DenseMaskFilter(mask)
+    assert torch.equal(dense.select(rows).range_masks(starts[:3], lengths[:3], 64), dense.range_masks(starts, lengths, 64)[rows])
+    cat = torch.randint(0, 4, (300,), generator=g)
+    bloom = BloomIndex.build(torch.ones(300, dtype=torch.long), torch.arange(301), cat, k=3, b_multiplier=8)
+    filters = bloom.filter(parse_filters(["1:0", "1:1", "", "NOT 1:2", "1:{0,3}"]))
+    picked = filters.select(rows)
+    assert picked.num_queries == 3 and picked.plans.expressions == [filters.plans.expressions[i] for i in (4, 1, 1)]
+    assert torch.equal(picked.range_masks(starts[:3], lengths[:3], 64), filters.range_masks(starts, lengths, 64)[rows])
+
+
 def test_count_bits():
     m = torch.rand(4, 3, 100) < 0.5
     m[0, 0] = True  # every bit of a word set, the sign bit included

@@ -26,6 +26,10 @@ class RangeFilter(Protocol):
 
     def exact_mask(self, positions: torch.Tensor) -> torch.Tensor: ...
 
+    def select(self, queries: torch.Tensor) -> RangeFilter:
+        """The same filters for the given queries (row indices) only, in that order."""
+        ...
+
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [..., n] -> int32 [..., ceil(n/32)], LSB first."""
@@ -95,6 +99,13 @@ class DenseMaskFilter:
             words = pack_bits(self.mask).to(torch.int64) & 0xFFFFFFFF
             self._packed = (num_words, torch.nn.functional.pad(words, (0, num_words + 1)))
         return self._packed[1]
+
+    def select(self, queries):
+        rows = queries.to(self.mask.device)
+        picked = DenseMaskFilter(self.mask[rows])
+        if self._packed is not None:  # those rows' packed words: an adaptive round does not pack again
+            picked._packed = (self._packed[0], self._packed[1][rows])
+        return picked
 
     def exact_mask(self, positions):
         valid = positions >= 0

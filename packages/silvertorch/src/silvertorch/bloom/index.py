@@ -406,6 +406,9 @@ class BloomFilter:
     def exact_mask(self, positions) -> torch.Tensor:
         return self.index.verify(self.plans, positions)
 
+    def select(self, queries: torch.Tensor) -> BloomFilter:
+        return BloomFilter(self.index, self.plans.select(queries))
+
 
 def _checked_out(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device)):

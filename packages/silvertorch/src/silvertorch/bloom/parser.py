@@ -93,6 +93,11 @@ class FilterPlans:
     def to(self, device) -> FilterPlans:
         return FilterPlans(self.ops.to(device), self.args.to(device), self.hashes.to(device), self.expressions)
 
+    def select(self, queries: torch.Tensor) -> FilterPlans:
+        """The plans of the given queries (row indices), in that order."""
+        rows = queries.to(self.ops.device)
+        return FilterPlans(self.ops[rows], self.args[rows], self.hashes[rows], [self.expressions[i] for i in queries.tolist()])
+
 
 _TOKEN = re.compile(r'\s*(?:(?P<lp>\()|(?P<rp>\))|(?P<lb>\{)|(?P<rb>\})|(?P<comma>,)|(?P<colon>:)|(?P<and>&)|(?P<or>\|)|(?P<not>!)'
                     r'|(?P<str>"[^"]*")|(?P<word>-?[A-Za-z0-9_.\-]+))')

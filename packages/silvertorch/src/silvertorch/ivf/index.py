@@ -293,19 +293,26 @@ class IVFIndex:
     def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None, adaptive: bool = False,
                           max_nprobe: int | None = None) -> SearchResult:
         """Search; with `adaptive`, queries that found fewer than k passing items are re-run with
-        twice the clusters until they have k or reach `max_nprobe` (default: all clusters)."""
+        twice the clusters until they have k or reach `max_nprobe` (default: all clusters). Only
+        those queries are re-run (with `filters.select` of them); each query's result does not
+        depend on the others in the batch."""
         _check_queries(queries, self.codes.shape[1], k)
         if not 1 <= nprobe <= self.n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
         max_nprobe = self.n_clusters if max_nprobe is None else min(max_nprobe, self.n_clusters)
         queries = queries.to(self.codes.device)
         result = self._search_once(queries, k, nprobe, filters)
-        while adaptive and nprobe < max_nprobe and bool((result.found < k).any()):
+        while adaptive and nprobe < max_nprobe:
+            short = (result.found < k).nonzero().squeeze(1)
+            if not short.numel():
+                break
             nprobe = min(2 * nprobe, max_nprobe)
-            wider = self._search_once(queries, k, nprobe, filters)
-            short = result.found < k
+            if short.numel() < queries.shape[0]:
+                wider = self._search_once(queries[short], k, nprobe, None if filters is None else filters.select(short))
+            else:  # every query is short (a selective filter): no subset to take
+                wider = self._search_once(queries, k, nprobe, filters)
             for name in ("scores", "ids", "positions", "found", "nprobe", "fresh"):
-                getattr(result, name)[short] = getattr(wider, name)[short]
+                getattr(result, name)[short] = getattr(wider, name)
         return result
 
     def _search_candidates(self, queries, clusters, filters):
