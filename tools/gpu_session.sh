@@ -8,6 +8,8 @@
 #   bench.log      each benchmark's output and exit status
 #   results.tgz    the benchmarks' records (packages/*/benchmarks/results/*_gpu.jsonl); each bench
 #                  writes them as it goes, so a capped bench keeps what it measured
+# Run it as `GKC_COMMIT=<the commit sent> bash tools/gpu_session.sh`: the tree sent there may come
+# without its git history, and the records name their commit.
 # Back on the development machine: `tar xzf <files_at>/results.tgz` in the repo root, then
 # `python packages/<pkg>/benchmarks/run.py --only nothing` renders that package's RESULTS.md.
 # `nox -s gpu` is the untimed version (every test, every benchmark).
@@ -28,7 +30,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  git log -1 --format='commit %H %s' 2>/dev/null || echo "commit: not a git checkout"
+  git log -1 --format='commit %H %s' 2>/dev/null || echo "commit: not a git checkout (GKC_COMMIT=${GKC_COMMIT:-unset})"
 } > "$OUT/env.txt" 2>&1
 
 # 1. The GPU suite: compiled kernels in 16-bit and fp32 against the references. The markers' plugin

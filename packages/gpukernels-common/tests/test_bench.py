@@ -61,3 +61,12 @@ def test_spawn_jobs_runs_every_rank_of_every_job_on_its_own_port():
         (j, r, 2, ("x", 3)) for j in range(2) for r in range(2)]
     ports = {job: {port for j, _, _, port, _ in results if j == job} for job in range(2)}
     assert all(len(p) == 1 for p in ports.values()) and ports[0] != ports[1]
+
+
+def test_git_commit_names_the_checkout_or_the_override(monkeypatch, tmp_path):
+    from gpukernels_common.bench import environment, git_commit
+
+    monkeypatch.delenv("GKC_COMMIT", raising=False)
+    assert git_commit(cwd=tmp_path) == "unknown"  # no git history there
+    monkeypatch.setenv("GKC_COMMIT", "0123abcd4567")  # a tree sent without its history names its commit
+    assert git_commit(cwd=tmp_path) == "0123abcd4567" and environment("cpu")["commit"] == "0123abcd4567"

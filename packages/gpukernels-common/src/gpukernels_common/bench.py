@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -117,6 +118,10 @@ def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1,
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
+    """The checkout's short commit (`-dirty` with uncommitted changes); GKC_COMMIT when set (a copy
+    of the tree without its git history, as on a lent GPU machine); else "unknown"."""
+    if os.environ.get("GKC_COMMIT"):
+        return os.environ["GKC_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
