@@ -266,15 +266,18 @@ class RetrievalModel(nn.Module):
         filter, evaluated once per packed word covering the cluster, not once per item."""
         q, p = clusters.shape
         slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
-        first = slots[:, :, :1] // 64
+        first = slots[:, :, :1] >> 6  # the word holding the cluster's first item
         n_words = self.words_per_cluster
         words = (first + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
         words = words.reshape(q, p * n_words)
         exact_slots = self.max_exact_terms if exact_slots is None else exact_slots
         passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
                                       self._exact_words(words, hashes[:, :exact_slots]), self.bloom_k)
-        local = (slots // 64 - first).clamp(max=n_words - 1)  # clamped only for padding slots
-        bit = (passing.view(q, p, n_words).gather(2, local) >> (slots % 64)) & 1
+        # slot j is bit (first item's bit + j) counted from word `first`: shifts, not int64 // and %
+        # over the [Q, P, S] positions (padding slots read clamped garbage, cleared below)
+        bit_of_slot = (slots[:, :, :1] & 63) + torch.arange(slots.shape[2], device=slots.device)
+        local = (bit_of_slot >> 6).clamp(max=n_words - 1)
+        bit = (passing.view(q, p, n_words).gather(2, local) >> (bit_of_slot & 63)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
 
     # -- the forward pass ----------------------------------------------------------------------

@@ -31,16 +31,25 @@ class OverArch(nn.Module):
         return {"dim": self.dim, "num_tasks": self.num_tasks, "hidden": self.hidden, "dense_dim": self.dense_dim}
 
     def forward(self, user: torch.Tensor, items: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
-        """user [..., D] (broadcast over candidates), items [..., K, D] -> logits [..., K, T]."""
+        """user [..., D] (broadcast over candidates) or [..., K, D], items [..., K, D] -> logits
+        [..., K, T]: the MLP over [user, item, user * item, dense]."""
+        if self.dense_dim and (dense is None or dense.shape[-1] != self.dense_dim):
+            raise ValueError(f"OverArch was built with dense_dim={self.dense_dim}; pass dense [..., K, {self.dense_dim}]")
+        first, d = self.mlp[0], self.dim
+        dtype = first.weight.dtype
         if user.dim() == items.dim() - 1:
-            user = user.unsqueeze(-2)
+            # one user per row of candidates: the first layer without the [..., K, 3D] input. Its
+            # user part once per user; its item and user*item parts as one product of the items
+            # with W_item + diag(user) W_user*item, a [D, h] matrix per user
+            u, w = user.to(dtype), first.weight
+            mixed = w[:, d:2 * d].T + u.unsqueeze(-1) * w[:, 2 * d:3 * d].T  # [..., D, h]
+            hidden = items.to(dtype) @ mixed
+            hidden += nn.functional.linear(u, w[:, :d], first.bias).unsqueeze(-2)  # in place: no second [..., K, h]
+            if self.dense_dim:
+                hidden += nn.functional.linear(dense.to(dtype), w[:, 3 * d:])
+            return self.mlp[1:](hidden).float()
         user = user.expand_as(items)
-        parts = [user, items, user * items]
-        if self.dense_dim:
-            if dense is None or dense.shape[-1] != self.dense_dim:
-                raise ValueError(f"OverArch was built with dense_dim={self.dense_dim}; pass dense [..., K, {self.dense_dim}]")
-            parts.append(dense)
-        dtype = self.mlp[0].weight.dtype
+        parts = [user, items, user * items] + ([dense] if self.dense_dim else [])
         return self.mlp(torch.cat([p.to(dtype) for p in parts], -1)).float()
 
 
