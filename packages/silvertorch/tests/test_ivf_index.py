@@ -4,6 +4,7 @@ import torch
 from gpukernels_common.testing import CanaryBuffer
 from silvertorch import BloomIndex, DenseMaskFilter, FlatIndex, IVFIndex, parse_filters
 from silvertorch.filtering import count_bits, pack_bits, unpack_bits
+from silvertorch.ivf.index import int8_matmul
 
 
 def _data(n=4000, d=64, centers=24, seed=0):
@@ -242,6 +243,26 @@ def test_filters_select_rows():
     picked = filters.select(rows)
     assert picked.num_queries == 3 and picked.plans.expressions == [filters.plans.expressions[i] for i in (4, 1, 1)]
     assert torch.equal(picked.range_masks(starts[:3], lengths[:3], 64), filters.range_masks(starts, lengths, 64)[rows])
+
+
+@pytest.mark.parametrize("q, d, r", [(3, 1, 5), (1, 1, 1), (1, 2, 9), (4, 7, 1), (17, 128, 3)])
+def test_int8_matmul_is_exact(q, d, r):
+    """Exact int32 dot products at every shape, D = 1 included (where _int_mm on the CPU is not)."""
+    g = torch.Generator().manual_seed(d)
+    a = torch.randint(-127, 128, (q, d), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (r, d), dtype=torch.int8, generator=g)
+    got = int8_matmul(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), a.long() @ b.long().T)
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_one_dimensional_embeddings_search_exactly(monkeypatch, backend):
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    x, q = torch.randn(300, 1, generator=torch.Generator().manual_seed(9)), torch.tensor([[1.0], [-0.5]])
+    index = IVFIndex.build(x, n_clusters=3)
+    scores, ids = index.search(q, k=5, nprobe=3)
+    exact = (q @ x.T).topk(5)
+    torch.testing.assert_close(scores, exact.values, rtol=0.02, atol=0.02)  # int8: scales to 1/127
 
 
 def test_count_bits():

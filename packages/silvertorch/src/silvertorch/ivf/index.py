@@ -92,7 +92,7 @@ def int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """int32 [Q, R] exact integer dot products of int8 codes: one int8 x int8 -> int32 matmul on
     the CPU (torch._int_mm, oneDNN), no float copy of the rows; elsewhere `_int8_dots` (fp32, exact
     while sums stay below 2^24), as _int_mm's CUDA shape rules do not fit every batch."""
-    if rows.device.type == "cpu":
+    if rows.device.type == "cpu" and q_codes.shape[1] > 1:  # (torch 2.13's _int_mm returns garbage for D = 1)
         return torch._int_mm(q_codes, rows.T)
     return _int8_dots(q_codes, rows).to(torch.int32)
 
