@@ -106,7 +106,7 @@ def main():
             del x_half, q_half
         for nprobe in (4, 16, 64):
             def run():
-                return index.search_with_stats(q.to(device), k=k, nprobe=nprobe, filters=mask if sel < 100 else None)
+                return index.search_with_stats(q_dev, k=k, nprobe=nprobe, filters=mask if sel < 100 else None)
 
             r = run()
             ms = time_fn(run, device=device, rep_ms=REP_MS)["ms"]
@@ -124,7 +124,7 @@ def main():
                                        "silvertorch int8 " + ("triton" if args.gpu else "reference"), {"selectivity_pct": sel, "nprobe": nprobe}, fig))
             if sel < 100 and nprobe == 4:  # adaptive widening from the smallest probe
                 def run_adaptive():
-                    return index.search_with_stats(q.to(device), k=k, nprobe=4, filters=mask, adaptive=True, max_nprobe=64)
+                    return index.search_with_stats(q_dev, k=k, nprobe=4, filters=mask, adaptive=True, max_nprobe=64)
 
                 r = run_adaptive()
                 ms = time_fn(run_adaptive, device=device, rep_ms=REP_MS)["ms"]

@@ -266,7 +266,8 @@ class RetrievalModel(nn.Module):
         filter, evaluated once per packed word covering the cluster, not once per item."""
         q, p = clusters.shape
         slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
-        first = slots[:, :, :1] >> 6  # the word holding the cluster's first item
+        start = slots[:, :, :1]  # each probed cluster's first item
+        first = start >> 6  # the word holding it
         n_words = self.words_per_cluster
         words = (first + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
         words = words.reshape(q, p * n_words)
@@ -275,7 +276,7 @@ class RetrievalModel(nn.Module):
                                       self._exact_words(words, hashes[:, :exact_slots]), self.bloom_k)
         # slot j is bit (first item's bit + j) counted from word `first`: shifts, not int64 // and %
         # over the [Q, P, S] positions (padding slots read clamped garbage, cleared below)
-        bit_of_slot = (slots[:, :, :1] & 63) + torch.arange(slots.shape[2], device=slots.device)
+        bit_of_slot = (start & 63) + torch.arange(slots.shape[2], device=slots.device)
         local = (bit_of_slot >> 6).clamp(max=n_words - 1)
         bit = (passing.view(q, p, n_words).gather(2, local) >> (bit_of_slot & 63)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)

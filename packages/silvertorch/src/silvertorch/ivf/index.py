@@ -172,7 +172,7 @@ class IVFIndex:
             scores = queries.float() @ codes.float().T
         else:
             q_codes, q_scales = quantize_rows(queries)
-            scores = _int8_dots(q_codes, codes) * (scales.unsqueeze(0) * q_scales.unsqueeze(1))
+            scores = int8_matmul(q_codes, codes) * (scales.unsqueeze(0) * q_scales.unsqueeze(1))
         keep = ~removed.unsqueeze(0).expand_as(scores)
         if filters is not None and codes.shape[0]:
             q, m = scores.shape
