@@ -18,7 +18,7 @@ from silvertorch import (
 from silvertorch.bloom.probed import probed_filter_words
 from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
 from silvertorch.ivf.probed import _probed_dots as probed_dots
-from silvertorch.ivf.probed import probed_scores
+from silvertorch.ivf.probed import probed_scores, probed_scores_reference
 
 N, D, USERS = 2500, 24, 40
 SCHEMA = {"cat": 1, "year": 2}
@@ -162,6 +162,9 @@ def test_probed_cluster_bits_equal_bloom_index():
     want &= model.cluster_valid[clusters] & model.alive[slots]
     assert want.any() and not want.all()
     assert torch.equal(got, want)
+    # traced (a compiled or exported model): per-slot arithmetic instead of eager's word shifts
+    traced = torch.compile(model._probed_passing, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(clusters, *model.prepare_filters(exprs)), want)
 
 
 @pytest.mark.parametrize("queries", [1, 2, 9])
@@ -182,6 +185,25 @@ def test_cluster_major_scores_equal_per_query_integer_dots(queries):
     if queries == 2:  # the union is built from tensor ops only
         compiled = torch.compile(probed_dots, backend="aot_eager", fullgraph=True)
         assert torch.equal(compiled(model.codes, model.cluster_positions, clusters, q_codes), got)
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_probed_scores_reference_eager_equals_traced(queries):
+    """The reference's two branches: eager (inside the custom op), each probed cluster's rows scored
+    against the queries probing it; traced (compiled here, exported in a package), the static-shape
+    union. Same scores, -inf exactly where keep is off (padding slots included)."""
+    model = _model(n_clusters=12, nprobe=3)
+    g = torch.Generator().manual_seed(queries)
+    q_codes = torch.randint(-127, 128, (queries, D), dtype=torch.int8, generator=g)
+    q_scales = torch.rand(queries, generator=g) + 0.01
+    clusters = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(queries)])
+    clusters[-1, 0] = clusters[0, 0]
+    keep = (torch.rand(queries, 3, model.cluster_positions.shape[1], generator=g) < 0.7) & model.cluster_valid[clusters]
+    args = (model.codes, model.scales, model.cluster_positions, model.cluster_offsets, clusters, keep, q_codes, q_scales)
+    eager = probed_scores_reference(*args)
+    traced = torch.compile(probed_scores_reference, backend="aot_eager", fullgraph=True)(*args)
+    assert torch.equal(torch.isinf(eager), ~keep.reshape(queries, -1)) and keep.any()
+    assert torch.equal(eager, traced)
 
 
 @pytest.mark.parametrize("queries", [3, CLUSTER_MAJOR_MIN_QUERIES + 1])  # query-major, cluster-major kernel

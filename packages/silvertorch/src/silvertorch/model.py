@@ -43,6 +43,7 @@ from .bloom.hashing import term_hash
 from .bloom.index import BloomIndex
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, run_plans
+from .filtering import pack_bits, unpack_bits
 from .ivf.index import IVFIndex
 from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
@@ -64,22 +65,39 @@ class Retrieved:
     found: torch.Tensor  # [Q] int64: items that passed the filter (Bloom) in the probed clusters and the fresh index
 
 
+def _signed64(value: int) -> int:
+    return (value + 2**63) % 2**64 - 2**63
+
+
+# int64 word masks: _LOW_BITS[c] keeps the lowest c bits (c = 0..64); _HIGH_BITS_CLEARED[s] clears
+# the s highest, what an arithmetic right shift by s filled with copies of the sign bit
+_LOW_BITS = torch.tensor([_signed64((1 << c) - 1) for c in range(65)], dtype=torch.int64)
+_HIGH_BITS_CLEARED = torch.tensor([_signed64((1 << (64 - s)) - 1) for s in range(64)], dtype=torch.int64)
+
+
+def _alive_words(alive: torch.Tensor) -> torch.Tensor:
+    """bool [N] -> int64 [ceil(N / 64)], bit b of word w = item 64 w + b (as the Bloom words)."""
+    words = pack_bits(alive)
+    return torch.cat([words, words.new_zeros(words.shape[0] % 2)]).view(torch.int64)
+
+
 def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, max_exact: int):
     """(ops, args, hashes, exact slots) cut to what the batch's plans use: eager on the CPU, where
     the stack machine's small ops cost their dispatch, the steps up to the batch's last real one
-    and the leading term slots its steps read (at least 1, so shapes stay non-empty). Compiled and
-    exported graphs, and GPUs (no host sync), keep the static bounds."""
+    and the leading term slots its steps read (at least 1 hash slot, so shapes stay non-empty; 0
+    exact slots when no step reads an exact term, so no stored attribute is looked up). Compiled
+    and exported graphs, and GPUs (no host sync), keep the static bounds."""
     if ops.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return ops, args, hashes, max_exact
     real = (ops != NOP).any(0).nonzero()
     last = int(real[-1]) + 1 if real.numel() else 0
     ops, args = ops[:, :last], args[:, :last]
 
-    def slots(codes, bound):
+    def slots(codes, bound, least):
         used = args[torch.isin(ops, torch.tensor(codes, dtype=ops.dtype))]
-        return max(1, min(bound, int(used.max()) + 1)) if used.numel() else 1
+        return max(least, min(bound, int(used.max()) + 1)) if used.numel() else least
 
-    return ops, args, hashes[:, : slots((TERM, EXACT_TERM), hashes.shape[1])], slots((EXACT_TERM,), max_exact)
+    return ops, args, hashes[:, : slots((TERM, EXACT_TERM), hashes.shape[1], 1)], slots((EXACT_TERM,), max_exact, 0)
 
 
 def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
@@ -265,20 +283,35 @@ class RetrievalModel(nn.Module):
         """bool [Q, P, S]: item slot s of probed cluster clusters[q, p] exists, is alive and passes the
         filter, evaluated once per packed word covering the cluster, not once per item."""
         q, p = clusters.shape
-        slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
-        start = slots[:, :, :1]  # each probed cluster's first item
+        start = _rows(self.cluster_positions[:, 0], clusters)  # [Q, P] each probed cluster's first item
         first = start >> 6  # the word holding it
         n_words = self.words_per_cluster
-        words = (first + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
+        words = (first.unsqueeze(-1) + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
         words = words.reshape(q, p * n_words)
         exact_slots = self.max_exact_terms if exact_slots is None else exact_slots
+        exact = (self._exact_words(words, hashes[:, :exact_slots]) if exact_slots
+                 else words.new_zeros(q, 1, words.shape[1]))  # no plan reads an exact term: nothing to look up
         passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
-                                      self._exact_words(words, hashes[:, :exact_slots]), self.bloom_k)
+                                      exact, self.bloom_k).view(q, p, n_words)
+        width = self.cluster_positions.shape[1]
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            # eager: the words shifted so that bit j of a row is slot j, the alive bits and the
+            # cluster's end applied to the words, then unpacked a byte at a time: word-sized
+            # work, where the traced form below does int64 arithmetic on every slot
+            passing = passing & _rows(_alive_words(self.alive[: self.num_main]), words).view(q, p, n_words)
+            shift = (start & 63).unsqueeze(-1)
+            following = torch.cat([passing[..., 1:], passing.new_zeros(q, p, 1)], -1)
+            aligned = ((passing >> shift) & _rows(_HIGH_BITS_CLEARED.to(shift.device), shift)) | ((following << (63 - shift)) << 1)
+            sizes = _rows(self.cluster_offsets.diff(), clusters).unsqueeze(-1)  # bits from a cluster's end on are 0
+            in_cluster = (sizes - 64 * torch.arange(n_words, device=sizes.device)).clamp(0, 64)
+            aligned &= _rows(_LOW_BITS.to(shift.device), in_cluster)
+            return unpack_bits(aligned.view(torch.int32), width)
+        slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
         # slot j is bit (first item's bit + j) counted from word `first`: shifts, not int64 // and %
         # over the [Q, P, S] positions (padding slots read clamped garbage, cleared below)
-        bit_of_slot = (start & 63) + torch.arange(slots.shape[2], device=slots.device)
+        bit_of_slot = (start & 63).unsqueeze(-1) + torch.arange(width, device=slots.device)
         local = (bit_of_slot >> 6).clamp(max=n_words - 1)
-        bit = (passing.view(q, p, n_words).gather(2, local) >> (bit_of_slot & 63)) & 1
+        bit = (passing.gather(2, local) >> (bit_of_slot & 63)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
 
     # -- the forward pass ----------------------------------------------------------------------
@@ -306,19 +339,24 @@ class RetrievalModel(nn.Module):
         # int8 scores of the probed slots, -inf where keep is off: one custom op (the fused IVF kernels
         # on a Triton backend, in eager, compiled and exported graphs alike)
         main = probed_scores(self.codes, self.scales, self.cluster_positions, self.cluster_offsets, clusters, keep, q_codes, q_scales)
-        pos = _rows(self.cluster_positions, clusters).reshape(q, -1)
-        scores, cand = main, pos
+        scores = main
         if self.fresh_capacity:
             fscores = u @ self.item_embeddings[self.num_main:].float().T
             scores = torch.cat([main, torch.where(fkeep, fscores, torch.full_like(fscores, float("-inf")))], 1)
-            cand = torch.cat([pos, fpos], 1)
         top, j = torch.topk(scores, self.k_candidates, dim=1)
-        cand = cand.gather(1, j)
+        # storage positions of the K kept only: slot j of the main part is item j % S of probed
+        # cluster j // S (clamped as cluster_positions is); fresh slot f is item num_main + f
+        width = self.cluster_positions.shape[1]
+        slot = j.clamp(max=main.shape[1] - 1)
+        start = _rows(self.cluster_positions[:, 0], clusters)
+        cand = (start.gather(1, slot // width) + slot % width).clamp(max=self.num_main - 1)
+        if self.fresh_capacity:
+            cand = torch.where(j < main.shape[1], cand, j - main.shape[1] + self.num_main)
         verified = torch.isfinite(top)
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
             exact = self._exact_terms(cand, hashes)
             verified = verified & run_plans(ops, args, exact, exact)
-        items = _rows(self.item_embeddings, cand).float()
+        items = _rows(self.item_embeddings, cand)  # bf16: OverArch converts them as it goes
         dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
         logits = self.overarch(u, items, dense)
         value = self.value_model(logits, value_weights)

@@ -97,6 +97,38 @@ def int8_matmul(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _int8_dots(q_codes, rows).to(torch.int32)
 
 
+def cluster_major_dots(codes: torch.Tensor, offsets: torch.Tensor, q_codes: torch.Tensor, clusters: torch.Tensor,
+                       width: int, fill: int = 0):
+    """int32 [Q*P, width]: row q*P + p holds the exact int8 dot products of query q's codes with the
+    rows of its probed cluster clusters[q, p] (CSR `offsets` over `codes`), `fill` past the
+    cluster's end; plus the grouping (order, clusters, counts): the (query, probe) pairs sorted by
+    cluster, the distinct clusters and how many pairs probe each. Eager PyTorch, cluster-major:
+    each probed cluster's rows (contiguous) are scored against every query that probes it in one
+    int8 matmul, and each result row copied into its (query, probe) row; no row is gathered or
+    scored twice, and no query scores a cluster it does not probe."""
+    q, p = clusters.shape
+    flat = clusters.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (query, probe) pairs grouped by cluster
+    uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    firsts, sizes = offsets[uniq], offsets[uniq + 1] - offsets[uniq]
+    q_sorted = q_codes.index_select(0, order // p)
+    dots = torch.full((q * p, width), fill, dtype=torch.int32, device=codes.device)
+    pair = 0
+    for lo, n, size in zip(firsts.tolist(), counts.tolist(), sizes.tolist()):
+        if size:
+            dots[:, :size].index_copy_(0, order[pair:pair + n], int8_matmul(q_sorted[pair:pair + n], codes[lo:lo + size]))
+        pair += n
+    return dots, (order, uniq, counts)
+
+
+def probed_rank(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """For each (query, probe) pair, its cluster's place among the distinct probed clusters (the
+    grouping `cluster_major_dots` returns)."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.repeat_interleave(torch.arange(counts.numel(), device=order.device), counts)
+    return rank
+
+
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
     if queries.dim() != 2 or queries.shape[1] != dim:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
@@ -265,27 +297,15 @@ class IVFIndex:
     def _scores_reference(self, q_codes, q_scales, clusters, starts, lengths, words, L):
         q, p = starts.shape
         device = self.codes.device
-        # cluster-major: each probed cluster's rows are contiguous, scored against every query that
-        # probes it in one int8 matmul, and each result row copied into its (query, probe) row
-        flat = clusters.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (query, probe) pairs grouped by cluster
-        uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        # a slot past its cluster's end keeps dot 1 and gets scale -inf: its score is 1 x -inf = -inf
+        # without a mask (scales are > 0)
+        dots, (order, uniq, counts) = cluster_major_dots(self.codes, self.offsets, q_codes, clusters, L, fill=1)
         firsts, sizes = self.offsets[uniq], self.offsets[uniq + 1] - self.offsets[uniq]
-        q_sorted = q_codes.index_select(0, order // p)
-        dots = torch.ones(q * p, L, dtype=torch.int32, device=device)  # 1 in the slots past a cluster's end
-        pair = 0
-        for lo, n, size in zip(firsts.tolist(), counts.tolist(), sizes.tolist()):
-            if size:
-                dots[:, :size].index_copy_(0, order[pair:pair + n], int8_matmul(q_sorted[pair:pair + n], self.codes[lo:lo + size]))
-            pair += n
-        # score = dot x (item scale x query scale), as the kernels. A slot past its cluster's end
-        # has scale -inf, so its score is 1 x -inf = -inf without a mask (scales are > 0)
         slots = torch.arange(L, device=device)
         item_scales = self.scales[(firsts.unsqueeze(1) + slots).clamp_(max=max(self.num_main - 1, 0))]
         item_scales.masked_fill_(slots >= sizes.unsqueeze(1), float("-inf"))  # [probed clusters, L]
-        probed_rank = torch.empty_like(flat)
-        probed_rank[order] = torch.repeat_interleave(torch.arange(uniq.numel(), device=device), counts)
-        scores = item_scales.index_select(0, probed_rank).mul_(q_scales.repeat_interleave(p).unsqueeze(1)).mul_(dots)
+        # score = dot x (item scale x query scale), as the kernels
+        scores = item_scales.index_select(0, probed_rank(order, counts)).mul_(q_scales.repeat_interleave(p).unsqueeze(1)).mul_(dots)
         if words is not None:
             scores.masked_fill_(~unpack_bits(words, L).reshape(q * p, L), float("-inf"))
         return scores

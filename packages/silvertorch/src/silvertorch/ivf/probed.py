@@ -15,7 +15,14 @@ import torch
 
 from gpukernels_common import env, register_op
 
-from .index import CLUSTER_MAJOR_MIN_QUERIES, _cluster_pairs, int8_dot_supported, int8_matmul
+from .index import (
+    CLUSTER_MAJOR_MIN_QUERIES,
+    _cluster_pairs,
+    cluster_major_dots,
+    int8_dot_supported,
+    int8_matmul,
+    probed_rank,
+)
 
 
 def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -52,8 +59,20 @@ def _probed_dots(codes, cluster_positions, clusters, q_codes):
 def probed_scores_reference(codes: torch.Tensor, scales: torch.Tensor, cluster_positions: torch.Tensor,
                             cluster_offsets: torch.Tensor, clusters: torch.Tensor, keep: torch.Tensor,
                             q_codes: torch.Tensor, q_scales: torch.Tensor) -> torch.Tensor:
-    """float32 [Q, P x S] (see the module docs); `cluster_offsets` [n_clusters + 1] only for the kernels."""
+    """float32 [Q, P x S] (see the module docs). Run eagerly (inside the custom op), each probed
+    cluster's rows are scored once against the queries that probe it (`cluster_major_dots`, a loop
+    over the clusters, reading `cluster_offsets`); traced (an export or compile that inlines the
+    references), the static-shape union of `_probed_dots`."""
     q, p = clusters.shape
+    width = cluster_positions.shape[1]
+    if isinstance(q, int) and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        dots, (order, _, counts) = cluster_major_dots(codes, cluster_offsets, q_codes, clusters, width)
+        first = cluster_positions[:, 0]  # each cluster's first row; the rows of a cluster are contiguous
+        slots = torch.arange(width, device=codes.device)
+        item_scales = rows_of(scales, (first[clusters.reshape(-1)[order][counts.cumsum(0) - 1]].unsqueeze(1) + slots)
+                              .clamp_(max=codes.shape[0] - 1))  # [probed clusters, S]
+        scale = item_scales.index_select(0, probed_rank(order, counts)).mul_(q_scales.repeat_interleave(p).unsqueeze(1))
+        return torch.where(keep.reshape(q * p, width), scale.mul_(dots), float("-inf")).view(q, -1)
     dots = _probed_dots(codes, cluster_positions, clusters, q_codes)
     scale = rows_of(scales, rows_of(cluster_positions, clusters)) * q_scales[:, None, None]  # as the kernels: item x query first
     return torch.where(keep, dots * scale, torch.full_like(dots, float("-inf"))).reshape(q, -1)
