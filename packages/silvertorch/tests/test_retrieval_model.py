@@ -187,6 +187,25 @@ def test_cluster_major_scores_equal_per_query_integer_dots(queries):
         assert torch.equal(compiled(model.codes, model.cluster_positions, clusters, q_codes), got)
 
 
+@pytest.mark.parametrize("words_per_query", [2, 64])
+def test_exact_words_eager_equals_traced(words_per_query):
+    """The exact-term words of probed items: eager reads few words per query item by item (2 words)
+    or, once the batch's words cover more items than its distinct terms x the index, packs each
+    distinct term's words over the whole index (64); traced always item by item. Same words."""
+    model = _model()
+    exprs = ["NOT cat:2", "cat:1 AND NOT year:1999", "NOT cat:2", "NOT (cat:3 OR year:2001)"]
+    ops, args, hashes = model.prepare_filters(exprs)
+    g = torch.Generator().manual_seed(words_per_query)
+    full_words = model.num_main // 64  # words past these describe items past the main index: masked by callers
+    words = torch.randint(0, full_words, (len(exprs), words_per_query), generator=g)
+    distinct = torch.unique(hashes[:, : model.max_exact_terms]).numel()
+    assert (distinct * model.num_main <= words.numel() * 64) == (words_per_query == 64)  # both branches are covered
+    eager = model._exact_words(words, hashes)
+    traced = torch.compile(model._exact_words, backend="aot_eager", fullgraph=True)(words, hashes)
+    assert eager.shape == (len(exprs), model.max_exact_terms, words_per_query) and (eager != 0).any()
+    assert torch.equal(eager, traced)
+
+
 @pytest.mark.parametrize("queries", [1, 5])
 def test_probed_scores_reference_eager_equals_traced(queries):
     """The reference's two branches: eager (inside the custom op), each probed cluster's rows scored

@@ -75,10 +75,10 @@ _LOW_BITS = torch.tensor([_signed64((1 << c) - 1) for c in range(65)], dtype=tor
 _HIGH_BITS_CLEARED = torch.tensor([_signed64((1 << (64 - s)) - 1) for s in range(64)], dtype=torch.int64)
 
 
-def _alive_words(alive: torch.Tensor) -> torch.Tensor:
-    """bool [N] -> int64 [ceil(N / 64)], bit b of word w = item 64 w + b (as the Bloom words)."""
-    words = pack_bits(alive)
-    return torch.cat([words, words.new_zeros(words.shape[0] % 2)]).view(torch.int64)
+def _int64_words(bits: torch.Tensor) -> torch.Tensor:
+    """bool [..., N] -> int64 [..., ceil(N / 64)], bit b of word w = item 64 w + b (as the Bloom words)."""
+    words = pack_bits(bits)
+    return torch.cat([words, words.new_zeros(*words.shape[:-1], words.shape[-1] % 2)], -1).view(torch.int64)
 
 
 def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, max_exact: int):
@@ -270,10 +270,22 @@ class RetrievalModel(nn.Module):
         64 * words[q, m] + b really has term hashes[q, t] (bits past the main index describe its last
         item and must be masked). Only the first E slots: the plans keep their EXACT_TERM terms there."""
         q, m = words.shape
+        hashes = hashes[:, : self.max_exact_terms]
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if not traced:
+            distinct, which = torch.unique(hashes, return_inverse=True)
+            if distinct.numel() * self.num_main <= q * m * 64:
+                # few distinct terms in the batch (queries sharing a filter): each term's words over
+                # the whole main index once, then every query reads its words from them
+                has = torch.zeros(distinct.numel(), self.num_main, dtype=torch.bool, device=words.device)
+                terms, counts = self.attr_terms[: self.num_main], self.attr_counts[: self.num_main]
+                for a in range(terms.shape[1]):
+                    has |= (terms[:, a] == distinct.unsqueeze(1)) & (counts > a)
+                return _int64_words(has)[which.unsqueeze(-1), words.unsqueeze(1)]
         bit = torch.arange(64, device=words.device)
         items = (words.unsqueeze(-1) * 64 + bit).clamp(max=self.num_main - 1).reshape(q, m * 64)
-        hit = self._exact_terms(items, hashes[:, : self.max_exact_terms])
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        hit = self._exact_terms(items, hashes)
+        if traced:
             return (hit.view(q, -1, m, 64).long() << bit).sum(-1)
         hit = hit.view(q, -1, m, 8, 8).to(torch.uint8)
         # 8 items to a byte (distinct powers of two: the sum is the OR), 8 little-endian bytes to a word
@@ -298,7 +310,7 @@ class RetrievalModel(nn.Module):
             # eager: the words shifted so that bit j of a row is slot j, the alive bits and the
             # cluster's end applied to the words, then unpacked a byte at a time: word-sized
             # work, where the traced form below does int64 arithmetic on every slot
-            passing = passing & _rows(_alive_words(self.alive[: self.num_main]), words).view(q, p, n_words)
+            passing = passing & _rows(_int64_words(self.alive[: self.num_main]), words).view(q, p, n_words)
             shift = (start & 63).unsqueeze(-1)
             following = torch.cat([passing[..., 1:], passing.new_zeros(q, p, 1)], -1)
             aligned = ((passing >> shift) & _rows(_HIGH_BITS_CLEARED.to(shift.device), shift)) | ((following << (63 - shift)) << 1)
