@@ -16,6 +16,7 @@ from silvertorch import (
     parse_filters,
 )
 from silvertorch.bloom.probed import probed_filter_words
+from silvertorch.ivf import probed as probed_module
 from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
 from silvertorch.ivf.probed import _probed_dots as probed_dots
 from silvertorch.ivf.probed import probed_scores, probed_scores_reference
@@ -207,10 +208,12 @@ def test_exact_words_eager_equals_traced(words_per_query):
 
 
 @pytest.mark.parametrize("queries", [1, 5])
-def test_probed_scores_reference_eager_equals_traced(queries):
-    """The reference's two branches: eager (inside the custom op), each probed cluster's rows scored
-    against the queries probing it; traced (compiled here, exported in a package), the static-shape
-    union. Same scores, -inf exactly where keep is off (padding slots included)."""
+def test_probed_scores_reference_eager_equals_traced(monkeypatch, queries):
+    """The reference's two branches: eager (inside the custom op) past UNION_MAX_BYTES (0 here), each
+    probed cluster's rows scored against the queries probing it; traced (compiled here, exported in
+    a package), the static-shape union. Same scores, -inf exactly where keep is off (padding slots
+    included)."""
+    monkeypatch.setattr(probed_module, "UNION_MAX_BYTES", 0)
     model = _model(n_clusters=12, nprobe=3)
     g = torch.Generator().manual_seed(queries)
     q_codes = torch.randint(-127, 128, (queries, D), dtype=torch.int8, generator=g)

@@ -265,6 +265,13 @@ class RetrievalModel(nn.Module):
             hit = hit | ((terms[:, None, :, a] == hashes.unsqueeze(-1)) & (counts > a))
         return hit
 
+    def _alive_words(self) -> torch.Tensor:
+        """The main index's alive bits as int64 words, packed again only after `alive` changed."""
+        alive, cached = self.alive, getattr(self, "_alive_packed", None)
+        if cached is None or cached[0] is not alive or cached[1] != alive._version:
+            self._alive_packed = cached = (alive, alive._version, _int64_words(alive[: self.num_main]))
+        return cached[2]
+
     def _exact_words(self, words, hashes):
         """int64 [Q, E, M], E = max_exact_terms: bit b of [q, t, m] set when main-index item
         64 * words[q, m] + b really has term hashes[q, t] (bits past the main index describe its last
@@ -310,7 +317,7 @@ class RetrievalModel(nn.Module):
             # eager: the words shifted so that bit j of a row is slot j, the alive bits and the
             # cluster's end applied to the words, then unpacked a byte at a time: word-sized
             # work, where the traced form below does int64 arithmetic on every slot
-            passing = passing & _rows(_int64_words(self.alive[: self.num_main]), words).view(q, p, n_words)
+            passing = passing & _rows(self._alive_words(), words).view(q, p, n_words)
             shift = (start & 63).unsqueeze(-1)
             following = torch.cat([passing[..., 1:], passing.new_zeros(q, p, 1)], -1)
             aligned = ((passing >> shift) & _rows(_HIGH_BITS_CLEARED.to(shift.device), shift)) | ((following << (63 - shift)) << 1)

@@ -24,6 +24,11 @@ from .index import (
     probed_rank,
 )
 
+# eager on the CPU, beyond this size the union's dots cost more than a matmul per probed cluster
+# (200k x 64 items, 256 clusters, nprobe 16: union 2.3 ms, loop 5.1 ms at 32 queries, 25.6 MB of
+# dots; 20.7 and 6.0 ms at 64 queries, 51 MB: past glibc's largest mmap threshold, fresh pages)
+UNION_MAX_BYTES = 32 << 20
+
 
 def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table[index] for an index of any shape, through index_select (on the CPU about ten times
@@ -44,28 +49,30 @@ def _probed_dots(codes, cluster_positions, clusters, q_codes):
     union_size = torch.sym_min(n_clusters, q * p)
     # a batch size left symbolic (an export for any batch) takes the union path: one graph for all
     if isinstance(q, int) and union_size * width >= codes.shape[0]:
-        rows, row_of_slot = codes, cluster_positions
+        rows, row_of_slot = codes, rows_of(cluster_positions, clusters)
     else:
         probed = torch.zeros(n_clusters, dtype=torch.int32, device=clusters.device).index_fill(0, clusters.reshape(-1), 1)
         union = torch.argsort(1 - probed, stable=True)[:union_size]  # probed clusters first, in cluster order
         rows = rows_of(codes, cluster_positions[union]).reshape(-1, codes.shape[1])
         rank = probed.cumsum(0) - 1  # a probed cluster's place in the union
-        row_of_slot = rank.unsqueeze(1) * width + torch.arange(width, device=clusters.device)
+        row_of_slot = (rows_of(rank, clusters) * width).unsqueeze(-1) + torch.arange(width, device=clusters.device)
     dots = int8_matmul(q_codes, rows)  # [Q, R]
-    index = rows_of(row_of_slot, clusters) + (torch.arange(q, device=clusters.device) * rows.shape[0])[:, None, None]
+    index = row_of_slot + (torch.arange(q, device=clusters.device) * rows.shape[0])[:, None, None]
     return rows_of(dots.reshape(-1), index).float()
 
 
 def probed_scores_reference(codes: torch.Tensor, scales: torch.Tensor, cluster_positions: torch.Tensor,
                             cluster_offsets: torch.Tensor, clusters: torch.Tensor, keep: torch.Tensor,
                             q_codes: torch.Tensor, q_scales: torch.Tensor) -> torch.Tensor:
-    """float32 [Q, P x S] (see the module docs). Run eagerly (inside the custom op), each probed
-    cluster's rows are scored once against the queries that probe it (`cluster_major_dots`, a loop
-    over the clusters, reading `cluster_offsets`); traced (an export or compile that inlines the
-    references), the static-shape union of `_probed_dots`."""
+    """float32 [Q, P x S] (see the module docs): the int8 dots of the union of the batch's probed
+    clusters (`_probed_dots`, static shapes: what a trace holds), or, run eagerly (inside the custom
+    op) where that union's [Q, rows] int32 dots would exceed UNION_MAX_BYTES, each probed cluster's
+    rows scored against the queries that probe it only (`cluster_major_dots`, a loop over the
+    clusters, reading `cluster_offsets`)."""
     q, p = clusters.shape
-    width = cluster_positions.shape[1]
-    if isinstance(q, int) and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+    n_clusters, width = cluster_positions.shape
+    eager = isinstance(q, int) and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+    if eager and q * min(min(n_clusters, q * p) * width, codes.shape[0]) * 4 > UNION_MAX_BYTES:
         dots, (order, _, counts) = cluster_major_dots(codes, cluster_offsets, q_codes, clusters, width)
         first = cluster_positions[:, 0]  # each cluster's first row; the rows of a cluster are contiguous
         slots = torch.arange(width, device=codes.device)
