@@ -4,6 +4,7 @@ import torch
 from gpukernels_common.testing import CanaryBuffer
 from silvertorch import BloomIndex, DenseMaskFilter, FlatIndex, IVFIndex, parse_filters
 from silvertorch.filtering import count_bits, pack_bits, unpack_bits
+from silvertorch.ivf import index as ivf_index
 from silvertorch.ivf.index import int8_matmul
 
 
@@ -58,7 +59,10 @@ def test_int8_recall_against_fp32_over_same_clusters(d):
 
 
 @pytest.mark.parametrize("schedule", ["query", "cluster"])
-def test_kernel_and_reference_give_same_candidates(monkeypatch, schedule):
+@pytest.mark.parametrize("blocked", [False, True])  # the reference scales each cluster's block / the whole buffer
+def test_kernel_and_reference_give_same_candidates(monkeypatch, schedule, blocked):
+    if blocked:
+        monkeypatch.setattr(ivf_index, "BLOCKED_SCORES_MIN_BYTES", 0)
     mask = torch.rand(6, INDEX.num_items, generator=torch.Generator().manual_seed(1)) < 0.3
     clusters = INDEX.probe(QUERIES, 3)
     clusters[1] = clusters[0]  # two queries probing the same clusters share a cluster-major block

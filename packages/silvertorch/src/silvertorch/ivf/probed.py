@@ -18,10 +18,9 @@ from gpukernels_common import env, register_op
 from .index import (
     CLUSTER_MAJOR_MIN_QUERIES,
     _cluster_pairs,
-    cluster_major_dots,
+    cluster_major_scores,
     int8_dot_supported,
     int8_matmul,
-    probed_rank,
 )
 
 # eager on the CPU, beyond this size the union's dots cost more than a matmul per probed cluster
@@ -67,19 +66,14 @@ def probed_scores_reference(codes: torch.Tensor, scales: torch.Tensor, cluster_p
     """float32 [Q, P x S] (see the module docs): the int8 dots of the union of the batch's probed
     clusters (`_probed_dots`, static shapes: what a trace holds), or, run eagerly (inside the custom
     op) where that union's [Q, rows] int32 dots would exceed UNION_MAX_BYTES, each probed cluster's
-    rows scored against the queries that probe it only (`cluster_major_dots`, a loop over the
+    rows scored against the queries that probe it only (`cluster_major_scores`, a loop over the
     clusters, reading `cluster_offsets`)."""
     q, p = clusters.shape
     n_clusters, width = cluster_positions.shape
     eager = isinstance(q, int) and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
     if eager and q * min(min(n_clusters, q * p) * width, codes.shape[0]) * 4 > UNION_MAX_BYTES:
-        dots, (order, _, counts) = cluster_major_dots(codes, cluster_offsets, q_codes, clusters, width)
-        first = cluster_positions[:, 0]  # each cluster's first row; the rows of a cluster are contiguous
-        slots = torch.arange(width, device=codes.device)
-        item_scales = rows_of(scales, (first[clusters.reshape(-1)[order][counts.cumsum(0) - 1]].unsqueeze(1) + slots)
-                              .clamp_(max=codes.shape[0] - 1))  # [probed clusters, S]
-        scale = item_scales.index_select(0, probed_rank(order, counts)).mul_(q_scales.repeat_interleave(p).unsqueeze(1))
-        return torch.where(keep.reshape(q * p, width), scale.mul_(dots), float("-inf")).view(q, -1)
+        scores = cluster_major_scores(codes, scales, cluster_offsets, q_codes, q_scales, clusters, width)
+        return scores.masked_fill_(~keep.reshape(q * p, width), float("-inf")).view(q, -1)
     dots = _probed_dots(codes, cluster_positions, clusters, q_codes)
     scale = rows_of(scales, rows_of(cluster_positions, clusters)) * q_scales[:, None, None]  # as the kernels: item x query first
     return torch.where(keep, dots * scale, torch.full_like(dots, float("-inf"))).reshape(q, -1)
