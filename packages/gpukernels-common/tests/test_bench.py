@@ -70,3 +70,31 @@ def test_git_commit_names_the_checkout_or_the_override(monkeypatch, tmp_path):
     assert git_commit(cwd=tmp_path) == "unknown"  # no git history there
     monkeypatch.setenv("GKC_COMMIT", "0123abcd4567")  # a tree sent without its history names its commit
     assert git_commit(cwd=tmp_path) == "0123abcd4567" and environment("cpu")["commit"] == "0123abcd4567"
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_benchmark_outputs(monkeypatch, tmp_path):
+    """A benchmark writing its records as it goes must not mark its own later records -dirty."""
+    import subprocess
+
+    from gpukernels_common.bench import git_commit
+
+    monkeypatch.delenv("GKC_COMMIT", raising=False)
+    results = tmp_path / "pkg" / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    files = {results / "x.jsonl": "{}\n", tmp_path / "pkg" / "benchmarks" / "RESULTS.md": "# r\n", tmp_path / "pkg" / "code.py": "a = 1\n"}
+    for path, text in files.items():
+        path.write_text(text)
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    clean = git_commit(cwd=tmp_path)
+    assert len(clean) == 12 and not clean.endswith("-dirty")
+    for path in list(files)[:2]:
+        path.write_text("changed\n")
+    assert git_commit(cwd=results) == clean  # from any directory of the checkout
+    (tmp_path / "pkg" / "code.py").write_text("a = 2\n")
+    assert git_commit(cwd=tmp_path) == clean + "-dirty"

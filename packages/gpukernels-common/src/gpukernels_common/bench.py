@@ -118,13 +118,16 @@ def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1,
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """The checkout's short commit (`-dirty` with uncommitted changes); GKC_COMMIT when set (a copy
-    of the tree without its git history, as on a lent GPU machine); else "unknown"."""
+    """The checkout's short commit (`-dirty` with uncommitted changes other than benchmark outputs:
+    a benchmark that writes its records as it goes does not mark its own later records); GKC_COMMIT
+    when set (a copy of the tree without its git history, as on a lent GPU machine); else "unknown"."""
     if os.environ.get("GKC_COMMIT"):
         return os.environ["GKC_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude,glob)**/benchmarks/results/**", ":(top,exclude,glob)**/benchmarks/RESULTS.md"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return "unknown"
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
