@@ -369,29 +369,31 @@ class IVFIndex:
         query's items keep their slot order (probe, then position), so ties break as in the
         padded layout. One int8 matmul per query over its gathered rows."""
         q_codes, q_scales = quantize_rows(queries)
-        q = starts.shape[0]
-        # the set bits, query-major: first the nonzero words (few under a selective filter), then their bits
-        query, probe, word = (words != 0).nonzero(as_tuple=True)
-        hit, bit = unpack_bits(words[query, probe, word].unsqueeze(1), 32).nonzero(as_tuple=True)
-        query, probe, slot = query[hit], probe[hit], word[hit] * 32 + bit
-        positions = starts[query, probe] + slot
-        rows = self.codes.index_select(0, positions)
+        q, p, w = words.shape
+        # the set bits, query-major: first the nonzero words (few under a selective filter), then their
+        # bits; flat word indices and index_select (advanced indexing costs several times more here)
+        flat_words = words.reshape(-1)
+        nonzero = (flat_words != 0).nonzero().squeeze(1)
+        hit, bit = unpack_bits(flat_words.index_select(0, nonzero).unsqueeze(1), 32).nonzero(as_tuple=True)
+        word_at = nonzero.index_select(0, hit)  # flat (query, probe, word) index of each passing item
+        query = torch.div(word_at, p * w, rounding_mode="floor")
+        positions = starts.reshape(-1).index_select(0, torch.div(word_at, w, rounding_mode="floor")) + (word_at % w) * 32 + bit
         padded_queries = q_codes.new_zeros(q, 8, q_codes.shape[1])  # _int_mm's smallest right-hand side
         padded_queries[:, 0] = q_codes
-        dots = torch.empty(positions.numel(), dtype=torch.int32, device=rows.device)
+        device = positions.device
+        dots = torch.empty(positions.numel(), dtype=torch.int32, device=device)
         at = 0
         for i, n in enumerate(found.tolist()):
-            if n:
-                dots[at:at + n] = int8_matmul(rows[at:at + n], padded_queries[i])[:, 0]
+            if n:  # each query's rows gathered apart: a block that stays in cache, not one [items, D] copy
+                dots[at:at + n] = int8_matmul(self.codes.index_select(0, positions[at:at + n]), padded_queries[i])[:, 0]
             at += n
         scores = dots * (self.scales.index_select(0, positions) * q_scales.index_select(0, query))  # item x query, as the kernels
         width = max(int(found.max()), 1)
-        rank = torch.arange(positions.numel(), device=rows.device) - (found.cumsum(0) - found).index_select(0, query)
-        grid = torch.full((q, width), float("-inf"), device=rows.device)
-        grid[query, rank] = scores
-        grid_positions = torch.full((q, width), -1, dtype=torch.int64, device=rows.device)
-        grid_positions[query, rank] = positions
-        return grid, grid_positions
+        rank = torch.arange(positions.numel(), device=device) - (found.cumsum(0) - found).index_select(0, query)
+        at = query * width + rank
+        grid = torch.full((q, width), float("-inf"), device=device).view(-1).index_copy_(0, at, scores)
+        grid_positions = torch.full((q, width), -1, dtype=torch.int64, device=device).view(-1).index_copy_(0, at, positions)
+        return grid.view(q, width), grid_positions.view(q, width)
 
     def _search_once(self, queries, k, nprobe, filters) -> SearchResult:
         clusters = self.probe(queries, nprobe)
