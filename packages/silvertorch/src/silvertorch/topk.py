@@ -138,16 +138,15 @@ def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = Non
     padding = num_tiles * tile_width - num_columns
     padded = torch.nn.functional.pad(scores, (0, padding), value=float("-inf")) if padding else scores
     winner_values, winner_columns = padded.view(num_rows, num_tiles, tile_width).topk(min(keep, tile_width), dim=2,
-                                                                                      sorted=False)
+                                                                                      sorted=num_tiles == 1)
     if num_tiles > 1:  # a score above T is in its tile's winners (else its tile alone holds k scores above T)
         tile_start = torch.arange(num_tiles, device=scores.device).mul_(tile_width).view(1, num_tiles, 1)
         winner_values = winner_values.reshape(num_rows, -1)
         winner_columns = (winner_columns + tile_start).reshape(num_rows, -1)
         best_values, best = torch.topk(winner_values, keep, dim=1)
         best_columns = winner_columns.gather(1, best)
-    else:
-        best_values, order = torch.sort(winner_values.view(num_rows, keep), dim=1, descending=True)
-        best_columns = winner_columns.view(num_rows, keep).gather(1, order)
+    else:  # one tile: its winners come sorted
+        best_values, best_columns = winner_values.view(num_rows, keep), winner_columns.view(num_rows, keep)
     kth_value = best_values[:, k - 1]
     columns = best_columns[:, :k].contiguous()
     if keep > k:
@@ -166,11 +165,13 @@ def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = Non
 
 
 def _sorted_selection(scores: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row's selected columns by score descending, then column ascending."""
-    columns = torch.sort(columns, dim=1).values
+    """Order each row's selected columns by score descending, then column ascending: one sort of
+    int64 keys (the score's order-preserving key above, the column's complement below; unique in
+    a row), not a stable sort after a sort by column."""
     values = scores.gather(1, columns)
-    values, order = torch.sort(values, dim=1, descending=True, stable=True)
-    return _mark_missing(values, columns.gather(1, order))
+    keys = (order_preserving_keys(values).long() << 32) | ((2**31 - 1) - columns)  # columns < 2**31 - 1
+    order = torch.sort(keys, dim=1, descending=True).indices
+    return _mark_missing(values.gather(1, order), columns.gather(1, order))
 
 
 # -- radix select -----------------------------------------------------------------------------
