@@ -128,11 +128,11 @@ def cluster_major_scores(codes: torch.Tensor, scales: torch.Tensor, offsets: tor
         # the int32 dots placed first (1 past a cluster's end, so that 1 x -inf = -inf), then the
         # scales in whole-buffer passes: fewer ops per cluster
         dots = torch.ones(q * p, width, dtype=torch.int32, device=codes.device)
-        q_sorted, pair = q_codes.index_select(0, query), 0
-        for lo, n, size in zip(firsts.tolist(), counts.tolist(), sizes.tolist()):
+        split = counts.tolist()  # per-cluster views from one split call each, not a slice each
+        for lo, size, pairs, queries in zip(firsts.tolist(), sizes.tolist(), order.split(split),
+                                            q_codes.index_select(0, query).split(split)):
             if size:
-                dots[:, :size].index_copy_(0, order[pair:pair + n], int8_matmul(q_sorted[pair:pair + n], codes[lo:lo + size]))
-            pair += n
+                dots[:, :size].index_copy_(0, pairs, int8_matmul(queries, codes[lo:lo + size]))
         rank = torch.empty_like(order)
         rank[order] = torch.repeat_interleave(torch.arange(uniq.numel(), device=codes.device), counts)
         return item_scales.index_select(0, rank).mul_(q_scales.repeat_interleave(p).unsqueeze(1)).mul_(dots)
