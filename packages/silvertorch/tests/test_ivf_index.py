@@ -183,13 +183,16 @@ def test_reference_scores_only_passing_items_as_the_padded_layout_would(monkeypa
         mask[3] = False  # a query that keeps nothing
         filters = DenseMaskFilter(mask)
     results = {}
-    for name, cost in (("passing", 0), ("padded", 10**9)):
+    # the passing items' rows in one gather, and gathered per query
+    for name, cost, gather_bytes in (("passing", 0, 2**62), ("passing, per query", 0, 0), ("padded", 10**9, 2**62)):
         monkeypatch.setattr(ivf_index, "PASSING_SLOT_COST", cost)
+        monkeypatch.setattr(ivf_index, "PER_QUERY_GATHER_MIN_BYTES", gather_bytes)
         results[name] = [index.search_with_stats(q, k=k, nprobe=3, filters=filters, adaptive=adaptive)
                          for k, adaptive in ((5, False), (60, False), (400, True))]
-    for a, b in zip(results["passing"], results["padded"]):
-        for field in ("scores", "ids", "positions", "found", "nprobe", "fresh"):
-            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    for passing in ("passing", "passing, per query"):
+        for a, b in zip(results[passing], results["padded"]):
+            for field in ("scores", "ids", "positions", "found", "nprobe", "fresh"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), (passing, field)
     if density != "bloom":  # (a Bloom filter may let a false positive through)
         assert (results["passing"][1].found[3] == 0) and (results["passing"][1].ids[3] == -1).all()
 
