@@ -262,6 +262,14 @@ class IVFIndex:
         scores, starts, L, _ = self._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
         return scores, (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(scores.shape)
 
+    def _any_removed(self) -> bool:
+        """Whether any main item is tombstoned, read again only after `removed` changed (a scan of
+        every item per search otherwise: 70 us of a 1 ms batch-1 search at 200k items)."""
+        removed, cached = self.removed, getattr(self, "_removed_seen", None)
+        if cached is None or cached[0] is not removed or cached[1] != removed._version:
+            self._removed_seen = cached = (removed, removed._version, bool(removed.any()))
+        return cached[2]
+
     def _probed_ranges(self, queries, clusters, filters):
         """(starts [Q, P], lengths [Q, P], L, words): the probed clusters' storage ranges, L the
         largest cluster, and their keep words [Q, P, ceil(L/32)] (passes the filter and not
@@ -274,7 +282,7 @@ class IVFIndex:
             if filters.num_queries != queries.shape[0]:
                 raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
             words = filters.range_masks(starts, lengths, L).to(self.codes.device)
-        if self.removed.any():
+        if self._any_removed():
             slots = torch.arange(L, device=starts.device)
             alive = ~self.removed[(starts.unsqueeze(-1) + slots).clamp(max=max(self.num_main - 1, 0))]
             alive = pack_bits(alive & (slots < lengths.unsqueeze(-1)))  # bits past a cluster's end are 0, as a filter's
