@@ -91,3 +91,17 @@ def test_inline_references_traces_plain_ops(monkeypatch):
     assert "gkctest.axpb.default" not in targets and "aten.mul.Tensor" in targets
     x = torch.randn(4)
     torch.testing.assert_close(ep.module()(x), (x * 2 + 1).sum())
+
+
+def test_tracing_is_true_only_inside_a_trace():
+    from gpukernels_common import tracing
+
+    seen = []
+
+    def f(x):
+        seen.append(tracing())
+        return x + 1
+
+    assert not tracing()
+    torch.compile(f, backend="eager", fullgraph=True)(torch.ones(2))
+    assert seen == [True]

@@ -6,7 +6,7 @@ Importing this package never imports triton.
 from .__about__ import __version__
 from .backend import Backend, explain_backend, select_backend
 from .device import has_cuda, triton_available
-from .registry import RegisteredOp, inline_references, register_op
+from .registry import RegisteredOp, inline_references, register_op, tracing
 from .schedule import grouped_blocks
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "RegisteredOp",
     "register_op",
     "inline_references",
+    "tracing",
     "grouped_blocks",
 ]

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gpukernels_common import tracing
+
 from .__about__ import __version__
 from .bloom.hashing import term_hash
 from .bloom.index import BloomIndex
@@ -69,10 +71,19 @@ def _signed64(value: int) -> int:
     return (value + 2**63) % 2**64 - 2**63
 
 
-# int64 word masks: _LOW_BITS[c] keeps the lowest c bits (c = 0..64); _HIGH_BITS_CLEARED[s] clears
+# int64 word masks: low_bits[c] keeps the lowest c bits (c = 0..64); high_bits_cleared[s] clears
 # the s highest, what an arithmetic right shift by s filled with copies of the sign bit
-_LOW_BITS = torch.tensor([_signed64((1 << c) - 1) for c in range(65)], dtype=torch.int64)
-_HIGH_BITS_CLEARED = torch.tensor([_signed64((1 << (64 - s)) - 1) for s in range(64)], dtype=torch.int64)
+_WORD_MASKS = {"low_bits": [_signed64((1 << c) - 1) for c in range(65)],
+               "high_bits_cleared": [_signed64((1 << (64 - s)) - 1) for s in range(64)]}
+_WORD_MASKS_ON: dict = {}
+
+
+def _word_mask(name: str, device: torch.device) -> torch.Tensor:
+    """A table of _WORD_MASKS on `device`, copied there once (no host-to-device copy per forward)."""
+    key = (name, device)
+    if key not in _WORD_MASKS_ON:
+        _WORD_MASKS_ON[key] = torch.tensor(_WORD_MASKS[name], dtype=torch.int64, device=device)
+    return _WORD_MASKS_ON[key]
 
 
 def _int64_words(bits: torch.Tensor) -> torch.Tensor:
@@ -87,7 +98,7 @@ def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, m
     and the leading term slots its steps read (at least 1 hash slot, so shapes stay non-empty; 0
     exact slots when no step reads an exact term, so no stored attribute is looked up). Compiled
     and exported graphs, and GPUs (no host sync), keep the static bounds."""
-    if ops.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if ops.device.type != "cpu" or tracing():
         return ops, args, hashes, max_exact
     real = (ops != NOP).any(0).nonzero()
     last = int(real[-1]) + 1 if real.numel() else 0
@@ -278,8 +289,8 @@ class RetrievalModel(nn.Module):
         item and must be masked). Only the first E slots: the plans keep their EXACT_TERM terms there."""
         q, m = words.shape
         hashes = hashes[:, : self.max_exact_terms]
-        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        if not traced:
+        traced = tracing()
+        if not traced and words.device.type == "cpu":  # (torch.unique would wait for a GPU)
             distinct, which = torch.unique(hashes, return_inverse=True)
             if distinct.numel() * self.num_main <= q * m * 64:
                 # few distinct terms in the batch (queries sharing a filter): each term's words over
@@ -313,17 +324,17 @@ class RetrievalModel(nn.Module):
         passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
                                       exact, self.bloom_k).view(q, p, n_words)
         width = self.cluster_positions.shape[1]
-        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        if not tracing():
             # eager: the words shifted so that bit j of a row is slot j, the alive bits and the
             # cluster's end applied to the words, then unpacked a byte at a time: word-sized
             # work, where the traced form below does int64 arithmetic on every slot
             passing = passing & _rows(self._alive_words(), words).view(q, p, n_words)
             shift = (start & 63).unsqueeze(-1)
             following = torch.cat([passing[..., 1:], passing.new_zeros(q, p, 1)], -1)
-            aligned = ((passing >> shift) & _rows(_HIGH_BITS_CLEARED.to(shift.device), shift)) | ((following << (63 - shift)) << 1)
+            aligned = ((passing >> shift) & _rows(_word_mask("high_bits_cleared", shift.device), shift)) | ((following << (63 - shift)) << 1)
             sizes = _rows(self.cluster_offsets.diff(), clusters).unsqueeze(-1)  # bits from a cluster's end on are 0
             in_cluster = (sizes - 64 * torch.arange(n_words, device=sizes.device)).clamp(0, 64)
-            aligned &= _rows(_LOW_BITS.to(shift.device), in_cluster)
+            aligned &= _rows(_word_mask("low_bits", shift.device), in_cluster)
             return unpack_bits(aligned.view(torch.int32), width)
         slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
         # slot j is bit (first item's bit + j) counted from word `first`: shifts, not int64 // and %

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpukernels_common import tracing
+
 
 class OverArch(nn.Module):
     def __init__(self, dim: int, num_tasks: int, hidden: tuple[int, ...] | list[int] = (64,), dense_dim: int = 0):
@@ -77,7 +79,7 @@ CPU_CHUNK_BYTES = 8 << 20
 def _cpu_chunk_rows(batch_shape, hidden_per_row: int, device) -> int:
     """Users per chunk for eager CPU calls whose batch is larger than one chunk; 0: no chunking
     (GPUs, compiled or exported graphs, small batches)."""
-    if device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting() or not batch_shape:
+    if device.type != "cpu" or tracing() or not batch_shape:
         return 0
     rows = max(1, CPU_CHUNK_BYTES // (4 * max(hidden_per_row, 1)))
     return rows if batch_shape.numel() > rows else 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukernels_common import env, register_op
+from gpukernels_common import env, register_op, tracing
 
 from .index import (
     CLUSTER_MAJOR_MIN_QUERIES,
@@ -70,7 +70,7 @@ def probed_scores_reference(codes: torch.Tensor, scales: torch.Tensor, cluster_p
     clusters, reading `cluster_offsets`)."""
     q, p = clusters.shape
     n_clusters, width = cluster_positions.shape
-    eager = isinstance(q, int) and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+    eager = isinstance(q, int) and not tracing()
     if eager and q * min(min(n_clusters, q * p) * width, codes.shape[0]) * 4 > UNION_MAX_BYTES:
         scores = cluster_major_scores(codes, scales, cluster_offsets, q_codes, q_scales, clusters, width)
         return scores.masked_fill_(~keep.reshape(q * p, width), float("-inf")).view(q, -1)
