@@ -207,13 +207,9 @@ def test_exact_words_eager_equals_traced(words_per_query):
     assert torch.equal(eager, traced)
 
 
-@pytest.mark.parametrize("queries", [1, 5])
-def test_probed_scores_reference_eager_equals_traced(monkeypatch, queries):
-    """The reference's two branches: eager (inside the custom op) past UNION_MAX_BYTES (0 here), each
-    probed cluster's rows scored against the queries probing it; traced (compiled here, exported in
-    a package), the static-shape union. Same scores, -inf exactly where keep is off (padding slots
-    included)."""
-    monkeypatch.setattr(probed_module, "UNION_MAX_BYTES", 0)
+def _scoring_op_args(queries):
+    """Arguments of the model's scoring op: random query codes and scales, 3 of 12 clusters per query
+    (the first shared by the first and last query), random keep bits (padding slots off)."""
     model = _model(n_clusters=12, nprobe=3)
     g = torch.Generator().manual_seed(queries)
     q_codes = torch.randint(-127, 128, (queries, D), dtype=torch.int8, generator=g)
@@ -221,7 +217,18 @@ def test_probed_scores_reference_eager_equals_traced(monkeypatch, queries):
     clusters = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(queries)])
     clusters[-1, 0] = clusters[0, 0]
     keep = (torch.rand(queries, 3, model.cluster_positions.shape[1], generator=g) < 0.7) & model.cluster_valid[clusters]
-    args = (model.codes, model.scales, model.cluster_positions, model.cluster_offsets, clusters, keep, q_codes, q_scales)
+    return model.codes, model.scales, model.cluster_positions, model.cluster_offsets, clusters, keep, q_codes, q_scales
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_probed_scores_reference_eager_equals_traced(monkeypatch, queries):
+    """The reference's two branches: eager (inside the custom op) past UNION_MAX_BYTES (0 here), each
+    probed cluster's rows scored against the queries probing it; traced (compiled here, exported in
+    a package), the static-shape union. Same scores, -inf exactly where keep is off (padding slots
+    included)."""
+    monkeypatch.setattr(probed_module, "UNION_MAX_BYTES", 0)
+    args = _scoring_op_args(queries)
+    keep = args[5]
     eager = probed_scores_reference(*args)
     traced = torch.compile(probed_scores_reference, backend="aot_eager", fullgraph=True)(*args)
     assert torch.equal(torch.isinf(eager), ~keep.reshape(queries, -1)) and keep.any()
@@ -234,14 +241,8 @@ def test_probed_scores_kernel_matches_reference(monkeypatch, queries):
     (padding slots included), clusters shared between queries; -inf exactly where keep is off."""
     from gpukernels_common import Backend
 
-    model = _model(n_clusters=12, nprobe=3)
-    g = torch.Generator().manual_seed(queries)
-    q_codes = torch.randint(-127, 128, (queries, D), dtype=torch.int8, generator=g)
-    q_scales = torch.rand(queries, generator=g) + 0.01
-    clusters = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(queries)])
-    clusters[-1, 0] = clusters[0, 0]
-    keep = (torch.rand(queries, 3, model.cluster_positions.shape[1], generator=g) < 0.7) & model.cluster_valid[clusters]
-    args = (model.codes, model.scales, model.cluster_positions, model.cluster_offsets, clusters, keep, q_codes, q_scales)
+    args = _scoring_op_args(queries)
+    keep = args[5]
     want = probed_scores.run(Backend.REFERENCE, *args)
     got = probed_scores.run(Backend.INTERPRET, *args)
     assert torch.equal(torch.isinf(got), ~keep.reshape(queries, -1))
