@@ -46,7 +46,7 @@ from .bloom.index import BloomIndex
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, run_plans
 from .filtering import pack_bits, unpack_bits
-from .ivf.index import IVFIndex
+from .ivf.index import IVFIndex, derived_from
 from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
 from .ivf.quantize import quantize_rows
@@ -278,10 +278,7 @@ class RetrievalModel(nn.Module):
 
     def _alive_words(self) -> torch.Tensor:
         """The main index's alive bits as int64 words, packed again only after `alive` changed."""
-        alive, cached = self.alive, getattr(self, "_alive_packed", None)
-        if cached is None or cached[0] is not alive or cached[1] != alive._version:
-            self._alive_packed = cached = (alive, alive._version, _int64_words(alive[: self.num_main]))
-        return cached[2]
+        return derived_from(self, "_alive_packed", self.alive, lambda alive: _int64_words(alive[: self.num_main]))
 
     def _exact_words(self, words, hashes):
         """int64 [Q, E, M], E = max_exact_terms: bit b of [q, t, m] set when main-index item

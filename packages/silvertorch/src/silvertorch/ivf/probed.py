@@ -35,6 +35,13 @@ def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
+def _union_rows(codes, cluster_positions, q: int, p: int) -> int:
+    """Rows `_probed_dots` scores for a batch of q queries x p probes: the union's padded rows, or
+    every item when those would be more."""
+    n_clusters, width = cluster_positions.shape
+    return min(min(n_clusters, q * p) * width, codes.shape[0])
+
+
 def _probed_dots(codes, cluster_positions, clusters, q_codes):
     """float32 [Q, P, S]: exact integer dot products of the int8 query codes with the int8 codes of
     every slot of their probed clusters. Cluster-major: the rows of the batch's probed clusters
@@ -47,7 +54,7 @@ def _probed_dots(codes, cluster_positions, clusters, q_codes):
     n_clusters, width = cluster_positions.shape
     union_size = torch.sym_min(n_clusters, q * p)
     # a batch size left symbolic (an export for any batch) takes the union path: one graph for all
-    if isinstance(q, int) and union_size * width >= codes.shape[0]:
+    if isinstance(q, int) and _union_rows(codes, cluster_positions, q, p) == codes.shape[0]:
         rows, row_of_slot = codes, rows_of(cluster_positions, clusters)
     else:
         probed = torch.zeros(n_clusters, dtype=torch.int32, device=clusters.device).index_fill(0, clusters.reshape(-1), 1)
@@ -69,9 +76,9 @@ def probed_scores_reference(codes: torch.Tensor, scales: torch.Tensor, cluster_p
     rows scored against the queries that probe it only (`cluster_major_scores`, a loop over the
     clusters, reading `cluster_offsets`)."""
     q, p = clusters.shape
-    n_clusters, width = cluster_positions.shape
+    width = cluster_positions.shape[1]
     eager = isinstance(q, int) and not tracing()
-    if eager and q * min(min(n_clusters, q * p) * width, codes.shape[0]) * 4 > UNION_MAX_BYTES:
+    if eager and q * _union_rows(codes, cluster_positions, q, p) * 4 > UNION_MAX_BYTES:
         scores = cluster_major_scores(codes, scales, cluster_offsets, q_codes, q_scales, clusters, width)
         return scores.masked_fill_(~keep.reshape(q * p, width), float("-inf")).view(q, -1)
     dots = _probed_dots(codes, cluster_positions, clusters, q_codes)
