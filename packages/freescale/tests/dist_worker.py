@@ -111,6 +111,34 @@ def scenario_balance(rank, world):
     return out
 
 
+def scenario_tiny(rank, world):
+    """Global batches smaller than the world (a final partial batch), and an empty one: ranks
+    may receive no sample; every sample still arrives once, with its dense rows."""
+    a, _, dense = global_batch(5)
+    out = {}
+    for n in (1, world - 1, 0):
+        lo, hi = local_slice(world, rank, n)
+        feats = KeyedJagged.from_dict({"a": a[lo:hi]})
+        for mode in ("report", "split"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a lone sample exceeds the fair share: the warning is expected
+                bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), long_sequences=mode)
+                new, moved, plan = bal.balance(feats, {"id": torch.arange(lo, hi), "dense": dense[lo:hi]})
+                async_plan = bal.plan_async(feats).result(timeout=30)  # the background gather too
+            assert async_plan.global_batch == plan.global_batch == n
+            assert plan.report()["counts_after"] is not None  # the report of a tiny or empty batch
+            vals, lengths = new["a"]
+            got = plan.received()
+            for j, gid in enumerate(moved["id"].tolist()):
+                assert torch.equal(vals[int(lengths[:j].sum()) : int(lengths[: j + 1].sum())],
+                                   a[gid][int(got.start[j]) : int(got.stop[j])])
+                assert torch.equal(moved["dense"][j], dense[gid])
+            ids = [None] * world
+            dist.all_gather_object(ids, sorted(set(moved["id"].tolist())))
+            out[f"{n} {mode}"] = sorted({i for r in ids for i in r})  # split: a sample's pieces on several ranks
+    return out
+
+
 def long_batch(seed=1):
     """Ten histories, one far longer than the rest: alone it costs more than a rank's fair share."""
     g = torch.Generator().manual_seed(seed)
@@ -313,6 +341,34 @@ def scenario_scheduler(rank, world):
     assert torch.equal(big_out, expect_big)
     assert small_out.tolist() == [float(s + 10) for s in range(world)]
     return {"order": sched.completed}
+
+
+def scenario_scheduler_uneven(rank, world):
+    """Uneven splits whose sizes differ a lot between ranks, larger than chunk_bytes on some
+    ranks only (every rank must still issue the same chunks), then a 0-column all-to-all and a
+    later op that must still line up; FIFO and preempt ordering."""
+    out = {}
+    for preempt in (False, True):
+        sched = CommScheduler(chunk_bytes=1 << 12, preempt=preempt)
+        rows = 200 if rank == 0 else 1  # rows this rank sends to each rank
+        senders = [200 if r == 0 else 1 for r in range(world)]
+        big_in = torch.full((rows * world, 16), float(rank))
+        big_out = torch.empty(sum(senders), 16)
+        f_big = sched.all_to_all(big_out, big_in, senders, [rows] * world, name="uneven")
+        empty_out = torch.empty(sum(senders), 0)
+        f_empty = sched.all_to_all(empty_out, torch.empty(rows * world, 0), senders, [rows] * world, name="no columns")
+        sched.flush()
+        tail = torch.full((3,), float(rank + 1))
+        f_tail = sched.all_reduce(tail, name="tail")
+        sched.flush()
+        f_big.result(timeout=30)
+        f_empty.result(timeout=30)
+        f_tail.result(timeout=30)
+        sched.close()
+        expect = torch.cat([torch.full((n, 16), float(r)) for r, n in enumerate(senders)])
+        out[f"preempt={preempt}"] = torch.tensor(torch.equal(big_out, expect) and empty_out.shape == (sum(senders), 0)
+                                                 and torch.equal(tail, torch.full((3,), float(sum(range(1, world + 1))))))
+    return out
 
 
 def scenario_preempt(rank, world):

@@ -44,6 +44,15 @@ def test_balanced_batch_is_permutation_with_equal_gradients(tmp_path, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+def test_global_batch_smaller_than_the_world(tmp_path, world):
+    """A final partial batch with fewer samples than ranks, or none: some ranks get no sample."""
+    proc, res = _run("tiny", world, tmp_path, timeout=90)
+    for n in (1, world - 1, 0):
+        for mode in ("report", "split"):
+            assert res[f"{n} {mode}"] == list(range(n)), (n, mode)
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
     """Owner-side pooling (sum, mean) and unpooled rows equal a local nn.EmbeddingBag / lookup in
     forward and gradients, table-wise and row-wise, with empty bags and a rank without ids (at
@@ -107,6 +116,14 @@ def test_train_pipeline_moves_every_sample_once(tmp_path):
 def test_scheduler_completes_in_priority_order(tmp_path):
     proc, res = _run("scheduler", 2, tmp_path)
     assert res["order"] == ["urgent", "reduce", "background"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_scheduler_uneven_all_to_all_larger_than_a_chunk(tmp_path, world):
+    """Rank 0 sends far more than the others: every rank still issues the same chunks (agreed on
+    the communication thread), a 0-column op goes through, and later ops line up."""
+    proc, res = _run("scheduler_uneven", world, tmp_path, timeout=90)
+    assert res == {"preempt=False": True, "preempt=True": True}, res
 
 
 def test_scheduler_preempts_an_earlier_round(tmp_path):

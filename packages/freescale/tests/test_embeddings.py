@@ -136,6 +136,12 @@ def test_bad_input_is_named():
         ShardedEmbeddings({"a": 20, "b": 30}, dim=5)(features)
     with pytest.raises(ValueError, match="transport must be one of \\('collective', 'copy_engine'\\), got 'nccl'"):
         ShardedEmbeddings({"a": 50}, dim=5, transport="nccl")
+    with pytest.raises(TypeError, match="ids for table 'a' must have an integer dtype, got torch.float32"):
+        ShardedEmbeddings({"a": 5}, dim=3)(KeyedJagged.from_dict({"a": [torch.tensor([1.7])]}))  # not row 1
+    with pytest.raises(ValueError, match="dim must be an int >= 1 \\(the embedding width\\), got 0"):
+        ShardedEmbeddings({"a": 5}, dim=0)
+    with pytest.raises(ValueError, match="tables: row counts must be non-negative ints, got \\{'a': -3\\}"):
+        ShardedEmbeddings({"a": -3}, dim=3)
 
 
 def test_pipeline_sends_ids_ahead_and_warns_when_the_step_does_not_use_them():

@@ -41,6 +41,8 @@ def test_bad_inputs():
         _kj().permute(torch.tensor([3]))
     with pytest.raises(ValueError, match="split sizes"):
         _kj().split([1, 1])
+    with pytest.raises(KeyError, match=r"no key 'zz' in these features \(keys: \['a', 'b'\]\)"):
+        _kj()["zz"]
 
 
 def test_sample_major_matches_a_loop_and_round_trips():

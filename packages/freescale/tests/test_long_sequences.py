@@ -81,10 +81,24 @@ def test_balancer_bad_options_and_misaligned_keys():
         BatchBalancer(long_sequences="split", split_context=-1)
     with pytest.raises(ValueError, match="min_gain must be a fraction in \\[0, 1\\), got 1.5"):
         BatchBalancer(min_gain=1.5)
+    with pytest.raises(ValueError, match="method must be one of .* got 'kk-equal'"):
+        BatchBalancer(method="kk-equal")  # at construction, not at the first plan
+    with pytest.raises(ValueError, match="lengths must be non-negative, got -5"):
+        BatchBalancer().plan(torch.tensor([-5, 2]))
+    for floats in (torch.tensor([1.9, 2.7]), [1.5, 2.0]):
+        with pytest.raises(ValueError, match="lengths must be integer counts of positions, got dtype torch.float"):
+            BatchBalancer().plan(floats)
     feats = KeyedJagged.from_dict({"a": [torch.arange(3), torch.arange(2)], "b": [torch.arange(1), torch.arange(2)]})
     with pytest.raises(ValueError, match="same length in every sample"):
         BatchBalancer(long_sequences="cap").lengths_of(feats)
     assert BatchBalancer().lengths_of(feats).tolist() == [4, 4]  # report mode: total over keys
+
+
+def test_empty_batch_in_one_process():
+    for mode in ("report", "cap", "split"):
+        new, moved, plan = BatchBalancer(long_sequences=mode).balance(KeyedJagged.from_dict({"a": []}), {"x": torch.zeros(0, 2)})
+        assert new.batch_size == 0 and moved["x"].shape == (0, 2) and plan.global_batch == 0
+        assert plan.report()["max_sample_cost_after"] == 0.0
 
 
 def test_keyed_jagged_windows():

@@ -20,6 +20,15 @@ def test_partition_is_a_permutation_and_beats_contiguous(method, n, world):
     assert float(part.loads.max()) <= float(base.loads.max()) + 1e-9
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_fewer_samples_than_ranks_leave_ranks_empty(method):
+    part = partition([3.0, 1.0], 4, method=method)  # e.g. a final partial batch
+    assert sorted(torch.cat(part.assignments).tolist()) == [0, 1] and sum(part.counts()) == 2
+    assert float(part.loads.max()) == 3.0
+    empty = partition([], 2, method=method)
+    assert empty.counts() == [0, 0] and empty.bubble() == 0.0
+
+
 def test_kk_follows_largest_differencing():
     # LDM by hand: 10-7=3, 5-3=2, then {3,2,2,1} -> 1, {2,1,1} -> 1, {1,1} -> 0: a perfect split
     assert sorted(partition([10, 7, 5, 3, 2, 1], 2, method="kk", refine=False).loads.tolist()) == [14.0, 14.0]
@@ -45,8 +54,11 @@ def test_oversized_and_capping():
 def test_partition_bad_inputs():
     with pytest.raises(ValueError, match="method"):
         partition([1.0, 2.0], 2, method="magic")
-    with pytest.raises(ValueError, match="at least one sample per rank"):
-        partition([1.0], 2)
+    with pytest.raises(ValueError, match=r"costs must be 1-D \(one cost per sample\), got shape \(2, 2\)"):
+        partition([[1, 2], [3, 4]], 2)
+    for world in (2.0, 0, True, "2"):
+        with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+            partition([1.0, 2.0], world)
     with pytest.raises(ValueError, match="finite"):
         partition([1.0, float("nan")], 2)
 
@@ -61,3 +73,18 @@ def test_cost_model_fit_recovers_coefficients():
     assert shape.a > 0 and shape.b > 0
     with pytest.raises(ValueError):
         CostModel(a=0, b=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1", True, None])
+def test_cost_model_coefficients_must_be_finite_numbers(bad):
+    with pytest.raises(ValueError, match="cost coefficient a must be a finite real number"):
+        CostModel(a=bad)
+    with pytest.raises(ValueError, match="cost coefficient b must be a finite real number"):
+        CostModel(b=bad)
+
+
+def test_cost_model_fit_refuses_non_finite_times():
+    with pytest.raises(ValueError, match="step_times must be finite"):
+        CostModel().fit([[1, 2], [3]], [float("nan"), 1.0])
+    with pytest.raises(ValueError, match="step_times must be finite"):
+        CostModel().fit([[1, 2], [3]], [float("inf"), 1.0])

@@ -47,3 +47,16 @@ def test_simulate_bad_inputs():
         simulate([torch.tensor([1])], 0, CostModel())
     with pytest.raises(ValueError, match="empty"):
         simulate([], 2, CostModel())
+    with pytest.raises(ValueError, match="link_bandwidth must be > 0"):
+        simulate([torch.tensor([1, 2])], 2, CostModel(), embedding_bytes_per_token=1, link_bandwidth=0)
+    with pytest.raises(ValueError, match="overlap_slowdown must be a finite fraction >= 0, got -1"):
+        simulate([torch.tensor([1, 2])], 2, CostModel(), overlap_slowdown=-1)
+    with pytest.raises(ValueError, match="world_size must be an int >= 1, got 2.0"):
+        simulate([torch.tensor([1, 2])], 2.0, CostModel())
+
+
+def test_simulate_zero_lengths_and_a_2d_batch_tensor():
+    zero = simulate([torch.zeros(4, dtype=torch.long)], 2, CostModel(a=1.0, b=1.0))  # nothing to compute
+    assert zero.step_times == [0.0] and zero.bubble_ratio == 0.0
+    rows = torch.tensor([[1, 2], [3, 4]])  # one global batch per row
+    assert simulate(rows, 2, CostModel()).step_times == simulate(list(rows), 2, CostModel()).step_times

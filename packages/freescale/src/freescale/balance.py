@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .cost import CostModel
 from .jagged import KeyedJagged
 from .longseq import MODES, Windows, floor_of, long_sequence_windows
-from .partition import Partition, bubble_of, oversized, partition
+from .partition import METHODS, Partition, bubble_of, oversized, partition
 
 
 @dataclasses.dataclass
@@ -103,7 +103,7 @@ class BalancePlan:
                 "max_load_before": float(self.before_loads.max()), "max_load_after": float(self.partition.loads.max()),
                 "counts_after": self.partition.counts(), "oversized_samples": self.oversized.tolist(),
                 **floor_of(before, self.world_size), "long_sequences": self.long_sequences,
-                "max_sample_cost_after": float(after.max()),
+                "max_sample_cost_after": float(after.max()) if after.numel() else 0.0,
                 "cost_change_pct": 100.0 * (float(after.sum()) / float(before.sum()) - 1.0) if float(before.sum()) > 0 else 0.0}
 
 
@@ -123,6 +123,8 @@ class BatchBalancer:
         `split_context` positions of context each (default: half a piece). Capping and
         splitting cost by the number of positions and need every key of the features to hold
         one entry per position (e.g. items and their targets); see `freescale.longseq`."""
+        if method not in METHODS:  # here, not at the first plan
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if long_sequences not in MODES:
             raise ValueError(f"long_sequences must be one of {MODES}, got {long_sequences!r}")
         if split_context is not None and (not isinstance(split_context, int) or split_context < 0):
@@ -188,10 +190,14 @@ class BatchBalancer:
         if isinstance(lengths_or_features, KeyedJagged):
             per_key = lengths_or_features.lengths_per_key().cpu()
             return torch.cat([self.lengths_of(lengths_or_features).cpu().unsqueeze(1), per_key.T], 1)
-        lengths = torch.as_tensor(lengths_or_features, dtype=torch.long).cpu()
+        lengths = torch.as_tensor(lengths_or_features).cpu()
         if lengths.dim() != 1:
             raise ValueError(f"lengths must be 1-D (one cost length per sample), got shape {tuple(lengths.shape)}")
-        return lengths.unsqueeze(1)
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must be integer counts of positions, got dtype {lengths.dtype}")
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"lengths must be non-negative, got {int(lengths.min())}")
+        return lengths.to(torch.long).unsqueeze(1)
 
     def _make_plan(self, per_rank_rows: list[torch.Tensor]) -> BalancePlan:
         per_rank = [r[:, 0] for r in per_rank_rows]

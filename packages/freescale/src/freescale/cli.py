@@ -16,23 +16,35 @@ from .partition import METHODS
 from .simulate import simulate
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # forwarded whole, before argparse: a REMAINDER positional would not take leading options
+        from .train import main as train_main
+
+        train_main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="freescale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="bubble ratio of naive vs balanced data parallelism")
-    sim.add_argument("--world", type=int, default=64)
-    sim.add_argument("--per-rank", type=int, default=32, help="samples per rank per step")
-    sim.add_argument("--steps", type=int, default=10)
+    sim.add_argument("--world", type=_positive_int, default=64)
+    sim.add_argument("--per-rank", type=_positive_int, default=32, help="samples per rank per step")
+    sim.add_argument("--steps", type=_positive_int, default=10)
     sim.add_argument("--lengths", choices=["zipf", "movielens"], default="zipf")
     sim.add_argument("--method", choices=METHODS, default="kk_equal")
-    train = sub.add_parser("train", help="run freescale.train (use torchrun for several ranks)")
-    train.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("train", help="run freescale.train with the options that follow (use torchrun for several ranks)",
+                   add_help=False)  # listed for --help; handled above
     args = parser.parse_args(argv)
-    if args.command == "train":
-        from .train import main as train_main
-
-        train_main(args.rest)
-        return 0
     n = args.world * args.per_rank
     if args.lengths == "zipf":
         pool = zipf_lengths(n * args.steps, seed=0)

@@ -37,6 +37,10 @@ class _Chunk:
     round: int = 0
 
 
+class _Deferred:
+    """A part whose chunks are decided when it runs (see `CommScheduler.all_to_all`)."""
+
+
 class CommScheduler:
     def __init__(self, process_group=None, chunk_bytes: int = 1 << 20, preempt: bool = False):
         self.group = process_group
@@ -93,53 +97,121 @@ class CommScheduler:
                 if not chunk.run.future.done():
                     chunk.run.future.set_exception(err)
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"CommScheduler: cannot {what}: the scheduler is closed (close() was called); "
+                               "create a new CommScheduler for further collectives")
+
     def _queue_chunks(self, parts: list, send, result, priority: int, name: str) -> Future:
         """Queue `send(part)` for every part as chunks of one op; the future resolves to `result`
-        once the last chunk is done."""
+        once the last chunk is done. A part may be a `_Deferred`, whose run returns more parts
+        (the chunks it expands into, queued right behind it with the same priority and round)."""
+        self._check_open(f"queue op {name!r}")
         future: Future = Future()
         seq = next(self._seq)
         remaining = [len(parts)]
         lock = threading.Lock()
 
+        def finish_one():
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self.completed.append(name)
+                future.set_result(result)
+
         def make_run(part):
             def run():
-                send(part)
-                with lock:
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last:
-                    self.completed.append(name)
-                    future.set_result(result)
+                more = send(part)
+                if more:  # expanded: parts 1.. become chunks of this op (the same on every rank)
+                    with lock:
+                        remaining[0] += len(more)
+                    with self._cv:
+                        for i, extra in enumerate(more, start=1):
+                            extra_run = make_run(extra)
+                            extra_run.chunk = _Chunk(priority, seq, i, extra_run, run.chunk.round)
+                            self._ready.append(extra_run.chunk)
+                finish_one()
             run.future = future
             return run
 
         for i, part in enumerate(parts):
-            self._pending.append(_Chunk(priority, seq, i, make_run(part)))
+            run = make_run(part)
+            run.chunk = _Chunk(priority, seq, i, run)
+            self._pending.append(run.chunk)
         return future
+
+    def _local(self) -> bool:
+        """No process group at all: a world of one, where every collective is a local no-op."""
+        return self.group is None and not dist.is_initialized()
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits=None, input_splits=None,
                    priority: int = 0, name: str = "all_to_all") -> Future:
-        """Queue an all_to_all_single; chunked along dim 1 when it is larger than chunk_bytes."""
-        total = input.numel() * input.element_size()
-        n_chunks = max(1, -(-total // self.chunk_bytes)) if input.dim() == 2 else 1
-        n_chunks = min(n_chunks, input.shape[1]) if input.dim() == 2 else 1
-        cols = torch.arange(input.shape[1]).tensor_split(n_chunks) if input.dim() == 2 else [None]
+        """Queue an all_to_all_single; chunked along dim 1 when it is larger than chunk_bytes.
 
-        def send(c):
-            if c is None:
-                dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
-            else:
-                out = output.new_empty(output.shape[0], c.numel())
-                dist.all_to_all_single(out, input[:, c].contiguous(), output_splits, input_splits, group=self.group)
-                output[:, c] = out
+        Every rank must issue the same number of chunks. Without splits every rank's input has
+        the same shape, so the count follows from it. With uneven splits the sizes differ per
+        rank: the first chunk agrees on the count (one one-element MAX all-reduce on the
+        scheduler's group, on the communication thread) and sends the first column block."""
+        if not self._local():
+            return self._queue_chunks([_Deferred()] if self._uneven_chunking(input, output_splits, input_splits)
+                                      else self._column_blocks(input, output, self._local_chunks(input, output)),
+                                      lambda part: self._send_all_to_all(output, input, output_splits, input_splits, part),
+                                      output, priority, name)
 
-        return self._queue_chunks(list(cols), send, output, priority, name)
+        def copy(_):  # a world of one: the only peer is this rank
+            if output.shape != input.shape:
+                raise ValueError(f"all_to_all {name!r}: without a process group (a world of one) output must have "
+                                 f"input's shape {tuple(input.shape)}, got {tuple(output.shape)}")
+            output.copy_(input)
+
+        return self._queue_chunks([None], copy, output, priority, name)
+
+    def _local_chunks(self, input: torch.Tensor, output: torch.Tensor) -> int:
+        """Chunks of at most chunk_bytes for this rank's larger side, at least one, at most one
+        per column (none for no columns: the whole op is sent as one)."""
+        if input.dim() != 2 or input.shape[1] == 0:
+            return 1
+        total = max(input.numel(), output.numel()) * input.element_size()
+        return max(1, min(-(-total // self.chunk_bytes), input.shape[1]))
+
+    @staticmethod
+    def _uneven_chunking(input: torch.Tensor, output_splits, input_splits) -> bool:
+        # the row counts, hence the chunk counts, can differ between ranks
+        return input.dim() == 2 and input.shape[1] > 1 and (output_splits is not None or input_splits is not None)
+
+    @staticmethod
+    def _column_blocks(input: torch.Tensor, output: torch.Tensor, n_chunks: int) -> list:
+        if n_chunks == 1:
+            return [None]  # the whole op at once
+        return [(int(c[0]), int(c[-1]) + 1) for c in torch.arange(input.shape[1]).tensor_split(n_chunks)]
+
+    def _send_all_to_all(self, output, input, output_splits, input_splits, part):
+        if isinstance(part, _Deferred):
+            n_chunks = self._local_chunks(input, output)
+            if dist.get_world_size(self.group) > 1:
+                agreed = torch.tensor([n_chunks], dtype=torch.long)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+                n_chunks = int(agreed)
+            blocks = self._column_blocks(input, output, n_chunks)
+            self._send_all_to_all(output, input, output_splits, input_splits, blocks[0])
+            return blocks[1:]
+        if part is None:
+            dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+            return None
+        lo, hi = part
+        out = output.new_empty(output.shape[0], hi - lo)
+        dist.all_to_all_single(out, input[:, lo:hi].contiguous(), output_splits, input_splits, group=self.group)
+        output[:, lo:hi] = out
+        return None
 
     def all_reduce(self, tensor: torch.Tensor, priority: int = 0, name: str = "all_reduce") -> Future:
         """Queue a sum all-reduce of `tensor` in place; flat chunks of at most chunk_bytes, so an
         urgent op is not stuck behind a large one. The future's result is `tensor`."""
         if not tensor.is_contiguous():
             raise ValueError(f"all_reduce: tensor {name!r} must be contiguous (it is reduced in place)")
+        if self._local():  # a world of one: the sum is the tensor itself
+            return self._queue_chunks([0], lambda lo: None, tensor, priority, name)
         flat = tensor.view(-1)
         per_chunk = max(1, self.chunk_bytes // max(1, tensor.element_size()))
         starts = list(range(0, max(1, flat.numel()), per_chunk))
@@ -148,6 +220,7 @@ class CommScheduler:
 
     def flush(self) -> None:
         """Hand every pending chunk to the communication thread as one round, most urgent first."""
+        self._check_open("flush()")
         if not self._pending:
             return  # an empty round would leave nothing to agree on
         with self._cv:
@@ -159,8 +232,13 @@ class CommScheduler:
         self._pending = []
 
     def close(self) -> None:
-        """Finish the flushed work, then stop the communication thread."""
+        """Finish the flushed work, then stop the communication thread. Ops submitted but never
+        flushed fail (their futures raise); submitting or flushing afterwards raises."""
         with self._cv:
             self._closed = True
             self._cv.notify()
+        for chunk in self._pending:  # never handed to the thread: they would never resolve
+            if not chunk.run.future.done():
+                chunk.run.future.set_exception(RuntimeError("CommScheduler closed before this op was flushed"))
+        self._pending = []
         self._thread.join(timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,14 @@ class CostModel:
     """cost(L) = a*L + b*L^2 in arbitrary units (FLOPs from the model shape, or seconds when fitted)."""
 
     def __init__(self, a: float = 1.0, b: float = 0.0):
+        for name, value in (("a", a), ("b", b)):
+            try:
+                finite = not isinstance(value, (bool, str)) and math.isfinite(float(value))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise ValueError(f"cost coefficient {name} must be a finite real number, got {value!r}")
+        a, b = float(a), float(b)
         if a < 0 or b < 0 or (a == 0 and b == 0):
             raise ValueError(f"cost coefficients must be non-negative and not both zero, got a={a}, b={b}")
         self.a, self.b = float(a), float(b)
@@ -37,6 +46,10 @@ class CostModel:
             raise ValueError("fit needs at least two (lengths, time) observations of equal count")
         x = torch.tensor([[float(sum(ls)), float(sum(int(v) ** 2 for v in ls))] for ls in rank_lengths], dtype=torch.float64)
         y = torch.tensor(list(step_times), dtype=torch.float64).unsqueeze(1)
+        if not torch.isfinite(y).all():  # lstsq would fail with an internal assert
+            raise ValueError(f"fit: step_times must be finite, got {[float(t) for t in step_times]}")
+        if not torch.isfinite(x).all() or (x < 0).any():
+            raise ValueError("fit: rank_lengths must hold finite, non-negative lengths")
         coef = torch.linalg.lstsq(x, y).solution.squeeze(1).clamp_min(0)
         if float(coef.sum()) == 0:
             raise ValueError("fitted cost is zero everywhere: step times do not grow with length")

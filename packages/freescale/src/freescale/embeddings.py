@@ -24,6 +24,7 @@ row) instead of `index_add_` over a [ids, dim] tensor of per-id steps.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -160,6 +161,11 @@ class ShardedEmbeddings(nn.Module):
             raise ValueError(f"fused_update={fused_update!r} needs fused_lr= (it is how the fused SGD update runs)")
         if not tables:
             raise ValueError("tables must name at least one table and its row count")
+        bad_rows = {k: n for k, n in tables.items() if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0}
+        if bad_rows:
+            raise ValueError(f"tables: row counts must be non-negative ints, got {bad_rows}")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1 (the embedding width), got {dim!r}")
         self.fused_update = fused_update
         self.group, self.sharding, self.dim, self.sparse_grad, self.fused_lr = process_group, sharding, dim, sparse_grad, fused_lr
         self.transport = make_transport(transport)
@@ -228,6 +234,8 @@ class ShardedEmbeddings(nn.Module):
             raise KeyError(f"features have no ids for the tables {missing} (features: {features.keys}, tables: {self.keys})")
         ids_per_key, lengths_per_key = zip(*(features[key] for key in self.keys))
         for key, ids in zip(self.keys, ids_per_key):
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:  # would be truncated to rows
+                raise TypeError(f"ids for table {key!r} must have an integer dtype, got {ids.dtype}")
             if ids.numel():
                 low, high = torch.aminmax(ids)  # one pass
                 if low < 0 or high >= self.num_rows[key]:

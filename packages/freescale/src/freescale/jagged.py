@@ -53,6 +53,8 @@ class KeyedJagged:
         return self.lengths_per_key().sum(0)
 
     def __getitem__(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self.keys:
+            raise KeyError(f"no key {key!r} in these features (keys: {self.keys})")
         k = self.keys.index(key)
         b = self.batch_size
         start = int(self.lengths[: k * b].sum())

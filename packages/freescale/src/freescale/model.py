@@ -40,13 +40,20 @@ class HSTULayer(nn.Module):
 
 def pad_jagged(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-aligned padding: the most recent item of each sequence sits in the last column."""
-    max_len = int(lengths.max()) if max_len is None else max_len
-    b = lengths.numel()
+    if lengths.dim() != 1 or values.dim() != 1:
+        raise ValueError(f"pad_jagged: values and lengths must be 1-D, got shapes {tuple(values.shape)} and {tuple(lengths.shape)}")
+    sizes = lengths.tolist()  # one host copy; the loop below slices by Python ints
+    if any(n < 0 for n in sizes) or sum(sizes) != values.numel():
+        raise ValueError(f"pad_jagged: lengths must be non-negative and sum to the {values.numel()} values, "
+                         f"got sum {sum(sizes)}" + (" with negative entries" if any(n < 0 for n in sizes) else ""))
+    max_len = max(sizes, default=0) if max_len is None else max_len
+    b = len(sizes)
     out = values.new_zeros(b, max_len)
     mask = torch.zeros(b, max_len, dtype=torch.bool)
-    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-    for i in range(b):
-        seq = values[offsets[i] : offsets[i + 1]][-max_len:]
+    start = 0
+    for i, n in enumerate(sizes):
+        seq = values[start : start + n][-max_len:] if max_len else values[:0]
+        start += n
         if seq.numel():
             out[i, -seq.numel():] = seq
             mask[i, -seq.numel():] = True
@@ -83,7 +90,10 @@ class HSTURecommender(nn.Module):
         of a split sequence, `BalancePlan.received().trailing`), so positions still count back
         from the full sequence's newest item; window + trailing must fit max_len."""
         if item_embeddings is None:
-            padded, mask = pad_jagged(items, lengths, min(self.max_len, int(lengths.max())))
+            # at least one column: a batch of empty histories (or no histories) still has a state
+            # per sequence, the one an empty history gets in any batch
+            longest = int(lengths.max()) if lengths.numel() else 0
+            padded, mask = pad_jagged(items, lengths, max(1, min(self.max_len, longest)))
             x = self.item(padded)
         else:
             width = item_embeddings.shape[1]
@@ -91,9 +101,11 @@ class HSTURecommender(nn.Module):
                 raise ValueError(f"item_embeddings must be [B={lengths.numel()}, W<={self.max_len}, D], got {tuple(item_embeddings.shape)}")
             mask = torch.arange(width, device=lengths.device) >= (width - lengths.clamp_max(width)).unsqueeze(1)
             x = item_embeddings
+            if width == 0:  # one empty column, as for the items above
+                x, mask = x.new_zeros(x.shape[0], 1, x.shape[2]), mask.new_zeros(x.shape[0], 1)
         width = x.shape[1]
         if trailing is None:
-            positions = self.position.weight[-width:]
+            positions = self.position.weight[self.max_len - width :]  # the newest `width` (not [-0:], the whole table)
         else:
             trailing = torch.as_tensor(trailing, dtype=torch.long, device=lengths.device)
             if trailing.shape != lengths.shape or (trailing < 0).any() or (lengths.clamp_max(width) + trailing > self.max_len).any():

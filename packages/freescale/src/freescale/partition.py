@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import numbers
 
 import torch
 
@@ -129,14 +130,16 @@ def _refine(bins, costs, max_rounds=200):
 
 
 def partition(costs, world_size: int, method: str = "kk_equal", refine: bool = True) -> Partition:
-    """Assign samples to `world_size` ranks minimising the most loaded rank's cost."""
-    costs = torch.as_tensor(costs, dtype=torch.float64).reshape(-1)
+    """Assign samples to `world_size` ranks minimising the most loaded rank's cost. Fewer
+    samples than ranks (e.g. a final partial batch) leave some ranks with none."""
+    costs = torch.as_tensor(costs, dtype=torch.float64)
+    if costs.dim() != 1:
+        raise ValueError(f"costs must be 1-D (one cost per sample), got shape {tuple(costs.shape)}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if costs.numel() < world_size:
-        raise ValueError(f"need at least one sample per rank: {costs.numel()} samples for {world_size} ranks")
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    world_size = int(world_size)
     if not torch.isfinite(costs).all() or (costs < 0).any():
         raise ValueError("costs must be finite and non-negative")
     values = costs.tolist()  # Python floats: the greedy and differencing loops index them one by one

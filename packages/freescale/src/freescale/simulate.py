@@ -12,6 +12,7 @@ fair share first, as `BatchBalancer` does (split pieces recompute their context)
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -42,10 +43,18 @@ def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostM
              overlap_slowdown: float = 0.35, sm_free: bool = False, allreduce_seconds: float = 0.0,
              refine: bool = True, long_sequences: str = "report", split_context: int | None = None) -> SimResult:
     """Simulate one step per global batch of sequence lengths."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if not batches:
-        raise ValueError("batches is empty")
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(batches, torch.Tensor):  # a 2-D tensor: one global batch per row
+        batches = list(batches) if batches.dim() == 2 else None
+    if batches is None or len(batches) == 0:
+        raise ValueError("batches must be a non-empty sequence of 1-D length tensors (or a 2-D tensor, one batch per row)")
+    if not link_bandwidth > 0:
+        raise ValueError(f"link_bandwidth must be > 0 (bytes per second), got {link_bandwidth!r}")
+    if not 0 <= overlap_slowdown < float("inf"):
+        raise ValueError(f"overlap_slowdown must be a finite fraction >= 0, got {overlap_slowdown!r}")
+    if not 0 <= seconds_per_cost < float("inf"):
+        raise ValueError(f"seconds_per_cost must be finite and >= 0, got {seconds_per_cost!r}")
     alpha = 0.0 if sm_free else overlap_slowdown
     steps, waits, comms, busies, per_step = [], 0.0, 0.0, 0.0, []
     total_samples = 0
@@ -74,4 +83,6 @@ def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostM
         busies += sum(comp_list)
         per_step.append(sum(wait) / (world_size * step) if step > 0 else 0.0)
     denom = world_size * sum(steps)
+    if denom == 0:  # nothing to compute (all-zero lengths, no overhead): zero cost, no bubble
+        return SimResult(steps, 0.0, 0.0, 0.0, float("inf") if total_samples else 0.0, per_step)
     return SimResult(steps, waits / denom, comms / denom, busies / denom, total_samples / sum(steps), per_step)

@@ -147,7 +147,9 @@ def main(argv=None):
             with open(args.loss_log, "w") as f:
                 json.dump({"losses": losses, "start": start, "bubble": summary}, f)
         if args.checkpoint:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": args.steps}, args.checkpoint)
+            # the steps the model has taken: a resume past --steps trains none and must not go back
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": max(start, args.steps)},
+                       args.checkpoint)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,0 +1,39 @@
+"""CommScheduler in one process, without a process group (a world of one)."""
+
+import pytest
+import torch
+
+from freescale import CommScheduler
+
+
+def test_world_of_one_without_a_process_group_is_a_local_no_op():
+    sched = CommScheduler(chunk_bytes=64)
+    grads = torch.arange(100, dtype=torch.float32)
+    rows = torch.arange(40, dtype=torch.float32).view(8, 5)
+    out = torch.empty(8, 5)
+    f_reduce = sched.all_reduce(grads)
+    f_rows = sched.all_to_all(out, rows, [8], [8])
+    f_none = sched.all_to_all(torch.empty(4, 0), torch.ones(4, 0))  # no columns
+    sched.flush()
+    assert f_reduce.result(timeout=10) is grads and torch.equal(grads, torch.arange(100, dtype=torch.float32))
+    assert f_rows.result(timeout=10) is out and torch.equal(out, rows)
+    assert f_none.result(timeout=10).shape == (4, 0)
+    bad = sched.all_to_all(torch.empty(3, 5), rows)
+    sched.flush()
+    with pytest.raises(ValueError, match="output must have input's shape"):
+        bad.result(timeout=10)
+    sched.close()
+
+
+def test_ops_after_close_raise_and_unflushed_ops_fail():
+    sched = CommScheduler()
+    unflushed = sched.all_reduce(torch.ones(3), name="late")
+    sched.close()
+    with pytest.raises(RuntimeError, match="closed before this op was flushed"):
+        unflushed.result(timeout=10)
+    with pytest.raises(RuntimeError, match="scheduler is closed"):
+        sched.all_reduce(torch.ones(3))
+    with pytest.raises(RuntimeError, match="scheduler is closed"):
+        sched.all_to_all(torch.empty(2, 2), torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match="scheduler is closed"):
+        sched.flush()

@@ -1,0 +1,36 @@
+"""HSTURecommender on edge-case batches."""
+
+import pytest
+import torch
+
+from freescale import HSTURecommender
+from freescale.model import pad_jagged
+
+
+def _model():
+    torch.manual_seed(0)
+    return HSTURecommender(20, d_model=8, n_layers=1, max_len=10)
+
+
+def test_empty_histories_get_the_state_they_get_in_any_batch():
+    model = _model()
+    mixed = model(torch.tensor([3, 4, 5]), torch.tensor([0, 3, 0]))
+    empty = model(torch.tensor([], dtype=torch.long), torch.tensor([0, 0]))
+    torch.testing.assert_close(empty, mixed[[0, 2]])
+    # rows looked up elsewhere, none of them: the same state
+    no_rows = torch.zeros(1, 0, 8)
+    torch.testing.assert_close(model.user_state(None, torch.tensor([0]), item_embeddings=no_rows),
+                               model.user_state(torch.tensor([], dtype=torch.long), torch.tensor([0])))
+
+
+def test_empty_batch():
+    model = _model()
+    assert model(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).shape == (0, 20)
+
+
+@pytest.mark.parametrize("lengths", [[3], [6], [2, -1, 4]])
+def test_lengths_must_sum_to_the_items(lengths):
+    with pytest.raises(ValueError, match="lengths must be non-negative and sum to the 5 values"):
+        _model()(torch.arange(5), torch.tensor(lengths))
+    with pytest.raises(ValueError, match="sum to the 5 values"):
+        pad_jagged(torch.arange(5), torch.tensor(lengths))
