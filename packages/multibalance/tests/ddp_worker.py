@@ -30,12 +30,15 @@ def data():
 
 def train(wrapper, net, norm, path, x, ya, yb, norm_lag=0, steps=3):
     """Gradients after `steps` balanced steps; `path`: "factored" (the heads open with a Linear
-    layer), "general" (forced: every task's representation gradient formed), or "tanh heads"
-    (heads that open with a tanh: the general path). Three steps: with norm_lag=1 the third is
-    the first to average in the norms of a step before."""
+    layer), "general" (forced: every task's representation gradient formed), "tanh heads"
+    (heads that open with a tanh: the general path) or "sum-pooled heads" (a [B, S, D]
+    representation summed over S: autograd.grad returns an expanded task gradient). Three
+    steps: with norm_lag=1 the third is the first to average in the norms of a step before."""
     bal = MultiBalance(["a", "b"], relax=0.8, norm=norm, norm_lag=norm_lag)
     bal.uses_norms_only = path != "general"
-    first = torch.tanh if path == "tanh heads" else (lambda r: r)
+    first = {"tanh heads": torch.tanh, "sum-pooled heads": lambda r: r.sum(1)}.get(path, lambda r: r)
+    if path == "sum-pooled heads":  # [B, 3, 4]: each sample's row three times, scaled
+        x = x.unsqueeze(1) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1)
     for _ in range(steps):
         net.zero_grad()
         rep = bal.attach(wrapper(x))

@@ -21,21 +21,28 @@ A = torch.tensor([[1.0, 0.0]])
 B = torch.tensor([[-1.0, 1.0]])
 
 
-def _linear_step(bal, coefs, scales=(1.0, 1.0)):
-    """Rep z (1x2) with L_t = s_t * <z, a_t>: the representation gradient of task t is s_t*a_t."""
+def _linear_step(bal, coefs, scales=(1.0, 1.0), returned=None):
+    """Rep z (1x2) with L_t = s_t * <z, a_t>: the representation gradient of task t is s_t*a_t.
+    `returned`, a list, gets what backward returned."""
     z = torch.ones(1, 2, requires_grad=True)
     rep = bal.attach(z * 1.0)
-    bal.backward([s * (rep * c).sum() for s, c in zip(scales, coefs)])
+    out = bal.backward([s * (rep * c).sum() for s, c in zip(scales, coefs)])
+    if returned is not None:
+        returned.append(dict(out))
     return z.grad
 
 
 def test_equal_weights_is_plain_sum():
-    torch.testing.assert_close(_linear_step(EqualWeights(["a", "b"], weights={"b": 2.0}), [A, B]), A + 2 * B)
+    returned = []
+    torch.testing.assert_close(_linear_step(EqualWeights(["a", "b"], weights={"b": 2.0}), [A, B], returned=returned), A + 2 * B)
+    assert returned == [{"a": 1.0, "b": 1.0}]  # the scale on top of the static weights
 
 
 def test_pcgrad_projects_conflicts():
     # a.b = -1 < 0: a' = a + b/2 = (0.5, 0.5); b' = b + a = (0, 1); sum (0.5, 1.5)
-    torch.testing.assert_close(_linear_step(PCGrad(["a", "b"]), [A, B]), torch.tensor([[0.5, 1.5]]))
+    returned = []
+    torch.testing.assert_close(_linear_step(PCGrad(["a", "b"]), [A, B], returned=returned), torch.tensor([[0.5, 1.5]]))
+    assert returned == [{"a": 1.0, "b": 1.0}]  # no per-task scalar
 
 
 def test_pcgrad_no_conflict_is_sum():
@@ -73,8 +80,10 @@ def test_uncertainty_weighting_gradients():
 
 def test_gradnorm_weight_update():
     bal = GradNorm(["a", "b"], alpha=1.0, lr=0.1)
-    g = _linear_step(bal, [A, B], scales=(1.0, 1.0))
+    returned = []
+    g = _linear_step(bal, [A, B], scales=(1.0, 1.0), returned=returned)
     torch.testing.assert_close(g, A + B)  # first step: weights 1
+    assert returned == [{"a": 1.0, "b": 1.0}]  # the weights it applied, not the next step's
     # norms 1, sqrt2; equal loss ratios -> targets = mean(G) = (1+sqrt2)/2
     # a below target -> w_a += 0.1*1, b above -> w_b -= 0.1*sqrt2; renormalise to sum 2
     wa, wb = 1.1, 1 - 0.1 * math.sqrt(2)
@@ -88,10 +97,11 @@ def test_dbmtl_log_losses_and_max_norm():
     rep = bal.attach(z * 1.0)
     la = (rep * A).sum() + 1.0  # value 2, grad A -> log-grad A/2, norm 0.5
     lb = (rep * B).sum() + 4.0  # value 4, grad B -> log-grad B/4, norm sqrt2/4
-    bal.backward([la, lb])
+    returned = bal.backward([la, lb])
     m = max(0.5, math.sqrt(2) / 4)
     expect = (m / 0.5) * A / 2 + (m / (math.sqrt(2) / 4)) * B / 4
     torch.testing.assert_close(z.grad, expect)
+    assert dict(returned) == pytest.approx({"a": (m / 0.5) / 2, "b": (m / (math.sqrt(2) / 4)) / 4})  # factor on g_t
 
 
 def test_famo_weights_and_update():
@@ -99,10 +109,11 @@ def test_famo_weights_and_update():
     z = torch.ones(1, 2, requires_grad=True)
     rep = bal.attach(z * 1.0)
     la, lb = (rep * A).sum() + 1.0, (rep * B).sum() + 3.0  # values 2, 3
-    bal.backward([la, lb])
+    returned = bal.backward([la, lb])
     c = torch.tensor([0.5 / 2, 0.5 / 3])
     c = c / c.sum()
     torch.testing.assert_close(z.grad, c[0] * A + c[1] * B)
+    assert dict(returned) == pytest.approx({"a": float(c[0]), "b": float(c[1])})
     bal.update([torch.tensor(1.0), torch.tensor(3.0)])  # a improved (log 2), b did not
     delta = torch.tensor([math.log(2.0), 0.0], dtype=torch.float64)
     zsm = torch.tensor([0.5, 0.5], dtype=torch.float64)
@@ -115,9 +126,10 @@ def test_metabalance_on_parameters():
     w = torch.nn.Parameter(torch.ones(2))
     bal = MetaBalance(["a", "b"], shared_parameters=[w], relax=0.5, beta=0.0)
     rep = bal.attach(w * 1.0)
-    bal.backward([(rep * torch.tensor([3.0, 4.0])).sum(), (rep * torch.tensor([0.0, 10.0])).sum()])
+    returned = bal.backward([(rep * torch.tensor([3.0, 4.0])).sum(), (rep * torch.tensor([0.0, 10.0])).sum()])
     # target a: |g_a| = 5, |g_b| = 10 -> s_b = 0.5*5/10 + 0.5 = 0.75 -> (3, 4) + (0, 7.5)
     torch.testing.assert_close(w.grad, torch.tensor([3.0, 11.5]))
+    assert dict(returned) == pytest.approx({"a": 1.0, "b": 0.75})
 
 
 def test_parameter_level_pcgrad_and_mgda_need_full_backward():

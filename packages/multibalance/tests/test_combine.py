@@ -57,6 +57,32 @@ def test_non_contiguous_gradients_use_the_reference(monkeypatch):
     assert_close(weighted_sum(grads, coeff), expected.t().float())
 
 
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_expanded_first_gradient_is_not_written(monkeypatch, backend):
+    """autograd.grad returns an expanded view for a head that sum-pools its input: its elements
+    share memory, so the sum goes to a new tensor and the view is left as it was."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    grads, coeff, _ = _inputs(3, (6, 1, 4), torch.float32)
+    grads[0] = grads[0].expand(6, 5, 4)
+    grads[1:] = [g.expand(6, 5, 4).contiguous() for g in grads[1:]]
+    before = grads[0].clone()
+    expected = sum(c * g.double() for c, g in zip(coeff.tolist(), grads))
+    out = weighted_sum(grads, coeff)
+    assert out.is_contiguous() and out.data_ptr() != grads[0].data_ptr()
+    assert_close(out, expected.float(), name=backend)
+    assert torch.equal(grads[0], before)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_fp16_coefficient_past_fp16_range_on_a_zero_gradient(monkeypatch, backend):
+    """A task whose gradient is zero gets a huge scale (5e10, inf in fp16): it contributes nothing
+    (inf * 0 would be NaN everywhere)."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    g = torch.randn(4, 6).half()
+    for grads, coeff in (([g.clone(), torch.zeros_like(g)], [1.0, 5e10]), ([torch.zeros_like(g), g.clone()], [5e10, 1.0])):
+        torch.testing.assert_close(weighted_sum(grads, torch.tensor(coeff)), g)
+
+
 @pytest.mark.parametrize("grads, coeff, out, match", [
     ([], torch.ones(0), None, "at least one"),
     ([torch.zeros(3), torch.zeros(4)], torch.ones(2), None, r"grads\[1\]"),

@@ -25,6 +25,7 @@ _spec.loader.exec_module(ddp_worker)
     # the norms' sum over ranks awaited a step later
     ("batch", "factored", "default", 1),
     ("sample", "general", "default", 1),
+    ("batch", "sum-pooled heads", "default", 0),
 ])  # the worker asserts the path each side took
 def test_ddp_equals_single_process(tmp_path, norm, path, ddp_options, norm_lag):
     out = tmp_path / "grads.pt"

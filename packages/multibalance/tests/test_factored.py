@@ -156,3 +156,52 @@ def test_empty_batch_takes_the_general_path():
     rep = bal.attach(torch.tanh(bottom(torch.randn(0, 5))))
     bal.backward({"a": heads[0](rep).sum(), "b": heads[1](rep).sum()})
     assert bal.last_path == "general" and torch.equal(bottom.weight.grad, torch.zeros_like(bottom.weight))
+
+
+@pytest.mark.parametrize("kind", ["factored", "general"])
+def test_huge_grad_scaler_scale(kind):
+    """A scale of 2^80 (its square is past fp32's range): the norms are of the unscaled
+    gradients and the gradients are those of the scaled losses, as with no scaler."""
+    torch.manual_seed(8)
+    model = Model((4, 4, 4), ((0,), (0, 1), (1,)))
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(11, 5), torch.randn(3, 11)
+    make = (lambda: MultiBalance(["t0", "t1", "t2"])) if kind == "factored" else _general
+    scaled, plain = make(), make()
+    for m, bal, scaler in ((model, scaled, torch.amp.GradScaler("cpu", init_scale=2.0**80)), (ref, plain, None)):
+        reps = bal.attach(*m.shared(x))
+        bal.backward(m.losses(reps, y), scaler=scaler)
+    assert scaled.last_path == ("factored" if kind == "factored" else "general")
+    torch.testing.assert_close(scaled.ema, plain.ema)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad / 2.0**80, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("first", ["linear", "tanh"])
+@pytest.mark.parametrize("readers", ["a", "b", "ab"])
+def test_a_head_reading_the_bottom_directly_is_named(first, readers):
+    """A head that also reads a tensor of the shared bottom (a wide input) other than what attach()
+    returned: a clear error naming the task, or, attached as a second representation, it works."""
+    torch.manual_seed(9)
+    emb, bottom = nn.Embedding(10, 4), nn.Linear(4, 16)
+    heads = {t: nn.Linear(16, 2) for t in "ab"}
+    wide = {t: nn.Linear(4, 2) for t in "ab"}
+    ids = torch.randint(0, 10, (8,))
+    act = (lambda r: r) if first == "linear" else torch.tanh
+
+    def losses(rep, e):
+        return {t: (heads[t](act(rep)) + (wide[t](e) if t in readers else 0)).pow(2).mean() for t in "ab"}
+
+    e = emb(ids)
+    bal = MultiBalance(["a", "b"])
+    rep = bal.attach(torch.tanh(bottom(e)))
+    if readers != "a" or first == "linear":  # (the general path runs task a's head backward keeping the graph)
+        with pytest.raises(ValueError, match=f"loss '{readers[0]}' reads a tensor of the shared bottom other than "
+                                             f"what attach\\(\\) returned"):
+            bal.backward(losses(rep, e))
+    e = emb(ids)
+    rep, e_leaf = bal.attach(torch.tanh(bottom(e)), e)
+    bal.backward(losses(rep, e_leaf))
+    assert bal.last_path == "general" or first == "linear"
+    assert emb.weight.grad is not None

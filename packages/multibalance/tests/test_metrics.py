@@ -38,3 +38,33 @@ def test_metrics_bad_input():
     mt = MultiTaskMetrics(["a"])
     mt.update({"a": torch.tensor([2.0, -2.0])}, {"a": torch.tensor([1.0, 0.0])})
     assert mt.compute()["a"]["auc"] == 1.0
+
+
+@pytest.mark.parametrize("scores, labels, match", [
+    ([0.1, 0.9, 0.8], [0, 1], "same number of elements, got 3 and 2"),
+    ([float("nan"), 0.9, 0.1, 0.2], [1, 1, 0, 0], "NaN"),
+    ([0.1, 0.9, 0.8], [0, 2, 2], r"labels must be 0 or 1, got values \[2.0\]"),
+])
+def test_auc_bad_input(scores, labels, match):
+    with pytest.raises(ValueError, match=match):
+        auc(torch.tensor(scores), torch.tensor(labels))
+
+
+def test_auc_infinite_scores_still_rank():
+    assert auc(torch.tensor([float("-inf"), 0.0, float("inf")]), torch.tensor([0, 1, 1])) == 1.0
+
+
+def test_multitask_update_checks_every_task_before_counting_any():
+    mt = MultiTaskMetrics(["a", "b"])
+    ok = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
+    with pytest.raises(ValueError, match=r"logits: missing tasks \['b'\], unknown tasks \[\]"):
+        mt.update({"a": torch.zeros(2)}, ok)
+    with pytest.raises(ValueError, match=r"labels: missing tasks \[\], unknown tasks \['c'\]"):
+        mt.update({"a": torch.zeros(2), "b": torch.zeros(2)}, {**ok, "c": torch.ones(2)})
+    with pytest.raises(ValueError, match="task 'b': logits contain NaN"):
+        mt.update({"a": torch.zeros(2), "b": torch.tensor([float("nan"), 0.0])}, ok)
+    assert all(m.count == 0 for m in mt.tasks.values())  # task a was not counted either
+    mt.update({"a": torch.zeros(2), "b": torch.zeros(2)}, ok)
+    assert all(m.count == 2 for m in mt.tasks.values())
+    with pytest.raises(ValueError, match="sequence of task names"):
+        MultiTaskMetrics("ab")

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -88,13 +89,25 @@ def test_norm_lag_state_dict_keeps_the_pending_norms():
     fresh.load_state_dict({k: v for k, v in MultiBalance(["a", "b"]).state_dict().items() if k != "lagged_norms"})
 
 
-@pytest.mark.parametrize("make", [lambda n: MultiBalance(n, relax=1.0, beta=0.5), lambda n: multibalance.MGDA(n),
-                                  lambda n: multibalance.UncertaintyWeighting(n), lambda n: multibalance.GradNorm(n),
-                                  lambda n: multibalance.EqualWeights(n)])
-def test_backward_returns_each_steps_own_scales(make):
-    """The mapping backward returns keeps its step's values after later steps (read lazily)."""
-    bal = make(["a", "b"])
+ALL_BALANCERS = {  # name -> make(task_names, shared parameters)
+    "MultiBalance": lambda n, p: MultiBalance(n, relax=1.0, beta=0.5),
+    "EqualWeights": lambda n, p: multibalance.EqualWeights(n),
+    "UncertaintyWeighting": lambda n, p: multibalance.UncertaintyWeighting(n),
+    "GradNorm": lambda n, p: multibalance.GradNorm(n),
+    "PCGrad": lambda n, p: multibalance.PCGrad(n),
+    "MGDA": lambda n, p: multibalance.MGDA(n),
+    "DBMTL": lambda n, p: multibalance.DBMTL(n),
+    "FAMO": lambda n, p: multibalance.FAMO(n),
+    "MetaBalance": lambda n, p: multibalance.MetaBalance(n, shared_parameters=p),
+}
+
+
+@pytest.mark.parametrize("name", ALL_BALANCERS)
+def test_backward_returns_each_steps_own_scales(name):
+    """The mapping backward returns keeps its step's values after later steps (read lazily), and
+    has every task (as the README's `scales["like"]` reads it)."""
     z = torch.ones(1, 2, requires_grad=True)
+    bal = ALL_BALANCERS[name](["a", "b"], [z])
     returned, logged = [], []
     for coef_b in (2.0, 8.0, 3.0):
         rep = bal.attach(z * 1.0)
@@ -104,7 +117,7 @@ def test_backward_returns_each_steps_own_scales(make):
     for got, expected in zip(returned, logged):
         assert isinstance(got, multibalance.TaskScales)
         assert dict(got) == pytest.approx(expected)
-        assert set(got) == (set() if isinstance(bal, multibalance.EqualWeights) else {"a", "b"})
+        assert set(got) == {"a", "b"}
     if isinstance(bal, MultiBalance):
         assert logged[0] != pytest.approx(logged[1])  # the steps differ, so the check above could fail
 
@@ -212,11 +225,18 @@ def test_torch_compile_model(toy):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"relax": 1.5}, "relax"), ({"beta": 1.0}, "beta"), ({"target": "nope"}, "target"), ({"norm": "l1"}, "norm"),
-     ({"weights": {"zz": 1.0}}, "unknown tasks"), ({"norm_lag": 2}, "norm_lag")],
+     ({"weights": {"zz": 1.0}}, "unknown tasks"), ({"norm_lag": 2}, "norm_lag"),
+     ({"weights": {"a": float("nan")}}, r"weights must be finite numbers, got \{'a': nan\}"),
+     ({"warmup_steps": -3}, "warmup_steps must be an integer >= 0, got -3"), ({"warmup_steps": 1.5}, "warmup_steps")],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiBalance(["a", "b"], **kwargs)
+
+
+def test_task_names_must_not_be_a_bare_string():
+    with pytest.raises(ValueError, match=r"got the string 'like' \(for one task: \['like'\]\)"):
+        MultiBalance("like")
 
 
 def test_bad_losses(toy):
@@ -239,7 +259,161 @@ def test_bad_losses(toy):
         bal.backward({"t0": losses["t0"], "t1": stray})
     with pytest.raises(ValueError, match="requires grad"):
         bal.attach(torch.zeros(3))
+    rep = bal.attach(model.shared(ids, x))
+    with pytest.raises(ValueError, match=r"loss 't1' must be a scalar tensor .*got shape \(13, 1\)"):
+        bal.backward({"t0": losses["t0"], "t1": (model.heads[1](rep) - y[1]) ** 2})
+
+
+@pytest.mark.parametrize("stray", ["constant", "head parameters only"])
+def test_a_loss_that_misses_the_representation_leaves_no_gradient(toy, stray):
+    """The error comes before any backward: no head has gradients from the failed step."""
+    model, ids, x, y = toy
+    bal = MultiBalance(["t0", "t1"])
+    rep = bal.attach(model.shared(ids, x))
+    bad = torch.tensor(0.3) if stray == "constant" else (model.heads[1].weight ** 2).sum()
+    with pytest.raises(ValueError, match="loss 't1' does not depend on the attached representation"):
+        bal.backward({"t0": ((model.heads[0](rep) - y[0]) ** 2).mean(), "t1": bad})
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_public_api():
     assert {"MultiBalance", "PCGrad", "MGDA", "FAMO", "MetaBalance"} <= set(multibalance.__all__)
+
+
+class _Heads(torch.nn.Module):
+    """A shared bottom and three MLP heads: Linear first (the factored path) or tanh first (general)."""
+
+    def __init__(self, first="linear"):
+        super().__init__()
+        torch.manual_seed(5)
+        self.bottom = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh())
+        self.first = first
+        self.heads = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+                                         for _ in range(3))
+
+    def losses(self, rep, y, big=1.0):
+        inp = rep if self.first == "linear" else torch.tanh(rep)
+        return {t: ((h(inp).squeeze(1) - y[i]) ** 2).mean() * (big if t == "b" else 1.0)
+                for i, (t, h) in enumerate(zip("abc", self.heads))}
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(6)
+    return [(torch.randn(9, 5, generator=g), torch.randn(3, 9, generator=g)) for _ in range(n)]
+
+
+# fp32 losses whose scaled value overflows: the scaler's default scale 2^16 times 1e35 is past fp32's range
+OVERFLOW = 1e35
+
+
+@pytest.mark.parametrize("name", ["MultiBalance general", *ALL_BALANCERS])
+def test_grad_scaler_recipe_with_an_overflow_step(name):
+    """The README's AMP recipe, `backward(losses, scaler=scaler)`, `scaler.step`, `scaler.update`, for
+    four steps; the second overflows: the scaler skips it (the scale halves, the parameters stay)
+    and the balancer's running statistics stay finite, so the steps after it are taken."""
+    model = _Heads("tanh" if name.endswith("general") else "linear")
+    bal = ALL_BALANCERS[name.split()[0]](["a", "b", "c"], list(model.bottom.parameters()))
+    opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    for step, (x, y) in enumerate(_batches(4)):
+        opt.zero_grad()
+        rep = bal.attach(model.bottom(x))
+        scales = bal.backward(model.losses(rep, y, big=OVERFLOW if step == 1 else 1.0), scaler=scaler)
+        before, params = scaler.get_scale(), [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        skipped = scaler.get_scale() < before
+        if name != "FAMO":  # FAMO weighs each loss by 1/L: the big loss does not overflow
+            assert skipped == (step == 1), step
+        if skipped:
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+        else:
+            assert all(math.isfinite(v) for v in scales.values()), (step, dict(scales))
+            assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+        for buffer_name, buf in bal.named_buffers():
+            if buf.is_floating_point():
+                assert torch.isfinite(buf).all(), (step, buffer_name, buf)
+    if name.startswith("MultiBalance"):
+        assert bal.last_path == ("general" if name.endswith("general") else "factored")
+
+
+@pytest.mark.parametrize("first", ["linear", "tanh"])
+@pytest.mark.parametrize("norm_lag", [0, 1])
+def test_overflowing_norms_are_not_averaged_in(first, norm_lag):
+    """Overflowing steps (the first one among them: the averages start at the first finite norm)
+    leave the moving averages as if they had not run."""
+    model = _Heads(first)
+    (x1, y1), (x2, y2) = _batches(2)
+    emas = []
+    for steps in ([(x1, y1, OVERFLOW), (x1, y1, 1.0), (x2, y2, OVERFLOW), (x2, y2, 1.0), (x1, y1, 1.0)],
+                  [(x1, y1, 1.0), (x2, y2, 1.0), (x1, y1, 1.0)]):
+        bal, scaler = MultiBalance(["a", "b", "c"], beta=0.5, norm_lag=norm_lag), torch.amp.GradScaler("cpu")
+        for x, y, big in steps:
+            rep = bal.attach(model.bottom(x))
+            bal.backward(model.losses(rep, y, big), scaler=scaler)
+        assert bal.last_path == ("factored" if first == "linear" else "general")
+        emas.append(bal.ema.clone())
+    assert torch.isfinite(emas[0]).all()
+    torch.testing.assert_close(emas[0], emas[1])
+
+
+@pytest.mark.parametrize("name", ["MultiBalance", "MultiBalance general", "GradNorm", "DBMTL"])
+def test_zero_weight_task_trains_nothing(name):
+    """Static weight 0: the task's head gets zero gradients (as with equal weights) and the
+    bottom only the other tasks' (balanced) gradients."""
+    model = _Heads("tanh" if name.endswith("general") else "linear")
+    x, y = _batches(1)[0]
+    bal = ALL_BALANCERS[name.split()[0]](["a", "b", "c"], None)
+    bal = type(bal)(["a", "b", "c"], weights={"b": 0.0})
+    rep = bal.attach(model.bottom(x))
+    bal.backward(model.losses(rep, y))
+    assert bal.last_path == "general"
+    for p in model.heads[1].parameters():
+        assert p.grad is None or not p.grad.any()
+    assert all(p.grad.any() for h in (model.heads[0], model.heads[2]) for p in h.parameters())
+
+
+def test_general_path_writes_no_expanded_task_gradient(monkeypatch):
+    """Under torch.distributed the general path takes the task gradients with autograd.grad, which
+    returns an expanded view for a head that sum-pools a [B, S, D] representation: the
+    combination must not write into it. (One process made to take that path.)"""
+    torch.manual_seed(7)
+    bottom, heads = torch.nn.Linear(4, 6), [torch.nn.Linear(6, 1) for _ in range(2)]
+    x, y = torch.randn(8, 3, 4), torch.randn(2, 8, 1) * torch.tensor([1.0, 5.0]).view(2, 1, 1)
+    grads = []
+    for data_parallel in (False, True):
+        monkeypatch.setattr(MultiBalance, "_data_parallel", staticmethod(lambda dp=data_parallel: dp))
+        bottom.zero_grad()
+        bal = MultiBalance(["a", "b"])
+        rep = bal.attach(torch.tanh(bottom(x)))
+        bal.backward({t: ((h(rep.sum(1)) - y[i]) ** 2).mean() for i, (t, h) in enumerate(zip("ab", heads))})
+        assert bal.last_path == "general"
+        grads.append(bottom.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_state_dict_of_another_task_set_is_refused():
+    for make in (lambda n: MultiBalance(n), lambda n: multibalance.GradNorm(n), lambda n: multibalance.FAMO(n)):
+        three = make(["a", "b", "c"])
+        z = torch.ones(2, 3, requires_grad=True)
+        rep = three.attach(z * 1.0)
+        three.backward({t: (rep * (i + 1)).sum() for i, t in enumerate("abc")})
+        two = make(["a", "b"])
+        with pytest.raises(RuntimeError, match=r"checkpoint is of a balancer with 3 tasks; this one has 2"):
+            two.load_state_dict(three.state_dict())
+        with pytest.raises(RuntimeError, match=r"with 3 tasks"):  # the task count from a running statistic alone
+            two.load_state_dict({k: v for k, v in three.state_dict().items() if k != "static_weights"}, strict=False)
+
+
+def test_loaded_statistics_stay_on_the_module_device():
+    """Statistics sized on first use take the checkpoint's shape on the balancer's device (meta
+    here, as a stand-in for a GPU)."""
+    bal = MultiBalance(["a", "b"])
+    z = torch.ones(2, 3, requires_grad=True)
+    rep = bal.attach(z * 1.0)
+    bal.backward({"a": rep.sum(), "b": (rep * 2).sum()})
+    moved = MultiBalance(["a", "b"]).to("meta")
+    with pytest.warns(UserWarning, match="meta"):  # torch: copying into a meta tensor is a no-op
+        moved.load_state_dict(bal.state_dict())
+    assert moved.ema.device.type == "meta" and moved.ema.shape == (1, 2)
+    assert moved.scales.device.type == "meta"

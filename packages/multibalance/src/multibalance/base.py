@@ -21,6 +21,7 @@ expensive classic path, kept for comparison.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -99,10 +100,15 @@ class Balancer(nn.Module, abc.ABC):
     uses_norms_only = False
     #: whether `coefficients` expects the mean per-sample norm rather than the batch norm
     per_sample_norms = False
+    #: buffers sized on first use ([..., T]): `load_state_dict` gives them the checkpoint's shape
+    _sized_on_first_use: tuple[str, ...] = ()
 
     def __init__(self, task_names: Sequence[str], *, weights: Mapping[str, float] | None = None,
                  shared_parameters=None, process_group=None):
         super().__init__()
+        if isinstance(task_names, str):  # list("like") would make four one-letter tasks
+            raise ValueError(f"task_names must be a sequence of task names, got the string {task_names!r} "
+                             f"(for one task: [{task_names!r}])")
         names = list(task_names)
         if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"task_names must be distinct non-empty strings, got {task_names!r}")
@@ -111,6 +117,9 @@ class Balancer(nn.Module, abc.ABC):
         unknown = set(weights) - set(names)
         if unknown:
             raise ValueError(f"weights names unknown tasks {sorted(unknown)}; tasks are {names}")
+        bad = {n: w for n, w in weights.items() if not math.isfinite(float(w))}
+        if bad:
+            raise ValueError(f"weights must be finite numbers, got {bad}")
         self.register_buffer("static_weights", torch.tensor([float(weights.get(n, 1.0)) for n in names]))
         self.shared_parameters = list(shared_parameters) if shared_parameters is not None else None
         self.process_group = process_group
@@ -160,7 +169,8 @@ class Balancer(nn.Module, abc.ABC):
                 raise ValueError(f"losses: expected {self.num_tasks} losses ({self.task_names}), got {len(out)}")
         for name, loss in zip(self.task_names, out):
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise ValueError(f"loss {name!r} must be a scalar tensor")
+                got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss {name!r} must be a scalar tensor (0-d, e.g. a mean over the batch), got {got}")
         # one device read for all tasks (a read per loss would wait for a GPU once per task)
         if len({loss.device for loss in out}) == 1:
             finite = bool(torch.isfinite(torch.stack([loss.detach().float() for loss in out])).all())
@@ -184,21 +194,27 @@ class Balancer(nn.Module, abc.ABC):
 
     def _head_backward_per_task(self, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Each task's head backward runs once: it accumulates the head's parameter gradients
-        (weighted by the static weight) and leaves the task's representation gradient on the leaves."""
+        (weighted by the static weight) and leaves the task's representation gradient on the leaves.
+        A task of static weight 0 trains nothing (its head gets zero gradients, as with equal
+        weights) and its representation gradient counts as zero."""
+        leaf_ids = {id(leaf) for leaf in self._leaves}
+        for name, loss in zip(self.task_names, losses):  # before any backward: an error leaves no gradient behind
+            if not factored.reaches(loss, leaf_ids):
+                self._missing_dependency(name)
         grads = []
-        for t, (name, loss, w) in enumerate(zip(self.task_names, losses, self.static_weight_list())):
+        for t, (loss, w) in enumerate(zip(losses, self.static_weight_list())):
             for leaf in self._leaves:
                 leaf.grad = None
-            if not loss.requires_grad:
-                self._missing_dependency(name)
-            loss.backward(None if w in (0.0, 1.0) else torch.tensor(w, dtype=loss.dtype), retain_graph=t < len(losses) - 1)
-            if all(leaf.grad is None for leaf in self._leaves):
-                self._missing_dependency(name)
+            retain = t < len(losses) - 1
+            if w == 0.0:
+                loss.backward(torch.zeros_like(loss), retain_graph=retain)
+                grads.append([torch.zeros_like(leaf) for leaf in self._leaves])
+                continue
+            loss.backward(None if w == 1.0 else torch.full((), w, dtype=loss.dtype, device=loss.device), retain_graph=retain)
             if w == 1.0:
                 grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in self._leaves])
             else:
-                div = w if w != 0 else float("inf")  # a zero-weight task contributes nothing
-                grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad / div for leaf in self._leaves])
+                grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad / w for leaf in self._leaves])
         for leaf in self._leaves:
             leaf.grad = None
         return grads
@@ -243,16 +259,22 @@ class Balancer(nn.Module, abc.ABC):
         and the bottom's backward in one call, so that a layer two heads share still gets its
         gradient once.
 
-        With a `torch.amp.GradScaler`, pass the unscaled losses and the scaler: gradients are
-        taken of the scaled losses and norms are divided by the scale before they enter any
-        running statistic.
+        With a `torch.amp.GradScaler`, pass the unscaled losses and the scaler, then call
+        `scaler.step(optimizer)` and `scaler.update()` as usual: gradients are taken of the
+        scaled losses (`scaler.scale`), norms are divided by the scale before they enter any
+        running statistic, and a step whose gradients overflow (which the scaler skips) leaves
+        the running statistics as they were.
         """
         if not self._reps:
             raise RuntimeError("call attach() on the shared representation before backward()")
         losses = self._ordered_losses(losses)
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        scaled = [loss * scale for loss in losses] if scale != 1.0 else losses
         reps, self._reps = self._reps, []
+        scale = None
+        if scaler is not None and scaler.is_enabled():
+            # through `scaler.scale`, which creates the scale on first use (`scaler.step` needs
+            # it); the scale stays on the device (`get_scale()` would wait for it)
+            scale = scaler.scale(torch.ones((), device=reps[0].device))
+        scaled = losses if scale is None else [scaler.scale(loss) for loss in losses]
         try:
             self._balanced_backward(reps, scaled, losses, scale)
         finally:
@@ -261,7 +283,8 @@ class Balancer(nn.Module, abc.ABC):
 
     def _balanced_backward(self, reps, scaled, losses, scale):
         if not self.needs_task_grads:
-            (self.total_loss(losses) * scale).backward()
+            total = self.total_loss(losses)
+            (total if scale is None else total * scale.to(total.device)).backward()
             return
         if not self.parameter_level and self.uses_norms_only and 0.0 not in self.static_weight_list():
             found = factored.find_linear_consumers(scaled, self._leaves)
@@ -277,18 +300,18 @@ class Balancer(nn.Module, abc.ABC):
                 if not started:
                     raise RuntimeError("a head's first linear layer did not run in the heads' backward: its factors are missing")
                 combined = self._factored_finish(*started.pop())
-                torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+                self._bottom_backward(reps, combined, scaled)
                 return
         fused = not self.parameter_level and not self._data_parallel()
         self.last_path = "general"
         grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
-        if scale != 1.0:
+        if scale is not None:
             grads = [[g / scale for g in gt] for gt in grads]
         combined = self.combine(grads, losses)
-        if scale != 1.0:
+        if scale is not None:
             combined = [g * scale for g in combined]
         if fused:
-            torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+            self._bottom_backward(reps, combined, scaled)
             return
         head_total = weighted_loss(scaled, self.static_weight_list())
         if self.parameter_level:
@@ -300,33 +323,75 @@ class Balancer(nn.Module, abc.ABC):
         else:
             torch.autograd.backward([head_total] + reps, [None] + [g.to(r.dtype) for g, r in zip(combined, reps)])
 
+    def _bottom_backward(self, reps, combined, losses):
+        """The one backward through the shared bottom, of the combined representation gradients."""
+        try:
+            torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+        except RuntimeError as error:
+            # the heads' backward went into the bottom (and freed its graph) through a tensor
+            # other than the attached representations: name the task (on this error path only)
+            name = self._task_reading_bottom(reps, losses) if "second time" in str(error) else None
+            if name is None:
+                raise
+            raise ValueError(f"loss {name!r} reads a tensor of the shared bottom other than what attach() returned: "
+                             f"heads may read only what attach() returned (attach every shared tensor a head reads, "
+                             f"e.g. `rep, wide = balancer.attach(z, wide)`)") from error
+
+    def _task_reading_bottom(self, reps, losses) -> str | None:
+        """The first task whose loss graph meets the graph of the representations below them."""
+        def walk(roots, stop=frozenset()):
+            seen, stack = set(), [r for r in roots if r is not None]
+            while stack:
+                node = stack.pop()
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if id(node) in stop:
+                    return seen
+                stack.extend(child for child, _ in node.next_functions if child is not None)
+            return seen
+
+        bottom = walk([r.grad_fn for r in reps])
+        for name, loss in zip(self.task_names, losses):
+            if walk([loss.grad_fn], bottom) & bottom:
+                return name
+        return None
+
     def _factored_norms(self, deltas, consumers, scale):
         """The factors stacked per representation and their task norms, already on their way
         over the ranks under torch.distributed (the backward goes on meanwhile)."""
         weights = self.static_weight_list()
         n_tasks, device = len(weights), self._leaves[0].device
+        # the factors carry the scaler's scale: divided out of the small left factor before any
+        # square (the squares of a scale of 2^64 or more overflow fp32), put back in the combination
+        unscale = None if scale is None else scale.to(device).reciprocal()
         per_rep = [factored.stack_factors([deltas[t][j] for t in range(n_tasks)],
-                                          [None if row[j] is None else row[j].weight for row in consumers])
+                                          [None if row[j] is None else row[j].weight for row in consumers], unscale)
                    for j in range(len(self._leaves))]
         sums = [factored.task_norm_sums(f, n_tasks, self.per_sample_norms, device, leaf.shape[0])
                 for f, leaf in zip(per_rep, self._leaves)]
         sums = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)
-        # the factors carry the static weight and the scaler's scale: the norms are of the plain
-        # loss. Device tensors only (no host-to-device copy: no sync on a GPU); nothing to undo
-        # in the usual case (unit weights, no scaler), where every small op is skipped.
-        plain = scale == 1.0 and all(w == 1.0 for w in weights)
-        unweight = None if plain else self.static_weights_on(device).reciprocal()
-        own = None if plain else unweight.abs() / scale
+        # the factors carry the static weight: the norms are of the plain loss. Device tensors
+        # only (no host-to-device copy: no sync on a GPU); nothing to undo in the usual case
+        # (unit weights, no scaler), where every small op is skipped.
+        unit = all(w == 1.0 for w in weights)
+        unweight = None if unit else self.static_weights_on(device).reciprocal()
+        own = None if unit else unweight.abs()
         if self.per_sample_norms:
             rows = torch.stack([torch.full((n_tasks,), float(leaf.shape[0]), device=device) for leaf in self._leaves])
-            norms = self._reduce_norms(sums if plain else sums * own, rows)
+            norms = self._reduce_norms(sums if unit else sums * own, rows)
         else:
-            norms = self._reduce_norms(sums if plain else sums * (own * own))
-        return per_rep, norms, unweight
+            norms = self._reduce_norms(sums if unit else sums * (own * own))
+        undo = unweight  # what turns the coefficients into multipliers of the factors as they are
+        if scale is not None:
+            undo = scale.to(device) if undo is None else undo * scale.to(device)
+        return per_rep, norms, undo
 
-    def _factored_finish(self, per_rep, norms: _PendingNorms, unweight) -> list[torch.Tensor]:
+    def _factored_finish(self, per_rep, norms: _PendingNorms, undo) -> list[torch.Tensor]:
+        """`undo`: [T] (the inverse static weights, times the scale) or None, what the coefficients
+        are multiplied by to act on the factors as they are."""
         coeff = self._coefficients_from(norms)  # [n_reps, T], the static weights included
-        return [factored.combine(f, coeff[j] if unweight is None else coeff[j] * unweight, leaf)
+        return [factored.combine(f, coeff[j] if undo is None else coeff[j] * undo, leaf)
                 for j, (f, leaf) in enumerate(zip(per_rep, self._leaves))]
 
     def _reduce_norms(self, sums: torch.Tensor, rows: torch.Tensor | None = None) -> _PendingNorms:
@@ -377,10 +442,25 @@ class Balancer(nn.Module, abc.ABC):
         rows = coeff.expand(n_targets, -1) if coeff.dim() == 1 else coeff
         return [weighted_sum([gt[j] for gt in grads], rows[j]) for j in range(n_targets)]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # running statistics are sized on first use: adopt the checkpoint's shapes
-        for name, buf in self._buffers.items():
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        n_saved = None  # the checkpoint's number of tasks, from its static weights or a running statistic
+        saved = state_dict.get(prefix + "static_weights")
+        if saved is not None:
+            n_saved = saved.shape[-1] if saved.dim() else None
+        for name in self._sized_on_first_use:
             saved = state_dict.get(prefix + name)
+            if n_saved is None and saved is not None and saved.numel():
+                n_saved = saved.shape[-1]
+        if n_saved is not None and n_saved != self.num_tasks:
+            where = f"{prefix[:-1]}: " if prefix else ""
+            error_msgs.append(f"{where}the checkpoint is of a balancer with {n_saved} tasks; this one has "
+                              f"{self.num_tasks} ({self.task_names})")
+            return
+        # running statistics are sized on first use: adopt the checkpoint's shapes, on this module's device
+        for name in self._sized_on_first_use:
+            buf, saved = self._buffers.get(name), state_dict.get(prefix + name)
             if buf is not None and saved is not None and saved.shape != buf.shape:
-                self._buffers[name] = torch.empty_like(saved)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+                self._buffers[name] = buf.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

@@ -19,6 +19,17 @@ def _flat(grads_t: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1).double() for g in grads_t])
 
 
+def _ones(n: int) -> torch.Tensor:
+    """The scale of a balancer that does not rescale the tasks (on the host: reading it waits for nothing)."""
+    return torch.ones(n)
+
+
+def _finite(new: torch.Tensor, old: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """`new` if every gradient norm is finite, else `old`: a step whose gradients overflowed (a
+    GradScaler skips it) leaves a running statistic as it was."""
+    return torch.where(torch.isfinite(norms).all(), new, old)
+
+
 def _unflat(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     out, i = [], 0
     for t in like:
@@ -34,6 +45,9 @@ class EqualWeights(Balancer):
 
     def combine(self, grads, losses):  # used only if called directly
         return self.weighted_sums(grads, self.static_weights)
+
+    def _step_scales(self):
+        return _ones(self.num_tasks)
 
 
 class UncertaintyWeighting(Balancer):
@@ -63,19 +77,23 @@ class GradNorm(Balancer):
     """Chen et al. 2018, on the representation gradient.
 
     G_t = w_t*||g_t||; target_t = mean(G) * r_t^alpha with r_t = (L_t/L_t(0)) / mean(L/L(0)).
-    The combined gradient uses the current weights; then w_t <- w_t - lr*sign(G_t - target_t)*||g_t||
-    (the gradient of sum_t |G_t - target_t| with the target held constant), clamped positive
-    and renormalised to sum to the number of tasks.
+    The combined gradient uses the current weights (what `backward` returns); then
+    w_t <- w_t - lr*sign(G_t - target_t)*||g_t|| (the gradient of sum_t |G_t - target_t| with the
+    target held constant), clamped positive and renormalised to sum to the number of tasks. A step
+    with a non-finite gradient norm (an overflowing GradScaler step) leaves the weights as they were.
     """
+
+    _sized_on_first_use = ("initial_losses",)
 
     def __init__(self, task_names: Sequence[str], *, alpha: float = 1.5, lr: float = 0.025, **kw):
         super().__init__(task_names, **kw)
         self.alpha, self.lr = alpha, lr
         self.register_buffer("task_weights", torch.ones(len(self.task_names), dtype=torch.float64))
         self.register_buffer("initial_losses", torch.zeros(0, dtype=torch.float64))
+        self._applied: torch.Tensor | None = None  # the weights the last step used
 
     def combine(self, grads, losses):
-        w = self.task_weights.clone()
+        w = self._applied = self.task_weights.clone()
         norms = torch.stack([_flat(grads[t]).norm() for t in range(self.num_tasks)])  # before the sum overwrites task 0
         out = self.weighted_sums(grads, w * self.static_weights.to(w.dtype))
         lvals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
@@ -84,16 +102,21 @@ class GradNorm(Balancer):
         g_w = w * norms
         ratio = lvals / self.initial_losses.clamp_min(1e-12)
         target = g_w.mean() * (ratio / ratio.mean()) ** self.alpha
+        if not bool(torch.isfinite(norms).all()):  # an overflowing step: keep the weights
+            return out
         new = (w - self.lr * torch.sign(g_w - target) * norms).clamp_min(1e-6)
         self.task_weights = new * self.num_tasks / new.sum()
         return out
 
     def _step_scales(self):
-        return self.task_weights
+        return self._applied
 
 
 class PCGrad(Balancer):
-    """Yu et al. 2020: project each task gradient off the others it conflicts with, in random order."""
+    """Yu et al. 2020: project each task gradient off the others it conflicts with, in random order.
+
+    No per-task scalar: `backward` returns 1.0 per task.
+    """
 
     def __init__(self, task_names: Sequence[str], *, seed: int = 0, **kw):
         super().__init__(task_names, **kw)
@@ -112,6 +135,9 @@ class PCGrad(Balancer):
                     gi = gi - dot / flat[j].pow(2).sum().clamp_min(1e-30) * flat[j]
             projected.append(gi)
         return _unflat(torch.stack(projected).sum(0), grads[0])
+
+    def _step_scales(self):
+        return _ones(self.num_tasks)
 
 
 def _project_simplex(v: torch.Tensor) -> torch.Tensor:
@@ -132,6 +158,8 @@ def min_norm_weights(gram: torch.Tensor, iters: int = 2000, tol: float = 1e-12) 
     t = gram.shape[0]
     if t == 1:
         return torch.ones(1, dtype=gram.dtype)
+    if not bool(torch.isfinite(gram).all()):  # an overflowing step (a GradScaler skips it): any weights do
+        return torch.full((t,), 1.0 / t, dtype=gram.dtype)
     if t == 2:
         g11, g12, g22 = gram[0, 0], gram[0, 1], gram[1, 1]
         denom = g11 - 2 * g12 + g22
@@ -158,6 +186,8 @@ class MGDA(Balancer):
     it is the original parameter-level MGDA. The combined gradient is sum_t a_t*g_t (a on the simplex).
     """
 
+    _sized_on_first_use = ("alphas",)
+
     def __init__(self, task_names: Sequence[str], **kw):
         super().__init__(task_names, **kw)
         self.register_buffer("alphas", torch.zeros(0, dtype=torch.float64))
@@ -177,20 +207,34 @@ class DBMTL(Balancer):
 
     The gradient of log L_t is g_t/L_t; with m_t the EMA of ||g_t/L_t||, the combined gradient is
     sum_t (max_k m_k / m_t) * g_t/L_t. (The original keeps an EMA of parameter gradients; on a
-    representation whose batch changes every step we average its norm instead.)
+    representation whose batch changes every step we average its norm instead.) `backward`
+    returns the factor on each task's gradient, (max_k m_k / m_t) / L_t; a non-finite norm (an
+    overflowing GradScaler step) is not averaged in.
     """
+
+    _sized_on_first_use = ("ema",)
 
     def __init__(self, task_names: Sequence[str], *, beta: float = 0.9, eps: float = 1e-8, **kw):
         super().__init__(task_names, **kw)
         self.beta, self.eps = beta, eps
         self.register_buffer("ema", torch.zeros(0, dtype=torch.float64))
+        self._applied: torch.Tensor | None = None
 
     def combine(self, grads, losses):
-        logs = [[g / (float(loss.detach()) + self.eps) for g in gt] for gt, loss in zip(grads, losses)]
+        lvals = [float(loss.detach()) + self.eps for loss in losses]
+        logs = [[g / v for g in gt] for gt, v in zip(grads, lvals)]
         norms = torch.stack([_flat(g).norm() for g in logs])
-        self.ema = norms.clone() if self.ema.numel() == 0 else self.beta * self.ema + (1 - self.beta) * norms
-        scale = self.ema.max() / self.ema.clamp_min(1e-30) * self.static_weights.double()
-        return self.weighted_sums(logs, scale)
+        if self.ema.numel() == 0:
+            self.ema = _finite(norms, torch.full_like(norms, float("nan")), norms)  # NaN: not started
+        else:  # the average starts at the first step whose norms are all finite
+            self.ema = _finite(torch.where(self.ema.isnan(), norms, self.beta * self.ema + (1 - self.beta) * norms),
+                               self.ema, norms)
+        scale = self.ema.max() / self.ema.clamp_min(1e-30)
+        self._applied = scale / torch.tensor(lvals, dtype=torch.float64)
+        return self.weighted_sums(logs, scale * self.static_weights.double())
+
+    def _step_scales(self):
+        return self._applied
 
 
 class FAMO(Balancer):
@@ -199,16 +243,18 @@ class FAMO(Balancer):
     Backward uses weights c_t = (z_t/L_t) / sum_k (z_k/L_k) with z = softmax(xi) on the losses
     (no per-task gradients). After the optimizer step call `update(new_losses)` with the losses
     on the same batch: delta_t = log L_t(before) - log L_t(after), and
-    xi <- xi - lr * (J_softmax^T delta + gamma * xi).
+    xi <- xi - lr * (J_softmax^T delta + gamma * xi). `backward` returns the c_t it used.
     """
 
     needs_task_grads = False
+    _sized_on_first_use = ("prev_losses",)
 
     def __init__(self, task_names: Sequence[str], *, lr: float = 0.025, gamma: float = 1e-3, eps: float = 1e-8, **kw):
         super().__init__(task_names, **kw)
         self.lr, self.gamma, self.eps = lr, gamma, eps
         self.register_buffer("logits", torch.zeros(len(self.task_names), dtype=torch.float64))
         self.register_buffer("prev_losses", torch.zeros(0, dtype=torch.float64))
+        self._applied: torch.Tensor | None = None
 
     def weights(self, loss_values: torch.Tensor) -> torch.Tensor:
         z = torch.softmax(self.logits, 0)
@@ -218,12 +264,16 @@ class FAMO(Balancer):
     def total_loss(self, losses):
         vals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
         self.prev_losses = vals
-        c = self.weights(vals) * self.static_weights.double()
+        self._applied = self.weights(vals)
+        c = self._applied * self.static_weights.double()
         return sum(float(c[t]) * loss for t, loss in enumerate(losses))
 
     def combine(self, grads, losses):
-        c = self.weights(torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64))
+        c = self._applied = self.weights(torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64))
         return self.weighted_sums(grads, c)
+
+    def _step_scales(self):
+        return self._applied
 
     def update(self, new_losses) -> None:
         if self.prev_losses.numel() == 0:
@@ -240,7 +290,9 @@ class MetaBalance(Balancer):
     gradient is moved toward the target task's moving-average magnitude.
 
     m_tp <- beta*m_tp + (1-beta)*||g_tp|| (from zero); g_tp <- relax*(m_0p/m_tp)*g_tp + (1-relax)*g_tp.
-    Needs `shared_parameters=`; task `target` (default the first) is left unchanged.
+    Needs `shared_parameters=`; task `target` (default the first) is left unchanged. `backward`
+    returns the scales of the first shared parameter tensor (as MultiBalance those of its first
+    representation); a non-finite norm (an overflowing GradScaler step) is not averaged in.
     """
 
     def __init__(self, task_names: Sequence[str], *, shared_parameters, relax: float = 0.7, beta: float = 0.9,
@@ -255,13 +307,16 @@ class MetaBalance(Balancer):
             raise ValueError(f"target {target!r} is not one of {self.task_names}")
         self.relax, self.beta, self.target_index = relax, beta, self.task_names.index(target)
         self.register_buffer("ema", torch.zeros(len(self.shared_parameters), len(self.task_names), dtype=torch.float64))
+        self._applied: torch.Tensor | None = None
 
     def combine(self, grads, losses):
-        coeff = []
-        for p in range(len(self.shared_parameters)):
-            norms = torch.stack([grads[t][p].double().norm() for t in range(self.num_tasks)])
-            self.ema[p] = self.beta * self.ema[p] + (1 - self.beta) * norms
-            m = self.ema[p].clamp_min(1e-30)
-            scale = self.relax * m[self.target_index] / m + (1 - self.relax)
-            coeff.append(scale * self.static_weights.to(scale.dtype))
-        return self.weighted_sums(grads, torch.stack(coeff))
+        norms = torch.stack([torch.stack([grads[t][p].double().norm() for t in range(self.num_tasks)])
+                             for p in range(len(self.shared_parameters))])  # [P, T]
+        self.ema.copy_(_finite(self.beta * self.ema + (1 - self.beta) * norms, self.ema, norms))
+        m = self.ema.clamp_min(1e-30)
+        scales = self.relax * m[:, self.target_index: self.target_index + 1] / m + (1 - self.relax)
+        self._applied = scales[0]
+        return self.weighted_sums(grads, scales * self.static_weights.to(scales.dtype))
+
+    def _step_scales(self):
+        return self._applied

@@ -22,9 +22,11 @@ def weighted_loss(losses: list[torch.Tensor], weights: list[float]) -> torch.Ten
 def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_t coeff[t] * grads[t] with the coefficients on the device (no host sync).
 
-    Writes into `out`, by default into grads[0] (the per-task gradients are the balancer's own).
+    Writes into `out`, by default into grads[0] (the per-task gradients are the balancer's own)
+    when that is a contiguous tensor, else into a new one: `autograd.grad` may return an
+    expanded view (a head that sum-pools its input), whose elements share memory.
     A Triton backend reads every gradient once and writes once, accumulating in fp32; the
-    reference chains in-place multiply-adds in the gradients' dtype.
+    reference chains in-place multiply-adds in the gradients' dtype (fp32 for fp16 gradients).
     """
     if not grads:
         raise ValueError("grads must hold at least one tensor")
@@ -36,7 +38,8 @@ def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tens
     if coeff.shape != (len(grads),) or not coeff.dtype.is_floating_point or coeff.device != first.device:
         raise ValueError(f"coeff must be a floating [{len(grads)}] tensor on {first.device}, got {coeff.dtype} "
                          f"{tuple(coeff.shape)} on {coeff.device}")
-    out = first if out is None else out
+    if out is None:  # contiguous: no two elements share memory (an attribute check, no pass)
+        out = first if first.is_contiguous() else torch.empty_like(first, memory_format=torch.contiguous_format)
     if out.shape != first.shape or out.dtype != first.dtype or out.device != first.device:
         raise ValueError(f"out must be {first.dtype} {tuple(first.shape)} on {first.device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")

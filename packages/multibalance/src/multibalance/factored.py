@@ -73,6 +73,27 @@ def _leaf_index(node, leaf_ids: dict) -> int | None:
     return None
 
 
+def reaches(loss: torch.Tensor, leaf_ids: set[int]) -> bool:
+    """Whether `loss` depends on one of the leaf tensors whose ids are `leaf_ids` (the detached
+    representations): a walk of its graph that stops at the first one found, so it visits
+    little more than the head in front of it."""
+    if loss.grad_fn is None:
+        return False
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            if _kind(child) == "leaf":
+                if id(child.variable) in leaf_ids:
+                    return True
+            else:
+                stack.append(child)
+    return False
+
+
 def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]):
     """Per task and representation: the one linear node reading it (or None when the task does
     not read it), plus the heads' parameters; None when any head does not fit (see module docs).
@@ -178,13 +199,17 @@ class Factors:
     widths: list[int]
 
 
-def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor | None]) -> Factors | None:
+def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor | None],
+                  scale: torch.Tensor | None = None) -> Factors | None:
+    """`scale` (a 0-d device tensor), if given, multiplies the left factor (in place: `cat` made it)."""
     present = [t for t, d in enumerate(deltas) if d is not None]
     if not present:
         return None
     ds = [deltas[t].reshape(-1, deltas[t].shape[-1]) for t in present]
-    return Factors(present, torch.cat(ds, 1).float(), torch.cat([weights[t] for t in present], 0).float(),
-                   [d.shape[1] for d in ds])
+    left = torch.cat(ds, 1).float()
+    if scale is not None:
+        left.mul_(scale)
+    return Factors(present, left, torch.cat([weights[t] for t in present], 0).float(), [d.shape[1] for d in ds])
 
 
 def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, samples: int = 1) -> torch.Tensor:

@@ -22,15 +22,23 @@ class BinaryTaskMetrics:
         self.count = 0
         self.positives = 0.0
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = logits.detach().reshape(-1).double().cpu()
-        labels = labels.detach().reshape(-1).double().cpu()
+    @staticmethod
+    def _checked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch flattened to float64 on the host, or ValueError (nothing is counted then)."""
+        logits = torch.as_tensor(logits).detach().reshape(-1).double().cpu()
+        labels = torch.as_tensor(labels).detach().reshape(-1).double().cpu()
         if logits.shape != labels.shape:
             raise ValueError(f"logits and labels must have the same number of elements, got {logits.numel()} and {labels.numel()}")
         if not torch.isfinite(logits).all():
             raise ValueError("logits contain NaN or inf")
         if ((labels != 0) & (labels != 1)).any():
             raise ValueError("labels must be 0 or 1")
+        return logits, labels
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self._add(*self._checked(logits, labels))
+
+    def _add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
         self.count += labels.numel()
         self.positives += float(labels.sum())
@@ -48,8 +56,16 @@ class BinaryTaskMetrics:
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Exact ROC AUC with ties counted half (Mann-Whitney U)."""
-    scores, labels = scores.double().reshape(-1), labels.double().reshape(-1)
+    """Exact ROC AUC with ties counted half (Mann-Whitney U); NaN when one class is absent.
+    `scores` must be finite (+-inf allowed: they still rank) and `labels` 0 or 1, with as many
+    elements as `scores`."""
+    scores, labels = torch.as_tensor(scores).double().reshape(-1), torch.as_tensor(labels).double().reshape(-1)
+    if scores.numel() != labels.numel():
+        raise ValueError(f"scores and labels must have the same number of elements, got {scores.numel()} and {labels.numel()}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if ((labels != 0) & (labels != 1)).any():
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(labels.unique().tolist()) - {0.0, 1.0})}")
     n_pos = float(labels.sum())
     n_neg = labels.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -67,12 +83,29 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class MultiTaskMetrics:
+    """One `BinaryTaskMetrics` per task; `update` takes a mapping task -> tensor for each of logits
+    and labels, with exactly the tasks' names as keys."""
+
     def __init__(self, task_names: Sequence[str]):
+        if isinstance(task_names, str):
+            raise ValueError(f"task_names must be a sequence of task names, got the string {task_names!r}")
         self.tasks = {n: BinaryTaskMetrics() for n in task_names}
 
     def update(self, logits: dict, labels: dict) -> None:
+        """All tasks are checked before any is counted: an error leaves every task as it was."""
+        for what, given in (("logits", logits), ("labels", labels)):
+            missing, unknown = set(self.tasks) - set(given), set(given) - set(self.tasks)
+            if missing or unknown:
+                raise ValueError(f"{what}: missing tasks {sorted(missing)}, unknown tasks {sorted(unknown)}; "
+                                 f"expected {list(self.tasks)}")
+        checked = {}
+        for name in self.tasks:
+            try:
+                checked[name] = BinaryTaskMetrics._checked(logits[name], labels[name])
+            except ValueError as error:
+                raise ValueError(f"task {name!r}: {error}") from None
         for name, m in self.tasks.items():
-            m.update(logits[name], labels[name])
+            m._add(*checked[name])
 
     def compute(self) -> dict[str, dict[str, float]]:
         return {n: m.compute() for n, m in self.tasks.items()}

@@ -49,6 +49,8 @@ class MultiBalance(Balancer):
             raise ValueError(f"norm must be 'batch' or 'sample', got {norm!r}")
         if norm_lag not in (0, 1) or isinstance(norm_lag, bool):
             raise ValueError(f"norm_lag must be 0 or 1, got {norm_lag!r}")
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         self.relax, self.beta, self.target, self.norm, self.warmup_steps, self.eps = relax, beta, target, norm, warmup_steps, eps
         self.norm_lag = norm_lag
         self._lagged: _PendingNorms | None = None  # norm_lag=1: the last step's norms, not yet averaged in
@@ -74,6 +76,7 @@ class MultiBalance(Balancer):
         return self._reduce_norms(sums.view(self.num_tasks, n_reps).T, rows.view(self.num_tasks, n_reps).T)
 
     uses_norms_only = True
+    _sized_on_first_use = ("ema", "scales", "lagged_norms")
 
     @property
     def per_sample_norms(self) -> bool:
@@ -96,10 +99,17 @@ class MultiBalance(Balancer):
         return self._step_coefficients()
 
     def _average_in(self, norms: torch.Tensor) -> None:
-        if self.ema.shape != norms.shape or self.ema.device != norms.device:
-            self.ema = norms.clone()
-        else:
-            self.ema.lerp_(norms, 1 - self.beta)
+        """A step with a non-finite norm (its gradients overflowed: a GradScaler skips it) is not
+        averaged in, and the averages start at the first step whose norms are all finite. A few
+        small ops on the [n_reps, T] averages, no host sync."""
+        finite = norms.isfinite().all()
+        if self.ema.shape != norms.shape:
+            self.ema = torch.where(finite, norms, float("nan"))  # NaN: not started
+            return
+        if self.ema.device != norms.device:  # e.g. loaded from a checkpoint onto another device: keep the averages
+            self.ema = self.ema.to(norms.device)
+        ema = self.ema
+        ema.copy_(torch.where(finite, torch.where(ema.isnan(), norms, ema.lerp(norms, 1 - self.beta)), ema))
 
     def _step_coefficients(self) -> torch.Tensor:
         self.step.add_(1)  # in place: `+=` would also re-register the buffer through Module.__setattr__
