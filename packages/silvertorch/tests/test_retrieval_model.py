@@ -322,6 +322,18 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
         RetrievalModel.load(tmp_path / "a")
     with pytest.raises(ValueError, match="config.json"):
         RetrievalModel.load(tmp_path / "missing")
+    # a hand-edited config: a missing entry, a wrong type, a table size that disagrees with the
+    # weights (made on the meta device: nothing of the claimed size is allocated)
+    cfg["tensors"]["codes"]["shape"][1] -= 1
+    for edit, match in ((lambda c: c.pop("nprobe"), "missing an entry .*nprobe"),
+                        (lambda c: c.update(nprobe="8"), "wrong type"),
+                        (lambda c: c["user_tower"]["config"].update(cardinalities=[10**12]), "user_tower weights do not fit"),
+                        (lambda c: c.update(fresh_used=10**6), "fresh_used must be in")):
+        edited = json.loads(json.dumps(cfg))
+        edit(edited)
+        (tmp_path / "a" / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=match):
+            RetrievalModel.load(tmp_path / "a")
 
 
 def test_export_round_trip(tmp_path):
@@ -398,6 +410,35 @@ def test_bad_inputs_are_named():
         RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, torch.zeros(N), ATTRS, SCHEMA)
     with pytest.raises(ValueError, match="attribute offsets"):
         RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, (ATTRS[0], ATTRS[1][:-1], ATTRS[2]), SCHEMA)
+    # user features are checked against the tower's input_spec before the forward
+    with pytest.raises(ValueError, match=rf"user_features\[1, 0\] = {USERS} is out of range: column 0 takes ids in \[0, {USERS - 1}\]"):
+        MODEL.retrieve(torch.tensor([[1], [USERS]]))
+    with pytest.raises(ValueError, match=r"user_features\[0, 0\] = -1"):
+        MODEL.retrieve(torch.tensor([[-1]]))
+    for shape_wrong in (torch.tensor([1, 2]), torch.tensor([[1, 2]])):
+        with pytest.raises(ValueError, match=r"user_features must be \[num_users, 1\]"):
+            MODEL.retrieve(shape_wrong)
+    with pytest.raises(ValueError, match="whole numbers"):
+        MODEL.retrieve(torch.tensor([[1.9]]))
+    assert torch.equal(MODEL.retrieve(torch.tensor([[3.0]])).ids, MODEL.retrieve(torch.tensor([[3]])).ids)
+    # dense item features and the OverArch must agree at build time, not at the first query
+    with pytest.raises(ValueError, match="OverArch reads 3 dense item features, the items have 0"):
+        RetrievalModel.build(TOWER, OverArch(D, 2, [16], dense_dim=3), VALUE, EMB, IDS, ATTRS, SCHEMA, n_clusters=12)
+    with pytest.raises(ValueError, match="the items have 2 dense features, the OverArch reads none"):
+        RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, ATTRS, SCHEMA, n_clusters=12, item_dense=torch.zeros(N, 2))
+    learned = RetrievalModel.build(TOWER, OVERARCH, ValueModel(2, learned=True), EMB, IDS, ATTRS, SCHEMA, n_clusters=12)
+    with pytest.raises(ValueError, match="value_weights: this Value Model is learned"):
+        learned.retrieve(users, None, [1.0, 0.0])
+
+
+def test_small_corpus_builds_with_default_probing_and_rebuilds_after_deletions():
+    model = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB[:20], IDS[:20], (ATTRS[0][:40], ATTRS[1][:21], ATTRS[2][:40]), SCHEMA,
+                                 k_candidates=15)
+    assert model.centroids.shape[0] == 4 and model.nprobe == 4  # sqrt(20) clusters, all probed (default 8)
+    assert model.delete_items(IDS[:10]) == 10
+    rebuilt = model.rebuild()  # 10 live items < k_candidates=15
+    assert rebuilt.k_candidates == 10 and rebuilt.num_main == 10
+    assert set(rebuilt.retrieve(torch.tensor([[1]])).ids[0].tolist()) == set(IDS[10:20].tolist())
 
 
 RARE = 3  # feature id of a tag carried by 3 of the 2,500 items (0.12%)

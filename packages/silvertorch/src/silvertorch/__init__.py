@@ -5,7 +5,7 @@ from .bloom import BloomFilter, BloomIndex, FilterPlans, FilterSchema, FilterSyn
 from .filtering import DenseMaskFilter, RangeFilter
 from .ivf import FlatIndex, IVFIndex, SearchResult
 from .model import RetrievalModel, Retrieved
-from .publish import load_item_table, load_towers, publish, save_item_table, save_towers
+from .publish import ItemTable, load_item_table, load_towers, publish, save_item_table, save_towers
 from .scoring import OverArch, ValueModel
 from .topk import select_topk
 from .towers import EmbeddingTower
@@ -18,5 +18,5 @@ __all__ = [
     "IVFIndex", "FlatIndex", "SearchResult", "select_topk",
     # the model and its artifact
     "RetrievalModel", "Retrieved", "OverArch", "ValueModel", "EmbeddingTower",
-    "publish", "save_towers", "load_towers", "save_item_table", "load_item_table",
+    "publish", "save_towers", "load_towers", "save_item_table", "load_item_table", "ItemTable",
 ]

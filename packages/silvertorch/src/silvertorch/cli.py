@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import sys
 
@@ -20,10 +21,10 @@ def _build(args) -> int:
     from .publish import load_item_table, load_towers, publish
 
     user_tower, overarch, value_model = load_towers(args.towers)
-    embeddings, ids, attributes, schema = load_item_table(args.items)
-    model = publish(args.out, user_tower, overarch, value_model, item_embeddings=embeddings, item_ids=ids,
-                    attributes=attributes, schema=schema, progress=not args.quiet, n_clusters=args.n_clusters,
-                    nprobe=args.nprobe, max_nprobe=args.max_nprobe, k_candidates=args.k_candidates, num_results=args.num_results,
+    items = load_item_table(args.items)
+    model = publish(args.out, user_tower, overarch, value_model, item_embeddings=items.embeddings, item_ids=items.ids,
+                    attributes=items.attributes, schema=items.schema, item_dense=items.dense, progress=not args.quiet,
+                    n_clusters=args.n_clusters, nprobe=args.nprobe, max_nprobe=args.max_nprobe, k_candidates=args.k_candidates, num_results=args.num_results,
                     fresh_capacity=args.fresh_capacity, bloom_k=args.bloom_k, bloom_multiplier=args.bloom_multiplier,
                     **({} if args.max_exact_terms is None else {"max_exact_terms": args.max_exact_terms}))
     print(json.dumps({"artifact": str(args.out), "items": model.num_main, "clusters": model.centroids.shape[0],
@@ -35,13 +36,16 @@ def _query(args) -> int:
     from .model import RetrievalModel
 
     model = RetrievalModel.load(args.artifact)
+    n = model.num_results if args.n is None else args.n
+    if n > model.num_results:
+        raise ValueError(f"-n: expected at most the model's num_results ({model.num_results}), got {n}")
     features = _user_features(model, args.user)
-    weights = [float(w) for w in args.value_weights.split(",")] if args.value_weights else None
+    weights = _floats("--value-weights", args.value_weights) if args.value_weights else None
     r = model.retrieve(features, [args.filter], weights)
     keep = r.ids[0] >= 0
     rows = [{"id": int(i), "score": round(float(s), 5), "fresh": bool(f)}
             for i, s, f in zip(r.ids[0][keep], r.scores[0][keep], r.fresh[0][keep])]
-    print(json.dumps({"found": int(r.found[0]), "results": rows[: args.n]}, indent=1))
+    print(json.dumps({"found": int(r.found[0]), "results": rows[:n]}, indent=1))
     return 0
 
 
@@ -49,9 +53,46 @@ def _user_features(model, text: str):
     """One user's features from a comma-separated list, in the dtype the user tower takes."""
     import torch
 
-    features = torch.tensor([[float(v) for v in text.split(",")]])
     spec = model.config()["user_tower"].get("input") or {}
-    return features.long() if spec.get("dtype") == "int64" else features
+    if spec.get("dtype") == "int64":  # ids: "1.9" is an error, not user 1
+        try:
+            return torch.tensor([[int(v) for v in text.split(",")]])
+        except ValueError:
+            raise ValueError(f"--user: expected comma-separated integers (the user tower takes ids), got {text!r}") from None
+    return torch.tensor([_floats("--user", text)])
+
+
+def _floats(flag: str, text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an int in [lo, hi] (argparse names the flag in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected an integer {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, got {value}")
+        return value
+    return parse
+
+
+def _float_above(lo: float, inclusive: bool = False):
+    """An argparse type: a finite float > lo (>= lo when inclusive)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if inclusive else '>'} {lo}, got {text}")
+        return value
+    return parse
 
 
 def _package(args) -> int:
@@ -86,34 +127,34 @@ def main(argv=None) -> int:
     b.add_argument("--towers", required=True, help="directory written by silvertorch.save_towers")
     b.add_argument("--items", required=True, help="safetensors file written by silvertorch.save_item_table")
     b.add_argument("--out", required=True, help="artifact directory to write")
-    b.add_argument("--n-clusters", type=int, default=None, help="IVF clusters (default sqrt(items))")
-    b.add_argument("--nprobe", type=int, default=8)
-    b.add_argument("--max-nprobe", type=int, default=None,
+    b.add_argument("--n-clusters", type=_int_in(1), default=None, help="IVF clusters (default sqrt(items))")
+    b.add_argument("--nprobe", type=_int_in(1), default=None, help="clusters probed per query (default: 8, or every cluster of a small corpus)")
+    b.add_argument("--max-nprobe", type=_int_in(1), default=None,
                    help="adaptive probing: probe up to this many clusters until k-candidates items pass the filter (default: --nprobe)")
-    b.add_argument("--max-exact-terms", type=int, default=None,
+    b.add_argument("--max-exact-terms", type=_int_in(1), default=None,
                    help="terms under NOT one filter may have (evaluated exactly; the forward's cost grows with it; "
                         "default: RetrievalModel.build's)")
-    b.add_argument("--k-candidates", type=int, default=256, help="candidates re-scored by OverArch")
-    b.add_argument("--num-results", type=int, default=10, help="top-N returned per query (the most a request may ask)")
-    b.add_argument("--fresh-capacity", type=int, default=1024, help="items that can be added without a rebuild")
-    b.add_argument("--bloom-k", type=int, default=3)
-    b.add_argument("--bloom-multiplier", type=float, default=5.0)
+    b.add_argument("--k-candidates", type=_int_in(1), default=256, help="candidates re-scored by OverArch")
+    b.add_argument("--num-results", type=_int_in(1), default=10, help="top-N returned per query (the most a request may ask)")
+    b.add_argument("--fresh-capacity", type=_int_in(0), default=1024, help="items that can be added without a rebuild")
+    b.add_argument("--bloom-k", type=_int_in(1, 10), default=3, help="hash functions per attribute term (1-10)")
+    b.add_argument("--bloom-multiplier", type=_float_above(1.0), default=5.0, help="Bloom bits per term per hash (> 1)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_build)
     q = sub.add_parser("query", help="run one query against an artifact")
     q.add_argument("artifact")
     q.add_argument("--user", required=True, help="user features, comma-separated (e.g. a user id)")
     q.add_argument("--filter", default="", help="filter expression, e.g. 'genre:Comedy AND NOT year:1995'")
-    q.add_argument("-n", type=int, default=10)
+    q.add_argument("-n", type=_int_in(1), default=None, help="results to print (default and most: the model's num_results)")
     q.add_argument("--value-weights", default=None, help="per-task weights for the Value Model, comma-separated")
     q.set_defaults(func=_query)
     s = sub.add_parser("serve", help="serve an artifact over HTTP (needs silvertorch[serve])")
     s.add_argument("artifact")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--max-batch", type=int, default=64)
-    s.add_argument("--max-wait-ms", type=float, default=2.0)
-    s.add_argument("--timeout", type=float, default=10.0, help="seconds before a request gets a 504")
+    s.add_argument("--port", type=_int_in(1, 65535), default=8080)
+    s.add_argument("--max-batch", type=_int_in(1), default=64)
+    s.add_argument("--max-wait-ms", type=_float_above(0.0, inclusive=True), default=2.0)
+    s.add_argument("--timeout", type=_float_above(0.0), default=10.0, help="seconds before a request gets a 504")
     s.set_defaults(func=_serve)
 
     pk = sub.add_parser("package", help="compile the model into an AOTInductor package (.pt2) that runs without silvertorch")
@@ -121,13 +162,13 @@ def main(argv=None) -> int:
     pk.add_argument("out", help="the package file to write (.pt2)")
     pk.add_argument("--user", required=True, help="an example user's features, comma-separated (traced with)")
     pk.add_argument("--filter", default="", help="an example filter expression")
-    pk.add_argument("--max-batch", type=int, default=1024, help="the most users one call of the package may take")
+    pk.add_argument("--max-batch", type=_int_in(2), default=1024, help="the most users one call of the package may take")
     pk.set_defaults(func=_package)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, ImportError) as err:
-        print(f"silvertorch {args.command}: {err}", file=sys.stderr)
+        print(f"silvertorch {args.command}: error: {err}", file=sys.stderr)  # one line, no traceback
         return 2
 
 

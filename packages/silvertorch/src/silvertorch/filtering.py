@@ -21,10 +21,14 @@ if sys.byteorder != "little":  # pack_bits/unpack_bits view int32 words as their
 
 class RangeFilter(Protocol):
     num_queries: int
+    num_items: int  # the item positions it covers (an index's main and fresh items)
 
     def range_masks(self, starts: torch.Tensor, lengths: torch.Tensor, max_length: int) -> torch.Tensor: ...
 
     def exact_mask(self, positions: torch.Tensor) -> torch.Tensor: ...
+
+    # `approximate = True` (class attribute): range_masks may pass items that do not match (a Bloom
+    # filter); the search then checks its winners with exact_mask. Absent or False: masks are exact.
 
     def select(self, queries: torch.Tensor) -> RangeFilter:
         """The same filters for the given queries (row indices) only, in that order."""
@@ -48,7 +52,7 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     """int32 [..., W] -> bool [..., n]: each byte of the words looks up its 8 bools."""
     byte_bits = ((torch.arange(256, device=words.device).unsqueeze(1) >> torch.arange(8, device=words.device)) & 1).bool()
     as_bytes = words.to(torch.int32).contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    return byte_bits.index_select(0, as_bytes).view(*words.shape[:-1], -1)[..., :n]
+    return byte_bits.index_select(0, as_bytes).view(*words.shape[:-1], words.shape[-1] * 32)[..., :n]
 
 
 def count_bits(words: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,7 @@ class DenseMaskFilter:
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
         self.mask = mask
+        self.num_items = mask.shape[1]
         self._packed: tuple[int, torch.Tensor] | None = None
 
     @property

@@ -111,6 +111,30 @@ def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, m
     return ops, args, hashes[:, : slots((TERM, EXACT_TERM), hashes.shape[1], 1)], slots((EXACT_TERM,), max_exact, 0)
 
 
+DEFAULT_NPROBE = 8
+
+
+def _check_against_spec(features: torch.Tensor, spec: dict) -> torch.Tensor:
+    """user_features checked against the tower's `input_spec` ({"dtype", "width", "max"}): a
+    [Q, width] batch, and for an int64 tower whole numbers in [0, max] per column (an id out of
+    range would fail deep in an embedding, a fraction would be truncated silently)."""
+    if features.dim() != 2 or features.shape[1] != spec["width"]:
+        raise ValueError(f"user_features must be [num_users, {spec['width']}] for this user tower, got {tuple(features.shape)}")
+    if spec.get("dtype") != "int64":
+        return features
+    if features.dtype.is_floating_point:
+        if not torch.equal(features, features.round()):
+            raise ValueError("user_features must be whole numbers (ids) for this user tower")
+        features = features.long()
+    high = torch.as_tensor(spec["max"], dtype=torch.int64)
+    bad = (features < 0) | (features > high)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"user_features[{row}, {col}] = {int(features[row, col])} is out of range: column {col} takes "
+                         f"ids in [0, {int(high[col])}]")
+    return features
+
+
 def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
     """Jagged (feature_id, value) pairs -> padded [N, A] fids, values and counts."""
     feature_ids, offsets, values = (torch.as_tensor(t).long() for t in (feature_ids, offsets, values))
@@ -146,6 +170,8 @@ class RetrievalModel(nn.Module):
             self.register_buffer(name, t)
         self.num_main = self.codes.shape[0]
         self.fresh_capacity = self.item_ids.shape[0] - self.num_main
+        if not 0 <= fresh_used <= self.fresh_capacity:
+            raise ValueError(f"fresh_used must be in [0, fresh capacity={self.fresh_capacity}], got {fresh_used}")
         self.fresh_used = fresh_used
         self.dim = self.codes.shape[1]
         n_clusters, max_cluster = self.cluster_positions.shape
@@ -159,6 +185,11 @@ class RetrievalModel(nn.Module):
                              f"{max_nprobe * max_cluster + self.fresh_capacity}], got {k_candidates}")
         if not 1 <= num_results <= k_candidates:
             raise ValueError(f"num_results must be in [1, k_candidates={k_candidates}], got {num_results}")
+        dense_dim = self.item_dense.shape[1] if hasattr(self, "item_dense") else 0
+        if overarch.dense_dim != dense_dim:  # otherwise every forward would fail, after the build
+            raise ValueError(f"the OverArch reads {overarch.dense_dim} dense item features, the items have {dense_dim}; "
+                             f"pass item_dense [num_items, {overarch.dense_dim}]" if overarch.dense_dim else
+                             f"the items have {dense_dim} dense features, the OverArch reads none (dense_dim=0)")
         if overarch.dim != self.dim or overarch.num_tasks != value_model.num_tasks:
             raise ValueError(f"overarch (dim {overarch.dim}, {overarch.num_tasks} tasks) does not fit the items (dim {self.dim}) "
                              f"and the value model ({value_model.num_tasks} tasks)")
@@ -178,7 +209,7 @@ class RetrievalModel(nn.Module):
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel, item_embeddings: torch.Tensor,
-              item_ids=None, attributes=None, schema: dict | None = None, *, n_clusters: int | None = None, nprobe: int = 8,
+              item_ids=None, attributes=None, schema: dict | None = None, *, n_clusters: int | None = None, nprobe: int | None = None,
               k_candidates: int = 256, num_results: int = 10, fresh_capacity: int = 1024, bloom_k: int = 3,
               bloom_multiplier: float = 5.0, max_attributes: int | None = None, item_dense=None, max_ops: int = 32,
               max_terms: int = 16, exact_verify: bool = True, kmeans_iters: int = 20, seed: int = 0,
@@ -208,6 +239,7 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"attribute offsets must be [num_items + 1 = {n + 1}], got {tuple(offsets.shape)}")
         step("clustering (k-means++) and int8 quantization")
         n_clusters = n_clusters or max(1, int(round(math.sqrt(n))))
+        nprobe = min(DEFAULT_NPROBE, n_clusters) if nprobe is None else nprobe  # a small corpus has fewer clusters
         ivf = IVFIndex.build(emb, ids, n_clusters=n_clusters, iters=kmeans_iters, seed=seed)
         order = ivf.order
         step("Bloom index over item attributes")
@@ -406,6 +438,9 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"filters must be a list of {q} expressions (one per user), got {filters!r:.80}")
         if user_features.dtype.is_floating_point and not torch.isfinite(user_features).all():
             raise ValueError("user_features contain NaN or inf")
+        spec = getattr(self.user_tower, "input_spec", None)
+        if spec:
+            user_features = _check_against_spec(user_features, spec)
         if value_weights is not None:
             value_weights = torch.as_tensor(value_weights, dtype=torch.float32, device=self.codes.device)
             if value_weights.shape not in ((self.value_model.num_tasks,), (q, self.value_model.num_tasks)) or not torch.isfinite(value_weights).all():
@@ -467,6 +502,9 @@ class RetrievalModel(nn.Module):
                    "max_exact_terms": self.max_exact_terms}
         options.update(overrides)
         options["n_clusters"] = min(options["n_clusters"], live.numel())
+        # fewer live items than candidates (after deletions) would make the old bounds invalid
+        options["k_candidates"] = min(options["k_candidates"], live.numel())
+        options["num_results"] = min(options["num_results"], options["k_candidates"])
         options["nprobe"] = min(options["nprobe"], options["n_clusters"])
         options["max_nprobe"] = min(max(options["max_nprobe"], options["nprobe"]), options["n_clusters"])
         dense = self.item_dense[live].cpu() if hasattr(self, "item_dense") else None
@@ -561,7 +599,9 @@ class RetrievalModel(nn.Module):
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{directory}: {TENSORS_FILE} is not readable ({err})") from err
-        expected = config["tensors"]
+        expected = config.get("tensors")
+        if not isinstance(expected, dict):
+            raise ValueError(f"{directory}: {CONFIG_FILE} has no tensor table ('tensors')")
         if set(expected) != set(tensors):
             raise ValueError(f"{directory}: tensors differ from the config: missing {sorted(set(expected) - set(tensors))[:5]}, "
                              f"unexpected {sorted(set(tensors) - set(expected))[:5]}")
@@ -569,24 +609,37 @@ class RetrievalModel(nn.Module):
             t = tensors[name]
             if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
                 raise ValueError(f"{directory}: tensor {name} is {str(t.dtype)} {list(t.shape)}, the config says {spec['dtype']} {spec['shape']}")
+        try:
+            return cls._from_config(directory, config, tensors, user_tower).to(device).eval()
+        except (KeyError, TypeError, AttributeError) as err:  # a hand-edited or truncated config
+            raise ValueError(f"{directory}: {CONFIG_FILE} is missing an entry or has one of the wrong type "
+                             f"({type(err).__name__}: {err})") from err
+
+    @classmethod
+    def _from_config(cls, directory, config: dict, tensors: dict, user_tower: nn.Module | None) -> RetrievalModel:
         tower_spec = config["user_tower"]
-        if user_tower is None:
-            if tower_spec["type"] not in TOWERS:
-                raise ValueError(f"{directory}: the user tower is a custom module; pass user_tower= a module of the same architecture")
-            user_tower = TOWERS[tower_spec["type"]](**tower_spec["config"])
-        overarch, value_model = OverArch(**config["overarch"]), ValueModel(**config["value_model"])
+        # the modules are made on the meta device and take the file's tensors as their weights: a
+        # config that disagrees with the weights (say a tampered table size) fails on the shapes
+        # without allocating what the config claims
+        made_tower = user_tower is None
+        with torch.device("meta"):
+            if made_tower:
+                if tower_spec["type"] not in TOWERS:
+                    raise ValueError(f"{directory}: the user tower is a custom module; pass user_tower= a module of the same architecture")
+                user_tower = TOWERS[tower_spec["type"]](**tower_spec["config"])
+            overarch = OverArch(**config["overarch"])
+        value_model = ValueModel(**config["value_model"])  # small; its weights are checked for NaN as it is made
         modules = {"user_tower": user_tower, "overarch": overarch, "value_model": value_model}
         for prefix, module in modules.items():
             state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             try:
-                module.load_state_dict(state, strict=True)
+                module.load_state_dict(state, strict=True, assign=prefix == "overarch" or (prefix == "user_tower" and made_tower))
             except RuntimeError as err:
                 raise ValueError(f"{directory}: the {prefix} weights do not fit the module: {err}") from err
         buffers = {k: v for k, v in tensors.items() if k.split(".")[0] not in modules}
-        model = cls(user_tower, overarch, value_model, buffers, nprobe=config["nprobe"], k_candidates=config["k_candidates"],
-                    num_results=config["num_results"], bloom_k=config["bloom_k"], bloom_multiplier=config["bloom_multiplier"],
-                    schema=config["schema"], max_ops=config["max_ops"], max_terms=config["max_terms"],
-                    exact_verify=config["exact_verify"], fresh_used=config["fresh_used"],
-                    # absent in artifacts written before adaptive probing / the exact-term bound
-                    max_nprobe=config.get("max_nprobe"), max_exact_terms=config.get("max_exact_terms", config["max_terms"]))
-        return model.to(device).eval()
+        return cls(user_tower, overarch, value_model, buffers, nprobe=config["nprobe"], k_candidates=config["k_candidates"],
+                   num_results=config["num_results"], bloom_k=config["bloom_k"], bloom_multiplier=config["bloom_multiplier"],
+                   schema=config["schema"], max_ops=config["max_ops"], max_terms=config["max_terms"],
+                   exact_verify=config["exact_verify"], fresh_used=config["fresh_used"],
+                   # absent in artifacts written before adaptive probing / the exact-term bound
+                   max_nprobe=config.get("max_nprobe"), max_exact_terms=config.get("max_exact_terms", config["max_terms"]))

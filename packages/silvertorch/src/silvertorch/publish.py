@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -127,8 +128,19 @@ def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
     return modules["user_tower"], modules["overarch"], modules["value_model"]
 
 
-def save_item_table(path, embeddings, ids, attributes, schema: dict | None = None) -> Path:
-    """Items for `silvertorch build`: embeddings [N, D], ids [N], jagged attributes, filter schema."""
+class ItemTable(NamedTuple):
+    """What `load_item_table` returns: the arguments `publish` / `RetrievalModel.build` take."""
+
+    embeddings: torch.Tensor  # [N, D]
+    ids: torch.Tensor  # [N]
+    attributes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # jagged (feature_ids, offsets, values)
+    schema: dict
+    dense: torch.Tensor | None  # [N, F] dense item features for an OverArch with dense_dim=F, or None
+
+
+def save_item_table(path, embeddings, ids, attributes, schema: dict | None = None, dense=None) -> Path:
+    """Items for `silvertorch build`: embeddings [N, D], ids [N], jagged attributes, filter schema,
+    and the dense item features [N, F] when the OverArch reads some (dense_dim=F)."""
     import json
 
     from safetensors.torch import save_file
@@ -136,12 +148,16 @@ def save_item_table(path, embeddings, ids, attributes, schema: dict | None = Non
     fids, offsets, values = (torch.as_tensor(t).long() for t in attributes)
     tensors = {"embeddings": torch.as_tensor(embeddings).float(), "ids": torch.as_tensor(ids).long(),
                "attr_feature_ids": fids, "attr_offsets": offsets, "attr_values": values}
+    if dense is not None:
+        tensors["dense"] = torch.as_tensor(dense).float()
+        if tensors["dense"].dim() != 2 or tensors["dense"].shape[0] != tensors["embeddings"].shape[0]:
+            raise ValueError(f"dense must be [num_items={tensors['embeddings'].shape[0]}, F], got {tuple(tensors['dense'].shape)}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
               metadata={"format": ITEMS_FORMAT, "format_version": "1", "schema": json.dumps(schema or {})})
     return Path(path)
 
 
-def load_item_table(path):
+def load_item_table(path) -> ItemTable:
     import json
 
     from safetensors import SafetensorError, safe_open
@@ -156,4 +172,5 @@ def load_item_table(path):
     missing = {"embeddings", "ids", "attr_feature_ids", "attr_offsets", "attr_values"} - set(t)
     if missing:
         raise ValueError(f"{path}: missing tensors {sorted(missing)}")
-    return t["embeddings"], t["ids"], (t["attr_feature_ids"], t["attr_offsets"], t["attr_values"]), json.loads(meta.get("schema", "{}"))
+    return ItemTable(t["embeddings"], t["ids"], (t["attr_feature_ids"], t["attr_offsets"], t["attr_values"]),
+                     json.loads(meta.get("schema", "{}")), t.get("dense"))

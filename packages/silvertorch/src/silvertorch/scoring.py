@@ -106,6 +106,9 @@ class ValueModel(nn.Module):
         """logits [Q, K, T]; weights [Q, T] per request (overrides the fixed ones) -> value [Q, K]."""
         probs = torch.sigmoid(logits.float())
         if self.mlp is not None:
+            if weights is not None:  # the MLP has no weights to override: ignoring them would be a silent wrong answer
+                raise ValueError("value_weights: this Value Model is learned (an MLP over the task probabilities); "
+                                 "per-request weights apply to the weighted sum only")
             return self.mlp(probs.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
         w = self.weights if weights is None else weights.float()
         if w.dim() == 1:

@@ -7,13 +7,15 @@ POST /v1/retrieve  {"user_features": [42], "filter": "genre:Comedy", "n": 10, "v
                     "batch_size": 7}
 `found`: the items that passed the filter (Bloom, before exact verification) in the probed clusters
 and the fresh index; fewer than the model's k_candidates means the filter starved the candidates.
-GET  /healthz (alive), /readyz (model loaded and warmed up), /metrics (latency percentiles, batch sizes)
+GET  /healthz (alive), /readyz (model loaded and warmed up), /metrics (latency percentiles, batch sizes;
+`requests` counts every POST /v1/retrieve, `errors` every non-2xx answer to one)
 
 Requests are validated and their filters compiled in the handler (a bad request is a 400 with the
 reason and never reaches the model); valid ones wait at most `max_wait_ms` in a queue, and one
-worker runs up to `max_batch` of them as one forward in a worker thread. Requests are capped in
-body size, expression length and n, and time out after `timeout_s` (504). On shutdown the server
-stops taking requests, finishes the queued ones, then exits.
+worker runs up to `max_batch` of them as one forward in a worker thread (if that forward fails, its
+requests are retried apart, so only the one the model rejects fails). Requests are capped in body
+size (the bytes received: chunked uploads too), expression length and n, and time out after
+`timeout_s` (504). On shutdown the server stops taking requests, finishes the queued ones, then exits.
 """
 
 
@@ -68,10 +70,11 @@ class Metrics:
 
 def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
     try:
-        from fastapi import FastAPI, Request
+        from fastapi import FastAPI, HTTPException
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse
         from pydantic import BaseModel, Field
+        from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError as err:
         raise ImportError("the server needs the serve extra: pip install 'silvertorch[serve]'") from err
 
@@ -116,19 +119,30 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
             batch = [p for p in batch if not p.future.done()]  # timed-out requests are dropped
             if not batch:
                 continue
-            try:
-                ids, scores, probs, fresh, found = await asyncio.to_thread(run_batch, batch)
-            except Exception as err:  # a failed batch fails its requests, never the server
+            await answer(batch)
+
+    async def answer(batch: list[_Pending]):
+        try:
+            ids, scores, probs, fresh, found = await asyncio.to_thread(run_batch, batch)
+        except Exception as err:  # a failed batch fails its requests, never the server
+            if len(batch) > 1:  # e.g. one request of another width (a tower without input spec): only it fails
+                groups: dict = {}
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
-                continue
-            metrics.batches += 1
-            metrics.batch_sizes[len(batch)] += 1
-            for i, p in enumerate(batch):
-                if not p.future.done():
-                    p.future.set_result((ids[i, : p.n], scores[i, : p.n], probs[i, : p.n], fresh[i, : p.n], int(found[i]),
-                                         len(batch)))
+                    groups.setdefault(tuple(p.features.shape), []).append(p)
+                # requests of one shape still run together; a batch of one shape that fails runs one by one
+                for part in groups.values() if len(groups) > 1 else ([p] for p in batch):
+                    if any(not p.future.done() for p in part):
+                        await answer([p for p in part if not p.future.done()])
+                return
+            if not batch[0].future.done():
+                batch[0].future.set_exception(err)
+            return
+        metrics.batches += 1
+        metrics.batch_sizes[len(batch)] += 1
+        for i, p in enumerate(batch):
+            if not p.future.done():
+                p.future.set_result((ids[i, : p.n], scores[i, : p.n], probs[i, : p.n], fresh[i, : p.n], int(found[i]),
+                                     len(batch)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -149,22 +163,71 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
 
     app = FastAPI(title="silvertorch", lifespan=lifespan)
 
-    def bad(reason: str, status: int = 400):
-        metrics.errors += 1
+    def bad(reason: str, status: int = 400):  # counted in the metrics by the guard below
         return JSONResponse({"error": reason}, status_code=status)
+
+    too_large = f"request body larger than {limits.max_body_bytes} bytes"
+
+    class Guard:
+        """Pure ASGI: caps the body bytes actually received (a chunked upload has no content-length) and
+        counts every POST /v1/retrieve in `requests` and every non-2xx answer to it in `errors`."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            counted = scope["method"] == "POST" and scope["path"] == "/v1/retrieve"
+            status = None
+
+            async def send_counted(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    if counted and not 200 <= status < 300:
+                        metrics.errors += 1
+                await send(message)
+
+            if counted:
+                metrics.requests += 1
+            size = dict(scope["headers"]).get(b"content-length")
+            if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+                return await bad(too_large, 413)(scope, receive, send_counted)
+            received = 0
+
+            async def capped_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limits.max_body_bytes:
+                        # an HTTPException passes FastAPI's body parsing as is (anything else becomes a 400)
+                        raise HTTPException(413, too_large)
+                return message
+
+            try:
+                await self.app(scope, capped_receive, send_counted)
+            except Exception:
+                if counted and status is None:  # the 500 is sent by the outermost middleware, past send_counted
+                    metrics.errors += 1
+                raise
+
+    app.add_middleware(Guard)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request, exc):
+        return bad(f"internal error: {type(exc).__name__}", 500)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
         return bad(f"{where}: {first.get('msg', 'invalid request')}")
-
-    @app.middleware("http")
-    async def cap_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            return bad(f"request body larger than {limits.max_body_bytes} bytes", 413)
-        return await call_next(request)
 
     @app.get("/healthz")
     async def healthz():
@@ -182,7 +245,6 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
     @app.post("/v1/retrieve")
     async def retrieve(req: RetrieveRequest):
         start = time.perf_counter()
-        metrics.requests += 1
         if not state["accepting"]:
             return bad("the server is shutting down", 503)
         if spec:
@@ -202,6 +264,8 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         weights = None if req.value_weights is None else torch.tensor(req.value_weights, dtype=torch.float32)
         if weights is not None and not torch.isfinite(weights).all():
             return bad("value_weights: NaN or inf")
+        if weights is not None and model.value_model.learned:
+            return bad("value_weights: this model's Value Model is learned; per-request weights apply to the weighted sum only")
         future = asyncio.get_running_loop().create_future()
         try:
             queue.put_nowait(_Pending(features, plan, weights, req.n, future))

@@ -391,7 +391,11 @@ class BloomIndex:
 
 
 class BloomFilter:
-    """Range-filter protocol over a BloomIndex and a batch of plans (consumed by the IVF search)."""
+    """Range-filter protocol over a BloomIndex and a batch of plans (consumed by the IVF search).
+    Its range masks are a superset of the matches (`approximate`): the search checks its winners
+    with `exact_mask` and replaces the false positives."""
+
+    approximate = True
 
     def __init__(self, index: BloomIndex, plans: FilterPlans):
         self.index, self.plans = index, plans
@@ -399,6 +403,10 @@ class BloomFilter:
     @property
     def num_queries(self) -> int:
         return self.plans.num_queries
+
+    @property
+    def num_items(self) -> int:
+        return self.index.num_items
 
     def range_masks(self, starts, lengths, max_length: int) -> torch.Tensor:
         return self.index.search_ranges(self.plans, starts, lengths, max_length)

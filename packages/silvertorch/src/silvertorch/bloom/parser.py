@@ -33,6 +33,8 @@ from .hashing import string_value, term_hash
 
 NOP, TERM, EXACT_TERM, AND, OR, NOT, TRUE = 0, 1, 2, 3, 4, 5, 6
 MAX_DEPTH = 8  # the kernels keep this many stack slots in registers
+MAX_NESTING = 64  # parentheses and NOTs inside each other; checked while parsing (the parser recurses)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class FilterSyntaxError(ValueError):
@@ -129,6 +131,7 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.i = 0
         self.n_terms = 0
+        self.nesting = 0
 
     def peek(self):
         return self.tokens[self.i]
@@ -166,18 +169,28 @@ class _Parser:
             node = ("and", node, self.not_expr())
         return node
 
+    def nest(self):
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            self.fail(f"at most {MAX_NESTING} parentheses and NOTs inside each other")
+
     def not_expr(self):
         if self.peek()[0] in ("not",):
+            self.nest()
             self.i += 1
-            return ("not", self.not_expr())
+            node = ("not", self.not_expr())
+            self.nesting -= 1
+            return node
         return self.atom()
 
     def atom(self):
         kind = self.peek()[0]
         if kind == "lp":
+            self.nest()
             self.i += 1
             node = self.expr()
             self.take("rp", "')'")
+            self.nesting -= 1
             return node
         if kind == "word":
             return self.term()
@@ -190,8 +203,17 @@ class _Parser:
             return string_value(value[1:-1])
         if kind != "word":
             self.fail("a value")
+        value = self._int(value) if re.fullmatch(r"-?\d+", value) else string_value(value)
         self.i += 1
-        return int(value) if re.fullmatch(r"-?\d+", value) else string_value(value)
+        return value
+
+    def _int(self, word):
+        """The number at the current token as an int64, or an error pointing at it (the hash
+        takes int64 ids and values)."""
+        number = int(word)
+        if not INT64_MIN <= number <= INT64_MAX:
+            self.fail("a number in the int64 range")
+        return number
 
     def _leaf(self, fid, value):
         self.n_terms += 1
@@ -200,12 +222,12 @@ class _Parser:
         return ("term", fid, value)
 
     def term(self):
-        _, name, pos = self.take("word", "a feature")
-        if re.fullmatch(r"-?\d+", name):
-            fid = int(name)
-        elif self.schema is None:
-            raise FilterSyntaxError(self.text, pos, "a numeric feature id (named features need a FilterSchema)", repr(name))
-        else:
+        kind, name, pos = self.peek()
+        fid = self._int(name) if kind == "word" and re.fullmatch(r"-?\d+", name) else None
+        self.take("word", "a feature")
+        if fid is None:
+            if self.schema is None:
+                raise FilterSyntaxError(self.text, pos, "a numeric feature id (named features need a FilterSchema)", repr(name))
             fid = self.schema.feature_id(name, self.text, pos)
         self.take("colon", "':' after the feature")
         if self.peek()[0] == "lb":

@@ -89,6 +89,19 @@ def _check_embeddings(embeddings: torch.Tensor, dim: int | None = None) -> None:
         raise ValueError("embeddings contain NaN or inf")
 
 
+def _checked_ids(ids, n: int, device) -> torch.Tensor:
+    """int64 [n] ids, distinct and non-negative (-1 marks a missing result in every search)."""
+    if ids is None:
+        return torch.arange(n, device=device)
+    ids = torch.as_tensor(ids, device=device)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape != (n,):
+        raise ValueError(f"ids must be {n} integers (one per embedding), got {ids.dtype} {tuple(ids.shape)}")
+    ids = ids.long()
+    if n and (int(ids.min()) < 0 or ids.unique().numel() != n):
+        raise ValueError("ids must be distinct and non-negative (-1 marks a missing result)")
+    return ids
+
+
 def _encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored rows: symmetric int8 codes + scales, or bf16 rows with unit scales."""
     if dtype == "int8":
@@ -131,6 +144,8 @@ def cluster_major_scores(codes: torch.Tensor, scales: torch.Tensor, offsets: tor
     in cache and the block's rows copied into their (query, probe) rows: the result is written
     once. Below it, the dots are placed first and scaled in passes over the whole result."""
     q, p = clusters.shape
+    if codes.shape[0] == 0:  # every item removed and compacted away: nothing to score
+        return torch.full((q * p, width), float("-inf"), device=codes.device)
     flat = clusters.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (query, probe) pairs grouped by cluster
     uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
@@ -195,9 +210,7 @@ class IVFIndex:
             raise ValueError(f"IVFIndex stores int8 codes (dtype='int8'); use FlatIndex for dtype={dtype!r}")
         _check_embeddings(embeddings)
         n = embeddings.shape[0]
-        ids = torch.arange(n, device=embeddings.device) if ids is None else torch.as_tensor(ids, device=embeddings.device).long()
-        if ids.shape != (n,):
-            raise ValueError(f"ids must be [{n}], got {tuple(ids.shape)}")
+        ids = _checked_ids(ids, n, embeddings.device)
         centroids, assign = kmeans(embeddings, n_clusters, iters=iters, seed=seed)
         order = torch.argsort(assign, stable=True)
         counts = torch.bincount(assign, minlength=n_clusters)
@@ -286,8 +299,7 @@ class IVFIndex:
         L = max(self.max_cluster, 1)
         words = None
         if filters is not None:
-            if filters.num_queries != queries.shape[0]:
-                raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
+            self._check_filters(filters, queries.shape[0])
             words = filters.range_masks(starts, lengths, L).to(self.codes.device)
         if self._any_removed():
             slots = torch.arange(L, device=starts.device)
@@ -352,6 +364,8 @@ class IVFIndex:
         if not 1 <= nprobe <= self.n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
         max_nprobe = self.n_clusters if max_nprobe is None else min(max_nprobe, self.n_clusters)
+        if filters is not None:
+            self._check_filters(filters, queries.shape[0])
         queries = queries.to(self.codes.device)
         result = self._search_once(queries, k, nprobe, filters)
         while adaptive and nprobe < max_nprobe:
@@ -366,6 +380,13 @@ class IVFIndex:
             for name in ("scores", "ids", "positions", "found", "nprobe", "fresh"):
                 getattr(result, name)[short] = getattr(wider, name)
         return result
+
+    def _check_filters(self, filters, num_queries: int) -> None:
+        if filters.num_queries != num_queries:
+            raise ValueError(f"filters cover {filters.num_queries} queries, queries has {num_queries}")
+        items = getattr(filters, "num_items", None)  # a filter over too few positions would drop the rest silently
+        if items is not None and items != self.num_items:
+            raise ValueError(f"filters cover {items} item positions, the index has {self.num_items} (main and fresh)")
 
     def _search_candidates(self, queries, clusters, filters):
         """(scores [Q, M], positions_of, found [Q]) for one search: `positions_of(slots)` maps slots
@@ -430,10 +451,20 @@ class IVFIndex:
             scores = torch.cat([scores, fresh_scores], 1)
             found = found + (fresh_scores > float("-inf")).sum(1)  # scores are finite or -inf
         kk = min(k, scores.shape[1])
-        top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
-        slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the k kept only: main slots, then fresh
-        pos = torch.where(order < main_slots, positions_of(slot), self.num_main + order - main_slots)
-        pos = torch.where(order >= 0, pos, torch.full_like(order, -1))
+        while True:
+            top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
+            slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the k kept only: main slots, then fresh
+            pos = torch.where(order < main_slots, positions_of(slot), self.num_main + order - main_slots)
+            pos = torch.where(order >= 0, pos, torch.full_like(order, -1))
+            if not getattr(filters, "approximate", False):
+                break
+            # a Bloom filter passes a superset: the winners are checked against the stored attributes,
+            # and the false positives are taken out and the top-k selected again (rarely more than once)
+            rejected = ~filters.exact_mask(pos) & (pos >= 0)
+            if not rejected.any():
+                break
+            rows, cols = rejected.nonzero(as_tuple=True)
+            scores = scores.index_put((rows, order[rows, cols]), scores.new_tensor(float("-inf")))
         if kk < k:
             pad = k - kk
             top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
@@ -455,8 +486,8 @@ class IVFIndex:
         if ids.shape != (embeddings.shape[0],):
             raise ValueError(f"ids must be [{embeddings.shape[0]}], got {tuple(ids.shape)}")
         live = torch.cat([self.ids[~self.removed], self.fresh_ids[~self.fresh_removed]])
-        if ids.unique().numel() != ids.numel() or torch.isin(ids, live).any():
-            raise ValueError("ids must be new: each id may be live in the index once")
+        if ids.unique().numel() != ids.numel() or torch.isin(ids, live).any() or (ids < 0).any():
+            raise ValueError("ids must be new and non-negative: each id may be live in the index once")
         codes, scales = _encode(embeddings.to(self.codes.device), self.dtype)
         self.fresh_codes = torch.cat([self.fresh_codes, codes])
         self.fresh_scales = torch.cat([self.fresh_scales, scales])
@@ -502,7 +533,7 @@ class IVFIndex:
                    "ids": self.ids, "order": self.order, "removed": self.removed, "fresh_codes": self.fresh_codes,
                    "fresh_scales": self.fresh_scales, "fresh_ids": self.fresh_ids, "fresh_removed": self.fresh_removed}
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
-                  metadata={"format": "silvertorch.IVFIndex", "format_version": str(FORMAT_VERSION),
+                  metadata={"format": f"silvertorch.{type(self).__name__}", "format_version": str(FORMAT_VERSION),
                             "config": json.dumps({"dim": self.codes.shape[1], "n_clusters": self.n_clusters})})
         return path
 
@@ -515,13 +546,20 @@ class IVFIndex:
                 meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path}: not a readable safetensors IVFIndex file ({err})") from err
-        if meta.get("format") != "silvertorch.IVFIndex" or meta.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(f"{path}: not a silvertorch IVFIndex file of format version {FORMAT_VERSION} ({meta.get('format')}, {meta.get('format_version')})")
+        # FlatIndex files written before the class was recorded say IVFIndex: a flat index reads those too
+        formats = {f"silvertorch.{cls.__name__}"} | ({"silvertorch.IVFIndex"} if cls is FlatIndex else set())
+        if meta.get("format") not in formats or meta.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(f"{path}: not a silvertorch {cls.__name__} file of format version {FORMAT_VERSION} "
+                             f"({meta.get('format')}, {meta.get('format_version')})")
         removed = t.pop("removed")
         fresh = {k: t.pop(k) for k in ("fresh_codes", "fresh_scales", "fresh_ids", "fresh_removed") if k in t}
         idx = cls(**t)
         if idx.codes.shape[0] != int(idx.offsets[-1]) or idx.ids.shape[0] != idx.codes.shape[0]:
             raise ValueError(f"{path}: inconsistent shapes")
+        if cls is FlatIndex and idx.n_clusters != 1:
+            raise ValueError(f"{path}: not a silvertorch FlatIndex file (an IVFIndex of {idx.n_clusters} clusters)")
+        if cls is not FlatIndex and idx.codes.dtype != torch.int8:
+            raise ValueError(f"{path}: an IVFIndex stores int8 codes, this file holds {idx.codes.dtype}")
         idx.removed = removed.bool()
         if fresh:
             n = fresh["fresh_ids"].shape[0]
@@ -547,7 +585,7 @@ class FlatIndex(IVFIndex):
             raise ValueError(f"FlatIndex dtype must be one of {cls.DTYPES}, got {dtype!r}")
         _check_embeddings(embeddings)
         n = embeddings.shape[0]
-        ids = torch.arange(n, device=embeddings.device) if ids is None else torch.as_tensor(ids).long()
+        ids = _checked_ids(ids, n, embeddings.device)
         codes, scales = _encode(embeddings, dtype)
         centroids = torch.zeros(1, embeddings.shape[1], device=embeddings.device)
         offsets = torch.tensor([0, n], device=embeddings.device)
@@ -556,8 +594,8 @@ class FlatIndex(IVFIndex):
     def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto", ranges=None):
         if self.dtype == "int8":
             return super()._slot_scores(queries, clusters, filters, out=out, schedule=schedule, ranges=ranges)
-        if filters is not None and filters.num_queries != queries.shape[0]:
-            raise ValueError(f"filters cover {filters.num_queries} queries, queries has {queries.shape[0]}")
+        if filters is not None:
+            self._check_filters(filters, queries.shape[0])
         scores = self._exhaustive_scores(queries, self.codes, self.scales, self.removed, 0, filters)
         starts = torch.zeros(scores.shape[0], 1, dtype=torch.int64, device=scores.device)  # one block: slot j is item j
         found = (scores > float("-inf")).sum(1)
