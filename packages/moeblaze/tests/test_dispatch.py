@@ -43,3 +43,12 @@ def test_bad_dispatch_inputs():
         dispatch(torch.zeros(0, 2, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="int32 or int64"):
         dispatch(torch.zeros(2, 2), 2)
+
+
+@pytest.mark.parametrize("bad", [[[0, 4]], [[0, -1]], [[7, 1]]])
+def test_dispatch_refuses_ids_out_of_range(backend, bad):
+    """The Triton build returned uninitialised rows, the reference an unrelated error."""
+    with pytest.raises(ValueError, match=r"expert_ids must be in \[0, n_experts=4\)"):
+        dispatch(torch.tensor(bad, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="n_experts must be >= 1"):
+        dispatch(torch.zeros(1, 1, dtype=torch.int32), 0)

@@ -195,13 +195,79 @@ def test_saved_bytes_follow_checkpoint_mode():
         (lambda a: {**a, "activation": "relu"}, "activation must be"),
         (lambda a: {**a, "checkpoint": "some"}, "checkpoint must be"),
         (lambda a: {**a, "x": a["x"][0]}, "x must be"),
+        (lambda a: {**a, "expert_ids": a["expert_ids"] - 1}, r"expert_ids must be in \[0, 3\]"),
+        # dtypes: the reference loop failed in a matmul, the Triton path ran (even on integer x)
+        (lambda a: {**a, "x": a["x"].detach().bfloat16()}, "w_gate must have x's dtype"),
+        (lambda a: {**a, "w_down": a["w_down"].detach().double()}, "w_down must have x's dtype"),
+        (lambda a: {**{k: v.detach().long() if k in ("x", "w_gate", "w_up", "w_down") else v for k, v in a.items()}},
+         "x must be a floating-point"),
+        (lambda a: {**a, "weights": a["weights"] > 0.5}, "weights .* floating-point"),
+        (lambda a: {**a, "expert_ids": a["expert_ids"].float()}, "expert_ids must be an int32 or int64"),
+        (lambda a: {**a, "expert_ids": a["expert_ids"].short()}, "expert_ids must be an int32 or int64"),
+        (lambda a: {**a, "expert_ids": a["expert_ids"].to("meta")}, "expert_ids is on meta"),
+        (lambda a: {**a, "expert_ids": a["expert_ids"][:, :0], "weights": a["weights"][:, :0]}, "top_k .* >= 1"),
     ],
 )
-def test_bad_inputs(mutate, match):
+def test_bad_inputs(backend, mutate, match):
     x, ids, w, wg, wu, wd = _inputs(5, 8, 8, 3, 2)
     args = dict(x=x, expert_ids=ids, weights=w, w_gate=wg, w_up=wu, w_down=wd)
     with pytest.raises(ValueError, match=match):
         moe_experts(**mutate(args))
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+def test_double_backward_is_refused_clearly(backend, checkpoint):
+    """create_graph=True still gives the right first-order gradients, but differentiating them
+    again raises (the hand-written backward is not itself differentiable)."""
+    x, ids, w, wg, wu, wd = _inputs(9, 16, 24, 3, 2)
+    out = moe_experts(x, ids, w, wg, wu, wd, checkpoint=checkpoint)
+    want = moe_reference(x, ids.long(), w, wg, wu, wd)
+    gx, = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    gx_want, = torch.autograd.grad(want.pow(2).sum(), [x])
+    assert_close(gx, gx_want, backend=backend, name="grad x")
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(gx.pow(2).sum(), [x, wg, wu])
+    # also when the incoming gradient is a constant (the second-order graph then runs through
+    # the saved inputs only)
+    gw, = torch.autograd.grad(moe_experts(x, ids, w, wg, wu, wd, checkpoint=checkpoint).sum(), [wg], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(gw.sum(), [x])
+
+
+def test_empty_batch_gives_an_empty_output_in_the_graph(backend):
+    x, ids, w, wg, wu, wd = _inputs(5, 8, 8, 3, 2)
+    out = moe_experts(x[:0], ids[:0], w[:0], wg, wu, wd)
+    assert out.shape == (0, 8)
+    grads = torch.autograd.grad(out.sum(), [x, w, wg, wu, wd])
+    assert all(not g.any() for g in grads)  # zero gradients, as nn.Linear gives on an empty batch
+
+
+def test_float64(backend):
+    """float64: exact on the reference backend; the Triton kernels (fp32 inside) refuse it."""
+    x, ids, w, wg, wu, wd = (t.detach().double().requires_grad_() if t.is_floating_point() else t
+                             for t in _inputs(4, 5, 6, 3, 2))
+    if backend is Backend.REFERENCE:
+        assert torch.autograd.gradcheck(lambda *a: moe_experts(a[0], ids, *a[1:]), (x, w, wg, wu, wd))
+    else:
+        with pytest.raises(ValueError, match="float64.*GKC_BACKEND=reference"):
+            moe_experts(x, ids, w, wg, wu, wd)
+
+
+def test_autocast_computes_in_the_autocast_dtype(backend):
+    """Under autocast, fp32 x and weights run (and save their pre-activations) in bf16, as an
+    nn.Linear or the per-expert loop does, on both backends."""
+    x, ids, w, wg, wu, wd = _inputs(9, 16, 24, 3, 2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = moe_experts(x, ids, w, wg, wu, wd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = moe_reference(x, ids.long(), w, wg, wu, wd)  # its matmuls run in bf16
+    assert out.dtype == torch.bfloat16
+    assert torch.float32 not in saved
+    torch.testing.assert_close(out.float(), want.float(), rtol=0.05, atol=0.05)
+    grads = torch.autograd.grad(out.float().sum(), [x, wg])
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]  # back in the parameters' dtype
 
 
 @pytest.mark.gpu

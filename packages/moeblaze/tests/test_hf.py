@@ -9,9 +9,9 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (pip ins
 import moeblaze.hf  # noqa: E402
 
 
-def _tiny(kind):
+def _tiny(kind, **extra):
     common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64)
+                  max_position_embeddings=64, **extra)
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=40, num_local_experts=5, num_experts_per_tok=2, **common)
         return transformers.MixtralForCausalLM(cfg)
@@ -40,9 +40,78 @@ def test_moeblaze_experts_match_transformers(kind, backend, monkeypatch):
 
 
 def test_adapter_refuses_other_activations():
-    model = _tiny("mixtral")
-    model.config.hidden_act = "gelu"
+    model = _tiny("mixtral", hidden_act="gelu")  # the experts' act_fn is GELU
     with pytest.raises(ValueError, match="SiLU"):
         moeblaze.hf.use_moeblaze(model)
     with pytest.raises(ValueError, match="checkpoint"):
         moeblaze.hf.register(checkpoint="none")
+
+
+def _experts_module(cls_path, config_name, **cfg):
+
+    module_path, cls_name = cls_path.rsplit(".", 1)
+    cls = getattr(pytest.importorskip(module_path), cls_name)
+    return cls(getattr(transformers, config_name)(**cfg))
+
+
+@pytest.mark.parametrize("cls_path, config_name, cfg", [
+    # clamps gate and up with swiglu_limit inside its own _apply_gate
+    ("transformers.models.deepseek_v4.modeling_deepseek_v4.DeepseekV4Experts", "DeepseekV4Config",
+     dict(hidden_size=16, intermediate_size=24, num_local_experts=4, swiglu_limit=0.5)),
+])
+def test_adapter_refuses_experts_with_their_own_gate(cls_path, config_name, cfg):
+    module = _experts_module(cls_path, config_name, **cfg)
+    with pytest.raises(ValueError, match="_apply_gate"):
+        moeblaze.hf.use_moeblaze(module)
+    assert getattr(module.config, "_experts_implementation", None) != "moeblaze"
+
+
+def test_adapter_refuses_an_own_gate_on_any_subclass_or_instance():
+    model = _tiny("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    experts._apply_gate = lambda gate_up: gate_up.chunk(2, -1)[1]  # e.g. a patched-in variant
+    with pytest.raises(ValueError, match="_apply_gate"):
+        moeblaze.hf.use_moeblaze(model)
+
+
+def test_adapter_judges_the_modules_own_activation():
+    model = _tiny("mixtral")
+    assert model.config.hidden_act == "silu"
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="act_fn"):
+        moeblaze.hf.use_moeblaze(model)
+
+
+def test_swap_time_checks_match_the_forward():
+    model = _tiny("mixtral")
+    model.model.layers[0].mlp.experts.is_transposed = True  # e.g. AriaExperts
+    with pytest.raises(ValueError, match="is_transposed"):
+        moeblaze.hf.use_moeblaze(model)
+    assert model.config._experts_implementation != "moeblaze"  # nothing swapped
+
+
+def test_dense_mlp_models_are_skipped():
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64)
+    # Phi-3's dense MLP has nn.Linear gate_up_proj / down_proj and a config: not an experts module
+    phi = transformers.Phi3ForCausalLM(transformers.Phi3Config(intermediate_size=40, pad_token_id=0, **common))
+    assert moeblaze.hf.use_moeblaze(phi) == 0
+
+
+def test_checkpoint_mode_is_per_model(monkeypatch):
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    seen = []
+    real = moeblaze.hf.moe_experts
+    monkeypatch.setattr(moeblaze.hf, "moe_experts", lambda *a: seen.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+    big, small = _tiny("mixtral"), _tiny("mixtral")
+    moeblaze.hf.use_moeblaze(big, checkpoint="recompute")
+    moeblaze.hf.use_moeblaze(small, checkpoint="full")
+    ids = torch.randint(0, 64, (1, 4))
+    big(ids)
+    assert seen == ["recompute"] * 2
+    seen.clear()
+    small(ids)
+    assert seen == ["full"] * 2
+    with pytest.raises(ValueError, match="checkpoint"):
+        moeblaze.hf.use_moeblaze(big, checkpoint="none")

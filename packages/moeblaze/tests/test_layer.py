@@ -80,3 +80,28 @@ def test_capacity_factor_matches_reference_without_the_dropped_slots(monkeypatch
     want = torch.autograd.grad(ref, [x, layer.w_gate, layer.w_down, layer.router.proj.weight], go)
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch():
+    """No tokens: an empty output (as nn.Linear gives) and losses 0, not NaN."""
+    r = route(torch.randn(0, 4, requires_grad=True), 2)
+    assert r.aux_loss.item() == 0 and r.z_loss.item() == 0
+    layer = MoE(8, 12, 4, 2, n_shared_experts=1)
+    out = layer(torch.randn(2, 0, 8))
+    assert out.shape == (2, 0, 8)
+    assert layer.aux_loss.item() == 0
+    (out.sum() + layer.aux_loss).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+
+
+def test_deepcopy_after_a_training_forward():
+    """EMA / AveragedModel copies: aux_loss holds the forward's graph, which cannot be deep-copied."""
+    import copy
+
+    layer = MoE(8, 12, 4, 2)
+    layer(torch.randn(5, 8))
+    assert layer.aux_loss.grad_fn is not None
+    twin = copy.deepcopy(layer)
+    assert twin.aux_loss.grad_fn is None and torch.equal(twin.aux_loss, layer.aux_loss.detach())
+    assert layer.aux_loss.grad_fn is not None  # the original keeps its graph
+    torch.optim.swa_utils.AveragedModel(layer)

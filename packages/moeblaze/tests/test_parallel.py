@@ -151,3 +151,28 @@ def test_expert_parallel_needs_a_process_group():
     x, ids, w, (wg, wu, wd), _ = ep_worker.case_inputs("top2_hot_expert")
     with pytest.raises((RuntimeError, ValueError)):
         expert_parallel_experts(x, ids, w, wg, wu, wd, n_experts=4)
+
+
+def test_rank_without_tokens_reports_zero_losses(single_rank_group):
+    """An expert-parallel rank with an empty batch: empty output, aux_loss 0 (was NaN)."""
+    layer = MoE(8, 12, 4, 2, expert_group=single_rank_group)
+    out = layer(torch.randn(0, 8, requires_grad=True))
+    assert out.shape == (0, 8)
+    assert layer.aux_loss.item() == 0
+    (out.sum() + layer.aux_loss).backward()
+    assert torch.isfinite(layer.router.proj.weight.grad).all()
+
+
+def test_autocast_matches_moe_experts(single_rank_group):
+    """Under autocast (bf16 x from an earlier autocast op, fp32 expert weights) the expert-parallel
+    path casts as moe_experts does, instead of refusing the mixed dtypes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g).bfloat16()
+    ids = torch.randint(0, 4, (6, 2), generator=g).int()
+    w = torch.rand(6, 2, generator=g)
+    wg, wu, wd = torch.randn(4, 8, 12, generator=g), torch.randn(4, 8, 12, generator=g), torch.randn(4, 12, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = expert_parallel_experts(x, ids, w, wg, wu, wd, n_experts=4, group=single_rank_group)
+        want = moe_experts(x, ids, w, wg, wu, wd)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)

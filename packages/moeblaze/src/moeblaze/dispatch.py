@@ -74,7 +74,19 @@ build_dispatch = register_op("moeblaze::build_dispatch", reference=_dispatch_ref
 
 
 def dispatch(expert_ids: torch.Tensor, n_experts: int) -> Dispatch:
-    """Build the dispatch indices for [T, k] expert choices (no host synchronisation)."""
+    """Build the dispatch indices for [T, k] expert choices in [0, n_experts). The range check
+    costs one host synchronisation (moe_experts checks the range once and skips this one)."""
+    _check_dispatch_inputs(expert_ids, n_experts)
+    if expert_ids.numel():
+        lo, hi = torch.aminmax(expert_ids)
+        lo, hi = int(lo), int(hi)
+        # out-of-range ids would be counted by no expert: uninitialised rows from the kernel
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"expert_ids must be in [0, n_experts={n_experts}), got values in [{lo}, {hi}]")
+    return _dispatch_unchecked(expert_ids, n_experts)
+
+
+def _check_dispatch_inputs(expert_ids: torch.Tensor, n_experts: int) -> None:
     if expert_ids.dim() != 2:
         raise ValueError(f"expert_ids must be [tokens, top_k], got shape {tuple(expert_ids.shape)}")
     if expert_ids.dtype not in (torch.int32, torch.int64):
@@ -83,5 +95,13 @@ def dispatch(expert_ids: torch.Tensor, n_experts: int) -> Dispatch:
         raise ValueError("expert_ids is empty: no tokens to route")
     if expert_ids.numel() >= 2**31:
         raise ValueError("tokens * top_k must fit in int32")
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+
+
+def _dispatch_unchecked(expert_ids: torch.Tensor, n_experts: int) -> Dispatch:
+    """`dispatch` without its range check (no host synchronisation): the caller has checked
+    that every id is in [0, n_experts)."""
+    _check_dispatch_inputs(expert_ids, n_experts)
     sorted_slots, offsets, position = build_dispatch(expert_ids.to(torch.int32), n_experts)
     return Dispatch(sorted_slots, offsets, expert_ids.to(torch.int32), position, expert_ids.shape[1])

@@ -18,7 +18,7 @@ import torch
 
 from gpukernels_common import env, grouped_blocks, select_backend
 
-from .dispatch import dispatch
+from .dispatch import _dispatch_unchecked
 from .naive import ACTIVATIONS, activate
 
 CHECKPOINTS = ("preact", "recompute", "full")
@@ -243,8 +243,44 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         impl = _backward_triton if ctx.use_triton else _backward_torch
-        dx, droute, dwg, dwu, dwd = impl(grad_out, *ctx.saved_tensors, ctx.top_k, ctx.activation, ctx.checkpoint)
-        return dx, droute, dwg, dwu, dwd, None, None, None, None, None, None, None
+        # the backward is hand-written (saved a and b are detached forward outputs): it is not
+        # itself differentiable, so it runs without a graph and create_graph=True gets a clear error;
+        # a backward called inside an autocast region keeps the forward's dtypes
+        with torch.no_grad(), torch.autocast(grad_out.device.type, enabled=False):
+            grads = impl(grad_out, *ctx.saved_tensors, ctx.top_k, ctx.activation, ctx.checkpoint)
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = [t for t in (grad_out, *ctx.saved_tensors) if t is not None and t.requires_grad]
+            if inputs:
+                grads = _refuse_double_backward(grads, inputs)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+DOUBLE_BACKWARD_ERROR = ("moeblaze.moe_experts: double backward is not supported (a gradient built with "
+                         "create_graph=True was differentiated again); use moeblaze.moe_reference for higher-order "
+                         "gradients")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the gradients, linked to everything they depend on, whose backward raises
+    DOUBLE_BACKWARD_ERROR (torch.autograd.function.once_differentiable's idea, but reachable from
+    x and the weights, so a second torch.autograd.grad gets this error rather than a graph one)."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _refuse_double_backward(grads, inputs):
+    present = [i for i, g in enumerate(grads) if g is not None]
+    errored = _NoDoubleBackward.apply(len(present), *(grads[i] for i in present), *inputs)
+    out = list(grads)
+    for i, g in zip(present, errored):
+        out[i] = g
+    return tuple(out)
 
 
 def check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation, checkpoint, n_experts, world=None):
@@ -270,13 +306,31 @@ def check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation
     if expert_ids.dim() != 2 or expert_ids.shape[0] != t or expert_ids.shape != weights.shape:
         raise ValueError(f"expert_ids and weights must both be [{t}, top_k], got {tuple(expert_ids.shape)} and "
                          f"{tuple(weights.shape)}")
+    if expert_ids.shape[1] < 1:
+        raise ValueError(f"top_k (expert_ids.shape[1]) must be >= 1, got {expert_ids.shape[1]}")
     if expert_ids.shape[1] > n_experts:
         raise ValueError(f"top_k={expert_ids.shape[1]} exceeds n_experts={n_experts}")
-    if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) > n_experts):
-        raise ValueError(f"expert_ids must be in [0, {n_experts}] ({n_experts}: a slot dropped by the capacity)")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("weights", weights)):
+    # dtypes: both backends would otherwise disagree (one errors in a matmul, the other casts silently)
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if w is not None and w.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype}, got {w.dtype} (cast the weights, or run under "
+                             "torch.autocast, which casts both)")
+    if not weights.is_floating_point():
+        raise ValueError(f"weights (the routing weights) must be a floating-point tensor, got {weights.dtype}")
+    if expert_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expert_ids must be an int32 or int64 tensor, got {expert_ids.dtype}")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("weights", weights),
+                    ("expert_ids", expert_ids)):
         if w is not None and w.device != x.device:
             raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
+    if expert_ids.numel():
+        lo, hi = torch.aminmax(expert_ids)  # one reduction and one host sync for both bounds
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi > n_experts:
+            raise ValueError(f"expert_ids must be in [0, {n_experts}] ({n_experts}: a slot dropped by the capacity), "
+                             f"got values in [{lo}, {hi}]")
 
 
 def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
@@ -288,15 +342,34 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     w_gate [E, d, d_ff]; w_up [E, d, d_ff] (SwiGLU only, else None); w_down [E, d_ff, d], each with
     any strides (the kernels read views such as transposed slices in place). Returns [T, d].
     """
+    x, w_gate, w_up, w_down = _autocast(x, w_gate, w_up, w_down)
     check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation, checkpoint, w_gate.shape[0] if w_gate.dim() == 3 else 0)
     n_experts = w_gate.shape[0]
-    # one more group collects the dropped slots (id n_experts); the experts see only the first
-    # n_experts groups, so dropped slots are neither computed nor combined
-    disp = dispatch(expert_ids, n_experts + 1)
     use_triton = select_backend(x).uses_triton
+    if use_triton and x.dtype == torch.float64:  # the kernels accumulate in fp32: float64 would be silently fp32
+        raise ValueError("x is float64, which the Triton kernels do not support (they compute in fp32); "
+                         "run float64 (e.g. gradcheck) with GKC_BACKEND=reference")
+    weights = weights.to(x.dtype)  # the kernels and the loop both combine in x's dtype
+    if x.shape[0] == 0:  # no tokens: an empty output (as nn.Linear gives), still in the graph of every input
+        linked = sum(w[:0].sum() for w in (w_gate, w_up, w_down, weights) if w is not None)
+        return x + linked
+    # one more group collects the dropped slots (id n_experts); the experts see only the first
+    # n_experts groups, so dropped slots are neither computed nor combined. The range of
+    # expert_ids was checked above (the one host sync), so the dispatch does not check it again.
+    disp = _dispatch_unchecked(expert_ids, n_experts + 1)
     if w_up is not None and w_up.stride() != w_gate.stride():  # the kernels read gate and up with one set of strides
         w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
     # the weights stay as given (any strides: a view needs no copy); x and the routing weights contiguous
     tensors = [x.contiguous(), weights.reshape(-1).contiguous(), w_gate, w_up, w_down]
     return _Experts.apply(*tensors, disp.sorted_slots, disp.expert_offsets[: n_experts + 1].clone(), disp.slot_position,
                           expert_ids.shape[1], activation, checkpoint, use_triton)
+
+
+def _autocast(x, w_gate, w_up, w_down):
+    """Under torch.autocast, x and the expert weights in the autocast dtype (as nn.Linear's matmuls
+    get them), so both backends compute and save in that dtype; unchanged otherwise."""
+    device = x.device.type
+    if not (x.is_floating_point() and torch.is_autocast_enabled(device)):
+        return x, w_gate, w_up, w_down
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) if t.is_floating_point() else t for t in (x, w_gate, w_up, w_down))

@@ -79,6 +79,15 @@ class MoE(nn.Module):
         return out.reshape(shape)
 
 
+    def __getstate__(self):
+        # aux_loss is attached to the last forward's graph, which deepcopy (EMA / AveragedModel
+        # copies) and pickle cannot copy: copies get its value, detached
+        state = super().__getstate__()
+        if isinstance(state.get("aux_loss"), torch.Tensor) and state["aux_loss"].grad_fn is not None:
+            state = {**state, "aux_loss": state["aux_loss"].detach()}
+        return state
+
+
 class _SharedExpert(nn.Module):
     """A dense SwiGLU FFN every token goes through (DeepSeek-style shared expert)."""
 

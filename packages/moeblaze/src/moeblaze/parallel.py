@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from .experts import check_expert_inputs, moe_experts
+from .experts import _autocast, check_expert_inputs, moe_experts
 
 
 def local_expert_count(n_experts: int, group=None) -> int:
@@ -98,6 +98,7 @@ def expert_parallel_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: 
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = local_expert_count(n_experts, group)
+    x, w_gate, w_up, w_down = _autocast(x, w_gate, w_up, w_down)  # as moe_experts does: rows travel in that dtype
     # every rank fails here, before the first collective, rather than leave its peers waiting
     check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation, checkpoint, n_experts, world)
     d = x.shape[1]

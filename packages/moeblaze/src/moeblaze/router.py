@@ -51,6 +51,8 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
     mean_prob = (probs / probs.sum(-1, keepdim=True)).mean(0)
     aux = n_experts * (frac * mean_prob).sum()
     z = torch.logsumexp(logits32, -1).pow(2).mean()
+    if logits.shape[0] == 0:  # no tokens (e.g. an expert-parallel rank with an empty batch): losses 0, not 0/0
+        aux = z = logits32.sum()  # 0, still in the graph: the router's weight gets a zero gradient
     dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
     if capacity is not None:
         if capacity < 1:
