@@ -60,6 +60,18 @@ class TaskScales(Mapping):
         return f"TaskScales({self._read()!r})"
 
 
+def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """The moving average of `values` (rate 1 - beta), from the first step whose values are all
+    finite (NaN until then; an empty or other-shaped `average` starts it), left as it was on a step
+    with a non-finite value (its gradients overflowed: a GradScaler skips that step). Tensor ops
+    on `values`' device only: no host sync."""
+    finite = values.isfinite().all()
+    if average.shape != values.shape:
+        return torch.where(finite, values, float("nan"))
+    average = average.to(values.device)  # e.g. loaded from a checkpoint onto another device: kept
+    return torch.where(finite, torch.where(average.isnan(), values, average.lerp(values, 1 - beta)), average)
+
+
 class _PendingNorms:
     """Norm statistics being summed over data-parallel ranks (`work` in flight, or None in one
     process); `result()` waits for them (once) and returns the [n_reps, T] norms."""

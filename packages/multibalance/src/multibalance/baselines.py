@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .base import Balancer
+from .base import Balancer, running_average
 
 
 def _flat(grads_t: list[torch.Tensor]) -> torch.Tensor:
@@ -224,11 +224,7 @@ class DBMTL(Balancer):
         lvals = [float(loss.detach()) + self.eps for loss in losses]
         logs = [[g / v for g in gt] for gt, v in zip(grads, lvals)]
         norms = torch.stack([_flat(g).norm() for g in logs])
-        if self.ema.numel() == 0:
-            self.ema = _finite(norms, torch.full_like(norms, float("nan")), norms)  # NaN: not started
-        else:  # the average starts at the first step whose norms are all finite
-            self.ema = _finite(torch.where(self.ema.isnan(), norms, self.beta * self.ema + (1 - self.beta) * norms),
-                               self.ema, norms)
+        self.ema = running_average(self.ema, norms, self.beta)
         scale = self.ema.max() / self.ema.clamp_min(1e-30)
         self._applied = scale / torch.tensor(lvals, dtype=torch.float64)
         return self.weighted_sums(logs, scale * self.static_weights.double())

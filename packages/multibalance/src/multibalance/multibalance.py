@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .base import Balancer, _PendingNorms
+from .base import Balancer, _PendingNorms, running_average
 
 
 class MultiBalance(Balancer):
@@ -99,17 +99,7 @@ class MultiBalance(Balancer):
         return self._step_coefficients()
 
     def _average_in(self, norms: torch.Tensor) -> None:
-        """A step with a non-finite norm (its gradients overflowed: a GradScaler skips it) is not
-        averaged in, and the averages start at the first step whose norms are all finite. A few
-        small ops on the [n_reps, T] averages, no host sync."""
-        finite = norms.isfinite().all()
-        if self.ema.shape != norms.shape:
-            self.ema = torch.where(finite, norms, float("nan"))  # NaN: not started
-            return
-        if self.ema.device != norms.device:  # e.g. loaded from a checkpoint onto another device: keep the averages
-            self.ema = self.ema.to(norms.device)
-        ema = self.ema
-        ema.copy_(torch.where(finite, torch.where(ema.isnan(), norms, ema.lerp(norms, 1 - self.beta)), ema))
+        self.ema = running_average(self.ema, norms, self.beta)
 
     def _step_coefficients(self) -> torch.Tensor:
         self.step.add_(1)  # in place: `+=` would also re-register the buffer through Module.__setattr__

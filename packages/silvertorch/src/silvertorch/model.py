@@ -427,20 +427,25 @@ class RetrievalModel(nn.Module):
         probs = torch.sigmoid(logits).gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return ids, best, probs, ok & (winners >= self.num_main), found
 
-    def retrieve(self, user_features: torch.Tensor, filters: list[str] | None = None, value_weights=None) -> Retrieved:
-        """Validate, compile the filters, run one forward."""
+    def check_user_features(self, user_features) -> torch.Tensor:
+        """A batch of user features as the tower takes them, or a ValueError naming what is wrong:
+        [Q >= 1, ...], finite, and what the tower's `input_spec` says (width; whole numbers in each
+        column's id range for an id tower, returned as int64). retrieve() and the server call it."""
         user_features = torch.as_tensor(user_features)
         if user_features.dim() < 1 or user_features.shape[0] < 1:
             raise ValueError(f"user_features must be a batch [Q >= 1, ...], got {tuple(user_features.shape)}")
+        if user_features.dtype.is_floating_point and not torch.isfinite(user_features).all():
+            raise ValueError("user_features contain NaN or inf")
+        spec = getattr(self.user_tower, "input_spec", None)
+        return _check_against_spec(user_features, spec) if spec else user_features
+
+    def retrieve(self, user_features: torch.Tensor, filters: list[str] | None = None, value_weights=None) -> Retrieved:
+        """Validate, compile the filters, run one forward."""
+        user_features = self.check_user_features(user_features)
         q = user_features.shape[0]
         filters = [""] * q if filters is None else filters
         if isinstance(filters, str) or len(filters) != q:
             raise ValueError(f"filters must be a list of {q} expressions (one per user), got {filters!r:.80}")
-        if user_features.dtype.is_floating_point and not torch.isfinite(user_features).all():
-            raise ValueError("user_features contain NaN or inf")
-        spec = getattr(self.user_tower, "input_spec", None)
-        if spec:
-            user_features = _check_against_spec(user_features, spec)
         if value_weights is not None:
             value_weights = torch.as_tensor(value_weights, dtype=torch.float32, device=self.codes.device)
             if value_weights.shape not in ((self.value_model.num_tasks,), (q, self.value_model.num_tasks)) or not torch.isfinite(value_weights).all():

@@ -247,16 +247,12 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         start = time.perf_counter()
         if not state["accepting"]:
             return bad("the server is shutting down", 503)
-        if spec:
-            if len(req.user_features) != spec["width"]:
-                return bad(f"user_features: expected {spec['width']} values, got {len(req.user_features)}")
-            if spec["dtype"] == "int64":
-                if any(not float(v).is_integer() or not 0 <= v <= hi for v, hi in zip(req.user_features, spec["max"])):
-                    return bad(f"user_features: expected integers in [0, {spec['max']}] per position")
-        dtype = torch.int64 if spec.get("dtype") == "int64" else torch.float32
-        features = torch.tensor(req.user_features, dtype=dtype)
-        if dtype == torch.float32 and not torch.isfinite(features).all():
-            return bad("user_features: NaN or inf")
+        try:  # float64 holds every id a JSON number can carry exactly; an id tower gets int64 back
+            features = model.check_user_features(torch.tensor([req.user_features], dtype=torch.float64))[0]
+        except ValueError as err:
+            return bad(str(err))
+        if features.is_floating_point():
+            features = features.float()
         try:
             plan = model.prepare_filters([req.filter])
         except (FilterSyntaxError, ValueError, TypeError) as err:

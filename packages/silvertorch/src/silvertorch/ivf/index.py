@@ -282,6 +282,8 @@ class IVFIndex:
         `schedule` (Triton backends): "query" (one program per query × cluster × items), "cluster"
         (queries grouped by the cluster they probe, tl.dot on a shared row tile), "auto": cluster-
         major from CLUSTER_MAJOR_MIN_QUERIES queries on."""
+        if filters is not None:
+            self._check_filters(filters, queries.shape[0])
         scores, starts, L, _ = self._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
         return scores, (starts.unsqueeze(-1) + torch.arange(L, device=starts.device)).reshape(scores.shape)
 
@@ -299,7 +301,6 @@ class IVFIndex:
         L = max(self.max_cluster, 1)
         words = None
         if filters is not None:
-            self._check_filters(filters, queries.shape[0])
             words = filters.range_masks(starts, lengths, L).to(self.codes.device)
         if self._any_removed():
             slots = torch.arange(L, device=starts.device)
@@ -382,6 +383,7 @@ class IVFIndex:
         return result
 
     def _check_filters(self, filters, num_queries: int) -> None:
+        """At the entry points (search_with_stats, candidate_scores), before anything runs."""
         if filters.num_queries != num_queries:
             raise ValueError(f"filters cover {filters.num_queries} queries, queries has {num_queries}")
         items = getattr(filters, "num_items", None)  # a filter over too few positions would drop the rest silently
@@ -594,8 +596,6 @@ class FlatIndex(IVFIndex):
     def _slot_scores(self, queries, clusters, filters=None, *, out=None, schedule="auto", ranges=None):
         if self.dtype == "int8":
             return super()._slot_scores(queries, clusters, filters, out=out, schedule=schedule, ranges=ranges)
-        if filters is not None:
-            self._check_filters(filters, queries.shape[0])
         scores = self._exhaustive_scores(queries, self.codes, self.scales, self.removed, 0, filters)
         starts = torch.zeros(scores.shape[0], 1, dtype=torch.int64, device=scores.device)  # one block: slot j is item j
         found = (scores > float("-inf")).sum(1)
