@@ -8,6 +8,7 @@
     nox -s "isolation(freescale)"   fresh venv with only that wheel + gpukernels-common
     nox -s "bench(multibalance)"    the package's benchmarks -> benchmarks/RESULTS.md
     nox -s gpu                      GPU machine: preinstalled torch/triton, no install step
+    nox -s compat -- torch==2.5.1 triton==3.1.0 "numpy<2"   the tests against another torch/triton pair
     nox -s demo                     the composed stack: train, publish, serve, report (tools/demo/)
 
 Torch is pinned for development only, through GKC_TORCH (default "torch==2.13.0", the local
@@ -99,6 +100,28 @@ def compile_check(session: nox.Session) -> None:
     _install_editable(session, PACKAGES)
     workers = os.environ.get("GKC_PYTEST_WORKERS", "2")
     session.run("python", "tools/compile_check.py", *session.posargs, "--", *(["-n", workers] if workers != "0" else []))
+
+
+COMPAT_DEPS = ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "safetensors", "fastapi", "uvicorn", "httpx", "tqdm",
+               "transformers>=5", "pyarrow"]
+
+
+@nox.session(reuse_venv=False)
+def compat(session: nox.Session) -> None:
+    """Every package's tests through the interpreter against another torch/triton pair, run from the
+    source tree without installing the packages (as `tools/gpu_session.sh` runs them on a GPU
+    machine). The pair comes after `--`, e.g. `nox -s compat -- torch==2.5.1 triton==3.1.0 "numpy<2"`;
+    PyPI's torch is a CUDA build (several GB), which runs on the CPU too."""
+    if not session.posargs:
+        session.error('name the versions after --, e.g. nox -s compat -- torch==2.11.0 triton==3.6.0 "numpy<2.4"')
+    session.install(*session.posargs, *COMPAT_DEPS)
+    session.install("--no-deps", *DATA_WHEELS)
+    source = os.pathsep.join(str(ROOT / "packages" / p / "src") for p in ALL)
+    workers = os.environ.get("GKC_PYTEST_WORKERS", "2")
+    for package in ALL:
+        session.run("pytest", f"packages/{package}/tests", "-q", "--import-mode=importlib", "-p", "no:cacheprovider",
+                    "-p", "gpukernels_common.testing.plugin", *(["-n", workers] if workers != "0" else []),
+                    env={**INTERPRET_ENV, "PYTHONPATH": source})
 
 
 @nox.session(tags=["lint"])

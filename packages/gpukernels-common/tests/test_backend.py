@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -49,9 +50,14 @@ def test_import_does_not_import_triton():
     assert out.stdout.strip() == "False"
 
 
+def _pythonpath() -> dict:
+    # a source checkout run without installing (the GPU machine) finds the packages through it
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+
+
 def test_info_cli_names_backend_and_reason():
     out = subprocess.run([sys.executable, "-m", "gpukernels_common", "info"], capture_output=True, text=True, check=True,
-                         env={"TRITON_INTERPRET": "1", "PATH": ""})
+                         env={"TRITON_INTERPRET": "1", "PATH": "", **_pythonpath()})
     assert "cpu: backend=interpret because CPU tensors and TRITON_INTERPRET=1" in out.stdout
 
 
@@ -60,3 +66,29 @@ def test_cuda_tensors_pick_compiled_triton(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GKC_BACKEND", "auto")
     assert select_backend(torch.zeros(2, device="cuda")) is Backend.TRITON
+
+
+def test_the_interpreter_probe_passes_here():
+    from gpukernels_common.backend import interpreter_fault
+
+    assert interpreter_fault() is None  # the tests run the interpreter: it must compute
+
+
+class _KernelThatStoresNothing:
+    """What Triton 3.1's interpreter does under numpy 2: the launch returns, no store lands."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_an_interpreter_that_drops_stores_is_refused_with_its_versions(monkeypatch):
+    from gpukernels_common import _probe, backend
+
+    monkeypatch.setattr(_probe, "probe_kernel", _KernelThatStoresNothing())
+    fault = backend.interpreter_fault.__wrapped__()
+    assert "stores came back as [10, 10, 10]" in fault and "numpy" in fault and "GKC_BACKEND=reference" in fault
+    monkeypatch.setattr(backend, "interpreter_fault", lambda: fault)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("GKC_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match="the Triton interpreter does not work"):
+        select_backend(torch.zeros(2))

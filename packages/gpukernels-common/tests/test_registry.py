@@ -1,4 +1,5 @@
 
+import pytest
 import torch
 
 from gpukernels_common import Backend, inline_references, register_op
@@ -105,3 +106,21 @@ def test_tracing_is_true_only_inside_a_trace():
     assert not tracing()
     torch.compile(f, backend="eager", fullgraph=True)(torch.ones(2))
     assert seen == [True]
+
+
+def _forgot_return(x: torch.Tensor) -> torch.Tensor:
+    x * 2  # noqa: B018 (a launcher that forgot its return)
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_a_triton_implementation_that_returns_no_tensor_is_named(monkeypatch):
+    op = register_op("gkctest::forgot_return", reference=_double, triton=_forgot_return)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+    with pytest.raises(TypeError, match="gkctest::forgot_return: the Triton implementation returned NoneType"):
+        op(torch.ones(3))
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    assert op(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]

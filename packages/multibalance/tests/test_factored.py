@@ -205,3 +205,43 @@ def test_a_head_reading_the_bottom_directly_is_named(first, readers):
     bal.backward(losses(rep, e_leaf))
     assert bal.last_path == "general" or first == "linear"
     assert emb.weight.grad is not None
+
+
+class _Node:
+    """An autograd node as torch < 2.13 hands them to Python: a fresh wrapper on every
+    `next_functions` read, freed when nothing holds it (so its id is soon reused)."""
+
+    def __init__(self, children):
+        self._children = children
+
+    @property
+    def next_functions(self):
+        return tuple((None if c is None else c(), 0) for c in self._children)
+
+
+class MulBackward0(_Node):
+    pass
+
+
+class SumBackward0(_Node):
+    pass
+
+
+class AccumulateGrad(_Node):
+    def __init__(self, variable):
+        super().__init__([])
+        self.variable = variable
+
+
+def test_graph_walks_hold_the_nodes_they_have_seen():
+    # loss = sum(rep * c) * s: the walk meets a fresh wrapper per node; with only their ids kept,
+    # the leaf's wrapper took a freed node's id and the walk skipped it ("does not depend on")
+    from multibalance import factored
+
+    rep = torch.ones(2)
+    leaf = lambda: AccumulateGrad(rep)  # noqa: E731
+    inner = lambda: MulBackward0([leaf, None])  # noqa: E731
+    total = lambda: SumBackward0([inner])  # noqa: E731
+    loss = type("Loss", (), {"grad_fn": MulBackward0([total, None])})()
+    assert all(factored.reaches(loss, {id(rep)}) for _ in range(20))
+    assert not factored.reaches(loss, {id(torch.ones(2))})

@@ -59,6 +59,10 @@ def test_build_and_query(artifact, capsys):
 def test_package_command(artifact, tmp_path, capsys):
     """`silvertorch package` writes an AOTInductor package whose answers equal the model's."""
     path, _ = artifact
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):  # no AOTInductor packages: refused clearly
+        assert main(["package", str(path), str(tmp_path / "m.pt2"), "--user", "3"]) == 2
+        assert "needs torch >= 2.6" in capsys.readouterr().err
+        return
     assert main(["package", str(path), str(tmp_path / "m.zip"), "--user", "3"]) == 2
     assert "must end in .pt2" in capsys.readouterr().err
     assert main(["package", str(path), str(tmp_path / "m.pt2"), "--user", "3", "--filter", "genre:2", "--max-batch", "4"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 
 import torch
 
@@ -47,6 +48,10 @@ def explain_backend(*tensors: torch.Tensor, device: torch.device | str | None = 
         return Backend.TRITON, f"CUDA tensors on {torch.cuda.get_device_name(dev)} and triton installed"
     if dev.type == "cpu":
         if env.triton_interpret():
+            # inside a trace the eager calls before it have run the probe already
+            fault = None if torch.compiler.is_compiling() else interpreter_fault()
+            if fault is not None:
+                raise RuntimeError(fault)
             return Backend.INTERPRET, "CPU tensors and TRITON_INTERPRET=1"
         if wanted in ("triton", "interpret"):
             raise RuntimeError(
@@ -56,6 +61,30 @@ def explain_backend(*tensors: torch.Tensor, device: torch.device | str | None = 
     if wanted in ("triton", "interpret"):
         raise RuntimeError(f"GKC_BACKEND={wanted} is not supported on device {dev}")
     return Backend.REFERENCE, f"device {dev.type} has no Triton path"
+
+
+@functools.cache
+def interpreter_fault() -> str | None:
+    """Why the Triton interpreter computes wrong results in this environment, or None when a probe
+    kernel (a masked load and store) gives the right ones. Some Triton/numpy pairs break it: the
+    interpreter of Triton 3.1 under numpy 2 drops every store without an error, so each kernel
+    would leave its output as allocated."""
+    import numpy
+    import triton
+
+    from ._probe import probe_kernel
+
+    out = torch.full((3,), 10, dtype=torch.int32)
+    try:
+        probe_kernel[(1,)](out, 3, BLOCK=4)
+        error = None if out.tolist() == [10, 11, 12] else f"a probe kernel's stores came back as {out.tolist()}"
+    except Exception as e:  # noqa: BLE001 (any failure of the probe is reported the same way)
+        error = f"a probe kernel raised {type(e).__name__}: {e}"
+    if error is None:
+        return None
+    return (f"the Triton interpreter does not work with triton {triton.__version__} and numpy {numpy.__version__} "
+            f"({error}): Triton 3.1's interpreter needs numpy < 2 and Triton 3.6's numpy < 2.4; or run the "
+            f"PyTorch references with GKC_BACKEND=reference")
 
 
 def select_backend(*tensors: torch.Tensor, device: torch.device | str | None = None) -> Backend:

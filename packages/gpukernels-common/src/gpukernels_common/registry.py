@@ -106,11 +106,19 @@ def register_op(
         return_annotation=hints.get("return", sig.return_annotation),
     )
 
+    returns_tensor = sig.return_annotation is torch.Tensor
+
     @functools.wraps(reference)
     def dispatch(*args, **kwargs):
         backend = select_backend(*_tensors(list(args) + list(kwargs.values())))
         if backend.uses_triton and triton is not None:
-            return triton(*args, **kwargs)
+            out = triton(*args, **kwargs)
+            # custom_op does not check an eager result against the schema: a launcher that forgot
+            # its `return` would hand None on as the op's output
+            if returns_tensor and not isinstance(out, torch.Tensor):
+                raise TypeError(f"{name}: the Triton implementation returned {type(out).__name__}, expected a "
+                                f"Tensor (the reference's return annotation)")
+            return out
         return reference(*args, **kwargs)
 
     dispatch.__signature__ = sig

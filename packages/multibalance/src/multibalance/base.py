@@ -351,21 +351,22 @@ class Balancer(nn.Module, abc.ABC):
 
     def _task_reading_bottom(self, reps, losses) -> str | None:
         """The first task whose loss graph meets the graph of the representations below them."""
-        def walk(roots, stop=frozenset()):
-            seen, stack = set(), [r for r in roots if r is not None]
+        def walk(roots, stop=None) -> dict:
+            # id -> node: holding the nodes keeps their ids unique (a freed node wrapper's id is reused)
+            seen, stack = {}, [r for r in roots if r is not None]
             while stack:
                 node = stack.pop()
                 if id(node) in seen:
                     continue
-                seen.add(id(node))
-                if id(node) in stop:
+                seen[id(node)] = node
+                if stop is not None and id(node) in stop:
                     return seen
                 stack.extend(child for child, _ in node.next_functions if child is not None)
             return seen
 
         bottom = walk([r.grad_fn for r in reps])
         for name, loss in zip(self.task_names, losses):
-            if walk([loss.grad_fn], bottom) & bottom:
+            if walk([loss.grad_fn], bottom).keys() & bottom.keys():
                 return name
         return None
 

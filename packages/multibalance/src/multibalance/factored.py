@@ -79,13 +79,13 @@ def reaches(loss: torch.Tensor, leaf_ids: set[int]) -> bool:
     little more than the head in front of it."""
     if loss.grad_fn is None:
         return False
-    seen, stack = set(), [loss.grad_fn]
+    seen, stack = {}, [loss.grad_fn]  # id -> node: see find_linear_consumers
     while stack:
         node = stack.pop()
         for child, _ in node.next_functions:
             if child is None or id(child) in seen:
                 continue
-            seen.add(id(child))
+            seen[id(child)] = child
             if _kind(child) == "leaf":
                 if id(child.variable) in leaf_ids:
                     return True
@@ -106,12 +106,14 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
         found: list[_Consumer | None] = [None] * len(leaves)
         if loss.grad_fn is None:
             return None  # the general path names the task that does not read the representation
-        seen, stack = set(), [loss.grad_fn]
+        # id -> node: a node's Python wrapper lives only while referenced, and a freed one's id is
+        # reused by the next wrapper made, so the walk holds every node it has seen
+        seen, stack = {}, [loss.grad_fn]
         while stack:  # runs every step: a node's next_functions are built once, no exception per node
             node = stack.pop()
             if id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             children = node.next_functions
             for index, (child, _) in enumerate(children):
                 if child is None:

@@ -96,8 +96,11 @@ def _float_above(lo: float, inclusive: bool = False):
 
 
 def _package(args) -> int:
-    from .model import RetrievalModel
+    from .model import RetrievalModel, aoti_unsupported
 
+    if aoti_unsupported():
+        print(f"silvertorch package: error: {aoti_unsupported()}", file=sys.stderr)
+        return 2
     model = RetrievalModel.load(args.artifact)
     path = model.package(args.out, _user_features(model, args.user), [args.filter], max_batch=args.max_batch)
     print(json.dumps({"package": str(path), "max_batch": args.max_batch, "inputs": "user_features, ops, args, hashes",

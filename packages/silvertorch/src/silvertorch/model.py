@@ -159,6 +159,13 @@ def _unpad_jagged(fids, vals, counts):
     return fids[keep], offsets, vals[keep]
 
 
+def aoti_unsupported() -> str | None:
+    """Why this torch cannot write AOTInductor packages (`RetrievalModel.package`), or None."""
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+        return f"RetrievalModel.package needs torch >= 2.6 (AOTInductor packages), found {torch.__version__}"
+    return None
+
+
 class RetrievalModel(nn.Module):
     def __init__(self, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel, tensors: dict, *,
                  nprobe: int, k_candidates: int, num_results: int, bloom_k: int, bloom_multiplier: float,
@@ -546,8 +553,8 @@ class RetrievalModel(nn.Module):
         snapshot: items added or deleted afterwards are not in it. Needs a C++ compiler on the CPU."""
         from gpukernels_common import inline_references
 
-        if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
-            raise RuntimeError(f"RetrievalModel.package needs torch >= 2.6 (AOTInductor packages), found {torch.__version__}")
+        if aoti_unsupported():
+            raise RuntimeError(aoti_unsupported())
         path = Path(path)
         if path.suffix != ".pt2":
             raise ValueError(f"path must end in .pt2 (an AOTInductor package), got {str(path)!r}")

@@ -22,7 +22,8 @@ def digit_histogram_kernel(keys_ptr, prefix_ptr, histogram_ptr, num_columns,
     if HAS_PREFIX:
         prefix = tl.load(prefix_ptr + row).to(tl.uint32, bitcast=True)
         counted = counted & ((keys >> (DIGIT_SHIFT + DIGIT_BITS)) == prefix)
-    # masked-out keys land in bin 0 and are taken back out (histogram's mask= needs Triton >= 3.2)
+    # masked-out keys land in bin 0 and are taken back out (histogram's mask= needs Triton >= 3.2;
+    # 1 - x rather than ~x: Triton 3.1's interpreter cannot invert a boolean)
     counts = tl.histogram(tl.where(counted, digit, 0), NUM_BINS)
-    counts -= tl.where(tl.arange(0, NUM_BINS) == 0, tl.sum((~counted).to(tl.int32), axis=0), 0)
+    counts -= tl.where(tl.arange(0, NUM_BINS) == 0, tl.sum(1 - counted.to(tl.int32), axis=0), 0)
     tl.atomic_add(histogram_ptr + row * NUM_BINS + tl.arange(0, NUM_BINS), counts)

@@ -52,7 +52,8 @@ def _probed_dots(codes, cluster_positions, clusters, q_codes):
     min(n_clusters, Q x P) clusters with unprobed ones that nobody reads."""
     q, p = clusters.shape
     n_clusters, width = cluster_positions.shape
-    union_size = torch.sym_min(n_clusters, q * p)
+    # builtin min on ints: torch 2.11's dynamo refuses torch.sym_min on plain ints under fullgraph
+    union_size = min(n_clusters, q * p) if isinstance(q * p, int) else torch.sym_min(n_clusters, q * p)
     # a batch size left symbolic (an export for any batch) takes the union path: one graph for all
     if isinstance(q, int) and _union_rows(codes, cluster_positions, q, p) == codes.shape[0]:
         rows, row_of_slot = codes, rows_of(cluster_positions, clusters)
