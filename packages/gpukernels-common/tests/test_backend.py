@@ -85,10 +85,15 @@ def test_an_interpreter_that_drops_stores_is_refused_with_its_versions(monkeypat
     from gpukernels_common import _probe, backend
 
     monkeypatch.setattr(_probe, "probe_kernel", _KernelThatStoresNothing())
-    fault = backend.interpreter_fault.__wrapped__()
+    fault = backend._probe_interpreter()
     assert "stores came back as [10, 10, 10]" in fault and "numpy" in fault and "GKC_BACKEND=reference" in fault
-    monkeypatch.setattr(backend, "interpreter_fault", lambda: fault)
+    # a failed probe is not remembered: probed again (and raised) on the next call
+    answers = [fault, None]
+    monkeypatch.setattr(backend, "_probe_interpreter", lambda: answers.pop(0))
+    monkeypatch.setattr(backend, "_INTERPRETER_WORKS", [False])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("GKC_BACKEND", raising=False)
     with pytest.raises(RuntimeError, match="the Triton interpreter does not work"):
         select_backend(torch.zeros(2))
+    assert select_backend(torch.zeros(2)) is Backend.INTERPRET and not answers
+    assert select_backend(torch.zeros(2)) is Backend.INTERPRET  # a success is remembered: no third probe

@@ -4,9 +4,9 @@ Importing this package never imports triton.
 """
 
 from .__about__ import __version__
-from .backend import Backend, explain_backend, select_backend
+from .backend import Backend, explain_backend, select_backend, tracing
 from .device import has_cuda, triton_available
-from .registry import RegisteredOp, inline_references, register_op, tracing
+from .registry import RegisteredOp, inline_references, register_op
 from .schedule import grouped_blocks
 
 __all__ = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 
 import torch
 
@@ -19,6 +18,14 @@ class Backend(str, enum.Enum):
     @property
     def uses_triton(self) -> bool:
         return self is not Backend.REFERENCE
+
+
+def tracing() -> bool:
+    """Whether `torch.compile` or `torch.export` is tracing the caller: code that may take
+    data-dependent, eager-only shortcuts asks this first. (`torch.compiler.is_exporting` exists
+    from torch 2.6 on; torch 2.5's strict export traces through dynamo, which `is_compiling` sees.)"""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or (is_exporting is not None and is_exporting())
 
 
 def _device_of(tensors) -> torch.device:
@@ -48,8 +55,8 @@ def explain_backend(*tensors: torch.Tensor, device: torch.device | str | None = 
         return Backend.TRITON, f"CUDA tensors on {torch.cuda.get_device_name(dev)} and triton installed"
     if dev.type == "cpu":
         if env.triton_interpret():
-            # inside a trace the eager calls before it have run the probe already
-            fault = None if torch.compiler.is_compiling() else interpreter_fault()
+            # not while tracing: a trace's tensors are fake (the eager calls before it run the probe)
+            fault = None if tracing() else interpreter_fault()
             if fault is not None:
                 raise RuntimeError(fault)
             return Backend.INTERPRET, "CPU tensors and TRITON_INTERPRET=1"
@@ -63,12 +70,22 @@ def explain_backend(*tensors: torch.Tensor, device: torch.device | str | None = 
     return Backend.REFERENCE, f"device {dev.type} has no Triton path"
 
 
-@functools.cache
+_INTERPRETER_WORKS = [False]  # set once a probe succeeds; a failure is probed again (and raised) each call
+
+
 def interpreter_fault() -> str | None:
     """Why the Triton interpreter computes wrong results in this environment, or None when a probe
     kernel (a masked load and store) gives the right ones. Some Triton/numpy pairs break it: the
     interpreter of Triton 3.1 under numpy 2 drops every store without an error, so each kernel
     would leave its output as allocated."""
+    if _INTERPRETER_WORKS[0]:
+        return None
+    fault = _probe_interpreter()
+    _INTERPRETER_WORKS[0] = fault is None
+    return fault
+
+
+def _probe_interpreter() -> str | None:
     import numpy
     import triton
 

@@ -37,14 +37,6 @@ def inline_references() -> Iterator[None]:
         _INLINE_DEPTH[0] -= 1
 
 
-def tracing() -> bool:
-    """Whether `torch.compile` or `torch.export` is tracing the caller: code that may take
-    data-dependent, eager-only shortcuts asks this first. (`torch.compiler.is_exporting` exists
-    from torch 2.6 on; torch 2.5's strict export traces through dynamo, which `is_compiling` sees.)"""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or (is_exporting is not None and is_exporting())
-
-
 class RegisteredOp:
     """A custom op plus direct handles on both implementations (for tests and benchmarks)."""
 

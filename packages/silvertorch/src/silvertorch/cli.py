@@ -98,8 +98,8 @@ def _float_above(lo: float, inclusive: bool = False):
 def _package(args) -> int:
     from .model import RetrievalModel, aoti_unsupported
 
-    if aoti_unsupported():
-        print(f"silvertorch package: error: {aoti_unsupported()}", file=sys.stderr)
+    if (reason := aoti_unsupported()) is not None:
+        print(f"silvertorch package: error: {reason}", file=sys.stderr)
         return 2
     model = RetrievalModel.load(args.artifact)
     path = model.package(args.out, _user_features(model, args.user), [args.filter], max_batch=args.max_batch)

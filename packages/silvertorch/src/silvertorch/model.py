@@ -553,8 +553,8 @@ class RetrievalModel(nn.Module):
         snapshot: items added or deleted afterwards are not in it. Needs a C++ compiler on the CPU."""
         from gpukernels_common import inline_references
 
-        if aoti_unsupported():
-            raise RuntimeError(aoti_unsupported())
+        if (reason := aoti_unsupported()) is not None:
+            raise RuntimeError(reason)
         path = Path(path)
         if path.suffix != ".pt2":
             raise ValueError(f"path must end in .pt2 (an AOTInductor package), got {str(path)!r}")
