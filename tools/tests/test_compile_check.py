@@ -53,3 +53,8 @@ def test_a_kernel_only_the_interpreter_accepts_fails_the_check(tmp_path, monkeyp
     assert len([line for line in out.splitlines() if line.startswith("ok ")]) == 2  # fp16 and its bf16 twin
     assert lines["good_kernel"].startswith("ok") and "regs" in lines["good_kernel"]
     assert lines["global_kernel"].startswith("FAIL") and "SCALE" in lines["global_kernel"]
+
+
+def test_only_packages_with_kernels_are_recorded_by_default():
+    # a package without @triton.jit (freescale) would spend CI minutes recording nothing
+    assert compile_check.with_kernels(compile_check.PACKAGES) == ["silvertorch", "moeblaze", "multibalance"]
