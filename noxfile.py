@@ -102,8 +102,18 @@ def compile_check(session: nox.Session) -> None:
     session.run("python", "tools/compile_check.py", *session.posargs, "--", *(["-n", workers] if workers != "0" else []))
 
 
-COMPAT_DEPS = ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "safetensors", "fastapi", "uvicorn", "httpx", "tqdm",
-               "transformers>=5", "pyarrow"]
+def _test_requirements() -> list[str]:
+    """The third-party requirements of every package and of its test extras (TEST_EXTRAS), read from
+    their pyproject files, without torch and triton (the pair under test names them) or the packages
+    themselves."""
+    import tomllib
+
+    reqs = []
+    for package, extras in TEST_EXTRAS.items():
+        project = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"]
+        for group in [project.get("dependencies", []), *(project["optional-dependencies"][e] for e in extras.split(","))]:
+            reqs += [r for r in group if not r.startswith(("torch", "triton", *ALL))]
+    return sorted(set(reqs))
 
 
 @nox.session(reuse_venv=False)
@@ -114,7 +124,7 @@ def compat(session: nox.Session) -> None:
     PyPI's torch is a CUDA build (several GB), which runs on the CPU too."""
     if not session.posargs:
         session.error('name the versions after --, e.g. nox -s compat -- torch==2.11.0 triton==3.6.0 "numpy<2.4"')
-    session.install(*session.posargs, *COMPAT_DEPS)
+    session.install(*session.posargs, *_test_requirements())
     session.install("--no-deps", *DATA_WHEELS)
     source = os.pathsep.join(str(ROOT / "packages" / p / "src") for p in ALL)
     workers = os.environ.get("GKC_PYTEST_WORKERS", "2")
