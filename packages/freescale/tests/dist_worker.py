@@ -139,6 +139,100 @@ def scenario_tiny(rank, world):
     return out
 
 
+def scenario_schema(rank, world):
+    """Ranks that differ in values dtype, dense dtype or dense trailing shape: a rank without
+    samples (a final partial batch; `from_dict({"a": []})` is int64, `torch.tensor([])` float32,
+    `torch.zeros(0)` 1-D) adopts what the others send, through every path (balance, balance_async,
+    a plan from cost lengths, a plan without the dense tensors); ranks with samples that disagree
+    get a ValueError, every one of them. Rank 0 gets every rank's outcome."""
+    n = 4
+    values = [torch.arange(i + 1, dtype=torch.int32) + 10 * i for i in range(n)]
+    x = torch.arange(3.0 * n).view(n, 3)
+    if rank == 0:
+        feats = KeyedJagged.from_dict({"a": values})
+        dense = {"target": torch.arange(n), "x": x}
+    else:
+        feats = KeyedJagged.from_dict({"a": []})
+        dense = {"target": torch.tensor([]), "x": torch.zeros(0)}
+    cost = CostModel(a=1.0, b=1.0)
+    bal = BatchBalancer(cost_model=cost)
+    outcome = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = {"balance": lambda: bal.balance(feats, dense)[:2],
+                 "balance_async": lambda: bal.balance_async(feats, dense).result(timeout=30)[:2],
+                 "from lengths": lambda: bal.exchange(bal.plan(feats.sample_lengths()), feats, dense),
+                 "plan without dense": lambda: bal.exchange(bal.plan(feats), feats, dense)}
+        for name, run_path in paths.items():
+            new, moved = run_path()
+            assert new.values.dtype == torch.int32, (name, new.values.dtype)
+            assert moved["target"].dtype == torch.int64 and moved["x"].shape == (moved["target"].numel(), 3), name
+            for j, gid in enumerate(moved["target"].tolist()):
+                assert torch.equal(new.permute([j])["a"][0], values[gid]), (name, j)
+                assert torch.equal(moved["x"][j], x[gid]), (name, j)
+            got = [None] * world
+            dist.all_gather_object(got, moved["target"].tolist())
+            assert sorted(sum(got, [])) == list(range(n)), (name, got)
+            outcome[name] = moved["target"].numel()
+        # ranks with samples that disagree: a clear error on every rank, and the group still works
+        mine = KeyedJagged.from_dict({"a": values[:2]}, dtype=torch.int32 if rank == 0 else torch.int64)
+        wide = {"x": torch.zeros(2, 3 + rank)}
+        for name, run_path in {"values dtype": lambda: bal.balance(mine, {}),
+                               "values dtype async": lambda: bal.balance_async(mine, {}).result(timeout=30),
+                               "dense shape": lambda: bal.balance(KeyedJagged.from_dict({"a": values[:2]}), wide),
+                               "dense shape from lengths": lambda: bal.exchange(bal.plan(torch.tensor([3, 1])),
+                                                                                KeyedJagged.from_dict({"a": values[:2]}), wide)}.items():
+            try:
+                run_path()
+                outcome[name] = "no error"
+            except ValueError as err:
+                outcome[name] = str(err)
+        new, moved = bal.balance(feats, dense)[:2]  # still in step
+        outcome["after"] = moved["target"].numel()
+    every = [None] * world
+    dist.all_gather_object(every, outcome)
+    return {"outcomes": every}
+
+
+def scenario_cost_lengths(rank, world):
+    """Two keys aligned on rank 0 (history 50, query 50) but not on rank 1 (50 and 49): every
+    rank must cost the samples alike (total ids, since not every sample is aligned)."""
+    query = 50 if rank == 0 else 49
+    feats = KeyedJagged.from_dict({"history": [torch.zeros(50, dtype=torch.long)], "query": [torch.zeros(query, dtype=torch.long)]})
+    bal = BatchBalancer(cost_model=CostModel(a=1.0))
+    plans = {"plan": bal.plan(feats), "plan_async": bal.plan_async(feats).result(timeout=30)}
+    every = [None] * world
+    dist.all_gather_object(every, {k: p.lengths.tolist() for k, p in plans.items()})
+    return {"lengths": every}
+
+
+def scenario_group_timeout(rank, world):
+    """The balancer's and the pipeline's background gloo groups take the timeout of the group
+    they serve (here a 2 s group; they had torch's 30 min default): a rank that never joins the
+    background gather fails it within about that."""
+    from freescale.balance import group_timeout
+
+    short = dist.new_group(timeout=datetime.timedelta(seconds=2))
+    bal = BatchBalancer(process_group=short)
+    emb = ShardedEmbeddings(EMBEDDING_TABLES, dim=EMBEDDING_DIM, process_group=short)
+    pipe = TrainPipeline(lambda *a: None, embeddings=emb)
+    plain = TrainPipeline(lambda *a: None, process_group=short)
+    seconds = {"balancer": group_timeout(bal._gather_group).total_seconds(),
+               "pipeline": group_timeout(pipe._groups[0]).total_seconds(),
+               "count": group_timeout(plain._count_group).total_seconds(),
+               "explicit": group_timeout(BatchBalancer(timeout=3)._gather_group).total_seconds()}
+    if rank == 1:
+        time.sleep(7)  # alive, but never joins the gather
+        os._exit(0)
+    start = time.perf_counter()
+    try:
+        bal.plan_async(KeyedJagged.from_dict({"a": [torch.arange(3)]})).result(timeout=60)
+        error = "no error"
+    except RuntimeError as err:
+        error = str(err)
+    return {"seconds": seconds, "error": error, "waited": time.perf_counter() - start}
+
+
 def long_batch(seed=1):
     """Ten histories, one far longer than the rest: alone it costs more than a rank's fair share."""
     g = torch.Generator().manual_seed(seed)
@@ -471,18 +565,33 @@ def scenario_pipeline(rank, world):
     return out
 
 
-def scenario_hang(rank, world):
-    meter = BubbleMeter(timeout=3.0)
-    if rank == 1:
-        time.sleep(12)  # a hung rank
-        return {}
+def _hang(rank, hung, out_dir):
+    """BubbleMeter(timeout=2) with rank `hung` hung: the other rank must fail within the timeout
+    (gloo's monitored barrier enforced it on rank 0 only). The other rank's outcome reaches
+    rank 0's result (through a file when rank 0 is the hung one)."""
+    meter = BubbleMeter(timeout=2.0)
+    if rank == hung:
+        time.sleep(6)  # a hung rank
+        if rank != 0:
+            os._exit(0)
+        other = os.path.join(out_dir, "other.pt")
+        deadline = time.time() + 30
+        while not os.path.exists(other) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # let the write finish
+        return torch.load(other, weights_only=True)
     start = time.perf_counter()
     try:
         with meter.step():
             meter.sync(name="allreduce")
+        result = {"error": "no error", "seconds": torch.tensor(time.perf_counter() - start)}
     except RuntimeError as err:
-        return {"error": str(err), "seconds": torch.tensor(time.perf_counter() - start)}
-    return {"error": "no error", "seconds": torch.tensor(time.perf_counter() - start)}
+        result = {"error": str(err), "seconds": torch.tensor(time.perf_counter() - start)}
+    if rank != 0:
+        torch.save(result, os.path.join(out_dir, "other.tmp"))
+        os.replace(os.path.join(out_dir, "other.tmp"), os.path.join(out_dir, "other.pt"))
+        os._exit(0)
+    return result
 
 
 def run(rank, scenario, world, port, out_dir):
@@ -493,10 +602,13 @@ def run(rank, scenario, world, port, out_dir):
         torch.cuda.set_device(rank)
         backend = "nccl"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
-    result = globals()[f"scenario_{scenario}"](rank, world)
+    if scenario.startswith("hang"):  # hang0 / hang1: that rank hangs
+        result = _hang(rank, int(scenario[4:]), out_dir)
+    else:
+        result = globals()[f"scenario_{scenario}"](rank, world)
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "result.pt"))
-    if scenario != "hang":
+    if not scenario.startswith("hang") and scenario != "group_timeout":
         dist.barrier()
     dist.destroy_process_group()
 

@@ -35,3 +35,24 @@ def test_simulate_counts_must_be_positive(option, capsys):
     with pytest.raises(SystemExit):
         cli.main(["simulate", option, "0"])
     assert f"argument {option}: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_refuses_bad_arguments(tmp_path, one_process, capsys):
+    """A missing --resume file trained from step 0, an unknown --method ran in one process and a
+    batch size of 0 failed deep inside; all are argument errors now, before any training."""
+    cases = [(["--checkpoint", str(tmp_path / "missing.pt"), "--resume"], "no checkpoint at"),
+             (["--resume"], "--resume needs --checkpoint"),
+             (["--method", "no_such_method"], "argument --method: invalid choice"),
+             (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+             (["--method", "contiguous", "--long-sequences", "cap"], "needs the balancer")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            train_module.main(["--steps", "1", *argv])
+        assert message in capsys.readouterr().err, argv
+
+
+def test_contiguous_method_means_no_balancer():
+    """--method contiguous is documented to disable balancing: no BatchBalancer (it ran one)."""
+    assert train_module.make_balancer("contiguous", "report", distributed=True) is None
+    assert train_module.make_balancer("kk_equal", "report", distributed=False) is None
+    assert train_module.make_balancer("kk_equal", "cap", distributed=True).method == "kk_equal"

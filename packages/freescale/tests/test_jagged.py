@@ -73,3 +73,24 @@ def test_gather_runs_equals_slicing(runs, mean):
     expected = torch.cat([values[a : a + n] for a, n in zip(starts.tolist(), lengths.tolist())])
     assert torch.equal(gather_runs(values, starts, lengths), expected)
     assert torch.equal(gather_runs(values, starts, lengths.zero_()), values[:0])
+
+
+def test_permute_refuses_masks_and_float_indices():
+    """A bool mask was read as the indices 0/1 and float indices were truncated."""
+    kj = _kj()
+    with pytest.raises(ValueError, match="bool"):
+        kj.permute(torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="float32"):
+        kj.permute(torch.tensor([1.9]))
+    with pytest.raises(ValueError, match="integers"):
+        kj.sample_major(torch.tensor([True, False, True]))
+    assert kj.permute(torch.tensor([True, False, True]).nonzero()[:, 0]) == kj.permute([0, 2])
+    assert kj.permute([]).batch_size == 0 and kj.permute(torch.tensor([2], dtype=torch.int32)) == kj.permute([2])
+
+
+def test_from_dict_dtype():
+    """An empty batch (a rank's share of a final partial batch) gets the ids' dtype, not int64."""
+    assert KeyedJagged.from_dict({"a": []}).values.dtype == torch.int64
+    assert KeyedJagged.from_dict({"a": []}, dtype=torch.int32).values.dtype == torch.int32
+    kj = KeyedJagged.from_dict({"a": [torch.tensor([1, 2]), torch.tensor([])]}, dtype=torch.int32)
+    assert kj.values.dtype == torch.int32 and kj.values.tolist() == [1, 2] and kj.lengths.tolist() == [2, 0]

@@ -61,6 +61,13 @@ def test_info_cli_names_backend_and_reason():
     assert "cpu: backend=interpret because CPU tensors and TRITON_INTERPRET=1" in out.stdout
 
 
+def test_info_cli_explains_a_bad_backend_setting():
+    out = subprocess.run([sys.executable, "-m", "gpukernels_common", "info"], capture_output=True, text=True, check=True,
+                         env={"GKC_BACKEND": "bogus", "PATH": "", **_pythonpath()})
+    assert "cpu: misconfigured: GKC_BACKEND='bogus' is not one of" in out.stdout
+    assert "requested backend: misconfigured" in out.stdout
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_pick_compiled_triton(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -50,7 +50,20 @@ def test_run_explicit_backend():
 
 
 def test_autograd_and_registration_is_idempotent():
-    assert register_op("gkctest::axpb", reference=_ref) is OP
+    assert register_op("gkctest::axpb", reference=_ref, triton=_tri) is OP  # a module imported again
+
+
+def test_a_name_taken_by_other_implementations_is_refused():
+    def other(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return x * alpha
+
+    with pytest.raises(ValueError, match="'gkctest::axpb' is already registered with other implementations"):
+        register_op("gkctest::axpb", reference=other, triton=_tri)
+    with pytest.raises(ValueError, match="already registered"):
+        register_op("gkctest::axpb", reference=_ref)  # the Triton implementation left out
+
+
+def test_autograd_of_the_registered_op():
     x = torch.randn(3, requires_grad=True)
     OP(x, 3.0).sum().backward()
     torch.testing.assert_close(x.grad, torch.full((3,), 3.0))

@@ -74,3 +74,25 @@ def test_run_workers_tolerates_only_a_teardown_abort_after_results(tmp_path):
     with pytest.raises(AssertionError, match="boom"):
         run_workers([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(1)"], result)
     assert run_workers([sys.executable, "-c", "raise SystemExit(3)"], result, check=False).returncode == 3
+
+
+def test_plugin_skips_by_marker_only_and_survives_a_bad_backend_setting(tmp_path):
+    """A directory or parametrize id named `gpu` is not the `gpu` marker, and a GKC_BACKEND that
+    cannot work on this machine shows in the header instead of stopping the run: the plugin loads
+    in every pytest run of the environment, other projects' too."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "test_cpu_only.py").write_text("def test_runs():\n    pass\n")
+    (tmp_path / "test_ids.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('where', ['gpu', 'slow'])\ndef test_runs(where):\n    pass\n\n"
+        "@pytest.mark.gpu\ndef test_marked():\n    pass\n")
+    plugin = [] if "PYTHONPATH" not in os.environ else ["-p", "gpukernels_common.testing.plugin"]  # source-tree runs
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-rs", "-p", "no:cacheprovider", "--quick", *plugin],
+                         capture_output=True, text=True, cwd=tmp_path, env={**env, "GKC_BACKEND": "triton"}, timeout=120)
+    assert "gpukernels: CPU misconfigured: GKC_BACKEND=triton" in out.stdout, out.stdout + out.stderr
+    gpu_skipped = 0 if torch.cuda.is_available() else 1
+    assert f"{4 - gpu_skipped} passed" in out.stdout and (f"{gpu_skipped} skipped" in out.stdout or not gpu_skipped), out.stdout

@@ -22,6 +22,8 @@ CASES = {
     # every choice is an expert of rank 0: de-duplication is maximal and rank 1 receives nothing
     "all_on_rank0": dict(tokens=(6, 8), d=6, f=8, k=2, routing="rank0", checkpoint="preact"),
     "rank1_without_tokens": dict(tokens=(8, 0), d=5, f=6, k=2, routing="random", checkpoint="preact"),
+    # tokens that pick one expert twice: token 0 has 3 choices on rank 0, which holds 2 experts
+    "with_duplicate_ids": dict(tokens=(5, 4), d=6, f=8, k=3, routing="duplicates", checkpoint="preact"),
 }
 # the MoE module with expert_group and a capacity: each rank drops over its own tokens
 LAYER_CASE = dict(tokens=(10, 7), d=6, f=10, k=2, capacity_factor=0.6, activation="silu", n_shared_experts=1)
@@ -37,6 +39,10 @@ def case_inputs(name):
     ids = torch.stack([torch.randperm(choose_from, generator=g)[:k] for _ in range(t)]).int()
     if case["routing"] == "hot":
         ids[: case["tokens"][0], 0] = 0
+    if case["routing"] == "duplicates":
+        ids[::2, 1] = ids[::2, 0]
+        ids[0] = torch.tensor([0, 0, 1])
+        ids[t - 1] = torch.tensor([3, 2, 3])
     w = torch.rand(t, k, generator=g)
     if case["routing"] == "random" and k > 1:  # a few slots dropped by a capacity: id E, weight 0
         ids[1, 0] = ids[t - 1, k - 1] = N_EXPERTS
@@ -95,11 +101,24 @@ def run_layer(rank):
             "dropped": int(layer.last_dropped), "aux_loss": layer.aux_loss.detach(), "traffic": layer.last_traffic}
 
 
+# MoE(expert_group=...) built with the same seed on every rank (data-parallel seeding)
+INIT_CASE = dict(d=6, f=10, k=2, n_shared_experts=1, seed=5)
+
+
+def run_init(rank):
+    """This rank's parameters right after construction."""
+    c = INIT_CASE
+    torch.manual_seed(c["seed"])
+    layer = MoE(c["d"], c["f"], N_EXPERTS, c["k"], n_shared_experts=c["n_shared_experts"], expert_group=dist.group.WORLD)
+    return {name: p.detach() for name, p in layer.named_parameters()}
+
+
 def run(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {name: run_case(name, rank) for name in CASES}
     results["layer"] = run_layer(rank)
+    results["init"] = run_init(rank)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

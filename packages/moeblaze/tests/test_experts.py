@@ -292,3 +292,22 @@ def test_compiled_kernels_on_gpu(dtype, checkpoint):
     for name in want:
         assert got[name].dtype == dtype, name
         assert_close(got[name], want[name], dtype=dtype, backend=Backend.TRITON, name=f"{name} ({checkpoint})")
+
+
+def test_top_k_above_the_expert_count(backend):
+    """transformers' expert parallelism hands each rank's experts module local ids with the
+    global top_k, which may exceed the rank's expert count (here 1 local expert, top-2, the
+    sentinel id E for other ranks' experts); repeated ids likewise give k > E. Was refused."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g, requires_grad=True)
+    wg, wu = ((torch.randn(1, 8, 12, generator=g) / 8**0.5).requires_grad_() for _ in range(2))
+    wd = (torch.randn(1, 12, 8, generator=g) / 12**0.5).requires_grad_()
+    ids = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 0], [0, 0]], dtype=torch.int32)  # 1: another rank's expert
+    w = torch.rand(5, 2, generator=g).masked_fill(ids == 1, 0.0).requires_grad_()
+    inputs = [x, w, wg, wu, wd]
+    out = moe_experts(x, ids, w, wg, wu, wd)
+    ref = moe_reference(x, ids.long(), w, wg, wu, wd)
+    assert_close(out, ref, backend=backend, name="output")
+    go = torch.randn_like(ref)
+    for name, a, b in zip(GRAD_NAMES, _grads(out, inputs, go), _grads(ref, inputs, go)):
+        assert_close(a, b, backend=backend, name=f"grad {name}")

@@ -115,3 +115,31 @@ def test_checkpoint_mode_is_per_model(monkeypatch):
     assert seen == ["full"] * 2
     with pytest.raises(ValueError, match="checkpoint"):
         moeblaze.hf.use_moeblaze(big, checkpoint="none")
+
+
+def test_expert_parallel_shard_with_top_k_above_its_expert_count(monkeypatch):
+    """Under transformers' expert parallelism a rank's experts module gets local ids (sentinel
+    E_local for other ranks' experts) and the global top_k: 1 local expert with top-2 here."""
+    moe = pytest.importorskip("transformers.integrations.moe")
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    torch.manual_seed(0)
+    experts = MixtralExperts(transformers.MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=1,
+                                                        num_experts_per_tok=2))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.2)
+    experts._is_expert_parallel = True  # what transformers' expert parallelism sets (sentinel ids skipped)
+    moeblaze.hf.use_moeblaze(torch.nn.ModuleDict({"e": experts}))
+    hs = torch.randn(5, 16, requires_grad=True)
+    global_ids = torch.tensor([[0, 2], [3, 1], [0, 1], [2, 3], [1, 0]])  # 4 experts over 4 ranks; this is rank 0
+    local_ids = torch.where(global_ids != 0, 1, 0)
+    w = torch.rand(5, 2).masked_fill(global_ids != 0, 0.0).requires_grad_()
+    params = [hs, w, experts.gate_up_proj, experts.down_proj]
+    want = moe.batched_mm_experts_forward(experts, hs, local_ids, w)
+    got = moeblaze.hf.moeblaze_experts_forward(experts, hs, local_ids, w)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    go = torch.randn_like(want)
+    for g, r in zip(torch.autograd.grad(got, params, go), torch.autograd.grad(want, params, go)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

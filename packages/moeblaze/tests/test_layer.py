@@ -13,6 +13,8 @@ def test_router_topk_renorm_and_losses():
     uniform = route(torch.zeros(8, 4), 4)
     assert float(uniform.aux_loss) == pytest.approx(1.0)  # perfectly balanced -> E * sum(1/E * 1/E) * E ... = 1
     assert route(logits, 1, renormalize=False).weights.max() < 1
+    # renormalize applies for top_k > 1 only: a top-1 weight stays the probability (Switch-style)
+    torch.testing.assert_close(route(logits, 1).weights, route(logits, 1, renormalize=False).weights)
     with pytest.raises(ValueError, match="top_k"):
         route(logits, 7)
     with pytest.raises(ValueError, match="NaN"):
@@ -105,3 +107,73 @@ def test_deepcopy_after_a_training_forward():
     assert twin.aux_loss.grad_fn is None and torch.equal(twin.aux_loss, layer.aux_loss.detach())
     assert layer.aux_loss.grad_fn is not None  # the original keeps its graph
     torch.optim.swa_utils.AveragedModel(layer)
+
+
+def test_compile_fullgraph_and_export_match_eager(monkeypatch):
+    """torch.compile(fullgraph=True) and torch.export trace through the router and the experts:
+    the host-side checks (finite logits, the expert-id range) and the per-expert loop's row
+    counts are eager-only (on the reference backend the traced experts run masked, densely)."""
+    import warnings
+
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MoE(8, 12, 4, 2, n_shared_experts=1, capacity_factor=1.0)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    want = layer(x)
+    want_aux, want_dropped = layer.aux_loss, int(layer.last_dropped)
+    params = [x, *layer.parameters()]
+    go = torch.randn_like(want)
+    want_grads = torch.autograd.grad((want * go).sum() + want_aux, params)
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.aux_loss, want_aux)
+    assert int(layer.last_dropped) == want_dropped
+    for g, w in zip(torch.autograd.grad((got * go).sum() + layer.aux_loss, params), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # aux_loss and last_dropped are assigned during export
+        exported = torch.export.export(layer.eval(), (x.detach(),))
+    torch.testing.assert_close(exported.module()(x.detach()), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cf, tokens, k, n_experts, want", [
+    (1.1, 100, 2, 4, 55),  # 1.1 * 100 = 110.00000000000001 in floats: ceil gave 56
+    (1.1, 100, 1, 1, 110),
+    (1.1, 1000, 8, 64, 138),
+    (1.25, 37, 2, 4, 24),  # ceil(23.125)
+    (0.6, 37, 2, 4, 12),  # ceil(11.1)
+    (0.01, 10, 1, 4, 1),  # at least one slot
+])
+def test_expert_capacity_is_the_exact_ceiling(cf, tokens, k, n_experts, want):
+    assert moeblaze.router.expert_capacity(tokens, k, n_experts, cf) == want
+
+
+def test_capacity_factor_keeps_exactly_the_documented_slots():
+    layer = MoE(8, 16, 2, 1, capacity_factor=1.1)
+    with torch.no_grad():
+        layer.router.proj.weight.zero_()
+        layer.router.proj.weight[0, 0] = 10.0
+    x = torch.randn(100, 8)
+    x[:, 0] = x[:, 0].abs() + 1  # every token picks expert 0
+    layer(x)
+    assert 100 - int(layer.last_dropped) == 55  # ceil(1.1 * 100 * 1 / 2)
+
+
+def test_meta_device_init_then_reset_parameters_equals_a_normal_build():
+    """The FSDP2 / torchtitan flow: build on meta, to_empty(), reset_parameters()."""
+    kwargs = dict(d_model=8, d_ff=12, n_experts=4, top_k=2, n_shared_experts=1)
+    torch.manual_seed(3)
+    normal = MoE(**kwargs)
+    with torch.device("meta"):
+        layer = MoE(**kwargs)
+    assert layer.w_gate.is_meta
+    x = torch.randn(2, 3, 8)
+    assert layer(x.to("meta")).shape == (2, 3, 8)  # shape inference on meta
+    layer.to_empty(device="cpu")
+    torch.manual_seed(3)
+    layer.reset_parameters()
+    for (name, p), q in zip(layer.named_parameters(), normal.parameters()):
+        assert torch.equal(p, q), name
+    torch.testing.assert_close(layer(x), normal(x))
+    assert abs(float(layer.w_gate.detach().std()) - 8**-0.5) < 0.05 and abs(float(layer.w_down.detach().std()) - 12**-0.5) < 0.05

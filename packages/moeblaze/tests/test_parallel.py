@@ -101,6 +101,22 @@ def test_expert_parallel_layer_with_capacity_equals_single_process_per_rank(rank
         assert r["traffic"]["slots"] == ep_worker.LAYER_CASE["k"] * tokens[rank] - r["dropped"]
 
 
+def test_expert_shards_start_as_slices_of_the_single_process_init(ranks):
+    """Every rank seeded alike (data-parallel seeding): each rank's experts are the matching
+    slice of a single-process MoE built with that seed (they were E_local copies of the same
+    experts on every rank), and the replicated router and shared expert equal it."""
+    c = ep_worker.INIT_CASE
+    torch.manual_seed(c["seed"])
+    full = MoE(c["d"], c["f"], ep_worker.N_EXPERTS, c["k"], n_shared_experts=c["n_shared_experts"])
+    got = [r["init"] for r in ranks]
+    for name, p in full.named_parameters():
+        if name.startswith("w_"):
+            assert torch.equal(torch.cat([r[name] for r in got]), p.detach()), name
+        else:
+            assert all(torch.equal(r[name], p.detach()) for r in got), name
+    assert not torch.equal(got[0]["w_gate"], got[1]["w_gate"])
+
+
 @pytest.fixture
 def single_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
@@ -128,10 +144,9 @@ def test_bad_inputs_fail_before_any_collective(single_rank_group, monkeypatch):
         MoE(8, 12, 4, 2, expert_group=single_rank_group)
 
 
-def test_one_rank_group_equals_moe_experts(single_rank_group):
-    """World 1: every row stays home, rows with 1 and 2 choices run as separate groups."""
-    x, ids, w, params, grad_out = ep_worker.case_inputs("top_k_equals_experts")
-    ids, w = ids[:, :2].contiguous(), w[:, :2].contiguous()  # some tokens with one kept choice
+def _equals_moe_experts(x, ids, w, params, grad_out) -> dict:
+    """expert_parallel_experts on the current (one-rank) group against moe_experts, output and
+    every gradient; returns the call's traffic counts."""
     a = [t.clone().requires_grad_() for t in (x, w, *params)]
     b = [t.clone().requires_grad_() for t in (x, w, *params)]
     traffic = {}
@@ -142,6 +157,14 @@ def test_one_rank_group_equals_moe_experts(single_rank_group):
     close(y_ep.detach(), y.detach(), "y")
     for i, (ta, tb) in enumerate(zip(a, b)):
         close(ta.grad, tb.grad, f"grad {i}")
+    return traffic
+
+
+def test_one_rank_group_equals_moe_experts(single_rank_group):
+    """World 1: every row stays home, rows with 1 and 2 choices run as separate groups."""
+    x, ids, w, params, grad_out = ep_worker.case_inputs("top_k_equals_experts")
+    ids, w = ids[:, :2].contiguous(), w[:, :2].contiguous()  # some tokens with one kept choice
+    traffic = _equals_moe_experts(x, ids, w, params, grad_out)
     kept = int((ids < 4).sum())
     assert traffic == {"slots": kept, "rows": int((ids < 4).any(1).sum()), "remote_slots": 0, "remote_rows": 0}
     assert traffic["rows"] < kept
@@ -176,3 +199,16 @@ def test_autocast_matches_moe_experts(single_rank_group):
         want = moe_experts(x, ids, w, wg, wu, wd)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)
+
+
+def test_a_token_picking_one_expert_twice(single_rank_group):
+    """Repeated choices of one expert (moe_experts accepts them) travel once with their summed
+    weight: k = 5 over 4 experts on one rank was an IndexError (more choices than E_local places)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, generator=g)
+    ids = torch.tensor([[0, 0, 1, 2, 3], [2, 2, 2, 1, 4], [3, 1, 0, 3, 3], [1, 4, 0, 2, 2]], dtype=torch.int32)
+    w = torch.rand(4, 5, generator=g).masked_fill(ids == 4, 0.0)
+    params = [torch.randn(4, 6, 8, generator=g), torch.randn(4, 6, 8, generator=g), torch.randn(4, 8, 6, generator=g)]
+    grad_out = torch.randn(4, 6, generator=g)
+    traffic = _equals_moe_experts(x, ids, w, params, grad_out)
+    assert traffic["slots"] == int((ids < 4).sum()) and traffic["rows"] == 4

@@ -115,11 +115,102 @@ def test_famo_weights_and_update():
     torch.testing.assert_close(z.grad, c[0] * A + c[1] * B)
     assert dict(returned) == pytest.approx({"a": float(c[0]), "b": float(c[1])})
     bal.update([torch.tensor(1.0), torch.tensor(3.0)])  # a improved (log 2), b did not
+    # the first Adam step moves every logit by lr against the sign of its gradient J^T delta
     delta = torch.tensor([math.log(2.0), 0.0], dtype=torch.float64)
     zsm = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    expect = -0.5 * zsm * (delta - (zsm * delta).sum())
-    torch.testing.assert_close(bal.logits, expect)
+    grad = zsm * (delta - (zsm * delta).sum())
+    torch.testing.assert_close(bal.logits, -0.5 * grad / (grad.abs() + 1e-8))
     assert bal.logits[1] > bal.logits[0]  # the task that improved less gains weight
+
+
+def test_famo_update_is_the_published_adam_rule():
+    """The official FAMO (Cranial-XIX/FAMO, famo.py) steps the logits w with
+    torch.optim.Adam(lr=w_lr, weight_decay=gamma) on d = J_softmax(w)^T delta; here that optimizer
+    runs beside the balancer, and the balancer's Adam state goes through a state_dict midway."""
+    bal = FAMO(["a", "b", "c"], lr=0.025, gamma=0.01)
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.025, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    for step in range(30):
+        before = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+        after = before * (1 - 0.05 * torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.2, 0.5], dtype=torch.float64))
+        before, after = before.float().double(), after.float().double()  # the losses are fp32
+        z = torch.ones(1, 2, requires_grad=True)
+        rep = bal.attach(z * 1.0)
+        bal.backward({t: (rep * 0).sum() + float(before[i]) for i, t in enumerate("abc")})
+        bal.update({t: torch.tensor(float(after[i])) for i, t in enumerate("abc")})
+        delta = (before + 1e-8).log() - (after + 1e-8).log()
+        d = torch.autograd.grad(torch.softmax(w, -1), w, grad_outputs=delta)[0]
+        opt.zero_grad()
+        w.grad = d
+        opt.step()
+        torch.testing.assert_close(bal.logits, w.detach(), rtol=1e-9, atol=1e-12, msg=f"step {step}")
+        if step == 14:  # resume from a checkpoint: the Adam moments come with it
+            resumed = FAMO(["a", "b", "c"], lr=0.025, gamma=0.01)
+            resumed.load_state_dict(bal.state_dict())
+            bal = resumed
+    assert float(w.detach()[0]) < float(w.detach()[1])  # sanity: a improves fastest and loses weight
+
+
+def test_famo_defaults_are_the_official_ones():
+    bal = FAMO(["a", "b"])
+    assert (bal.lr, bal.gamma) == (0.025, 0.01)
+
+
+@pytest.mark.parametrize(("weights", "expected"), [
+    ({}, [[0.2, 0.4]]),
+    # w_a g_a = (10, 0), g_b = (-1, 1): a = (2 + 10) / (100 + 20 + 2) on w_a g_a
+    ({"a": 10.0}, [[12 / 122 * 10 - 110 / 122, 110 / 122]]),
+    ({"b": 0.0}, [[1.0, 0.0]]),  # b left out: the min-norm problem of a alone
+    ({"a": 0.0, "b": 0.0}, [[0.0, 0.0]]),
+])
+def test_mgda_uses_the_static_weights(weights, expected):
+    bal = MGDA(["a", "b"], weights=weights)
+    torch.testing.assert_close(_linear_step(bal, [A, B]), torch.tensor(expected))
+    if weights.get("b") == 0.0:
+        assert bal.last_scales()["b"] == 0.0
+
+
+def test_pcgrad_state_dict_restores_the_projection_order():
+    coefs = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[-1.0, 1.0, 0.2]]), torch.tensor([[0.3, -1.0, 1.0]])]
+
+    def step(bal):
+        z = torch.ones(1, 3, requires_grad=True)
+        rep = bal.attach(z * 1.0)
+        bal.backward({t: (rep * c).sum() for t, c in zip("abc", coefs)})
+        return z.grad
+
+    straight = PCGrad(list("abc"))
+    uninterrupted = [step(straight) for _ in range(8)]
+    first = PCGrad(list("abc"))
+    resumed_run = [step(first) for _ in range(3)]
+    resumed = PCGrad(list("abc"))
+    step(resumed)  # its generator has moved on: the checkpoint sets it back
+    resumed.load_state_dict(first.state_dict())
+    resumed_run += [step(resumed) for _ in range(5)]
+    for i, (a, b) in enumerate(zip(uninterrupted, resumed_run)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {i}")
+    assert len({tuple(g.flatten().tolist()) for g in uninterrupted}) > 1  # the order matters here
+
+
+@pytest.mark.parametrize("name", ["EqualWeights", "UncertaintyWeighting", "FAMO"])
+@pytest.mark.parametrize("case", ["reads the input", "reads the bottom's own output"])
+def test_balancers_without_task_gradients_check_the_losses_read_the_representation(name, case):
+    """As every balancer: a loss that does not read what attach() returned is refused before any backward."""
+    torch.manual_seed(0)
+    bottom, head_a, head_b, other = (torch.nn.Linear(4, 6), torch.nn.Linear(6, 1), torch.nn.Linear(6, 1),
+                                     torch.nn.Linear(4, 1))
+    x = torch.randn(5, 4)
+    bal = {"EqualWeights": EqualWeights, "UncertaintyWeighting": UncertaintyWeighting, "FAMO": FAMO}[name](["a", "b"])
+    rep = bal.attach(bottom(x))
+    loss_b = other(x).mean() if case == "reads the input" else head_b(bottom(x)).mean()
+    with pytest.raises(ValueError, match="loss 'b' does not depend on the attached representation"):
+        bal.backward({"a": head_a(rep).mean(), "b": loss_b})
+    assert all(p.grad is None for m in (bottom, head_a, head_b, other) for p in m.parameters())
+    # a loss that reads the representation (also alongside another input) is accepted
+    rep = bal.attach(bottom(x))
+    bal.backward({"a": head_a(rep).mean(), "b": (head_b(rep) + other(x)).mean()})
+    assert bottom.weight.grad is not None and other.weight.grad is not None
 
 
 def test_metabalance_on_parameters():

@@ -399,10 +399,108 @@ def test_state_dict_of_another_task_set_is_refused():
         rep = three.attach(z * 1.0)
         three.backward({t: (rep * (i + 1)).sum() for i, t in enumerate("abc")})
         two = make(["a", "b"])
-        with pytest.raises(RuntimeError, match=r"checkpoint is of a balancer with 3 tasks; this one has 2"):
+        with pytest.raises(ValueError, match=r"of tasks \['a', 'b', 'c'\]; this one's tasks are \['a', 'b'\]"):
             two.load_state_dict(three.state_dict())
+        old = {k: v for k, v in three.state_dict().items() if k != "_extra_state"}  # a checkpoint without names
+        with pytest.raises(RuntimeError, match=r"checkpoint is of a balancer with 3 tasks; this one has 2"):
+            two.load_state_dict(old)
         with pytest.raises(RuntimeError, match=r"with 3 tasks"):  # the task count from a running statistic alone
-            two.load_state_dict({k: v for k, v in three.state_dict().items() if k != "static_weights"}, strict=False)
+            two.load_state_dict({k: v for k, v in old.items() if k != "static_weights"}, strict=False)
+
+
+@pytest.mark.parametrize("make", [lambda n: MultiBalance(n, weights={n[0]: 2.0}), lambda n: multibalance.GradNorm(n),
+                                  lambda n: multibalance.FAMO(n), lambda n: multibalance.DBMTL(n)])
+def test_state_dict_is_matched_to_tasks_by_name(make):
+    """A checkpoint keeps the task names: the same tasks in another order get their own statistics,
+    another task set is refused naming both, and a checkpoint from before the names loads by position."""
+    saved = make(["like", "love"])
+    z = torch.ones(4, 3, requires_grad=True)
+    rep = saved.attach(z * 1.0)
+    saved.backward({"like": (rep * 100).sum() + 1.0, "love": (rep * 1).sum() + 30.0})
+    state = saved.state_dict()
+    assert state["_extra_state"] == {"task_names": ["like", "love"]}
+    swapped = make(["love", "like"])
+    swapped.load_state_dict(state)
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() and value.shape[-1] == 2:
+            torch.testing.assert_close(swapped.state_dict()[key], value.flip(-1), msg=key)
+    if isinstance(saved, MultiBalance):  # its scales are state; the others' are the last step's only
+        for name in ("like", "love"):
+            assert swapped.last_scales()[name] == pytest.approx(saved.last_scales()[name])
+    with pytest.raises(ValueError, match=r"\['like', 'love'\].*\['click', 'buy'\]"):
+        make(["click", "buy"]).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "_extra_state"}
+    same = make(["like", "love"])
+    same.load_state_dict(old)  # strict: a checkpoint without names still loads
+    for key, value in old.items():
+        torch.testing.assert_close(same.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("first", ["linear", "tanh"])
+def test_norm_lag_after_an_overflowing_first_step(first):
+    """norm_lag=1 and a GradScaler whose first step overflows: the averages are still NaN at the next
+    (finite) step, which then uses its own norms as a first step does, rather than NaN scales."""
+    model = _Heads(first)
+    batches = _batches(4)
+    runs = []
+    for overflow_first in (True, False):
+        bal, scaler = MultiBalance(["a", "b", "c"], beta=0.5, norm_lag=1), torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        steps = [(*batches[0], OVERFLOW)] if overflow_first else []
+        out = []
+        for x, y, big in steps + [(x, y, 1.0) for x, y in batches[1:]]:
+            model.zero_grad()
+            rep = bal.attach(model.bottom(x))
+            scales = bal.backward(model.losses(rep, y, big), scaler=scaler)
+            out.append((dict(scales), model.bottom[0].weight.grad.clone()))  # the scale stays 2^16 (no update)
+        assert bal.last_path == ("factored" if first == "linear" else "general")
+        runs.append(out[1:] if overflow_first else out)
+    for (s1, g1), (s2, g2) in zip(*runs):  # after the overflow: as a run that starts there
+        assert all(math.isfinite(v) for v in s1.values()) and torch.isfinite(g1).all()
+        assert s1 == pytest.approx(s2)
+        torch.testing.assert_close(g1, g2)
+
+
+class _TwoReps(torch.nn.Module):
+    """Tasks like/love/dislike read `rep`; only like reads `wide` too. Heads open with a Linear
+    (the factored path) or a tanh (the general path)."""
+
+    def __init__(self, first):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = first
+        self.bottom, self.wide_bottom = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8)
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(8, 1) for t in ("like", "love", "dislike")})
+        self.wide_head = torch.nn.Linear(8, 1)
+
+    def losses(self, rep, wide, y):
+        f = (lambda r: r) if self.first == "linear" else torch.tanh
+        return {"like": ((self.heads["like"](f(rep)) + self.wide_head(f(wide)) - y[:, :1]) ** 2).mean(),
+                "love": ((self.heads["love"](f(rep)) - 3 * y[:, 1:2]) ** 2).mean(),
+                "dislike": ((self.heads["dislike"](f(rep)) - y[:, 2:]) ** 2).mean()}
+
+
+@pytest.mark.parametrize("first", ["linear", "tanh"])
+@pytest.mark.parametrize("target", ["max", "mean", "love", "like"])
+def test_target_over_the_tasks_that_read_the_representation(first, target):
+    """On a representation only `like` reads there is nothing to balance: its gradient is the plain
+    one whatever the target (the tasks that do not read it are left out of the mean; a named target
+    that does not read it leaves the scales at 1 there). On the representation every task reads,
+    the target is as before."""
+    model = _TwoReps(first)
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.randn(16, 3, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for relax in (0.0, 0.7):
+        model.zero_grad()
+        bal = MultiBalance(["like", "love", "dislike"], relax=relax, target=target)
+        rep, wide = bal.attach(model.bottom(x), model.wide_bottom(x))
+        bal.backward(model.losses(rep, wide, y))
+        assert bal.last_path == ("factored" if first == "linear" else "general")
+        grads[relax] = model.wide_bottom.weight.grad.clone()
+    torch.testing.assert_close(grads[0.7], grads[0.0])
+    m = bal.ema[0]  # on `rep`, every task reads: the usual target
+    expect = {"max": m.max(), "mean": m.mean(), "love": m[1], "like": m[0]}[target]
+    torch.testing.assert_close(bal.scales[0], 0.7 * expect / m + 0.3)
+    assert bal.scales[1].tolist()[0] == pytest.approx(1.0)
 
 
 def test_loaded_statistics_stay_on_the_module_device():

@@ -93,6 +93,13 @@ def test_schema_encodes_item_attributes_as_the_language_hashes_them():
     plans = parse_filters(['genre:Comedy', 'year:1995 AND NOT genre:Drama', 'title:"Toy Story"', "genre:Horror"], schema=schema)
     exact = index.verify(plans, torch.arange(3).unsqueeze(0).expand(4, 3))
     assert exact.tolist() == [[True, False, False], [False, False, True], [False, False, True], [False, True, False]]
+    # digits are the number, in a string attribute and in a filter, quoted or not (CSV and JSON
+    # data often hold zip codes and years as strings)
+    digits = FilterSchema({"zip": 4, "year": 2}).encode_items([{"zip": "02139", "year": "1995"}, {"zip": "90210", "year": 1996}])
+    index = BloomIndex.build(*digits, k=3, b_multiplier=5.0)
+    exprs = ["zip:02139", 'zip:"02139"', "year:1995", 'year:"1996"', "NOT zip:02139", 'zip:"-7"']
+    exact = index.verify(parse_filters(exprs, schema=FilterSchema({"zip": 4, "year": 2})), torch.arange(2).expand(6, 2))
+    assert exact.tolist() == [[True, False], [True, False], [True, False], [False, True], [False, True], [False, False]]
     with pytest.raises(ValueError, match="unknown attribute 'rating'"):
         schema.encode_items([{"rating": 5}])
     with pytest.raises(ValueError, match="must be int or str"):

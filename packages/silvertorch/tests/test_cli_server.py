@@ -54,6 +54,17 @@ def test_build_and_query(artifact, capsys):
     assert main(["query", str(path), "--user", "3", "--filter", "genre:2 AND"]) == 2
     assert "position" in capsys.readouterr().err
     assert main(["build", "--towers", str(path), "--items", "nope", "--out", str(path / "x"), "--quiet"]) == 2
+    # towers whose config and tensors disagree: one line and exit 2, not a traceback
+    import shutil
+
+    bad = path.parent / "towers_bad"
+    shutil.copytree(path.parent / "towers", bad, dirs_exist_ok=True)
+    config = json.loads((bad / "towers.json").read_text())
+    config["overarch"]["hidden"] = [5]
+    (bad / "towers.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["build", "--towers", str(bad), "--items", str(path.parent / "items.safetensors"), "--out", str(bad / "x"), "--quiet"]) == 2
+    assert "do not describe the towers" in capsys.readouterr().err
 
 
 def test_package_command(artifact, tmp_path, capsys):

@@ -94,6 +94,17 @@ def test_k_above_candidates_and_filter_matching_nothing(monkeypatch, backend):
         assert (r.ids == -1).all() and torch.isinf(r.scores).all() and (r.found == 0).all()
 
 
+def test_a_dense_mask_edited_in_place_filters_by_its_new_bits():
+    flat = FlatIndex.build(INDEX_X[:300])
+    allowed = DenseMaskFilter(torch.ones(2, 300, dtype=torch.bool))
+    assert (flat.search(QUERIES[:2], k=5, filters=allowed)[1] >= 0).all()  # packs the mask
+    allowed.mask[:] = False
+    assert (flat.search(QUERIES[:2], k=5, filters=allowed)[1] == -1).all()
+    allowed.mask = torch.zeros(2, 300, dtype=torch.bool)
+    allowed.mask[:, 7] = True
+    assert flat.search(QUERIES[:2], k=5, filters=allowed)[1][:, 0].tolist() == [7, 7]
+
+
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
 def test_index_emptied_by_compact_searches_its_fresh_items(monkeypatch, backend):
     monkeypatch.setenv("GKC_BACKEND", backend)

@@ -261,6 +261,24 @@ def test_bloom_false_positives_removed_by_exact_verification():
     assert all(int(CAT[i - 5000]) == 1 and int(YEAR[i - 5000]) == 1999 for i in got)
 
 
+def test_exact_verification_replaces_false_positives_with_the_next_true_matches():
+    # a weak Bloom index: 199 items pass "cat:1 AND year:1999" in it, 55 really do. The best 80
+    # Bloom-passing items hold about 22 true ones; the verified pool (4 x 80) holds all 199, so
+    # the candidates are the true top 80 and `found` is the exact count
+    model = _model(bloom_k=1, bloom_multiplier=2.0, k_candidates=80)
+    users = torch.arange(0, USERS, 3).unsqueeze(1)
+    expr = "cat:1 AND year:1999"
+    truth = [int(c) == 1 and int(y) == 1999 for c, y in zip(CAT, YEAR)]
+    r = model.retrieve(users, [expr] * users.shape[0])
+    FILTERS[expr] = lambda c, y: c == 1 and y == 1999
+    try:
+        want = _plain_pipeline(users, [expr] * users.shape[0], 80, 10)
+    finally:
+        del FILTERS[expr]
+    assert r.found.tolist() == [sum(truth)] * users.shape[0]
+    assert [sorted(i for i in row if i >= 0) for row in r.ids.tolist()] == [sorted(w) for w in want]
+
+
 def test_per_request_value_weights_change_ranking():
     tower, overarch, _ = _modules(tasks=3)
     model = RetrievalModel.build(tower, overarch, ValueModel(3), EMB, IDS, ATTRS, SCHEMA, n_clusters=8, nprobe=8,
@@ -433,6 +451,44 @@ def test_bad_inputs_are_named():
     learned = RetrievalModel.build(TOWER, OVERARCH, ValueModel(2, learned=True), EMB, IDS, ATTRS, SCHEMA, n_clusters=12)
     with pytest.raises(ValueError, match="value_weights: this Value Model is learned"):
         learned.retrieve(users, None, [1.0, 0.0])
+    # values a cast would change (fractions, huge floats) and malformed jagged attributes are named,
+    # and a refused add_items writes nothing
+    with pytest.raises(ValueError, match=r"user_features\[0, 0\] = 1e\+300 is out of range"):
+        MODEL.retrieve(torch.tensor([[1e300]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="attributes: feature_ids and values must be integer tensors"):
+        RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, (ATTRS[0], ATTRS[1], ATTRS[2].float() + 0.5), SCHEMA)
+    with pytest.raises(ValueError, match="attributes: offsets must be non-decreasing"):
+        RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, (ATTRS[0], ATTRS[1].index_put((torch.tensor([1]),), torch.tensor(5)), ATTRS[2]), SCHEMA)
+    with pytest.raises(ValueError, match="bloom_k must be an int in"):
+        _model(bloom_k=0)
+    before = (MODEL.fresh_used, MODEL.item_ids.clone())
+    new_rows = EMB[:2]
+    with pytest.raises(ValueError, match="ids must be integers, got torch.float32"):
+        MODEL.add_items(new_rows, torch.tensor([90001.5, 90002.0]))
+    with pytest.raises(ValueError, match="attributes: offsets end at 5"):
+        MODEL.add_items(new_rows, [90001, 90002], (torch.tensor([1, 2]), torch.tensor([0, 1, 5]), torch.tensor([1, 1991])))
+    with pytest.raises(ValueError, match="this model has no dense item features"):
+        MODEL.add_items(new_rows, [90001, 90002], dense=torch.zeros(2, 3))
+    assert MODEL.fresh_used == before[0] and torch.equal(MODEL.item_ids, before[1])
+
+
+def test_build_and_publish_leave_the_model_and_towers_in_eval_mode(tmp_path):
+    # dropout in the item tower must not reach the index, nor in the user tower the queries
+    from silvertorch import publish
+
+    torch.manual_seed(0)
+    item_tower = torch.nn.Sequential(torch.nn.Linear(6, D), torch.nn.Dropout(0.5)).train()
+    user_tower = torch.nn.Sequential(EmbeddingTower([USERS], D), torch.nn.Dropout(0.5)).train()
+    features = torch.randn(300, 6)
+    model = publish(tmp_path / "artifact", user_tower, OVERARCH, VALUE, item_tower=item_tower, item_features=features,
+                    n_clusters=4, k_candidates=20)
+    assert item_tower.training  # its mode is restored
+    with torch.no_grad():
+        expected = item_tower.eval()(features).bfloat16()
+    assert torch.equal(model.item_embeddings[: model.num_main], expected[model.item_ids[: model.num_main]])  # ids: build rows
+    assert not model.training and not user_tower.training
+    users = torch.arange(8).unsqueeze(1)
+    assert torch.equal(model.retrieve(users).ids, model.retrieve(users).ids)
 
 
 def test_small_corpus_builds_with_default_probing_and_rebuilds_after_deletions():

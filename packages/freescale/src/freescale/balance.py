@@ -18,8 +18,10 @@ that floor, and `long_sequences="cap"` or `"split"` cuts such samples down first
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import warnings
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -47,6 +49,9 @@ class BalancePlan:
     # per-sample lengths under every key (global samples x keys, before capping/splitting), when
     # the plan was made from the features: the exchange then needs no lengths all-to-all
     key_lengths: torch.Tensor | None = None
+    # the dtypes and trailing shapes every rank's values and dense tensors take (agreed from the
+    # gather: ranks without samples adopt them); None when the plan was made from cost lengths
+    schema: Schema | None = None
 
     @property
     def global_batch(self) -> int:
@@ -112,8 +117,12 @@ class BatchBalancer:
 
     def __init__(self, process_group=None, cost_model: CostModel | None = None, method: str = "kk_equal",
                  refine: bool = True, background: bool = True, long_sequences: str = "report",
-                 split_context: int | None = None, min_gain: float = 0.0):
-        """`min_gain`: keep every sample where it is (no sample all-to-all at all) when balancing
+                 split_context: int | None = None, min_gain: float = 0.0,
+                 timeout: datetime.timedelta | float | None = None):
+        """`timeout`: of the background thread's own gloo group (a timedelta or seconds); by
+        default that of `process_group` (the default group: what `init_process_group` was
+        given), so a hung rank fails the background gather as it would a foreground one.
+        `min_gain`: keep every sample where it is (no sample all-to-all at all) when balancing
         would cut the slowest rank's cost by less than this fraction, e.g. 0.05 on ranks whose
         loads are already about equal; 0 (default) moves whenever the partition is no worse than
         the batch as it stands.
@@ -143,8 +152,7 @@ class BatchBalancer:
         self._gather_group = None
         self._gather_bounds: dict[int, int] = {}  # per group: the largest per-rank sample count seen
         if background and dist.is_initialized() and self.world_size > 1:
-            members = None if process_group is None else dist.get_process_group_ranks(process_group)
-            self._gather_group = dist.new_group(ranks=members, backend="gloo")
+            self._gather_group = background_group(process_group, timeout)
 
     @property
     def world_size(self) -> int:
@@ -154,31 +162,39 @@ class BatchBalancer:
     def rank(self) -> int:
         return dist.get_rank(self.group) if dist.is_initialized() else 0
 
-    def _gather_rows(self, rows: torch.Tensor, group=None) -> list[torch.Tensor]:
-        """All-gather every rank's (samples x columns) integer rows. One all-gather of the sample
-        count and the rows padded to the largest count seen so far; a second one, padded to the
-        new largest, only when some rank has more (every rank sees that in the first)."""
+    def _gather_rows(self, rows: torch.Tensor, group=None, schema: list[int] | None = None):
+        """All-gather every rank's (samples x columns) integer rows and its schema (a short list
+        of ints, see `Schema`): (rows per rank, schema per rank). One all-gather of the sample
+        count, the schema and the rows, padded to the largest count and schema seen so far; a
+        second one, padded to the new largest, only when some rank has more (every rank sees
+        that in the first)."""
+        schema = schema or []
         if self.world_size == 1:
-            return [rows]
+            return [rows], [schema]
         group = group or self.group
         key = id(group)  # plan() and plan_async() gather on different groups, maybe at once
         while True:
-            bound = self._gather_bounds.get(key, 0)
-            message = rows.new_zeros(1 + bound * rows.shape[1])
-            message[0] = rows.shape[0]
-            if rows.shape[0] <= bound:
-                message[1 : 1 + rows.numel()] = rows.reshape(-1)
+            bound, schema_bound = self._gather_bounds.get(key, (0, 0))
+            message = rows.new_zeros(2 + schema_bound + bound * rows.shape[1])
+            message[0], message[1] = rows.shape[0], len(schema)
+            if rows.shape[0] <= bound and len(schema) <= schema_bound:
+                message[2 : 2 + len(schema)] = torch.tensor(schema, dtype=message.dtype)
+                message[2 + schema_bound : 2 + schema_bound + rows.numel()] = rows.reshape(-1)
             out = [torch.empty_like(message) for _ in range(self.world_size)]
             dist.all_gather(out, message, group=group)
-            sizes = [int(o[0]) for o in out]
-            if max(sizes) <= bound:
-                return [o[1 : 1 + n * rows.shape[1]].view(n, rows.shape[1]) for o, n in zip(out, sizes)]
-            self._gather_bounds[key] = max(sizes)
+            sizes, schema_sizes = [int(o[0]) for o in out], [int(o[1]) for o in out]
+            if max(sizes) <= bound and max(schema_sizes) <= schema_bound:
+                start = 2 + schema_bound
+                return ([o[start : start + n * rows.shape[1]].view(n, rows.shape[1]) for o, n in zip(out, sizes)],
+                        [o[2 : 2 + m].tolist() for o, m in zip(out, schema_sizes)])
+            self._gather_bounds[key] = (max(bound, *sizes), max(schema_bound, *schema_sizes))
 
     def lengths_of(self, features: KeyedJagged) -> torch.Tensor:
         """What the plan costs per sample: its number of positions when every key holds one entry
         per position (aligned keys, e.g. items and their targets; required for capping and
-        splitting), else its total length over keys."""
+        splitting), else its total length over keys. This rank's view; a plan made from the
+        features decides aligned or not from every rank's gathered per-key lengths, so all
+        ranks cost samples alike."""
         per_key = features.lengths_per_key()
         if self.long_sequences == "report" and not (per_key == per_key[:1]).all():
             return features.sample_lengths()
@@ -186,10 +202,10 @@ class BatchBalancer:
 
     def _plan_rows(self, lengths_or_features: torch.Tensor | KeyedJagged) -> torch.Tensor:
         """What the gather carries per sample: the cost length, then (features given) its length
-        under every key."""
+        under every key (the plan then decides the cost length from those, on every rank alike)."""
         if isinstance(lengths_or_features, KeyedJagged):
             per_key = lengths_or_features.lengths_per_key().cpu()
-            return torch.cat([self.lengths_of(lengths_or_features).cpu().unsqueeze(1), per_key.T], 1)
+            return torch.cat([per_key.sum(0).unsqueeze(1), per_key.T], 1)
         lengths = torch.as_tensor(lengths_or_features).cpu()
         if lengths.dim() != 1:
             raise ValueError(f"lengths must be 1-D (one cost length per sample), got shape {tuple(lengths.shape)}")
@@ -199,11 +215,29 @@ class BatchBalancer:
             raise ValueError(f"lengths must be non-negative, got {int(lengths.min())}")
         return lengths.to(torch.long).unsqueeze(1)
 
-    def _make_plan(self, per_rank_rows: list[torch.Tensor]) -> BalancePlan:
-        per_rank = [r[:, 0] for r in per_rank_rows]
-        lengths = torch.cat(per_rank)
+    def _cost_lengths(self, key_lengths: torch.Tensor) -> torch.Tensor:
+        """Cost length per global sample from every rank's per-key lengths (samples x keys): the
+        number of positions when every sample's keys are aligned, else the total length; the
+        same on every rank."""
+        aligned = bool((key_lengths == key_lengths[:, :1]).all())
+        if aligned:
+            return key_lengths[:, 0].clone()
+        if self.long_sequences != "report":
+            raise ValueError(f"long_sequences={self.long_sequences!r} needs keys of the same length in every sample "
+                             "(per-position sequences), on every rank")
+        return key_lengths.sum(1)
+
+    def _make_plan(self, gathered) -> BalancePlan:
+        per_rank_rows, schemas = gathered
+        source_sizes = [r.shape[0] for r in per_rank_rows]
         key_lengths = torch.cat(per_rank_rows)[:, 1:] if per_rank_rows[0].shape[1] > 1 else None
-        source_sizes = [t.numel() for t in per_rank]
+        schema = Schema.agree(schemas, source_sizes) if any(schemas) else None
+        if key_lengths is not None:
+            lengths = self._cost_lengths(key_lengths)
+            per_rank = list(lengths.split(source_sizes))
+        else:
+            per_rank = [r[:, 0] for r in per_rank_rows]
+            lengths = torch.cat(per_rank)
         costs = self.cost_model(lengths)
         before = torch.stack([self.cost_model(t).sum() for t in per_rank])
         big = oversized(costs, self.world_size)
@@ -226,24 +260,29 @@ class BatchBalancer:
             part = Partition([torch.arange(bounds[r], bounds[r + 1]) for r in range(self.world_size)],
                              before.to(torch.float64), "kept")
         return BalancePlan(self.rank, self.world_size, local_sizes, part, before, big, lengths, source_sizes,
-                           self.cost_model, windows, self.long_sequences, key_lengths)
+                           self.cost_model, windows, self.long_sequences, key_lengths, schema)
 
-    def plan(self, lengths_or_features: torch.Tensor | KeyedJagged) -> BalancePlan:
+    def plan(self, lengths_or_features: torch.Tensor | KeyedJagged, dense: dict[str, torch.Tensor] | None = None) -> BalancePlan:
         """All-gather this rank's per-sample lengths and partition the global batch. Given the
         features (rather than their cost lengths, `lengths_of(features)`), the plan also knows
-        every sample's per-key lengths and the exchange saves its lengths all-to-all."""
-        return self._make_plan(self._gather_rows(self._plan_rows(lengths_or_features)))
+        every sample's per-key lengths and the exchange saves its lengths all-to-all, and the
+        ranks agree on the values' dtype (and, `dense` given, the dense tensors' dtypes and
+        trailing shapes) in the same gather: a rank without samples adopts them, ranks with
+        samples that disagree get a ValueError, every one of them."""
+        rows, schema = self._plan_rows(lengths_or_features), _schema_of(lengths_or_features, dense)
+        return self._make_plan(self._gather_rows(rows, schema=schema))
 
-    def plan_async(self, lengths_or_features: torch.Tensor | KeyedJagged) -> Future:
+    def plan_async(self, lengths_or_features: torch.Tensor | KeyedJagged,
+                   dense: dict[str, torch.Tensor] | None = None) -> Future:
         """Like plan(), off the caller's thread: the all-gather of the lengths (on the balancer's
         own gloo group) and the partitioning run in the background thread, so no rank waits for
         the others here; the wait moves to the future's result, after the step's compute."""
-        rows = self._plan_rows(lengths_or_features)
+        rows, schema = self._plan_rows(lengths_or_features), _schema_of(lengths_or_features, dense)
         if self._pool is None:
-            return _done(self._make_plan(self._gather_rows(rows)))
+            return _done(self._make_plan(self._gather_rows(rows, schema=schema)))
         if self._gather_group is None and self.world_size > 1:  # made before init_process_group: gather here
-            return self._pool.submit(self._make_plan, self._gather_rows(rows))
-        return self._pool.submit(lambda: self._make_plan(self._gather_rows(rows, self._gather_group)))
+            return self._pool.submit(self._make_plan, self._gather_rows(rows, schema=schema))
+        return self._pool.submit(lambda: self._make_plan(self._gather_rows(rows, self._gather_group, schema)))
 
     def balance_async(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None) -> Future:
         """plan + exchange off the caller's thread: a future of (features, dense, plan). The
@@ -254,17 +293,20 @@ class BatchBalancer:
         on_cpu = features.values.device.type == "cpu" and all(v.device.type == "cpu" for v in dense.values())
         if self._pool is None or self._gather_group is None or not on_cpu:
             return _done(self.balance(features, dense))
-        rows = self._plan_rows(features)
+        rows, schema = self._plan_rows(features), _schema_of(features, dense)
 
         def plan_and_exchange():
-            plan = self._make_plan(self._gather_rows(rows, self._gather_group))
+            plan = self._make_plan(self._gather_rows(rows, self._gather_group, schema))
             return (*self.exchange(plan, features, dense, group=self._gather_group), plan)
 
         return self._pool.submit(plan_and_exchange)
 
     def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None, group=None):
         """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank.
-        `group`: the process group of the all-to-all (default the balancer's)."""
+        `group`: the process group of the all-to-all (default the balancer's). Every rank's
+        values and dense tensors travel in the dtypes and trailing shapes the ranks agreed on
+        (in the plan's gather, or, for a plan made without them, in one small all-gather here):
+        a rank without samples casts its empty tensors to them; ranks with samples must match."""
         dense = dense or {}
         group = group or self.group
         expected, first = plan.source_sizes[plan.rank], sum(plan.source_sizes[: plan.rank])
@@ -276,6 +318,13 @@ class BatchBalancer:
         if plan.key_lengths is not None:
             if not torch.equal(plan.key_lengths[first : first + expected], features.lengths_per_key().T.cpu()):
                 raise ValueError("features' per-key lengths differ from those the plan was made from")
+        schema = plan.schema
+        if plan.world_size > 1 and plan.partition.method != "kept" and (schema is None or schema.dense is None):
+            # the plan did not see the dense tensors (or the features): the ranks agree on them here
+            _, schemas = self._gather_rows(torch.zeros(0, 1, dtype=torch.long), group, _schema_of(features, dense))
+            schema = Schema.agree(schemas, plan.source_sizes)
+        if schema is not None:
+            features, dense = schema.conform(features, dense)
         if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
             mine = plan.windows.select((plan.windows.source >= first) & (plan.windows.source < first + expected))
             features = features.windows(mine.source - first, mine.start, mine.stop)
@@ -304,6 +353,120 @@ class BatchBalancer:
         plan = self.plan(features)
         feats, dense = self.exchange(plan, features, dense)
         return feats, dense, plan
+
+
+def background_group(process_group=None, timeout: datetime.timedelta | float | None = None):
+    """A gloo group of the same ranks as `process_group` (default: the world), for collectives
+    from a background thread; `timeout` defaults to that of `process_group` (collective: every
+    member must call it)."""
+    members = None if process_group is None else dist.get_process_group_ranks(process_group)
+    if timeout is None:
+        timeout = group_timeout(process_group)
+    elif not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    return dist.new_group(ranks=members, backend="gloo", timeout=timeout)
+
+
+def group_timeout(group=None) -> datetime.timedelta:
+    """The timeout `group` (default: the default group) was created with; torch's default for its
+    backend where the group does not say (no public accessor: read from its backend's options)."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            timeout = pg._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+        if isinstance(timeout, datetime.timedelta):
+            return timeout
+    return dist.distributed_c10d._get_default_timeout(dist.get_backend(pg))
+
+
+# dtype codes in the schema: every torch dtype, in one order (the same torch on every rank)
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+def _schema_of(lengths_or_features, dense: dict[str, torch.Tensor] | None) -> list[int] | None:
+    """This rank's schema as ints for the gather: [values dtype, has values, dense given, crc of
+    the dense keys, number of dense keys, then per key: dtype, trailing dims, *trailing shape]."""
+    if not isinstance(lengths_or_features, KeyedJagged):
+        return None
+    values = lengths_or_features.values
+    out = [_DTYPES.index(values.dtype), int(values.numel() > 0), int(dense is not None)]
+    dense = dense or {}
+    out += [zlib.crc32("\0".join(dense).encode()), len(dense)]
+    for v in dense.values():
+        out += [_DTYPES.index(v.dtype), v.dim() - 1, *v.shape[1:]]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """What the ranks agreed their values and dense tensors are: the values' dtype (None: no rank
+    has values) and per dense key (dtype, trailing shape) (None per key: no rank has rows; None
+    for all: the plan did not see the dense tensors)."""
+
+    values: torch.dtype | None
+    dense: tuple | None
+    dense_keys: int  # crc of the dense keys' names, in order
+
+    @staticmethod
+    def _parse(ints: list[int]):
+        values, has_values, dense_given, crc, n = _DTYPES[ints[0]], bool(ints[1]), bool(ints[2]), ints[3], ints[4]
+        dense, i = [], 5
+        for _ in range(n):
+            nd = ints[i + 1]
+            dense.append((_DTYPES[ints[i]], tuple(ints[i + 2 : i + 2 + nd])))
+            i += 2 + nd
+        return values, has_values, dense_given, crc, dense
+
+    @classmethod
+    def agree(cls, schemas: list[list[int]], samples: list[int]) -> Schema:
+        """The agreed schema from every rank's (`samples`: per rank, > 0 where it has rows); a
+        ValueError, identical on every rank, where ranks with values or rows disagree."""
+        parsed = [cls._parse(s) for s in schemas]
+        if len({(p[2], p[3], len(p[4])) for p in parsed}) != 1:
+            raise ValueError("BatchBalancer: the ranks pass different dense keys (names or count) or some pass no "
+                             "dense tensors to the plan: every rank must pass the same dense keys, in the same order")
+        with_values = {p[0] for p in parsed if p[1]}
+        if len(with_values) > 1:
+            per_rank = ", ".join(f"rank {r}: {p[0]}" for r, p in enumerate(parsed) if p[1])
+            raise ValueError(f"BatchBalancer: the ranks' jagged values differ in dtype ({per_rank}); give every rank "
+                             "the same values dtype (e.g. KeyedJagged.from_dict(..., dtype=...))")
+        dense = None
+        if parsed[0][2]:
+            dense = []
+            for k in range(len(parsed[0][4])):
+                seen = {p[4][k] for p, n in zip(parsed, samples) if n}
+                if len(seen) > 1:
+                    per_rank = ", ".join(f"rank {r}: {p[4][k][0]} {list(p[4][k][1])}"
+                                         for r, (p, n) in enumerate(zip(parsed, samples)) if n)
+                    raise ValueError(f"BatchBalancer: dense tensor #{k} differs in dtype or trailing shape between "
+                                     f"ranks ({per_rank}); every rank must pass the same dtype and shape[1:]")
+                dense.append(seen.pop() if seen else None)
+            dense = tuple(dense)
+        return cls(with_values.pop() if with_values else None, dense, parsed[0][3])
+
+    def conform(self, features: KeyedJagged, dense: dict[str, torch.Tensor]):
+        """`features` and `dense` in the agreed dtypes and shapes: empty ones are cast/reshaped,
+        others must already match (a ValueError where they do not: not what the plan saw)."""
+        values = features.values
+        if self.values is not None and values.dtype != self.values:
+            if values.numel():
+                raise ValueError(f"features' values are {values.dtype}, the plan agreed on {self.values}")
+            features = KeyedJagged(features.keys, values.to(self.values), features.lengths)
+        if self.dense is None:
+            return features, dense
+        if zlib.crc32("\0".join(dense).encode()) != self.dense_keys or len(dense) != len(self.dense):
+            raise ValueError(f"dense keys {list(dense)} differ from those the plan was made with")
+        out = {}
+        for (k, v), agreed in zip(dense.items(), self.dense):
+            if agreed is not None and (v.dtype, tuple(v.shape[1:])) != agreed:
+                if v.shape[0]:
+                    raise ValueError(f"dense[{k!r}] is {v.dtype} {list(v.shape[1:])} per row, the ranks agreed on "
+                                     f"{agreed[0]} {list(agreed[1])}")
+                v = v.new_empty((0, *agreed[1]), dtype=agreed[0])
+            out[k] = v
+        return features, out
 
 
 def _done(value) -> Future:

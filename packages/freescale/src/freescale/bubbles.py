@@ -12,6 +12,7 @@ with `meter.compute()` is busy compute. Per step, compute + wait + comm + untrac
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import time
@@ -22,8 +23,9 @@ import torch.distributed as dist
 
 class BubbleMeter:
     def __init__(self, process_group=None, measure_wait: bool = True, timeout: float | None = None):
-        """`timeout` (seconds): the barrier becomes gloo's monitored barrier, which fails within the
-        timeout naming the rank that never arrived (a dead or hung rank) instead of hanging."""
+        """`timeout` (seconds): the barrier is awaited for at most that long on every rank, so a
+        dead or hung rank makes every other rank fail within the timeout (a RuntimeError naming
+        the timeout and the collective) instead of hanging."""
         self.group = process_group
         self.measure_wait = measure_wait
         self.timeout = timeout
@@ -74,10 +76,16 @@ class BubbleMeter:
         """Run a synchronising collective `op()` (or just the barrier) and account its time."""
         t0 = time.perf_counter()
         if self.measure_wait and dist.is_available() and dist.is_initialized():
-            if self.timeout is not None and dist.get_backend(self.group) == "gloo":
-                import datetime
-
-                dist.monitored_barrier(group=self.group, timeout=datetime.timedelta(seconds=self.timeout))
+            if self.timeout is not None:
+                # gloo's monitored_barrier enforces its timeout on rank 0 only: await an async
+                # barrier with the timeout instead, which fails on every rank
+                work = dist.barrier(group=self.group, async_op=True)
+                try:
+                    work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+                except RuntimeError as err:
+                    raise RuntimeError(f"BubbleMeter: rank {self._rank()}: the barrier before {name!r} did not complete "
+                                       f"within the timeout of {self.timeout} s: another rank is dead or hung "
+                                       f"({str(err)[:200]})") from err
             else:
                 dist.barrier(group=self.group)
         t1 = time.perf_counter()

@@ -26,15 +26,20 @@ class KeyedJagged:
         self.keys, self.values, self.lengths = keys, values, lengths.long()
 
     @classmethod
-    def from_dict(cls, data: dict[str, list[torch.Tensor]]) -> KeyedJagged:
-        """{key: [per-sample 1-D tensors]} with the same batch size per key."""
+    def from_dict(cls, data: dict[str, list[torch.Tensor]], dtype: torch.dtype | None = None) -> KeyedJagged:
+        """{key: [per-sample 1-D tensors]} with the same batch size per key. `dtype`: the values'
+        dtype (every sample is cast to it, an empty batch too); by default that of the samples
+        concatenated, int64 for a batch with no samples. Give it where a batch may be empty
+        (e.g. a rank's share of a final partial batch) and the ids are not int64."""
         keys = list(data)
         sizes = {len(v) for v in data.values()}
         if len(sizes) != 1:
             raise ValueError(f"every key needs the same number of samples, got {sizes}")
         lengths = torch.tensor([t.numel() for k in keys for t in data[k]], dtype=torch.long)
-        parts = [t.reshape(-1) for k in keys for t in data[k]]
-        values = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        parts = [torch.as_tensor(t).reshape(-1) for k in keys for t in data[k]]
+        if dtype is not None:
+            parts = [t.to(dtype) for t in parts]
+        values = torch.cat(parts) if parts else torch.empty(0, dtype=dtype or torch.long)
         return cls(keys, values, lengths)
 
     @property
@@ -69,8 +74,9 @@ class KeyedJagged:
         return out
 
     def permute(self, indices: torch.Tensor) -> KeyedJagged:
-        """Select/reorder samples (a subset is allowed)."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        """Select/reorder samples (a subset is allowed). `indices` must be integers: a bool mask
+        or float indices are refused with a ValueError (for a mask, pass `mask.nonzero()[:, 0]`)."""
+        indices = sample_indices(indices)
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise IndexError(f"sample indices must be in [0, {self.batch_size})")
         b = self.batch_size
@@ -80,7 +86,7 @@ class KeyedJagged:
     def windows(self, indices: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> KeyedJagged:
         """Samples `indices` (repeats allowed), each cut to its positions [start, stop) under every
         key; the keys must be per-position sequences of one length per sample (aligned)."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = sample_indices(indices)
         start, stop = torch.as_tensor(start, dtype=torch.long), torch.as_tensor(stop, dtype=torch.long)
         lengths = self.aligned_lengths()
         if not (indices.shape == start.shape == stop.shape) or indices.dim() != 1:
@@ -111,7 +117,7 @@ class KeyedJagged:
         """Samples `indices` with each sample's keys side by side (sample 0's keys, then sample 1's,
         ...), so that a run of samples is one contiguous slice: (values, lengths of shape
         (samples, keys)). `from_sample_major` undoes it."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = sample_indices(indices)
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise IndexError(f"sample indices must be in [0, {self.batch_size})")
         rows = torch.arange(len(self.keys)).unsqueeze(0) * self.batch_size + indices.unsqueeze(1)
@@ -159,6 +165,19 @@ class KeyedJagged:
 
     def __repr__(self) -> str:
         return f"KeyedJagged(keys={self.keys}, batch_size={self.batch_size}, values={self.values.numel()})"
+
+
+def sample_indices(indices) -> torch.Tensor:
+    """`indices` as int64 sample indices; a ValueError for a bool mask or non-integer indices
+    (which would otherwise be read as indices 0/1 or truncated)."""
+    given = torch.as_tensor(indices)
+    if given.numel() == 0 and not isinstance(indices, torch.Tensor):
+        given = given.long()  # torch.as_tensor([]) is float32
+    if given.dtype == torch.bool:
+        raise ValueError("sample indices must be integers, got a bool tensor: for a mask pass mask.nonzero()[:, 0]")
+    if given.is_floating_point() or given.is_complex():
+        raise ValueError(f"sample indices must be integers, got dtype {given.dtype}")
+    return given.to(torch.long)
 
 
 # On the CPU, slicing and concatenating costs about 1.5 us a run and the index gather about 5 ns

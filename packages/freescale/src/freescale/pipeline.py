@@ -13,6 +13,7 @@ given.
 
 from __future__ import annotations
 
+import datetime
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .balance import BatchBalancer, _done
+from .balance import BatchBalancer, _done, background_group
 from .bubbles import BubbleMeter
 from .embeddings import POOLINGS, ShardedEmbeddings
 from .jagged import KeyedJagged
@@ -37,12 +38,20 @@ def _to(batch: Batch, device) -> Batch:
 class TrainPipeline:
     def __init__(self, step_fn: Callable[[KeyedJagged, dict, int], object], balancer: BatchBalancer | None = None,
                  device: torch.device | str = "cpu", meter: BubbleMeter | None = None,
-                 embeddings: ShardedEmbeddings | Sequence[ShardedEmbeddings] = (), pooling: str | Sequence[str] = "sum"):
+                 embeddings: ShardedEmbeddings | Sequence[ShardedEmbeddings] = (), pooling: str | Sequence[str] = "sum",
+                 process_group=None, timeout: datetime.timedelta | float | None = None):
         """`step_fn(features, dense, global_batch)` runs forward/backward/optimizer on one balanced
-        batch. `embeddings`: the sharded tables the step looks `features` up in, with `pooling`
-        (one for all, or one per module): their ids are distributed ahead, while the previous
-        step runs, and the step's `module(features, pooling)` finds them there. Every process
-        constructs the pipeline (it makes a process group per module for that)."""
+        batch; `global_batch` is the number of samples in the global batch (over all ranks), the
+        normaliser of a per-sample loss whose gradients are summed over ranks. With a balancer it
+        is `plan.global_batch`; without one, the local counts summed over `process_group`'s ranks
+        (default: the world) by an all-reduce issued when the batch is staged (on a gloo group of
+        the pipeline's own) and awaited before its step. `embeddings`: the sharded tables the
+        step looks `features` up in, with `pooling` (one for all, or one per module): their ids
+        are distributed ahead, while the previous step runs, and the step's
+        `module(features, pooling)` finds them there. Every process constructs the pipeline (it
+        makes a process group per module, and one for the count without a balancer).
+        `timeout`: of those groups (a timedelta or seconds; default: that of the group each
+        serves, i.e. what `init_process_group` was given)."""
         self.step_fn, self.balancer, self.device, self.meter = step_fn, balancer, torch.device(device), meter
         self.embeddings = [embeddings] if isinstance(embeddings, ShardedEmbeddings) else list(embeddings)
         poolings = [pooling] * len(self.embeddings) if isinstance(pooling, str) else list(pooling)
@@ -54,13 +63,12 @@ class TrainPipeline:
         # the id all-to-alls run in a thread of their own beside the step's collectives: each on
         # a gloo group of its own (collectives from two threads on one group could cross)
         background = self.device.type == "cpu" and bool(self.embeddings)
-        self._groups = [self._own_group(m.group) if background and m.world > 1 else None for m in self.embeddings]
+        self._groups = [background_group(m.group, timeout) if background and m.world > 1 else None for m in self.embeddings]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freescale-input-dist") if background else None
-
-    @staticmethod
-    def _own_group(group):
-        members = None if group is None else dist.get_process_group_ranks(group)
-        return dist.new_group(ranks=members, backend="gloo")
+        # without a balancer the global sample count comes from an all-reduce of the local ones
+        self._count_group = None
+        if balancer is None and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            self._count_group = background_group(process_group, timeout)
 
     def _sync(self, fn, name: str):
         return self.meter.sync(fn, name=name) if self.meter is not None else fn()
@@ -75,15 +83,22 @@ class TrainPipeline:
     def _stage(self, batch: Batch):
         batch = _to(batch, self.device)
         if self.balancer is None:
-            balanced, exchanged = _done((*batch, None)), True
+            balanced, exchanged = _done((*batch, self._count_async(batch[0].batch_size))), True
         elif self.device.type == "cpu":  # plan and exchange in the background, beside batch i's step
             balanced, exchanged = self.balancer.balance_async(*batch), True
         else:  # the plan gathers the per-key lengths too, so the exchange needs no lengths all-to-all
-            balanced, exchanged = self.balancer.plan_async(batch[0]), False
+            balanced, exchanged = self.balancer.plan_async(*batch), False
         ids = None
         if self._pool is not None and exchanged:  # the ids of the balanced batch, once it is here
             ids = self._pool.submit(self._distribute_when_balanced, balanced)
         return batch, balanced, exchanged, ids
+
+    def _count_async(self, local: int):
+        """The global sample count without a balancer: (count tensor, pending all-reduce or None)."""
+        count = torch.tensor([local], dtype=torch.long)
+        if self._count_group is None:
+            return count, None
+        return count, dist.all_reduce(count, group=self._count_group, async_op=True)
 
     def _finish(self, staged):
         (feats, dense), balanced, exchanged, ids = staged
@@ -100,8 +115,15 @@ class TrainPipeline:
             distributed = self._sync(lambda: self._distribute(feats, [m.group for m in self.embeddings]), "input_dist")
         for module, d in zip(self.embeddings, distributed or ()):
             module.prefetch(d)
-        if plan is None:
-            return feats, dense, feats.batch_size
+        if isinstance(plan, tuple):  # no balancer: the global count's all-reduce
+            count, work = plan
+            if work is not None:  # issued a step ago: normally done (no barrier; timed as comm)
+                if self.meter is not None:
+                    with self.meter.comm("global_batch_count"):
+                        work.wait()
+                else:
+                    work.wait()
+            return feats, dense, int(count)
         self.last_plan = plan
         return feats, dense, plan.global_batch
 

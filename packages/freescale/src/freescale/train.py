@@ -5,9 +5,10 @@
     torchrun --nproc_per_node 2 -m freescale.train --all-positions --max-len 400 --long-sequences split
 
 Each rank takes a contiguous slice of every global batch (the naive split), the BatchBalancer
-rebalances it by sequence cost (`--method contiguous` disables that), the loss is normalised
-by the global batch, gradients are summed over ranks, and a checkpoint (state dicts only,
-loaded with weights_only=True) is written at the end.
+rebalances it by sequence cost (`--method contiguous`: no balancer, each rank trains its slice
+as it is), the loss is normalised by the global batch, gradients are summed over ranks, and a
+checkpoint (state dicts only, loaded with weights_only=True) is written at the end; `--resume`
+continues from it (an error when it does not exist).
 
 The loss is the next item after each history (`--all-positions`: after every position, HSTU
 style, normalised by the global count of loss positions). `--long-sequences cap|split` handles
@@ -27,11 +28,13 @@ import torch.distributed as dist
 
 from .balance import BatchBalancer
 from .bubbles import BubbleMeter
+from .cli import _positive_int
 from .cost import CostModel
 from .data import movielens_sequences
 from .jagged import KeyedJagged
 from .longseq import MODES, Windows
 from .model import HSTURecommender
+from .partition import METHODS
 
 
 def global_batches(seq, batch_size: int, steps: int, seed: int, max_len: int, all_positions: bool = False):
@@ -64,22 +67,36 @@ def _all_positions_loss(model, local: KeyedJagged, windows: Windows) -> torch.Te
     return losses[windows.loss_mask()].sum()
 
 
+def make_balancer(method: str, long_sequences: str, distributed: bool) -> BatchBalancer | None:
+    """The script's balancer: none in one process or with `contiguous` (each rank keeps its slice)."""
+    if not distributed or method == "contiguous":
+        return None
+    return BatchBalancer(cost_model=CostModel.from_model_shape(32, 2, 2), method=method, long_sequences=long_sequences)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch")
-    p.add_argument("--method", default="kk_equal")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="global batch")
+    p.add_argument("--method", choices=METHODS, default="kk_equal",
+                   help="partitioner of the BatchBalancer; contiguous: no balancer (each rank keeps its slice)")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (which must exist)")
     p.add_argument("--loss-log", default=None, help="write per-step losses (JSON) here (rank 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=100, help="positions kept of each history (and the model's max_len)")
+    p.add_argument("--max-len", type=_positive_int, default=100, help="positions kept of each history (and the model's max_len)")
     p.add_argument("--all-positions", action="store_true", help="next-item loss after every position, not only the last")
     p.add_argument("--long-sequences", choices=MODES, default="report",
                    help="histories that alone exceed a rank's fair share: report them, cap them, or split them")
     args = p.parse_args(argv)
     if args.long_sequences == "split" and not args.all_positions:
         p.error("--long-sequences split needs --all-positions: each piece carries the loss of its own positions")
+    if args.method == "contiguous" and args.long_sequences != "report":
+        p.error(f"--long-sequences {args.long_sequences} needs the balancer: not with --method contiguous")
+    if args.resume and not args.checkpoint:
+        p.error("--resume needs --checkpoint (the file to resume from)")
+    if args.resume and not os.path.exists(args.checkpoint):
+        p.error(f"--resume: no checkpoint at {args.checkpoint}")
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -90,13 +107,12 @@ def main(argv=None):
     model = HSTURecommender(seq.n_items, d_model=32, n_layers=2, max_len=args.max_len)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     start = 0
-    if args.resume and args.checkpoint and os.path.exists(args.checkpoint):
+    if args.resume:
         state = torch.load(args.checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-    balancer = (BatchBalancer(cost_model=CostModel.from_model_shape(32, 2, 2), method=args.method,
-                              long_sequences=args.long_sequences) if distributed else None)
+    balancer = make_balancer(args.method, args.long_sequences, distributed)
     meter = BubbleMeter()
     losses = []
     batches = global_batches(seq, args.batch_size, args.steps, args.seed, args.max_len, args.all_positions)

@@ -22,9 +22,13 @@ def info() -> str:
         try:
             backend, why = explain_backend(device=dev)
             lines.append(f"{dev}: backend={backend.value} because {why} [{device_name(dev)}]")
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # a bad GKC_BACKEND is what this command should explain
             lines.append(f"{dev}: misconfigured: {err}")
-    lines.append(f"triton importable: {triton_available()}; requested backend: {env.requested_backend()}")
+    try:
+        requested = env.requested_backend()
+    except ValueError as err:
+        requested = f"misconfigured: {err}"
+    lines.append(f"triton importable: {triton_available()}; requested backend: {requested}")
     return "\n".join(lines)
 
 

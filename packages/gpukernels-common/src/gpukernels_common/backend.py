@@ -56,7 +56,7 @@ def explain_backend(*tensors: torch.Tensor, device: torch.device | str | None = 
     if dev.type == "cpu":
         if env.triton_interpret():
             # not while tracing: a trace's tensors are fake (the eager calls before it run the probe)
-            fault = None if tracing() else interpreter_fault()
+            fault = None if _INTERPRETER_WORKS[0] or tracing() else interpreter_fault()
             if fault is not None:
                 raise RuntimeError(fault)
             return Backend.INTERPRET, "CPU tensors and TRITON_INTERPRET=1"

@@ -40,11 +40,12 @@ def inline_references() -> Iterator[None]:
 class RegisteredOp:
     """A custom op plus direct handles on both implementations (for tests and benchmarks)."""
 
-    def __init__(self, name: str, op, reference: Callable, triton: Callable | None):
+    def __init__(self, name: str, op, reference: Callable, triton: Callable | None, fake: Callable | None = None):
         self.name = name
         self.op = op
         self.reference = reference
         self.triton = triton
+        self.fake = fake
 
     def __call__(self, *args, **kwargs):
         if _INLINE_DEPTH[0]:
@@ -74,6 +75,11 @@ def _tensors(args: Iterable) -> list[torch.Tensor]:
     return out
 
 
+def _origins(*functions) -> list[str | None]:
+    """Where each function is defined, comparable across a module reload (new function objects)."""
+    return [None if f is None else f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}" for f in functions]
+
+
 def register_op(
     name: str,
     *,
@@ -88,8 +94,12 @@ def register_op(
     metadata for tracing; it defaults to the reference, which works for ops whose output
     shapes follow from their input shapes.
     """
-    if name in _REGISTERED:
-        return _REGISTERED[name]
+    if name in _REGISTERED:  # the same module imported again (a reload): the op it registered before
+        op = _REGISTERED[name]
+        if _origins(op.reference, op.triton, op.fake) != _origins(reference, triton, fake):
+            raise ValueError(f"op {name!r} is already registered with other implementations "
+                             f"({_origins(op.reference, op.triton, op.fake)}); pick another name")
+        return op
 
     hints = typing.get_type_hints(reference)
     sig = inspect.signature(reference)
@@ -118,7 +128,7 @@ def register_op(
     dispatch.__annotations__["return"] = sig.return_annotation
     op = torch.library.custom_op(name, dispatch, mutates_args=tuple(mutates_args))
     op.register_fake(fake or reference)
-    registered = RegisteredOp(name, op, reference, triton)
+    registered = RegisteredOp(name, op, reference, triton, fake)
     _REGISTERED[name] = registered
     return registered
 

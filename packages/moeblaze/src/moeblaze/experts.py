@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukernels_common import env, grouped_blocks, select_backend
+from gpukernels_common import env, grouped_blocks, select_backend, tracing
 
 from .dispatch import _dispatch_unchecked
 from .naive import ACTIVATIONS, activate
@@ -308,8 +308,9 @@ def check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation
                          f"{tuple(weights.shape)}")
     if expert_ids.shape[1] < 1:
         raise ValueError(f"top_k (expert_ids.shape[1]) must be >= 1, got {expert_ids.shape[1]}")
-    if expert_ids.shape[1] > n_experts:
-        raise ValueError(f"top_k={expert_ids.shape[1]} exceeds n_experts={n_experts}")
+    # top_k may exceed n_experts: a token may pick an expert twice, and transformers' expert
+    # parallelism hands each rank's experts module local ids (E_local of them, plus the sentinel
+    # E_local for other ranks' experts) with the global top_k (route() and MoE refuse top_k > E)
     # dtypes: both backends would otherwise disagree (one errors in a matmul, the other casts silently)
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -325,7 +326,9 @@ def check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation
                     ("expert_ids", expert_ids)):
         if w is not None and w.device != x.device:
             raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
-    if expert_ids.numel():
+    # the range needs the ids' values (a host synchronisation): eager only, not while torch.compile /
+    # torch.export trace (fullgraph) nor on meta tensors (shape inference)
+    if expert_ids.numel() and not (tracing() or expert_ids.is_meta):
         lo, hi = torch.aminmax(expert_ids)  # one reduction and one host sync for both bounds
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi > n_experts:
@@ -350,6 +353,10 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
         raise ValueError("x is float64, which the Triton kernels do not support (they compute in fp32); "
                          "run float64 (e.g. gradcheck) with GKC_BACKEND=reference")
     weights = weights.to(x.dtype)  # the kernels and the loop both combine in x's dtype
+    if not use_triton and (tracing() or x.is_meta):
+        # the per-expert loop needs each expert's row count on the host: traced (or on meta) the
+        # reference runs every expert on every token, masked by the routing (E/k times the FLOPs)
+        return _dense_reference(x, expert_ids, weights, w_gate, w_up, w_down, activation)
     if x.shape[0] == 0:  # no tokens: an empty output (as nn.Linear gives), still in the graph of every input
         linked = sum(w[:0].sum() for w in (w_gate, w_up, w_down, weights) if w is not None)
         return x + linked
@@ -365,11 +372,23 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                           expert_ids.shape[1], activation, checkpoint, use_triton)
 
 
+def _dense_reference(x, expert_ids, weights, w_gate, w_up, w_down, activation):
+    """The reference without host synchronisation (for tracing and meta tensors): each expert
+    on every token, weighted by the token's total routing weight on it (0 if it did not pick
+    it; duplicates add up; dropped slots, id E, match no expert). Plain autograd."""
+    out = x.new_zeros(x.shape)
+    for e in range(w_gate.shape[0]):
+        coef = torch.where(expert_ids == e, weights, torch.zeros_like(weights)).sum(1, keepdim=True)
+        h = activate(x @ w_gate[e], x @ w_up[e] if w_up is not None else None, activation)
+        out = out + coef * (h @ w_down[e])
+    return out
+
+
 def _autocast(x, w_gate, w_up, w_down):
     """Under torch.autocast, x and the expert weights in the autocast dtype (as nn.Linear's matmuls
     get them), so both backends compute and save in that dtype; unchanged otherwise."""
     device = x.device.type
-    if not (x.is_floating_point() and torch.is_autocast_enabled(device)):
+    if device == "meta" or not (x.is_floating_point() and torch.is_autocast_enabled(device)):
         return x, w_gate, w_up, w_down
     dtype = torch.get_autocast_dtype(device)
     return tuple(None if t is None else t.to(dtype) if t.is_floating_point() else t for t in (x, w_gate, w_up, w_down))

@@ -1,15 +1,20 @@
 """Hugging Face adapter: moeblaze's experts inside transformers' Mixtral- and Qwen-MoE-style models.
 
     import moeblaze.hf
-    moeblaze.hf.use_moeblaze(model)                # or: from_pretrained(..., experts_implementation="moeblaze")
+    moeblaze.hf.use_moeblaze(model)                # a loaded model: registers "moeblaze" and selects it
+
+    moeblaze.hf.register()                         # first: importing moeblaze.hf registers nothing
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moeblaze")
 
 transformers (>= 5) dispatches every experts module (`gate_up_proj` [E, 2*I, d], `down_proj`
-[E, d, I], SiLU gating) through its experts interface; `register()` adds "moeblaze" there and
-`use_moeblaze(model)` selects it. The model's router, shared experts and weights stay as they
-are (checkpoints load and save unchanged); each forward hands moeblaze transposed views of them
-([E, d, I] and [E, I, d]: no copy, the kernels read through the strides), then runs
-`moe_experts` (buffer-free dispatch, fused kernels, recompute-not-store backward). Slots that
-transformers marks with the sentinel id E (expert parallelism) are skipped, as dropped slots are.
+[E, d, I], SiLU gating) through its experts interface; `register()` adds "moeblaze" there (it
+must run before `from_pretrained(..., experts_implementation="moeblaze")`, which otherwise
+refuses the name) and `use_moeblaze(model)` registers it if needed and selects it. The model's
+router, shared experts and weights stay as they are (checkpoints load and save unchanged); each
+forward hands moeblaze transposed views of them ([E, d, I] and [E, I, d]: no copy, the kernels
+read through the strides), then runs `moe_experts` (buffer-free dispatch, fused kernels,
+recompute-not-store backward). Slots that transformers marks with the sentinel id E (expert
+parallelism) are skipped, as dropped slots are; top_k may exceed a rank's local expert count.
 Requires the optional extra: `pip install moeblaze[hf]`.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
@@ -18,6 +19,11 @@ class MoE(nn.Module):
     """Token-choice Mixture of Experts, dropless by default; `capacity_factor` caps each expert at
     ceil(capacity_factor * tokens * top_k / n_experts) slots (later tokens' overflow dropped,
     never computed; `self.last_dropped` counts them).
+
+    `renormalize` rescales the top-k routing weights to sum to 1 for top_k > 1; at top_k = 1 the
+    weight stays the expert's probability (Switch-style: the task loss still trains the router).
+    `reset_parameters()` re-draws every parameter as __init__ does (meta-device builds: `to_empty()`
+    then `reset_parameters()`).
 
     After each forward, `self.aux_loss` holds aux_loss_coef * load-balancing loss +
     z_loss_coef * router z-loss; add it to the training loss.
@@ -45,17 +51,48 @@ class MoE(nn.Module):
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.activation, self.checkpoint = activation, checkpoint
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.router = Router(d_model, n_experts, top_k, score, renormalize, capacity_factor)
         self.expert_group = expert_group
         held = n_experts if expert_group is None else local_expert_count(n_experts, expert_group)
-        std_in, std_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
-        self.w_gate = nn.Parameter(torch.randn(held, d_model, d_ff) * std_in)
-        self.w_up = nn.Parameter(torch.randn(held, d_model, d_ff) * std_in) if activation == "swiglu" else None
-        self.w_down = nn.Parameter(torch.randn(held, d_ff, d_model) * std_out)
-        self.shared = nn.ModuleList(_SharedExpert(d_model, d_ff) for _ in range(n_shared_experts))
+        # parameters are allocated uninitialised (built on meta, then moved to the default
+        # device) and drawn once, by reset_parameters: the same draws as a meta-device build
+        # followed by to_empty() and reset_parameters()
+        device = torch.empty(0).device  # the default device (honours `with torch.device(...)`)
+        with torch.device("meta"):
+            self.router = Router(d_model, n_experts, top_k, score, renormalize, capacity_factor)
+            self.w_gate = nn.Parameter(torch.empty(held, d_model, d_ff))
+            self.w_up = nn.Parameter(torch.empty(held, d_model, d_ff)) if activation == "swiglu" else None
+            self.w_down = nn.Parameter(torch.empty(held, d_ff, d_model))
+            self.shared = nn.ModuleList(_SharedExpert(d_model, d_ff) for _ in range(n_shared_experts))
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.reset_parameters()
         self.aux_loss = torch.zeros(())
         self.last_dropped = torch.zeros((), dtype=torch.long)
         self.last_traffic: dict = {}
+
+    def reset_parameters(self) -> None:
+        """(Re-)initialise the router, the routed experts and the shared experts, drawing from the
+        CPU generator in that order, as __init__ does (so a model built on the meta device,
+        materialised with `to_empty()`, starts as a normally built one with the same seed).
+
+        Routed experts are drawn expert by expert over all n_experts, N(0, 1/d_model) for w_gate
+        and w_up and N(0, 1/d_ff) for w_down, and each rank of an `expert_group` keeps its own
+        experts' draws: every rank seeded alike holds the matching slice of the weights a
+        single-process MoE with that seed would have (not E_local copies of the same experts)."""
+        self.router.proj.reset_parameters()
+        held = self.w_gate.shape[0]
+        first = 0 if self.expert_group is None else dist.get_rank(self.expert_group) * held
+        std_in, std_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_ff)
+        with torch.no_grad():
+            for param, std in ((self.w_gate, std_in), (self.w_up, std_in), (self.w_down, std_out)):
+                if param is None:
+                    continue
+                for e in range(self.n_experts):  # one expert at a time: no [E, ...] CPU copy
+                    draw = torch.randn(param.shape[1:], dtype=torch.float32, device="cpu")
+                    if first <= e < first + held:
+                        param[e - first].copy_(draw * std)
+        for expert in self.shared:
+            expert.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -95,6 +132,10 @@ class _SharedExpert(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def reset_parameters(self) -> None:
+        self.gate_up.reset_parameters()
+        self.down.reset_parameters()
 
     def forward(self, x):
         a, b = self.gate_up(x).chunk(2, dim=-1)

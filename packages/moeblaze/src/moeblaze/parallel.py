@@ -2,7 +2,8 @@
 
 Rank r owns experts [r*E_local, (r+1)*E_local). Rows of x are de-duplicated per destination:
 a token whose k choices include several experts of one rank sends that rank its row once, with
-the list of that rank's (local expert, routing weight) choices (at most min(k, E_local) of them).
+the list of that rank's (local expert, routing weight) choices (at most min(k, E_local) of them:
+a token that picks one expert twice sends it once, with the two weights summed).
 The owner runs each of those experts on the row through `moe_experts`, sums the weighted outputs
 itself and sends one row back per (token, rank), where it is added to the token's output.
 Slots dropped by a capacity (id E) never travel and contribute zero.
@@ -41,12 +42,15 @@ def _plan_rows(expert_ids: torch.Tensor, n_experts: int, world: int):
     Returns (row_token [R], row_dest [R], row_local_ids [R, width], row_slot [R, width]) with rows
     ordered by destination then token; width = min(k, E_local). Each row's choices are packed to
     the front in choice order; unused places hold local id E_local and slot T*k (a zero weight).
+    A token that picks one expert several times travels with its first such choice only (slot of
+    the first occurrence): the caller sends that slot the sum of the repeats' weights
+    (`_merged_weights`), so a row never carries more than E_local distinct experts.
     """
     t, k = expert_ids.shape
     local = n_experts // world
     width = min(k, local)
     ids = expert_ids.long()
-    kept = ids < n_experts
+    kept = (ids < n_experts) & _first_occurrence(ids)
     dest = torch.where(kept, torch.div(ids, local, rounding_mode="floor"), world)  # dropped: a rank past the last
     # a choice's place among the same token's choices on the same rank: the earlier ones with its rank
     place = torch.tril(dest.unsqueeze(2) == dest.unsqueeze(1), diagonal=-1).sum(2)
@@ -60,6 +64,19 @@ def _plan_rows(expert_ids: torch.Tensor, n_experts: int, world: int):
     row_local_ids[rows, place[kept]] = (ids - dest * local)[kept].to(torch.int32)
     row_slot[rows, place[kept]] = torch.arange(t * k, device=ids.device).view(t, k)[kept]
     return row_token, row_dest, row_local_ids, row_slot
+
+
+def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """[T, k] bool: the choice is the first of its token's choices of that expert id."""
+    return ~torch.tril(ids.unsqueeze(2) == ids.unsqueeze(1), diagonal=-1).any(2)
+
+
+def _merged_weights(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each choice's weight summed with the token's other choices of the same expert (which
+    `_plan_rows` leaves behind): w1 * f(x) + w2 * f(x) = (w1 + w2) * f(x), and autograd gives
+    each repeat the same routing-weight gradient as moe_experts does. Without repeats, unchanged."""
+    same = ids.unsqueeze(2) == ids.unsqueeze(1)  # [T, k, k]
+    return torch.where(same, weights.unsqueeze(1), torch.zeros_like(weights).unsqueeze(1)).sum(2)
 
 
 def _run_local_experts(rows, local_ids, weights, w_gate, w_up, w_down, local, activation, checkpoint):
@@ -117,7 +134,10 @@ def expert_parallel_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: 
     dist.all_to_all_single(recv_local_ids, row_local_ids, recv, send, group=group)
     # rows and their routing weights travel in one differentiable all-to-all (in x's dtype), so
     # every rank's backward runs the same collectives in the same order; slot T*k of the padded
-    # weights is the zero that an unused choice place points at
+    # weights is the zero that an unused choice place points at; a token's repeated choices of one
+    # expert travel once, with their summed weight
+    if expert_ids.shape[1] > 1:
+        weights = _merged_weights(expert_ids, weights)
     padded_weights = torch.cat([weights.reshape(-1), weights.new_zeros(1)]).to(x.dtype)
     outgoing = torch.cat([x[row_token], padded_weights[row_slot]], 1)
     incoming = dist_fn.all_to_all_single(x.new_empty(n_recv, outgoing.shape[1]), outgoing, recv, send, group=group)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+from fractions import Fraction
 
 import torch
 from torch import nn
+
+from gpukernels_common import tracing
 
 
 @dataclasses.dataclass
@@ -19,8 +21,12 @@ class Routing:
 
 
 def expert_capacity(tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-    """Slots each expert keeps: ceil(capacity_factor * tokens * top_k / n_experts)."""
-    return max(1, math.ceil(capacity_factor * tokens * top_k / n_experts))
+    """Slots each expert keeps: ceil(capacity_factor * tokens * top_k / n_experts), computed
+    exactly for the factor as written (1.1 is 11/10: 1.1 * 100 * 2 / 4 gives 55, where the
+    float product 110.00000000000001 would round up to 56)."""
+    factor = Fraction(repr(float(capacity_factor)))  # the float's shortest decimal form
+    num, den = factor.numerator * top_k, factor.denominator * n_experts
+    return max(1, -((-num * tokens) // den))  # integer ceil (tokens may be a symbolic size when traced)
 
 
 def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize: bool = True,
@@ -29,13 +35,19 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
     slots in token order (earlier tokens first, as in Switch/GShard); the others are dropped:
     expert id E and weight 0, so they are neither computed nor combined (the token keeps its
     other experts' outputs and, in a residual block, its input). Weights are renormalized before
-    dropping; the auxiliary loss sees the router's choice before dropping."""
+    dropping; the auxiliary loss sees the router's choice before dropping.
+
+    `renormalize` rescales the top-k weights to sum to 1 for top_k > 1 only: at top_k = 1 the
+    weight stays the expert's probability (Switch Transformer), so the router keeps a gradient
+    from the task loss (a renormalised top-1 weight would be the constant 1)."""
     if logits.dim() != 2:
         raise ValueError(f"router logits must be [tokens, experts], got shape {tuple(logits.shape)}")
     n_experts = logits.shape[1]
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
-    if not torch.isfinite(logits).all():
+    # an eager-only check (a host synchronisation): skipped while torch.compile / torch.export
+    # trace and on meta tensors (shape inference), which have no values to check
+    if not (tracing() or logits.is_meta) and not torch.isfinite(logits).all():
         raise ValueError("router logits contain NaN or inf")
     if score not in ("softmax", "sigmoid"):
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
@@ -59,7 +71,8 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
             raise ValueError(f"capacity must be >= 1 slot per expert, got {capacity}")
         flat = expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # slot order within each expert: token order
-        counts = torch.bincount(flat, minlength=n_experts)
+        counts = torch.zeros(n_experts, dtype=flat.dtype, device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat))  # bincount without its data-dependent output size
         first = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(flat)
         rank[order] = torch.arange(flat.numel(), device=flat.device) - first[flat[order]]

@@ -139,6 +139,7 @@ class Balancer(nn.Module, abc.ABC):
         self._leaves: list[torch.Tensor] = []
         self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
         self._static: tuple | None = None  # (tensor, version, derived): see `_static_state`
+        self._wiring_checked = False  # see `_check_reads_representation`
 
     @property
     def num_tasks(self) -> int:
@@ -259,6 +260,44 @@ class Balancer(nn.Module, abc.ABC):
     def _data_parallel() -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+    def _world_size(self) -> int:
+        """The number of data-parallel ranks in the balancer's process group (1 without torch.distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    def _global_sum(self, stats: torch.Tensor) -> torch.Tensor:
+        """`stats` summed over the process group's ranks (a copy; `stats` itself in one process).
+        For the baselines' small statistics (loss values, gradient norms, Gram matrices), so that
+        every rank takes the decision one process would take on the global batch."""
+        if self._world_size() > 1:
+            stats = stats.clone()
+            dist.all_reduce(stats, group=self.process_group)
+        return stats
+
+    def _check_distributed(self) -> None:
+        """Parameter-level balancers overwrite each shared parameter's gradient with a combination
+        of this rank's per-task parameter gradients: under DDP the ranks would silently diverge."""
+        if self.parameter_level and self._world_size() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} with shared_parameters= (the parameter-level form) does not support "
+                f"torch.distributed with world size {self._world_size()}: it combines every task's full gradient "
+                f"of the shared parameters on each rank, so the ranks would diverge. Under DDP use MultiBalance, "
+                f"EqualWeights, UncertaintyWeighting, GradNorm, PCGrad, MGDA, DBMTL or FAMO on the attached "
+                f"representation (without shared_parameters=).")
+
+    def _check_reads_representation(self, losses: list[torch.Tensor], reps: list[torch.Tensor]) -> None:
+        """For the balancers that do not detach the representation: every loss depends on what
+        `attach` returned, checked before the first backward (a model's wiring does not change
+        between steps, and the walk would cost these baselines, equal weights among them, time
+        that the overhead benchmarks would then credit to MultiBalance)."""
+        if self._wiring_checked:
+            return
+        for name, loss in zip(self.task_names, losses):
+            if not factored.depends_on(loss, reps):
+                self._missing_dependency(name)
+        self._wiring_checked = True
+
     # -- the step ----------------------------------------------------------------------
     def backward(self, losses, *, scaler=None) -> TaskScales:
         """Balance and run the backward. Returns this step's per-task scale factors (for logging;
@@ -280,6 +319,7 @@ class Balancer(nn.Module, abc.ABC):
         if not self._reps:
             raise RuntimeError("call attach() on the shared representation before backward()")
         losses = self._ordered_losses(losses)
+        self._check_distributed()
         reps, self._reps = self._reps, []
         scale = None
         if scaler is not None and scaler.is_enabled():
@@ -295,6 +335,7 @@ class Balancer(nn.Module, abc.ABC):
 
     def _balanced_backward(self, reps, scaled, losses, scale):
         if not self.needs_task_grads:
+            self._check_reads_representation(losses, reps)
             total = self.total_loss(losses)
             (total if scale is None else total * scale.to(total.device)).backward()
             return
@@ -455,8 +496,39 @@ class Balancer(nn.Module, abc.ABC):
         rows = coeff.expand(n_targets, -1) if coeff.dim() == 1 else coeff
         return [weighted_sum([gt[j] for gt in grads], rows[j]) for j in range(n_targets)]
 
+    def get_extra_state(self) -> dict:
+        """Saved in the state_dict (`_extra_state`): the task names, so that `load_state_dict`
+        matches the statistics to tasks by name."""
+        return {"task_names": list(self.task_names)}
+
+    def set_extra_state(self, state) -> None:
+        """The names are checked (and the statistics reordered) in `_load_from_state_dict`."""
+
+    def _match_task_names(self, state_dict, prefix: str) -> None:
+        """Refuse a checkpoint of another task set (ValueError naming both); for the same tasks in
+        another order, reorder its per-task statistics (floating tensors whose last dimension is the
+        task) to this balancer's order. A checkpoint without names (before they were saved) is
+        matched by position."""
+        key = prefix + "_extra_state"
+        extra = state_dict.setdefault(key, None)  # None: a checkpoint from before the names
+        saved = extra.get("task_names") if isinstance(extra, Mapping) else None
+        if saved is None or list(saved) == self.task_names:
+            return
+        saved = list(saved)
+        if sorted(saved) != sorted(self.task_names):
+            where = f"{prefix[:-1]}: " if prefix else ""
+            raise ValueError(f"{where}the checkpoint is of a balancer of tasks {saved}; this one's tasks are "
+                             f"{self.task_names}: load it into a balancer of the same tasks")
+        order = torch.tensor([saved.index(name) for name in self.task_names])
+        for k, v in list(state_dict.items()):
+            local = k[len(prefix):]
+            if (k.startswith(prefix) and "." not in local and isinstance(v, torch.Tensor) and v.is_floating_point()
+                    and v.dim() and v.shape[-1] == len(order)):
+                state_dict[k] = v.index_select(-1, order.to(v.device))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._match_task_names(state_dict, prefix)
         n_saved = None  # the checkpoint's number of tasks, from its static weights or a running statistic
         saved = state_dict.get(prefix + "static_weights")
         if saved is not None:

@@ -7,6 +7,7 @@ MGDA and MetaBalance become parameter-level (the expensive classic form) when gi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,6 +29,24 @@ def _finite(new: torch.Tensor, old: torch.Tensor, norms: torch.Tensor) -> torch.
     """`new` if every gradient norm is finite, else `old`: a step whose gradients overflowed (a
     GradScaler skips it) leaves a running statistic as it was."""
     return torch.where(torch.isfinite(norms).all(), new, old)
+
+
+def _global_losses(bal: Balancer, losses) -> torch.Tensor:
+    """[T] float64 loss values on the host; under torch.distributed their mean over the ranks (the
+    loss of the global batch for per-rank mean losses, the objective DDP's averaged gradients
+    descend), the same on every rank."""
+    vals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
+    world = bal._world_size()
+    return vals if world == 1 else bal._global_sum(vals) / world
+
+
+def _global_norms(bal: Balancer, grads) -> torch.Tensor:
+    """[T] float64 norms of the task gradients; under torch.distributed of the global batch's (the
+    gradients of the mean of the ranks' losses: sqrt(sum of the ranks' squares) / ranks), the
+    same on every rank."""
+    sq = torch.stack([_flat(g).pow(2).sum() for g in grads])
+    world = bal._world_size()
+    return sq.sqrt() if world == 1 else bal._global_sum(sq).sqrt() / world
 
 
 def _unflat(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -64,7 +83,15 @@ class UncertaintyWeighting(Balancer):
 
     def total_loss(self, losses):
         s = self.log_vars
-        return sum(w * (torch.exp(-s[t]) * loss + s[t]) for t, (w, loss) in enumerate(zip(self.static_weights.tolist(), losses)))
+        weights = self.static_weight_list()
+        if self._world_size() == 1:
+            return sum(w * (torch.exp(-s[t]) * loss + s[t]) for t, (w, loss) in enumerate(zip(weights, losses)))
+        # under torch.distributed: the model's gradient from this rank's losses (DDP averages it),
+        # s's from the losses' mean over the ranks, so that every rank keeps the same s
+        mean = _global_losses(self, losses)
+        return sum(w * (torch.exp(-s[t].detach()) * loss + s[t] + torch.exp(-s[t]) * float(mean[t])
+                        - torch.exp(-s[t].detach()) * float(mean[t]))
+                   for t, (w, loss) in enumerate(zip(weights, losses)))
 
     def combine(self, grads, losses):
         return self.weighted_sums(grads, torch.exp(-self.log_vars.detach()))
@@ -94,9 +121,9 @@ class GradNorm(Balancer):
 
     def combine(self, grads, losses):
         w = self._applied = self.task_weights.clone()
-        norms = torch.stack([_flat(grads[t]).norm() for t in range(self.num_tasks)])  # before the sum overwrites task 0
+        norms = _global_norms(self, grads)  # before the sum overwrites task 0
         out = self.weighted_sums(grads, w * self.static_weights.to(w.dtype))
-        lvals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
+        lvals = _global_losses(self, losses)
         if self.initial_losses.numel() == 0:
             self.initial_losses = lvals.clone()
         g_w = w * norms
@@ -123,18 +150,27 @@ class PCGrad(Balancer):
         self.generator = torch.Generator().manual_seed(seed)
 
     def combine(self, grads, losses):
-        flat = [_flat(g) * float(w) for g, w in zip(grads, self.static_weights)]
-        projected = []
+        # each projected g_i stays a combination of the task gradients, coef[i] @ flat, so every dot
+        # product comes from their Gram matrix (summed over ranks under torch.distributed: the
+        # projections of the global batch's gradients, up to a common factor)
+        flat = torch.stack([_flat(g) * float(w) for g, w in zip(grads, self.static_weights)])
+        gram = self._global_sum(flat @ flat.T)
+        coef = torch.eye(self.num_tasks, dtype=flat.dtype)
         for i in range(self.num_tasks):
-            gi = flat[i].clone()
             for j in torch.randperm(self.num_tasks, generator=self.generator).tolist():
                 if j == i:
                     continue
-                dot = torch.dot(gi, flat[j])
+                dot = coef[i] @ gram[:, j]
                 if dot < 0:
-                    gi = gi - dot / flat[j].pow(2).sum().clamp_min(1e-30) * flat[j]
-            projected.append(gi)
-        return _unflat(torch.stack(projected).sum(0), grads[0])
+                    coef[i, j] -= dot / gram[j, j].clamp_min(1e-30)
+        return _unflat(coef.sum(0) @ flat, grads[0])
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "generator_state": self.generator.get_state()}
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, Mapping) and state.get("generator_state") is not None:
+            self.generator.set_state(state["generator_state"].cpu())
 
     def _step_scales(self):
         return _ones(self.num_tasks)
@@ -193,9 +229,19 @@ class MGDA(Balancer):
         self.register_buffer("alphas", torch.zeros(0, dtype=torch.float64))
 
     def combine(self, grads, losses):
-        flat = torch.stack([_flat(g) for g in grads])
-        self.alphas = min_norm_weights(flat @ flat.T)
-        return _unflat((self.alphas.unsqueeze(1) * flat).sum(0), grads[0])
+        # the statically weighted task gradients w_t g_t; tasks of weight 0 stay out (a_t = 0).
+        # Their Gram matrix is summed over ranks under torch.distributed (the weights a do not
+        # depend on its scale)
+        w = self.static_weights.double()
+        flat = torch.stack([_flat(g) for g in grads]) * w.unsqueeze(1)
+        gram = self._global_sum(flat @ flat.T)
+        active = [t for t, x in enumerate(self.static_weight_list()) if x != 0.0]
+        alphas = torch.zeros(self.num_tasks, dtype=torch.float64)
+        if active:
+            index = torch.tensor(active)
+            alphas[index] = min_norm_weights(gram[index][:, index])
+        self.alphas = alphas
+        return _unflat((alphas.unsqueeze(1) * flat).sum(0), grads[0])
 
     def _step_scales(self):
         return self.alphas if self.alphas.numel() else None
@@ -221,13 +267,14 @@ class DBMTL(Balancer):
         self._applied: torch.Tensor | None = None
 
     def combine(self, grads, losses):
-        lvals = [float(loss.detach()) + self.eps for loss in losses]
-        logs = [[g / v for g in gt] for gt, v in zip(grads, lvals)]
-        norms = torch.stack([_flat(g).norm() for g in logs])
+        # the gradient of log L_t is g_t / L_t; loss values and norms of the global batch under
+        # torch.distributed (see _global_losses, _global_norms), the same on every rank
+        lvals = _global_losses(self, losses) + self.eps
+        norms = _global_norms(self, grads) / lvals
         self.ema = running_average(self.ema, norms, self.beta)
         scale = self.ema.max() / self.ema.clamp_min(1e-30)
-        self._applied = scale / torch.tensor(lvals, dtype=torch.float64)
-        return self.weighted_sums(logs, scale * self.static_weights.double())
+        self._applied = scale / lvals
+        return self.weighted_sums(grads, self._applied * self.static_weights.double())
 
     def _step_scales(self):
         return self._applied
@@ -238,18 +285,28 @@ class FAMO(Balancer):
 
     Backward uses weights c_t = (z_t/L_t) / sum_k (z_k/L_k) with z = softmax(xi) on the losses
     (no per-task gradients). After the optimizer step call `update(new_losses)` with the losses
-    on the same batch: delta_t = log L_t(before) - log L_t(after), and
-    xi <- xi - lr * (J_softmax^T delta + gamma * xi). `backward` returns the c_t it used.
+    on the same batch: delta_t = log L_t(before) - log L_t(after), and the logits xi take one step
+    of Adam (the update of `torch.optim.Adam(lr=lr, weight_decay=gamma)`, as the official code
+    Cranial-XIX/FAMO does; its moments are buffers, in the state_dict) on the gradient
+    J_softmax(xi)^T delta. Defaults as the official code: lr 0.025, gamma 0.01. Under
+    torch.distributed the loss values are averaged over the ranks, so every rank keeps the same
+    logits. `backward` returns the c_t it used.
     """
 
     needs_task_grads = False
     _sized_on_first_use = ("prev_losses",)
+    #: Adam's defaults (torch.optim.Adam)
+    adam_betas, adam_eps = (0.9, 0.999), 1e-8
 
-    def __init__(self, task_names: Sequence[str], *, lr: float = 0.025, gamma: float = 1e-3, eps: float = 1e-8, **kw):
+    def __init__(self, task_names: Sequence[str], *, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8, **kw):
         super().__init__(task_names, **kw)
         self.lr, self.gamma, self.eps = lr, gamma, eps
-        self.register_buffer("logits", torch.zeros(len(self.task_names), dtype=torch.float64))
+        n = len(self.task_names)
+        self.register_buffer("logits", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("prev_losses", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("adam_step", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("adam_exp_avg", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("adam_exp_avg_sq", torch.zeros(n, dtype=torch.float64))
         self._applied: torch.Tensor | None = None
 
     def weights(self, loss_values: torch.Tensor) -> torch.Tensor:
@@ -258,14 +315,14 @@ class FAMO(Balancer):
         return c / c.sum()
 
     def total_loss(self, losses):
-        vals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
+        vals = _global_losses(self, losses)
         self.prev_losses = vals
         self._applied = self.weights(vals)
         c = self._applied * self.static_weights.double()
         return sum(float(c[t]) * loss for t, loss in enumerate(losses))
 
     def combine(self, grads, losses):
-        c = self._applied = self.weights(torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64))
+        c = self._applied = self.weights(_global_losses(self, losses))
         return self.weighted_sums(grads, c)
 
     def _step_scales(self):
@@ -274,11 +331,26 @@ class FAMO(Balancer):
     def update(self, new_losses) -> None:
         if self.prev_losses.numel() == 0:
             raise RuntimeError("FAMO.update() needs a backward() first")
-        new = torch.tensor([float(x.detach()) for x in self._ordered_losses(new_losses)], dtype=torch.float64)
+        new = _global_losses(self, self._ordered_losses(new_losses))
         delta = (self.prev_losses + self.eps).log() - (new + self.eps).log()
         z = torch.softmax(self.logits, 0)
-        jac_t_delta = z * (delta - (z * delta).sum())  # J^T delta for J = diag(z) - z z^T
-        self.logits = self.logits - self.lr * (jac_t_delta + self.gamma * self.logits)
+        grad = z * (delta - (z * delta).sum())  # J^T delta for J = diag(z) - z z^T
+        # torch.optim.Adam's step (weight decay as an L2 term on the gradient)
+        beta1, beta2 = self.adam_betas
+        grad = grad + self.gamma * self.logits
+        self.adam_step.add_(1)
+        self.adam_exp_avg.lerp_(grad, 1 - beta1)
+        self.adam_exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = float(self.adam_step)
+        denom = (self.adam_exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(self.adam_eps)
+        self.logits.addcdiv_(self.adam_exp_avg, denom, value=-self.lr / (1 - beta1**step))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the Adam update: fresh moments
+        state_dict.setdefault(prefix + "adam_step", torch.zeros((), dtype=torch.float64))
+        for name in ("adam_exp_avg", "adam_exp_avg_sq"):
+            state_dict.setdefault(prefix + name, torch.zeros(self.num_tasks, dtype=torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class MetaBalance(Balancer):

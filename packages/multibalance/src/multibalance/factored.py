@@ -77,8 +77,23 @@ def reaches(loss: torch.Tensor, leaf_ids: set[int]) -> bool:
     """Whether `loss` depends on one of the leaf tensors whose ids are `leaf_ids` (the detached
     representations): a walk of its graph that stops at the first one found, so it visits
     little more than the head in front of it."""
+    return _walk_finds(loss, leaf_ids, set())
+
+
+def depends_on(loss: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """Whether `loss` depends on one of `tensors` (leaf tensors, or outputs of the graph: their
+    nodes), by a walk of its graph that stops at the first one found; for the balancers that do
+    not detach the representation (`reaches` is the walk for detached leaves)."""
+    leaf_ids = {id(t) for t in tensors if t.grad_fn is None}
+    node_ids = {id(t.grad_fn) for t in tensors if t.grad_fn is not None}  # the tensors hold their nodes
+    return _walk_finds(loss, leaf_ids, node_ids)
+
+
+def _walk_finds(loss: torch.Tensor, leaf_ids: set[int], node_ids: set[int]) -> bool:
     if loss.grad_fn is None:
         return False
+    if id(loss.grad_fn) in node_ids:
+        return True
     seen, stack = {}, [loss.grad_fn]  # id -> node: see find_linear_consumers
     while stack:
         node = stack.pop()
@@ -86,6 +101,8 @@ def reaches(loss: torch.Tensor, leaf_ids: set[int]) -> bool:
             if child is None or id(child) in seen:
                 continue
             seen[id(child)] = child
+            if id(child) in node_ids:
+                return True
             if _kind(child) == "leaf":
                 if id(child.variable) in leaf_ids:
                     return True

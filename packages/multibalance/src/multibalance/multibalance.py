@@ -54,6 +54,7 @@ class MultiBalance(Balancer):
         self.relax, self.beta, self.target, self.norm, self.warmup_steps, self.eps = relax, beta, target, norm, warmup_steps, eps
         self.norm_lag = norm_lag
         self._lagged: _PendingNorms | None = None  # norm_lag=1: the last step's norms, not yet averaged in
+        self._ema_started = False  # norm_lag=1: the averages are known to hold a finite step's norms
         self.register_buffer("ema", torch.zeros(0))  # [n_reps, n_tasks], sized on first use
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("scales", torch.ones(0))
@@ -86,13 +87,22 @@ class MultiBalance(Balancer):
         return self.weighted_sums(grads, self._coefficients_from(self._norms(grads)))
 
     def _coefficients_from(self, norms: _PendingNorms) -> torch.Tensor:
-        if not self.norm_lag or self.ema.shape != norms.shape:  # exact, or the first step: its own norms
+        if not self.norm_lag or self.ema.shape != norms.shape or not self._averages_started():
+            # exact, or the first step (or every step so far overflowed: the averages are NaN): its own norms
             self._lagged = None
             return self.coefficients(norms.result())
         previous, self._lagged = self._lagged, norms
         if previous is not None:  # summed over ranks during the last step's bottom backward: no wait
             self._average_in(previous.result())
         return self._step_coefficients()
+
+    def _averages_started(self) -> bool:
+        """Whether the moving averages hold a finite step's norms (they are NaN until then: see
+        `running_average`). Read from the device until it is true once (from then on they stay
+        finite), so a steady run reads it once, on its second step."""
+        if not self._ema_started:
+            self._ema_started = bool(torch.isfinite(self.ema).all())
+        return self._ema_started
 
     def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
         self._average_in(norms)
@@ -104,13 +114,19 @@ class MultiBalance(Balancer):
     def _step_coefficients(self) -> torch.Tensor:
         self.step.add_(1)  # in place: `+=` would also re-register the buffer through Module.__setattr__
         m = self.ema.clamp_min(self.eps)
+        # a task reads representation j once its average norm there is positive: the target is
+        # taken over the readers only (a task that does not read j has norm 0 there)
         if self.target == "max":
             target = m.amax(dim=1, keepdim=True)
         elif self.target == "mean":
-            target = m.mean(dim=1, keepdim=True)
+            reads = self.ema > 0
+            target = ((m * reads).sum(dim=1, keepdim=True) / reads.sum(dim=1, keepdim=True).clamp_min(1)).clamp_min_(self.eps)
         else:
-            target = m[:, self.task_names.index(self.target)].unsqueeze(1)
+            index = self.task_names.index(self.target)
+            target = m[:, index: index + 1]
         scales = torch.div(target, m).mul_(self.relax).add_(1 - self.relax)  # in place: few small ops per step
+        if self.target not in ("max", "mean"):  # where the target task does not read: nothing to match, scale 1
+            scales = torch.where(self.ema[:, index: index + 1] > 0, scales, 1.0)
         if self.warmup_steps and int(self.step) <= self.warmup_steps:
             scales = torch.ones_like(scales)
         self._buffers["scales"] = scales  # a new tensor each step: `backward`'s TaskScales keep theirs
@@ -129,4 +145,5 @@ class MultiBalance(Balancer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "lagged_norms", torch.zeros(0))  # checkpoints from before norm_lag
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ema_started = False
         self._lagged = _PendingNorms.ready(self.lagged_norms) if self.lagged_norms.numel() else None

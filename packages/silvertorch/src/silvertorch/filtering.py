@@ -73,8 +73,13 @@ class DenseMaskFilter:
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
         self.mask = mask
-        self.num_items = mask.shape[1]
-        self._packed: tuple[int, torch.Tensor] | None = None
+        # (num_words, the mask it was packed from, that mask's version, packed words): packed again
+        # when the mask is replaced or edited in place
+        self._packed: tuple | None = None
+
+    @property
+    def num_items(self) -> int:
+        return self.mask.shape[1]
 
     @property
     def num_queries(self) -> int:
@@ -100,16 +105,19 @@ class DenseMaskFilter:
     def _packed_words(self, num_words: int) -> torch.Tensor:
         """The mask's bits as unsigned 32-bit words in int64 [Q, ceil(N/32) + num_words + 1], zero
         words after the last (a range read past the end finds zeros); kept for the next call."""
-        if self._packed is None or self._packed[0] != num_words:
+        if not self._packed_is_current() or self._packed[0] != num_words:
             words = pack_bits(self.mask).to(torch.int64) & 0xFFFFFFFF
-            self._packed = (num_words, torch.nn.functional.pad(words, (0, num_words + 1)))
-        return self._packed[1]
+            self._packed = (num_words, self.mask, self.mask._version, torch.nn.functional.pad(words, (0, num_words + 1)))
+        return self._packed[3]
+
+    def _packed_is_current(self) -> bool:
+        return self._packed is not None and self._packed[1] is self.mask and self._packed[2] == self.mask._version
 
     def select(self, queries):
         rows = queries.to(self.mask.device)
         picked = DenseMaskFilter(self.mask[rows])
-        if self._packed is not None:  # those rows' packed words: an adaptive round does not pack again
-            picked._packed = (self._packed[0], self._packed[1][rows])
+        if self._packed_is_current():  # those rows' packed words: an adaptive round does not pack again
+            picked._packed = (self._packed[0], picked.mask, picked.mask._version, self._packed[3][rows])
         return picked
 
     def exact_mask(self, positions):

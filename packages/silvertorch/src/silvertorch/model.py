@@ -18,7 +18,8 @@ exception, eager on the CPU, cuts the plans to the steps and term slots the batc
        k_candidates items passed in the clusters ranked before it
     -> int8 scores of the probed items (exact integer dot products, cluster-major: the batch's probed
        clusters scored once for all its queries) and the fresh items
-    -> top-K candidates -> exact verification of their attributes (drops Bloom false positives)
+    -> exact verification of the best 4 x K (VERIFY_POOL) against the stored attributes, top-K
+       verified candidates (a Bloom false positive gives its place to the next true match)
     -> bf16 item embeddings -> OverArch task logits -> Value Model -> top-N
 
 Item storage: positions [0, N) are the main index in cluster order (int8 codes, per-item scale,
@@ -42,7 +43,7 @@ from gpukernels_common import tracing
 
 from .__about__ import __version__
 from .bloom.hashing import term_hash
-from .bloom.index import BloomIndex
+from .bloom.index import BloomIndex, _validate_attributes
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, run_plans
 from .filtering import pack_bits, unpack_bits
@@ -64,7 +65,9 @@ class Retrieved:
     scores: torch.Tensor  # [Q, N] Value Model output, -inf where missing
     task_probs: torch.Tensor  # [Q, N, T] per-task probabilities from OverArch
     fresh: torch.Tensor  # [Q, N] bool: the item came from the fresh index
-    found: torch.Tensor  # [Q] int64: items that passed the filter (Bloom) in the probed clusters and the fresh index
+    # [Q] int64: items that passed the filter in the probed clusters and the fresh index, less the
+    # Bloom false positives that exact verification found (exact when at most 4 x k_candidates passed)
+    found: torch.Tensor
 
 
 def _signed64(value: int) -> int:
@@ -112,6 +115,10 @@ def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, m
 
 
 DEFAULT_NPROBE = 8
+# exact verification checks the best VERIFY_POOL x k_candidates Bloom-passing items: the results
+# are the exact filter's unless more than (VERIFY_POOL - 1) x k_candidates false positives score
+# above the K-th true match (a filter whose true matches are rarer than the Bloom false positives)
+VERIFY_POOL = 4
 
 
 def _check_against_spec(features: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -122,17 +129,46 @@ def _check_against_spec(features: torch.Tensor, spec: dict) -> torch.Tensor:
         raise ValueError(f"user_features must be [num_users, {spec['width']}] for this user tower, got {tuple(features.shape)}")
     if spec.get("dtype") != "int64":
         return features
-    if features.dtype.is_floating_point:
-        if not torch.equal(features, features.round()):
-            raise ValueError("user_features must be whole numbers (ids) for this user tower")
-        features = features.long()
+    if features.dtype.is_floating_point and not torch.equal(features, features.round()):
+        raise ValueError("user_features must be whole numbers (ids) for this user tower")
     high = torch.as_tensor(spec["max"], dtype=torch.int64)
-    bad = (features < 0) | (features > high)
+    # checked before any int64 conversion, which would wrap a huge float around
+    bad = (features < 0) | (features > high.to(features.dtype if features.dtype.is_floating_point else torch.int64))
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"user_features[{row}, {col}] = {int(features[row, col])} is out of range: column {col} takes "
+        raise ValueError(f"user_features[{row}, {col}] = {features[row, col].item():g} is out of range: column {col} takes "
                          f"ids in [0, {int(high[col])}]")
-    return features
+    return features.long()
+
+
+def _check_bloom_k(bloom_k) -> None:
+    """At build and at load (an edited config.json would read every Bloom word wrongly)."""
+    if isinstance(bloom_k, bool) or not isinstance(bloom_k, int) or not 1 <= bloom_k <= 10:
+        raise ValueError(f"bloom_k must be an int in [1, 10] (the Bloom index's k), got {bloom_k!r}")
+
+
+def _integer_ids(ids, name: str) -> torch.Tensor:
+    """ids as int64, refusing fractions and booleans (a float id would be truncated silently)."""
+    t = torch.as_tensor(ids)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be integers, got {t.dtype}")
+    return t.long()
+
+
+def _checked_attributes(attributes, n: int):
+    """Jagged (feature_ids, offsets, values) for n items as int64 CPU tensors, checked as the
+    Bloom index checks them (integers, offsets [n + 1] from 0, non-decreasing, ending at the
+    pair count); None means no attributes."""
+    if attributes is None:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(n + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    fids, offsets, vals = (torch.as_tensor(t).cpu() for t in attributes)
+    if offsets.shape != (n + 1,):
+        raise ValueError(f"attribute offsets must be [num_items + 1 = {n + 1}], got {tuple(offsets.shape)}")
+    try:
+        _validate_attributes(fids, offsets, vals)
+    except ValueError as err:
+        raise ValueError(f"attributes: {err}") from None
+    return fids.long(), offsets.long(), vals.long()
 
 
 def _pad_jagged(feature_ids, offsets, values, width: int | None = None):
@@ -203,6 +239,7 @@ class RetrievalModel(nn.Module):
         self.nprobe, self.max_nprobe, self.k_candidates, self.num_results = nprobe, max_nprobe, k_candidates, num_results
         # a cluster of max_cluster items starting anywhere in a word spans at most this many words
         self.words_per_cluster = (max_cluster + 62) // 64 + 1
+        _check_bloom_k(bloom_k)
         self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
         self.schema = dict(schema or {})
         if not 1 <= max_exact_terms <= max_terms:
@@ -232,18 +269,15 @@ class RetrievalModel(nn.Module):
         `progress(step_name)` is called before each build step (the CLI shows a progress bar).
         """
         step = progress or (lambda name: None)
+        _check_bloom_k(bloom_k)
         emb = torch.as_tensor(item_embeddings).detach().float().cpu()
         if emb.dim() != 2 or emb.shape[0] < 1:
             raise ValueError(f"item_embeddings must be [num_items >= 1, dim], got {tuple(emb.shape)}")
         n, d = emb.shape
-        ids = torch.arange(n) if item_ids is None else torch.as_tensor(item_ids).long().cpu()
+        ids = torch.arange(n) if item_ids is None else _integer_ids(item_ids, "item_ids").cpu()
         if ids.shape != (n,) or (ids < 0).any() or torch.unique(ids).numel() != n:
             raise ValueError(f"item_ids must be {n} distinct non-negative ids")
-        if attributes is None:
-            attributes = (torch.zeros(0, dtype=torch.int64), torch.zeros(n + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-        fids, offsets, vals = (torch.as_tensor(t).long().cpu() for t in attributes)
-        if offsets.shape != (n + 1,):
-            raise ValueError(f"attribute offsets must be [num_items + 1 = {n + 1}], got {tuple(offsets.shape)}")
+        fids, offsets, vals = _checked_attributes(attributes, n)
         step("clustering (k-means++) and int8 quantization")
         n_clusters = n_clusters or max(1, int(round(math.sqrt(n))))
         nprobe = min(DEFAULT_NPROBE, n_clusters) if nprobe is None else nprobe  # a small corpus has fewer clusters
@@ -279,7 +313,7 @@ class RetrievalModel(nn.Module):
         tensors["attr_terms"] = term_hash(tensors["attr_feature_ids"], tensors["attr_values"])
         return cls(user_tower, overarch, value_model, tensors, nprobe=nprobe, k_candidates=k_candidates, num_results=num_results,
                    bloom_k=bloom_k, bloom_multiplier=bloom_multiplier, schema=schema, max_ops=max_ops, max_terms=max_terms,
-                   exact_verify=exact_verify, max_nprobe=max_nprobe, max_exact_terms=max_exact_terms)
+                   exact_verify=exact_verify, max_nprobe=max_nprobe, max_exact_terms=max_exact_terms).eval()
 
     # -- filters -----------------------------------------------------------------------------
     def prepare_filters(self, expressions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -409,8 +443,11 @@ class RetrievalModel(nn.Module):
         if self.fresh_capacity:
             fscores = u @ self.item_embeddings[self.num_main:].float().T
             scores = torch.cat([main, torch.where(fkeep, fscores, torch.full_like(fscores, float("-inf")))], 1)
-        top, j = torch.topk(scores, self.k_candidates, dim=1)
-        # storage positions of the K kept only: slot j of the main part is item j % S of probed
+        # with exact verification, a pool of the best VERIFY_POOL x K is checked, so that a Bloom
+        # false positive gives its place to the next true match instead of leaving it empty
+        pool = min(scores.shape[1], VERIFY_POOL * self.k_candidates) if self.exact_verify else self.k_candidates
+        top, j = torch.topk(scores, pool, dim=1)
+        # storage positions of the pool only: slot j of the main part is item j % S of probed
         # cluster j // S (clamped as cluster_positions is); fresh slot f is item num_main + f
         width = self.cluster_positions.shape[1]
         slot = j.clamp(max=main.shape[1] - 1)
@@ -422,6 +459,10 @@ class RetrievalModel(nn.Module):
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
             exact = self._exact_terms(cand, hashes)
             verified = verified & run_plans(ops, args, exact, exact)
+            found = found - (torch.isfinite(top) & ~verified).sum(1)  # exact whenever found <= pool
+            # the K best verified (top is sorted, so these are the first K verified of the pool)
+            first = torch.topk(torch.where(verified, top, torch.full_like(top, float("-inf"))), self.k_candidates, dim=1).indices
+            cand, verified = cand.gather(1, first), verified.gather(1, first)
         items = _rows(self.item_embeddings, cand)  # bf16: OverArch converts them as it goes
         dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
         logits = self.overarch(u, items, dense)
@@ -465,7 +506,7 @@ class RetrievalModel(nn.Module):
     def add_items(self, embeddings, ids, attributes=None, dense=None) -> torch.Tensor:
         """Append items to the fresh index (no rebuild); returns their storage positions."""
         emb = torch.as_tensor(embeddings).float()
-        ids = torch.as_tensor(ids).long().reshape(-1)
+        ids = _integer_ids(ids, "ids").reshape(-1)
         n = ids.numel()
         if emb.shape != (n, self.dim) or not torch.isfinite(emb).all():
             raise ValueError(f"embeddings must be finite [{n}, {self.dim}], got {tuple(emb.shape)}")
@@ -477,13 +518,13 @@ class RetrievalModel(nn.Module):
         if self.fresh_used + n > self.fresh_capacity:
             raise ValueError(f"the fresh index holds {self.fresh_capacity} items and {self.fresh_used} are used; "
                              f"call rebuild() to fold them into the main index")
-        if attributes is None:
-            attributes = (torch.zeros(0, dtype=torch.int64), torch.zeros(n + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-        if torch.as_tensor(attributes[1]).shape != (n + 1,):
-            raise ValueError(f"attribute offsets must be [{n + 1}]")
-        fids, vals, counts = _pad_jagged(*attributes, width=self.attr_terms.shape[1])
+        fids, vals, counts = _pad_jagged(*_checked_attributes(attributes, n), width=self.attr_terms.shape[1])
         if hasattr(self, "item_dense") and (dense is None or torch.as_tensor(dense).shape != (n, self.item_dense.shape[1])):
             raise ValueError(f"this model has dense item features; pass dense [{n}, {self.item_dense.shape[1]}]")
+        if dense is not None and not hasattr(self, "item_dense"):
+            raise ValueError("this model has no dense item features (built without item_dense); leave dense out")
+        if dense is not None and not torch.isfinite(torch.as_tensor(dense, dtype=torch.float32)).all():
+            raise ValueError("dense item features must be finite")
         at = torch.arange(self.num_main + self.fresh_used, self.num_main + self.fresh_used + n, device=self.codes.device)
         dev = self.codes.device
         self.item_embeddings[at] = emb.to(dev, torch.bfloat16)

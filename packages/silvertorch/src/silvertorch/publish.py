@@ -34,15 +34,22 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def item_embeddings_from_tower(item_tower: nn.Module, item_features: torch.Tensor, batch_size: int = 8192,
                                progress: bool = False) -> torch.Tensor:
-    """Evaluate the item tower over the item table in batches (no autograd)."""
+    """Evaluate the item tower over the item table in batches, in eval mode (dropout off, batch norm
+    on its running statistics: the index must hold what serving computes) and without autograd;
+    the tower's training mode is restored afterwards."""
     n = item_features.shape[0]
     bar = _bar(n, "item embeddings", progress)
     out = []
-    with torch.no_grad():
-        for chunk in item_features.split(batch_size):
-            out.append(item_tower(chunk).float().cpu())
-            if bar:
-                bar.update(chunk.shape[0])
+    was_training = item_tower.training
+    item_tower.eval()
+    try:
+        with torch.no_grad():
+            for chunk in item_features.split(batch_size):
+                out.append(item_tower(chunk).float().cpu())
+                if bar:
+                    bar.update(chunk.shape[0])
+    finally:
+        item_tower.train(was_training)
     if bar:
         bar.close()
     emb = torch.cat(out)
@@ -118,13 +125,17 @@ def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
         raise ValueError(f"{directory}: no readable towers.json + towers.safetensors ({err})") from err
     if config.get("format") != TOWERS_FORMAT or config.get("format_version") != 1:
         raise ValueError(f"{directory}: not a {TOWERS_FORMAT} version 1 directory")
-    spec = config["user_tower"]
-    if spec["type"] not in TOWERS:
-        raise ValueError(f"{directory}: unknown user tower type {spec['type']!r}")
-    modules = {"user_tower": TOWERS[spec["type"]](**spec["config"]), "overarch": OverArch(**config["overarch"]),
-               "value_model": ValueModel(**config["value_model"])}
-    for prefix, module in modules.items():
-        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    try:
+        spec = config["user_tower"]
+        if spec["type"] not in TOWERS:
+            raise ValueError(f"{directory}: unknown user tower type {spec['type']!r}")
+        modules = {"user_tower": TOWERS[spec["type"]](**spec["config"]), "overarch": OverArch(**config["overarch"]),
+                   "value_model": ValueModel(**config["value_model"])}
+        for prefix, module in modules.items():
+            module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    except (KeyError, TypeError, RuntimeError) as err:  # a missing section, a changed config, mismatched tensors
+        raise ValueError(f"{directory}: towers.json and towers.safetensors do not describe the towers "
+                         f"({type(err).__name__}: {err})") from err
     return modules["user_tower"], modules["overarch"], modules["value_model"]
 
 

@@ -5,8 +5,8 @@
 POST /v1/retrieve  {"user_features": [42], "filter": "genre:Comedy", "n": 10, "value_weights": [1, 0.5]}
              ->    {"ids": [...], "scores": [...], "task_probs": [[...], ...], "fresh": [...], "found": 1234,
                     "batch_size": 7}
-`found`: the items that passed the filter (Bloom, before exact verification) in the probed clusters
-and the fresh index; fewer than the model's k_candidates means the filter starved the candidates.
+`found`: the items that passed the filter in the probed clusters and the fresh index (exact up to
+4 x k_candidates, see RetrievalModel); fewer than the model's k_candidates means the filter starved the candidates.
 GET  /healthz (alive), /readyz (model loaded and warmed up), /metrics (latency percentiles, batch sizes;
 `requests` counts every POST /v1/retrieve, `errors` every non-2xx answer to one)
 

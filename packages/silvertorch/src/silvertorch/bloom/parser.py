@@ -12,7 +12,9 @@ Grammar (EBNF; keywords case-insensitive; NOT binds tighter than AND, AND tighte
 `cat:{music,sports}` means `cat:music OR cat:sports`. Numeric terms (`3:17`, `-2` values
 allowed) are the official SilverTorch syntax; a trailing `:weight` is accepted and ignored.
 Named features need a `FilterSchema` mapping names to feature ids; non-integer values are
-hashed with FNV-1a 64 (`hashing.string_value`). An empty expression matches everything.
+hashed with FNV-1a 64 (`hashing.string_value`); digits, quoted or not, are the number (`word_value`,
+which `FilterSchema.encode_items` applies to string attributes alike). An empty expression
+matches everything.
 
 A batch compiles to `FilterPlans`: per query a postfix program of at most `max_ops` ops
 (TERM, EXACT_TERM, AND, OR, NOT, TRUE; NOP pads), term hashes, and a bounded stack depth.
@@ -44,6 +46,16 @@ class FilterSyntaxError(ValueError):
         super().__init__(f"filter syntax error at position {position}: expected {expected}, found {found}\n{pointer}")
 
 
+def word_value(text: str) -> int:
+    """The int64 value of an attribute or filter value written as text: digits (an optional minus,
+    in the int64 range) are the number, so "1995" and 1995 are the same value, quoted or not, in
+    the items and in the filters (leading zeros do not count: "02139" is 2139); any other text is
+    hashed (FNV-1a 64)."""
+    if re.fullmatch(r"-?\d+", text) and INT64_MIN <= int(text) <= INT64_MAX:
+        return int(text)
+    return string_value(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class FilterSchema:
     """Names for feature ids: FilterSchema({"lang": 1, "cat": 2})."""
@@ -58,8 +70,9 @@ class FilterSchema:
     def encode_items(self, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-item attributes, e.g. [{"genre": ["Comedy", "Drama"], "year": 1995}, ...] -> the jagged
         (feature_ids, offsets, values) that BloomIndex.build and publish take. Integers stay
-        integers (`year:1995`); strings are hashed as the filter language hashes a word or a
-        quoted value (`genre:Comedy`, `title:"Toy Story"`)."""
+        integers (`year:1995`); strings take the filter language's value of the same word or
+        quoted text (`word_value`: `genre:Comedy`, `title:"Toy Story"`; digits are the number,
+        so a "1995" string matches `year:1995`)."""
         fids, vals, offsets = [], [], [0]
         for i, item in enumerate(items):
             for name, values in item.items():
@@ -69,7 +82,7 @@ class FilterSchema:
                     if isinstance(v, bool) or not isinstance(v, (int, str)):
                         raise ValueError(f"item {i}: attribute {name!r} values must be int or str, got {type(v).__name__}")
                     fids.append(int(self.features[name]))
-                    vals.append(v if isinstance(v, int) else string_value(v))
+                    vals.append(v if isinstance(v, int) else word_value(v))
             offsets.append(len(vals))
         return (torch.tensor(fids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
                 torch.tensor(vals, dtype=torch.int64))
@@ -200,7 +213,7 @@ class _Parser:
         kind, value, pos = self.peek()
         if kind == "str":
             self.i += 1
-            return string_value(value[1:-1])
+            return word_value(value[1:-1])
         if kind != "word":
             self.fail("a value")
         value = self._int(value) if re.fullmatch(r"-?\d+", value) else string_value(value)
