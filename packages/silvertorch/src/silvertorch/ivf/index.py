@@ -484,12 +484,9 @@ class IVFIndex:
         positions follow the main ones (`num_main + j`), so a filter over positions must cover
         them (`BloomIndex.append` with the same items). `compact()` folds them into the clusters."""
         _check_embeddings(embeddings, self.codes.shape[1])
-        ids = torch.as_tensor(ids, device=self.ids.device)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or ids.shape != (embeddings.shape[0],):
-            raise ValueError(f"ids must be {embeddings.shape[0]} integers (one per embedding), got {ids.dtype} {tuple(ids.shape)}")
-        ids = ids.long()
+        ids = _checked_ids(ids, embeddings.shape[0], self.ids.device)  # integers, distinct, non-negative
         live = torch.cat([self.ids[~self.removed], self.fresh_ids[~self.fresh_removed]])
-        if ids.unique().numel() != ids.numel() or torch.isin(ids, live).any() or (ids < 0).any():
+        if torch.isin(ids, live).any():
             raise ValueError("ids must be new and non-negative: each id may be live in the index once")
         codes, scales = _encode(embeddings.to(self.codes.device), self.dtype)
         self.fresh_codes = torch.cat([self.fresh_codes, codes])
