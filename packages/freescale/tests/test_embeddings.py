@@ -169,3 +169,53 @@ def test_pipeline_sends_ids_ahead_and_warns_when_the_step_does_not_use_them():
         TrainPipeline(step_on_a_copy, embeddings=emb, pooling="mean").run(iter(batches))
     with pytest.raises(ValueError, match="pooling"):
         TrainPipeline(step, embeddings=[emb], pooling=["sum", "mean"])
+
+
+def test_initial_rows_are_the_same_table_in_any_ranges():
+    """A table drawn in pieces (ranges crossing the init blocks) equals the table drawn whole, so
+    every world size and sharding starts from the same weights."""
+    from freescale.embeddings import INIT_BLOCK_ROWS, initial_rows
+
+    n = 2 * INIT_BLOCK_ROWS + 123
+    whole = initial_rows(7, 1, n, 3, 0, n)
+    cuts = [0, 5, INIT_BLOCK_ROWS - 1, INIT_BLOCK_ROWS + 1, 2 * INIT_BLOCK_ROWS, n, n]
+    pieces = [initial_rows(7, 1, n, 3, a, b) for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(pieces), whole)
+    assert abs(float(whole.std()) - 3**-0.5) < 0.02
+    assert not torch.equal(initial_rows(7, 2, n, 3, 0, 9), whole[:9])  # another table, other weights
+    assert not torch.equal(initial_rows(8, 1, n, 3, 0, 9), whole[:9])  # another seed
+    with pytest.raises(ValueError, match=r"rows \[5, 2\) are not within"):
+        initial_rows(7, 1, n, 3, 5, 2)
+    with pytest.raises(ValueError, match="init_seed must be an int"):
+        ShardedEmbeddings({"a": 5}, dim=2, init_seed=1.5)
+
+
+@pytest.mark.parametrize("sharding", ["row", "table"])
+def test_a_rank_draws_only_its_own_rows(sharding, monkeypatch):
+    """Rank 1 of 4 holds, and draws, only its shard: at most the few init blocks its rows overlap,
+    never a whole table (a 40,000-row table sharded by rows is 10,000 rows a rank; table-wise,
+    rank 1 owns table "b" alone). Its rows are the one-rank table's."""
+    from freescale import embeddings
+
+    tables = {"a": 40_000, "b": 7, "c": 3_000}
+    whole = ShardedEmbeddings(tables, dim=4, sharding=sharding, init_seed=3)
+    drawn = []
+    randn = torch.randn
+
+    def counting_randn(*shape, **kwargs):
+        drawn.append(shape[0])
+        return randn(*shape, **kwargs)
+
+    monkeypatch.setattr(embeddings, "_world", lambda group: (4, 1))
+    monkeypatch.setattr(embeddings.torch, "randn", counting_randn)
+    shard = ShardedEmbeddings(tables, dim=4, sharding=sharding, init_seed=3)
+    monkeypatch.undo()
+    for t, key in enumerate(tables):
+        if sharding == "row":
+            per = -(-tables[key] // 4)
+            start, end = min(per, tables[key]), min(2 * per, tables[key])
+        else:
+            start, end = (0, tables[key]) if t % 4 == 1 else (0, 0)
+        assert torch.equal(shard.shards[key].detach(), whole.shards[key].detach()[start:end]), key
+    assert max(drawn) <= embeddings.INIT_BLOCK_ROWS
+    assert sum(drawn) <= (4 * embeddings.INIT_BLOCK_ROWS if sharding == "row" else 7)

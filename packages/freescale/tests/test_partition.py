@@ -75,6 +75,28 @@ def test_cost_model_fit_recovers_coefficients():
         CostModel(a=0, b=0)
 
 
+def test_cost_model_fit_is_the_best_non_negative_fit():
+    """Times that fall with the linear term (a < 0 unconstrained): the fit is the best one with
+    a = 0, i.e. b fitted to the quadratic term alone, not the unconstrained b with a clamped."""
+    ranks = [[10, 20], [5, 50, 7], [100], [1, 2, 3, 4], [64, 64], [30]]
+    sum_l = torch.tensor([float(sum(r)) for r in ranks], dtype=torch.float64)
+    sum_l2 = torch.tensor([float(sum(v * v for v in r)) for r in ranks], dtype=torch.float64)
+    times = 0.5 * sum_l2 - 4.0 * sum_l + 200.0 * torch.tensor([1.0, -1, 1, -1, 1, -1], dtype=torch.float64)
+    fitted = CostModel().fit(ranks, times.tolist())
+    assert fitted.a == 0.0
+    assert fitted.b == pytest.approx(float(sum_l2 @ times / (sum_l2 @ sum_l2)), rel=1e-9)
+    # no non-negative pair on a grid around it fits better
+    def residual(a, b):
+        return float((a * sum_l + b * sum_l2 - times).square().sum())
+    best = residual(fitted.a, fitted.b)
+    for a in torch.linspace(0, 1, 21).tolist():
+        for b in torch.linspace(0.3, 0.7, 41).tolist():
+            assert residual(a, b) >= best - 1e-6
+    # times that fall with both terms cannot be fitted
+    with pytest.raises(ValueError, match="do not grow with length"):
+        CostModel().fit(ranks, (-times).tolist())
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1", True, None])
 def test_cost_model_coefficients_must_be_finite_numbers(bad):
     with pytest.raises(ValueError, match="cost coefficient a must be a finite real number"):

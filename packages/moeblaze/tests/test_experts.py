@@ -294,6 +294,46 @@ def test_compiled_kernels_on_gpu(dtype, checkpoint):
         assert_close(got[name], want[name], dtype=dtype, backend=Backend.TRITON, name=f"{name} ({checkpoint})")
 
 
+@pytest.fixture
+def matmul_precision():
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_fp32_dot_precision_follows_torch(matmul_precision, monkeypatch):
+    """fp32 operands are multiplied exactly under torch's default matmul precision ("highest")
+    and as TF32 under "high", as torch's own matmuls are; 16-bit operands keep the tensor cores."""
+    from moeblaze.experts import _Launch
+
+    monkeypatch.setenv("GKC_GPU_LAUNCH_SHAPES", "1")  # the launch a GPU takes
+    offsets = torch.tensor([0, 4, 6], dtype=torch.int32)
+    for setting, fp32 in [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")]:
+        matmul_precision(setting)
+        assert _Launch(torch.zeros(3, 8), offsets, 2, 8, 16, 2).precision == fp32, setting
+        for dtype in (torch.bfloat16, torch.float16):
+            assert _Launch(torch.zeros(3, 8, dtype=dtype), offsets, 2, 8, 16, 2).precision == "tf32", (setting, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["highest", "high"])
+def test_compiled_fp32_kernels_follow_matmul_precision_on_gpu(setting, matmul_precision):
+    """fp32 on the GPU: exact products under "highest" (the interpreter's tier; TF32 fails it),
+    TF32's tier under "high"."""
+    matmul_precision(setting)
+    inputs = _inputs(300, 128, 256, 8, 2)
+    g = torch.randn(300, 128, generator=torch.Generator().manual_seed(1))
+    want = _loop_output_and_grads([t.detach().double().requires_grad_() if t.is_floating_point() else t for t in inputs],
+                                  g.double())
+    x, ids, w, wg, wu, wd = (t.detach().cuda().requires_grad_() if t.is_floating_point() else t.cuda() for t in inputs)
+    out = moe_experts(x, ids, w, wg, wu, wd)
+    grads = torch.autograd.grad(out, [x, w, wg, wu, wd], g.cuda())
+    got = {"output": out, **{f"grad {n}": t for n, t in zip(GRAD_NAMES, grads)}}
+    tier = Backend.INTERPRET if setting == "highest" else Backend.TRITON
+    for name in want:
+        assert_close(got[name], want[name], dtype=torch.float32, backend=tier, name=f"{name} ({setting})")
+
+
 def test_top_k_above_the_expert_count(backend):
     """transformers' expert parallelism hands each rank's experts module local ids with the
     global top_k, which may exceed the rank's expert count (here 1 local expert, top-2, the

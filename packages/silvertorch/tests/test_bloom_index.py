@@ -134,6 +134,12 @@ def test_append_delete_save_load(tmp_path):
     path = full.save(tmp_path / "bloom.safetensors")
     back = BloomIndex.load(path)
     assert torch.equal(back.search(plans), full.search(plans)) and back.k == 3
+    full.k = 2  # a header whose k is not the build's: the index would test other rows
+    with pytest.raises(ValueError, match="does not match its items: the bundle widths do not follow from k=2"):
+        BloomIndex.load(full.save(tmp_path / "k.safetensors"))
+    full.k, full.bits = 3, full.bits.roll(1, 0)  # bits of the right shape from another build
+    with pytest.raises(ValueError, match="sampled terms are missing from the Bloom bits"):
+        BloomIndex.load(full.save(tmp_path / "bits.safetensors"))
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable"):
         BloomIndex.load(tmp_path / "bad.safetensors")

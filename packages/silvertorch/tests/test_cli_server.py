@@ -51,6 +51,11 @@ def test_build_and_query(artifact, capsys):
     model = RetrievalModel.load(path)
     assert (model.nprobe, model.max_nprobe, model.max_exact_terms) == (4, 8, 3)  # the options reached the artifact
     assert out["found"] == int(model.retrieve(torch.tensor([[3]]), ["genre:2"]).found[0]) >= 5
+    # a batch of users, each with its own filter, on the loaded artifact
+    batch = model.retrieve(torch.tensor([[1], [5], [7]]), ["genre:1", "", "NOT genre:0"])
+    passes = [lambda g: g == 1, lambda g: True, lambda g: g != 0]
+    for row, ok in zip(batch.ids, passes):
+        assert (row >= 0).all() and all(ok(int(genre[i - 1])) for i in row.tolist())
     assert main(["query", str(path), "--user", "3", "--filter", "genre:2 AND"]) == 2
     assert "position" in capsys.readouterr().err
     assert main(["build", "--towers", str(path), "--items", "nope", "--out", str(path / "x"), "--quiet"]) == 2

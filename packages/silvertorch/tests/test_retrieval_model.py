@@ -346,12 +346,22 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
     for edit, match in ((lambda c: c.pop("nprobe"), "missing an entry .*nprobe"),
                         (lambda c: c.update(nprobe="8"), "wrong type"),
                         (lambda c: c["user_tower"]["config"].update(cardinalities=[10**12]), "user_tower weights do not fit"),
-                        (lambda c: c.update(fresh_used=10**6), "fresh_used must be in")):
+                        (lambda c: c.update(fresh_used=10**6), "fresh_used must be in"),
+                        # in range, but not the k or multiplier the Bloom index was built with: it
+                        # would test other rows and silently lose true matches
+                        (lambda c: c.update(bloom_k=c["bloom_k"] + 1), "do not follow from k="),
+                        (lambda c: c.update(bloom_k=c["bloom_k"] - 1), "do not follow from k="),
+                        (lambda c: c.update(bloom_multiplier=c["bloom_multiplier"] * 2), "do not follow from k=")):
         edited = json.loads(json.dumps(cfg))
         edit(edited)
         (tmp_path / "a" / "config.json").write_text(json.dumps(edited))
         with pytest.raises(ValueError, match=match):
             RetrievalModel.load(tmp_path / "a")
+    # Bloom bits from another build of the same shape
+    model.bloom_bits.copy_(model.bloom_bits.roll(1, 0))
+    model.save(tmp_path / "b")
+    with pytest.raises(ValueError, match="Bloom index does not match the items' attributes: .* sampled terms are missing"):
+        RetrievalModel.load(tmp_path / "b")
 
 
 def test_export_round_trip(tmp_path):

@@ -41,7 +41,9 @@ class CostModel:
         return self.a * lengths + self.b * lengths * lengths
 
     def fit(self, rank_lengths: Sequence[Sequence[int]], step_times: Sequence[float]) -> CostModel:
-        """Least-squares fit of (a, b) from measured per-rank step times: time_r = a*sum(L) + b*sum(L^2)."""
+        """Least-squares fit of (a, b) >= 0 from measured per-rank step times:
+        time_r = a*sum(L) + b*sum(L^2). Costs cannot be negative, so the fit is constrained: where
+        the unconstrained optimum has a negative coefficient, the best fit with that one at zero."""
         if len(rank_lengths) != len(step_times) or len(step_times) < 2:
             raise ValueError("fit needs at least two (lengths, time) observations of equal count")
         x = torch.tensor([[float(sum(ls)), float(sum(int(v) ** 2 for v in ls))] for ls in rank_lengths], dtype=torch.float64)
@@ -50,7 +52,7 @@ class CostModel:
             raise ValueError(f"fit: step_times must be finite, got {[float(t) for t in step_times]}")
         if not torch.isfinite(x).all() or (x < 0).any():
             raise ValueError("fit: rank_lengths must hold finite, non-negative lengths")
-        coef = torch.linalg.lstsq(x, y).solution.squeeze(1).clamp_min(0)
+        coef = _nonnegative_least_squares(x, y.squeeze(1))
         if float(coef.sum()) == 0:
             raise ValueError("fitted cost is zero everywhere: step times do not grow with length")
         self.a, self.b = float(coef[0]), float(coef[1])
@@ -58,3 +60,24 @@ class CostModel:
 
     def __repr__(self) -> str:
         return f"CostModel(a={self.a:.4g}, b={self.b:.4g})"
+
+
+def _nonnegative_least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """argmin ||x c - y|| over c >= 0 for two columns: the unconstrained optimum when it is
+    non-negative, else (the problem is convex) the better of the two one-column fits, each
+    clamped at zero. Clamping the unconstrained optimum instead leaves the other coefficient
+    fitted for a term that was dropped."""
+    coef = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
+    if (coef >= 0).all():
+        return coef
+    best, best_residual = torch.zeros(2, dtype=x.dtype), float(y.square().sum())
+    for j in range(2):
+        norm = float(x[:, j].square().sum())
+        if norm == 0:
+            continue
+        c = torch.zeros(2, dtype=x.dtype)
+        c[j] = max(float(x[:, j] @ y) / norm, 0.0)
+        residual = float((x @ c - y).square().sum())
+        if residual < best_residual:
+            best, best_residual = c, residual
+    return best

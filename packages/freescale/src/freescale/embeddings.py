@@ -68,6 +68,27 @@ class DistributedIds:
     bag_lengths: torch.Tensor | None = None  # ids per bag, for pooling="mean"
 
 
+INIT_BLOCK_ROWS = 4096
+
+
+def initial_rows(seed: int, table: int, num_rows: int, dim: int, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of table number `table`'s initial weights, N(0, 1/dim). The table is
+    drawn in blocks of `INIT_BLOCK_ROWS` rows, each from a generator seeded by (seed, table,
+    block), so a rank draws only the blocks its shard overlaps and every world size and sharding
+    gets the same table."""
+    if not 0 <= start <= end <= num_rows:
+        raise ValueError(f"rows [{start}, {end}) are not within the table's {num_rows} rows")
+    out = torch.empty(end - start, dim)
+    gen = torch.Generator()
+    for block in range(start // INIT_BLOCK_ROWS, -(-end // INIT_BLOCK_ROWS)):
+        b0 = block * INIT_BLOCK_ROWS
+        gen.manual_seed(((seed * 1_000_003 + table) * 1_000_003 + block) % 2**63)
+        values = torch.randn(min(INIT_BLOCK_ROWS, num_rows - b0), dim, generator=gen)  # the whole block: same draw for every range
+        lo, hi = max(start, b0), min(end, b0 + values.shape[0])
+        out[lo - start : hi - start] = values[lo - b0 : hi - b0]
+    return out.mul_(dim**-0.5)
+
+
 def _world(group):
     return (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
 
@@ -148,8 +169,12 @@ class ShardedEmbeddings(nn.Module):
         seconds, and a C++ compiler on CPUs; about 3 times faster on the CPU, see the README).
         `transport`: how the looked-up vectors and their gradients move, "collective"
         (all-to-all) or "copy_engine" (peers pull them with copies: the GPUs' copy engines, no SM;
-        see `freescale.transport`). The ids' all-to-alls stay collectives."""
+        see `freescale.transport`). The ids' all-to-alls stay collectives.
+        `init_seed`: the tables' initial weights, N(0, 1/dim), the same for every world size and
+        sharding; each rank draws only its own rows (`initial_rows`)."""
         super().__init__()
+        if isinstance(init_seed, bool) or not isinstance(init_seed, numbers.Integral):
+            raise ValueError(f"init_seed must be an int, got {init_seed!r}")
         if sharding not in ("row", "table"):
             raise ValueError(f"sharding must be 'row' or 'table', got {sharding!r}")
         if fused_lr is not None and (sparse_grad or not fused_lr > 0):
@@ -177,18 +202,17 @@ class ShardedEmbeddings(nn.Module):
         self.register_buffer("_table_owner", torch.arange(len(self.keys)) % world, persistent=False)
         self.register_buffer("_rows_per_rank", torch.tensor([-(-tables[key] // world) for key in self.keys]), persistent=False)
         self._index_dtype = torch.int32 if max(tables.values()) < 2**31 else torch.int64  # rows and bag sizes on the wire
-        gen = torch.Generator().manual_seed(init_seed)
         self.shards = nn.ParameterDict()
         self._row_start = {}
         for t, key in enumerate(self.keys):
-            full = torch.randn(tables[key], dim, generator=gen) * dim**-0.5  # same full table on every rank
             if sharding == "table":
                 rows = (0, tables[key]) if int(self._table_owner[t]) == rank else (0, 0)
             else:
                 per = int(self._rows_per_rank[t])
                 rows = (min(rank * per, tables[key]), min((rank + 1) * per, tables[key]))
             self._row_start[key] = rows[0]
-            self.shards[key] = nn.Parameter(full[rows[0] : rows[1]].clone())
+            # only this rank's rows are drawn: no rank ever holds a whole table it does not own
+            self.shards[key] = nn.Parameter(initial_rows(init_seed, t, tables[key], dim, *rows))
         self._prefetched: DistributedIds | None = None
 
     def _route(self, table: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,10 @@ class _Launch:
         self.interpret = not env.gpu_launch_shapes(x.device)
         # the interpreter's 16-bit tl.dot is wrong, so it gets fp32 operands; fp32 inputs stay fp32
         self.upcast = self.interpret or x.dtype == torch.float32
+        # fp32 operands follow torch's matmul precision: exact under "highest" (torch's default), TF32
+        # tensor cores under torch.set_float32_matmul_precision("high"); 16-bit operands take no such choice
+        exact = self.upcast and torch.get_float32_matmul_precision() == "highest"
+        self.precision = "ieee" if exact else "tf32"
         self.bm = 16 if self.interpret else 64
         self.bk = 32 if self.interpret else 64
         self.bn_f = min(64, max(16, triton.next_power_of_2(f)))
@@ -80,7 +84,7 @@ def _gate_up(launch, x, wg, wu, sorted_slots, offsets, top_k, activation, a, b, 
         x, wg, wu if gated else wg, sorted_slots, offsets, launch.block_expert, launch.block_row,
         placeholder if a is None else a, placeholder if b is None else b, placeholder if h is None else h, d, f, top_k,
         *wg.stride(), ACT=_ACT_CODE[activation], GATED=gated, STORE_PRE=a is not None, STORE_H=h is not None,
-        UPCAST=launch.upcast, BM=launch.bm, BN=launch.bn_f, BK=launch.bk)
+        UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_f, BK=launch.bk)
 
 
 def _combine_rows(launch, rows_out, position, offsets, n_experts, top_k, out):
@@ -112,7 +116,7 @@ def _forward_triton(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top
     y = x.new_empty(launch.rows, d)
     kernels.down_kernel[(launch.n_blocks, triton.cdiv(d, launch.bn_d))](
         h, wd, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, y, d, f, *wd.stride(),
-        UPCAST=launch.upcast, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
+        UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
     out = _combine_rows(launch, y, position, offsets, n_experts, top_k, x.new_empty(t, d))
     return out, a, b, h
 
@@ -140,7 +144,7 @@ def _backward_triton(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a,
         db = torch.empty_like(b) if gated else None
     b_arg = b if gated else placeholder
     h_arg = h if checkpoint == "full" else placeholder
-    flags = dict(ACT=_ACT_CODE[activation], GATED=gated, SAVED_H=checkpoint == "full", UPCAST=launch.upcast)
+    flags = dict(ACT=_ACT_CODE[activation], GATED=gated, SAVED_H=checkpoint == "full", UPCAST=launch.upcast, PRECISION=launch.precision)
 
     # B2 first: it reads a and b, which B1 may overwrite
     dwd = wd.new_empty(wd.shape)  # contiguous, whatever the weight's strides
@@ -156,11 +160,11 @@ def _backward_triton(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a,
     dwu = wu.new_empty(wu.shape) if gated else None
     kernels.gate_up_weight_grad_kernel[(n_experts, triton.cdiv(d, launch.bn_d), triton.cdiv(f, launch.bn_f))](
         x, da, db if gated else placeholder, sorted_slots, offsets, dwg, dwu if gated else placeholder, d, f, top_k,
-        GATED=gated, UPCAST=launch.upcast, BM=launch.bm, BD=launch.bn_d, BF=launch.bn_f)
+        GATED=gated, UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BD=launch.bn_d, BF=launch.bn_f)
     dx_rows = x.new_empty(launch.rows, d)  # transient [T*k, d], freed before returning
     kernels.input_grad_kernel[(launch.n_blocks, triton.cdiv(d, launch.bn_d))](
         da, db if gated else placeholder, wg, wu if gated else wg, offsets, launch.block_expert, launch.block_row, dx_rows,
-        d, f, *wg.stride(), GATED=gated, UPCAST=launch.upcast, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
+        d, f, *wg.stride(), GATED=gated, UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
     # slot s sits at grouped row position[s]; rebuilt from sorted_slots rather than saved
     position = torch.empty_like(sorted_slots).scatter_(
         0, sorted_slots.long(), torch.arange(launch.rows, dtype=sorted_slots.dtype, device=x.device))

@@ -81,7 +81,7 @@ def _mm_operand(t, UPCAST: tl.constexpr):
 
 @triton.jit
 def _rows_times_weight(acc, a_ptr, rows, rmask, w_ptr, w_base, stride_k, stride_n, cols, cmask, K,
-                       UPCAST: tl.constexpr, BK: tl.constexpr):
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):
     """acc += A[rows, :K] @ W[:K, cols]: A row-major [*, K], W read through its strides (so a
     transposed or sliced weight view needs no copy)."""
     for k0 in range(0, K, BK):
@@ -90,7 +90,7 @@ def _rows_times_weight(acc, a_ptr, rows, rmask, w_ptr, w_base, stride_k, stride_
         at = tl.load(a_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(w_ptr + w_base + kk[:, None] * stride_k + cols[None, :] * stride_n,
                      mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.dot(_mm_operand(at, UPCAST), _mm_operand(wt, UPCAST))
+        acc += tl.dot(_mm_operand(at, UPCAST), _mm_operand(wt, UPCAST), input_precision=PRECISION)
     return acc
 
 
@@ -135,7 +135,7 @@ def _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM: tl.constexpr):
 def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_ptr, block_row_ptr,
                    a_ptr, b_ptr, h_ptr, D, F, TOP_K, w_stride_e, w_stride_d, w_stride_f,
                    ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
-                   UPCAST: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Rows of one expert's group: gather x rows while loading, gate and up GEMMs share each x tile.
     The forward stores h (and a, b unless checkpoint="recompute"); the recompute backward only a, b."""
@@ -155,10 +155,10 @@ def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_p
         w_offs = w_base + kk[:, None] * w_stride_d + cols[None, :] * w_stride_f
         wg = tl.load(wg_ptr + w_offs, mask=wmask, other=0.0)
         xt = _mm_operand(xt, UPCAST)
-        acc_a += tl.dot(xt, _mm_operand(wg, UPCAST))
+        acc_a += tl.dot(xt, _mm_operand(wg, UPCAST), input_precision=PRECISION)
         if GATED:
             wu = tl.load(wu_ptr + w_offs, mask=wmask, other=0.0)
-            acc_b += tl.dot(xt, _mm_operand(wu, UPCAST))
+            acc_b += tl.dot(xt, _mm_operand(wu, UPCAST), input_precision=PRECISION)
     out = rows.to(tl.int64)[:, None] * F + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if STORE_PRE:
@@ -171,7 +171,7 @@ def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, slots_ptr, offsets_ptr, block_expert_p
 
 @triton.jit
 def down_kernel(h_ptr, wd_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, y_ptr, D, F,
-                wd_stride_e, wd_stride_f, wd_stride_d, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                wd_stride_e, wd_stride_f, wd_stride_d, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[row] = routing_weight[slot] * (h[row] @ W_down[e]), rows in expert-grouped order."""
     pid_n = tl.program_id(1)
     e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, BM)
@@ -179,7 +179,7 @@ def down_kernel(h_ptr, wd_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert
     cmask = cols < D
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _rows_times_weight(acc, h_ptr, rows, rmask, wd_ptr, e_safe.to(tl.int64) * wd_stride_e, wd_stride_f, wd_stride_d,
-                             cols, cmask, F, UPCAST, BK)
+                             cols, cmask, F, UPCAST, PRECISION, BK)
     slots = tl.load(slots_ptr + rows, mask=rmask, other=0)
     rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
@@ -205,7 +205,7 @@ def combine_kernel(y_ptr, pos_ptr, kept_ptr, out_ptr, T, D, TOP_K: tl.constexpr,
 
 @triton.jit
 def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr, offsets_ptr, dwd_ptr, D, F, TOP_K,
-                            ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr,
+                            ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                             BM: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
     """B2, program (e, f tile, d tile): dW_down[e] = h^T (s * dO[token]) over expert e's rows.
     An expert without rows writes zeros."""
@@ -223,7 +223,7 @@ def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
         go = tl.load(go_ptr + tokens.to(tl.int64)[:, None] * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                      other=0.0)
         gy = (go.to(tl.float32) * rw[:, None]).to(go.dtype)  # operands in the input dtype, as in the forward
-        acc += tl.dot(_mm_operand(ht.to(go.dtype), UPCAST), _mm_operand(gy, UPCAST))
+        acc += tl.dot(_mm_operand(ht.to(go.dtype), UPCAST), _mm_operand(gy, UPCAST), input_precision=PRECISION)
     tl.store(dwd_ptr + e.to(tl.int64) * F * D + fcols[:, None] * D + dcols[None, :], acc.to(dwd_ptr.dtype.element_ty),
              mask=fmask[:, None] & dmask[None, :])
 
@@ -231,7 +231,7 @@ def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
 @triton.jit
 def act_grad_kernel(go_ptr, wd_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert_ptr,
                     block_row_ptr, da_ptr, db_ptr, droute_ptr, D, F, TOP_K, wd_stride_e, wd_stride_f, wd_stride_d,
-                    ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr,
+                    ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """B1, one row block: dh = dO[token] W_down[e]^T tile by tile over d_ff; the router gradient
     <dh, h> is summed over the tiles inside the program (deterministic, no atomics); da (and db)
@@ -253,7 +253,7 @@ def act_grad_kernel(go_ptr, wd_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
                          other=0.0)
             wdt = tl.load(wd_ptr + w_base + cols[None, :] * wd_stride_f + kk[:, None] * wd_stride_d,
                           mask=kmask[:, None] & cmask[None, :], other=0.0)
-            dh += tl.dot(_mm_operand(go, UPCAST), _mm_operand(wdt, UPCAST))
+            dh += tl.dot(_mm_operand(go, UPCAST), _mm_operand(wdt, UPCAST), input_precision=PRECISION)
         out = rows.to(tl.int64)[:, None] * F + cols[None, :]
         omask = rmask[:, None] & cmask[None, :]
         a, b, h = _activation_tile(a_ptr, b_ptr, h_ptr, out, omask, ACT, GATED, SAVED_H)
@@ -267,7 +267,7 @@ def act_grad_kernel(go_ptr, wd_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
 
 @triton.jit
 def gate_up_weight_grad_kernel(x_ptr, da_ptr, db_ptr, slots_ptr, offsets_ptr, dwg_ptr, dwu_ptr, D, F, TOP_K,
-                               GATED: tl.constexpr, UPCAST: tl.constexpr,
+                               GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                                BM: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
     """B3, program (e, d tile, f tile): dW_gate[e] = x[token]^T da, dW_up[e] = x[token]^T db over
     expert e's rows, sharing each gathered x tile. An expert without rows writes zeros."""
@@ -285,10 +285,10 @@ def gate_up_weight_grad_kernel(x_ptr, da_ptr, db_ptr, slots_ptr, offsets_ptr, dw
         offs = rows.to(tl.int64)[:, None] * F + fcols[None, :]
         gmask = rmask[:, None] & fmask[None, :]
         da = tl.load(da_ptr + offs, mask=gmask, other=0.0)
-        acc_g += tl.dot(xt, _mm_operand(da, UPCAST))
+        acc_g += tl.dot(xt, _mm_operand(da, UPCAST), input_precision=PRECISION)
         if GATED:
             db = tl.load(db_ptr + offs, mask=gmask, other=0.0)
-            acc_u += tl.dot(xt, _mm_operand(db, UPCAST))
+            acc_u += tl.dot(xt, _mm_operand(db, UPCAST), input_precision=PRECISION)
     w_offs = e.to(tl.int64) * D * F + dcols[:, None] * F + fcols[None, :]
     wmask = dmask[:, None] & fmask[None, :]
     tl.store(dwg_ptr + w_offs, acc_g.to(dwg_ptr.dtype.element_ty), mask=wmask)
@@ -298,7 +298,7 @@ def gate_up_weight_grad_kernel(x_ptr, da_ptr, db_ptr, slots_ptr, offsets_ptr, dw
 
 @triton.jit
 def input_grad_kernel(da_ptr, db_ptr, wg_ptr, wu_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, dx_rows_ptr, D, F,
-                      w_stride_e, w_stride_d, w_stride_f, GATED: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      w_stride_e, w_stride_d, w_stride_f, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """B4, one row block: dx_rows[row] = da W_gate[e]^T + db W_up[e]^T (grouped order; summed per
     token afterwards by `combine_kernel`)."""
     pid_n = tl.program_id(1)
@@ -308,8 +308,8 @@ def input_grad_kernel(da_ptr, db_ptr, wg_ptr, wu_ptr, offsets_ptr, block_expert_
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     w_base = e_safe.to(tl.int64) * w_stride_e
     # W^T tiles [BK, BN]: the reduction runs over d_ff (stride f), the output columns over d
-    acc = _rows_times_weight(acc, da_ptr, rows, rmask, wg_ptr, w_base, w_stride_f, w_stride_d, cols, cmask, F, UPCAST, BK)
+    acc = _rows_times_weight(acc, da_ptr, rows, rmask, wg_ptr, w_base, w_stride_f, w_stride_d, cols, cmask, F, UPCAST, PRECISION, BK)
     if GATED:
-        acc = _rows_times_weight(acc, db_ptr, rows, rmask, wu_ptr, w_base, w_stride_f, w_stride_d, cols, cmask, F, UPCAST, BK)
+        acc = _rows_times_weight(acc, db_ptr, rows, rmask, wu_ptr, w_base, w_stride_f, w_stride_d, cols, cmask, F, UPCAST, PRECISION, BK)
     tl.store(dx_rows_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(dx_rows_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])

@@ -43,7 +43,7 @@ from gpukernels_common import tracing
 
 from .__about__ import __version__
 from .bloom.hashing import term_hash
-from .bloom.index import BloomIndex, _validate_attributes
+from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, run_plans
 from .filtering import pack_bits, unpack_bits
@@ -663,10 +663,22 @@ class RetrievalModel(nn.Module):
             if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
                 raise ValueError(f"{directory}: tensor {name} is {str(t.dtype)} {list(t.shape)}, the config says {spec['dtype']} {spec['shape']}")
         try:
-            return cls._from_config(directory, config, tensors, user_tower).to(device).eval()
+            model = cls._from_config(directory, config, tensors, user_tower).to(device).eval()
         except (KeyError, TypeError, AttributeError) as err:  # a hand-edited or truncated config
             raise ValueError(f"{directory}: {CONFIG_FILE} is missing an entry or has one of the wrong type "
                              f"({type(err).__name__}: {err})") from err
+        if (problem := model._bloom_disagreement()) is not None:
+            raise ValueError(f"{directory}: the Bloom index does not match the items' attributes: {problem}")
+        return model
+
+    def _bloom_disagreement(self) -> str | None:
+        """`bloom_disagreement` on the main items (the fresh ones are verified exactly, outside the Bloom index)."""
+        n = self.num_main
+        counts = self.attr_counts[:n]
+        hashes = self.attr_terms[:n][torch.arange(self.attr_terms.shape[1], device=counts.device) < counts.unsqueeze(1)]
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return bloom_disagreement(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, offsets, hashes,
+                                  self.bloom_k, self.bloom_multiplier)
 
     @classmethod
     def _from_config(cls, directory, config: dict, tensors: dict, user_tower: nn.Module | None) -> RetrievalModel:

@@ -7,8 +7,9 @@ import torch
 from ..backend import Backend
 
 # (rms_tol, max_tol): relative-RMS error bound, and a bound on the worst element's error
-# relative to the reference's largest magnitude. The GPU runs fp32 `tl.dot` in TF32,
-# the interpreter computes it exactly in numpy, hence the separate tiers.
+# relative to the reference's largest magnitude. The GPU may run fp32 `tl.dot` in TF32 (its
+# default; moeblaze follows torch's matmul precision instead), the interpreter computes it
+# exactly in numpy, hence the separate tiers.
 TOLERANCES: dict[tuple[torch.dtype, Backend], tuple[float, float]] = {
     (torch.float64, Backend.REFERENCE): (1e-12, 1e-10),
     (torch.float32, Backend.REFERENCE): (1e-6, 1e-5),

@@ -37,6 +37,46 @@ def _or_bits(n_words: int, word: torch.Tensor, bit: torch.Tensor, device) -> tor
     return out
 
 
+def bundle_widths(lengths: torch.Tensor, k: int, b_multiplier: float) -> torch.Tensor:
+    """Rows per bundle for items with `lengths` terms each (bundles from the first item): the
+    smallest prime >= max(ceil(max terms in the bundle * k * b_multiplier), k + 1)."""
+    n = lengths.numel()
+    padded = torch.zeros(math.ceil(n / BUNDLE) * BUNDLE, dtype=torch.int64)
+    padded[:n] = lengths.cpu()
+    return torch.tensor([next_prime(max(math.ceil(int(m) * k * b_multiplier), k + 1)) for m in padded.view(-1, BUNDLE).amax(1)],
+                        dtype=torch.int64)
+
+
+def bloom_disagreement(bits, row_offsets, widths, offsets, hashes, k: int, b_multiplier: float, samples: int = 1024) -> str | None:
+    """None when a Bloom index agrees with the items' term hashes (item i owns
+    hashes[offsets[i]:offsets[i+1]]), else what disagrees. Checks the layout in full (each
+    bundle's width follows from k and b_multiplier, the row offsets from the widths) and the bits
+    on `samples` terms spread over the items (each sets its k rows). A loaded index that fails
+    would silently lose true matches: say a hand-edited k, or bits from another build."""
+    n = offsets.numel() - 1
+    if widths.numel() != math.ceil(n / BUNDLE):
+        return f"{widths.numel()} bundle widths for {n} items (expected {math.ceil(n / BUNDLE)})"
+    expected = bundle_widths(offsets.diff(), k, b_multiplier)
+    if not torch.equal(widths.cpu(), expected):
+        return f"the bundle widths do not follow from k={k} and b_multiplier={b_multiplier} (a changed k or b_multiplier?)"
+    if row_offsets.numel() != widths.numel() + 1 or not torch.equal(row_offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), expected.cumsum(0)])):
+        return "the bundles' row offsets do not follow from their widths"
+    if tuple(bits.shape) != (int(row_offsets[-1]), WORDS_PER_BUNDLE):
+        return f"bits are {tuple(bits.shape)}, the widths give ({int(row_offsets[-1])}, {WORDS_PER_BUNDLE})"
+    n_terms = hashes.numel()
+    if n_terms == 0:
+        return None
+    pick = torch.linspace(0, n_terms - 1, min(samples, n_terms)).round().long().to(hashes.device)
+    items = torch.searchsorted(offsets.to(hashes.device), pick, right=True) - 1
+    bundle = items // BUNDLE
+    rows = row_offsets.to(hashes.device)[bundle].unsqueeze(1) + bloom_positions(hashes[pick], widths.to(hashes.device)[bundle], k)
+    words = bits.reshape(-1)[(rows * WORDS_PER_BUNDLE + ((items % BUNDLE) // 64).unsqueeze(1)).to(bits.device)]
+    unset = ((words >> (items % 64).unsqueeze(1).to(bits.device)) & 1) == 0
+    if unset.any():
+        return f"{int(unset.any(1).sum())} of {pick.numel()} sampled terms are missing from the Bloom bits (bits from another build?)"
+    return None
+
+
 def _validate_attributes(feature_ids, offsets, values):
     if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0:
         raise ValueError("offsets must be a 1-D tensor [n_items + 1] starting at 0")
@@ -86,10 +126,7 @@ class BloomIndex:
         keep_rows = int(self.row_offsets[first_bundle]) if first_bundle < self.row_offsets.numel() else int(self.row_offsets[-1])
         item_lo = first_bundle * BUNDLE
         lengths = self.offsets.diff()
-        per_bundle_max = [int(lengths[b * BUNDLE : (b + 1) * BUNDLE].max()) if b * BUNDLE < n else 0
-                          for b in range(first_bundle, n_bundles)]
-        new_widths = torch.tensor([next_prime(max(math.ceil(m * self.k * self.b_multiplier), self.k + 1)) for m in per_bundle_max],
-                                  dtype=torch.int64, device=device)
+        new_widths = bundle_widths(lengths[item_lo:], self.k, self.b_multiplier).to(device)
         widths = torch.cat([self.widths[:first_bundle], new_widths])
         row_offsets = torch.zeros(n_bundles + 1, dtype=torch.int64, device=device)
         row_offsets[1:] = torch.cumsum(widths, 0)
@@ -385,8 +422,10 @@ class BloomIndex:
         if missing:
             raise ValueError(f"{path}: missing tensors {sorted(missing)}")
         idx = cls(k=config["k"], b_multiplier=config["b_multiplier"], **tensors)
-        if idx.bits.shape[0] != int(idx.row_offsets[-1]) or idx.widths.numel() != math.ceil(idx.num_items / BUNDLE):
-            raise ValueError(f"{path}: inconsistent shapes (rows {idx.bits.shape[0]} vs offsets {int(idx.row_offsets[-1])})")
+        problem = bloom_disagreement(idx.bits, idx.row_offsets, idx.widths, idx.offsets,
+                                     term_hash(idx.feature_ids, idx.values), idx.k, idx.b_multiplier)
+        if problem is not None:
+            raise ValueError(f"{path}: the Bloom index does not match its items: {problem}")
         return idx
 
 
