@@ -177,7 +177,12 @@ def scenario_schema(rank, world):
         # ranks with samples that disagree: a clear error on every rank, and the group still works
         mine = KeyedJagged.from_dict({"a": values[:2]}, dtype=torch.int32 if rank == 0 else torch.int64)
         wide = {"x": torch.zeros(2, 3 + rank)}
+        # the same keys in another order on rank 1: moved samples would get their keys' values swapped
+        two = {"a": values[:2], "b": values[2:4]}
+        swapped = KeyedJagged.from_dict(two if rank == 0 else dict(reversed(two.items())))
         for name, run_path in {"values dtype": lambda: bal.balance(mine, {}),
+                               "key order": lambda: bal.balance(swapped, {}),
+                               "key order from lengths": lambda: bal.exchange(bal.plan(swapped.sample_lengths()), swapped, {}),
                                "values dtype async": lambda: bal.balance_async(mine, {}).result(timeout=30),
                                "dense shape": lambda: bal.balance(KeyedJagged.from_dict({"a": values[:2]}), wide),
                                "dense shape from lengths": lambda: bal.exchange(bal.plan(torch.tensor([3, 1])),
@@ -192,6 +197,26 @@ def scenario_schema(rank, world):
     every = [None] * world
     dist.all_gather_object(every, outcome)
     return {"outcomes": every}
+
+
+def scenario_cut_plans_never_worse(rank, world):
+    """Cutting a sample only just over the fair share: split's pieces recompute context and cost
+    more than the whole, and both landed on one rank (max load 40 -> 50). A cut plan that is no
+    better than the batch as it stands keeps every sample, whole, in place."""
+    lens = [0, 0, 20] if rank == 0 else [0, 0, 1, 6, 0, 0, 16]
+    feats = KeyedJagged.from_dict({"items": [torch.arange(n) + 100 * rank for n in lens]})
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mode in ("split", "cap"):
+            for method in ("kk_equal", "contiguous"):
+                bal = BatchBalancer(cost_model=CostModel(1.0, 0.05), method=method, long_sequences=mode)
+                plan = bal.plan(feats)
+                new, _ = bal.exchange(plan, feats)
+                report = plan.report()
+                out[f"{mode} {method}"] = (report["max_load_before"], report["max_load_after"], plan.partition.method,
+                                           torch.equal(new.values, feats.values))
+    return {"rank": rank, "plans": out}
 
 
 def scenario_cost_lengths(rank, world):

@@ -164,6 +164,8 @@ def test_ranks_agree_on_dtypes_and_shapes(tmp_path):
             assert isinstance(outcome[path], int), (rank, path)
         assert "differ in dtype" in outcome["values dtype"] and "rank 1: torch.int64" in outcome["values dtype"], outcome
         assert "differ in dtype" in outcome["values dtype async"], outcome
+        for name in ("key order", "key order from lengths"):
+            assert "same keys in the same order" in outcome[name], (name, outcome)
         for name in ("dense shape", "dense shape from lengths"):
             assert "trailing shape" in outcome[name] and "rank 1: torch.float32 [4]" in outcome[name], (name, outcome)
         assert isinstance(outcome["after"], int)
@@ -175,6 +177,14 @@ def test_background_groups_take_the_process_group_timeout(tmp_path):
     assert res is not None, proc.stderr[-3000:]
     assert res["seconds"] == {"balancer": 2.0, "pipeline": 2.0, "count": 2.0, "explicit": 3.0}
     assert res["error"] != "no error" and res["waited"] < 5, res
+
+
+def test_cut_plans_are_never_worse_than_the_batch_as_it_stands(tmp_path):
+    proc, res = _run("cut_plans_never_worse", 2, tmp_path)
+    for name, (before, after, _, _) in res["plans"].items():
+        assert after <= before, (name, before, after)
+    # the reviewed case: kept, nothing moves
+    assert res["plans"]["split kk_equal"] == (40.0, 40.0, "kept", True), res["plans"]
 
 
 def test_every_rank_costs_samples_alike(tmp_path):

@@ -112,7 +112,7 @@ def test_factored_with_grad_scaler_and_autocast():
         torch.testing.assert_close(p.grad, q.grad, rtol=3e-2, atol=3e-2 * float(q.grad.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("kind", ["nonlinear", "two linear layers", "wide", "frozen without bias"])
+@pytest.mark.parametrize("kind", ["nonlinear", "two linear layers", "wide", "frozen without bias", "scaled addmm"])
 def test_other_heads_take_the_general_path(kind):
     """Heads that do not read the representation through one Linear layer of their own (or
     through one whose backward node would not run in the heads' backward)."""
@@ -131,6 +131,9 @@ def test_other_heads_take_the_general_path(kind):
             heads = [wide(rep).sum(1) * (t + 1) if t == 0 else first(rep).sum(1) * (t + 1) for t in range(3)]
         elif kind == "frozen without bias":  # no parameter gradient: the heads' backward skips its node
             heads = [frozen(rep).sum(1) * (t + 1) if t == 0 else first(rep).sum(1) * (t + 1) for t in range(3)]
+        elif kind == "scaled addmm":  # a linear layer written as addmm(b, rep, W.T, alpha=2): rep's gradient is 2 g W
+            heads = [torch.addmm(first.bias, rep, first.weight.T, alpha=2.0).sum(1) * (t + 1) if t == 0
+                     else second(rep).sum(1) * (t + 1) for t in range(3)]
         else:  # one task reads it through two layers
             heads = [(first(rep) + second(rep)).sum(1) * (t + 1) for t in range(3)]
         bal.backward({f"t{t}": ((h - y[t]) ** 2).mean() for t, h in enumerate(heads)})

@@ -104,3 +104,27 @@ def test_schema_encodes_item_attributes_as_the_language_hashes_them():
         schema.encode_items([{"rating": 5}])
     with pytest.raises(ValueError, match="must be int or str"):
         schema.encode_items([{"year": 1995.0}])
+
+
+def test_schema_encodes_numpy_values_and_refuses_ints_past_int64():
+    """Rows from pandas (`df.to_dict("records")`) hold numpy ints and arrays (they were refused);
+    an int past int64 is refused naming the item and attribute (it was an unexplained overflow)."""
+    import numpy as np
+
+    from silvertorch import BloomIndex, FilterSchema
+
+    schema = FilterSchema({"genre": 1, "year": 2, "big": 3})
+    items = [{"genre": np.array(["Comedy", "Drama"]), "year": np.int64(1995)}, {"genre": "Horror", "year": np.int32(1996)},
+             {"big": "18446744073709551616", "year": torch.tensor([1995, 1997])}]
+    fids, offsets, values = schema.encode_items(items)
+    assert offsets.tolist() == [0, 3, 5, 8] and fids.tolist() == [1, 1, 2, 1, 2, 3, 2, 2]
+    assert values[2] == 1995 and values[4] == 1996
+    index = BloomIndex.build(fids, offsets, values, k=3, b_multiplier=5.0)
+    exprs = ["year:1995", "genre:Drama", 'big:"18446744073709551616"', 'big:"18446744073709551617"', "year:1997 AND NOT genre:Horror"]
+    exact = index.verify(parse_filters(exprs, schema=schema), torch.arange(3).expand(len(exprs), 3))
+    assert exact.tolist() == [[True, False, True], [True, False, False], [False, False, True], [False, False, False],
+                              [False, False, True]]
+    with pytest.raises(ValueError, match="item 1: attribute 'big' value 18446744073709551616 is outside the int64 range"):
+        schema.encode_items([{"year": 1}, {"big": 2**64}])
+    with pytest.raises(ValueError, match="'year' values must be int or str, got bool"):
+        schema.encode_items([{"year": np.bool_(True)}])

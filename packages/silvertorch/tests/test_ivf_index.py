@@ -498,3 +498,22 @@ def test_compiled_scoring_kernels_match_reference_on_gpu(monkeypatch, schedule):
     monkeypatch.setenv("GKC_BACKEND", "triton")
     tri, _ = index.candidate_scores(queries, clusters, schedule=schedule)  # cluster: int8 tl.dot on sm80+
     torch.testing.assert_close(tri, ref, rtol=0, atol=0)
+
+
+def test_indexes_and_filters_made_under_inference_mode(tmp_path):
+    """Serving code often builds or loads under `torch.inference_mode()`; inference tensors have
+    no version counter, so state derived from them is made afresh rather than cached (it crashed)."""
+    mask = torch.rand(QUERIES.shape[0], INDEX.num_items, generator=torch.Generator().manual_seed(3)) < 0.3
+    want = INDEX.search(QUERIES, k=10, nprobe=4, filters=DenseMaskFilter(mask))
+    INDEX.save(tmp_path / "ivf.safetensors")
+    with torch.inference_mode():
+        index = IVFIndex.load(tmp_path / "ivf.safetensors")
+        masked = DenseMaskFilter(mask.clone())
+        got = index.search(QUERIES, k=10, nprobe=4, filters=masked)
+        masked.mask[:, :] = False  # changed in place: no stale packed words
+        empty = index.search(QUERIES, k=10, nprobe=4, filters=masked)
+        index.remove(want[1][:, 0])  # the best hit of each query, removed in place
+        after = index.search(QUERIES, k=10, nprobe=4, filters=DenseMaskFilter(mask))
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert (empty[1] == -1).all()
+    assert torch.equal(after[1][:, :9], want[1][:, 1:])

@@ -608,3 +608,18 @@ def test_model_kernels_on_device_match_cpu_reference(device):
     torch.testing.assert_close(got_scores.cpu(), want_scores, rtol=1e-4, atol=1e-5)
     agree = sum(len(set(a) & set(b)) for a, b in zip(got_ids.cpu().tolist(), want_ids.tolist()))
     assert agree >= 0.95 * want_ids.numel()  # near-ties may swap at the cut
+
+
+def test_loaded_and_served_under_inference_mode(tmp_path):
+    """A model loaded and queried under `torch.inference_mode()` (a serving idiom) answers as the
+    built one, and a delete made there takes effect (its tensors have no version counter)."""
+    users, exprs = torch.arange(4).unsqueeze(1), ["cat:1", "", "NOT year:1995", "cat:{2,3}"]
+    want = MODEL.retrieve(users, exprs)
+    MODEL.save(tmp_path / "m")
+    with torch.inference_mode():
+        model = RetrievalModel.load(tmp_path / "m")
+        got = model.retrieve(users, exprs)
+        model.delete_items([int(want.ids[1, 0])])
+        after = model.retrieve(users, exprs)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    assert int(want.ids[1, 0]) not in after.ids.tolist()[1] and torch.equal(after.ids[1, :-1], want.ids[1, 1:])

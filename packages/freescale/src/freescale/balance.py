@@ -254,8 +254,10 @@ class BatchBalancer:
             local_sizes = torch.bincount(source_rank[windows.source], minlength=self.world_size).tolist()
             costs = self.cost_model(windows.lengths)
         part = partition(costs, self.world_size, method=self.method, refine=self.refine)
-        if windows is None and float(part.loads.max()) > (1.0 - self.min_gain) * float(before.max()):
-            # not worth moving: every rank keeps its samples (the same decision on every rank)
+        if float(part.loads.max()) > (1.0 - self.min_gain) * float(before.max()):
+            # not worth moving: every rank keeps its samples whole (the same decision on every rank);
+            # cut samples too, whose pieces may cost more than the whole (split's recomputed context)
+            windows, local_sizes = None, source_sizes
             bounds = [0] + torch.cumsum(torch.tensor(source_sizes), 0).tolist()
             part = Partition([torch.arange(bounds[r], bounds[r + 1]) for r in range(self.world_size)],
                              before.to(torch.float64), "kept")
@@ -385,15 +387,20 @@ def group_timeout(group=None) -> datetime.timedelta:
 _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
 
+def _keys_crc(keys) -> int:
+    return zlib.crc32("\0".join(keys).encode())
+
+
 def _schema_of(lengths_or_features, dense: dict[str, torch.Tensor] | None) -> list[int] | None:
     """This rank's schema as ints for the gather: [values dtype, has values, dense given, crc of
-    the dense keys, number of dense keys, then per key: dtype, trailing dims, *trailing shape]."""
+    the dense keys, number of dense keys, crc of the feature keys, then per dense key: dtype,
+    trailing dims, *trailing shape]."""
     if not isinstance(lengths_or_features, KeyedJagged):
         return None
     values = lengths_or_features.values
     out = [_DTYPES.index(values.dtype), int(values.numel() > 0), int(dense is not None)]
     dense = dense or {}
-    out += [zlib.crc32("\0".join(dense).encode()), len(dense)]
+    out += [_keys_crc(dense), len(dense), _keys_crc(lengths_or_features.keys)]
     for v in dense.values():
         out += [_DTYPES.index(v.dtype), v.dim() - 1, *v.shape[1:]]
     return out
@@ -408,22 +415,29 @@ class Schema:
     values: torch.dtype | None
     dense: tuple | None
     dense_keys: int  # crc of the dense keys' names, in order
+    feature_keys: int  # crc of the jagged features' keys, in order
 
     @staticmethod
     def _parse(ints: list[int]):
         values, has_values, dense_given, crc, n = _DTYPES[ints[0]], bool(ints[1]), bool(ints[2]), ints[3], ints[4]
-        dense, i = [], 5
+        dense, i = [], 6
         for _ in range(n):
             nd = ints[i + 1]
             dense.append((_DTYPES[ints[i]], tuple(ints[i + 2 : i + 2 + nd])))
             i += 2 + nd
-        return values, has_values, dense_given, crc, dense
+        return values, has_values, dense_given, crc, dense, ints[5]
 
     @classmethod
     def agree(cls, schemas: list[list[int]], samples: list[int]) -> Schema:
         """The agreed schema from every rank's (`samples`: per rank, > 0 where it has rows); a
         ValueError, identical on every rank, where ranks with values or rows disagree."""
         parsed = [cls._parse(s) for s in schemas]
+        if len({p[5] for p in parsed}) != 1:
+            # the exchange rebuilds what it receives in the receiver's key order: other orders would
+            # silently swap keys' values between moved samples
+            raise ValueError("BatchBalancer: the ranks' features have different keys or the same keys in another order; "
+                             "every rank must pass the same keys in the same order (KeyedJagged.from_dict keeps the "
+                             "dict's order)")
         if len({(p[2], p[3], len(p[4])) for p in parsed}) != 1:
             raise ValueError("BatchBalancer: the ranks pass different dense keys (names or count) or some pass no "
                              "dense tensors to the plan: every rank must pass the same dense keys, in the same order")
@@ -444,11 +458,13 @@ class Schema:
                                      f"ranks ({per_rank}); every rank must pass the same dtype and shape[1:]")
                 dense.append(seen.pop() if seen else None)
             dense = tuple(dense)
-        return cls(with_values.pop() if with_values else None, dense, parsed[0][3])
+        return cls(with_values.pop() if with_values else None, dense, parsed[0][3], parsed[0][5])
 
     def conform(self, features: KeyedJagged, dense: dict[str, torch.Tensor]):
         """`features` and `dense` in the agreed dtypes and shapes: empty ones are cast/reshaped,
         others must already match (a ValueError where they do not: not what the plan saw)."""
+        if _keys_crc(features.keys) != self.feature_keys:
+            raise ValueError(f"features' keys {list(features.keys)} differ from those the plan was made with (names or order)")
         values = features.values
         if self.values is not None and values.dtype != self.values:
             if values.numel():
@@ -456,7 +472,7 @@ class Schema:
             features = KeyedJagged(features.keys, values.to(self.values), features.lengths)
         if self.dense is None:
             return features, dense
-        if zlib.crc32("\0".join(dense).encode()) != self.dense_keys or len(dense) != len(self.dense):
+        if _keys_crc(dense) != self.dense_keys or len(dense) != len(self.dense):
             raise ValueError(f"dense keys {list(dense)} differ from those the plan was made with")
         out = {}
         for (k, v), agreed in zip(dense.items(), self.dense):

@@ -153,6 +153,8 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                     return None  # not a linear layer's input, read twice, or a layer shared by tasks
                 if all(e is None for i, (e, _) in enumerate(children) if i != index):
                     return None  # a frozen layer without bias: its node would not run
+                if getattr(node, "_saved_alpha", 1) != 1:
+                    return None  # addmm(..., alpha=a) scales the layer: not the plain W the factors use
                 weight = node._saved_mat2.T.detach()
                 if weight.shape[0] >= weight.shape[1]:
                     return None  # a layer as wide as the representation: the factors save nothing

@@ -19,6 +19,13 @@ if sys.byteorder != "little":  # pack_bits/unpack_bits view int32 words as their
     raise ImportError("silvertorch's filter words need a little-endian machine")
 
 
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (it moves on every in-place change); None for inference
+    tensors (made under `torch.inference_mode()`), which have none: state derived from them is
+    made afresh on every call."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class RangeFilter(Protocol):
     num_queries: int
     num_items: int  # the item positions it covers (an index's main and fresh items)
@@ -107,17 +114,18 @@ class DenseMaskFilter:
         words after the last (a range read past the end finds zeros); kept for the next call."""
         if not self._packed_is_current() or self._packed[0] != num_words:
             words = pack_bits(self.mask).to(torch.int64) & 0xFFFFFFFF
-            self._packed = (num_words, self.mask, self.mask._version, torch.nn.functional.pad(words, (0, num_words + 1)))
+            self._packed = (num_words, self.mask, tensor_version(self.mask), torch.nn.functional.pad(words, (0, num_words + 1)))
         return self._packed[3]
 
     def _packed_is_current(self) -> bool:
-        return self._packed is not None and self._packed[1] is self.mask and self._packed[2] == self.mask._version
+        version = tensor_version(self.mask)
+        return self._packed is not None and self._packed[1] is self.mask and version is not None and self._packed[2] == version
 
     def select(self, queries):
         rows = queries.to(self.mask.device)
         picked = DenseMaskFilter(self.mask[rows])
         if self._packed_is_current():  # those rows' packed words: an adaptive round does not pack again
-            picked._packed = (self._packed[0], picked.mask, picked.mask._version, self._packed[3][rows])
+            picked._packed = (self._packed[0], picked.mask, tensor_version(picked.mask), self._packed[3][rows])
         return picked
 
     def exact_mask(self, positions):

@@ -27,6 +27,7 @@ evaluator can compute exact bits for a fixed few leading slots instead of every 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 
 import torch
@@ -72,17 +73,27 @@ class FilterSchema:
         (feature_ids, offsets, values) that BloomIndex.build and publish take. Integers stay
         integers (`year:1995`); strings take the filter language's value of the same word or
         quoted text (`word_value`: `genre:Comedy`, `title:"Toy Story"`; digits are the number,
-        so a "1995" string matches `year:1995`)."""
+        so a "1995" string matches `year:1995`). Values may be Python or numpy ints and strings,
+        one or several (a list, tuple, set, numpy array or tensor)."""
         fids, vals, offsets = [], [], [0]
         for i, item in enumerate(items):
             for name, values in item.items():
                 if name not in self.features:
                     raise ValueError(f"item {i}: unknown attribute {name!r}; the schema has {sorted(self.features)}")
-                for v in values if isinstance(values, (list, tuple, set)) else [values]:
-                    if isinstance(v, bool) or not isinstance(v, (int, str)):
+                if isinstance(values, (list, tuple, set, frozenset)):
+                    values = list(values)
+                elif getattr(values, "ndim", 0) >= 1:  # a numpy array or tensor of values
+                    values = values.tolist()
+                else:
+                    values = [values]
+                for v in values:
+                    if isinstance(v, bool) or not isinstance(v, (numbers.Integral, str)):  # numpy ints too (pandas rows)
                         raise ValueError(f"item {i}: attribute {name!r} values must be int or str, got {type(v).__name__}")
+                    if isinstance(v, numbers.Integral) and not INT64_MIN <= int(v) <= INT64_MAX:
+                        raise ValueError(f"item {i}: attribute {name!r} value {int(v)} is outside the int64 range; pass it "
+                                         f"as a string (text, which a quoted filter value matches)")
                     fids.append(int(self.features[name]))
-                    vals.append(v if isinstance(v, int) else word_value(v))
+                    vals.append(int(v) if isinstance(v, numbers.Integral) else word_value(v))
             offsets.append(len(vals))
         return (torch.tensor(fids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
                 torch.tensor(vals, dtype=torch.int64))
