@@ -454,12 +454,23 @@ def scenario_scheduler(rank, world):
     f_big.result(timeout=60)
     f_small.result(timeout=60)
     assert f_reduce.result(timeout=60) is grads
+    # column slices as input and output, small enough to go as one op: as contiguous tensors would
+    # (gloo wrote a strided output as if it were contiguous, and refused a strided input)
+    wide_in = (torch.arange(world * 3 * 10, dtype=torch.float32).view(world * 3, 10) + 1000 * rank)
+    wide_out = torch.full((world * 3, 9), -1.0)
+    order = list(sched.completed)
+    f_views = sched.all_to_all(wide_out[:, :6], wide_in[:, 2:8], name="views")
+    sched.flush()
+    f_views.result(timeout=60)
+    want = torch.empty(world * 3, 6)
+    dist.all_to_all_single(want, wide_in[:, 2:8].contiguous())
+    assert torch.equal(wide_out[:, :6], want) and (wide_out[:, 6:] == -1).all(), (wide_out, want)
     sched.close()
     assert torch.equal(grads, torch.arange(3000, dtype=torch.float32) * sum(range(1, world + 1)))
     expect_big = torch.cat([torch.full((4, 2048), float(s)) for s in range(world)])
     assert torch.equal(big_out, expect_big)
     assert small_out.tolist() == [float(s + 10) for s in range(world)]
-    return {"order": sched.completed}
+    return {"order": order}
 
 
 def scenario_scheduler_uneven(rank, world):
@@ -581,8 +592,14 @@ def scenario_pipeline(rank, world):
             meter.sync(lambda: dist.all_reduce(total), name="dense_allreduce")  # the step's own collective
             seen.append((dense["id"], global_batch))
 
-        with meter.step():
-            TrainPipeline(step, balancer=balancer, meter=meter, embeddings=tables, pooling=["sum", "none"]).run(iter(local))
+        TrainPipeline(step, balancer=balancer, meter=meter, embeddings=tables, pooling=["sum", "none"]).run(iter(local))
+        # one metered step per batch, counting the batch's received samples, and every wait of the
+        # pipeline's own inside a step (they fell between steps)
+        assert len(meter.steps) == len(batches), meter.steps
+        assert [s["samples"] for s in meter.steps] == [int(ids.numel()) for ids, _ in seen]
+        spans = [(e["ts"], e["ts"] + e["dur"]) for e in meter.events if e["name"] == "step"]
+        waits = [e for e in meter.events if e["name"].removeprefix("wait:").startswith(("balance", "input_dist", "global_batch"))]
+        assert waits and all(any(a <= e["ts"] and e["ts"] + e["dur"] <= b for a, b in spans) for e in waits), (waits, spans)
         gathered = [None] * world
         dist.all_gather_object(gathered, [(ids.tolist(), g) for ids, g in seen])
         out[name] = {"ids": [sorted(i for r in range(world) for i in gathered[r][s][0]) for s in range(len(batches))],

@@ -49,6 +49,11 @@ def test_train_refuses_bad_arguments(tmp_path, one_process, capsys):
         with pytest.raises(SystemExit):
             train_module.main(["--steps", "1", *argv])
         assert message in capsys.readouterr().err, argv
+    # --steps below 1 trained nothing and exited 0; the usage names the command it came from
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--steps", "-3"])
+    err = capsys.readouterr().err
+    assert "usage: freescale train" in err and "argument --steps: expected an integer >= 1, got -3" in err, err
 
 
 def test_contiguous_method_means_no_balancer():

@@ -60,3 +60,17 @@ def test_simulate_zero_lengths_and_a_2d_batch_tensor():
     assert zero.step_times == [0.0] and zero.bubble_ratio == 0.0
     rows = torch.tensor([[1, 2], [3, 4]])  # one global batch per row
     assert simulate(rows, 2, CostModel()).step_times == simulate(list(rows), 2, CostModel()).step_times
+
+
+def test_meter_steps_do_not_nest():
+    """A step inside a step overwrote the outer one's record and crashed on its exit with a
+    TypeError; now the inner one is refused, naming the TrainPipeline case, and the outer one is kept."""
+    meter = BubbleMeter()
+    with meter.step(samples=3):
+        with pytest.raises(RuntimeError, match="steps do not nest"):
+            with meter.step():
+                pass
+        meter.add_samples(2)
+    assert len(meter.steps) == 1 and meter.steps[0]["samples"] == 5
+    with pytest.raises(RuntimeError, match="no step is open"):
+        meter.add_samples(1)

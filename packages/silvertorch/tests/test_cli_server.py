@@ -331,3 +331,26 @@ def test_server_refuses_value_weights_for_a_learned_value_model():
         ok = client.post("/v1/retrieve", json={"user_features": [3]})
     assert bad.status_code == 400 and "Value Model is learned" in bad.json()["error"]
     assert ok.status_code == 200 and len(ok.json()["ids"]) == 5
+
+
+def test_server_refuses_unknown_fields_and_non_numbers(artifact):
+    """A misspelled field ("filters") was ignored, answering unfiltered with a 200; true and "42"
+    passed as user ids; an integer past float64 was a 500 that reset the connection."""
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import create_app
+
+    path, genre = artifact
+    with TestClient(create_app(RetrievalModel.load(path)), raise_server_exceptions=False) as client:
+        post = client.post
+        for body, reason in (({"user_features": [3], "filters": "genre:2"}, "filters"),
+                             ({"user_features": [3], "value_weight": [0.0, 1.0]}, "value_weight"),
+                             ({"user_features": [True]}, "user_features"),
+                             ({"user_features": ["42"]}, "user_features"),
+                             ({"user_features": [3], "n": "5"}, "n"),
+                             ({"user_features": [3], "value_weights": ["1", 0.3]}, "value_weights"),
+                             ({"user_features": [10**400]}, "out of range")):
+            r = post("/v1/retrieve", json=body)
+            assert r.status_code == 400 and reason in r.text, (body, r.status_code, r.text)
+        r = post("/v1/retrieve", json={"user_features": [3], "filter": "genre:2", "n": 5, "value_weights": [1, 0.3]})
+        assert r.status_code == 200 and all(int(genre[i - 1]) == 2 for i in r.json()["ids"])

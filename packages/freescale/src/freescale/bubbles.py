@@ -43,6 +43,12 @@ class BubbleMeter:
 
     @contextlib.contextmanager
     def step(self, samples: int = 0):
+        """Time one training step (steps do not nest: `TrainPipeline(meter=...)` opens one per batch
+        itself, so its step_fn times the step's parts with `compute()` / `sync()` only)."""
+        if self._current is not None:
+            raise RuntimeError("BubbleMeter.step: a step is already open; steps do not nest (a TrainPipeline given "
+                               "this meter opens one per batch: time its step_fn's parts with meter.compute() and "
+                               "meter.sync(), not meter.step())")
         self._current = {"compute": 0.0, "wait": 0.0, "comm": 0.0, "samples": samples}
         start = time.perf_counter()
         try:
@@ -54,6 +60,12 @@ class BubbleMeter:
             self.steps.append(self._current)
             self._event("step", start, end)
             self._current = None
+
+    def add_samples(self, samples: int) -> None:
+        """Count `samples` more in the open step (for a step whose batch is known only inside it)."""
+        if self._current is None:
+            raise RuntimeError("BubbleMeter.add_samples: no step is open")
+        self._current["samples"] += samples
 
     def _account(self, part: str, name: str, start: float, end: float) -> None:
         if self._current is not None:

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         # forwarded whole, before argparse: a REMAINDER positional would not take leading options
         from .train import main as train_main
 
-        train_main(argv[1:])
+        train_main(argv[1:], prog="freescale train")
         return 0
     parser = argparse.ArgumentParser(prog="freescale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

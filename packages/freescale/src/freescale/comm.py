@@ -197,7 +197,12 @@ class CommScheduler:
             self._send_all_to_all(output, input, output_splits, input_splits, blocks[0])
             return blocks[1:]
         if part is None:
-            dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+            # the backends need contiguous tensors (gloo writes a strided output as if it were not):
+            # views such as column slices go through contiguous copies, as the chunked sends do
+            out = output if output.is_contiguous() else torch.empty_like(output, memory_format=torch.contiguous_format)
+            dist.all_to_all_single(out, input.contiguous(), output_splits, input_splits, group=self.group)
+            if out is not output:
+                output.copy_(out)
             return None
         lo, hi = part
         out = output.new_empty(output.shape[0], hi - lo)

@@ -13,6 +13,7 @@ given.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +52,10 @@ class TrainPipeline:
         `module(features, pooling)` finds them there. Every process constructs the pipeline (it
         makes a process group per module, and one for the count without a balancer).
         `timeout`: of those groups (a timedelta or seconds; default: that of the group each
-        serves, i.e. what `init_process_group` was given)."""
+        serves, i.e. what `init_process_group` was given).
+        `meter`: a `BubbleMeter` the pipeline opens one step in per batch (waiting for the batch's
+        exchange and input distribution, staging the next, step_fn) and times its own waits in;
+        step_fn times its parts with `meter.compute()` / `meter.sync()`, not `meter.step()`."""
         self.step_fn, self.balancer, self.device, self.meter = step_fn, balancer, torch.device(device), meter
         self.embeddings = [embeddings] if isinstance(embeddings, ShardedEmbeddings) else list(embeddings)
         poolings = [pooling] * len(self.embeddings) if isinstance(pooling, str) else list(pooling)
@@ -134,12 +138,17 @@ class TrainPipeline:
         first = next(it, None)
         if first is None:
             return outputs
-        current = self._finish(self._stage(first))
-        for nxt in it:
-            staged = self._stage(nxt)  # stages 1-2 for batch i+1 (in the background)
-            outputs.append(self._step(current))  # stage 3 for batch i
-            current = self._finish(staged)
-        outputs.append(self._step(current))
+        staged = self._stage(first)
+        while staged is not None:
+            # with a meter, one metered step per batch: waiting for it (its exchange and input
+            # distribution), staging the next, and step_fn; every second of the run is in a step
+            with self.meter.step() if self.meter is not None else contextlib.nullcontext():
+                current = self._finish(staged)
+                if self.meter is not None:
+                    self.meter.add_samples(current[0].batch_size)
+                nxt = next(it, None)
+                staged = None if nxt is None else self._stage(nxt)  # stages 1-2 for batch i+1 (in the background)
+                outputs.append(self._step(current))  # stage 3 for batch i
         return outputs
 
     def _step(self, batch):

@@ -74,9 +74,9 @@ def make_balancer(method: str, long_sequences: str, distributed: bool) -> BatchB
     return BatchBalancer(cost_model=CostModel.from_model_shape(32, 2, 2), method=method, long_sequences=long_sequences)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
+def main(argv=None, prog: str = "python -m freescale.train"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=_positive_int, default=20, help="steps in all (a resumed run continues up to it)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="global batch")
     p.add_argument("--method", choices=METHODS, default="kk_equal",
                    help="partitioner of the BatchBalancer; contiguous: no balancer (each rank keeps its slice)")

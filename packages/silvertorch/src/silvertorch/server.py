@@ -73,7 +73,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         from fastapi import FastAPI, HTTPException
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse
-        from pydantic import BaseModel, Field
+        from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
         from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError as err:
         raise ImportError("the server needs the serve extra: pip install 'silvertorch[serve]'") from err
@@ -84,10 +84,13 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
     n_tasks = model.value_model.num_tasks
 
     class RetrieveRequest(BaseModel):
-        user_features: list[float | int] = Field(min_length=1, max_length=4096)
-        filter: str = Field(default="", max_length=limits.max_expression_length)
-        n: int = Field(default=model.num_results, ge=1, le=model.num_results)
-        value_weights: list[float] | None = Field(default=None, min_length=n_tasks, max_length=n_tasks)
+        # strict: a misspelled field is a 400, not ignored (a dropped "filter" would answer unfiltered),
+        # and true or "42" are not numbers
+        model_config = ConfigDict(extra="forbid")
+        user_features: list[StrictInt | StrictFloat] = Field(min_length=1, max_length=4096)
+        filter: StrictStr = Field(default="", max_length=limits.max_expression_length)
+        n: StrictInt = Field(default=model.num_results, ge=1, le=model.num_results)
+        value_weights: list[StrictInt | StrictFloat] | None = Field(default=None, min_length=n_tasks, max_length=n_tasks)
 
     state = {"ready": False, "accepting": True}
     metrics = Metrics()
@@ -251,6 +254,8 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
             features = model.check_user_features(torch.tensor([req.user_features], dtype=torch.float64))[0]
         except ValueError as err:
             return bad(str(err))
+        except OverflowError:  # an integer past float64's range
+            return bad("user_features: a number is out of range")
         if features.is_floating_point():
             features = features.float()
         try:
