@@ -19,11 +19,33 @@ if sys.byteorder != "little":  # pack_bits/unpack_bits view int32 words as their
     raise ImportError("silvertorch's filter words need a little-endian machine")
 
 
-def tensor_version(tensor: torch.Tensor) -> int | None:
+def _tensor_version(tensor: torch.Tensor) -> int | None:
     """The tensor's version counter (it moves on every in-place change); None for inference
-    tensors (made under `torch.inference_mode()`), which have none: state derived from them is
-    made afresh on every call."""
+    tensors (made under `torch.inference_mode()`), which have none."""
     return None if tensor.is_inference() else tensor._version
+
+
+def kept_derived(owner, slot: str, tensor: torch.Tensor):
+    """(key, value) that `derived_from` kept in `owner.<slot>` for `tensor` as it is now (not
+    replaced, not changed in place since), else None."""
+    kept = getattr(owner, slot, None)
+    version = _tensor_version(tensor)
+    if kept is None or kept[0] is not tensor or version is None or kept[1] != version:
+        return None
+    return kept[2], kept[3]
+
+
+def derived_from(owner, slot: str, tensor: torch.Tensor, make, key=None):
+    """`make(tensor)`, kept in `owner.<slot>` with `key` and made again only when `tensor` was
+    replaced or changed in place (its version counter moved) or another key is asked for:
+    derived state read on every call. An inference tensor has no version counter: made afresh
+    every time."""
+    kept = kept_derived(owner, slot, tensor)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    value = make(tensor)
+    setattr(owner, slot, (tensor, _tensor_version(tensor), key, value))
+    return value
 
 
 class RangeFilter(Protocol):
@@ -80,9 +102,7 @@ class DenseMaskFilter:
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
         self.mask = mask
-        # (num_words, the mask it was packed from, that mask's version, packed words): packed again
-        # when the mask is replaced or edited in place
-        self._packed: tuple | None = None
+        self._packed = None  # derived_from's: the packed words, packed again when the mask is replaced or edited
 
     @property
     def num_items(self) -> int:
@@ -112,20 +132,16 @@ class DenseMaskFilter:
     def _packed_words(self, num_words: int) -> torch.Tensor:
         """The mask's bits as unsigned 32-bit words in int64 [Q, ceil(N/32) + num_words + 1], zero
         words after the last (a range read past the end finds zeros); kept for the next call."""
-        if not self._packed_is_current() or self._packed[0] != num_words:
-            words = pack_bits(self.mask).to(torch.int64) & 0xFFFFFFFF
-            self._packed = (num_words, self.mask, tensor_version(self.mask), torch.nn.functional.pad(words, (0, num_words + 1)))
-        return self._packed[3]
-
-    def _packed_is_current(self) -> bool:
-        version = tensor_version(self.mask)
-        return self._packed is not None and self._packed[1] is self.mask and version is not None and self._packed[2] == version
+        return derived_from(self, "_packed", self.mask, lambda mask: torch.nn.functional.pad(
+            pack_bits(mask).to(torch.int64) & 0xFFFFFFFF, (0, num_words + 1)), key=num_words)
 
     def select(self, queries):
         rows = queries.to(self.mask.device)
         picked = DenseMaskFilter(self.mask[rows])
-        if self._packed_is_current():  # those rows' packed words: an adaptive round does not pack again
-            picked._packed = (self._packed[0], picked.mask, tensor_version(picked.mask), self._packed[3][rows])
+        kept = kept_derived(self, "_packed", self.mask)
+        if kept is not None:  # those rows' packed words: an adaptive round does not pack again
+            num_words, packed = kept
+            derived_from(picked, "_packed", picked.mask, lambda _: packed[rows], key=num_words)
         return picked
 
     def exact_mask(self, positions):

@@ -46,8 +46,8 @@ from .bloom.hashing import term_hash
 from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, run_plans
-from .filtering import pack_bits, unpack_bits
-from .ivf.index import IVFIndex, derived_from
+from .filtering import derived_from, pack_bits, unpack_bits
+from .ivf.index import IVFIndex
 from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
 from .ivf.quantize import quantize_rows
@@ -673,12 +673,11 @@ class RetrievalModel(nn.Module):
 
     def _bloom_disagreement(self) -> str | None:
         """`bloom_disagreement` on the main items (the fresh ones are verified exactly, outside the Bloom index)."""
-        n = self.num_main
-        counts = self.attr_counts[:n]
-        hashes = self.attr_terms[:n][torch.arange(self.attr_terms.shape[1], device=counts.device) < counts.unsqueeze(1)]
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return bloom_disagreement(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, offsets, hashes,
-                                  self.bloom_k, self.bloom_multiplier)
+        counts = self.attr_counts[: self.num_main]
+        present = torch.arange(self.attr_terms.shape[1], device=counts.device) < counts.unsqueeze(1)
+        items = torch.arange(self.num_main, device=counts.device).unsqueeze(1).expand_as(present)[present]
+        return bloom_disagreement(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, counts, items,
+                                  self.attr_terms[: self.num_main][present], self.bloom_k, self.bloom_multiplier)
 
     @classmethod
     def _from_config(cls, directory, config: dict, tensors: dict, user_tower: nn.Module | None) -> RetrievalModel:

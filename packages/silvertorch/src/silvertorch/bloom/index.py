@@ -47,31 +47,38 @@ def bundle_widths(lengths: torch.Tensor, k: int, b_multiplier: float) -> torch.T
                         dtype=torch.int64)
 
 
-def bloom_disagreement(bits, row_offsets, widths, offsets, hashes, k: int, b_multiplier: float, samples: int = 1024) -> str | None:
-    """None when a Bloom index agrees with the items' term hashes (item i owns
-    hashes[offsets[i]:offsets[i+1]]), else what disagrees. Checks the layout in full (each
-    bundle's width follows from k and b_multiplier, the row offsets from the widths) and the bits
-    on `samples` terms spread over the items (each sets its k rows). A loaded index that fails
-    would silently lose true matches: say a hand-edited k, or bits from another build."""
-    n = offsets.numel() - 1
+def _term_words(items: torch.Tensor, hashes: torch.Tensor, widths: torch.Tensor, row_offsets: torch.Tensor, k: int) -> torch.Tensor:
+    """[terms, k]: the words (indices into the flat bits) holding item items[t]'s bit for term
+    hashes[t], one per Bloom row; the bit is items[t] % 64."""
+    bundle = items // BUNDLE
+    rows = row_offsets[bundle].unsqueeze(1) + bloom_positions(hashes, widths[bundle], k)
+    return rows * WORDS_PER_BUNDLE + ((items % BUNDLE) // 64).unsqueeze(1)
+
+
+def bloom_disagreement(bits, row_offsets, widths, lengths, term_items, term_hashes, k: int, b_multiplier: float,
+                       samples: int = 1024) -> str | None:
+    """None when a Bloom index agrees with its items' terms (item i has lengths[i] terms; term t
+    is term_hashes[t] of item term_items[t], in any order), else what disagrees. Checks the
+    layout in full (each bundle's width follows from k and b_multiplier, the row offsets from the
+    widths) and the bits on `samples` terms spread over the items (each sets its k rows). A loaded
+    index that fails would silently lose true matches: say a hand-edited k, or bits from another build."""
+    n = lengths.numel()
     if widths.numel() != math.ceil(n / BUNDLE):
         return f"{widths.numel()} bundle widths for {n} items (expected {math.ceil(n / BUNDLE)})"
-    expected = bundle_widths(offsets.diff(), k, b_multiplier)
+    expected = bundle_widths(lengths, k, b_multiplier)
     if not torch.equal(widths.cpu(), expected):
         return f"the bundle widths do not follow from k={k} and b_multiplier={b_multiplier} (a changed k or b_multiplier?)"
     if row_offsets.numel() != widths.numel() + 1 or not torch.equal(row_offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), expected.cumsum(0)])):
         return "the bundles' row offsets do not follow from their widths"
     if tuple(bits.shape) != (int(row_offsets[-1]), WORDS_PER_BUNDLE):
         return f"bits are {tuple(bits.shape)}, the widths give ({int(row_offsets[-1])}, {WORDS_PER_BUNDLE})"
-    n_terms = hashes.numel()
+    n_terms = term_hashes.numel()
     if n_terms == 0:
         return None
-    pick = torch.linspace(0, n_terms - 1, min(samples, n_terms)).round().long().to(hashes.device)
-    items = torch.searchsorted(offsets.to(hashes.device), pick, right=True) - 1
-    bundle = items // BUNDLE
-    rows = row_offsets.to(hashes.device)[bundle].unsqueeze(1) + bloom_positions(hashes[pick], widths.to(hashes.device)[bundle], k)
-    words = bits.reshape(-1)[(rows * WORDS_PER_BUNDLE + ((items % BUNDLE) // 64).unsqueeze(1)).to(bits.device)]
-    unset = ((words >> (items % 64).unsqueeze(1).to(bits.device)) & 1) == 0
+    pick = torch.linspace(0, n_terms - 1, min(samples, n_terms)).round().long().to(bits.device)
+    items = term_items.to(bits.device)[pick]
+    words = _term_words(items, term_hashes.to(bits.device)[pick], widths.to(bits.device), row_offsets.to(bits.device), k)
+    unset = ((bits.reshape(-1)[words] >> (items % 64).unsqueeze(1)) & 1) == 0
     if unset.any():
         return f"{int(unset.any(1).sum())} of {pick.numel()} sampled terms are missing from the Bloom bits (bits from another build?)"
     return None
@@ -147,10 +154,7 @@ class BloomIndex:
             fresh = torch.zeros(new_rows * 32, dtype=torch.int64, device=device)
             for lo in range(0, h.numel(), BUILD_CHUNK):  # chunks bound the temporaries (10M items: ~1 GB, not ~30)
                 items = item_of_term[lo : lo + BUILD_CHUNK]
-                bundle = items // BUNDLE
-                pos = bloom_positions(h[lo : lo + BUILD_CHUNK], widths[bundle], self.k)  # [terms, k]
-                wib = (items % BUNDLE) // 64
-                word = ((row_offsets[bundle].unsqueeze(1) + pos) * 32 + wib.unsqueeze(1)) - keep_rows * 32
+                word = _term_words(items, h[lo : lo + BUILD_CHUNK], widths, row_offsets, self.k) - keep_rows * WORDS_PER_BUNDLE
                 bit = (items % 64).unsqueeze(1).expand_as(word)
                 fresh |= _or_bits(new_rows * 32, word.reshape(-1), bit.reshape(-1), device)
             fresh = fresh.view(new_rows, 32)
@@ -422,8 +426,8 @@ class BloomIndex:
         if missing:
             raise ValueError(f"{path}: missing tensors {sorted(missing)}")
         idx = cls(k=config["k"], b_multiplier=config["b_multiplier"], **tensors)
-        problem = bloom_disagreement(idx.bits, idx.row_offsets, idx.widths, idx.offsets,
-                                     term_hash(idx.feature_ids, idx.values), idx.k, idx.b_multiplier)
+        problem = bloom_disagreement(idx.bits, idx.row_offsets, idx.widths, idx.offsets.diff(), idx._term_items,
+                                     idx._term_hashes, idx.k, idx.b_multiplier)  # the side table's terms: not hashed again
         if problem is not None:
             raise ValueError(f"{path}: the Bloom index does not match its items: {problem}")
         return idx

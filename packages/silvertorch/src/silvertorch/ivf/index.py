@@ -21,7 +21,7 @@ import torch
 
 from gpukernels_common import env, grouped_blocks, select_backend
 
-from ..filtering import count_bits, pack_bits, tensor_version, unpack_bits
+from ..filtering import count_bits, derived_from, pack_bits, unpack_bits
 from ..topk import select_topk
 from .kmeans import kmeans
 from .quantize import quantize_rows
@@ -52,18 +52,6 @@ PASSING_SLOT_COST = 10
 # 128, 128 queries, nprobe 64: 41 MB at a 10% filter, 41.6 -> 28.2 ms; at 1%, 4 MB, one gather is
 # 6-10% faster)
 PER_QUERY_GATHER_MIN_BYTES = 8 << 20
-
-
-def derived_from(owner, slot: str, tensor: torch.Tensor, make):
-    """`make(tensor)`, kept in `owner.<slot>` and made again only when `tensor` was replaced or
-    changed in place (its version counter moved): derived state read on every call. An inference
-    tensor has no version counter: made afresh every time."""
-    version = tensor_version(tensor)
-    cached = getattr(owner, slot, None)
-    if cached is None or cached[0] is not tensor or version is None or cached[1] != version:
-        cached = (tensor, version, make(tensor))
-        setattr(owner, slot, cached)
-    return cached[2]
 
 
 def int8_dot_supported(device: torch.device) -> bool:
