@@ -206,10 +206,16 @@ def gpu(session: nox.Session) -> None:
     """GPU machine: compiled kernels, `gpu`-marked tests and GPU benchmarks, no install step."""
     paths = [str(ROOT / "packages" / p / "src") for p in ALL]
     env = {"PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]), "TRITON_INTERPRET": "0"}
+    # name the markers' plugin unless an installed gpukernels-common registers it already (pytest
+    # refuses a plugin loaded twice under two names)
+    import importlib.metadata
+
+    registered = any(e.value.startswith("gpukernels_common.testing") for e in importlib.metadata.entry_points(group="pytest11"))
+    plugin = [] if registered else ["-p", "gpukernels_common.testing.plugin"]
     for package in ALL:
         session.run(
             sys.executable, "-m", "pytest", f"packages/{package}/tests", "-ra", "--import-mode=importlib",
-            "-p", "gpukernels_common.testing.plugin", "-p", "no:cacheprovider", *session.posargs, env=env,
+            *plugin, "-p", "no:cacheprovider", *session.posargs, env=env,
         )
     for package in ALL:
         runner = ROOT / "packages" / package / "benchmarks" / "run.py"

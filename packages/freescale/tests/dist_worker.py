@@ -258,6 +258,66 @@ def scenario_group_timeout(rank, world):
     return {"seconds": seconds, "error": error, "waited": time.perf_counter() - start}
 
 
+def scenario_cost_lengths_mismatch(rank, world):
+    """long_sequences cap/split with a plan made from cost lengths that are not the features' own
+    (rank 0's 100-long history planned as 50): the exchange cut the real features with the plan's
+    windows, silently (cap kept positions 40-49 instead of 90-99). Now every rank gets the same
+    ValueError, though only rank 0's lengths differ; a plan from the right lengths still works."""
+    lens = [[100, 2], [3, 4], [5]][rank]
+    feats = KeyedJagged.from_dict({"h": [torch.arange(n) for n in lens], "t": [torch.arange(n) + 1 for n in lens]})
+    out = {}
+    for mode in ("cap", "split"):
+        bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), long_sequences=mode, background=False)
+        true = bal.lengths_of(feats)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cap drops most positions of this batch: said elsewhere
+            for name, dense in (("no dense", None), ("dense", {"id": torch.arange(len(lens))})):
+                try:
+                    bal.exchange(bal.plan(true.clamp_max(50)), feats, dense)
+                    out[f"{mode} {name}"] = "no error"
+                except ValueError as err:
+                    out[f"{mode} {name}"] = str(err)
+            new, _ = bal.exchange(bal.plan(true), feats)  # still in step, and the right lengths pass
+        out[f"{mode} ok"] = new.batch_size
+    every = [None] * world
+    dist.all_gather_object(every, out)
+    return {"outcomes": every}
+
+
+def scenario_pipeline_plan(rank, world):
+    """TrainPipeline with a split balancer: a step_fn with a `plan` parameter gets the plan of the
+    batch it trains (pipeline.last_plan is the same object), whose received windows, loss mask
+    and global_positions are what a split step needs; a three-parameter step_fn is called as before."""
+    per_rank = {2: [[2, 3, 7], [120, 1, 4]], 3: [[2, 3], [120, 1, 4], []]}[world]  # one history to split
+    lens, first = per_rank[rank], sum(len(x) for x in per_rank[:rank])
+    batches = []
+    for step in range(3):
+        h = [torch.arange(n + step) + 1000 * (first + i) for i, n in enumerate(lens)]  # value: (sample, position)
+        batches.append((KeyedJagged.from_dict({"h": h, "n": [x + 1 for x in h]}), {"uid": torch.arange(first, first + len(h))}))
+    bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), long_sequences="split", split_context=4)
+    pipe = None
+    seen = []
+
+    def step(feats, dense, global_batch, plan):
+        got = plan.received()
+        items, lengths = feats["h"]
+        assert pipe.last_plan is plan
+        assert torch.equal(lengths, got.lengths) and torch.equal(dense["uid"], got.source)
+        for j, seq in enumerate(items.split(lengths.tolist())):  # every piece is its windows' positions
+            assert torch.equal(seq, torch.arange(int(got.start[j]), int(got.stop[j])) + 1000 * int(got.source[j]))
+        mask = got.loss_mask()
+        assert mask.numel() == items.numel()
+        seen.append([int(mask.sum()), plan.global_positions, global_batch, bool(got.trailing.any())])
+
+    pipe = TrainPipeline(step, balancer=bal)
+    pipe.run(iter(batches))
+    old_style = []
+    TrainPipeline(lambda f, d, g: old_style.append(g), balancer=bal).run(iter(batches[:1]))
+    every = [None] * world
+    dist.all_gather_object(every, seen)
+    return {"seen": every, "old_style": old_style}
+
+
 def long_batch(seed=1):
     """Ten histories, one far longer than the rest: alone it costs more than a rank's fair share."""
     g = torch.Generator().manual_seed(seed)
@@ -311,7 +371,9 @@ def scenario_long_sequences(rank, world):
                      "fair_share": torch.tensor(rep["fair_share"]), "oversized": torch.tensor(rep["oversized_samples"]),
                      "max_load_after": torch.tensor(rep["max_load_after"]), "positions": torch.tensor(plan.global_positions),
                      "bubble_floor": torch.tensor(rep["bubble_floor"]), "bubble_after": torch.tensor(rep["bubble_after"]),
-                     "warnings": torch.tensor(sum("fair share" in str(w.message) for w in caught))}
+                     "warnings": torch.tensor(sum("fair share" in str(w.message) for w in caught)),
+                     "drop_warnings": torch.tensor(sum("positions" in str(w.message) for w in caught)),
+                     "dropped": torch.tensor(rep["positions_dropped"]), "dropped_frac": torch.tensor(rep["positions_dropped_frac"])}
         if mode == "split":
             torch.manual_seed(0)
             weight = torch.randn(50, 3, requires_grad=True)
@@ -417,6 +479,17 @@ def scenario_transport(rank, world):
         out["mismatch"] = "no error"
     except ValueError as err:
         out["mismatch"] = str(err)
+    # wrong on the last rank only: it raised alone and the others hung in the staged all-gather
+    # until the group's timeout; now every rank raises the same error
+    wrong = [receives[0] + 1, *receives[1:]] if rank == world - 1 else receives
+    try:
+        copy_engine.exchange(torch.zeros(sum(sends), 2), wrong, sends, None)
+        one = "no error"
+    except (ValueError, RuntimeError) as err:
+        one = f"{type(err).__name__}: {err}"
+    out["one rank"] = [None] * world
+    dist.all_gather_object(out["one rank"], one)
+    out["receives"] = receives
     return out
 
 

@@ -61,3 +61,44 @@ def test_contiguous_method_means_no_balancer():
     assert train_module.make_balancer("contiguous", "report", distributed=True) is None
     assert train_module.make_balancer("kk_equal", "report", distributed=False) is None
     assert train_module.make_balancer("kk_equal", "cap", distributed=True).method == "kk_equal"
+
+
+def test_resume_refuses_other_training_options(tmp_path, one_process, capsys):
+    """The checkpoint held only model/optimizer/step: another --max-len failed in load_state_dict
+    with a raw size mismatch, another --seed / --batch-size / --all-positions resumed silently on
+    another data stream. Now the options are recorded and a resume with others exits 2."""
+    ckpt = tmp_path / "c.pt"
+    common = ["--checkpoint", str(ckpt), "--max-len", "20", "--batch-size", "4", "--seed", "3"]
+    train_module.main(["--steps", "1", *common])
+    assert torch.load(ckpt, weights_only=True)["args"] == {"seed": 3, "batch_size": 4, "max_len": 20,
+                                                            "all_positions": False, "long_sequences": "report"}
+    for changed, named in ((["--max-len", "30"], "--max-len 20 (now 30)"), (["--seed", "4"], "--seed 3 (now 4)"),
+                           (["--batch-size", "6"], "--batch-size 4 (now 6)"),
+                           (["--all-positions"], "--all-positions False (now True)")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_module.main(["--steps", "2", "--resume", *common, *changed])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "was written with other options" in err and named in err, (changed, err)
+    # the same options (another --method would be fine too: it moves samples, not what is trained)
+    train_module.main(["--steps", "2", "--resume", *common])
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+
+
+def test_resume_from_a_checkpoint_without_recorded_options(tmp_path, one_process, capsys):
+    """A checkpoint of an older release (no "args"): resumed with a warning; one of another model
+    shape is a clear CLI error, not load_state_dict's size mismatch traceback."""
+    ckpt = tmp_path / "c.pt"
+    common = ["--checkpoint", str(ckpt), "--max-len", "20", "--batch-size", "4"]
+    train_module.main(["--steps", "1", *common])
+    state = torch.load(ckpt, weights_only=True)
+    del state["args"]
+    torch.save(state, ckpt)
+    with pytest.warns(UserWarning, match="records no training options"):
+        train_module.main(["--steps", "2", "--resume", *common])
+    state = torch.load(ckpt, weights_only=True)
+    del state["args"]
+    torch.save(state, ckpt)
+    with pytest.warns(UserWarning, match="records no training options"), pytest.raises(SystemExit) as exit_info:
+        train_module.main(["--steps", "3", "--resume", *common[:2], "--max-len", "30", "--batch-size", "4"])
+    assert exit_info.value.code == 2 and "does not fit this model (another --max-len?)" in capsys.readouterr().err

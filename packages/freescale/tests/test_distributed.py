@@ -91,6 +91,46 @@ def test_copy_engine_transport_equals_all_to_all(tmp_path, world):
     proc, res = _run("transport", world, tmp_path)
     assert bool(res["float64 3-D"]) and bool(res["int64"]) and bool(res["nothing"])
     assert "differ from what the ranks send this rank" in res["mismatch"]
+    # wrong output_splits on the last rank only: every rank raises the same ValueError (the others
+    # hung in the staged all-gather until the process group's timeout)
+    one = res["one rank"]
+    assert len(set(one)) == 1 and one[0].startswith("ValueError: CopyEngineTransport: "), one
+    assert f"rank {world - 1}: output_splits" in one[0] and "differ from what the ranks send this rank" in one[0], one
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_exchange_refuses_cost_lengths_other_than_the_features(tmp_path, world):
+    """cap/split plans made from cost lengths that are not the features' positions: the exchange
+    cut the features with the plan's windows, silently wrong. Now the same ValueError on every
+    rank (only rank 0's lengths differ), with or without dense tensors."""
+    proc, res = _run("cost_lengths_mismatch", world, tmp_path)
+    outcomes = res["outcomes"]
+    for key in ("cap no dense", "cap dense", "split no dense", "split dense"):
+        errors = {o[key] for o in outcomes}
+        assert len(errors) == 1, (key, errors)
+        error = errors.pop()
+        assert error.startswith("BatchBalancer.exchange: rank 0: the features' positions per sample differ from the "
+                                "lengths the plan was made from (local sample 0: 100 positions, the plan's lengths "
+                                "say 50)"), (key, error)
+    samples = 4 if world == 2 else 5  # planned from the right lengths: every sample arrives (split: in pieces)
+    assert sum(o["cap ok"] for o in outcomes) == samples < sum(o["split ok"] for o in outcomes)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pipeline_hands_step_fn_the_plan_of_its_batch(tmp_path, world):
+    """A split balancer in TrainPipeline: step_fn(..., plan) gets its own batch's plan (the
+    received windows match the features, checked in the worker), the loss masks over the ranks
+    add up to plan.global_positions; a step_fn without `plan` runs as before."""
+    proc, res = _run("pipeline_plan", world, tmp_path)
+    seen = res["seen"]
+    for step in range(3):
+        positions = seen[0][step][1]
+        assert all(s[step][1] == positions for s in seen)
+        samples, total = (6, 137) if world == 2 else (5, 130)
+        assert sum(s[step][0] for s in seen) == positions == total + step * samples
+        assert all(s[step][2] == samples for s in seen)
+        assert any(s[step][3] for s in seen)  # a piece with trailing positions: the history was split
+    assert res["old_style"] == [6 if world == 2 else 5]
 
 
 @pytest.mark.gpu
@@ -247,6 +287,12 @@ def test_long_sequences_floor_cap_and_split(tmp_path):
         assert float(res[mode]["max_rank_cost"]) < floor, mode
         assert float(res[mode]["max_rank_cost"]) == pytest.approx(float(res[mode]["max_load_after"]))
     assert int(res["cap"]["positions"]) < int(res["report"]["positions"]) == int(res["split"]["positions"])
+    # what the cap cut off is in the report, and warned about (once per plan: this one drops > 10%)
+    dropped = int(res["report"]["positions"]) - int(res["cap"]["positions"])
+    assert int(res["cap"]["dropped"]) == dropped > 0.1 * int(res["report"]["positions"])
+    assert float(res["cap"]["dropped_frac"]) == pytest.approx(dropped / int(res["report"]["positions"]))
+    assert [int(res[m]["dropped"]) for m in ("report", "split")] == [0, 0]
+    assert [int(res[m]["drop_warnings"]) for m in ("report", "cap", "split")] == [0, 2, 0]
     # split + merge (loss over the global position count, gradients summed) equals the unsplit run
     # for a model whose receptive field fits the split context
     torch.manual_seed(0)

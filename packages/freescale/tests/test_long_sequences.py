@@ -55,6 +55,18 @@ def test_cap_is_the_largest_that_fits():
     assert oversized(COST(looser), world).numel() > 0  # one position more and the floor is back
 
 
+def test_cap_leaves_a_batch_whole_when_every_sample_has_a_rank_to_itself():
+    """No more non-empty samples than ranks: the fair share is below every sample but the
+    shortest, and the cap collapsed to it (one 200-long history on 3 ranks kept 1 position, 99.5%
+    of the loss positions gone, for no idle rank filled). Such a batch now stays whole; one sample
+    more than ranks and the fair-share cap is back."""
+    cost = CostModel.from_model_shape(32, 2, 2)  # what freescale.train uses
+    for world, lengths in ((3, [200]), (3, [200, 5, 1]), (4, [300, 0, 0, 7]), (2, [0, 0])):
+        assert cap_lengths(torch.tensor(lengths), cost, world).tolist() == lengths, (world, lengths)
+    capped = cap_lengths(torch.tensor([200, 5, 1, 1]), cost, 3)
+    assert int(capped.max()) < 200 and oversized(cost(capped), 3).numel() == 0
+
+
 def test_split_and_cap_remove_the_floor_in_the_simulator():
     world = 16
     batches = [_floor_bound_batch(world, seed=s) for s in (0, 100)]

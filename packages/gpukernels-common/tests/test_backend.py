@@ -75,10 +75,44 @@ def test_cuda_tensors_pick_compiled_triton(monkeypatch):
     assert select_backend(torch.zeros(2, device="cuda")) is Backend.TRITON
 
 
-def test_the_interpreter_probe_passes_here():
-    from gpukernels_common.backend import interpreter_fault
+def _forget_probe_module(monkeypatch):
+    """The next import defines the probe kernel afresh; the test's end puts the old module back."""
+    import gpukernels_common
 
-    assert interpreter_fault() is None  # the tests run the interpreter: it must compute
+    monkeypatch.delitem(sys.modules, "gpukernels_common._probe", raising=False)
+    monkeypatch.delattr(gpukernels_common, "_probe", raising=False)
+
+
+def test_the_interpreter_probe_passes_here(monkeypatch):
+    from gpukernels_common import backend
+
+    # on its own, whatever ran before it: the probe kernel defined afresh under the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "_INTERPRETER_WORKS", [False])
+    _forget_probe_module(monkeypatch)
+    assert backend.interpreter_fault() is None  # the tests run the interpreter: it must compute
+
+
+def test_kernels_defined_for_compiling_are_not_blamed_on_numpy(monkeypatch):
+    """TRITON_INTERPRET set after triton defined the kernels: they are compiled ones, which the
+    probe says instead of suspecting the interpreter's numpy."""
+    from gpukernels_common import backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _forget_probe_module(monkeypatch)
+    import gpukernels_common._probe  # noqa: F401 (defined for compiling)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fault = backend._probe_interpreter()
+    assert "defined the kernels for compiling" in fault and "numpy" not in fault
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False), (" 1", False), ("2", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    from gpukernels_common import env
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert env.triton_interpret() is on
 
 
 class _KernelThatStoresNothing:
@@ -104,3 +138,27 @@ def test_an_interpreter_that_drops_stores_is_refused_with_its_versions(monkeypat
         select_backend(torch.zeros(2))
     assert select_backend(torch.zeros(2)) is Backend.INTERPRET and not answers
     assert select_backend(torch.zeros(2)) is Backend.INTERPRET  # a success is remembered: no third probe
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        explain_backend(device="cuda")
+
+
+def test_bench_timing_variables_name_themselves(monkeypatch):
+    from gpukernels_common import env
+
+    monkeypatch.setenv("GKC_BENCH_REP_MS", "")
+    assert env.bench_rep_ms() == 100.0  # empty: the default, as the other variables
+    monkeypatch.setenv("GKC_BENCH_REP_MS", "nan")
+    with pytest.raises(ValueError, match="GKC_BENCH_REP_MS='nan'"):
+        env.bench_rep_ms()
+
+
+def test_gpu_launch_shapes_takes_device_strings_with_an_index(monkeypatch):
+    from gpukernels_common import env
+
+    monkeypatch.delenv("GKC_GPU_LAUNCH_SHAPES", raising=False)
+    assert env.gpu_launch_shapes("cuda:0") and env.gpu_launch_shapes(torch.device("cuda", 1))
+    assert not env.gpu_launch_shapes("cpu")

@@ -98,3 +98,50 @@ def test_git_commit_is_dirty_for_code_changes_not_for_benchmark_outputs(monkeypa
     assert git_commit(cwd=results) == clean  # from any directory of the checkout
     (tmp_path / "pkg" / "code.py").write_text("a = 2\n")
     assert git_commit(cwd=tmp_path) == clean + "-dirty"
+
+
+def test_time_fn_quantiles_stay_inside_the_samples(monkeypatch):
+    # few slow samples: the default ("exclusive") quantiles extrapolated past the measured range
+    import gpukernels_common.bench as bench
+
+    # the first call (1 ms), the warm-up's deadline and its check, then three timed calls
+    samples = iter([0.0, 0.001, 0.0, 0.0, 0.0, 0.024, 0.0, 0.064, 0.0, 0.0701])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(samples))
+    out = time_fn(lambda: None, warmup_ms=0, rep_ms=0)
+    assert 24.0 - 1e-6 <= out["ms_p20"] <= out["ms"] <= out["ms_p80"] <= 70.1 + 1e-6
+
+
+def test_a_benchmark_with_records_of_two_machines_renders_a_table_for_each():
+    cpu = dict(device="cpu (x86_64, 2 threads)", torch="2.13", triton="3.9", python="3.11", commit="aaa", date="d1")
+    gpu = dict(cpu, device="NVIDIA H200", date="d2")
+    md = render_markdown([BenchRecord("overhead", "a", {"n": 1}, {"ms": 1.0}, env=cpu),
+                          BenchRecord("overhead", "a", {"n": 1}, {"ms": 0.4}, env=gpu),
+                          BenchRecord("overhead", "b|c", {"n": 1}, {"ms": 2.0}, env=cpu)], "demo")
+    cpu_part, gpu_part = md.split("device `NVIDIA H200`")
+    assert "| a | 1 | 1 |" in cpu_part and "| b\\|c | 1 | 2 |" in cpu_part and "0.4" not in cpu_part
+    assert "| a | 1 | 0.4 |" in gpu_part and md.count("## overhead") == 1
+
+
+def test_records_describe_the_device_bench_args_chose(monkeypatch):
+    from gpukernels_common import bench
+
+    monkeypatch.setattr(bench, "_RECORD_DEVICE", [])
+    monkeypatch.setattr(bench, "has_cuda", lambda: True)  # a GPU host
+    monkeypatch.setattr(bench, "device_name", lambda dev: f"name of {torch.device(dev).type}")
+    bench.bench_args([])  # a CPU run there
+    assert BenchRecord("b", "p", {}, {}).env["device"] == "name of cpu"
+    bench.bench_args(["--gpu"])
+    assert BenchRecord("b", "p", {}, {}).env["device"] == "name of cuda"
+
+
+def test_spawn_jobs_names_a_rank_that_died_without_waiting_out_the_timeout():
+    import time
+
+    import pytest
+
+    from gpukernels_common.bench import spawn_jobs
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"job 0 rank \d exited with code 1"):
+        spawn_jobs(divmod, 2, (), timeout=300)  # divmod(queue, job, rank, ...) raises a TypeError in each rank
+    assert time.monotonic() - start < 120

@@ -137,3 +137,21 @@ def test_a_triton_implementation_that_returns_no_tensor_is_named(monkeypatch):
         op(torch.ones(3))
     monkeypatch.setenv("GKC_BACKEND", "reference")
     assert op(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+
+
+def _pair_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x + 1, x * 2
+
+
+def _pair_forgot_return(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x + 1  # a launcher without its `return`
+
+
+PAIR = register_op("gkctest::pair", reference=_pair_ref, triton=_pair_forgot_return)
+
+
+def test_a_launcher_without_return_is_named_for_tuple_ops_too(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GKC_BACKEND", "auto")
+    with pytest.raises(TypeError, match="gkctest::pair: the Triton implementation returned NoneType"):
+        PAIR(torch.ones(2))

@@ -91,8 +91,44 @@ def test_plugin_skips_by_marker_only_and_survives_a_bad_backend_setting(tmp_path
         "@pytest.mark.gpu\ndef test_marked():\n    pass\n")
     plugin = [] if "PYTHONPATH" not in os.environ else ["-p", "gpukernels_common.testing.plugin"]  # source-tree runs
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "TRITON_INTERPRET")}
-    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-rs", "-p", "no:cacheprovider", "--quick", *plugin],
+    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-rs", "-p", "no:cacheprovider", "--gkc-quick", *plugin],
                          capture_output=True, text=True, cwd=tmp_path, env={**env, "GKC_BACKEND": "triton"}, timeout=120)
     assert "gpukernels: CPU misconfigured: GKC_BACKEND=triton" in out.stdout, out.stdout + out.stderr
     gpu_skipped = 0 if torch.cuda.is_available() else 1
     assert f"{4 - gpu_skipped} passed" in out.stdout and (f"{gpu_skipped} skipped" in out.stdout or not gpu_skipped), out.stdout
+
+
+def test_assert_close_compares_integers_in_their_own_dtype():
+    # int64 values past 2**53 differ in low bits a float64 copy would drop (Bloom words are such)
+    with pytest.raises(AssertionError, match="2/2 elements differ"):
+        assert_close(torch.tensor([2**62 + 1, -(2**63) + 1]), torch.tensor([2**62, -(2**63)]))
+    assert_close(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2]))  # widths may differ
+
+
+def test_assert_close_refuses_a_floating_and_an_integer_tensor():
+    with pytest.raises(AssertionError, match="not comparable"):
+        assert_close(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]))
+
+
+def test_assert_close_compares_complex_parts():
+    assert_close(torch.tensor([1 + 1j]), torch.tensor([1 + 1j]))
+    with pytest.raises(AssertionError, match="relative RMS error"):
+        assert_close(torch.tensor([1 + 1j]), torch.tensor([1 + 5j]))
+
+
+def test_float64_has_a_tolerance_on_every_backend():
+    for backend in Backend:
+        assert tolerance(torch.float64, backend)[0] <= 1e-10
+    assert_close(torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), backend="interpret")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8, torch.bool])
+def test_canary_and_poison_fit_every_dtype(dtype):
+    buf = CanaryBuffer((5,), dtype, pad=4)
+    buf.check()
+    poison = buf.tensor[:1].clone()
+    if dtype == torch.uint8:
+        assert int(poison) == 255  # not 0: a correct zero must not look unwritten
+    buf.buffer[-1] = poison  # overwrite a canary
+    with pytest.raises(AssertionError, match="after"):
+        buf.check()

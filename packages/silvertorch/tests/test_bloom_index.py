@@ -205,3 +205,21 @@ def test_bloom_kernels_on_device_match_cpu_reference(monkeypatch, device):
     index.search_ranges(plans, starts.to(device), lengths.to(device), 100, out=canary.tensor)
     canary.check("search_ranges")
     assert torch.equal(canary.tensor.cpu(), want_ranges)
+
+
+def test_kernels_read_plans_with_any_strides_row_major(monkeypatch):
+    """Hand-made plans (FilterPlans of column-major views) and a non-contiguous `out`: the kernels
+    index them row-major, so the launchers copy the inputs and refuse such an `out`."""
+    from silvertorch.bloom.parser import FilterPlans
+
+    plans = parse_filters(["1:2 AND NOT 2:3", "1:{1,2} OR 3:0", "!(1:0 | 2:1) & 3:{0,1,2}"])
+    strided = FilterPlans(*(t.T.contiguous().T for t in (plans.ops, plans.args, plans.hashes)), plans.expressions)
+    assert not strided.hashes.is_contiguous()
+    starts, lengths = torch.tensor([[5, 100], [0, 2047], [77, 1]]), torch.tensor([[70, 10], [64, 100], [33, 0]])
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    want, want_ranges = INDEX.search(plans), INDEX.search_ranges(plans, starts, lengths, 100)
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    assert torch.equal(INDEX.search(strided), want)
+    assert torch.equal(INDEX.search_ranges(strided, starts, lengths, 100), want_ranges)
+    with pytest.raises(ValueError, match="out must be a contiguous .*not contiguous"):
+        INDEX.search(plans, out=torch.empty(want.shape[1], 3, dtype=torch.int64).T)

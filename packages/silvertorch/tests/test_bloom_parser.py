@@ -128,3 +128,41 @@ def test_schema_encodes_numpy_values_and_refuses_ints_past_int64():
         schema.encode_items([{"year": 1}, {"big": 2**64}])
     with pytest.raises(ValueError, match="'year' values must be int or str, got bool"):
         schema.encode_items([{"year": np.bool_(True)}])
+
+
+@pytest.mark.parametrize("text, position", [("start:12:abc", 9), ("genre:Comedy:Drama", 13), ("start:12:", 9), ("3:4:1.", 4)])
+def test_a_weight_is_a_number_or_an_error_that_says_to_quote(text, position):
+    """The optional `:weight` is a number; another word there was silently dropped (a value with ':'
+    in it, or a typo, became another filter)."""
+    with pytest.raises(FilterSyntaxError) as err:
+        parse_filters([text], schema={"start": 1, "genre": 2})
+    assert err.value.position == position and "numeric weight" in str(err.value) and 'start:"12:30"' in str(err.value)
+
+
+def test_numeric_weights_are_accepted_and_ignored():
+    plain = parse_filters(["3:17"]).hashes
+    for text in ("3:17:2", "3:17:-2", "3:17:0.25", "3:17:-0.5"):
+        assert torch.equal(parse_filters([text]).hashes, plain), text
+    quoted = parse_filters(['1:"12:30"']).hashes[0, 0]
+    assert torch.equal(quoted, term_hash(torch.tensor(1), torch.tensor(string_value("12:30"))))
+
+
+def test_only_ascii_digits_make_a_number():
+    from silvertorch import FilterSchema
+    from silvertorch.bloom.parser import word_value
+
+    assert word_value("1995") == 1995 and word_value("-7") == -7
+    for text in ("１９９５", "١٩٩٥", "১৯৯৫", "-１"):
+        assert word_value(text) == string_value(text), text
+    fids, offsets, values = FilterSchema({"title": 1}).encode_items([{"title": "１９９５"}, {"title": "1995"}])
+    assert values.tolist() == [string_value("１９９５"), 1995]
+    assert not torch.equal(parse_filters(['1:"１９９５"']).hashes, parse_filters(["1:1995"]).hashes)
+
+
+@pytest.mark.parametrize("text, position, expected", [
+    ('genre:"Comedy', 6, "unterminated"), ('genre:{"a","b}', 11, "unterminated"),
+    ("genre:Comédie", 9, 'quote other text: "..."'), ("genre:１９９５", 6, 'quote other text')])
+def test_unterminated_quotes_and_non_ascii_words_say_so(text, position, expected):
+    with pytest.raises(FilterSyntaxError) as err:
+        parse_filters([text], schema={"genre": 1})
+    assert err.value.position == position and expected in str(err.value)

@@ -517,3 +517,157 @@ def test_indexes_and_filters_made_under_inference_mode(tmp_path):
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     assert (empty[1] == -1).all()
     assert torch.equal(after[1][:, :9], want[1][:, 1:])
+
+
+def _small_index(n=200, d=8, n_clusters=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    return x, IVFIndex.build(x, n_clusters=n_clusters), torch.randn(d, 3, generator=g).T  # queries: a transposed view
+
+
+@pytest.mark.parametrize("schedule", ["query", "cluster"])
+def test_non_contiguous_queries_and_stored_rows_score_as_row_major(monkeypatch, schedule):
+    """The int8 kernels index codes as row * D + d: transposed query views, Fortran-ordered numpy
+    queries, a FlatIndex built from a transposed view and a hand-made index over column-major codes
+    score as their contiguous copies do (on the interpreter, against the reference)."""
+    import numpy as np
+
+    from silvertorch.ivf.quantize import quantize_rows
+
+    x, index, q_view = _small_index()
+    assert not q_view.is_contiguous() and all(t.is_contiguous() for t in quantize_rows(q_view))
+    clusters = index.probe(q_view, 4)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    want_scores = index.candidate_scores(q_view.contiguous(), clusters)[0]
+    want = index.search(q_view.contiguous(), 5, nprobe=4)
+    flat_want = FlatIndex.build(x).search(q_view.contiguous(), 5)
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    assert torch.equal(index.candidate_scores(q_view, clusters, schedule=schedule)[0], want_scores)
+    fortran = np.asfortranarray(q_view.contiguous().numpy())
+    for queries in (q_view, torch.from_numpy(fortran), fortran):
+        got = index.search(queries, 5, nprobe=4)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    flat = FlatIndex.build(x.T.contiguous().T)  # embeddings as a column-major view
+    assert flat.codes.is_contiguous() and torch.equal(flat.search(q_view, 5)[1], flat_want[1])
+    column_major = IVFIndex(index.centroids, index.offsets, index.codes.T.contiguous().T, index.scales, index.ids, index.order)
+    assert torch.equal(column_major.candidate_scores(q_view, clusters, schedule=schedule)[0], want_scores)
+
+
+def test_adaptive_search_widens_until_k_verified_results_under_a_bloom_filter(monkeypatch):
+    """Bloom false positives count in `found`, not in the (verified) results: adaptive search widens
+    until each query has k results, as probing every cluster gives."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    g = torch.Generator().manual_seed(0)
+    n, k = 4000, 5
+    index = IVFIndex.build(torch.randn(n, 8, generator=g), n_clusters=32, iters=5)
+    schema = {"tag": 1, "x": 2}
+    items = [{"tag": [7] if i % 250 == 0 else [], "x": torch.randint(0, 10**6, (9,), generator=g).tolist()} for i in range(n)]
+    from silvertorch import FilterSchema
+
+    bloom = BloomIndex.build(*FilterSchema(schema).encode_items([items[i] for i in index.order.tolist()]), k=1, b_multiplier=1.5)
+    q = torch.randn(8, 8, generator=g)
+    plans = parse_filters(["tag:7"] * 8, schema=schema)
+    r = index.search_with_stats(q, k=k, nprobe=2, filters=bloom.filter(plans), adaptive=True)
+    full = index.search_with_stats(q, k=k, nprobe=32, filters=bloom.filter(plans))
+    assert ((full.ids >= 0).sum(1) == k).all()  # the premise: k true matches in the index
+    assert ((r.ids >= 0).sum(1) == k).all()
+    assert (r.found[r.nprobe < 32] > k).any() or (r.nprobe > 2).all()  # stopping on `found` would have stopped short
+    assert all((index.order[p] % 250 == 0).all() for p in r.positions)  # tag:7 only
+
+
+def test_a_filter_made_before_a_compact_that_moved_items_is_refused(tmp_path):
+    """add() + compact() without removals keeps the item count: the layout tells a stale filter."""
+    from silvertorch import FilterSchema
+
+    g = torch.Generator().manual_seed(0)
+    index = IVFIndex.build(torch.randn(300, 8, generator=g), ids=torch.arange(300), n_clusters=4)
+    schema = FilterSchema({"cat": 1})
+    items = [{"cat": "music" if i % 3 == 0 else "news"} for i in range(300)]
+    bloom = BloomIndex.build(*schema.encode_items([items[i] for i in index.order.tolist()]))
+    index.compact()  # nothing moves: the layout stays
+    assert index.layout == 0
+    index.add(torch.randn(20, 8, generator=g), ids=torch.arange(1000, 1020))
+    bloom.append(*schema.encode_items([{"cat": "news"}] * 20))
+    index.compact()
+    assert index.layout == 1 and index.num_items == bloom.num_items
+    plans = parse_filters(["cat:music"], schema=schema)
+    q = torch.randn(1, 8, generator=g)
+    for stale in (bloom.filter(plans), DenseMaskFilter(torch.ones(1, 320, dtype=torch.bool))):
+        with pytest.raises(ValueError, match="layout 0, the index is at layout 1.*layout=index.layout"):
+            index.search(q, 10, nprobe=4, filters=stale)
+    all_items = items + [{"cat": "news"}] * 20  # build-input rows, the added ones after them (index.order numbers them so)
+    rebuilt = BloomIndex.build(*schema.encode_items([all_items[i] for i in index.order.tolist()]), layout=index.layout)
+    ids = index.search(q, 10, nprobe=4, filters=rebuilt.filter(plans))[1][0]
+    assert (ids >= 0).all() and (ids % 3 == 0).all() and (ids < 300).all()
+    again = IVFIndex.load(index.save(tmp_path / "ivf.safetensors"))
+    assert again.layout == 1 and BloomIndex.load(rebuilt.save(tmp_path / "bloom.safetensors")).layout == 1
+    assert torch.equal(again.search(q, 10, nprobe=4, filters=DenseMaskFilter(torch.ones(1, 320, dtype=torch.bool), layout=1))[1],
+                       index.search(q, 10, nprobe=4)[1])
+
+
+def test_bloom_verification_widens_its_pool_in_few_rounds(monkeypatch):
+    """True matches much rarer than Bloom false positives: the verified pool grows geometrically (a
+    few exact_mask calls, not one per k rejections) and the results are the exact filter's."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    from silvertorch import FilterSchema
+
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    index = IVFIndex.build(torch.randn(n, 8, generator=g), n_clusters=4, iters=5)
+    schema = {"tag": 1, "x": 2}
+    items = [{"tag": [7] if i % 400 == 0 else [], "x": torch.randint(0, 10**6, (9,), generator=g).tolist()} for i in range(n)]
+    bloom = BloomIndex.build(*FilterSchema(schema).encode_items([items[i] for i in index.order.tolist()]))
+    plans = parse_filters(["tag:7"] * 3, schema=schema)
+    q = torch.randn(3, 8, generator=g)
+    calls = []
+
+    class Counting(type(bloom.filter(plans))):
+        def exact_mask(self, positions):
+            calls.append(positions.shape[1])
+            return super().exact_mask(positions)
+
+    exact = DenseMaskFilter(bloom.verify(plans, torch.arange(n).expand(3, -1)))
+    for k in (1, 4):
+        calls.clear()
+        got = index.search_with_stats(q, k=k, nprobe=4, filters=Counting(bloom, plans))
+        want = index.search_with_stats(q, k=k, nprobe=4, filters=exact)
+        assert (got.found >= 3 * (n // 400)).all()  # the premise: more Bloom false positives than true matches
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores) and (got.ids >= 0).all()
+        assert len(calls) <= 3, calls
+
+
+def test_ties_come_in_probe_rank_then_position_order():
+    """As the module docs say: equal scores in slot order, the best centroid's cluster first."""
+    _, index, _ = _small_index()
+    q = torch.zeros(1, 8)  # every item scores 0
+    r = index.search_with_stats(q, k=4, nprobe=4)
+    first = int(index.offsets[index.probe(q, 4)[0, 0]])
+    assert r.positions[0].tolist() == list(range(first, first + 4))
+
+
+def test_numpy_counts_and_clear_errors_for_wrong_arguments():
+    import numpy as np
+
+    from silvertorch import FilterSchema
+
+    _, index, q = _small_index()
+    q = q.contiguous()
+    want = index.search(q, 5, nprobe=4)
+    got = index.search(q.numpy(), np.int64(5), nprobe=np.int32(4))
+    assert torch.equal(got[1], want[1])
+    schema = FilterSchema({"cat": 1})
+    bloom = BloomIndex.build(*schema.encode_items([{"cat": "a"}] * 200))
+    plans = parse_filters(["cat:a"] * 3, schema=schema)
+    for wrong, hint in ((plans, "FilterPlans .*bloom_index.filter"), (bloom, "BloomIndex .*bloom_index.filter")):
+        with pytest.raises(TypeError, match=f"filters must be a range filter.*{hint}"):
+            index.search(q, 5, nprobe=4, filters=wrong)
+    for kw, match in ((dict(k=5.0), "k must be an int, got float"), (dict(k=True), "k must be an int, got bool"),
+                      (dict(k=5, nprobe=2.5), "nprobe must be an int, got float"),
+                      (dict(k=5, nprobe=4, max_nprobe=8.0), "max_nprobe must be an int")):
+        with pytest.raises(ValueError, match=match):
+            index.search_with_stats(q, adaptive=True, **kw)
+    with pytest.raises(ValueError, match="queries must be a float tensor or array"):
+        index.search("queries", 5)
+    with pytest.raises(ValueError, match="ids must be integers, got torch.float32"):
+        index.remove(torch.tensor([1.5, 2.0]))
+    assert index.remove(np.array([1, 2])) == 2

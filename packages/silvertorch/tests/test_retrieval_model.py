@@ -623,3 +623,56 @@ def test_loaded_and_served_under_inference_mode(tmp_path):
         after = model.retrieve(users, exprs)
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
     assert int(want.ids[1, 0]) not in after.ids.tolist()[1] and torch.equal(after.ids[1, :-1], want.ids[1, 1:])
+
+
+def test_adaptive_probing_counts_true_matches_not_bloom_false_positives(monkeypatch):
+    """The first clusters hold more Bloom passes than K but fewer true matches: adaptive probing
+    goes on (verified counts) and returns K results, as probing every cluster does."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    from silvertorch import FilterSchema
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"tag": [7] if i % 250 == 3 else [], "x": torch.randint(0, 10**6, (9,), generator=g).tolist()} for i in range(N)]
+    schema = {"tag": 1, "x": 2}
+    attrs = FilterSchema(schema).encode_items(items)
+    options = dict(n_clusters=12, nprobe=2, k_candidates=5, num_results=5, fresh_capacity=0, max_attributes=10)
+    adaptive = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, max_nprobe=12, **options)
+    every = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, **dict(options, nprobe=12))
+    users = torch.arange(0, USERS, 4).unsqueeze(1)
+    exprs = ["tag:7"] * users.shape[0]
+    a, e = adaptive.retrieve(users, exprs), every.retrieve(users, exprs)
+    assert ((e.ids >= 0).sum(1) == 5).all()  # the premise: every cluster holds K true matches
+    assert ((a.ids >= 0).sum(1) == 5).all()
+    assert all((ids - 5000) % 250 == 3 for ids in a.ids.flatten().tolist())
+
+
+def test_a_column_major_user_tower_gives_the_same_results():
+    """The scoring kernels read the quantized user embeddings row-major: a tower returning a
+    transposed view (on the interpreter) must score as its contiguous copy."""
+
+    class ColumnMajor(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.input_spec = inner, inner.input_spec
+
+        def forward(self, x):
+            return self.inner(x).T.contiguous().T
+
+    emb, _, _, attrs = _catalog(n=300)
+    options = dict(n_clusters=4, nprobe=4, k_candidates=8, num_results=5, fresh_capacity=0)
+    users, exprs = torch.tensor([[7], [12], [30]]), ["", "cat:1", "NOT cat:2"]
+    got = []
+    for tower in (TOWER, ColumnMajor(TOWER)):
+        got.append(RetrievalModel.build(tower, OVERARCH, VALUE, emb, None, attrs, SCHEMA, **options).retrieve(users, exprs))
+    assert torch.equal(got[0].ids, got[1].ids)
+    torch.testing.assert_close(got[0].scores, got[1].scores)  # the OverArch's float sums may round apart
+
+
+def test_probed_scores_kernel_reads_non_contiguous_inputs_row_major():
+    from gpukernels_common import Backend
+
+    args = list(_scoring_op_args(3))
+    want = probed_scores.run(Backend.REFERENCE, *args)
+    args[6] = args[6].T.contiguous().T  # column-major query codes
+    args[0] = args[0].T.contiguous().T  # and item codes
+    torch.testing.assert_close(probed_scores.run(Backend.INTERPRET, *args), want, rtol=1e-6, atol=0)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .cost import CostModel
 from .jagged import KeyedJagged
-from .longseq import MODES, Windows, floor_of, long_sequence_windows
+from .longseq import DROP_WARNING, MODES, Windows, floor_of, long_sequence_windows
 from .partition import METHODS, Partition, bubble_of, oversized, partition
 
 
@@ -98,10 +98,21 @@ class BalancePlan:
         bounds = torch.tensor([0] + list(torch.cumsum(torch.tensor(self.local_sizes), 0)))
         return [int(((ids >= bounds[s]) & (ids < bounds[s + 1])).sum()) for s in range(self.world_size)]
 
+    def positions_dropped(self) -> tuple[int, float]:
+        """Positions the plan's cap drops (0 unless long_sequences="cap" cut something), and
+        their share of the batch's positions."""
+        if self.windows is None or self.long_sequences != "cap":
+            return 0, 0.0
+        total = int(self.lengths.sum())
+        dropped = total - self.windows.positions()
+        return dropped, dropped / total if total else 0.0
+
     def report(self) -> dict:
         """Imbalance before/after, and the floor: `floor_cost` (the costliest sample before
         cutting), `fair_share`, `floor_bound` (the costliest exceeds the fair share) and
-        `bubble_floor` (the least bubble any placement of whole samples reaches)."""
+        `bubble_floor` (the least bubble any placement of whole samples reaches);
+        `positions_dropped` / `positions_dropped_frac`: what a cap cut off (0 otherwise)."""
+        dropped, dropped_frac = self.positions_dropped()
         before = self.cost_model(self.lengths)
         after = self.cost_model(self.windows.lengths) if self.windows is not None else before
         return {"bubble_before": bubble_of(self.before_loads), "bubble_after": self.partition.bubble(),
@@ -109,7 +120,8 @@ class BalancePlan:
                 "counts_after": self.partition.counts(), "oversized_samples": self.oversized.tolist(),
                 **floor_of(before, self.world_size), "long_sequences": self.long_sequences,
                 "max_sample_cost_after": float(after.max()) if after.numel() else 0.0,
-                "cost_change_pct": 100.0 * (float(after.sum()) / float(before.sum()) - 1.0) if float(before.sum()) > 0 else 0.0}
+                "cost_change_pct": 100.0 * (float(after.sum()) / float(before.sum()) - 1.0) if float(before.sum()) > 0 else 0.0,
+                "positions_dropped": dropped, "positions_dropped_frac": dropped_frac}
 
 
 class BatchBalancer:
@@ -261,8 +273,14 @@ class BatchBalancer:
             bounds = [0] + torch.cumsum(torch.tensor(source_sizes), 0).tolist()
             part = Partition([torch.arange(bounds[r], bounds[r + 1]) for r in range(self.world_size)],
                              before.to(torch.float64), "kept")
-        return BalancePlan(self.rank, self.world_size, local_sizes, part, before, big, lengths, source_sizes,
+        plan = BalancePlan(self.rank, self.world_size, local_sizes, part, before, big, lengths, source_sizes,
                            self.cost_model, windows, self.long_sequences, key_lengths, schema)
+        dropped = plan.positions_dropped()
+        if dropped[1] > DROP_WARNING:  # once per plan: every step's batch is capped anew
+            warnings.warn(f"long_sequences='cap' dropped {dropped[0]} of {int(lengths.sum())} positions "
+                          f"({100 * dropped[1]:.1f}%) of this batch to balance it (plan.report()['positions_dropped']); "
+                          "long_sequences='split' keeps every position", stacklevel=2)
+        return plan
 
     def plan(self, lengths_or_features: torch.Tensor | KeyedJagged, dense: dict[str, torch.Tensor] | None = None) -> BalancePlan:
         """All-gather this rank's per-sample lengths and partition the global batch. Given the
@@ -312,19 +330,20 @@ class BatchBalancer:
         dense = dense or {}
         group = group or self.group
         expected, first = plan.source_sizes[plan.rank], sum(plan.source_sizes[: plan.rank])
-        if features.batch_size != expected:
-            raise ValueError(f"features has {features.batch_size} samples, the plan expects {expected}")
-        for k, v in dense.items():
-            if v.shape[0] != features.batch_size:
-                raise ValueError(f"dense[{k!r}] has {v.shape[0]} rows, expected {features.batch_size}")
-        if plan.key_lengths is not None:
-            if not torch.equal(plan.key_lengths[first : first + expected], features.lengths_per_key().T.cpu()):
-                raise ValueError("features' per-key lengths differ from those the plan was made from")
+        problem = _input_problem(plan, features, dense, first, expected)
         schema = plan.schema
         if plan.world_size > 1 and plan.partition.method != "kept" and (schema is None or schema.dense is None):
-            # the plan did not see the dense tensors (or the features): the ranks agree on them here
-            _, schemas = self._gather_rows(torch.zeros(0, 1, dtype=torch.long), group, _schema_of(features, dense))
+            # the plan did not see the dense tensors (or the features): the ranks agree on them here,
+            # and in the same gather on whether every rank's input fits the plan (a check that fails
+            # on one rank only must fail on all, before the all-to-all the others would wait in)
+            flags, schemas = self._gather_rows(torch.tensor([problem or [0, 0, 0, 0]], dtype=torch.long), group,
+                                               _schema_of(features, dense))
+            bad = [(r, f[0].tolist()) for r, f in enumerate(flags) if int(f[0, 0])]
+            if bad:
+                raise ValueError("BatchBalancer.exchange: " + "; ".join(_problem_text(r, f, list(dense)) for r, f in bad))
             schema = Schema.agree(schemas, plan.source_sizes)
+        elif problem is not None:  # no collective follows, or the plan saw everything (see _input_problem)
+            raise ValueError("BatchBalancer.exchange: " + _problem_text(plan.rank, problem, list(dense)))
         if schema is not None:
             features, dense = schema.conform(features, dense)
         if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
@@ -483,6 +502,49 @@ class Schema:
                 v = v.new_empty((0, *agreed[1]), dtype=agreed[0])
             out[k] = v
         return features, out
+
+
+# what `_input_problem` finds, as ints a gather can carry: (code, sample, got, expected)
+_PROBLEMS = {1: "the features have {got} samples, the plan expects {expected}",
+             2: "dense[{name!r}] has {got} rows, expected {expected} (one per sample)",
+             3: "the features' per-key lengths differ from those the plan was made from (local sample {sample})",
+             4: "the features' positions per sample differ from the lengths the plan was made from (local sample "
+                "{sample}: {got} positions, the plan's lengths say {expected}); the plan's cap/split windows would cut "
+                "the wrong positions: plan from the features (plan(features)) or from balancer.lengths_of(features)",
+             5: "the features' keys do not hold one entry per position (needed to cut samples for long_sequences="
+                "'cap'/'split')"}
+
+
+def _problem_text(rank: int, problem: list[int], dense_keys: list[str]) -> str:
+    """The same text on every rank (the ranks' dense keys agree, or the schema check fails next)."""
+    code, sample, got, expected = problem
+    name = dense_keys[sample] if code == 2 and sample < len(dense_keys) else f"#{sample}"
+    return f"rank {rank}: " + _PROBLEMS[code].format(sample=sample, got=got, expected=expected, name=name)
+
+
+def _input_problem(plan: BalancePlan, features: KeyedJagged, dense: dict, first: int, expected: int) -> list[int] | None:
+    """The first way this rank's `features`/`dense` do not fit `plan`, as [code, sample, got,
+    expected] (see `_PROBLEMS`), or None."""
+    if features.batch_size != expected:
+        return [1, 0, features.batch_size, expected]
+    for i, v in enumerate(dense.values()):
+        if v.shape[0] != features.batch_size:
+            return [2, i, v.shape[0], features.batch_size]
+    if plan.key_lengths is not None:
+        differ = (plan.key_lengths[first : first + expected] != features.lengths_per_key().T.cpu()).any(1)
+        if bool(differ.any()):
+            return [3, int(differ.nonzero()[0, 0]), 0, 0]
+    elif plan.windows is not None:
+        # a plan from cost lengths cuts by those lengths: they must be the features' own positions
+        per_key = features.lengths_per_key().cpu()
+        if not bool((per_key == per_key[:1]).all()):
+            return [5, 0, 0, 0]
+        planned = plan.lengths[first : first + expected]
+        differ = (per_key[0] if per_key.numel() else planned) != planned
+        if bool(differ.any()):
+            i = int(differ.nonzero()[0, 0])
+            return [4, i, int(per_key[0, i]), int(planned[i])]
+    return None
 
 
 def _done(value) -> Future:

@@ -7,7 +7,12 @@ communication):
 
 - **cap** keeps only the most recent positions of each long sequence: one cap for the whole
   batch, the largest whose cost fits the fair share of the capped batch. Lossy: the oldest
-  positions and the targets they carry are dropped.
+  positions and the targets they carry are dropped (`BalancePlan.report()["positions_dropped"]`,
+  and a warning when more than `DROP_WARNING` of them go). A batch with no more non-empty samples
+  than ranks is left whole: every sample then has a rank to itself, so capping could only make
+  the long ones shorter, never let another sample use an idle rank (the fair share of such a
+  batch is below every sample but the shortest, and the cap used to collapse to that: one
+  200-long history on 3 ranks was cut to 1 position).
 - **split** is for models trained on every position (HSTU-style next-item training: position t
   predicts item t+1). The positions of a long sequence are cut into consecutive pieces, each
   a sample of its own that the partitioner may send to another rank; every piece but the
@@ -36,6 +41,7 @@ import torch
 from .cost import CostModel
 
 MODES = ("report", "cap", "split")
+DROP_WARNING = 0.10  # the share of positions a cap may drop before the plan warns
 
 
 @dataclasses.dataclass
@@ -101,9 +107,10 @@ def longest_within(cost_model: CostModel, budget: float, upper: int) -> int:
 def cap_lengths(lengths, cost_model: CostModel, world_size: int) -> torch.Tensor:
     """Cap sequence lengths (keeping the most recent positions) at the largest common cap whose
     cost fits the fair share of the capped batch, so that no sample alone exceeds it. The cap
-    is at least 1; with fewer non-empty samples than ranks a floor can remain."""
+    is at least 1. No more non-empty samples than ranks: every sample keeps its length (each
+    can have a rank to itself; a cap would drop positions without filling any idle rank)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
-    if lengths.numel() == 0:
+    if int((lengths > 0).sum()) <= world_size:
         return lengths.clone()
 
     def fits(cap: int) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ def _to(batch: Batch, device) -> Batch:
 
 
 class TrainPipeline:
-    def __init__(self, step_fn: Callable[[KeyedJagged, dict, int], object], balancer: BatchBalancer | None = None,
+    def __init__(self, step_fn: Callable[..., object], balancer: BatchBalancer | None = None,
                  device: torch.device | str = "cpu", meter: BubbleMeter | None = None,
                  embeddings: ShardedEmbeddings | Sequence[ShardedEmbeddings] = (), pooling: str | Sequence[str] = "sum",
                  process_group=None, timeout: datetime.timedelta | float | None = None):
@@ -55,8 +56,15 @@ class TrainPipeline:
         serves, i.e. what `init_process_group` was given).
         `meter`: a `BubbleMeter` the pipeline opens one step in per batch (waiting for the batch's
         exchange and input distribution, staging the next, step_fn) and times its own waits in;
-        step_fn times its parts with `meter.compute()` / `meter.sync()`, not `meter.step()`."""
+        step_fn times its parts with `meter.compute()` / `meter.sync()`, not `meter.step()`.
+        The batch's `BalancePlan`: a step_fn with a parameter named `plan` gets it as
+        `step_fn(features, dense, global_batch, plan=plan)` (None without a balancer), and
+        `pipeline.last_plan` is it while step_fn runs. With `long_sequences="cap"` or `"split"`
+        the step needs it: `plan.received()` gives the windows of the samples in `features`
+        (`loss_mask()`, `trailing`) and `plan.global_positions` the per-position normaliser."""
         self.step_fn, self.balancer, self.device, self.meter = step_fn, balancer, torch.device(device), meter
+        self._pass_plan = _takes_plan(step_fn)
+        self.last_plan = None  # the plan of the batch being trained (None without a balancer)
         self.embeddings = [embeddings] if isinstance(embeddings, ShardedEmbeddings) else list(embeddings)
         poolings = [pooling] * len(self.embeddings) if isinstance(pooling, str) else list(pooling)
         if len(poolings) != len(self.embeddings) or any(p not in POOLINGS for p in poolings):
@@ -127,9 +135,8 @@ class TrainPipeline:
                         work.wait()
                 else:
                     work.wait()
-            return feats, dense, int(count)
-        self.last_plan = plan
-        return feats, dense, plan.global_batch
+            return (feats, dense, int(count)), None
+        return (feats, dense, plan.global_batch), plan
 
     def run(self, batches: Iterator[Batch]) -> list:
         """Train over all batches; returns what step_fn returned for each."""
@@ -143,16 +150,17 @@ class TrainPipeline:
             # with a meter, one metered step per batch: waiting for it (its exchange and input
             # distribution), staging the next, and step_fn; every second of the run is in a step
             with self.meter.step() if self.meter is not None else contextlib.nullcontext():
-                current = self._finish(staged)
+                current, plan = self._finish(staged)
                 if self.meter is not None:
                     self.meter.add_samples(current[0].batch_size)
                 nxt = next(it, None)
                 staged = None if nxt is None else self._stage(nxt)  # stages 1-2 for batch i+1 (in the background)
-                outputs.append(self._step(current))  # stage 3 for batch i
+                outputs.append(self._step(current, plan))  # stage 3 for batch i
         return outputs
 
-    def _step(self, batch):
-        output = self.step_fn(*batch)
+    def _step(self, batch, plan):
+        self.last_plan = plan  # set here, not when the next batch is staged: step_fn sees its own batch's
+        output = self.step_fn(*batch, plan=plan) if self._pass_plan else self.step_fn(*batch)
         unused = [m for m in self.embeddings if m._prefetched is not None]
         if unused and not self._warned:
             self._warned = True
@@ -162,3 +170,14 @@ class TrainPipeline:
         for m in unused:
             m._prefetched = None
         return output
+
+
+def _takes_plan(step_fn) -> bool:
+    """Whether step_fn has a parameter named `plan` it can take by keyword (older step_fns,
+    with three parameters, are called as before)."""
+    try:
+        params = inspect.signature(step_fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature: the three arguments only
+        return False
+    p = params.get("plan")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)

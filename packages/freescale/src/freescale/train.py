@@ -8,7 +8,8 @@ Each rank takes a contiguous slice of every global batch (the naive split), the 
 rebalances it by sequence cost (`--method contiguous`: no balancer, each rank trains its slice
 as it is), the loss is normalised by the global batch, gradients are summed over ranks, and a
 checkpoint (state dicts only, loaded with weights_only=True) is written at the end; `--resume`
-continues from it (an error when it does not exist).
+continues from it (an error when it does not exist, or when it was written with other
+`RESUME_ARGS`: they shape the model or the data stream; the number of ranks may differ).
 
 The loss is the next item after each history (`--all-positions`: after every position, HSTU
 style, normalised by the global count of loss positions). `--long-sequences cap|split` handles
@@ -22,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,26 @@ from .jagged import KeyedJagged
 from .longseq import MODES, Windows
 from .model import HSTURecommender
 from .partition import METHODS
+
+# the options a checkpoint records and a resume must repeat: they shape the model or the data
+# stream (or, --long-sequences, which positions are trained); --method and the world size do
+# not change what is trained, --steps is how far to go
+RESUME_ARGS = ("seed", "batch_size", "max_len", "all_positions", "long_sequences")
+
+
+def _check_resume(p: argparse.ArgumentParser, args, state: dict) -> None:
+    """Refuse (exit 2) a resume whose RESUME_ARGS differ from those the checkpoint was written
+    with; a checkpoint of an older release, without them, is trusted with a warning."""
+    saved = state.get("args")
+    if saved is None:
+        warnings.warn(f"--resume: {args.checkpoint} records no training options (an older checkpoint): assuming "
+                      f"the same {', '.join('--' + a.replace('_', '-') for a in RESUME_ARGS)}", stacklevel=2)
+        return
+    differ = [a for a in RESUME_ARGS if a in saved and saved[a] != getattr(args, a)]
+    if differ:
+        p.error(f"--resume: {args.checkpoint} was written with other options: " + ", ".join(
+            f"--{a.replace('_', '-')} {saved[a]!r} (now {getattr(args, a)!r})" for a in differ)
+            + "; resume with the checkpoint's values or start a new checkpoint")
 
 
 def global_batches(seq, batch_size: int, steps: int, seed: int, max_len: int, all_positions: bool = False):
@@ -97,6 +119,10 @@ def main(argv=None, prog: str = "python -m freescale.train"):
         p.error("--resume needs --checkpoint (the file to resume from)")
     if args.resume and not os.path.exists(args.checkpoint):
         p.error(f"--resume: no checkpoint at {args.checkpoint}")
+    state = None
+    if args.resume:  # before any process group: every rank refuses alike, none waits for the others
+        state = torch.load(args.checkpoint, weights_only=True)
+        _check_resume(p, args, state)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -107,9 +133,11 @@ def main(argv=None, prog: str = "python -m freescale.train"):
     model = HSTURecommender(seq.n_items, d_model=32, n_layers=2, max_len=args.max_len)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     start = 0
-    if args.resume:
-        state = torch.load(args.checkpoint, weights_only=True)
-        model.load_state_dict(state["model"])
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:  # an older checkpoint (no options recorded) of another shape
+            p.error(f"--resume: {args.checkpoint} does not fit this model (another --max-len?): {str(err)[:300]}")
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
     balancer = make_balancer(args.method, args.long_sequences, distributed)
@@ -164,8 +192,8 @@ def main(argv=None, prog: str = "python -m freescale.train"):
                 json.dump({"losses": losses, "start": start, "bubble": summary}, f)
         if args.checkpoint:
             # the steps the model has taken: a resume past --steps trains none and must not go back
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": max(start, args.steps)},
-                       args.checkpoint)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": max(start, args.steps),
+                        "args": {a: getattr(args, a) for a in RESUME_ARGS}}, args.checkpoint)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

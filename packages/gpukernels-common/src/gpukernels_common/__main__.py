@@ -15,7 +15,7 @@ from .device import device_name, has_cuda, triton_available, triton_version
 
 def info() -> str:
     lines = [f"gpukernels-common {__version__}", f"torch {torch.__version__}", f"triton {triton_version() or 'not installed'}"]
-    for var in ("GKC_BACKEND", "TRITON_INTERPRET", "GKC_QUICK"):
+    for var in ("GKC_BACKEND", "TRITON_INTERPRET", "GKC_QUICK", "GKC_GPU_LAUNCH_SHAPES"):
         lines.append(f"{var}={os.environ.get(var, '')!s}")
     devices = ["cpu"] + (["cuda"] if has_cuda() else [])
     for dev in devices:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 
 import torch
 
@@ -48,6 +49,8 @@ def explain_backend(*tensors: torch.Tensor, device: torch.device | str | None = 
             raise RuntimeError(f"GKC_BACKEND={wanted} but triton is not installed (pip install triton)")
         return Backend.REFERENCE, "triton is not installed"
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {dev} was asked for, but torch sees no CUDA device (torch {torch.__version__})")
         if env.triton_interpret():
             raise RuntimeError("TRITON_INTERPRET=1 is set but the tensors are on CUDA; unset it to compile kernels")
         if wanted == "interpret":
@@ -88,9 +91,16 @@ def interpreter_fault() -> str | None:
 def _probe_interpreter() -> str | None:
     import numpy
     import triton
+    from triton.runtime.jit import JITFunction
 
     from ._probe import probe_kernel
 
+    if isinstance(probe_kernel, JITFunction):
+        # defined while TRITON_INTERPRET read as off (set after triton's import, or a value this
+        # Triton does not take): the kernels are compiled ones, whatever numpy is
+        return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} reads as on here, but triton "
+                f"{triton.__version__} defined the kernels for compiling: set TRITON_INTERPRET=1 before "
+                f"anything imports triton, or run the PyTorch references with GKC_BACKEND=reference")
     out = torch.full((3,), 10, dtype=torch.int32)
     try:
         probe_kernel[(1,)](out, 3, BLOCK=4)

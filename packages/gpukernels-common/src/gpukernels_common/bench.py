@@ -19,14 +19,20 @@ import torch
 from . import env
 from .device import device_name, has_cuda, triton_version
 
+_RECORD_DEVICE: list[str] = []  # set by bench_args: the device a record's conditions describe by default
+
 
 def bench_args(argv=None, gpu_help: str = "measure the GPU figures (needs CUDA)") -> argparse.Namespace:
     """The flags every benchmark script takes: --quick (small shapes, print only, record nothing)
-    and --gpu."""
+    and --gpu. From here on a `BenchRecord` describes the GPU under --gpu and the CPU without it
+    (a CPU run on a GPU host is not stamped with the GPU's name); pass `env=environment(device)`
+    for a record measured elsewhere."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small shapes; print only, record nothing")
     parser.add_argument("--gpu", action="store_true", help=gpu_help)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _RECORD_DEVICE[:] = ["cuda" if args.gpu else "cpu"]
+    return args
 
 
 def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup_ms=None, rep_ms=None) -> dict:
@@ -55,7 +61,8 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
-    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
+    # "inclusive": within the measured range (the default extrapolates past it from few samples)
+    q = statistics.quantiles(samples, n=10, method="inclusive")
     return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
 
 
@@ -97,6 +104,8 @@ def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1,
     Process `rank` of job `job` calls target(queue, job, rank, world, port, *args) and must put
     exactly one item on the queue (None when it has nothing to report).
     """
+    import queue as queue_module
+
     import torch.multiprocessing as mp
 
     from .testing import free_port
@@ -108,7 +117,20 @@ def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1,
     for p in procs:
         p.start()
     try:
-        results = [queue.get(timeout=timeout) for _ in procs]
+        results, deadline = [], time.monotonic() + timeout
+        while len(results) < len(procs):
+            try:  # short waits: a process that died without reporting is named at once
+                results.append(queue.get(timeout=min(1.0, max(0.0, deadline - time.monotonic()))))
+                continue
+            except queue_module.Empty:
+                pass
+            for i, p in enumerate(procs):
+                if p.exitcode not in (None, 0):
+                    raise RuntimeError(f"spawn_jobs: job {i // world} rank {i % world} exited with code {p.exitcode} "
+                                       f"before reporting (its error is above)")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"spawn_jobs: {len(procs) - len(results)} of {len(procs)} processes did not "
+                                   f"report within {timeout:g} s")
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -136,8 +158,11 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def environment(device: torch.device | str | None = None) -> dict:
-    """The conditions every record carries."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if has_cuda() else "cpu")
+    """The conditions every record carries, for `device` (default: the one `bench_args` chose; without
+    it, CUDA when present)."""
+    if device is None:
+        device = _RECORD_DEVICE[0] if _RECORD_DEVICE else ("cuda" if has_cuda() else "cpu")
+    dev = torch.device(device)
     return {
         "device": device_name(dev),
         "torch": torch.__version__,
@@ -182,33 +207,45 @@ def read_records(path: str | Path) -> list[BenchRecord]:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
+    return str(v).replace("|", "\\|").replace("\n", " ")  # a cell of its own in a Markdown row
+
+
+_CONDITIONS = ("device", "torch", "triton", "python", "commit")  # what a table's records share (dates may differ)
 
 
 def render_markdown(records: list[BenchRecord], title: str) -> str:
-    """Group records by benchmark into Markdown tables, each under its conditions."""
+    """Group records by benchmark into Markdown tables, one per set of conditions (device,
+    versions, commit), each under its conditions."""
     lines = [f"# {title}", "", "Generated from JSON-lines benchmark records; every table names its conditions.", ""]
-    by_bench: dict[str, list[BenchRecord]] = {}
+    by_bench: dict[str, dict[tuple, list[BenchRecord]]] = {}
     for r in records:
-        by_bench.setdefault(r.bench, []).append(r)
-    for bench, recs in by_bench.items():
-        e = recs[0].env
+        by_bench.setdefault(r.bench, {}).setdefault(tuple(r.env.get(k) for k in _CONDITIONS), []).append(r)
+    for bench, groups in by_bench.items():
         lines += [f"## {bench}", ""]
-        lines.append(
-            f"Conditions: device `{e.get('device')}`, torch {e.get('torch')}, triton {e.get('triton')}, "
-            f"python {e.get('python')}, commit `{e.get('commit')}`, {e.get('date')}."
-        )
-        lines.append("")
-        shape_keys = sorted({k for r in recs for k in r.shape})
-        fig_keys = sorted({k for r in recs for k in r.figures})
-        header = ["provider"] + shape_keys + fig_keys
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for r in recs:
-            row = [r.provider] + [_fmt(r.shape.get(k, "")) for k in shape_keys] + [_fmt(r.figures.get(k, "")) for k in fig_keys]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        for recs in groups.values():
+            lines += _table(recs)
     return "\n".join(lines)
+
+
+def _table(recs: list[BenchRecord]) -> list[str]:
+    e = recs[0].env
+    dates = sorted({str(r.env.get("date")) for r in recs})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    lines = [
+        f"Conditions: device `{e.get('device')}`, torch {e.get('torch')}, triton {e.get('triton')}, "
+        f"python {e.get('python')}, commit `{e.get('commit')}`, {when}.",
+        "",
+    ]
+    shape_keys = sorted({k for r in recs for k in r.shape})
+    fig_keys = sorted({k for r in recs for k in r.figures})
+    header = ["provider"] + shape_keys + fig_keys
+    lines.append("| " + " | ".join(_fmt(h) for h in header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for r in recs:
+        row = [r.provider] + [r.shape.get(k, "") for k in shape_keys] + [r.figures.get(k, "") for k in fig_keys]
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    lines.append("")
+    return lines
 
 
 def render_results(jsonl_paths: list[str | Path], md_path: str | Path, title: str) -> Path:

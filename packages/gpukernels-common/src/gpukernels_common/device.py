@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import importlib.util
 
 import torch
 
+_TRITON_AVAILABLE: list[bool] = []  # a plain cache: torch.compile warns on lru_cache-wrapped calls it traces
 
-@functools.cache
+
 def triton_available() -> bool:
-    """True when `import triton` would succeed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when `import triton` would succeed (checked without importing it, once)."""
+    if not _TRITON_AVAILABLE:
+        _TRITON_AVAILABLE.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_AVAILABLE[0]
 
 
 def triton_version() -> str | None:

@@ -98,7 +98,9 @@ def register_op(
         op = _REGISTERED[name]
         if _origins(op.reference, op.triton, op.fake) != _origins(reference, triton, fake):
             raise ValueError(f"op {name!r} is already registered with other implementations "
-                             f"({_origins(op.reference, op.triton, op.fake)}); pick another name")
+                             f"({_origins(op.reference, op.triton, op.fake)}, now {_origins(reference, triton, fake)}): "
+                             f"another module registers this name, or one module was imported under two names "
+                             f"(e.g. from a source tree and an installed copy); register each op once")
         return op
 
     hints = typing.get_type_hints(reference)
@@ -109,6 +111,7 @@ def register_op(
     )
 
     returns_tensor = sig.return_annotation is torch.Tensor
+    returns_something = sig.return_annotation not in (None, type(None), inspect.Signature.empty)
 
     @functools.wraps(reference)
     def dispatch(*args, **kwargs):
@@ -117,9 +120,9 @@ def register_op(
             out = triton(*args, **kwargs)
             # custom_op does not check an eager result against the schema: a launcher that forgot
             # its `return` would hand None on as the op's output
-            if returns_tensor and not isinstance(out, torch.Tensor):
-                raise TypeError(f"{name}: the Triton implementation returned {type(out).__name__}, expected a "
-                                f"Tensor (the reference's return annotation)")
+            if (returns_tensor and not isinstance(out, torch.Tensor)) or (returns_something and out is None):
+                raise TypeError(f"{name}: the Triton implementation returned {type(out).__name__}, expected "
+                                f"{sig.return_annotation} (the reference's return annotation)")
             return out
         return reference(*args, **kwargs)
 

@@ -85,8 +85,12 @@ def depends_on(loss: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
     nodes), by a walk of its graph that stops at the first one found; for the balancers that do
     not detach the representation (`reaches` is the walk for detached leaves)."""
     leaf_ids = {id(t) for t in tensors if t.grad_fn is None}
-    node_ids = {id(t.grad_fn) for t in tensors if t.grad_fn is not None}  # the tensors hold their nodes
-    return _walk_finds(loss, leaf_ids, node_ids)
+    # `t.grad_fn` may hand out a new Python wrapper each time: keep the ones whose ids are compared
+    # alive through the walk (a freed wrapper's id goes to the next wrapper made, a false match)
+    nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    found = _walk_finds(loss, leaf_ids, {id(n) for n in nodes})
+    del nodes
+    return found
 
 
 def _walk_finds(loss: torch.Tensor, leaf_ids: set[int], node_ids: set[int]) -> bool:

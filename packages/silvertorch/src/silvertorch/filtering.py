@@ -58,6 +58,8 @@ class RangeFilter(Protocol):
 
     # `approximate = True` (class attribute): range_masks may pass items that do not match (a Bloom
     # filter); the search then checks its winners with exact_mask. Absent or False: masks are exact.
+    # `layout`: the index storage layout (`IVFIndex.layout`) its positions refer to; absent = 0, the
+    # build's. compact() moves items and counts the index's layout up, so a stale filter is refused.
 
     def select(self, queries: torch.Tensor) -> RangeFilter:
         """The same filters for the given queries (row indices) only, in that order."""
@@ -96,12 +98,13 @@ def count_bits(words: torch.Tensor) -> torch.Tensor:
 
 class DenseMaskFilter:
     """A filter given as a boolean mask [Q, N] over index positions (exact). `range_masks` keeps
-    the mask packed into bits (32 times smaller than the mask) for the next call."""
+    the mask packed into bits (32 times smaller than the mask) for the next call. `layout`: the
+    index layout the positions refer to (`IVFIndex.layout`; 0 until a compact() moves items)."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, layout: int = 0):
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
-        self.mask = mask
+        self.mask, self.layout = mask, int(layout)
         self._packed = None  # derived_from's: the packed words, packed again when the mask is replaced or edited
 
     @property
@@ -137,7 +140,7 @@ class DenseMaskFilter:
 
     def select(self, queries):
         rows = queries.to(self.mask.device)
-        picked = DenseMaskFilter(self.mask[rows])
+        picked = DenseMaskFilter(self.mask[rows], self.layout)
         kept = kept_derived(self, "_packed", self.mask)
         if kept is not None:  # those rows' packed words: an adaptive round does not pack again
             num_words, packed = kept

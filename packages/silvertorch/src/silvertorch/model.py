@@ -15,7 +15,8 @@ exception, eager on the CPU, cuts the plans to the steps and term slots the batc
        stored attributes, for the plans' first max_exact_terms slots only: the parser puts a
        filter's exact terms there -> one bit per probed item
     -> adaptive probing: a cluster beyond the first nprobe is kept only while fewer than
-       k_candidates items passed in the clusters ranked before it
+       k_candidates items passed in the clusters ranked before it (with exact_verify, true matches:
+       the first VERIFY_POOL x K Bloom passes in probe order verified, `_verified_per_cluster`)
     -> int8 scores of the probed items (exact integer dot products, cluster-major: the batch's probed
        clusters scored once for all its queries) and the fresh items
     -> exact verification of the best 4 x K (VERIFY_POOL) against the stored attributes, top-K
@@ -414,6 +415,25 @@ class RetrievalModel(nn.Module):
         bit = (passing.gather(2, local) >> (bit_of_slot & 63)) & 1
         return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
 
+    def _verified_per_cluster(self, keep, clusters, ops, args, hashes):
+        """int64 [Q, P]: per probed cluster, the true matches among the first VERIFY_POOL x K items
+        that pass the Bloom filter, in probe order (static shapes: one pool, verified as the
+        candidates are). The adaptive choice counts these, not the Bloom passes, whose false
+        positives would stop the widening short of K results. Exact for every cluster whose
+        predecessors hold at most VERIFY_POOL x K Bloom passes; past that a lower bound, so
+        probing goes on (wider, never short) while the pool held fewer than K true matches."""
+        q, p, s = keep.shape
+        flat = keep.reshape(q, p * s)
+        pool = min(p * s, VERIFY_POOL * self.k_candidates)
+        # the first `pool` passing slots: passing slots ranked by slot order, the others last
+        rank = torch.arange(p * s, 0, -1, device=keep.device)
+        first = torch.topk(torch.where(flat, rank, torch.zeros_like(rank)), pool, dim=1).indices
+        start = _rows(self.cluster_positions[:, 0], clusters)
+        cand = (start.gather(1, first // s) + first % s).clamp(max=self.num_main - 1)
+        exact = self._exact_terms(cand, hashes)
+        true = flat.gather(1, first) & run_plans(ops, args, exact, exact)
+        return torch.zeros(q, p, dtype=torch.int64, device=keep.device).scatter_add_(1, first // s, true.long())
+
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
         """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q]).
@@ -430,7 +450,7 @@ class RetrievalModel(nn.Module):
             fkeep = _rows(self.alive, fpos) & run_plans(ops, args, exact, exact)
             fresh_found = fkeep.sum(1)
         if self.max_nprobe > self.nprobe:  # adaptive: probe cluster p only while fewer than K items passed before it
-            per_cluster = keep.sum(2)
+            per_cluster = self._verified_per_cluster(keep, clusters, ops, args, hashes) if self.exact_verify else keep.sum(2)
             before = per_cluster.cumsum(1) - per_cluster + fresh_found.unsqueeze(1)
             probe = (torch.arange(self.max_nprobe, device=u.device) < self.nprobe) | (before < self.k_candidates)
             keep = keep & probe.unsqueeze(-1)

@@ -12,6 +12,8 @@ from ..backend import Backend
 # exactly in numpy, hence the separate tiers.
 TOLERANCES: dict[tuple[torch.dtype, Backend], tuple[float, float]] = {
     (torch.float64, Backend.REFERENCE): (1e-12, 1e-10),
+    (torch.float64, Backend.INTERPRET): (1e-12, 1e-10),
+    (torch.float64, Backend.TRITON): (1e-12, 1e-10),
     (torch.float32, Backend.REFERENCE): (1e-6, 1e-5),
     (torch.float32, Backend.INTERPRET): (1e-5, 1e-4),
     (torch.float32, Backend.TRITON): (2e-3, 1e-2),
@@ -28,6 +30,10 @@ def tolerance(dtype: torch.dtype, backend: Backend | str = Backend.REFERENCE) ->
     backend = Backend(backend)
     if not dtype.is_floating_point:
         return (0.0, 0.0)
+    if (dtype, backend) not in TOLERANCES:
+        known = sorted({str(d) for d, _ in TOLERANCES})
+        raise KeyError(f"no tolerance for {dtype} on the {backend.value} backend (TOLERANCES has {known}): "
+                       f"pass rms_tol= and max_tol=")
     return TOLERANCES[(dtype, backend)]
 
 
@@ -43,21 +49,27 @@ def assert_close(
 ) -> None:
     """Compare by relative RMS error and worst-element error; report where it failed.
 
-    NaN or inf in one tensor but not the other always fails. Integer tensors must be equal.
+    NaN or inf in one tensor but not the other always fails. Integer and bool tensors must be
+    equal (compared in their own dtypes: int64 values beyond 2**53 stay exact); a floating and a
+    non-floating tensor never match. Complex tensors compare their real and imaginary parts.
     """
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if actual.is_complex() != expected.is_complex() or actual.is_floating_point() != expected.is_floating_point():
+        raise AssertionError(f"{name}: dtype {actual.dtype} is not comparable with expected {expected.dtype}")
+    if actual.is_complex():
+        actual, expected = torch.view_as_real(actual.resolve_conj()), torch.view_as_real(expected.resolve_conj())
+        dtype = dtype.to_real() if dtype is not None else None
     dtype = dtype or expected.dtype
+    if not actual.is_floating_point():
+        common = torch.promote_types(actual.dtype, expected.dtype)
+        a, e = actual.detach().to("cpu", common), expected.detach().to("cpu", common)
+        _assert_equal(a, e, a != e, name)
+        return
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
     if not dtype.is_floating_point:
-        bad = a != e
-        if bad.any():
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise AssertionError(
-                f"{name}: {int(bad.sum())}/{a.numel()} elements differ; first at {idx}: "
-                f"{a[idx].item()} != expected {e[idx].item()}"
-            )
+        _assert_equal(a, e, (a != e) & ~(a.isnan() & e.isnan()), name)
         return
     default_rms, default_max = tolerance(dtype, backend)
     rms_tol = default_rms if rms_tol is None else rms_tol
@@ -88,12 +100,33 @@ def assert_close(
         )
 
 
+def _assert_equal(a: torch.Tensor, e: torch.Tensor, bad: torch.Tensor, name: str) -> None:
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{name}: {int(bad.sum())}/{a.numel()} elements differ; first at {idx}: "
+                             f"{a[idx].item()} != expected {e[idx].item()}")
+
+
 def _poison_value(dtype: torch.dtype):
     if dtype.is_floating_point:
-        return float("nan")
+        return float("nan") if torch.finfo(dtype).bits > 8 or _has_nan(dtype) else torch.finfo(dtype).max
     if dtype == torch.bool:
         return True
-    return torch.iinfo(dtype).min
+    info = torch.iinfo(dtype)
+    return info.max if info.min == 0 else info.min  # unsigned: 0 would look like a written zero
+
+
+def _has_nan(dtype: torch.dtype) -> bool:
+    return bool(torch.tensor(float("nan")).to(dtype).float().isnan())
+
+
+def _canary_value(dtype: torch.dtype):
+    """A value the dtype holds exactly, unlike what kernels usually write."""
+    if dtype == torch.bool:
+        return False
+    if dtype.is_floating_point:
+        return -12345.0 if torch.finfo(dtype).max > 12345.0 else -float(torch.finfo(dtype).max) / 2
+    return -7 if torch.iinfo(dtype).min < 0 else 7
 
 
 class CanaryBuffer:
@@ -101,7 +134,7 @@ class CanaryBuffer:
 
     The interpreter does not catch out-of-bounds stores; a kernel that writes past its
     output corrupts the padding, which `check()` detects. The output itself starts
-    poisoned (NaN, or the dtype's minimum) so unwritten elements show up.
+    poisoned (see `poisoned_empty`) so unwritten elements show up.
     """
 
     def __init__(self, shape, dtype=torch.float32, device="cpu", pad: int = 1024, canary=None):
@@ -109,21 +142,29 @@ class CanaryBuffer:
         numel = self.shape.numel()
         self.pad = pad
         if canary is None:
-            canary = -12345.0 if dtype.is_floating_point else (-7 if dtype != torch.bool else False)
-        self.canary = canary
+            canary = _canary_value(dtype)
         self.buffer = torch.full((numel + 2 * pad,), canary, dtype=dtype, device=device)
+        self.canary = self.buffer[:1].clone()  # as the dtype holds it (compared in the dtype)
         self.tensor = self.buffer[pad : pad + numel].view(self.shape)
         self.tensor.fill_(_poison_value(dtype))
 
     def check(self, name: str = "output") -> None:
         for side, part in (("before", self.buffer[: self.pad]), ("after", self.buffer[self.pad + self.shape.numel() :])):
-            if not bool((part == self.canary).all()):
-                n = int((part != self.canary).sum())
+            same = part.view(torch.uint8) == self.canary.view(torch.uint8).repeat(len(part)) if _bytes_only(part) \
+                else part == self.canary
+            if not bool(same.all()):
+                n = int((~same).sum())
                 raise AssertionError(f"{name}: {n} canary elements {side} the buffer were overwritten (out-of-bounds store)")
 
 
+def _bytes_only(t: torch.Tensor) -> bool:
+    """float8 tensors have no `==` on every torch: compare their bytes."""
+    return t.dtype.is_floating_point and t.element_size() == 1
+
+
 def poisoned_empty(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Like `torch.empty`, but filled with NaN (floats) or the dtype's minimum (integers)."""
+    """Like `torch.empty`, but filled with NaN (floats; the largest value where the dtype has no
+    NaN), True (bool), or the dtype's minimum (signed integers) or maximum (unsigned)."""
     return torch.full(tuple(shape), _poison_value(dtype), dtype=dtype, device=device)
 
 

@@ -1,8 +1,11 @@
-"""pytest plugin (entry point `pytest11`): markers `gpu` and `slow`, `--quick`, fixtures.
+"""pytest plugin (entry point `pytest11`): markers `gpu` and `slow`, `--gkc-quick`, fixtures.
 
 - `gpu`: skipped with a visible reason when CUDA is absent.
-- `slow`: runs by default; skipped with a visible reason under `--quick`.
-- `--quick` (or GKC_QUICK=1): tests pick their small shape subsets through the `quick` fixture.
+- `slow`: runs by default; skipped with a visible reason under `--gkc-quick`.
+- `--gkc-quick` (or GKC_QUICK=1): tests pick their small shape subsets through the `quick` fixture.
+
+The plugin loads in every pytest run of an environment that has gpukernels-common installed, so
+its option carries a prefix: a plain `--quick` would clash with other projects' own.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ from ..backend import explain_backend
 
 def pytest_addoption(parser):
     group = parser.getgroup("gpukernels")
-    group.addoption("--quick", action="store_true", default=False, help="run the quick shape subsets; skip `slow` tests")
+    group.addoption("--gkc-quick", action="store_true", default=False, help="run the quick shape subsets; skip `slow` tests")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped visibly without one)")
-    config.addinivalue_line("markers", "slow: long test (skipped visibly under --quick)")
+    config.addinivalue_line("markers", "slow: long test (skipped visibly under --gkc-quick)")
 
 
 def _quick(config) -> bool:
-    return bool(config.getoption("--quick", default=False)) or env.quick()
+    return bool(config.getoption("--gkc-quick", default=False)) or env.quick()
 
 
 def pytest_report_header(config):
@@ -40,7 +43,7 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (marker `gpu`); none is available")
-    quick_skip = pytest.mark.skip(reason="`slow` test skipped by --quick / GKC_QUICK=1")
+    quick_skip = pytest.mark.skip(reason="`slow` test skipped by --gkc-quick / GKC_QUICK=1")
     for item in items:
         # markers only: `item.keywords` also holds directory names and parametrize ids
         if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():

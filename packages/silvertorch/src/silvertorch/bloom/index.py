@@ -98,16 +98,20 @@ def _validate_attributes(feature_ids, offsets, values):
 
 
 class BloomIndex:
-    def __init__(self, *, k, b_multiplier, feature_ids, offsets, values, bits, row_offsets, widths, deleted):
+    def __init__(self, *, k, b_multiplier, feature_ids, offsets, values, bits, row_offsets, widths, deleted, layout=0):
         self.k, self.b_multiplier = int(k), float(b_multiplier)
+        # the IVF storage layout its item positions follow (`IVFIndex.layout`), checked by the search
+        self.layout = int(layout)
         self.feature_ids, self.offsets, self.values = feature_ids, offsets, values
         self.bits, self.row_offsets, self.widths, self.deleted = bits, row_offsets, widths, deleted
         self._refresh()
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def build(cls, feature_ids, offsets, values, k: int = 3, b_multiplier: float = 5.0, device=None) -> BloomIndex:
-        """Index items given as jagged (feature_id, value) pairs: item i owns pairs offsets[i]:offsets[i+1]."""
+    def build(cls, feature_ids, offsets, values, k: int = 3, b_multiplier: float = 5.0, device=None, layout: int = 0) -> BloomIndex:
+        """Index items given as jagged (feature_id, value) pairs: item i owns pairs offsets[i]:offsets[i+1].
+        `layout`: for items in an IVF index's order, its `layout` (counts up when compact() moves
+        items; the search refuses a filter made for another)."""
         feature_ids, offsets, values = (torch.as_tensor(t) for t in (feature_ids, offsets, values))
         _validate_attributes(feature_ids, offsets, values)
         if not 1 <= k <= 10:
@@ -121,7 +125,7 @@ class BloomIndex:
                   bits=torch.zeros(0, 32, dtype=torch.int64, device=device),
                   row_offsets=torch.zeros(1, dtype=torch.int64, device=device),
                   widths=torch.zeros(0, dtype=torch.int64, device=device),
-                  deleted=torch.zeros(math.ceil(n / 64), dtype=torch.int64, device=device))
+                  deleted=torch.zeros(math.ceil(n / 64), dtype=torch.int64, device=device), layout=layout)
         idx._build_bundles(0)
         return idx
 
@@ -148,8 +152,9 @@ class BloomIndex:
 
             fresh = torch.zeros(new_rows, 32, dtype=torch.int64, device=device)
             block = 1024
-            build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, second_hash(h), item_of_term, widths, row_offsets,
-                                                          h.numel(), keep_rows, K=self.k, BLOCK=block)
+            h = h.contiguous()  # the kernels index every tensor as row-major
+            build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, second_hash(h), item_of_term.contiguous(), widths.contiguous(),
+                                                          row_offsets.contiguous(), h.numel(), keep_rows, K=self.k, BLOCK=block)
         else:
             fresh = torch.zeros(new_rows * 32, dtype=torch.int64, device=device)
             for lo in range(0, h.numel(), BUILD_CHUNK):  # chunks bound the temporaries (10M items: ~1 GB, not ~30)
@@ -271,10 +276,11 @@ class BloomIndex:
             if out is None:
                 out = torch.empty(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device)
             bw = 128
+            bits, row_offsets, widths, live, ops, args, hashes = _row_major(self.bits, self.row_offsets, self.widths, self.live,
+                                                                            plans.ops, plans.args, plans.hashes)
             search_kernel[(plans.num_queries, triton.cdiv(self.num_words, bw))](
-                out, self.bits, self.row_offsets, self.widths, self.live, plans.ops, plans.args, plans.hashes,
-                second_hash(plans.hashes), exact, row_of, plans.ops.shape[1], plans.hashes.shape[1], self.num_words,
-                K=self.k, BW=bw)
+                out, bits, row_offsets, widths, live, ops, args, hashes, second_hash(hashes), exact.contiguous(),
+                row_of.contiguous(), plans.ops.shape[1], plans.hashes.shape[1], self.num_words, K=self.k, BW=bw)
             return out
         w = torch.arange(self.num_words, device=self.bits.device)
         result = torch.stack([self._eval_reference(plans, q, w, exact, row_of) for q in range(plans.num_queries)])
@@ -307,10 +313,12 @@ class BloomIndex:
             if out is None:
                 out = torch.empty(q, r, w32, dtype=torch.int32, device=self.bits.device)
             bw = 64
+            bits, row_offsets, widths, live, ops, args, hashes = _row_major(self.bits, self.row_offsets, self.widths, self.live,
+                                                                            plans.ops, plans.args, plans.hashes)
             range_kernel[(q * r, triton.cdiv(w32, bw))](
-                out, starts.contiguous(), lengths.contiguous(), self.bits, self.row_offsets, self.widths, self.live,
-                plans.ops, plans.args, plans.hashes, second_hash(plans.hashes), exact, row_of, plans.ops.shape[1],
-                plans.hashes.shape[1], self.num_words, r, w32, K=self.k, BW=bw)
+                out, starts.contiguous(), lengths.contiguous(), bits, row_offsets, widths, live, ops, args, hashes,
+                second_hash(hashes), exact.contiguous(), row_of.contiguous(), plans.ops.shape[1], plans.hashes.shape[1],
+                self.num_words, r, w32, K=self.k, BW=bw)
             return out
         result = self._ranges_reference(plans, starts, lengths, w32, exact, row_of)
         return result if out is None else out.copy_(result)
@@ -401,7 +409,7 @@ class BloomIndex:
         tensors = {"bits": self.bits, "row_offsets": self.row_offsets, "widths": self.widths, "deleted": self.deleted,
                    "feature_ids": self.feature_ids, "offsets": self.offsets, "values": self.values}
         meta = {"format": "silvertorch.BloomIndex", "format_version": str(FORMAT_VERSION),
-                "config": json.dumps({"k": self.k, "b_multiplier": self.b_multiplier, "bundle": BUNDLE})}
+                "config": json.dumps({"k": self.k, "b_multiplier": self.b_multiplier, "bundle": BUNDLE, "layout": self.layout})}
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
         return path
 
@@ -425,7 +433,7 @@ class BloomIndex:
         missing = {"bits", "row_offsets", "widths", "deleted", "feature_ids", "offsets", "values"} - set(tensors)
         if missing:
             raise ValueError(f"{path}: missing tensors {sorted(missing)}")
-        idx = cls(k=config["k"], b_multiplier=config["b_multiplier"], **tensors)
+        idx = cls(k=config["k"], b_multiplier=config["b_multiplier"], layout=config.get("layout", 0), **tensors)
         problem = bloom_disagreement(idx.bits, idx.row_offsets, idx.widths, idx.offsets.diff(), idx._term_items,
                                      idx._term_hashes, idx.k, idx.b_multiplier)  # the side table's terms: not hashed again
         if problem is not None:
@@ -451,6 +459,10 @@ class BloomFilter:
     def num_items(self) -> int:
         return self.index.num_items
 
+    @property
+    def layout(self) -> int:
+        return self.index.layout
+
     def range_masks(self, starts, lengths, max_length: int) -> torch.Tensor:
         return self.index.search_ranges(self.plans, starts, lengths, max_length)
 
@@ -461,7 +473,15 @@ class BloomFilter:
         return BloomFilter(self.index, self.plans.select(queries))
 
 
+def _row_major(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels index every tensor as row-major: hand-made plans or a loaded index with other
+    strides are copied once rather than read wrongly."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _checked_out(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device)):
-        raise ValueError(f"out must be {dtype} {tuple(shape)} on {device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device)
+                            or not out.is_contiguous()):  # the kernels write it row-major
+        raise ValueError(f"out must be a contiguous {dtype} {tuple(shape)} on {device}, got {out.dtype} {tuple(out.shape)} "
+                         f"on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}")
     return out

@@ -8,11 +8,15 @@ Grammar (EBNF; keywords case-insensitive; NOT binds tighter than AND, AND tighte
     atom    = "(" expr ")" | term ;
     term    = feature ":" ( value [ ":" weight ] | "{" value { "," value } "}" ) ;
     feature = integer | name ;   value = integer | name | '"' text '"' ;
+    integer = [ "-" ] digit { digit } ;   weight = integer [ "." digit { digit } ] ;
+    name    = word of ASCII letters, digits, "_", ".", "-" ;   digit = "0" | ... | "9" ;
 
 `cat:{music,sports}` means `cat:music OR cat:sports`. Numeric terms (`3:17`, `-2` values
-allowed) are the official SilverTorch syntax; a trailing `:weight` is accepted and ignored.
+allowed) are the official SilverTorch syntax; a trailing `:weight` (a number) is accepted and
+ignored, anything else after a second ':' is an error: a value containing ':' or non-ASCII
+characters is quoted (`start:"12:30"`, `genre:"Comédie"`).
 Named features need a `FilterSchema` mapping names to feature ids; non-integer values are
-hashed with FNV-1a 64 (`hashing.string_value`); digits, quoted or not, are the number (`word_value`,
+hashed with FNV-1a 64 (`hashing.string_value`); ASCII digits, quoted or not, are the number (`word_value`,
 which `FilterSchema.encode_items` applies to string attributes alike). An empty expression
 matches everything.
 
@@ -38,6 +42,9 @@ NOP, TERM, EXACT_TERM, AND, OR, NOT, TRUE = 0, 1, 2, 3, 4, 5, 6
 MAX_DEPTH = 8  # the kernels keep this many stack slots in registers
 MAX_NESTING = 64  # parentheses and NOTs inside each other; checked while parsing (the parser recurses)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# ASCII digits only: re's \d and int() take every Unicode decimal digit ("１９９５" would be 1995)
+_INTEGER = re.compile(r"-?[0-9]+")
+_WEIGHT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 
 class FilterSyntaxError(ValueError):
@@ -48,11 +55,11 @@ class FilterSyntaxError(ValueError):
 
 
 def word_value(text: str) -> int:
-    """The int64 value of an attribute or filter value written as text: digits (an optional minus,
-    in the int64 range) are the number, so "1995" and 1995 are the same value, quoted or not, in
-    the items and in the filters (leading zeros do not count: "02139" is 2139); any other text is
-    hashed (FNV-1a 64)."""
-    if re.fullmatch(r"-?\d+", text) and INT64_MIN <= int(text) <= INT64_MAX:
+    """The int64 value of an attribute or filter value written as text: ASCII digits (an optional
+    minus, in the int64 range) are the number, so "1995" and 1995 are the same value, quoted or
+    not, in the items and in the filters (leading zeros do not count: "02139" is 2139); any other
+    text, other scripts' digits included ("１９９５"), is hashed (FNV-1a 64)."""
+    if _INTEGER.fullmatch(text) and INT64_MIN <= int(text) <= INT64_MAX:
         return int(text)
     return string_value(text)
 
@@ -137,6 +144,11 @@ def _tokenize(text: str):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
             start = pos + (len(text[pos:]) - len(text[pos:].lstrip()))
+            if text[start] == '"':
+                raise FilterSyntaxError(text, start, "a closing '\"' (this quoted value is unterminated)", "end of expression")
+            if not text[start].isascii():  # unquoted words are ASCII: Comédie, "１９９５" need quotes
+                raise FilterSyntaxError(text, start, "a term, operator or parenthesis (unquoted words are ASCII letters, digits, "
+                                        "'_', '.' and '-'; quote other text: \"...\")", repr(text[start]))
             raise FilterSyntaxError(text, start, "a term, operator or parenthesis", repr(text[start]))
         kind = m.lastgroup
         start = m.start(kind)
@@ -227,7 +239,7 @@ class _Parser:
             return word_value(value[1:-1])
         if kind != "word":
             self.fail("a value")
-        value = self._int(value) if re.fullmatch(r"-?\d+", value) else string_value(value)
+        value = self._int(value) if _INTEGER.fullmatch(value) else string_value(value)
         self.i += 1
         return value
 
@@ -247,7 +259,7 @@ class _Parser:
 
     def term(self):
         kind, name, pos = self.peek()
-        fid = self._int(name) if kind == "word" and re.fullmatch(r"-?\d+", name) else None
+        fid = self._int(name) if kind == "word" and _INTEGER.fullmatch(name) else None
         self.take("word", "a feature")
         if fid is None:
             if self.schema is None:
@@ -263,9 +275,12 @@ class _Parser:
             self.take("rb", "',' or '}'")
             return node
         node = self._leaf(fid, self._value())
-        if self.peek()[0] == "colon":  # official syntax: optional weight, ignored
+        if self.peek()[0] == "colon":  # official syntax: optional numeric weight, ignored
             self.i += 1
-            self.take("word", "a weight")
+            kind, weight, _ = self.peek()
+            if kind != "word" or not _WEIGHT.fullmatch(weight):  # not a value swallowed: start:12:abc, genre:a:b
+                self.fail("a numeric weight after the value's ':' (quote a value that contains ':', e.g. start:\"12:30\")")
+            self.i += 1
         return node
 
 

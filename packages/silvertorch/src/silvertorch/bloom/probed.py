@@ -100,7 +100,8 @@ def probed_filter_words_triton(bits: torch.Tensor, row_offsets: torch.Tensor, wi
     bw = 64
     hashes = hashes.contiguous()
     words_kernel[(q, triton.cdiv(m, bw))](
-        out, words.contiguous(), bits, row_offsets, widths, ops.contiguous(), args.contiguous(), hashes,
+        out, words.contiguous(), bits.contiguous(), row_offsets.contiguous(), widths.contiguous(), ops.contiguous(),
+        args.contiguous(), hashes,
         second_hash(hashes), exact_words.reshape(q * e, m).contiguous(), exact_row, ops.shape[1], t, m,
         widths.numel() * WORDS_PER_BUNDLE, K=bloom_k, BW=bw)
     return out

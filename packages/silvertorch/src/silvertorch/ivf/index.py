@@ -8,13 +8,19 @@ Items are stored in cluster order (CSR `offsets`; `order[i]` = original row of s
 probes the nprobe best centroids per query, scores only those clusters' items (a Triton kernel
 or the PyTorch reference: int8 dot products in int32, filtered items skipped) into a
 [Q, nprobe x max_cluster] candidate buffer — never a query x corpus matrix — and selects the
-top k with ties broken by storage position. Missing results are id -1 with score -inf.
+top k. Equal scores come in slot order: probe rank first (the best centroid's cluster first), then
+storage position inside a cluster, the fresh part after the probed clusters. Missing results are
+id -1 with score -inf.
+
+Filters over storage positions are tied to a layout: `IVFIndex.layout` counts the times
+`compact()` moved items, and a filter made for another layout is refused (see `_check_filters`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from pathlib import Path
 
 import torch
@@ -46,6 +52,9 @@ CLUSTER_MAJOR_MIN_QUERIES = 16  # auto: from this batch size on, queries share c
 # times what a slot of the padded, cluster-major scoring costs (200k x 128, 128 queries on two
 # CPU cores: even at 6 slots per item for nprobe 16, at 11 for nprobe 64)
 PASSING_SLOT_COST = 10
+# an approximate (Bloom) filter's winners are verified in pools of VERIFY_POOL x k, each round's pool
+# VERIFY_POOL times the last (as the model's one pool of VERIFY_POOL x K)
+VERIFY_POOL = 4
 
 
 # the passing-items path gathers each query's rows apart from this many bytes of rows on (200k x
@@ -96,7 +105,7 @@ def _encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored rows: symmetric int8 codes + scales, or bf16 rows with unit scales."""
     if dtype == "int8":
         return quantize_rows(x)
-    return x.to(torch.bfloat16), torch.ones(x.shape[0], device=x.device)
+    return x.to(torch.bfloat16).contiguous(), torch.ones(x.shape[0], device=x.device)
 
 
 def _int8_dots(q_codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -170,6 +179,24 @@ def cluster_major_scores(codes: torch.Tensor, scales: torch.Tensor, offsets: tor
     return scores
 
 
+def _count(value, name: str) -> int:
+    """A count argument (k, nprobe, max_nprobe) as an int: Python and numpy integers, not bools or
+    floats (nprobe=2.5 would fail deep in torch.topk, a float k would be truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _as_queries(queries) -> torch.Tensor:
+    """Queries as a tensor: numpy arrays (and nested lists) are converted, anything else refused."""
+    if isinstance(queries, torch.Tensor):
+        return queries
+    try:
+        return torch.as_tensor(queries)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"queries must be a float tensor or array [num_queries, dim], got {type(queries).__name__}") from err
+
+
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
     if queries.dim() != 2 or queries.shape[1] != dim:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
@@ -192,6 +219,9 @@ class IVFIndex:
         self.fresh_codes = codes.new_zeros(0, codes.shape[1])
         self.fresh_scales, self.fresh_ids = scales.new_zeros(0), ids.new_zeros(0)
         self.fresh_removed = torch.zeros(0, dtype=torch.bool, device=codes.device)
+        # storage layout generation: compact() moves items and counts up; filters over positions
+        # carry the layout they were made for (`layout`, 0 when absent) and must match it
+        self.layout = 0
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, n_clusters: int = 256, dtype: str = "int8",
@@ -272,6 +302,7 @@ class IVFIndex:
         `schedule` (Triton backends): "query" (one program per query × cluster × items), "cluster"
         (queries grouped by the cluster they probe, tl.dot on a shared row tile), "auto": cluster-
         major from CLUSTER_MAJOR_MIN_QUERIES queries on."""
+        queries = _as_queries(queries)
         if filters is not None:
             self._check_filters(filters, queries.shape[0])
         scores, starts, L, _ = self._slot_scores(queries, clusters, filters, out=out, schedule=schedule)
@@ -310,14 +341,20 @@ class IVFIndex:
         q_codes, q_scales = quantize_rows(queries)
         q, p = clusters.shape
         found = lengths.sum(1) if words is None else count_bits(words).sum(1)
-        if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device):
-            raise ValueError(f"out must be float32 ({q}, {p * L}) on {self.codes.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device
+                                or not out.is_contiguous()):  # the kernels write it row-major
+            raise ValueError(f"out must be a contiguous float32 ({q}, {p * L}) on {self.codes.device}, got {out.dtype} "
+                             f"{tuple(out.shape)} on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}")
         if select_backend(self.codes).uses_triton:
             import triton
 
             from .kernels import score_cluster_major_kernel, score_kernel
 
             out = torch.empty(q, p * L, dtype=torch.float32, device=self.codes.device) if out is None else out
+            # the kernels index every tensor as row-major (row * D + d): a transposed or Fortran-ordered
+            # input, or a hand-made index, is copied once rather than read wrongly
+            codes, scales, offsets = self.codes.contiguous(), self.scales.contiguous(), self.offsets.contiguous()
+            q_codes, q_scales = q_codes.contiguous(), q_scales.contiguous()
             w32 = words.shape[-1] if words is not None else 1
             flat_words = words.reshape(-1).contiguous() if words is not None else starts
             d = self.codes.shape[1]
@@ -325,14 +362,14 @@ class IVFIndex:
                 bq, bn = 16, 64
                 pairs, pair_ends, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, self.n_clusters, bq)
                 score_cluster_major_kernel[(n_blocks, triton.cdiv(L, bn))](
-                    out, self.codes, self.scales, q_codes, q_scales, self.offsets, pairs, pair_ends, block_cluster, block_row,
+                    out, codes, scales, q_codes, q_scales, offsets, pairs, pair_ends, block_cluster, block_row,
                     flat_words, d, p, L, w32, HAS_FILTER=words is not None, INT8_DOT=int8_dot_supported(self.codes.device),
                     FP16_DOT=env.gpu_launch_shapes(self.codes.device),
                     BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
             else:
                 bn = 64
                 score_kernel[(q * p, triton.cdiv(L, bn))](
-                    out, self.codes, self.scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
+                    out, codes, scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
                     flat_words, d, p, L, w32, HAS_FILTER=words is not None, BN=bn, BD=min(128, triton.next_power_of_2(d)))
             return out, starts, L, found
         result = self._scores_reference(q_codes, q_scales, clusters, starts, lengths, words, L).view(q, p * L)
@@ -347,20 +384,25 @@ class IVFIndex:
 
     def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None, adaptive: bool = False,
                           max_nprobe: int | None = None) -> SearchResult:
-        """Search; with `adaptive`, queries that found fewer than k passing items are re-run with
+        """Search; with `adaptive`, queries that returned fewer than k results are re-run with
         twice the clusters until they have k or reach `max_nprobe` (default: all clusters). Only
         those queries are re-run (with `filters.select` of them); each query's result does not
-        depend on the others in the batch."""
+        depend on the others in the batch. "Fewer than k results" counts the verified results, not
+        `found`: under a Bloom filter `found` counts its false positives too, which the results
+        drop. `queries` may be a numpy array; k, nprobe and max_nprobe Python or numpy ints."""
+        queries = _as_queries(queries)
+        k = _count(k, "k")
+        nprobe = _count(nprobe, "nprobe")
         _check_queries(queries, self.codes.shape[1], k)
         if not 1 <= nprobe <= self.n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
-        max_nprobe = self.n_clusters if max_nprobe is None else min(max_nprobe, self.n_clusters)
+        max_nprobe = self.n_clusters if max_nprobe is None else min(_count(max_nprobe, "max_nprobe"), self.n_clusters)
         if filters is not None:
             self._check_filters(filters, queries.shape[0])
         queries = queries.to(self.codes.device)
         result = self._search_once(queries, k, nprobe, filters)
         while adaptive and nprobe < max_nprobe:
-            short = (result.found < k).nonzero().squeeze(1)
+            short = ((result.ids >= 0).sum(1) < k).nonzero().squeeze(1)
             if not short.numel():
                 break
             nprobe = min(2 * nprobe, max_nprobe)
@@ -374,11 +416,21 @@ class IVFIndex:
 
     def _check_filters(self, filters, num_queries: int) -> None:
         """At the entry points (search_with_stats, candidate_scores), before anything runs."""
+        if not all(hasattr(filters, name) for name in ("num_queries", "range_masks")):
+            hint = {"FilterPlans": " (plans: pass bloom_index.filter(plans))",
+                    "BloomIndex": " (a Bloom index: pass bloom_index.filter(plans))"}.get(type(filters).__name__, "")
+            raise TypeError(f"filters must be a range filter, bloom_index.filter(plans) or DenseMaskFilter(mask), got "
+                            f"{type(filters).__name__}{hint}")
         if filters.num_queries != num_queries:
             raise ValueError(f"filters cover {filters.num_queries} queries, queries has {num_queries}")
         items = getattr(filters, "num_items", None)  # a filter over too few positions would drop the rest silently
         if items is not None and items != self.num_items:
             raise ValueError(f"filters cover {items} item positions, the index has {self.num_items} (main and fresh)")
+        layout = getattr(filters, "layout", 0)
+        if layout != self.layout:  # same item count, other positions: the filter would pass the wrong items
+            raise ValueError(f"filters were made for storage layout {layout}, the index is at layout {self.layout}: compact() "
+                             f"moved its items. Rebuild the filter over the items in index.order and tag it with "
+                             f"layout=index.layout (BloomIndex.build(..., layout=) or DenseMaskFilter(mask, layout=))")
 
     def _search_candidates(self, queries, clusters, filters):
         """(scores [Q, M], positions_of, found [Q]) for one search: `positions_of(slots)` maps slots
@@ -443,20 +495,36 @@ class IVFIndex:
             scores = torch.cat([scores, fresh_scores], 1)
             found = found + (fresh_scores > float("-inf")).sum(1)  # scores are finite or -inf
         kk = min(k, scores.shape[1])
-        while True:
-            top, order = select_topk(scores, kk)  # exact, ties in storage order; two-level / radix for long rows
-            slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the k kept only: main slots, then fresh
+
+        def select(m):
+            top, order = select_topk(scores, m)  # exact, ties in slot order; two-level / radix for long rows
+            slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the m kept only: main slots, then fresh
             pos = torch.where(order < main_slots, positions_of(slot), self.num_main + order - main_slots)
-            pos = torch.where(order >= 0, pos, torch.full_like(order, -1))
-            if not getattr(filters, "approximate", False):
-                break
-            # a Bloom filter passes a superset: the winners are checked against the stored attributes,
-            # and the false positives are taken out and the top-k selected again (rarely more than once)
-            rejected = ~filters.exact_mask(pos) & (pos >= 0)
-            if not rejected.any():
-                break
-            rows, cols = rejected.nonzero(as_tuple=True)
-            scores = scores.index_put((rows, order[rows, cols]), scores.new_tensor(float("-inf")))
+            return top, order, torch.where(order >= 0, pos, torch.full_like(order, -1))
+
+        if not getattr(filters, "approximate", False):
+            top, _, pos = select(kk)
+        else:
+            # a Bloom filter passes a superset: a pool of the best VERIFY_POOL x k is checked against the
+            # stored attributes, and while a row has fewer than k true matches in its pool and more
+            # candidates past it, the false positives are taken out and a pool VERIFY_POOL times larger
+            # checked (a few rounds, however rare the true matches). The first k verified of a pool are
+            # the exact filter's top k: a match outside it scores lower, or equal in a later slot.
+            m = min(VERIFY_POOL * kk, scores.shape[1])
+            while True:
+                top, order, pos = select(m)
+                ok = filters.exact_mask(pos) & (pos >= 0)
+                rejected = ~ok & (pos >= 0)
+                exhausted = (pos < 0).any(1) if m < scores.shape[1] else torch.ones_like(ok[:, 0])  # no candidate past the pool
+                if bool(((ok.sum(1) >= kk) | exhausted).all()):
+                    break
+                rows, cols = rejected.nonzero(as_tuple=True)
+                scores = scores.index_put((rows, order[rows, cols]), scores.new_tensor(float("-inf")))
+                m = min(VERIFY_POOL * m, scores.shape[1])
+            first = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :kk]  # verified first, in pool order
+            ok = ok.gather(1, first)
+            top = torch.where(ok, top.gather(1, first), torch.full_like(top[:, :kk], float("-inf")))
+            pos = torch.where(ok, pos.gather(1, first), torch.full_like(pos[:, :kk], -1))
         if kk < k:
             pad = k - kk
             top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
@@ -488,7 +556,9 @@ class IVFIndex:
         """Fold the fresh part into the clusters (each item joins the cluster of largest centroid
         inner product; the storage is re-laid in cluster order, one O(N) copy) and drop
         tombstoned items. Storage positions change: `order` maps them to build-input rows, the
-        fresh items numbered after the existing ones; rebuild any filter over positions."""
+        fresh items numbered after the existing ones. When an item moved, `layout` counts up and
+        filters made for the old positions are refused: rebuild them over `order` with
+        layout=index.layout."""
         device = self.codes.device
         main_clusters = torch.repeat_interleave(torch.arange(self.n_clusters, device=device), self.offsets.diff())
         fresh_clusters = (self.fresh_codes.float() * self.fresh_scales.unsqueeze(1)) @ self.centroids.T
@@ -496,6 +566,8 @@ class IVFIndex:
         next_rows = torch.arange(self.num_fresh, device=device) + (int(self.order.max()) + 1 if self.order.numel() else 0)
         keep = ~torch.cat([self.removed, self.fresh_removed])
         perm = torch.argsort(clusters[keep], stable=True)  # surviving items keep their relative order
+        if not (bool(keep.all()) and torch.equal(perm, torch.arange(perm.numel(), device=device))):
+            self.layout += 1  # an item moved (or went): positions mean other items now
         self.codes = torch.cat([self.codes, self.fresh_codes])[keep][perm]
         self.scales = torch.cat([self.scales, self.fresh_scales])[keep][perm]
         self.ids = torch.cat([self.ids, self.fresh_ids])[keep][perm]
@@ -510,6 +582,8 @@ class IVFIndex:
     def remove(self, ids) -> int:
         """Tombstone items by user id; returns how many were removed."""
         ids = torch.as_tensor(ids, device=self.ids.device)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:  # as add/build: 1.5 is no id
+            raise ValueError(f"ids must be integers, got {ids.dtype}")
         hit, fresh_hit = torch.isin(self.ids, ids) & ~self.removed, torch.isin(self.fresh_ids, ids) & ~self.fresh_removed
         self.removed |= hit
         self.fresh_removed |= fresh_hit
@@ -524,7 +598,8 @@ class IVFIndex:
                    "fresh_scales": self.fresh_scales, "fresh_ids": self.fresh_ids, "fresh_removed": self.fresh_removed}
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
                   metadata={"format": f"silvertorch.{type(self).__name__}", "format_version": str(FORMAT_VERSION),
-                            "config": json.dumps({"dim": self.codes.shape[1], "n_clusters": self.n_clusters})})
+                            "config": json.dumps({"dim": self.codes.shape[1], "n_clusters": self.n_clusters,
+                                                  "layout": self.layout})})
         return path
 
     @classmethod
@@ -551,6 +626,7 @@ class IVFIndex:
         if cls is not FlatIndex and idx.codes.dtype != torch.int8:
             raise ValueError(f"{path}: an IVFIndex stores int8 codes, this file holds {idx.codes.dtype}")
         idx.removed = removed.bool()
+        idx.layout = int(json.loads(meta.get("config") or "{}").get("layout", 0))  # absent before layouts were recorded
         if fresh:
             n = fresh["fresh_ids"].shape[0]
             if fresh["fresh_codes"].shape != (n, idx.codes.shape[1]) or fresh["fresh_scales"].shape != (n,) or fresh["fresh_removed"].shape != (n,):

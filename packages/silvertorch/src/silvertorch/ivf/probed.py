@@ -98,6 +98,9 @@ def probed_scores_triton(codes: torch.Tensor, scales: torch.Tensor, cluster_posi
     q, p = clusters.shape
     n_clusters, width = cluster_positions.shape
     d = codes.shape[1]
+    # the kernels index every tensor as row-major: a column-major tower output or buffer is copied once
+    codes, scales, cluster_offsets = codes.contiguous(), scales.contiguous(), cluster_offsets.contiguous()
+    q_codes, q_scales, clusters = q_codes.contiguous(), q_scales.contiguous(), clusters.contiguous()
     words = pack_bits(keep).contiguous()  # [Q, P, W32]: the kernels' filter words
     w32 = words.shape[-1]
     out = torch.empty(q, p * width, dtype=torch.float32, device=codes.device)

@@ -6,7 +6,9 @@ import torch
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.float()
+    """Row-major codes and scales whatever the input's layout (a transposed view, a Fortran-ordered
+    array): the scoring kernels index codes as row * D + d."""
+    x = x.float().contiguous()
     scale = x.abs().amax(1).clamp_min(1e-12) / 127.0
     codes = torch.round(x / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
     return codes, scale
