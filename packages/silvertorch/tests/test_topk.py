@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,18 @@ def test_triton_histogram_threshold_matches_torch(make):
 def test_invalid_arguments(scores, k, match, method):
     with pytest.raises(ValueError, match=match):
         select_topk(scores, k, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_k_as_numpy_int_matches_python_int(method):
+    """k arrives as a numpy integer from array code (np.int64 from a config array): the same
+    selection as the Python int; bools are refused like floats."""
+    scores = _random(3, 600)
+    want = select_topk(scores, 17, method)
+    got = select_topk(scores, np.int64(17), method)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="k must be an int, got bool"):
+        select_topk(scores, True, method)
 
 
 def test_unknown_method():

@@ -26,6 +26,8 @@ first built, never at module import.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from gpukernels_common import select_backend
@@ -45,6 +47,14 @@ RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))
 RADIX_BINS = 2048
 HISTOGRAM_BLOCK = 4096  # columns per Triton program
 _INT32_MIN = -(2**31)
+
+
+def as_count(value, name: str) -> int:
+    """A count argument (k, nprobe, max_nprobe) as an int: Python and numpy integers, not bools or
+    floats (nprobe=2.5 would fail deep in torch.topk, a float k would be truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def select_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +102,7 @@ def _checked_scores(scores, k, method) -> torch.Tensor:
         raise ValueError(f"scores must be 2-D [num_rows, num_columns], got shape {tuple(scores.shape)}")
     if scores.dtype not in ACCEPTED_DTYPES:
         raise ValueError(f"scores must be a float tensor (float32, float16 or bfloat16), got {scores.dtype}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"k must be an int, got {type(k).__name__}")
+    k = as_count(k, "k")
     num_columns = scores.shape[1]
     if k < 1:
         raise ValueError(f"k must be >= 1, got k={k}")

@@ -152,9 +152,9 @@ class BloomIndex:
 
             fresh = torch.zeros(new_rows, 32, dtype=torch.int64, device=device)
             block = 1024
-            h = h.contiguous()  # the kernels index every tensor as row-major
-            build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, second_hash(h), item_of_term.contiguous(), widths.contiguous(),
-                                                          row_offsets.contiguous(), h.numel(), keep_rows, K=self.k, BLOCK=block)
+            h, item_of_term, widths, row_offsets = _row_major(h, item_of_term, widths, row_offsets)
+            build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, second_hash(h), item_of_term, widths, row_offsets,
+                                                          h.numel(), keep_rows, K=self.k, BLOCK=block)
         else:
             fresh = torch.zeros(new_rows * 32, dtype=torch.int64, device=device)
             for lo in range(0, h.numel(), BUILD_CHUNK):  # chunks bound the temporaries (10M items: ~1 GB, not ~30)

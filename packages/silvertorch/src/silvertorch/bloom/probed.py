@@ -19,7 +19,7 @@ from gpukernels_common import register_op
 
 from ..ivf.probed import rows_of
 from .hashing import bloom_positions, second_hash
-from .index import WORDS_PER_BUNDLE
+from .index import WORDS_PER_BUNDLE, _row_major
 from .parser import AND, EXACT_TERM, MAX_DEPTH, NOT, OR, TERM, TRUE
 
 
@@ -98,12 +98,11 @@ def probed_filter_words_triton(bits: torch.Tensor, row_offsets: torch.Tensor, wi
     exact_row = (torch.arange(q, device=words.device).unsqueeze(1) * e
                  + torch.arange(t, device=words.device).clamp(max=e - 1)).to(torch.int32)
     bw = 64
-    hashes = hashes.contiguous()
+    words, bits, row_offsets, widths, ops, args, hashes, exact_words = _row_major(
+        words, bits, row_offsets, widths, ops, args, hashes, exact_words.reshape(q * e, m))
     words_kernel[(q, triton.cdiv(m, bw))](
-        out, words.contiguous(), bits.contiguous(), row_offsets.contiguous(), widths.contiguous(), ops.contiguous(),
-        args.contiguous(), hashes,
-        second_hash(hashes), exact_words.reshape(q * e, m).contiguous(), exact_row, ops.shape[1], t, m,
-        widths.numel() * WORDS_PER_BUNDLE, K=bloom_k, BW=bw)
+        out, words, bits, row_offsets, widths, ops, args, hashes, second_hash(hashes), exact_words, exact_row,
+        ops.shape[1], t, m, widths.numel() * WORDS_PER_BUNDLE, K=bloom_k, BW=bw)
     return out
 
 

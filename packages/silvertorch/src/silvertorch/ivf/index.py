@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ import torch
 from gpukernels_common import env, grouped_blocks, select_backend
 
 from ..filtering import count_bits, derived_from, pack_bits, unpack_bits
-from ..topk import select_topk
+from ..topk import as_count, select_topk
 from .kmeans import kmeans
 from .quantize import quantize_rows
 
@@ -177,14 +176,6 @@ def cluster_major_scores(codes: torch.Tensor, scales: torch.Tensor, offsets: tor
             block[:, :size].mul_(int8_matmul(queries, codes[lo:lo + size]))
         scores.index_copy_(0, pairs, block)
     return scores
-
-
-def _count(value, name: str) -> int:
-    """A count argument (k, nprobe, max_nprobe) as an int: Python and numpy integers, not bools or
-    floats (nprobe=2.5 would fail deep in torch.topk, a float k would be truncated)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
 
 
 def _as_queries(queries) -> torch.Tensor:
@@ -391,12 +382,12 @@ class IVFIndex:
         `found`: under a Bloom filter `found` counts its false positives too, which the results
         drop. `queries` may be a numpy array; k, nprobe and max_nprobe Python or numpy ints."""
         queries = _as_queries(queries)
-        k = _count(k, "k")
-        nprobe = _count(nprobe, "nprobe")
+        k = as_count(k, "k")
+        nprobe = as_count(nprobe, "nprobe")
         _check_queries(queries, self.codes.shape[1], k)
         if not 1 <= nprobe <= self.n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
-        max_nprobe = self.n_clusters if max_nprobe is None else min(_count(max_nprobe, "max_nprobe"), self.n_clusters)
+        max_nprobe = self.n_clusters if max_nprobe is None else min(as_count(max_nprobe, "max_nprobe"), self.n_clusters)
         if filters is not None:
             self._check_filters(filters, queries.shape[0])
         queries = queries.to(self.codes.device)
