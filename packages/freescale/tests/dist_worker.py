@@ -284,6 +284,48 @@ def scenario_cost_lengths_mismatch(rank, world):
     return {"outcomes": every}
 
 
+def scenario_one_rank_input(rank, world):
+    """Plans made from the features and dense tensors (the exchange gathers nothing): input that does
+    not fit the plan on the last rank only. It raised there alone while the others waited in the
+    all-to-all until the group's timeout; now every rank raises a ValueError naming that rank, and
+    the ranks stay in step (the next exchange moves every sample)."""
+    n, last = 17, rank == world - 1
+    a, b, dense = global_batch(n)
+    lo, hi = local_slice(world, rank, n)
+    lens = [60 if i == 0 else 1 + i % 5 for i in range(n)]  # one history to split
+    seqs = [torch.arange(x) + 1000 * i for i, x in enumerate(lens)]
+    cases = {"report": KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]}),
+             "split": KeyedJagged.from_dict({"h": seqs[lo:hi], "t": [x + 1 for x in seqs[lo:hi]]})}
+    out = {}
+    for mode, feats in cases.items():
+        bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), long_sequences=mode, split_context=4, background=False)
+        good = {"id": torch.arange(lo, hi), "x": dense[lo:hi]}
+        wrong = {"samples": (feats.permute(torch.arange(feats.batch_size - 1)), {k: v[:-1] for k, v in good.items()}),
+                 "dtype": (feats, {"id": good["id"], "x": good["x"].double()}),
+                 "keys": (feats, {"id": good["id"]})}
+        for case, (bad_feats, bad_dense) in wrong.items():
+            plan = bal.plan(feats, good)
+            assert plan.partition.method != "kept" and (plan.windows is not None) == (mode == "split")
+            try:
+                bal.exchange(plan, bad_feats if last else feats, bad_dense if last else good)
+                out[f"{mode} {case}"] = "no error"
+            except ValueError as err:
+                out[f"{mode} {case}"] = str(err)
+        plan = bal.plan(feats, good)
+        new, moved = bal.exchange(plan, feats, good)
+        got = [None] * world
+        dist.all_gather_object(got, moved["id"].tolist())
+        out[f"{mode} after"] = sorted(set(sum(got, [])))
+        key = "a" if mode == "report" else "h"
+        values, lengths = new[key]
+        out[f"{mode} rows ok"] = all(torch.equal(moved["x"][j], dense[g]) for j, g in enumerate(moved["id"].tolist()))
+        if mode == "report":
+            out[f"{mode} rows ok"] &= all(torch.equal(v, a[g]) for v, g in zip(values.split(lengths.tolist()), moved["id"].tolist()))
+    every = [None] * world
+    dist.all_gather_object(every, out)
+    return {"outcomes": every}
+
+
 def scenario_pipeline_plan(rank, world):
     """TrainPipeline with a split balancer: a step_fn with a `plan` parameter gets the plan of the
     batch it trains (pipeline.last_plan is the same object), whose received windows, loss mask

@@ -117,6 +117,27 @@ def test_exchange_refuses_cost_lengths_other_than_the_features(tmp_path, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+def test_exchange_refuses_one_ranks_input_on_every_rank(tmp_path, world):
+    """A plan made from the features and dense tensors, input that does not fit it on the last
+    rank only (a sample short, a dense dtype, a missing dense key; whole and split samples): every
+    rank raises, naming that rank, where the others waited out the group's timeout; the next
+    exchange moves every sample."""
+    proc, res = _run("one_rank_input", world, tmp_path, timeout=90)
+    outcomes, bad = res["outcomes"], world - 1
+    for mode in ("report", "split"):
+        for case, text in (("samples", "the features have {} samples, the plan expects {}"),
+                           ("dtype", "the features or dense tensors differ from those the plan was made from"),
+                           ("keys", "the features or dense tensors differ from those the plan was made from")):
+            errors = [o[f"{mode} {case}"] for o in outcomes]
+            size = 17 // world + (1 if bad < 17 % world else 0)
+            expected = f"BatchBalancer.exchange: rank {bad}: " + text.format(size - 1, size)
+            assert all(e.startswith(expected) for e in errors), (mode, case, errors)
+        assert "dense['x'] is torch.float64" in outcomes[bad][f"{mode} dtype"]  # the rank's own reason
+        assert "dense keys ['id'] differ" in outcomes[bad][f"{mode} keys"]
+        assert all(o[f"{mode} after"] == list(range(17)) for o in outcomes) and all(o[f"{mode} rows ok"] for o in outcomes)
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_pipeline_hands_step_fn_the_plan_of_its_batch(tmp_path, world):
     """A split balancer in TrainPipeline: step_fn(..., plan) gets its own batch's plan (the
     received windows match the features, checked in the worker), the loss masks over the ranks

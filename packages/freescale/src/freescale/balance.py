@@ -88,7 +88,17 @@ class BalancePlan:
         order; None when the plan was made from cost lengths alone."""
         if self.key_lengths is None:
             return None
-        ids = self.partition.assignments[self.rank]
+        return self._key_lengths_of(self.partition.assignments[self.rank])
+
+    def sent_key_lengths(self) -> torch.Tensor | None:
+        """Per-key lengths (samples x keys) of the samples this rank sends in `exchange`, in send
+        order; None when the plan was made from cost lengths alone."""
+        if self.key_lengths is None:
+            return None
+        order, _ = self.send_order()
+        return self._key_lengths_of(order + sum(self.local_sizes[: self.rank]))
+
+    def _key_lengths_of(self, ids: torch.Tensor) -> torch.Tensor:
         if self.windows is None:
             return self.key_lengths[ids]
         return self.windows.lengths[ids].unsqueeze(1).expand(-1, self.key_lengths.shape[1]).contiguous()
@@ -326,13 +336,15 @@ class BatchBalancer:
         `group`: the process group of the all-to-all (default the balancer's). Every rank's
         values and dense tensors travel in the dtypes and trailing shapes the ranks agreed on
         (in the plan's gather, or, for a plan made without them, in one small all-gather here):
-        a rank without samples casts its empty tensors to them; ranks with samples must match."""
+        a rank without samples casts its empty tensors to them; ranks with samples must match.
+        Input that does not fit the plan on any rank is a ValueError on every rank, naming it."""
         dense = dense or {}
         group = group or self.group
         expected, first = plan.source_sizes[plan.rank], sum(plan.source_sizes[: plan.rank])
         problem = _input_problem(plan, features, dense, first, expected)
-        schema = plan.schema
-        if plan.world_size > 1 and plan.partition.method != "kept" and (schema is None or schema.dense is None):
+        schema, detail = plan.schema, ""
+        moves = plan.world_size > 1 and plan.partition.method != "kept"
+        if moves and (schema is None or schema.dense is None):
             # the plan did not see the dense tensors (or the features): the ranks agree on them here,
             # and in the same gather on whether every rank's input fits the plan (a check that fails
             # on one rank only must fail on all, before the all-to-all the others would wait in)
@@ -342,32 +354,58 @@ class BatchBalancer:
             if bad:
                 raise ValueError("BatchBalancer.exchange: " + "; ".join(_problem_text(r, f, list(dense)) for r, f in bad))
             schema = Schema.agree(schemas, plan.source_sizes)
-        elif problem is not None:  # no collective follows, or the plan saw everything (see _input_problem)
+        elif problem is not None and not moves:  # no collective follows
             raise ValueError("BatchBalancer.exchange: " + _problem_text(plan.rank, problem, list(dense)))
-        if schema is not None:
-            features, dense = schema.conform(features, dense)
+        if schema is not None and problem is None:
+            try:
+                features, dense = schema.conform(features, dense)
+            except ValueError as err:
+                if not moves:
+                    raise
+                problem, detail = [_CONFORM_PROBLEM, 0, 0, 0], f" ({err})"
+        if problem is not None:
+            # the plan saw every rank's features and dense tensors, so the other ranks are already on
+            # their way into the all-to-all: this rank joins it with the sizes the plan expects and a
+            # flag, and every rank raises after it (rather than the others waiting out the timeout)
+            device = features.values.device
+            _, _, headers = self._move_rows(plan, plan.sent_key_lengths().to(device), plan.received_key_lengths(),
+                                            _placeholders(plan, schema, device), problem, group)
+            _raise_flagged(headers, list(dense), plan.rank, detail)
         if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
             mine = plan.windows.select((plan.windows.source >= first) & (plan.windows.source < first + expected))
             features = features.windows(mine.source - first, mine.start, mine.stop)
             dense = {k: v[mine.source - first] for k, v in dense.items()}
-        if plan.partition.method == "kept":  # min_gain: nothing moves, no collective
-            return features, dense
-        order, send_counts = plan.send_order()
-        recv_counts = plan.recv_counts()
-        if plan.world_size == 1:
+        if not moves:  # min_gain ("kept"): nothing moves, no collective; one rank: a local permutation
+            if plan.partition.method == "kept":
+                return features, dense
+            order, _ = plan.send_order()
             return features.permute(order), {k: v[order] for k, v in dense.items()}
         # sample-major, so that each destination's samples are one contiguous slice
+        order, _ = plan.send_order()
         values, lengths = features.sample_major(order)
-        recv_lengths = plan.received_key_lengths()
+        parts = [values.unsqueeze(1)] + [v[order].reshape(order.numel(), math.prod(v.shape[1:])) for v in dense.values()]
+        recv_lengths, received, headers = self._move_rows(plan, lengths, plan.received_key_lengths(), parts, None, group)
+        _raise_flagged(headers, list(dense), plan.rank, "")
+        moved = {k: got.view((got.shape[0],) + tuple(v.shape[1:])) for (k, v), got in zip(dense.items(), received[1:])}
+        return KeyedJagged.from_sample_major(features.keys, received[0].reshape(-1), recv_lengths), moved
+
+    def _move_rows(self, plan: BalancePlan, lengths: torch.Tensor, recv_lengths: torch.Tensor | None,
+                   parts: list[torch.Tensor], problem: list[int] | None, group):
+        """The exchange's all-to-all: `parts` (values as one column, then each dense tensor as
+        rows) in send order, with `lengths` (samples x keys) of what is sent, and a header row
+        per destination carrying this rank's input problem (zeros: none). Returns (received
+        lengths, received parts, headers: one row per source rank)."""
+        send_counts, recv_counts = plan.send_order()[1], plan.recv_counts()
         if recv_lengths is None:  # the receivers learn the lengths first: the value counts follow from them
             recv_lengths = lengths.new_empty(sum(recv_counts), lengths.shape[1])
             dist.all_to_all_single(recv_lengths, lengths, recv_counts, send_counts, group=group)
         recv_lengths = recv_lengths.to(lengths.device)
-        parts = [values.unsqueeze(1)] + [v[order].reshape(order.numel(), math.prod(v.shape[1:])) for v in dense.values()]
-        received = _all_to_all_rows(parts, [_run_sums(lengths, send_counts)] + [send_counts] * len(dense),
-                                    [_run_sums(recv_lengths, recv_counts)] + [recv_counts] * len(dense), group)
-        moved = {k: got.view((got.shape[0],) + tuple(v.shape[1:])) for (k, v), got in zip(dense.items(), received[1:])}
-        return KeyedJagged.from_sample_major(features.keys, received[0].reshape(-1), recv_lengths), moved
+        world = plan.world_size
+        header = torch.tensor([problem or [0, 0, 0, 0]], dtype=torch.long, device=lengths.device).expand(world, 4)
+        received = _all_to_all_rows(parts + [header], [_run_sums(lengths, send_counts)] + [send_counts] * (len(parts) - 1)
+                                    + [[1] * world], [_run_sums(recv_lengths, recv_counts)]
+                                    + [recv_counts] * (len(parts) - 1) + [[1] * world], group)
+        return recv_lengths, received[:-1], received[-1]
 
     def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """plan + exchange in one call. Returns (features, dense, plan)."""
@@ -512,7 +550,33 @@ _PROBLEMS = {1: "the features have {got} samples, the plan expects {expected}",
                 "{sample}: {got} positions, the plan's lengths say {expected}); the plan's cap/split windows would cut "
                 "the wrong positions: plan from the features (plan(features)) or from balancer.lengths_of(features)",
              5: "the features' keys do not hold one entry per position (needed to cut samples for long_sequences="
-                "'cap'/'split')"}
+                "'cap'/'split')",
+             6: "the features or dense tensors differ from those the plan was made from in keys, dtype or shape[1:] "
+                "(that rank's error says which)"}
+
+
+_CONFORM_PROBLEM = 6  # Schema.conform refused this rank's input: its own error says how
+
+
+def _placeholders(plan: BalancePlan, schema: Schema, device: torch.device) -> list[torch.Tensor]:
+    """Zero rows of the sizes, dtypes and widths the plan expects this rank to send (values, then
+    each dense tensor): what a rank whose input does not fit the plan sends, to keep the ranks in
+    step through the all-to-all."""
+    sent = plan.send_order()[1]
+    values_dtype = schema.values if schema.values is not None else torch.long  # None: no rank has values
+    values = torch.zeros(int(plan.sent_key_lengths().sum()), 1, dtype=values_dtype, device=device)
+    dense = [torch.zeros(sum(sent), math.prod(agreed[1]), dtype=agreed[0], device=device) if agreed is not None
+             else torch.zeros(0, 0, device=device) for agreed in schema.dense]  # None: no rank has samples
+    return [values] + dense
+
+
+def _raise_flagged(headers: torch.Tensor, dense_keys: list[str], rank: int, detail: str) -> None:
+    """Raise on every rank, after the all-to-all, where a rank flagged its input as not fitting the
+    plan; `detail`: this rank's own reason, when it is one of them."""
+    bad = [(r, h.tolist()) for r, h in enumerate(headers.cpu()) if int(h[0])]
+    if bad:
+        raise ValueError("BatchBalancer.exchange: " + "; ".join(
+            _problem_text(r, f, dense_keys) + (detail if r == rank else "") for r, f in bad))
 
 
 def _problem_text(rank: int, problem: list[int], dense_keys: list[str]) -> str:
