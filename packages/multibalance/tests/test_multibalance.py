@@ -246,17 +246,17 @@ def test_bad_losses(toy):
         MultiBalance(["a", "a"])
     with pytest.raises(RuntimeError, match="attach"):
         bal.backward({"t0": torch.tensor(1.0), "t1": torch.tensor(1.0)})
-    rep = bal.attach(model.shared(ids, x))
-    losses = _losses(model, rep, y)
-    with pytest.raises(ValueError, match="unknown tasks \\['zz'\\]"):
-        bal.backward({**losses, "zz": losses["t0"]})
-    with pytest.raises(ValueError, match="not finite"):
-        bal.backward({"t0": losses["t0"] * float("nan"), "t1": losses["t1"]})
-    with pytest.raises(ValueError, match="loss 't1' is not finite \\(inf\\)"):
-        bal.backward({"t0": losses["t0"], "t1": losses["t1"] * float("inf")})
     stray = (model.heads[0].weight ** 2).sum()  # does not read the representation
-    with pytest.raises(ValueError, match="does not depend on the attached representation"):
-        bal.backward({"t0": losses["t0"], "t1": stray})
+    for bad, match in ((lambda ls: {**ls, "zz": ls["t0"]}, "unknown tasks \\['zz'\\]"),
+                       (lambda ls: {"t0": ls["t0"] * float("nan"), "t1": ls["t1"]}, "not finite"),
+                       (lambda ls: {"t0": ls["t0"], "t1": ls["t1"] * float("inf")}, "loss 't1' is not finite \\(inf\\)"),
+                       (lambda ls: {"t0": ls["t0"], "t1": stray}, "does not depend on the attached representation")):
+        rep = bal.attach(model.shared(ids, x))
+        losses = _losses(model, rep, y)
+        with pytest.raises(ValueError, match=match):
+            bal.backward(bad(losses))
+        with pytest.raises(RuntimeError, match="attach"):  # a refused backward ends the step's attachments
+            bal.backward(losses)
     with pytest.raises(ValueError, match="requires grad"):
         bal.attach(torch.zeros(3))
     rep = bal.attach(model.shared(ids, x))
@@ -515,3 +515,78 @@ def test_loaded_statistics_stay_on_the_module_device():
         moved.load_state_dict(bal.state_dict())
     assert moved.ema.device.type == "meta" and moved.ema.shape == (1, 2)
     assert moved.scales.device.type == "meta"
+
+
+@pytest.mark.parametrize("first", ["linear", "tanh"])
+@pytest.mark.parametrize("name", ["MultiBalance", "EqualWeights", "PCGrad", "MGDA", "GradNorm"])
+def test_attach_twice_before_backward_balances_both(name, first):
+    """A bottom run twice in a step (pairwise heads), each output attached on its own: the same
+    gradients as one attach of both (a second attach() replaced the first, whose gradient never
+    reached the bottom)."""
+    x1, x2, y = torch.randn(9, 5), torch.randn(9, 5), torch.randn(3, 9)
+    grads = []
+    for separately in (False, True):
+        model = _Heads(first)
+        bal = ALL_BALANCERS[name](["a", "b", "c"], None)
+        if separately:
+            r1 = bal.attach(model.bottom(x1))
+            r2 = bal.attach(model.bottom(x2))
+        else:
+            r1, r2 = bal.attach(model.bottom(x1), model.bottom(x2))
+        losses = model.losses(r1, y)
+        bal.backward({t: loss + other for (t, loss), other in zip(losses.items(), model.losses(r2, y, big=3.0).values())})
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_refused_backward_ends_the_steps_attachments():
+    """backward() refusing the losses (NaN) ends the step: the next step's attach() starts afresh
+    (its gradients equal a fresh balancer's), not on top of the refused step's representation."""
+    model, x, y = _Heads(), torch.randn(9, 5), torch.randn(3, 9)
+    bal = MultiBalance(["a", "b", "c"])
+    rep = bal.attach(model.bottom(x))
+    with pytest.raises(ValueError, match="not finite"):
+        bal.backward({**model.losses(rep, y), "a": torch.tensor(float("nan"))})
+    model.zero_grad()
+    rep = bal.attach(model.bottom(x))
+    bal.backward(model.losses(rep, y))
+    got = model.bottom[0].weight.grad.clone()
+    model.zero_grad()
+    fresh = MultiBalance(["a", "b", "c"])
+    rep = fresh.attach(model.bottom(x))
+    fresh.backward(model.losses(rep, y))
+    torch.testing.assert_close(got, model.bottom[0].weight.grad)
+
+
+@pytest.mark.parametrize("name", ["MultiBalance", "GradNorm", "DBMTL", "PCGrad", "MGDA"])
+def test_zero_weight_task_is_the_same_under_data_parallel(name, monkeypatch):
+    """Static weight 0 on the path torch.distributed takes (autograd.grad per task): the task's
+    gradient counts as zero, as in one process (its real norm set MultiBalance's max target there:
+    12x the gradient). One process made to take that path."""
+    model, (x, y) = _Heads("tanh"), _batches(1)[0]
+    grads = []
+    for data_parallel in (False, True):
+        monkeypatch.setattr(multibalance.base.Balancer, "_data_parallel", staticmethod(lambda dp=data_parallel: dp))
+        bal = type(ALL_BALANCERS[name](["a", "b", "c"], None))(["a", "b", "c"], weights={"b": 0.0})
+        for _ in range(3):  # GradNorm's weights and the EMAs move with the steps' norms
+            model.zero_grad()
+            rep = bal.attach(model.bottom(x))
+            bal.backward(model.losses(rep, y, big=50.0))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("first", ["linear", "tanh"])
+def test_a_hook_on_the_attached_representation_runs(first):
+    """A gradient hook on what attach() returned (clipping, gradient reversal): honoured on both
+    paths (the factored path never formed that gradient and skipped the hook)."""
+    model, (x, y) = _Heads(first), _batches(1)[0]
+    bal, calls = MultiBalance(["a", "b", "c"]), []
+    rep = bal.attach(model.bottom(x))
+    rep.register_hook(lambda g: (calls.append(1), g * 0)[1])
+    bal.backward(model.losses(rep, y))
+    assert calls and bal.last_path == "general"
+    assert not model.bottom[0].weight.grad.any()
+    assert all(p.grad.any() for p in model.heads.parameters() if p.dim() == 2)  # the heads still train

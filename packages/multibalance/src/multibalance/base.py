@@ -155,18 +155,21 @@ class Balancer(nn.Module, abc.ABC):
 
         Representation-level: detached leaves (so per-task gradients stop there).
         Parameter-level: the tensors unchanged.
+        Calls before one `backward()` add up: a bottom run twice in a step (a pairwise or
+        siamese model) attaches each output, and the next `backward()` balances them all.
         """
         if not reps:
             raise ValueError("attach() needs at least one representation tensor")
         for i, r in enumerate(reps):
             if not isinstance(r, torch.Tensor) or not r.requires_grad:
                 raise ValueError(f"representation {i} must be a tensor that requires grad (the shared bottom's output)")
-        self._reps = list(reps)
         if self.parameter_level or not self.needs_task_grads:
-            self._leaves = list(reps)
+            leaves = list(reps)
         else:
-            self._leaves = [r.detach().requires_grad_(True) for r in reps]
-        return self._leaves[0] if len(reps) == 1 else tuple(self._leaves)
+            leaves = [r.detach().requires_grad_(True) for r in reps]
+        self._reps += reps
+        self._leaves += leaves
+        return leaves[0] if len(reps) == 1 else tuple(leaves)
 
     def _ordered_losses(self, losses) -> list[torch.Tensor]:
         if isinstance(losses, Mapping):
@@ -194,18 +197,29 @@ class Balancer(nn.Module, abc.ABC):
             raise ValueError(f"loss {name!r} is not finite ({loss.item()})")
         return out
 
-    def _task_grads(self, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Per-task gradients w.r.t. the targets, without touching any `.grad`."""
+    def _task_grads(self, losses: list[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[bool]]:
+        """Per-task gradients w.r.t. the targets (the leaves, or the shared parameters: zeros for
+        frozen ones), without touching any `.grad`, and per target whether any task reached it. A
+        task of static weight 0 counts as zero, as in `_head_backward_per_task` (the same
+        statistics in one process and under DDP)."""
         targets = self.shared_parameters if self.parameter_level else self._leaves
-        grads = []
-        for name, loss in zip(self.task_names, losses):
-            g = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
-            if all(x is None for x in g):
+        live = [j for j, t in enumerate(targets) if t.requires_grad]  # autograd.grad refuses frozen tensors
+        if not live:
+            raise ValueError("shared_parameters: every shared parameter is frozen (requires_grad=False); "
+                             "nothing is left to balance")
+        grads, reached = [], [False] * len(targets)
+        for name, loss, w in zip(self.task_names, losses, self.static_weight_list()):
+            got = torch.autograd.grad(loss, [targets[j] for j in live], retain_graph=True, allow_unused=True)
+            if all(x is None for x in got):
                 self._missing_dependency(name)
-            grads.append([torch.zeros_like(t) if x is None else x for x, t in zip(g, targets)])
-        return grads
+            g = [None] * len(targets)
+            for j, x in zip(live, got):
+                g[j] = x
+                reached[j] = reached[j] or x is not None
+            grads.append([torch.zeros_like(t) if x is None or w == 0.0 else x for x, t in zip(g, targets)])
+        return grads, reached
 
-    def _head_backward_per_task(self, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    def _head_backward_per_task(self, losses: list[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[bool]]:
         """Each task's head backward runs once: it accumulates the head's parameter gradients
         (weighted by the static weight) and leaves the task's representation gradient on the leaves.
         A task of static weight 0 trains nothing (its head gets zero gradients, as with equal
@@ -230,7 +244,7 @@ class Balancer(nn.Module, abc.ABC):
                 grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad / w for leaf in self._leaves])
         for leaf in self._leaves:
             leaf.grad = None
-        return grads
+        return grads, [True] * len(self._leaves)
 
     def _static_state(self) -> dict:
         """What the steps derive from `static_weights`: their floats and their copies on the steps'
@@ -318,19 +332,19 @@ class Balancer(nn.Module, abc.ABC):
         """
         if not self._reps:
             raise RuntimeError("call attach() on the shared representation before backward()")
-        losses = self._ordered_losses(losses)
-        self._check_distributed()
-        reps, self._reps = self._reps, []
-        scale = None
-        if scaler is not None and scaler.is_enabled():
-            # through `scaler.scale`, which creates the scale on first use (`scaler.step` needs
-            # it); the scale stays on the device (`get_scale()` would wait for it)
-            scale = scaler.scale(torch.ones((), device=reps[0].device))
-        scaled = losses if scale is None else [scaler.scale(loss) for loss in losses]
-        try:
+        reps = self._reps
+        try:  # this step's attachments end here, also when a check below refuses the losses
+            losses = self._ordered_losses(losses)
+            self._check_distributed()
+            scale = None
+            if scaler is not None and scaler.is_enabled():
+                # through `scaler.scale`, which creates the scale on first use (`scaler.step` needs
+                # it); the scale stays on the device (`get_scale()` would wait for it)
+                scale = scaler.scale(torch.ones((), device=reps[0].device))
+            scaled = losses if scale is None else [scaler.scale(loss) for loss in losses]
             self._balanced_backward(reps, scaled, losses, scale)
         finally:
-            self._leaves = []
+            self._reps, self._leaves = [], []
         return TaskScales(self.task_names, self._step_scales())
 
     def _balanced_backward(self, reps, scaled, losses, scale):
@@ -340,7 +354,10 @@ class Balancer(nn.Module, abc.ABC):
             (total if scale is None else total * scale.to(total.device)).backward()
             return
         if not self.parameter_level and self.uses_norms_only and 0.0 not in self.static_weight_list():
-            found = factored.find_linear_consumers(scaled, self._leaves)
+            # the factored path never forms the leaves' gradients: hooks a user put on them
+            # (clipping, gradient reversal) run only on the general path
+            hooked = any(leaf._backward_hooks for leaf in self._leaves)
+            found = None if hooked else factored.find_linear_consumers(scaled, self._leaves)
             if found is not None:
                 self.last_path = "factored"
                 consumers, params = found
@@ -357,7 +374,7 @@ class Balancer(nn.Module, abc.ABC):
                 return
         fused = not self.parameter_level and not self._data_parallel()
         self.last_path = "general"
-        grads = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
+        grads, reached = self._head_backward_per_task(scaled) if fused else self._task_grads(scaled)
         if scale is not None:
             grads = [[g / scale for g in gt] for gt in grads]
         combined = self.combine(grads, losses)
@@ -371,8 +388,10 @@ class Balancer(nn.Module, abc.ABC):
             # heads (and a throwaway shared gradient) from one backward; then replace the shared grads
             before = [None if p.grad is None else p.grad.clone() for p in self.shared_parameters]
             head_total.backward()
-            for p, b, g in zip(self.shared_parameters, before, combined):
-                p.grad = g.to(p.dtype) if b is None else b + g.to(p.dtype)
+            for p, b, g, used in zip(self.shared_parameters, before, combined, reached):
+                # a parameter no task reached (unused or frozen) keeps its gradient: None, which
+                # optimizers skip (a zero would still move it under weight decay)
+                p.grad = (g.to(p.dtype) if b is None else b + g.to(p.dtype)) if used else b
         else:
             torch.autograd.backward([head_total] + reps, [None] + [g.to(r.dtype) for g, r in zip(combined, reps)])
 

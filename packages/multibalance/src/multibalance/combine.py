@@ -25,8 +25,8 @@ def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tens
     Writes into `out`, by default into grads[0] (the per-task gradients are the balancer's own)
     when that is a contiguous tensor, else into a new one: `autograd.grad` may return an
     expanded view (a head that sum-pools its input), whose elements share memory.
-    A Triton backend reads every gradient once and writes once, accumulating in fp32; the
-    reference chains in-place multiply-adds in the gradients' dtype (fp32 for fp16 gradients).
+    A Triton backend reads every gradient once and writes once, accumulating in fp32 (float64
+    gradients take the reference); the reference chains in-place multiply-adds in the gradients' dtype (fp32 for fp16 gradients).
     """
     if not grads:
         raise ValueError("grads must hold at least one tensor")
@@ -43,7 +43,9 @@ def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tens
     if out.shape != first.shape or out.dtype != first.dtype or out.device != first.device:
         raise ValueError(f"out must be {first.dtype} {tuple(first.shape)} on {first.device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")
-    if not select_backend(first).uses_triton or not all(g.is_contiguous() for g in grads) or not out.is_contiguous():
+    # the kernel accumulates in fp32: float64 gradients take the reference, in float64
+    if (not select_backend(first).uses_triton or first.dtype == torch.float64
+            or not all(g.is_contiguous() for g in grads) or not out.is_contiguous()):
         return weighted_sum_reference(grads, coeff, out)
     import triton
 
