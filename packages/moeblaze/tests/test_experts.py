@@ -270,6 +270,69 @@ def test_autocast_computes_in_the_autocast_dtype(backend):
     assert [g.dtype for g in grads] == [torch.float32, torch.float32]  # back in the parameters' dtype
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_autocast_casts_as_nn_linear(backend, autocast_dtype, dtype):
+    """Autocast casts every floating operand but a float64 one (16-bit ones included); the
+    experts follow nn.Linear under the same autocast (float64 was cast to 16 bits)."""
+    x, ids, w, wg, wu, wd = (t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t
+                             for t in _inputs(9, 16, 24, 3, 2))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        want_dtype = torch.nn.Linear(16, 24).to(dtype)(x).dtype
+        if backend is Backend.INTERPRET and want_dtype == torch.float64:
+            with pytest.raises(ValueError, match="float64"):  # the Triton kernels refuse float64
+                moe_experts(x, ids, w, wg, wu, wd)
+            return
+        out = moe_experts(x, ids, w, wg, wu, wd)
+    assert want_dtype == (torch.float64 if dtype == torch.float64 else autocast_dtype)
+    assert out.dtype == want_dtype
+    # the loop on the operands as autocast casts them (its index_add_ mixes dtypes under autocast)
+    x, w, wg, wu, wd = (t.detach().to(want_dtype) for t in (x, w, wg, wu, wd))
+    want = moe_reference(x, ids.long(), w, wg, wu, wd)
+    assert_close(out, want, dtype=want_dtype, backend=backend, name="output")
+
+
+class _PreactivationSpy:
+    """Wraps both backends' forwards, recording whether each one returned stored a and b."""
+
+    def __init__(self, monkeypatch):
+        import moeblaze.experts as experts
+
+        self.stored = []
+        for name in ("_forward_torch", "_forward_triton"):
+            monkeypatch.setattr(experts, name, self._wrap(getattr(experts, name)))
+
+    def _wrap(self, forward):
+        def spy(*args):
+            out, a, b, h = forward(*args)
+            self.stored.append((a is not None, b is not None))
+            return out, a, b, h
+        return spy
+
+
+@pytest.mark.parametrize("checkpoint", ["preact", "full"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no input requires grad"])
+def test_no_backward_no_stored_preactivations(backend, checkpoint, mode, monkeypatch, canary_allocations):
+    """When no backward can follow, the forward skips the [T*k, d_ff] pre-activation buffers
+    (it allocated and wrote them under no_grad), with the same output: the kernels' path
+    without those stores."""
+    inputs = _inputs(19, 24, 40, 4, 2)
+    x, ids, w, wg, wu, wd = inputs
+    spy = _PreactivationSpy(monkeypatch)
+    with_grad = moe_experts(x, ids, w, wg, wu, wd, checkpoint=checkpoint)
+    assert spy.stored == [(True, True)]  # the seam sees the stores when a backward may follow
+    if mode == "no input requires grad":
+        x, w, wg, wu, wd = (t.detach() for t in (x, w, wg, wu, wd))
+        out = moe_experts(x, ids, w, wg, wu, wd, checkpoint=checkpoint)
+    else:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            out = moe_experts(x, ids, w, wg, wu, wd, checkpoint=checkpoint)
+    assert spy.stored[1:] == [(False, False)]
+    assert torch.equal(out, with_grad.detach())
+    assert_close(out, moe_reference(x, ids.long(), w, wg, wu, wd).detach(), backend=backend, name="output")
+    canary_allocations.check()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

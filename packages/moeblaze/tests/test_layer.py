@@ -177,3 +177,72 @@ def test_meta_device_init_then_reset_parameters_equals_a_normal_build():
         assert torch.equal(p, q), name
     torch.testing.assert_close(layer(x), normal(x))
     assert abs(float(layer.w_gate.detach().std()) - 8**-0.5) < 0.05 and abs(float(layer.w_down.detach().std()) - 12**-0.5) < 0.05
+
+
+def _sigmoid_route_reference(logits, top_k, renormalize):
+    """route(score="sigmoid") in float64, where sigmoids of logits down to about -745 do not underflow."""
+    probs = logits.double().sigmoid()
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize and top_k > 1:
+        weights = weights / weights.sum(-1, keepdim=True)
+    frac = torch.bincount(ids.reshape(-1), minlength=logits.shape[1]).double() / ids.numel()
+    aux = logits.shape[1] * (frac * (probs / probs.sum(-1, keepdim=True)).mean(0)).sum()
+    return ids, weights, aux
+
+
+@pytest.mark.parametrize("shift", [0.0, -150.0, -600.0])  # -150, -600: every fp32 sigmoid underflows to 0
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sigmoid_routing_matches_a_float64_reference_where_scores_underflow(shift, renormalize):
+    """Sigmoid scores of very negative logits underflow in fp32: renormalising gave 0/0 = NaN
+    weights and a NaN aux loss from finite logits."""
+    logits = (torch.randn(40, 6, generator=torch.Generator().manual_seed(0)) * 3 + shift).requires_grad_()
+    r = route(logits, 3, score="sigmoid", renormalize=renormalize)
+    ids, weights, aux = _sigmoid_route_reference(logits.detach(), 3, renormalize)
+    assert torch.equal(r.expert_ids.long(), ids)
+    torch.testing.assert_close(r.weights, weights.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(r.aux_loss, aux.float())
+    grad, = torch.autograd.grad(r.weights.sum() + r.aux_loss + r.z_loss, [logits])
+    assert torch.isfinite(grad).all()
+
+
+def test_sigmoid_layer_output_and_gradients_stay_finite_for_very_negative_logits():
+    layer = MoE(4, 8, 4, 2, score="sigmoid")
+    with torch.no_grad():
+        layer.router.proj.weight.copy_(-100 * torch.eye(4))  # x = 2: every logit -200
+    x = torch.full((3, 4), 2.0, requires_grad=True)
+    out = layer(x)
+    r = layer.router(x.detach())
+    want = moe_reference(x, r.expert_ids.long(), r.weights, layer.w_gate, layer.w_up, layer.w_down)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(out).all() and out.abs().sum() > 0 and torch.isfinite(layer.aux_loss)
+    (out.sum() + layer.aux_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_route_refuses_integer_logits():
+    """Integer logits gave all-zero integer weights."""
+    with pytest.raises(ValueError, match="logits must be a floating-point tensor, got torch.int64"):
+        route(torch.tensor([[0, 5, 1, 3], [2, 0, 7, 1]]), 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(capacity_factor=float("inf")), "capacity_factor must be a finite number > 0"),  # failed at forward
+    (dict(capacity_factor=float("nan")), "capacity_factor must be a finite number > 0"),
+    (dict(capacity_factor="1.5"), "capacity_factor must be a finite number > 0"),
+    (dict(score="bogus"), "score must be 'softmax' or 'sigmoid', got 'bogus'"),  # failed at forward
+    (dict(d_ff=0), "d_ff must be an integer >= 1, got 0"),  # a ZeroDivisionError
+    (dict(d_model=0), "d_model must be an integer >= 1, got 0"),
+    (dict(d_ff=8.0), "d_ff must be an integer >= 1, got 8.0"),
+    (dict(n_experts=0, top_k=0), "n_experts must be an integer >= 1, got 0"),
+    (dict(top_k=1.0), r"top_k must be an integer in \[1, n_experts=2\], got 1.0"),
+    (dict(n_shared_experts=-1), "n_shared_experts must be an integer >= 0, got -1"),
+])
+def test_constructor_refuses_bad_arguments(kwargs, match):
+    """Checked at construction, before anything is built, not at the first forward."""
+    args = {**dict(d_model=8, d_ff=8, n_experts=2, top_k=1), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        MoE(**args)
+    if "d_ff" not in kwargs and "n_shared_experts" not in kwargs:  # the Router alone checks its own arguments
+        router_args = {k: v for k, v in args.items() if k not in ("d_ff",)}
+        with pytest.raises(ValueError, match=match):
+            moeblaze.Router(**router_args)

@@ -7,6 +7,8 @@ Saved for backward per checkpoint mode (besides x, the weights and the int32 dis
 - "preact" (default): the pre-activations a (and b for SwiGLU), [T*k, d_ff] each;
 - "recompute": nothing more: a and b are recomputed from x in backward (least memory);
 - "full": a, b and the activation output h (for debugging).
+When no backward can follow (torch.no_grad, inference_mode, no input requiring a gradient),
+the forward stores no pre-activations, whatever the mode.
 No [T*k, d] copy of x, of the expert outputs or of their gradients is ever kept: rows of x
 are gathered per expert as they are needed, the router gradient is a dot product of dO with
 recomputed expert outputs, and dx is accumulated per token.
@@ -233,9 +235,9 @@ def _backward_torch(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a, 
 
 class _Experts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, checkpoint, use_triton):
+    def forward(ctx, x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, checkpoint, use_triton,
+                store_pre):
         impl = _forward_triton if use_triton else _forward_torch
-        store_pre = checkpoint != "recompute"
         out, a, b, h = impl(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top_k, activation, store_pre)
         ctx.top_k, ctx.activation, ctx.checkpoint, ctx.use_triton = top_k, activation, checkpoint, use_triton
         gated = activation == "swiglu"
@@ -256,7 +258,7 @@ class _Experts(torch.autograd.Function):
             inputs = [t for t in (grad_out, *ctx.saved_tensors) if t is not None and t.requires_grad]
             if inputs:
                 grads = _refuse_double_backward(grads, inputs)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 DOUBLE_BACKWARD_ERROR = ("moeblaze.moe_experts: double backward is not supported (a gradient built with "
@@ -372,8 +374,12 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
         w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
     # the weights stay as given (any strides: a view needs no copy); x and the routing weights contiguous
     tensors = [x.contiguous(), weights.reshape(-1).contiguous(), w_gate, w_up, w_down]
+    # a and b are kept for a backward only: none can follow under no_grad / inference_mode or
+    # when nothing requires a gradient (the forward then skips their [T*k, d_ff] stores)
+    store_pre = checkpoint != "recompute" and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
     return _Experts.apply(*tensors, disp.sorted_slots, disp.expert_offsets[: n_experts + 1].clone(), disp.slot_position,
-                          expert_ids.shape[1], activation, checkpoint, use_triton)
+                          expert_ids.shape[1], activation, checkpoint, use_triton, store_pre)
 
 
 def _dense_reference(x, expert_ids, weights, w_gate, w_up, w_down, activation):
@@ -389,10 +395,12 @@ def _dense_reference(x, expert_ids, weights, w_gate, w_up, w_down, activation):
 
 
 def _autocast(x, w_gate, w_up, w_down):
-    """Under torch.autocast, x and the expert weights in the autocast dtype (as nn.Linear's matmuls
-    get them), so both backends compute and save in that dtype; unchanged otherwise."""
+    """Under torch.autocast, x and the expert weights cast as nn.Linear's operands are, so both
+    backends compute and save in that dtype; unchanged otherwise. Autocast casts each floating
+    operand but a float64 one (16-bit ones too: fp16 under a bf16 autocast becomes bf16)."""
     device = x.device.type
     if device == "meta" or not (x.is_floating_point() and torch.is_autocast_enabled(device)):
         return x, w_gate, w_up, w_down
     dtype = torch.get_autocast_dtype(device)
-    return tuple(None if t is None else t.to(dtype) if t.is_floating_point() else t for t in (x, w_gate, w_up, w_down))
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (x, w_gate, w_up, w_down))

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from .experts import CHECKPOINTS, moe_experts
 from .naive import ACTIVATIONS
 from .parallel import expert_parallel_experts, local_expert_count
-from .router import Router
+from .router import SCORES, Router, check_capacity_factor, check_sizes, check_top_k
 
 
 class MoE(nn.Module):
@@ -42,12 +42,17 @@ class MoE(nn.Module):
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, capacity_factor: float | None = None,
                  expert_group=None):
         super().__init__()
+        # every argument checked here, before anything is built: not at the first forward
+        check_sizes(d_model=d_model, d_ff=d_ff, n_experts=n_experts)
+        check_sizes(0, n_shared_experts=n_shared_experts)
+        check_top_k(top_k, n_experts)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if checkpoint not in CHECKPOINTS:
             raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        if score not in SCORES:
+            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        check_capacity_factor(capacity_factor)
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.activation, self.checkpoint = activation, checkpoint
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef

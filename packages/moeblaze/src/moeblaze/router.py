@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from fractions import Fraction
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from gpukernels_common import tracing
+
+SCORES = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass
@@ -29,6 +34,28 @@ def expert_capacity(tokens: int, top_k: int, n_experts: int, capacity_factor: fl
     return max(1, -((-num * tokens) // den))  # integer ceil (tokens may be a symbolic size when traced)
 
 
+def check_sizes(minimum: int = 1, **sizes) -> None:
+    """Each size an int >= minimum (construction-time checks: a 0 or float size would fail later
+    with an unrelated error, e.g. a ZeroDivisionError in the initialisation)."""
+    for name, value in sizes.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_top_k(top_k, n_experts: int) -> None:
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be an integer in [1, n_experts={n_experts}], got {top_k!r}")
+
+
+def check_capacity_factor(capacity_factor) -> None:
+    # finite: expert_capacity takes the factor's exact decimal form, which inf and NaN have not
+    if capacity_factor is None:
+        return
+    if (not isinstance(capacity_factor, numbers.Real) or isinstance(capacity_factor, bool)
+            or not math.isfinite(capacity_factor) or not capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be a finite number > 0 (or None: dropless), got {capacity_factor!r}")
+
+
 def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize: bool = True,
           capacity: int | None = None) -> Routing:
     """Top-k routing of [T, E] logits. With `capacity`, each expert keeps its first `capacity`
@@ -39,9 +66,17 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
 
     `renormalize` rescales the top-k weights to sum to 1 for top_k > 1 only: at top_k = 1 the
     weight stays the expert's probability (Switch Transformer), so the router keeps a gradient
-    from the task loss (a renormalised top-1 weight would be the constant 1)."""
+    from the task loss (a renormalised top-1 weight would be the constant 1).
+
+    With `score="sigmoid"` experts are chosen by their logits and renormalised in log space
+    (a softmax of the log-sigmoids, the same weights): sigmoids of logits below about -104
+    underflow to 0 in fp32, and a token whose logits are all that low still gets its top-k
+    logits' experts with weights summing to 1, where sigmoid(l) / sum(sigmoid) would be 0/0 = NaN.
+    Without renormalisation such weights are their sigmoids, 0 (the token's routed output is 0)."""
     if logits.dim() != 2:
         raise ValueError(f"router logits must be [tokens, experts], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():  # integer logits would give integer (all-zero) weights
+        raise ValueError(f"router logits must be a floating-point tensor, got {logits.dtype}")
     n_experts = logits.shape[1]
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
@@ -49,18 +84,27 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
     # trace and on meta tensors (shape inference), which have no values to check
     if not (tracing() or logits.is_meta) and not torch.isfinite(logits).all():
         raise ValueError("router logits contain NaN or inf")
-    if score not in ("softmax", "sigmoid"):
+    if score not in SCORES:
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
     logits32 = logits.float()
-    probs = logits32.softmax(-1) if score == "softmax" else logits32.sigmoid()
-    weights, expert_ids = probs.topk(top_k, dim=-1)
-    if renormalize and top_k > 1:
-        weights = weights / weights.sum(-1, keepdim=True)
+    # the choice is made on the logits: their order is the scores', without the ties of scores
+    # that underflow to 0 or round to 1
+    top_logits, expert_ids = logits32.topk(top_k, dim=-1)
+    if score == "softmax":
+        probs = logits32.softmax(-1)  # the top-k sum is at least the top-1 probability, >= 1/E
+        weights = probs.gather(-1, expert_ids)
+        if renormalize and top_k > 1:
+            weights = weights / weights.sum(-1, keepdim=True)
+    else:
+        # sigmoid(l_i) / sum_j sigmoid(l_j) is softmax_i(logsigmoid(l)): no 0/0 when the sigmoids underflow
+        probs = F.logsigmoid(logits32).softmax(-1)  # the normalised scores, for the aux loss
+        weights = (F.logsigmoid(top_logits).softmax(-1) if renormalize and top_k > 1
+                   else top_logits.sigmoid())
     # aux loss: E * sum_e (fraction of routed slots to e) * (mean router prob of e)
     frac = torch.zeros(n_experts, device=logits.device).index_add_(0, expert_ids.reshape(-1),
                                                                    torch.ones(expert_ids.numel(), device=logits.device))
     frac = frac / expert_ids.numel()
-    mean_prob = (probs / probs.sum(-1, keepdim=True)).mean(0)
+    mean_prob = probs.mean(0)  # each token's scores sum to 1 (softmax, or normalised sigmoids)
     aux = n_experts * (frac * mean_prob).sum()
     z = torch.logsumexp(logits32, -1).pow(2).mean()
     if logits.shape[0] == 0:  # no tokens (e.g. an expert-parallel rank with an empty batch): losses 0, not 0/0
@@ -86,8 +130,11 @@ class Router(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, score: str = "softmax", renormalize: bool = True,
                  capacity_factor: float | None = None):
         super().__init__()
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 (or None: dropless), got {capacity_factor}")
+        check_sizes(d_model=d_model, n_experts=n_experts)
+        check_top_k(top_k, n_experts)
+        if score not in SCORES:
+            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        check_capacity_factor(capacity_factor)
         self.proj = nn.Linear(d_model, n_experts, bias=False)
         self.n_experts, self.top_k, self.score, self.renormalize = n_experts, top_k, score, renormalize
         self.capacity_factor = capacity_factor
