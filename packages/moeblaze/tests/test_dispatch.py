@@ -52,3 +52,11 @@ def test_dispatch_refuses_ids_out_of_range(backend, bad):
         dispatch(torch.tensor(bad, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="n_experts must be >= 1"):
         dispatch(torch.zeros(1, 1, dtype=torch.int32), 0)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "interpret"])
+def test_dispatch_op_passes_opcheck(monkeypatch, backend_name):
+    """torch.library.opcheck on the dispatch op: schema, fake kernel (shapes and strides of the
+    real outputs, which compiled graphs check), autograd registration, AOT dispatch."""
+    monkeypatch.setenv("GKC_BACKEND", backend_name)
+    torch.library.opcheck(build_dispatch.op, (_ids(37, 2, 8, seed=3), 8))

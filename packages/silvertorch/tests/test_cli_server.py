@@ -273,6 +273,28 @@ def test_cli_validates_its_options(artifact, capsys):
         assert exit_.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err, flags
 
 
+def test_cli_reports_paths_it_cannot_write_or_read(artifact, capsys, monkeypatch):
+    """--out under a file, and an artifact that is not there: one line and exit 2, not a traceback;
+    the unwritable --out before the build's work (no clustering runs)."""
+    path, _ = artifact
+    blocker = path.parent / "a_file"
+    blocker.write_text("")
+    import silvertorch.model as model_module
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the build ran before --out was checked")
+
+    monkeypatch.setattr(model_module.RetrievalModel, "build", no_build)
+    capsys.readouterr()
+    assert main(["build", "--towers", str(path.parent / "towers"), "--items", str(path.parent / "items.safetensors"),
+                 "--out", str(blocker / "art"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("silvertorch build: error: ") and err.count("\n") == 1, err
+    assert main(["query", str(path.parent / "missing"), "--user", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("silvertorch query: error: ") and err.count("\n") == 1, err
+
+
 def test_documented_curl_commands_send_json():
     """`curl -d` alone sends form-urlencoded, which the server answers with a 400."""
     from pathlib import Path

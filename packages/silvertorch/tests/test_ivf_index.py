@@ -605,6 +605,33 @@ def test_a_filter_made_before_a_compact_that_moved_items_is_refused(tmp_path):
                        index.search(q, 10, nprobe=4)[1])
 
 
+@pytest.mark.parametrize("cls", [IVFIndex, FlatIndex])
+def test_rows_added_after_a_compacted_away_last_row_get_new_numbers(cls, tmp_path):
+    """compact() numbered fresh items from the largest stored row + 1: with the last build row
+    removed and compacted away, the next added item took its number, and a filter rebuilt over
+    index.order gave it the removed item's attributes (cat:music found a news item). Rows are now
+    numbered from every row numbered before, across save/load too."""
+    from silvertorch import FilterSchema
+
+    g = torch.Generator().manual_seed(3)
+    index = cls.build(torch.randn(300, 8, generator=g), ids=torch.arange(300), **({"n_clusters": 4} if cls is IVFIndex else {}))
+    schema = FilterSchema({"cat": 1})
+    items = [{"cat": "music" if i == 299 else "news"} for i in range(300)]
+    assert index.remove([299]) == 1
+    index.compact()
+    index = cls.load(index.save(tmp_path / "index.safetensors"))
+    index.add(torch.randn(2, 8, generator=g), ids=torch.tensor([5000, 5001]))
+    index.remove([5000])  # removed before compact(): still numbered (rows follow the add order)
+    index.compact()
+    all_items = items + [{"cat": "news"}, {"cat": "news"}]  # build rows, then the added ones in order
+    assert sorted(index.order.tolist()) == list(range(299)) + [301]
+    assert index.ids[index.order == 301].tolist() == [5001]
+    rebuilt = BloomIndex.build(*schema.encode_items([all_items[i] for i in index.order.tolist()]), layout=index.layout)
+    q = torch.randn(2, 8, generator=g)
+    ids = index.search(q, 5, nprobe=4, filters=rebuilt.filter(parse_filters(["cat:music"] * 2, schema=schema)))[1]
+    assert (ids == -1).all(), ids  # the only music item is gone
+
+
 def test_bloom_verification_widens_its_pool_in_few_rounds(monkeypatch):
     """True matches much rarer than Bloom false positives: the verified pool grows geometrically (a
     few exact_mask calls, not one per k rejections) and the results are the exact filter's."""

@@ -249,6 +249,18 @@ def test_probed_scores_kernel_matches_reference(monkeypatch, queries):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_custom_ops_pass_opcheck(monkeypatch, backend):
+    """torch.library.opcheck on the model's two ops: schema, fake kernel (shapes and strides of the
+    real output), autograd registration, AOT dispatch. The filter op's reference returned a strided
+    view where its fake promised a contiguous tensor: torch.compile(fullgraph=True) failed on CPU."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    exprs = list(FILTERS)
+    words = torch.arange((MODEL.num_main + 63) // 64).expand(len(exprs), -1)
+    torch.library.opcheck(probed_filter_words.op, _filter_words_args(MODEL, exprs, words))
+    torch.library.opcheck(probed_scores.op, _scoring_op_args(3))
+
+
 def test_bloom_false_positives_removed_by_exact_verification():
     tight = _model(bloom_k=1, bloom_multiplier=1.05)  # a deliberately weak Bloom index
     loose = _model(bloom_k=1, bloom_multiplier=1.05, exact_verify=False)
@@ -277,6 +289,25 @@ def test_exact_verification_replaces_false_positives_with_the_next_true_matches(
         del FILTERS[expr]
     assert r.found.tolist() == [sum(truth)] * users.shape[0]
     assert [sorted(i for i in row if i >= 0) for row in r.ids.tolist()] == [sorted(w) for w in want]
+
+
+def test_eager_verification_widens_a_pool_short_of_true_matches():
+    """True matches rarer than the Bloom false positives (55 of 2,500 items; a very weak Bloom
+    index lets hundreds more through): the static 4 x K pool held fewer than the 55 and
+    queries came back short. Eager retrieval verifies larger pools until K are in or every
+    candidate is checked: the exact filter's top-N, and `found` the exact count."""
+    model = _model(bloom_k=1, bloom_multiplier=1.05, k_candidates=60, num_results=10)  # K above the 55: no int8 boundary
+    users = torch.arange(0, USERS, 3).unsqueeze(1)
+    expr = "cat:1 AND year:1999"
+    truth = [int(c) == 1 and int(y) == 1999 for c, y in zip(CAT, YEAR)]
+    r = model.retrieve(users, [expr] * users.shape[0])
+    FILTERS[expr] = lambda c, y: c == 1 and y == 1999
+    try:
+        want = _plain_pipeline(users, [expr] * users.shape[0], 60, 10)
+    finally:
+        del FILTERS[expr]
+    assert [sorted(i for i in row if i >= 0) for row in r.ids.tolist()] == [sorted(w) for w in want]
+    assert all(len(w) == 10 for w in want) and r.found.tolist() == [sum(truth)] * users.shape[0]
 
 
 def test_per_request_value_weights_change_ranking():

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, ImportError) as err:
+    except (ValueError, ImportError, OSError) as err:  # OSError: a path that cannot be read or written
         print(f"silvertorch {args.command}: error: {err}", file=sys.stderr)  # one line, no traceback
         return 2
 

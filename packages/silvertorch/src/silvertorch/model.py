@@ -20,7 +20,8 @@ exception, eager on the CPU, cuts the plans to the steps and term slots the batc
     -> int8 scores of the probed items (exact integer dot products, cluster-major: the batch's probed
        clusters scored once for all its queries) and the fresh items
     -> exact verification of the best 4 x K (VERIFY_POOL) against the stored attributes, top-K
-       verified candidates (a Bloom false positive gives its place to the next true match)
+       verified candidates (a Bloom false positive gives its place to the next true match; eager:
+       a query short of K true matches verifies a pool 4x larger, until K or every candidate)
     -> bf16 item embeddings -> OverArch task logits -> Value Model -> top-N
 
 Item storage: positions [0, N) are the main index in cluster order (int8 codes, per-item scale,
@@ -434,6 +435,24 @@ class RetrievalModel(nn.Module):
         true = flat.gather(1, first) & run_plans(ops, args, exact, exact)
         return torch.zeros(q, p, dtype=torch.int64, device=keep.device).scatter_add_(1, first // s, true.long())
 
+    def _pool(self, scores, main_slots, clusters, pool, ops, args, hashes):
+        """The best `pool` slots of each query: (scores, storage positions, verified: finite and,
+        with exact_verify, passing the filter on the stored attributes: no Bloom false positive)."""
+        top, j = torch.topk(scores, pool, dim=1)
+        # storage positions of the pool only: slot j of the main part is item j % S of probed
+        # cluster j // S (clamped as cluster_positions is); fresh slot f is item num_main + f
+        width = self.cluster_positions.shape[1]
+        slot = j.clamp(max=main_slots - 1)
+        start = _rows(self.cluster_positions[:, 0], clusters)
+        cand = (start.gather(1, slot // width) + slot % width).clamp(max=self.num_main - 1)
+        if self.fresh_capacity:
+            cand = torch.where(j < main_slots, cand, j - main_slots + self.num_main)
+        verified = torch.isfinite(top)
+        if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
+            exact = self._exact_terms(cand, hashes)
+            verified = verified & run_plans(ops, args, exact, exact)
+        return top, cand, verified
+
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
         """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q]).
@@ -466,19 +485,15 @@ class RetrievalModel(nn.Module):
         # with exact verification, a pool of the best VERIFY_POOL x K is checked, so that a Bloom
         # false positive gives its place to the next true match instead of leaving it empty
         pool = min(scores.shape[1], VERIFY_POOL * self.k_candidates) if self.exact_verify else self.k_candidates
-        top, j = torch.topk(scores, pool, dim=1)
-        # storage positions of the pool only: slot j of the main part is item j % S of probed
-        # cluster j // S (clamped as cluster_positions is); fresh slot f is item num_main + f
-        width = self.cluster_positions.shape[1]
-        slot = j.clamp(max=main.shape[1] - 1)
-        start = _rows(self.cluster_positions[:, 0], clusters)
-        cand = (start.gather(1, slot // width) + slot % width).clamp(max=self.num_main - 1)
-        if self.fresh_capacity:
-            cand = torch.where(j < main.shape[1], cand, j - main.shape[1] + self.num_main)
-        verified = torch.isfinite(top)
-        if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
-            exact = self._exact_terms(cand, hashes)
-            verified = verified & run_plans(ops, args, exact, exact)
+        while True:
+            top, cand, verified = self._pool(scores, main.shape[1], clusters, pool, ops, args, hashes)
+            # eager only (a traced graph keeps its static pool): a query whose pool holds fewer than K
+            # true matches while more candidates lie past it verifies a pool VERIFY_POOL x larger
+            if (not self.exact_verify or pool == scores.shape[1] or tracing()
+                    or not bool(((verified.sum(1) < self.k_candidates) & torch.isfinite(top[:, -1])).any())):
+                break
+            pool = min(scores.shape[1], VERIFY_POOL * pool)
+        if self.exact_verify:
             found = found - (torch.isfinite(top) & ~verified).sum(1)  # exact whenever found <= pool
             # the K best verified (top is sorted, so these are the first K verified of the pool)
             first = torch.topk(torch.where(verified, top, torch.full_like(top, float("-inf"))), self.k_candidates, dim=1).indices

@@ -64,6 +64,8 @@ def publish(out_dir, user_tower: nn.Module, overarch: OverArch, value_model: Val
     """Build the retrieval model from towers and an item table, write it to out_dir, return it."""
     if (item_embeddings is None) == (item_tower is None):
         raise ValueError("pass either item_embeddings or item_tower with item_features")
+    # made first: an unwritable out_dir fails now, not after the build's work
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     if item_tower is not None:
         if item_features is None:
             raise ValueError("item_tower needs item_features (one row per item)")

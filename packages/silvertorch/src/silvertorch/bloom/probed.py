@@ -81,7 +81,9 @@ def probed_filter_words_reference(bits: torch.Tensor, row_offsets: torch.Tensor,
     """int64 [Q, M] (see the module docs). bits [rows, 32] int64 and row_offsets, widths per bundle:
     the Bloom index's layout; words [Q, M] int64 word indices inside it; ops, args [Q, L] int32 and
     hashes [Q, T] int64: the plans; exact_words [Q, E >= 1, M] int64 for the plans' first E slots."""
-    return run_plans(ops, args, bloom_words(bits, row_offsets, widths, bloom_k, words, hashes), exact_words)
+    # contiguous, as the fake promises: the stack's first slot is a strided view, and compiled
+    # graphs check the strides (torch.compile failed on CPU)
+    return run_plans(ops, args, bloom_words(bits, row_offsets, widths, bloom_k, words, hashes), exact_words).contiguous()
 
 
 def probed_filter_words_triton(bits: torch.Tensor, row_offsets: torch.Tensor, widths: torch.Tensor,

@@ -213,6 +213,9 @@ class IVFIndex:
         # storage layout generation: compact() moves items and counts up; filters over positions
         # carry the layout they were made for (`layout`, 0 when absent) and must match it
         self.layout = 0
+        # build-input rows numbered so far (the build's, then every added item's, removed ones
+        # too): compact() numbers the fresh items from here, never reusing a compacted-away row
+        self.rows_numbered = int(order.max()) + 1 if order.numel() else 0
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, n_clusters: int = 256, dtype: str = "int8",
@@ -547,14 +550,16 @@ class IVFIndex:
         """Fold the fresh part into the clusters (each item joins the cluster of largest centroid
         inner product; the storage is re-laid in cluster order, one O(N) copy) and drop
         tombstoned items. Storage positions change: `order` maps them to build-input rows, the
-        fresh items numbered after the existing ones. When an item moved, `layout` counts up and
+        fresh items numbered after every row numbered before (the build's, then each added item in
+        the order added, removed ones included: `rows_numbered`, saved with the index). When an item moved, `layout` counts up and
         filters made for the old positions are refused: rebuild them over `order` with
         layout=index.layout."""
         device = self.codes.device
         main_clusters = torch.repeat_interleave(torch.arange(self.n_clusters, device=device), self.offsets.diff())
         fresh_clusters = (self.fresh_codes.float() * self.fresh_scales.unsqueeze(1)) @ self.centroids.T
         clusters = torch.cat([main_clusters, fresh_clusters.argmax(1) if self.num_fresh else main_clusters[:0]])
-        next_rows = torch.arange(self.num_fresh, device=device) + (int(self.order.max()) + 1 if self.order.numel() else 0)
+        next_rows = torch.arange(self.num_fresh, device=device) + self.rows_numbered
+        self.rows_numbered += self.num_fresh
         keep = ~torch.cat([self.removed, self.fresh_removed])
         perm = torch.argsort(clusters[keep], stable=True)  # surviving items keep their relative order
         if not (bool(keep.all()) and torch.equal(perm, torch.arange(perm.numel(), device=device))):
@@ -590,7 +595,7 @@ class IVFIndex:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
                   metadata={"format": f"silvertorch.{type(self).__name__}", "format_version": str(FORMAT_VERSION),
                             "config": json.dumps({"dim": self.codes.shape[1], "n_clusters": self.n_clusters,
-                                                  "layout": self.layout})})
+                                                  "layout": self.layout, "rows_numbered": self.rows_numbered})})
         return path
 
     @classmethod
@@ -617,7 +622,10 @@ class IVFIndex:
         if cls is not FlatIndex and idx.codes.dtype != torch.int8:
             raise ValueError(f"{path}: an IVFIndex stores int8 codes, this file holds {idx.codes.dtype}")
         idx.removed = removed.bool()
-        idx.layout = int(json.loads(meta.get("config") or "{}").get("layout", 0))  # absent before layouts were recorded
+        config = json.loads(meta.get("config") or "{}")
+        idx.layout = int(config.get("layout", 0))  # absent before layouts were recorded
+        # absent before it was recorded: the largest stored row + 1 (a compacted-away last row is not known)
+        idx.rows_numbered = max(int(config.get("rows_numbered", 0)), idx.rows_numbered)
         if fresh:
             n = fresh["fresh_ids"].shape[0]
             if fresh["fresh_codes"].shape != (n, idx.codes.shape[1]) or fresh["fresh_scales"].shape != (n,) or fresh["fresh_removed"].shape != (n,):
