@@ -22,6 +22,7 @@ from freescale import (
     KeyedJagged,
     ShardedEmbeddings,
     TrainPipeline,
+    destroy_process_group,
     simulate,
 )
 
@@ -751,6 +752,15 @@ def _hang(rank, hung, out_dir):
     return result
 
 
+def scenario_teardown(rank, world):
+    """Collectives still running on tensors Python has dropped when the groups are destroyed: on
+    torch < 2.8, dist.destroy_process_group() waited forever for gloo's threads (see freescale.destroy_process_group)."""
+    other = dist.new_group(backend="gloo")
+    dist.all_reduce(torch.ones(1 << 23), async_op=True)  # 32 MB each, the tensors and works dropped at once
+    dist.all_reduce(torch.ones(1 << 23), group=other, async_op=True)
+    return {"issued": torch.tensor(True)}
+
+
 def run(rank, scenario, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -767,7 +777,7 @@ def run(rank, scenario, world, port, out_dir):
         torch.save(result, os.path.join(out_dir, "result.pt"))
     if not scenario.startswith("hang") and scenario != "group_timeout":
         dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()  # not dist's: on torch < 2.8 it can deadlock with gloo's threads (see there)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,13 @@ def test_scheduler_preempts_an_earlier_round(tmp_path):
     assert res["preempt"] == ["urgent", "background"]  # the urgent op jumps the queued chunks
 
 
+def test_teardown_while_collectives_run(tmp_path):
+    """The process groups destroyed while gloo still runs collectives on dropped tensors (on
+    torch < 2.8 a worker thread waited for the GIL held by the destructor joining it)."""
+    proc, res = _run("teardown", 2, tmp_path, timeout=90)
+    assert bool(res["issued"])
+
+
 def test_simulator_matches_real_run(tmp_path):
     proc, res = _run("sim", 2, tmp_path)
     for method, r in res.items():

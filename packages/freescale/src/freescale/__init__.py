@@ -12,6 +12,7 @@ from .model import HSTURecommender
 from .partition import Partition, oversized, partition
 from .pipeline import TrainPipeline
 from .simulate import SimResult, simulate
+from .teardown import destroy_process_group
 
 __all__ = [
     "__version__",
@@ -32,4 +33,5 @@ __all__ = [
     "simulate",
     "SimResult",
     "HSTURecommender",
+    "destroy_process_group",
 ]

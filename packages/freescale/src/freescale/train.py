@@ -37,6 +37,7 @@ from .jagged import KeyedJagged
 from .longseq import MODES, Windows
 from .model import HSTURecommender
 from .partition import METHODS
+from .teardown import destroy_process_group
 
 # the options a checkpoint records and a resume must repeat: they shape the model or the data
 # stream (or, --long-sequences, which positions are trained); --method and the world size do
@@ -196,7 +197,8 @@ def main(argv=None, prog: str = "python -m freescale.train"):
                         "args": {a: getattr(args, a) for a in RESUME_ARGS}}, args.checkpoint)
     if distributed:
         dist.barrier()
-        dist.destroy_process_group()
+        del balancer  # its background group goes with the others (see destroy_process_group)
+        destroy_process_group()
 
 
 if __name__ == "__main__":
