@@ -76,6 +76,39 @@ def test_run_workers_tolerates_only_a_teardown_abort_after_results(tmp_path):
     assert run_workers([sys.executable, "-c", "raise SystemExit(3)"], result, check=False).returncode == 3
 
 
+def test_run_workers_kills_every_process_of_a_hung_script(tmp_path):
+    """A script whose ranks hang: past the timeout the launcher and its children are killed (the
+    launcher alone was, and hung ranks ran on as orphans, loading the machine)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from gpukernels_common.testing import run_workers
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_workers([sys.executable, "-c", script], tmp_path / "result.pt", timeout=5)
+    assert time.monotonic() - start < 60
+    child = int(pid_file.read_text())
+    stat = f"/proc/{child}/stat"
+    for _ in range(50):  # gone, or a zombie not yet reaped by init
+        try:
+            with open(stat) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the hung script's child process outlived run_workers")
+
+
 def test_plugin_skips_by_marker_only_and_survives_a_bad_backend_setting(tmp_path):
     """A directory or parametrize id named `gpu` is not the `gpu` marker, and a GKC_BACKEND that
     cannot work on this machine shows in the header instead of stopping the run: the plugin loads

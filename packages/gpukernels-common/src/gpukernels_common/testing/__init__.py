@@ -194,11 +194,24 @@ def run_workers(cmd, result, *, timeout: float = 180, env=None, check: bool = Tr
     With `check`, fail with the script's stderr unless it exited 0. One failure is tolerated:
     gloo aborting a rank during process-group teardown (GLOO_TEARDOWN_ABORT, seen under heavy
     load) after `result` was written, since the results are complete by then.
+    Past `timeout` the script and every process it started (its ranks) are killed, then
+    subprocess.TimeoutExpired is raised: killing the launcher alone left hung ranks running.
     """
+    import os
+    import signal
     import subprocess
     from pathlib import Path
 
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env)
+    # a session of its own: the ranks it spawns share its process group, killed as one
+    launched = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+    try:
+        out, err = launched.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        out, err = launched.communicate()
+        raise subprocess.TimeoutExpired(launched.args, timeout, output=out, stderr=err) from None
+    proc = subprocess.CompletedProcess(launched.args, launched.returncode, out, err)
     if check:
         teardown_abort = GLOO_TEARDOWN_ABORT in proc.stderr and Path(result).exists()
         assert proc.returncode == 0 or teardown_abort, proc.stderr[-3000:]
