@@ -590,3 +590,23 @@ def test_a_hook_on_the_attached_representation_runs(first):
     assert calls and bal.last_path == "general"
     assert not model.bottom[0].weight.grad.any()
     assert all(p.grad.any() for p in model.heads.parameters() if p.dim() == 2)  # the heads still train
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", ["MultiBalance general", *ALL_BALANCERS])
+def test_every_balancer_on_the_device_matches_a_cpu_run(name, device):
+    """A model on `device` with the balancer left where it was made (the README's examples do not
+    move it): two steps give the CPU run's gradients (MGDA mixed its CPU weights into the device
+    gradients)."""
+    runs = []
+    for where in ("cpu", device):
+        model = _Heads("tanh" if name.endswith("general") else "linear").to(where)
+        x, y = (t.to(where) for t in _batches(1)[0])
+        bal = ALL_BALANCERS[name.split()[0]](["a", "b", "c"], list(model.bottom.parameters()))
+        for _ in range(2):
+            model.zero_grad()
+            rep = bal.attach(model.bottom(x))
+            bal.backward(model.losses(rep, y))
+        runs.append([p.grad.cpu() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -195,7 +195,7 @@ def min_norm_weights(gram: torch.Tensor, tol: float = 1e-12) -> torch.Tensor:
     active-set method that ends at the exact minimiser in finitely many steps whatever the
     conditioning (projected gradient stalls when the tasks' gradient norms differ by 100x).
     """
-    gram = gram.double()
+    gram = gram.detach().double().cpu()  # T x T: the active-set steps run on the host
     t = gram.shape[0]
     if t == 1:
         return torch.ones(1, dtype=gram.dtype)
@@ -257,16 +257,17 @@ class MGDA(Balancer):
         # the statically weighted task gradients w_t g_t; tasks of weight 0 stay out (a_t = 0).
         # Their Gram matrix is summed over ranks under torch.distributed (the weights a do not
         # depend on its scale)
-        w = self.static_weights.double()
+        device = grads[0][0].device
+        w = self.static_weights_on(device).double()
         flat = torch.stack([_flat(g) for g in grads]) * w.unsqueeze(1)
         gram = self._global_sum(flat @ flat.T)
         active = [t for t, x in enumerate(self.static_weight_list()) if x != 0.0]
         alphas = torch.zeros(self.num_tasks, dtype=torch.float64)
         if active:
             index = torch.tensor(active)
-            alphas[index] = min_norm_weights(gram[index][:, index])
+            alphas[index] = min_norm_weights(gram[index.to(device)][:, index.to(device)])
         self.alphas = alphas
-        return _unflat((alphas.unsqueeze(1) * flat).sum(0), grads[0])
+        return _unflat((alphas.to(device).unsqueeze(1) * flat).sum(0), grads[0])
 
     def _step_scales(self):
         return self.alphas if self.alphas.numel() else None
