@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 import freescale
 import multibalance
+from gpukernels_common.distributed import destroy_process_group
 
 from movielens import load, training_windows
 from recommender import HEAD_TASKS, TASKS, Config, build
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         if args.checkpoint:
             save_checkpoint(out, cfg, item_table, tower, heads, step)
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()
     return 0
 
 

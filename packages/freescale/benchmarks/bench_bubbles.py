@@ -21,6 +21,7 @@ import torch.distributed as dist
 from freescale import BatchBalancer, BubbleMeter, CostModel, bubble_reduction, simulate
 from freescale.data import movielens_sequences, zipf_lengths
 from gpukernels_common.bench import BenchRecord, bench_args, spawn_jobs, write_records
+from gpukernels_common.distributed import destroy_process_group
 
 HERE = Path(__file__).resolve().parent
 COST = CostModel(a=256.0, b=1.0)
@@ -59,7 +60,7 @@ def _rank(queue, job, rank, world, port, method, batches, sec_per_cost, cost, lo
             meter.sync(lambda: dist.all_reduce(torch.zeros(1 << 16)), name="grad_allreduce")
     summary = meter.summary(skip=1)  # a collective: every rank takes part
     queue.put(summary if rank == 0 else None)
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def real_run(world, method, batches, sec_per_cost, cost=COST, long_sequences="report"):

@@ -46,6 +46,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from gpukernels_common.distributed import destroy_process_group
+
 HERE = Path(__file__).resolve().parent
 KEYS = ("history", "other")
 COMPUTE_ONLY = " (two one-rank jobs: compute only)"
@@ -216,7 +218,7 @@ def _rank(queue, job, rank, world, port, shape):
             seconds[name].append(run())
     queue.put({name: statistics.median(runs) for name, runs in seconds.items()})
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def run_jobs(jobs: int, world: int, shape: Shape) -> dict:

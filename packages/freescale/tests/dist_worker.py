@@ -22,9 +22,9 @@ from freescale import (
     KeyedJagged,
     ShardedEmbeddings,
     TrainPipeline,
-    destroy_process_group,
     simulate,
 )
+from gpukernels_common.distributed import destroy_process_group
 
 
 def global_batch(n=23, seed=0):

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gpukernels_common.distributed import destroy_process_group
 from moeblaze import MoE, expert_parallel_experts
 
 WORLD, N_EXPERTS = 2, 4
@@ -124,7 +125,7 @@ def run(rank, world, port, out):
     if rank == 0:
         torch.save(gathered, out)
     dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":

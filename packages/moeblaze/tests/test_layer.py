@@ -17,6 +17,9 @@ def test_router_topk_renorm_and_losses():
     torch.testing.assert_close(route(logits, 1).weights, route(logits, 1, renormalize=False).weights)
     with pytest.raises(ValueError, match="top_k"):
         route(logits, 7)
+    for top_k in (2.0, True):  # as Router and MoE check it
+        with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, n_experts=6\]"):
+            route(logits, top_k)
     with pytest.raises(ValueError, match="NaN"):
         route(torch.full((2, 3), float("nan")), 1)
     with pytest.raises(ValueError, match="score"):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from gpukernels_common import select_backend
+from gpukernels_common.distributed import destroy_process_group
 from gpukernels_common.testing import assert_close, free_port, run_workers
 from moeblaze import MoE, expert_parallel_experts, moe_experts
 from moeblaze.parallel import local_expert_count
@@ -122,7 +123,7 @@ def single_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=30))
     yield dist.group.WORLD
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def test_bad_inputs_fail_before_any_collective(single_rank_group, monkeypatch):

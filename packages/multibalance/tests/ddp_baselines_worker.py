@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import multibalance
+from gpukernels_common.distributed import destroy_process_group
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ddp_worker import Net, data  # noqa: E402
@@ -72,7 +73,7 @@ def worker(rank, world, port, out):
             torch.save(gathered, out)
         dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gpukernels_common.distributed import destroy_process_group
 from multibalance import MultiBalance
 
 
@@ -68,7 +69,7 @@ def worker(rank, world, port, norm, path, out, ddp_options="default", norm_lag=0
             torch.save(grads, out)
         dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -397,8 +397,8 @@ def test_export_round_trip(tmp_path):
 
 
 def test_aoti_package_runs_without_silvertorch(tmp_path):
-    """The AOTInductor package, compiled from a 3-user example, run at another batch size in a
-    fresh interpreter that imports torch alone, equals the eager model."""
+    """The AOTInductor package of a saved and loaded model, compiled from a 3-user example, run at
+    another batch size in a fresh interpreter that imports torch alone, equals the eager model."""
     import subprocess
     import sys
 
@@ -407,7 +407,9 @@ def test_aoti_package_runs_without_silvertorch(tmp_path):
         with pytest.raises(RuntimeError, match=r"needs torch >= 2.6"):
             MODEL.package(tmp_path / "model.pt2", torch.arange(3).unsqueeze(1), exprs[:3], max_batch=8)
         return
-    path = MODEL.package(tmp_path / "model.pt2", torch.arange(3).unsqueeze(1), exprs[:3], max_batch=8)
+    MODEL.save(tmp_path / "artifact")  # packaged as `silvertorch package` does: from a loaded artifact
+    path = RetrievalModel.load(tmp_path / "artifact").package(tmp_path / "model.pt2", torch.arange(3).unsqueeze(1), exprs[:3],
+                                                              max_batch=8)
     users = torch.arange(7, 12).unsqueeze(1)
     plans = MODEL.prepare_filters(exprs)
     torch.save((users, *plans), tmp_path / "inputs.pt")

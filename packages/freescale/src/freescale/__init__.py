@@ -12,7 +12,6 @@ from .model import HSTURecommender
 from .partition import Partition, oversized, partition
 from .pipeline import TrainPipeline
 from .simulate import SimResult, simulate
-from .teardown import destroy_process_group
 
 __all__ = [
     "__version__",
@@ -33,5 +32,4 @@ __all__ = [
     "simulate",
     "SimResult",
     "HSTURecommender",
-    "destroy_process_group",
 ]

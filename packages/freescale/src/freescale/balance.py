@@ -368,34 +368,37 @@ class BatchBalancer:
             # their way into the all-to-all: this rank joins it with the sizes the plan expects and a
             # flag, and every rank raises after it (rather than the others waiting out the timeout)
             device = features.values.device
-            _, _, headers = self._move_rows(plan, plan.sent_key_lengths().to(device), plan.received_key_lengths(),
-                                            _placeholders(plan, schema, device), problem, group)
+            _, send_counts = plan.send_order()
+            sent_lengths = plan.sent_key_lengths().to(device)
+            _, _, headers = self._move_rows(plan, sent_lengths, plan.received_key_lengths(), send_counts,
+                                            _placeholders(schema, sent_lengths, send_counts), problem, group)
             _raise_flagged(headers, list(dense), plan.rank, detail)
         if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
             mine = plan.windows.select((plan.windows.source >= first) & (plan.windows.source < first + expected))
             features = features.windows(mine.source - first, mine.start, mine.stop)
             dense = {k: v[mine.source - first] for k, v in dense.items()}
-        if not moves:  # min_gain ("kept"): nothing moves, no collective; one rank: a local permutation
-            if plan.partition.method == "kept":
-                return features, dense
-            order, _ = plan.send_order()
+        if plan.partition.method == "kept":  # min_gain: nothing moves, no collective
+            return features, dense
+        order, send_counts = plan.send_order()
+        if not moves:  # one rank: a local permutation
             return features.permute(order), {k: v[order] for k, v in dense.items()}
         # sample-major, so that each destination's samples are one contiguous slice
-        order, _ = plan.send_order()
         values, lengths = features.sample_major(order)
         parts = [values.unsqueeze(1)] + [v[order].reshape(order.numel(), math.prod(v.shape[1:])) for v in dense.values()]
-        recv_lengths, received, headers = self._move_rows(plan, lengths, plan.received_key_lengths(), parts, None, group)
+        recv_lengths, received, headers = self._move_rows(plan, lengths, plan.received_key_lengths(), send_counts, parts,
+                                                          None, group)
         _raise_flagged(headers, list(dense), plan.rank, "")
         moved = {k: got.view((got.shape[0],) + tuple(v.shape[1:])) for (k, v), got in zip(dense.items(), received[1:])}
         return KeyedJagged.from_sample_major(features.keys, received[0].reshape(-1), recv_lengths), moved
 
     def _move_rows(self, plan: BalancePlan, lengths: torch.Tensor, recv_lengths: torch.Tensor | None,
-                   parts: list[torch.Tensor], problem: list[int] | None, group):
+                   send_counts: list[int], parts: list[torch.Tensor], problem: list[int] | None, group):
         """The exchange's all-to-all: `parts` (values as one column, then each dense tensor as
-        rows) in send order, with `lengths` (samples x keys) of what is sent, and a header row
-        per destination carrying this rank's input problem (zeros: none). Returns (received
-        lengths, received parts, headers: one row per source rank)."""
-        send_counts, recv_counts = plan.send_order()[1], plan.recv_counts()
+        rows) in send order, `send_counts` samples per destination, with `lengths` (samples x
+        keys) of what is sent, and a header row per destination carrying this rank's input
+        problem (zeros: none). Returns (received lengths, received parts, headers: one row per
+        source rank)."""
+        recv_counts = plan.recv_counts()
         if recv_lengths is None:  # the receivers learn the lengths first: the value counts follow from them
             recv_lengths = lengths.new_empty(sum(recv_counts), lengths.shape[1])
             dist.all_to_all_single(recv_lengths, lengths, recv_counts, send_counts, group=group)
@@ -558,13 +561,14 @@ _PROBLEMS = {1: "the features have {got} samples, the plan expects {expected}",
 _CONFORM_PROBLEM = 6  # Schema.conform refused this rank's input: its own error says how
 
 
-def _placeholders(plan: BalancePlan, schema: Schema, device: torch.device) -> list[torch.Tensor]:
+def _placeholders(schema: Schema, sent_lengths: torch.Tensor, sent: list[int]) -> list[torch.Tensor]:
     """Zero rows of the sizes, dtypes and widths the plan expects this rank to send (values, then
-    each dense tensor): what a rank whose input does not fit the plan sends, to keep the ranks in
-    step through the all-to-all."""
-    sent = plan.send_order()[1]
+    each dense tensor; `sent_lengths`: samples x keys in send order, `sent`: samples per
+    destination): what a rank whose input does not fit the plan sends, to keep the ranks in step
+    through the all-to-all."""
+    device = sent_lengths.device
     values_dtype = schema.values if schema.values is not None else torch.long  # None: no rank has values
-    values = torch.zeros(int(plan.sent_key_lengths().sum()), 1, dtype=values_dtype, device=device)
+    values = torch.zeros(int(sent_lengths.sum()), 1, dtype=values_dtype, device=device)
     dense = [torch.zeros(sum(sent), math.prod(agreed[1]), dtype=agreed[0], device=device) if agreed is not None
              else torch.zeros(0, 0, device=device) for agreed in schema.dense]  # None: no rank has samples
     return [values] + dense

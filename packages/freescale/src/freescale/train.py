@@ -28,6 +28,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from gpukernels_common.distributed import destroy_process_group
+
 from .balance import BatchBalancer
 from .bubbles import BubbleMeter
 from .cli import _positive_int
@@ -37,7 +39,6 @@ from .jagged import KeyedJagged
 from .longseq import MODES, Windows
 from .model import HSTURecommender
 from .partition import METHODS
-from .teardown import destroy_process_group
 
 # the options a checkpoint records and a resume must repeat: they shape the model or the data
 # stream (or, --long-sequences, which positions are trained); --method and the world size do

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from .experts import CHECKPOINTS, moe_experts
 from .naive import ACTIVATIONS
 from .parallel import expert_parallel_experts, local_expert_count
-from .router import SCORES, Router, check_capacity_factor, check_sizes, check_top_k
+from .router import Router, check_capacity_factor, check_score, check_sizes, check_top_k
 
 
 class MoE(nn.Module):
@@ -50,8 +50,7 @@ class MoE(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if checkpoint not in CHECKPOINTS:
             raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
-        if score not in SCORES:
-            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        check_score(score)
         check_capacity_factor(capacity_factor)
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.activation, self.checkpoint = activation, checkpoint

@@ -47,6 +47,11 @@ def check_top_k(top_k, n_experts: int) -> None:
         raise ValueError(f"top_k must be an integer in [1, n_experts={n_experts}], got {top_k!r}")
 
 
+def check_score(score) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+
+
 def check_capacity_factor(capacity_factor) -> None:
     # finite: expert_capacity takes the factor's exact decimal form, which inf and NaN have not
     if capacity_factor is None:
@@ -78,14 +83,12 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
     if not logits.is_floating_point():  # integer logits would give integer (all-zero) weights
         raise ValueError(f"router logits must be a floating-point tensor, got {logits.dtype}")
     n_experts = logits.shape[1]
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+    check_top_k(top_k, n_experts)
     # an eager-only check (a host synchronisation): skipped while torch.compile / torch.export
     # trace and on meta tensors (shape inference), which have no values to check
     if not (tracing() or logits.is_meta) and not torch.isfinite(logits).all():
         raise ValueError("router logits contain NaN or inf")
-    if score not in SCORES:
-        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    check_score(score)
     logits32 = logits.float()
     # the choice is made on the logits: their order is the scores', without the ties of scores
     # that underflow to 0 or round to 1
@@ -132,8 +135,7 @@ class Router(nn.Module):
         super().__init__()
         check_sizes(d_model=d_model, n_experts=n_experts)
         check_top_k(top_k, n_experts)
-        if score not in SCORES:
-            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        check_score(score)
         check_capacity_factor(capacity_factor)
         self.proj = nn.Linear(d_model, n_experts, bias=False)
         self.n_experts, self.top_k, self.score, self.renormalize = n_experts, top_k, score, renormalize

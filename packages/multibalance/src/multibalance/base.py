@@ -202,9 +202,9 @@ class Balancer(nn.Module, abc.ABC):
         frozen ones), without touching any `.grad`, and per target whether any task reached it. A
         task of static weight 0 counts as zero, as in `_head_backward_per_task` (the same
         statistics in one process and under DDP)."""
-        targets = self.shared_parameters if self.parameter_level else self._leaves
+        targets = self.shared_parameters if self.parameter_level else self._leaves  # leaves always require grad
         live = [j for j, t in enumerate(targets) if t.requires_grad]  # autograd.grad refuses frozen tensors
-        if not live:
+        if self.parameter_level and not live:
             raise ValueError("shared_parameters: every shared parameter is frozen (requires_grad=False); "
                              "nothing is left to balance")
         grads, reached = [], [False] * len(targets)

@@ -1,5 +1,6 @@
 """Process-group teardown that does not deadlock on torch < 2.8: call
-`freescale.destroy_process_group()` where a script would call `dist.destroy_process_group()`."""
+`gpukernels_common.distributed.destroy_process_group()` (re-exported as
+`freescale.destroy_process_group`) where a script would call `dist.destroy_process_group()`."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ def destroy_process_group(group=None) -> None:
     Before torch 2.8 (pytorch/pytorch#154976) the `ProcessGroup` binding frees its backends with
     the GIL held: ~ProcessGroupGloo joins gloo's worker threads, and a worker that is still
     releasing a finished collective whose tensor Python has already dropped (a temporary such as
-    `CommScheduler`'s chunk copies; the tensor's Python object is then owned by C++) waits for
+    freescale `CommScheduler`'s chunk copies; the tensor's Python object is then owned by C++) waits for
     the GIL to free it. Both wait forever. It needs the worker to be descheduled between
     completing the collective and releasing it, so it shows on a loaded machine. Holding a
     reference to every gloo backend across the call leaves their last release to the backend's
-    own binding, which drops the GIL first. Objects that keep a group alive past this call (a
-    `BatchBalancer`'s background group) free it later with the GIL held: drop them first.
+    own binding, which drops the GIL first. Objects that keep a group alive past this call (e.g. a
+    freescale `BatchBalancer`'s background group) free it later with the GIL held: drop them first.
     Newer torch shuts the backends down in `destroy_process_group` itself; this changes nothing there.
     """
     # no ProcessGroup reference may stay in this frame: it would free its backend after `backends`
