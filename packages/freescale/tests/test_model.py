@@ -34,3 +34,15 @@ def test_lengths_must_sum_to_the_items(lengths):
         _model()(torch.arange(5), torch.tensor(lengths))
     with pytest.raises(ValueError, match="sum to the 5 values"):
         pad_jagged(torch.arange(5), torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("sizes, named", [
+    ({"n_items": 30, "d_model": 16.0}, "d_model must be an integer >= 1, got 16.0"),
+    ({"n_items": 0}, "n_items must be an integer >= 1, got 0"),
+    ({"n_items": 30, "n_heads": 2.0}, "n_heads must be an integer >= 1, got 2.0"),
+    ({"n_items": 30, "max_len": True}, "max_len must be an integer >= 1, got True"),
+    ({"n_items": 30, "n_layers": -1}, "n_layers must be an integer >= 0, got -1"),
+])
+def test_model_sizes_must_be_integers(sizes, named):
+    with pytest.raises(ValueError, match=named):
+        HSTURecommender(**sizes)

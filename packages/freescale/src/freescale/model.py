@@ -14,10 +14,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gpukernels_common.checks import check_sizes
+
 
 class HSTULayer(nn.Module):
     def __init__(self, d_model: int, n_heads: int = 2, dropout: float = 0.0, max_len: int = 200):
         super().__init__()
+        check_sizes(d_model=d_model, n_heads=n_heads, max_len=max_len)
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
         self.h, self.max_len = n_heads, max_len
@@ -69,6 +72,8 @@ class HSTURecommender(nn.Module):
     def __init__(self, n_items: int, d_model: int = 32, n_layers: int = 2, n_heads: int = 2, max_len: int = 200,
                  ffn_factory=None):
         super().__init__()
+        check_sizes(n_items=n_items, d_model=d_model, n_heads=n_heads, max_len=max_len)
+        check_sizes(0, n_layers=n_layers)
         self.max_len = max_len
         self.item = nn.Embedding(n_items, d_model)
         self.position = nn.Embedding(max_len, d_model)
