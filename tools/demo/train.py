@@ -165,10 +165,10 @@ def train_step(ml, local, global_positions, negatives, table, tower, heads, bala
                 "watch": F.binary_cross_entropy_with_logits(head_logits[..., 0], watch_label, reduction="sum") / (2 * n),
                 "like": F.binary_cross_entropy_with_logits(head_logits[..., 1], like_label, reduction="sum") / (2 * n),
             }
-            (tower.aux_loss() * t / n).backward(retain_graph=True)  # MoE load balancing, on the bottom only
+            aux = tower.aux_loss() * t / n  # MoE load balancing, a loss of the bottom alone: not balanced
         meter.sync(name="task_norms")  # the balancer all-reduces gradient norms: ranks meet here
         with meter.compute("backward"):
-            scales = balancer.backward(losses)
+            scales = balancer.backward(losses, aux_loss=aux)  # joins the bottom's one backward (one grad per parameter)
 
         def communicate():
             rows.backward(leaf.grad)  # embedding gradients to their owners (all-to-all)

@@ -1,5 +1,6 @@
 """Run by test_parallel.py: 2 gloo ranks, 4 experts (2 per rank), every case in CASES in one
-process group; rank 0 saves each rank's outputs, gradients and traffic counts."""
+process group; rank 0 saves each rank's outputs, gradients and traffic counts. With a third
+argument "ddp": the DDP case instead (`run_ddp`)."""
 
 import datetime
 import os
@@ -114,12 +115,57 @@ def run_init(rank):
     return {name: p.detach() for name, p in layer.named_parameters()}
 
 
-def run(rank, world, port, out):
+# a model with an expert-parallel MoE, wrapped in DistributedDataParallel after `prepare_ddp`
+DDP_CASE = dict(tokens=8, d=6, f=10, k=2, n_shared_experts=1, seed=7)
+
+
+class DDPNet(torch.nn.Module):
+    """A replicated input layer, then the MoE (`expert_group` None: the single-process model)."""
+
+    def __init__(self, expert_group=None):
+        super().__init__()
+        c = DDP_CASE
+        torch.manual_seed(c["seed"])  # seeded alike on every rank, as data parallelism seeds
+        self.inp = torch.nn.Linear(c["d"], c["d"])
+        self.moe = MoE(c["d"], c["f"], N_EXPERTS, c["k"], n_shared_experts=c["n_shared_experts"], expert_group=expert_group)
+
+    def forward(self, x):
+        return self.moe(self.inp(x))
+
+
+def ddp_inputs():
+    """The global batch (rank r's tokens are the r-th of WORLD equal chunks)."""
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(WORLD * DDP_CASE["tokens"], DDP_CASE["d"], generator=g)
+
+
+def ddp_step(model, net, x):
+    """One step's loss (a mean over this rank's tokens) and the inner module's gradients."""
+    loss = model(x).square().mean()
+    loss.backward()
+    return {name: p.grad for name, p in net.named_parameters()}
+
+
+def run_ddp(rank):
+    from moeblaze import prepare_ddp
+
+    net = DDPNet(dist.group.WORLD)
+    ignored = prepare_ddp(net)
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    x = ddp_inputs().chunk(WORLD)[rank]
+    params = {name: p.detach().clone() for name, p in net.named_parameters()}
+    return {"ignored": ignored, "params": params, "grads": ddp_step(model, net, x)}
+
+
+def run(rank, world, port, out, mode="ep"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    results = {name: run_case(name, rank) for name in CASES}
-    results["layer"] = run_layer(rank)
-    results["init"] = run_init(rank)
+    if mode == "ddp":
+        results = run_ddp(rank)
+    else:
+        results = {name: run_case(name, rank) for name in CASES}
+        results["layer"] = run_layer(rank)
+        results["init"] = run_init(rank)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -129,4 +175,4 @@ def run(rank, world, port, out):
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(WORLD, int(sys.argv[1]), sys.argv[2]), nprocs=WORLD, join=True)
+    mp.spawn(run, args=(WORLD, int(sys.argv[1]), sys.argv[2], *sys.argv[3:4]), nprocs=WORLD, join=True)

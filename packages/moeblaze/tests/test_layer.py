@@ -140,6 +140,20 @@ def test_compile_fullgraph_and_export_match_eager(monkeypatch):
     torch.testing.assert_close(exported.module()(x.detach()), want.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compile_on_the_interpreter_backend_is_a_clear_error(fullgraph, monkeypatch):
+    """Under TRITON_INTERPRET=1 Dynamo traced into the interpreter and failed with KeyError(torch.uint64):
+    now an error that says what to do (refused before any kernel: the backend is chosen as the
+    interpreter here on any machine)."""
+    from gpukernels_common import Backend
+
+    monkeypatch.setattr(moeblaze.experts, "select_backend", lambda *tensors, **kw: Backend.INTERPRET)
+    torch._dynamo.reset()
+    layer = MoE(8, 12, 4, 2)
+    with pytest.raises(RuntimeError, match="Triton interpreter backend .* set GKC_BACKEND=reference .* or compile on a GPU"):
+        torch.compile(layer, fullgraph=fullgraph, backend="eager")(torch.randn(5, 8))
+
+
 @pytest.mark.parametrize("cf, tokens, k, n_experts, want", [
     (1.1, 100, 2, 4, 55),  # 1.1 * 100 = 110.00000000000001 in floats: ceil gave 56
     (1.1, 100, 1, 1, 110),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import moeblaze
 from gpukernels_common import select_backend
 from gpukernels_common.distributed import destroy_process_group
 from gpukernels_common.testing import assert_close, free_port, run_workers
@@ -41,6 +42,29 @@ def expected_traffic(ids, tokens, rank):
     rows = set(kept)
     return {"slots": len(kept), "rows": len(rows), "remote_slots": sum(r != rank for _, r in kept),
             "remote_rows": sum(r != rank for _, r in rows)}
+
+
+def test_expert_parallel_under_ddp_equals_single_process(tmp_path):
+    """`prepare_ddp` then DistributedDataParallel: each rank keeps its own experts (DDP broadcast rank
+    0's over the others) and every gradient is that of one process on the global batch with the
+    ranks' mean loss (DDP averaged different experts' gradients)."""
+    out = tmp_path / "ddp.pt"
+    run_workers([sys.executable, WORKER, free_port(), out, "ddp"], out)
+    got = torch.load(out, weights_only=True)
+    net = ep_worker.DDPNet()
+    init = {name: p.detach().clone() for name, p in net.named_parameters()}
+    grads = ep_worker.ddp_step(net, net, ep_worker.ddp_inputs())
+    for rank, r in enumerate(got):
+        assert r["ignored"] == ["moe.w_gate", "moe.w_up", "moe.w_down"]
+        for name, grad in grads.items():
+            part = ep_worker.expert_slice(rank) if name.startswith("moe.w_") else slice(None)
+            close(r["params"][name], init[name][part], f"rank {rank} {name} after wrapping")
+            close(r["grads"][name], grad[part], f"rank {rank} d{name}")
+
+
+def test_prepare_ddp_needs_an_expert_parallel_moe():
+    with pytest.raises(ValueError, match="prepare_ddp: the model has no MoE with expert_group="):
+        moeblaze.prepare_ddp(torch.nn.Sequential(MoE(4, 8, 2, 1)))
 
 
 @pytest.mark.parametrize("name", sorted(ep_worker.CASES))

@@ -34,7 +34,10 @@ def train(wrapper, net, norm, path, x, ya, yb, norm_lag=0, steps=3):
     layer), "general" (forced: every task's representation gradient formed), "tanh heads"
     (heads that open with a tanh: the general path) or "sum-pooled heads" (a [B, S, D]
     representation summed over S: autograd.grad returns an expanded task gradient). Three
-    steps: with norm_lag=1 the third is the first to average in the norms of a step before."""
+    steps: with norm_lag=1 the third is the first to average in the norms of a step before.
+    A path ending in " + aux_loss" also passes a regulariser of the bottom's output as
+    `backward(..., aux_loss=)` (as an MoE layer's load-balancing loss)."""
+    path, with_aux = path.removesuffix(" + aux_loss"), path.endswith(" + aux_loss")
     bal = MultiBalance(["a", "b"], relax=0.8, norm=norm, norm_lag=norm_lag)
     bal.uses_norms_only = path != "general"
     first = {"tanh heads": torch.tanh, "sum-pooled heads": lambda r: r.sum(1)}.get(path, lambda r: r)
@@ -42,8 +45,10 @@ def train(wrapper, net, norm, path, x, ya, yb, norm_lag=0, steps=3):
         x = x.unsqueeze(1) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1)
     for _ in range(steps):
         net.zero_grad()
-        rep = bal.attach(wrapper(x))
-        bal.backward({"a": ((net.head_a(first(rep)) - ya) ** 2).mean(), "b": ((net.head_b(first(rep)) - yb) ** 2).mean()})
+        z = wrapper(x)
+        rep = bal.attach(z)
+        bal.backward({"a": ((net.head_a(first(rep)) - ya) ** 2).mean(), "b": ((net.head_b(first(rep)) - yb) ** 2).mean()},
+                     aux_loss=0.1 * z.square().mean() if with_aux else None)
     assert bal.last_path == ("factored" if path == "factored" else "general"), (bal.last_path, path)
     return {k: p.grad.clone() for k, p in net.named_parameters()}
 

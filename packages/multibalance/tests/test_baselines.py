@@ -244,13 +244,14 @@ def test_balancers_without_task_gradients_check_the_losses_read_the_representati
     x = torch.randn(5, 4)
     bal = {"EqualWeights": EqualWeights, "UncertaintyWeighting": UncertaintyWeighting, "FAMO": FAMO}[name](["a", "b"])
     rep = bal.attach(bottom(x))
-    loss_b = other(x).mean() if case == "reads the input" else head_b(bottom(x)).mean()
+    # positive losses: FAMO refuses a loss <= 0
+    loss_b = other(x).square().mean() if case == "reads the input" else head_b(bottom(x)).square().mean()
     with pytest.raises(ValueError, match="loss 'b' does not depend on the attached representation"):
-        bal.backward({"a": head_a(rep).mean(), "b": loss_b})
+        bal.backward({"a": head_a(rep).square().mean(), "b": loss_b})
     assert all(p.grad is None for m in (bottom, head_a, head_b, other) for p in m.parameters())
     # a loss that reads the representation (also alongside another input) is accepted
     rep = bal.attach(bottom(x))
-    bal.backward({"a": head_a(rep).mean(), "b": (head_b(rep) + other(x)).mean()})
+    bal.backward({"a": head_a(rep).square().mean(), "b": (head_b(rep) + other(x)).square().mean()})
     assert bottom.weight.grad is not None and other.weight.grad is not None
 
 
@@ -307,3 +308,54 @@ def test_parameter_level_frozen_and_unused_shared_parameters(make):
             p.requires_grad_(False)
         rep = bal.attach(used(frozen(torch.randn(5, 4))) * torch.ones(1, requires_grad=True))
         bal.backward({"a": heads[0](rep).mean(), "b": heads[1](rep).mean()})
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+@pytest.mark.parametrize("make", [FAMO, DBMTL])
+def test_log_balancers_refuse_a_loss_at_or_below_its_bound(make, value):
+    """FAMO and DBMTL take log(L - min_loss): a loss <= its bound (0 by default) is refused before any
+    backward (it gave NaN logits, or a -1e28 scale), naming the task, the value and `min_losses`."""
+    bal = make(["a", "b"])
+    z = torch.ones(1, 2, requires_grad=True)
+    rep = bal.attach(z * 1.0)
+    with pytest.raises(ValueError, match=rf"loss 'b' is {value}, not above its lower bound min_losses\['b'\] = 0.0.*"
+                                         rf"min_losses=\{{'b': m\}}"):
+        bal.backward({"a": (rep * A).sum() + 1.0, "b": (rep * 0).sum() + value})
+    assert z.grad is None
+    if make is FAMO:  # and so is a new loss <= 0 in `update`
+        rep = bal.attach(z * 1.0)
+        bal.backward({"a": (rep * A).sum() + 1.0, "b": (rep * B).sum() + 2.0})
+        with pytest.raises(ValueError, match="loss 'b' is -1.0, not above"):
+            bal.update({"a": torch.tensor(1.0), "b": torch.tensor(-1.0)})
+
+
+@pytest.mark.parametrize("make", [FAMO, DBMTL])
+def test_log_balancers_min_losses_shift_the_log(make):
+    """With min_losses={'b': -3.0} a loss b = -1 is taken as L - min_loss = 2 (the official FAMO's
+    log(L - min_loss + eps)): the same step as b = 2 with the default bound 0."""
+    grads, scales = [], []
+    for shift, kw in ((0.0, {}), (-3.0, {"min_losses": {"b": -3.0}})):
+        bal = make(["a", "b"], **kw)
+        z = torch.ones(1, 2, requires_grad=True)
+        rep = bal.attach(z * 1.0)
+        scales.append(dict(bal.backward({"a": (rep * A).sum() + 1.0, "b": (rep * B).sum() + 1.0 + shift})))
+        grads.append(z.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert scales[1] == pytest.approx(scales[0])
+    with pytest.raises(ValueError, match="min_losses names unknown tasks"):
+        make(["a", "b"], min_losses={"c": 0.0})
+
+
+def test_dbmtl_heads_train_on_the_log_losses():
+    """DB-MTL (LibMTL DB_MTL.py) trains every parameter on log(L_t + eps): a head gets
+    grad L_t / (L_t + eps), not grad L_t (off by L_t, 1.6e4 in the review's case)."""
+    torch.manual_seed(0)
+    shared, heads = torch.nn.Linear(4, 8), torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+    x, ys = torch.randn(16, 4), [torch.randn(16, 1), 100 * torch.randn(16, 1)]
+    bal = DBMTL(["a", "b"])
+    rep = bal.attach(shared(x))
+    bal.backward([((h(rep) - y) ** 2).mean() for h, y in zip(heads, ys)])
+    for h, y in zip(heads, ys):
+        expected = torch.autograd.grad(torch.log(((h(shared(x).detach()) - y) ** 2).mean() + 1e-8), list(h.parameters()))
+        for p, e in zip(h.parameters(), expected):
+            torch.testing.assert_close(p.grad, e)

@@ -26,6 +26,9 @@ _spec.loader.exec_module(ddp_worker)
     ("batch", "factored", "default", 1),
     ("sample", "general", "default", 1),
     ("batch", "sum-pooled heads", "default", 0),
+    # a regulariser of the bottom alone (an MoE aux loss) joins the bottom's one backward
+    ("batch", "factored + aux_loss", "default", 0),
+    ("batch", "tanh heads + aux_loss", "default", 0),
 ])  # the worker asserts the path each side took
 def test_ddp_equals_single_process(tmp_path, norm, path, ddp_options, norm_lag):
     out = tmp_path / "grads.pt"

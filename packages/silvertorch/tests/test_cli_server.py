@@ -230,6 +230,19 @@ def test_server_a_bad_request_fails_alone_in_its_batch(custom_model):
     assert (metrics["requests"], metrics["errors"]) == (7, 2)
 
 
+def test_server_refuses_float_features_past_the_towers_range(custom_model):
+    """Checked in float64, then cast to the tower's float32: 1e300 became inf and answered 200 with no ids."""
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import create_app
+
+    with TestClient(create_app(custom_model), raise_server_exceptions=False) as client:
+        for features in ([1e300, 0.1, 0.2, 0.3], [1e39, 0.0, 0.0, 0.0]):
+            r = client.post("/v1/retrieve", json={"user_features": features})
+            assert r.status_code == 400 and r.json()["error"].startswith("user_features: a number is out of range"), r.text
+        assert client.post("/v1/retrieve", json={"user_features": [0.5, 0.1, 0.2, 0.3]}).status_code == 200
+
+
 def test_server_metrics_count_every_retrieve_request_and_error(custom_model, monkeypatch):
     """`requests` counts every POST /v1/retrieve and `errors` every non-2xx answer to it, whatever
     answered it: the handler, request validation, the body cap or an unhandled exception."""
@@ -271,9 +284,10 @@ def test_cli_validates_its_options(artifact, capsys):
     assert "--user: expected comma-separated integers" in capsys.readouterr().err
     assert main(["query", str(path), "--user", "3", "--value-weights", "1,x"]) == 2
     assert "--value-weights" in capsys.readouterr().err
-    assert main(["query", str(path), "--user", "3", "--value-weights", "1"]) == 2  # the model has 2 tasks
-    err = capsys.readouterr().err
-    assert err.startswith("silvertorch query: error: value_weights") and err.count("\n") == 1, err
+    for weights in ("1", "3e38,3e38"):  # the model has 2 tasks; scores past float32 would all be dropped
+        assert main(["query", str(path), "--user", "3", "--value-weights", weights]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("silvertorch query: error: value_weights") and err.count("\n") == 1, err
     build = ["build", "--towers", "t", "--items", "i", "--out", "o", "--quiet"]
     for flags in (["--fresh-capacity", "-5"], ["--bloom-k", "0"], ["--bloom-k", "11"], ["--bloom-multiplier", "1"],
                   ["--bloom-multiplier", "nan"], ["--nprobe", "0"], ["--num-results", "x"]):
@@ -380,8 +394,71 @@ def test_server_refuses_unknown_fields_and_non_numbers(artifact):
                              ({"user_features": ["42"]}, "user_features"),
                              ({"user_features": [3], "n": "5"}, "n"),
                              ({"user_features": [3], "value_weights": ["1", 0.3]}, "value_weights"),
-                             ({"user_features": [10**400]}, "out of range")):
+                             ({"user_features": [10**400]}, "out of range"),
+                             # a 500 (OverflowError), and finite weights whose scores overflow (a 200 with no ids)
+                             ({"user_features": [3], "value_weights": [10**400, 1]}, "value_weights: a number is out of range"),
+                             ({"user_features": [3], "value_weights": [3e38, 3e38]}, "value_weights must be finite numbers")):
             r = post("/v1/retrieve", json=body)
             assert r.status_code == 400 and reason in r.text, (body, r.status_code, r.text)
         r = post("/v1/retrieve", json={"user_features": [3], "filter": "genre:2", "n": 5, "value_weights": [1, 0.3]})
         assert r.status_code == 200 and all(int(genre[i - 1]) == 2 for i in r.json()["ids"])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: (d / "config.json").write_text("[1]"), "config.json must hold a JSON object"),  # was an AttributeError
+    (lambda d: _edit_config(d, lambda c: c["overarch"].update(hidden=[-1])), "entry 'overarch' is not valid"),  # a RuntimeError
+    (lambda d: _edit_tensor(d, "model.safetensors", "overarch.mlp.0.weight"), "overarch.mlp.0.weight has NaN or inf"),  # ids -1
+])
+def test_cli_reports_a_damaged_artifact_in_one_line(artifact, tmp_path, capsys, edit, match):
+    import shutil
+
+    damaged = tmp_path / "art"
+    shutil.copytree(artifact[0], damaged)
+    edit(damaged)
+    capsys.readouterr()
+    assert main(["query", str(damaged), "--user", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("silvertorch query: error: ") and match in err and err.count("\n") == 1, err
+
+
+def _edit_config(directory, edit):
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensor(directory, file, name, value=float("nan")):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(directory / file), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, str(directory / file), metadata=meta)
+
+
+def test_item_table_and_towers_are_checked_as_build_checks_them(artifact, tmp_path, capsys):
+    """save_item_table truncated fractional ids and attribute values (1000.7 -> 1000) and refused
+    attributes=None with a TypeError; load_towers took NaN weights, which `silvertorch build` published."""
+    import shutil
+
+    emb, ids = torch.randn(40, D), torch.arange(1000, 1040)
+    attrs = (torch.ones(40, dtype=torch.int64), torch.arange(41), torch.randint(0, 4, (40,)))
+    with pytest.raises(ValueError, match="item_ids must be integers, got torch.float64"):
+        save_item_table(tmp_path / "x.safetensors", emb, ids.double() + 0.7, attrs)
+    with pytest.raises(ValueError, match="attributes: feature_ids and values must be integer tensors"):
+        save_item_table(tmp_path / "x.safetensors", emb, ids, (attrs[0], attrs[1], attrs[2].double() + 0.5))
+    with pytest.raises(ValueError, match="item_ids must be 40 distinct non-negative ids"):
+        save_item_table(tmp_path / "x.safetensors", emb, ids[:39], attrs)
+    save_item_table(tmp_path / "plain.safetensors", emb, ids, None)  # no attributes, as build allows
+    table = load_item_table(tmp_path / "plain.safetensors")
+    assert torch.equal(table.ids, ids) and table.attributes[0].numel() == 0 and torch.equal(table.attributes[1], torch.zeros(41, dtype=torch.int64))
+    towers = tmp_path / "towers"
+    shutil.copytree(artifact[0].parent / "towers", towers)
+    _edit_tensor(towers, "towers.safetensors", "value_model.weights")
+    capsys.readouterr()
+    assert main(["build", "--towers", str(towers), "--items", str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "a"),
+                 "--k-candidates", "20", "--num-results", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "towers.safetensors: value_model.weights has NaN or inf values" in err and err.count("\n") == 1, err

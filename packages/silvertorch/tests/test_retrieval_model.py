@@ -1,5 +1,6 @@
 """RetrievalModel end to end against a plain PyTorch pipeline (exact filters, fp32 brute force)."""
 
+import copy
 import inspect
 import json
 
@@ -307,6 +308,14 @@ def test_per_request_value_weights_change_ranking():
     assert torch.allclose(a.scores[1], a.task_probs[1, :, 2]) and torch.allclose(b.scores[1], b.task_probs[1, :, 0])
 
 
+@pytest.mark.parametrize("weights", [[3e38, 3e38], [-3e38, -3e38], [[1.0, 0.5], [3e38, -3e38]], [1e39, 0.0]])
+def test_value_weights_that_would_overflow_the_scores_are_refused(weights):
+    """Finite weights whose scores overflow float32 made every result id -1 (inf is taken for missing)."""
+    with pytest.raises(ValueError, match="value_weights must be finite numbers whose absolute values sum to at most"):
+        MODEL.retrieve(torch.tensor([[1], [2]]), None, weights)
+    assert (MODEL.retrieve(torch.tensor([[1], [2]]), None, [1.7e38, 1.7e38]).ids >= 0).all()  # the bound itself is served
+
+
 def test_fresh_items_appear_and_deleted_items_vanish():
     model = _model(k_candidates=10)  # every ANN candidate is returned, so the ANN stage decides
     users = torch.tensor([[7]])
@@ -368,17 +377,75 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
                         # would test other rows and silently lose true matches
                         (lambda c: c.update(bloom_k=c["bloom_k"] + 1), "do not follow from k="),
                         (lambda c: c.update(bloom_k=c["bloom_k"] - 1), "do not follow from k="),
-                        (lambda c: c.update(bloom_multiplier=c["bloom_multiplier"] * 2), "do not follow from k=")):
+                        (lambda c: c.update(bloom_multiplier=c["bloom_multiplier"] * 2), "do not follow from k="),
+                        # the entry named, not a RuntimeError from torch or a message reading "version 1 ... reads version 1"
+                        (lambda c: c["overarch"].update(hidden=[-1]), r"config.json entry 'overarch' is not valid \(hidden\[0\] must be an int >= 1"),
+                        (lambda c: c["value_model"].update(num_tasks=2.0), "entry 'value_model' is not valid .*num_tasks must be an int"),
+                        (lambda c: c.update(format_version="1"), r"format version '1' \(str\) is not supported")):
         edited = json.loads(json.dumps(cfg))
         edit(edited)
         (tmp_path / "a" / "config.json").write_text(json.dumps(edited))
         with pytest.raises(ValueError, match=match):
             RetrievalModel.load(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text("[1]")  # JSON, but not an object
+    with pytest.raises(ValueError, match="config.json must hold a JSON object, got list"):
+        RetrievalModel.load(tmp_path / "a")
     # Bloom bits from another build of the same shape
     model.bloom_bits.copy_(model.bloom_bits.roll(1, 0))
     model.save(tmp_path / "b")
     with pytest.raises(ValueError, match="Bloom index does not match the items' attributes: .* sampled terms are missing"):
         RetrievalModel.load(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name, value", [("overarch.mlp.0.weight", float("nan")), ("value_model.weights", float("inf")),
+                                         ("user_tower.tables.0.weight", float("nan")), ("item_embeddings", float("nan")),
+                                         ("value_model.weights", 3e38)])  # finite, but the scores overflow
+def test_non_finite_weights_are_refused_at_load_and_build(tmp_path, name, value):
+    """NaN or inf weights (a diverged training run, a damaged file) loaded and built: every query then
+    answered ids -1. Refused, naming the tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    MODEL.save(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[:2] = value
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=rf"model.safetensors: {name.replace('.', '[.]')} (has NaN or inf|must be finite numbers)"):
+        RetrievalModel.load(tmp_path / "m")
+    if name == "item_embeddings":
+        return
+    prefix = name.split(".")[0]
+    modules = {"user_tower": TOWER, "overarch": OVERARCH, "value_model": VALUE}
+    modules[prefix] = copy.deepcopy(modules[prefix])
+    with torch.no_grad():
+        dict(modules[prefix].named_parameters(), **dict(modules[prefix].named_buffers()))[name[len(prefix) + 1 :]].view(-1)[:2] = value
+    with pytest.raises(ValueError, match=rf"^{name.replace('.', '[.]')} (has NaN or inf|must be finite numbers)"):
+        RetrievalModel.build(modules["user_tower"], modules["overarch"], modules["value_model"], EMB, IDS, ATTRS, SCHEMA, n_clusters=12)
+
+
+@pytest.mark.parametrize("rows, bad_row, match", [(N, 7, "item_dense must be finite"), (N + 5, None, r"item_dense must be \[num_items=2500, F\]"),
+                                                  (N - 5, None, r"item_dense must be \[num_items=2500, F\]")])
+def test_build_checks_dense_item_features(rows, bad_row, match):
+    """A NaN row dropped its item silently; extra rows were dropped, missing ones an IndexError."""
+    dense = torch.randn(rows, 3, dtype=torch.float64)
+    if bad_row is not None:
+        dense[bad_row, 1] = 1e39  # finite in float64, inf in the model's float32
+    with pytest.raises(ValueError, match=match):
+        RetrievalModel.build(TOWER, OverArch(D, 2, [16], dense_dim=3), VALUE, EMB, IDS, ATTRS, SCHEMA, n_clusters=12, item_dense=dense)
+
+
+def test_float_features_take_the_user_towers_dtype():
+    """A tower without input_spec: float64 features for a float32 tower failed in its matmul; a number
+    past float32's range is refused, not turned into inf (which answered ids -1)."""
+    torch.manual_seed(0)
+    model = RetrievalModel.build(torch.nn.Linear(4, D), OVERARCH, VALUE, EMB[:300], IDS[:300], n_clusters=4, k_candidates=50)
+    users = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(model.retrieve(users).ids, model.retrieve(users.float()).ids)
+    users[1, 2] = 1e39
+    with pytest.raises(ValueError, match=r"user_features: a number is out of range \(the user tower takes torch.float32\)"):
+        model.retrieve(users)
 
 
 def test_export_round_trip(tmp_path):
@@ -478,8 +545,15 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="the items have 2 dense features, the OverArch reads none"):
         RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, ATTRS, SCHEMA, n_clusters=12, item_dense=torch.zeros(N, 2))
     learned = RetrievalModel.build(TOWER, OVERARCH, ValueModel(2, learned=True), EMB, IDS, ATTRS, SCHEMA, n_clusters=12)
+
+    def no_forward(*args):
+        raise AssertionError("the forward ran before value_weights were refused")
+
+    learned.forward = no_forward  # refused before any kernel runs
     with pytest.raises(ValueError, match="value_weights: this Value Model is learned"):
         learned.retrieve(users, None, [1.0, 0.0])
+    with pytest.raises(ValueError, match="user_features must be real numbers, got torch.bool"):  # True was user 1
+        MODEL.retrieve(torch.tensor([[True]]))
     # values a cast would change (fractions, huge floats) and malformed jagged attributes are named,
     # and a refused add_items writes nothing
     with pytest.raises(ValueError, match=r"user_features\[0, 0\] = 1e\+300 is out of range"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from silvertorch import OverArch, scoring
+from silvertorch import OverArch, ValueModel, scoring
 
 
 @pytest.mark.parametrize("hidden", [[], [16, 8]])
@@ -47,3 +47,51 @@ def test_overarch_chunks_broadcast_users(monkeypatch):
 def test_overarch_needs_its_dense_features():
     with pytest.raises(ValueError, match="dense_dim=3"):
         OverArch(4, 2, [8], dense_dim=3)(torch.randn(2, 4), torch.randn(2, 5, 4))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: OverArch(16, 2.0), "num_tasks must be an int, got float 2.0"),
+    (lambda: OverArch(16.0, 2), "dim must be an int, got float"),
+    (lambda: OverArch(16, 2, [0]), r"hidden\[0\] must be an int >= 1, got 0"),
+    (lambda: OverArch(16, 2, [8, -3]), r"hidden\[1\] must be an int >= 1, got -3"),
+    (lambda: OverArch(16, 2, 8), "hidden must be a list of layer widths"),
+    (lambda: OverArch(16, 2, dense_dim=-1), "dense_dim must be an int >= 0"),
+    (lambda: ValueModel(2, hidden=0), "hidden must be an int >= 1"),
+])
+def test_sizes_must_be_integers_in_range(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("user, items, dense, match", [
+    ((3, 15), (3, 7, 16), None, r"user must be \[\.\.\., 16\] or \[\.\.\., K, 16\] .* got \(3, 15\)"),
+    ((3, 16), (3, 7, 15), None, r"items must be \[\.\.\., K, 16\] .* got \(3, 7, 15\)"),
+    ((3, 16), (3, 7, 16), (3, 7, 5), "dense_dim=0; leave dense out"),  # it was ignored
+])
+def test_overarch_refuses_inputs_of_other_widths(user, items, dense, match):
+    arch = OverArch(16, 2, [8])
+    with pytest.raises(ValueError, match=match):
+        arch(torch.randn(user), torch.randn(items), None if dense is None else torch.randn(dense))
+
+
+@pytest.mark.parametrize("weights, match", [
+    ([[1.0], [2.0], [3.0]], r"value_weights must be \[2\] or \[3, 2\] \(one weight per task\), got \[3, 1\]"),  # was broadcast
+    ([1.0, 2.0, 3.0], r"got \[3\]"),
+    ([float("nan"), 1.0], "value_weights must be finite numbers"),
+    ([3e38, 3e38], "absolute values sum to at most 3.403e"),  # finite, but the scores overflow to inf
+    ([[1.0, 0.0], [1.0, 0.0], [-3e38, -3e38]], "absolute values sum to at most"),
+])
+def test_value_model_checks_per_request_weights(weights, match):
+    logits = torch.randn(3, 7, 2)
+    with pytest.raises(ValueError, match=match):
+        ValueModel(2, [1.0, 0.5])(logits, torch.tensor(weights))
+
+
+def test_value_model_weights_keep_scores_finite():
+    for weights in ([float("nan"), 1.0], [3e38, 3e38], [1e39, 0.0]):
+        with pytest.raises(ValueError, match="weights must be finite numbers whose absolute values sum to at most"):
+            ValueModel(2, weights)
+    logits = torch.full((1, 4, 2), 30.0)  # probabilities 1: the largest score the weights allow
+    assert torch.isfinite(ValueModel(2, [1.7e38, 1.7e38])(logits)).all()
+    with pytest.raises(ValueError, match="this Value Model is learned"):
+        ValueModel(2, learned=True)(logits, torch.ones(2))

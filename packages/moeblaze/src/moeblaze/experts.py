@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukernels_common import env, grouped_blocks, select_backend, tracing
+from gpukernels_common import Backend, env, grouped_blocks, select_backend, tracing
 
 from .dispatch import _dispatch_unchecked
 from .naive import ACTIVATIONS, activate
@@ -354,7 +354,12 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     x, w_gate, w_up, w_down = _autocast(x, w_gate, w_up, w_down)
     check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation, checkpoint, w_gate.shape[0] if w_gate.dim() == 3 else 0)
     n_experts = w_gate.shape[0]
-    use_triton = select_backend(x).uses_triton
+    backend = select_backend(x)
+    if backend is Backend.INTERPRET and tracing():  # Dynamo would trace into the interpreter and fail obscurely
+        raise RuntimeError("torch.compile / torch.export of moeblaze's experts on the Triton interpreter backend "
+                           "(TRITON_INTERPRET=1 on CPU tensors) is not supported: set GKC_BACKEND=reference to trace "
+                           "on the CPU, or compile on a GPU")
+    use_triton = backend.uses_triton
     if use_triton and x.dtype == torch.float64:  # the kernels accumulate in fp32: float64 would be silently fp32
         raise ValueError("x is float64, which the Triton kernels do not support (they compute in fp32); "
                          "run float64 (e.g. gradcheck) with GKC_BACKEND=reference")

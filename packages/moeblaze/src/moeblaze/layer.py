@@ -8,11 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from gpukernels_common.checks import check_sizes
 
 from .experts import CHECKPOINTS, moe_experts
 from .naive import ACTIVATIONS
 from .parallel import expert_parallel_experts, local_expert_count
-from .router import Router, check_capacity_factor, check_score, check_sizes, check_top_k
+from .router import Router, check_capacity_factor, check_score, check_top_k
 
 
 class MoE(nn.Module):
@@ -32,7 +35,8 @@ class MoE(nn.Module):
     experts are sharded over its ranks: this rank's w_gate/w_up/w_down hold experts
     [rank * E_local, (rank + 1) * E_local), E_local = n_experts / group size, and tokens reach
     them through `expert_parallel_experts`. The router and shared experts stay replicated
-    (all-reduce their gradients as for any data-parallel parameter; never the expert weights').
+    (all-reduce their gradients as for any data-parallel parameter; never the expert weights':
+    under DistributedDataParallel call `prepare_ddp(model)` before wrapping).
     The capacity then applies per rank, to this rank's tokens; `self.last_traffic` holds the
     rows this rank sent in the last forward (see `expert_parallel_experts`).
     """
@@ -144,3 +148,44 @@ class _SharedExpert(nn.Module):
     def forward(self, x):
         a, b = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(a) * b)
+
+
+#: the routed experts' parameters, which an expert-parallel MoE shards over its group
+EXPERT_PARAMETERS = ("w_gate", "w_up", "w_down")
+
+
+def prepare_ddp(model: nn.Module) -> list[str]:
+    """Make `model`'s expert-parallel MoE layers (`expert_group=`) work under
+    DistributedDataParallel; call it before wrapping `model`. Returns the qualified names it set.
+
+    Each rank holds different experts, so DDP must leave their shards alone: it would broadcast
+    rank 0's experts over the others at construction and average different experts' gradients.
+    Their names go on DDP's ignore list (`DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`,
+    added to any names already there). Their gradients already sum every rank's tokens (the
+    all-to-all's backward); DDP divides the replicated parameters' by the world size, so a hook
+    divides the experts' by the group size too: every gradient is then of the ranks' mean loss,
+    as one process on the global batch. The expert group must span DDP's ranks (experts
+    replicated over several expert groups would need a reduction over the replicas: not supported).
+    """
+    names = []
+    for prefix, module in model.named_modules():
+        if not isinstance(module, MoE) or module.expert_group is None:
+            continue
+        group_size = dist.get_world_size(module.expert_group)
+        if group_size != dist.get_world_size():
+            raise ValueError(f"prepare_ddp: the MoE {prefix or 'model'!r} shards its experts over {group_size} of "
+                             f"{dist.get_world_size()} ranks; its expert_group must span all the ranks DDP runs on "
+                             f"(experts replicated over several groups are not supported)")
+        for name in EXPERT_PARAMETERS:
+            param = getattr(module, name)
+            if param is None:
+                continue
+            names.append(f"{prefix}.{name}" if prefix else name)
+            if not getattr(param, "_moeblaze_ddp_scaled", False):  # once, also if called again
+                param.register_hook(lambda grad, n=group_size: grad / n)
+                param._moeblaze_ddp_scaled = True
+    if not names:
+        raise ValueError("prepare_ddp: the model has no MoE with expert_group= (a data-parallel MoE needs nothing)")
+    ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", ())
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted({*ignored, *names}))
+    return names

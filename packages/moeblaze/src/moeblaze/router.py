@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gpukernels_common import tracing
+from gpukernels_common.checks import check_sizes
 
 SCORES = ("softmax", "sigmoid")
 
@@ -32,14 +33,6 @@ def expert_capacity(tokens: int, top_k: int, n_experts: int, capacity_factor: fl
     factor = Fraction(repr(float(capacity_factor)))  # the float's shortest decimal form
     num, den = factor.numerator * top_k, factor.denominator * n_experts
     return max(1, -((-num * tokens) // den))  # integer ceil (tokens may be a symbolic size when traced)
-
-
-def check_sizes(minimum: int = 1, **sizes) -> None:
-    """Each size an int >= minimum (construction-time checks: a 0 or float size would fail later
-    with an unrelated error, e.g. a ZeroDivisionError in the initialisation)."""
-    for name, value in sizes.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_top_k(top_k, n_experts: int) -> None:

@@ -112,6 +112,9 @@ class Balancer(nn.Module, abc.ABC):
     uses_norms_only = False
     #: whether `coefficients` expects the mean per-sample norm rather than the batch norm
     per_sample_norms = False
+    #: per task, the lower bound L_t must stay above (balancers that take log(L_t - min_loss), as
+    #: FAMO and DBMTL: their `min_losses=` option); None: any finite loss is accepted
+    min_losses: list[float] | None = None
     #: buffers sized on first use ([..., T]): `load_state_dict` gives them the checkpoint's shape
     _sized_on_first_use: tuple[str, ...] = ()
 
@@ -125,14 +128,7 @@ class Balancer(nn.Module, abc.ABC):
         if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"task_names must be distinct non-empty strings, got {task_names!r}")
         self.task_names = names
-        weights = dict(weights or {})
-        unknown = set(weights) - set(names)
-        if unknown:
-            raise ValueError(f"weights names unknown tasks {sorted(unknown)}; tasks are {names}")
-        bad = {n: w for n, w in weights.items() if not math.isfinite(float(w))}
-        if bad:
-            raise ValueError(f"weights must be finite numbers, got {bad}")
-        self.register_buffer("static_weights", torch.tensor([float(weights.get(n, 1.0)) for n in names]))
+        self.register_buffer("static_weights", torch.tensor(self._per_task_floats("weights", weights, 1.0)))
         self.shared_parameters = list(shared_parameters) if shared_parameters is not None else None
         self.process_group = process_group
         self._reps: list[torch.Tensor] = []
@@ -140,6 +136,25 @@ class Balancer(nn.Module, abc.ABC):
         self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
         self._static: tuple | None = None  # (tensor, version, derived): see `_static_state`
         self._wiring_checked = False  # see `_check_reads_representation`
+
+    def _per_task_floats(self, arg: str, values, default: float) -> list[float]:
+        """A mapping from task name to a finite float (`weights=`, `min_losses=`), as one float per
+        task in task order (`default` for the tasks it leaves out)."""
+        if values is None:
+            return [default] * self.num_tasks
+        if not isinstance(values, Mapping):  # a list or tensor would be matched to tasks by position, silently
+            raise ValueError(f"{arg} must be a mapping from task name to a float (e.g. {{{self.task_names[0]!r}: 1.0}}), "
+                             f"got {type(values).__name__}")
+        unknown = set(values) - set(self.task_names)
+        if unknown:
+            raise ValueError(f"{arg} names unknown tasks {sorted(unknown)}; tasks are {self.task_names}")
+        try:
+            floats = {n: float(v) for n, v in values.items()}
+        except (TypeError, ValueError):
+            floats = {}
+        if len(floats) != len(values) or not all(math.isfinite(v) for v in floats.values()):
+            raise ValueError(f"{arg} must be finite numbers, got {dict(values)}")
+        return [floats.get(n, default) for n in self.task_names]
 
     @property
     def num_tasks(self) -> int:
@@ -187,14 +202,29 @@ class Balancer(nn.Module, abc.ABC):
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"loss {name!r} must be a scalar tensor (0-d, e.g. a mean over the batch), got {got}")
-        # one device read for all tasks (a read per loss would wait for a GPU once per task)
+        # finite, and above the lower bounds of balancers that take log(L - min_loss): one device
+        # read for all tasks (a read per loss would wait for a GPU once per task)
+        floors = self.min_losses
+
+        def valid(values: torch.Tensor, floor) -> torch.Tensor:
+            ok = torch.isfinite(values)
+            return ok if floor is None else ok & (values > torch.as_tensor(floor, dtype=values.dtype, device=values.device))
+
         if len({loss.device for loss in out}) == 1:
-            finite = bool(torch.isfinite(torch.stack([loss.detach().float() for loss in out])).all())
+            good = bool(valid(torch.stack([loss.detach().double() for loss in out]), floors).all())
         else:
-            finite = all(bool(torch.isfinite(loss.detach())) for loss in out)
-        if not finite:
-            name, loss = next((n, x) for n, x in zip(self.task_names, out) if not torch.isfinite(x.detach()))
-            raise ValueError(f"loss {name!r} is not finite ({loss.item()})")
+            good = all(bool(valid(loss.detach().double(), None if floors is None else floors[t])) for t, loss in enumerate(out))
+        if not good:
+            for t, (name, loss) in enumerate(zip(self.task_names, out)):
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise ValueError(f"loss {name!r} is not finite ({value})")
+                if floors is not None and not value > floors[t]:
+                    raise ValueError(
+                        f"loss {name!r} is {value}, not above its lower bound min_losses[{name!r}] = {floors[t]}: "
+                        f"{type(self).__name__} works on log(L - min_loss), defined only for L > min_loss; pass "
+                        f"min_losses={{{name!r}: m}} with m a bound the loss stays above (e.g. its known minimum "
+                        f"minus a small margin)")
         return out
 
     def _task_grads(self, losses: list[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[bool]]:
@@ -313,7 +343,7 @@ class Balancer(nn.Module, abc.ABC):
         self._wiring_checked = True
 
     # -- the step ----------------------------------------------------------------------
-    def backward(self, losses, *, scaler=None) -> TaskScales:
+    def backward(self, losses, *, scaler=None, aux_loss: torch.Tensor | None = None) -> TaskScales:
         """Balance and run the backward. Returns this step's per-task scale factors (for logging;
         read from the device only when looked at).
 
@@ -329,29 +359,48 @@ class Balancer(nn.Module, abc.ABC):
         scaled losses (`scaler.scale`), norms are divided by the scale before they enter any
         running statistic, and a step whose gradients overflow (which the scaler skips) leaves
         the running statistics as they were.
+
+        `aux_loss`: a 0-d loss of the shared bottom alone (a regulariser such as an MoE layer's
+        load-balancing loss), added to the objective unbalanced: its gradient joins the bottom's
+        one backward (one gradient per parameter, as DDP needs). Adding it to a task's loss instead
+        is refused (the head's backward would run into the bottom).
         """
         if not self._reps:
             raise RuntimeError("call attach() on the shared representation before backward()")
         reps = self._reps
         try:  # this step's attachments end here, also when a check below refuses the losses
             losses = self._ordered_losses(losses)
+            if aux_loss is not None and not (isinstance(aux_loss, torch.Tensor) and aux_loss.dim() == 0
+                                             and aux_loss.requires_grad):
+                got = (f"shape {tuple(aux_loss.shape)}, requires_grad={aux_loss.requires_grad}"
+                       if isinstance(aux_loss, torch.Tensor) else type(aux_loss).__name__)
+                raise ValueError(f"aux_loss must be a scalar tensor (0-d) that requires grad, got {got}")
             self._check_distributed()
             scale = None
             if scaler is not None and scaler.is_enabled():
                 # through `scaler.scale`, which creates the scale on first use (`scaler.step` needs
                 # it); the scale stays on the device (`get_scale()` would wait for it)
                 scale = scaler.scale(torch.ones((), device=reps[0].device))
-            scaled = losses if scale is None else [scaler.scale(loss) for loss in losses]
-            self._balanced_backward(reps, scaled, losses, scale)
+            differentiated = self._differentiated_losses(losses)
+            scaled = differentiated if scale is None else [scaler.scale(loss) for loss in differentiated]
+            aux = aux_loss if scale is None or aux_loss is None else scaler.scale(aux_loss)
+            self._balanced_backward(reps, scaled, losses, scale, aux)
         finally:
             self._reps, self._leaves = [], []
         return TaskScales(self.task_names, self._step_scales())
 
-    def _balanced_backward(self, reps, scaled, losses, scale):
+    def _differentiated_losses(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The losses whose gradients the heads and the task gradients are taken of (DBMTL: of
+        their logs); the losses themselves by default."""
+        return losses
+
+    def _balanced_backward(self, reps, scaled, losses, scale, aux=None):
+        """`aux`: the (scaled) aux_loss or None, joined to the bottom's one backward."""
         if not self.needs_task_grads:
             self._check_reads_representation(losses, reps)
             total = self.total_loss(losses)
-            (total if scale is None else total * scale.to(total.device)).backward()
+            total = total if scale is None else total * scale.to(total.device)
+            (total if aux is None else total + aux).backward()
             return
         if not self.parameter_level and self.uses_norms_only and 0.0 not in self.static_weight_list():
             # the factored path never forms the leaves' gradients: hooks a user put on them
@@ -370,7 +419,7 @@ class Balancer(nn.Module, abc.ABC):
                 if not started:
                     raise RuntimeError("a head's first linear layer did not run in the heads' backward: its factors are missing")
                 combined = self._factored_finish(*started.pop())
-                self._bottom_backward(reps, combined, scaled)
+                self._bottom_backward(reps, combined, scaled, aux)
                 return
         fused = not self.parameter_level and not self._data_parallel()
         self.last_path = "general"
@@ -381,11 +430,13 @@ class Balancer(nn.Module, abc.ABC):
         if scale is not None:
             combined = [g * scale for g in combined]
         if fused:
-            self._bottom_backward(reps, combined, scaled)
+            self._bottom_backward(reps, combined, scaled, aux)
             return
         head_total = weighted_loss(scaled, self.static_weight_list())
         if self.parameter_level:
             # heads (and a throwaway shared gradient) from one backward; then replace the shared grads
+            if aux is not None:  # kept in `before`: the shared gradients below are replaced
+                aux.backward(retain_graph=True)
             before = [None if p.grad is None else p.grad.clone() for p in self.shared_parameters]
             head_total.backward()
             for p, b, g, used in zip(self.shared_parameters, before, combined, reached):
@@ -393,12 +444,16 @@ class Balancer(nn.Module, abc.ABC):
                 # optimizers skip (a zero would still move it under weight decay)
                 p.grad = (g.to(p.dtype) if b is None else b + g.to(p.dtype)) if used else b
         else:
-            torch.autograd.backward([head_total] + reps, [None] + [g.to(r.dtype) for g, r in zip(combined, reps)])
+            extra = [] if aux is None else [aux]
+            torch.autograd.backward([head_total] + reps + extra,
+                                    [None] + [g.to(r.dtype) for g, r in zip(combined, reps)] + [None] * len(extra))
 
-    def _bottom_backward(self, reps, combined, losses):
-        """The one backward through the shared bottom, of the combined representation gradients."""
+    def _bottom_backward(self, reps, combined, losses, aux=None):
+        """The one backward through the shared bottom, of the combined representation gradients
+        (and of `aux`, the aux_loss, if any)."""
+        extra = [] if aux is None else [aux]
         try:
-            torch.autograd.backward(reps, [g.to(r.dtype) for g, r in zip(combined, reps)])
+            torch.autograd.backward(reps + extra, [g.to(r.dtype) for g, r in zip(combined, reps)] + [None] * len(extra))
         except RuntimeError as error:
             # the heads' backward went into the bottom (and freed its graph) through a tensor
             # other than the attached representations: name the task (on this error path only)
@@ -407,7 +462,9 @@ class Balancer(nn.Module, abc.ABC):
                 raise
             raise ValueError(f"loss {name!r} reads a tensor of the shared bottom other than what attach() returned: "
                              f"heads may read only what attach() returned (attach every shared tensor a head reads, "
-                             f"e.g. `rep, wide = balancer.attach(z, wide)`)") from error
+                             f"e.g. `rep, wide = balancer.attach(z, wide)`); a loss of the bottom alone (a regulariser such "
+                             f"as an MoE layer's aux_loss) goes to `balancer.backward(losses, aux_loss=aux)`, not into "
+                             f"a task's loss") from error
 
     def _task_reading_bottom(self, reps, losses) -> str | None:
         """The first task whose loss graph meets the graph of the representations below them."""
@@ -441,7 +498,8 @@ class Balancer(nn.Module, abc.ABC):
         per_rep = [factored.stack_factors([deltas[t][j] for t in range(n_tasks)],
                                           [None if row[j] is None else row[j].weight for row in consumers], unscale)
                    for j in range(len(self._leaves))]
-        sums = [factored.task_norm_sums(f, n_tasks, self.per_sample_norms, device, leaf.shape[0])
+        sums = [factored.task_norm_sums(f, n_tasks, self.per_sample_norms, device, leaf.shape[0],
+                                        factored.compute_dtype(leaf.dtype))
                 for f, leaf in zip(per_rep, self._leaves)]
         sums = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)
         # the factors carry the static weight: the norms are of the plain loss. Device tensors
@@ -451,7 +509,8 @@ class Balancer(nn.Module, abc.ABC):
         unweight = None if unit else self.static_weights_on(device).reciprocal()
         own = None if unit else unweight.abs()
         if self.per_sample_norms:
-            rows = torch.stack([torch.full((n_tasks,), float(leaf.shape[0]), device=device) for leaf in self._leaves])
+            rows = torch.stack([torch.full((n_tasks,), float(leaf.shape[0]), dtype=sums.dtype, device=device)
+                                for leaf in self._leaves])
             norms = self._reduce_norms(sums if unit else sums * own, rows)
         else:
             norms = self._reduce_norms(sums if unit else sums * (own * own))

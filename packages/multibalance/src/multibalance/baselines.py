@@ -32,10 +32,12 @@ def _finite(new: torch.Tensor, old: torch.Tensor, norms: torch.Tensor) -> torch.
 
 
 def _global_losses(bal: Balancer, losses) -> torch.Tensor:
-    """[T] float64 loss values on the host; under torch.distributed their mean over the ranks (the
+    """[T] float64 loss values on the (first) loss's device, where the balancer's state and the
+    gradients are (and NCCL all-reduces); under torch.distributed their mean over the ranks (the
     loss of the global batch for per-rank mean losses, the objective DDP's averaged gradients
     descend), the same on every rank."""
-    vals = torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
+    device = losses[0].device
+    vals = torch.stack([x.detach().to(device, torch.float64) for x in losses])
     world = bal._world_size()
     return vals if world == 1 else bal._global_sum(vals) / world
 
@@ -102,6 +104,9 @@ class UncertaintyWeighting(Balancer):
 
 class GradNorm(Balancer):
     """Chen et al. 2018, on the representation gradient.
+
+    The heads get grad L_t, not w_t grad L_t (as LibMTL's representation-gradient variant; the
+    paper trains every parameter on sum_t w_t L_t).
 
     G_t = w_t*||g_t||; target_t = mean(G) * r_t^alpha with r_t = (L_t/L_t(0)) / mean(L/L(0)).
     The combined gradient uses the current weights (what `backward` returns); then
@@ -277,30 +282,43 @@ class DBMTL(Balancer):
     """DB-MTL (Lin et al. 2023), on the representation: log-transformed losses, then each task's
     gradient scaled to the largest moving-average gradient norm.
 
-    The gradient of log L_t is g_t/L_t; with m_t the EMA of ||g_t/L_t||, the combined gradient is
+    Every parameter trains on log(L_t - min_loss_t + eps) (as the official LibMTL DB_MTL does), so
+    the heads get grad L_t / (L_t - min_loss_t + eps), and so does the representation: g_t / L_t
+    for short. With m_t the EMA of ||g_t/L_t||, the shared bottom gets
     sum_t (max_k m_k / m_t) * g_t/L_t. (The original keeps an EMA of parameter gradients; on a
-    representation whose batch changes every step we average its norm instead.) `backward`
-    returns the factor on each task's gradient, (max_k m_k / m_t) / L_t; a non-finite norm (an
-    overflowing GradScaler step) is not averaged in.
+    representation whose batch changes every step we average its norm instead.) `min_losses`
+    (task -> lower bound, default 0) must lie below the losses: `backward` refuses a loss <= its
+    bound (the log is undefined there). `backward` returns the factor on each task's gradient,
+    (max_k m_k / m_t) / L_t; a non-finite norm (an overflowing GradScaler step) is not averaged in.
     """
 
     _sized_on_first_use = ("ema",)
 
-    def __init__(self, task_names: Sequence[str], *, beta: float = 0.9, eps: float = 1e-8, **kw):
+    def __init__(self, task_names: Sequence[str], *, beta: float = 0.9, eps: float = 1e-8,
+                 min_losses: Mapping[str, float] | None = None, **kw):
         super().__init__(task_names, **kw)
         self.beta, self.eps = beta, eps
+        self.min_losses = self._per_task_floats("min_losses", min_losses, 0.0)
         self.register_buffer("ema", torch.zeros(0, dtype=torch.float64))
         self._applied: torch.Tensor | None = None
+        self._log_denominators: torch.Tensor | None = None  # this step's L_t - min_loss_t + eps
+
+    def _differentiated_losses(self, losses):
+        # log(L - m + eps) through its gradient, grad L / (L - m + eps), with the loss values of
+        # the global batch under torch.distributed (see _global_losses): DDP's average of the ranks'
+        # head gradients is then one process's
+        lvals = _global_losses(self, losses)
+        lvals = lvals - torch.tensor(self.min_losses, dtype=torch.float64, device=lvals.device) + self.eps
+        self._log_denominators = lvals
+        return [loss / v.to(loss.dtype) for loss, v in zip(losses, lvals.unbind())]  # v: a constant of the backward
 
     def combine(self, grads, losses):
-        # the gradient of log L_t is g_t / L_t; loss values and norms of the global batch under
-        # torch.distributed (see _global_losses, _global_norms), the same on every rank
-        lvals = _global_losses(self, losses) + self.eps
-        norms = _global_norms(self, grads) / lvals
+        # the grads are already those of the log losses (see _differentiated_losses)
+        norms = _global_norms(self, grads)
         self.ema = running_average(self.ema, norms, self.beta)
         scale = self.ema.max() / self.ema.clamp_min(1e-30)
-        self._applied = scale / lvals
-        return self.weighted_sums(grads, self._applied * self.static_weights.double())
+        self._applied = scale / self._log_denominators.to(scale.device)
+        return self.weighted_sums(grads, scale * self.static_weights.double())
 
     def _step_scales(self):
         return self._applied
@@ -317,6 +335,10 @@ class FAMO(Balancer):
     J_softmax(xi)^T delta. Defaults as the official code: lr 0.025, gamma 0.01. Under
     torch.distributed the loss values are averaged over the ranks, so every rank keeps the same
     logits. `backward` returns the c_t it used.
+
+    L_t stands for L_t - min_loss_t throughout (`min_losses`, task -> lower bound, default 0, as the
+    official code's): `backward` and `update` refuse a loss <= its bound. The official code's
+    clipping of the shared gradients to norm 1.0 is left to the caller.
     """
 
     needs_task_grads = False
@@ -324,9 +346,12 @@ class FAMO(Balancer):
     #: Adam's defaults (torch.optim.Adam)
     adam_betas, adam_eps = (0.9, 0.999), 1e-8
 
-    def __init__(self, task_names: Sequence[str], *, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8, **kw):
+    def __init__(self, task_names: Sequence[str], *, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8,
+                 min_losses: Mapping[str, float] | None = None, **kw):
         super().__init__(task_names, **kw)
         self.lr, self.gamma, self.eps = lr, gamma, eps
+        self.min_losses = self._per_task_floats("min_losses", min_losses, 0.0)
+        self._floors = torch.tensor(self.min_losses, dtype=torch.float64)
         n = len(self.task_names)
         self.register_buffer("logits", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("prev_losses", torch.zeros(0, dtype=torch.float64))
@@ -337,18 +362,18 @@ class FAMO(Balancer):
 
     def weights(self, loss_values: torch.Tensor) -> torch.Tensor:
         z = torch.softmax(self.logits, 0)
-        c = z / (loss_values + self.eps)
+        c = z / (loss_values - self._floors.to(loss_values.device) + self.eps)
         return c / c.sum()
 
     def total_loss(self, losses):
-        vals = _global_losses(self, losses)
+        vals = _global_losses(self, losses).to(self.logits.device)
         self.prev_losses = vals
         self._applied = self.weights(vals)
         c = self._applied * self.static_weights.double()
         return sum(float(c[t]) * loss for t, loss in enumerate(losses))
 
     def combine(self, grads, losses):
-        c = self._applied = self.weights(_global_losses(self, losses))
+        c = self._applied = self.weights(_global_losses(self, losses).to(self.logits.device))
         return self.weighted_sums(grads, c)
 
     def _step_scales(self):
@@ -357,8 +382,9 @@ class FAMO(Balancer):
     def update(self, new_losses) -> None:
         if self.prev_losses.numel() == 0:
             raise RuntimeError("FAMO.update() needs a backward() first")
-        new = _global_losses(self, self._ordered_losses(new_losses))
-        delta = (self.prev_losses + self.eps).log() - (new + self.eps).log()
+        new = _global_losses(self, self._ordered_losses(new_losses)).to(self.logits.device)
+        floors = self._floors.to(new.device)
+        delta = (self.prev_losses - floors + self.eps).log() - (new - floors + self.eps).log()
         z = torch.softmax(self.logits, 0)
         grad = z * (delta - (z * delta).sum())  # J^T delta for J = diag(z) - z z^T
         # torch.optim.Adam's step (weight decay as an L2 term on the gradient)

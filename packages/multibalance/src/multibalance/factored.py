@@ -213,10 +213,16 @@ def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, p
     return deltas
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What norms and combinations are computed in: fp32 for fp32 and narrower gradients,
+    float64 for float64 ones (fp32 would cost them 1e-7 relative error)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 @dataclasses.dataclass
 class Factors:
     """One representation's factors over the tasks that read it: d side by side, [B, sum h_t],
-    and the weights [sum h_t, D], both fp32; `widths` the h_t."""
+    and the weights [sum h_t, D], both in `compute_dtype` of the gradients'; `widths` the h_t."""
 
     present: list[int]
     left: torch.Tensor
@@ -231,19 +237,21 @@ def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor 
     if not present:
         return None
     ds = [deltas[t].reshape(-1, deltas[t].shape[-1]) for t in present]
-    left = torch.cat(ds, 1).float()
+    dtype = compute_dtype(ds[0].dtype)
+    left = torch.cat(ds, 1).to(dtype)
     if scale is not None:
         left.mul_(scale)
-    return Factors(present, left, torch.cat([weights[t] for t in present], 0).float(), [d.shape[1] for d in ds])
+    return Factors(present, left, torch.cat([weights[t] for t in present], 0).to(dtype), [d.shape[1] for d in ds])
 
 
-def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, samples: int = 1) -> torch.Tensor:
+def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, samples: int = 1,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[T] for the representation gradients d_t @ W_t (0 where a task does not read it): the sum of
     squares, or (per_sample) the sum over the `samples` samples of each sample's norm (a sample's
     rows are consecutive), the local parts of the norms (see `Balancer._global_norms`). From h x h
     Gram matrices: ||d W||^2 = <d^T d, W W^T>, a row's (d_r (W W^T)) . d_r."""
-    if f is None:
-        return torch.zeros(n_tasks, device=device)
+    if f is None:  # `dtype`: that of the other representations' sums, stacked with these
+        return torch.zeros(n_tasks, dtype=dtype, device=device)
     width = f.widths[0]
     if all(w == width for w in f.widths):  # every task in one batched op
         ds = f.left.view(f.left.shape[0], len(f.widths), width).transpose(0, 1)  # [T', B, h]
@@ -269,11 +277,11 @@ def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, sa
 
 
 def combine(f: Factors | None, coeff: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """sum_t coeff[t] * d_t @ W_t as one matmul (coeff: [T] on the device), fp32, shaped like `like`;
+    """sum_t coeff[t] * d_t @ W_t as one matmul (coeff: [T] on the device), in `compute_dtype`, shaped like `like`;
     the coefficients scale the weights' rows (h x D per task), the smaller side."""
     if f is None:
-        return torch.zeros_like(like, dtype=torch.float32)
-    c = coeff if len(f.present) == coeff.numel() else torch.stack([coeff[t] for t in f.present])
+        return torch.zeros_like(like, dtype=compute_dtype(like.dtype))
+    c = (coeff if len(f.present) == coeff.numel() else torch.stack([coeff[t] for t in f.present])).to(f.right.dtype)
     if all(w == f.widths[0] for w in f.widths):
         right = (f.right.view(len(f.widths), f.widths[0], -1) * c.view(-1, 1, 1)).view(f.right.shape)
     else:

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from . import factored
 from .base import Balancer, _PendingNorms, running_average
 
 
@@ -20,7 +21,8 @@ class MultiBalance(Balancer):
       `norm="sample"`: mean over samples of each sample's gradient norm.
       Under torch.distributed both are reduced over ranks (sum of squares / sum and count),
       so every rank uses the norms of the global batch and DDP matches one process.
-    - `warmup_steps`: plain weighted sum (s = 1) for the first steps while the averages settle.
+    - `warmup_steps`: plain weighted sum (s = 1) for the first `backward` calls (micro-batches
+      under gradient accumulation) while the averages settle.
     - `norm_lag=1`: a step's norms enter the averages one step later, so its scales come from the
       averages through the previous step (the first step uses its own norms). Under
       torch.distributed the norms' sum over ranks then runs during the bottom's backward and the
@@ -63,7 +65,8 @@ class MultiBalance(Balancer):
     def _norms(self, grads: list[list[torch.Tensor]]) -> _PendingNorms:
         """[n_reps, n_tasks] gradient norms, being reduced over data-parallel ranks; no host sync."""
         n_reps = len(grads[0])
-        flat = [g if g.dtype == torch.float32 else g.float() for gt in grads for g in gt]  # task-major
+        dtype = factored.compute_dtype(grads[0][0].dtype)
+        flat = [g if g.dtype == dtype else g.to(dtype) for gt in grads for g in gt]  # task-major
         if self.norm == "batch":
             if flat[0].device.type == "cpu":  # BLAS dot: a quarter of vector_norm's time on a cached tensor
                 sums = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in flat])
@@ -73,7 +76,7 @@ class MultiBalance(Balancer):
         else:
             per = [g.reshape(g.shape[0], -1).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1) for g in flat]
         sums = torch.stack([p.sum() for p in per])
-        rows = torch.tensor([float(p.numel()) for p in per], device=sums.device)
+        rows = torch.tensor([float(p.numel()) for p in per], dtype=sums.dtype, device=sums.device)
         return self._reduce_norms(sums.view(self.num_tasks, n_reps).T, rows.view(self.num_tasks, n_reps).T)
 
     uses_norms_only = True

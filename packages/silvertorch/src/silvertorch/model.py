@@ -53,7 +53,7 @@ from .ivf.index import IVFIndex
 from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
 from .ivf.quantize import quantize_rows
-from .scoring import OverArch, ValueModel
+from .scoring import OverArch, ValueModel, check_value_weights
 from .towers import TOWERS
 
 FORMAT = "silvertorch.RetrievalModel"
@@ -155,6 +155,46 @@ def _integer_ids(ids, name: str) -> torch.Tensor:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must be integers, got {t.dtype}")
     return t.long()
+
+
+def _checked_item_ids(item_ids, n: int) -> torch.Tensor:
+    """item_ids for n items as int64 (0..n-1 when None): n distinct non-negative integers."""
+    ids = torch.arange(n) if item_ids is None else _integer_ids(item_ids, "item_ids").cpu()
+    if ids.shape != (n,) or (ids < 0).any() or torch.unique(ids).numel() != n:
+        raise ValueError(f"item_ids must be {n} distinct non-negative ids")
+    return ids
+
+
+def _checked_dense(dense, n: int, width: int | None, name: str) -> torch.Tensor:
+    """Dense item features as finite float32 [n, width] (any width >= 1 when None): a NaN row scores
+    -inf or NaN and its item silently drops out; extra rows would be dropped, missing ones fail late.
+    Checked after the float32 cast, which turns a float64 past its range into inf."""
+    t = torch.as_tensor(dense).float()
+    shape = f"[num_items={n}, {'F' if width is None else width}]"
+    if t.dim() != 2 or t.shape[0] != n or (t.shape[1] != width if width is not None else t.shape[1] < 1):
+        raise ValueError(f"{name} must be {shape} (one row per item), got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite (float32), row {int((~torch.isfinite(t)).any(1).nonzero()[0])} is not")
+    return t
+
+
+def _module_tensors(**modules: nn.Module) -> dict:
+    """The modules' parameters and buffers, named as in the model's state dict (`overarch.mlp.0.weight`)."""
+    return {f"{prefix}.{k}": v for prefix, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def check_weights(tensors: dict, where: str = "") -> None:
+    """Tensors named as in the model's state dict: every floating one finite, and the Value Model's
+    fixed weights within `check_value_weights`' bound; one pass at build and at load. A NaN or an
+    overflow would make every score non-finite: every query would answer ids -1, the server a 200."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{where}{name} has NaN or inf values")
+    if (w := tensors.get("value_model.weights")) is not None:
+        try:
+            check_value_weights(w, w.shape[-1], "value_model.weights")
+        except ValueError as err:
+            raise ValueError(f"{where}{err}") from None
 
 
 def _checked_attributes(attributes, n: int):
@@ -272,14 +312,14 @@ class RetrievalModel(nn.Module):
         """
         step = progress or (lambda name: None)
         _check_bloom_k(bloom_k)
+        check_weights(_module_tensors(user_tower=user_tower, overarch=overarch, value_model=value_model))
         emb = torch.as_tensor(item_embeddings).detach().float().cpu()
         if emb.dim() != 2 or emb.shape[0] < 1:
             raise ValueError(f"item_embeddings must be [num_items >= 1, dim], got {tuple(emb.shape)}")
         n, d = emb.shape
-        ids = torch.arange(n) if item_ids is None else _integer_ids(item_ids, "item_ids").cpu()
-        if ids.shape != (n,) or (ids < 0).any() or torch.unique(ids).numel() != n:
-            raise ValueError(f"item_ids must be {n} distinct non-negative ids")
+        ids = _checked_item_ids(item_ids, n)
         fids, offsets, vals = _checked_attributes(attributes, n)
+        dense = None if item_dense is None else _checked_dense(item_dense, n, None, "item_dense")
         step("clustering (k-means++) and int8 quantization")
         n_clusters = n_clusters or max(1, int(round(math.sqrt(n))))
         nprobe = min(DEFAULT_NPROBE, n_clusters) if nprobe is None else nprobe  # a small corpus has fewer clusters
@@ -298,7 +338,7 @@ class RetrievalModel(nn.Module):
         cluster_positions = (ivf.offsets[:-1].unsqueeze(1) + slot).clamp(max=n - 1)
         cluster_valid = slot < sizes.unsqueeze(1)
         f = fresh_capacity
-        dense = None if item_dense is None else torch.as_tensor(item_dense).float()[order]
+        dense = None if dense is None else dense[order]
         tensors = {
             "centroids": ivf.centroids.float(), "cluster_positions": cluster_positions, "cluster_valid": cluster_valid,
             "codes": ivf.codes, "scales": ivf.scales.float(),
@@ -512,15 +552,28 @@ class RetrievalModel(nn.Module):
 
     def check_user_features(self, user_features) -> torch.Tensor:
         """A batch of user features as the tower takes them, or a ValueError naming what is wrong:
-        [Q >= 1, ...], finite, and what the tower's `input_spec` says (width; whole numbers in each
-        column's id range for an id tower, returned as int64). retrieve() and the server call it."""
+        [Q >= 1, ...], real (not bool), finite, and what the tower's `input_spec` says (width; whole numbers
+        in each column's id range for an id tower, returned as int64); float features for a tower
+        without one in its floating dtype, still finite. retrieve() and the server call it."""
         user_features = torch.as_tensor(user_features)
         if user_features.dim() < 1 or user_features.shape[0] < 1:
             raise ValueError(f"user_features must be a batch [Q >= 1, ...], got {tuple(user_features.shape)}")
+        if user_features.dtype == torch.bool or user_features.dtype.is_complex:  # True would be user 1
+            raise ValueError(f"user_features must be real numbers, got {user_features.dtype}")
         if user_features.dtype.is_floating_point and not torch.isfinite(user_features).all():
             raise ValueError("user_features contain NaN or inf")
         spec = getattr(self.user_tower, "input_spec", None)
-        return _check_against_spec(user_features, spec) if spec else user_features
+        if spec:
+            return _check_against_spec(user_features, spec)
+        tower_dtype = next((p.dtype for p in self.user_tower.parameters() if p.is_floating_point()), torch.float32)
+        if user_features.dtype.is_floating_point and user_features.dtype != tower_dtype:
+            # float features in the tower's dtype, float32 for a tower without weights (float64 into a
+            # float32 tower fails in its matmul); checked after the cast, which turns a number past
+            # the dtype's range into inf
+            user_features = user_features.to(tower_dtype)
+            if not torch.isfinite(user_features).all():
+                raise ValueError(f"user_features: a number is out of range (the user tower takes {tower_dtype})")
+        return user_features
 
     def retrieve(self, user_features: torch.Tensor, filters: list[str] | None = None, value_weights=None) -> Retrieved:
         """Validate, compile the filters, run one forward."""
@@ -530,9 +583,7 @@ class RetrievalModel(nn.Module):
         if isinstance(filters, str) or len(filters) != q:
             raise ValueError(f"filters must be a list of {q} expressions (one per user), got {filters!r:.80}")
         if value_weights is not None:
-            value_weights = torch.as_tensor(value_weights, dtype=torch.float32, device=self.codes.device)
-            if value_weights.shape not in ((self.value_model.num_tasks,), (q, self.value_model.num_tasks)) or not torch.isfinite(value_weights).all():
-                raise ValueError(f"value_weights must be finite, [{self.value_model.num_tasks}] or [{q}, {self.value_model.num_tasks}]")
+            value_weights = self.value_model.check_request_weights(value_weights, q).to(self.codes.device)
         with torch.no_grad():
             out = self(user_features.to(self.codes.device), *self.prepare_filters(filters), value_weights)
         return Retrieved(*out)
@@ -554,12 +605,12 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"the fresh index holds {self.fresh_capacity} items and {self.fresh_used} are used; "
                              f"call rebuild() to fold them into the main index")
         fids, vals, counts = _pad_jagged(*_checked_attributes(attributes, n), width=self.attr_terms.shape[1])
-        if hasattr(self, "item_dense") and (dense is None or torch.as_tensor(dense).shape != (n, self.item_dense.shape[1])):
+        if hasattr(self, "item_dense") and dense is None:
             raise ValueError(f"this model has dense item features; pass dense [{n}, {self.item_dense.shape[1]}]")
         if dense is not None and not hasattr(self, "item_dense"):
             raise ValueError("this model has no dense item features (built without item_dense); leave dense out")
-        if dense is not None and not torch.isfinite(torch.as_tensor(dense, dtype=torch.float32)).all():
-            raise ValueError("dense item features must be finite")
+        if dense is not None:
+            dense = _checked_dense(dense, n, self.item_dense.shape[1], "dense")
         at = torch.arange(self.num_main + self.fresh_used, self.num_main + self.fresh_used + n, device=self.codes.device)
         dev = self.codes.device
         self.item_embeddings[at] = emb.to(dev, torch.bfloat16)
@@ -567,7 +618,7 @@ class RetrievalModel(nn.Module):
         self.attr_feature_ids[at], self.attr_values[at], self.attr_counts[at] = fids.to(dev), vals.to(dev), counts.to(dev)
         self.attr_terms[at] = term_hash(fids, vals).to(dev)
         if dense is not None:
-            self.item_dense[at] = torch.as_tensor(dense).float().to(dev)
+            self.item_dense[at] = dense.to(dev)
         self.alive[at] = True
         self.fresh_used += n
         return at
@@ -677,11 +728,14 @@ class RetrievalModel(nn.Module):
             config = json.loads((directory / CONFIG_FILE).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{directory}: no readable {CONFIG_FILE} ({err})") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{directory}: {CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
         if config.get("format") != FORMAT:
             raise ValueError(f"{directory}: not a {FORMAT} artifact (format={config.get('format')!r})")
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: format version {config.get('format_version')} is not supported by silvertorch "
-                             f"{__version__} (it reads version {FORMAT_VERSION}); rebuild the artifact")
+        version = config.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:  # 1.0, "1" and True are not version 1
+            raise ValueError(f"{directory}: format version {version!r} ({type(version).__name__}) is not supported by "
+                             f"silvertorch {__version__} (it reads version {FORMAT_VERSION}, an int); rebuild the artifact")
         try:
             with safe_open(str(directory / TENSORS_FILE), framework="pt", device=str(device)) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -697,6 +751,7 @@ class RetrievalModel(nn.Module):
             t = tensors[name]
             if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
                 raise ValueError(f"{directory}: tensor {name} is {str(t.dtype)} {list(t.shape)}, the config says {spec['dtype']} {spec['shape']}")
+        check_weights(tensors, f"{directory}: {TENSORS_FILE}: ")
         try:
             model = cls._from_config(directory, config, tensors, user_tower).to(device).eval()
         except (KeyError, TypeError, AttributeError) as err:  # a hand-edited or truncated config
@@ -725,9 +780,9 @@ class RetrievalModel(nn.Module):
             if made_tower:
                 if tower_spec["type"] not in TOWERS:
                     raise ValueError(f"{directory}: the user tower is a custom module; pass user_tower= a module of the same architecture")
-                user_tower = TOWERS[tower_spec["type"]](**tower_spec["config"])
-            overarch = OverArch(**config["overarch"])
-        value_model = ValueModel(**config["value_model"])  # small; its weights are checked for NaN as it is made
+                user_tower = _from_entry(directory, "user_tower", TOWERS[tower_spec["type"]], tower_spec["config"])
+            overarch = _from_entry(directory, "overarch", OverArch, config["overarch"])
+        value_model = _from_entry(directory, "value_model", ValueModel, config["value_model"])  # small; load checked its weights
         modules = {"user_tower": user_tower, "overarch": overarch, "value_model": value_model}
         for prefix, module in modules.items():
             state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -742,3 +797,11 @@ class RetrievalModel(nn.Module):
                    exact_verify=config["exact_verify"], fresh_used=config["fresh_used"],
                    # absent in artifacts written before adaptive probing / the exact-term bound
                    max_nprobe=config.get("max_nprobe"), max_exact_terms=config.get("max_exact_terms", config["max_terms"]))
+
+
+def _from_entry(directory, entry: str, make, options: dict):
+    """make(**options) from config.json's `entry`, its refusal of an edited value named so."""
+    try:
+        return make(**options)
+    except (ValueError, RuntimeError) as err:  # RuntimeError: what torch says of a size it cannot make
+        raise ValueError(f"{directory}: {CONFIG_FILE} entry {entry!r} is not valid ({err})") from err

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .model import RetrievalModel
+from .model import RetrievalModel, _checked_attributes, _checked_dense, _checked_item_ids, _from_entry, check_weights
 from .scoring import OverArch, ValueModel
 
 
@@ -125,14 +125,17 @@ def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
         tensors = load_file(str(directory / "towers.safetensors"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory}: no readable towers.json + towers.safetensors ({err})") from err
-    if config.get("format") != TOWERS_FORMAT or config.get("format_version") != 1:
+    if not isinstance(config, dict) or config.get("format") != TOWERS_FORMAT or type(config.get("format_version")) is not int \
+            or config["format_version"] != 1:
         raise ValueError(f"{directory}: not a {TOWERS_FORMAT} version 1 directory")
+    check_weights(tensors, f"{directory}: towers.safetensors: ")
     try:
         spec = config["user_tower"]
         if spec["type"] not in TOWERS:
             raise ValueError(f"{directory}: unknown user tower type {spec['type']!r}")
-        modules = {"user_tower": TOWERS[spec["type"]](**spec["config"]), "overarch": OverArch(**config["overarch"]),
-                   "value_model": ValueModel(**config["value_model"])}
+        modules = {"user_tower": _from_entry(directory, "user_tower", TOWERS[spec["type"]], spec["config"]),
+                   "overarch": _from_entry(directory, "overarch", OverArch, config["overarch"]),
+                   "value_model": _from_entry(directory, "value_model", ValueModel, config["value_model"])}
         for prefix, module in modules.items():
             module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
     except (KeyError, TypeError, RuntimeError) as err:  # a missing section, a changed config, mismatched tensors
@@ -152,19 +155,23 @@ class ItemTable(NamedTuple):
 
 
 def save_item_table(path, embeddings, ids, attributes, schema: dict | None = None, dense=None) -> Path:
-    """Items for `silvertorch build`: embeddings [N, D], ids [N], jagged attributes, filter schema,
-    and the dense item features [N, F] when the OverArch reads some (dense_dim=F)."""
+    """Items for `silvertorch build`: embeddings [N, D], ids [N], jagged attributes (None: none),
+    filter schema, and the dense item features [N, F] when the OverArch reads some (dense_dim=F).
+    ids, attributes and dense are checked as `RetrievalModel.build` checks them (a fractional id
+    or attribute value would be truncated on the way to int64)."""
     import json
 
     from safetensors.torch import save_file
 
-    fids, offsets, values = (torch.as_tensor(t).long() for t in attributes)
-    tensors = {"embeddings": torch.as_tensor(embeddings).float(), "ids": torch.as_tensor(ids).long(),
+    embeddings = torch.as_tensor(embeddings).float()
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be [num_items, dim], got {tuple(embeddings.shape)}")
+    n = embeddings.shape[0]
+    fids, offsets, values = _checked_attributes(attributes, n)
+    tensors = {"embeddings": embeddings, "ids": _checked_item_ids(ids, n),
                "attr_feature_ids": fids, "attr_offsets": offsets, "attr_values": values}
     if dense is not None:
-        tensors["dense"] = torch.as_tensor(dense).float()
-        if tensors["dense"].dim() != 2 or tensors["dense"].shape[0] != tensors["embeddings"].shape[0]:
-            raise ValueError(f"dense must be [num_items={tensors['embeddings'].shape[0]}, F], got {tuple(tensors['dense'].shape)}")
+        tensors["dense"] = _checked_dense(dense, n, None, "dense")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
               metadata={"format": ITEMS_FORMAT, "format_version": "1", "schema": json.dumps(schema or {})})
     return Path(path)

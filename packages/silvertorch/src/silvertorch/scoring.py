@@ -14,13 +14,20 @@ from torch import nn
 
 from gpukernels_common import tracing
 
+from .topk import as_count
+
+# the largest float32: the weighted sum's scores are float32
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 class OverArch(nn.Module):
     def __init__(self, dim: int, num_tasks: int, hidden: tuple[int, ...] | list[int] = (64,), dense_dim: int = 0):
         super().__init__()
-        if dim < 1 or num_tasks < 1 or dense_dim < 0:
-            raise ValueError(f"OverArch needs dim >= 1, num_tasks >= 1, dense_dim >= 0; got {dim}, {num_tasks}, {dense_dim}")
-        self.dim, self.num_tasks, self.hidden, self.dense_dim = dim, num_tasks, list(hidden), dense_dim
+        dim, num_tasks, dense_dim = as_count(dim, "dim", 1), as_count(num_tasks, "num_tasks", 1), as_count(dense_dim, "dense_dim", 0)
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+            raise ValueError(f"hidden must be a list of layer widths, got {hidden!r}")
+        hidden = [as_count(h, f"hidden[{i}]", 1) for i, h in enumerate(hidden)]
+        self.dim, self.num_tasks, self.hidden, self.dense_dim = dim, num_tasks, hidden, dense_dim
         layers: list[nn.Module] = []
         width = 3 * dim + dense_dim
         for h in self.hidden:
@@ -37,6 +44,13 @@ class OverArch(nn.Module):
         [..., K, T]: the MLP over [user, item, user * item, dense]."""
         if self.dense_dim and (dense is None or dense.shape[-1] != self.dense_dim):
             raise ValueError(f"OverArch was built with dense_dim={self.dense_dim}; pass dense [..., K, {self.dense_dim}]")
+        if not self.dense_dim and dense is not None:  # it would be ignored
+            raise ValueError("OverArch was built with dense_dim=0; leave dense out")
+        if items.dim() < 2 or items.shape[-1] != self.dim:
+            raise ValueError(f"items must be [..., K, {self.dim}] for this OverArch (dim={self.dim}), got {tuple(items.shape)}")
+        if user.dim() not in (items.dim() - 1, items.dim()) or user.shape[-1] != self.dim:
+            raise ValueError(f"user must be [..., {self.dim}] or [..., K, {self.dim}] for this OverArch (dim={self.dim}), "
+                             f"got {tuple(user.shape)}")
         if user.dim() == items.dim() - 1:  # one user per row of candidates: see _per_user
             rows = _cpu_chunk_rows(items.shape[:-2], items.shape[-2] * max(self.hidden, default=self.num_tasks), items.device)
             if not rows:
@@ -90,11 +104,8 @@ class ValueModel(nn.Module):
 
     def __init__(self, num_tasks: int, weights=None, learned: bool = False, hidden: int = 16):
         super().__init__()
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        w = torch.ones(num_tasks) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        if w.shape != (num_tasks,) or not torch.isfinite(w).all():
-            raise ValueError(f"weights must be {num_tasks} finite numbers, got {tuple(w.shape)}")
+        num_tasks, hidden = as_count(num_tasks, "num_tasks", 1), as_count(hidden, "hidden", 1)
+        w = torch.ones(num_tasks) if weights is None else check_value_weights(weights, num_tasks, "weights")
         self.num_tasks, self.learned, self.hidden_size = num_tasks, learned, hidden
         self.register_buffer("weights", w)
         self.mlp = nn.Sequential(nn.Linear(num_tasks, hidden), nn.ReLU(), nn.Linear(hidden, 1)) if learned else None
@@ -105,12 +116,40 @@ class ValueModel(nn.Module):
     def forward(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """logits [Q, K, T]; weights [Q, T] per request (overrides the fixed ones) -> value [Q, K]."""
         probs = torch.sigmoid(logits.float())
+        if weights is not None:
+            weights = self.check_request_weights(weights, logits.shape[0], values=not tracing())
         if self.mlp is not None:
-            if weights is not None:  # the MLP has no weights to override: ignoring them would be a silent wrong answer
-                raise ValueError("value_weights: this Value Model is learned (an MLP over the task probabilities); "
-                                 "per-request weights apply to the weighted sum only")
             return self.mlp(probs.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
-        w = self.weights if weights is None else weights.float()
+        w = self.weights if weights is None else weights
         if w.dim() == 1:
             return probs @ w
         return (probs * w.unsqueeze(-2)).sum(-1)
+
+    def check_request_weights(self, weights, num_queries: int | None = None, values: bool = True) -> torch.Tensor:
+        """Per-request `value_weights` as float32 [T] (or [num_queries, T]), or a ValueError naming
+        them: refused for a learned Value Model, checked as `check_value_weights` checks them
+        (`values=False` checks the shape only: a traced graph cannot read the values)."""
+        if self.mlp is not None:  # the MLP has no weights to override: ignoring them would be a silent wrong answer
+            raise ValueError("value_weights: this Value Model is learned (an MLP over the task probabilities); "
+                             "per-request weights apply to the weighted sum only")
+        return check_value_weights(weights, self.num_tasks, "value_weights", num_queries, values=values)
+
+
+def check_value_weights(weights, num_tasks: int, name: str, num_queries: int | None = None, values: bool = True) -> torch.Tensor:
+    """Weights of the weighted sum as float32 [num_tasks] (or [num_queries, num_tasks]), or a ValueError
+    naming `name`: a score is at most the sum of the weights' absolute values (the task probabilities
+    are in [0, 1]), so that sum must be finite in float32. A larger one overflows the scores to inf,
+    which the model takes for a missing result (every id -1); a [Q, 1] would broadcast over the tasks."""
+    try:
+        w = torch.as_tensor(weights, dtype=torch.float32)
+    except OverflowError:  # a Python int past float's range
+        raise ValueError(f"{name}: a number is out of range") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be numbers ({err})") from None
+    shapes = [(num_tasks,)] + ([] if num_queries is None else [(num_queries, num_tasks)])
+    if tuple(w.shape) not in shapes:
+        raise ValueError(f"{name} must be {' or '.join(str(list(s)) for s in shapes)} (one weight per task), got {list(w.shape)}")
+    if values and not torch.isfinite(w.abs().sum(-1)).all():
+        raise ValueError(f"{name} must be finite numbers whose absolute values sum to at most {FLOAT32_MAX:.4g} "
+                         f"(float32's largest; a score is at most that sum)")
+    return w

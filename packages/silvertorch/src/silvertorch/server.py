@@ -256,17 +256,14 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
             return bad(str(err))
         except OverflowError:  # an integer past float64's range
             return bad("user_features: a number is out of range")
-        if features.is_floating_point():
-            features = features.float()
         try:
             plan = model.prepare_filters([req.filter])
         except (FilterSyntaxError, ValueError, TypeError) as err:
             return bad(f"filter: {err}")
-        weights = None if req.value_weights is None else torch.tensor(req.value_weights, dtype=torch.float32)
-        if weights is not None and not torch.isfinite(weights).all():
-            return bad("value_weights: NaN or inf")
-        if weights is not None and model.value_model.learned:
-            return bad("value_weights: this model's Value Model is learned; per-request weights apply to the weighted sum only")
+        try:  # one request's weights, [T]: finite, their scores too, and only for a weighted-sum Value Model
+            weights = None if req.value_weights is None else model.value_model.check_request_weights(req.value_weights)
+        except ValueError as err:
+            return bad(str(err))
         future = asyncio.get_running_loop().create_future()
         try:
             queue.put_nowait(_Pending(features, plan, weights, req.n, future))
