@@ -495,6 +495,29 @@ def test_aoti_package_runs_without_silvertorch(tmp_path):
         MODEL.package(tmp_path / "model.zip", users)
 
 
+@pytest.mark.parametrize("args, kwargs, error", [
+    (("model.zip", [[1]]), {}, "must end in .pt2"),
+    (("model.pt2", [[1]]), {"max_batch": 1}, "max_batch must be an int >= 2"),
+    (("model.pt2", torch.zeros(0, 1, dtype=torch.long)), {}, r"user_features must be a batch \[Q >= 1"),
+    (("model.pt2", [[1]] * 5), {"max_batch": 4}, r"example batch \[1..max_batch=4"),
+    (("model.pt2", [[1], [2]], ["cat:1"]), {}, "filters must be a list of 2"),
+    (("model.pt2", [[10**6]]), {}, "user_features"),  # an id past the tower's table
+    (("model.pt2", [[True]]), {}, "user_features must be real numbers"),
+    (("model.pt2", [[1]], ["cat:1 AND"]), {}, "position"),
+])
+def test_package_checks_its_arguments_before_compiling(tmp_path, monkeypatch, args, kwargs, error):
+    """`silvertorch package --user 99` compiled for a minute an example the model refuses."""
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):  # no AOTInductor packages: refused first
+        error = "needs torch >= 2.6"
+
+    def no_export(*a, **k):
+        raise AssertionError("the arguments were refused only after the export began")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        MODEL.package(tmp_path / args[0], *args[1:], **kwargs)
+
+
 def test_compile_full_graph():
     users = torch.arange(3).unsqueeze(1)
     plans = MODEL.prepare_filters(["cat:1", "", "NOT year:1995"])

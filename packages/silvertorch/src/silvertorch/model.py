@@ -687,8 +687,9 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"path must end in .pt2 (an AOTInductor package), got {str(path)!r}")
         if not isinstance(max_batch, int) or max_batch < 2:
             raise ValueError(f"max_batch must be an int >= 2, got {max_batch!r}")
-        user_features = torch.as_tensor(user_features).to(self.codes.device)
-        if user_features.dim() < 1 or not 1 <= user_features.shape[0] <= max_batch:
+        # checked as retrieve() checks them: an out-of-range id would be traced, and the compile take minutes
+        user_features = self.check_user_features(user_features).to(self.codes.device)
+        if not user_features.shape[0] <= max_batch:
             raise ValueError(f"user_features must be an example batch [1..max_batch={max_batch}, ...], got "
                              f"{tuple(user_features.shape)}")
         q = user_features.shape[0]
