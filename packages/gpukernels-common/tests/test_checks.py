@@ -12,7 +12,8 @@ def test_check_sizes_refuses_a_bad_size_naming_it(value):
 def test_check_sizes_takes_integers_from_the_minimum():
     import numpy as np
 
-    check_sizes(d_model=1, n_items=np.int64(7))
-    check_sizes(0, dropout_layers=0)
+    sizes = check_sizes(d_model=1, n_items=np.int64(7))
+    assert sizes == (1, 7) and all(type(v) is int for v in sizes)  # Python ints, in the order given
+    assert check_sizes(0, dropout_layers=0) == (0,)
     with pytest.raises(ValueError, match="layers must be an integer >= 0, got -1"):
         check_sizes(0, layers=-1)

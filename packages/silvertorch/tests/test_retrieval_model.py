@@ -379,8 +379,8 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
                         (lambda c: c.update(bloom_k=c["bloom_k"] - 1), "do not follow from k="),
                         (lambda c: c.update(bloom_multiplier=c["bloom_multiplier"] * 2), "do not follow from k="),
                         # the entry named, not a RuntimeError from torch or a message reading "version 1 ... reads version 1"
-                        (lambda c: c["overarch"].update(hidden=[-1]), r"config.json entry 'overarch' is not valid \(hidden\[0\] must be an int >= 1"),
-                        (lambda c: c["value_model"].update(num_tasks=2.0), "entry 'value_model' is not valid .*num_tasks must be an int"),
+                        (lambda c: c["overarch"].update(hidden=[-1]), r"config.json entry 'overarch' is not valid \(hidden\[0\] must be an integer >= 1"),
+                        (lambda c: c["value_model"].update(num_tasks=2.0), "entry 'value_model' is not valid .*num_tasks must be an integer >= 1, got 2.0"),
                         (lambda c: c.update(format_version="1"), r"format version '1' \(str\) is not supported")):
         edited = json.loads(json.dumps(cfg))
         edit(edited)

@@ -50,13 +50,13 @@ def test_overarch_needs_its_dense_features():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: OverArch(16, 2.0), "num_tasks must be an int, got float 2.0"),
-    (lambda: OverArch(16.0, 2), "dim must be an int, got float"),
-    (lambda: OverArch(16, 2, [0]), r"hidden\[0\] must be an int >= 1, got 0"),
-    (lambda: OverArch(16, 2, [8, -3]), r"hidden\[1\] must be an int >= 1, got -3"),
+    (lambda: OverArch(16, 2.0), "num_tasks must be an integer >= 1, got 2.0"),
+    (lambda: OverArch(16.0, 2), "dim must be an integer >= 1, got 16.0"),
+    (lambda: OverArch(16, 2, [0]), r"hidden\[0\] must be an integer >= 1, got 0"),
+    (lambda: OverArch(16, 2, [8, -3]), r"hidden\[1\] must be an integer >= 1, got -3"),
     (lambda: OverArch(16, 2, 8), "hidden must be a list of layer widths"),
-    (lambda: OverArch(16, 2, dense_dim=-1), "dense_dim must be an int >= 0"),
-    (lambda: ValueModel(2, hidden=0), "hidden must be an int >= 1"),
+    (lambda: OverArch(16, 2, dense_dim=-1), "dense_dim must be an integer >= 0"),
+    (lambda: ValueModel(2, hidden=0), "hidden must be an integer >= 1"),
 ])
 def test_sizes_must_be_integers_in_range(make, match):
     with pytest.raises(ValueError, match=match):

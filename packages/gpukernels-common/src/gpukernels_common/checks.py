@@ -5,10 +5,12 @@ from __future__ import annotations
 import numbers
 
 
-def check_sizes(minimum: int = 1, **sizes) -> None:
-    """Each size an int >= `minimum` (bool refused), else a ValueError naming it. Checked at
-    construction: a 0 or float size would fail later with an unrelated error (a bare TypeError
-    from `torch.empty`, a ZeroDivisionError in an initialisation)."""
+def check_sizes(minimum: int = 1, **sizes) -> tuple[int, ...]:
+    """Each size an integer >= `minimum` (Python or numpy; bool refused), else a ValueError naming
+    it; returned as Python ints in the order given (a numpy int would not go into a JSON config).
+    Checked at construction: a 0 or float size would fail later with an unrelated error (a bare
+    TypeError from `torch.empty`, a ZeroDivisionError in an initialisation)."""
     for name, value in sizes.items():
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return tuple(int(value) for value in sizes.values())

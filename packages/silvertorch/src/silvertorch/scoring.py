@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from gpukernels_common import tracing
-
-from .topk import as_count
+from gpukernels_common.checks import check_sizes
 
 # the largest float32: the weighted sum's scores are float32
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -23,10 +22,11 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 class OverArch(nn.Module):
     def __init__(self, dim: int, num_tasks: int, hidden: tuple[int, ...] | list[int] = (64,), dense_dim: int = 0):
         super().__init__()
-        dim, num_tasks, dense_dim = as_count(dim, "dim", 1), as_count(num_tasks, "num_tasks", 1), as_count(dense_dim, "dense_dim", 0)
+        dim, num_tasks = check_sizes(dim=dim, num_tasks=num_tasks)
+        (dense_dim,) = check_sizes(0, dense_dim=dense_dim)
         if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
             raise ValueError(f"hidden must be a list of layer widths, got {hidden!r}")
-        hidden = [as_count(h, f"hidden[{i}]", 1) for i, h in enumerate(hidden)]
+        hidden = list(check_sizes(**{f"hidden[{i}]": h for i, h in enumerate(hidden)}))
         self.dim, self.num_tasks, self.hidden, self.dense_dim = dim, num_tasks, hidden, dense_dim
         layers: list[nn.Module] = []
         width = 3 * dim + dense_dim
@@ -104,7 +104,7 @@ class ValueModel(nn.Module):
 
     def __init__(self, num_tasks: int, weights=None, learned: bool = False, hidden: int = 16):
         super().__init__()
-        num_tasks, hidden = as_count(num_tasks, "num_tasks", 1), as_count(hidden, "hidden", 1)
+        num_tasks, hidden = check_sizes(num_tasks=num_tasks, hidden=hidden)
         w = torch.ones(num_tasks) if weights is None else check_value_weights(weights, num_tasks, "weights")
         self.num_tasks, self.learned, self.hidden_size = num_tasks, learned, hidden
         self.register_buffer("weights", w)

@@ -49,14 +49,11 @@ HISTOGRAM_BLOCK = 4096  # columns per Triton program
 _INT32_MIN = -(2**31)
 
 
-def as_count(value, name: str, minimum: int | None = None) -> int:
-    """A count argument (k, nprobe, max_nprobe, a layer width) as an int: Python and numpy integers,
-    not bools or floats (nprobe=2.5 would fail deep in torch.topk, a float k would be truncated);
-    at least `minimum` when given."""
+def as_count(value, name: str) -> int:
+    """A count argument (k, nprobe, max_nprobe) as an int: Python and numpy integers, not bools or
+    floats (nprobe=2.5 would fail deep in torch.topk, a float k would be truncated)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
