@@ -156,6 +156,13 @@ class Balancer(nn.Module, abc.ABC):
             raise ValueError(f"{arg} must be finite numbers, got {dict(values)}")
         return [floats.get(n, default) for n in self.task_names]
 
+    def _set_min_losses(self, min_losses) -> None:
+        """The `min_losses=` option of the balancers that take log(L - min_loss) (FAMO, DBMTL): the
+        floats for the loss check, and as a float64 buffer that moves with the module (not saved:
+        a constructor option), so a step subtracts them without building a tensor."""
+        self.min_losses = self._per_task_floats("min_losses", min_losses, 0.0)
+        self.register_buffer("min_loss_values", torch.tensor(self.min_losses, dtype=torch.float64), persistent=False)
+
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)

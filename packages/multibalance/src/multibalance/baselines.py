@@ -298,7 +298,7 @@ class DBMTL(Balancer):
                  min_losses: Mapping[str, float] | None = None, **kw):
         super().__init__(task_names, **kw)
         self.beta, self.eps = beta, eps
-        self.min_losses = self._per_task_floats("min_losses", min_losses, 0.0)
+        self._set_min_losses(min_losses)
         self.register_buffer("ema", torch.zeros(0, dtype=torch.float64))
         self._applied: torch.Tensor | None = None
         self._log_denominators: torch.Tensor | None = None  # this step's L_t - min_loss_t + eps
@@ -308,7 +308,7 @@ class DBMTL(Balancer):
         # the global batch under torch.distributed (see _global_losses): DDP's average of the ranks'
         # head gradients is then one process's
         lvals = _global_losses(self, losses)
-        lvals = lvals - torch.tensor(self.min_losses, dtype=torch.float64, device=lvals.device) + self.eps
+        lvals = lvals - self.min_loss_values.to(lvals.device) + self.eps
         self._log_denominators = lvals
         return [loss / v.to(loss.dtype) for loss, v in zip(losses, lvals.unbind())]  # v: a constant of the backward
 
@@ -350,8 +350,7 @@ class FAMO(Balancer):
                  min_losses: Mapping[str, float] | None = None, **kw):
         super().__init__(task_names, **kw)
         self.lr, self.gamma, self.eps = lr, gamma, eps
-        self.min_losses = self._per_task_floats("min_losses", min_losses, 0.0)
-        self._floors = torch.tensor(self.min_losses, dtype=torch.float64)
+        self._set_min_losses(min_losses)
         n = len(self.task_names)
         self.register_buffer("logits", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("prev_losses", torch.zeros(0, dtype=torch.float64))
@@ -362,7 +361,7 @@ class FAMO(Balancer):
 
     def weights(self, loss_values: torch.Tensor) -> torch.Tensor:
         z = torch.softmax(self.logits, 0)
-        c = z / (loss_values - self._floors.to(loss_values.device) + self.eps)
+        c = z / (loss_values - self.min_loss_values.to(loss_values.device) + self.eps)
         return c / c.sum()
 
     def total_loss(self, losses):
@@ -383,7 +382,7 @@ class FAMO(Balancer):
         if self.prev_losses.numel() == 0:
             raise RuntimeError("FAMO.update() needs a backward() first")
         new = _global_losses(self, self._ordered_losses(new_losses)).to(self.logits.device)
-        floors = self._floors.to(new.device)
+        floors = self.min_loss_values.to(new.device)
         delta = (self.prev_losses - floors + self.eps).log() - (new - floors + self.eps).log()
         z = torch.softmax(self.logits, 0)
         grad = z * (delta - (z * delta).sum())  # J^T delta for J = diag(z) - z z^T
