@@ -165,3 +165,19 @@ def test_canary_and_poison_fit_every_dtype(dtype):
     buf.buffer[-1] = poison  # overwrite a canary
     with pytest.raises(AssertionError, match="after"):
         buf.check()
+
+
+def test_free_port_stays_out_of_the_ephemeral_range_and_is_not_handed_out_twice():
+    """A port from the ephemeral range can be taken by any connection (gloo's own) between the
+    check and the rendezvous bind: a CI run failed with EADDRINUSE that way."""
+    import socket
+
+    from gpukernels_common.testing import _ephemeral_port_range, free_port
+
+    low, high = _ephemeral_port_range()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    for port in ports:
+        assert not low <= port <= high, (port, low, high)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # still free

@@ -14,7 +14,9 @@ from silvertorch import (
     OverArch,
     RetrievalModel,
     ValueModel,
+    load_towers,
     parse_filters,
+    save_towers,
 )
 from silvertorch.bloom.probed import probed_filter_words
 from silvertorch.ivf import probed as probed_module
@@ -395,6 +397,28 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
     model.save(tmp_path / "b")
     with pytest.raises(ValueError, match="Bloom index does not match the items' attributes: .* sampled terms are missing"):
         RetrievalModel.load(tmp_path / "b")
+
+
+@pytest.mark.parametrize("loader", ["model", "towers"])
+@pytest.mark.parametrize("corrupt, problem", [
+    (lambda c: [c], "{file} must hold a JSON object, got list"),
+    (lambda c: dict(c, format="other"), "{file} has format 'other', expected '{format}'"),
+    (lambda c: dict(c, format_version="1"), r"{file}: format version '1' \(str\) is not supported .* reads {format} version 1 \(an int\)"),
+    (lambda c: dict(c, format_version=99), r"{file}: format version 99 \(int\) is not supported .* reads {format} version 1 \(an int\)"),
+    # an edited entry: the file it is in named (load_towers named config.json)
+    (lambda c: dict(c, overarch=dict(c["overarch"], hidden=[-1])), r"{file} entry 'overarch' is not valid \(hidden\[0\] must be"),
+], ids=["not_an_object", "wrong_format", "version_a_string", "version_99", "entry_edited"])
+def test_a_corrupt_config_is_refused_alike_by_both_loaders(tmp_path, loader, corrupt, problem):
+    """RetrievalModel.load and load_towers check their config alike: the file named, what was
+    expected and what was found (load_towers said only "not a silvertorch.Towers version 1 directory")."""
+    if loader == "model":
+        directory, file, load, fmt = MODEL.save(tmp_path / "m"), "config.json", RetrievalModel.load, "silvertorch.RetrievalModel"
+    else:
+        directory, file, load, fmt = save_towers(tmp_path / "t", TOWER, OVERARCH, VALUE), "towers.json", load_towers, "silvertorch.Towers"
+    load(directory)  # as saved: accepted
+    (directory / file).write_text(json.dumps(corrupt(json.loads((directory / file).read_text()))))
+    with pytest.raises(ValueError, match=problem.format(file=file, format=fmt.replace(".", "[.]"))):
+        load(directory)
 
 
 @pytest.mark.parametrize("name, value", [("overarch.mlp.0.weight", float("nan")), ("value_model.weights", float("inf")),

@@ -72,6 +72,12 @@ def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) ->
     return torch.where(finite, torch.where(average.isnan(), values, average.lerp(values, 1 - beta)), average)
 
 
+def _with_aux(roots: list, grads: list, aux: torch.Tensor | None) -> tuple[list, list]:
+    """The backward's roots and their gradients, with the aux_loss (if any) joined as one more
+    root: its gradient reaches the bottom in the same backward (one gradient per parameter)."""
+    return (roots, grads) if aux is None else (roots + [aux], grads + [None])
+
+
 class _PendingNorms:
     """Norm statistics being summed over data-parallel ranks (`work` in flight, or None in one
     process); `result()` waits for them (once) and returns the [n_reps, T] norms."""
@@ -133,7 +139,9 @@ class Balancer(nn.Module, abc.ABC):
         self.process_group = process_group
         self._reps: list[torch.Tensor] = []
         self._leaves: list[torch.Tensor] = []
-        self.last_path = ""  # "factored" or "general": how the last backward took the task gradients
+        # "factored" or "general": how the last backward took the task gradients; "" before the first
+        # backward and for the balancers that take none (equal weights, uncertainty weighting)
+        self.last_path = ""
         self._static: tuple | None = None  # (tensor, version, derived): see `_static_state`
         self._wiring_checked = False  # see `_check_reads_representation`
 
@@ -407,7 +415,7 @@ class Balancer(nn.Module, abc.ABC):
             self._check_reads_representation(losses, reps)
             total = self.total_loss(losses)
             total = total if scale is None else total * scale.to(total.device)
-            (total if aux is None else total + aux).backward()
+            torch.autograd.backward(*_with_aux([total], [None], aux))
             return
         if not self.parameter_level and self.uses_norms_only and 0.0 not in self.static_weight_list():
             # the factored path never forms the leaves' gradients: hooks a user put on them
@@ -451,16 +459,14 @@ class Balancer(nn.Module, abc.ABC):
                 # optimizers skip (a zero would still move it under weight decay)
                 p.grad = (g.to(p.dtype) if b is None else b + g.to(p.dtype)) if used else b
         else:
-            extra = [] if aux is None else [aux]
-            torch.autograd.backward([head_total] + reps + extra,
-                                    [None] + [g.to(r.dtype) for g, r in zip(combined, reps)] + [None] * len(extra))
+            rep_grads = [g.to(r.dtype) for g, r in zip(combined, reps)]
+            torch.autograd.backward(*_with_aux([head_total] + reps, [None] + rep_grads, aux))
 
     def _bottom_backward(self, reps, combined, losses, aux=None):
         """The one backward through the shared bottom, of the combined representation gradients
         (and of `aux`, the aux_loss, if any)."""
-        extra = [] if aux is None else [aux]
         try:
-            torch.autograd.backward(reps + extra, [g.to(r.dtype) for g, r in zip(combined, reps)] + [None] * len(extra))
+            torch.autograd.backward(*_with_aux(reps, [g.to(r.dtype) for g, r in zip(combined, reps)], aux))
         except RuntimeError as error:
             # the heads' backward went into the bottom (and freed its graph) through a tensor
             # other than the attached representations: name the task (on this error path only)

@@ -725,18 +725,7 @@ class RetrievalModel(nn.Module):
         from safetensors import SafetensorError, safe_open
 
         directory = Path(directory)
-        try:
-            config = json.loads((directory / CONFIG_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{directory}: no readable {CONFIG_FILE} ({err})") from err
-        if not isinstance(config, dict):
-            raise ValueError(f"{directory}: {CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{directory}: not a {FORMAT} artifact (format={config.get('format')!r})")
-        version = config.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:  # 1.0, "1" and True are not version 1
-            raise ValueError(f"{directory}: format version {version!r} ({type(version).__name__}) is not supported by "
-                             f"silvertorch {__version__} (it reads version {FORMAT_VERSION}, an int); rebuild the artifact")
+        config = _checked_config(directory, CONFIG_FILE, FORMAT, FORMAT_VERSION)
         try:
             with safe_open(str(directory / TENSORS_FILE), framework="pt", device=str(device)) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -781,9 +770,9 @@ class RetrievalModel(nn.Module):
             if made_tower:
                 if tower_spec["type"] not in TOWERS:
                     raise ValueError(f"{directory}: the user tower is a custom module; pass user_tower= a module of the same architecture")
-                user_tower = _from_entry(directory, "user_tower", TOWERS[tower_spec["type"]], tower_spec["config"])
-            overarch = _from_entry(directory, "overarch", OverArch, config["overarch"])
-        value_model = _from_entry(directory, "value_model", ValueModel, config["value_model"])  # small; load checked its weights
+                user_tower = _from_entry(directory, CONFIG_FILE, "user_tower", TOWERS[tower_spec["type"]], tower_spec["config"])
+            overarch = _from_entry(directory, CONFIG_FILE, "overarch", OverArch, config["overarch"])
+        value_model = _from_entry(directory, CONFIG_FILE, "value_model", ValueModel, config["value_model"])  # small; load checked its weights
         modules = {"user_tower": user_tower, "overarch": overarch, "value_model": value_model}
         for prefix, module in modules.items():
             state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -800,9 +789,28 @@ class RetrievalModel(nn.Module):
                    max_nprobe=config.get("max_nprobe"), max_exact_terms=config.get("max_exact_terms", config["max_terms"]))
 
 
-def _from_entry(directory, entry: str, make, options: dict):
-    """make(**options) from config.json's `entry`, its refusal of an edited value named so."""
+def _checked_config(directory: Path, config_file: str, expected_format: str, supported_version: int) -> dict:
+    """directory/config_file read as a JSON object of `expected_format` at `supported_version`; the
+    one check of every saved directory (an artifact, saved towers), so that all refuse alike."""
+    try:
+        config = json.loads((directory / config_file).read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise ValueError(f"{directory}: no readable {config_file} ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{directory}: {config_file} must hold a JSON object, got {type(config).__name__}")
+    if config.get("format") != expected_format:
+        raise ValueError(f"{directory}: {config_file} has format {config.get('format')!r}, expected {expected_format!r}")
+    version = config.get("format_version")
+    if type(version) is not int or version != supported_version:  # 1.0, "1" and True are not version 1
+        raise ValueError(f"{directory}: {config_file}: format version {version!r} ({type(version).__name__}) is not "
+                         f"supported by silvertorch {__version__}, which reads {expected_format} version "
+                         f"{supported_version} (an int); save it again with this version")
+    return config
+
+
+def _from_entry(directory, config_file: str, entry: str, make, options: dict):
+    """make(**options) from `entry` of the directory's `config_file`, its refusal of an edited value named so."""
     try:
         return make(**options)
     except (ValueError, RuntimeError) as err:  # RuntimeError: what torch says of a size it cannot make
-        raise ValueError(f"{directory}: {CONFIG_FILE} entry {entry!r} is not valid ({err})") from err
+        raise ValueError(f"{directory}: {config_file} entry {entry!r} is not valid ({err})") from err

@@ -17,7 +17,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .model import RetrievalModel, _checked_attributes, _checked_dense, _checked_item_ids, _from_entry, check_weights
+from .model import (
+    RetrievalModel,
+    _checked_attributes,
+    _checked_config,
+    _checked_dense,
+    _checked_item_ids,
+    _from_entry,
+    check_weights,
+)
 from .scoring import OverArch, ValueModel
 
 
@@ -88,6 +96,8 @@ def publish(out_dir, user_tower: nn.Module, overarch: OverArch, value_model: Val
 
 # -- the files `silvertorch build` reads: trained towers and an item table ----------------------
 TOWERS_FORMAT, ITEMS_FORMAT = "silvertorch.Towers", "silvertorch.ItemTable"
+TOWERS_FORMAT_VERSION = 1
+TOWERS_CONFIG_FILE = "towers.json"
 
 
 def save_towers(directory, user_tower: nn.Module, overarch: OverArch, value_model: ValueModel) -> Path:
@@ -106,36 +116,31 @@ def save_towers(directory, user_tower: nn.Module, overarch: OverArch, value_mode
     tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in
                (("user_tower", user_tower), ("overarch", overarch), ("value_model", value_model)) for k, v in m.state_dict().items()}
     save_file(tensors, str(directory / "towers.safetensors"))
-    config = {"format": TOWERS_FORMAT, "format_version": 1, "user_tower": {"type": kind, "config": user_tower.config()},
+    config = {"format": TOWERS_FORMAT, "format_version": TOWERS_FORMAT_VERSION, "user_tower": {"type": kind, "config": user_tower.config()},
               "overarch": overarch.config(), "value_model": value_model.config()}
-    (directory / "towers.json").write_text(json.dumps(config, indent=1))
+    (directory / TOWERS_CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return directory
 
 
 def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
-    import json
-
     from safetensors.torch import load_file
 
     from .towers import TOWERS
 
     directory = Path(directory)
+    config = _checked_config(directory, TOWERS_CONFIG_FILE, TOWERS_FORMAT, TOWERS_FORMAT_VERSION)
     try:
-        config = json.loads((directory / "towers.json").read_text())
         tensors = load_file(str(directory / "towers.safetensors"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{directory}: no readable towers.json + towers.safetensors ({err})") from err
-    if not isinstance(config, dict) or config.get("format") != TOWERS_FORMAT or type(config.get("format_version")) is not int \
-            or config["format_version"] != 1:
-        raise ValueError(f"{directory}: not a {TOWERS_FORMAT} version 1 directory")
+        raise ValueError(f"{directory}: no readable towers.safetensors ({err})") from err
     check_weights(tensors, f"{directory}: towers.safetensors: ")
     try:
         spec = config["user_tower"]
         if spec["type"] not in TOWERS:
             raise ValueError(f"{directory}: unknown user tower type {spec['type']!r}")
-        modules = {"user_tower": _from_entry(directory, "user_tower", TOWERS[spec["type"]], spec["config"]),
-                   "overarch": _from_entry(directory, "overarch", OverArch, config["overarch"]),
-                   "value_model": _from_entry(directory, "value_model", ValueModel, config["value_model"])}
+        modules = {"user_tower": _from_entry(directory, TOWERS_CONFIG_FILE, "user_tower", TOWERS[spec["type"]], spec["config"]),
+                   "overarch": _from_entry(directory, TOWERS_CONFIG_FILE, "overarch", OverArch, config["overarch"]),
+                   "value_model": _from_entry(directory, TOWERS_CONFIG_FILE, "value_model", ValueModel, config["value_model"])}
         for prefix, module in modules.items():
             module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
     except (KeyError, TypeError, RuntimeError) as err:  # a missing section, a changed config, mismatched tensors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..backend import Backend
@@ -175,13 +177,47 @@ def poison_grads(*tensors: torch.Tensor) -> None:
             t.grad.fill_(float("nan"))
 
 
+_handed_out_ports: set[int] = set()
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for torch.distributed tests' MASTER_PORT)."""
+    """A free TCP port on 127.0.0.1 (for torch.distributed tests' MASTER_PORT).
+
+    Drawn at random below the kernel's ephemeral range: a port the kernel handed out for a
+    bind to port 0 was free when checked but could be handed out again before the rendezvous
+    bound it (gloo's own connections take ephemeral ports), which failed a CI run with
+    EADDRINUSE. Below that range only another explicit bind can take it.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low, high = _ephemeral_port_range()
+    # outside the ephemeral range, above the well-known and most registered service ports
+    candidates = range(10000, low) if low > 11000 else range(high + 1, 65536)
+    if len(candidates) < 1000:  # an unusual range: let the kernel choose, as before
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _handed_out_ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out_ports.add(port)
+        return port
+    raise RuntimeError(f"free_port: no free TCP port found in {candidates}")
 
 
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
