@@ -200,6 +200,29 @@ def scenario_schema(rank, world):
     return {"outcomes": every}
 
 
+def scenario_balance_gathers_once(rank, world):
+    """balance(features, dense) agrees on the dense tensors in the plan's all-gather, as documented:
+    it planned without them and the exchange all-gathered a second time, every step."""
+    bal = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0), background=False)
+    a, b, dense = global_batch(12)
+    lo, hi = local_slice(world, rank, 12)
+    feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
+    gather, calls = dist.all_gather, []
+    dist.all_gather = lambda *args, **kwargs: calls.append(1) or gather(*args, **kwargs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bal.balance(feats, {"x": dense[lo:hi]})  # the first gather grows its padding bound: a second one
+            counts = {}
+            for name, given in (("dense", {"x": dense[lo:hi]}), ("none", None)):
+                calls.clear()
+                _, moved, plan = bal.balance(feats, given)
+                counts[name] = (len(calls), plan.partition.method != "kept")
+    finally:
+        dist.all_gather = gather
+    return counts
+
+
 def scenario_cut_plans_never_worse(rank, world):
     """Cutting a sample only just over the fair share: split's pieces recompute context and cost
     more than the whole, and both landed on one rank (max load 40 -> 50). A cut plan that is no

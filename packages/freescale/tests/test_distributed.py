@@ -240,6 +240,12 @@ def test_ranks_agree_on_dtypes_and_shapes(tmp_path):
     assert sum(o["balance"] for o in res["outcomes"]) == 4
 
 
+def test_balance_agrees_on_dense_tensors_in_one_gather(tmp_path):
+    """balance() planned without the dense tensors, so every exchange all-gathered again."""
+    proc, res = _run("balance_gathers_once", 2, tmp_path, timeout=90)
+    assert res == {"dense": (1, True), "none": (1, True)}, res
+
+
 def test_background_groups_take_the_process_group_timeout(tmp_path):
     proc, res = _run("group_timeout", 2, tmp_path, timeout=90, check=False)
     assert res is not None, proc.stderr[-3000:]

@@ -94,3 +94,12 @@ def test_from_dict_dtype():
     assert KeyedJagged.from_dict({"a": []}, dtype=torch.int32).values.dtype == torch.int32
     kj = KeyedJagged.from_dict({"a": [torch.tensor([1, 2]), torch.tensor([])]}, dtype=torch.int32)
     assert kj.values.dtype == torch.int32 and kj.values.tolist() == [1, 2] and kj.lengths.tolist() == [2, 0]
+
+
+def test_from_dict_empty_samples_keep_the_ids_dtype():
+    """torch.tensor([]) is float32: an empty history beside int64 ones turned every id into a float."""
+    kj = KeyedJagged.from_dict({"a": [torch.tensor([1, 2]), torch.tensor([]), torch.tensor([3])]})
+    assert kj.values.dtype == torch.int64 and kj.values.tolist() == [1, 2, 3]
+    assert KeyedJagged.from_dict({"a": [[1, 2], []]}).values.dtype == torch.int64  # lists work as samples too
+    with pytest.raises(ValueError, match="at least one key"):
+        KeyedJagged.from_dict({})

@@ -46,3 +46,18 @@ def test_lengths_must_sum_to_the_items(lengths):
 def test_model_sizes_must_be_integers(sizes, named):
     with pytest.raises(ValueError, match=named):
         HSTURecommender(**sizes)
+
+
+def test_padding_mask_lives_on_the_items_device():
+    """pad_jagged made its mask on the CPU whatever the values' device, so a model on a GPU failed
+    in its first forward (device mismatch); "meta" stands in for the GPU here."""
+    padded, mask = pad_jagged(torch.arange(3, device="meta"), torch.tensor([1, 2]))
+    assert padded.device.type == mask.device.type == "meta"
+    model = HSTURecommender(20, d_model=8, n_layers=1, max_len=10).to("meta")
+    assert model(torch.arange(3, device="meta"), torch.tensor([1, 2])).shape == (2, 20)
+
+
+def test_trailing_must_be_integer_counts():
+    """Float trailing counts were truncated to whole positions without a word."""
+    with pytest.raises(ValueError, match="trailing must be integer position counts"):
+        _model().sequence_states(torch.tensor([1, 2]), torch.tensor([2]), trailing=torch.tensor([0.5]))

@@ -110,3 +110,15 @@ def test_cost_model_fit_refuses_non_finite_times():
         CostModel().fit([[1, 2], [3]], [float("nan"), 1.0])
     with pytest.raises(ValueError, match="step_times must be finite"):
         CostModel().fit([[1, 2], [3]], [float("inf"), 1.0])
+
+
+def test_oversized_and_cost_model_check_their_arguments():
+    """oversized(costs, 0) named no sample; negative lengths cost like positive ones
+    (cost(-3) = cost(2) for a=b=1); from_model_shape's error named coefficients, not the argument."""
+    with pytest.raises(ValueError, match="world_size must be an int >= 1, got 0"):
+        oversized([1.0, 2.0], 0)
+    with pytest.raises(ValueError, match="lengths must be non-negative"):
+        CostModel(a=1.0, b=1.0)([-3, 2])
+    with pytest.raises(ValueError, match="d_model must be an integer >= 1, got -4"):
+        CostModel.from_model_shape(d_model=-4, n_heads=1, n_layers=1)
+    assert CostModel.from_model_shape(d_model=4, n_heads=1, n_layers=1, d_ff=0).a > 0  # no feed-forward block

@@ -74,3 +74,20 @@ def test_meter_steps_do_not_nest():
     assert len(meter.steps) == 1 and meter.steps[0]["samples"] == 5
     with pytest.raises(RuntimeError, match="no step is open"):
         meter.add_samples(1)
+
+
+@pytest.mark.parametrize("lengths, expected", [([-10, 20, 30, 40], "batches\\[1\\] must be non-negative"),
+                                               ([1.5, 20.0, 30.0, 40.0], "batches\\[1\\] must be integer counts")])
+def test_simulate_refuses_lengths_that_are_not_counts(lengths, expected):
+    """Negative lengths were simulated at a positive cost and float ones at fractional positions."""
+    with pytest.raises(ValueError, match=expected):
+        simulate([torch.tensor([1, 2]), torch.tensor(lengths)], 2, CostModel(a=1.0, b=1.0))
+
+
+@pytest.mark.parametrize("kwargs, named", [({"alpha": 1.0}, "alpha"), ({"alpha": 0.5}, "alpha"),
+                                           ({"min_len": 0}, "min_len"), ({"max_len": 10}, "max_len")])
+def test_zipf_lengths_checks_its_arguments(kwargs, named):
+    """alpha = 1 was a ZeroDivisionError, alpha < 1 gave lengths below min_len, max_len < min_len
+    lengths above max_len."""
+    with pytest.raises(ValueError, match=named):
+        zipf_lengths(5, **kwargs)

@@ -50,8 +50,15 @@ def test_dispatch_refuses_ids_out_of_range(backend, bad):
     """The Triton build returned uninitialised rows, the reference an unrelated error."""
     with pytest.raises(ValueError, match=r"expert_ids must be in \[0, n_experts=4\)"):
         dispatch(torch.tensor(bad, dtype=torch.int32), 4)
-    with pytest.raises(ValueError, match="n_experts must be >= 1"):
+    with pytest.raises(ValueError, match="n_experts must be an integer >= 1, got 0"):
         dispatch(torch.zeros(1, 1, dtype=torch.int32), 0)
+
+
+@pytest.mark.parametrize("n_experts", [4.0, "4", True])
+def test_dispatch_refuses_a_non_integer_expert_count(n_experts):
+    """4.0 failed inside the custom op's schema check, "4" with a bare TypeError comparing it."""
+    with pytest.raises(ValueError, match=f"n_experts must be an integer >= 1, got {n_experts!r}"):
+        dispatch(torch.zeros(2, 1, dtype=torch.int32), n_experts)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "interpret"])

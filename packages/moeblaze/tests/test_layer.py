@@ -1,3 +1,6 @@
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -253,13 +256,48 @@ def test_route_refuses_integer_logits():
     (dict(n_experts=0, top_k=0), "n_experts must be an integer >= 1, got 0"),
     (dict(top_k=1.0), r"top_k must be an integer in \[1, n_experts=2\], got 1.0"),
     (dict(n_shared_experts=-1), "n_shared_experts must be an integer >= 0, got -1"),
+    (dict(aux_loss_coef=float("nan")), "aux_loss_coef must be a finite number >= 0, got nan"),  # a NaN aux_loss
+    (dict(z_loss_coef=float("inf")), "z_loss_coef must be a finite number >= 0, got inf"),
+    (dict(aux_loss_coef="0.01"), "aux_loss_coef must be a finite number >= 0, got '0.01'"),  # failed at forward
+    (dict(z_loss_coef=-0.001), "z_loss_coef must be a finite number >= 0, got -0.001"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, match):
     """Checked at construction, before anything is built, not at the first forward."""
     args = {**dict(d_model=8, d_ff=8, n_experts=2, top_k=1), **kwargs}
     with pytest.raises(ValueError, match=match):
         MoE(**args)
-    if "d_ff" not in kwargs and "n_shared_experts" not in kwargs:  # the Router alone checks its own arguments
+    if not set(kwargs) & {"d_ff", "n_shared_experts", "aux_loss_coef", "z_loss_coef"}:  # the Router's own arguments
         router_args = {k: v for k, v in args.items() if k not in ("d_ff",)}
         with pytest.raises(ValueError, match=match):
             moeblaze.Router(**router_args)
+
+
+@pytest.mark.parametrize("capacity", [1.5, True, 0, "2"])
+def test_route_refuses_a_capacity_that_is_not_a_positive_integer(capacity):
+    """1.5 kept 2 slots and True kept 1, silently."""
+    with pytest.raises(ValueError, match=r"capacity must be an integer >= 1 slot per expert \(or None: dropless\)"):
+        route(torch.randn(4, 3), 1, capacity=capacity)
+
+
+def test_sizes_are_stored_as_python_ints():
+    """numpy sizes were stored as numpy ints (which a JSON config refuses)."""
+    layer = MoE(np.int64(8), np.int64(8), np.int64(4), np.int64(2))
+    assert all(type(v) is int for v in (layer.d_model, layer.d_ff, layer.n_experts, layer.top_k, layer.router.top_k))
+    json.dumps(dict(d_model=layer.d_model, top_k=layer.top_k))
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(()), r"x must be \[\.\.\., d_model=8\], got shape \(\)"),  # an IndexError
+    (torch.ones(2, 8, dtype=torch.long), "x must be a floating-point tensor, got torch.int64"),  # a matmul error
+    (torch.randn(2, 8, dtype=torch.bfloat16), "x is torch.bfloat16 but the layer's parameters are torch.float32"),
+])
+def test_module_refuses_bad_x_naming_it(x, match):
+    with pytest.raises(ValueError, match=match):
+        MoE(8, 8, 4, 2)(x)
+
+
+def test_module_takes_16_bit_x_under_autocast(monkeypatch):
+    """The dtype check leaves autocast alone: it casts x and the parameters, as for nn.Linear."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert MoE(8, 8, 4, 2)(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .cost import CostModel
+from .cost import CostModel, check_lengths
 from .jagged import KeyedJagged
 from .longseq import DROP_WARNING, MODES, Windows, floor_of, long_sequence_windows
 from .partition import METHODS, Partition, bubble_of, oversized, partition
@@ -228,14 +228,7 @@ class BatchBalancer:
         if isinstance(lengths_or_features, KeyedJagged):
             per_key = lengths_or_features.lengths_per_key().cpu()
             return torch.cat([per_key.sum(0).unsqueeze(1), per_key.T], 1)
-        lengths = torch.as_tensor(lengths_or_features).cpu()
-        if lengths.dim() != 1:
-            raise ValueError(f"lengths must be 1-D (one cost length per sample), got shape {tuple(lengths.shape)}")
-        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-            raise ValueError(f"lengths must be integer counts of positions, got dtype {lengths.dtype}")
-        if lengths.numel() and int(lengths.min()) < 0:
-            raise ValueError(f"lengths must be non-negative, got {int(lengths.min())}")
-        return lengths.to(torch.long).unsqueeze(1)
+        return check_lengths(torch.as_tensor(lengths_or_features).cpu()).unsqueeze(1)
 
     def _cost_lengths(self, key_lengths: torch.Tensor) -> torch.Tensor:
         """Cost length per global sample from every rank's per-key lengths (samples x keys): the
@@ -412,7 +405,8 @@ class BatchBalancer:
 
     def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """plan + exchange in one call. Returns (features, dense, plan)."""
-        plan = self.plan(features)
+        dense = dense or {}  # the plan's gather agrees on the dense tensors too: no second gather in exchange
+        plan = self.plan(features, dense)
         feats, dense = self.exchange(plan, features, dense)
         return feats, dense, plan
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gpukernels_common.checks import check_sizes
+
 
 class CostModel:
     """cost(L) = a*L + b*L^2 in arbitrary units (FLOPs from the model shape, or seconds when fitted)."""
@@ -31,13 +33,16 @@ class CostModel:
         Per layer and token: projections ~ 2*(4*d^2) (U, V, Q, K) + output 2*d^2, feed-forward
         2*2*d*d_ff; attention ~ 2*2*d per token pair (scores and weighted sum). x3 for backward.
         """
-        d_ff = d_ff if d_ff is not None else 4 * d_model
+        check_sizes(d_model=d_model, n_heads=n_heads, n_layers=n_layers)
+        d_ff = check_sizes(0, d_ff=d_ff)[0] if d_ff is not None else 4 * d_model  # 0: no feed-forward
         linear = n_layers * (10 * d_model * d_model + 4 * d_model * d_ff) * 3
         quadratic = n_layers * 4 * d_model * 3
         return cls(a=linear, b=quadratic)
 
     def __call__(self, lengths) -> torch.Tensor:
         lengths = torch.as_tensor(lengths, dtype=torch.float64)
+        if lengths.numel() and not bool((lengths >= 0).all()):  # a*L + b*L^2 is positive again below -a/b
+            raise ValueError(f"CostModel: lengths must be non-negative (and not NaN), got min {float(lengths.min())}")
         return self.a * lengths + self.b * lengths * lengths
 
     def fit(self, rank_lengths: Sequence[Sequence[int]], step_times: Sequence[float]) -> CostModel:
@@ -60,6 +65,20 @@ class CostModel:
 
     def __repr__(self) -> str:
         return f"CostModel(a={self.a:.4g}, b={self.b:.4g})"
+
+
+def check_lengths(lengths, name: str = "lengths") -> torch.Tensor:
+    """`lengths` (one per sample) as a 1-D int64 tensor of non-negative counts; a ValueError
+    naming `name` and what it got otherwise."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one length per sample), got shape {tuple(lengths.shape)}")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        if lengths.numel() or lengths.dtype == torch.bool:  # torch.as_tensor([]) is float32: an empty batch
+            raise ValueError(f"{name} must be integer counts of positions, got dtype {lengths.dtype}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"{name} must be non-negative, got {int(lengths.min())}")
+    return lengths.to(torch.long)
 
 
 def _nonnegative_least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

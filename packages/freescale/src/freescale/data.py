@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from gpukernels_common.checks import check_sizes
+
 
 def _ml100k_dir() -> Path:
     spec = importlib.util.find_spec("recbole")
@@ -50,6 +52,12 @@ def movielens_sequences() -> Sequences:
 
 def zipf_lengths(n: int, alpha: float = 1.2, max_len: int = 4096, min_len: int = 20, seed: int = 0) -> torch.Tensor:
     """Heavy-tailed sequence lengths: min_len * Zipf(alpha), capped at max_len."""
+    check_sizes(0, n=n)
+    check_sizes(min_len=min_len, max_len=max_len)
+    if not 1.0 < alpha < float("inf"):  # alpha <= 1: no Zipf tail (a division by zero, or lengths below min_len)
+        raise ValueError(f"alpha must be a finite number > 1, got {alpha!r}")
+    if max_len < min_len:
+        raise ValueError(f"max_len must be >= min_len, got max_len={max_len}, min_len={min_len}")
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(n, generator=g, dtype=torch.float64).clamp_min(1e-12)
     # inverse-CDF of a continuous Pareto with tail index alpha - 1 (the Zipf(alpha) tail)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -27,19 +28,24 @@ class KeyedJagged:
 
     @classmethod
     def from_dict(cls, data: dict[str, list[torch.Tensor]], dtype: torch.dtype | None = None) -> KeyedJagged:
-        """{key: [per-sample 1-D tensors]} with the same batch size per key. `dtype`: the values'
-        dtype (every sample is cast to it, an empty batch too); by default that of the samples
-        concatenated, int64 for a batch with no samples. Give it where a batch may be empty
+        """{key: [per-sample 1-D tensors (or lists)]} with the same batch size per key. `dtype`: the
+        values' dtype (every sample is cast to it, an empty batch too); by default that of the
+        non-empty samples concatenated (an empty sample's dtype does not count), int64 for a batch
+        with no values. Give it where a batch may be empty
         (e.g. a rank's share of a final partial batch) and the ids are not int64."""
         keys = list(data)
+        if not keys:
+            raise ValueError("from_dict needs at least one key, got an empty dict")
         sizes = {len(v) for v in data.values()}
         if len(sizes) != 1:
             raise ValueError(f"every key needs the same number of samples, got {sizes}")
-        lengths = torch.tensor([t.numel() for k in keys for t in data[k]], dtype=torch.long)
         parts = [torch.as_tensor(t).reshape(-1) for k in keys for t in data[k]]
-        if dtype is not None:
-            parts = [t.to(dtype) for t in parts]
-        values = torch.cat(parts) if parts else torch.empty(0, dtype=dtype or torch.long)
+        lengths = torch.tensor([t.numel() for t in parts], dtype=torch.long)
+        if dtype is None:
+            # empty samples (torch.tensor([]) is float32) take no part: they turned int64 ids into floats
+            filled = [t.dtype for t in parts if t.numel()]
+            dtype = functools.reduce(torch.promote_types, filled) if filled else torch.long
+        values = torch.cat([t.to(dtype) for t in parts]) if parts else torch.empty(0, dtype=dtype)
         return cls(keys, values, lengths)
 
     @property

@@ -52,7 +52,7 @@ def pad_jagged(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None 
     max_len = max(sizes, default=0) if max_len is None else max_len
     b = len(sizes)
     out = values.new_zeros(b, max_len)
-    mask = torch.zeros(b, max_len, dtype=torch.bool)
+    mask = torch.zeros(b, max_len, dtype=torch.bool, device=values.device)  # beside the padded values (a GPU model)
     start = 0
     for i, n in enumerate(sizes):
         seq = values[start : start + n][-max_len:] if max_len else values[:0]
@@ -112,7 +112,10 @@ class HSTURecommender(nn.Module):
         if trailing is None:
             positions = self.position.weight[self.max_len - width :]  # the newest `width` (not [-0:], the whole table)
         else:
-            trailing = torch.as_tensor(trailing, dtype=torch.long, device=lengths.device)
+            trailing = torch.as_tensor(trailing, device=lengths.device)
+            if trailing.is_floating_point() or trailing.is_complex() or trailing.dtype == torch.bool:
+                raise ValueError(f"trailing must be integer position counts, got dtype {trailing.dtype}")  # not truncated
+            trailing = trailing.long()
             if trailing.shape != lengths.shape or (trailing < 0).any() or (lengths.clamp_max(width) + trailing > self.max_len).any():
                 raise ValueError(f"trailing must be [B={lengths.numel()}] non-negative counts with window + trailing "
                                  f"<= max_len={self.max_len}")

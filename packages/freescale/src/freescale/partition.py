@@ -137,9 +137,7 @@ def partition(costs, world_size: int, method: str = "kk_equal", refine: bool = T
         raise ValueError(f"costs must be 1-D (one cost per sample), got shape {tuple(costs.shape)}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    world_size = int(world_size)
+    world_size = check_world_size(world_size)
     if not torch.isfinite(costs).all() or (costs < 0).any():
         raise ValueError("costs must be finite and non-negative")
     values = costs.tolist()  # Python floats: the greedy and differencing loops index them one by one
@@ -156,8 +154,16 @@ def partition(costs, world_size: int, method: str = "kk_equal", refine: bool = T
     return Partition(assignments, loads, method)
 
 
+def check_world_size(world_size) -> int:
+    """`world_size` as an int >= 1; a ValueError otherwise (0 ranks made every sample oversized-free)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    return int(world_size)
+
+
 def oversized(costs, world_size: int) -> torch.Tensor:
     """Indices of samples whose cost alone exceeds a rank's fair share (sum / W): no placement
     can balance those; split or cap them (`BatchBalancer(long_sequences=...)`, `freescale.longseq`)."""
+    world_size = check_world_size(world_size)
     costs = torch.as_tensor(costs, dtype=torch.float64)
     return (costs > costs.sum() / world_size).nonzero().reshape(-1)

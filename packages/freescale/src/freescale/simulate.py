@@ -12,14 +12,13 @@ fair share first, as `BatchBalancer` does (split pieces recompute their context)
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
 
 import torch
 
-from .cost import CostModel
+from .cost import CostModel, check_lengths
 from .longseq import long_sequence_windows
-from .partition import partition
+from .partition import check_world_size, partition
 
 
 @dataclasses.dataclass
@@ -43,8 +42,7 @@ def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostM
              overlap_slowdown: float = 0.35, sm_free: bool = False, allreduce_seconds: float = 0.0,
              refine: bool = True, long_sequences: str = "report", split_context: int | None = None) -> SimResult:
     """Simulate one step per global batch of sequence lengths."""
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    world_size = check_world_size(world_size)
     if isinstance(batches, torch.Tensor):  # a 2-D tensor: one global batch per row
         batches = list(batches) if batches.dim() == 2 else None
     if batches is None or len(batches) == 0:
@@ -58,8 +56,8 @@ def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostM
     alpha = 0.0 if sm_free else overlap_slowdown
     steps, waits, comms, busies, per_step = [], 0.0, 0.0, 0.0, []
     total_samples = 0
-    for lengths in batches:
-        lengths = torch.as_tensor(lengths)
+    for batch, lengths in enumerate(batches):
+        lengths = check_lengths(lengths, f"batches[{batch}]")  # negative lengths cost like positive ones
         total_samples += lengths.numel()
         windows = long_sequence_windows(long_sequences, lengths, cost_model, world_size, split_context)
         lengths = lengths if windows is None else windows.lengths

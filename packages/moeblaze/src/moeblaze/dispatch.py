@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from gpukernels_common import register_op
+from gpukernels_common.checks import check_sizes
 
 
 @dataclasses.dataclass
@@ -76,6 +77,7 @@ build_dispatch = register_op("moeblaze::build_dispatch", reference=_dispatch_ref
 def dispatch(expert_ids: torch.Tensor, n_experts: int) -> Dispatch:
     """Build the dispatch indices for [T, k] expert choices in [0, n_experts). The range check
     costs one host synchronisation (moe_experts checks the range once and skips this one)."""
+    check_sizes(n_experts=n_experts)  # eager only, as the range check: traced callers pass symbolic counts
     _check_dispatch_inputs(expert_ids, n_experts)
     if expert_ids.numel():
         lo, hi = torch.aminmax(expert_ids)

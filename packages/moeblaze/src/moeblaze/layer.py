@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -47,9 +48,12 @@ class MoE(nn.Module):
                  expert_group=None):
         super().__init__()
         # every argument checked here, before anything is built: not at the first forward
-        check_sizes(d_model=d_model, d_ff=d_ff, n_experts=n_experts)
+        # stored as Python ints (a numpy int would not go into a JSON config)
+        d_model, d_ff, n_experts = check_sizes(d_model=d_model, d_ff=d_ff, n_experts=n_experts)
         check_sizes(0, n_shared_experts=n_shared_experts)
         check_top_k(top_k, n_experts)
+        top_k = int(top_k)
+        _check_loss_coefficients(aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if checkpoint not in CHECKPOINTS:
@@ -103,8 +107,7 @@ class MoE(nn.Module):
             expert.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x's last dimension must be d_model={self.d_model}, got {x.shape[-1]}")
+        self._check_input(x)
         shape = x.shape
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat)
@@ -123,6 +126,16 @@ class MoE(nn.Module):
             out = out + expert(flat)
         return out.reshape(shape)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        # here, naming x: the router's nn.Linear would otherwise fail with a bare matmul dtype error
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [..., d_model={self.d_model}], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+        dtype = self.router.proj.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts both, as nn.Linear's
+            raise ValueError(f"x is {x.dtype} but the layer's parameters are {dtype}: cast one to the other "
+                             f"(e.g. layer.to({x.dtype})) or run under torch.autocast")
 
     def __getstate__(self):
         # aux_loss is attached to the last forward's graph, which deepcopy (EMA / AveragedModel
@@ -131,6 +144,14 @@ class MoE(nn.Module):
         if isinstance(state.get("aux_loss"), torch.Tensor) and state["aux_loss"].grad_fn is not None:
             state = {**state, "aux_loss": state["aux_loss"].detach()}
         return state
+
+
+def _check_loss_coefficients(**coefficients) -> None:
+    # a NaN or inf coefficient makes every aux_loss NaN or inf, silently; a string fails at the first forward
+    for name, value in coefficients.items():
+        if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+                or value < 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class _SharedExpert(nn.Module):

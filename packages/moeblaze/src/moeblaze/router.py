@@ -54,6 +54,14 @@ def check_capacity_factor(capacity_factor) -> None:
         raise ValueError(f"capacity_factor must be a finite number > 0 (or None: dropless), got {capacity_factor!r}")
 
 
+def check_capacity(capacity) -> None:
+    # an integer: a float (1.5) or True would silently act as the next integer up
+    if capacity is None:
+        return
+    if not isinstance(capacity, (numbers.Integral, torch.SymInt)) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(f"capacity must be an integer >= 1 slot per expert (or None: dropless), got {capacity!r}")
+
+
 def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize: bool = True,
           capacity: int | None = None) -> Routing:
     """Top-k routing of [T, E] logits. With `capacity`, each expert keeps its first `capacity`
@@ -77,6 +85,7 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
         raise ValueError(f"router logits must be a floating-point tensor, got {logits.dtype}")
     n_experts = logits.shape[1]
     check_top_k(top_k, n_experts)
+    check_capacity(capacity)
     # an eager-only check (a host synchronisation): skipped while torch.compile / torch.export
     # trace and on meta tensors (shape inference), which have no values to check
     if not (tracing() or logits.is_meta) and not torch.isfinite(logits).all():
@@ -107,8 +116,6 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
         aux = z = logits32.sum()  # 0, still in the graph: the router's weight gets a zero gradient
     dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
     if capacity is not None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1 slot per expert, got {capacity}")
         flat = expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # slot order within each expert: token order
         counts = torch.zeros(n_experts, dtype=flat.dtype, device=flat.device).index_add_(
