@@ -9,8 +9,8 @@ itself and sends one row back per (token, rank), where it is added to the token'
 Slots dropped by a capacity (id E) never travel and contribute zero.
 
 Counts are exchanged first so every buffer has its exact size. The rows, with their routing
-weights in x's dtype, go out and come back through torch.distributed.nn's differentiable
-all-to-all, so gradients for x, the routing weights and the local expert weights flow back
+weights in x's dtype, go out and come back through a differentiable all-to-all
+(`_exchange_rows`), so gradients for x, the routing weights and the local expert weights flow back
 across ranks; a rank that receives nothing keeps its buffers and expert weights in the graph,
 so every rank's backward runs the same collectives. gloo on CPUs, NCCL on GPUs.
 
@@ -23,9 +23,31 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from .experts import _autocast, check_expert_inputs, moe_experts
+
+
+class _RowExchange(torch.autograd.Function):
+    """All-to-all of rows: send[r] rows to rank r, recv[r] rows from it; the backward sends the
+    gradients the reverse way. Built on the public collective: torch.distributed.nn's differentiable
+    all_to_all_single is deprecated (a FutureWarning in recent torch)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send: list[int], recv: list[int], group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = rows.new_empty(sum(recv), *rows.shape[1:])
+        dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return back, None, None, None
+
+
+def _exchange_rows(rows: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    return _RowExchange.apply(rows, send, recv, group)
 
 
 def local_expert_count(n_experts: int, group=None) -> int:
@@ -140,12 +162,12 @@ def expert_parallel_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: 
         weights = _merged_weights(expert_ids, weights)
     padded_weights = torch.cat([weights.reshape(-1), weights.new_zeros(1)]).to(x.dtype)
     outgoing = torch.cat([x[row_token], padded_weights[row_slot]], 1)
-    incoming = dist_fn.all_to_all_single(x.new_empty(n_recv, outgoing.shape[1]), outgoing, recv, send, group=group)
+    incoming = _exchange_rows(outgoing, send, recv, group)
     if n_recv:
         out_rows = _run_local_experts(incoming[:, :d], recv_local_ids, incoming[:, d:], w_gate, w_up, w_down, local,
                                       activation, checkpoint)
     else:  # keep the received buffer and the weights in the graph: every rank's backward runs the same collectives
         unused = w_gate.sum() + w_down.sum() + (w_up.sum() if w_up is not None else 0)
         out_rows = incoming[:, :d] + unused * 0
-    back = dist_fn.all_to_all_single(x.new_empty(row_token.numel(), d), out_rows.contiguous(), send, recv, group=group)
+    back = _exchange_rows(out_rows, recv, send, group)
     return torch.zeros_like(x).index_add(0, row_token, back)
