@@ -462,3 +462,29 @@ def test_item_table_and_towers_are_checked_as_build_checks_them(artifact, tmp_pa
                  "--k-candidates", "20", "--num-results", "5", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "towers.safetensors: value_model.weights has NaN or inf values" in err and err.count("\n") == 1, err
+
+
+def test_server_hands_the_model_its_inputs_on_the_models_device(artifact):
+    """Requests are parsed onto the CPU; the warm-up and every batch (features, per-request weights
+    stacked with the fixed ones) must reach the model on its device. The model's buffers sit on
+    meta, which stands in for a GPU, and its forward records the devices it is given."""
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import create_app
+
+    model = RetrievalModel.load(artifact[0])
+    model.codes = model.codes.to("meta")  # the device the server reads off the model
+    model.value_model.weights = model.value_model.weights.to("meta")
+    seen = []
+
+    def forward(*inputs):
+        seen.append({t.device.type for t in inputs if isinstance(t, torch.Tensor)})
+        q, n = inputs[0].shape[0], model.num_results
+        return (torch.arange(n).repeat(q, 1), torch.zeros(q, n), torch.zeros(q, n, 2), torch.zeros(q, n, dtype=torch.bool),
+                torch.zeros(q, dtype=torch.int64))
+
+    model.forward = forward
+    with TestClient(create_app(model)) as client:
+        for body in ({"user_features": [3]}, {"user_features": [3], "value_weights": [1, 0.5]}):
+            assert client.post("/v1/retrieve", json=body).status_code == 200
+    assert seen == [{"meta"}] * 3  # the warm-up, then the two requests

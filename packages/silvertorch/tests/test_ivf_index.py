@@ -698,3 +698,29 @@ def test_numpy_counts_and_clear_errors_for_wrong_arguments():
     with pytest.raises(ValueError, match="ids must be integers, got torch.float32"):
         index.remove(torch.tensor([1.5, 2.0]))
     assert index.remove(np.array([1, 2])) == 2
+
+
+def test_dense_mask_filter_answers_ranges_given_on_another_device():
+    """The search hands a filter its ranges on the index's device and moves the words it gets back
+    (as a Bloom filter's, on the Bloom index's device): a mask on one device takes ranges from
+    another (meta stands in for it: a CPU tensor beside a meta one raises as beside a CUDA one)."""
+    mask = torch.rand(3, 500, generator=torch.Generator().manual_seed(4)) < 0.5
+    starts, lengths = torch.tensor([[0, 37], [100, 460], [5, 0]]), torch.tensor([[40, 9], [64, 40], [33, 0]])
+    got = DenseMaskFilter(mask.to("meta")).range_masks(starts, lengths, 64)
+    assert got.device.type == "meta" and got.shape == (3, 2, 2) and got.dtype == torch.int32
+
+
+@pytest.mark.gpu
+def test_filters_on_the_cpu_filter_a_search_on_the_gpu():
+    """Filters built from CPU tensors (a Bloom index from the attribute table, a boolean mask) stay
+    on the CPU; a search on an index built from GPU embeddings takes their answers, the Bloom
+    filter's exact mask too (its winners' verification)."""
+    index = IVFIndex.build(INDEX_X.cuda(), n_clusters=16)
+    cat = torch.randint(0, 5, (index.num_items,), generator=torch.Generator().manual_seed(2))  # per stored position
+    bloom = BloomIndex.build(torch.ones(index.num_items, dtype=torch.long), torch.arange(index.num_items + 1), cat, k=3,
+                             b_multiplier=1.2)
+    plans = parse_filters(["1:2", "1:2", "NOT 1:2", "1:1 OR 1:2", "1:9", "1:3 AND NOT 1:4"])
+    exact = torch.stack([cat == 2, cat == 2, cat != 2, (cat == 1) | (cat == 2), cat == 9, cat == 3])
+    r = index.search_with_stats(QUERIES.cuda(), k=20, nprobe=4, filters=bloom.filter(plans))
+    e = index.search_with_stats(QUERIES.cuda(), k=20, nprobe=4, filters=DenseMaskFilter(exact))
+    assert torch.equal(r.ids, e.ids) and torch.equal(r.scores, e.scores)

@@ -816,3 +816,39 @@ def test_probed_scores_kernel_reads_non_contiguous_inputs_row_major():
     args[6] = args[6].T.contiguous().T  # column-major query codes
     args[0] = args[0].T.contiguous().T  # and item codes
     torch.testing.assert_close(probed_scores.run(Backend.INTERPRET, *args), want, rtol=1e-6, atol=0)
+
+
+# -- device audit: the `meta` device stands in for a GPU (a CPU tensor beside a meta one raises as
+# beside a CUDA one; reading a value, as an eager check's `if ...any()` does, is where meta stops)
+def test_id_features_on_a_device_are_range_checked_there():
+    features = torch.tensor([[1], [2]], device="meta")
+    with pytest.raises(RuntimeError, match="cannot be called on meta"):  # past the comparison, at the value read
+        MODEL.check_user_features(features)
+
+
+def test_item_tower_gets_the_item_table_on_its_own_device():
+    from silvertorch.publish import item_embeddings_from_tower
+
+    class RecordingTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.seen = []
+
+        def forward(self, features):
+            self.seen.append(features.device.type)
+            return torch.ones(features.shape[0], 4)
+
+    tower = RecordingTower()
+    assert item_embeddings_from_tower(tower, torch.zeros(5, 3), batch_size=2).shape == (5, 4)
+    assert tower.seen == ["meta"] * 3
+
+
+@pytest.mark.gpu
+def test_rebuild_keeps_the_models_device():
+    model = _model().to("cuda")
+    model.delete_items(IDS[:5])
+    rebuilt = model.rebuild()
+    assert {t.device.type for t in rebuilt.state_dict().values()} == {"cuda"}
+    users = torch.arange(4).unsqueeze(1)
+    assert torch.equal(rebuilt.retrieve(users).ids.cpu(), model.rebuild().cpu().retrieve(users).ids)

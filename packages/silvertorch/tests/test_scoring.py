@@ -95,3 +95,9 @@ def test_value_model_weights_keep_scores_finite():
     assert torch.isfinite(ValueModel(2, [1.7e38, 1.7e38])(logits)).all()
     with pytest.raises(ValueError, match="this Value Model is learned"):
         ValueModel(2, learned=True)(logits, torch.ones(2))
+
+
+def test_per_request_weights_given_as_numbers_follow_the_logits_device():
+    # meta stands in for a GPU: the weights list becomes a CPU tensor, which meta logits refuse as CUDA would
+    value = ValueModel(2)(torch.zeros(3, 4, 2, device="meta"), [[1.0, 0.5]] * 3)
+    assert value.device.type == "meta" and value.shape == (3, 4)

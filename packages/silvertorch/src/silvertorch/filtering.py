@@ -117,6 +117,9 @@ class DenseMaskFilter:
 
     def range_masks(self, starts, lengths, max_length):
         q, n = self.mask.shape
+        # the ranges come on the index's device, the words go back on the mask's (as a BloomFilter's
+        # on its index's): the search moves them
+        starts, lengths = starts.to(self.mask.device), lengths.to(self.mask.device)
         num_words = max(math.ceil(max_length / 32), 1)
         # word w of a range starting at bit s: the packed words s // 32 + w and the next one,
         # shifted right by s % 32 and joined (unsigned 32-bit values held in int64)

@@ -133,7 +133,7 @@ def _check_against_spec(features: torch.Tensor, spec: dict) -> torch.Tensor:
         return features
     if features.dtype.is_floating_point and not torch.equal(features, features.round()):
         raise ValueError("user_features must be whole numbers (ids) for this user tower")
-    high = torch.as_tensor(spec["max"], dtype=torch.int64)
+    high = torch.as_tensor(spec["max"], dtype=torch.int64, device=features.device)  # retrieve() takes device tensors
     # checked before any int64 conversion, which would wrap a huge float around
     bad = (features < 0) | (features > high.to(features.dtype if features.dtype.is_floating_point else torch.int64))
     if bad.any():
@@ -647,8 +647,10 @@ class RetrievalModel(nn.Module):
         options["nprobe"] = min(options["nprobe"], options["n_clusters"])
         options["max_nprobe"] = min(max(options["max_nprobe"], options["nprobe"]), options["n_clusters"])
         dense = self.item_dense[live].cpu() if hasattr(self, "item_dense") else None
+        # build() makes its tensors on the CPU; the towers are shared and stay where they are
         return RetrievalModel.build(self.user_tower, self.overarch, self.value_model, self.item_embeddings[live].float().cpu(),
-                                    self.item_ids[live].cpu(), attributes, self.schema, item_dense=dense, **options)
+                                    self.item_ids[live].cpu(), attributes, self.schema, item_dense=dense,
+                                    **options).to(self.codes.device)
 
     # -- artifact ----------------------------------------------------------------------------------
     def config(self) -> dict:

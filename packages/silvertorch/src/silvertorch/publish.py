@@ -10,6 +10,7 @@ as config.json + model.safetensors. `progress=True` shows a bar per step (tqdm w
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -48,12 +49,15 @@ def item_embeddings_from_tower(item_tower: nn.Module, item_features: torch.Tenso
     n = item_features.shape[0]
     bar = _bar(n, "item embeddings", progress)
     out = []
+    # each chunk goes to the tower's device (an item table is read onto the CPU, a trained tower may be on a GPU)
+    held = next(itertools.chain(item_tower.parameters(), item_tower.buffers()), None)
+    device = item_features.device if held is None else held.device
     was_training = item_tower.training
     item_tower.eval()
     try:
         with torch.no_grad():
             for chunk in item_features.split(batch_size):
-                out.append(item_tower(chunk).float().cpu())
+                out.append(item_tower(chunk.to(device)).float().cpu())
                 if bar:
                     bar.update(chunk.shape[0])
     finally:

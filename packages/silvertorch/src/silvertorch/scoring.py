@@ -117,7 +117,7 @@ class ValueModel(nn.Module):
         """logits [Q, K, T]; weights [Q, T] per request (overrides the fixed ones) -> value [Q, K]."""
         probs = torch.sigmoid(logits.float())
         if weights is not None:
-            weights = self.check_request_weights(weights, logits.shape[0], values=not tracing())
+            weights = self.check_request_weights(weights, logits.shape[0], values=not tracing()).to(probs.device)
         if self.mlp is not None:
             return self.mlp(probs.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
         w = self.weights if weights is None else weights

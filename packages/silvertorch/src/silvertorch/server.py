@@ -97,12 +97,13 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
     queue: asyncio.Queue = asyncio.Queue(maxsize=limits.max_queue)
 
     def run_batch(batch: list[_Pending]):
-        feats = torch.stack([p.features for p in batch])
+        device = model.codes.device  # the handlers build features and weights on the CPU
+        feats = torch.stack([p.features for p in batch]).to(device)
         ops, args, hashes = (torch.cat(parts) for parts in zip(*(p.plan for p in batch)))
         weights = None
         if any(p.weights is not None for p in batch):
             fixed = model.value_model.weights
-            weights = torch.stack([p.weights if p.weights is not None else fixed for p in batch])
+            weights = torch.stack([p.weights.to(device) if p.weights is not None else fixed for p in batch])
         with torch.no_grad():
             return model(feats, ops, args, hashes, weights)
 
@@ -150,7 +151,8 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(worker())
-        warm = torch.zeros(1, len(spec.get("max", [0])) if spec else 1, dtype=torch.int64 if spec.get("dtype") == "int64" else torch.float32)
+        warm = torch.zeros(1, len(spec.get("max", [0])) if spec else 1, dtype=torch.int64 if spec.get("dtype") == "int64" else torch.float32,
+                           device=model.codes.device)
         with contextlib.suppress(Exception):  # a tower with another input shape warms up on its first request
             await asyncio.to_thread(model, warm, *model.prepare_filters([""]))
         state["ready"] = True

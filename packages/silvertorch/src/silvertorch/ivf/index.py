@@ -507,7 +507,7 @@ class IVFIndex:
             m = min(VERIFY_POOL * kk, scores.shape[1])
             while True:
                 top, order, pos = select(m)
-                ok = filters.exact_mask(pos) & (pos >= 0)
+                ok = filters.exact_mask(pos).to(pos.device) & (pos >= 0)  # a filter's answer is on its own device
                 rejected = ~ok & (pos >= 0)
                 exhausted = (pos < 0).any(1) if m < scores.shape[1] else torch.ones_like(ok[:, 0])  # no candidate past the pool
                 if bool(((ok.sum(1) >= kk) | exhausted).all()):
