@@ -24,6 +24,7 @@ from freescale import (
     TrainPipeline,
     simulate,
 )
+from freescale.embeddings import initial_rows
 from gpukernels_common.distributed import destroy_process_group
 
 
@@ -612,7 +613,7 @@ def scenario_scheduler(rank, world):
     return {"order": order}
 
 
-def scenario_scheduler_uneven(rank, world):
+def scenario_scheduler_uneven(rank, world, device="cpu"):
     """Uneven splits whose sizes differ a lot between ranks, larger than chunk_bytes on some
     ranks only (every rank must still issue the same chunks), then a 0-column all-to-all and a
     later op that must still line up; FIFO and preempt ordering."""
@@ -621,13 +622,14 @@ def scenario_scheduler_uneven(rank, world):
         sched = CommScheduler(chunk_bytes=1 << 12, preempt=preempt)
         rows = 200 if rank == 0 else 1  # rows this rank sends to each rank
         senders = [200 if r == 0 else 1 for r in range(world)]
-        big_in = torch.full((rows * world, 16), float(rank))
-        big_out = torch.empty(sum(senders), 16)
+        big_in = torch.full((rows * world, 16), float(rank), device=device)
+        big_out = torch.empty(sum(senders), 16, device=device)
         f_big = sched.all_to_all(big_out, big_in, senders, [rows] * world, name="uneven")
-        empty_out = torch.empty(sum(senders), 0)
-        f_empty = sched.all_to_all(empty_out, torch.empty(rows * world, 0), senders, [rows] * world, name="no columns")
+        empty_out = torch.empty(sum(senders), 0, device=device)
+        f_empty = sched.all_to_all(empty_out, torch.empty(rows * world, 0, device=device), senders, [rows] * world,
+                                   name="no columns")
         sched.flush()
-        tail = torch.full((3,), float(rank + 1))
+        tail = torch.full((3,), float(rank + 1), device=device)
         f_tail = sched.all_reduce(tail, name="tail")
         sched.flush()
         f_big.result(timeout=30)
@@ -635,8 +637,32 @@ def scenario_scheduler_uneven(rank, world):
         f_tail.result(timeout=30)
         sched.close()
         expect = torch.cat([torch.full((n, 16), float(r)) for r, n in enumerate(senders)])
-        out[f"preempt={preempt}"] = torch.tensor(torch.equal(big_out, expect) and empty_out.shape == (sum(senders), 0)
-                                                 and torch.equal(tail, torch.full((3,), float(sum(range(1, world + 1))))))
+        out[f"preempt={preempt}"] = torch.tensor(torch.equal(big_out.cpu(), expect) and empty_out.shape == (sum(senders), 0)
+                                                 and torch.equal(tail.cpu(), torch.full((3,), float(sum(range(1, world + 1))))))
+    return out
+
+
+def scenario_collectives_cuda(rank, world):
+    """On GPUs (NCCL, one GPU per rank; NCCL takes CUDA tensors only): the balancer's gathers made
+    on the host (a plan from the features, and the dense agreement of a plan without them), the
+    scheduler's chunk and round agreements, and `full_weight`'s gather of GPU shards."""
+    out = {}
+    bal = BatchBalancer(background=False)
+    a, b, _ = global_batch(23)
+    lo, hi = local_slice(world, rank, 23)
+    host = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
+    feats = KeyedJagged(host.keys, host.values.cuda(), host.lengths.cuda())
+    for name, plan in (("features", bal.plan(feats)), ("lengths", bal.plan(bal.lengths_of(feats)))):
+        _, moved = bal.exchange(plan, feats, {"id": torch.arange(lo, hi, device="cuda")})
+        every = [None] * world
+        dist.all_gather_object(every, moved["id"].tolist())
+        out[f"balance from {name}"] = torch.tensor(sorted(sum(every, [])) == list(range(23)))
+    out.update(scenario_scheduler_uneven(rank, world, device="cuda"))
+    emb = ShardedEmbeddings({"a": 50}, dim=4).cuda()
+    whole = emb.full_weight("a")
+    out["full_weight"] = torch.tensor(whole.device == torch.device("cuda", rank)
+                                      and torch.equal(whole.cpu(), initial_rows(0, 0, 50, 4, 0, 50)))
+    torch.cuda.synchronize()
     return out
 
 

@@ -37,3 +37,14 @@ def test_ops_after_close_raise_and_unflushed_ops_fail():
         sched.all_to_all(torch.empty(2, 2), torch.ones(2, 2))
     with pytest.raises(RuntimeError, match="scheduler is closed"):
         sched.flush()
+
+
+def test_collective_device_follows_the_group_backend(monkeypatch):
+    """Counts and flags made on the host for a collective go where the group takes them: the host
+    where it has a CPU backend (gloo), the current GPU under NCCL alone (which refuses CPU tensors)."""
+    from freescale.comm import collective_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for backend, device in (("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("nccl", "cuda:1"), ("mpi", "cpu")):
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None, backend=backend: backend)
+        assert collective_device(object()) == torch.device(device), backend

@@ -163,6 +163,16 @@ def test_copy_engine_transport_on_gpus(tmp_path):
     assert res and all(bool(v) for v in res.values()), res
 
 
+@pytest.mark.gpu
+def test_host_made_collective_tensors_under_nccl(tmp_path):
+    """NCCL all-reduces and all-gathers CUDA tensors only: the balancer's plan gathers, the
+    scheduler's agreements and `full_weight`'s shards were host tensors (2 GPUs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs (NCCL, one per rank); found {torch.cuda.device_count()}")
+    proc, res = _run("collectives_cuda", 2, tmp_path, timeout=300)
+    assert res and all(bool(v) for v in res.values()), res
+
+
 def test_train_pipeline_moves_every_sample_once(tmp_path):
     """Balanced, the next batch is planned and exchanged, and its embedding ids distributed, in
     the background while the current step runs its own collective; every step still gets each

@@ -103,3 +103,25 @@ def test_from_dict_empty_samples_keep_the_ids_dtype():
     assert KeyedJagged.from_dict({"a": [[1, 2], []]}).values.dtype == torch.int64  # lists work as samples too
     with pytest.raises(ValueError, match="at least one key"):
         KeyedJagged.from_dict({})
+
+
+def test_device_features_take_host_or_device_indices():
+    """A GPU batch cut or reordered by a plan's host indices and windows (the exchange under
+    cap/split), or by device indices: the index arithmetic stays beside the lengths. Run on a
+    stand-in device that refuses host tensors as CUDA does; the arange of the key rows and the
+    windows' start/stop were made on the host."""
+    from gpukernels_common.testing.devices import device_factories, on_device
+
+    host = _kj()
+    with device_factories():
+        kj = KeyedJagged(host.keys, on_device(host.values), on_device(host.lengths))
+        for indices in (torch.tensor([2, 0]), on_device(torch.tensor([2, 0]))):
+            assert kj.permute(indices).values.device == kj.values.device
+            assert kj.permute(indices).values.tolist() == host.permute(torch.tensor([2, 0])).values.tolist()
+            values, lengths = kj.sample_major(indices)
+            want_values, want_lengths = host.sample_major(torch.tensor([2, 0]))
+            assert values.tolist() == want_values.tolist() and lengths.tolist() == want_lengths.tolist()
+        aligned = KeyedJagged(["x", "y"], on_device(torch.arange(10)), on_device(torch.tensor([2, 3, 2, 3])))
+        cut = aligned.windows(torch.tensor([1, 0]), torch.tensor([1, 0]), torch.tensor([3, 1]))
+        assert cut.values.tolist() == [3, 4, 0, 8, 9, 5] and cut.lengths.tolist() == [2, 1, 2, 1]
+        assert [part.values.tolist() for part in kj.split([1, 2])] == [[1, 2, 7], [3, 8, 9, 10, 11]]

@@ -91,3 +91,18 @@ def test_zipf_lengths_checks_its_arguments(kwargs, named):
     lengths above max_len."""
     with pytest.raises(ValueError, match=named):
         zipf_lengths(5, **kwargs)
+
+
+def test_meter_compute_waits_for_the_gpu(monkeypatch):
+    """On a GPU the kernels launched in `compute()` run after their launches return: the meter
+    waits for them inside compute, else their time counted as the next barrier's straggler wait."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (time.sleep(0.05), synced.append(True)))
+    meter = BubbleMeter()
+    with meter.step():
+        with meter.compute():
+            pass
+    assert synced == [True]
+    assert meter.steps[0]["compute"] >= 0.05  # the wait is compute time

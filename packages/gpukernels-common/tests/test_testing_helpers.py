@@ -181,3 +181,21 @@ def test_free_port_stays_out_of_the_ephemeral_range_and_is_not_handed_out_twice(
         assert not low <= port <= high, (port, low, high)
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # still free
+
+
+def test_stand_in_device_refuses_host_tensors_as_cuda_does():
+    from gpukernels_common.testing.devices import device_factories, on_device
+
+    with device_factories():
+        x = on_device(torch.arange(4.0))
+        with pytest.raises(RuntimeError, match="same device"):
+            x + torch.ones(4)  # a 1-d host tensor
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.arange(4)[on_device(torch.tensor([1]))]  # a host tensor indexed by device indices
+        assert (x + torch.tensor(1.0)).tolist() == [1.0, 2.0, 3.0, 4.0]  # 0-d host tensors are fine
+        assert x[torch.tensor([3, 0])].tolist() == [3.0, 0.0]  # so are host indices
+        made = torch.zeros(2, device=x.device) + torch.ones(2).to(x.device)
+        assert made.device == x.device and made.tolist() == [1.0, 1.0]
+        host = x.to("cpu")
+        assert type(host) is torch.Tensor and host.tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert bool((x > 2).any()) and int(x.sum()) == 6  # values are read as from a GPU

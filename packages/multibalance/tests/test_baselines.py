@@ -359,3 +359,18 @@ def test_dbmtl_heads_train_on_the_log_losses():
         expected = torch.autograd.grad(torch.log(((h(shared(x).detach()) - y) ** 2).mean() + 1e-8), list(h.parameters()))
         for p, e in zip(h.parameters(), expected):
             torch.testing.assert_close(p.grad, e)
+
+
+def test_pcgrad_on_device_gradients():
+    """PCGrad on GPU gradients: its projection coefficients were made on the host and multiplied
+    with the device Gram matrix. Run on a stand-in device that refuses host tensors as CUDA does."""
+    from gpukernels_common.testing.devices import device_factories, on_device
+
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(4, 3, generator=g)] for _ in range(3)]
+    want = PCGrad(list("abc")).combine([[x.clone() for x in gt] for gt in grads], None)
+    with device_factories():
+        got = PCGrad(list("abc")).combine([[on_device(x) for x in gt] for gt in grads], None)
+        assert got[0].device == torch.device("meta")
+        got = got[0].to("cpu")
+    torch.testing.assert_close(got, want[0])

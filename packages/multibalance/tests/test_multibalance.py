@@ -214,6 +214,17 @@ def test_warmup_uses_plain_sum():
     torch.testing.assert_close(z.grad, torch.full((1, 1), 6.0))
 
 
+def test_warmup_does_not_read_the_step_count_from_the_device():
+    """With warmup_steps the scales came from `int(self.step)`, a wait for the GPU in every step's
+    backward (the step keeps one synchronization point); on `meta` no value can be read."""
+    bal = MultiBalance(["a", "b"], relax=1.0, warmup_steps=1)
+    bal.ema, bal.step = torch.tensor([[1.0, 4.0]], device="meta"), bal.step.to("meta")  # the running state
+    assert bal._step_coefficients().device == torch.device("meta")
+    bal.ema, bal.step = torch.tensor([[1.0, 4.0]]), torch.zeros((), dtype=torch.long)  # the same on the host
+    torch.testing.assert_close(bal._step_coefficients(), torch.ones(1, 2))
+    torch.testing.assert_close(bal._step_coefficients(), torch.tensor([[4.0, 1.0]]))
+
+
 def test_state_dict_roundtrip(toy):
     model, ids, x, y = toy
     bal = MultiBalance(["t0", "t1"])

@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from .comm import collective_device
 from .cost import CostModel, check_lengths
 from .jagged import KeyedJagged
 from .longseq import DROP_WARNING, MODES, Windows, floor_of, long_sequence_windows
@@ -195,15 +196,17 @@ class BatchBalancer:
             return [rows], [schema]
         group = group or self.group
         key = id(group)  # plan() and plan_async() gather on different groups, maybe at once
+        device = collective_device(group)  # the host, or the GPU for an NCCL group (the callers' rows are on the host)
         while True:
             bound, schema_bound = self._gather_bounds.get(key, (0, 0))
-            message = rows.new_zeros(2 + schema_bound + bound * rows.shape[1])
+            message = torch.zeros(2 + schema_bound + bound * rows.shape[1], dtype=rows.dtype, device=device)
             message[0], message[1] = rows.shape[0], len(schema)
             if rows.shape[0] <= bound and len(schema) <= schema_bound:
                 message[2 : 2 + len(schema)] = torch.tensor(schema, dtype=message.dtype)
                 message[2 + schema_bound : 2 + schema_bound + rows.numel()] = rows.reshape(-1)
             out = [torch.empty_like(message) for _ in range(self.world_size)]
             dist.all_gather(out, message, group=group)
+            out = list(torch.stack(out).cpu()) if device.type != "cpu" else out  # one copy back for the plan
             sizes, schema_sizes = [int(o[0]) for o in out], [int(o[1]) for o in out]
             if max(sizes) <= bound and max(schema_sizes) <= schema_bound:
                 start = 2 + schema_bound

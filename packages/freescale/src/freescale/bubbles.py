@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 
@@ -80,9 +81,14 @@ class BubbleMeter:
         finally:
             self._account(part, name, start, time.perf_counter())
 
+    @contextlib.contextmanager
     def compute(self, name: str = "compute"):
-        """Context manager timing busy compute."""
-        return self._timed("compute", name)
+        """Context manager timing busy compute. On a GPU it waits for the kernels launched in it
+        (they run after the launches return): else their time shows up as the next barrier's wait."""
+        with self._timed("compute", name):
+            yield
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
 
     def sync(self, op=None, name: str = "collective"):
         """Run a synchronising collective `op()` (or just the barrier) and account its time."""

@@ -28,6 +28,16 @@ import torch
 import torch.distributed as dist
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor made here for a collective on `group` (a count, a flag) must live: the host
+    when the group has a CPU backend (gloo, also as in "cpu:gloo,cuda:nccl"), else this thread's
+    current CUDA device (NCCL alone takes CUDA tensors only)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 @dataclasses.dataclass
 class _Chunk:
     priority: int
@@ -52,6 +62,8 @@ class CommScheduler:
         self._rounds = 0  # flush() rounds handed to the communication thread
         self._closed = False
         self._cv = threading.Condition()
+        # decided on the caller's thread: the communication thread's current CUDA device is device 0
+        self._agreement_device = collective_device(process_group) if dist.is_initialized() else torch.device("cpu")
         self.completed: list[str] = []  # op names in completion order (for tests and traces)
         self._thread = threading.Thread(target=self._loop, name="freescale-comm", daemon=True)
         self._thread.start()
@@ -60,7 +72,7 @@ class CommScheduler:
         """The latest round every rank has flushed (see the module docs)."""
         if not self.preempt or not dist.is_initialized() or dist.get_world_size(self.group) == 1:
             return flushed
-        agreed = torch.tensor([flushed], dtype=torch.long)
+        agreed = torch.tensor([flushed], dtype=torch.long, device=self._agreement_device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
         return int(agreed)
 
@@ -190,7 +202,7 @@ class CommScheduler:
         if isinstance(part, _Deferred):
             n_chunks = self._local_chunks(input, output)
             if dist.get_world_size(self.group) > 1:
-                agreed = torch.tensor([n_chunks], dtype=torch.long)
+                agreed = torch.tensor([n_chunks], dtype=torch.long, device=self._agreement_device)
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
                 n_chunks = int(agreed)
             blocks = self._column_blocks(input, output, n_chunks)

@@ -231,8 +231,10 @@ class ShardedEmbeddings(nn.Module):
         if self.world == 1:
             return self.shards[key].detach()
         parts = [None] * self.world
-        dist.all_gather_object(parts, (self._row_start[key], self.shards[key].detach()), group=self.group)
-        return torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()])
+        # host copies: a pickled GPU shard would unpickle onto its owner's GPU index on every rank
+        shard = self.shards[key].detach()
+        dist.all_gather_object(parts, (self._row_start[key], shard.cpu()), group=self.group)
+        return torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()]).to(shard.device)
 
     def forward(self, features: KeyedJagged, pooling: str = "sum") -> dict[str, torch.Tensor]:
         """Per table key: `"sum"` / `"mean"` pooled per sample, {key: [batch, dim]} (an empty bag

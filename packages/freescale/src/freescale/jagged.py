@@ -85,15 +85,16 @@ class KeyedJagged:
         indices = sample_indices(indices)
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise IndexError(f"sample indices must be in [0, {self.batch_size})")
-        b = self.batch_size
-        rows = (torch.arange(len(self.keys)).unsqueeze(1) * b + indices.unsqueeze(0)).reshape(-1)
+        rows = self._key_major_rows(indices).reshape(-1)
         return self._gather_runs(self.offsets[rows], self.lengths[rows])
 
     def windows(self, indices: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> KeyedJagged:
         """Samples `indices` (repeats allowed), each cut to its positions [start, stop) under every
         key; the keys must be per-position sequences of one length per sample (aligned)."""
         indices = sample_indices(indices)
-        start, stop = torch.as_tensor(start, dtype=torch.long), torch.as_tensor(stop, dtype=torch.long)
+        # beside the lengths: a plan's windows live on the host, a GPU batch's lengths on the GPU
+        device = self.lengths.device
+        start, stop = torch.as_tensor(start, dtype=torch.long, device=device), torch.as_tensor(stop, dtype=torch.long, device=device)
         lengths = self.aligned_lengths()
         if not (indices.shape == start.shape == stop.shape) or indices.dim() != 1:
             raise ValueError(f"indices, start and stop must be 1-D of one size, got {tuple(indices.shape)}, "
@@ -102,10 +103,15 @@ class KeyedJagged:
             raise IndexError(f"sample indices must be in [0, {self.batch_size})")
         if ((start < 0) | (stop < start) | (stop > lengths[indices])).any():
             raise ValueError("windows need 0 <= start <= stop <= the sample's length")
-        b = self.batch_size
-        rows = (torch.arange(len(self.keys)).unsqueeze(1) * b + indices.unsqueeze(0)).reshape(-1)
+        rows = self._key_major_rows(indices).reshape(-1)
         n_keys = len(self.keys)
         return self._gather_runs(self.offsets[rows] + start.repeat(n_keys), (stop - start).repeat(n_keys))
+
+    def _key_major_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Entries (keys x samples) of `lengths` for samples `indices`, on the lengths' device
+        (the indices may be on another: a plan's are on the host for a GPU batch)."""
+        keys = torch.arange(len(self.keys), device=self.lengths.device)
+        return keys.unsqueeze(1) * self.batch_size + indices.to(self.lengths.device).unsqueeze(0)
 
     def aligned_lengths(self) -> torch.Tensor:
         """Per-sample length when every key holds one entry per position of the same sequence
@@ -126,9 +132,9 @@ class KeyedJagged:
         indices = sample_indices(indices)
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise IndexError(f"sample indices must be in [0, {self.batch_size})")
-        rows = torch.arange(len(self.keys)).unsqueeze(0) * self.batch_size + indices.unsqueeze(1)
-        lengths = self.lengths[rows.to(self.lengths.device)]
-        return gather_runs(self.values, self.offsets[rows.to(self.lengths.device)].reshape(-1), lengths.reshape(-1)), lengths
+        rows = self._key_major_rows(indices).T.contiguous()  # the lengths gathered by it go into an all-to-all
+        lengths = self.lengths[rows]
+        return gather_runs(self.values, self.offsets[rows].reshape(-1), lengths.reshape(-1)), lengths
 
     @classmethod
     def from_sample_major(cls, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor) -> KeyedJagged:

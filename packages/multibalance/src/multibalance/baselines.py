@@ -158,8 +158,9 @@ class PCGrad(Balancer):
         # each projected g_i stays a combination of the task gradients, coef[i] @ flat, so every dot
         # product comes from their Gram matrix (summed over ranks under torch.distributed: the
         # projections of the global batch's gradients, up to a common factor)
-        flat = torch.stack([_flat(g) * float(w) for g, w in zip(grads, self.static_weights)])
-        gram = self._global_sum(flat @ flat.T)
+        flat = torch.stack([_flat(g) * w for g, w in zip(grads, self.static_weight_list())])
+        # T x T on the host: the projections below read it entry by entry
+        gram = self._global_sum(flat @ flat.T).cpu()
         coef = torch.eye(self.num_tasks, dtype=flat.dtype)
         for i in range(self.num_tasks):
             for j in torch.randperm(self.num_tasks, generator=self.generator).tolist():
@@ -168,7 +169,7 @@ class PCGrad(Balancer):
                 dot = coef[i] @ gram[:, j]
                 if dot < 0:
                     coef[i, j] -= dot / gram[j, j].clamp_min(1e-30)
-        return _unflat(coef.sum(0) @ flat, grads[0])
+        return _unflat(coef.sum(0).to(flat.device) @ flat, grads[0])
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "generator_state": self.generator.get_state()}

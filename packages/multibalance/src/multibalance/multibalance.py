@@ -130,8 +130,8 @@ class MultiBalance(Balancer):
         scales = torch.div(target, m).mul_(self.relax).add_(1 - self.relax)  # in place: few small ops per step
         if self.target not in ("max", "mean"):  # where the target task does not read: nothing to match, scale 1
             scales = torch.where(self.ema[:, index: index + 1] > 0, scales, 1.0)
-        if self.warmup_steps and int(self.step) <= self.warmup_steps:
-            scales = torch.ones_like(scales)
+        if self.warmup_steps:  # on the device: reading the step count would wait for a GPU every step
+            scales = torch.where(self.step <= self.warmup_steps, 1.0, scales)
         self._buffers["scales"] = scales  # a new tensor each step: `backward`'s TaskScales keep theirs
         if all(w == 1.0 for w in self.static_weight_list()):
             return scales
