@@ -15,6 +15,19 @@
 # `nox -s gpu` is the untimed version (every test, every benchmark).
 set -u
 cd "$(dirname "$0")/.."
+# pytest for a machine that lacks it (it is promised torch, triton and numpy only): `bash
+# tools/gpu_session.sh --fetch-deps` here unpacks pure-Python wheels into .gpu-deps (git-ignored);
+# send it along with run(carry=[".gpu-deps"]) and it is used there when no pytest is installed.
+if [ "${1:-}" = "--fetch-deps" ]; then
+  set -e
+  wheels=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --platform any -d "$wheels" \
+    pytest pluggy iniconfig packaging exceptiongroup tomli
+  rm -rf .gpu-deps && mkdir .gpu-deps
+  for wheel in "$wheels"/*.whl; do python3 -m zipfile -e "$wheel" .gpu-deps; done
+  echo "unpacked into .gpu-deps: $(ls "$wheels" | tr '\n' ' ')"
+  exit 0
+fi
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
 : > "$OUT/gpu_tests.log"
@@ -23,6 +36,9 @@ BUDGET=${GPU_SESSION_SECONDS:-540}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONHASHSEED=0
 PYTHONPATH="$(printf '%s:' "$PWD"/packages/*/src)${PYTHONPATH:-}"
+if ! python3 -c "import pytest" 2>/dev/null && [ -d .gpu-deps ]; then
+  PYTHONPATH="$PYTHONPATH:$PWD/.gpu-deps"  # after the installed packages: only what is missing comes from here
+fi
 export PYTHONPATH
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }

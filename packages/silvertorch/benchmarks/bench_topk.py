@@ -32,8 +32,8 @@ def main():
         "silvertorch two_level": lambda k: select_topk(scores, k, "two_level"),
         radix_name: lambda k: select_topk(scores, k, "radix"),
     }
-    threads = torch.get_num_threads()
-    bench = f"top-k selection ({device}, {rows} x {columns:,} random float32, {threads} CPU threads)"
+    threads = "" if args.gpu else f", {torch.get_num_threads()} CPU threads"  # the CPU's figures depend on them
+    bench = f"top-k selection ({device}, {rows} x {columns:,} random float32{threads})"
     records, table = [], []
     for k in ks:
         reference = select_topk_reference(scores, k)

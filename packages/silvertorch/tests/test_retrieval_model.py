@@ -743,7 +743,9 @@ def test_model_kernels_on_device_match_cpu_reference(device):
     plans = model.prepare_filters([exprs[i % len(exprs)] for i in range(users.shape[0])])
     with torch.no_grad():
         want_ids, want_scores = model(users, *plans)[:2]
-        on_device = model.to(device)
+        # a copy: Module.to moves in place, and the model's towers are the module-wide TOWER, OVERARCH
+        # and VALUE every later test (MODEL's too) uses on the CPU
+        on_device = copy.deepcopy(model).to(device)
         got_ids, got_scores = on_device(users.to(device), *[p.to(device) for p in plans])[:2]
     torch.testing.assert_close(got_scores.cpu(), want_scores, rtol=1e-4, atol=1e-5)
     agree = sum(len(set(a) & set(b)) for a, b in zip(got_ids.cpu().tolist(), want_ids.tolist()))
@@ -846,9 +848,13 @@ def test_item_tower_gets_the_item_table_on_its_own_device():
 
 @pytest.mark.gpu
 def test_rebuild_keeps_the_models_device():
-    model = _model().to("cuda")
+    model = copy.deepcopy(_model()).to("cuda")  # a copy: Module.to would move the shared TOWER, OVERARCH and VALUE
     model.delete_items(IDS[:5])
     rebuilt = model.rebuild()
     assert {t.device.type for t in rebuilt.state_dict().values()} == {"cuda"}
     users = torch.arange(4).unsqueeze(1)
-    assert torch.equal(rebuilt.retrieve(users).ids.cpu(), model.rebuild().cpu().retrieve(users).ids)
+    on_gpu = rebuilt.retrieve(users).ids.cpu()
+    on_cpu = model.rebuild().cpu().retrieve(users).ids
+    agree = sum(len(set(a) & set(b)) for a, b in zip(on_gpu.tolist(), on_cpu.tolist()))
+    assert agree >= 0.95 * on_cpu.numel()  # near-ties may swap at the cut (GPU and CPU float sums differ)
+    assert {p.device.type for p in (*TOWER.parameters(), *OVERARCH.parameters())} == {"cpu"}
