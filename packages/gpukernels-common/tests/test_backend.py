@@ -1,3 +1,4 @@
+import importlib
 import os
 import subprocess
 import sys
@@ -5,6 +6,10 @@ import sys
 import pytest
 import torch
 
+# the probe module imported at collection, under the session's TRITON_INTERPRET: `_forget_probe_module`
+# then puts it back after each test that redefines the probe kernel (a worker that first imported it
+# inside such a test kept its compiled-mode kernel, and every later interpreter call there failed: triton 3.6)
+import gpukernels_common._probe  # noqa: F401
 from gpukernels_common import Backend, explain_backend, select_backend
 
 
@@ -100,7 +105,7 @@ def test_kernels_defined_for_compiling_are_not_blamed_on_numpy(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _forget_probe_module(monkeypatch)
-    import gpukernels_common._probe  # noqa: F401 (defined for compiling)
+    importlib.import_module("gpukernels_common._probe")  # defined afresh, for compiling
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fault = backend._probe_interpreter()
