@@ -1,6 +1,6 @@
 import pytest
 
-from gpukernels_common.checks import check_sizes
+from gpukernels_common.checks import check_numbers, check_sizes
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.0, 16.5, True, "8", None])
@@ -17,3 +17,14 @@ def test_check_sizes_takes_integers_from_the_minimum():
     assert check_sizes(0, dropout_layers=0) == (0,)
     with pytest.raises(ValueError, match="layers must be an integer >= 0, got -1"):
         check_sizes(0, layers=-1)
+
+
+@pytest.mark.parametrize("value, above, ok", [(0, False, True), (0, True, False), (0.5, True, True), (-1e-9, False, False),
+                                              (float("nan"), False, False), (float("inf"), False, False),
+                                              (True, False, False), ("1", False, False), (None, False, False)])
+def test_check_numbers_takes_finite_reals_from_the_minimum(value, above, ok):
+    if ok:
+        check_numbers(0, above=above, coef=value)
+    else:
+        with pytest.raises(ValueError, match=rf"coef must be a finite number {'>' if above else '>='} 0, got "):
+            check_numbers(0, above=above, coef=value)

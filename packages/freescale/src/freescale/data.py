@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gpukernels_common.checks import check_sizes
+from gpukernels_common.checks import check_numbers, check_sizes
 
 
 def _ml100k_dir() -> Path:
@@ -54,8 +54,7 @@ def zipf_lengths(n: int, alpha: float = 1.2, max_len: int = 4096, min_len: int =
     """Heavy-tailed sequence lengths: min_len * Zipf(alpha), capped at max_len."""
     check_sizes(0, n=n)
     check_sizes(min_len=min_len, max_len=max_len)
-    if not 1.0 < alpha < float("inf"):  # alpha <= 1: no Zipf tail (a division by zero, or lengths below min_len)
-        raise ValueError(f"alpha must be a finite number > 1, got {alpha!r}")
+    check_numbers(1, above=True, alpha=alpha)  # alpha <= 1: no Zipf tail (a division by zero, or lengths below min_len)
     if max_len < min_len:
         raise ValueError(f"max_len must be >= min_len, got max_len={max_len}, min_len={min_len}")
     g = torch.Generator().manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -14,3 +15,13 @@ def check_sizes(minimum: int = 1, **sizes) -> tuple[int, ...]:
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return tuple(int(value) for value in sizes.values())
+
+
+def check_numbers(minimum: float, *, above: bool = False, **values) -> None:
+    """Each value a finite real number >= `minimum` (> with `above`; bool refused), else a
+    ValueError naming it: a NaN or inf coefficient spreads silently, a string fails later."""
+    relation = ">" if above else ">="
+    for name, value in values.items():
+        if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+                or not (value > minimum if above else value >= minimum)):
+            raise ValueError(f"{name} must be a finite number {relation} {minimum:g}, got {value!r}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.distributed as dist
@@ -11,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from gpukernels_common.checks import check_sizes
+from gpukernels_common.checks import check_numbers, check_sizes
 
 from .experts import CHECKPOINTS, moe_experts
 from .naive import ACTIVATIONS
@@ -53,7 +52,7 @@ class MoE(nn.Module):
         check_sizes(0, n_shared_experts=n_shared_experts)
         check_top_k(top_k, n_experts)
         top_k = int(top_k)
-        _check_loss_coefficients(aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+        check_numbers(0, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)  # NaN would make every aux_loss NaN
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if checkpoint not in CHECKPOINTS:
@@ -144,14 +143,6 @@ class MoE(nn.Module):
         if isinstance(state.get("aux_loss"), torch.Tensor) and state["aux_loss"].grad_fn is not None:
             state = {**state, "aux_loss": state["aux_loss"].detach()}
         return state
-
-
-def _check_loss_coefficients(**coefficients) -> None:
-    # a NaN or inf coefficient makes every aux_loss NaN or inf, silently; a string fails at the first forward
-    for name, value in coefficients.items():
-        if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
-                or value < 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class _SharedExpert(nn.Module):
