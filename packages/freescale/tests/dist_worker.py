@@ -523,6 +523,77 @@ def scenario_embeddings(rank, world):
     return out
 
 
+def scenario_bad_ids(rank, world):
+    """Invalid input to ShardedEmbeddings on one rank only (ids out of a table's range, float ids, a
+    missing key), on a group with a 300 s timeout: the rank raised alone and the others waited in
+    the counts all-to-all until that timeout. Every rank must raise in the same step, within
+    seconds, and the ranks stay in step (a good lookup follows)."""
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=300))
+    g = torch.Generator().manual_seed(rank)
+    good = KeyedJagged.from_dict({"a": [torch.randint(0, 20, (3,), generator=g), torch.tensor([], dtype=torch.long)],
+                                  "b": [torch.randint(0, 30, (2,), generator=g), torch.randint(0, 30, (1,), generator=g)]})
+    wrong = {"range": KeyedJagged.from_dict({"a": [torch.tensor([1, 25]), torch.tensor([3])], "b": [[2], [4]]}),
+             "dtype": KeyedJagged.from_dict({"a": [torch.tensor([1.0]), torch.tensor([3.0])], "b": [[2.0], [4.0]]}),
+             "key": KeyedJagged.from_dict({"a": [[1], [3]], "c": [[2], [4]]})}
+    out = {}
+    for sharding in ("row", "table"):
+        emb = ShardedEmbeddings({"a": 20, "b": 30}, dim=4, sharding=sharding, process_group=group)
+        for case, bad_feats in wrong.items():
+            for bad in range(world):
+                start = time.perf_counter()
+                try:
+                    emb(bad_feats if rank == bad else good, pooling="sum")
+                    outcome = "no error"
+                except Exception as err:  # noqa: BLE001 (the class is part of the outcome)
+                    outcome = f"{type(err).__name__}: {err.args[0] if err.args else err}"  # a KeyError's str() quotes
+                out[f"{sharding} {case} {bad}"] = (outcome, time.perf_counter() - start)
+                # as a training loop's error handling would: no rank takes the next step before every
+                # rank is out of this one (the old code's waiting rank never got out: this barrier timed out)
+                dist.barrier()
+                looked_up = emb(good, pooling="sum")  # still in step
+                out[f"{sharding} {case} {bad} after"] = [tuple(v.shape) for v in looked_up.values()]
+    every = [None] * world
+    dist.all_gather_object(every, out)
+    return {"outcomes": every}
+
+
+def scenario_close(rank, world):
+    """close() of a BatchBalancer and of a TrainPipeline: the background plan in flight finishes
+    (its future keeps its result), the background gloo groups are destroyed, and a batch the
+    pipeline staged before its step raised, whose background id distribution failed (ids out of
+    range on rank 1 only), is reported by close() on every rank rather than dropped."""
+    def groups():
+        return len(dist.distributed_c10d._world.pg_map)
+
+    out, before = {}, groups()
+    feats = KeyedJagged.from_dict({"a": [torch.arange(rank + 1)] * 3})
+    balancer = BatchBalancer(cost_model=CostModel(a=1.0, b=1.0))
+    made = groups()
+    future = balancer.plan_async(feats)
+    balancer.close()
+    balancer.close()
+    out["balancer"] = [made - before, groups() - before, future.done(), future.result().global_batch,
+                       balancer.plan(feats).global_batch]
+    emb = ShardedEmbeddings({"a": 10}, dim=2)
+
+    def step(features, dense, global_batch):
+        raise RuntimeError("step failed")
+
+    bad = KeyedJagged.from_dict({"a": [torch.tensor([11 if rank == 1 else 1])]})
+    with TrainPipeline(step, embeddings=emb, timeout=300) as pipe:  # a hang would outlast the test
+        made = groups()
+        try:
+            pipe.run([(feats, {}), (bad, {})])
+        except RuntimeError as err:
+            out["run"] = str(err)
+        try:
+            pipe.close()
+        except RuntimeError as err:
+            out["close"] = f"{err} <- {type(err.__cause__).__name__}"
+    out["pipeline groups"] = [made - before, groups() - before]
+    return out
+
+
 def scenario_transport(rank, world):
     """The copy-engine transport's pull protocol against all_to_all_single on raw tensors: random
     uneven splits with zeros (a rank sending nothing), 3-D float64 and 1-D int64 rows, nobody

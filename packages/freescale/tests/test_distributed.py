@@ -154,6 +154,47 @@ def test_pipeline_hands_step_fn_the_plan_of_its_batch(tmp_path, world):
     assert res["old_style"] == [6 if world == 2 else 5]
 
 
+def test_invalid_ids_on_one_rank_fail_every_rank_promptly(tmp_path):
+    """ShardedEmbeddings given bad input on one rank only (ids out of range, float ids, a missing
+    key; either rank, row- and table-wise), on a group with a 300 s timeout: that rank raised alone
+    and the other waited in the counts all-to-all for the timeout (here: past this test's bound).
+    Now the counts all-to-all carries the flag: every rank raises the same class in the same step,
+    within seconds, and the next lookup works on every rank."""
+    start = time.perf_counter()
+    proc, res = _run("bad_ids", 2, tmp_path, timeout=120)
+    texts = {"range": ("IndexError", "ids for table 'a' must be in [0, 20), got [1, 25]"),
+             "dtype": ("TypeError", "ids for table 'a' must have an integer dtype, got torch.float32"),
+             "key": ("KeyError", "features have no ids for the tables ['b']")}
+    for rank, outcomes in enumerate(res["outcomes"]):
+        for sharding in ("row", "table"):
+            for case, (cls, text) in texts.items():
+                for bad in range(2):
+                    outcome, seconds = outcomes[f"{sharding} {case} {bad}"]
+                    if rank == bad:
+                        expected = f"{cls}: ShardedEmbeddings.distribute: rank {bad} sent invalid input: {text}"
+                    else:
+                        expected = f"{cls}: ShardedEmbeddings.distribute: rank(s) [{bad}] reported invalid input"
+                    assert outcome.startswith(expected), (rank, sharding, case, bad, outcome)
+                    assert seconds < 10, (rank, sharding, case, bad, seconds)
+                    assert outcomes[f"{sharding} {case} {bad} after"] == [(2, 4), (2, 4)]
+    assert time.perf_counter() - start < 120
+
+
+def test_close_releases_background_groups_and_reports_staged_errors(tmp_path):
+    """BatchBalancer and TrainPipeline had no close(): their threads and background gloo groups
+    lived on (a group freed late can deadlock teardown before torch 2.8), and the failure of a
+    batch the pipeline had staged before its step raised was dropped."""
+    proc, res = _run("close", 2, tmp_path, timeout=90)
+    made, left, done, planned, foreground = res["balancer"]
+    assert (made, left, done, planned, foreground) == (1, 0, True, 6, 6), res
+    assert res["pipeline groups"] == [2, 0], res  # the module's id group and the count's
+    assert res["run"] == "step failed"
+    assert res["close"].startswith("TrainPipeline.close: the background work of the batch staged before run() "
+                                   "stopped failed: IndexError: ShardedEmbeddings.distribute: rank(s) [1] reported "
+                                   "invalid input"), res["close"]
+    assert res["close"].endswith("<- IndexError")
+
+
 @pytest.mark.gpu
 def test_copy_engine_transport_on_gpus(tmp_path):
     """Symmetric-memory staging and side-stream peer copies equal NCCL's all-to-all (2 GPUs)."""

@@ -219,3 +219,10 @@ def test_a_rank_draws_only_its_own_rows(sharding, monkeypatch):
         assert torch.equal(shard.shards[key].detach(), whole.shards[key].detach()[start:end]), key
     assert max(drawn) <= embeddings.INIT_BLOCK_ROWS
     assert sum(drawn) <= (4 * embeddings.INIT_BLOCK_ROWS if sharding == "row" else 7)
+
+
+def test_features_of_the_wrong_kind_are_named():
+    """A dict (or anything but a KeyedJagged) failed with an AttributeError inside the lookup."""
+    emb = ShardedEmbeddings({"a": 5}, dim=3)
+    with pytest.raises(TypeError, match="features must be a KeyedJagged, got dict"):
+        emb({"a": torch.tensor([1])})

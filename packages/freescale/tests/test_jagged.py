@@ -125,3 +125,78 @@ def test_device_features_take_host_or_device_indices():
         cut = aligned.windows(torch.tensor([1, 0]), torch.tensor([1, 0]), torch.tensor([3, 1]))
         assert cut.values.tolist() == [3, 4, 0, 8, 9, 5] and cut.lengths.tolist() == [2, 1, 2, 1]
         assert [part.values.tolist() for part in kj.split([1, 2])] == [[1, 2, 7], [3, 8, 9, 10, 11]]
+
+
+def test_concat_refuses_parts_of_other_dtypes():
+    """int32 ids in one part and int64 in another were promoted to int64 (ids and float weights to
+    floats), silently; now a ValueError naming the part and both dtypes. A part without values
+    takes the others' dtype (as an empty sample does in from_dict); lengths are int64 whatever
+    int dtype the parts were built with."""
+    a = KeyedJagged(["x"], torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1, 2]))
+    b = KeyedJagged(["x"], torch.tensor([4, 5]), torch.tensor([2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"parts\[1\] has values of dtype torch.int64, parts\[0\] torch.int32"):
+        KeyedJagged.concat([a, b])
+    weights = KeyedJagged(["x"], torch.tensor([0.5, 1.5]), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"parts\[1\] has values of dtype torch.float32, parts\[0\] torch.int64"):
+        KeyedJagged.concat([b, weights])
+    empty = KeyedJagged.from_dict({"x": [[]]})  # int64: from_dict's default for a batch without values
+    for parts in ([a, empty], [empty, a]):
+        joined = KeyedJagged.concat(parts)
+        assert joined.values.dtype == torch.int32 and joined.values.tolist() == [1, 2, 3]
+    assert KeyedJagged.concat([b, a.permute([])]).lengths.tolist() == [2]
+    with pytest.raises(TypeError, match=r"parts\[1\] is a Tensor"):
+        KeyedJagged.concat([a, torch.arange(3)])
+
+
+@pytest.mark.parametrize("sizes", [[-1, 4], [1.5, 1.5], [True, 2], [1, None]])
+def test_split_refuses_negative_or_non_integer_sizes(sizes):
+    """[-1, 4] (summing to the batch) ended in torch.arange's RuntimeError, [1.5, 1.5] in an
+    error about sample indices the caller never passed."""
+    with pytest.raises(ValueError, match=r"split: sizes must be non-negative integers summing to the batch size 3"):
+        _kj().split(sizes)
+
+
+def test_split_takes_integer_sizes_of_any_kind():
+    import numpy as np
+
+    kj = _kj()
+    expected = [p.values.tolist() for p in kj.split([1, 2])]
+    for sizes in ((1, 2), [np.int64(1), 2], torch.tensor([1, 2]), [0, 1, 2, 0]):
+        assert [p.values.tolist() for p in kj.split(sizes) if p.batch_size] == expected
+    with pytest.raises(TypeError, match="sizes must be a sequence"):
+        kj.split(3)
+
+
+@pytest.mark.parametrize("indices", [torch.tensor([[0], [2]]), torch.tensor([[0, 2]]), torch.tensor(1), [[0, 2]]])
+def test_permute_refuses_indices_that_are_not_1d(indices):
+    """(2, 1) indices broadcast against the key rows: x came from sample 0 and y from sample 2 in
+    one sample (a batch of 1), silently; a 0-d index was a batch of one."""
+    kj = _kj()
+    with pytest.raises(ValueError, match=r"sample indices must be a 1-D tensor \(or list\), got shape"):
+        kj.permute(indices)
+    with pytest.raises(ValueError, match="1-D"):
+        kj.sample_major(indices)
+
+
+def test_permute_out_of_range_names_the_range():
+    with pytest.raises(IndexError, match=r"must be in \[0, 3\) \(the batch size\), got \[-1, 1\]"):
+        _kj().permute(torch.tensor([1, -1]))
+
+
+def test_windows_refuse_float_positions():
+    """start/stop were cast to int64: 0.5 was truncated to 0 silently."""
+    kj = KeyedJagged(["x", "y"], torch.arange(12), torch.tensor([1, 2, 3, 1, 2, 3]))
+    with pytest.raises(ValueError, match="start must be integers, got dtype torch.float32"):
+        kj.windows([2], [0.5], [2])
+    with pytest.raises(ValueError, match="stop must be integers"):
+        kj.windows([2], [0], torch.tensor([2.0]))
+    assert kj.windows([2], [1], [3]).values.tolist() == [4, 5, 10, 11]
+
+
+def test_from_sample_major_refuses_flat_lengths():
+    """Key-major (flat) lengths were read as one key's lengths per sample."""
+    kj = _kj()
+    values, per_key = kj.sample_major(torch.arange(3))
+    with pytest.raises(ValueError, match=r"lengths must be \(samples, keys\) = \(\*, 2\), got shape \(6,\)"):
+        KeyedJagged.from_sample_major(kj.keys, values, per_key.reshape(-1))
+    assert KeyedJagged.from_sample_major(kj.keys, values, per_key) == kj

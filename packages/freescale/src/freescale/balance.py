@@ -27,6 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from gpukernels_common.distributed import destroy_process_group
+
 from .comm import collective_device
 from .cost import CostModel, check_lengths
 from .jagged import KeyedJagged
@@ -176,6 +178,36 @@ class BatchBalancer:
         self._gather_bounds: dict[int, int] = {}  # per group: the largest per-rank sample count seen
         if background and dist.is_initialized() and self.world_size > 1:
             self._gather_group = background_group(process_group, timeout)
+        self._closed = False
+
+    def close(self) -> None:
+        """Wait for the plans and exchanges still running in the background thread (every rank
+        thus finishes the collectives it issued; their futures keep their results and errors),
+        then stop the thread and destroy the background gloo group. Idempotent; `plan_async` /
+        `balance_async` raise afterwards, while `plan`, `exchange` and `balance`, which run on the
+        caller's group, still work. Also `with BatchBalancer(...) as balancer:`. Call it before
+        `destroy_process_group()`: a live background group was freed later, with the GIL held
+        (see `gpukernels_common.distributed.destroy_process_group`)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        group, self._gather_group = self._gather_group, None
+        self._gather_bounds.pop(id(group), None)
+        if group is not None and dist.is_initialized():  # (gone already if every group was destroyed)
+            destroy_process_group(group)
+
+    def __enter__(self) -> BatchBalancer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self, method: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"BatchBalancer.{method}: the balancer is closed (close() was called); plan(), "
+                               "exchange() and balance() still run in the foreground")
 
     @property
     def world_size(self) -> int:
@@ -303,6 +335,7 @@ class BatchBalancer:
         """Like plan(), off the caller's thread: the all-gather of the lengths (on the balancer's
         own gloo group) and the partitioning run in the background thread, so no rank waits for
         the others here; the wait moves to the future's result, after the step's compute."""
+        self._check_open("plan_async")
         rows, schema = self._plan_rows(lengths_or_features), _schema_of(lengths_or_features, dense)
         if self._pool is None:
             return _done(self._make_plan(self._gather_rows(rows, schema=schema)))
@@ -315,6 +348,8 @@ class BatchBalancer:
         lengths all-gather, the partition and the sample all-to-all all run in the background
         thread on the balancer's own gloo group, so they overlap the caller's step (CPU tensors;
         anything else, or no background thread, balances here and returns a done future)."""
+        self._check_open("balance_async")
+        _check_batch(features, dense, "balance_async")
         dense = dense or {}
         on_cpu = features.values.device.type == "cpu" and all(v.device.type == "cpu" for v in dense.values())
         if self._pool is None or self._gather_group is None or not on_cpu:
@@ -334,6 +369,13 @@ class BatchBalancer:
         (in the plan's gather, or, for a plan made without them, in one small all-gather here):
         a rank without samples casts its empty tensors to them; ranks with samples must match.
         Input that does not fit the plan on any rank is a ValueError on every rank, naming it."""
+        if not isinstance(plan, BalancePlan):
+            hint = ": plan_async() returns a Future, pass its .result()" if isinstance(plan, Future) else ""
+            raise TypeError(f"BatchBalancer.exchange: plan must be a BalancePlan, got {type(plan).__name__}{hint}")
+        if (plan.rank, plan.world_size) != (self.rank, self.world_size):
+            raise ValueError(f"BatchBalancer.exchange: the plan was made for rank {plan.rank} of {plan.world_size}, this "
+                             f"balancer is rank {self.rank} of {self.world_size} (a plan of another group)")
+        _check_batch(features, dense, "exchange")
         dense = dense or {}
         group = group or self.group
         expected, first = plan.source_sizes[plan.rank], sum(plan.source_sizes[: plan.rank])
@@ -408,10 +450,28 @@ class BatchBalancer:
 
     def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """plan + exchange in one call. Returns (features, dense, plan)."""
+        _check_batch(features, dense, "balance")
         dense = dense or {}  # the plan's gather agrees on the dense tensors too: no second gather in exchange
         plan = self.plan(features, dense)
         feats, dense = self.exchange(plan, features, dense)
         return feats, dense, plan
+
+
+def _check_batch(features, dense, method: str) -> None:
+    """A TypeError naming `method` where `features` is not a KeyedJagged or `dense` not a dict of
+    tensors with a row dimension (they failed later with an AttributeError, or a plan of cost
+    lengths was exchanged as if they were features)."""
+    if not isinstance(features, KeyedJagged):
+        raise TypeError(f"BatchBalancer.{method}: features must be a KeyedJagged, got {type(features).__name__}")
+    if dense is None:
+        return
+    if not isinstance(dense, dict):
+        raise TypeError(f"BatchBalancer.{method}: dense must be a dict of tensors (one row per sample), got "
+                        f"{type(dense).__name__}")
+    bad = {k: type(v).__name__ if not isinstance(v, torch.Tensor) else "a 0-d tensor" for k, v in dense.items()
+           if not isinstance(v, torch.Tensor) or v.dim() == 0}
+    if bad:
+        raise TypeError(f"BatchBalancer.{method}: dense must hold tensors of one row per sample, got {bad}")
 
 
 def background_group(process_group=None, timeout: datetime.timedelta | float | None = None):

@@ -68,6 +68,28 @@ class DistributedIds:
     bag_lengths: torch.Tensor | None = None  # ids per bag, for pooling="mean"
 
 
+# what `distribute` refuses a rank's input with; a rank's code in the counts all-to-all is its
+# error's index here + 1 (0: none), so every rank raises the same class
+_INPUT_ERRORS = (ValueError, TypeError, IndexError, KeyError)
+
+
+def _raise_reported(flags: torch.Tensor, rank: int, own: Exception | None) -> None:
+    """Raise, on every rank alike, where a rank flagged its input in the counts all-to-all
+    (`flags`: one code per source rank): this rank's own error (`own`) prefixed with its rank, or
+    on the others an error of the same class naming the rank(s)."""
+    bad = [(r, code) for r, code in enumerate(flags.tolist()) if code]
+    if not bad:
+        return
+    others = [r for r, _ in bad if r != rank]
+    error = _INPUT_ERRORS[bad[0][1] - 1]  # the lowest flagged rank's class, on every rank
+    if own is not None:
+        also = f" (rank(s) {others} reported invalid input too)" if others else ""
+        text = own.args[0] if isinstance(own, KeyError) and own.args else str(own)  # KeyError's str() quotes it
+        raise error(f"ShardedEmbeddings.distribute: rank {rank} sent invalid input: {text}{also}") from own
+    raise error(f"ShardedEmbeddings.distribute: rank(s) {others} reported invalid input (their own errors say "
+                "what); no rank looked anything up")
+
+
 INIT_BLOCK_ROWS = 4096
 
 
@@ -253,8 +275,35 @@ class ShardedEmbeddings(nn.Module):
         and send every owner the bags and rows it must sum (two all-to-alls of integers, no
         autograd). `process_group`: where those all-to-alls run (default the module's), e.g. a
         group of its own in a background thread while another batch computes."""
+        group = process_group or self.group
+        try:
+            ids_per_key, lengths_per_key = self._checked_input(features, pooling)
+        except _INPUT_ERRORS as err:
+            if self.world == 1:
+                raise
+            # the other ranks are on their way into the counts all-to-all: join it with a flag rather
+            # than leave them waiting there until the group's timeout; every rank raises after it
+            counts = self._rows_per_rank.new_zeros(self.world, 2 + len(self.keys))
+            counts[:, -1] = next(i for i, cls in enumerate(_INPUT_ERRORS) if isinstance(err, cls)) + 1
+            _raise_reported(_exchange(counts, [1] * self.world, [1] * self.world, group)[:, -1], self.rank, err)
+            raise  # not reached: this rank's own flag is among those received
+        if pooling == "none":  # every id its own bag
+            bag_sizes, sizes = [torch.ones_like(ids) for ids in ids_per_key], [ids.numel() for ids in ids_per_key]
+        else:
+            bag_sizes, sizes = list(lengths_per_key), [features.batch_size] * len(self.keys)
+        distributed = self._send_requests(list(ids_per_key), bag_sizes, group)
+        distributed.features, distributed.pooling, distributed.split_sizes = features, pooling, sizes
+        if pooling == "mean":
+            distributed.bag_lengths = torch.cat(lengths_per_key)
+        return distributed
+
+    def _checked_input(self, features: KeyedJagged, pooling: str):
+        """(ids, lengths) per table of `features`; a ValueError, TypeError, IndexError or KeyError
+        (see `_INPUT_ERRORS`) where they or `pooling` are not what a lookup takes."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not isinstance(features, KeyedJagged):
+            raise TypeError(f"features must be a KeyedJagged, got {type(features).__name__}")
         missing = [key for key in self.keys if key not in features.keys]
         if missing:
             raise KeyError(f"features have no ids for the tables {missing} (features: {features.keys}, tables: {self.keys})")
@@ -266,15 +315,7 @@ class ShardedEmbeddings(nn.Module):
                 low, high = torch.aminmax(ids)  # one pass
                 if low < 0 or high >= self.num_rows[key]:
                     raise IndexError(f"ids for table {key!r} must be in [0, {self.num_rows[key]}), got [{int(low)}, {int(high)}]")
-        if pooling == "none":  # every id its own bag
-            bag_sizes, sizes = [torch.ones_like(ids) for ids in ids_per_key], [ids.numel() for ids in ids_per_key]
-        else:
-            bag_sizes, sizes = list(lengths_per_key), [features.batch_size] * len(self.keys)
-        distributed = self._send_requests(list(ids_per_key), bag_sizes, process_group or self.group)
-        distributed.features, distributed.pooling, distributed.split_sizes = features, pooling, sizes
-        if pooling == "mean":
-            distributed.bag_lengths = torch.cat(lengths_per_key)
-        return distributed
+        return ids_per_key, lengths_per_key
 
     def prefetch(self, distributed: DistributedIds) -> None:
         """Hand the module the ids `distribute()` sent ahead (e.g. in a pipeline's background
@@ -331,7 +372,8 @@ class ShardedEmbeddings(nn.Module):
         world, n_tables = self.world, len(self.keys)
         requests = self._requests_table_wise if self.sharding == "table" else self._requests_per_id
         sent_bag, bag_size, bags_to, ids_to, row, n_bags = requests(ids_per_key, sizes_per_key)
-        counts = torch.cat([ids_to.unsqueeze(1), bags_to], 1)  # per owner: ids, bags per table
+        # per owner: ids, bags per table, and 0: no input error here (see `distribute`)
+        counts = torch.cat([ids_to.unsqueeze(1), bags_to, ids_to.new_zeros(world, 1)], 1)
         # one message per owner: the sizes of the bags sent to it, then the rows asked for
         index_dtype = self._index_dtype
         sizes_to = bag_size.to(index_dtype).split(bags_to.sum(1).tolist())
@@ -340,7 +382,8 @@ class ShardedEmbeddings(nn.Module):
 
         # on the owner: the bags every rank sent, source-major, each source's bags in its order
         counts_from = _exchange(counts, [1] * world, [1] * world, group)
-        ids_from, bags_from = counts_from[:, 0], counts_from[:, 1:]
+        _raise_reported(counts_from[:, -1], self.rank, None)  # a rank whose input was refused: all raise now
+        ids_from, bags_from = counts_from[:, 0], counts_from[:, 1:-1]
         bags_per_source = bags_from.sum(1)
         message = _exchange(request, (ids_from + bags_per_source).tolist(), (ids_to + bags_to.sum(1)).tolist(), group)
         parts = message.split(torch.stack([bags_per_source, ids_from], 1).reshape(-1).tolist())

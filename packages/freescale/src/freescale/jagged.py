@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -80,32 +81,42 @@ class KeyedJagged:
         return out
 
     def permute(self, indices: torch.Tensor) -> KeyedJagged:
-        """Select/reorder samples (a subset is allowed). `indices` must be integers: a bool mask
-        or float indices are refused with a ValueError (for a mask, pass `mask.nonzero()[:, 0]`)."""
-        indices = sample_indices(indices)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
-            raise IndexError(f"sample indices must be in [0, {self.batch_size})")
+        """Select/reorder samples (a subset, repeats allowed). `indices`: a 1-D tensor (or list) of
+        integer sample indices in [0, batch_size); a bool mask, float indices or another number of
+        dimensions are refused with a ValueError (for a mask, pass `mask.nonzero()[:, 0]`), an
+        index out of range with an IndexError."""
+        indices = self._checked_indices(indices)
         rows = self._key_major_rows(indices).reshape(-1)
         return self._gather_runs(self.offsets[rows], self.lengths[rows])
 
     def windows(self, indices: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> KeyedJagged:
         """Samples `indices` (repeats allowed), each cut to its positions [start, stop) under every
-        key; the keys must be per-position sequences of one length per sample (aligned)."""
-        indices = sample_indices(indices)
+        key; the keys must be per-position sequences of one length per sample (aligned). `start`
+        and `stop`: integers, one per index (float positions are refused, not truncated)."""
+        indices = self._checked_indices(indices)
         # beside the lengths: a plan's windows live on the host, a GPU batch's lengths on the GPU
         device = self.lengths.device
-        start, stop = torch.as_tensor(start, dtype=torch.long, device=device), torch.as_tensor(stop, dtype=torch.long, device=device)
+        start = sample_indices(start, "start").to(device)  # floats were truncated to positions
+        stop = sample_indices(stop, "stop").to(device)
         lengths = self.aligned_lengths()
-        if not (indices.shape == start.shape == stop.shape) or indices.dim() != 1:
+        if not (indices.shape == start.shape == stop.shape):
             raise ValueError(f"indices, start and stop must be 1-D of one size, got {tuple(indices.shape)}, "
                              f"{tuple(start.shape)}, {tuple(stop.shape)}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
-            raise IndexError(f"sample indices must be in [0, {self.batch_size})")
         if ((start < 0) | (stop < start) | (stop > lengths[indices])).any():
             raise ValueError("windows need 0 <= start <= stop <= the sample's length")
         rows = self._key_major_rows(indices).reshape(-1)
         n_keys = len(self.keys)
         return self._gather_runs(self.offsets[rows] + start.repeat(n_keys), (stop - start).repeat(n_keys))
+
+    def _checked_indices(self, indices) -> torch.Tensor:
+        """`indices` as 1-D int64 sample indices into this batch: a ValueError for a mask, floats or
+        another number of dimensions, an IndexError for one out of [0, batch_size)."""
+        indices = sample_indices(indices)
+        if indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.batch_size:
+                raise IndexError(f"sample indices must be in [0, {self.batch_size}) (the batch size), got [{low}, {high}]")
+        return indices
 
     def _key_major_rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Entries (keys x samples) of `lengths` for samples `indices`, on the lengths' device
@@ -129,9 +140,7 @@ class KeyedJagged:
         """Samples `indices` with each sample's keys side by side (sample 0's keys, then sample 1's,
         ...), so that a run of samples is one contiguous slice: (values, lengths of shape
         (samples, keys)). `from_sample_major` undoes it."""
-        indices = sample_indices(indices)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
-            raise IndexError(f"sample indices must be in [0, {self.batch_size})")
+        indices = self._checked_indices(indices)
         rows = self._key_major_rows(indices).T.contiguous()  # the lengths gathered by it go into an all-to-all
         lengths = self.lengths[rows]
         return gather_runs(self.values, self.offsets[rows].reshape(-1), lengths.reshape(-1)), lengths
@@ -139,11 +148,23 @@ class KeyedJagged:
     @classmethod
     def from_sample_major(cls, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor) -> KeyedJagged:
         """The KeyedJagged of sample-major `values` with `lengths` of shape (samples, keys)."""
+        keys = list(keys)
+        if lengths.dim() != 2 or lengths.shape[1] != len(keys):
+            # a flat (key-major) lengths tensor was read as one key per sample, silently
+            raise ValueError(f"lengths must be (samples, keys) = (*, {len(keys)}), got shape {tuple(lengths.shape)}")
         flat = lengths.reshape(-1)
         starts = (torch.cumsum(flat, 0) - flat).view(lengths.shape)
         return cls(keys, gather_runs(values, starts.T.reshape(-1), lengths.T.reshape(-1)), lengths.T.reshape(-1))
 
     def split(self, sizes: Sequence[int]) -> list[KeyedJagged]:
+        """Consecutive runs of `sizes[i]` samples: non-negative integers that sum to the batch size."""
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, torch.Tensor)):
+            raise TypeError(f"split: sizes must be a sequence of sample counts, got {type(sizes).__name__}")
+        given, sizes = sizes, [_count(s) for s in sizes]
+        if None in sizes:  # a negative size ended in torch.arange's error, a float one in the indices' check
+            shown = given.tolist() if isinstance(given, torch.Tensor) else list(given)
+            raise ValueError(f"split: sizes must be non-negative integers summing to the batch size "
+                             f"{self.batch_size}, got {shown}")
         if sum(sizes) != self.batch_size:
             raise ValueError(f"split sizes sum to {sum(sizes)}, batch size is {self.batch_size}")
         out, start = [], 0
@@ -154,13 +175,35 @@ class KeyedJagged:
 
     @staticmethod
     def concat(parts: Sequence[KeyedJagged]) -> KeyedJagged:
+        """The parts' samples one after the other (same keys, in the same order). Their values
+        must share one dtype and device: a ValueError names the first part that differs (they
+        were promoted silently, e.g. int32 and int64 ids to int64, ids and float weights to
+        floats). As in `from_dict`, a part without values does not count (it takes the others'
+        dtype). Lengths need no check: the constructor stores them as int64 whatever int dtype
+        it was given."""
+        parts = list(parts)
         if not parts:
             raise ValueError("concat needs at least one KeyedJagged")
+        for i, p in enumerate(parts):
+            if not isinstance(p, KeyedJagged):
+                raise TypeError(f"concat: parts[{i}] is a {type(p).__name__}, not a KeyedJagged")
         keys = parts[0].keys
         if any(p.keys != keys for p in parts):
             raise ValueError("concat needs the same keys in every part")
+        filled = [(i, p) for i, p in enumerate(parts) if p.values.numel()]
+        first, ref = filled[0] if filled else (0, parts[0])
+        for i, p in filled:
+            if p.values.dtype != ref.values.dtype:
+                raise ValueError(f"concat: parts[{i}] has values of dtype {p.values.dtype}, parts[{first}] "
+                                 f"{ref.values.dtype}: give every part one dtype (e.g. KeyedJagged.from_dict(..., "
+                                 "dtype=...)); concat does not promote")
+        for i, p in enumerate(parts):
+            if p.values.device != ref.values.device or p.lengths.device != ref.lengths.device:
+                raise ValueError(f"concat: parts[{i}] is on {p.values.device} (lengths on {p.lengths.device}), "
+                                 f"parts[{first}] on {ref.values.device} (lengths on {ref.lengths.device})")
+        dtype = ref.values.dtype
         lengths = torch.cat([torch.cat([p.lengths_per_key()[k] for p in parts]) for k in range(len(keys))])
-        values = torch.cat([torch.cat([p[key][0] for p in parts]) for key in keys])
+        values = torch.cat([torch.cat([p[key][0].to(dtype) for p in parts]) for key in keys])
         return KeyedJagged(keys, values, lengths)
 
     def to_torchrec(self):
@@ -179,16 +222,32 @@ class KeyedJagged:
         return f"KeyedJagged(keys={self.keys}, batch_size={self.batch_size}, values={self.values.numel()})"
 
 
-def sample_indices(indices) -> torch.Tensor:
-    """`indices` as int64 sample indices; a ValueError for a bool mask or non-integer indices
-    (which would otherwise be read as indices 0/1 or truncated)."""
+def _count(size) -> int | None:
+    """`size` as a non-negative int (ints, numpy integers, integer 0-d tensors); None otherwise
+    (floats, bools, negatives)."""
+    if isinstance(size, bool) or (isinstance(size, torch.Tensor) and size.dtype == torch.bool):
+        return None
+    try:
+        size = operator.index(size)
+    except TypeError:
+        return None
+    return size if size >= 0 else None
+
+
+def sample_indices(indices, name: str = "sample indices") -> torch.Tensor:
+    """`indices` (a tensor or list) as 1-D int64 sample indices; a ValueError for a bool mask or
+    non-integer indices (which would otherwise be read as indices 0/1 or truncated) and for
+    another number of dimensions (a (1, n) tensor was taken as n indices). `name`: the argument,
+    for the error."""
     given = torch.as_tensor(indices)
     if given.numel() == 0 and not isinstance(indices, torch.Tensor):
         given = given.long()  # torch.as_tensor([]) is float32
     if given.dtype == torch.bool:
-        raise ValueError("sample indices must be integers, got a bool tensor: for a mask pass mask.nonzero()[:, 0]")
+        raise ValueError(f"{name} must be integers, got a bool tensor: for a mask pass mask.nonzero()[:, 0]")
     if given.is_floating_point() or given.is_complex():
-        raise ValueError(f"sample indices must be integers, got dtype {given.dtype}")
+        raise ValueError(f"{name} must be integers, got dtype {given.dtype}")
+    if given.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor (or list), got shape {tuple(given.shape)}")
     return given.to(torch.long)
 
 

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from gpukernels_common.distributed import destroy_process_group
+
 from .balance import BatchBalancer, _done, background_group
 from .bubbles import BubbleMeter
 from .embeddings import POOLINGS, ShardedEmbeddings
@@ -62,10 +64,19 @@ class TrainPipeline:
         `pipeline.last_plan` is it while step_fn runs. With `long_sequences="cap"` or `"split"`
         the step needs it: `plan.received()` gives the windows of the samples in `features`
         (`loss_mask()`, `trailing`) and `plan.global_positions` the per-position normaliser."""
+        if not callable(step_fn):
+            raise TypeError(f"step_fn must be callable (features, dense, global_batch), got {type(step_fn).__name__}")
+        if balancer is not None and not isinstance(balancer, BatchBalancer):
+            raise TypeError(f"balancer must be a BatchBalancer or None, got {type(balancer).__name__}")
+        if meter is not None and not isinstance(meter, BubbleMeter):
+            raise TypeError(f"meter must be a BubbleMeter or None, got {type(meter).__name__}")
         self.step_fn, self.balancer, self.device, self.meter = step_fn, balancer, torch.device(device), meter
         self._pass_plan = _takes_plan(step_fn)
         self.last_plan = None  # the plan of the batch being trained (None without a balancer)
         self.embeddings = [embeddings] if isinstance(embeddings, ShardedEmbeddings) else list(embeddings)
+        if not all(isinstance(m, ShardedEmbeddings) for m in self.embeddings):
+            raise TypeError(f"embeddings must be a ShardedEmbeddings or a sequence of them, got "
+                            f"{[type(m).__name__ for m in self.embeddings]}")
         poolings = [pooling] * len(self.embeddings) if isinstance(pooling, str) else list(pooling)
         if len(poolings) != len(self.embeddings) or any(p not in POOLINGS for p in poolings):
             raise ValueError(f"pooling must be one of {POOLINGS} or one per module of embeddings "
@@ -81,6 +92,64 @@ class TrainPipeline:
         self._count_group = None
         if balancer is None and dist.is_initialized() and dist.get_world_size(process_group) > 1:
             self._count_group = background_group(process_group, timeout)
+        self._pending = None  # the next batch's staged work while a step runs (left behind if run() raises)
+        self._closed = False
+
+    def close(self) -> None:
+        """Release what the pipeline holds: wait for the background work of a batch that `run()`
+        staged but never trained (it raised during the step before), stop the pipeline's thread
+        and destroy its gloo groups. Idempotent; `run()` raises afterwards. Where that staged
+        work failed, close() raises a RuntimeError from its error (inside a `with` block that is
+        already raising, a warning instead: the first error stays the one raised). The balancer
+        is yours: close it too (both work as context managers:
+        `with BatchBalancer(...) as balancer, TrainPipeline(step, balancer) as pipeline:`)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            error = self._drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            groups = [g for g in (*self._groups, self._count_group) if g is not None]
+            self._groups, self._count_group = [None] * len(self._groups), None
+            if dist.is_initialized():  # (gone already if every group was destroyed)
+                for group in groups:
+                    destroy_process_group(group)
+        if error is not None:
+            raise RuntimeError(f"TrainPipeline.close: the background work of the batch staged before run() stopped "
+                               f"failed: {type(error).__name__}: {error}") from error
+
+    def __enter__(self) -> TrainPipeline:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except RuntimeError as err:  # the step's error is the one to see; this one is not lost either
+            warnings.warn(str(err), stacklevel=2)
+
+    def _drain(self) -> BaseException | None:
+        """Wait for the pending staged batch's background work (its collectives were issued on
+        every rank: they finish); its error, if any."""
+        staged, self._pending = self._pending, None
+        if staged is None:
+            return None
+        _, balanced, _, ids = staged
+        try:
+            if ids is not None:
+                ids.result()
+            result = balanced.result()
+            if isinstance(result, tuple) and isinstance(result[-1], tuple):  # no balancer: the count's all-reduce
+                work = result[-1][1]
+                if work is not None:
+                    work.wait()
+        except Exception as error:  # noqa: BLE001 (handed to the caller by close())
+            return error
+        return None
 
     def _sync(self, fn, name: str):
         return self.meter.sync(fn, name=name) if self.meter is not None else fn()
@@ -93,6 +162,10 @@ class TrainPipeline:
         return (feats, dense, plan), self._distribute(feats, self._groups)
 
     def _stage(self, batch: Batch):
+        if (not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], KeyedJagged)
+                or not isinstance(batch[1], dict)):
+            raise TypeError(f"TrainPipeline.run: each batch must be a (KeyedJagged, dict of dense tensors) pair, got "
+                            f"{_describe(batch)}")
         batch = _to(batch, self.device)
         if self.balancer is None:
             balanced, exchanged = _done((*batch, self._count_async(batch[0].batch_size))), True
@@ -140,6 +213,12 @@ class TrainPipeline:
 
     def run(self, batches: Iterator[Batch]) -> list:
         """Train over all batches; returns what step_fn returned for each."""
+        if self._closed:
+            raise RuntimeError("TrainPipeline.run: the pipeline is closed (close() was called)")
+        error = self._drain()  # a batch a failed run() left staged: its collectives are done on every rank
+        if error is not None:
+            raise RuntimeError(f"TrainPipeline.run: the background work of the batch staged before the previous "
+                               f"run() stopped failed: {type(error).__name__}: {error}") from error
         outputs = []
         it = iter(batches)
         first = next(it, None)
@@ -150,11 +229,13 @@ class TrainPipeline:
             # with a meter, one metered step per batch: waiting for it (its exchange and input
             # distribution), staging the next, and step_fn; every second of the run is in a step
             with self.meter.step() if self.meter is not None else contextlib.nullcontext():
+                self._pending = None  # _finish takes it: its errors are raised from here
                 current, plan = self._finish(staged)
                 if self.meter is not None:
                     self.meter.add_samples(current[0].batch_size)
                 nxt = next(it, None)
                 staged = None if nxt is None else self._stage(nxt)  # stages 1-2 for batch i+1 (in the background)
+                self._pending = staged  # close() waits for it (and reports its error) if step_fn raises
                 outputs.append(self._step(current, plan))  # stage 3 for batch i
         return outputs
 
@@ -170,6 +251,12 @@ class TrainPipeline:
         for m in unused:
             m._prefetched = None
         return output
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of ({', '.join(type(b).__name__ for b in batch)})"
+    return f"a {type(batch).__name__}"
 
 
 def _takes_plan(step_fn) -> bool:

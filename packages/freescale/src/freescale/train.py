@@ -198,7 +198,8 @@ def main(argv=None, prog: str = "python -m freescale.train"):
                         "args": {a: getattr(args, a) for a in RESUME_ARGS}}, args.checkpoint)
     if distributed:
         dist.barrier()
-        del balancer  # its background group goes with the others (see destroy_process_group)
+        if balancer is not None:
+            balancer.close()  # its background group first (see destroy_process_group)
         destroy_process_group()
 
 
