@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from gpukernels_common.bench import (
@@ -109,6 +110,29 @@ def test_time_fn_quantiles_stay_inside_the_samples(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(samples))
     out = time_fn(lambda: None, warmup_ms=0, rep_ms=0)
     assert 24.0 - 1e-6 <= out["ms_p20"] <= out["ms"] <= out["ms_p80"] <= 70.1 + 1e-6
+
+
+def test_time_fn_sizes_its_samples_by_the_warm_calls(monkeypatch):
+    """A cold first call (a JIT compile) sized the measurement: 3 samples where rep_ms asks for
+    51. On a fake clock: the first call takes 500 ms, every later one 2**-10 s."""
+    import gpukernels_common.bench as bench
+
+    clock, calls = [0.0], [0]
+
+    def fn():
+        calls[0] += 1
+        clock[0] += 0.5 if calls[0] == 1 else 2.0**-10
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    out = time_fn(fn, warmup_ms=10 * 2.0**-10 * 1e3, rep_ms=50)
+    assert calls[0] == 1 + 10 + 51  # first, warm-up, int(50 ms / 0.977 ms)
+    assert out["ms"] == pytest.approx(2.0**-10 * 1e3)
+
+
+@pytest.mark.parametrize("kw", [{"rep_ms": float("nan")}, {"warmup_ms": -1.0}, {"rep_ms": "100"}])
+def test_time_fn_bad_durations(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        time_fn(lambda: None, **kw)
 
 
 def test_a_benchmark_with_records_of_two_machines_renders_a_table_for_each():

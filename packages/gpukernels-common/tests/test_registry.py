@@ -63,6 +63,13 @@ def test_a_name_taken_by_other_implementations_is_refused():
         register_op("gkctest::axpb", reference=_ref)  # the Triton implementation left out
 
 
+@pytest.mark.parametrize("name", ["axpb", "gkctest:axpb", "::axpb", "gkctest::", "gkc-test::axpb", "gkctest::a.b", 3])
+def test_a_malformed_name_is_named(name):
+    # torch's own error for "axpb" was "not enough values to unpack (expected 2, got 1)"
+    with pytest.raises(ValueError, match=r"name must be 'namespace::op'"):
+        register_op(name, reference=_ref)
+
+
 def test_autograd_of_the_registered_op():
     x = torch.randn(3, requires_grad=True)
     OP(x, 3.0).sum().backward()

@@ -193,6 +193,24 @@ def test_famo_update_is_the_published_adam_rule():
     assert float(w.detach()[0]) < float(w.detach()[1])  # sanity: a improves fastest and loses weight
 
 
+def test_famo_total_loss_reads_the_weights_from_the_device_once(monkeypatch):
+    """FAMO's weighted loss reads its T weights to the host in one read (it read them one by one:
+    on a GPU a wait per task), with the same weights as before (static weights included)."""
+    bal = FAMO(["a", "b", "c"], weights={"c": 2.0})
+    z = torch.ones(1, 2, requires_grad=True)
+    losses = [(z * A).sum() + 1.0, (z * B).sum() + 3.0, (z * A).sum() + 4.0]  # values 2, 3, 5
+    reads = []
+    for name in ("__float__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name) or _real(self, *a))
+    total = bal.total_loss(losses)
+    monkeypatch.undo()
+    assert len(reads) == 1, reads
+    c = torch.tensor([1 / 2, 1 / 3, 1 / 5], dtype=torch.float64)  # softmax of zero logits is uniform
+    c = (c / c.sum() * torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)).tolist()
+    torch.testing.assert_close(total, c[0] * losses[0] + c[1] * losses[1] + c[2] * losses[2])
+
+
 def test_famo_defaults_are_the_official_ones():
     bal = FAMO(["a", "b"])
     assert (bal.lr, bal.gamma) == (0.025, 0.01)
@@ -374,3 +392,18 @@ def test_pcgrad_on_device_gradients():
         assert got[0].device == torch.device("meta")
         got = got[0].to("cpu")
     torch.testing.assert_close(got, want[0])
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: GradNorm(["a", "b"], alpha=float("nan")), "alpha"),
+    (lambda: GradNorm(["a", "b"], lr=-1.0), "lr"),
+    (lambda: DBMTL(["a", "b"], beta=1.5), "beta"),
+    (lambda: DBMTL(["a", "b"], eps=float("inf")), "eps"),
+    (lambda: FAMO(["a", "b"], lr=float("nan")), "lr"),
+    (lambda: FAMO(["a", "b"], gamma=-0.01), "gamma"),
+])
+def test_hyperparameters_are_checked(make, arg):
+    """A NaN, infinite or negative rate was accepted and spread into the weights (NaN logits after
+    FAMO's first update, a diverging DBMTL average)."""
+    with pytest.raises(ValueError, match=f"^{arg} must be"):
+        make()

@@ -18,3 +18,10 @@ def test_synthetic_imbalance_and_validation():
     with pytest.raises(ValueError, match="loss_scales"):
         synthetic(n_tasks=2, loss_scales=[1.0])
     assert torch.equal(synthetic(n=8, seed=1)["x"], synthetic(n=8, seed=1)["x"])
+
+
+@pytest.mark.parametrize("kw, name", [({"d": 0}, "d"), ({"n_tasks": 0}, "n_tasks"), ({"n": 10.5}, "n"), ({"n": 0}, "n")])
+def test_synthetic_sizes_are_checked(kw, name):
+    # d=0 gave NaN targets (0 / sqrt(0)) and n_tasks=0 no task, silently; a float n a bare TypeError
+    with pytest.raises(ValueError, match=f"^{name} must be an integer >= 1"):
+        synthetic(**kw)

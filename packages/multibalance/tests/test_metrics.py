@@ -68,3 +68,18 @@ def test_multitask_update_checks_every_task_before_counting_any():
     assert all(m.count == 2 for m in mt.tasks.values())
     with pytest.raises(ValueError, match="sequence of task names"):
         MultiTaskMetrics("ab")
+
+
+def test_multitask_metrics_refuse_repeated_names_and_non_mappings():
+    """A repeated task name made one task's counts serve both; a list of tensors in `update` was
+    reported as "unknown tasks [tensor(...)]"."""
+    with pytest.raises(ValueError, match="distinct non-empty strings"):
+        MultiTaskMetrics(["a", "a"])
+    with pytest.raises(ValueError, match="distinct non-empty strings"):
+        MultiTaskMetrics([])
+    mt = MultiTaskMetrics(["a"])
+    with pytest.raises(TypeError, match=r"logits must be a mapping from task name to tensor \(keys \['a'\]\), got list"):
+        mt.update([torch.zeros(2)], {"a": torch.ones(2)})
+    with pytest.raises(TypeError, match="labels must be a mapping"):
+        mt.update({"a": torch.zeros(2)}, torch.ones(1, 2))
+    assert mt.tasks["a"].count == 0

@@ -328,6 +328,75 @@ def test_bad_losses(toy):
         bal.backward({"t0": losses["t0"], "t1": (model.heads[1](rep) - y[1]) ** 2})
 
 
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan")])
+def test_eps_must_be_positive(eps):
+    """At eps=0 a task whose gradient is zero on a representation (one it does not read) got the
+    scale inf there, and inf * 0 made the bottom's whole gradient NaN, silently."""
+    with pytest.raises(ValueError, match="^eps must be a finite number > 0"):
+        MultiBalance(["a", "b"], eps=eps)
+    bal = MultiBalance(["a", "b"], eps=1e-30)
+    z = torch.ones(2, 3, requires_grad=True)
+    rep = bal.attach(z * 1.0)
+    bal.backward({"a": (rep * 2).sum(), "b": (rep * 0).sum()})
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+@pytest.mark.parametrize("make", [MultiBalance, multibalance.DBMTL, multibalance.FAMO, multibalance.GradNorm])
+def test_a_cast_model_keeps_the_balancer_statistics_dtypes(make, cast):
+    """A balancer inside a model cast as a whole (`model.bfloat16()` for pure bf16 training), then
+    resumed from a checkpoint: the statistics were cast too, and MultiBalance's, DBMTL's and FAMO's
+    next step failed ("expected dtype c10::BFloat16 for `end` but got dtype float")."""
+    torch.manual_seed(0)
+    bottom, heads = torch.nn.Linear(4, 6), torch.nn.ModuleList([torch.nn.Linear(6, 1) for _ in range(2)])
+
+    def step(bal):
+        rep = bal.attach(bottom(torch.randn(5, 4)))
+        losses = {t: head(rep).pow(2).mean() + 1.0 for t, head in zip("ab", heads)}
+        scales = bal.backward(losses)
+        if isinstance(bal, multibalance.FAMO):
+            bal.update({t: loss.detach() * 0.9 for t, loss in losses.items()})
+        return scales
+
+    trained = make(["a", "b"])
+    step(trained)
+    dtypes = {k: v.dtype for k, v in trained.state_dict().items() if isinstance(v, torch.Tensor)}
+    resumed = getattr(torch.nn.ModuleDict({"balancer": make(["a", "b"])}), cast)()["balancer"]
+    resumed.load_state_dict(trained.state_dict())
+    for _ in range(2):
+        assert all(math.isfinite(v) for v in step(resumed).values())
+    assert {k: v.dtype for k, v in resumed.state_dict().items() if isinstance(v, torch.Tensor)} == dtypes
+
+
+@pytest.mark.parametrize("norm", ["batch", "sample"])
+def test_an_empty_batch_counts_as_norms_of_zero(norm):
+    """A batch with no samples (an uneven last batch, a filter that kept nothing) has norm 0 for
+    every task, with either norm; norm="sample" failed on it ("cannot reshape tensor of 0
+    elements into shape [0, -1]")."""
+    torch.manual_seed(0)
+    bottom, heads = torch.nn.Linear(4, 6), torch.nn.ModuleList([torch.nn.Linear(6, 1) for _ in range(2)])
+    bal = MultiBalance(["a", "b"], norm=norm, beta=0.5)
+    for batch in (0, 3):
+        rep = bal.attach(bottom(torch.ones(batch, 4)))
+        scales = bal.backward({t: head(rep).pow(2).sum() + 1.0 for t, head in zip("ab", heads)})
+        if batch == 0:
+            assert bal.ema.tolist() == [[0.0, 0.0]] and dict(scales) == {"a": 1.0, "b": 1.0}
+    assert all(math.isfinite(v) and v >= 1.0 for v in scales.values())
+
+
+def test_attach_under_no_grad_says_gradients_are_disabled():
+    """A model whose forward calls attach(), run for evaluation under no_grad: the error said the
+    bottom's output must be the bottom's output ("a tensor that requires grad")."""
+    bottom = torch.nn.Linear(4, 3)
+    bal = MultiBalance(["a", "b"])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"requires_grad=False; gradients are disabled here \(torch.no_grad"):
+        bal.attach(bottom(torch.ones(2, 4)))
+    with pytest.raises(ValueError, match=r"representation 0 .*got a tensor with requires_grad=False$"):
+        bal.attach(bottom(torch.ones(2, 4)).detach())
+    with pytest.raises(ValueError, match=r"representation 1 .*got list$"):
+        bal.attach(bottom(torch.ones(2, 4)), [1.0])
+
+
 @pytest.mark.parametrize("stray", ["constant", "head parameters only"])
 def test_a_loss_that_misses_the_representation_leaves_no_gradient(toy, stray):
     """The error comes before any backward: no head has gradients from the failed step."""
@@ -498,6 +567,30 @@ def test_state_dict_is_matched_to_tasks_by_name(make):
     same.load_state_dict(old)  # strict: a checkpoint without names still loads
     for key, value in old.items():
         torch.testing.assert_close(same.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("make", [MultiBalance, multibalance.GradNorm, multibalance.MGDA, multibalance.FAMO,
+                                  multibalance.EqualWeights])
+def test_static_weights_come_from_the_constructor_not_the_checkpoint(make):
+    """`weights=` is an option, as relax or target: a resumed run with new weights keeps them (the
+    checkpoint's silently replaced them). A checkpoint that holds static weights (from before)
+    still loads, strictly, and its task count is still checked."""
+    old = make(["a", "b"])
+    z = torch.ones(2, 3, requires_grad=True)
+    rep = old.attach(z * 1.0)
+    old.backward({"a": (rep * 1).sum() + 1.0, "b": (rep * 2).sum() + 1.0})
+    state = old.state_dict()
+    new = make(["a", "b"], weights={"b": 5.0})
+    new.load_state_dict(state)
+    assert new.static_weight_list() == [1.0, 5.0]
+    assert "static_weights" not in state
+    legacy = {**state, "static_weights": torch.ones(2)}  # a checkpoint from before
+    new = make(["b", "a"], weights={"b": 5.0})
+    new.load_state_dict(legacy)
+    assert new.static_weight_list() == [5.0, 1.0]
+    with pytest.raises(RuntimeError, match="with 3 tasks"):
+        make(["a", "b"]).load_state_dict({k: v for k, v in legacy.items() if k != "_extra_state"} | {"static_weights": torch.ones(3)},
+                                         strict=False)
 
 
 @pytest.mark.parametrize("first", ["linear", "tanh"])

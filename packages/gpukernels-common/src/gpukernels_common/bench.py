@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import env
+from .checks import check_numbers
 from .device import device_name, has_cuda, triton_version
 
 _RECORD_DEVICE: list[str] = []  # set by bench_args: the device a record's conditions describe by default
@@ -39,10 +40,11 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     """Median (and p20/p80) milliseconds of `fn()`.
 
     CUDA: `triton.testing.do_bench` (CUDA events, cache flushed). CPU: perf_counter over
-    repeated calls after a warm-up.
+    repeated calls after a warm-up, as many as fill `rep_ms` at the warm calls' pace (3 to 1000).
     """
     warmup_ms = env.bench_warmup_ms() if warmup_ms is None else warmup_ms
     rep_ms = env.bench_rep_ms() if rep_ms is None else rep_ms
+    check_numbers(0.0, warmup_ms=warmup_ms, rep_ms=rep_ms)  # a NaN failed as "cannot convert float NaN to integer"
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
 
@@ -51,10 +53,15 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     start = time.perf_counter()
     fn()
     first = (time.perf_counter() - start) * 1e3
-    deadline = time.perf_counter() + warmup_ms / 1e3
-    while time.perf_counter() < deadline:
+    warm_start = time.perf_counter()
+    deadline, calls = warm_start + warmup_ms / 1e3, 0
+    while (now := time.perf_counter()) < deadline:
         fn()
-    n = max(3, min(1000, int(rep_ms / max(first, 1e-3))))
+        calls += 1
+    # calls to fill rep_ms, sized by the warm calls: a cold first call (a JIT compile, a lazy
+    # init) would leave 3 samples where rep_ms asks for hundreds
+    per_call = (now - warm_start) * 1e3 / calls if calls else first
+    n = max(3, min(1000, int(rep_ms / max(per_call, 1e-3))))
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()

@@ -94,6 +94,9 @@ def register_op(
     metadata for tracing; it defaults to the reference, which works for ops whose output
     shapes follow from their input shapes.
     """
+    namespace, sep, op_name = name.partition("::") if isinstance(name, str) else ("", "", "")
+    if not (sep and namespace.isidentifier() and op_name.isidentifier()):  # torch: "not enough values to unpack"
+        raise ValueError(f"name must be 'namespace::op' (two Python identifiers, e.g. 'mypkg::scale'), got {name!r}")
     if name in _REGISTERED:  # the same module imported again (a reload): the op it registered before
         op = _REGISTERED[name]
         if _origins(op.reference, op.triton, op.fake) != _origins(reference, triton, fake):

@@ -134,7 +134,10 @@ class Balancer(nn.Module, abc.ABC):
         if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"task_names must be distinct non-empty strings, got {task_names!r}")
         self.task_names = names
-        self.register_buffer("static_weights", torch.tensor(self._per_task_floats("weights", weights, 1.0)))
+        # not saved: a constructor option, as relax or target (a checkpoint's weights silently
+        # replaced those given to the constructor of a resumed run)
+        self.register_buffer("static_weights", torch.tensor(self._per_task_floats("weights", weights, 1.0)),
+                             persistent=False)
         self.shared_parameters = list(shared_parameters) if shared_parameters is not None else None
         self.process_group = process_group
         self._reps: list[torch.Tensor] = []
@@ -144,6 +147,18 @@ class Balancer(nn.Module, abc.ABC):
         self.last_path = ""
         self._static: tuple | None = None  # (tensor, version, derived): see `_static_state`
         self._wiring_checked = False  # see `_check_reads_representation`
+
+    def _apply(self, fn, recurse=True):
+        """The buffers (running statistics, static weights) move with `.to()`/`.cuda()` but keep
+        their dtype: a model that holds the balancer may be cast as a whole (`model.bfloat16()`),
+        and cast averages failed against the steps' fp32/float64 norms."""
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return out
 
     def _per_task_floats(self, arg: str, values, default: float) -> list[float]:
         """A mapping from task name to a finite float (`weights=`, `min_losses=`), as one float per
@@ -192,7 +207,13 @@ class Balancer(nn.Module, abc.ABC):
             raise ValueError("attach() needs at least one representation tensor")
         for i, r in enumerate(reps):
             if not isinstance(r, torch.Tensor) or not r.requires_grad:
-                raise ValueError(f"representation {i} must be a tensor that requires grad (the shared bottom's output)")
+                # under no_grad the bottom's output is the right tensor: say why it is refused
+                why = ("; gradients are disabled here (torch.no_grad() or inference_mode(), as in evaluation): attach() "
+                       "is for training steps, evaluation heads read the bottom's output directly"
+                       if isinstance(r, torch.Tensor) and not torch.is_grad_enabled() else "")
+                got = "a tensor with requires_grad=False" if isinstance(r, torch.Tensor) else type(r).__name__
+                raise ValueError(f"representation {i} must be a tensor that requires grad (the shared bottom's "
+                                 f"output), got {got}{why}")
         if self.parameter_level or not self.needs_task_grads:
             leaves = list(reps)
         else:
@@ -621,7 +642,7 @@ class Balancer(nn.Module, abc.ABC):
                               error_msgs):
         self._match_task_names(state_dict, prefix)
         n_saved = None  # the checkpoint's number of tasks, from its static weights or a running statistic
-        saved = state_dict.get(prefix + "static_weights")
+        saved = state_dict.pop(prefix + "static_weights", None)  # in checkpoints from before it was an option only
         if saved is not None:
             n_saved = saved.shape[-1] if saved.dim() else None
         for name in self._sized_on_first_use:

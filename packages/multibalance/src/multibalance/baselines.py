@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from gpukernels_common.checks import check_numbers
+
 from .base import Balancer, running_average
+from .combine import weighted_loss
 
 
 def _flat(grads_t: list[torch.Tensor]) -> torch.Tensor:
@@ -90,9 +93,9 @@ class UncertaintyWeighting(Balancer):
             return sum(w * (torch.exp(-s[t]) * loss + s[t]) for t, (w, loss) in enumerate(zip(weights, losses)))
         # under torch.distributed: the model's gradient from this rank's losses (DDP averages it),
         # s's from the losses' mean over the ranks, so that every rank keeps the same s
-        mean = _global_losses(self, losses)
-        return sum(w * (torch.exp(-s[t].detach()) * loss + s[t] + torch.exp(-s[t]) * float(mean[t])
-                        - torch.exp(-s[t].detach()) * float(mean[t]))
+        mean = _global_losses(self, losses).tolist()  # one device read for all tasks
+        return sum(w * (torch.exp(-s[t].detach()) * loss + s[t] + torch.exp(-s[t]) * mean[t]
+                        - torch.exp(-s[t].detach()) * mean[t])
                    for t, (w, loss) in enumerate(zip(weights, losses)))
 
     def combine(self, grads, losses):
@@ -119,6 +122,7 @@ class GradNorm(Balancer):
 
     def __init__(self, task_names: Sequence[str], *, alpha: float = 1.5, lr: float = 0.025, **kw):
         super().__init__(task_names, **kw)
+        check_numbers(0.0, alpha=alpha, lr=lr)  # a NaN or negative rate would spread into the weights silently
         self.alpha, self.lr = alpha, lr
         self.register_buffer("task_weights", torch.ones(len(self.task_names), dtype=torch.float64))
         self.register_buffer("initial_losses", torch.zeros(0, dtype=torch.float64))
@@ -298,6 +302,9 @@ class DBMTL(Balancer):
     def __init__(self, task_names: Sequence[str], *, beta: float = 0.9, eps: float = 1e-8,
                  min_losses: Mapping[str, float] | None = None, **kw):
         super().__init__(task_names, **kw)
+        check_numbers(0.0, eps=eps)
+        if not 0.0 <= beta < 1.0:  # as MultiBalance's: at beta >= 1 the average never follows the norms
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
         self.beta, self.eps = beta, eps
         self._set_min_losses(min_losses)
         self.register_buffer("ema", torch.zeros(0, dtype=torch.float64))
@@ -350,6 +357,7 @@ class FAMO(Balancer):
     def __init__(self, task_names: Sequence[str], *, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8,
                  min_losses: Mapping[str, float] | None = None, **kw):
         super().__init__(task_names, **kw)
+        check_numbers(0.0, lr=lr, gamma=gamma, eps=eps)  # NaN logits otherwise, from the first update()
         self.lr, self.gamma, self.eps = lr, gamma, eps
         self._set_min_losses(min_losses)
         n = len(self.task_names)
@@ -369,8 +377,10 @@ class FAMO(Balancer):
         vals = _global_losses(self, losses).to(self.logits.device)
         self.prev_losses = vals
         self._applied = self.weights(vals)
-        c = self._applied * self.static_weights.double()
-        return sum(float(c[t]) * loss for t, loss in enumerate(losses))
+        # one device read for all tasks (a read per task would wait for a GPU once per task); the
+        # weights stay Python floats, constants of the backward as before
+        c = (self._applied * self.static_weights.to(self._applied.device, torch.float64)).tolist()
+        return weighted_loss(losses, c)
 
     def combine(self, grads, losses):
         c = self._applied = self.weights(_global_losses(self, losses).to(self.logits.device))

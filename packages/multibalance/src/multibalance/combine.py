@@ -26,7 +26,7 @@ def weighted_sum(grads: list[torch.Tensor], coeff: torch.Tensor, out: torch.Tens
     when that is a contiguous tensor, else into a new one: `autograd.grad` may return an
     expanded view (a head that sum-pools its input), whose elements share memory.
     A Triton backend reads every gradient once and writes once, accumulating in fp32 (float64
-    gradients take the reference); the reference chains in-place multiply-adds in the gradients' dtype (fp32 for fp16 gradients).
+    gradients take the reference); the reference chains in-place multiply-adds in the gradients' dtype (fp32 for fp16 and bf16 gradients).
     """
     if not grads:
         raise ValueError("grads must hold at least one tensor")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from gpukernels_common.checks import check_sizes
+
 
 def _wheel_dir(module: str, extra: str) -> Path:
     spec = importlib.util.find_spec(module)
@@ -100,6 +102,7 @@ def synthetic(n: int = 4096, d: int = 16, n_tasks: int = 2, loss_scales=None, co
               seed: int = 0) -> dict[str, torch.Tensor]:
     """Regression tasks sharing features: task t's target uses a direction that is `conflict`-opposed
     to task 0's, and is multiplied by loss_scales[t] (imbalance)."""
+    n, d, n_tasks = check_sizes(n=n, d=d, n_tasks=n_tasks)  # d=0 made every target NaN (0 / sqrt(0)), silently
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     base = torch.randn(d, generator=g)

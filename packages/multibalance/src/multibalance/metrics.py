@@ -7,13 +7,15 @@ clicks on ads at Facebook"): 1.0 is no better than predicting the average; lower
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 
 class BinaryTaskMetrics:
-    """Accumulate (logit, label) batches; `compute()` gives log-loss, NE and exact AUC."""
+    """Accumulate (logit, label) batches; `compute()` gives log-loss, NE and exact AUC (NE and AUC
+    are NaN while the labels seen hold one class only). Scores must be logits: probabilities
+    would be read as logits near 0, a wrong log-loss and NE with the right AUC."""
 
     def __init__(self):
         self._logits: list[torch.Tensor] = []
@@ -89,11 +91,18 @@ class MultiTaskMetrics:
     def __init__(self, task_names: Sequence[str]):
         if isinstance(task_names, str):
             raise ValueError(f"task_names must be a sequence of task names, got the string {task_names!r}")
-        self.tasks = {n: BinaryTaskMetrics() for n in task_names}
+        names = list(task_names)
+        # as the balancers: a repeated name would share one task's counts, silently
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"task_names must be distinct non-empty strings, got {task_names!r}")
+        self.tasks = {n: BinaryTaskMetrics() for n in names}
 
-    def update(self, logits: dict, labels: dict) -> None:
+    def update(self, logits: Mapping, labels: Mapping) -> None:
         """All tasks are checked before any is counted: an error leaves every task as it was."""
         for what, given in (("logits", logits), ("labels", labels)):
+            if not isinstance(given, Mapping):  # a list would be matched to nothing (its items read as task names)
+                raise TypeError(f"{what} must be a mapping from task name to tensor (keys {list(self.tasks)}), "
+                                f"got {type(given).__name__}")
             missing, unknown = set(self.tasks) - set(given), set(given) - set(self.tasks)
             if missing or unknown:
                 raise ValueError(f"{what}: missing tasks {sorted(missing)}, unknown tasks {sorted(unknown)}; "

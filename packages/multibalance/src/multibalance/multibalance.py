@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
+
+from gpukernels_common.checks import check_numbers
 
 from . import factored
 from .base import Balancer, _PendingNorms, running_average
@@ -53,6 +56,9 @@ class MultiBalance(Balancer):
             raise ValueError(f"norm_lag must be 0 or 1, got {norm_lag!r}")
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        # eps bounds the averages below: at 0 a task that does not read a representation (norm 0) got
+        # the scale inf there, and inf * 0 made the whole bottom's gradient NaN
+        check_numbers(0.0, above=True, eps=eps)
         self.relax, self.beta, self.target, self.norm, self.warmup_steps, self.eps = relax, beta, target, norm, warmup_steps, eps
         self.norm_lag = norm_lag
         self._lagged: _PendingNorms | None = None  # norm_lag=1: the last step's norms, not yet averaged in
@@ -74,7 +80,9 @@ class MultiBalance(Balancer):
                 sums = torch.stack(torch._foreach_norm(flat)).pow(2)  # one launch for every (task, rep)
             return self._reduce_norms(sums.view(self.num_tasks, n_reps).T)
         else:
-            per = [g.reshape(g.shape[0], -1).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1) for g in flat]
+            # the sample dimension spelled out: reshape(B, -1) refuses an empty batch ([0, ...])
+            per = [g.reshape(g.shape[0], math.prod(g.shape[1:])).norm(dim=1) if g.dim() > 0 else g.abs().reshape(1)
+                   for g in flat]
         sums = torch.stack([p.sum() for p in per])
         rows = torch.tensor([float(p.numel()) for p in per], dtype=sums.dtype, device=sums.device)
         return self._reduce_norms(sums.view(self.num_tasks, n_reps).T, rows.view(self.num_tasks, n_reps).T)
