@@ -166,7 +166,7 @@ def train(ml: MovieLens, dim: int = 32, epochs: int = 8, overarch_epochs: int = 
             opt.step()
             total += loss.item() * len(batch)
         log(f"OverArch epoch {epoch + 1}/{overarch_epochs}: loss {total / pairs.shape[0]:.3f}")
-    return user_tower, item_tower, overarch, ValueModel(len(TASKS), [1.0, 0.5])
+    return user_tower, item_tower, overarch, ValueModel(task_names=TASKS, weights={"watch": 1.0, "like": 0.5})
 
 
 def main(argv=None):

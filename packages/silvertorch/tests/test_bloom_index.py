@@ -241,3 +241,18 @@ def test_module_loads_without_hypothesis():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("positions", [[1.5], [True, False], torch.tensor([2.0])])
+def test_positions_must_be_integers(positions):
+    """delete([1.5]) tombstoned item 1 and a bool mask items 0 and 1; verify and ranges read floats
+    truncated alike."""
+    index = BloomIndex.build(torch.ones(10, dtype=torch.int64), torch.arange(11), torch.arange(10))
+    plans = parse_filters(["1:3"])
+    with pytest.raises(ValueError, match="positions must be integer item positions"):
+        index.delete(positions)
+    assert index.search(plans)[0, 0] == 1 << 3  # nothing was deleted
+    with pytest.raises(ValueError, match="positions must be integer item positions"):
+        index.verify(plans, torch.tensor([[3.9]]))
+    with pytest.raises(ValueError, match="starts must be integer item positions"):
+        index.search_ranges(plans, torch.tensor([[0.5]]), torch.tensor([[4]]), max_length=32)

@@ -166,3 +166,41 @@ def test_unterminated_quotes_and_non_ascii_words_say_so(text, position, expected
     with pytest.raises(FilterSyntaxError) as err:
         parse_filters([text], schema={"genre": 1})
     assert err.value.position == position and expected in str(err.value)
+
+
+@pytest.mark.parametrize("schema, match", [
+    # a number: encode_items gave its items id 5, the filter 2024:x read feature id 2024 and matched nothing
+    ({"2024": 5}, r"'2024' is a number: a filter 2024:value reads feature id 2024, not 5"),
+    ({"género": 1}, "cannot be written in a filter"),  # unquoted words are ASCII; feature names cannot be quoted
+    ({"my genre": 1}, "cannot be written in a filter"),
+    ({"Not": 1}, r"cannot be written in a filter: .*not AND, OR or NOT"),
+    ({"": 1}, "cannot be written in a filter"),
+    ({1: 1}, "cannot be written in a filter"),
+    ({"genre": 1.5}, "the id must be an int64 integer, got 1.5"),  # was truncated to 1
+    ({"genre": "1"}, "the id must be an int64 integer"),
+    ({"genre": True}, "the id must be an int64 integer"),
+    ({"genre": 2**70}, "the id must be an int64 integer"),  # was an overflow inside the hash
+    ({"genre": 1, "style": 1}, "'genre' and 'style' share feature id 1"),  # genre:x matched items whose style is x
+])
+def test_schema_names_a_filter_can_write_and_integer_ids(schema, match):
+    from silvertorch import FilterSchema
+
+    with pytest.raises(ValueError, match=match):
+        FilterSchema(schema)
+    with pytest.raises(ValueError, match=match):
+        parse_filters([""], schema=schema)
+
+
+def test_schema_ids_from_numpy_are_python_ints_and_numeric_names_may_name_their_own_id():
+    import json
+
+    import numpy as np
+
+    from silvertorch import FilterSchema
+
+    schema = FilterSchema({"genre": np.int64(1), "7": 7, "user.age-band": np.int32(2)})
+    assert json.dumps(schema.features) == '{"genre": 1, "7": 7, "user.age-band": 2}'  # numpy ids failed the artifact's JSON
+    a, b = parse_filters(["7:x AND user.age-band:3"], schema=schema), parse_filters(["7:x AND 2:3"])
+    assert torch.equal(a.hashes, b.hashes)
+    with pytest.raises(ValueError, match="item 0 must be a mapping of attribute name -> value"):
+        schema.encode_items(["genre"])  # was AttributeError: 'str' object has no attribute 'items'

@@ -488,3 +488,47 @@ def test_server_hands_the_model_its_inputs_on_the_models_device(artifact):
         for body in ({"user_features": [3]}, {"user_features": [3], "value_weights": [1, 0.5]}):
             assert client.post("/v1/retrieve", json=body).status_code == 200
     assert seen == [{"meta"}] * 3  # the warm-up, then the two requests
+
+
+def test_value_weights_by_task_name_in_the_server_and_the_cli(tmp_path, capsys):
+    """A Value Model with task names takes per-request weights as {task name: weight} (JSON object,
+    `--value-weights watch=0,like=1`) beside the positional form; wrong names get a 400 or one line."""
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import create_app
+
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    attrs = (torch.ones(N, dtype=torch.int64), torch.arange(N + 1), torch.randint(0, 4, (N,), generator=g))
+    save_towers(tmp_path / "towers", EmbeddingTower([30], D), OverArch(D, 2, [8]),
+                ValueModel(task_names=["watch", "like"], weights={"watch": 1.0, "like": 0.3}))
+    save_item_table(tmp_path / "items.safetensors", torch.randn(N, D, generator=g), torch.arange(N), attrs, {"genre": 1})
+    assert main(["build", "--towers", str(tmp_path / "towers"), "--items", str(tmp_path / "items.safetensors"),
+                 "--out", str(tmp_path / "art"), "--k-candidates", "32", "--num-results", "5", "--quiet"]) == 0
+    capsys.readouterr()
+    model = RetrievalModel.load(tmp_path / "art")
+    assert model.value_model.task_names == ["watch", "like"] and model.value_model.weights.tolist() == pytest.approx([1.0, 0.3])
+    want = model.retrieve(torch.tensor([[3]]), [""], [0.0, 1.0]).ids[0].tolist()
+    assert main(["query", str(tmp_path / "art"), "--user", "3", "--value-weights", "watch=0,like=1"]) == 0
+    assert [row["id"] for row in json.loads(capsys.readouterr().out)["results"]] == want
+    assert main(["query", str(tmp_path / "art"), "--user", "3", "--value-weights", "watch=0"]) == 2
+    assert "value_weights must name every task exactly: missing ['like']" in capsys.readouterr().err
+    with TestClient(create_app(model), raise_server_exceptions=False) as client:
+        by_name = client.post("/v1/retrieve", json={"user_features": [3], "value_weights": {"like": 1, "watch": 0}})
+        positional = client.post("/v1/retrieve", json={"user_features": [3], "value_weights": [0, 1]})
+        assert by_name.status_code == positional.status_code == 200 and by_name.json()["ids"] == positional.json()["ids"] == want
+        for weights, reason in (({"watch": 1}, "missing ['like']"), ({"watch": 1, "like": 1, "share": 1}, "unknown ['share']"),
+                                ({"watch": "1", "like": 1}, "must be a list of 2 JSON numbers"), ([True, 1], "must be a list of 2"),
+                                ([1.0], "value_weights must be [2] (one weight per task), got [1]")):
+            r = client.post("/v1/retrieve", json={"user_features": [3], "value_weights": weights})
+            assert r.status_code == 400 and reason in r.json()["error"], (weights, r.text)
+
+
+def test_towers_keep_their_dtype_through_save_towers(tmp_path):
+    # load_towers copied the weights into float32 modules: `silvertorch build` published other towers than were trained
+    save_towers(tmp_path, EmbeddingTower([30], D).to(torch.bfloat16), OverArch(D, 2, [8]).to(torch.bfloat16),
+                ValueModel(2, [1.0, 0.5]).to(torch.bfloat16))
+    from silvertorch import load_towers
+
+    modules = load_towers(tmp_path)
+    assert {t.dtype for m in modules for t in m.state_dict().values()} == {torch.bfloat16}

@@ -724,3 +724,42 @@ def test_filters_on_the_cpu_filter_a_search_on_the_gpu():
     r = index.search_with_stats(QUERIES.cuda(), k=20, nprobe=4, filters=bloom.filter(plans))
     e = index.search_with_stats(QUERIES.cuda(), k=20, nprobe=4, filters=DenseMaskFilter(exact))
     assert torch.equal(r.ids, e.ids) and torch.equal(r.scores, e.scores)
+
+
+@pytest.mark.parametrize("cls", [IVFIndex, FlatIndex])
+def test_numpy_embeddings_build_and_add(cls):
+    """build and add took tensors only (AttributeError: 'numpy.ndarray' object has no attribute 'dim'),
+    where the searches take numpy queries."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, fresh = rng.standard_normal((40, 8), dtype=np.float32), rng.standard_normal((2, 8), dtype=np.float32)
+    index = cls.build(x, ids=np.arange(40) + 100, **({"n_clusters": 2} if cls is IVFIndex else {}))
+    index.add(fresh, ids=np.array([1, 2]))
+    want = cls.build(torch.from_numpy(x), ids=torch.arange(40) + 100, **({"n_clusters": 2} if cls is IVFIndex else {}))
+    want.add(torch.from_numpy(fresh), ids=torch.tensor([1, 2]))
+    q = torch.from_numpy(fresh)
+    assert torch.equal(index.search(q, k=5, nprobe=2)[1], want.search(q, k=5, nprobe=2)[1])
+    assert set(index.search(q, k=1, nprobe=2)[1][:, 0].tolist()) == {1, 2}  # each fresh item finds itself
+    with pytest.raises(ValueError, match="embeddings must be a float tensor or array"):
+        cls.build(object())
+
+
+def test_flat_index_build_refuses_unknown_options():
+    # FlatIndex.build took **_: a misspelled ids= or dtype= was dropped (ids 0..n-1, int8 codes), silently
+    with pytest.raises(TypeError, match="unexpected keyword argument 'idx'"):
+        FlatIndex.build(torch.randn(10, 4), idx=torch.arange(10) + 100)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dtyp'"):
+        FlatIndex.build(torch.randn(10, 4), dtyp="bfloat16")
+    # IVFIndex.build's clustering options are still taken (and unused): code may build either index
+    assert FlatIndex.build(torch.randn(10, 4), n_clusters=3, iters=5, seed=1).num_items == 10
+
+
+def test_dense_mask_filter_takes_a_numpy_mask():
+    import numpy as np
+
+    mask = np.zeros((1, 300), dtype=bool)  # was refused: "must be a bool tensor ..., got bool"
+    mask[0, [7, 9]] = True
+    index = FlatIndex.build(INDEX_X[:300])
+    _, ids = index.search(QUERIES[:1], 3, filters=DenseMaskFilter(mask))
+    assert sorted(ids[0, :2].tolist()) == [7, 9] and ids[0, 2] == -1

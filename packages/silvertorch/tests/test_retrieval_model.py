@@ -858,3 +858,93 @@ def test_rebuild_keeps_the_models_device():
     agree = sum(len(set(a) & set(b)) for a, b in zip(on_gpu.tolist(), on_cpu.tolist()))
     assert agree >= 0.95 * on_cpu.numel()  # near-ties may swap at the cut (GPU and CPU float sums differ)
     assert {p.device.type for p in (*TOWER.parameters(), *OVERARCH.parameters())} == {"cpu"}
+
+
+@pytest.mark.parametrize("ids", [[float(IDS[2]) + 0.7], torch.tensor([True, False])])
+def test_delete_items_refuses_fractions_and_masks(ids):
+    # [5002.7] deleted id 5002 and a bool mask ids 0 and 1 (or nothing): silently, as add_items refuses them
+    model = _model()
+    with pytest.raises(ValueError, match="ids must be integers"):
+        model.delete_items(ids)
+    assert bool(model.alive[: model.num_main].all())
+
+
+def test_rebuild_passes_explicit_options_on_as_given():
+    """The bounds carried over shrink to fit; an explicit override is no longer capped silently
+    (rebuild(num_results=50) over 16 candidates gave num_results=16)."""
+    model = _model(k_candidates=16, num_results=8)
+    with pytest.raises(ValueError, match="num_results must be in \\[1, k_candidates=16\\], got 50"):
+        model.rebuild(num_results=50)
+    with pytest.raises(ValueError, match="nprobe must be in \\[1, n_clusters=12\\], got 13"):
+        model.rebuild(nprobe=13)
+    rebuilt = model.rebuild(k_candidates=32, num_results=20, n_clusters=6)
+    assert (rebuilt.k_candidates, rebuilt.num_results, rebuilt.centroids.shape[0], rebuilt.nprobe) == (32, 20, 6, 6)
+    model.delete_items(IDS)
+    with pytest.raises(ValueError, match="every item is deleted"):
+        model.rebuild()
+
+
+def test_load_keeps_the_value_model_and_overarch_dtypes(tmp_path):
+    """A bf16 Value Model came back float32 (the loaded model's scores differed from the saved one's);
+    a float64 one failed every query (its weights' matmul with the float32 probabilities)."""
+    torch.manual_seed(3)
+    for value in (ValueModel(2, learned=True).to(torch.bfloat16), ValueModel(2, [1.0, 0.3]).double()):
+        model = RetrievalModel.build(TOWER, OverArch(D, 2, [8]).to(torch.bfloat16), value, EMB[:200], IDS[:200],
+                                     n_clusters=4, k_candidates=20)
+        loaded = RetrievalModel.load(model.save(tmp_path / str(value.learned)))
+        assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}
+        users = torch.arange(3).unsqueeze(1)
+        want, got = model.retrieve(users), loaded.retrieve(users)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+
+
+def test_numpy_sizes_and_schema_ids_publish(tmp_path):
+    """Sizes and schema ids from numpy (a dataframe's max + 1) failed the config's JSON after the
+    whole build, leaving an artifact directory with model.safetensors and no config.json."""
+    import numpy as np
+
+    from silvertorch import publish
+
+    tower = EmbeddingTower([np.int64(USERS)], np.int64(D), hidden=[np.int32(8)])
+    schema = {"cat": np.int64(1), "year": np.int64(2)}
+    model = publish(tmp_path / "a", tower, OVERARCH, VALUE, item_embeddings=EMB[:100], item_ids=IDS[:100],
+                    attributes=(ATTRS[0][:200], ATTRS[1][:101], ATTRS[2][:200]), schema=schema, n_clusters=4, k_candidates=20)
+    loaded = RetrievalModel.load(tmp_path / "a")
+    assert loaded.schema == {"cat": 1, "year": 2} and loaded.user_tower.config()["cardinalities"] == [USERS]
+    users = torch.arange(2).unsqueeze(1)
+    assert torch.equal(loaded.retrieve(users, ["cat:1", ""]).ids, model.retrieve(users, ["cat:1", ""]).ids)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: EmbeddingTower([10], 0), "dim must be an integer >= 1, got 0"),
+    (lambda: EmbeddingTower([10], 8, embedding_dim=0), "embedding_dim must be an integer >= 1, got 0"),  # 0 became the default
+    (lambda: EmbeddingTower([10.5], 8), r"cardinalities\[0\] must be an integer >= 1, got 10.5"),
+    (lambda: EmbeddingTower(10, 8), "cardinalities must be a non-empty list"),  # was TypeError: 'int' object is not iterable
+    (lambda: EmbeddingTower([10], 8, hidden=[-1]), r"hidden\[0\] must be an integer >= 1, got -1"),
+])
+def test_embedding_tower_sizes_are_checked(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_user_tower_of_another_width_is_refused():
+    # built, then every query failed with "mat1 and mat2 shapes cannot be multiplied" (every server request a 500)
+    with pytest.raises(ValueError, match="the user tower returns 16-dimensional vectors, the items are 24-dimensional"):
+        RetrievalModel.build(EmbeddingTower([USERS], 16), OVERARCH, VALUE, EMB[:100], IDS[:100], n_clusters=4, k_candidates=20)
+    custom = torch.nn.Sequential(torch.nn.Linear(3, 16))  # no `dim` to read: checked by the forward
+    model = RetrievalModel.build(custom, OVERARCH, VALUE, EMB[:100], IDS[:100], n_clusters=4, k_candidates=20)
+    with pytest.raises(ValueError, match=r"the user tower returned \(2, 16\); this model's items need \[num_users, 24\]"):
+        model.retrieve(torch.randn(2, 3))
+
+
+def test_value_weights_by_task_name_round_trip_and_rank(tmp_path):
+    value = ValueModel(task_names=["watch", "like"], weights={"watch": 1.0, "like": 0.5})
+    model = RetrievalModel.build(TOWER, OVERARCH, value, EMB[:300], IDS[:300], n_clusters=4, k_candidates=30)
+    loaded = RetrievalModel.load(model.save(tmp_path / "a"))
+    assert loaded.value_model.task_names == ["watch", "like"] and loaded.value_model.weights.tolist() == [1.0, 0.5]
+    users = torch.arange(3).unsqueeze(1)
+    by_name = loaded.retrieve(users, None, {"like": 1.0, "watch": 0.0})
+    assert torch.equal(by_name.ids, loaded.retrieve(users, None, [0.0, 1.0]).ids)
+    assert torch.equal(by_name.scores, by_name.task_probs[..., 1])  # the like head alone
+    with pytest.raises(ValueError, match=r"value_weights must name every task exactly: unknown \['likes'\]; missing \['like'\]"):
+        loaded.retrieve(users, None, {"watch": 1.0, "likes": 1.0})

@@ -101,3 +101,47 @@ def test_per_request_weights_given_as_numbers_follow_the_logits_device():
     # meta stands in for a GPU: the weights list becomes a CPU tensor, which meta logits refuse as CUDA would
     value = ValueModel(2)(torch.zeros(3, 4, 2, device="meta"), [[1.0, 0.5]] * 3)
     assert value.device.type == "meta" and value.shape == (3, 4)
+
+
+def test_value_model_takes_weights_by_task_name():
+    """A mapping names every task (the sister package's form); the positional form still works, and
+    per-request weights take either form, a list of mappings as one row per query."""
+    by_name = ValueModel(task_names=["watch", "like"], weights={"like": 0.5, "watch": 1.0})
+    assert by_name.num_tasks == 2 and by_name.weights.tolist() == [1.0, 0.5]
+    assert by_name.config()["task_names"] == ["watch", "like"]
+    assert torch.equal(ValueModel(2, [1.0, 0.5], task_names=["watch", "like"]).weights, by_name.weights)
+    logits = torch.randn(2, 5, 2)
+    want = ValueModel(2)(logits, torch.tensor([[0.0, 1.0], [2.0, 0.5]]))
+    torch.testing.assert_close(by_name(logits, [{"watch": 0.0, "like": 1.0}, {"like": 0.5, "watch": 2.0}]), want)
+    assert by_name.check_request_weights({"watch": 3, "like": 0}).tolist() == [3.0, 0.0]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ValueModel(task_names=["watch", "like"], weights={"watch": 1.0}), r"must name every task exactly: missing \['like'\]"),
+    (lambda: ValueModel(task_names=["watch", "like"], weights={"watch": 1.0, "like": 1.0, "share": 2.0}),
+     r"unknown \['share'\] \(tasks: \['watch', 'like'\]\)"),
+    (lambda: ValueModel(2, {"watch": 1.0, "like": 0.5}), "weights by task name need the Value Model's task_names"),  # was "must be numbers"
+    (lambda: ValueModel(3, task_names=["watch", "like"]), r"task_names must name the 3 tasks"),
+    (lambda: ValueModel(task_names="watch"), "got the string 'watch'"),
+    (lambda: ValueModel(task_names=["watch", "watch"]), "distinct non-empty strings"),
+    (lambda: ValueModel(), "needs num_tasks"),
+    (lambda: ValueModel(task_names=["a", "b"], weights={"a": 1.0, "b": float("nan")}), "weights must be finite numbers"),
+    (lambda: ValueModel(task_names=["a", "b"])(torch.zeros(1, 2, 2), {"a": 1.0}), r"missing \['b'\]"),  # per request
+])
+def test_value_weights_by_name_are_checked(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_learned_value_model_refuses_fixed_weights():
+    # the MLP replaces the weighted sum: the weights were kept in a buffer and never used
+    with pytest.raises(ValueError, match="a learned Value Model .* has no weighted sum"):
+        ValueModel(2, [1.0, 0.3], learned=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_value_model_in_another_dtype_scores(dtype):
+    # .double() or .to(bf16) made its weights buffer that dtype: the float32 probabilities' matmul failed
+    logits = torch.randn(2, 4, 2)
+    want = ValueModel(2, [1.0, 0.5])(logits)
+    torch.testing.assert_close(ValueModel(2, [1.0, 0.5]).to(dtype)(logits), want)

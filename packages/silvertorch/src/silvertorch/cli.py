@@ -40,7 +40,7 @@ def _query(args) -> int:
     if n > model.num_results:
         raise ValueError(f"-n: expected at most the model's num_results ({model.num_results}), got {n}")
     features = _user_features(model, args.user)
-    weights = _floats("--value-weights", args.value_weights) if args.value_weights else None
+    weights = _value_weights(args.value_weights) if args.value_weights else None
     r = model.retrieve(features, [args.filter], weights)
     keep = r.ids[0] >= 0
     rows = [{"id": int(i), "score": round(float(s), 5), "fresh": bool(f)}
@@ -60,6 +60,19 @@ def _user_features(model, text: str):
         except ValueError:
             raise ValueError(f"--user: expected comma-separated integers (the user tower takes ids), got {text!r}") from None
     return torch.tensor([_floats("--user", text)])
+
+
+def _value_weights(text: str):
+    """--value-weights: comma-separated numbers (task order) or name=number pairs (a Value Model with task_names)."""
+    if "=" not in text:
+        return _floats("--value-weights", text)
+    weights = {}
+    for pair in text.split(","):
+        name, _, number = pair.partition("=")
+        if not name.strip() or name.strip() in weights:
+            raise ValueError(f"--value-weights: expected distinct name=number pairs, got {text!r}")
+        weights[name.strip()] = _floats("--value-weights", number)[0]
+    return weights
 
 
 def _floats(flag: str, text: str) -> list[float]:
@@ -149,7 +162,8 @@ def main(argv=None) -> int:
     q.add_argument("--user", required=True, help="user features, comma-separated (e.g. a user id)")
     q.add_argument("--filter", default="", help="filter expression, e.g. 'genre:Comedy AND NOT year:1995'")
     q.add_argument("-n", type=_int_in(1), default=None, help="results to print (default and most: the model's num_results)")
-    q.add_argument("--value-weights", default=None, help="per-task weights for the Value Model, comma-separated")
+    q.add_argument("--value-weights", default=None, help="per-task weights for the Value Model, comma-separated in task order (1,0.5) "
+                        "or by task name (watch=1,like=0.5)")
     q.set_defaults(func=_query)
     s = sub.add_parser("serve", help="serve an artifact over HTTP (needs silvertorch[serve])")
     s.add_argument("artifact")

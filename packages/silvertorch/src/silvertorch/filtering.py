@@ -102,6 +102,7 @@ class DenseMaskFilter:
     index layout the positions refer to (`IVFIndex.layout`; 0 until a compact() moves items)."""
 
     def __init__(self, mask: torch.Tensor, layout: int = 0):
+        mask = torch.as_tensor(mask)  # a numpy bool array too (its dtype is not torch.bool: it was refused as "got bool")
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask must be a bool tensor [num_queries, num_items], got {mask.dtype} {tuple(mask.shape)}")
         self.mask, self.layout = mask, int(layout)

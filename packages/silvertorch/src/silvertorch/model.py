@@ -275,6 +275,10 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"the OverArch reads {overarch.dense_dim} dense item features, the items have {dense_dim}; "
                              f"pass item_dense [num_items, {overarch.dense_dim}]" if overarch.dense_dim else
                              f"the items have {dense_dim} dense features, the OverArch reads none (dense_dim=0)")
+        tower_dim = getattr(user_tower, "dim", None)  # EmbeddingTower's output width (a custom tower is checked per forward)
+        if isinstance(tower_dim, int) and not isinstance(tower_dim, bool) and tower_dim != self.dim:
+            raise ValueError(f"the user tower returns {tower_dim}-dimensional vectors, the items are {self.dim}-dimensional: "
+                             f"every query would fail")
         if overarch.dim != self.dim or overarch.num_tasks != value_model.num_tasks:
             raise ValueError(f"overarch (dim {overarch.dim}, {overarch.num_tasks} tasks) does not fit the items (dim {self.dim}) "
                              f"and the value model ({value_model.num_tasks} tasks)")
@@ -283,7 +287,8 @@ class RetrievalModel(nn.Module):
         self.words_per_cluster = (max_cluster + 62) // 64 + 1
         _check_bloom_k(bloom_k)
         self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
-        self.schema = dict(schema or {})
+        # checked (names a filter can write, int64 ids) and with Python int ids (numpy ones would fail the JSON config)
+        self.schema = (schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))).features
         if not 1 <= max_exact_terms <= max_terms:
             raise ValueError(f"max_exact_terms must be in [1, max_terms={max_terms}], got {max_exact_terms}")
         self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
@@ -498,6 +503,8 @@ class RetrievalModel(nn.Module):
         """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q]).
         ops, args, hashes: plans from prepare_filters / pad_plans, which check them against the model's bounds."""
         u = self.user_tower(user_features).float()
+        if u.dim() != 2 or u.shape[1] != self.dim:  # static shapes: no check at run time in a traced graph
+            raise ValueError(f"the user tower returned {tuple(u.shape)}; this model's items need [num_users, {self.dim}]")
         q = u.shape[0]
         clusters = torch.topk(u @ self.centroids.T, self.max_nprobe, dim=1).indices  # best centroid first
         ops, args, hashes, exact_slots = _batch_extent(ops, args, hashes, self.max_exact_terms)
@@ -625,7 +632,8 @@ class RetrievalModel(nn.Module):
 
     def delete_items(self, ids) -> int:
         """Never return these ids again (main or fresh); returns how many live items were deleted."""
-        hit = torch.isin(self.item_ids, torch.as_tensor(ids, device=self.item_ids.device).long()) & self.alive
+        # refused as add_items refuses them: [2.7] would delete id 2, a bool mask ids 0 and 1
+        hit = torch.isin(self.item_ids, _integer_ids(ids, "ids").to(self.item_ids.device)) & self.alive
         self.alive &= ~hit
         return int(hit.sum())
 
@@ -639,13 +647,23 @@ class RetrievalModel(nn.Module):
                    "bloom_k": self.bloom_k, "bloom_multiplier": self.bloom_multiplier, "max_attributes": self.attr_terms.shape[1],
                    "max_ops": self.max_ops, "max_terms": self.max_terms, "exact_verify": self.exact_verify,
                    "max_exact_terms": self.max_exact_terms}
+        if live.numel() == 0:
+            raise ValueError("rebuild: every item is deleted; a model needs at least one live item")
+        # the carried-over bounds shrink to fit fewer live items (after deletions) and the
+        # overrides; an explicit override is passed on as given, so build() refuses it by name
+        # instead of its being capped silently (rebuild(num_results=50) with 16 candidates)
+        def carried(name, value):
+            if name in overrides:
+                return overrides[name]
+            options[name] = value
+            return value
+
+        n_clusters = carried("n_clusters", min(options["n_clusters"], live.numel()))
+        k_candidates = carried("k_candidates", min(options["k_candidates"], live.numel()))
+        carried("num_results", min(options["num_results"], k_candidates))
+        nprobe = carried("nprobe", min(options["nprobe"], n_clusters))
+        carried("max_nprobe", min(max(options["max_nprobe"], nprobe), n_clusters))
         options.update(overrides)
-        options["n_clusters"] = min(options["n_clusters"], live.numel())
-        # fewer live items than candidates (after deletions) would make the old bounds invalid
-        options["k_candidates"] = min(options["k_candidates"], live.numel())
-        options["num_results"] = min(options["num_results"], options["k_candidates"])
-        options["nprobe"] = min(options["nprobe"], options["n_clusters"])
-        options["max_nprobe"] = min(max(options["max_nprobe"], options["nprobe"]), options["n_clusters"])
         dense = self.item_dense[live].cpu() if hasattr(self, "item_dense") else None
         # build() makes its tensors on the CPU; the towers are shared and stay where they are
         return RetrievalModel.build(self.user_tower, self.overarch, self.value_model, self.item_embeddings[live].float().cpu(),
@@ -717,8 +735,9 @@ class RetrievalModel(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config = self.config()
         config["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+        text = json.dumps(config, indent=1)  # before any file is written: a config that cannot be written leaves no half artifact
         save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        (directory / CONFIG_FILE).write_text(text)
         return directory
 
     @classmethod
@@ -779,7 +798,9 @@ class RetrievalModel(nn.Module):
         for prefix, module in modules.items():
             state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             try:
-                module.load_state_dict(state, strict=True, assign=prefix == "overarch" or (prefix == "user_tower" and made_tower))
+                # assign: the modules made here take the file's tensors as they are, dtype included (a bf16
+                # OverArch or Value Model stays bf16); a tower passed in keeps its own parameters
+                module.load_state_dict(state, strict=True, assign=prefix != "user_tower" or made_tower)
             except RuntimeError as err:
                 raise ValueError(f"{directory}: the {prefix} weights do not fit the module: {err}") from err
         buffers = {k: v for k, v in tensors.items() if k.split(".")[0] not in modules}

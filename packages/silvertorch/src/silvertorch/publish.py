@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .bloom.parser import FilterSchema
 from .model import (
     RetrievalModel,
     _checked_attributes,
@@ -119,10 +120,11 @@ def save_towers(directory, user_tower: nn.Module, overarch: OverArch, value_mode
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in
                (("user_tower", user_tower), ("overarch", overarch), ("value_model", value_model)) for k, v in m.state_dict().items()}
-    save_file(tensors, str(directory / "towers.safetensors"))
     config = {"format": TOWERS_FORMAT, "format_version": TOWERS_FORMAT_VERSION, "user_tower": {"type": kind, "config": user_tower.config()},
               "overarch": overarch.config(), "value_model": value_model.config()}
-    (directory / TOWERS_CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    text = json.dumps(config, indent=1)  # before any file is written
+    save_file(tensors, str(directory / "towers.safetensors"))
+    (directory / TOWERS_CONFIG_FILE).write_text(text)
     return directory
 
 
@@ -146,7 +148,8 @@ def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
                    "overarch": _from_entry(directory, TOWERS_CONFIG_FILE, "overarch", OverArch, config["overarch"]),
                    "value_model": _from_entry(directory, TOWERS_CONFIG_FILE, "value_model", ValueModel, config["value_model"])}
         for prefix, module in modules.items():
-            module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+            # assign: the file's tensors as they are, dtype included (bf16 towers stay bf16, as RetrievalModel.load keeps them)
+            module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}, assign=True)
     except (KeyError, TypeError, RuntimeError) as err:  # a missing section, a changed config, mismatched tensors
         raise ValueError(f"{directory}: towers.json and towers.safetensors do not describe the towers "
                          f"({type(err).__name__}: {err})") from err
@@ -181,8 +184,10 @@ def save_item_table(path, embeddings, ids, attributes, schema: dict | None = Non
                "attr_feature_ids": fids, "attr_offsets": offsets, "attr_values": values}
     if dense is not None:
         tensors["dense"] = _checked_dense(dense, n, None, "dense")
+    # checked as the model checks it, numpy ids as ints
+    schema = (schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))).features
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"format": ITEMS_FORMAT, "format_version": "1", "schema": json.dumps(schema or {})})
+              metadata={"format": ITEMS_FORMAT, "format_version": "1", "schema": json.dumps(schema)})
     return Path(path)
 
 

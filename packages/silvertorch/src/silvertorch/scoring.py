@@ -9,6 +9,8 @@ towers and are published into the RetrievalModel unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -100,18 +102,53 @@ def _cpu_chunk_rows(batch_shape, hidden_per_row: int, device) -> int:
 
 
 class ValueModel(nn.Module):
-    """value = sum_t w_t * sigmoid(logit_t); `learned=True` replaces the sum by a tiny MLP."""
+    """value = sum_t w_t * sigmoid(logit_t); `learned=True` replaces the sum by a tiny MLP.
 
-    def __init__(self, num_tasks: int, weights=None, learned: bool = False, hidden: int = 16):
+    Weights are one number per task in the OverArch's task order (`weights=[1.0, 0.5]`), or, with
+    `task_names=`, a mapping that names every task (`weights={"watch": 1.0, "like": 0.5}`); an
+    unknown or missing name is a ValueError. Per-request weights take either form too."""
+
+    def __init__(self, num_tasks: int | None = None, weights=None, learned: bool = False, hidden: int = 16,
+                 task_names=None):
         super().__init__()
+        names = None if task_names is None else _checked_task_names(task_names)
+        if num_tasks is None and names is None:
+            raise ValueError("ValueModel needs num_tasks (or task_names, one per task)")
+        num_tasks = len(names) if num_tasks is None else num_tasks
         num_tasks, hidden = check_sizes(num_tasks=num_tasks, hidden=hidden)
-        w = torch.ones(num_tasks) if weights is None else check_value_weights(weights, num_tasks, "weights")
-        self.num_tasks, self.learned, self.hidden_size = num_tasks, learned, hidden
+        if names is not None and len(names) != num_tasks:
+            raise ValueError(f"task_names must name the {num_tasks} tasks (num_tasks={num_tasks}), got {len(names)}: {names}")
+        self.num_tasks, self.learned, self.hidden_size, self.task_names = num_tasks, learned, hidden, names
+        if learned and weights is not None:  # the MLP replaces the weighted sum: the weights would be ignored
+            raise ValueError("weights: a learned Value Model (an MLP over the task probabilities) has no weighted sum; "
+                             "leave weights out, or pass learned=False")
+        w = torch.ones(num_tasks) if weights is None else check_value_weights(self._by_position(weights, "weights"), num_tasks, "weights")
         self.register_buffer("weights", w)
         self.mlp = nn.Sequential(nn.Linear(num_tasks, hidden), nn.ReLU(), nn.Linear(hidden, 1)) if learned else None
 
     def config(self) -> dict:
-        return {"num_tasks": self.num_tasks, "learned": self.learned, "hidden": self.hidden_size}
+        config = {"num_tasks": self.num_tasks, "learned": self.learned, "hidden": self.hidden_size}
+        if self.task_names is not None:  # absent otherwise: artifacts without names read as before
+            config["task_names"] = list(self.task_names)
+        return config
+
+    def _by_position(self, weights, name: str):
+        """A {task name: weight} mapping as one weight per task in task order (a list of mappings, one
+        per query, as rows); anything else as given."""
+        if isinstance(weights, (list, tuple)) and weights and all(isinstance(w, Mapping) for w in weights):
+            return [self._by_position(w, name) for w in weights]
+        if not isinstance(weights, Mapping):
+            return weights
+        if self.task_names is None:
+            raise ValueError(f"{name}: weights by task name need the Value Model's task_names (ValueModel(..., "
+                             f"task_names=[...])); without them pass one weight per task, in task order")
+        unknown = [k for k in weights if k not in self.task_names]
+        missing = [n for n in self.task_names if n not in weights]
+        if unknown or missing:
+            raise ValueError(f"{name} must name every task exactly: "
+                             + "; ".join(([f"unknown {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else []))
+                             + f" (tasks: {self.task_names})")
+        return [weights[n] for n in self.task_names]
 
     def forward(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """logits [Q, K, T]; weights [Q, T] per request (overrides the fixed ones) -> value [Q, K]."""
@@ -120,19 +157,34 @@ class ValueModel(nn.Module):
             weights = self.check_request_weights(weights, logits.shape[0], values=not tracing()).to(probs.device)
         if self.mlp is not None:
             return self.mlp(probs.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
-        w = self.weights if weights is None else weights
+        # in the probabilities' float32: a Value Model moved to another dtype (.double(), bf16) keeps working
+        w = (self.weights if weights is None else weights).to(probs.dtype)
         if w.dim() == 1:
             return probs @ w
         return (probs * w.unsqueeze(-2)).sum(-1)
 
     def check_request_weights(self, weights, num_queries: int | None = None, values: bool = True) -> torch.Tensor:
-        """Per-request `value_weights` as float32 [T] (or [num_queries, T]), or a ValueError naming
-        them: refused for a learned Value Model, checked as `check_value_weights` checks them
+        """Per-request `value_weights` as float32 [T] (or [num_queries, T]; a {task name: weight}
+        mapping with `task_names`), or a ValueError naming them: refused for a learned Value Model,
+        checked as `check_value_weights` checks them
         (`values=False` checks the shape only: a traced graph cannot read the values)."""
         if self.mlp is not None:  # the MLP has no weights to override: ignoring them would be a silent wrong answer
             raise ValueError("value_weights: this Value Model is learned (an MLP over the task probabilities); "
                              "per-request weights apply to the weighted sum only")
-        return check_value_weights(weights, self.num_tasks, "value_weights", num_queries, values=values)
+        return check_value_weights(self._by_position(weights, "value_weights"), self.num_tasks, "value_weights", num_queries,
+                                   values=values)
+
+
+def _checked_task_names(task_names) -> list[str]:
+    if isinstance(task_names, str):  # list("like") would make four one-letter tasks
+        raise ValueError(f"task_names must be a list of task names, got the string {task_names!r} (one task: [{task_names!r}])")
+    try:
+        names = list(task_names)
+    except TypeError:
+        raise ValueError(f"task_names must be a list of task names, got {task_names!r}") from None
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"task_names must be distinct non-empty strings, got {task_names!r}")
+    return names
 
 
 def check_value_weights(weights, num_tasks: int, name: str, num_queries: int | None = None, values: bool = True) -> torch.Tensor:

@@ -3,6 +3,7 @@
     silvertorch serve artifact/ --port 8080        # binds 127.0.0.1 unless --host says otherwise
 
 POST /v1/retrieve  {"user_features": [42], "filter": "genre:Comedy", "n": 10, "value_weights": [1, 0.5]}
+                   ("value_weights": {"watch": 1, "like": 0.5} for a Value Model with task_names)
              ->    {"ids": [...], "scores": [...], "task_probs": [[...], ...], "fresh": [...], "found": 1234,
                     "batch_size": 7}
 `found`: the items that passed the filter in the probed clusters and the fresh index (exact up to
@@ -73,7 +74,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         from fastapi import FastAPI, HTTPException
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse
-        from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+        from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
         from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError as err:
         raise ImportError("the server needs the serve extra: pip install 'silvertorch[serve]'") from err
@@ -90,7 +91,17 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         user_features: list[StrictInt | StrictFloat] = Field(min_length=1, max_length=4096)
         filter: StrictStr = Field(default="", max_length=limits.max_expression_length)
         n: StrictInt = Field(default=model.num_results, ge=1, le=model.num_results)
-        value_weights: list[StrictInt | StrictFloat] | None = Field(default=None, min_length=n_tasks, max_length=n_tasks)
+        # one weight per task, in task order, or {task name: weight} naming every task (a Value Model with
+        # task_names); the count and the names are checked by the Value Model, which names what is wrong
+        value_weights: list[StrictInt | StrictFloat] | dict[StrictStr, StrictInt | StrictFloat] | None = None
+
+        @field_validator("value_weights", mode="before")
+        @classmethod
+        def _weights_are_numbers(cls, value):  # one message for both forms (the union's would name a branch)
+            numbers = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+            if value is not None and (numbers is None or not all(type(x) in (int, float) for x in numbers)):
+                raise ValueError(f"must be a list of {n_tasks} JSON numbers (one per task) or an object {{task name: number}}")
+            return value
 
     state = {"ready": False, "accepting": True}
     metrics = Metrics()

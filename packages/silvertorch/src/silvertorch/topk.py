@@ -62,7 +62,8 @@ def select_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[tor
 
     Equal scores come in ascending column order; when a row has fewer than k candidates
     (scores above -inf) the remaining slots hold value -inf and index -1. Raises ValueError
-    for a non-2-D or non-float `scores`, NaN in `scores`, k < 1, k > M or an unknown method.
+    for a non-2-D `scores` or one not float32, float16 or bfloat16, NaN in `scores`, k < 1,
+    k > M or an unknown method.
     """
     scores = _checked_scores(scores, k, method)
     num_rows, num_columns = scores.shape

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpukernels_common.checks import check_sizes
+
 
 class EmbeddingTower(nn.Module):
     """Categorical features int64 [Q, F] -> one embedding per feature, concatenated -> MLP -> [Q, dim].
@@ -21,9 +23,19 @@ class EmbeddingTower(nn.Module):
     def __init__(self, cardinalities: list[int], dim: int, embedding_dim: int | None = None, hidden: list[int] | tuple = (),
                  normalize: bool = False):
         super().__init__()
-        if not cardinalities or min(cardinalities) < 1:
-            raise ValueError(f"cardinalities must be a non-empty list of positive sizes, got {cardinalities}")
-        self.cardinalities, self.dim, self.hidden, self.normalize = list(cardinalities), dim, list(hidden), normalize
+        # sizes as Python ints (numpy ones, say a table size from a dataframe, would fail the artifact's
+        # JSON config after the whole build); 0, negative or fractional sizes refused by name
+        if isinstance(cardinalities, (str, bytes)) or not hasattr(cardinalities, "__iter__") or not len(cardinalities):
+            raise ValueError(f"cardinalities must be a non-empty list of positive sizes, got {cardinalities!r}")
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+            raise ValueError(f"hidden must be a list of layer widths, got {hidden!r}")
+        cardinalities = list(check_sizes(**{f"cardinalities[{i}]": c.item() if isinstance(c, torch.Tensor) else c
+                                            for i, c in enumerate(cardinalities)}))
+        (dim,) = check_sizes(dim=dim)
+        hidden = list(check_sizes(**{f"hidden[{i}]": h for i, h in enumerate(hidden)}))
+        if embedding_dim is not None:
+            (embedding_dim,) = check_sizes(embedding_dim=embedding_dim)
+        self.cardinalities, self.dim, self.hidden, self.normalize = cardinalities, dim, hidden, bool(normalize)
         self.embedding_dim = embedding_dim or (dim if not hidden and len(cardinalities) == 1 else 16)
         self.tables = nn.ModuleList(nn.Embedding(c, self.embedding_dim) for c in cardinalities)
         layers: list[nn.Module] = []

@@ -84,6 +84,15 @@ def bloom_disagreement(bits, row_offsets, widths, lengths, term_items, term_hash
     return None
 
 
+def _positions(values, name: str, device) -> torch.Tensor:
+    """Item positions (or range bounds) as int64, refusing floats and booleans: 1.5 is no position
+    (it would be truncated to 1), and a bool mask would read as positions 0 and 1."""
+    t = torch.as_tensor(values, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer item positions, got {t.dtype}")
+    return t.long()
+
+
 def _validate_attributes(feature_ids, offsets, values):
     if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0:
         raise ValueError("offsets must be a 1-D tensor [n_items + 1] starting at 0")
@@ -291,7 +300,7 @@ class BloomIndex:
         """Filter only item ranges: int32 [Q, R, ceil(max_length/32)], bit b of word o = item starts[q,r] + 32*o + b.
         `out`: a preallocated int32 tensor of that shape to write into (returned)."""
         self._check_plans(plans)
-        starts, lengths = torch.as_tensor(starts), torch.as_tensor(lengths)
+        starts, lengths = _positions(starts, "starts", None), _positions(lengths, "lengths", None)
         if starts.shape != lengths.shape or starts.dim() != 2 or starts.shape[0] != plans.num_queries:
             raise ValueError(f"starts and lengths must both be [num_queries={plans.num_queries}, ranges], got "
                              f"{tuple(starts.shape)} and {tuple(lengths.shape)}")
@@ -353,7 +362,7 @@ class BloomIndex:
     def verify(self, plans: FilterPlans, positions: torch.Tensor) -> torch.Tensor:
         """Exact filter result (bool [Q, M]) for candidate item positions; -1 = padding -> False."""
         self._check_plans(plans)
-        positions = torch.as_tensor(positions, dtype=torch.int64, device=self.bits.device)
+        positions = _positions(positions, "positions", self.bits.device)
         if positions.dim() != 2 or positions.shape[0] != plans.num_queries:
             raise ValueError(f"positions must be [num_queries={plans.num_queries}, M], got {tuple(positions.shape)}")
         if ((positions < -1) | (positions >= self.num_items)).any():
@@ -394,7 +403,7 @@ class BloomIndex:
 
     def delete(self, positions) -> None:
         """Tombstone items: every search, range search and verification drops them."""
-        positions = torch.as_tensor(positions, dtype=torch.int64, device=self.bits.device).reshape(-1)
+        positions = _positions(positions, "positions", self.bits.device).reshape(-1)
         if ((positions < 0) | (positions >= self.num_items)).any():
             raise ValueError(f"positions to delete must be in [0, {self.num_items})")
         self.deleted |= _or_bits(self.num_words, positions // 64, positions % 64, self.bits.device)

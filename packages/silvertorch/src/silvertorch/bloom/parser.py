@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+from collections.abc import Mapping
 
 import torch
 
@@ -64,16 +65,44 @@ def word_value(text: str) -> int:
     return string_value(text)
 
 
+# a feature name the filter language can write: one unquoted word (see _TOKEN)
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
 @dataclasses.dataclass(frozen=True)
 class FilterSchema:
-    """Names for feature ids: FilterSchema({"lang": 1, "cat": 2})."""
+    """Names for feature ids: FilterSchema({"lang": 1, "cat": 2}).
+
+    Each name must be writable in a filter: ASCII letters, digits, '_', '.' and '-', not AND, OR
+    or NOT, and not a number (the parser reads `2024:x` as feature id 2024) unless it names its
+    own id; each id an int64 integer used by one name. Ids are stored as Python ints."""
 
     features: dict
+
+    def __post_init__(self):
+        if not isinstance(self.features, dict):
+            raise ValueError(f"a filter schema maps feature names to ids (a dict), got {type(self.features).__name__}")
+        features, owner = {}, {}
+        for name, fid in self.features.items():
+            if not isinstance(name, str) or not _NAME.fullmatch(name) or name.upper() in ("AND", "OR", "NOT"):
+                raise ValueError(f"schema feature name {name!r} cannot be written in a filter: use ASCII letters, digits, "
+                                 f"'_', '.' and '-' (not AND, OR or NOT)")
+            if isinstance(fid, bool) or not isinstance(fid, numbers.Integral) or not INT64_MIN <= int(fid) <= INT64_MAX:
+                raise ValueError(f"schema feature {name!r}: the id must be an int64 integer, got {fid!r}")
+            if _INTEGER.fullmatch(name) and int(name) != int(fid):
+                raise ValueError(f"schema feature name {name!r} is a number: a filter {name}:value reads feature id "
+                                 f"{int(name)}, not {int(fid)}; name it with a letter, or give it id {int(name)}")
+            if int(fid) in owner:
+                raise ValueError(f"schema features {owner[int(fid)]!r} and {name!r} share feature id {int(fid)}: a filter "
+                                 f"on one would match the other's values")
+            owner[int(fid)] = name
+            features[name] = int(fid)
+        object.__setattr__(self, "features", features)  # numpy ids as Python ints: the artifact's JSON takes them
 
     def feature_id(self, name: str, expression: str, position: int) -> int:
         if name not in self.features:
             raise FilterSyntaxError(expression, position, f"a known feature ({', '.join(sorted(self.features))})", repr(name))
-        return int(self.features[name])
+        return self.features[name]
 
     def encode_items(self, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-item attributes, e.g. [{"genre": ["Comedy", "Drama"], "year": 1995}, ...] -> the jagged
@@ -84,6 +113,8 @@ class FilterSchema:
         one or several (a list, tuple, set, numpy array or tensor)."""
         fids, vals, offsets = [], [], [0]
         for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise ValueError(f"item {i} must be a mapping of attribute name -> value(s), got {type(item).__name__}")
             for name, values in item.items():
                 if name not in self.features:
                     raise ValueError(f"item {i}: unknown attribute {name!r}; the schema has {sorted(self.features)}")
@@ -99,7 +130,7 @@ class FilterSchema:
                     if isinstance(v, numbers.Integral) and not INT64_MIN <= int(v) <= INT64_MAX:
                         raise ValueError(f"item {i}: attribute {name!r} value {int(v)} is outside the int64 range; pass it "
                                          f"as a string (text, which a quoted filter value matches)")
-                    fids.append(int(self.features[name]))
+                    fids.append(self.features[name])
                     vals.append(int(v) if isinstance(v, numbers.Integral) else word_value(v))
             offsets.append(len(vals))
         return (torch.tensor(fids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),

@@ -80,11 +80,18 @@ def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
     return pairs, pair_ends.to(torch.int64), cluster.to(torch.int32), first, n_blocks
 
 
-def _check_embeddings(embeddings: torch.Tensor, dim: int | None = None) -> None:
+def _check_embeddings(embeddings, dim: int | None = None) -> torch.Tensor:
+    """Embeddings as a finite float tensor [num_items, dim] (numpy arrays converted), or a ValueError."""
+    try:
+        embeddings = torch.as_tensor(embeddings)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"embeddings must be a float tensor or array [num_items, {dim or 'dim'}], got "
+                         f"{type(embeddings).__name__}") from err
     if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point or (dim is not None and embeddings.shape[1] != dim):
         raise ValueError(f"embeddings must be a float tensor [num_items, {dim or 'dim'}], got {embeddings.dtype} {tuple(embeddings.shape)}")
     if not torch.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or inf")
+    return embeddings
 
 
 def _checked_ids(ids, n: int, device) -> torch.Tensor:
@@ -222,7 +229,7 @@ class IVFIndex:
               iters: int = 20, seed: int = 0) -> IVFIndex:
         if dtype != "int8":
             raise ValueError(f"IVFIndex stores int8 codes (dtype='int8'); use FlatIndex for dtype={dtype!r}")
-        _check_embeddings(embeddings)
+        embeddings = _check_embeddings(embeddings)
         n = embeddings.shape[0]
         ids = _checked_ids(ids, n, embeddings.device)
         centroids, assign = kmeans(embeddings, n_clusters, iters=iters, seed=seed)
@@ -535,7 +542,7 @@ class IVFIndex:
         the probed clusters and merged in the same top-k, results tagged `fresh`. Their storage
         positions follow the main ones (`num_main + j`), so a filter over positions must cover
         them (`BloomIndex.append` with the same items). `compact()` folds them into the clusters."""
-        _check_embeddings(embeddings, self.codes.shape[1])
+        embeddings = _check_embeddings(embeddings, self.codes.shape[1])
         ids = _checked_ids(ids, embeddings.shape[0], self.ids.device)  # integers, distinct, non-negative
         live = torch.cat([self.ids[~self.removed], self.fresh_ids[~self.fresh_removed]])
         if torch.isin(ids, live).any():
@@ -645,10 +652,14 @@ class FlatIndex(IVFIndex):
     DTYPES = ("int8", "bfloat16")
 
     @classmethod
-    def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, dtype: str = "int8", **_) -> FlatIndex:
+    def build(cls, embeddings: torch.Tensor, ids: torch.Tensor | None = None, dtype: str = "int8", n_clusters: int | None = None,
+              iters: int | None = None, seed: int | None = None) -> FlatIndex:
+        """Every item scored by every query. `n_clusters`, `iters` and `seed` (IVFIndex.build's) are
+        accepted and unused, so code can build either index; any other keyword is an error (a
+        misspelled `ids=` or `dtype=` was dropped silently)."""
         if dtype not in cls.DTYPES:
             raise ValueError(f"FlatIndex dtype must be one of {cls.DTYPES}, got {dtype!r}")
-        _check_embeddings(embeddings)
+        embeddings = _check_embeddings(embeddings)
         n = embeddings.shape[0]
         ids = _checked_ids(ids, n, embeddings.device)
         codes, scales = _encode(embeddings, dtype)
