@@ -76,8 +76,8 @@ def _pytest(session: nox.Session, package: str, extra_env: dict | None = None) -
 @nox.parametrize("package", ALL + ["tools"], ids=ALL + ["tools"])
 def tests(session: nox.Session, package: str) -> None:
     """One package's tests (Triton kernels through the interpreter on CPU); `tests(tools)` runs the
-    repository tools' tests (boundary check, release helper, the composed demo's smoke run) with every
-    package installed.
+    repository tools' tests (boundary check, release helper, compile check, GPU-session script, the
+    READMEs' python blocks, the composed demo's smoke run) with every package installed.
     `nox -s tests` runs them all."""
     _install_torch(session)
     if package == "tools":

@@ -14,6 +14,11 @@
 # `python packages/<pkg>/benchmarks/run.py --only nothing` renders that package's RESULTS.md.
 # `nox -s gpu` is the untimed version (every test, every benchmark).
 set -u
+case "${1:-}" in  # anything else would run the whole session (minutes of a GPU lease)
+  "" | --fetch-deps) ;;
+  -h | --help) sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  *) echo "gpu_session.sh: unknown argument '$1' (it takes none, --fetch-deps or --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 # pytest for a machine that lacks it (it is promised torch, triton and numpy only): `bash
 # tools/gpu_session.sh --fetch-deps` here unpacks pure-Python wheels into .gpu-deps (git-ignored);

@@ -1,4 +1,5 @@
-"""tools/gpu_session.sh keeps to its time budget: with none left it skips every step, naming each."""
+"""tools/gpu_session.sh keeps to its time budget: with none left it skips every step, naming each; `--help`
+and unknown arguments run nothing."""
 
 import os
 import subprocess
@@ -18,3 +19,14 @@ def test_skips_what_the_budget_leaves_no_time_for(tmp_path):
     assert all(f"== {p}: skipped" in tests for p in PACKAGES), tests
     assert all(f"== {b}: skipped" in benches for b in BENCHES), benches
     assert "done in" in benches
+
+
+def test_help_and_unknown_arguments_run_nothing(tmp_path):
+    """`--help` (or a typo) ran the whole session: minutes of a GPU lease, results in $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_SESSION_SECONDS": "0"}
+    script = str(ROOT / "tools" / "gpu_session.sh")
+    shown = subprocess.run(["bash", script, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "GPU_SESSION_SECONDS" in shown.stdout, shown.stderr
+    refused = subprocess.run(["bash", script, "--bogus"], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "unknown argument '--bogus'" in refused.stderr
+    assert not list(tmp_path.iterdir())  # no session ran

@@ -301,3 +301,21 @@ def test_module_takes_16_bit_x_under_autocast(monkeypatch):
     monkeypatch.setenv("GKC_BACKEND", "reference")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert MoE(8, 8, 4, 2)(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("x, match", [
+    # a 3-D x reached `route` and failed as "router logits must be [tokens, experts], got shape (2, 3, 4)"
+    (torch.randn(2, 3, 8), r"x must be \[tokens, d_model=8\] \(2-D: flatten leading dimensions first, "
+                           r"e\.g\. x\.reshape\(-1, 8\), as MoE does\), got shape \(2, 3, 8\)"),
+    (torch.randn(8), r"x must be \[tokens, d_model=8\].*got shape \(8,\)"),
+    (torch.randn(3, 7), r"x must be \[tokens, d_model=8\].*got shape \(3, 7\)"),  # a bare matmul error
+    (torch.ones(2, 8, dtype=torch.long), "x must be a floating-point tensor, got torch.int64"),
+    (torch.randn(2, 8, dtype=torch.float64), "x is torch.float64 but the layer's parameters are torch.float32"),
+])
+def test_router_refuses_bad_x_naming_it(x, match):
+    """A standalone Router takes flattened tokens; what it refuses, it says, naming x."""
+    with pytest.raises(ValueError, match=match):
+        moeblaze.Router(8, 4, 2)(x)
+    with pytest.raises(ValueError, match=match):  # also where the capacity is computed from x first
+        moeblaze.Router(8, 4, 2, capacity_factor=1.0)(x)
+    assert moeblaze.Router(8, 4, 2)(torch.randn(5, 8)).expert_ids.shape == (5, 2)

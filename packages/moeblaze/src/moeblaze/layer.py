@@ -15,7 +15,7 @@ from gpukernels_common.checks import check_numbers, check_sizes
 from .experts import CHECKPOINTS, moe_experts
 from .naive import ACTIVATIONS
 from .parallel import expert_parallel_experts, local_expert_count
-from .router import Router, check_capacity_factor, check_score, check_top_k
+from .router import Router, check_capacity_factor, check_score, check_top_k, check_x_dtype
 
 
 class MoE(nn.Module):
@@ -129,12 +129,7 @@ class MoE(nn.Module):
         # here, naming x: the router's nn.Linear would otherwise fail with a bare matmul dtype error
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [..., d_model={self.d_model}], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-        dtype = self.router.proj.weight.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts both, as nn.Linear's
-            raise ValueError(f"x is {x.dtype} but the layer's parameters are {dtype}: cast one to the other "
-                             f"(e.g. layer.to({x.dtype})) or run under torch.autocast")
+        check_x_dtype(x, self.router.proj.weight.dtype)
 
     def __getstate__(self):
         # aux_loss is attached to the last forward's graph, which deepcopy (EMA / AveragedModel

@@ -129,7 +129,25 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
     return Routing(expert_ids.to(torch.int32), weights.to(logits.dtype), aux, z, dropped)
 
 
+def check_x_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> None:
+    """x floating point and in the parameters' dtype unless under autocast, else a ValueError naming x
+    (the router's nn.Linear would fail with a bare matmul dtype error)."""
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts both, as nn.Linear's
+        raise ValueError(f"x is {x.dtype} but the layer's parameters are {param_dtype}: cast one to the other "
+                         f"(e.g. layer.to({x.dtype})) or run under torch.autocast")
+
+
 class Router(nn.Module):
+    """The routing part of `MoE` on its own: a bias-free linear projection to [T, n_experts]
+    logits, then `route` (top-k, weights, load-balancing and z-losses). Its input x is
+    `[tokens, d_model]`, 2-D (flatten any leading dimensions first, e.g.
+    `x.reshape(-1, d_model)`, as `MoE` does), floating point and in the router's dtype unless
+    under `torch.autocast`: anything else is a `ValueError` naming x. With `capacity_factor`,
+    each expert keeps ceil(capacity_factor * tokens * top_k / n_experts) slots of a forward's
+    tokens (see `route`'s `capacity`). Returns a `Routing`."""
+
     def __init__(self, d_model: int, n_experts: int, top_k: int, score: str = "softmax", renormalize: bool = True,
                  capacity_factor: float | None = None):
         super().__init__()
@@ -142,6 +160,11 @@ class Router(nn.Module):
         self.capacity_factor = capacity_factor
 
     def forward(self, x: torch.Tensor) -> Routing:
+        d_model = self.proj.in_features
+        if x.dim() != 2 or x.shape[1] != d_model:  # a 3-D x reached `route` as 3-D logits, unexplained
+            raise ValueError(f"x must be [tokens, d_model={d_model}] (2-D: flatten leading dimensions first, "
+                             f"e.g. x.reshape(-1, {d_model}), as MoE does), got shape {tuple(x.shape)}")
+        check_x_dtype(x, self.proj.weight.dtype)
         capacity = None
         if self.capacity_factor is not None:
             capacity = expert_capacity(x.shape[0], self.top_k, self.n_experts, self.capacity_factor)
