@@ -159,6 +159,30 @@ def test_only_ascii_digits_make_a_number():
     assert not torch.equal(parse_filters(['1:"１９９５"']).hashes, parse_filters(["1:1995"]).hashes)
 
 
+def test_nfc_and_nfd_spellings_of_a_value_match_each_other():
+    # "Comédie" with a precomposed é (NFC) and with e + a combining accent (NFD) are the same
+    # text; their UTF-8 bytes differ, and the filter silently matched nothing across the two
+    import unicodedata
+
+    from silvertorch import BloomIndex, FilterSchema
+
+    nfc, nfd = unicodedata.normalize("NFC", "Comédie"), unicodedata.normalize("NFD", "Comédie")
+    assert nfc != nfd
+    schema = FilterSchema({"genre": 1})
+    items = [{"genre": nfc}, {"genre": nfd}, {"genre": "Drame"}]
+    index = BloomIndex.build(*schema.encode_items(items), k=3, b_multiplier=5.0)
+    plans = parse_filters([f'genre:"{nfd}"', f'genre:"{nfc}"', f'NOT genre:"{nfd}"'], schema=schema)
+    exact = index.verify(plans, torch.arange(3).unsqueeze(0).expand(3, 3))
+    assert exact.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    # ASCII and NFC text hash as before (saved artifacts keep matching): the FNV-1a 64 of the bytes
+    for text in ("Comedy", nfc, "１９９５"):
+        h = 0xCBF29CE484222325
+        for byte in text.encode("utf-8"):
+            h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        assert string_value(text) == (h - (1 << 64) if h >= 1 << 63 else h)
+    assert string_value(nfd) == string_value(nfc)
+
+
 @pytest.mark.parametrize("text, position, expected", [
     ('genre:"Comedy', 6, "unterminated"), ('genre:{"a","b}', 11, "unterminated"),
     ("genre:Comédie", 9, 'quote other text: "..."'), ("genre:１９９５", 6, 'quote other text')])

@@ -326,6 +326,26 @@ def test_pack_bits_layout():
     assert torch.equal(pack_bits(torch.zeros(4, 0, dtype=torch.bool)), torch.zeros(4, 1, dtype=torch.int32))
 
 
+def test_default_nprobe_fits_an_index_of_few_clusters():
+    # the default (8) used to exceed a 4-cluster index and raise; it is capped at n_clusters, so
+    # it probes every cluster there
+    x, q = INDEX_X[:400], QUERIES
+    index = IVFIndex.build(x, n_clusters=4)
+    r = index.search_with_stats(q, k=5)
+    assert (r.nprobe == 4).all()
+    assert torch.equal(r.ids, index.search_with_stats(q, k=5, nprobe=4).ids)
+    exact = torch.topk(q @ x.T, 5, dim=1).indices
+    assert torch.isin(r.ids[:, 0], exact[:, :2]).all()  # every item was scored (int8 may swap near ties)
+    scores, ids = index.search(q, 5)
+    assert torch.equal(ids, r.ids) and torch.equal(scores, r.scores)
+    assert (index.search_with_stats(q, k=5, adaptive=True).nprobe == 4).all()
+    # an explicit nprobe beyond the clusters stays an error naming it (as RetrievalModel.build)
+    with pytest.raises(ValueError, match=r"nprobe must be in \[1, n_clusters=4\], got 5"):
+        index.search(q, 5, nprobe=5)
+    # the default on a larger index is still 8
+    assert (INDEX.search_with_stats(QUERIES, k=5).nprobe == 8).all()
+
+
 @pytest.mark.parametrize(
     "call, match",
     [(lambda: INDEX.search(torch.full((1, 64), float("nan")), 5), "NaN"),

@@ -49,7 +49,7 @@ from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, run_plans
 from .filtering import derived_from, pack_bits, unpack_bits
-from .ivf.index import IVFIndex
+from .ivf.index import DEFAULT_NPROBE, IVFIndex
 from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
 from .ivf.quantize import quantize_rows
@@ -116,7 +116,6 @@ def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, m
     return ops, args, hashes[:, : slots((TERM, EXACT_TERM), hashes.shape[1], 1)], slots((EXACT_TERM,), max_exact, 0)
 
 
-DEFAULT_NPROBE = 8
 # exact verification checks the best VERIFY_POOL x k_candidates Bloom-passing items: the results
 # are the exact filter's unless more than (VERIFY_POOL - 1) x k_candidates false positives score
 # above the K-th true match (a filter whose true matches are rarer than the Bloom false positives)

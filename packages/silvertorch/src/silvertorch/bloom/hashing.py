@@ -4,10 +4,14 @@ Terms are (feature_id, value) pairs. `term_hash` mixes them with the splitmix64 
 (torch int64 arithmetic wraps like uint64; right shifts are made logical by masking), and
 `bloom_positions` derives k DISTINCT rows per bundle by double hashing modulo the bundle's
 width, which is a prime: p_j = (h mod b + j * (1 + (h2 mod (b - 1)))) mod b for j < k.
-String values go through FNV-1a 64 (`string_value`) so every process maps them alike.
+String values go through FNV-1a 64 (`string_value`) so every process maps them alike, after
+Unicode NFC normalization so that "Comédie" typed with a combining accent matches the same word
+with a precomposed é.
 """
 
 from __future__ import annotations
+
+import unicodedata
 
 import torch
 
@@ -54,9 +58,12 @@ def bloom_positions(h: torch.Tensor, width: torch.Tensor, k: int) -> torch.Tenso
 
 
 def string_value(text: str) -> int:
-    """FNV-1a 64 of the UTF-8 bytes, as a signed int64 (stable across processes and runs)."""
+    """FNV-1a 64 of the UTF-8 bytes of the NFC form, as a signed int64 (stable across processes
+    and runs). Every string value, the items' (`FilterSchema.encode_items`) and the filters',
+    is hashed here, so canonically equivalent spellings (NFC or NFD) get one value. NFC leaves
+    ASCII and already-composed text as it is: hashes stored before the normalization stay valid."""
     h = 0xCBF29CE484222325
-    for byte in text.encode("utf-8"):
+    for byte in unicodedata.normalize("NFC", text).encode("utf-8"):
         h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return h - (1 << 64) if h >= 1 << 63 else h
 

@@ -16,7 +16,7 @@ allowed) are the official SilverTorch syntax; a trailing `:weight` (a number) is
 ignored, anything else after a second ':' is an error: a value containing ':' or non-ASCII
 characters is quoted (`start:"12:30"`, `genre:"Comédie"`).
 Named features need a `FilterSchema` mapping names to feature ids; non-integer values are
-hashed with FNV-1a 64 (`hashing.string_value`); ASCII digits, quoted or not, are the number (`word_value`,
+hashed with FNV-1a 64 of their NFC form (`hashing.string_value`, which item encoding shares); ASCII digits, quoted or not, are the number (`word_value`,
 which `FilterSchema.encode_items` applies to string attributes alike). An empty expression
 matches everything.
 

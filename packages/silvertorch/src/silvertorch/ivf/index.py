@@ -44,6 +44,9 @@ class SearchResult:
     fresh: torch.Tensor  # [Q, k] bool: the item comes from the fresh part (added since the last build)
 
 
+# clusters probed when `nprobe` is not given, capped at the index's clusters (as RetrievalModel.build
+# does): the default must work on any index, however few clusters it has
+DEFAULT_NPROBE = 8
 SCHEDULES = ("auto", "query", "cluster")
 CLUSTER_MAJOR_MIN_QUERIES = 16  # auto: from this batch size on, queries share cluster tiles
 # the PyTorch reference scores only the passing items once they number at most 1/PASSING_SLOT_COST
@@ -383,17 +386,23 @@ class IVFIndex:
             scores.masked_fill_(~unpack_bits(words, L).reshape(q * p, L), float("-inf"))
         return scores
 
-    def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None, adaptive: bool = False,
+    def search_with_stats(self, queries: torch.Tensor, k: int, nprobe: int | None = None, filters=None, adaptive: bool = False,
                           max_nprobe: int | None = None) -> SearchResult:
         """Search; with `adaptive`, queries that returned fewer than k results are re-run with
-        twice the clusters until they have k or reach `max_nprobe` (default: all clusters). Only
-        those queries are re-run (with `filters.select` of them); each query's result does not
-        depend on the others in the batch. "Fewer than k results" counts the verified results, not
-        `found`: under a Bloom filter `found` counts its false positives too, which the results
-        drop. `queries` may be a numpy array; k, nprobe and max_nprobe Python or numpy ints."""
+        twice the clusters until they have k or reach `max_nprobe` (default: all clusters; a larger
+        value is capped there, as it only bounds the widening). Only those queries are re-run (with
+        `filters.select` of them); each query's result does not depend on the others in the batch.
+        "Fewer than k results" counts the verified results, not `found`: under a Bloom filter
+        `found` counts its false positives too, which the results drop. `queries` may be a numpy
+        array; k, nprobe and max_nprobe Python or numpy ints.
+
+        nprobe: clusters probed per query, default min(8, n_clusters). An explicit nprobe must be
+        in [1, n_clusters] (a ValueError otherwise, as RetrievalModel.build refuses it; FAISS
+        would cap it): asking for more clusters than the index has is a mistake to report, not
+        to round away."""
         queries = _as_queries(queries)
         k = as_count(k, "k")
-        nprobe = as_count(nprobe, "nprobe")
+        nprobe = min(DEFAULT_NPROBE, self.n_clusters) if nprobe is None else as_count(nprobe, "nprobe")
         _check_queries(queries, self.codes.shape[1], k)
         if not 1 <= nprobe <= self.n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
@@ -532,7 +541,8 @@ class IVFIndex:
             pos = torch.cat([pos, torch.full((pos.shape[0], pad), -1, dtype=pos.dtype, device=pos.device)], 1)
         return SearchResult(top, self._ids_at(pos), pos, found, torch.full_like(found, nprobe), pos >= self.num_main)
 
-    def search(self, queries: torch.Tensor, k: int, nprobe: int = 8, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, nprobe: int | None = None, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [Q, k], ids [Q, k]) of `search_with_stats` (nprobe: default min(8, n_clusters))."""
         r = self.search_with_stats(queries, k, nprobe, filters)
         return r.scores, r.ids
 
@@ -675,5 +685,5 @@ class FlatIndex(IVFIndex):
         found = (scores > float("-inf")).sum(1)
         return (scores if out is None else out.copy_(scores)), starts, max(self.num_main, 1), found
 
-    def search_with_stats(self, queries, k, nprobe=1, filters=None, adaptive=False, max_nprobe=None):
+    def search_with_stats(self, queries, k, nprobe=None, filters=None, adaptive=False, max_nprobe=None):
         return super().search_with_stats(queries, k, 1, filters)
