@@ -83,3 +83,90 @@ def test_multitask_metrics_refuse_repeated_names_and_non_mappings():
     with pytest.raises(TypeError, match="labels must be a mapping"):
         mt.update({"a": torch.zeros(2)}, torch.ones(1, 2))
     assert mt.tasks["a"].count == 0
+
+
+def _fill(m, logits, labels):
+    for lo, la in zip(logits.split(5), labels.split(5)):
+        m.update(lo, la)
+
+
+def test_reset_forgets_every_sample():
+    """reset() starts over (per evaluation epoch): the next compute sees only the new samples."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(30), (torch.rand(30) < 0.5).double()
+    fresh, used = MultiTaskMetrics(["a", "b"]), MultiTaskMetrics(["a", "b"])
+    used.update({"a": torch.randn(7), "b": torch.randn(7)}, {"a": torch.ones(7), "b": torch.zeros(7)})
+    used.reset()
+    with pytest.raises(ValueError, match="no samples"):
+        used.compute()
+    for m in (fresh, used):
+        m.update({"a": logits, "b": -logits}, {"a": labels, "b": labels})
+    assert used.compute() == fresh.compute()
+    single = BinaryTaskMetrics()
+    _fill(single, logits, labels)
+    single.reset()
+    _fill(single, logits[:10], labels[:10])
+    assert single.compute()["count"] == 10
+
+
+def test_merge_equals_one_metrics_over_all_samples():
+    """merge() is exact: AUC over the union of the pairs (not an average of the parts' AUCs)."""
+    torch.manual_seed(1)
+    logits, labels = torch.randn(40).round(decimals=1), (torch.rand(40) < 0.3).double()
+    whole, left, right = BinaryTaskMetrics(), BinaryTaskMetrics(), BinaryTaskMetrics()
+    _fill(whole, logits, labels)
+    _fill(left, logits[:15], labels[:15])
+    _fill(right, logits[15:], labels[15:])
+    left.merge(right)
+    got, expected = left.compute(), whole.compute()
+    assert got["auc"] == expected["auc"] and got["count"] == 40
+    assert got["logloss"] == pytest.approx(expected["logloss"]) and got["ne"] == pytest.approx(expected["ne"])
+    assert right.compute()["count"] == 25  # left as it was
+    multi, other = MultiTaskMetrics(["a", "b"]), MultiTaskMetrics(["b", "a"])
+    multi.update({"a": logits[:20], "b": logits[:20]}, {"a": labels[:20], "b": labels[:20]})
+    other.update({"a": logits[20:], "b": logits[20:]}, {"a": labels[20:], "b": labels[20:]})
+    multi.merge(other)
+    assert multi.compute()["a"]["auc"] == whole.compute()["auc"]
+    with pytest.raises(ValueError, match=r"merge: other has tasks \['a'\], these metrics \['a', 'b'\]"):
+        multi.merge(MultiTaskMetrics(["a"]))
+    with pytest.raises(TypeError, match="merge: other must be a BinaryTaskMetrics, got dict"):
+        left.merge({})
+
+
+def test_sync_without_torch_distributed_says_so():
+    m = BinaryTaskMetrics()
+    m.update(torch.zeros(2), torch.tensor([0.0, 1.0]))
+    with pytest.raises(RuntimeError, match=r"compute\(sync=True\) needs torch.distributed initialised"):
+        m.compute(sync=True)
+
+
+def test_sync_over_two_gloo_ranks_equals_one_process(tmp_path):
+    """compute(sync=True) on 2 gloo ranks, each holding part of the samples (one rank none of a
+    task): every rank gets the one-process metrics of all samples; ranks with other task names
+    get a ValueError naming the rank."""
+    import sys
+    from pathlib import Path
+
+    from gpukernels_common.testing import free_port, run_workers
+
+    worker = Path(__file__).with_name("metrics_ddp_worker.py")
+    out = tmp_path / "results.pt"
+    run_workers([sys.executable, worker, free_port(), out], out, timeout=120)
+    ranks = torch.load(out, weights_only=False)
+    sys.path.insert(0, str(worker.parent))
+    from metrics_ddp_worker import data
+
+    logits, labels = data()
+    expected = MultiTaskMetrics(["a", "b"])
+    expected.update(logits, labels)
+    expected = expected.compute()
+    for rank, results in enumerate(ranks):
+        assert results["local_count"] == (11 if rank == 0 else 10)
+        for task in "ab":
+            got = results["multi"][task]
+            assert got["auc"] == expected[task]["auc"] and got["count"] == 21, (rank, task)
+            assert got["logloss"] == pytest.approx(expected[task]["logloss"], rel=1e-12)
+            assert got["ne"] == pytest.approx(expected[task]["ne"], rel=1e-12)
+        assert results["single"]["auc"] == expected["b"]["auc"]
+        assert "different task names (rank 0 ['a', 'b'], rank 1 ['a', 'c'])" in results["mismatch"]
+    assert ranks[0]["multi"] == ranks[1]["multi"]  # the same floats on every rank

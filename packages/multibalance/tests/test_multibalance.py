@@ -767,3 +767,86 @@ def test_every_balancer_on_the_device_matches_a_cpu_run(name, device):
         runs.append([p.grad.cpu() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _stale_setup(act=torch.tanh):
+    torch.manual_seed(0)
+    bottom, heads = torch.nn.Linear(4, 6), torch.nn.ModuleList([torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)])
+    xs = [torch.randn(5, 4) for _ in range(3)]
+
+    def losses(rep):
+        return {t: head(act(rep)).pow(2).mean() * (1 + 4 * i) for i, (t, head) in enumerate(zip("ab", heads))}
+
+    return bottom, heads, xs, losses
+
+
+@pytest.mark.parametrize(("make", "path"), [(MultiBalance, "general"), (MultiBalance, "factored"),
+                                            (multibalance.PCGrad, "general")])
+def test_a_step_that_never_reached_backward_is_dropped_with_a_warning(make, path):
+    """A step attached, then raised or was skipped (a non-finite loss) before backward(): its
+    attachment stayed, and the next backward() back-propagated it too: MultiBalance's averages
+    restarted (an extra representation) and that step's graph was mixed in, silently."""
+    bottom, heads, xs, losses = _stale_setup(torch.tanh if path == "general" else (lambda r: r))
+
+    def run(skip):
+        bal = make(["a", "b"])
+        for i, x in enumerate(xs):
+            bottom.zero_grad()
+            rep = bal.attach(bottom(x))
+            if i == 1 and skip:
+                losses(rep)  # skipped: no backward
+                continue
+            bal.backward(losses(rep))
+        return bal, bottom.weight.grad.clone()
+
+    clean, clean_grad = run(skip=False)
+    # the clean run without step 1: the same steps balanced
+    bal = make(["a", "b"])
+    for i, x in enumerate(xs):
+        bottom.zero_grad()
+        if i != 1:
+            bal.backward(losses(bal.attach(bottom(x))))
+    expected_grad = bottom.weight.grad.clone()
+    with pytest.warns(RuntimeWarning, match=r"representation\(s\) \[0\] \(of 2\) are read by no task's loss and were "
+                                            r"dropped.*Call balancer.discard\(\)"):
+        skipped, grad = run(skip=True)
+    torch.testing.assert_close(grad, expected_grad)
+    assert skipped.last_path == path
+    if make is MultiBalance:
+        assert skipped.ema.shape == clean.ema.shape == (1, 2)
+        torch.testing.assert_close(skipped.ema, bal.ema)
+
+
+def test_discard_drops_the_steps_attachments():
+    """`discard()` in a skipped step: the next step runs as if the skipped one never attached (no
+    warning), and backward() right after discard() asks for attach()."""
+    import warnings
+
+    bottom, heads, xs, losses = _stale_setup()
+    bal, ref = MultiBalance(["a", "b"]), MultiBalance(["a", "b"])
+    ref.backward(losses(ref.attach(bottom(xs[0]))))
+    bal.backward(losses(bal.attach(bottom(xs[0]))))
+    rep = bal.attach(bottom(xs[1]))
+    bal.discard()
+    with pytest.raises(RuntimeError, match="call attach"):
+        bal.backward(losses(rep))
+    bal.attach(bottom(xs[1]))
+    bal.discard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bal.backward(losses(bal.attach(bottom(xs[2]))))
+    ref.backward(losses(ref.attach(bottom(xs[2]))))
+    torch.testing.assert_close(bal.ema, ref.ema)
+
+
+def test_two_attachments_of_one_step_both_read_give_no_warning():
+    """attach() calls of one step still add up (a bottom run twice): no warning when each is read."""
+    import warnings
+
+    bottom, heads, xs, losses = _stale_setup()
+    bal = MultiBalance(["a", "b"])
+    r1, r2 = bal.attach(bottom(xs[0])), bal.attach(bottom(xs[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bal.backward({"a": heads[0](r1 - r2).pow(2).mean(), "b": heads[1](r2).pow(2).mean()})
+    assert bal.ema.shape == (2, 2)

@@ -55,7 +55,8 @@ class TrainPipeline:
         `module(features, pooling)` finds them there. Every process constructs the pipeline (it
         makes a process group per module, and one for the count without a balancer).
         `timeout`: of those groups (a timedelta or seconds; default: that of the group each
-        serves, i.e. what `init_process_group` was given).
+        serves, i.e. what `init_process_group` was given); how long the other ranks wait in the
+        pipeline's collectives for a rank that stopped (see `run`).
         `meter`: a `BubbleMeter` the pipeline opens one step in per batch (waiting for the batch's
         exchange and input distribution, staging the next, step_fn) and times its own waits in;
         step_fn times its parts with `meter.compute()` / `meter.sync()`, not `meter.step()`.
@@ -212,7 +213,19 @@ class TrainPipeline:
         return (feats, dense, plan.global_batch), plan
 
     def run(self, batches: Iterator[Batch]) -> list:
-        """Train over all batches; returns what step_fn returned for each."""
+        """Train over all batches; returns what step_fn returned for each.
+
+        When step_fn raises on one rank only, run() raises it there; the other ranks go on until
+        they reach a collective that rank does not join. Inside step_fn (DDP's all-reduce, the
+        embeddings' lookups, the gradient all-reduce) they wait for that group's timeout (the
+        `init_process_group` one); in the pipeline's and the balancer's own collectives they fail
+        as soon as the failed rank closes them (their `with` blocks) or its process ends, else
+        after `timeout=`. The pipeline cannot do better: the others are blocked in step_fn's
+        collectives, on groups it does not own, and an error flag exchanged between steps would
+        add a blocking collective to every step. To stop every rank promptly, let the error end
+        the process (torchrun then stops the others), or give a `BubbleMeter(timeout=...)` and
+        time step_fn's collectives with `meter.sync(...)`: its barriers fail on every rank within
+        that timeout."""
         if self._closed:
             raise RuntimeError("TrainPipeline.run: the pipeline is closed (close() was called)")
         error = self._drain()  # a batch a failed run() left staged: its collectives are done on every rank

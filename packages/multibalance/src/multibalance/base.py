@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -201,7 +202,11 @@ class Balancer(nn.Module, abc.ABC):
         Representation-level: detached leaves (so per-task gradients stop there).
         Parameter-level: the tensors unchanged.
         Calls before one `backward()` add up: a bottom run twice in a step (a pairwise or
-        siamese model) attaches each output, and the next `backward()` balances them all.
+        siamese model) attaches each output, and the next `backward()` balances them all. A step
+        that attaches but will not reach `backward()` (a skipped step, e.g. a non-finite loss, or
+        one that raised) should call `discard()`; otherwise the next `backward()` drops, with a
+        warning, the attachments no task's loss reads (EqualWeights, UncertaintyWeighting and
+        the parameter-level forms never back-propagate the attachments: they drop them unused).
         """
         if not reps:
             raise ValueError("attach() needs at least one representation tensor")
@@ -221,6 +226,28 @@ class Balancer(nn.Module, abc.ABC):
         self._reps += reps
         self._leaves += leaves
         return leaves[0] if len(reps) == 1 else tuple(leaves)
+
+    def discard(self) -> None:
+        """Drop the representations attached since the last `backward()`, without a backward: for a
+        step that attached but is skipped (a non-finite loss) or raised. The running statistics
+        are kept. Also frees the step's graph, which the attachments keep alive."""
+        self._reps, self._leaves = [], []
+
+    def _drop_unread(self, losses: list[torch.Tensor]) -> None:
+        """Drop, with a warning, the attached representations that no task's loss reads: left by an
+        earlier step that never reached `backward()` (attach() cannot tell them from a second
+        attach of the same step; the losses can). Back-propagating them mixed that step's graph
+        into this one, and the extra representation restarted MultiBalance's averages, silently."""
+        read = factored.leaves_read(losses, self._leaves)
+        if all(read) or not any(read):  # none read: the losses' own check names the task
+            return
+        stale = [j for j, r in enumerate(read) if not r]
+        warnings.warn(f"{type(self).__name__}.backward: attached representation(s) {stale} (of {len(read)}) are read "
+                      f"by no task's loss and were dropped, not back-propagated: left by a step that attached but "
+                      f"never reached backward() (it raised or was skipped)? Call balancer.discard() in such a step. "
+                      f"(A representation no head reads should not be attached.)", RuntimeWarning, stacklevel=3)
+        self._reps = [r for r, keep in zip(self._reps, read) if keep]
+        self._leaves = [leaf for leaf, keep in zip(self._leaves, read) if keep]
 
     def _ordered_losses(self, losses) -> list[torch.Tensor]:
         if isinstance(losses, Mapping):
@@ -403,9 +430,13 @@ class Balancer(nn.Module, abc.ABC):
         """
         if not self._reps:
             raise RuntimeError("call attach() on the shared representation before backward()")
-        reps = self._reps
         try:  # this step's attachments end here, also when a check below refuses the losses
             losses = self._ordered_losses(losses)
+            if len(self._leaves) > 1 and self.needs_task_grads and not self.parameter_level:
+                # only where the representations are back-propagated (the others' stale
+                # attachments are dropped below unused); one representation cannot be stale
+                self._drop_unread(losses)
+            reps = self._reps
             if aux_loss is not None and not (isinstance(aux_loss, torch.Tensor) and aux_loss.dim() == 0
                                              and aux_loss.requires_grad):
                 got = (f"shape {tuple(aux_loss.shape)}, requires_grad={aux_loss.requires_grad}"

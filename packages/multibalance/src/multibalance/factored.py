@@ -93,6 +93,28 @@ def depends_on(loss: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
     return found
 
 
+def leaves_read(losses: list[torch.Tensor], leaves: list[torch.Tensor]) -> list[bool]:
+    """Per leaf tensor (the detached representations), whether some loss depends on it: one walk
+    of the losses' graphs (nodes shared between them visited once), ended as soon as every leaf
+    is found, so with heads that read every representation it visits little more than the heads."""
+    index = {id(leaf): j for j, leaf in enumerate(leaves)}
+    found, left = [False] * len(leaves), len(leaves)
+    seen, stack = {}, [loss.grad_fn for loss in losses if loss.grad_fn is not None]  # id -> node: see find_linear_consumers
+    while stack and left:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None or id(child) in seen:
+                continue
+            seen[id(child)] = child
+            if _kind(child) == "leaf":
+                j = index.get(id(child.variable))
+                if j is not None and not found[j]:
+                    found[j], left = True, left - 1
+            else:
+                stack.append(child)
+    return found
+
+
 def _walk_finds(loss: torch.Tensor, leaf_ids: set[int], node_ids: set[int]) -> bool:
     if loss.grad_fn is None:
         return False

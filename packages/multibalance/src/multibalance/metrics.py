@@ -15,14 +15,32 @@ import torch
 class BinaryTaskMetrics:
     """Accumulate (logit, label) batches; `compute()` gives log-loss, NE and exact AUC (NE and AUC
     are NaN while the labels seen hold one class only). Scores must be logits: probabilities
-    would be read as logits near 0, a wrong log-loss and NE with the right AUC."""
+    would be read as logits near 0, a wrong log-loss and NE with the right AUC.
+
+    `reset()` starts over (e.g. per evaluation epoch); `merge(other)` adds another's samples;
+    `compute(sync=True)` gives the metrics of every rank's samples together (see `compute`)."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sample seen."""
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self.loss_sum = 0.0
         self.count = 0
         self.positives = 0.0
+
+    def merge(self, other: BinaryTaskMetrics) -> None:
+        """Add `other`'s samples to these (exact: AUC keeps every (logit, label) pair); `other` is
+        left as it was."""
+        if not isinstance(other, BinaryTaskMetrics):
+            raise TypeError(f"merge: other must be a BinaryTaskMetrics, got {type(other).__name__}")
+        self.loss_sum += other.loss_sum
+        self.count += other.count
+        self.positives += other.positives
+        self._logits += other._logits
+        self._labels += other._labels
 
     @staticmethod
     def _checked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +65,29 @@ class BinaryTaskMetrics:
         self._logits.append(logits)
         self._labels.append(labels)
 
-    def compute(self) -> dict[str, float]:
+    def _state(self) -> tuple:
+        """What another rank needs to merge these samples (`_gather`)."""
+        cat = (lambda xs: torch.cat(xs)) if self._logits else (lambda xs: torch.zeros(0, dtype=torch.float64))
+        return self.loss_sum, self.count, self.positives, cat(self._logits), cat(self._labels)
+
+    @classmethod
+    def _from_state(cls, state: tuple) -> BinaryTaskMetrics:
+        m = cls()
+        m.loss_sum, m.count, m.positives, logits, labels = state
+        m._logits, m._labels = [logits], [labels]
+        return m
+
+    def compute(self, *, sync: bool = False, process_group=None) -> dict[str, float]:
+        """Log-loss, NE, AUC and the sample count. `sync=True`: of the samples of every rank of
+        `process_group` (default: the world) together, the same numbers on every rank (as
+        torchmetrics' sync on compute); a collective, so every rank must call it. Exact: every
+        rank's (logit, label) pairs are gathered (an all-gather of objects, so NCCL groups work
+        too). The local samples stay as they were."""
+        if sync:
+            return _gather({"": self}, process_group, "BinaryTaskMetrics")[""]._compute()
+        return self._compute()
+
+    def _compute(self) -> dict[str, float]:
         if self.count == 0:
             raise ValueError("no samples: call update() first")
         logloss = self.loss_sum / self.count
@@ -116,5 +156,45 @@ class MultiTaskMetrics:
         for name, m in self.tasks.items():
             m._add(*checked[name])
 
-    def compute(self) -> dict[str, dict[str, float]]:
-        return {n: m.compute() for n, m in self.tasks.items()}
+    def reset(self) -> None:
+        """Forget every task's samples (e.g. at the start of an evaluation epoch)."""
+        for m in self.tasks.values():
+            m.reset()
+
+    def merge(self, other: MultiTaskMetrics) -> None:
+        """Add `other`'s samples, task by task (the same task names, in any order)."""
+        if not isinstance(other, MultiTaskMetrics):
+            raise TypeError(f"merge: other must be a MultiTaskMetrics, got {type(other).__name__}")
+        if set(other.tasks) != set(self.tasks):
+            raise ValueError(f"merge: other has tasks {list(other.tasks)}, these metrics {list(self.tasks)}")
+        for name, m in self.tasks.items():
+            m.merge(other.tasks[name])
+
+    def compute(self, *, sync: bool = False, process_group=None) -> dict[str, dict[str, float]]:
+        """Per task, as `BinaryTaskMetrics.compute`; `sync=True`: over every rank of `process_group`
+        (default: the world), all tasks in one collective that every rank must call (the ranks
+        must hold the same task names)."""
+        tasks = _gather(self.tasks, process_group, "MultiTaskMetrics") if sync else self.tasks
+        return {n: m._compute() for n, m in tasks.items()}
+
+
+def _gather(tasks: dict[str, BinaryTaskMetrics], process_group, who: str) -> dict[str, BinaryTaskMetrics]:
+    """Every rank's samples merged, task by task, in rank order (the same floats on every rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{who}.compute(sync=True) needs torch.distributed initialised "
+                           f"(init_process_group), or sync=False for this process's samples")
+    states = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(states, {n: m._state() for n, m in tasks.items()}, group=process_group)
+    # before merging: a task missing on a rank would count as empty there, silently
+    odd = [rank for rank, state in enumerate(states) if set(state) != set(states[0])]
+    if odd:  # the same message on every rank
+        named = ", ".join(f"rank {r} {list(states[r])}" for r in [0, *odd])
+        raise ValueError(f"{who}.compute(sync=True): the ranks hold different task names ({named}): every rank must "
+                         f"create the metrics with the same task names")
+    merged = {n: BinaryTaskMetrics() for n in tasks}
+    for state in states:
+        for n, m in merged.items():
+            m.merge(BinaryTaskMetrics._from_state(state[n]))
+    return merged
