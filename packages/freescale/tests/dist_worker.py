@@ -874,7 +874,7 @@ def _hang(rank, hung, out_dir):
 
 def scenario_teardown(rank, world):
     """Collectives still running on tensors Python has dropped when the groups are destroyed: on
-    torch < 2.8, dist.destroy_process_group() waited forever for gloo's threads (see freescale.destroy_process_group)."""
+    torch < 2.8, dist.destroy_process_group() waited forever for gloo's threads (see gpukernels_common.distributed.destroy_process_group)."""
     other = dist.new_group(backend="gloo")
     dist.all_reduce(torch.ones(1 << 23), async_op=True)  # 32 MB each, the tensors and works dropped at once
     dist.all_reduce(torch.ones(1 << 23), group=other, async_op=True)

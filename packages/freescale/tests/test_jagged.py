@@ -167,6 +167,22 @@ def test_split_takes_integer_sizes_of_any_kind():
         kj.split(3)
 
 
+def test_split_takes_a_numpy_array_of_sizes():
+    """split(np.array([1, 2])) (np.bincount's counts, say) worked before sizes were checked; the
+    check took tensors and sequences only and refused it with a TypeError."""
+    import numpy as np
+
+    kj = _kj()
+    expected = [p.values.tolist() for p in kj.split([1, 2])]
+    for sizes in (np.array([1, 2]), np.array([1, 2], dtype=np.int32)):
+        assert [p.values.tolist() for p in kj.split(sizes)] == expected
+    with pytest.raises(ValueError, match=r"split: sizes must be non-negative integers .* got \[1.0, 2.0\]"):
+        kj.split(np.array([1.0, 2.0]))
+    for sizes in (np.array(3), torch.tensor(3), np.array([[1, 2]])):  # not 1-D: no sizes to go through
+        with pytest.raises(TypeError, match=r"split: sizes must be a 1-D sequence of sample counts, got shape"):
+            kj.split(sizes)
+
+
 @pytest.mark.parametrize("indices", [torch.tensor([[0], [2]]), torch.tensor([[0, 2]]), torch.tensor(1), [[0, 2]]])
 def test_permute_refuses_indices_that_are_not_1d(indices):
     """(2, 1) indices broadcast against the key rows: x came from sample 0 and y from sample 2 in

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from gpukernels_common import distributed
 from gpukernels_common.distributed import destroy_process_group
 
 
@@ -24,6 +25,25 @@ def test_destroy_process_group_tears_down_like_torch(tmp_path, which):
             assert torch.equal(t, torch.ones(3))
         destroy_process_group()
         assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_one_groups_backend_outlives_the_callers_reference(tmp_path):
+    """Destroying one group: the caller frees its `ProcessGroup` after the call (with the GIL held,
+    which before torch 2.8 could deadlock in the gloo backend's destructor), so the backend must
+    still be referenced elsewhere until the next full teardown, which drops it."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        sub = dist.new_group([0], backend="gloo")
+        backend = sub._get_backend(torch.device("cpu"))
+        destroy_process_group(sub)
+        del sub  # as a close() method's local goes when it returns
+        assert any(kept is backend for kept in distributed._RETIRED)
+        destroy_process_group()
+        assert not any(kept is backend for kept in distributed._RETIRED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

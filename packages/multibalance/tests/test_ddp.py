@@ -38,3 +38,16 @@ def test_ddp_equals_single_process(tmp_path, norm, path, ddp_options, norm_lag):
     expected = ddp_worker.train(net, net, norm, path, *ddp_worker.data(), norm_lag)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{norm} {path}: {k}")
+
+
+def test_a_representation_read_on_some_ranks_only_keeps_the_ranks_in_step(tmp_path):
+    """A step in which no task reads one representation on rank 1 (a head that reads it only for
+    some batches) while rank 0's do: backward() dropped it on rank 1 alone, so the ranks' norms
+    all-reduces differed in size and rank 0 waited in it until the group's timeout. It is kept
+    (a zero gradient, as before the drop of stale attachments), on every rank alike."""
+    out = tmp_path / "states.pt"
+    run_workers([sys.executable, Path(__file__).with_name("ddp_unread_worker.py"), free_port(), out], out, timeout=120)
+    (ema0, grad0), (ema1, grad1) = torch.load(out, weights_only=True)
+    assert ema0.shape == (2, 2)
+    torch.testing.assert_close(ema1, ema0)  # the same averages on both ranks
+    assert grad0.shape == grad1.shape == (6, 4)

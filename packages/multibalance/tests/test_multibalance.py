@@ -839,6 +839,40 @@ def test_discard_drops_the_steps_attachments():
     torch.testing.assert_close(bal.ema, ref.ema)
 
 
+@pytest.mark.parametrize("path", ["factored", "general"])
+def test_a_representation_of_this_step_no_loss_reads_is_kept(path):
+    """A head that reads a representation only for some batches: in a step where no task's loss
+    reads it, backward() dropped it with a warning, as if an earlier step had left it, and
+    MultiBalance's averages restarted at every change of the number of representations. It is
+    balanced with a zero gradient, as before: the same averages and gradients as a step whose loss
+    reads it with a weight of 0."""
+    import warnings
+
+    bottom, heads, xs, _ = _stale_setup()
+    act = torch.tanh if path == "general" else (lambda r: r)
+
+    def run(reads_with_zero):
+        bal = MultiBalance(["a", "b"])
+        for i, x in enumerate(xs):
+            bottom.zero_grad()
+            z1, z2 = bal.attach(bottom(x), bottom(x) * 2)
+            loss_b = heads[1](act(z1)).pow(2).mean()
+            if i != 1:
+                loss_b = loss_b + heads[0](act(z2)).pow(2).mean()
+            elif reads_with_zero:
+                loss_b = loss_b + 0 * heads[0](act(z2)).pow(2).mean()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                bal.backward({"a": heads[0](act(z1)).pow(2).mean(), "b": loss_b})
+            assert bal.ema.shape == (2, 2)
+        return bal.ema, bottom.weight.grad.clone()
+
+    ema, grad = run(reads_with_zero=False)
+    expected_ema, expected_grad = run(reads_with_zero=True)
+    torch.testing.assert_close(ema, expected_ema)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_two_attachments_of_one_step_both_read_give_no_warning():
     """attach() calls of one step still add up (a bottom run twice): no warning when each is read."""
     import warnings

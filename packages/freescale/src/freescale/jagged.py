@@ -158,11 +158,14 @@ class KeyedJagged:
 
     def split(self, sizes: Sequence[int]) -> list[KeyedJagged]:
         """Consecutive runs of `sizes[i]` samples: non-negative integers that sum to the batch size."""
-        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, torch.Tensor)):
+        # a numpy array (np.bincount's counts, say) is taken as a tensor is, as it was before these checks
+        if isinstance(sizes, (str, bytes)) or not (isinstance(sizes, (Sequence, torch.Tensor)) or hasattr(sizes, "__array__")):
             raise TypeError(f"split: sizes must be a sequence of sample counts, got {type(sizes).__name__}")
+        if getattr(sizes, "ndim", 1) != 1:
+            raise TypeError(f"split: sizes must be a 1-D sequence of sample counts, got shape {tuple(sizes.shape)}")
         given, sizes = sizes, [_count(s) for s in sizes]
         if None in sizes:  # a negative size ended in torch.arange's error, a float one in the indices' check
-            shown = given.tolist() if isinstance(given, torch.Tensor) else list(given)
+            shown = given.tolist() if hasattr(given, "tolist") else list(given)
             raise ValueError(f"split: sizes must be non-negative integers summing to the batch size "
                              f"{self.batch_size}, got {shown}")
         if sum(sizes) != self.batch_size:

@@ -143,6 +143,7 @@ class Balancer(nn.Module, abc.ABC):
         self.process_group = process_group
         self._reps: list[torch.Tensor] = []
         self._leaves: list[torch.Tensor] = []
+        self._calls: list[int] = []  # representations per attach() call since the last backward (`_drop_unread`)
         # "factored" or "general": how the last backward took the task gradients; "" before the first
         # backward and for the balancers that take none (equal weights, uncertainty weighting)
         self.last_path = ""
@@ -205,7 +206,8 @@ class Balancer(nn.Module, abc.ABC):
         siamese model) attaches each output, and the next `backward()` balances them all. A step
         that attaches but will not reach `backward()` (a skipped step, e.g. a non-finite loss, or
         one that raised) should call `discard()`; otherwise the next `backward()` drops, with a
-        warning, the attachments no task's loss reads (EqualWeights, UncertaintyWeighting and
+        warning, the attachments of the attach() calls before the first one a task's loss reads
+        (EqualWeights, UncertaintyWeighting and
         the parameter-level forms never back-propagate the attachments: they drop them unused).
         """
         if not reps:
@@ -225,29 +227,41 @@ class Balancer(nn.Module, abc.ABC):
             leaves = [r.detach().requires_grad_(True) for r in reps]
         self._reps += reps
         self._leaves += leaves
+        self._calls.append(len(leaves))
         return leaves[0] if len(reps) == 1 else tuple(leaves)
 
     def discard(self) -> None:
         """Drop the representations attached since the last `backward()`, without a backward: for a
         step that attached but is skipped (a non-finite loss) or raised. The running statistics
         are kept. Also frees the step's graph, which the attachments keep alive."""
-        self._reps, self._leaves = [], []
+        self._reps, self._leaves, self._calls = [], [], []
 
     def _drop_unread(self, losses: list[torch.Tensor]) -> None:
-        """Drop, with a warning, the attached representations that no task's loss reads: left by an
-        earlier step that never reached `backward()` (attach() cannot tell them from a second
-        attach of the same step; the losses can). Back-propagating them mixed that step's graph
-        into this one, and the extra representation restarted MultiBalance's averages, silently."""
+        """Drop, with a warning, the attachments left by an earlier step that never reached
+        `backward()`: the attach() calls before the first call one of whose representations a
+        task's loss reads (attach() cannot tell them from a second attach of the same step; the
+        losses can, and an earlier step's calls all come before this step's). Back-propagating
+        them mixed that step's graph into this one, and the extra representation restarted
+        MultiBalance's averages, silently. A representation of this step that no loss reads (a
+        head that reads it only for some batches) is kept, with a zero gradient, as before: dropped,
+        it changed the number of representations from step to step (restarting the averages) and,
+        under torch.distributed, on some ranks only (their norms' all-reduce then hung)."""
         read = factored.leaves_read(losses, self._leaves)
         if all(read) or not any(read):  # none read: the losses' own check names the task
             return
-        stale = [j for j, r in enumerate(read) if not r]
+        first, start = read.index(True), 0
+        for size in self._calls:  # the start of the attach() call holding the first read representation
+            if start + size > first:
+                break
+            start += size
+        if start == 0:
+            return
+        stale = list(range(start))
         warnings.warn(f"{type(self).__name__}.backward: attached representation(s) {stale} (of {len(read)}) are read "
                       f"by no task's loss and were dropped, not back-propagated: left by a step that attached but "
-                      f"never reached backward() (it raised or was skipped)? Call balancer.discard() in such a step. "
-                      f"(A representation no head reads should not be attached.)", RuntimeWarning, stacklevel=3)
-        self._reps = [r for r, keep in zip(self._reps, read) if keep]
-        self._leaves = [leaf for leaf, keep in zip(self._leaves, read) if keep]
+                      f"never reached backward() (it raised or was skipped)? Call balancer.discard() in such a step.",
+                      RuntimeWarning, stacklevel=3)
+        self._reps, self._leaves, self._calls = self._reps[start:], self._leaves[start:], []
 
     def _ordered_losses(self, losses) -> list[torch.Tensor]:
         if isinstance(losses, Mapping):
@@ -453,7 +467,7 @@ class Balancer(nn.Module, abc.ABC):
             aux = aux_loss if scale is None or aux_loss is None else scaler.scale(aux_loss)
             self._balanced_backward(reps, scaled, losses, scale, aux)
         finally:
-            self._reps, self._leaves = [], []
+            self._reps, self._leaves, self._calls = [], [], []
         return TaskScales(self.task_names, self._step_scales())
 
     def _differentiated_losses(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:

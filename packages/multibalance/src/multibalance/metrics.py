@@ -82,7 +82,8 @@ class BinaryTaskMetrics:
         `process_group` (default: the world) together, the same numbers on every rank (as
         torchmetrics' sync on compute); a collective, so every rank must call it. Exact: every
         rank's (logit, label) pairs are gathered (an all-gather of objects, so NCCL groups work
-        too). The local samples stay as they were."""
+        too, once each process has called `torch.cuda.set_device(local_rank)`: torch's
+        `all_gather_object` sends through the current GPU). The local samples stay as they were."""
         if sync:
             return _gather({"": self}, process_group, "BinaryTaskMetrics")[""]._compute()
         return self._compute()
