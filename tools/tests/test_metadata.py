@@ -77,12 +77,39 @@ def test_ci_workflow_runs_what_ci_run_runs():
     assert sorted(m.strip() for m in matrix.group(1).split(",")) == sorted(PACKAGES + ["tools"])
 
 
+SPEED_CPU = "fwd+bwd speed (bf16), CPU sanity only"  # bench_speed.py's benchmark name without --gpu
+
+
+def _section_ms(results: str, heading: str) -> list[float]:
+    """The `ms` column of the tables under `## heading`, up to the next section: a GPU run renders
+    its own "fwd+bwd speed (bf16)" section after the CPU one, and a new figure may move the column."""
+    section = results.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    ms, column = [], None
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if cells[0] == "provider":
+            column = cells.index("ms")
+        elif row.startswith("| ") and column is not None:
+            ms.append(float(cells[column]))
+    return ms
+
+
+def test_the_speed_range_skips_a_gpu_section_and_finds_the_ms_column():
+    # the whole rest of RESULTS.md was read, from a fixed column: after a GPU run (its "## fwd+bwd
+    # speed (bf16)" section renders after the CPU one) the test failed with "records 0.41-1220.0 ms"
+    results = (ROOT / "packages" / "moeblaze" / "benchmarks" / "RESULTS.md").read_text()
+    gpu = ("\n## fwd+bwd speed (bf16)\n\nConditions: device `NVIDIA H200`.\n\n| provider | ms | tflops |\n"
+           "|---|---|---|\n| moeblaze | 0.41 | 25.1 |\n")
+    assert _section_ms(results + gpu, SPEED_CPU) == _section_ms(results, SPEED_CPU) and min(_section_ms(results, SPEED_CPU)) > 1
+    moved = "## x\n\n| provider | gbps | ms | tflops | x_speedup |\n|---|---|---|---|---|\n| a | 9 | 120 | 1 | 2 |\n"
+    assert _section_ms(moved, "x") == [120.0]
+
+
 def test_moeblaze_readme_speed_range_is_what_results_md_records():
     # the README quoted "118-2560 ms"; RESULTS.md's CPU sanity run has 117.8 to 1220 ms
     readme = (ROOT / "packages" / "moeblaze" / "README.md").read_text()
     results = (ROOT / "packages" / "moeblaze" / "benchmarks" / "RESULTS.md").read_text()
     quoted = re.search(r"([0-9.]+)-([0-9.]+) ms per step", readme)
     assert quoted, "moeblaze README: the CPU sanity timing's range is gone; update this test"
-    section = results.split("## fwd+bwd speed (bf16), CPU sanity only", 1)[1]
-    ms = [float(row.split("|")[-3]) for row in section.splitlines() if row.startswith("| ") and "provider" not in row]
+    ms = _section_ms(results, SPEED_CPU)
     assert (float(quoted[1]), float(quoted[2])) == (min(ms), max(ms)), f"RESULTS.md records {min(ms)}-{max(ms)} ms"

@@ -346,6 +346,14 @@ def test_default_nprobe_fits_an_index_of_few_clusters():
     assert (INDEX.search_with_stats(QUERIES, k=5).nprobe == 8).all()
 
 
+def test_max_nprobe_below_nprobe_is_refused():
+    # it was taken silently: the widening never ran and nprobe clusters were probed
+    with pytest.raises(ValueError, match=r"max_nprobe must be >= nprobe=8 .*got 2"):
+        INDEX.search_with_stats(QUERIES, k=5, nprobe=8, adaptive=True, max_nprobe=2)
+    r = INDEX.search_with_stats(QUERIES, k=5, nprobe=2, adaptive=True, max_nprobe=2)
+    assert (r.nprobe == 2).all()
+
+
 @pytest.mark.parametrize(
     "call, match",
     [(lambda: INDEX.search(torch.full((1, 64), float("nan")), 5), "NaN"),
@@ -783,3 +791,9 @@ def test_dense_mask_filter_takes_a_numpy_mask():
     index = FlatIndex.build(INDEX_X[:300])
     _, ids = index.search(QUERIES[:1], 3, filters=DenseMaskFilter(mask))
     assert sorted(ids[0, :2].tolist()) == [7, 9] and ids[0, 2] == -1
+
+
+def test_removing_no_ids_removes_nothing():
+    # [] reads as float32: the fraction check refused it ("ids must be integers, got torch.float32")
+    index = IVFIndex.build(INDEX_X[:100], n_clusters=2)
+    assert index.remove([]) == 0 and index.remove(()) == 0 and not bool(index.removed.any())

@@ -948,3 +948,32 @@ def test_value_weights_by_task_name_round_trip_and_rank(tmp_path):
     assert torch.equal(by_name.scores, by_name.task_probs[..., 1])  # the like head alone
     with pytest.raises(ValueError, match=r"value_weights must name every task exactly: unknown \['likes'\]; missing \['like'\]"):
         loaded.retrieve(users, None, {"watch": 1.0, "likes": 1.0})
+
+
+@pytest.mark.parametrize("saved", [{"cat": 1, "release year": 2}, {"cat": 1, "2024": 2}, {"cat": 1, "year": 2, "kind": 1}])
+def test_an_artifact_whose_schema_the_checks_now_refuse_still_loads(tmp_path, saved):
+    """Earlier versions saved any schema; the FilterSchema checks made such an artifact fail to load
+    ("schema feature name 'release year' cannot be written in a filter"), and with it every query
+    and rebuild. It loads as saved, with a warning naming what the checks refuse, and answers as before."""
+    model = _model()
+    directory = model.save(tmp_path / "a")
+    config = json.loads((directory / "config.json").read_text())
+    config["schema"] = saved  # what an earlier version wrote
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="kept as saved .* a filter schema FilterSchema now refuses"):
+        loaded = RetrievalModel.load(directory)
+    assert loaded.schema == saved
+    users = torch.arange(3).unsqueeze(1)
+    assert torch.equal(loaded.retrieve(users, ["cat:1"] * 3).ids, model.retrieve(users, ["cat:1"] * 3).ids)
+    rebuilt = loaded.rebuild()  # the periodic rebuild of a served artifact keeps working
+    assert rebuilt.schema == saved and torch.equal(rebuilt.retrieve(users, ["cat:1"] * 3).ids, model.retrieve(users, ["cat:1"] * 3).ids)
+    with pytest.raises(ValueError, match="cannot be written in a filter|is a number|share feature id"):
+        RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB[:100], IDS[:100], schema=saved, n_clusters=4, k_candidates=20)
+
+
+def test_deleting_no_ids_deletes_nothing():
+    # [] reads as float32 to torch: the fraction check refused it ("ids must be integers, got
+    # torch.float32"), where an empty batch of removals (a day without any) deleted nothing
+    model = _model()
+    assert model.delete_items([]) == 0 and model.delete_items(()) == 0
+    assert bool(model.alive[: model.num_main].all())

@@ -151,7 +151,8 @@ def _check_bloom_k(bloom_k) -> None:
 def _integer_ids(ids, name: str) -> torch.Tensor:
     """ids as int64, refusing fractions and booleans (a float id would be truncated silently)."""
     t = torch.as_tensor(ids)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    # an empty list reads as float32: no ids to delete, not a fraction
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise ValueError(f"{name} must be integers, got {t.dtype}")
     return t.long()
 
@@ -287,7 +288,8 @@ class RetrievalModel(nn.Module):
         _check_bloom_k(bloom_k)
         self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
         # checked (names a filter can write, int64 ids) and with Python int ids (numpy ones would fail the JSON config)
-        self.schema = (schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))).features
+        self._filter_schema = schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))
+        self.schema = self._filter_schema.features
         if not 1 <= max_exact_terms <= max_terms:
             raise ValueError(f"max_exact_terms must be in [1, max_terms={max_terms}], got {max_exact_terms}")
         self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
@@ -364,7 +366,7 @@ class RetrievalModel(nn.Module):
     # -- filters -----------------------------------------------------------------------------
     def prepare_filters(self, expressions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compile filter expressions to (ops, args, hashes) padded to the model's fixed plan shape."""
-        plans = parse_filters(expressions, FilterSchema(self.schema) if self.schema else None, max_terms=self.max_terms)
+        plans = parse_filters(expressions, self._filter_schema if self.schema else None, max_terms=self.max_terms)
         return self.pad_plans(plans)
 
     def pad_plans(self, plans: FilterPlans):
@@ -666,7 +668,7 @@ class RetrievalModel(nn.Module):
         dense = self.item_dense[live].cpu() if hasattr(self, "item_dense") else None
         # build() makes its tensors on the CPU; the towers are shared and stay where they are
         return RetrievalModel.build(self.user_tower, self.overarch, self.value_model, self.item_embeddings[live].float().cpu(),
-                                    self.item_ids[live].cpu(), attributes, self.schema, item_dense=dense,
+                                    self.item_ids[live].cpu(), attributes, self._filter_schema, item_dense=dense,
                                     **options).to(self.codes.device)
 
     # -- artifact ----------------------------------------------------------------------------------
@@ -805,7 +807,8 @@ class RetrievalModel(nn.Module):
         buffers = {k: v for k, v in tensors.items() if k.split(".")[0] not in modules}
         return cls(user_tower, overarch, value_model, buffers, nprobe=config["nprobe"], k_candidates=config["k_candidates"],
                    num_results=config["num_results"], bloom_k=config["bloom_k"], bloom_multiplier=config["bloom_multiplier"],
-                   schema=config["schema"], max_ops=config["max_ops"], max_terms=config["max_terms"],
+                   # as saved: an artifact from before the schema checks loads and answers as it did (with a warning)
+                   schema=FilterSchema._saved(config["schema"], f"{directory}: {CONFIG_FILE}"), max_ops=config["max_ops"], max_terms=config["max_terms"],
                    exact_verify=config["exact_verify"], fresh_used=config["fresh_used"],
                    # absent in artifacts written before adaptive probing / the exact-term bound
                    max_nprobe=config.get("max_nprobe"), max_exact_terms=config.get("max_exact_terms", config["max_terms"]))

@@ -60,8 +60,10 @@ def bloom_positions(h: torch.Tensor, width: torch.Tensor, k: int) -> torch.Tenso
 def string_value(text: str) -> int:
     """FNV-1a 64 of the UTF-8 bytes of the NFC form, as a signed int64 (stable across processes
     and runs). Every string value, the items' (`FilterSchema.encode_items`) and the filters',
-    is hashed here, so canonically equivalent spellings (NFC or NFD) get one value. NFC leaves
-    ASCII and already-composed text as it is: hashes stored before the normalization stay valid."""
+    is hashed here, so canonically equivalent spellings (NFC or NFD) get one value. Text already
+    in NFC (ASCII, most typed text) hashes as before, so its stored hashes stay valid; other text,
+    decomposed or with a character NFC replaces (U+212B ANGSTROM SIGN, CJK compatibility
+    ideographs), hashes differently now: items stored so need a rebuild."""
     h = 0xCBF29CE484222325
     for byte in unicodedata.normalize("NFC", text).encode("utf-8"):
         h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF

@@ -88,7 +88,8 @@ def _positions(values, name: str, device) -> torch.Tensor:
     """Item positions (or range bounds) as int64, refusing floats and booleans: 1.5 is no position
     (it would be truncated to 1), and a bool mask would read as positions 0 and 1."""
     t = torch.as_tensor(values, device=device)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    # an empty list reads as float32: no positions, not fractional ones
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise ValueError(f"{name} must be integer item positions, got {t.dtype}")
     return t.long()
 

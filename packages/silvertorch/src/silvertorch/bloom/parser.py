@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -80,24 +81,21 @@ class FilterSchema:
     features: dict
 
     def __post_init__(self):
-        if not isinstance(self.features, dict):
-            raise ValueError(f"a filter schema maps feature names to ids (a dict), got {type(self.features).__name__}")
-        features, owner = {}, {}
-        for name, fid in self.features.items():
-            if not isinstance(name, str) or not _NAME.fullmatch(name) or name.upper() in ("AND", "OR", "NOT"):
-                raise ValueError(f"schema feature name {name!r} cannot be written in a filter: use ASCII letters, digits, "
-                                 f"'_', '.' and '-' (not AND, OR or NOT)")
-            if isinstance(fid, bool) or not isinstance(fid, numbers.Integral) or not INT64_MIN <= int(fid) <= INT64_MAX:
-                raise ValueError(f"schema feature {name!r}: the id must be an int64 integer, got {fid!r}")
-            if _INTEGER.fullmatch(name) and int(name) != int(fid):
-                raise ValueError(f"schema feature name {name!r} is a number: a filter {name}:value reads feature id "
-                                 f"{int(name)}, not {int(fid)}; name it with a letter, or give it id {int(name)}")
-            if int(fid) in owner:
-                raise ValueError(f"schema features {owner[int(fid)]!r} and {name!r} share feature id {int(fid)}: a filter "
-                                 f"on one would match the other's values")
-            owner[int(fid)] = name
-            features[name] = int(fid)
-        object.__setattr__(self, "features", features)  # numpy ids as Python ints: the artifact's JSON takes them
+        object.__setattr__(self, "features", _checked_features(self.features))  # numpy ids as Python ints: the artifact's JSON takes them
+
+    @classmethod
+    def _saved(cls, features, source: str) -> FilterSchema:
+        """The schema of a saved artifact. One saved before names and ids were checked may hold a
+        name no filter can write or two names on one id: it is kept as saved, so the artifact
+        loads and answers as it did, and a warning names what filters cannot reach or mix up."""
+        problems: list[str] = []
+        checked = _checked_features(features, problems)
+        if problems:
+            warnings.warn(f"{source}: kept as saved (as earlier versions wrote it, so the artifact answers as before), a "
+                          f"filter schema FilterSchema now refuses: {'; '.join(problems)}", UserWarning, stacklevel=4)  # at the caller of load
+        schema = object.__new__(cls)
+        object.__setattr__(schema, "features", checked)
+        return schema
 
     def feature_id(self, name: str, expression: str, position: int) -> int:
         if name not in self.features:
@@ -135,6 +133,36 @@ class FilterSchema:
             offsets.append(len(vals))
         return (torch.tensor(fids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
                 torch.tensor(vals, dtype=torch.int64))
+
+
+def _checked_features(features, problems: list[str] | None = None) -> dict:
+    """FilterSchema's checks; with `problems` (a list), a name filters cannot write or an id two
+    names share is recorded there and kept instead of refused (saved artifacts)."""
+    if not isinstance(features, dict):
+        raise ValueError(f"a filter schema maps feature names to ids (a dict), got {type(features).__name__}")
+
+    def refuse(message: str) -> None:
+        if problems is None:
+            raise ValueError(message)
+        problems.append(message)
+
+    checked, owner = {}, {}
+    for name, fid in features.items():
+        writable = isinstance(name, str) and _NAME.fullmatch(name) and name.upper() not in ("AND", "OR", "NOT")
+        if not writable:
+            refuse(f"schema feature name {name!r} cannot be written in a filter: use ASCII letters, digits, "
+                   f"'_', '.' and '-' (not AND, OR or NOT)")
+        if isinstance(fid, bool) or not isinstance(fid, numbers.Integral) or not INT64_MIN <= int(fid) <= INT64_MAX:
+            raise ValueError(f"schema feature {name!r}: the id must be an int64 integer, got {fid!r}")
+        if writable and _INTEGER.fullmatch(name) and int(name) != int(fid):
+            refuse(f"schema feature name {name!r} is a number: a filter {name}:value reads feature id "
+                   f"{int(name)}, not {int(fid)}; name it with a letter, or give it id {int(name)}")
+        if int(fid) in owner:
+            refuse(f"schema features {owner[int(fid)]!r} and {name!r} share feature id {int(fid)}: a filter "
+                   f"on one would match the other's values")
+        owner.setdefault(int(fid), name)
+        checked[name] = int(fid)
+    return checked
 
 
 @dataclasses.dataclass

@@ -394,7 +394,8 @@ class IVFIndex:
         `filters.select` of them); each query's result does not depend on the others in the batch.
         "Fewer than k results" counts the verified results, not `found`: under a Bloom filter
         `found` counts its false positives too, which the results drop. `queries` may be a numpy
-        array; k, nprobe and max_nprobe Python or numpy ints.
+        array; k, nprobe and max_nprobe Python or numpy ints; max_nprobe below nprobe is a ValueError
+        (as RetrievalModel.build refuses it).
 
         nprobe: clusters probed per query, default min(8, n_clusters). An explicit nprobe must be
         in [1, n_clusters] (a ValueError otherwise, as RetrievalModel.build refuses it; FAISS
@@ -406,6 +407,8 @@ class IVFIndex:
         _check_queries(queries, self.codes.shape[1], k)
         if not 1 <= nprobe <= self.n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
+        if max_nprobe is not None and as_count(max_nprobe, "max_nprobe") < nprobe:  # widening that could only narrow
+            raise ValueError(f"max_nprobe must be >= nprobe={nprobe} (the clusters the first pass probes), got {max_nprobe}")
         max_nprobe = self.n_clusters if max_nprobe is None else min(as_count(max_nprobe, "max_nprobe"), self.n_clusters)
         if filters is not None:
             self._check_filters(filters, queries.shape[0])
@@ -595,7 +598,8 @@ class IVFIndex:
     def remove(self, ids) -> int:
         """Tombstone items by user id; returns how many were removed."""
         ids = torch.as_tensor(ids, device=self.ids.device)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:  # as add/build: 1.5 is no id
+        # as add/build: 1.5 is no id; an empty list (float32 to torch) removes nothing
+        if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
             raise ValueError(f"ids must be integers, got {ids.dtype}")
         hit, fresh_hit = torch.isin(self.ids, ids) & ~self.removed, torch.isin(self.fresh_ids, ids) & ~self.fresh_removed
         self.removed |= hit
