@@ -1,13 +1,12 @@
 """Run by test_ddp_baselines.py as a script: 2 gloo ranks train every baseline under DDP for three
 steps; rank 0 saves both ranks' gradients and balancer states (or the error each raised)."""
 
-import datetime
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from two_ranks import init_gloo, save_gathered  # (this directory: the script's)
 
 import multibalance
 from gpukernels_common.distributed import destroy_process_group
@@ -55,8 +54,7 @@ def train(name, wrapper, net, x, ya, yb, steps=3):
 
 
 def worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         results = {}
         for name in NAMES:
@@ -67,11 +65,7 @@ def worker(rank, world, port, out):
                 results[name] = train(name, ddp, net, x, ya, yb)
             except (ValueError, RuntimeError) as error:
                 results[name] = f"{type(error).__name__}: {error}"
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out)
-        dist.barrier()  # leave together: gloo dislikes a peer vanishing mid-teardown
+        save_gathered(results, out)
     finally:
         destroy_process_group()
 

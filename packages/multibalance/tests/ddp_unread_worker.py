@@ -1,23 +1,20 @@
 """2 gloo ranks: a step in which a representation is read by some task on rank 0 only (a head that
 reads it only for some batches). Rank 0 writes each rank's running averages and bottom gradient."""
 
-import datetime
-import os
 import sys
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from two_ranks import init_gloo, save_gathered  # (this directory: the script's)
 
 from gpukernels_common.distributed import destroy_process_group
 from multibalance import MultiBalance
 
 
 def worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # short: a rank left waiting in the norms' all-reduce fails the test instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    init_gloo(rank, world, port, seconds=30)
     try:
         torch.manual_seed(0)
         bottom, heads = torch.nn.Linear(4, 6), torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(3))
@@ -31,11 +28,7 @@ def worker(rank, world, port, out):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # nothing is stale here: no warning
                 bal.backward({"a": heads[0](z1).pow(2).mean(), "b": loss_b})
-        states = [None] * world
-        dist.all_gather_object(states, (bal.ema.clone(), bottom.weight.grad.clone()))
-        if rank == 0:
-            torch.save(states, out)
-        dist.barrier()
+        save_gathered((bal.ema.clone(), bottom.weight.grad.clone()), out)
     finally:
         destroy_process_group()
 

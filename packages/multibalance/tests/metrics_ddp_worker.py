@@ -1,13 +1,11 @@
 """Run by test_metrics.py as a script: 2 gloo ranks, each with its own part of the samples, compute
 the metrics with sync=True; rank 0 saves every rank's results (or the error each raised)."""
 
-import datetime
-import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from two_ranks import init_gloo, save_gathered  # (this directory: the script's)
 
 from gpukernels_common.distributed import destroy_process_group
 from multibalance import BinaryTaskMetrics, MultiTaskMetrics
@@ -23,8 +21,7 @@ def data():
 
 
 def worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         logits, labels = data()
         multi, single = MultiTaskMetrics(["a", "b"]), BinaryTaskMetrics()
@@ -40,11 +37,7 @@ def worker(rank, world, port, out):
             results["mismatch"] = "no error"
         except ValueError as error:
             results["mismatch"] = str(error)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out)
-        dist.barrier()
+        save_gathered(results, out)
     finally:
         destroy_process_group()
 
