@@ -884,6 +884,15 @@ def test_rebuild_passes_explicit_options_on_as_given():
         model.rebuild()
 
 
+def test_rebuild_takes_none_as_the_build_default():
+    # rebuild(n_clusters=None) failed with a TypeError (min(int, None)); None asks what build() gives
+    model = _model(k_candidates=16, num_results=8)
+    rebuilt = model.rebuild(n_clusters=None, nprobe=None, max_nprobe=None)
+    fresh = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, ATTRS, SCHEMA, k_candidates=16, num_results=8)
+    assert (rebuilt.centroids.shape[0], rebuilt.nprobe, rebuilt.max_nprobe) == (
+        fresh.centroids.shape[0], fresh.nprobe, fresh.max_nprobe) == (round(N ** 0.5), 8, 8)
+
+
 def test_load_keeps_the_value_model_and_overarch_dtypes(tmp_path):
     """A bf16 Value Model came back float32 (the loaded model's scores differed from the saved one's);
     a float64 one failed every query (its weights' matmul with the float32 probabilities)."""

@@ -148,6 +148,11 @@ def _check_bloom_k(bloom_k) -> None:
         raise ValueError(f"bloom_k must be an int in [1, 10] (the Bloom index's k), got {bloom_k!r}")
 
 
+def _default_clusters(num_items: int) -> int:
+    """build()'s n_clusters when none is given: about sqrt(num_items)."""
+    return max(1, int(round(math.sqrt(num_items))))
+
+
 def _integer_ids(ids, name: str) -> torch.Tensor:
     """ids as int64, refusing fractions and booleans (a float id would be truncated silently)."""
     t = torch.as_tensor(ids)
@@ -327,7 +332,7 @@ class RetrievalModel(nn.Module):
         fids, offsets, vals = _checked_attributes(attributes, n)
         dense = None if item_dense is None else _checked_dense(item_dense, n, None, "item_dense")
         step("clustering (k-means++) and int8 quantization")
-        n_clusters = n_clusters or max(1, int(round(math.sqrt(n))))
+        n_clusters = n_clusters or _default_clusters(n)
         nprobe = min(DEFAULT_NPROBE, n_clusters) if nprobe is None else nprobe  # a small corpus has fewer clusters
         ivf = IVFIndex.build(emb, ids, n_clusters=n_clusters, iters=kmeans_iters, seed=seed)
         order = ivf.order
@@ -639,7 +644,9 @@ class RetrievalModel(nn.Module):
         return int(hit.sum())
 
     def rebuild(self, **overrides) -> RetrievalModel:
-        """A new model over every live item (main and fresh), with an empty fresh index."""
+        """A new model over every live item (main and fresh), with an empty fresh index.
+        `overrides`: build() options; the others carry over (bounds shrunk to fit the live items),
+        and None asks for build()'s default (n_clusters about sqrt(live items), nprobe min(8, n_clusters))."""
         live = self.alive.nonzero().squeeze(1)
         counts = self.attr_counts[live].cpu()
         attributes = _unpad_jagged(self.attr_feature_ids[live].cpu(), self.attr_values[live].cpu(), counts)
@@ -659,9 +666,14 @@ class RetrievalModel(nn.Module):
             options[name] = value
             return value
 
+        # None asks for build()'s default; resolved here, as the bounds below derive from it
+        if "n_clusters" in overrides and overrides["n_clusters"] is None:
+            overrides["n_clusters"] = _default_clusters(live.numel())
         n_clusters = carried("n_clusters", min(options["n_clusters"], live.numel()))
         k_candidates = carried("k_candidates", min(options["k_candidates"], live.numel()))
         carried("num_results", min(options["num_results"], k_candidates))
+        if "nprobe" in overrides and overrides["nprobe"] is None:
+            overrides["nprobe"] = min(DEFAULT_NPROBE, n_clusters)
         nprobe = carried("nprobe", min(options["nprobe"], n_clusters))
         carried("max_nprobe", min(max(options["max_nprobe"], nprobe), n_clusters))
         options.update(overrides)
