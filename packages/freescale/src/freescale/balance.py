@@ -191,12 +191,9 @@ class BatchBalancer:
         if self._closed:
             return
         self._closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         group, self._gather_group = self._gather_group, None
         self._gather_bounds.pop(id(group), None)
-        if group is not None and dist.is_initialized():  # (gone already if every group was destroyed)
-            destroy_process_group(group)
+        release_background(self._pool, [group])
 
     def __enter__(self) -> BatchBalancer:
         return self
@@ -472,6 +469,17 @@ def _check_batch(features, dense, method: str) -> None:
            if not isinstance(v, torch.Tensor) or v.dim() == 0}
     if bad:
         raise TypeError(f"BatchBalancer.{method}: dense must hold tensors of one row per sample, got {bad}")
+
+
+def release_background(pool: ThreadPoolExecutor | None, groups) -> None:
+    """What a `close()` frees: the background thread, once its queued work is done (every rank
+    thus finishes the collectives it issued), then the gloo groups (None entries skipped)."""
+    if pool is not None:
+        pool.shutdown(wait=True)
+    if dist.is_initialized():  # (gone already if every group was destroyed)
+        for group in groups:
+            if group is not None:
+                destroy_process_group(group)
 
 
 def background_group(process_group=None, timeout: datetime.timedelta | float | None = None):

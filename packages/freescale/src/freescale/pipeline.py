@@ -23,9 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from gpukernels_common.distributed import destroy_process_group
-
-from .balance import BatchBalancer, _done, background_group
+from .balance import BatchBalancer, _done, background_group, release_background
 from .bubbles import BubbleMeter
 from .embeddings import POOLINGS, ShardedEmbeddings
 from .jagged import KeyedJagged
@@ -110,13 +108,9 @@ class TrainPipeline:
         try:
             error = self._drain()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            groups = [g for g in (*self._groups, self._count_group) if g is not None]
+            groups = [*self._groups, self._count_group]
             self._groups, self._count_group = [None] * len(self._groups), None
-            if dist.is_initialized():  # (gone already if every group was destroyed)
-                for group in groups:
-                    destroy_process_group(group)
+            release_background(self._pool, groups)
         if error is not None:
             raise RuntimeError(f"TrainPipeline.close: the background work of the batch staged before run() stopped "
                                f"failed: {type(error).__name__}: {error}") from error

@@ -54,6 +54,7 @@ from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
 from .ivf.quantize import quantize_rows
 from .scoring import OverArch, ValueModel, check_value_weights
+from .topk import as_integers
 from .towers import TOWERS
 
 FORMAT = "silvertorch.RetrievalModel"
@@ -153,18 +154,9 @@ def _default_clusters(num_items: int) -> int:
     return max(1, int(round(math.sqrt(num_items))))
 
 
-def _integer_ids(ids, name: str) -> torch.Tensor:
-    """ids as int64, refusing fractions and booleans (a float id would be truncated silently)."""
-    t = torch.as_tensor(ids)
-    # an empty list reads as float32: no ids to delete, not a fraction
-    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise ValueError(f"{name} must be integers, got {t.dtype}")
-    return t.long()
-
-
 def _checked_item_ids(item_ids, n: int) -> torch.Tensor:
     """item_ids for n items as int64 (0..n-1 when None): n distinct non-negative integers."""
-    ids = torch.arange(n) if item_ids is None else _integer_ids(item_ids, "item_ids").cpu()
+    ids = torch.arange(n) if item_ids is None else as_integers(item_ids, "item_ids").cpu()
     if ids.shape != (n,) or (ids < 0).any() or torch.unique(ids).numel() != n:
         raise ValueError(f"item_ids must be {n} distinct non-negative ids")
     return ids
@@ -605,7 +597,7 @@ class RetrievalModel(nn.Module):
     def add_items(self, embeddings, ids, attributes=None, dense=None) -> torch.Tensor:
         """Append items to the fresh index (no rebuild); returns their storage positions."""
         emb = torch.as_tensor(embeddings).float()
-        ids = _integer_ids(ids, "ids").reshape(-1)
+        ids = as_integers(ids, "ids").reshape(-1)
         n = ids.numel()
         if emb.shape != (n, self.dim) or not torch.isfinite(emb).all():
             raise ValueError(f"embeddings must be finite [{n}, {self.dim}], got {tuple(emb.shape)}")
@@ -639,7 +631,7 @@ class RetrievalModel(nn.Module):
     def delete_items(self, ids) -> int:
         """Never return these ids again (main or fresh); returns how many live items were deleted."""
         # refused as add_items refuses them: [2.7] would delete id 2, a bool mask ids 0 and 1
-        hit = torch.isin(self.item_ids, _integer_ids(ids, "ids").to(self.item_ids.device)) & self.alive
+        hit = torch.isin(self.item_ids, as_integers(ids, "ids").to(self.item_ids.device)) & self.alive
         self.alive &= ~hit
         return int(hit.sum())
 

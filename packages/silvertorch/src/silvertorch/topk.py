@@ -57,6 +57,16 @@ def as_count(value, name: str) -> int:
     return int(value)
 
 
+def as_integers(values, name: str, device=None, what: str = "integers") -> torch.Tensor:
+    """Ids or item positions as int64, refusing floats, complex and booleans: 1.5 would be
+    truncated to 1 and a bool mask read as 0s and 1s, silently. An empty list (float32 to
+    torch) is no values, not fractional ones."""
+    t = torch.as_tensor(values, device=device)
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise ValueError(f"{name} must be {what}, got {t.dtype}")
+    return t.long()
+
+
 def select_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The k best scores of each row: (values [Q, k] float32 descending, indices [Q, k] int64).
 

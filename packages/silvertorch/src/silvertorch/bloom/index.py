@@ -17,6 +17,7 @@ import torch
 
 from gpukernels_common import select_backend
 
+from ..topk import as_integers
 from .hashing import bloom_positions, next_prime, second_hash, term_hash
 from .parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE, FilterPlans
 
@@ -85,13 +86,8 @@ def bloom_disagreement(bits, row_offsets, widths, lengths, term_items, term_hash
 
 
 def _positions(values, name: str, device) -> torch.Tensor:
-    """Item positions (or range bounds) as int64, refusing floats and booleans: 1.5 is no position
-    (it would be truncated to 1), and a bool mask would read as positions 0 and 1."""
-    t = torch.as_tensor(values, device=device)
-    # an empty list reads as float32: no positions, not fractional ones
-    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise ValueError(f"{name} must be integer item positions, got {t.dtype}")
-    return t.long()
+    """Item positions (or range bounds) as int64 (see `as_integers`)."""
+    return as_integers(values, name, device, what="integer item positions")
 
 
 def _validate_attributes(feature_ids, offsets, values):

@@ -66,8 +66,9 @@ def word_value(text: str) -> int:
     return string_value(text)
 
 
-# a feature name the filter language can write: one unquoted word (see _TOKEN)
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+# an unquoted word of the filter language (a token, and so any feature name a filter can write)
+_WORD = r"[A-Za-z0-9_.\-]+"
+_NAME = re.compile(_WORD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,7 @@ class FilterPlans:
 
 
 _TOKEN = re.compile(r'\s*(?:(?P<lp>\()|(?P<rp>\))|(?P<lb>\{)|(?P<rb>\})|(?P<comma>,)|(?P<colon>:)|(?P<and>&)|(?P<or>\|)|(?P<not>!)'
-                    r'|(?P<str>"[^"]*")|(?P<word>-?[A-Za-z0-9_.\-]+))')
+                    r'|(?P<str>"[^"]*")|(?P<word>-?' + _WORD + '))')
 
 
 def _tokenize(text: str):

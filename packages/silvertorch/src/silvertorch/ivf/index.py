@@ -27,7 +27,7 @@ import torch
 from gpukernels_common import env, grouped_blocks, select_backend
 
 from ..filtering import count_bits, derived_from, pack_bits, unpack_bits
-from ..topk import as_count, select_topk
+from ..topk import as_count, as_integers, select_topk
 from .kmeans import kmeans
 from .quantize import quantize_rows
 
@@ -407,9 +407,10 @@ class IVFIndex:
         _check_queries(queries, self.codes.shape[1], k)
         if not 1 <= nprobe <= self.n_clusters:
             raise ValueError(f"nprobe must be in [1, n_clusters={self.n_clusters}], got {nprobe}")
-        if max_nprobe is not None and as_count(max_nprobe, "max_nprobe") < nprobe:  # widening that could only narrow
+        max_nprobe = self.n_clusters if max_nprobe is None else as_count(max_nprobe, "max_nprobe")
+        if max_nprobe < nprobe:  # widening that could only narrow
             raise ValueError(f"max_nprobe must be >= nprobe={nprobe} (the clusters the first pass probes), got {max_nprobe}")
-        max_nprobe = self.n_clusters if max_nprobe is None else min(as_count(max_nprobe, "max_nprobe"), self.n_clusters)
+        max_nprobe = min(max_nprobe, self.n_clusters)
         if filters is not None:
             self._check_filters(filters, queries.shape[0])
         queries = queries.to(self.codes.device)
@@ -597,10 +598,7 @@ class IVFIndex:
 
     def remove(self, ids) -> int:
         """Tombstone items by user id; returns how many were removed."""
-        ids = torch.as_tensor(ids, device=self.ids.device)
-        # as add/build: 1.5 is no id; an empty list (float32 to torch) removes nothing
-        if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
-            raise ValueError(f"ids must be integers, got {ids.dtype}")
+        ids = as_integers(ids, "ids", self.ids.device)  # as add/build: 1.5 is no id
         hit, fresh_hit = torch.isin(self.ids, ids) & ~self.removed, torch.isin(self.fresh_ids, ids) & ~self.fresh_removed
         self.removed |= hit
         self.fresh_removed |= fresh_hit
