@@ -199,6 +199,18 @@ def test_permute_out_of_range_names_the_range():
         _kj().permute(torch.tensor([1, -1]))
 
 
+def test_index_bounds_and_window_order_are_checked_exactly():
+    kj = _kj()
+    with pytest.raises(IndexError, match=r"must be in \[0, 3\) \(the batch size\), got \[0, 3\]"):
+        kj.permute(torch.tensor([0, 3]))  # one past the end: the next key's first sample, silently
+    aligned = KeyedJagged(["x", "y"], torch.arange(12), torch.tensor([1, 2, 3, 1, 2, 3]))
+    with pytest.raises(ValueError, match="0 <= start <= stop"):
+        aligned.windows([2], [2], [1])
+    ragged = KeyedJagged(["x", "y"], torch.arange(8), torch.tensor([1, 2, 1, 4]))  # aligned in sample 0 only
+    with pytest.raises(ValueError, match="same length in every sample"):
+        ragged.aligned_lengths()
+
+
 def test_windows_refuse_float_positions():
     """start/stop were cast to int64: 0.5 was truncated to 0 silently."""
     kj = KeyedJagged(["x", "y"], torch.arange(12), torch.tensor([1, 2, 3, 1, 2, 3]))

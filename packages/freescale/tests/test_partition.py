@@ -43,9 +43,25 @@ def test_refinement_only_improves():
     assert float(b.loads.max()) <= float(a.loads.max()) and b.counts() == a.counts()
 
 
+def test_lpt_places_the_longest_first():
+    # 5, 4 apart; the 3s each to the lighter rank: 4+3, 5+3, 7+3 -> (8, 10), where {5,4}/{3,3,3} is 9
+    assert sorted(partition([3, 5, 3, 4, 3], 2, method="lpt", refine=False).loads.tolist()) == [8.0, 10.0]
+
+
+@pytest.mark.parametrize("costs, world, unrefined, best", [
+    ([10, 11, 2, 4, 2, 8, 7, 2, 2], 2, [26.0, 22.0], 24.0),  # a perfect split, one swap away
+    ([1, 5, 9, 8, 7, 5, 8, 6], 3, [19.0, 16.0, 14.0], 17.0),  # ceil(49 / 3): the swap pairs the most and least loaded
+])
+def test_refinement_reaches_the_optimum_a_swap_gives(costs, world, unrefined, best):
+    assert sorted(partition(costs, world, method="lpt_equal", refine=False).loads.tolist()) == sorted(unrefined)
+    refined = partition(costs, world, method="lpt_equal")
+    assert float(refined.loads.max()) == best and max(refined.counts()) - min(refined.counts()) <= 1
+
+
 def test_oversized_and_capping():
     costs = torch.tensor([100.0, 1, 1, 1])
     assert oversized(costs, 2).tolist() == [0]
+    assert oversized(torch.tensor([2.0, 1, 1]), 2).numel() == 0  # exactly the fair share (4 / 2) fits a rank
     model = CostModel(a=0.0, b=1.0)
     capped = cap_lengths(torch.tensor([100, 10, 10, 10]), model, 2)
     assert oversized(model(capped), 2).numel() == 0 and capped[1:].tolist() == [10, 10, 10]

@@ -31,9 +31,10 @@ def test_cpu_without_interpreter(monkeypatch):
     assert select_backend(torch.zeros(2)) is Backend.REFERENCE
 
 
-def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+@pytest.mark.parametrize("forced", ["triton", "interpret"])
+def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch, forced):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("GKC_BACKEND", "triton")
+    monkeypatch.setenv("GKC_BACKEND", forced)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         select_backend(torch.zeros(2))
 
@@ -44,9 +45,19 @@ def test_bad_backend_value(monkeypatch):
         select_backend(torch.zeros(2))
 
 
-def test_meta_tensors_use_reference(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "triton", "interpret"])
+def test_meta_tensors_use_reference(monkeypatch, backend):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GKC_BACKEND", backend)  # shape propagation, whatever runs the real tensors
     assert select_backend(torch.empty(2, device="meta")) is Backend.REFERENCE
+
+
+def test_the_interpreter_backend_refuses_cuda_tensors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reached before any CUDA call
+    with pytest.raises(RuntimeError, match="GKC_BACKEND=interpret needs CPU tensors"):
+        select_backend(device="cuda")
 
 
 def test_import_does_not_import_triton():

@@ -169,3 +169,18 @@ def test_spawn_jobs_names_a_rank_that_died_without_waiting_out_the_timeout():
     with pytest.raises(RuntimeError, match=r"job 0 rank \d exited with code 1"):
         spawn_jobs(divmod, 2, (), timeout=300)  # divmod(queue, job, rank, ...) raises a TypeError in each rank
     assert time.monotonic() - start < 120
+
+
+def test_time_fn_reports_the_median_and_the_20th_and_80th_percentiles(monkeypatch):
+    """On a fake clock: a 1 ms first call sizes rep_ms=11 to 11 samples of 1..11 ms (shuffled)."""
+    import gpukernels_common.bench as bench
+
+    clock = [0.0]
+    durations = iter([1, 5, 1, 9, 3, 11, 7, 2, 10, 4, 8, 6])
+
+    def fn():
+        clock[0] += next(durations) / 1e3
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    out = time_fn(fn, warmup_ms=0, rep_ms=11)
+    assert out == pytest.approx({"ms": 6.0, "ms_p20": 3.0, "ms_p80": 9.0})

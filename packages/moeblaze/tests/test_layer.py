@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ def test_router_topk_renorm_and_losses():
     torch.testing.assert_close(r.weights.sum(-1), torch.ones(10))
     uniform = route(torch.zeros(8, 4), 4)
     assert float(uniform.aux_loss) == pytest.approx(1.0)  # perfectly balanced -> E * sum(1/E * 1/E) * E ... = 1
+    # z-loss (ST-MoE): the mean over tokens of logsumexp(logits)^2
+    torch.testing.assert_close(r.z_loss, (torch.logsumexp(logits, -1) ** 2).mean())
+    assert float(uniform.z_loss) == pytest.approx(math.log(4) ** 2)
     assert route(logits, 1, renormalize=False).weights.max() < 1
     # renormalize applies for top_k > 1 only: a top-1 weight stays the probability (Switch-style)
     torch.testing.assert_close(route(logits, 1).weights, route(logits, 1, renormalize=False).weights)

@@ -132,6 +132,28 @@ def test_gradnorm_weight_update():
     torch.testing.assert_close(bal.task_weights, expect)
 
 
+def test_gradnorm_targets_follow_the_relative_loss_ratios():
+    """Second step: loss ratios L/L(0) of (2, 1), relative to their mean (4/3, 2/3), set the targets."""
+    c = torch.tensor([[0.0, 2.0]])
+    bal = GradNorm(["a", "b"], alpha=1.0, lr=0.1)
+    _linear_step(bal, [A, c])  # losses (1, 2), norms (1, 2): a below the target 1.5, b above
+    w = torch.tensor([1.1, 0.8], dtype=torch.float64) * 2 / 1.9
+    torch.testing.assert_close(bal.task_weights, w)
+    g = _linear_step(bal, [A, c], scales=(2.0, 1.0))  # losses (2, 2): ratios (2, 1); norms (2, 2)
+    torch.testing.assert_close(g, (w[0] * 2 * A + w[1] * c).float())
+    # G = 2w, mean 2; targets 2 * (4/3, 2/3): a below (+0.1 * 2), b above (-0.1 * 2); the sum stays 2
+    torch.testing.assert_close(bal.task_weights, w + torch.tensor([0.2, -0.2], dtype=torch.float64))
+
+
+def test_uncertainty_weighting_combine_scales_by_the_precisions():
+    """combine() (which backward() does not need: the weights sit in the loss) used directly."""
+    bal = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        bal.log_vars.copy_(torch.tensor([0.0, math.log(2.0)]))
+    out = bal.combine([[A.clone()], [B.clone()]], [torch.tensor(1.0), torch.tensor(1.0)])
+    torch.testing.assert_close(out[0], A + 0.5 * B)
+
+
 def test_dbmtl_log_losses_and_max_norm():
     bal = DBMTL(["a", "b"])
     z = torch.ones(1, 2, requires_grad=True)

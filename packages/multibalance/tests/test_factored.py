@@ -69,11 +69,12 @@ def test_factored_equals_general(widths, norm, reads):
     torch.testing.assert_close(fast.ema, slow.ema, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("widths", [(3, 3, 3), (2, 3, 4)])  # one batched op for all tasks; per task
 @pytest.mark.parametrize("norm", ["batch", "sample"])
-def test_sequence_representation(norm):
+def test_sequence_representation(norm, widths):
     """A [B, S, D] representation read by Linear heads on its last dimension (S rows per sample)."""
     torch.manual_seed(4)
-    bottom, heads = nn.Linear(5, 8), nn.ModuleList(nn.Linear(8, 3) for _ in range(3))
+    bottom, heads = nn.Linear(5, 8), nn.ModuleList(nn.Linear(8, w) for w in widths)
     x, y = torch.randn(6, 4, 5), torch.randn(3, 6)
     fast, slow = MultiBalance(["t0", "t1", "t2"], norm=norm, relax=0.9), _general(norm=norm, relax=0.9)
     grads = []

@@ -112,6 +112,12 @@ def test_norm_lag_state_dict_keeps_the_pending_norms():
         assert _two_task_step(b, z, 8.0, "general")["b"] == pytest.approx(1 / 3)
     fresh = MultiBalance(["a", "b"])
     fresh.load_state_dict({k: v for k, v in MultiBalance(["a", "b"]).state_dict().items() if k != "lagged_norms"})
+    # a running balancer loading a checkpoint whose averages hold no finite step yet (its steps
+    # overflowed) starts over: the next step uses its own norms, as a first step does
+    state = bal.state_dict()
+    state["ema"], state["lagged_norms"] = torch.full_like(state["ema"], float("nan")), torch.zeros(0)
+    bal.load_state_dict(state)
+    assert _two_task_step(bal, z, 8.0, "general")["b"] == pytest.approx(1 / 8)
 
 
 ALL_BALANCERS = {  # name -> make(task_names, shared parameters)

@@ -265,3 +265,41 @@ def test_deleting_no_positions_deletes_nothing():
     plans = parse_filters(["1:3"])
     assert index.search(plans)[0, 0] == 1 << 3
     assert index.verify(plans, [[]]).shape == (1, 0)
+
+
+def _right_deep(depth):
+    """(text, predicate) of an expression whose evaluation needs `depth` stack slots: every binary
+    operator keeps its left operand on the stack while its right one is evaluated."""
+    text, fn = "NOT 3:3", lambda s: (3, 3) not in s  # a NOT with every slot full, on a term used nowhere else
+    for i in range(depth - 1):
+        term = (1 + i % N_FEATURES, i % N_VALUES)
+        if i % 2:
+            text, fn = f"{term[0]}:{term[1]} OR ({text})", lambda s, t=term, f=fn: t in s or f(s)
+        else:
+            text, fn = f"NOT {term[0]}:{term[1]} AND ({text})", lambda s, t=term, f=fn: t not in s and f(s)
+    return text, fn
+
+
+def test_the_deepest_accepted_filter_runs_exactly_in_the_kernel(monkeypatch):
+    from silvertorch.bloom.hashing import term_hash
+    from silvertorch.bloom.parser import MAX_DEPTH
+    from silvertorch.bloom.probed import run_plans
+
+    with pytest.raises(ValueError, match="nests too deeply"):
+        parse_filters([_right_deep(MAX_DEPTH + 1)[0]])
+    text, fn = _right_deep(MAX_DEPTH)  # every one of the kernel's stack slots in use
+    plans = parse_filters([text, "1:0"])
+    ref = INDEX.search(plans)
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
+    assert torch.equal(INDEX.search(plans), ref)
+    truth = _exact(fn, FIDS, OFFSETS, VALS)
+    assert 0 < int(truth.sum()) < INDEX.num_items  # a test that can tell a wrong slot from a right one
+    assert not (truth & ~_unpack(ref, INDEX.num_items)[0]).any()
+    assert torch.equal(INDEX.verify(parse_filters([text]), torch.arange(INDEX.num_items).unsqueeze(0))[0], truth)
+    # the retrieval model's tensor-op evaluator, on each term's exact per-item truth
+    item_of = torch.repeat_interleave(torch.arange(INDEX.num_items), OFFSETS.diff())
+    item_hashes = term_hash(FIDS, VALS)
+    has = torch.zeros(1, plans.hashes.shape[1], INDEX.num_items, dtype=torch.bool)
+    for slot, h in enumerate(plans.hashes[0].tolist()):
+        has[0, slot, item_of[item_hashes == h]] = True
+    assert torch.equal(run_plans(plans.ops[:1], plans.args[:1], has, has)[0], truth)

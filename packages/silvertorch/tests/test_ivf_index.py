@@ -658,6 +658,10 @@ def test_rows_added_after_a_compacted_away_last_row_get_new_numbers(cls, tmp_pat
     q = torch.randn(2, 8, generator=g)
     ids = index.search(q, 5, nprobe=4, filters=rebuilt.filter(parse_filters(["cat:music"] * 2, schema=schema)))[1]
     assert (ids == -1).all(), ids  # the only music item is gone
+    index.add(torch.randn(1, 8, generator=g), ids=torch.tensor([5002]))
+    index.compact()  # a second compact numbers after the first one's rows
+    assert sorted(index.order.tolist()) == list(range(299)) + [301, 302]
+    assert index.ids[index.order == 302].tolist() == [5002]
 
 
 def test_bloom_verification_widens_its_pool_in_few_rounds(monkeypatch):

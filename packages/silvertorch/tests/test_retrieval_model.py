@@ -986,3 +986,28 @@ def test_deleting_no_ids_deletes_nothing():
     model = _model()
     assert model.delete_items([]) == 0 and model.delete_items(()) == 0
     assert bool(model.alive[: model.num_main].all())
+
+
+def test_fresh_matches_count_towards_adaptive_probing_and_empty_slots_are_not_fresh():
+    """Adaptive probing widens only while fewer than K items passed: matching fresh items count,
+    so with K of them the adaptive model probes what the fixed one does. A result slot left empty
+    (id -1) is never tagged fresh."""
+    attrs, rare_ids = _rare_catalog()
+    schema = dict(SCHEMA, tag=RARE)
+    options = dict(n_clusters=12, nprobe=2, k_candidates=5, num_results=5, fresh_capacity=8)
+    fixed = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, **options)
+    adaptive = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, max_nprobe=12, **options)
+    users = torch.arange(0, USERS, 4).unsqueeze(1)
+    exprs = ["tag:1"] * users.shape[0]
+    for model in (fixed, adaptive):
+        r = model.retrieve(users, exprs)
+        assert (r.ids < 0).any() and not (r.fresh & (r.ids < 0)).any()
+    g = torch.Generator().manual_seed(5)
+    fresh = torch.nn.functional.normalize(torch.randn(5, D, generator=g), dim=1)
+    fresh_attrs = (torch.tensor([1, 2, RARE] * 5), torch.arange(0, 16, 3), torch.tensor([0, 1990, 1] * 5))
+    for model in (fixed, adaptive):
+        model.add_items(fresh, torch.arange(90000, 90005), fresh_attrs)
+    f, a = fixed.retrieve(users, exprs), adaptive.retrieve(users, exprs)
+    assert (a.found >= 5).all() and not (a.fresh & (a.ids < 0)).any()
+    for name in ("ids", "scores", "fresh", "found"):
+        assert torch.equal(getattr(f, name), getattr(a, name)), name
