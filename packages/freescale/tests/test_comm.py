@@ -25,6 +25,23 @@ def test_world_of_one_without_a_process_group_is_a_local_no_op():
     sched.close()
 
 
+@pytest.mark.parametrize("cols, chunks", [(10, 3), (8, 2), (16, 4), (5, 2), (3, 1)])
+def test_all_to_all_chunks_hold_at_most_chunk_bytes(cols, chunks):
+    """An all-to-all larger than chunk_bytes is cut into column blocks of at most chunk_bytes
+    each (ceil(bytes / chunk_bytes) of them); 4 float32 rows: 16 bytes a column."""
+    sched = CommScheduler(chunk_bytes=64)
+    try:
+        x = torch.ones(4, cols)
+        n = sched._local_chunks(x, x)
+        blocks = sched._column_blocks(x, x, n)
+        assert n == chunks and len(blocks) == chunks
+        if n > 1:  # one op as a whole is the block None
+            assert [lo for lo, _ in blocks] == [0] + [hi for _, hi in blocks[:-1]] and blocks[-1][1] == cols
+            assert all(4 * (hi - lo) * x.element_size() <= 64 for lo, hi in blocks)
+    finally:
+        sched.close()
+
+
 def test_ops_after_close_raise_and_unflushed_ops_fail():
     sched = CommScheduler()
     unflushed = sched.all_reduce(torch.ones(3), name="late")

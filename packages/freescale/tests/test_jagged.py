@@ -197,15 +197,13 @@ def test_permute_refuses_indices_that_are_not_1d(indices):
 def test_permute_out_of_range_names_the_range():
     with pytest.raises(IndexError, match=r"must be in \[0, 3\) \(the batch size\), got \[-1, 1\]"):
         _kj().permute(torch.tensor([1, -1]))
+    # the upper bound too: index batch_size read the next key's first sample (or torch's own error)
+    for method in ("permute", "sample_major"):
+        with pytest.raises(IndexError, match=r"must be in \[0, 3\) \(the batch size\), got \[0, 3\]"):
+            getattr(_kj(), method)(torch.tensor([0, 3]))
 
 
-def test_index_bounds_and_window_order_are_checked_exactly():
-    kj = _kj()
-    with pytest.raises(IndexError, match=r"must be in \[0, 3\) \(the batch size\), got \[0, 3\]"):
-        kj.permute(torch.tensor([0, 3]))  # one past the end: the next key's first sample, silently
-    aligned = KeyedJagged(["x", "y"], torch.arange(12), torch.tensor([1, 2, 3, 1, 2, 3]))
-    with pytest.raises(ValueError, match="0 <= start <= stop"):
-        aligned.windows([2], [2], [1])
+def test_aligned_lengths_checks_every_sample():
     ragged = KeyedJagged(["x", "y"], torch.arange(8), torch.tensor([1, 2, 1, 4]))  # aligned in sample 0 only
     with pytest.raises(ValueError, match="same length in every sample"):
         ragged.aligned_lengths()

@@ -124,6 +124,8 @@ def test_keyed_jagged_windows():
         assert torch.equal(got["item"][j], expect) and torch.equal(got["target"][j], expect + 1000)
     with pytest.raises(ValueError, match="start <= stop"):
         feats.windows(torch.tensor([0]), torch.tensor([2]), torch.tensor([6]))
+    with pytest.raises(ValueError, match="start <= stop"):  # a reversed window (a negative length)
+        feats.windows(torch.tensor([0]), torch.tensor([3]), torch.tensor([1]))
 
 
 def _states(model, seqs, trailing=None):

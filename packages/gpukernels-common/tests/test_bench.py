@@ -146,6 +146,16 @@ def test_a_benchmark_with_records_of_two_machines_renders_a_table_for_each():
     assert "| a | 1 | 0.4 |" in gpu_part and md.count("## overhead") == 1
 
 
+def test_records_of_two_commits_on_one_machine_render_a_table_for_each():
+    """A table states one commit: records measured at another commit get a table of their own."""
+    env = dict(device="cpu", torch="2.13", triton="3.9", python="3.11", commit="aaa", date="d1")
+    md = render_markdown([BenchRecord("overhead", "a", {"n": 1}, {"ms": 1.0}, env=env),
+                          BenchRecord("overhead", "a", {"n": 1}, {"ms": 0.5}, env=dict(env, commit="bbb"))], "demo")
+    old_part, new_part = md.split("commit `bbb`")
+    assert "commit `aaa`" in old_part and "| a | 1 | 1 |" in old_part and "0.5" not in old_part
+    assert "| a | 1 | 0.5 |" in new_part and md.count("## overhead") == 1
+
+
 def test_records_describe_the_device_bench_args_chose(monkeypatch):
     from gpukernels_common import bench
 

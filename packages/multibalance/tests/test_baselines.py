@@ -305,6 +305,23 @@ def test_metabalance_on_parameters():
     assert dict(returned) == pytest.approx({"a": 1.0, "b": 0.75})
 
 
+def test_metabalance_relax_and_beta_over_two_steps():
+    """relax=0.8 and beta=0.75 (at 0.5 swapping either with 1 minus it changes nothing): the
+    averages are m <- 0.75*m + 0.25*|g| from zero, and s_b = 0.8*m_a/m_b + 0.2."""
+    w = torch.nn.Parameter(torch.ones(2))
+    bal = MetaBalance(["a", "b"], shared_parameters=[w], relax=0.8, beta=0.75)
+    m = torch.zeros(2, dtype=torch.float64)
+    for coef_b in (10.0, 20.0):  # |g_a| = 5, |g_b| = coef_b
+        w.grad = None
+        rep = bal.attach(w * 1.0)
+        returned = bal.backward([(rep * torch.tensor([3.0, 4.0])).sum(), (rep * torch.tensor([0.0, coef_b])).sum()])
+        m = 0.75 * m + 0.25 * torch.tensor([5.0, coef_b], dtype=torch.float64)
+        s_b = float(0.8 * m[0] / m[1] + 0.2)
+        torch.testing.assert_close(bal.ema[0], m)
+        assert dict(returned) == pytest.approx({"a": 1.0, "b": s_b})
+        torch.testing.assert_close(w.grad, torch.tensor([3.0, 4.0 + s_b * coef_b]))
+
+
 def test_parameter_level_pcgrad_and_mgda_need_full_backward():
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2)

@@ -70,6 +70,27 @@ def test_ema_over_two_steps():
     assert bal.last_scales()["b"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("path", ["factored", "general"])
+def test_ema_keeps_beta_of_the_old_average(path):
+    """beta=0.75 (not 0.5, where swapping beta and 1 - beta changes nothing): b's norms 2 then 6
+    average to 0.75*2 + 0.25*6 = 3, and b's scale (relax=1, target a of norm 1) is 1/3."""
+    bal = MultiBalance(["a", "b"], relax=1.0, beta=0.75, target="a")
+    for coef_b, expected in ((2.0, 2.0), (6.0, 3.0)):
+        scales = _two_task_step(bal, torch.ones(1, 2, requires_grad=True), coef_b, path)
+        assert float(bal.ema[0, 1]) == pytest.approx(expected)
+    assert scales["b"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("path", ["factored", "general"])
+def test_sample_norm_averages_are_means_over_samples(path):
+    """norm="sample": the average holds the mean per-sample norm, not the sum over the batch (a
+    sum scales with the batch size, and batches of other sizes then mix in the averages)."""
+    bal = MultiBalance(["a", "b"], relax=1.0, beta=0.5, target="a", norm="sample")
+    for batch in (3, 1):  # per-sample gradients (1, 0) and (0, 2) whatever the batch size
+        _two_task_step(bal, torch.ones(batch, 2, requires_grad=True), 2.0, path)
+        torch.testing.assert_close(bal.ema, torch.tensor([[1.0, 2.0]]))
+
+
 def _two_task_step(bal, z, coef_b, path):
     """Task a's representation gradient is (1, 0), b's (0, coef_b): norms 1 and coef_b."""
     rep = bal.attach(z * 1.0)
