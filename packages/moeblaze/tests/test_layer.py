@@ -1,5 +1,4 @@
 import json
-import math
 
 import numpy as np
 import pytest
@@ -16,9 +15,6 @@ def test_router_topk_renorm_and_losses():
     torch.testing.assert_close(r.weights.sum(-1), torch.ones(10))
     uniform = route(torch.zeros(8, 4), 4)
     assert float(uniform.aux_loss) == pytest.approx(1.0)  # perfectly balanced -> E * sum(1/E * 1/E) * E ... = 1
-    # z-loss (ST-MoE): the mean over tokens of logsumexp(logits)^2
-    torch.testing.assert_close(r.z_loss, (torch.logsumexp(logits, -1) ** 2).mean())
-    assert float(uniform.z_loss) == pytest.approx(math.log(4) ** 2)
     assert route(logits, 1, renormalize=False).weights.max() < 1
     # renormalize applies for top_k > 1 only: a top-1 weight stays the probability (Switch-style)
     torch.testing.assert_close(route(logits, 1).weights, route(logits, 1, renormalize=False).weights)
@@ -31,6 +27,26 @@ def test_router_topk_renorm_and_losses():
         route(torch.full((2, 3), float("nan")), 1)
     with pytest.raises(ValueError, match="score"):
         route(logits, 1, score="relu")
+
+
+def test_router_losses_and_the_layer_aux_loss_follow_their_formulas():
+    """Unbalanced routing (the uniform case above is 1 whatever the counts' normalisation): the
+    load-balancing loss E * sum_e frac_e * mean_prob_e, the z-loss mean(logsumexp^2), and MoE's
+    aux_loss = aux_loss_coef * load-balancing + z_loss_coef * z-loss."""
+    logits = torch.randn(13, 5, generator=torch.Generator().manual_seed(4)) * 2
+    r = route(logits, 2)
+    ids = logits.topk(2, dim=-1).indices
+    frac = torch.bincount(ids.reshape(-1), minlength=5).double() / ids.numel()
+    want_aux = 5 * (frac * logits.double().softmax(-1).mean(0)).sum()
+    want_z = torch.logsumexp(logits.double(), -1).pow(2).mean()
+    torch.testing.assert_close(r.aux_loss, want_aux.float())
+    torch.testing.assert_close(r.z_loss, want_z.float())
+    layer = MoE(6, 8, 5, 2, aux_loss_coef=0.3, z_loss_coef=0.07)
+    x = torch.randn(4, 3, 6)
+    layer(x)
+    routing = layer.router(x.reshape(-1, 6))
+    assert routing.aux_loss != routing.z_loss
+    torch.testing.assert_close(layer.aux_loss, 0.3 * routing.aux_loss + 0.07 * routing.z_loss)
 
 
 def test_module_matches_reference_and_backprops():
@@ -227,6 +243,18 @@ def test_sigmoid_routing_matches_a_float64_reference_where_scores_underflow(shif
     torch.testing.assert_close(r.aux_loss, aux.float())
     grad, = torch.autograd.grad(r.weights.sum() + r.aux_loss + r.z_loss, [logits])
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sigmoid_top1_weight_stays_the_sigmoid(renormalize):
+    """renormalize applies for top_k > 1 only, for sigmoid scores as for softmax: a renormalised
+    top-1 weight would be the constant 1 (no router gradient from the task loss)."""
+    logits = torch.randn(11, 5, generator=torch.Generator().manual_seed(2))
+    r = route(logits, 1, score="sigmoid", renormalize=renormalize)
+    ids, weights, _ = _sigmoid_route_reference(logits, 1, renormalize)
+    assert torch.equal(r.expert_ids.long(), ids)
+    torch.testing.assert_close(r.weights, weights.float())
+    assert (r.weights < 1).all()
 
 
 def test_sigmoid_layer_output_and_gradients_stay_finite_for_very_negative_logits():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from silvertorch import FilterSyntaxError, parse_filters
-from silvertorch.bloom.hashing import bloom_positions, next_prime, string_value, term_hash
+from silvertorch.bloom.hashing import bloom_positions, next_prime, second_hash, string_value, term_hash
 from silvertorch.bloom.parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE
 
 SCHEMA = {"lang": 1, "cat": 2, "creator": 3}
@@ -80,6 +80,31 @@ def test_positions_are_distinct_and_in_range():
     pos = bloom_positions(h, width, 5)
     assert ((pos >= 0) & (pos < 31)).all()
     assert all(len(set(row)) == 5 for row in pos.tolist())
+
+
+def test_hashes_are_splitmix64_in_uint64_arithmetic():
+    """Stored Bloom bits depend on these exact values (a saved index is queried by later processes):
+    term_hash, second_hash and the rows match the documented formulas in Python's exact uint64
+    arithmetic, for terms whose hashes cover the top bit (the int64 emulation's logical shifts)."""
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    def signed(x):
+        return x - (1 << 64) if x >> 63 else x
+
+    fids = [0, 1, 2, 3, 17, 2**31, 2**62 + 5, -1]
+    vals = [0, -1, 1995, string_value("rock music"), -(2**63), 2**63 - 1, 12345, 7]
+    got = term_hash(torch.tensor(fids), torch.tensor(vals), seed=3).tolist()
+    want = [mix(mix((f * golden + 3) & mask) ^ (v & mask)) for f, v in zip(fids, vals, strict=True)]
+    assert got == [signed(h) for h in want] and any(h >> 63 for h in want)
+    assert second_hash(torch.tensor(got)).tolist() == [signed(mix((h + golden) & mask)) for h in want]
+    width = 1_000_003  # prime, as a bundle's
+    rows = bloom_positions(torch.tensor(got), torch.full((len(got),), width), 4).tolist()
+    assert rows == [[(h % width + j * (1 + mix((h + golden) & mask) % (width - 1))) % width for j in range(4)] for h in want]
 
 
 def test_schema_encodes_item_attributes_as_the_language_hashes_them():

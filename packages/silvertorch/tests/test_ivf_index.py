@@ -801,3 +801,26 @@ def test_removing_no_ids_removes_nothing():
     # [] reads as float32: the fraction check refused it ("ids must be integers, got torch.float32")
     index = IVFIndex.build(INDEX_X[:100], n_clusters=2)
     assert index.remove([]) == 0 and index.remove(()) == 0 and not bool(index.removed.any())
+
+
+def test_quantize_rows_uses_the_full_int8_range_within_half_a_step():
+    """Each row's largest magnitude maps to +-127 exactly and every value is within half a
+    quantization step of codes * scale (a smaller divisor would saturate the largest values)."""
+    from silvertorch.ivf.quantize import quantize_rows
+
+    x = torch.randn(37, 19, generator=torch.Generator().manual_seed(5)) * torch.rand(37, 1) * 10
+    x[3] = 0.0  # an all-zero row: zero codes, a tiny positive scale
+    codes, scale = quantize_rows(x.t().contiguous().t())
+    assert codes.dtype == torch.int8 and scale.shape == (37,) and (scale > 0).all()
+    live = torch.arange(37) != 3
+    assert torch.equal(codes[live].abs().amax(1), torch.full((36,), 127, dtype=torch.int8))
+    assert not codes[3].any()
+    err = (codes.float() * scale.unsqueeze(1) - x).abs()
+    assert (err <= scale.unsqueeze(1) * (0.5 + 1e-4)).all()
+
+
+def test_dense_mask_exact_mask_refuses_padding_positions():
+    """Position -1 (a padding slot) never passes, even where item 0 does."""
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    got = DenseMaskFilter(mask).exact_mask(torch.tensor([[-1, 0, 2, -1], [1, -1, 2, 0]]))
+    assert got.tolist() == [[False, True, True, False], [True, False, False, True]]
