@@ -664,14 +664,21 @@ def _rare_catalog():
     return (torch.cat(per_item), offsets, torch.cat(per_value)), set(IDS[rare].tolist())
 
 
-def test_adaptive_probing_finds_the_rare_items_fixed_probing_misses():
+def _fixed_and_adaptive_over_the_rare_catalog(**options):
+    """Two models of the rare catalog, probing 2 of 12 clusters: fixed, and adaptive (up to all 12);
+    users every 4th, each filtering on the rare tag. (fixed, adaptive, rare ids, users, filters)."""
     attrs, rare_ids = _rare_catalog()
     schema = dict(SCHEMA, tag=RARE)
-    options = dict(n_clusters=12, nprobe=2, k_candidates=100, num_results=10, fresh_capacity=0)
+    options = dict(n_clusters=12, nprobe=2, **options)
     fixed = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, **options)
     adaptive = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, max_nprobe=12, **options)
     users = torch.arange(0, USERS, 4).unsqueeze(1)
-    exprs = ["tag:1"] * users.shape[0]
+    return fixed, adaptive, rare_ids, users, ["tag:1"] * users.shape[0]
+
+
+def test_adaptive_probing_finds_the_rare_items_fixed_probing_misses():
+    fixed, adaptive, rare_ids, users, exprs = _fixed_and_adaptive_over_the_rare_catalog(
+        k_candidates=100, num_results=10, fresh_capacity=0)
     a, f = adaptive.retrieve(users, exprs), fixed.retrieve(users, exprs)
     got_a = [{i for i in row if i >= 0} for row in a.ids.tolist()]
     got_f = [{i for i in row if i >= 0} for row in f.ids.tolist()]
@@ -1006,13 +1013,8 @@ def test_fresh_matches_count_towards_adaptive_probing_and_empty_slots_are_not_fr
     """Adaptive probing widens only while fewer than K items passed: matching fresh items count,
     so with K of them the adaptive model probes what the fixed one does. A result slot left empty
     (id -1) is never tagged fresh."""
-    attrs, rare_ids = _rare_catalog()
-    schema = dict(SCHEMA, tag=RARE)
-    options = dict(n_clusters=12, nprobe=2, k_candidates=5, num_results=5, fresh_capacity=8)
-    fixed = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, **options)
-    adaptive = RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, attrs, schema, max_nprobe=12, **options)
-    users = torch.arange(0, USERS, 4).unsqueeze(1)
-    exprs = ["tag:1"] * users.shape[0]
+    fixed, adaptive, _, users, exprs = _fixed_and_adaptive_over_the_rare_catalog(k_candidates=5, num_results=5,
+                                                                                 fresh_capacity=8)
     for model in (fixed, adaptive):
         r = model.retrieve(users, exprs)
         assert (r.ids < 0).any() and not (r.fresh & (r.ids < 0)).any()
