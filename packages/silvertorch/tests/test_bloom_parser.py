@@ -58,8 +58,9 @@ def test_errors_name_position_and_expectation(text, position, expected):
 
 
 def test_limits_and_types():
-    with pytest.raises(ValueError, match="max_terms"):
-        parse_filters([" OR ".join(f"1:{i}" for i in range(40))])
+    assert parse_filters([" OR ".join(f"1:{i}" for i in range(32))]).hashes.shape == (1, 32)  # max_terms, exactly
+    with pytest.raises(ValueError, match="more than max_terms=32 terms"):
+        parse_filters([" OR ".join(f"1:{i}" for i in range(33))])
     with pytest.raises(ValueError, match="max_length"):
         parse_filters(["1:1" + " " * 5000])
     with pytest.raises(ValueError, match="nests too deeply"):

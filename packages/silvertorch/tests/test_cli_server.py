@@ -273,6 +273,24 @@ def test_server_metrics_count_every_retrieve_request_and_error(custom_model, mon
     assert (metrics["requests"], metrics["errors"]) == (8, 7)
 
 
+def test_serve_binds_loopback_unless_told_otherwise(artifact, monkeypatch):
+    """Safe by default: `silvertorch serve` without --host listens on 127.0.0.1 only."""
+    import uvicorn
+
+    import silvertorch.server
+
+    path, _ = artifact
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: calls.append((host, port)))
+    silvertorch.server.serve(RetrievalModel.load(path))  # the library's default as well
+    assert calls.pop() == ("127.0.0.1", 8080)
+    monkeypatch.setattr(silvertorch.server, "serve", lambda model, host, port, limits: calls.append((host, port)))
+    port = free_port()  # the CLI checks that it can bind before loading the model
+    assert main(["serve", str(path), "--port", str(port)]) == 0
+    assert main(["serve", str(path), "--port", str(port), "--host", "0.0.0.0"]) == 0
+    assert calls == [("127.0.0.1", port), ("0.0.0.0", port)]
+
+
 def test_cli_validates_its_options(artifact, capsys):
     """Bad flags are argparse errors that name the flag; a ValueError from the library is one clean line."""
     path, _ = artifact
