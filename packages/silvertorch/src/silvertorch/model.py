@@ -286,7 +286,6 @@ class RetrievalModel(nn.Module):
         self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
         # checked (names a filter can write, int64 ids) and with Python int ids (numpy ones would fail the JSON config)
         self._filter_schema = schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))
-        self.schema = self._filter_schema.features
         if not 1 <= max_exact_terms <= max_terms:
             raise ValueError(f"max_exact_terms must be in [1, max_terms={max_terms}], got {max_exact_terms}")
         self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
@@ -359,6 +358,11 @@ class RetrievalModel(nn.Module):
         return cls(user_tower, overarch, value_model, tensors, nprobe=nprobe, k_candidates=k_candidates, num_results=num_results,
                    bloom_k=bloom_k, bloom_multiplier=bloom_multiplier, schema=schema, max_ops=max_ops, max_terms=max_terms,
                    exact_verify=exact_verify, max_nprobe=max_nprobe, max_exact_terms=max_exact_terms).eval()
+
+    @property
+    def schema(self) -> dict:
+        """Feature name -> id of the filter language (the checked schema's, ids as Python ints)."""
+        return self._filter_schema.features
 
     # -- filters -----------------------------------------------------------------------------
     def prepare_filters(self, expressions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
