@@ -13,10 +13,12 @@
 # Back on the development machine: `tar xzf <files_at>/results.tgz` in the repo root, then
 # `python packages/<pkg>/benchmarks/run.py --only nothing` renders that package's RESULTS.md.
 # `nox -s gpu` is the untimed version (every test, every benchmark).
+# GPU_SESSION_TESTS="<package> ..." and GPU_SESSION_BENCHES="<package>:<bench>:<cap> ..." choose
+# what runs (empty: nothing), e.g. the benches a first call had no time for, on the still-warm machine.
 set -u
 case "${1:-}" in  # anything else would run the whole session (minutes of a GPU lease)
   "" | --fetch-deps) ;;
-  -h | --help) sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  -h | --help) sed -n '2,19s/^# \{0,1\}//p' "$0"; exit 0 ;;
   *) echo "gpu_session.sh: unknown argument '$1' (it takes none, --fetch-deps or --help)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
@@ -28,15 +30,22 @@ if [ "${1:-}" = "--fetch-deps" ]; then
   wheels=$(mktemp -d)
   python3 -m pip download --quiet --no-deps --only-binary=:all: --platform any -d "$wheels" \
     pytest pluggy iniconfig packaging exceptiongroup tomli
-  rm -rf .gpu-deps && mkdir .gpu-deps
+  rm -rf .gpu-deps && mkdir -p .gpu-deps/anchors
   for wheel in "$wheels"/*.whl; do python3 -m zipfile -e "$wheel" .gpu-deps; done
   echo "unpacked into .gpu-deps: $(ls "$wheels" | tr '\n' ' ')"
+  # the benchmarks' anchors that come as wheels, for the GPU machine's CPython 3.12 on x86-64;
+  # installed there into a temporary folder, never committed
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .gpu-deps/anchors pyroaring liger-kernel
+  echo "anchors in .gpu-deps/anchors: $(ls .gpu-deps/anchors | tr '\n' ' ')"
   exit 0
 fi
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
 : > "$OUT/gpu_tests.log"
 : > "$OUT/bench.log"
+: > "$OUT/anchors.log"
 BUDGET=${GPU_SESSION_SECONDS:-540}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONHASHSEED=0
@@ -44,6 +53,11 @@ PYTHONPATH="$(printf '%s:' "$PWD"/packages/*/src)${PYTHONPATH:-}"
 if ! python3 -c "import pytest" 2>/dev/null && [ -d .gpu-deps ]; then
   PYTHONPATH="$PYTHONPATH:$PWD/.gpu-deps"  # after the installed packages: only what is missing comes from here
 fi
+for wheel in .gpu-deps/anchors/*.whl; do  # one by one: a wheel for another Python costs only itself
+  [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu-session-anchors "$wheel" >> "$OUT/anchors.log" 2>&1
+done
+[ -d /tmp/gpu-session-anchors ] && PYTHONPATH="$PYTHONPATH:/tmp/gpu-session-anchors"
 export PYTHONPATH
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -58,15 +72,18 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 # is named unless an installed gpukernels-common already registers it.
 PLUGIN=(-p gpukernels_common.testing.plugin)
 python3 -c "import importlib.metadata as m, sys; sys.exit(not any(e.value.startswith('gpukernels_common.testing') for e in m.entry_points(group='pytest11')))" 2>/dev/null && PLUGIN=()
-for package in gpukernels-common silvertorch moeblaze freescale multibalance; do
-  limit=$(( $(left) < 150 ? $(left) : 150 ))
+# the tests' time there is mostly Triton compiling on the CPU: four workers compile side by side
+WORKERS=()
+python3 -c "import xdist" 2>/dev/null && WORKERS=(-n 4)
+for package in ${GPU_SESSION_TESTS-gpukernels-common silvertorch moeblaze freescale multibalance}; do
+  limit=$(( $(left) < 120 ? $(left) : 120 ))
   if ((limit < 10)); then
     echo "== $package: skipped, ${limit}s left" >> "$OUT/gpu_tests.log"
     continue
   fi
   echo "== $package (limit ${limit}s)" >> "$OUT/gpu_tests.log"
   timeout "$limit" python3 -m pytest "packages/$package/tests" -m gpu -ra -q --import-mode=importlib \
-    --continue-on-collection-errors "${PLUGIN[@]}" -p no:cacheprovider \
+    --continue-on-collection-errors "${PLUGIN[@]}" "${WORKERS[@]}" -p no:cacheprovider \
     >> "$OUT/gpu_tests.log" 2>&1
   echo "rc=$?" >> "$OUT/gpu_tests.log"
 done
@@ -82,12 +99,14 @@ bench() {
   timeout "$limit" python3 "packages/$1/benchmarks/bench_$2.py" --gpu >> "$OUT/bench.log" 2>&1
   echo "rc=$?" >> "$OUT/bench.log"
 }
-bench silvertorch ivf 120
-bench moeblaze speed 150
-bench silvertorch topk 60
-bench multibalance overhead 90
-bench silvertorch bloom 90
-bench silvertorch model 180
+# GPU_SESSION_BENCHES="<package>:<bench>:<cap> ..." runs others (a second call on a warm machine).
+for spec in ${GPU_SESSION_BENCHES-silvertorch:ivf:100 moeblaze:speed:120 silvertorch:bloom:100 silvertorch:topk:45 multibalance:overhead:60 silvertorch:model:180}; do
+  IFS=: read -r package name cap <<< "$spec"
+  bench "$package" "$name" "$cap"
+done
 
 tar czf "$OUT/results.tgz" $(ls packages/*/benchmarks/results/*_gpu.jsonl 2>/dev/null) 2>> "$OUT/bench.log"
 echo "done in $(( $(date +%s) - START ))s" >> "$OUT/bench.log"
+# what the call's reply shows: the tests' outcome and each bench's end
+grep -E "^== |^rc=|passed|failed|skipped|error|^FAILED|^SKIPPED" "$OUT/gpu_tests.log" | tail -60
+grep -E "^== |^rc=|^done|Error|error" "$OUT/bench.log" | tail -40

@@ -1,13 +1,17 @@
 """Forward+backward speed, TFLOP/s counted as 18*T*k*d*d_ff (SwiGLU), providers interleaved.
 
 Providers on the same routed tokens (bf16): `moeblaze` (Triton kernels on a GPU, the reference
-path on the CPU), `loop` (per-expert loop, moeblaze.moe_reference) and `grouped_mm
-(torchtitan-style)` (permuted copy + torch._grouped_mm). ScatterMoE and Liger are not installed
-here and are not measured. Without --gpu: one tiny CPU sanity timing (not a performance figure).
+path on the CPU), `loop` (per-expert loop, moeblaze.moe_reference), `grouped_mm
+(torchtitan-style)` (permuted copy + torch._grouped_mm) and, on a GPU where `liger-kernel` is
+importable, Liger-Kernel's fused MoE (`LigerFusedMoEFunction`, Triton; its autotuning off, as
+`LIGER_FUSED_MOE_AUTOTUNE=0` pins one config per kernel, so that a time-boxed GPU session is not
+spent in its autotuner). ScatterMoE has no wheel on PyPI and is not measured. Without --gpu: one
+tiny CPU sanity timing (not a performance figure).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,12 +27,24 @@ HERE = Path(__file__).resolve().parent
 
 
 def routing(tokens, e, k, skewed, device):
-    if skewed:  # Zipf-like: expert i chosen with probability ~ 1/(i+1)
-        p = 1.0 / torch.arange(1, e + 1, dtype=torch.float32)
-        ids = torch.stack([torch.multinomial(p, k) for _ in range(tokens)])
-    else:
-        ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)])
-    return ids.int().to(device)
+    """(tokens, k) distinct experts per token: uniform, or Zipf-like (expert i ~ 1/(i+1))."""
+    p = 1.0 / torch.arange(1, e + 1, dtype=torch.float32) if skewed else torch.ones(e)
+    return torch.multinomial(p.expand(tokens, e), k).int().to(device)
+
+
+def liger_provider():
+    """Liger-Kernel's fused MoE as `fn(x, ids, w, wg, wu, wd)`, or None where it is not importable."""
+    os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    except ImportError as error:
+        print(f"liger-kernel not importable ({error}): not measured")
+        return None
+
+    def run(x, ids, w, gate_up, down):
+        return LigerFusedMoEFunction.apply(x, gate_up, down, ids, w)
+
+    return run
 
 
 def main():
@@ -41,6 +57,7 @@ def main():
     else:
         grid = [(256, 256, 512, 8, 2)]
     dtype = torch.bfloat16
+    liger = liger_provider() if args.gpu else None
     records = []
     for t, d, f, e, k in grid:
         for skewed in (False, True):
@@ -56,6 +73,14 @@ def main():
                 "loop": lambda: moe_reference(x, ids.long(), w, wg, wu, wd).backward(dy),
                 "grouped_mm (torchtitan-style)": lambda: grouped_mm_path(x, ids, w, wg, wu, wd).backward(dy),
             }
+            if liger is not None:
+                # its layout: gate and up stacked as (E, 2*d_ff, d), down as (E, d, d_ff)
+                gate_up = torch.cat([wg.detach().transpose(1, 2), wu.detach().transpose(1, 2)], dim=1).contiguous().requires_grad_()
+                down = wd.detach().transpose(1, 2).contiguous().requires_grad_()
+                with torch.no_grad():  # the same function, or its timing means nothing
+                    ours, theirs = moe_experts(x, ids, w, wg, wu, wd).float(), liger(x, ids, w, gate_up, down).float()
+                    print(f"liger fused_moe vs moeblaze: relative difference {float((theirs - ours).norm() / ours.norm()):.2e}")
+                providers["liger fused_moe 0.8 (autotune off)"] = lambda: liger(x, ids, w, gate_up, down).backward(dy)
             flops = 18 * t * k * d * f
             for name, fn in providers.items():
                 ms = time_fn(fn, device=device)["ms"]
