@@ -393,8 +393,11 @@ def test_compiled_fp32_kernels_follow_matmul_precision_on_gpu(setting, matmul_pr
     grads = torch.autograd.grad(out, [x, w, wg, wu, wd], g.cuda())
     got = {"output": out, **{f"grad {n}": t for n, t in zip(GRAD_NAMES, grads)}}
     tier = Backend.INTERPRET if setting == "highest" else Backend.TRITON
+    # TF32 rounds each operand to 10 mantissa bits; three chained products (gate/up, down, and the
+    # backward's) measured 2.3e-3 relative RMS on the output on an H200: above the one-product tier
+    tf32 = {} if setting == "highest" else {"rms_tol": 5e-3, "max_tol": 2e-2}
     for name in want:
-        assert_close(got[name], want[name], dtype=torch.float32, backend=tier, name=f"{name} ({setting})")
+        assert_close(got[name], want[name], dtype=torch.float32, backend=tier, name=f"{name} ({setting})", **tf32)
 
 
 def test_top_k_above_the_expert_count(backend):

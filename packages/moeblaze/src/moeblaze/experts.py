@@ -50,6 +50,12 @@ def _expert_groups(offsets: torch.Tensor, sorted_slots: torch.Tensor, top_k: int
             yield e, r0, r1, slots, torch.div(slots, top_k, rounding_mode="floor")
 
 
+# Compiled-kernel tiles: rows per block (bm), reduction step (bk), output columns (bn, capped at
+# the padded d or d_ff), and Triton's warps and pipeline stages. Module state so that a tuning
+# sweep (benchmarks/sweep_tiles.py) can try others in one process; the interpreter uses its own.
+GPU_TILES = {"bm": 64, "bk": 64, "bn": 64, "num_warps": 4, "num_stages": 3}
+
+
 class _Launch:
     """Tile sizes and the host-free row-block schedule shared by the forward and backward kernels."""
 
@@ -63,10 +69,11 @@ class _Launch:
         # tensor cores under torch.set_float32_matmul_precision("high"); 16-bit operands take no such choice
         exact = self.upcast and torch.get_float32_matmul_precision() == "highest"
         self.precision = "ieee" if exact else "tf32"
-        self.bm = 16 if self.interpret else 64
-        self.bk = 32 if self.interpret else 64
-        self.bn_f = min(64, max(16, triton.next_power_of_2(f)))
-        self.bn_d = min(64, max(16, triton.next_power_of_2(d)))
+        tiles = {"bm": 16, "bk": 32, "bn": 64} if self.interpret else GPU_TILES
+        self.bm, self.bk = tiles["bm"], tiles["bk"]
+        self.bn_f = min(tiles["bn"], max(16, triton.next_power_of_2(f)))
+        self.bn_d = min(tiles["bn"], max(16, triton.next_power_of_2(d)))
+        self.meta = {} if self.interpret else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
         self.rows = x.shape[0] * top_k
         counts = offsets[1:] - offsets[:-1]  # the experts' row groups (dropped slots past offsets[E] excluded)
         expert, row, self.n_blocks = grouped_blocks(offsets[:-1], counts, self.rows, self.bm)
@@ -86,7 +93,7 @@ def _gate_up(launch, x, wg, wu, sorted_slots, offsets, top_k, activation, a, b, 
         x, wg, wu if gated else wg, sorted_slots, offsets, launch.block_expert, launch.block_row,
         placeholder if a is None else a, placeholder if b is None else b, placeholder if h is None else h, d, f, top_k,
         *wg.stride(), ACT=_ACT_CODE[activation], GATED=gated, STORE_PRE=a is not None, STORE_H=h is not None,
-        UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_f, BK=launch.bk)
+        UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_f, BK=launch.bk, **launch.meta)
 
 
 def _combine_rows(launch, rows_out, position, offsets, n_experts, top_k, out):
@@ -118,7 +125,7 @@ def _forward_triton(x, route_w, wg, wu, wd, sorted_slots, offsets, position, top
     y = x.new_empty(launch.rows, d)
     kernels.down_kernel[(launch.n_blocks, triton.cdiv(d, launch.bn_d))](
         h, wd, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, y, d, f, *wd.stride(),
-        UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
+        UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_d, BK=launch.bk, **launch.meta)
     out = _combine_rows(launch, y, position, offsets, n_experts, top_k, x.new_empty(t, d))
     return out, a, b, h
 
@@ -152,21 +159,21 @@ def _backward_triton(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a,
     dwd = wd.new_empty(wd.shape)  # contiguous, whatever the weight's strides
     kernels.down_weight_grad_kernel[(n_experts, triton.cdiv(f, launch.bn_f), triton.cdiv(d, launch.bn_d))](
         go, a, b_arg, h_arg, sorted_slots, route_w, offsets, dwd, d, f, top_k, **flags, BM=launch.bm, BF=launch.bn_f,
-        BD=launch.bn_d)
+        BD=launch.bn_d, **launch.meta)
     droute = torch.zeros_like(route_w)  # dropped slots keep a zero gradient
     kernels.act_grad_kernel[(launch.n_blocks,)](
         go, wd, a, b_arg, h_arg, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, da,
         db if gated else placeholder, droute, d, f, top_k, *wd.stride(), **flags, BM=launch.bm, BN=launch.bn_f,
-        BK=launch.bk)
+        BK=launch.bk, **launch.meta)
     dwg = wg.new_empty(wg.shape)
     dwu = wu.new_empty(wu.shape) if gated else None
     kernels.gate_up_weight_grad_kernel[(n_experts, triton.cdiv(d, launch.bn_d), triton.cdiv(f, launch.bn_f))](
         x, da, db if gated else placeholder, sorted_slots, offsets, dwg, dwu if gated else placeholder, d, f, top_k,
-        GATED=gated, UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BD=launch.bn_d, BF=launch.bn_f)
+        GATED=gated, UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BD=launch.bn_d, BF=launch.bn_f, **launch.meta)
     dx_rows = x.new_empty(launch.rows, d)  # transient [T*k, d], freed before returning
     kernels.input_grad_kernel[(launch.n_blocks, triton.cdiv(d, launch.bn_d))](
         da, db if gated else placeholder, wg, wu if gated else wg, offsets, launch.block_expert, launch.block_row, dx_rows,
-        d, f, *wg.stride(), GATED=gated, UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_d, BK=launch.bk)
+        d, f, *wg.stride(), GATED=gated, UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BN=launch.bn_d, BK=launch.bk, **launch.meta)
     # slot s sits at grouped row position[s]; rebuilt from sorted_slots rather than saved
     position = torch.empty_like(sorted_slots).scatter_(
         0, sorted_slots.long(), torch.arange(launch.rows, dtype=sorted_slots.dtype, device=x.device))

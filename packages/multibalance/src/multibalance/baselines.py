@@ -129,14 +129,15 @@ class GradNorm(Balancer):
         self._applied: torch.Tensor | None = None  # the weights the last step used
 
     def combine(self, grads, losses):
-        w = self._applied = self.task_weights.clone()
         norms = _global_norms(self, grads)  # before the sum overwrites task 0
-        out = self.weighted_sums(grads, w * self.static_weights.to(w.dtype))
-        lvals = _global_losses(self, losses)
+        # the state follows the gradients' device (a balancer made on the CPU for a model on a GPU)
+        w = self._applied = self.task_weights.to(norms.device, copy=True)
+        out = self.weighted_sums(grads, w * self.static_weights_on(w.device).to(w.dtype))
+        lvals = _global_losses(self, losses).to(norms.device)
         if self.initial_losses.numel() == 0:
             self.initial_losses = lvals.clone()
         g_w = w * norms
-        ratio = lvals / self.initial_losses.clamp_min(1e-12)
+        ratio = lvals / self.initial_losses.to(lvals.device).clamp_min(1e-12)
         target = g_w.mean() * (ratio / ratio.mean()) ** self.alpha
         if not bool(torch.isfinite(norms).all()):  # an overflowing step: keep the weights
             return out
@@ -326,7 +327,7 @@ class DBMTL(Balancer):
         self.ema = running_average(self.ema, norms, self.beta)
         scale = self.ema.max() / self.ema.clamp_min(1e-30)
         self._applied = scale / self._log_denominators.to(scale.device)
-        return self.weighted_sums(grads, scale * self.static_weights.double())
+        return self.weighted_sums(grads, scale * self.static_weights_on(scale.device).double())
 
     def _step_scales(self):
         return self._applied
@@ -442,11 +443,12 @@ class MetaBalance(Balancer):
     def combine(self, grads, losses):
         norms = torch.stack([torch.stack([grads[t][p].double().norm() for t in range(self.num_tasks)])
                              for p in range(len(self.shared_parameters))])  # [P, T]
-        self.ema.copy_(_finite(self.beta * self.ema + (1 - self.beta) * norms, self.ema, norms))
+        ema = self.ema.to(norms.device)  # the state follows the gradients' device, as the other balancers'
+        self.ema = _finite(self.beta * ema + (1 - self.beta) * norms, ema, norms)
         m = self.ema.clamp_min(1e-30)
         scales = self.relax * m[:, self.target_index: self.target_index + 1] / m + (1 - self.relax)
         self._applied = scales[0]
-        return self.weighted_sums(grads, scales * self.static_weights.to(scales.dtype))
+        return self.weighted_sums(grads, scales * self.static_weights_on(scales.device).to(scales.dtype))
 
     def _step_scales(self):
         return self._applied

@@ -1,0 +1,81 @@
+"""Tile sweep for the compiled kernels (GPU only): fwd+bwd time and each kernel's share, per
+`moeblaze.experts.GPU_TILES` setting, on a large and a fine-grained config (bf16). Prints a table;
+records nothing (the chosen tiles' figures come from bench_speed). `--seconds` caps the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpukernels_common.bench import time_fn
+from moeblaze import experts, moe_experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import routing  # noqa: E402
+
+SETTINGS = [  # bm, bn, bk, warps, stages
+    (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
+]
+CONFIGS = [(32768, 2048, 8192, 16, 2), (40960, 768, 256, 128, 8)]
+
+
+def kernel_ms(fn, reps=3) -> dict:
+    """CUDA milliseconds per call of each kernel, by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = collections.Counter()
+    for event in prof.key_averages():
+        total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if total:
+            out[event.key[:28]] += total / 1e3 / reps
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=150)
+    args = parser.parse_args()
+    start = time.time()
+    dtype, device = torch.bfloat16, "cuda"
+    inputs = []
+    for t, d, f, e, k in CONFIGS:
+        torch.manual_seed(0)
+        x = torch.randn(t, d, dtype=dtype, device=device, requires_grad=True)
+        ids = routing(t, e, k, False, device)
+        w = torch.rand(t, k, dtype=dtype, device=device, requires_grad=True)
+        wg, wu = (torch.randn(e, d, f, dtype=dtype, device=device).mul_(d ** -0.5).requires_grad_() for _ in range(2))
+        wd = torch.randn(e, f, d, dtype=dtype, device=device).mul_(f ** -0.5).requires_grad_()
+        dy = torch.randn(t, d, dtype=dtype, device=device)
+        inputs.append(((t, d, f, e, k), (x, ids, w, wg, wu, wd), dy))
+    first = {}
+    for setting in SETTINGS:
+        if time.time() - start > args.seconds:
+            print(f"stopped: {args.seconds:.0f} s spent")
+            break
+        experts.GPU_TILES.update(zip(("bm", "bn", "bk", "num_warps", "num_stages"), setting))
+        for shape, tensors, dy in inputs:
+            t, d, f, e, k = shape
+            try:
+                out = moe_experts(*tensors)
+                ref = first.setdefault(shape, out.detach().float())
+                err = float((out.float() - ref).norm() / ref.norm())
+                ms = time_fn(lambda: moe_experts(*tensors).backward(dy), device=device)["ms"]
+                kernels = kernel_ms(lambda: moe_experts(*tensors).backward(dy))
+            except Exception as error:  # a setting past the chip's shared memory or registers
+                print(f"tiles={setting} T={t} d={d} d_ff={f} E={e} k={k}: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            tflops = 18 * t * k * d * f / (ms * 1e-3) / 1e12
+            top = " ".join(f"{name.split('(')[0]}={v:.2f}" for name, v in kernels.most_common(7))
+            print(f"tiles={setting} T={t} d={d} d_ff={f} E={e} k={k}: {ms:8.3f} ms {tflops:6.1f} TFLOP/s err={err:.1e} | {top}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
