@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from silvertorch import BloomIndex, DenseMaskFilter, IVFIndex, parse_filters, select_topk
+from silvertorch.topk import _select_two_level
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -67,6 +68,8 @@ def main():
     scores = torch.randn(4, 2_000_000, device=device)
     profile("select_topk two_level 4 x 2M k=100", lambda: select_topk(scores, 100, "two_level"))
     profile("select_topk radix 4 x 2M k=100", lambda: select_topk(scores, 100, "radix"))
+    # the two-level selection with the whole row as one tile (its CPU layout): one torch.topk
+    profile("two-level, one tile, 4 x 2M k=100", lambda: _select_two_level(scores, 100, tile_width=scores.shape[1]))
     profile("select_topk two_level 128 x 16k k=100", lambda: select_topk(torch.randn(128, 16384, device=device), 100, "two_level"))
 
     from bench_bloom import make_items
