@@ -32,6 +32,17 @@ def routing(tokens, e, k, skewed, device):
     return torch.multinomial(p.expand(tokens, e), k).int().to(device)
 
 
+def problem(t, d, f, e, k, skewed, dtype, device):
+    """((x, ids, w, wg, wu, wd), dy): one config's inputs, weights scaled to unit-variance outputs."""
+    torch.manual_seed(0)
+    x = torch.randn(t, d, dtype=dtype, device=device, requires_grad=True)
+    ids = routing(t, e, k, skewed, device)
+    w = torch.rand(t, k, dtype=dtype, device=device, requires_grad=True)
+    wg, wu = (torch.randn(e, d, f, dtype=dtype, device=device).mul_(d ** -0.5).requires_grad_() for _ in range(2))
+    wd = torch.randn(e, f, d, dtype=dtype, device=device).mul_(f ** -0.5).requires_grad_()
+    return (x, ids, w, wg, wu, wd), torch.randn(t, d, dtype=dtype, device=device)
+
+
 def liger_provider():
     """Liger-Kernel's fused MoE as `fn(x, ids, w, wg, wu, wd)`, or None where it is not importable."""
     os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
@@ -61,13 +72,7 @@ def main():
     records = []
     for t, d, f, e, k in grid:
         for skewed in (False, True):
-            torch.manual_seed(0)
-            x = torch.randn(t, d, dtype=dtype, device=device, requires_grad=True)
-            ids = routing(t, e, k, skewed, device)
-            w = torch.rand(t, k, dtype=dtype, device=device, requires_grad=True)
-            wg, wu = (torch.randn(e, d, f, dtype=dtype, device=device).mul_(d ** -0.5).requires_grad_() for _ in range(2))
-            wd = torch.randn(e, f, d, dtype=dtype, device=device).mul_(f ** -0.5).requires_grad_()
-            dy = torch.randn(t, d, dtype=dtype, device=device)
+            (x, ids, w, wg, wu, wd), dy = problem(t, d, f, e, k, skewed, dtype, device)
             providers = {
                 "moeblaze": lambda: moe_experts(x, ids, w, wg, wu, wd).backward(dy),
                 "loop": lambda: moe_reference(x, ids.long(), w, wg, wu, wd).backward(dy),

@@ -17,7 +17,7 @@ from gpukernels_common.bench import time_fn
 from moeblaze import experts, moe_experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import routing  # noqa: E402
+from bench_speed import problem  # noqa: E402
 
 SETTINGS = [  # bm, bn, bk, warps, stages
     (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
@@ -46,15 +46,8 @@ def main():
     start = time.time()
     dtype, device = torch.bfloat16, "cuda"
     inputs = []
-    for t, d, f, e, k in CONFIGS:
-        torch.manual_seed(0)
-        x = torch.randn(t, d, dtype=dtype, device=device, requires_grad=True)
-        ids = routing(t, e, k, False, device)
-        w = torch.rand(t, k, dtype=dtype, device=device, requires_grad=True)
-        wg, wu = (torch.randn(e, d, f, dtype=dtype, device=device).mul_(d ** -0.5).requires_grad_() for _ in range(2))
-        wd = torch.randn(e, f, d, dtype=dtype, device=device).mul_(f ** -0.5).requires_grad_()
-        dy = torch.randn(t, d, dtype=dtype, device=device)
-        inputs.append(((t, d, f, e, k), (x, ids, w, wg, wu, wd), dy))
+    for shape in CONFIGS:
+        inputs.append((shape, *problem(*shape, False, dtype, device)))
     first = {}
     for setting in SETTINGS:
         if time.time() - start > args.seconds:
