@@ -54,7 +54,7 @@ def _expert_groups(offsets: torch.Tensor, sorted_slots: torch.Tensor, top_k: int
 # columns (bn, capped at the padded d or d_ff), and Triton's warps and pipeline stages. Chosen by
 # benchmarks/sweep_tiles.py on an H200 (bf16 fwd+bwd, T=32768 d=2048 d_ff=8192 E=16 k=2: 78 ms
 # against 98 ms at 64/64/64 with 4 warps; the fine-grained d=768 d_ff=256 E=128 k=8 config the same
-# within 1%). fp32 inputs keep the smaller tiles: twice the bytes per stage would pass the
+# within 1%). fp32 inputs keep the smaller tiles: twice the bytes per stage would exceed the
 # shared memory. Module state so that the sweep can try others in one process.
 GPU_TILES = {"bm": 128, "bk": 64, "bn": 128, "num_warps": 8, "num_stages": 3}
 GPU_TILES_FP32 = {"bm": 64, "bk": 64, "bn": 64, "num_warps": 4, "num_stages": 3}
