@@ -218,15 +218,24 @@ class BloomIndex:
             self._exact_cache[h] = _or_bits(self.num_words, items // 64, items % 64, self.offsets.device)
         return self._exact_cache[h]
 
+    def _plan_tensors(self, plans: FilterPlans) -> tuple[torch.Tensor, ...]:
+        """(ops, args, hashes, second hashes) row-major on the index's device, the second hashes
+        taken where the plans are (the host, from parse_filters): a copy each, no hashing kernels."""
+        device = self.bits.device
+        return _row_major(plans.ops.to(device), plans.args.to(device), plans.hashes.to(device),
+                          second_hash(plans.hashes.contiguous()).to(device))
+
     def _exact_tables(self, plans: FilterPlans):
-        """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words], row index per (query, slot))."""
+        """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words], row index per (query, slot)).
+        Read from the plans where they are (the host, from parse_filters): nothing comes back from
+        the device."""
         q, t = plans.hashes.shape
         row_of = torch.zeros(q, t, dtype=torch.int32)
         rows, seen = [], {}
-        ops, args = plans.ops.cpu(), plans.args.cpu()
+        ops, args, hashes = plans.ops.cpu(), plans.args.cpu(), plans.hashes.cpu()
         for i, j in (ops == EXACT_TERM).nonzero().tolist():
             slot = int(args[i, j])
-            h = int(plans.hashes[i, slot])
+            h = int(hashes[i, slot])
             if h not in seen:
                 seen[h] = len(rows)
                 rows.append(self.exact_term_words(h))
@@ -270,7 +279,6 @@ class BloomIndex:
         `out`: a preallocated int64 [Q, ceil(N/64)] tensor to write into (returned)."""
         self._check_plans(plans)
         out = _checked_out(out, (plans.num_queries, self.num_words), torch.int64, self.bits.device)
-        plans = plans.to(self.bits.device)
         exact, row_of = self._exact_tables(plans)
         if self.num_words == 0:
             return torch.zeros(plans.num_queries, 0, dtype=torch.int64, device=self.bits.device) if out is None else out
@@ -282,12 +290,13 @@ class BloomIndex:
             if out is None:
                 out = torch.empty(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device)
             bw = 128
-            bits, row_offsets, widths, live, ops, args, hashes = _row_major(self.bits, self.row_offsets, self.widths, self.live,
-                                                                            plans.ops, plans.args, plans.hashes)
+            bits, row_offsets, widths, live = _row_major(self.bits, self.row_offsets, self.widths, self.live)
+            ops, args, hashes, second = self._plan_tensors(plans)
             search_kernel[(plans.num_queries, triton.cdiv(self.num_words, bw))](
-                out, bits, row_offsets, widths, live, ops, args, hashes, second_hash(hashes), exact.contiguous(),
+                out, bits, row_offsets, widths, live, ops, args, hashes, second, exact.contiguous(),
                 row_of.contiguous(), plans.ops.shape[1], plans.hashes.shape[1], self.num_words, K=self.k, BW=bw)
             return out
+        plans = plans.to(self.bits.device)
         w = torch.arange(self.num_words, device=self.bits.device)
         result = torch.stack([self._eval_reference(plans, q, w, exact, row_of) for q in range(plans.num_queries)])
         return result if out is None else out.copy_(result)
@@ -305,7 +314,6 @@ class BloomIndex:
             raise ValueError(f"lengths must be in [0, max_length={max_length}]")
         if (starts < 0).any() or ((starts + lengths) > self.num_items).any():
             raise ValueError(f"ranges must lie inside the index's {self.num_items} items")
-        plans = plans.to(self.bits.device)
         starts, lengths = starts.to(self.bits.device, torch.int64), lengths.to(self.bits.device, torch.int64)
         exact, row_of = self._exact_tables(plans)
         q, r = starts.shape
@@ -319,14 +327,14 @@ class BloomIndex:
             if out is None:
                 out = torch.empty(q, r, w32, dtype=torch.int32, device=self.bits.device)
             bw = 64
-            bits, row_offsets, widths, live, ops, args, hashes = _row_major(self.bits, self.row_offsets, self.widths, self.live,
-                                                                            plans.ops, plans.args, plans.hashes)
+            bits, row_offsets, widths, live = _row_major(self.bits, self.row_offsets, self.widths, self.live)
+            ops, args, hashes, second = self._plan_tensors(plans)
             range_kernel[(q * r, triton.cdiv(w32, bw))](
                 out, starts.contiguous(), lengths.contiguous(), bits, row_offsets, widths, live, ops, args, hashes,
-                second_hash(hashes), exact.contiguous(), row_of.contiguous(), plans.ops.shape[1], plans.hashes.shape[1],
+                second, exact.contiguous(), row_of.contiguous(), plans.ops.shape[1], plans.hashes.shape[1],
                 self.num_words, r, w32, K=self.k, BW=bw)
             return out
-        result = self._ranges_reference(plans, starts, lengths, w32, exact, row_of)
+        result = self._ranges_reference(plans.to(self.bits.device), starts, lengths, w32, exact, row_of)
         return result if out is None else out.copy_(result)
 
     def _ranges_reference(self, plans, starts, lengths, w32, exact, row_of):
