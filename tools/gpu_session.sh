@@ -15,11 +15,14 @@
 # `nox -s gpu` is the untimed version (every test, every benchmark).
 # GPU_SESSION_TESTS="<package> ..." and GPU_SESSION_BENCHES="<package>:<bench>:<cap> ..." choose
 # what runs (empty: nothing), e.g. the benches a first call had no time for, on the still-warm machine.
+# `--profile` runs the diagnostics instead (about 100 s): silvertorch's benchmarks/profile_gpu.py
+# (launches, syncs and device time of each search) into profile.log, moeblaze's
+# benchmarks/sweep_tiles.py (fwd+bwd per tile setting, per-kernel times) into sweep.log.
 set -u
 case "${1:-}" in  # anything else would run the whole session (minutes of a GPU lease)
-  "" | --fetch-deps) ;;
-  -h | --help) sed -n '2,19s/^# \{0,1\}//p' "$0"; exit 0 ;;
-  *) echo "gpu_session.sh: unknown argument '$1' (it takes none, --fetch-deps or --help)" >&2; exit 2 ;;
+  "" | --fetch-deps | --profile) ;;
+  -h | --help) sed -n '2,22s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  *) echo "gpu_session.sh: unknown argument '$1' (it takes none, --fetch-deps, --profile or --help)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 # pytest for a machine that lacks it (it is promised torch, triton and numpy only): `bash
@@ -62,11 +65,20 @@ export PYTHONPATH
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
+
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   git log -1 --format='commit %H %s' 2>/dev/null || echo "commit: not a git checkout (GKC_COMMIT=${GKC_COMMIT:-unset})"
 } > "$OUT/env.txt" 2>&1
+
+if [ "${1:-}" = "--profile" ]; then  # each script from its own folder: they import their sibling benches
+  (cd packages/silvertorch/benchmarks && timeout 70 python3 profile_gpu.py > "$OUT/profile.log" 2>&1; echo "rc=$?" >> "$OUT/profile.log")
+  (cd packages/moeblaze/benchmarks && timeout 90 python3 sweep_tiles.py --seconds 60 > "$OUT/sweep.log" 2>&1; echo "rc=$?" >> "$OUT/sweep.log")
+  grep -E "^tiles=|rc=" "$OUT/sweep.log"
+  grep -E "^###|host (cudaStreamSynchronize|cudaLaunchKernel)|rc=" "$OUT/profile.log"
+  exit 0
+fi
 
 # 1. The GPU suite: compiled kernels in 16-bit and fp32 against the references. The markers' plugin
 # is named unless an installed gpukernels-common already registers it.
