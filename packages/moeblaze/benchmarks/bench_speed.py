@@ -44,7 +44,8 @@ def problem(t, d, f, e, k, skewed, dtype, device):
 
 
 def liger_provider():
-    """Liger-Kernel's fused MoE as `fn(x, ids, w, wg, wu, wd)`, or None where it is not importable."""
+    """Liger-Kernel's fused MoE as `fn(x, ids, w, gate_up, down)` (its weight layout), or None where it
+    is not importable."""
     os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
     try:
         from liger_kernel.ops.fused_moe import LigerFusedMoEFunction

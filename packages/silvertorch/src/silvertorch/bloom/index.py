@@ -227,8 +227,8 @@ class BloomIndex:
 
     def _exact_tables(self, plans: FilterPlans):
         """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words], row index per (query, slot)).
-        Read from the plans where they are (the host, from parse_filters): nothing comes back from
-        the device."""
+        Read on the host, where parse_filters makes the plans: a search with such plans reads nothing
+        back from the device."""
         q, t = plans.hashes.shape
         row_of = torch.zeros(q, t, dtype=torch.int32)
         rows, seen = [], {}
