@@ -194,3 +194,15 @@ def test_time_fn_reports_the_median_and_the_20th_and_80th_percentiles(monkeypatc
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     out = time_fn(fn, warmup_ms=0, rep_ms=11)
     assert out == pytest.approx({"ms": 6.0, "ms_p20": 3.0, "ms_p80": 9.0})
+
+
+def test_device_time_us_reads_either_name_of_a_profiler_events_device_time():
+    from types import SimpleNamespace
+
+    from gpukernels_common.bench import device_time_us
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(3).add_(1)
+    assert all(device_time_us(e) == 0 for e in prof.key_averages())  # host-only events
+    assert device_time_us(SimpleNamespace(self_device_time_total=7.5)) == 7.5
+    assert device_time_us(SimpleNamespace(self_cuda_time_total=3.0)) == 3.0  # torch before 2.4

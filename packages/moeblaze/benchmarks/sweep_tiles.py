@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gpukernels_common.bench import time_fn
+from gpukernels_common.bench import device_time_us, time_fn
 from moeblaze import experts, moe_experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,7 +35,7 @@ def kernel_ms(fn, reps=3) -> dict:
         torch.cuda.synchronize()
     out = collections.Counter()
     for event in prof.key_averages():
-        total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        total = device_time_us(event)
         if total:
             out[event.key[:28]] += total / 1e3 / reps
     return out

@@ -129,6 +129,7 @@ def main():
     # embedding tables dominate the shared parameters, as in recommendation models
     cardinality = {"user": 20000, "item": 50000, "a": 1000, "b": 1000}
     records = []
+    out = HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl")
     paired = ["equal", "multibalance", "multibalance (general path)"]
     coarse = ["metabalance(params)", "pcgrad(params)", "mgda(params)"]
     # "steady" cannot be undone, so it comes second; the parameter-level methods, slower by
@@ -140,13 +141,13 @@ def main():
             records += _measure(n_tasks, batch, cardinality, paired, coarse if condition == MALLOC_CONDITIONS[0] else [],
                                 device, "CUDA caching allocator" if device == "cuda" else condition)
             if not args.quick:  # a smoke run prints only; else after each task count: a run cut short keeps what it measured
-                write_records(HERE / "results" / ("overhead_gpu.jsonl" if args.gpu else "overhead.jsonl"), records)
+                write_records(out, records)
     if args.gpu:  # the device-bound model (see the module docstring)
         for n_tasks in [2] if args.quick else [2, 8]:
             records += _measure(n_tasks, 4096 if args.quick else 65536, cardinality, paired, coarse, device,
                                 "CUDA caching allocator", hidden=4096, rep=1024, n_blocks=5 if args.quick else 30)
             if not args.quick:
-                write_records(HERE / "results" / "overhead_gpu.jsonl", records)
+                write_records(out, records)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gpukernels_common.bench import device_time_us
 from silvertorch import BloomIndex, DenseMaskFilter, IVFIndex, parse_filters, select_topk
 from silvertorch.topk import _select_two_level
 
@@ -36,14 +37,10 @@ def profile(name, fn, calls=5):
             fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-
-    def device_us(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-
-    gpu = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
-    print(f"\n### {name}: {wall:.3f} ms per call (wall, synchronised); device busy {sum(map(device_us, gpu)) / calls / 1e3:.3f} ms")
+    gpu = sorted((e for e in events if device_time_us(e) > 0), key=device_time_us, reverse=True)
+    print(f"\n### {name}: {wall:.3f} ms per call (wall, synchronised); device busy {sum(map(device_time_us, gpu)) / calls / 1e3:.3f} ms")
     for e in gpu[:10]:
-        print(f"  gpu {device_us(e) / calls / 1e3:8.3f} ms x{e.count // calls:<4d} {e.key[:90]}")
+        print(f"  gpu {device_time_us(e) / calls / 1e3:8.3f} ms x{e.count // calls:<4d} {e.key[:90]}")
     cpu = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
     for e in cpu[:12]:
         print(f"  cpu {e.self_cpu_time_total / calls / 1e3:8.3f} ms x{e.count // calls:<4d} {e.key[:90]}")

@@ -103,6 +103,12 @@ def peak_cuda_memory(fn: Callable[[], object], device=None) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def device_time_us(event) -> float:
+    """A torch.profiler event's own device time in microseconds (`self_device_time_total`; torch
+    before 2.4 named it `self_cuda_time_total`), 0 for a host-only event."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+
 def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1, timeout: float = 600) -> list:
     """Run `jobs` independent multi-process jobs of `world` spawned local processes each (every job
     on its own loopback port, e.g. one torch.distributed process group per job) and return what

@@ -58,6 +58,7 @@ def _expert_groups(offsets: torch.Tensor, sorted_slots: torch.Tensor, top_k: int
 # shared memory. Module state so that the sweep can try others in one process.
 GPU_TILES = {"bm": 128, "bk": 64, "bn": 128, "num_warps": 8, "num_stages": 3}
 GPU_TILES_FP32 = {"bm": 64, "bk": 64, "bn": 64, "num_warps": 4, "num_stages": 3}
+INTERPRET_TILES = {"bm": 16, "bk": 32, "bn": 64}  # small: each interpreted program instance costs milliseconds
 
 
 class _Launch:
@@ -73,10 +74,7 @@ class _Launch:
         # tensor cores under torch.set_float32_matmul_precision("high"); 16-bit operands take no such choice
         exact = self.upcast and torch.get_float32_matmul_precision() == "highest"
         self.precision = "ieee" if exact else "tf32"
-        if self.interpret:
-            tiles = {"bm": 16, "bk": 32, "bn": 64}
-        else:
-            tiles = GPU_TILES_FP32 if x.dtype == torch.float32 else GPU_TILES
+        tiles = INTERPRET_TILES if self.interpret else GPU_TILES_FP32 if x.dtype == torch.float32 else GPU_TILES
         self.bm, self.bk = tiles["bm"], tiles["bk"]
         self.bn_f = min(tiles["bn"], max(16, triton.next_power_of_2(f)))
         self.bn_d = min(tiles["bn"], max(16, triton.next_power_of_2(d)))
