@@ -75,7 +75,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 if [ "${1:-}" = "--profile" ]; then  # each script from its own folder: they import their sibling benches
   (cd packages/silvertorch/benchmarks && timeout 70 python3 profile_gpu.py > "$OUT/profile.log" 2>&1; echo "rc=$?" >> "$OUT/profile.log")
   (cd packages/moeblaze/benchmarks && timeout 110 python3 sweep_tiles.py --seconds 75 > "$OUT/sweep.log" 2>&1; echo "rc=$?" >> "$OUT/sweep.log")
-  grep -E "^tiles=|rc=|stopped" "$OUT/sweep.log"
+  grep -E "TFLOP|Error|rc=|stopped" "$OUT/sweep.log" | cut -c1-260
   grep -E "^###|host (cudaStreamSynchronize|cudaLaunchKernel)|rc=" "$OUT/profile.log"
   exit 0
 fi

@@ -1,7 +1,7 @@
-"""Tile sweep for the compiled kernels (GPU only): fwd+bwd time and each kernel's share, per
-`moeblaze.experts.GPU_TILES` setting, on a large and a fine-grained config (bf16), then the chosen
-tiles under the "full" and "recompute" checkpoints. Prints a table; records nothing (the chosen
-tiles' figures come from bench_speed). `--seconds` caps the sweep.
+"""Tile sweep for the compiled kernels (GPU only): fwd+bwd time and each kernel's share on a
+large and a fine-grained config (bf16). By default: the chosen tiles with B2's variants
+(`experts.GPU_DOWN_WEIGHT_GRAD_TILES`), then under the "full" and "recompute" checkpoints; `--tiles` sweeps `experts.GPU_TILES` settings instead. Prints a table;
+records nothing (the chosen tiles' figures come from bench_speed). `--seconds` caps the sweep.
 """
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ SETTINGS = [  # in KEYS order
     (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
 ]
 CONFIGS = [(32768, 2048, 8192, 16, 2), (40960, 768, 256, 128, 8)]
+# (label, GPU_DOWN_WEIGHT_GRAD_TILES, checkpoint) under the chosen GPU_TILES
+VARIANTS = [
+    ("chosen", None, "preact"),
+    ("B2 bd=128 bm=128", {}, "preact"),
+    ("B2 bd=256 bm=64 4 stages", {"bd": 256, "bm": 64, "num_stages": 4}, "preact"),
+    ("B2 bd=256 bm=32", {"bd": 256, "bm": 32}, "preact"),
+    ("B2 bd=256 bm=64 bf=64", {"bd": 256, "bm": 64, "bf": 64}, "preact"),
+    ("h saved", None, "full"),
+    ("chosen", None, "recompute"),
+]
 
 
 def kernel_ms(fn, reps=3) -> dict:
@@ -44,24 +54,26 @@ def kernel_ms(fn, reps=3) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=150)
+    parser.add_argument("--tiles", action="store_true", help="sweep GPU_TILES settings (default: weight-gradient variants)")
     args = parser.parse_args()
     start = time.time()
     dtype, device = torch.bfloat16, "cuda"
     inputs = []
     for shape in CONFIGS:
         inputs.append((shape, *problem(*shape, False, dtype, device)))
-    chosen = dict(experts.GPU_TILES)
+    chosen, chosen_b2 = dict(experts.GPU_TILES), dict(experts.GPU_DOWN_WEIGHT_GRAD_TILES)
     first = {}
-    # the tile settings under the default checkpoint, then the chosen tiles under the other two:
-    # "full" keeps h, so its backward shows what the recomputation of the activation costs
-    runs = [(setting, "preact") for setting in SETTINGS] + [(None, "full"), (None, "recompute")]
-    for setting, mode in runs:
+    if args.tiles:
+        runs = [(f"tiles={setting}", dict(zip(KEYS, setting)), chosen_b2, "preact") for setting in SETTINGS]
+    else:
+        runs = [(label, chosen, chosen_b2 if b2 is None else b2, mode) for label, b2, mode in VARIANTS]
+    for label, tiles, b2, mode in runs:
         if time.time() - start > args.seconds:
             print(f"stopped: {args.seconds:.0f} s spent")
             break
-        setting = setting or tuple(chosen[name] for name in KEYS)
-        experts.GPU_TILES.update(zip(KEYS, setting))
-        label = f"tiles={setting} checkpoint={mode}"
+        experts.GPU_TILES.update(tiles)
+        experts.GPU_DOWN_WEIGHT_GRAD_TILES = b2
+        label = f"{label} checkpoint={mode}"
         for shape, tensors, dy in inputs:
             t, d, f, e, k = shape
 
@@ -69,9 +81,14 @@ def main():
                 moe_experts(*tensors, checkpoint=mode).backward(dy)
 
             try:
+                leaves = [t for t in tensors if t.requires_grad]
+                for leaf in leaves:
+                    leaf.grad = None
                 out = moe_experts(*tensors, checkpoint=mode)
-                ref = first.setdefault(shape, out.detach().float())
-                err = float((out.detach().float() - ref).norm() / ref.norm())
+                out.backward(dy)
+                got = [out.detach().float()] + [leaf.grad.float() for leaf in leaves]
+                ref = first.setdefault(shape, got)  # the first run's output and gradients
+                err = max(float((g - r).norm() / r.norm()) for g, r in zip(got, ref))
                 ms = time_fn(step, device=device)["ms"]
                 kernels = kernel_ms(step)
             except Exception as error:  # a setting past the chip's shared memory or registers
@@ -79,7 +96,7 @@ def main():
                 continue
             tflops = 18 * t * k * d * f / (ms * 1e-3) / 1e12
             top = " ".join(f"{name.split('(')[0]}={v:.2f}" for name, v in kernels.most_common(7))
-            print(f"{label} T={t} d={d} d_ff={f} E={e} k={k}: {ms:8.3f} ms {tflops:6.1f} TFLOP/s err={err:.1e} | {top}")
+            print(f"{label} T={t} d={d} d_ff={f} E={e} k={k}: {ms:8.3f} ms {tflops:6.1f} TFLOP/s err(out, grads)={err:.1e} | {top}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,6 +59,11 @@ def _expert_groups(offsets: torch.Tensor, sorted_slots: torch.Tensor, top_k: int
 GPU_TILES = {"bm": 128, "bk": 64, "bn": 128, "num_warps": 8, "num_stages": 3}
 GPU_TILES_FP32 = {"bm": 64, "bk": 64, "bn": 64, "num_warps": 4, "num_stages": 3}
 INTERPRET_TILES = {"bm": 16, "bk": 32, "bn": 64}  # small: each interpreted program instance costs milliseconds
+# B2 (the down projection's weight gradient) on 16-bit inputs: GPU_TILES with these replaced ("bd",
+# "bf": its d and d_ff tiles, "bm": rows per step). It recomputes the activation once per d tile, so a wider d tile
+# halves that work: 21.6 -> 15.7 ms of a 74 ms step at T=32768 d=2048 d_ff=8192 E=16 k=2 on an H200
+# (sweep_tiles.py); B3 at these tiles slows from 13.0 to 23.2 ms (two [bd, bf] accumulators).
+GPU_DOWN_WEIGHT_GRAD_TILES = {"bd": 256, "bm": 64}
 
 
 class _Launch:
@@ -79,10 +84,22 @@ class _Launch:
         self.bn_f = min(tiles["bn"], max(16, triton.next_power_of_2(f)))
         self.bn_d = min(tiles["bn"], max(16, triton.next_power_of_2(d)))
         self.meta = {} if self.interpret else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+        b2 = {**tiles, **GPU_DOWN_WEIGHT_GRAD_TILES} if tiles is GPU_TILES else tiles
+        self.b2_bm = b2["bm"]
+        self.b2_bf = min(b2.get("bf", b2["bn"]), max(16, triton.next_power_of_2(f)))
+        self.b2_bd = min(b2.get("bd", b2["bn"]), max(16, triton.next_power_of_2(d)))
+        self.b2_meta = {} if self.interpret else {"num_warps": b2["num_warps"], "num_stages": b2["num_stages"]}
         self.rows = x.shape[0] * top_k
         counts = offsets[1:] - offsets[:-1]  # the experts' row groups (dropped slots past offsets[E] excluded)
         expert, row, self.n_blocks = grouped_blocks(offsets[:-1], counts, self.rows, self.bm)
         self.block_expert, self.block_row = expert.to(torch.int32), row.to(torch.int32)
+
+    @staticmethod
+    def weight_grad_grid(n_experts, f, d, bf, bd):
+        """A weight-gradient kernel's grid, d tiles fastest (see `_expert_weight_tile`)."""
+        import triton
+
+        return triton.cdiv(d, bd), triton.cdiv(f, bf), n_experts
 
 
 def _gate_up(launch, x, wg, wu, sorted_slots, offsets, top_k, activation, a, b, h):
@@ -162,17 +179,22 @@ def _backward_triton(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a,
 
     # B2 first: it reads a and b, which B1 may overwrite
     dwd = wd.new_empty(wd.shape)  # contiguous, whatever the weight's strides
-    kernels.down_weight_grad_kernel[(n_experts, triton.cdiv(f, launch.bn_f), triton.cdiv(d, launch.bn_d))](
-        go, a, b_arg, h_arg, sorted_slots, route_w, offsets, dwd, d, f, top_k, **flags, BM=launch.bm, BF=launch.bn_f,
-        BD=launch.bn_d, **launch.meta)
-    droute = torch.zeros_like(route_w)  # dropped slots keep a zero gradient
-    kernels.act_grad_kernel[(launch.n_blocks,)](
+    kernels.down_weight_grad_kernel[launch.weight_grad_grid(n_experts, f, d, launch.b2_bf, launch.b2_bd)](
+        go, a, b_arg, h_arg, sorted_slots, route_w, offsets, dwd, d, f, top_k, **flags, BM=launch.b2_bm, BF=launch.b2_bf,
+        BD=launch.b2_bd, **launch.b2_meta)
+    f_tiles = triton.cdiv(f, launch.bn_f)
+    # each d_ff tile's share of the router gradient per grouped row (rows of dropped slots stay zero)
+    droute_parts = torch.zeros(f_tiles, launch.rows, dtype=torch.float32, device=x.device)
+    kernels.act_grad_kernel[(f_tiles * launch.n_blocks,)](
         go, wd, a, b_arg, h_arg, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, da,
-        db if gated else placeholder, droute, d, f, top_k, *wd.stride(), **flags, BM=launch.bm, BN=launch.bn_f,
-        BK=launch.bk, **launch.meta)
+        db if gated else placeholder, droute_parts, d, f, top_k, launch.rows, *wd.stride(), **flags, BM=launch.bm,
+        BN=launch.bn_f, BK=launch.bk, **launch.meta)
+    # grouped row r holds slot sorted_slots[r]: summed over the tiles in a fixed order, then put in slot order
+    droute = torch.empty(route_w.numel(), dtype=route_w.dtype, device=x.device).index_copy_(0, sorted_slots.long(), droute_parts.sum(0).to(route_w.dtype))
+    droute = droute.view(route_w.shape)
     dwg = wg.new_empty(wg.shape)
     dwu = wu.new_empty(wu.shape) if gated else None
-    kernels.gate_up_weight_grad_kernel[(n_experts, triton.cdiv(d, launch.bn_d), triton.cdiv(f, launch.bn_f))](
+    kernels.gate_up_weight_grad_kernel[launch.weight_grad_grid(n_experts, f, d, launch.bn_f, launch.bn_d)](
         x, da, db if gated else placeholder, sorted_slots, offsets, dwg, dwu if gated else placeholder, d, f, top_k,
         GATED=gated, UPCAST=launch.upcast, PRECISION=launch.precision, BM=launch.bm, BD=launch.bn_d, BF=launch.bn_f, **launch.meta)
     dx_rows = x.new_empty(launch.rows, d)  # transient [T*k, d], freed before returning
