@@ -1027,3 +1027,26 @@ def test_fresh_matches_count_towards_adaptive_probing_and_empty_slots_are_not_fr
     assert (a.found >= 5).all() and not (a.fresh & (a.ids < 0)).any()
     for name in ("ids", "scores", "fresh", "found"):
         assert torch.equal(getattr(f, name), getattr(a, name)), name
+
+
+def test_capture_refuses_a_model_off_cuda():
+    with pytest.raises(RuntimeError, match="capture needs the model on a CUDA device"):
+        _model().capture(torch.arange(4).unsqueeze(1))
+
+
+@pytest.mark.gpu
+def test_captured_forward_matches_the_eager_forward():
+    """The CUDA graph of the forward (fixed-pool verification, the traced paths) against the eager
+    forward on the same device: whole batches and a smaller one padded to the captured size."""
+    model = copy.deepcopy(_model()).to("cuda")  # a copy: Module.to would move the shared TOWER, OVERARCH and VALUE
+    exprs = list(FILTERS)
+    captured = model.capture(torch.zeros(6, 1, dtype=torch.int64))
+    for users in (torch.arange(0, 12, 2).unsqueeze(1), torch.tensor([[3], [7], [11]])):
+        filters = [exprs[i % len(exprs)] for i in range(users.shape[0])]
+        with torch.no_grad():
+            want = model(users.cuda(), *model.prepare_filters(filters))
+        got = captured.retrieve(users, filters)
+        assert torch.equal(got.ids, want[0]) and torch.equal(got.fresh, want[3]) and torch.equal(got.found, want[4])
+        torch.testing.assert_close(got.scores, want[1])
+    with pytest.raises(ValueError, match="1 to batch_size=6"):
+        captured.retrieve(torch.arange(7).unsqueeze(1))

@@ -22,11 +22,15 @@ class Backend(str, enum.Enum):
 
 
 def tracing() -> bool:
-    """Whether `torch.compile` or `torch.export` is tracing the caller: code that may take
-    data-dependent, eager-only shortcuts asks this first. (`torch.compiler.is_exporting` exists
-    from torch 2.6 on; torch 2.5's strict export traces through dynamo, which `is_compiling` sees.)"""
+    """Whether `torch.compile` or `torch.export` is tracing the caller, or a CUDA graph is being
+    captured on the current stream: code that may take data-dependent, eager-only shortcuts (a
+    value read back to the host) asks this first. (`torch.compiler.is_exporting` exists from torch
+    2.6 on; torch 2.5's strict export traces through dynamo, which `is_compiling` sees.)"""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or (is_exporting is not None and is_exporting())
+    if torch.compiler.is_compiling() or (is_exporting is not None and is_exporting()):
+        return True
+    # no capture can run before CUDA is initialised (and the check would initialise it)
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _device_of(tensors) -> torch.device:

@@ -42,3 +42,41 @@ def supports_bf16(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return True
+
+
+_COPY_ALIGN = 16  # bytes: every dtype's view of the packed buffer starts aligned
+
+
+def to_device(tensors, device) -> tuple[torch.Tensor, ...]:
+    """The host tensors `tensors` on `device`, contiguous, each with its dtype and shape, moved in
+    one copy: packed into one pinned byte buffer and sent without blocking. A pageable `.to(cuda)`
+    per tensor costs a copy and a host synchronisation each; this costs one copy and none (the
+    caching host allocator keeps the pinned buffer until the copy has run). Tensors already on
+    `device` are returned as they are (contiguous); so is everything when `device` is the CPU."""
+    device = torch.device(device)
+    tensors = [t.contiguous() for t in tensors]
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return _packed_copy(tensors, device, pin_memory=True)
+
+
+def _packed_copy(tensors: list, device: torch.device, pin_memory: bool) -> tuple[torch.Tensor, ...]:
+    """`to_device`'s copy: the host tensors among the contiguous `tensors` packed into one byte
+    buffer, moved at once, and viewed back with their dtypes and shapes."""
+    host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+    if not host:
+        return tuple(tensors)
+    offsets, total = [], 0
+    for i in host:
+        offsets.append(total)
+        total += -(-tensors[i].numel() * tensors[i].element_size() // _COPY_ALIGN) * _COPY_ALIGN
+    packed = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin_memory)
+    for i, at in zip(host, offsets):
+        t = tensors[i]
+        packed[at:at + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+    packed = packed.to(device, non_blocking=True)
+    out = list(tensors)
+    for i, at in zip(host, offsets):
+        t = tensors[i]
+        out[i] = packed[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    return tuple(out)

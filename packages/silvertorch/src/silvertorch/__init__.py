@@ -4,7 +4,7 @@ from .__about__ import __version__
 from .bloom import BloomFilter, BloomIndex, FilterPlans, FilterSchema, FilterSyntaxError, parse_filters
 from .filtering import DenseMaskFilter, RangeFilter
 from .ivf import FlatIndex, IVFIndex, SearchResult
-from .model import RetrievalModel, Retrieved
+from .model import CapturedRetrieval, RetrievalModel, Retrieved
 from .publish import ItemTable, load_item_table, load_towers, publish, save_item_table, save_towers
 from .scoring import OverArch, ValueModel
 from .topk import select_topk
@@ -17,6 +17,6 @@ __all__ = [
     # indexes
     "IVFIndex", "FlatIndex", "SearchResult", "select_topk",
     # the model and its artifact
-    "RetrievalModel", "Retrieved", "OverArch", "ValueModel", "EmbeddingTower",
+    "RetrievalModel", "Retrieved", "CapturedRetrieval", "OverArch", "ValueModel", "EmbeddingTower",
     "publish", "save_towers", "load_towers", "save_item_table", "load_item_table", "ItemTable",
 ]

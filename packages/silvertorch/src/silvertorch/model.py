@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from gpukernels_common import tracing
+from gpukernels_common.device import to_device
+from gpukernels_common.graphs import GraphedCall
 
 from .__about__ import __version__
 from .bloom.hashing import term_hash
@@ -386,8 +388,7 @@ class RetrievalModel(nn.Module):
         hashes = torch.zeros(q, self.max_terms, dtype=torch.int64)
         ops[:, :length], args[:, :length] = plans.ops, plans.args
         hashes[:, : plans.hashes.shape[1]] = plans.hashes
-        dev = self.codes.device
-        return ops.to(dev), args.to(dev), hashes.to(dev)
+        return to_device((ops, args, hashes), self.codes.device)  # one copy, no host synchronisation
 
     def _exact_terms(self, positions, hashes):
         """[Q, T, M] bool: item at positions[q, m] really has term hashes[q, t]."""
@@ -735,6 +736,26 @@ class RetrievalModel(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
 
+    def capture(self, user_features: torch.Tensor, batch_size: int | None = None) -> CapturedRetrieval:
+        """The forward recorded as one CUDA graph (`gpukernels_common.graphs.GraphedCall`) for
+        batches of 1 to `batch_size` users (default: the example's): a call replays every kernel
+        with one launch, where an eager forward launches each (about 540; the forward is bound by
+        that host work at small batches). `user_features`: an example batch (its dtype and width;
+        any values the tower accepts). The graph holds this model's tensors as they are: items
+        added or deleted afterwards are seen (same tensors), a rebuild or `.to()` needs a new
+        capture. The Value Model's fixed weights only. Needs a CUDA device."""
+        if self.codes.device.type != "cuda":
+            raise RuntimeError(f"capture needs the model on a CUDA device (CUDA graphs), it is on {self.codes.device}")
+        user_features = self.check_user_features(user_features).to(self.codes.device)
+        batch_size = user_features.shape[0] if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        example = _padded_rows(user_features[:batch_size], batch_size)
+        plans = self.prepare_filters([""] * batch_size)
+        with torch.no_grad():
+            graphed = GraphedCall(self, example, *plans)
+        return CapturedRetrieval(self, graphed, batch_size)
+
     def save(self, directory) -> Path:
         """Write config.json (format version, shapes) and model.safetensors (every tensor); no pickle."""
         from safetensors.torch import save_file
@@ -847,3 +868,40 @@ def _from_entry(directory, config_file: str, entry: str, make, options: dict):
         return make(**options)
     except (ValueError, RuntimeError) as err:  # RuntimeError: what torch says of a size it cannot make
         raise ValueError(f"{directory}: {config_file} entry {entry!r} is not valid ({err})") from err
+
+
+def _padded_rows(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows` [q, ...] followed by copies of its last row up to `size` rows."""
+    extra = size - rows.shape[0]
+    return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows.contiguous()
+
+
+class CapturedRetrieval:
+    """A RetrievalModel's forward as a CUDA graph (`RetrievalModel.capture`): called like the
+    model, `captured(user_features, ops, args, hashes)`, or like `retrieve`,
+    `captured.retrieve(user_features, filters)`, for 1 to `batch_size` users. A smaller batch is
+    padded with copies of its last user (and plan) to the captured size and the outputs cut back."""
+
+    def __init__(self, model: RetrievalModel, graphed: GraphedCall, batch_size: int):
+        self.model, self.graphed, self.batch_size = model, graphed, batch_size
+
+    def __call__(self, user_features, ops, args, hashes):
+        q = user_features.shape[0]
+        if not 1 <= q <= self.batch_size:
+            raise ValueError(f"user_features must hold 1 to batch_size={self.batch_size} users (as captured), got {q}")
+        for name, t in (("ops", ops), ("args", args), ("hashes", hashes)):
+            if t.shape[0] != q:
+                raise ValueError(f"{name} must have one row per user ({q}), got {tuple(t.shape)}")
+        device = self.model.codes.device
+        inputs = [_padded_rows(t.to(device), self.batch_size) for t in (user_features, ops, args, hashes)]
+        return tuple(t[:q] for t in self.graphed(*inputs))
+
+    def retrieve(self, user_features, filters: list[str] | None = None) -> Retrieved:
+        """As `RetrievalModel.retrieve` (checks, filters compiled), through the graph."""
+        user_features = self.model.check_user_features(user_features)
+        q = user_features.shape[0]
+        filters = [""] * q if filters is None else filters
+        if isinstance(filters, str) or len(filters) != q:
+            raise ValueError(f"filters must be a list of {q} expressions (one per user), got {filters!r:.80}")
+        return Retrieved(*self(user_features, *self.model.prepare_filters(filters)))
+

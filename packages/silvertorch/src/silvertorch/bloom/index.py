@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gpukernels_common import select_backend
+from gpukernels_common.device import to_device
 
 from ..topk import as_integers
 from .hashing import bloom_positions, next_prime, second_hash, term_hash
@@ -218,17 +219,17 @@ class BloomIndex:
             self._exact_cache[h] = _or_bits(self.num_words, items // 64, items % 64, self.offsets.device)
         return self._exact_cache[h]
 
-    def _plan_tensors(self, plans: FilterPlans) -> tuple[torch.Tensor, ...]:
-        """(ops, args, hashes, second hashes) row-major on the index's device, the second hashes
-        taken where the plans are (the host, from parse_filters): a copy each, no hashing kernels."""
-        device = self.bits.device
-        return _row_major(plans.ops.to(device), plans.args.to(device), plans.hashes.to(device),
-                          second_hash(plans.hashes.contiguous()).to(device))
+    def _plan_tensors(self, plans: FilterPlans, row_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(ops, args, hashes, second hashes, exact row per slot) row-major on the index's device, the
+        second hashes taken where the plans are (the host, from parse_filters): one copy for all
+        five (`to_device`: no host synchronisation), no hashing kernels."""
+        return to_device((plans.ops, plans.args, plans.hashes, second_hash(plans.hashes.contiguous()), row_of),
+                         self.bits.device)
 
     def _exact_tables(self, plans: FilterPlans):
-        """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words], row index per (query, slot)).
-        Read on the host, where parse_filters makes the plans: a search with such plans reads nothing
-        back from the device."""
+        """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words] on the index's device, row
+        index per (query, slot) on the host). Read on the host, where parse_filters makes the plans:
+        a search with such plans reads nothing back from the device."""
         q, t = plans.hashes.shape
         row_of = torch.zeros(q, t, dtype=torch.int32)
         rows, seen = [], {}
@@ -241,7 +242,7 @@ class BloomIndex:
                 rows.append(self.exact_term_words(h))
             row_of[i, slot] = seen[h]
         table = torch.stack(rows) if rows else torch.zeros(1, max(self.num_words, 1), dtype=torch.int64, device=self.bits.device)
-        return table, row_of.to(self.bits.device)
+        return table, row_of
 
     # -- evaluation (reference) ------------------------------------------------------------
     def _eval_reference(self, plans: FilterPlans, q: int, w: torch.Tensor, exact, row_of) -> torch.Tensor:
@@ -291,10 +292,10 @@ class BloomIndex:
                 out = torch.empty(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device)
             bw = 128
             bits, row_offsets, widths, live = _row_major(self.bits, self.row_offsets, self.widths, self.live)
-            ops, args, hashes, second = self._plan_tensors(plans)
+            ops, args, hashes, second, row_of = self._plan_tensors(plans, row_of)
             search_kernel[(plans.num_queries, triton.cdiv(self.num_words, bw))](
                 out, bits, row_offsets, widths, live, ops, args, hashes, second, exact.contiguous(),
-                row_of.contiguous(), plans.ops.shape[1], plans.hashes.shape[1], self.num_words, K=self.k, BW=bw)
+                row_of, plans.ops.shape[1], plans.hashes.shape[1], self.num_words, K=self.k, BW=bw)
             return out
         plans = plans.to(self.bits.device)
         w = torch.arange(self.num_words, device=self.bits.device)
@@ -314,6 +315,12 @@ class BloomIndex:
             raise ValueError(f"lengths must be in [0, max_length={max_length}]")
         if (starts < 0).any() or ((starts + lengths) > self.num_items).any():
             raise ValueError(f"ranges must lie inside the index's {self.num_items} items")
+        return self._search_ranges(plans, starts, lengths, max_length, out)
+
+    def _search_ranges(self, plans: FilterPlans, starts: torch.Tensor, lengths: torch.Tensor, max_length: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """`search_ranges` without its checks, for ranges the caller made inside the index (an IVF
+        search's probed clusters): the checks read the ranges back, a host synchronisation each."""
         starts, lengths = starts.to(self.bits.device, torch.int64), lengths.to(self.bits.device, torch.int64)
         exact, row_of = self._exact_tables(plans)
         q, r = starts.shape
@@ -328,10 +335,10 @@ class BloomIndex:
                 out = torch.empty(q, r, w32, dtype=torch.int32, device=self.bits.device)
             bw = 64
             bits, row_offsets, widths, live = _row_major(self.bits, self.row_offsets, self.widths, self.live)
-            ops, args, hashes, second = self._plan_tensors(plans)
+            ops, args, hashes, second, row_of = self._plan_tensors(plans, row_of)
             range_kernel[(q * r, triton.cdiv(w32, bw))](
                 out, starts.contiguous(), lengths.contiguous(), bits, row_offsets, widths, live, ops, args, hashes,
-                second, exact.contiguous(), row_of.contiguous(), plans.ops.shape[1], plans.hashes.shape[1],
+                second, exact.contiguous(), row_of, plans.ops.shape[1], plans.hashes.shape[1],
                 self.num_words, r, w32, K=self.k, BW=bw)
             return out
         result = self._ranges_reference(plans.to(self.bits.device), starts, lengths, w32, exact, row_of)
@@ -478,7 +485,9 @@ class BloomFilter:
         return self.index.layout
 
     def range_masks(self, starts, lengths, max_length: int) -> torch.Tensor:
-        return self.index.search_ranges(self.plans, starts, lengths, max_length)
+        """The ranges' keep words; `starts`/`lengths` come from the index searched (inside it by
+        construction), so they are not read back to be checked."""
+        return self.index._search_ranges(self.plans, starts, lengths, max_length)
 
     def exact_mask(self, positions) -> torch.Tensor:
         return self.index.verify(self.plans, positions)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from gpukernels_common.device import _packed_copy, to_device
+
+
+def _mixed_tensors():
+    g = torch.Generator().manual_seed(7)
+    return [
+        torch.randint(-5, 5, (3, 7), dtype=torch.int32, generator=g),
+        torch.randn(5, 3, generator=g).t(),  # not contiguous
+        torch.tensor([], dtype=torch.int64),
+        torch.tensor(True),
+        torch.randint(0, 2**62, (11,), dtype=torch.int64, generator=g),
+        torch.randn(3, dtype=torch.float16, generator=g),
+        torch.randint(-100, 100, (2, 2, 3), dtype=torch.int8, generator=g),
+    ]
+
+
+def test_packed_copy_round_trips_every_dtype_and_shape():
+    tensors = _mixed_tensors()
+    out = _packed_copy([t.contiguous() for t in tensors], torch.device("cpu"), pin_memory=False)
+    assert len(out) == len(tensors)
+    for got, want in zip(out, tensors):
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+        assert torch.equal(got, want)
+
+
+def test_to_device_on_the_cpu_returns_the_tensors():
+    tensors = _mixed_tensors()
+    for got, want in zip(to_device(tensors, "cpu"), tensors):
+        assert torch.equal(got, want) and got.is_contiguous()
+
+
+@pytest.mark.gpu
+def test_to_device_moves_host_tensors_in_one_copy():
+    tensors = _mixed_tensors() + [torch.arange(4, device="cuda")]
+    out = to_device(tensors, "cuda")
+    torch.cuda.synchronize()
+    for got, want in zip(out, tensors):
+        assert got.device.type == "cuda" and got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.cpu(), want.cpu())
+
+
+def test_graphed_call_refuses_host_examples():
+    from gpukernels_common.graphs import GraphedCall
+
+    with pytest.raises(ValueError, match="example 0 must be a CUDA tensor"):
+        GraphedCall(lambda x: x * 2, torch.ones(3))
+
+
+@pytest.mark.gpu
+def test_graphed_call_replays_with_new_inputs():
+    from gpukernels_common.graphs import GraphedCall
+
+    def fn(x, y):
+        return (x @ y).relu(), x.sum(1)
+
+    x, y = torch.randn(5, 7, device="cuda"), torch.randn(7, 3, device="cuda")
+    graphed = GraphedCall(fn, x, y)
+    for _ in range(2):
+        x, y = torch.randn(5, 7, device="cuda"), torch.randn(7, 3, device="cuda")
+        got, want = graphed(x, y), fn(x, y)
+        assert isinstance(got, tuple) and len(got) == 2
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match=r"input 1 must be torch.float32 \(7, 3\)"):
+        graphed(x, torch.randn(7, 4, device="cuda"))
