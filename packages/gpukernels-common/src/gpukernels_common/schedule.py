@@ -21,12 +21,14 @@ def grouped_blocks(starts: torch.Tensor, counts: torch.Tensor, total: int, block
         raise ValueError(f"block must be >= 1, got {block}")
     n_groups = counts.numel()
     counts = counts.long()
-    blocks = (counts + block - 1) // block
+    blocks = (counts + (block - 1)) // block
     ends = torch.cumsum(blocks, 0)  # block index one past each group's last block
+    # a block's first row is its group's start + (its index - the group's first block) x block:
+    # the group's part of that, taken once per group, then one lookup per block
+    base = starts.long() - (ends - blocks) * block
     n_blocks = (total + block - 1) // block + n_groups
     index = torch.arange(n_blocks, device=counts.device)
     group = torch.searchsorted(ends, index, right=True)
     valid = group < n_groups
-    group = group.clamp(max=n_groups - 1)
-    first = starts.long()[group] + (index - (ends[group] - blocks[group])) * block
+    first = base[group.clamp(max=n_groups - 1)] + index * block
     return torch.where(valid, group, -1), torch.where(valid, first, 0), n_blocks

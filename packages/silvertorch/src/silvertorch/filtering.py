@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from gpukernels_common import tracing
+
 if sys.byteorder != "little":  # pack_bits/unpack_bits view int32 words as their bytes, least significant first
     raise ImportError("silvertorch's filter words need a little-endian machine")
 
@@ -66,6 +68,37 @@ class RangeFilter(Protocol):
         ...
 
 
+_CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+CONSTANT_MAX_NUMEL = 1 << 16  # larger tables (an arange of a radix k of 1M) are made per call, not kept
+
+
+def device_constant(name: str, device: torch.device, make) -> torch.Tensor:
+    """A constant table `make(device)`, made once per device and kept: `torch.tensor(list)` on a
+    GPU is a copy from pageable host memory (a synchronisation), an arange a launch, on every
+    call otherwise. Not kept while torch.compile or export traces (their tensors are fakes), nor
+    past CONSTANT_MAX_NUMEL entries."""
+    key = (name, torch.device(device))
+    table = _CONSTANTS.get(key)
+    if table is None:
+        table = make(key[1])
+        if (type(table) is torch.Tensor and table.numel() <= CONSTANT_MAX_NUMEL and not table.is_inference()
+                and not tracing()):
+            _CONSTANTS[key] = table
+    return table
+
+
+def _bit_weights(device) -> torch.Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+
+
+def _byte_bits(device) -> torch.Tensor:
+    return ((torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1).bool()
+
+
+def _byte_popcounts(device) -> torch.Tensor:
+    return _byte_bits(device).sum(1)
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [..., n] -> int32 [..., ceil(n/32)], LSB first."""
     n = mask.shape[-1]
@@ -75,13 +108,13 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     # a byte at a time (a quarter of the memory traffic of int32 bit arithmetic): each 8 bools
     # weighted 1..128 and summed in uint8, four bytes viewed as one little-endian int32 word
     bits = mask.contiguous().view(torch.uint8).view(*mask.shape[:-1], words * 4, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    weights = device_constant("bit_weights", mask.device, _bit_weights)
     return (bits * weights).sum(-1, dtype=torch.uint8).view(torch.int32)
 
 
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     """int32 [..., W] -> bool [..., n]: each byte of the words looks up its 8 bools."""
-    byte_bits = ((torch.arange(256, device=words.device).unsqueeze(1) >> torch.arange(8, device=words.device)) & 1).bool()
+    byte_bits = device_constant("byte_bits", words.device, _byte_bits)
     as_bytes = words.to(torch.int32).contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
     return byte_bits.index_select(0, as_bytes).view(*words.shape[:-1], words.shape[-1] * 32)[..., :n]
 
@@ -94,6 +127,15 @@ def count_bits(words: torch.Tensor) -> torch.Tensor:
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
     return (((x * 0x01010101) >> 24) & 0xFF).sum(-1)
+
+
+def count_row_bits(words: torch.Tensor) -> torch.Tensor:
+    """int32 [Q, ...] -> int64 [Q]: the set bits of each row's words (every word after the
+    first dimension), `count_bits(words)` summed per row in three ops: a table of the 256
+    bytes' popcounts, looked up by each byte of the words."""
+    as_bytes = words.to(torch.int32).contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    counts = device_constant("byte_popcounts", words.device, _byte_popcounts).index_select(0, as_bytes)
+    return counts.view(words.shape[0], -1).sum(1)
 
 
 class DenseMaskFilter:
@@ -122,19 +164,20 @@ class DenseMaskFilter:
         # on its index's): the search moves them
         starts, lengths = starts.to(self.mask.device), lengths.to(self.mask.device)
         num_words = max(math.ceil(max_length / 32), 1)
-        # word w of a range starting at bit s: the packed words s // 32 + w and the next one,
-        # shifted right by s % 32 and joined (unsigned 32-bit values held in int64)
+        # word w of a range starting at bit s: the packed words s // 32 + w and the next one, joined
+        # into 64 bits and shifted right by s % 32 (unsigned 32-bit words held in int64)
         packed = self._packed_words(num_words)
         start = starts.clamp(0, n).to(torch.int64)
         offset = (start % 32).unsqueeze(-1)
-        first = (start // 32).unsqueeze(-1) + torch.arange(num_words, device=start.device)  # [Q, R, W]
-        low = packed.gather(1, first.reshape(q, -1)).view(first.shape)
-        high = packed.gather(1, (first + 1).reshape(q, -1)).view(first.shape)
-        words = ((low >> offset) | (high << (32 - offset))) & 0xFFFFFFFF
-        # bits at or past the range's length are 0
-        valid = (lengths.to(torch.int64).unsqueeze(-1) - 32 * torch.arange(num_words, device=start.device)).clamp(0, 32)
+        word_steps = device_constant(f"arange{num_words + 1}", start.device, lambda d: torch.arange(num_words + 1, device=d))
+        first = (start // 32).unsqueeze(-1) + word_steps  # [Q, R, W + 1]
+        both = packed.gather(1, first.reshape(q, -1)).view(first.shape)
+        words = (both[..., :-1] | (both[..., 1:] << 32)) >> offset  # bits s + 32w .. in the low 32
+        # bits at or past the range's length are 0 (and those above the low 32: valid <= 32)
+        word_bits = device_constant(f"word_bits{num_words}", start.device, lambda d: 32 * torch.arange(num_words, device=d))
+        valid = (lengths.to(torch.int64).unsqueeze(-1) - word_bits).clamp(0, 32)
         words &= (1 << valid) - 1
-        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        return words.view(torch.int32)[..., 0::2].contiguous()  # the low halves (little-endian), as int32
 
     def _packed_words(self, num_words: int) -> torch.Tensor:
         """The mask's bits as unsigned 32-bit words in int64 [Q, ceil(N/32) + num_words + 1], zero

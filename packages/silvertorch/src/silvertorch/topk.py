@@ -32,6 +32,8 @@ import torch
 
 from gpukernels_common import select_backend
 
+from .filtering import device_constant
+
 METHODS = ("auto", "sort", "two_level", "radix")
 AUTO_SORT_MAX_COLUMNS = 8192  # auto on GPUs: rows this short are sorted whole
 # auto on the CPU: two-level once rows are long against k and the batch is not tiny (a stable sort
@@ -75,7 +77,13 @@ def select_topk(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[tor
     for a non-2-D `scores` or one not float32, float16 or bfloat16, NaN in `scores`, k < 1,
     k > M or an unknown method.
     """
-    scores = _checked_scores(scores, k, method)
+    return select_topk_checked(_checked_scores(scores, k, method), k, method)
+
+
+def select_topk_checked(scores: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_topk` for callers that guarantee its argument checks (a contiguous float32
+    [Q, M] without NaN, an int 1 <= k <= M, a known method), e.g. the IVF search on its own
+    scores: no checks, so no NaN scan read back on the host (a device synchronisation)."""
     num_rows, num_columns = scores.shape
     if num_rows == 0:
         return scores.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=scores.device)
@@ -142,14 +150,26 @@ def order_preserving_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 # -- two-level: tile-local top-k, then a merge of the tile winners ----------------------------
-def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _reads_back_cheaply(scores: torch.Tensor) -> bool:
+    """Whether a data-dependent shape (nonzero, a count read on the host) costs no device
+    synchronisation: plain CPU tensors. The Triton backends (GPUs, the interpreter standing in
+    for them) take fixed-shape formulations instead."""
+    return scores.device.type == "cpu" and not select_backend(scores).uses_triton
+
+
+def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = None,
+                      fixed_shapes: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile winners give the exact k-th value T and every score above it. Each tile keeps k + 1
     winners, so a row whose (k+1)-th best winner is below T has all its ties at T among its k
     best winners; only the rows where it equals T (ties past the winners) read their full row
     for the first ties in index order (`torch.topk` picks ties arbitrarily). A row with fewer
     than k candidates has T = -inf: any of its -inf slots will do (they come back as index -1).
-    On the CPU the row is one tile (one `torch.topk` per row is fastest there)."""
+    On the CPU the row is one tile (one `torch.topk` per row is fastest there). `fixed_shapes`
+    (default: not on plain CPU tensors): the tie fix-up runs over every row with fixed shapes,
+    reading nothing back, instead of gathering the rows that need it."""
     num_rows, num_columns = scores.shape
+    if fixed_shapes is None:
+        fixed_shapes = not _reads_back_cheaply(scores)
     if tile_width is None:
         tile_width = num_columns if scores.device.type == "cpu" else max(1024, 8 * k)
     tile_width = min(tile_width, num_columns)
@@ -169,7 +189,9 @@ def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = Non
         best_values, best_columns = winner_values.view(num_rows, keep), winner_columns.view(num_rows, keep)
     kth_value = best_values[:, k - 1]
     columns = best_columns[:, :k].contiguous()
-    if keep > k:
+    if keep > k and fixed_shapes:
+        columns = _first_ties_in_place(scores, best_values, columns, kth_value, k)
+    elif keep > k:
         spill_rows = ((best_values[:, k] == kth_value) & (kth_value > float("-inf"))).nonzero(as_tuple=True)[0]
         if spill_rows.numel():  # exact: the scores above T, then the first ties at T in index order
             threshold = kth_value[spill_rows].unsqueeze(1)
@@ -182,6 +204,40 @@ def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = Non
             fixed[tie_rows[kept], slot[kept]] = tie_columns[kept]
             columns[spill_rows] = fixed
     return _sorted_selection(padded, columns)  # padding columns only come with -inf: index -1
+
+
+def _running_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(running count of the set entries of bool [Q, M] in row-major order, flat [Q*M]; the count
+    before each row [Q]). One scan of the flattened mask: a device-wide scan is fast where a scan
+    of each row is not (4 rows of 2M: one long serial scan per row on a GPU)."""
+    num_rows, num_columns = mask.shape
+    dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
+    running = mask.reshape(-1).cumsum(0, dtype=dtype)
+    return running, torch.nn.functional.pad(running.view(num_rows, num_columns)[:-1, -1], (1, 0))
+
+
+def _nth_set_columns(running, before_row, nth, num_columns):
+    """Per row, the column of the nth [Q, n] (1-based) set entry of the mask `_running_counts`
+    counted: a binary search of the flat running count."""
+    return torch.searchsorted(running, nth + before_row.unsqueeze(1)) % num_columns  # flat position -> column
+
+
+def _arange_from_1(k: int, device) -> torch.Tensor:
+    return device_constant(f"arange_from_1_{k}", device, lambda d: torch.arange(1, k + 1, dtype=torch.int32, device=d))
+
+
+def _first_ties_in_place(scores, best_values, columns, kth_value, k):
+    """The two-level tie fix-up with fixed shapes (no rows gathered, no count read back), over
+    every row: the slots after the winners above T take the first ties at T in index order,
+    found by a binary search of the running tie count. A row whose ties all are among its
+    winners gets the same columns back (those ties are all its ties), so no row is told apart;
+    a row short of candidates (T = -inf) gets its first -inf slots (index -1 either way)."""
+    num_above = (best_values[:, :k] > kth_value.unsqueeze(1)).sum(1, dtype=torch.int32)  # they lead the sorted winners
+    running, before_row = _running_counts(scores == kth_value.unsqueeze(1))
+    # slot s holds tie number s - num_above + 1 (1-based); slots before num_above keep their winner
+    tie_number = _arange_from_1(k, scores.device) - num_above.unsqueeze(1)
+    tie_columns = _nth_set_columns(running, before_row, tie_number.to(running.dtype), scores.shape[1])
+    return torch.where(tie_number > 0, tie_columns, columns)
 
 
 def _sorted_selection(scores: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,11 +325,35 @@ def _radix_threshold_triton(keys: torch.Tensor, k: int):
 
 
 def _select_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    num_rows = scores.shape[0]
     keys = order_preserving_keys(scores)
     find_threshold = _radix_threshold_triton if select_backend(scores).uses_triton else _radix_threshold_torch
     threshold, count_above, count_at = find_threshold(keys, k)
     signed_threshold = (threshold + _INT32_MIN).to(torch.int32).unsqueeze(1)
+    if not _reads_back_cheaply(scores):
+        columns = _radix_columns_fixed_shapes(keys, signed_threshold, count_above, k)
+    else:
+        columns = _radix_columns(keys, signed_threshold, count_above, count_at, k)
+    order = torch.sort(keys.gather(1, columns), dim=1, descending=True, stable=True).indices
+    indices = columns.gather(1, order)
+    return _mark_missing(scores.gather(1, indices), indices)
+
+
+def _radix_columns_fixed_shapes(keys, signed_threshold, count_above, k):
+    """[Q, k] selected columns, ascending: every key above the threshold and the first
+    k - count_above ties at it, found by binary searches of running counts (fixed shapes:
+    nothing is read back on the host)."""
+    ties = keys == signed_threshold
+    running_ties, ties_before_row = _running_counts(ties)
+    last_tie_kept = (ties_before_row + (k - count_above)).to(running_ties.dtype).unsqueeze(1)
+    selected = (keys > signed_threshold) | (ties & (running_ties.view(keys.shape) <= last_tie_kept))
+    running, before_row = _running_counts(selected)  # exactly k per row
+    wanted = _arange_from_1(k, keys.device).to(running.dtype).expand(keys.shape[0], k)
+    return _nth_set_columns(running, before_row, wanted, keys.shape[1])
+
+
+def _radix_columns(keys, signed_threshold, count_above, count_at, k):
+    """`_radix_columns_fixed_shapes` by gathering the rows with surplus ties (CPU tensors)."""
+    num_rows = keys.shape[0]
     selected = keys >= signed_threshold
     surplus_rows = (count_above + count_at > k).nonzero().squeeze(1)
     if surplus_rows.numel():  # keep only the first (k - count_above) ties at the threshold
@@ -281,7 +361,4 @@ def _select_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         tie_rank = ties.cumsum(1, dtype=torch.int32)
         needed = (k - count_above[surplus_rows]).to(torch.int32).unsqueeze(1)
         selected[surplus_rows] &= ~(ties & (tie_rank > needed))
-    columns = selected.nonzero()[:, 1].view(num_rows, k)  # ascending per row
-    order = torch.sort(keys.gather(1, columns), dim=1, descending=True, stable=True).indices
-    indices = columns.gather(1, order)
-    return _mark_missing(scores.gather(1, indices), indices)
+    return selected.nonzero()[:, 1].view(num_rows, k)  # ascending per row

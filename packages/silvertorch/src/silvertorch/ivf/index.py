@@ -26,8 +26,8 @@ import torch
 
 from gpukernels_common import env, grouped_blocks, select_backend
 
-from ..filtering import count_bits, derived_from, pack_bits, unpack_bits
-from ..topk import as_count, as_integers, select_topk
+from ..filtering import count_bits, count_row_bits, derived_from, device_constant, pack_bits, unpack_bits
+from ..topk import as_count, as_integers, select_topk, select_topk_checked
 from .kmeans import kmeans
 from .quantize import quantize_rows
 
@@ -75,12 +75,14 @@ def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
     """The (query, slot) pairs q*P + p grouped by the cluster they probe, and a schedule of blocks
     of at most block_q pairs of one cluster, from device tensors only: the grid is the upper
     bound ceil(Q*P / block_q) + n_clusters and surplus blocks carry cluster -1."""
-    flat = clusters.reshape(-1)
-    pairs = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=n_clusters)
-    pair_ends = torch.cumsum(counts, 0)
-    cluster, first, n_blocks = grouped_blocks(pair_ends - counts, counts, flat.numel(), block_q)
-    return pairs, pair_ends.to(torch.int64), cluster.to(torch.int32), first, n_blocks
+    sorted_clusters, pairs = torch.sort(clusters.reshape(-1), stable=True)
+    # each cluster's pairs by a binary search of the sorted clusters (bincount reads its input's
+    # largest value back on the host to size its output: a synchronisation)
+    cluster_ids = device_constant(f"arange{n_clusters}", clusters.device, lambda d: torch.arange(n_clusters, device=d))
+    pair_starts = torch.searchsorted(sorted_clusters, cluster_ids)
+    pair_ends = torch.searchsorted(sorted_clusters, cluster_ids, right=True)
+    cluster, first, n_blocks = grouped_blocks(pair_starts, pair_ends - pair_starts, clusters.numel(), block_q)
+    return pairs.to(torch.int32), pair_ends, cluster.to(torch.int32), first, n_blocks
 
 
 def _check_embeddings(embeddings, dim: int | None = None) -> torch.Tensor:
@@ -288,6 +290,8 @@ class IVFIndex:
 
     def _ids_at(self, positions: torch.Tensor) -> torch.Tensor:
         """User ids of storage positions (main, then fresh; -1 stays -1)."""
+        if not self.num_fresh:  # one lookup: position -1 reads the -1 kept after the ids
+            return derived_from(self, "_ids_then_missing", self.ids, lambda ids: torch.cat([ids, ids.new_full((1,), -1)]))[positions]
         main = self.ids[positions.clamp(0, max(self.num_main - 1, 0))] if self.num_main else torch.full_like(positions, -1)
         if self.num_fresh:
             fresh = self.fresh_ids[(positions - self.num_main).clamp(0, self.num_fresh - 1)]
@@ -317,12 +321,18 @@ class IVFIndex:
         every item per search otherwise: 70 us of a 1 ms batch-1 search at 200k items)."""
         return derived_from(self, "_removed_seen", self.removed, lambda removed: bool(removed.any()))
 
+    def _cluster_extents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first storage position [n_clusters], items [n_clusters]) of each cluster, kept until
+        `offsets` is replaced or edited (two ops fewer per search than slicing the offsets)."""
+        return derived_from(self, "_extents", self.offsets, lambda offsets: (offsets[:-1].contiguous(), offsets.diff()))
+
     def _probed_ranges(self, queries, clusters, filters):
         """(starts [Q, P], lengths [Q, P], L, words): the probed clusters' storage ranges, L the
         largest cluster, and their keep words [Q, P, ceil(L/32)] (passes the filter and not
         deleted; bits past a cluster's end 0), or None when every item of every range is kept."""
-        starts = self.offsets[clusters]
-        lengths = self.offsets[clusters + 1] - starts
+        cluster_starts, cluster_sizes = self._cluster_extents()
+        starts = cluster_starts[clusters]
+        lengths = cluster_sizes[clusters]
         L = max(self.max_cluster, 1)
         words = None
         if filters is not None:
@@ -344,7 +354,7 @@ class IVFIndex:
         starts, lengths, L, words = ranges or self._probed_ranges(queries, clusters, filters)
         q_codes, q_scales = quantize_rows(queries)
         q, p = clusters.shape
-        found = lengths.sum(1) if words is None else count_bits(words).sum(1)
+        found = lengths.sum(1) if words is None else count_row_bits(words)
         if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device
                                 or not out.is_contiguous()):  # the kernels write it row-major
             raise ValueError(f"out must be a contiguous float32 ({q}, {p * L}) on {self.codes.device}, got {out.dtype} "
@@ -510,11 +520,17 @@ class IVFIndex:
             found = found + (fresh_scores > float("-inf")).sum(1)  # scores are finite or -inf
         kk = min(k, scores.shape[1])
 
+        # int8 scores are finite (finite codes and scales, the queries checked): no NaN scan, which
+        # would read a flag back on the host; bf16 rows' fp32 products may overflow to inf - inf
+        select_topk_of = select_topk_checked if self.codes.dtype == torch.int8 else select_topk
+
         def select(m):
-            top, order = select_topk(scores, m)  # exact, ties in slot order; two-level / radix for long rows
+            top, order = select_topk_of(scores, m)  # exact, ties in slot order; two-level / radix for long rows
+            if not self.num_fresh:  # main slots only: storage positions of the m kept, -1 stays -1
+                return top, order, torch.where(order >= 0, positions_of(order.clamp(min=0)), -1)
             slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the m kept only: main slots, then fresh
             pos = torch.where(order < main_slots, positions_of(slot), self.num_main + order - main_slots)
-            return top, order, torch.where(order >= 0, pos, torch.full_like(order, -1))
+            return top, order, torch.where(order >= 0, pos, -1)
 
         if not getattr(filters, "approximate", False):
             top, _, pos = select(kk)

@@ -1,0 +1,144 @@
+"""The Triton path of the IVF search and of select_topk reads nothing back on the host past its
+argument checks (each read is a device synchronisation on a GPU) and stays within a bound of
+dispatched ops (a CPU stand-in for kernel launches). Run under TRITON_INTERPRET=1, where the
+CPU takes the Triton path."""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpukernels_common import env
+from silvertorch import DenseMaskFilter, IVFIndex
+from silvertorch.ivf import index as ivf_index
+from silvertorch.topk import (
+    _radix_columns,
+    _radix_columns_fixed_shapes,
+    _radix_threshold_torch,
+    _select_two_level,
+    order_preserving_keys,
+    select_topk_checked,
+    select_topk_reference,
+)
+
+pytestmark = pytest.mark.skipif(not env.triton_interpret(), reason="the Triton path runs on the CPU only with TRITON_INTERPRET=1")
+
+# ops whose result size depends on the data, or that read a value back: each a host synchronisation
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_consecutive", "unique_dim", "masked_select"}
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "alias", "detach", "t", "unsqueeze", "squeeze", "expand", "slice", "select",
+            "permute", "transpose", "as_strided", "unbind", "split", "split_with_sizes", "lift_fresh"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched outside Triton kernel launches (the interpreter's own copies
+    of a launch's arguments are no launches), the launches, and the syncing ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.in_launch = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_launch:
+            self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncs(self) -> dict:
+        return {name: n for name, n in self.ops.items() if name in SYNCING_OPS}
+
+    @property
+    def launches(self) -> int:
+        return sum(n for name, n in self.ops.items() if name not in VIEW_OPS)
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    counter = OpCounter()
+    from triton.runtime.interpreter import GridExecutor
+
+    launch = GridExecutor.__call__
+
+    def counted_launch(self, *args, **kwargs):
+        counter.ops["triton:" + self.fn.__name__] += 1
+        counter.in_launch += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            counter.in_launch -= 1
+
+    monkeypatch.setattr(GridExecutor, "__call__", counted_launch)
+    return counter
+
+
+def _counted(counter, fn):
+    fn()  # first call: kernels built, per-index tables made
+    counter.ops.clear()
+    with counter:
+        fn()
+    return counter
+
+
+@pytest.fixture(scope="module")
+def index():
+    x = torch.randn(4000, 32, generator=torch.Generator().manual_seed(0))
+    return IVFIndex.build(x, n_clusters=32, iters=3)
+
+
+# (queries, filtered, most ops per search): 16 queries take the cluster-major kernel, one query the
+# query-major one. The bounds sit a little above today's counts (79, 95, 35 ops).
+@pytest.mark.parametrize("num_queries, filtered, max_ops", [(16, False, 85), (16, True, 105), (1, False, 40)],
+                         ids=["16q", "16q-mask", "1q"])
+def test_triton_search_reads_nothing_back_past_its_argument_checks(counter, index, num_queries, filtered, max_ops):
+    queries = torch.randn(num_queries, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(num_queries, index.num_items, generator=torch.Generator().manual_seed(2)) < 0.3
+    filters = DenseMaskFilter(mask) if filtered else None
+    checks = dict(_counted(counter, lambda: ivf_index._check_queries(queries, 32, 10)).syncs)  # NaN in the queries
+    assert checks == {"_local_scalar_dense": 1}
+    search = _counted(counter, lambda: index.search_with_stats(queries, k=10, nprobe=4, filters=filters))
+    assert search.syncs == checks, dict(search.ops)
+    assert search.launches <= max_ops, dict(search.ops)
+
+
+@pytest.mark.parametrize("method, k", [("two_level", 50), ("radix", 3000)])
+def test_triton_select_topk_reads_nothing_back(counter, method, k):
+    scores = torch.randn(4, 20000, generator=torch.Generator().manual_seed(3))
+    scores[:, 100:5000:3] = 2.5  # ties at the k-th value, past the winners
+    ops = _counted(counter, lambda: select_topk_checked(scores, k, method))
+    assert ops.syncs == {}, dict(ops.ops)
+    got, want = select_topk_checked(scores, k, method), select_topk_reference(scores, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _tie_rows(seed):
+    """Rows of few distinct values (ties everywhere), one short of candidates, one all ties."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 3, (5, 3000), generator=g).float()
+    scores[1, 40:] = float("-inf")
+    scores[2] = 1.0
+    scores[3, ::5] = 7.0
+    return scores
+
+
+@pytest.mark.parametrize("tile_width", [None, 97, 1000])
+@pytest.mark.parametrize("k", [1, 7, 39, 600])
+@pytest.mark.parametrize("fixed_shapes", [True, False])
+def test_two_level_tie_fix_ups_agree_with_the_reference(k, tile_width, fixed_shapes):
+    """The fixed-shape tie fix-up (Triton backends) and the one gathering the rows that need it
+    (plain CPU tensors) both give the stable sort's selection."""
+    scores = _tie_rows(k)
+    got = _select_two_level(scores, k, tile_width=tile_width, fixed_shapes=fixed_shapes)
+    want = select_topk_reference(scores, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("k", [1, 40, 601, 3000])
+def test_radix_column_selections_agree(k):
+    scores = _tie_rows(k)
+    keys = order_preserving_keys(scores)
+    threshold, count_above, count_at = _radix_threshold_torch(keys, k)
+    signed_threshold = (threshold - 2**31).to(torch.int32).unsqueeze(1)
+    fixed = _radix_columns_fixed_shapes(keys, signed_threshold, count_above, k)
+    gathered = _radix_columns(keys, signed_threshold, count_above, count_at, k)
+    assert torch.equal(fixed, gathered)
