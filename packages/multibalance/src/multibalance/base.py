@@ -66,7 +66,9 @@ def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) ->
     finite (NaN until then; an empty or other-shaped `average` starts it), left as it was on a step
     with a non-finite value (its gradients overflowed: a GradScaler skips that step). Tensor ops
     on `values`' device only: no host sync."""
-    finite = values.isfinite().all()
+    # 0 * x is 0 (or -0) unless x is inf or NaN: three ops, where isfinite().all() is five
+    # (isfinite is composite: abs, ne, eq, and) and each is a kernel launch on a GPU
+    finite = values.mul(0).sum().eq(0)
     if average.shape != values.shape:
         return torch.where(finite, values, float("nan"))
     average = average.to(values.device)  # e.g. loaded from a checkpoint onto another device: kept
@@ -149,6 +151,7 @@ class Balancer(nn.Module, abc.ABC):
         self.last_path = ""
         self._static: tuple | None = None  # (tensor, version, derived): see `_static_state`
         self._wiring_checked = False  # see `_check_reads_representation`
+        self._constants: dict = {}  # see `_constant`
 
     def _apply(self, fn, recurse=True):
         """The buffers (running statistics, static weights) move with `.to()`/`.cuda()` but keep
@@ -288,7 +291,12 @@ class Balancer(nn.Module, abc.ABC):
             return ok if floor is None else ok & (values > torch.as_tensor(floor, dtype=values.dtype, device=values.device))
 
         if len({loss.device for loss in out}) == 1:
-            good = bool(valid(torch.stack([loss.detach().double() for loss in out]), floors).all())
+            with torch.no_grad():  # one stack and one cast for all tasks, not a detach and a cast per loss
+                values = torch.stack(out).double()  # (stack promotes mixed dtypes to one that holds each exactly)
+            if floors is None:  # 0 * x is 0 unless x is inf or NaN: fewer ops than isfinite (abs, ne, eq, and)
+                good = bool(values.mul(0).sum().eq(0))
+            else:
+                good = bool(valid(values, floors).all())
         else:
             good = all(bool(valid(loss.detach().double(), None if floors is None else floors[t])) for t, loss in enumerate(out))
         if not good:
@@ -359,12 +367,29 @@ class Balancer(nn.Module, abc.ABC):
         `load_state_dict` or `.to()` changes the weights."""
         w = self.static_weights
         if self._static is None or self._static[0] is not w or self._static[1] != w._version:
-            self._static = (w, w._version, {"floats": w.tolist()})
+            floats = w.tolist()
+            self._static = (w, w._version, {"floats": floats, "unit": all(x == 1.0 for x in floats)})
         return self._static[2]
 
     def static_weight_list(self) -> list[float]:
         """The static weights as floats."""
         return self._static_state()["floats"]
+
+    def _unit_weights(self) -> bool:
+        """Whether every static weight is 1 (the usual case, where the steps skip their small ops)."""
+        return self._static_state()["unit"]
+
+    def _constant(self, value, like: torch.Tensor) -> torch.Tensor:
+        """`value` (a float, or nested tuples of them) as a tensor of `like`'s dtype and device,
+        made once: made every step it would be an op, and on a GPU a copy from the host. Not to be
+        modified in place."""
+        key = (value, like.dtype, like.device)
+        constant = self._constants.get(key)
+        if constant is None:
+            if len(self._constants) >= 64:  # e.g. per-sample row counts of ever new batch sizes: bounded
+                self._constants.clear()
+            constant = self._constants[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        return constant
 
     def static_weights_on(self, device) -> torch.Tensor:
         """The static weights on `device`."""
@@ -575,7 +600,7 @@ class Balancer(nn.Module, abc.ABC):
         # square (the squares of a scale of 2^64 or more overflow fp32), put back in the combination
         unscale = None if scale is None else scale.to(device).reciprocal()
         per_rep = [factored.stack_factors([deltas[t][j] for t in range(n_tasks)],
-                                          [None if row[j] is None else row[j].weight for row in consumers], unscale)
+                                          [None if row[j] is None else row[j].weight_t for row in consumers], unscale)
                    for j in range(len(self._leaves))]
         sums = [factored.task_norm_sums(f, n_tasks, self.per_sample_norms, device, leaf.shape[0],
                                         factored.compute_dtype(leaf.dtype))
@@ -584,12 +609,11 @@ class Balancer(nn.Module, abc.ABC):
         # the factors carry the static weight: the norms are of the plain loss. Device tensors
         # only (no host-to-device copy: no sync on a GPU); nothing to undo in the usual case
         # (unit weights, no scaler), where every small op is skipped.
-        unit = all(w == 1.0 for w in weights)
+        unit = self._unit_weights()
         unweight = None if unit else self.static_weights_on(device).reciprocal()
         own = None if unit else unweight.abs()
         if self.per_sample_norms:
-            rows = torch.stack([torch.full((n_tasks,), float(leaf.shape[0]), dtype=sums.dtype, device=device)
-                                for leaf in self._leaves])
+            rows = self._constant(tuple((float(leaf.shape[0]),) * n_tasks for leaf in self._leaves), sums)
             norms = self._reduce_norms(sums if unit else sums * own, rows)
         else:
             norms = self._reduce_norms(sums if unit else sums * (own * own))

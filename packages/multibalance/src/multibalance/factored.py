@@ -25,6 +25,7 @@ general path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -41,7 +42,7 @@ _PASS_THROUGH = ("ToCopyBackward0", "ViewBackward0")
 @dataclasses.dataclass
 class _Consumer:
     node: object  # the head's first linear node
-    weight: torch.Tensor  # W, [h, D] (as the forward used it, e.g. the autocast copy)
+    weight_t: torch.Tensor  # W.T, [D, h], as the node saved it (e.g. the autocast copy): no op to read it
     rows: int  # rows of the linear layer's input: the representation's samples x positions
 
 
@@ -137,11 +138,31 @@ def _walk_finds(loss: torch.Tensor, leaf_ids: set[int], node_ids: set[int]) -> b
     return False
 
 
+def _linear_consumer(node, index: int, children, leaf: torch.Tensor) -> _Consumer | None:
+    """`node` as the linear layer reading `leaf` through its input edge `index`, or None when the
+    factors would not give that layer's representation gradient."""
+    linear = _LINEAR_INPUT.get(type(node).__name__)
+    if linear is None or linear[0] != index:
+        return None  # not a linear layer's input
+    if all(e is None for i, (e, _) in enumerate(children) if i != index):
+        return None  # a frozen layer without bias: its node would not run
+    if getattr(node, "_saved_alpha", 1) != 1:
+        return None  # addmm(..., alpha=a) scales the layer: not the plain W the factors use
+    weight_t = node._saved_mat2
+    if weight_t.shape[1] >= weight_t.shape[0]:
+        return None  # a layer as wide as the representation: the factors save nothing
+    rows, features = getattr(node, linear[1])
+    if leaf.numel() == 0 or rows * features != leaf.numel() or rows % leaf.shape[0]:
+        return None  # a view that does not keep each sample's rows together
+    return _Consumer(node, weight_t, rows)
+
+
 def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]):
     """Per task and representation: the one linear node reading it (or None when the task does
     not read it), plus the heads' parameters; None when any head does not fit (see module docs).
     `leaves` are leaf tensors (the detached representations the heads read)."""
     leaf_ids = {id(leaf): j for j, leaf in enumerate(leaves)}
+    kinds = _KINDS  # `_kind` inlined: this loop visits every node of the heads, every step
     consumers: list[list[_Consumer | None]] = []
     params: dict[int, torch.Tensor] = {}
     owner: set[int] = set()  # the heads' first linear nodes
@@ -161,8 +182,9 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
             for index, (child, _) in enumerate(children):
                 if child is None:
                     continue
-                kind = _kind(child)
-                j = None
+                kind = kinds.get(type(child))
+                if kind is None:
+                    kind = _kind(child)
                 if kind == "leaf":
                     variable = child.variable
                     j = leaf_ids.get(id(variable))
@@ -171,25 +193,19 @@ def find_linear_consumers(losses: list[torch.Tensor], leaves: list[torch.Tensor]
                         continue
                 elif kind == "pass":
                     j = _leaf_index(child, leaf_ids)
-                if j is None:
+                    if j is None:
+                        stack.append(child)
+                        continue
+                else:
                     stack.append(child)
                     continue
-                linear = _LINEAR_INPUT.get(type(node).__name__)
-                if linear is None or linear[0] != index or found[j] is not None or id(node) in owner:
-                    return None  # not a linear layer's input, read twice, or a layer shared by tasks
-                if all(e is None for i, (e, _) in enumerate(children) if i != index):
-                    return None  # a frozen layer without bias: its node would not run
-                if getattr(node, "_saved_alpha", 1) != 1:
-                    return None  # addmm(..., alpha=a) scales the layer: not the plain W the factors use
-                weight = node._saved_mat2.T.detach()
-                if weight.shape[0] >= weight.shape[1]:
-                    return None  # a layer as wide as the representation: the factors save nothing
-                rows, features = getattr(node, linear[1])
-                leaf = leaves[j]
-                if leaf.numel() == 0 or rows * features != leaf.numel() or rows % leaf.shape[0]:
-                    return None  # a view that does not keep each sample's rows together
+                if found[j] is not None or id(node) in owner:
+                    return None  # read twice, or a layer shared by tasks
+                consumer = _linear_consumer(node, index, children, leaves[j])
+                if consumer is None:
+                    return None
                 owner.add(id(node))
-                found[j] = _Consumer(node, weight, rows)
+                found[j] = consumer
         if all(c is None for c in found):
             return None  # the general path names the task that does not read the representation
         consumers.append(found)
@@ -235,6 +251,7 @@ def head_backward(losses: list[torch.Tensor], weights: list[float], consumers, p
     return deltas
 
 
+@functools.cache  # `promote_types` is a dispatched op: this runs for every representation, every step
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """What norms and combinations are computed in: fp32 for fp32 and narrower gradients,
     float64 for float64 ones (fp32 would cost them 1e-7 relative error)."""
@@ -244,26 +261,36 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclasses.dataclass
 class Factors:
     """One representation's factors over the tasks that read it: d side by side, [B, sum h_t],
-    and the weights [sum h_t, D], both in `compute_dtype` of the gradients'; `widths` the h_t."""
+    and the weights stacked, [sum h_t, D], both in `compute_dtype` of the gradients'; `widths`
+    the h_t, `uniform` whether they are all equal (then every task's products run as one
+    batched op)."""
 
     present: list[int]
     left: torch.Tensor
     right: torch.Tensor
     widths: list[int]
+    uniform: bool
 
 
-def stack_factors(deltas: list[torch.Tensor | None], weights: list[torch.Tensor | None],
+def stack_factors(deltas: list[torch.Tensor | None], weights_t: list[torch.Tensor | None],
                   scale: torch.Tensor | None = None) -> Factors | None:
-    """`scale` (a 0-d device tensor), if given, multiplies the left factor (in place: `cat` made it)."""
+    """`weights_t`: each task's W.T ([D, h_t]), as its linear node saved it. `scale` (a 0-d
+    device tensor), if given, multiplies the left factor (in place: `cat` made it)."""
     present = [t for t, d in enumerate(deltas) if d is not None]
     if not present:
         return None
-    ds = [deltas[t].reshape(-1, deltas[t].shape[-1]) for t in present]
+    # a linear node's output gradient is [rows, h] already: no reshape op in the usual case
+    ds = [d if d.dim() == 2 else d.reshape(-1, d.shape[-1]) for d in (deltas[t] for t in present)]
     dtype = compute_dtype(ds[0].dtype)
-    left = torch.cat(ds, 1).to(dtype)
-    if scale is not None:
-        left.mul_(scale)
-    return Factors(present, left, torch.cat([weights[t] for t in present], 0).to(dtype), [d.shape[1] for d in ds])
+    with torch.no_grad():  # the saved weights require grad: their transposes and copy need no graph
+        left = torch.cat(ds, 1).to(dtype)
+        if scale is not None:
+            left.mul_(scale)
+        # [sum h, D] rows: the batched Gram and the combination's matmul read it contiguously (the
+        # side-by-side W.T, with no transposes, made both slower on CPUs)
+        right = torch.cat([weights_t[t].t() for t in present], 0).to(dtype)
+    widths = [d.shape[1] for d in ds]
+    return Factors(present, left, right, widths, all(w == widths[0] for w in widths))
 
 
 def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, samples: int = 1,
@@ -274,13 +301,13 @@ def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, sa
     Gram matrices: ||d W||^2 = <d^T d, W W^T>, a row's (d_r (W W^T)) . d_r."""
     if f is None:  # `dtype`: that of the other representations' sums, stacked with these
         return torch.zeros(n_tasks, dtype=dtype, device=device)
-    width = f.widths[0]
-    if all(w == width for w in f.widths):  # every task in one batched op
-        ds = f.left.view(f.left.shape[0], len(f.widths), width).transpose(0, 1)  # [T', B, h]
-        ws = f.right.view(len(f.widths), width, -1)  # [T', h, D]
+    if f.uniform:  # every task in one batched op
+        n, width = len(f.widths), f.widths[0]
+        ds = f.left.view(f.left.shape[0], n, width).transpose(0, 1)  # [T', B, h]
+        ws = f.right.view(n, width, -1)  # [T', h, D]
         gram_w = torch.bmm(ws, ws.transpose(1, 2))
         if per_sample:
-            norms = (torch.bmm(ds, gram_w) * ds).sum(2).view(len(f.widths), samples, -1).sum(2).clamp_min(0).sqrt().sum(1)
+            norms = (torch.bmm(ds, gram_w) * ds).sum(2).view(n, samples, -1).sum(2).clamp_min(0).sqrt().sum(1)
         else:
             norms = (torch.bmm(ds.transpose(1, 2), ds) * gram_w).sum((1, 2)).clamp_min(0)
     else:
@@ -304,8 +331,9 @@ def combine(f: Factors | None, coeff: torch.Tensor, like: torch.Tensor) -> torch
     if f is None:
         return torch.zeros_like(like, dtype=compute_dtype(like.dtype))
     c = (coeff if len(f.present) == coeff.numel() else torch.stack([coeff[t] for t in f.present])).to(f.right.dtype)
-    if all(w == f.widths[0] for w in f.widths):
+    if f.uniform:
         right = (f.right.view(len(f.widths), f.widths[0], -1) * c.view(-1, 1, 1)).view(f.right.shape)
     else:
         right = f.right * torch.cat([c[i].expand(w) for i, w in enumerate(f.widths)]).unsqueeze(1)
-    return (f.left @ right).view(like.shape)
+    out = f.left @ right
+    return out if like.dim() == 2 else out.view(like.shape)  # (a view is an op too)

@@ -100,7 +100,8 @@ class MultiBalance(Balancer):
     def _coefficients_from(self, norms: _PendingNorms) -> torch.Tensor:
         if not self.norm_lag or self.ema.shape != norms.shape or not self._averages_started():
             # exact, or the first step (or every step so far overflowed: the averages are NaN): its own norms
-            self._lagged = None
+            if self._lagged is not None:  # (nn.Module's __setattr__ costs microseconds: not every step)
+                self._lagged = None
             return self.coefficients(norms.result())
         previous, self._lagged = self._lagged, norms
         if previous is not None:  # summed over ranks during the last step's bottom backward: no wait
@@ -120,7 +121,7 @@ class MultiBalance(Balancer):
         return self._step_coefficients()
 
     def _average_in(self, norms: torch.Tensor) -> None:
-        self.ema = running_average(self.ema, norms, self.beta)
+        self._buffers["ema"] = running_average(self.ema, norms, self.beta)  # as `self.ema =`, without nn.Module's checks
 
     def _step_coefficients(self) -> torch.Tensor:
         self.step.add_(1)  # in place: `+=` would also re-register the buffer through Module.__setattr__
@@ -135,13 +136,14 @@ class MultiBalance(Balancer):
         else:
             index = self.task_names.index(self.target)
             target = m[:, index: index + 1]
-        scales = torch.div(target, m).mul_(self.relax).add_(1 - self.relax)  # in place: few small ops per step
+        # (1 - relax) + relax * (target / m) in two ops (three in place, with a Python scalar for 1 - relax)
+        scales = torch.add(self._constant(1 - self.relax, m), torch.div(target, m), alpha=self.relax)
         if self.target not in ("max", "mean"):  # where the target task does not read: nothing to match, scale 1
             scales = torch.where(self.ema[:, index: index + 1] > 0, scales, 1.0)
         if self.warmup_steps:  # on the device: reading the step count would wait for a GPU every step
             scales = torch.where(self.step <= self.warmup_steps, 1.0, scales)
         self._buffers["scales"] = scales  # a new tensor each step: `backward`'s TaskScales keep theirs
-        if all(w == 1.0 for w in self.static_weight_list()):
+        if self._unit_weights():
             return scales
         return scales * self.static_weights_on(scales.device).to(scales.dtype)  # [n_reps, n_tasks]
 
