@@ -554,3 +554,40 @@ def test_towers_keep_their_dtype_through_save_towers(tmp_path):
 
     modules = load_towers(tmp_path)
     assert {t.dtype for m in modules for t in m.state_dict().values()} == {torch.bfloat16}
+
+
+def test_graph_batch_sizes_cover_every_batch_at_most_doubled():
+    from silvertorch.server import graph_batch_sizes
+
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert graph_batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    for max_batch in (1, 5, 48, 64):
+        sizes = graph_batch_sizes(max_batch)
+        assert all(next(s for s in sizes if s >= q) < 2 * q for q in range(1, max_batch + 1))
+
+
+def test_cuda_graphs_need_a_cuda_model(artifact, capsys):
+    from silvertorch.server import create_app
+
+    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device, it is on cpu"):
+        create_app(RetrievalModel.load(artifact[0]), cuda_graphs=True)
+    assert main(["serve", str(artifact[0]), "--port", "1", "--cuda-graphs"]) == 2
+    assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+    assert main(["serve", str(artifact[0]), "--device", "gpu0"]) == 2
+    assert "--device: expected a torch device such as cpu or cuda, got 'gpu0'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_server_replays_cuda_graphs_and_keeps_per_request_weights_eager(artifact):
+    from fastapi.testclient import TestClient
+
+    from silvertorch.server import ServerLimits, create_app
+
+    model = RetrievalModel.load(artifact[0], device="cuda")
+    want = model.retrieve(torch.tensor([[3]]), ["genre:1"])
+    with TestClient(create_app(model, ServerLimits(max_batch=4), cuda_graphs=True)) as client:
+        got = client.post("/v1/retrieve", json={"user_features": [3], "filter": "genre:1"}).json()
+        weighted = client.post("/v1/retrieve", json={"user_features": [3], "value_weights": [1, 0.5]})
+    assert got["ids"] == [i for i in want.ids[0].tolist() if i >= 0]
+    assert weighted.status_code == 200

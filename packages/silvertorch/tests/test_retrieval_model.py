@@ -1050,3 +1050,35 @@ def test_captured_forward_matches_the_eager_forward():
         torch.testing.assert_close(got.scores, want[1])
     with pytest.raises(ValueError, match="1 to batch_size=6"):
         captured.retrieve(torch.arange(7).unsqueeze(1))
+
+
+def test_captured_retrieval_runs_the_smallest_captured_size_that_holds_the_batch():
+    """The dispatch over captured sizes, with stand-in graphs (the eager forward at exactly the
+    captured size): a batch is padded with its last user to the smallest size that holds it and
+    the outputs cut back, so each user gets the eager model's answer."""
+    from silvertorch import CapturedRetrieval
+
+    ran = []
+
+    def graph_of(size):
+        def replay(*inputs):
+            assert all(t.shape[0] == size for t in inputs)
+            ran.append(size)
+            with torch.no_grad():
+                return MODEL(*inputs)
+        return replay
+
+    captured = CapturedRetrieval(MODEL, {size: graph_of(size) for size in (8, 2)})
+    assert captured.batch_sizes == [2, 8] and captured.batch_size == 8
+    exprs = list(FILTERS)
+    for users, size in ((torch.tensor([[3]]), 2), (torch.tensor([[3], [7], [11]]), 8), (torch.arange(8).unsqueeze(1), 8)):
+        filters = [exprs[i % len(exprs)] for i in range(users.shape[0])]
+        got, want = captured.retrieve(users, filters), MODEL.retrieve(users, filters)
+        assert ran[-1] == size
+        for name in ("ids", "fresh", "found"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        torch.testing.assert_close(got.scores, want.scores)  # the OverArch's sums may round apart per batch size
+    with pytest.raises(ValueError, match="1 to batch_size=8"):
+        captured.retrieve(torch.arange(9).unsqueeze(1))
+    with pytest.raises(ValueError, match="ops must have one row per user"):
+        captured(torch.tensor([[1], [2]]), *MODEL.prepare_filters([""]))

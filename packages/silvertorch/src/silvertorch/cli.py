@@ -3,7 +3,7 @@
     silvertorch build --towers towers/ --items items.safetensors --out artifact/ [--n-clusters 64 --max-nprobe 32 ...]
     silvertorch query artifact/ --user 42 --filter 'genre:Comedy AND year:{1995,1996}' -n 10
         -> {"found": 1234, "results": [{"id": ..., "score": ..., "fresh": false}, ...]}
-    silvertorch serve artifact/ [--host 127.0.0.1] [--port 8080] [--max-batch 64]
+    silvertorch serve artifact/ [--host 127.0.0.1] [--port 8080] [--max-batch 64] [--device cuda --cuda-graphs]
     silvertorch package artifact/ model.pt2 --user 42 [--max-batch 1024]
         -> an AOTInductor package of the forward (see RetrievalModel.package)
 """
@@ -122,6 +122,8 @@ def _package(args) -> int:
 
 
 def _serve(args) -> int:
+    import torch
+
     from .model import RetrievalModel
     from .server import ServerLimits, serve
 
@@ -131,8 +133,20 @@ def _serve(args) -> int:
         except OSError as err:
             print(f"silvertorch serve: cannot bind {args.host}:{args.port} ({err.strerror}); pass another --port", file=sys.stderr)
             return 2
-    model = RetrievalModel.load(args.artifact)
-    serve(model, args.host, args.port, ServerLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, timeout_s=args.timeout))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"silvertorch serve: --device: expected a torch device such as cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("silvertorch serve: --device: CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    if args.cuda_graphs and device.type != "cuda":
+        print("silvertorch serve: --cuda-graphs needs --device cuda", file=sys.stderr)
+        return 2
+    model = RetrievalModel.load(args.artifact, device=args.device)
+    serve(model, args.host, args.port, ServerLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, timeout_s=args.timeout),
+          cuda_graphs=args.cuda_graphs)
     return 0
 
 
@@ -172,6 +186,9 @@ def main(argv=None) -> int:
     s.add_argument("--max-batch", type=_int_in(1), default=64)
     s.add_argument("--max-wait-ms", type=_float_above(0.0, inclusive=True), default=2.0)
     s.add_argument("--timeout", type=_float_above(0.0), default=10.0, help="seconds before a request gets a 504")
+    s.add_argument("--device", default="cpu", help="device to serve on, e.g. cuda (default cpu)")
+    s.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the forward as CUDA graphs captured at start-up (needs --device cuda)")
     s.set_defaults(func=_serve)
 
     pk = sub.add_parser("package", help="compile the model into an AOTInductor package (.pt2) that runs without silvertorch")

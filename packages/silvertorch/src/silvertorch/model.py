@@ -736,25 +736,26 @@ class RetrievalModel(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
 
-    def capture(self, user_features: torch.Tensor, batch_size: int | None = None) -> CapturedRetrieval:
-        """The forward recorded as one CUDA graph (`gpukernels_common.graphs.GraphedCall`) for
-        batches of 1 to `batch_size` users (default: the example's): a call replays every kernel
-        with one launch, where an eager forward launches each (about 540; the forward is bound by
-        that host work at small batches). `user_features`: an example batch (its dtype and width;
-        any values the tower accepts). The graph holds this model's tensors as they are: items
-        added or deleted afterwards are seen (same tensors), a rebuild or `.to()` needs a new
-        capture. The Value Model's fixed weights only. Needs a CUDA device."""
+    def capture(self, user_features: torch.Tensor, batch_sizes=None) -> CapturedRetrieval:
+        """The forward recorded as CUDA graphs (`gpukernels_common.graphs.GraphedCall`), one per
+        batch size in `batch_sizes` (an int or a sequence; default: the example's batch size): a
+        call replays every kernel with one launch, where an eager forward launches each (about
+        540; the forward is bound by that host work at small batches). A batch of q users runs
+        the smallest captured size >= q, padded. `user_features`: an example batch (its dtype and
+        width; any values the tower accepts). The graphs hold this model's tensors as they are:
+        items added or deleted afterwards are seen (same tensors), a rebuild or `.to()` needs a
+        new capture. The Value Model's fixed weights only. Needs a CUDA device."""
         if self.codes.device.type != "cuda":
             raise RuntimeError(f"capture needs the model on a CUDA device (CUDA graphs), it is on {self.codes.device}")
         user_features = self.check_user_features(user_features).to(self.codes.device)
-        batch_size = user_features.shape[0] if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        example = _padded_rows(user_features[:batch_size], batch_size)
-        plans = self.prepare_filters([""] * batch_size)
+        sizes = [user_features.shape[0]] if batch_sizes is None else [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"batch_sizes must be an int >= 1 or a non-empty sequence of them, got {batch_sizes!r}")
+        graphs = {}
         with torch.no_grad():
-            graphed = GraphedCall(self, example, *plans)
-        return CapturedRetrieval(self, graphed, batch_size)
+            for size in sorted(set(sizes)):
+                graphs[size] = GraphedCall(self, _padded_rows(user_features[:size], size), *self.prepare_filters([""] * size))
+        return CapturedRetrieval(self, graphs)
 
     def save(self, directory) -> Path:
         """Write config.json (format version, shapes) and model.safetensors (every tensor); no pickle."""
@@ -877,13 +878,17 @@ def _padded_rows(rows: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class CapturedRetrieval:
-    """A RetrievalModel's forward as a CUDA graph (`RetrievalModel.capture`): called like the
-    model, `captured(user_features, ops, args, hashes)`, or like `retrieve`,
-    `captured.retrieve(user_features, filters)`, for 1 to `batch_size` users. A smaller batch is
-    padded with copies of its last user (and plan) to the captured size and the outputs cut back."""
+    """A RetrievalModel's forward as CUDA graphs, one per captured batch size
+    (`RetrievalModel.capture`): called like the model, `captured(user_features, ops, args,
+    hashes)`, or like `retrieve`, `captured.retrieve(user_features, filters)`, for 1 to
+    `batch_size` (the largest captured) users. A batch runs the smallest captured size that
+    holds it, padded with copies of its last user (and plan), and the outputs are cut back.
+    `graphs`: {batch size: a callable replaying the forward for exactly that many users}."""
 
-    def __init__(self, model: RetrievalModel, graphed: GraphedCall, batch_size: int):
-        self.model, self.graphed, self.batch_size = model, graphed, batch_size
+    def __init__(self, model: RetrievalModel, graphs: dict):
+        self.model, self.graphs = model, dict(graphs)
+        self.batch_sizes = sorted(self.graphs)
+        self.batch_size = self.batch_sizes[-1]
 
     def __call__(self, user_features, ops, args, hashes):
         q = user_features.shape[0]
@@ -892,9 +897,10 @@ class CapturedRetrieval:
         for name, t in (("ops", ops), ("args", args), ("hashes", hashes)):
             if t.shape[0] != q:
                 raise ValueError(f"{name} must have one row per user ({q}), got {tuple(t.shape)}")
+        size = next(b for b in self.batch_sizes if b >= q)
         device = self.model.codes.device
-        inputs = [_padded_rows(t.to(device), self.batch_size) for t in (user_features, ops, args, hashes)]
-        return tuple(t[:q] for t in self.graphed(*inputs))
+        inputs = [_padded_rows(t.to(device), size) for t in (user_features, ops, args, hashes)]
+        return tuple(t[:q] for t in self.graphs[size](*inputs))
 
     def retrieve(self, user_features, filters: list[str] | None = None) -> Retrieved:
         """As `RetrievalModel.retrieve` (checks, filters compiled), through the graph."""

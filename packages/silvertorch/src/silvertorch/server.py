@@ -69,7 +69,16 @@ class Metrics:
                                "histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())}}}
 
 
-def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a server captures with `cuda_graphs`: powers of two below max_batch, and
+    max_batch (a batch runs the smallest that holds it, so padding at most doubles its work)."""
+    return sorted({2**i for i in range(max_batch.bit_length()) if 2**i < max_batch} | {max_batch})
+
+
+def create_app(model: RetrievalModel, limits: ServerLimits | None = None, cuda_graphs: bool = False):
+    """The FastAPI app serving `model`. `cuda_graphs`: the forward is captured at start-up as CUDA
+    graphs (`RetrievalModel.capture`, at `graph_batch_sizes(limits.max_batch)`) and batches
+    without per-request value weights replay them; needs the model on a CUDA device."""
     try:
         from fastapi import FastAPI, HTTPException
         from fastapi.exceptions import RequestValidationError
@@ -80,6 +89,8 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         raise ImportError("the server needs the serve extra: pip install 'silvertorch[serve]'") from err
 
     limits = limits or ServerLimits()
+    if cuda_graphs and model.codes.device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {model.codes.device}")
     model.eval()
     spec = model.config()["user_tower"].get("input") or {}
     n_tasks = model.value_model.num_tasks
@@ -103,7 +114,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
                 raise ValueError(f"must be a list of {n_tasks} JSON numbers (one per task) or an object {{task name: number}}")
             return value
 
-    state = {"ready": False, "accepting": True}
+    state = {"ready": False, "accepting": True, "captured": None}
     metrics = Metrics()
     queue: asyncio.Queue = asyncio.Queue(maxsize=limits.max_queue)
 
@@ -115,6 +126,8 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         if any(p.weights is not None for p in batch):
             fixed = model.value_model.weights
             weights = torch.stack([p.weights.to(device) if p.weights is not None else fixed for p in batch])
+        if state["captured"] is not None and weights is None:  # the graphs hold the fixed weights only
+            return state["captured"](feats, ops, args, hashes)
         with torch.no_grad():
             return model(feats, ops, args, hashes, weights)
 
@@ -164,6 +177,8 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
         task = asyncio.create_task(worker())
         warm = torch.zeros(1, len(spec.get("max", [0])) if spec else 1, dtype=torch.int64 if spec.get("dtype") == "int64" else torch.float32,
                            device=model.codes.device)
+        if cuda_graphs:  # before ready: a capture that fails stops the start-up, with its error
+            state["captured"] = await asyncio.to_thread(model.capture, warm, graph_batch_sizes(limits.max_batch))
         with contextlib.suppress(Exception):  # a tower with another input shape warms up on its first request
             await asyncio.to_thread(model, warm, *model.prepare_filters([""]))
         state["ready"] = True
@@ -297,10 +312,11 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None):
 
 
 def serve(model: RetrievalModel, host: str = "127.0.0.1", port: int = 8080, limits: ServerLimits | None = None,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted (SIGINT/SIGTERM shut it down gracefully)."""
+          log_level: str = "info", cuda_graphs: bool = False) -> None:
+    """Run the server until interrupted (SIGINT/SIGTERM shut it down gracefully); `cuda_graphs`:
+    see `create_app`."""
     try:
         import uvicorn
     except ImportError as err:
         raise ImportError("the server needs the serve extra: pip install 'silvertorch[serve]'") from err
-    uvicorn.run(create_app(model, limits), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(create_app(model, limits, cuda_graphs), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
