@@ -284,7 +284,7 @@ def test_serve_binds_loopback_unless_told_otherwise(artifact, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: calls.append((host, port)))
     silvertorch.server.serve(RetrievalModel.load(path))  # the library's default as well
     assert calls.pop() == ("127.0.0.1", 8080)
-    monkeypatch.setattr(silvertorch.server, "serve", lambda model, host, port, limits: calls.append((host, port)))
+    monkeypatch.setattr(silvertorch.server, "serve", lambda model, host, port, limits, cuda_graphs: calls.append((host, port)))
     port = free_port()  # the CLI checks that it can bind before loading the model
     assert main(["serve", str(path), "--port", str(port)]) == 0
     assert main(["serve", str(path), "--port", str(port), "--host", "0.0.0.0"]) == 0

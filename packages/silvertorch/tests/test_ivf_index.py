@@ -824,3 +824,58 @@ def test_dense_mask_exact_mask_refuses_padding_positions():
     mask = torch.tensor([[True, False, True], [True, True, False]])
     got = DenseMaskFilter(mask).exact_mask(torch.tensor([[-1, 0, 2, -1], [1, -1, 2, 0]]))
     assert got.tolist() == [[False, True, True, False], [True, False, False, True]]
+
+
+def test_capture_refuses_an_index_off_cuda():
+    with pytest.raises(RuntimeError, match="capture needs the index on a CUDA device"):
+        INDEX.capture(torch.randn(4, INDEX_X.shape[1]), k=5)
+
+
+class _EagerGraph:
+    """Stands in for a GraphedCall: the eager search at exactly the captured batch size."""
+
+    def __init__(self, index, example, k, nprobe):
+        self.inputs, self.index, self.k, self.nprobe, self.sizes = [example], index, k, nprobe, []
+
+    def __call__(self, queries):
+        self.sizes.append(queries.shape[0])
+        return self.index.search(queries, self.k, self.nprobe)
+
+
+def test_captured_search_pads_cuts_checks_and_refuses_a_changed_index():
+    from silvertorch.ivf.index import CapturedSearch
+
+    index = IVFIndex.build(INDEX_X, ids=torch.arange(10_000, 14_000), n_clusters=16)
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(6, INDEX_X.shape[1], generator=g)
+    graph = _EagerGraph(index, queries, 7, 4)
+    captured = CapturedSearch(index, graph, 7)
+    for q in (1, 4, 6):
+        scores, ids = captured(queries[:q].double())  # converted to the captured dtype
+        want_scores, want_ids = index.search(queries[:q], 7, 4)
+        assert graph.sizes[-1] == 6 and ids.shape == (q, 7)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(scores, want_scores)
+    with pytest.raises(ValueError, match="1 to batch_size=6"):
+        captured(torch.randn(7, INDEX_X.shape[1]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        captured(torch.full((2, INDEX_X.shape[1]), float("nan")))
+    with pytest.raises(ValueError, match=r"queries must be \[num_queries, "):
+        captured(torch.randn(2, 3))
+    index.remove([10_000])
+    with pytest.raises(RuntimeError, match="the index changed .* capture it again"):
+        captured(queries)
+
+
+@pytest.mark.gpu
+def test_captured_search_matches_the_eager_search():
+    x, q = INDEX_X.cuda(), torch.randn(20, INDEX_X.shape[1], device="cuda")
+    for index in (IVFIndex.build(x, ids=torch.arange(10_000, 14_000, device="cuda"), n_clusters=16),
+                  FlatIndex.build(x, dtype="bfloat16")):
+        index.remove(index.ids[:7])
+        captured = index.capture(q, k=25, nprobe=4)
+        for batch in (q, q[:3]):
+            scores, ids = captured(batch)
+            want_scores, want_ids = index.search(batch, 25, 4)
+            assert torch.equal(ids, want_ids)
+            torch.testing.assert_close(scores, want_scores)

@@ -4,7 +4,7 @@ Importing this package never imports triton.
 """
 
 from .__about__ import __version__
-from .backend import Backend, explain_backend, select_backend, tracing
+from .backend import Backend, capturing, explain_backend, select_backend, tracing
 from .device import has_cuda, triton_available
 from .registry import RegisteredOp, inline_references, register_op
 from .schedule import grouped_blocks
@@ -20,5 +20,6 @@ __all__ = [
     "register_op",
     "inline_references",
     "tracing",
+    "capturing",
     "grouped_blocks",
 ]

@@ -27,8 +27,12 @@ def tracing() -> bool:
     value read back to the host) asks this first. (`torch.compiler.is_exporting` exists from torch
     2.6 on; torch 2.5's strict export traces through dynamo, which `is_compiling` sees.)"""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if torch.compiler.is_compiling() or (is_exporting is not None and is_exporting()):
-        return True
+    return torch.compiler.is_compiling() or (is_exporting is not None and is_exporting()) or capturing()
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no value can be read back:
+    an argument check on values belongs before the capture, or to the graph's caller)."""
     # no capture can run before CUDA is initialised (and the check would initialise it)
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 

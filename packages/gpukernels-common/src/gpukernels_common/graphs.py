@@ -26,6 +26,13 @@ def _flat_outputs(out):
     raise TypeError(f"fn must return a tensor or a tuple/list of tensors, got {type(out).__name__}")
 
 
+def padded_batch(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows` [q, ...] followed by copies of its last row up to `size` rows (q <= size): a smaller
+    batch run through a graph captured for `size` (its outputs cut back to q after)."""
+    extra = size - rows.shape[0]
+    return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows.contiguous()
+
+
 class GraphedCall:
     """`fn` captured as a CUDA graph for inputs shaped like `examples` (see the module docs)."""
 

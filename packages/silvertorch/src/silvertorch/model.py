@@ -43,7 +43,7 @@ from torch import nn
 
 from gpukernels_common import tracing
 from gpukernels_common.device import to_device
-from gpukernels_common.graphs import GraphedCall
+from gpukernels_common.graphs import GraphedCall, padded_batch
 
 from .__about__ import __version__
 from .bloom.hashing import term_hash
@@ -754,7 +754,7 @@ class RetrievalModel(nn.Module):
         graphs = {}
         with torch.no_grad():
             for size in sorted(set(sizes)):
-                graphs[size] = GraphedCall(self, _padded_rows(user_features[:size], size), *self.prepare_filters([""] * size))
+                graphs[size] = GraphedCall(self, padded_batch(user_features[:size], size), *self.prepare_filters([""] * size))
         return CapturedRetrieval(self, graphs)
 
     def save(self, directory) -> Path:
@@ -871,12 +871,6 @@ def _from_entry(directory, config_file: str, entry: str, make, options: dict):
         raise ValueError(f"{directory}: {config_file} entry {entry!r} is not valid ({err})") from err
 
 
-def _padded_rows(rows: torch.Tensor, size: int) -> torch.Tensor:
-    """`rows` [q, ...] followed by copies of its last row up to `size` rows."""
-    extra = size - rows.shape[0]
-    return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows.contiguous()
-
-
 class CapturedRetrieval:
     """A RetrievalModel's forward as CUDA graphs, one per captured batch size
     (`RetrievalModel.capture`): called like the model, `captured(user_features, ops, args,
@@ -899,7 +893,7 @@ class CapturedRetrieval:
                 raise ValueError(f"{name} must have one row per user ({q}), got {tuple(t.shape)}")
         size = next(b for b in self.batch_sizes if b >= q)
         device = self.model.codes.device
-        inputs = [_padded_rows(t.to(device), size) for t in (user_features, ops, args, hashes)]
+        inputs = [padded_batch(t.to(device), size) for t in (user_features, ops, args, hashes)]
         return tuple(t[:q] for t in self.graphs[size](*inputs))
 
     def retrieve(self, user_features, filters: list[str] | None = None) -> Retrieved:

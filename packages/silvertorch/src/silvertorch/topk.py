@@ -30,7 +30,7 @@ import numbers
 
 import torch
 
-from gpukernels_common import select_backend
+from gpukernels_common import capturing, select_backend
 
 from .filtering import device_constant
 
@@ -129,7 +129,8 @@ def _checked_scores(scores, k, method) -> torch.Tensor:
         raise ValueError(f"k={k} exceeds the number of columns M={num_columns}")
     if num_columns >= 2**31 - 1:
         raise ValueError(f"scores rows must have fewer than 2**31 - 1 columns, got M={num_columns}")
-    if scores.numel() and torch.isnan(scores.amax()):  # max propagates NaN: one reduction, no [Q, M] mask
+    # not while a CUDA graph is captured (no value can be read back); the eager calls before it check
+    if scores.numel() and not capturing() and torch.isnan(scores.amax()):  # max propagates NaN: one reduction, no [Q, M] mask
         raise ValueError("scores contain NaN")
     return scores.float().contiguous()
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from gpukernels_common import env, grouped_blocks, select_backend
+from gpukernels_common import capturing, env, grouped_blocks, select_backend
+from gpukernels_common.graphs import GraphedCall, padded_batch
 
 from ..filtering import count_bits, count_row_bits, derived_from, device_constant, pack_bits, unpack_bits
 from ..topk import as_count, as_integers, select_topk, select_topk_checked
@@ -205,7 +206,7 @@ def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
     if not queries.dtype.is_floating_point:
         raise ValueError(f"queries must be floating point, got {queries.dtype}")
-    if not torch.isfinite(queries).all():
+    if not capturing() and not torch.isfinite(queries).all():  # a captured graph cannot read values (its caller checks)
         raise ValueError("queries contain NaN or inf")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -225,6 +226,8 @@ class IVFIndex:
         # storage layout generation: compact() moves items and counts up; filters over positions
         # carry the layout they were made for (`layout`, 0 when absent) and must match it
         self.layout = 0
+        # add / remove / compact calls so far: a captured search refuses an index changed since
+        self._mutations = 0
         # build-input rows numbered so far (the build's, then every added item's, removed ones
         # too): compact() numbers the fresh items from here, never reusing a compacted-away row
         self.rows_numbered = int(order.max()) + 1 if order.numel() else 0
@@ -566,6 +569,21 @@ class IVFIndex:
         r = self.search_with_stats(queries, k, nprobe, filters)
         return r.scores, r.ids
 
+    def capture(self, queries: torch.Tensor, k: int, nprobe: int | None = None) -> CapturedSearch:
+        """`search(queries, k, nprobe)` (unfiltered) recorded as one CUDA graph
+        (`gpukernels_common.graphs.GraphedCall`) for batches of 1 to `queries.shape[0]` queries
+        (a smaller batch is padded and its results cut back): a search replays its kernels with
+        one launch, where an eager search launches each (about 115 at nprobe 16; it is bound by
+        that host work on a GPU). `queries`: an example batch (its dtype and count; any finite
+        values). The graph is a snapshot of the index: after `add`, `remove` or `compact` the
+        captured search raises; capture again. Needs the index on a CUDA device."""
+        if self.codes.device.type != "cuda":
+            raise RuntimeError(f"capture needs the index on a CUDA device (CUDA graphs), it is on {self.codes.device}")
+        queries = _as_queries(queries).to(self.codes.device)
+        self.search(queries, k, nprobe)  # every argument checked, as search checks them
+        graphed = GraphedCall(lambda q: self.search(q, k, nprobe), queries)
+        return CapturedSearch(self, graphed, k)
+
     # -- mutation and persistence ------------------------------------------------------------
     def add(self, embeddings: torch.Tensor, ids) -> None:
         """Add items to the fresh part (no re-clustering, O(new items)): searched exhaustively beside
@@ -582,6 +600,7 @@ class IVFIndex:
         self.fresh_scales = torch.cat([self.fresh_scales, scales])
         self.fresh_ids = torch.cat([self.fresh_ids, ids])
         self.fresh_removed = torch.cat([self.fresh_removed, torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)])
+        self._mutations += 1
 
     def compact(self) -> None:
         """Fold the fresh part into the clusters (each item joins the cluster of largest centroid
@@ -611,6 +630,7 @@ class IVFIndex:
         self.removed = torch.zeros(self.codes.shape[0], dtype=torch.bool, device=device)
         self.fresh_codes, self.fresh_scales, self.fresh_ids = self.fresh_codes[:0], self.fresh_scales[:0], self.fresh_ids[:0]
         self.fresh_removed = self.fresh_removed[:0]
+        self._mutations += 1
 
     def remove(self, ids) -> int:
         """Tombstone items by user id; returns how many were removed."""
@@ -618,6 +638,7 @@ class IVFIndex:
         hit, fresh_hit = torch.isin(self.ids, ids) & ~self.removed, torch.isin(self.fresh_ids, ids) & ~self.fresh_removed
         self.removed |= hit
         self.fresh_removed |= fresh_hit
+        self._mutations += 1
         return int(hit.sum() + fresh_hit.sum())
 
     def save(self, path) -> Path:
@@ -668,6 +689,29 @@ class IVFIndex:
             idx.fresh_codes, idx.fresh_scales, idx.fresh_ids = fresh["fresh_codes"], fresh["fresh_scales"], fresh["fresh_ids"]
             idx.fresh_removed = fresh["fresh_removed"].bool()
         return idx
+
+
+class CapturedSearch:
+    """An index's unfiltered search as a CUDA graph (`IVFIndex.capture`): `captured(queries)`
+    returns (scores [Q, k], ids [Q, k]) as `index.search` does, for 1 to `batch_size` queries,
+    each checked as `search` checks them (the finiteness check reads one value back)."""
+
+    def __init__(self, index: IVFIndex, graphed: GraphedCall, k: int):
+        self.index, self.graphed, self.k = index, graphed, k
+        self.example = graphed.inputs[0]
+        self.batch_size = self.example.shape[0]
+        self.mutations = index._mutations
+
+    def __call__(self, queries) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index._mutations != self.mutations:
+            raise RuntimeError("the index changed (add, remove or compact) since it was captured: capture it again")
+        queries = _as_queries(queries)
+        _check_queries(queries, self.example.shape[1], self.k)
+        q = queries.shape[0]
+        if not 1 <= q <= self.batch_size:
+            raise ValueError(f"queries must hold 1 to batch_size={self.batch_size} queries (as captured), got {q}")
+        scores, ids = self.graphed(padded_batch(queries.to(self.example.device, self.example.dtype), self.batch_size))
+        return scores[:q], ids[:q]
 
 
 class FlatIndex(IVFIndex):
