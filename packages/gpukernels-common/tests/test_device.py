@@ -26,6 +26,24 @@ def test_packed_copy_round_trips_every_dtype_and_shape():
         assert torch.equal(got, want)
 
 
+def test_packed_copy_resolves_conjugate_and_negative_views():
+    """A byte view of a conjugate (or negative) view is refused by torch: packed as its values."""
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    tensors = [z.conj(), torch.tensor([1.5, -2.0])._neg_view(), z]
+    out = _packed_copy([t.contiguous() for t in tensors], torch.device("cpu"), pin_memory=False)
+    for got, want in zip(out, tensors):
+        assert got.dtype == want.dtype and torch.equal(got.resolve_conj().resolve_neg(), want.resolve_conj().resolve_neg())
+
+
+def test_to_device_moves_tensors_of_another_device():
+    """Only host tensors are packed; one on another device is moved with `.to`, never returned
+    where it is (here a meta tensor, which cannot be moved: an error, not a silent meta result)."""
+    with pytest.raises((RuntimeError, AssertionError, NotImplementedError)):
+        to_device([torch.ones(2, device="meta")], "cuda")
+    out = _packed_copy([torch.ones(2), torch.ones(3, device="meta")], torch.device("meta"), pin_memory=False)
+    assert [t.device.type for t in out] == ["meta", "meta"]
+
+
 def test_to_device_on_the_cpu_returns_the_tensors():
     tensors = _mixed_tensors()
     for got, want in zip(to_device(tensors, "cpu"), tensors):

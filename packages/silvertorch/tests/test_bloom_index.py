@@ -171,6 +171,20 @@ def test_bytes_per_item_and_bad_inputs():
         idx.verify(plans, torch.tensor([[5000]]))
 
 
+def test_bloom_filter_range_masks_check_their_ranges():
+    """`BloomFilter.range_masks` is the public range-filter method: ranges outside the index are a
+    ValueError, as `search_ranges` says, not words of bits past its end. (The IVF search, whose
+    ranges are its own clusters, takes the unchecked variant.)"""
+    f = INDEX.filter(parse_filters(["NOT 1:1"]))
+    n = INDEX.num_items
+    for starts, lengths, match in (([[n - 10]], [[20]], "inside the index"), ([[-5]], [[10]], "inside the index"),
+                                   ([[0]], [[40]], "max_length")):
+        with pytest.raises(ValueError, match=match):
+            f.range_masks(torch.tensor(starts), torch.tensor(lengths), 32)
+    starts, lengths = torch.tensor([[0, 100]]), torch.tensor([[32, 7]])
+    assert torch.equal(f.range_masks(starts, lengths, 32), f._range_masks_unchecked(starts, lengths, 32))
+
+
 def test_reference_build_in_chunks_equals_one_pass(monkeypatch):
     import silvertorch.bloom.index as bloom_index
 

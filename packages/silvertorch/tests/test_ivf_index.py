@@ -3,7 +3,7 @@ import torch
 
 from gpukernels_common.testing import CanaryBuffer
 from silvertorch import BloomIndex, DenseMaskFilter, FlatIndex, IVFIndex, parse_filters
-from silvertorch.filtering import count_bits, pack_bits, unpack_bits
+from silvertorch.filtering import count_bits, count_row_bits, pack_bits, unpack_bits
 from silvertorch.ivf import index as ivf_index
 from silvertorch.ivf.index import int8_matmul
 
@@ -879,3 +879,38 @@ def test_captured_search_matches_the_eager_search():
             want_scores, want_ids = index.search(batch, 25, 4)
             assert torch.equal(ids, want_ids)
             torch.testing.assert_close(scores, want_scores)
+
+
+def test_a_filtered_search_of_no_queries_is_empty():
+    """Zero queries under a filter: the empty result of the unfiltered search, not a reshape error
+    from the range masks or the per-row bit counts (which have no row to size their views by)."""
+    index = IVFIndex.build(INDEX_X[:500], n_clusters=8, iters=2)
+    queries = torch.empty(0, INDEX_X.shape[1])
+    for filters in (DenseMaskFilter(torch.zeros(0, index.num_items, dtype=torch.bool)), None):
+        scores, ids = index.search(queries, 5, 2, filters=filters)
+        assert scores.shape == ids.shape == (0, 5)
+    assert count_row_bits(torch.zeros(0, 3, 2, dtype=torch.int32)).shape == (0,)
+    words = torch.randint(-2**31, 2**31 - 1, (4, 3, 2), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(count_row_bits(words), count_bits(words).sum(1))
+
+
+def test_captured_search_checks_queries_in_the_captured_dtype():
+    """float64 queries past float32's range become inf in the captured float32 buffer: refused as
+    the eager search refuses inf, before the graph runs (which does not check its values)."""
+    from silvertorch.ivf.index import CapturedSearch
+
+    class Graph:
+        def __init__(self, example):
+            self.inputs, self.calls = [example], 0
+
+        def __call__(self, queries):
+            self.calls += 1
+            return torch.zeros(queries.shape[0], 3), torch.zeros(queries.shape[0], 3, dtype=torch.int64)
+
+    graph = Graph(torch.zeros(4, INDEX_X.shape[1]))
+    captured = CapturedSearch(INDEX, graph, 3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        captured(torch.full((2, INDEX_X.shape[1]), 1e39, dtype=torch.float64))
+    assert graph.calls == 0
+    captured(torch.ones(2, INDEX_X.shape[1], dtype=torch.float64))
+    assert graph.calls == 1

@@ -52,7 +52,9 @@ def to_device(tensors, device) -> tuple[torch.Tensor, ...]:
     one copy: packed into one pinned byte buffer and sent without blocking. A pageable `.to(cuda)`
     per tensor costs a copy and a host synchronisation each; this costs one copy and none (the
     caching host allocator keeps the pinned buffer until the copy has run). Tensors already on
-    `device` are returned as they are (contiguous); so is everything when `device` is the CPU."""
+    `device` are returned as they are (contiguous), tensors on another device moved with `.to`;
+    everything is moved with `.to` when `device` is the CPU. A conjugate or negative view is
+    packed as its values (it comes back resolved)."""
     device = torch.device(device)
     tensors = [t.contiguous() for t in tensors]
     if device.type != "cuda":
@@ -64,6 +66,9 @@ def _packed_copy(tensors: list, device: torch.device, pin_memory: bool) -> tuple
     """`to_device`'s copy: the host tensors among the contiguous `tensors` packed into one byte
     buffer, moved at once, and viewed back with their dtypes and shapes."""
     host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+    # another accelerator's (or a meta) tensor: moved on its own, not returned where it is; a
+    # conjugate or negative view resolved (a byte view of one is refused, and would drop the bit)
+    tensors = [t.resolve_conj().resolve_neg() if t.device.type == "cpu" else t.to(device) for t in tensors]
     if not host:
         return tuple(tensors)
     offsets, total = [], 0

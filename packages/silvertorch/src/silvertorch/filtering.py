@@ -135,7 +135,7 @@ def count_row_bits(words: torch.Tensor) -> torch.Tensor:
     bytes' popcounts, looked up by each byte of the words."""
     as_bytes = words.to(torch.int32).contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
     counts = device_constant("byte_popcounts", words.device, _byte_popcounts).index_select(0, as_bytes)
-    return counts.view(words.shape[0], -1).sum(1)
+    return counts.view(words.shape[0], math.prod(words.shape[1:]) * 4).sum(1)  # (no -1: Q = 0 has no row to infer it)
 
 
 class DenseMaskFilter:
@@ -171,7 +171,7 @@ class DenseMaskFilter:
         offset = (start % 32).unsqueeze(-1)
         word_steps = device_constant(f"arange{num_words + 1}", start.device, lambda d: torch.arange(num_words + 1, device=d))
         first = (start // 32).unsqueeze(-1) + word_steps  # [Q, R, W + 1]
-        both = packed.gather(1, first.reshape(q, -1)).view(first.shape)
+        both = packed.gather(1, first.flatten(1)).view(first.shape)  # flatten: reshape(q, -1) fails for q = 0
         words = (both[..., :-1] | (both[..., 1:] << 32)) >> offset  # bits s + 32w .. in the low 32
         # bits at or past the range's length are 0 (and those above the low 32: valid <= 32)
         word_bits = device_constant(f"word_bits{num_words}", start.device, lambda d: 32 * torch.arange(num_words, device=d))

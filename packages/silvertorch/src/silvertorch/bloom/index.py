@@ -485,8 +485,13 @@ class BloomFilter:
         return self.index.layout
 
     def range_masks(self, starts, lengths, max_length: int) -> torch.Tensor:
-        """The ranges' keep words; `starts`/`lengths` come from the index searched (inside it by
-        construction), so they are not read back to be checked."""
+        """The ranges' keep words (`BloomIndex.search_ranges`: the ranges checked, a ValueError
+        for one outside the index)."""
+        return self.index.search_ranges(self.plans, starts, lengths, max_length)
+
+    def _range_masks_unchecked(self, starts, lengths, max_length: int) -> torch.Tensor:
+        """`range_masks` for the IVF search, whose ranges are its clusters' (inside the index by
+        construction): not read back to be checked, a host synchronisation each."""
         return self.index._search_ranges(self.plans, starts, lengths, max_length)
 
     def exact_mask(self, positions) -> torch.Tensor:

@@ -201,6 +201,12 @@ def _as_queries(queries) -> torch.Tensor:
         raise ValueError(f"queries must be a float tensor or array [num_queries, dim], got {type(queries).__name__}") from err
 
 
+def _range_masks(filters, starts, lengths, max_length: int) -> torch.Tensor:
+    """`filters.range_masks` of the search's own ranges (inside the index by construction): a
+    filter's unchecked variant where it has one (a BloomFilter's checks read the ranges back)."""
+    return getattr(filters, "_range_masks_unchecked", filters.range_masks)(starts, lengths, max_length)
+
+
 def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
     if queries.dim() != 2 or queries.shape[1] != dim:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
@@ -288,7 +294,7 @@ class IVFIndex:
             q, m = scores.shape
             starts = torch.full((q, 1), first_position, dtype=torch.int64, device=scores.device)
             lengths = torch.full((q, 1), m, dtype=torch.int64, device=scores.device)
-            keep = keep & unpack_bits(filters.range_masks(starts, lengths, m).to(scores.device), m)[:, 0]
+            keep = keep & unpack_bits(_range_masks(filters, starts, lengths, m).to(scores.device), m)[:, 0]
         return scores.masked_fill(~keep, float("-inf"))
 
     def _ids_at(self, positions: torch.Tensor) -> torch.Tensor:
@@ -339,7 +345,7 @@ class IVFIndex:
         L = max(self.max_cluster, 1)
         words = None
         if filters is not None:
-            words = filters.range_masks(starts, lengths, L).to(self.codes.device)
+            words = _range_masks(filters, starts, lengths, L).to(self.codes.device)
         if self._any_removed():
             slots = torch.arange(L, device=starts.device)
             alive = ~self.removed[(starts.unsqueeze(-1) + slots).clamp(max=max(self.num_main - 1, 0))]
@@ -426,6 +432,8 @@ class IVFIndex:
         max_nprobe = min(max_nprobe, self.n_clusters)
         if filters is not None:
             self._check_filters(filters, queries.shape[0])
+            if queries.shape[0] == 0:  # nothing to filter: the unfiltered search's empty result (the filtered
+                filters = None         # path's range masks and counts have no row to size their views by)
         queries = queries.to(self.codes.device)
         result = self._search_once(queries, k, nprobe, filters)
         while adaptive and nprobe < max_nprobe:
@@ -706,11 +714,13 @@ class CapturedSearch:
         if self.index._mutations != self.mutations:
             raise RuntimeError("the index changed (add, remove or compact) since it was captured: capture it again")
         queries = _as_queries(queries)
+        if queries.is_floating_point():  # checked in the captured dtype: float64 past float32's range turns inf
+            queries = queries.to(self.example.dtype)
         _check_queries(queries, self.example.shape[1], self.k)
         q = queries.shape[0]
         if not 1 <= q <= self.batch_size:
             raise ValueError(f"queries must hold 1 to batch_size={self.batch_size} queries (as captured), got {q}")
-        scores, ids = self.graphed(padded_batch(queries.to(self.example.device, self.example.dtype), self.batch_size))
+        scores, ids = self.graphed(padded_batch(queries.to(self.example.device), self.batch_size))
         return scores[:q], ids[:q]
 
 
