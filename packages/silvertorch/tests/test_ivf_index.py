@@ -914,3 +914,22 @@ def test_captured_search_checks_queries_in_the_captured_dtype():
     assert graph.calls == 0
     captured(torch.ones(2, INDEX_X.shape[1], dtype=torch.float64))
     assert graph.calls == 1
+
+
+def test_device_constants_made_under_inference_mode_are_kept():
+    """A constant first asked for under inference_mode is kept (made outside it): otherwise it is
+    made afresh inside a CUDA graph capture, a host-to-device copy that a capture refuses."""
+    from silvertorch import filtering
+
+    filtering._CONSTANTS.pop(("test_inference_table", torch.device("cpu")), None)
+    made = []
+
+    def make(device):
+        made.append(device)
+        return torch.arange(5, device=device)
+
+    with torch.inference_mode():
+        first = filtering.device_constant("test_inference_table", torch.device("cpu"), make)
+    second = filtering.device_constant("test_inference_table", torch.device("cpu"), make)
+    assert len(made) == 1 and second is first and not first.is_inference()
+    filtering._CONSTANTS.pop(("test_inference_table", torch.device("cpu")))

@@ -7,7 +7,8 @@ instead of one per kernel, for host-bound paths (many small kernels) such as a r
 What `fn` does must not depend on its inputs' values on the host (no `.item()`, no `nonzero`,
 no shapes read from data): `tracing()` is true while it is captured, so code of these packages
 takes its static-shape path. Outputs are copies, not the graph's own buffers, which the next
-call overwrites.
+call overwrites. One caller at a time: the captured input buffers are shared (a server calls it
+from one worker).
 """
 
 from __future__ import annotations

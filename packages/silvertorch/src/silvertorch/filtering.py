@@ -76,11 +76,14 @@ def device_constant(name: str, device: torch.device, make) -> torch.Tensor:
     """A constant table `make(device)`, made once per device and kept: `torch.tensor(list)` on a
     GPU is a copy from pageable host memory (a synchronisation), an arange a launch, on every
     call otherwise. Not kept while torch.compile or export traces (their tensors are fakes), nor
-    past CONSTANT_MAX_NUMEL entries."""
+    past CONSTANT_MAX_NUMEL entries; nor while a CUDA graph is captured (a table made there holds
+    its values only once the graph replays: the eager calls before a capture make them). Made
+    outside inference mode, so that one made under it is kept too."""
     key = (name, torch.device(device))
     table = _CONSTANTS.get(key)
     if table is None:
-        table = make(key[1])
+        with torch.inference_mode(False):
+            table = make(key[1])
         if (type(table) is torch.Tensor and table.numel() <= CONSTANT_MAX_NUMEL and not table.is_inference()
                 and not tracing()):
             _CONSTANTS[key] = table

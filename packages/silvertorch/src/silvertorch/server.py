@@ -93,6 +93,9 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None, cuda_g
         raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {model.codes.device}")
     model.eval()
     spec = model.config()["user_tower"].get("input") or {}
+    if cuda_graphs and "width" not in spec:  # the batch captured is made from it
+        raise ValueError("cuda_graphs needs a user tower with an input_spec ({'dtype', 'width', ...}: the features "
+                         "the graphs are captured for)")
     n_tasks = model.value_model.num_tasks
 
     class RetrieveRequest(BaseModel):
@@ -175,7 +178,7 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None, cuda_g
     @contextlib.asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(worker())
-        warm = torch.zeros(1, len(spec.get("max", [0])) if spec else 1, dtype=torch.int64 if spec.get("dtype") == "int64" else torch.float32,
+        warm = torch.zeros(1, spec.get("width", 1), dtype=torch.int64 if spec.get("dtype") == "int64" else torch.float32,
                            device=model.codes.device)
         if cuda_graphs:  # before ready: a capture that fails stops the start-up, with its error
             state["captured"] = await asyncio.to_thread(model.capture, warm, graph_batch_sizes(limits.max_batch))

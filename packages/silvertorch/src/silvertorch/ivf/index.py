@@ -584,7 +584,9 @@ class IVFIndex:
         one launch, where an eager search launches each (about 115 at nprobe 16; it is bound by
         that host work on a GPU). `queries`: an example batch (its dtype and count; any finite
         values). The graph is a snapshot of the index: after `add`, `remove` or `compact` the
-        captured search raises; capture again. Needs the index on a CUDA device."""
+        captured search raises; capture again (edits of its tensors in place, outside those
+        methods, are not seen). One caller at a time: the graph's buffers are shared. Needs the
+        index on a CUDA device."""
         if self.codes.device.type != "cuda":
             raise RuntimeError(f"capture needs the index on a CUDA device (CUDA graphs), it is on {self.codes.device}")
         queries = _as_queries(queries).to(self.codes.device)
