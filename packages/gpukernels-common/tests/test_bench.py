@@ -206,3 +206,13 @@ def test_device_time_us_reads_either_name_of_a_profiler_events_device_time():
     assert all(device_time_us(e) == 0 for e in prof.key_averages())  # host-only events
     assert device_time_us(SimpleNamespace(self_device_time_total=7.5)) == 7.5
     assert device_time_us(SimpleNamespace(self_cuda_time_total=3.0)) == 3.0  # torch before 2.4
+
+
+def test_print_profile_reports_wall_time_and_host_events(capsys):
+    from gpukernels_common.bench import print_profile
+
+    x = torch.randn(64, 64)
+    got = print_profile("matmul and a read back", lambda: float((x @ x).sum()), calls=3)
+    out = capsys.readouterr().out
+    assert "### matmul and a read back:" in out and "ms per call" in out
+    assert got["wall_ms"] > 0 and got["host_events"].get("aten::item") == 1.0

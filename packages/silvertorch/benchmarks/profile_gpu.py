@@ -7,46 +7,15 @@ diagnostic for tuning, not a benchmark: it records nothing.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from gpukernels_common.bench import device_time_us
+from gpukernels_common.bench import print_profile as profile
 from silvertorch import BloomIndex, DenseMaskFilter, IVFIndex, parse_filters, select_topk
 from silvertorch.topk import _select_two_level
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense",
-         "aten::nonzero", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
-
-
-def profile(name, fn, calls=5):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / calls * 1e3
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    gpu = sorted((e for e in events if device_time_us(e) > 0), key=device_time_us, reverse=True)
-    print(f"\n### {name}: {wall:.3f} ms per call (wall, synchronised); device busy {sum(map(device_time_us, gpu)) / calls / 1e3:.3f} ms")
-    for e in gpu[:10]:
-        print(f"  gpu {device_time_us(e) / calls / 1e3:8.3f} ms x{e.count // calls:<4d} {e.key[:90]}")
-    cpu = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
-    for e in cpu[:12]:
-        print(f"  cpu {e.self_cpu_time_total / calls / 1e3:8.3f} ms x{e.count // calls:<4d} {e.key[:90]}")
-    for e in events:
-        if e.key in SYNCS:
-            print(f"  host {e.key}: {e.count / calls:.1f} per call, {e.self_cpu_time_total / calls / 1e3:.3f} ms")
 
 
 def main():
@@ -61,6 +30,8 @@ def main():
     profile("IVF search 128 queries, nprobe 16, k 100, no filter", lambda: index.search_with_stats(qd, k=100, nprobe=16))
     profile("IVF search 128 queries, nprobe 16, k 100, 1% mask", lambda: index.search_with_stats(qd, k=100, nprobe=16, filters=mask))
     profile("IVF search 1 query, nprobe 16, k 100, no filter", lambda: index.search_with_stats(qd[:1], k=100, nprobe=16))
+    captured = index.capture(qd, k=100, nprobe=16)
+    profile("IVF search 128 queries, nprobe 16, k 100, no filter, as a CUDA graph", lambda: captured(qd))
 
     scores = torch.randn(4, 2_000_000, device=device)
     profile("select_topk two_level 4 x 2M k=100", lambda: select_topk(scores, 100, "two_level"))

@@ -109,6 +109,52 @@ def device_time_us(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
 
 
+# host events that show where a call waits or launches: synchronisations, copies, launches
+HOST_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense",
+               "aten::nonzero", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def print_profile(name: str, fn: Callable[[], object], calls: int = 5) -> dict:
+    """Where `fn`'s time goes: wall milliseconds per call (synchronised), then under
+    torch.profiler the kernels by device time, the aten ops by host time and the counts of
+    HOST_EVENTS per call. Printed; also returned ({"wall_ms", "device_ms", "host_events"}). A
+    diagnostic, not a benchmark: nothing is recorded. Without CUDA only the host side is seen."""
+    cuda = torch.cuda.is_available()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    wall = (time.perf_counter() - t0) / calls * 1e3
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if device_time_us(e) > 0), key=device_time_us, reverse=True)
+    device_ms = sum(map(device_time_us, kernels)) / calls / 1e3
+    print(f"\n### {name}: {wall:.3f} ms per call (wall, synchronised); device busy {device_ms:.3f} ms")
+    for e in kernels[:10]:
+        print(f"  gpu {device_time_us(e) / calls / 1e3:8.3f} ms x{e.count // calls:<4d} {e.key[:90]}")
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    for e in ops[:12]:
+        print(f"  cpu {e.self_cpu_time_total / calls / 1e3:8.3f} ms x{e.count // calls:<4d} {e.key[:90]}")
+    host = {}
+    for e in events:
+        if e.key in HOST_EVENTS:
+            host[e.key] = e.count / calls
+            print(f"  host {e.key}: {e.count / calls:.1f} per call, {e.self_cpu_time_total / calls / 1e3:.3f} ms")
+    return {"wall_ms": wall, "device_ms": device_ms, "host_events": host}
+
+
 def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1, timeout: float = 600) -> list:
     """Run `jobs` independent multi-process jobs of `world` spawned local processes each (every job
     on its own loopback port, e.g. one torch.distributed process group per job) and return what
