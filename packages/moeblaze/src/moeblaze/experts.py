@@ -81,13 +81,14 @@ class _Launch:
         self.precision = "ieee" if exact else "tf32"
         tiles = INTERPRET_TILES if self.interpret else GPU_TILES_FP32 if x.dtype == torch.float32 else GPU_TILES
         self.bm, self.bk = tiles["bm"], tiles["bk"]
-        self.bn_f = min(tiles["bn"], max(16, triton.next_power_of_2(f)))
-        self.bn_d = min(tiles["bn"], max(16, triton.next_power_of_2(d)))
+        def capped(tile, n):  # a tile no wider than n padded to a power of two (16 at least)
+            return min(tile, max(16, triton.next_power_of_2(n)))
+
+        self.bn_f, self.bn_d = capped(tiles["bn"], f), capped(tiles["bn"], d)
         self.meta = {} if self.interpret else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
         b2 = {**tiles, **GPU_DOWN_WEIGHT_GRAD_TILES} if tiles is GPU_TILES else tiles
         self.b2_bm = b2["bm"]
-        self.b2_bf = min(b2.get("bf", b2["bn"]), max(16, triton.next_power_of_2(f)))
-        self.b2_bd = min(b2.get("bd", b2["bn"]), max(16, triton.next_power_of_2(d)))
+        self.b2_bf, self.b2_bd = capped(b2.get("bf", b2["bn"]), f), capped(b2.get("bd", b2["bn"]), d)
         self.b2_meta = {} if self.interpret else {"num_warps": b2["num_warps"], "num_stages": b2["num_stages"]}
         self.rows = x.shape[0] * top_k
         counts = offsets[1:] - offsets[:-1]  # the experts' row groups (dropped slots past offsets[E] excluded)

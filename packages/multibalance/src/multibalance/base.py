@@ -61,14 +61,19 @@ class TaskScales(Mapping):
         return f"TaskScales({self._read()!r})"
 
 
+def _all_finite(values: torch.Tensor) -> torch.Tensor:
+    """0-d bool on `values`' device: no inf or NaN in it. 0 * x is 0 (or -0) unless x is inf or
+    NaN: three ops, where isfinite().all() is five (isfinite is composite: abs, ne, eq, and), each
+    a kernel launch on a GPU."""
+    return values.mul(0).sum().eq(0)
+
+
 def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
     """The moving average of `values` (rate 1 - beta), from the first step whose values are all
     finite (NaN until then; an empty or other-shaped `average` starts it), left as it was on a step
     with a non-finite value (its gradients overflowed: a GradScaler skips that step). Tensor ops
     on `values`' device only: no host sync."""
-    # 0 * x is 0 (or -0) unless x is inf or NaN: three ops, where isfinite().all() is five
-    # (isfinite is composite: abs, ne, eq, and) and each is a kernel launch on a GPU
-    finite = values.mul(0).sum().eq(0)
+    finite = _all_finite(values)
     if average.shape != values.shape:
         return torch.where(finite, values, float("nan"))
     average = average.to(values.device)  # e.g. loaded from a checkpoint onto another device: kept
@@ -293,8 +298,8 @@ class Balancer(nn.Module, abc.ABC):
         if len({loss.device for loss in out}) == 1:
             with torch.no_grad():  # one stack and one cast for all tasks, not a detach and a cast per loss
                 values = torch.stack(out).double()  # (stack promotes mixed dtypes to one that holds each exactly)
-            if floors is None:  # 0 * x is 0 unless x is inf or NaN: fewer ops than isfinite (abs, ne, eq, and)
-                good = bool(values.mul(0).sum().eq(0))
+            if floors is None:
+                good = bool(_all_finite(values))
             else:
                 good = bool(valid(values, floors).all())
         else:

@@ -90,6 +90,11 @@ def device_constant(name: str, device: torch.device, make) -> torch.Tensor:
     return table
 
 
+def device_arange(n: int, device: torch.device) -> torch.Tensor:
+    """`torch.arange(n)` on `device`, a `device_constant`."""
+    return device_constant(f"arange{n}", device, lambda d: torch.arange(n, device=d))
+
+
 def _bit_weights(device) -> torch.Tensor:
     return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
@@ -172,7 +177,7 @@ class DenseMaskFilter:
         packed = self._packed_words(num_words)
         start = starts.clamp(0, n).to(torch.int64)
         offset = (start % 32).unsqueeze(-1)
-        word_steps = device_constant(f"arange{num_words + 1}", start.device, lambda d: torch.arange(num_words + 1, device=d))
+        word_steps = device_arange(num_words + 1, start.device)
         first = (start // 32).unsqueeze(-1) + word_steps  # [Q, R, W + 1]
         both = packed.gather(1, first.flatten(1)).view(first.shape)  # flatten: reshape(q, -1) fails for q = 0
         words = (both[..., :-1] | (both[..., 1:] << 32)) >> offset  # bits s + 32w .. in the low 32

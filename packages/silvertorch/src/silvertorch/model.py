@@ -585,13 +585,19 @@ class RetrievalModel(nn.Module):
                 raise ValueError(f"user_features: a number is out of range (the user tower takes {tower_dtype})")
         return user_features
 
-    def retrieve(self, user_features: torch.Tensor, filters: list[str] | None = None, value_weights=None) -> Retrieved:
-        """Validate, compile the filters, run one forward."""
+    def _checked_request(self, user_features, filters) -> tuple[torch.Tensor, list[str]]:
+        """(user features, filters) of a `retrieve` call, checked: one expression per user, "" each by default."""
         user_features = self.check_user_features(user_features)
         q = user_features.shape[0]
         filters = [""] * q if filters is None else filters
         if isinstance(filters, str) or len(filters) != q:
             raise ValueError(f"filters must be a list of {q} expressions (one per user), got {filters!r:.80}")
+        return user_features, filters
+
+    def retrieve(self, user_features: torch.Tensor, filters: list[str] | None = None, value_weights=None) -> Retrieved:
+        """Validate, compile the filters, run one forward."""
+        user_features, filters = self._checked_request(user_features, filters)
+        q = user_features.shape[0]
         if value_weights is not None:
             value_weights = self.value_model.check_request_weights(value_weights, q).to(self.codes.device)
         with torch.no_grad():
@@ -898,10 +904,6 @@ class CapturedRetrieval:
 
     def retrieve(self, user_features, filters: list[str] | None = None) -> Retrieved:
         """As `RetrievalModel.retrieve` (checks, filters compiled), through the graph."""
-        user_features = self.model.check_user_features(user_features)
-        q = user_features.shape[0]
-        filters = [""] * q if filters is None else filters
-        if isinstance(filters, str) or len(filters) != q:
-            raise ValueError(f"filters must be a list of {q} expressions (one per user), got {filters!r:.80}")
+        user_features, filters = self.model._checked_request(user_features, filters)
         return Retrieved(*self(user_features, *self.model.prepare_filters(filters)))
 

@@ -27,7 +27,7 @@ import torch
 from gpukernels_common import capturing, env, grouped_blocks, select_backend
 from gpukernels_common.graphs import GraphedCall, padded_batch
 
-from ..filtering import count_bits, count_row_bits, derived_from, device_constant, pack_bits, unpack_bits
+from ..filtering import count_row_bits, derived_from, device_arange, pack_bits, unpack_bits
 from ..topk import as_count, as_integers, select_topk, select_topk_checked
 from .kmeans import kmeans
 from .quantize import quantize_rows
@@ -79,7 +79,7 @@ def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
     sorted_clusters, pairs = torch.sort(clusters.reshape(-1), stable=True)
     # each cluster's pairs by a binary search of the sorted clusters (bincount reads its input's
     # largest value back on the host to size its output: a synchronisation)
-    cluster_ids = device_constant(f"arange{n_clusters}", clusters.device, lambda d: torch.arange(n_clusters, device=d))
+    cluster_ids = device_arange(n_clusters, clusters.device)
     pair_starts = torch.searchsorted(sorted_clusters, cluster_ids)
     pair_ends = torch.searchsorted(sorted_clusters, cluster_ids, right=True)
     cluster, first, n_blocks = grouped_blocks(pair_starts, pair_ends - pair_starts, clusters.numel(), block_q)
@@ -302,9 +302,8 @@ class IVFIndex:
         if not self.num_fresh:  # one lookup: position -1 reads the -1 kept after the ids
             return derived_from(self, "_ids_then_missing", self.ids, lambda ids: torch.cat([ids, ids.new_full((1,), -1)]))[positions]
         main = self.ids[positions.clamp(0, max(self.num_main - 1, 0))] if self.num_main else torch.full_like(positions, -1)
-        if self.num_fresh:
-            fresh = self.fresh_ids[(positions - self.num_main).clamp(0, self.num_fresh - 1)]
-            main = torch.where(positions >= self.num_main, fresh, main)
+        fresh = self.fresh_ids[(positions - self.num_main).clamp(0, self.num_fresh - 1)]
+        main = torch.where(positions >= self.num_main, fresh, main)
         return torch.where(positions >= 0, main, torch.full_like(positions, -1))
 
     # -- search ------------------------------------------------------------------------------
@@ -477,7 +476,7 @@ class IVFIndex:
             ranges = self._probed_ranges(queries, clusters, filters)
             starts, _, L, words = ranges
             if words is not None:
-                found = count_bits(words).sum(1)
+                found = count_row_bits(words)
                 if int(found.sum()) * PASSING_SLOT_COST <= words.shape[0] * words.shape[1] * L:
                     scores, positions = self._passing_scores(queries, starts, L, words, found)
                     return scores, (lambda slots: positions.gather(1, slots)), found
