@@ -105,8 +105,8 @@ def test_time_fn_quantiles_stay_inside_the_samples(monkeypatch):
     # few slow samples: the default ("exclusive") quantiles extrapolated past the measured range
     import gpukernels_common.bench as bench
 
-    # the first call (1 ms), the warm-up's deadline and its check, then three timed calls
-    samples = iter([0.0, 0.001, 0.0, 0.0, 0.0, 0.024, 0.0, 0.064, 0.0, 0.0701])
+    # the warm-up's deadline and its check, one warm call sizing the samples, then three timed calls
+    samples = iter([0.0, 0.0, 0.0, 0.001, 0.0, 0.024, 0.0, 0.064, 0.0, 0.0701])
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(samples))
     out = time_fn(lambda: None, warmup_ms=0, rep_ms=0)
     assert 24.0 - 1e-6 <= out["ms_p20"] <= out["ms"] <= out["ms_p80"] <= 70.1 + 1e-6
@@ -126,6 +126,23 @@ def test_time_fn_sizes_its_samples_by_the_warm_calls(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     out = time_fn(fn, warmup_ms=10 * 2.0**-10 * 1e3, rep_ms=50)
     assert calls[0] == 1 + 10 + 51  # first, warm-up, int(50 ms / 0.977 ms)
+    assert out["ms"] == pytest.approx(2.0**-10 * 1e3)
+
+
+def test_time_fn_without_a_warm_up_sizes_its_samples_by_a_warm_call(monkeypatch):
+    """warmup_ms=0 left no warm call to size by, so the cold first call did: 3 samples where
+    rep_ms asks for 51."""
+    import gpukernels_common.bench as bench
+
+    clock, calls = [0.0], [0]
+
+    def fn():
+        calls[0] += 1
+        clock[0] += 0.5 if calls[0] == 1 else 2.0**-10
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    out = time_fn(fn, warmup_ms=0, rep_ms=50)
+    assert calls[0] == 1 + 1 + 51  # cold, the sizing call, int(50 ms / 0.977 ms)
     assert out["ms"] == pytest.approx(2.0**-10 * 1e3)
 
 
@@ -182,11 +199,11 @@ def test_spawn_jobs_names_a_rank_that_died_without_waiting_out_the_timeout():
 
 
 def test_time_fn_reports_the_median_and_the_20th_and_80th_percentiles(monkeypatch):
-    """On a fake clock: a 1 ms first call sizes rep_ms=11 to 11 samples of 1..11 ms (shuffled)."""
+    """On a fake clock: a 1 ms warm call sizes rep_ms=11 to 11 samples of 1..11 ms (shuffled)."""
     import gpukernels_common.bench as bench
 
     clock = [0.0]
-    durations = iter([1, 5, 1, 9, 3, 11, 7, 2, 10, 4, 8, 6])
+    durations = iter([1, 1, 5, 1, 9, 3, 11, 7, 2, 10, 4, 8, 6])  # cold, sizing, samples
 
     def fn():
         clock[0] += next(durations) / 1e3

@@ -254,3 +254,14 @@ def test_schema_ids_from_numpy_are_python_ints_and_numeric_names_may_name_their_
     assert torch.equal(a.hashes, b.hashes)
     with pytest.raises(ValueError, match="item 0 must be a mapping of attribute name -> value"):
         schema.encode_items(["genre"])  # was AttributeError: 'str' object has no attribute 'items'
+
+
+def test_a_batch_compiles_each_expression_as_it_compiles_alone():
+    """The batch's rows (hashed in one call, padded with zeros) are each expression's own plan."""
+    texts = ["", "1:2", "a:{x,y} AND NOT (3:-4 OR b:\"q r\")", "NOT 5:9223372036854775807", "7:1 | 7:2 & !8:3"]
+    batch = parse_filters(texts, schema={"a": 11, "b": 12})
+    for i, text in enumerate(texts):
+        alone = parse_filters([text], schema={"a": 11, "b": 12})
+        for name in ("ops", "args", "hashes"):
+            row, own = getattr(batch, name)[i], getattr(alone, name)[0]
+            assert torch.equal(row[:own.numel()], own) and not row[own.numel():].any(), (text, name)

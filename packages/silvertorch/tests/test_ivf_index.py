@@ -933,3 +933,19 @@ def test_device_constants_made_under_inference_mode_are_kept():
     second = filtering.device_constant("test_inference_table", torch.device("cpu"), make)
     assert len(made) == 1 and second is first and not first.is_inference()
     filtering._CONSTANTS.pop(("test_inference_table", torch.device("cpu")))
+
+
+@pytest.mark.parametrize("kw, match", [({"nprobe": 0}, "nprobe must be >= 1"), ({"nprobe": 2.5}, "nprobe must be an int"),
+                                       ({"max_nprobe": -1}, "max_nprobe must be >= 1"), ({"nprobe": True}, "nprobe must be an int")])
+def test_flat_index_refuses_a_malformed_nprobe(kw, match):
+    # nprobe was dropped unread: nprobe=0 or 2.5 (a typo) searched as if it had not been given
+    with pytest.raises(ValueError, match=match):
+        FlatIndex.build(INDEX_X[:300]).search_with_stats(QUERIES[:2], 3, **kw)
+
+
+def test_flat_index_takes_any_nprobe_and_scores_every_item():
+    flat = FlatIndex.build(INDEX_X[:300])
+    want = flat.search_with_stats(QUERIES[:3], 5)
+    for kw in ({"nprobe": 1}, {"nprobe": 64}, {"adaptive": True, "max_nprobe": 7}):
+        got = flat.search_with_stats(QUERIES[:3], 5, **kw)
+        assert torch.equal(got.scores, want.scores) and torch.equal(got.ids, want.ids), kw

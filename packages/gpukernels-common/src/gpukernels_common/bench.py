@@ -50,17 +50,21 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
 
         p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
-    start = time.perf_counter()
-    fn()
-    first = (time.perf_counter() - start) * 1e3
+    fn()  # cold: a JIT compile, a lazy init
     warm_start = time.perf_counter()
     deadline, calls = warm_start + warmup_ms / 1e3, 0
     while (now := time.perf_counter()) < deadline:
         fn()
         calls += 1
     # calls to fill rep_ms, sized by the warm calls: a cold first call (a JIT compile, a lazy
-    # init) would leave 3 samples where rep_ms asks for hundreds
-    per_call = (now - warm_start) * 1e3 / calls if calls else first
+    # init) would leave 3 samples where rep_ms asks for hundreds; a warm-up too short for any
+    # call (warmup_ms=0) times one warm call for it
+    if calls:
+        per_call = (now - warm_start) * 1e3 / calls
+    else:
+        t0 = time.perf_counter()
+        fn()
+        per_call = (time.perf_counter() - t0) * 1e3
     n = max(3, min(1000, int(rep_ms / max(per_call, 1e-3))))
     samples = []
     for _ in range(n):

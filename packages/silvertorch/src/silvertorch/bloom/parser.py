@@ -387,17 +387,14 @@ def parse_filters(expressions, schema: FilterSchema | dict | None = None, max_te
         slot = {arg: new for new, (_, arg) in enumerate(order)}
         programs.append([(op, slot[arg] if op in (TERM, EXACT_TERM) else arg) for op, arg in program])
         all_terms.append([terms[arg] for _, arg in order])
-    q = len(programs)
     length = max([len(p) for p in programs] + [1])
     n_terms = max([len(t) for t in all_terms] + [1])
-    ops = torch.zeros(q, length, dtype=torch.int32)
-    args = torch.zeros(q, length, dtype=torch.int32)
-    hashes = torch.zeros(q, n_terms, dtype=torch.int64)
-    for i, (program, terms) in enumerate(zip(programs, all_terms)):
-        for j, (op, arg) in enumerate(program):
-            ops[i, j], args[i, j] = op, arg
-        if terms:
-            fids = torch.tensor([t[0] for t in terms], dtype=torch.int64)
-            vals = torch.tensor([t[1] for t in terms], dtype=torch.int64)
-            hashes[i, : len(terms)] = term_hash(fids, vals)
+    # padded rows built as lists and the batch's terms hashed in one call: an element-wise fill and
+    # a hash per expression cost more than the parse itself
+    ops = torch.tensor([[op for op, _ in p] + [0] * (length - len(p)) for p in programs], dtype=torch.int32).view(-1, length)
+    args = torch.tensor([[arg for _, arg in p] + [0] * (length - len(p)) for p in programs], dtype=torch.int32).view(-1, length)
+    fids = torch.tensor([[f for f, _ in t] + [0] * (n_terms - len(t)) for t in all_terms], dtype=torch.int64).view(-1, n_terms)
+    vals = torch.tensor([[v for _, v in t] + [0] * (n_terms - len(t)) for t in all_terms], dtype=torch.int64).view(-1, n_terms)
+    used = torch.tensor([[True] * len(t) + [False] * (n_terms - len(t)) for t in all_terms], dtype=torch.bool).view(-1, n_terms)
+    hashes = torch.where(used, term_hash(fids, vals), 0)  # unused slots hold 0, as before
     return FilterPlans(ops, args, hashes, list(expressions))

@@ -726,7 +726,7 @@ class CapturedSearch:
 
 
 class FlatIndex(IVFIndex):
-    """Brute force over all items (one cluster); same search API (nprobe is ignored).
+    """Brute force over all items (one cluster); same search API (nprobe is checked, then unused).
 
     dtype="int8": symmetric int8 codes, scored by the IVF kernel/reference over the one cluster.
     dtype="bfloat16": bf16 rows and fp32 queries, fp32 accumulation (twice the bytes of int8, no
@@ -759,4 +759,11 @@ class FlatIndex(IVFIndex):
         return (scores if out is None else out.copy_(scores)), starts, max(self.num_main, 1), found
 
     def search_with_stats(self, queries, k, nprobe=None, filters=None, adaptive=False, max_nprobe=None):
+        """IVFIndex's search over every item: `nprobe`, `adaptive` and `max_nprobe` are accepted, so
+        code can search either index, and unused (one cluster holds every item); a given nprobe
+        or max_nprobe must still be a count >= 1 (a typo such as nprobe=0 or 2.5 is refused, not
+        ignored)."""
+        for name, value in (("nprobe", nprobe), ("max_nprobe", max_nprobe)):
+            if value is not None and as_count(value, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         return super().search_with_stats(queries, k, 1, filters)
