@@ -84,3 +84,23 @@ def test_graphed_call_replays_with_new_inputs():
             torch.testing.assert_close(g, w)
     with pytest.raises(ValueError, match=r"input 1 must be torch.float32 \(7, 3\)"):
         graphed(x, torch.randn(7, 4, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_graphed_calls_sharing_a_pool_replay_in_any_order():
+    """Graphs of one function at three sizes in one memory pool (captured largest first), replayed
+    in every order against the eager function: no graph's intermediates clobber another's."""
+    from gpukernels_common.graphs import GraphedCall, shared_pool
+
+    w = torch.randn(64, 64, device="cuda")
+
+    def fn(x):
+        h = (x @ w).relu()  # intermediates in the pool
+        return (h @ w).softmax(1), h.sum(1)
+
+    pool = shared_pool()
+    graphs = {n: GraphedCall(fn, torch.randn(n, 64, device="cuda"), pool=pool) for n in (32, 8, 1)}
+    for n in (1, 32, 8, 32, 1, 8, 8, 1):
+        x = torch.randn(n, 64, device="cuda")
+        for g, want in zip(graphs[n](x), fn(x)):
+            torch.testing.assert_close(g, want)

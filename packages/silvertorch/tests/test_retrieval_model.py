@@ -1036,12 +1036,16 @@ def test_capture_refuses_a_model_off_cuda():
 
 @pytest.mark.gpu
 def test_captured_forward_matches_the_eager_forward():
-    """The CUDA graph of the forward (fixed-pool verification, the traced paths) against the eager
-    forward on the same device: whole batches and a smaller one padded to the captured size."""
+    """The CUDA graphs of the forward (fixed-pool verification, the traced paths), captured at three
+    sizes sharing one memory pool, against the eager forward on the same device: whole batches and
+    smaller ones padded, the sizes replayed out of their capture order and back and forth."""
     model = copy.deepcopy(_model()).to("cuda")  # a copy: Module.to would move the shared TOWER, OVERARCH and VALUE
     exprs = list(FILTERS)
-    captured = model.capture(torch.zeros(6, 1, dtype=torch.int64))
-    for users in (torch.arange(0, 12, 2).unsqueeze(1), torch.tensor([[3], [7], [11]])):
+    captured = model.capture(torch.zeros(6, 1, dtype=torch.int64), batch_sizes=[1, 3, 6])
+    assert captured.batch_sizes == [1, 3, 6]
+    batches = (torch.arange(0, 12, 2).unsqueeze(1), torch.tensor([[3], [7], [11]]), torch.tensor([[5]]),
+               torch.tensor([[1], [4]]), torch.arange(1, 7).unsqueeze(1), torch.tensor([[9]]))
+    for users in batches:
         filters = [exprs[i % len(exprs)] for i in range(users.shape[0])]
         with torch.no_grad():
             want = model(users.cuda(), *model.prepare_filters(filters))

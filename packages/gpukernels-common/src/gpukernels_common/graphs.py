@@ -9,6 +9,11 @@ no shapes read from data): `tracing()` is true while it is captured, so code of 
 takes its static-shape path. Outputs are copies, not the graph's own buffers, which the next
 call overwrites. One caller at a time: the captured input buffers are shared (a server calls it
 from one worker).
+
+Graphs of one function at several sizes can share one memory pool (`pool=shared_pool()`, passed
+to each): their intermediates then take the memory of one graph, not of each. Safe as long as
+no two of them replay at once and none reads another's outputs (each call's outputs are copies),
+in whatever order they replay.
 """
 
 from __future__ import annotations
@@ -34,10 +39,16 @@ def padded_batch(rows: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows.contiguous()
 
 
-class GraphedCall:
-    """`fn` captured as a CUDA graph for inputs shaped like `examples` (see the module docs)."""
+def shared_pool():
+    """A memory pool token for graphs that share one pool (`GraphedCall(..., pool=...)`)."""
+    return torch.cuda.graph_pool_handle()
 
-    def __init__(self, fn, *examples: torch.Tensor):
+
+class GraphedCall:
+    """`fn` captured as a CUDA graph for inputs shaped like `examples` (see the module docs);
+    `pool`: a `shared_pool()` token shared with other graphs that never replay at the same time."""
+
+    def __init__(self, fn, *examples: torch.Tensor, pool=None):
         for i, t in enumerate(examples):
             if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
                 where = t.device if isinstance(t, torch.Tensor) else type(t).__name__
@@ -53,7 +64,7 @@ class GraphedCall:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             out = fn(*self.inputs)
         self.outputs, self._rebuild = _flat_outputs(out)
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from gpukernels_common import tracing
 from gpukernels_common.device import to_device
-from gpukernels_common.graphs import GraphedCall, padded_batch
+from gpukernels_common.graphs import GraphedCall, padded_batch, shared_pool
 
 from .__about__ import __version__
 from .bloom.hashing import term_hash
@@ -747,7 +747,8 @@ class RetrievalModel(nn.Module):
         batch size in `batch_sizes` (an int or a sequence; default: the example's batch size): a
         call replays every kernel with one launch, where an eager forward launches each (about
         540; the forward is bound by that host work at small batches). A batch of q users runs
-        the smallest captured size >= q, padded. `user_features`: an example batch (its dtype and
+        the smallest captured size >= q, padded; the graphs share one memory pool (they never replay
+at once). `user_features`: an example batch (its dtype and
         width; any values the tower accepts). The graphs hold this model's tensors as they are:
         items added or deleted afterwards are seen (same tensors), a rebuild or `.to()` needs a
         new capture. The Value Model's fixed weights only. Needs a CUDA device."""
@@ -757,10 +758,11 @@ class RetrievalModel(nn.Module):
         sizes = [user_features.shape[0]] if batch_sizes is None else [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
         if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
             raise ValueError(f"batch_sizes must be an int >= 1 or a non-empty sequence of them, got {batch_sizes!r}")
-        graphs = {}
+        graphs, pool = {}, shared_pool()  # one pool: the sizes never replay at once, so they share their intermediates
         with torch.no_grad():
-            for size in sorted(set(sizes)):
-                graphs[size] = GraphedCall(self, padded_batch(user_features[:size], size), *self.prepare_filters([""] * size))
+            for size in sorted(set(sizes), reverse=True):  # the largest first: the smaller captures reuse its memory
+                graphs[size] = GraphedCall(self, padded_batch(user_features[:size], size), *self.prepare_filters([""] * size),
+                                           pool=pool)
         return CapturedRetrieval(self, graphs)
 
     def save(self, directory) -> Path:
