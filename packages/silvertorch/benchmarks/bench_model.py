@@ -12,7 +12,9 @@ probed clusters. A third model evaluates all 16 term slots exactly on the probed
 slots), beside the default bound: same results, the difference is that cost, for compiled and
 exported graphs and GPUs; eager on the CPU both read only the slots the batch's plans use.
 With `--gpu` a row runs the default model as a CUDA graph (`RetrievalModel.capture`, one capture
-per batch size: the forward's kernels replayed with one launch). A last row runs the default model as an AOTInductor package (`RetrievalModel.package`: the
+per batch size: the forward's kernels replayed with one launch), and a table gives the device
+memory of graphs at batch 1, 16 and 128 captured at once (one shared pool) against a capture per
+size (a pool each). A last row runs the default model as an AOTInductor package (`RetrievalModel.package`: the
 forward compiled ahead of time, C++ on the CPU, loaded with torch alone), compile time in
 `build_s`.
 """
@@ -53,6 +55,35 @@ def with_settings(model: RetrievalModel, **settings) -> RetrievalModel:
     for name, value in settings.items():
         setattr(variant, name, value)
     return variant
+
+
+def pool_record(model, sizes, device, n, d, k_cand, n_clusters, records):
+    """Device memory of the graphs at every batch size captured at once (one shared pool) against
+    one capture per size (a pool each), both after the warm runs above."""
+
+    def reserved_by(capture):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+        made = capture()
+        torch.cuda.synchronize()
+        return made, torch.cuda.memory_reserved() - before
+
+    example = torch.randint(0, 10_000, (max(sizes), 1), device=device)
+    try:
+        separate, separate_bytes = reserved_by(lambda: [model.capture(example[:s]) for s in sizes])
+        del separate
+        shared, shared_bytes = reserved_by(lambda: model.capture(example, batch_sizes=sizes))
+        del shared
+    except Exception as error:  # reported, and the other figures still recorded
+        print(f"CUDA graph capture at batch sizes {sizes} failed: {type(error).__name__}: {error}")
+        return
+    fig = {"shared_pool_mib": round(shared_bytes / 2**20, 1), "pool_per_size_mib": round(separate_bytes / 2**20, 1)}
+    print(f"CUDA graphs at batch sizes {sizes}: {fig}")
+    records.append(BenchRecord(f"retrieval model CUDA graphs, device memory ({device}, {n:,} items x {d}, K = {k_cand:,}, "
+                               f"nprobe 16 of {n_clusters})", "silvertorch RetrievalModel.capture",
+                               {"batch_sizes": ", ".join(map(str, sizes))}, fig))
+    write_records(HERE / "results" / "model_gpu.jsonl", records)
 
 
 def main():
@@ -127,6 +158,10 @@ def main():
 
                 figures["torch fp32 brute force + topk + OverArch"] = {"ms": time_fn(brute, device=device, warmup_ms=50, rep_ms=500)["ms"]}
                 add_records(label, batch, allowed, figures)
+
+    if args.gpu and any(graphs.values()):
+        graphs.clear()
+        pool_record(model, [1, 16, 128] if not args.quick else [1, 16], device, n, d, k_cand, n_clusters, records)
 
     # the package last: its compile takes minutes, and a run cut short keeps the eager figures
     t0 = time.perf_counter()
