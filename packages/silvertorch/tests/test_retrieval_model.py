@@ -1086,3 +1086,25 @@ def test_captured_retrieval_runs_the_smallest_captured_size_that_holds_the_batch
         captured.retrieve(torch.arange(9).unsqueeze(1))
     with pytest.raises(ValueError, match="ops must have one row per user"):
         captured(torch.tensor([[1], [2]]), *MODEL.prepare_filters([""]))
+
+
+def test_the_model_verifies_its_candidates_through_the_verify_op():
+    """The retrieval model's exact verification of its pool and of its fresh items is one custom op
+    (one kernel on a Triton backend, tested in test_bloom_verify.py), not the tensor-op stack
+    machine in the forward (about six ops per program step: some two hundred launches a forward
+    on a GPU). Ops inside a custom op are not dispatched to the mode: on any backend it sees the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    exprs = list(FILTERS)
+    plans = MODEL.prepare_filters(exprs)
+    with torch.no_grad(), Ops():
+        MODEL(torch.arange(len(exprs)).unsqueeze(1), *plans)
+    assert ops.count("verify_plans.default") == 2, ops  # the pool, the fresh items
+    assert not any(name.startswith("scatter_") for name in ops)  # run_plans' step

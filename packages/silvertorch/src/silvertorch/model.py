@@ -49,7 +49,8 @@ from .__about__ import __version__
 from .bloom.hashing import term_hash
 from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
-from .bloom.probed import probed_filter_words, run_plans
+from .bloom.probed import probed_filter_words
+from .bloom.verify import exact_terms, verify_plans
 from .filtering import derived_from, pack_bits, unpack_bits
 from .ivf.index import DEFAULT_NPROBE, IVFIndex
 from .ivf.probed import probed_scores
@@ -390,14 +391,10 @@ class RetrievalModel(nn.Module):
         hashes[:, : plans.hashes.shape[1]] = plans.hashes
         return to_device((ops, args, hashes), self.codes.device)  # one copy, no host synchronisation
 
-    def _exact_terms(self, positions, hashes):
-        """[Q, T, M] bool: item at positions[q, m] really has term hashes[q, t]."""
-        terms = _rows(self.attr_terms, positions)  # [Q, M, A]
-        counts = _rows(self.attr_counts, positions).unsqueeze(1)
-        hit = torch.zeros(hashes.shape[0], hashes.shape[1], positions.shape[1], dtype=torch.bool, device=positions.device)
-        for a in range(terms.shape[-1]):  # one attribute slot at a time: [Q, T, M], never [Q, T, M, A]
-            hit = hit | ((terms[:, None, :, a] == hashes.unsqueeze(-1)) & (counts > a))
-        return hit
+    def _verified(self, positions, ops, args, hashes):
+        """[Q, M] bool: item at positions[q, m] passes the plan of q on its stored attributes (one
+        custom op: one kernel on a Triton backend)."""
+        return verify_plans(self.attr_terms, self.attr_counts, positions, ops, args, hashes)
 
     def _alive_words(self) -> torch.Tensor:
         """The main index's alive bits as int64 words, packed again only after `alive` changed."""
@@ -422,7 +419,7 @@ class RetrievalModel(nn.Module):
                 return _int64_words(has)[which.unsqueeze(-1), words.unsqueeze(1)]
         bit = torch.arange(64, device=words.device)
         items = (words.unsqueeze(-1) * 64 + bit).clamp(max=self.num_main - 1).reshape(q, m * 64)
-        hit = self._exact_terms(items, hashes)
+        hit = exact_terms(self.attr_terms, self.attr_counts, items, hashes)
         if traced:
             return (hit.view(q, -1, m, 64).long() << bit).sum(-1)
         hit = hit.view(q, -1, m, 8, 8).to(torch.uint8)
@@ -479,8 +476,7 @@ class RetrievalModel(nn.Module):
         first = torch.topk(torch.where(flat, rank, torch.zeros_like(rank)), pool, dim=1).indices
         start = _rows(self.cluster_positions[:, 0], clusters)
         cand = (start.gather(1, first // s) + first % s).clamp(max=self.num_main - 1)
-        exact = self._exact_terms(cand, hashes)
-        true = flat.gather(1, first) & run_plans(ops, args, exact, exact)
+        true = flat.gather(1, first) & self._verified(cand, ops, args, hashes)
         return torch.zeros(q, p, dtype=torch.int64, device=keep.device).scatter_add_(1, first // s, true.long())
 
     def _pool(self, scores, main_slots, clusters, pool, ops, args, hashes):
@@ -497,8 +493,7 @@ class RetrievalModel(nn.Module):
             cand = torch.where(j < main_slots, cand, j - main_slots + self.num_main)
         verified = torch.isfinite(top)
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
-            exact = self._exact_terms(cand, hashes)
-            verified = verified & run_plans(ops, args, exact, exact)
+            verified = verified & self._verified(cand, ops, args, hashes)
         return top, cand, verified
 
     # -- the forward pass ----------------------------------------------------------------------
@@ -515,8 +510,7 @@ class RetrievalModel(nn.Module):
         fresh_found = torch.zeros(q, dtype=torch.int64, device=u.device)
         if self.fresh_capacity:
             fpos = torch.arange(self.num_main, self.item_ids.shape[0], device=u.device).expand(q, -1)
-            exact = self._exact_terms(fpos, hashes)
-            fkeep = _rows(self.alive, fpos) & run_plans(ops, args, exact, exact)
+            fkeep = _rows(self.alive, fpos) & self._verified(fpos, ops, args, hashes)
             fresh_found = fkeep.sum(1)
         if self.max_nprobe > self.nprobe:  # adaptive: probe cluster p only while fewer than K items passed before it
             per_cluster = self._verified_per_cluster(keep, clusters, ops, args, hashes) if self.exact_verify else keep.sum(2)

@@ -138,3 +138,42 @@ def build_kernel(bits_ptr, h1_ptr, h2_ptr, item_ptr, width_ptr, row_off_ptr, n_t
     for j in tl.static_range(K):
         p = ((p0 + j * step) % wu).to(tl.int64)
         tl.atomic_or(bits_ptr + (roff + p - row_base) * 32 + wib, bit, mask=tmask)
+
+
+@triton.jit
+def verify_kernel(out_ptr, pos_ptr, terms_ptr, counts_ptr, ops_ptr, args_ptr, hashes_ptr, M, L, T, A,
+                  BM: tl.constexpr, BA: tl.constexpr):
+    """out[q, m] = plan q on item pos[q, m], every term tested exactly against the item's stored
+    attribute hashes (terms [N, A], the first counts[item] of a row real): one lane per item, its
+    attributes held in registers for every step of the program."""
+    q = tl.program_id(0)
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    mmask = m < M
+    pos = tl.load(pos_ptr + q.to(tl.int64) * M + m, mask=mmask, other=0)
+    a = tl.arange(0, BA)
+    count = tl.load(counts_ptr + pos, mask=mmask, other=0)
+    present = (a[None, :] < count[:, None]) & (a[None, :] < A) & mmask[:, None]
+    terms = tl.load(terms_ptr + pos[:, None] * A + a[None, :], mask=present, other=0)
+    ones = tl.full((BM,), -1, tl.int32)
+    zero = tl.zeros((BM,), tl.int32)
+    # an empty stack reads as "everything", as the tensor-op evaluator's (an empty program passes all)
+    s0, s1, s2, s3, s4, s5, s6, s7 = ones, ones, ones, ones, ones, ones, ones, ones
+    for i in range(L):
+        op = tl.load(ops_ptr + q * L + i) + tl.zeros((BM,), tl.int32)  # as a vector: masks need tensor operands
+        slot = tl.minimum(tl.load(args_ptr + q * L + i), T - 1)  # steps that push no term carry slot 0
+        h = tl.load(hashes_ptr + q * T + slot)
+        hit = tl.max(((terms == h) & present).to(tl.int32), axis=1)
+        pushed = tl.where((op == TERM) | (op == EXACT_TERM), tl.where(hit != 0, ones, zero), ones)
+        is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
+        is_bin = (op == AND) | (op == OR)
+        combined = tl.where(op == AND, s0 & s1, s0 | s1)
+        n0 = tl.where(is_push, pushed, tl.where(is_bin, combined, tl.where(op == NOT, ~s0, s0)))
+        n1 = tl.where(is_push, s0, tl.where(is_bin, s2, s1))
+        n2 = tl.where(is_push, s1, tl.where(is_bin, s3, s2))
+        n3 = tl.where(is_push, s2, tl.where(is_bin, s4, s3))
+        n4 = tl.where(is_push, s3, tl.where(is_bin, s5, s4))
+        n5 = tl.where(is_push, s4, tl.where(is_bin, s6, s5))
+        n6 = tl.where(is_push, s5, tl.where(is_bin, s7, s6))
+        n7 = tl.where(is_push, s6, tl.where(is_bin, zero, s7))
+        s0, s1, s2, s3, s4, s5, s6, s7 = n0, n1, n2, n3, n4, n5, n6, n7
+    tl.store(out_ptr + q.to(tl.int64) * M + m, (s0 != 0).to(tl.int8), mask=mmask)
