@@ -220,11 +220,9 @@ class BloomIndex:
         return self._exact_cache[h]
 
     def _plan_tensors(self, plans: FilterPlans, row_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(ops, args, hashes, second hashes, exact row per slot) row-major on the index's device, the
-        second hashes taken where the plans are (the host, from parse_filters): one copy for all
-        five (`to_device`: no host synchronisation), no hashing kernels."""
-        return to_device((plans.ops, plans.args, plans.hashes, second_hash(plans.hashes.contiguous()), row_of),
-                         self.bits.device)
+        """(ops, args, hashes, exact row per slot) row-major on the index's device: one copy for all
+        four (`to_device`: no host synchronisation); the kernels take the second hashes themselves."""
+        return to_device((plans.ops, plans.args, plans.hashes, row_of), self.bits.device)
 
     def _exact_tables(self, plans: FilterPlans):
         """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words] on the index's device, row
@@ -292,9 +290,9 @@ class BloomIndex:
                 out = torch.empty(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device)
             bw = 128
             bits, row_offsets, widths, live = _row_major(self.bits, self.row_offsets, self.widths, self.live)
-            ops, args, hashes, second, row_of = self._plan_tensors(plans, row_of)
+            ops, args, hashes, row_of = self._plan_tensors(plans, row_of)
             search_kernel[(plans.num_queries, triton.cdiv(self.num_words, bw))](
-                out, bits, row_offsets, widths, live, ops, args, hashes, second, exact.contiguous(),
+                out, bits, row_offsets, widths, live, ops, args, hashes, exact.contiguous(),
                 row_of, plans.ops.shape[1], plans.hashes.shape[1], self.num_words, K=self.k, BW=bw)
             return out
         plans = plans.to(self.bits.device)
@@ -335,10 +333,10 @@ class BloomIndex:
                 out = torch.empty(q, r, w32, dtype=torch.int32, device=self.bits.device)
             bw = 64
             bits, row_offsets, widths, live = _row_major(self.bits, self.row_offsets, self.widths, self.live)
-            ops, args, hashes, second, row_of = self._plan_tensors(plans, row_of)
+            ops, args, hashes, row_of = self._plan_tensors(plans, row_of)
             range_kernel[(q * r, triton.cdiv(w32, bw))](
                 out, starts.contiguous(), lengths.contiguous(), bits, row_offsets, widths, live, ops, args, hashes,
-                second, exact.contiguous(), row_of, plans.ops.shape[1], plans.hashes.shape[1],
+                exact.contiguous(), row_of, plans.ops.shape[1], plans.hashes.shape[1],
                 self.num_words, r, w32, K=self.k, BW=bw)
             return out
         result = self._ranges_reference(plans.to(self.bits.device), starts, lengths, w32, exact, row_of)

@@ -17,7 +17,17 @@ TERM, EXACT_TERM, AND, OR, NOT, TRUE = (tl.constexpr(code) for code in (parser.T
 
 
 @triton.jit
-def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+def _second_hash(h):
+    """hashing.second_hash of a uint64 term hash, in the kernel (mix64 of h + the golden ratio):
+    computed where it is read, not per search with a dozen small tensor ops."""
+    x = h + 0x9E3779B97F4A7C15
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+    return x ^ (x >> 31)
+
+
+@triton.jit
+def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr,
                 exact_ptr, exact_row_ptr, exact_col, exact_stride, L, T, K: tl.constexpr, BW: tl.constexpr,
                 HAS_LIVE: tl.constexpr):
     """The plan of query q on words w; an EXACT_TERM of slot s reads exact_ptr[exact_row[q, s] * exact_stride + exact_col]."""
@@ -34,7 +44,7 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
         slot = tl.load(args_ptr + q * L + i)
         # the value a push would bring: a Bloom term, an exact term, or TRUE
         h1 = tl.load(h1_ptr + q * T + slot).to(tl.uint64, bitcast=True)
-        h2 = tl.load(h2_ptr + q * T + slot).to(tl.uint64, bitcast=True)
+        h2 = _second_hash(h1)
         wu = width.to(tl.uint64)
         p0 = h1 % wu
         step = 1 + h2 % (wu - 1)
@@ -63,19 +73,19 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
 
 
 @triton.jit
-def search_kernel(out_ptr, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+def search_kernel(out_ptr, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr,
                   exact_ptr, exact_row_ptr, L, T, n_words, K: tl.constexpr, BW: tl.constexpr):
     q = tl.program_id(0)
     w = tl.program_id(1) * BW + tl.arange(0, BW)
     wmask = w < n_words
-    res = _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+    res = _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr,
                       exact_ptr, exact_row_ptr, w, n_words, L, T, K, BW, True)
     tl.store(out_ptr + q.to(tl.int64) * n_words + w, res, mask=wmask)
 
 
 @triton.jit
 def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr,
-                 h1_ptr, h2_ptr, exact_ptr, exact_row_ptr, L, T, n_words, R, W32, K: tl.constexpr, BW: tl.constexpr):
+                 h1_ptr, exact_ptr, exact_row_ptr, L, T, n_words, R, W32, K: tl.constexpr, BW: tl.constexpr):
     """int32 words aligned to each range's start: bit b of word o = item start + 32*o + b."""
     qr = tl.program_id(0)
     q = qr // R
@@ -90,9 +100,9 @@ def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_
     back_shift = ((64 - first % 64) % 64).to(tl.uint64)  # in signed ints: Triton 3.1 refuses uint64 % int32
     m0 = valid & (w0 < n_words)
     m1 = valid & (w0 + 1 < n_words)
-    e0 = _eval_words(w0, m0, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+    e0 = _eval_words(w0, m0, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr,
                      exact_ptr, exact_row_ptr, w0, n_words, L, T, K, BW, True)
-    e1 = _eval_words(w0 + 1, m1, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+    e1 = _eval_words(w0 + 1, m1, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr,
                      exact_ptr, exact_row_ptr, w0 + 1, n_words, L, T, K, BW, True)
     lo = e0.to(tl.uint64, bitcast=True) >> shift
     hi = tl.where(shift == 0, tl.zeros_like(lo), e1.to(tl.uint64, bitcast=True) << back_shift)
@@ -104,7 +114,7 @@ def range_kernel(out_ptr, starts_ptr, lengths_ptr, bits_ptr, row_off_ptr, width_
 
 
 @triton.jit
-def words_kernel(out_ptr, words_ptr, bits_ptr, row_off_ptr, width_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+def words_kernel(out_ptr, words_ptr, bits_ptr, row_off_ptr, width_ptr, ops_ptr, args_ptr, h1_ptr,
                  exact_ptr, exact_row_ptr, L, T, M, n_words, K: tl.constexpr, BW: tl.constexpr):
     """out[q, m] = plan q on word words[q, m] (the retrieval model's probed words); exact terms come
     per position m from exact_ptr [Q * E, M]; no live mask (the model applies liveness per slot)."""
@@ -113,7 +123,7 @@ def words_kernel(out_ptr, words_ptr, bits_ptr, row_off_ptr, width_ptr, ops_ptr, 
     mmask = m < M
     w = tl.load(words_ptr + q.to(tl.int64) * M + m, mask=mmask, other=0)
     wmask = mmask & (w >= 0) & (w < n_words)
-    res = _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, bits_ptr, ops_ptr, args_ptr, h1_ptr, h2_ptr,
+    res = _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, bits_ptr, ops_ptr, args_ptr, h1_ptr,
                       exact_ptr, exact_row_ptr, m, M, L, T, K, BW, False)
     tl.store(out_ptr + q.to(tl.int64) * M + m, res, mask=mmask)
 

@@ -18,7 +18,7 @@ import torch
 from gpukernels_common import register_op
 
 from ..ivf.probed import rows_of
-from .hashing import bloom_positions, second_hash
+from .hashing import bloom_positions
 from .index import WORDS_PER_BUNDLE, _row_major
 from .parser import AND, EXACT_TERM, MAX_DEPTH, NOT, OR, TERM, TRUE
 
@@ -103,7 +103,7 @@ def probed_filter_words_triton(bits: torch.Tensor, row_offsets: torch.Tensor, wi
     words, bits, row_offsets, widths, ops, args, hashes, exact_words = _row_major(
         words, bits, row_offsets, widths, ops, args, hashes, exact_words.reshape(q * e, m))
     words_kernel[(q, triton.cdiv(m, bw))](
-        out, words, bits, row_offsets, widths, ops, args, hashes, second_hash(hashes), exact_words, exact_row,
+        out, words, bits, row_offsets, widths, ops, args, hashes, exact_words, exact_row,
         ops.shape[1], t, m, widths.numel() * WORDS_PER_BUNDLE, K=bloom_k, BW=bw)
     return out
 
