@@ -21,7 +21,8 @@ def _items(n, width, seed):
     fids = torch.randint(1, 4, (n, width), generator=g)
     vals = torch.randint(0, 6, (n, width), generator=g)
     terms = term_hash(fids, vals)
-    terms[torch.arange(width) >= counts.unsqueeze(1)] = torch.randint(-2**62, 2**62, (1,), generator=g)  # not read
+    # past each count a term the filters ask for (1:0, 2:1, 3:4, ...): read, it would pass items wrongly
+    terms[torch.arange(width) >= counts.unsqueeze(1)] = term_hash(torch.tensor(1), torch.tensor(0))
     sets = [{(int(f), int(v)) for f, v in zip(fids[i, :c], vals[i, :c])} for i, c in enumerate(counts.tolist())]
     return sets, terms, counts
 

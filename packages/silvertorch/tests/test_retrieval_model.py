@@ -18,6 +18,7 @@ from silvertorch import (
     parse_filters,
     save_towers,
 )
+from silvertorch.bloom.parser import EXACT_TERM
 from silvertorch.bloom.probed import probed_filter_words
 from silvertorch.ivf import probed as probed_module
 from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
@@ -120,7 +121,7 @@ def _bloom_index_bits(model, exprs):
 def _filter_words_args(model, exprs, words):
     ops, args, hashes = model.prepare_filters(exprs)
     return (model.bloom_bits, model.bloom_row_offsets, model.bloom_widths, words, ops, args, hashes,
-            model._exact_words(words, hashes[:, : model.max_exact_terms]), model.bloom_k)
+            model._exact_words(words, hashes[:, : model.max_exact_terms], ops, args), model.bloom_k)
 
 
 @pytest.mark.parametrize("backend", ["REFERENCE", "INTERPRET"])
@@ -204,10 +205,14 @@ def test_exact_words_eager_equals_traced(words_per_query):
     words = torch.randint(0, full_words, (len(exprs), words_per_query), generator=g)
     distinct = torch.unique(hashes[:, : model.max_exact_terms]).numel()
     assert (distinct * model.num_main <= words.numel() * 64) == (words_per_query == 64)  # both branches are covered
-    eager = model._exact_words(words, hashes)
-    traced = torch.compile(model._exact_words, backend="aot_eager", fullgraph=True)(words, hashes)
+    eager = model._exact_words(words, hashes, ops, args)
+    traced = torch.compile(model._exact_words, backend="aot_eager", fullgraph=True)(words, hashes, ops, args)
     assert eager.shape == (len(exprs), model.max_exact_terms, words_per_query) and (eager != 0).any()
-    assert torch.equal(eager, traced)
+    # the slots an EXACT_TERM step reads (the op leaves the others 0; the whole-index branch fills them)
+    used = ((ops == EXACT_TERM).unsqueeze(-1) & (args.unsqueeze(-1) == torch.arange(model.max_exact_terms))).any(1)
+    assert used.any() and not used.all()
+    assert torch.equal(eager * used.unsqueeze(-1), traced * used.unsqueeze(-1))
+    assert not traced[~used].any()
 
 
 def _scoring_op_args(queries):

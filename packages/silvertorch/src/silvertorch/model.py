@@ -46,11 +46,12 @@ from gpukernels_common.device import to_device
 from gpukernels_common.graphs import GraphedCall, padded_batch, shared_pool
 
 from .__about__ import __version__
+from .bloom.exact_words import exact_words
 from .bloom.hashing import term_hash
 from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words
-from .bloom.verify import exact_terms, verify_plans
+from .bloom.verify import verify_plans
 from .filtering import derived_from, pack_bits, unpack_bits
 from .ivf.index import DEFAULT_NPROBE, IVFIndex
 from .ivf.probed import probed_scores
@@ -400,14 +401,14 @@ class RetrievalModel(nn.Module):
         """The main index's alive bits as int64 words, packed again only after `alive` changed."""
         return derived_from(self, "_alive_packed", self.alive, lambda alive: _int64_words(alive[: self.num_main]))
 
-    def _exact_words(self, words, hashes):
+    def _exact_words(self, words, hashes, ops, args):
         """int64 [Q, E, M], E = max_exact_terms: bit b of [q, t, m] set when main-index item
         64 * words[q, m] + b really has term hashes[q, t] (bits past the main index describe its last
-        item and must be masked). Only the first E slots: the plans keep their EXACT_TERM terms there."""
+        item and must be masked). Only the first E slots: the plans keep their EXACT_TERM terms there;
+        only the slots an EXACT_TERM step reads (`exact_words`: one kernel on a Triton backend)."""
         q, m = words.shape
         hashes = hashes[:, : self.max_exact_terms]
-        traced = tracing()
-        if not traced and words.device.type == "cpu":  # (torch.unique would wait for a GPU)
+        if not tracing() and words.device.type == "cpu":  # (torch.unique would wait for a GPU)
             distinct, which = torch.unique(hashes, return_inverse=True)
             if distinct.numel() * self.num_main <= q * m * 64:
                 # few distinct terms in the batch (queries sharing a filter): each term's words over
@@ -417,14 +418,7 @@ class RetrievalModel(nn.Module):
                 for a in range(terms.shape[1]):
                     has |= (terms[:, a] == distinct.unsqueeze(1)) & (counts > a)
                 return _int64_words(has)[which.unsqueeze(-1), words.unsqueeze(1)]
-        bit = torch.arange(64, device=words.device)
-        items = (words.unsqueeze(-1) * 64 + bit).clamp(max=self.num_main - 1).reshape(q, m * 64)
-        hit = exact_terms(self.attr_terms, self.attr_counts, items, hashes)
-        if traced:
-            return (hit.view(q, -1, m, 64).long() << bit).sum(-1)
-        hit = hit.view(q, -1, m, 8, 8).to(torch.uint8)
-        # 8 items to a byte (distinct powers of two: the sum is the OR), 8 little-endian bytes to a word
-        return (hit << torch.arange(8, dtype=torch.uint8, device=words.device)).sum(-1, dtype=torch.uint8).view(torch.int64).squeeze(-1)
+        return exact_words(self.attr_terms, self.attr_counts, words, hashes.contiguous(), ops, args, self.num_main - 1)
 
     def _probed_passing(self, clusters, ops, args, hashes, exact_slots: int | None = None):
         """bool [Q, P, S]: item slot s of probed cluster clusters[q, p] exists, is alive and passes the
@@ -436,7 +430,7 @@ class RetrievalModel(nn.Module):
         words = (first.unsqueeze(-1) + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
         words = words.reshape(q, p * n_words)
         exact_slots = self.max_exact_terms if exact_slots is None else exact_slots
-        exact = (self._exact_words(words, hashes[:, :exact_slots]) if exact_slots
+        exact = (self._exact_words(words, hashes[:, :exact_slots], ops, args) if exact_slots
                  else words.new_zeros(q, 1, words.shape[1]))  # no plan reads an exact term: nothing to look up
         passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
                                       exact, self.bloom_k).view(q, p, n_words)

@@ -187,3 +187,31 @@ def verify_kernel(out_ptr, pos_ptr, terms_ptr, counts_ptr, ops_ptr, args_ptr, ha
         n7 = tl.where(is_push, s6, tl.where(is_bin, zero, s7))
         s0, s1, s2, s3, s4, s5, s6, s7 = n0, n1, n2, n3, n4, n5, n6, n7
     tl.store(out_ptr + q.to(tl.int64) * M + m, (s0 != 0).to(tl.int8), mask=mmask)
+
+
+@triton.jit
+def exact_words_kernel(out_ptr, words_ptr, terms_ptr, counts_ptr, hashes_ptr, ops_ptr, args_ptr, M, L, T, E, A, last_item,
+                       BW: tl.constexpr):
+    """out[q * E + e, m]: bit b set when item 64 * words[q, m] + b (clamped to last_item) really has
+    term hashes[q, e], for the slots e an EXACT_TERM step of plan q reads; 0 for the others, which
+    no step reads (no attribute is loaded for them)."""
+    q = tl.program_id(0)
+    m = tl.program_id(1) * BW + tl.arange(0, BW)
+    mmask = m < M
+    w = tl.load(words_ptr + q.to(tl.int64) * M + m, mask=mmask, other=0)
+    bit = tl.arange(0, 64)
+    items = tl.minimum(w[:, None] * 64 + bit[None, :], last_item)
+    count = tl.load(counts_ptr + items, mask=mmask[:, None], other=0)
+    for e in range(E):
+        used = 0
+        for i in range(L):
+            used = used | ((tl.load(ops_ptr + q * L + i) == EXACT_TERM) & (tl.load(args_ptr + q * L + i) == e)).to(tl.int32)
+        word = tl.zeros((BW,), tl.int64)
+        if used != 0:
+            h = tl.load(hashes_ptr + q * T + e)
+            hit = tl.zeros((BW, 64), tl.int64)
+            for a in range(A):
+                present = mmask[:, None] & (a < count)
+                hit = hit | (tl.load(terms_ptr + items * A + a, mask=present, other=0) == h).to(tl.int64) & present.to(tl.int64)
+            word = tl.sum(hit << bit[None, :].to(tl.int64), axis=1)  # distinct bits: the sum is the OR
+        tl.store(out_ptr + (q * E + e).to(tl.int64) * M + m, word, mask=mmask)
