@@ -48,7 +48,7 @@ def exact_words_triton(attr_terms: torch.Tensor, attr_counts: torch.Tensor, word
     if out.numel() == 0:
         return out
     attr_terms, attr_counts, words, hashes, ops, args = _row_major(attr_terms, attr_counts, words, hashes, ops, args)
-    bw = 64
+    bw = 32  # a [BW, 64] tile of items: 64 rows took some 250 registers a thread on sm_90
     exact_words_kernel[(q, triton.cdiv(m, bw))](out, words, attr_terms, attr_counts, hashes, ops, args, m, ops.shape[1], e, e,
                                                attr_terms.shape[1], last_item, BW=bw)
     return out
