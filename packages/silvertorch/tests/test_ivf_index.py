@@ -933,3 +933,18 @@ def test_device_constants_made_under_inference_mode_are_kept():
     second = filtering.device_constant("test_inference_table", torch.device("cpu"), make)
     assert len(made) == 1 and second is first and not first.is_inference()
     filtering._CONSTANTS.pop(("test_inference_table", torch.device("cpu")))
+
+
+def test_filtered_search_of_one_query_over_one_word_of_fresh_items(monkeypatch):
+    """One query, a filter, at most 32 fresh items: the filter's words for the fresh part are one
+    [1, 1, 1] word, which `contiguous()` left as a strided view of the 64-bit words and unpack_bits
+    could not view as bytes (a RuntimeError on the PyTorch path)."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    g = torch.Generator().manual_seed(0)
+    index = IVFIndex.build(torch.randn(600, 12, generator=g), n_clusters=5, iters=3)
+    index.add(torch.randn(9, 12, generator=g), torch.arange(900, 909))
+    queries = torch.randn(1, 12, generator=g)
+    mask = torch.zeros(1, index.num_items, dtype=torch.bool)
+    mask[0, -3:] = True  # three fresh items pass
+    scores, ids = index.search(queries, 5, 2, DenseMaskFilter(mask))
+    assert sorted(ids[0, :3].tolist()) == [906, 907, 908] and ids[0, 3:].eq(-1).all()
