@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from gpukernels_common import env
 from silvertorch import (
     BloomIndex,
     EmbeddingTower,
@@ -18,7 +19,7 @@ from silvertorch import (
     parse_filters,
     save_towers,
 )
-from silvertorch.bloom.probed import probed_filter_words
+from silvertorch.bloom.probed import item_plans, probed_filter_words
 from silvertorch.ivf import probed as probed_module
 from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
 from silvertorch.ivf.probed import _probed_dots as probed_dots
@@ -252,6 +253,33 @@ def test_probed_scores_kernel_matches_reference(monkeypatch, queries):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
+def _item_plans_args(m, seed=0, steps=None):
+    """Every test filter's plans (column slices when `steps`: cut after the batch's last real step
+    as the eager CPU forward cuts them, 11 here; 0: no step, everything passes), random per-item
+    Bloom terms and fewer exact slots than term slots (reads clamped)."""
+    ops, args, hashes = MODEL.prepare_filters(list(FILTERS))
+    if steps is not None:
+        ops, args = ops[:, :steps], args[:, :steps]
+    g = torch.Generator().manual_seed(seed)
+    terms = torch.rand(ops.shape[0], hashes.shape[1], m, generator=g) < 0.6
+    exact = torch.rand(ops.shape[0], 2, m, generator=g) < 0.4
+    return ops, args, terms, exact
+
+
+@pytest.mark.skipif(not env.triton_interpret(), reason="the Triton path runs on the CPU only with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("m, steps", [(1, None), (37, None), (1500, None), (37, 11), (37, 0)])
+def test_item_plans_kernel_matches_run_plans(m, steps):
+    """The model's plans on per-item booleans (its fresh items, the exact verification of its
+    candidates): the Triton kernel against the reference's tensor-op stack machine."""
+    from gpukernels_common import Backend
+
+    args = _item_plans_args(m, m, steps)
+    want = item_plans.run(Backend.REFERENCE, *args)
+    got = item_plans.run(Backend.INTERPRET, *args)
+    assert got.dtype == want.dtype == torch.bool and got.is_contiguous() and want.is_contiguous()
+    assert torch.equal(got, want) and want.any() and (steps == 0) == bool(want.all())
+
+
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
 def test_custom_ops_pass_opcheck(monkeypatch, backend):
     """torch.library.opcheck on the model's two ops: schema, fake kernel (shapes and strides of the
@@ -262,6 +290,7 @@ def test_custom_ops_pass_opcheck(monkeypatch, backend):
     words = torch.arange((MODEL.num_main + 63) // 64).expand(len(exprs), -1)
     torch.library.opcheck(probed_filter_words.op, _filter_words_args(MODEL, exprs, words))
     torch.library.opcheck(probed_scores.op, _scoring_op_args(3))
+    torch.library.opcheck(item_plans.op, _item_plans_args(37))
 
 
 def test_bloom_false_positives_removed_by_exact_verification():

@@ -49,7 +49,7 @@ from .__about__ import __version__
 from .bloom.hashing import term_hash
 from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
-from .bloom.probed import probed_filter_words, run_plans
+from .bloom.probed import item_plans, probed_filter_words
 from .filtering import derived_from, pack_bits, unpack_bits
 from .ivf.index import DEFAULT_NPROBE, IVFIndex
 from .ivf.probed import probed_scores
@@ -480,7 +480,7 @@ class RetrievalModel(nn.Module):
         start = _rows(self.cluster_positions[:, 0], clusters)
         cand = (start.gather(1, first // s) + first % s).clamp(max=self.num_main - 1)
         exact = self._exact_terms(cand, hashes)
-        true = flat.gather(1, first) & run_plans(ops, args, exact, exact)
+        true = flat.gather(1, first) & item_plans(ops, args, exact, exact)
         return torch.zeros(q, p, dtype=torch.int64, device=keep.device).scatter_add_(1, first // s, true.long())
 
     def _pool(self, scores, main_slots, clusters, pool, ops, args, hashes):
@@ -498,7 +498,7 @@ class RetrievalModel(nn.Module):
         verified = torch.isfinite(top)
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
             exact = self._exact_terms(cand, hashes)
-            verified = verified & run_plans(ops, args, exact, exact)
+            verified = verified & item_plans(ops, args, exact, exact)
         return top, cand, verified
 
     # -- the forward pass ----------------------------------------------------------------------
@@ -516,7 +516,7 @@ class RetrievalModel(nn.Module):
         if self.fresh_capacity:
             fpos = torch.arange(self.num_main, self.item_ids.shape[0], device=u.device).expand(q, -1)
             exact = self._exact_terms(fpos, hashes)
-            fkeep = _rows(self.alive, fpos) & run_plans(ops, args, exact, exact)
+            fkeep = _rows(self.alive, fpos) & item_plans(ops, args, exact, exact)
             fresh_found = fkeep.sum(1)
         if self.max_nprobe > self.nprobe:  # adaptive: probe cluster p only while fewer than K items passed before it
             per_cluster = self._verified_per_cluster(keep, clusters, ops, args, hashes) if self.exact_verify else keep.sum(2)

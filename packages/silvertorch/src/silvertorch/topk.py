@@ -17,8 +17,13 @@ value -inf with index -1. Methods:
   (11, 11, 10 bits, most significant first) find each row's k-th largest key T and how many
   keys exceed it; the selection is every key > T plus the first ties at T in index order, and
   only those k are sorted. The histogram step runs as a Triton kernel when
-  `select_backend(scores).uses_triton` (the interpreter on CPU), else in PyTorch, where each
-  pass after the first works on the keys still matching the threshold's prefix.
+  `select_backend(scores).uses_triton` (the interpreter on CPU), each pass's choice of digit as a
+  second one, else in PyTorch, where each pass after the first works on the keys still matching
+  the threshold's prefix.
+
+On a Triton backend the two-level selection's tie fix-up (fixed shapes) and ordering run as two
+small kernels around one sort (`_two_level_selection_triton`); the PyTorch formulation beside
+them is their reference.
 
 All argument checks happen before any kernel runs. Triton is imported only when its kernel is
 first built, never at module import.
@@ -335,19 +340,21 @@ def _radix_threshold_torch(keys: torch.Tensor, k: int):
 
 
 def _radix_threshold_triton(keys: torch.Tensor, k: int):
-    """Same as `_radix_threshold_torch`, each pass one Triton histogram over the full rows."""
+    """Same as `_radix_threshold_torch`: each pass one Triton histogram over the full rows, then one
+    kernel choosing the digit and updating the row's state (`choose_digit_kernel`, where
+    `_choose_digit` and the updates take about 15 ops a pass)."""
     num_rows, num_columns = keys.shape
-    from .topk_kernels import digit_histogram_kernel as kernel
+    from .topk_kernels import choose_digit_kernel, digit_histogram_kernel
+
     grid = (num_rows, -(-num_columns // HISTOGRAM_BLOCK))
-
-    def histogram_of(pass_index, shift, bits, threshold):
-        histogram = torch.zeros(num_rows, RADIX_BINS, dtype=torch.int32, device=keys.device)
-        prefix = threshold.to(torch.int32)  # the digits chosen so far (< 2**22)
-        kernel[grid](keys, prefix, histogram, num_columns, DIGIT_SHIFT=shift, DIGIT_BITS=bits,
-                     HAS_PREFIX=pass_index > 0, NUM_BINS=RADIX_BINS, BLOCK=HISTOGRAM_BLOCK)
-        return histogram.long()
-
-    return _radix_threshold(keys, k, histogram_of)
+    histogram = torch.zeros(num_rows, RADIX_BINS, dtype=torch.int32, device=keys.device)  # cleared by each choice
+    state = torch.empty(4, num_rows, dtype=torch.int64, device=keys.device)  # threshold, above, remaining, at
+    for pass_index, (shift, bits) in enumerate(RADIX_DIGITS):
+        digit_histogram_kernel[grid](keys, state[0], histogram, num_columns, DIGIT_SHIFT=shift, DIGIT_BITS=bits,
+                                     HAS_PREFIX=pass_index > 0, NUM_BINS=RADIX_BINS, BLOCK=HISTOGRAM_BLOCK)
+        choose_digit_kernel[(num_rows,)](histogram, state, num_rows, int(k), FIRST=pass_index == 0, DIGIT_BITS=bits,
+                                         NUM_BINS=RADIX_BINS)
+    return state[0], state[1], state[3]
 
 
 def _select_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import triton.language as tl
 def digit_histogram_kernel(keys_ptr, prefix_ptr, histogram_ptr, num_columns,
                            DIGIT_SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, HAS_PREFIX: tl.constexpr,
                            NUM_BINS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-row histogram of one digit among the keys matching the threshold prefix.
+    """Per-row histogram of one digit among the keys matching the threshold prefix (int64 [rows]).
 
     One program per (row, block of BLOCK columns); counts are added to the row's [NUM_BINS]
     int32 histogram with atomics."""
@@ -20,7 +20,7 @@ def digit_histogram_kernel(keys_ptr, prefix_ptr, histogram_ptr, num_columns,
     digit = ((keys >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1)).to(tl.int32)
     counted = in_row
     if HAS_PREFIX:
-        prefix = tl.load(prefix_ptr + row).to(tl.uint32, bitcast=True)
+        prefix = tl.load(prefix_ptr + row).to(tl.uint32)  # int64, the digits chosen so far (< 2**22)
         counted = counted & ((keys >> (DIGIT_SHIFT + DIGIT_BITS)) == prefix)
     # masked-out keys land in bin 0 and are taken back out (histogram's mask= needs Triton >= 3.2;
     # 1 - x rather than ~x: Triton 3.1's interpreter cannot invert a boolean)
@@ -77,3 +77,33 @@ def decode_selection_kernel(keys_ptr, scores_ptr, values_ptr, indices_ptr, N, K,
     value = tl.load(scores_ptr + (at // K) * M + column, mask=valid & (column < M), other=float("-inf"))
     tl.store(values_ptr + at, value, mask=valid)
     tl.store(indices_ptr + at, tl.where(value == float("-inf"), -1, column), mask=valid)
+
+
+@triton.jit
+def choose_digit_kernel(histogram_ptr, state_ptr, Q, K, FIRST: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                        NUM_BINS: tl.constexpr):
+    """One program per row, after a pass's histogram (`topk._choose_digit` and the threshold's
+    update in `topk._radix_threshold`): the digit holding the remaining-th largest key, appended
+    to the row's threshold. state int64 [4, Q]: threshold, keys above it, keys still to take
+    (remaining), keys at it; FIRST: the state starts at (0, 0, K). The histogram is cleared for the
+    next pass."""
+    row = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    counts = tl.load(histogram_ptr + row * NUM_BINS + bins).to(tl.int64)
+    tl.store(histogram_ptr + row * NUM_BINS + bins, tl.zeros((NUM_BINS,), dtype=tl.int32))
+    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # keys with digit >= d
+    if FIRST:
+        threshold = tl.zeros((), dtype=tl.int64) + 0
+        above_before = tl.zeros((), dtype=tl.int64) + 0
+        remaining = tl.zeros((), dtype=tl.int64) + K
+    else:
+        threshold = tl.load(state_ptr + row)
+        above_before = tl.load(state_ptr + Q + row)
+        remaining = tl.load(state_ptr + 2 * Q + row)
+    digit = tl.sum((at_or_above >= remaining).to(tl.int64), axis=0) - 1
+    at = tl.sum(tl.where(bins == digit, counts, 0), axis=0)
+    above = tl.sum(tl.where(bins == digit, at_or_above, 0), axis=0) - at
+    tl.store(state_ptr + row, (threshold << DIGIT_BITS) | digit)
+    tl.store(state_ptr + Q + row, above_before + above)
+    tl.store(state_ptr + 2 * Q + row, remaining - above)
+    tl.store(state_ptr + 3 * Q + row, at)

@@ -138,3 +138,36 @@ def build_kernel(bits_ptr, h1_ptr, h2_ptr, item_ptr, width_ptr, row_off_ptr, n_t
     for j in tl.static_range(K):
         p = ((p0 + j * step) % wu).to(tl.int64)
         tl.atomic_or(bits_ptr + (roff + p - row_base) * 32 + wib, bit, mask=tmask)
+
+
+@triton.jit
+def item_plans_kernel(out_ptr, ops_ptr, args_ptr, bloom_ptr, exact_ptr, L, OPS_STRIDE, TB, TE, M, BM: tl.constexpr):
+    """One program per (query, BM items): the plan of query q on per-item booleans (uint8 0/1), a
+    TERM reading bloom[q, slot, m] and an EXACT_TERM exact[q, slot, m] (slots clamped to the last,
+    as `probed.run_plans` reads them), on the same register stack as `_eval_words` (its top in s0;
+    an empty program passes everything)."""
+    q = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    mmask = m < M
+    ones = tl.full((BM,), 1, tl.int8)
+    zero = tl.zeros((BM,), tl.int8)
+    s0, s1, s2, s3, s4, s5, s6, s7 = ones, ones, ones, ones, ones, ones, ones, ones
+    for i in range(L):
+        op = tl.load(ops_ptr + q * OPS_STRIDE + i) + tl.zeros((BM,), tl.int32)  # as a vector: masks need tensor operands
+        slot = tl.load(args_ptr + q * OPS_STRIDE + i).to(tl.int64)
+        bloom = tl.load(bloom_ptr + (q * TB + tl.minimum(slot, TB - 1)) * M + m, mask=mmask & (op == TERM), other=1)
+        exact = tl.load(exact_ptr + (q * TE + tl.minimum(slot, TE - 1)) * M + m, mask=mmask & (op == EXACT_TERM), other=1)
+        pushed = tl.where(op == TERM, bloom.to(tl.int8), tl.where(op == EXACT_TERM, exact.to(tl.int8), ones))
+        is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
+        is_bin = (op == AND) | (op == OR)
+        combined = tl.where(op == AND, s0 & s1, s0 | s1)
+        n0 = tl.where(is_push, pushed, tl.where(is_bin, combined, tl.where(op == NOT, 1 - s0, s0)))
+        n1 = tl.where(is_push, s0, tl.where(is_bin, s2, s1))
+        n2 = tl.where(is_push, s1, tl.where(is_bin, s3, s2))
+        n3 = tl.where(is_push, s2, tl.where(is_bin, s4, s3))
+        n4 = tl.where(is_push, s3, tl.where(is_bin, s5, s4))
+        n5 = tl.where(is_push, s4, tl.where(is_bin, s6, s5))
+        n6 = tl.where(is_push, s5, tl.where(is_bin, s7, s6))
+        n7 = tl.where(is_push, s6, tl.where(is_bin, zero, s7))
+        s0, s1, s2, s3, s4, s5, s6, s7 = n0, n1, n2, n3, n4, n5, n6, n7
+    tl.store(out_ptr + q * M + m, s0.to(tl.uint8), mask=mmask)

@@ -7,8 +7,10 @@ reads exact_words[q, slot, m], packed by the caller from the stored attributes, 
 combine the words bit for bit. `torch.compile` and `torch.export` see one op: on a Triton backend
 one kernel runs the whole stack program in registers (the Bloom index's own evaluator,
 `kernels._eval_words`); the reference runs it with tensor ops on a [Q, depth, M] stack
-(`run_plans`, which the model also uses on per-item booleans for the fresh index and the exact
-verification of its candidates).
+(`run_plans`). The model evaluates the plans on per-item booleans too (its fresh items, the exact
+verification of its candidates): `silvertorch::item_plans`, one kernel on a Triton backend
+(`kernels.item_plans_kernel`, where `run_plans` takes about 4 ops per step), `run_plans` its
+reference.
 """
 
 from __future__ import annotations
@@ -114,3 +116,38 @@ def _probed_filter_words_fake(bits, row_offsets, widths, words, ops, args, hashe
 
 probed_filter_words = register_op("silvertorch::probed_filter_words", reference=probed_filter_words_reference,
                                   triton=probed_filter_words_triton, fake=_probed_filter_words_fake)
+
+
+def item_plans_reference(ops: torch.Tensor, args: torch.Tensor, bloom_terms: torch.Tensor,
+                         exact_terms: torch.Tensor) -> torch.Tensor:
+    """bool [Q, M]: the plans (ops, args [Q, L] int32) on per-item booleans, bloom_terms [Q, TB, M]
+    for their TERM steps and exact_terms [Q, TE >= 1, M] for their EXACT_TERM steps: `run_plans`,
+    contiguous (as the fake promises)."""
+    return run_plans(ops, args, bloom_terms, exact_terms).contiguous()
+
+
+def item_plans_triton(ops: torch.Tensor, args: torch.Tensor, bloom_terms: torch.Tensor,
+                      exact_terms: torch.Tensor) -> torch.Tensor:
+    import triton
+
+    from .kernels import item_plans_kernel
+
+    q, tb, m = bloom_terms.shape
+    out = torch.empty(q, m, dtype=torch.bool, device=bloom_terms.device)
+    if q and m:
+        # plans cut to the batch's steps are column slices: the kernel takes their (shared) row stride
+        if ops.shape[1] > 1 and (ops.stride(1) != 1 or args.stride() != ops.stride()):
+            ops, args = ops.contiguous(), args.contiguous()
+        bm = min(1024, triton.next_power_of_2(m))
+        item_plans_kernel[(q, triton.cdiv(m, bm))](
+            out.view(torch.uint8), ops, args, bloom_terms.contiguous().view(torch.uint8),
+            exact_terms.contiguous().view(torch.uint8), ops.shape[1], ops.stride(0), tb, exact_terms.shape[1], m, BM=bm)
+    return out
+
+
+def _item_plans_fake(ops, args, bloom_terms, exact_terms):
+    return bloom_terms.new_empty((bloom_terms.shape[0], bloom_terms.shape[2]), dtype=torch.bool)
+
+
+item_plans = register_op("silvertorch::item_plans", reference=item_plans_reference, triton=item_plans_triton,
+                         fake=_item_plans_fake)
