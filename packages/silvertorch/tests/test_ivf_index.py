@@ -949,3 +949,18 @@ def test_flat_index_takes_any_nprobe_and_scores_every_item():
     for kw in ({"nprobe": 1}, {"nprobe": 64}, {"adaptive": True, "max_nprobe": 7}):
         got = flat.search_with_stats(QUERIES[:3], 5, **kw)
         assert torch.equal(got.scores, want.scores) and torch.equal(got.ids, want.ids), kw
+
+
+def test_filtered_search_of_one_query_over_one_word_of_fresh_items(monkeypatch):
+    """One query, a filter, at most 32 fresh items: the filter's words for the fresh part are one
+    [1, 1, 1] word, which `contiguous()` left as a strided view of the 64-bit words and unpack_bits
+    could not view as bytes (a RuntimeError on the PyTorch path)."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    g = torch.Generator().manual_seed(0)
+    index = IVFIndex.build(torch.randn(600, 12, generator=g), n_clusters=5, iters=3)
+    index.add(torch.randn(9, 12, generator=g), torch.arange(900, 909))
+    queries = torch.randn(1, 12, generator=g)
+    mask = torch.zeros(1, index.num_items, dtype=torch.bool)
+    mask[0, -3:] = True  # three fresh items pass
+    scores, ids = index.search(queries, 5, 2, DenseMaskFilter(mask))
+    assert sorted(ids[0, :3].tolist()) == [906, 907, 908] and ids[0, 3:].eq(-1).all()

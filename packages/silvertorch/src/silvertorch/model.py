@@ -56,7 +56,7 @@ from .filtering import derived_from, pack_bits, unpack_bits
 from .ivf.index import DEFAULT_NPROBE, IVFIndex
 from .ivf.probed import probed_scores
 from .ivf.probed import rows_of as _rows
-from .ivf.quantize import quantize_rows
+from .ivf.quantize import quantize_queries
 from .scoring import OverArch, ValueModel, check_value_weights
 from .topk import as_integers
 from .towers import TOWERS
@@ -512,7 +512,7 @@ class RetrievalModel(nn.Module):
             probe = (torch.arange(self.max_nprobe, device=u.device) < self.nprobe) | (before < self.k_candidates)
             keep = keep & probe.unsqueeze(-1)
         found = keep.sum((1, 2)) + fresh_found
-        q_codes, q_scales = quantize_rows(u)
+        q_codes, q_scales = quantize_queries(u)  # one kernel on a Triton backend, eagerly
         # int8 scores of the probed slots, -inf where keep is off: one custom op (the fused IVF kernels
         # on a Triton backend, in eager, compiled and exported graphs alike)
         main = probed_scores(self.codes, self.scales, self.cluster_positions, self.cluster_offsets, clusters, keep, q_codes, q_scales)

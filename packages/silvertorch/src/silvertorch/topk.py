@@ -17,8 +17,13 @@ value -inf with index -1. Methods:
   (11, 11, 10 bits, most significant first) find each row's k-th largest key T and how many
   keys exceed it; the selection is every key > T plus the first ties at T in index order, and
   only those k are sorted. The histogram step runs as a Triton kernel when
-  `select_backend(scores).uses_triton` (the interpreter on CPU), else in PyTorch, where each
-  pass after the first works on the keys still matching the threshold's prefix.
+  `select_backend(scores).uses_triton` (the interpreter on CPU), each pass's choice of digit as a
+  second one, else in PyTorch, where each pass after the first works on the keys still matching
+  the threshold's prefix.
+
+On a Triton backend the two-level selection's tie fix-up (fixed shapes) and ordering run as two
+small kernels around one sort (`_two_level_selection_triton`); the PyTorch formulation beside
+them is their reference.
 
 All argument checks happen before any kernel runs. Triton is imported only when its kernel is
 first built, never at module import.
@@ -188,6 +193,8 @@ def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = Non
         best_columns = winner_columns.gather(1, best)
     else:  # one tile: its winners come sorted
         best_values, best_columns = winner_values.view(num_rows, keep), winner_columns.view(num_rows, keep)
+    if fixed_shapes and k <= TWO_LEVEL_MAX_K and select_backend(scores).uses_triton:
+        return _two_level_selection_triton(scores, best_values, best_columns, k, keep > k)
     kth_value = best_values[:, k - 1]
     columns = best_columns[:, :k].contiguous()
     if keep > k and fixed_shapes:
@@ -205,6 +212,29 @@ def _select_two_level(scores: torch.Tensor, k: int, tile_width: int | None = Non
             fixed[tie_rows[kept], slot[kept]] = tie_columns[kept]
             columns[spill_rows] = fixed
     return _sorted_selection(padded, columns)  # padding columns only come with -inf: index -1
+
+
+def _two_level_selection_triton(scores, best_values, best_columns, k, fix_ties):
+    """The fixed-shape tie fix-up and `_sorted_selection` in two kernels around one sort (about 25
+    ops fewer): `two_level_keys_kernel` writes each row's k selection keys, the sort orders them,
+    `decode_selection_kernel` reads the values and columns back out of them."""
+    import triton
+
+    from .topk_kernels import decode_selection_kernel, two_level_keys_kernel
+
+    num_rows, num_columns = scores.shape
+    k = int(k)  # a numpy integer is no constexpr
+    scores, best_values, best_columns = scores.contiguous(), best_values.contiguous(), best_columns.contiguous()
+    keys = torch.empty(num_rows, k, dtype=torch.int64, device=scores.device)
+    two_level_keys_kernel[(num_rows,)](scores, best_values, best_columns, keys, num_columns, k, best_values.shape[1],
+                                       FIX_TIES=fix_ties, BK=triton.next_power_of_2(k), BLOCK=1024)
+    keys = torch.sort(keys, dim=1, descending=True).values  # unique in a row
+    values = torch.empty(num_rows, k, dtype=torch.float32, device=scores.device)
+    indices = torch.empty(num_rows, k, dtype=torch.int64, device=scores.device)
+    block = min(1024, triton.next_power_of_2(num_rows * k))
+    decode_selection_kernel[(triton.cdiv(num_rows * k, block),)](keys, scores, values, indices, num_rows * k, k, num_columns,
+                                                                 BLOCK=block)
+    return values, indices
 
 
 def _running_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,19 +340,21 @@ def _radix_threshold_torch(keys: torch.Tensor, k: int):
 
 
 def _radix_threshold_triton(keys: torch.Tensor, k: int):
-    """Same as `_radix_threshold_torch`, each pass one Triton histogram over the full rows."""
+    """Same as `_radix_threshold_torch`: each pass one Triton histogram over the full rows, then one
+    kernel choosing the digit and updating the row's state (`choose_digit_kernel`, where
+    `_choose_digit` and the updates take about 15 ops a pass)."""
     num_rows, num_columns = keys.shape
-    from .topk_kernels import digit_histogram_kernel as kernel
+    from .topk_kernels import choose_digit_kernel, digit_histogram_kernel
+
     grid = (num_rows, -(-num_columns // HISTOGRAM_BLOCK))
-
-    def histogram_of(pass_index, shift, bits, threshold):
-        histogram = torch.zeros(num_rows, RADIX_BINS, dtype=torch.int32, device=keys.device)
-        prefix = threshold.to(torch.int32)  # the digits chosen so far (< 2**22)
-        kernel[grid](keys, prefix, histogram, num_columns, DIGIT_SHIFT=shift, DIGIT_BITS=bits,
-                     HAS_PREFIX=pass_index > 0, NUM_BINS=RADIX_BINS, BLOCK=HISTOGRAM_BLOCK)
-        return histogram.long()
-
-    return _radix_threshold(keys, k, histogram_of)
+    histogram = torch.zeros(num_rows, RADIX_BINS, dtype=torch.int32, device=keys.device)  # cleared by each choice
+    state = torch.empty(4, num_rows, dtype=torch.int64, device=keys.device)  # threshold, above, remaining, at
+    for pass_index, (shift, bits) in enumerate(RADIX_DIGITS):
+        digit_histogram_kernel[grid](keys, state[0], histogram, num_columns, DIGIT_SHIFT=shift, DIGIT_BITS=bits,
+                                     HAS_PREFIX=pass_index > 0, NUM_BINS=RADIX_BINS, BLOCK=HISTOGRAM_BLOCK)
+        choose_digit_kernel[(num_rows,)](histogram, state, num_rows, int(k), FIRST=pass_index == 0, DIGIT_BITS=bits,
+                                         NUM_BINS=RADIX_BINS)
+    return state[0], state[1], state[3]
 
 
 def _select_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,7 @@ reads exact_words[q, slot, m], packed by the caller from the stored attributes, 
 combine the words bit for bit. `torch.compile` and `torch.export` see one op: on a Triton backend
 one kernel runs the whole stack program in registers (the Bloom index's own evaluator,
 `kernels._eval_words`); the reference runs it with tensor ops on a [Q, depth, M] stack
-(`run_plans`, which the model also uses on per-item booleans for the fresh index and the exact
-verification of its candidates).
+(`run_plans`, which is also the reference of `verify.verify_plans`, the model's exact verification).
 """
 
 from __future__ import annotations
@@ -114,3 +113,4 @@ def _probed_filter_words_fake(bits, row_offsets, widths, words, ops, args, hashe
 
 probed_filter_words = register_op("silvertorch::probed_filter_words", reference=probed_filter_words_reference,
                                   triton=probed_filter_words_triton, fake=_probed_filter_words_fake)
+

@@ -30,7 +30,7 @@ from gpukernels_common.graphs import GraphedCall, padded_batch
 from ..filtering import count_row_bits, derived_from, device_arange, pack_bits, unpack_bits
 from ..topk import as_count, as_integers, select_topk, select_topk_checked
 from .kmeans import kmeans
-from .quantize import quantize_rows
+from .quantize import launch_quantize, quantize_queries, quantize_rows
 
 FORMAT_VERSION = 1
 
@@ -74,16 +74,101 @@ def int8_dot_supported(device: torch.device) -> bool:
 
 def _cluster_pairs(clusters: torch.Tensor, n_clusters: int, block_q: int):
     """The (query, slot) pairs q*P + p grouped by the cluster they probe, and a schedule of blocks
-    of at most block_q pairs of one cluster, from device tensors only: the grid is the upper
-    bound ceil(Q*P / block_q) + n_clusters and surplus blocks carry cluster -1."""
+    of at most block_q pairs of one cluster, from device tensors only: (pairs, their clusters
+    sorted, block_cluster, block_row, n_blocks). The grid is the upper bound
+    ceil(Q*P / block_q) + min(n_clusters, Q*P) blocks; surplus blocks carry cluster -1. One sort
+    and one single-program kernel (`cluster_blocks_kernel`) on a Triton backend, else
+    `_cluster_blocks_reference`."""
     sorted_clusters, pairs = torch.sort(clusters.reshape(-1), stable=True)
-    # each cluster's pairs by a binary search of the sorted clusters (bincount reads its input's
-    # largest value back on the host to size its output: a synchronisation)
-    cluster_ids = device_arange(n_clusters, clusters.device)
+    n = sorted_clusters.numel()
+    n_blocks = max(1, -(-n // block_q) + min(n_clusters, n))
+    if not select_backend(clusters).uses_triton:
+        block_cluster, block_row = _cluster_blocks_reference(sorted_clusters, n_clusters, block_q, n_blocks)
+        return pairs, sorted_clusters, block_cluster, block_row, n_blocks
+    from .kernels import cluster_blocks_kernel
+
+    blocks = torch.empty(2, n_blocks, dtype=torch.int64, device=clusters.device)
+    cluster_blocks_kernel[(1,)](sorted_clusters, blocks[0], blocks[1], n, n_blocks, max(n, 1).bit_length(),
+                                BQ=block_q, BLOCK=1024)
+    return pairs, sorted_clusters, blocks[0], blocks[1], n_blocks
+
+
+def _cluster_blocks_reference(sorted_clusters: torch.Tensor, n_clusters: int, block_q: int, n_blocks: int):
+    """`cluster_blocks_kernel` in PyTorch: (block_cluster [n_blocks], block_row [n_blocks]) int64,
+    each cluster's run of the sorted clusters cut into blocks of block_q rows, cluster -1 and row 0
+    past the last block. Each cluster's pairs are found by a binary search of the sorted clusters
+    (bincount reads its input's largest value back on the host to size its output: a
+    synchronisation)."""
+    cluster_ids = device_arange(n_clusters, sorted_clusters.device)
     pair_starts = torch.searchsorted(sorted_clusters, cluster_ids)
     pair_ends = torch.searchsorted(sorted_clusters, cluster_ids, right=True)
-    cluster, first, n_blocks = grouped_blocks(pair_starts, pair_ends - pair_starts, clusters.numel(), block_q)
-    return pairs.to(torch.int32), pair_ends, cluster.to(torch.int32), first, n_blocks
+    cluster, first, _ = grouped_blocks(pair_starts, pair_ends - pair_starts, sorted_clusters.numel(), block_q)
+    # grouped_blocks' bound (ceil(total / block) + n_clusters) is at least n_blocks, and its blocks past
+    # the used ones are spare
+    return cluster[:n_blocks].long(), first[:n_blocks].long()
+
+
+def _prepare_queries(queries: torch.Tensor, clusters: torch.Tensor, cluster_starts: torch.Tensor,
+                     cluster_sizes: torch.Tensor):
+    """(q_codes [Q, D] int8, q_scales [Q], starts [Q, P], lengths [Q, P], found [Q]): the queries
+    quantised (`quantize_rows`), their probed clusters' storage ranges and the items in them. One
+    kernel (`prepare_queries_kernel`) on a Triton backend, else `_prepare_queries_reference`."""
+    if not select_backend(queries).uses_triton or queries.shape[0] == 0:
+        return _prepare_queries_reference(queries, clusters, cluster_starts, cluster_sizes)
+    q, p = clusters.shape
+    ranges = torch.empty(2 * q * p + q, dtype=torch.int64, device=queries.device)  # starts, lengths, found: one allocation
+    starts, lengths, found = ranges[:q * p].view(q, p), ranges[q * p:2 * q * p].view(q, p), ranges[2 * q * p:]
+    q_codes, q_scales = launch_quantize(queries, (clusters.contiguous(), cluster_starts, cluster_sizes, starts, lengths, found))
+    return q_codes, q_scales, starts, lengths, found
+
+
+def _prepare_queries_reference(queries, clusters, cluster_starts, cluster_sizes):
+    q_codes, q_scales = quantize_rows(queries)
+    lengths = cluster_sizes[clusters]
+    return q_codes, q_scales, cluster_starts[clusters], lengths, lengths.sum(1)
+
+
+def _search_results(top, order, starts, L, main_slots, ids, fresh_ids, num_main, k, nprobe):
+    """(scores, positions, ids, fresh, nprobe) of a search from its selection: top / order [Q, kk]
+    (kk <= k; order a slot of the candidates or -1), the main slots' storage ranges (starts [Q, P],
+    L slots each), then the fresh part's slots. One kernel (`search_results_kernel`) on a Triton
+    backend, else `_search_results_reference`."""
+    q, kk = order.shape
+    if not select_backend(order).uses_triton or q == 0:
+        return _search_results_reference(top, order, starts, L, main_slots, ids, fresh_ids, num_main, k, nprobe)
+    import triton
+
+    from .kernels import search_results_kernel
+
+    scores = top.contiguous() if kk == k else torch.empty(q, k, dtype=torch.float32, device=top.device)
+    out = torch.empty(2 * q * k + q, dtype=torch.int64, device=top.device)  # positions, ids, nprobe: one allocation
+    positions, out_ids, probed = out[:q * k].view(q, k), out[q * k:2 * q * k].view(q, k), out[2 * q * k:]
+    fresh = torch.empty(q, k, dtype=torch.bool, device=top.device)
+    block = min(1024, triton.next_power_of_2(q * k))
+    # an empty table is never read (no slot maps to it) but must be a valid pointer: another one stands in
+    ids = ids if ids.numel() else out
+    fresh_ids = fresh_ids if fresh_ids.numel() else ids
+    search_results_kernel[(triton.cdiv(q * k, block),)](
+        top.contiguous(), order.contiguous(), starts.contiguous(), ids, fresh_ids, scores, positions, out_ids, fresh,
+        probed, q, k, kk, starts.shape[1], L, main_slots, num_main, nprobe, BLOCK=block)
+    return scores, positions, out_ids, fresh, probed
+
+
+def _search_results_reference(top, order, starts, L, main_slots, ids, fresh_ids, num_main, k, nprobe):
+    slot = order.clamp(0, max(main_slots - 1, 0))
+    main = starts.gather(1, torch.div(slot, L, rounding_mode="floor")) + slot % L
+    pos = torch.where(order < main_slots, main, num_main + order - main_slots)
+    pos = torch.where(order >= 0, pos, -1)
+    q, kk = order.shape
+    if kk < k:
+        top = torch.cat([top, top.new_full((q, k - kk), float("-inf"))], 1)
+        pos = torch.cat([pos, pos.new_full((q, k - kk), -1)], 1)
+    main_ids = ids[pos.clamp(0, max(num_main - 1, 0))] if num_main else torch.full_like(pos, -1)
+    if fresh_ids.numel():
+        fresh = fresh_ids[(pos - num_main).clamp(0, fresh_ids.numel() - 1)]
+        main_ids = torch.where(pos >= num_main, fresh, main_ids)
+    out_ids = torch.where(pos >= 0, main_ids, -1)
+    return top, pos, out_ids, pos >= num_main, torch.full((q,), nprobe, dtype=torch.int64, device=pos.device)
 
 
 def _check_embeddings(embeddings, dim: int | None = None) -> torch.Tensor:
@@ -212,7 +297,9 @@ def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
         raise ValueError(f"queries must be [num_queries, {dim}], got {tuple(queries.shape)}")
     if not queries.dtype.is_floating_point:
         raise ValueError(f"queries must be floating point, got {queries.dtype}")
-    if not capturing() and not torch.isfinite(queries).all():  # a captured graph cannot read values (its caller checks)
+    # a captured graph cannot read values (its caller checks). Finite values times 0 sum to 0, inf and NaN
+    # to NaN: three ops (isfinite().all() takes five)
+    if not capturing() and not float((queries * 0).sum()) == 0:
         raise ValueError("queries contain NaN or inf")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -287,7 +374,7 @@ class IVFIndex:
         if codes.dtype == torch.bfloat16:
             scores = queries.float() @ codes.float().T
         else:
-            q_codes, q_scales = quantize_rows(queries)
+            q_codes, q_scales = quantize_queries(queries)  # one kernel on a Triton backend
             scores = int8_matmul(q_codes, codes) * (scales.unsqueeze(0) * q_scales.unsqueeze(1))
         keep = ~removed.unsqueeze(0).expand_as(scores)
         if filters is not None and codes.shape[0]:
@@ -334,13 +421,16 @@ class IVFIndex:
         `offsets` is replaced or edited (two ops fewer per search than slicing the offsets)."""
         return derived_from(self, "_extents", self.offsets, lambda offsets: (offsets[:-1].contiguous(), offsets.diff()))
 
-    def _probed_ranges(self, queries, clusters, filters):
+    def _probed_ranges(self, queries, clusters, filters, extents=None):
         """(starts [Q, P], lengths [Q, P], L, words): the probed clusters' storage ranges, L the
         largest cluster, and their keep words [Q, P, ceil(L/32)] (passes the filter and not
-        deleted; bits past a cluster's end 0), or None when every item of every range is kept."""
-        cluster_starts, cluster_sizes = self._cluster_extents()
-        starts = cluster_starts[clusters]
-        lengths = cluster_sizes[clusters]
+        deleted; bits past a cluster's end 0), or None when every item of every range is kept.
+        `extents`: (starts, lengths), if already taken."""
+        if extents is None:
+            cluster_starts, cluster_sizes = self._cluster_extents()
+            starts, lengths = cluster_starts[clusters], cluster_sizes[clusters]
+        else:
+            starts, lengths = extents
         L = max(self.max_cluster, 1)
         words = None
         if filters is not None:
@@ -359,10 +449,19 @@ class IVFIndex:
         `ranges`: `_probed_ranges` of the same arguments, if already taken."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        starts, lengths, L, words = ranges or self._probed_ranges(queries, clusters, filters)
-        q_codes, q_scales = quantize_rows(queries)
+        if ranges is None and self.codes.dtype == torch.int8:
+            # the queries quantised and the probed ranges taken together (one kernel on a Triton backend)
+            q_codes, q_scales, starts, lengths, found = _prepare_queries(queries, clusters, *self._cluster_extents())
+            starts, lengths, L, words = self._probed_ranges(queries, clusters, filters, extents=(starts, lengths))
+        else:
+            starts, lengths, L, words = ranges or self._probed_ranges(queries, clusters, filters)
+            q_codes, q_scales = quantize_rows(queries)
+            found = None
         q, p = clusters.shape
-        found = lengths.sum(1) if words is None else count_row_bits(words)
+        if words is not None:
+            found = count_row_bits(words)
+        elif found is None:
+            found = lengths.sum(1)
         if out is not None and (tuple(out.shape) != (q, p * L) or out.dtype != torch.float32 or out.device != self.codes.device
                                 or not out.is_contiguous()):  # the kernels write it row-major
             raise ValueError(f"out must be a contiguous float32 ({q}, {p * L}) on {self.codes.device}, got {out.dtype} "
@@ -382,10 +481,10 @@ class IVFIndex:
             d = self.codes.shape[1]
             if schedule == "cluster" or (schedule == "auto" and q >= CLUSTER_MAJOR_MIN_QUERIES):
                 bq, bn = 16, 64
-                pairs, pair_ends, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, self.n_clusters, bq)
+                pairs, sorted_clusters, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, self.n_clusters, bq)
                 score_cluster_major_kernel[(n_blocks, triton.cdiv(L, bn))](
-                    out, codes, scales, q_codes, q_scales, offsets, pairs, pair_ends, block_cluster, block_row,
-                    flat_words, d, p, L, w32, HAS_FILTER=words is not None, INT8_DOT=int8_dot_supported(self.codes.device),
+                    out, codes, scales, q_codes, q_scales, offsets, pairs, sorted_clusters, block_cluster, block_row,
+                    flat_words, pairs.numel(), d, p, L, w32, HAS_FILTER=words is not None, INT8_DOT=int8_dot_supported(self.codes.device),
                     FP16_DOT=env.gpu_launch_shapes(self.codes.device),
                     BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
             else:
@@ -467,10 +566,11 @@ class IVFIndex:
                              f"layout=index.layout (BloomIndex.build(..., layout=) or DenseMaskFilter(mask, layout=))")
 
     def _search_candidates(self, queries, clusters, filters):
-        """(scores [Q, M], positions_of, found [Q]) for one search: `positions_of(slots)` maps slots
-        of `scores` to storage positions. The PyTorch reference under a selective filter scores
-        only the items that pass (`_passing_scores`); otherwise every slot of the probed clusters
-        (`_slot_scores`)."""
+        """(scores [Q, M], positions_of, found [Q], slots) for one search: `positions_of(slots)` maps
+        slots of `scores` to storage positions. The PyTorch reference under a selective filter
+        scores only the items that pass (`_passing_scores`; slots None); otherwise every slot of
+        the probed clusters (`_slot_scores`; slots = (starts, L): slot j is position
+        starts[j // L] + j % L)."""
         ranges = None
         if self.codes.dtype == torch.int8 and not select_backend(self.codes).uses_triton:
             ranges = self._probed_ranges(queries, clusters, filters)
@@ -479,9 +579,9 @@ class IVFIndex:
                 found = count_row_bits(words)
                 if int(found.sum()) * PASSING_SLOT_COST <= words.shape[0] * words.shape[1] * L:
                     scores, positions = self._passing_scores(queries, starts, L, words, found)
-                    return scores, (lambda slots: positions.gather(1, slots)), found
+                    return scores, (lambda slots: positions.gather(1, slots)), found, None
         scores, starts, L, found = self._slot_scores(queries, clusters, filters, ranges=ranges)
-        return scores, (lambda slots: starts.gather(1, slots // L) + slots % L), found
+        return scores, (lambda slots: starts.gather(1, slots // L) + slots % L), found, (starts, L)
 
     def _passing_scores(self, queries, starts, L, words, found):
         """Scores of the items whose keep bit is set, compacted per query: (scores [Q, W], storage
@@ -521,7 +621,7 @@ class IVFIndex:
 
     def _search_once(self, queries, k, nprobe, filters) -> SearchResult:
         clusters = self.probe(queries, nprobe)
-        scores, positions_of, found = self._search_candidates(queries, clusters, filters)
+        scores, positions_of, found, slots = self._search_candidates(queries, clusters, filters)
         main_slots = scores.shape[1]
         if self.num_fresh:  # merged into the same selection, so one top-k covers both parts
             fresh_scores = self._exhaustive_scores(queries, self.fresh_codes, self.fresh_scales, self.fresh_removed,
@@ -542,7 +642,14 @@ class IVFIndex:
             pos = torch.where(order < main_slots, positions_of(slot), self.num_main + order - main_slots)
             return top, order, torch.where(order >= 0, pos, -1)
 
-        if not getattr(filters, "approximate", False):
+        approximate = getattr(filters, "approximate", False)
+        if not approximate and slots is not None and select_backend(scores).uses_triton:
+            # positions, ids, padding and flags of the k kept in one kernel
+            top, order = select_topk_of(scores, kk)
+            top, pos, ids, fresh, probed = _search_results(top, order, *slots, main_slots, self.ids, self.fresh_ids,
+                                                           self.num_main, k, nprobe)
+            return SearchResult(top, ids, pos, found, probed, fresh)
+        if not approximate:
             top, _, pos = select(kk)
         else:
             # a Bloom filter passes a superset: a pool of the best VERIFY_POOL x k is checked against the
@@ -580,8 +687,8 @@ class IVFIndex:
         """`search(queries, k, nprobe)` (unfiltered) recorded as one CUDA graph
         (`gpukernels_common.graphs.GraphedCall`) for batches of 1 to `queries.shape[0]` queries
         (a smaller batch is padded and its results cut back): a search replays its kernels with
-        one launch, where an eager search launches each (about 115 at nprobe 16; it is bound by
-        that host work on a GPU). `queries`: an example batch (its dtype and count; any finite
+        one launch, where an eager search launches each (about 115 at nprobe 16 before the small
+        ops around the scoring kernel were fused; it is bound by that host work on a GPU). `queries`: an example batch (its dtype and count; any finite
         values). The graph is a snapshot of the index: after `add`, `remove` or `compact` the
         captured search raises; capture again (edits of its tensors in place, outside those
         methods, are not seen). One caller at a time: the graph's buffers are shared. Needs the

@@ -106,10 +106,10 @@ def probed_scores_triton(codes: torch.Tensor, scales: torch.Tensor, cluster_posi
     out = torch.empty(q, p * width, dtype=torch.float32, device=codes.device)
     if q >= CLUSTER_MAJOR_MIN_QUERIES:
         bq, bn = 16, 64
-        pairs, pair_ends, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, n_clusters, bq)
+        pairs, sorted_clusters, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, n_clusters, bq)
         score_cluster_major_kernel[(n_blocks, triton.cdiv(width, bn))](
-            out, codes, scales, q_codes, q_scales, cluster_offsets, pairs, pair_ends, block_cluster, block_row,
-            words, d, p, width, w32, HAS_FILTER=True, INT8_DOT=int8_dot_supported(codes.device),
+            out, codes, scales, q_codes, q_scales, cluster_offsets, pairs, sorted_clusters, block_cluster, block_row,
+            words, pairs.numel(), d, p, width, w32, HAS_FILTER=True, INT8_DOT=int8_dot_supported(codes.device),
             FP16_DOT=env.gpu_launch_shapes(codes.device), BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
     else:
         starts = cluster_offsets[clusters]
