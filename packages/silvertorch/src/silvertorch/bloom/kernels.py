@@ -27,6 +27,25 @@ def _second_hash(h):
 
 
 @triton.jit
+def _stack_step(op, pushed, s0, s1, s2, s3, s4, s5, s6, s7):
+    """One step of a plan on the register stack (top in s0; values all-ones or all-zeros bit
+    patterns): a push (TERM, EXACT_TERM with `pushed`, TRUE with ones) shifts the stack down,
+    AND/OR pop two and push one, NOT flips the top, NOP leaves it."""
+    is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
+    is_bin = (op == AND) | (op == OR)
+    combined = tl.where(op == AND, s0 & s1, s0 | s1)
+    n0 = tl.where(is_push, pushed, tl.where(is_bin, combined, tl.where(op == NOT, ~s0, s0)))
+    n1 = tl.where(is_push, s0, tl.where(is_bin, s2, s1))
+    n2 = tl.where(is_push, s1, tl.where(is_bin, s3, s2))
+    n3 = tl.where(is_push, s2, tl.where(is_bin, s4, s3))
+    n4 = tl.where(is_push, s3, tl.where(is_bin, s5, s4))
+    n5 = tl.where(is_push, s4, tl.where(is_bin, s6, s5))
+    n6 = tl.where(is_push, s5, tl.where(is_bin, s7, s6))
+    n7 = tl.where(is_push, s6, tl.where(is_bin, tl.zeros_like(s7), s7))
+    return n0, n1, n2, n3, n4, n5, n6, n7
+
+
+@triton.jit
 def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr, args_ptr, h1_ptr,
                 exact_ptr, exact_row_ptr, exact_col, exact_stride, L, T, K: tl.constexpr, BW: tl.constexpr,
                 HAS_LIVE: tl.constexpr):
@@ -36,7 +55,6 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
     width = tl.load(width_ptr + bundle, mask=wmask, other=2)
     roff = tl.load(row_off_ptr + bundle, mask=wmask, other=0)
     ones = tl.full((BW,), -1, tl.int64)
-    zero = tl.zeros((BW,), tl.int64)
     # an empty stack reads as "everything", as the tensor-op evaluator's (an empty program passes all)
     s0, s1, s2, s3, s4, s5, s6, s7 = ones, ones, ones, ones, ones, ones, ones, ones
     for i in range(L):
@@ -55,18 +73,7 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
         erow = tl.load(exact_row_ptr + q * T + slot)
         exact = tl.load(exact_ptr + erow.to(tl.int64) * exact_stride + exact_col, mask=wmask & (op == EXACT_TERM), other=0)
         pushed = tl.where(op == TERM, term, tl.where(op == EXACT_TERM, exact, ones))
-        is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
-        is_bin = (op == AND) | (op == OR)
-        combined = tl.where(op == AND, s0 & s1, s0 | s1)
-        n0 = tl.where(is_push, pushed, tl.where(is_bin, combined, tl.where(op == NOT, ~s0, s0)))
-        n1 = tl.where(is_push, s0, tl.where(is_bin, s2, s1))
-        n2 = tl.where(is_push, s1, tl.where(is_bin, s3, s2))
-        n3 = tl.where(is_push, s2, tl.where(is_bin, s4, s3))
-        n4 = tl.where(is_push, s3, tl.where(is_bin, s5, s4))
-        n5 = tl.where(is_push, s4, tl.where(is_bin, s6, s5))
-        n6 = tl.where(is_push, s5, tl.where(is_bin, s7, s6))
-        n7 = tl.where(is_push, s6, tl.where(is_bin, zero, s7))
-        s0, s1, s2, s3, s4, s5, s6, s7 = n0, n1, n2, n3, n4, n5, n6, n7
+        s0, s1, s2, s3, s4, s5, s6, s7 = _stack_step(op, pushed, s0, s1, s2, s3, s4, s5, s6, s7)
     if HAS_LIVE:
         s0 = s0 & tl.load(live_ptr + w, mask=wmask, other=0)
     return s0
@@ -174,18 +181,7 @@ def verify_kernel(out_ptr, pos_ptr, terms_ptr, counts_ptr, ops_ptr, args_ptr, ha
         h = tl.load(hashes_ptr + q * T + slot)
         hit = tl.max(((terms == h) & present).to(tl.int32), axis=1)
         pushed = tl.where((op == TERM) | (op == EXACT_TERM), tl.where(hit != 0, ones, zero), ones)
-        is_push = (op == TERM) | (op == EXACT_TERM) | (op == TRUE)
-        is_bin = (op == AND) | (op == OR)
-        combined = tl.where(op == AND, s0 & s1, s0 | s1)
-        n0 = tl.where(is_push, pushed, tl.where(is_bin, combined, tl.where(op == NOT, ~s0, s0)))
-        n1 = tl.where(is_push, s0, tl.where(is_bin, s2, s1))
-        n2 = tl.where(is_push, s1, tl.where(is_bin, s3, s2))
-        n3 = tl.where(is_push, s2, tl.where(is_bin, s4, s3))
-        n4 = tl.where(is_push, s3, tl.where(is_bin, s5, s4))
-        n5 = tl.where(is_push, s4, tl.where(is_bin, s6, s5))
-        n6 = tl.where(is_push, s5, tl.where(is_bin, s7, s6))
-        n7 = tl.where(is_push, s6, tl.where(is_bin, zero, s7))
-        s0, s1, s2, s3, s4, s5, s6, s7 = n0, n1, n2, n3, n4, n5, n6, n7
+        s0, s1, s2, s3, s4, s5, s6, s7 = _stack_step(op, pushed, s0, s1, s2, s3, s4, s5, s6, s7)
     tl.store(out_ptr + q.to(tl.int64) * M + m, (s0 != 0).to(tl.int8), mask=mmask)
 
 
