@@ -317,3 +317,14 @@ def test_the_deepest_accepted_filter_runs_exactly_in_the_kernel(monkeypatch):
     for slot, h in enumerate(plans.hashes[0].tolist()):
         has[0, slot, item_of[item_hashes == h]] = True
     assert torch.equal(run_plans(plans.ops[:1], plans.args[:1], has, has)[0], truth)
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_search_of_no_queries_is_empty_on_every_backend(monkeypatch, backend):
+    """A batch of zero filters: the kernel path returned [0, num_words], the PyTorch path (the CPU's
+    default) failed in torch.stack ("stack expects a non-empty TensorList")."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    got = INDEX.search(parse_filters([]))
+    assert got.shape == (0, INDEX.num_words) and got.dtype == torch.int64
+    out = torch.empty(0, INDEX.num_words, dtype=torch.int64)
+    assert INDEX.search(parse_filters([]), out=out) is out

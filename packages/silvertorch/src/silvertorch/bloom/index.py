@@ -279,8 +279,8 @@ class BloomIndex:
         self._check_plans(plans)
         out = _checked_out(out, (plans.num_queries, self.num_words), torch.int64, self.bits.device)
         exact, row_of = self._exact_tables(plans)
-        if self.num_words == 0:
-            return torch.zeros(plans.num_queries, 0, dtype=torch.int64, device=self.bits.device) if out is None else out
+        if self.num_words == 0 or plans.num_queries == 0:  # (torch.stack below refuses zero queries)
+            return torch.zeros(plans.num_queries, self.num_words, dtype=torch.int64, device=self.bits.device) if out is None else out
         if select_backend(self.bits).uses_triton:
             import triton
 
