@@ -265,3 +265,9 @@ def test_a_batch_compiles_each_expression_as_it_compiles_alone():
         for name in ("ops", "args", "hashes"):
             row, own = getattr(batch, name)[i], getattr(alone, name)[0]
             assert torch.equal(row[:own.numel()], own) and not row[own.numel():].any(), (text, name)
+
+
+def test_a_generator_of_expressions_keeps_its_expressions():
+    """A generator was read by the parse, and the plans kept an empty list of expressions (found by review)."""
+    plans = parse_filters(f"1:{i}" for i in range(3))
+    assert plans.expressions == ["1:0", "1:1", "1:2"] and plans.ops.shape[0] == 3

@@ -736,8 +736,8 @@ class RetrievalModel(nn.Module):
         call replays every kernel with one launch, where an eager forward launches each (about
         540; the forward is bound by that host work at small batches). A batch of q users runs
         the smallest captured size >= q, padded; the graphs share one memory pool (they never replay
-at once). `user_features`: an example batch (its dtype and
-        width; any values the tower accepts). The graphs hold this model's tensors as they are:
+        at once). `user_features`: an example batch (its dtype and width; any values the tower
+        accepts). The graphs hold this model's tensors as they are:
         items added or deleted afterwards are seen (same tensors), a rebuild or `.to()` needs a
         new capture. The Value Model's fixed weights only. Needs a CUDA device."""
         if self.codes.device.type != "cuda":

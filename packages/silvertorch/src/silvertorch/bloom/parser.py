@@ -369,6 +369,7 @@ def parse_filters(expressions, schema: FilterSchema | dict | None = None, max_te
     """Compile a batch of filter expressions (one per query) into fixed-shape plans."""
     if isinstance(expressions, str):
         raise TypeError("parse_filters takes a list of expressions (one per query), not a string")
+    expressions = list(expressions)  # a generator is read once: kept for the plans' expressions too
     if isinstance(schema, dict):
         schema = FilterSchema(schema)
     programs, all_terms = [], []
@@ -397,4 +398,4 @@ def parse_filters(expressions, schema: FilterSchema | dict | None = None, max_te
     vals = torch.tensor([[v for _, v in t] + [0] * (n_terms - len(t)) for t in all_terms], dtype=torch.int64).view(-1, n_terms)
     used = torch.tensor([[True] * len(t) + [False] * (n_terms - len(t)) for t in all_terms], dtype=torch.bool).view(-1, n_terms)
     hashes = torch.where(used, term_hash(fids, vals), 0)  # unused slots hold 0, as before
-    return FilterPlans(ops, args, hashes, list(expressions))
+    return FilterPlans(ops, args, hashes, expressions)
