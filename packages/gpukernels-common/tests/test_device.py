@@ -90,7 +90,7 @@ def test_graphed_call_replays_with_new_inputs():
 def test_graphed_calls_sharing_a_pool_replay_in_any_order():
     """Graphs of one function at three sizes in one memory pool (captured largest first), replayed
     in every order against the eager function: no graph's intermediates clobber another's."""
-    from gpukernels_common.graphs import GraphedCall, shared_pool
+    from gpukernels_common.graphs import GraphedCall
 
     w = torch.randn(64, 64, device="cuda")
 
@@ -98,7 +98,7 @@ def test_graphed_calls_sharing_a_pool_replay_in_any_order():
         h = (x @ w).relu()  # intermediates in the pool
         return (h @ w).softmax(1), h.sum(1)
 
-    pool = shared_pool()
+    pool = torch.cuda.graph_pool_handle()
     graphs = {n: GraphedCall(fn, torch.randn(n, 64, device="cuda"), pool=pool) for n in (32, 8, 1)}
     for n in (1, 32, 8, 32, 1, 8, 8, 1):
         x = torch.randn(n, 64, device="cuda")

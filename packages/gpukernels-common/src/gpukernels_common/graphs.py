@@ -10,8 +10,8 @@ takes its static-shape path. Outputs are copies, not the graph's own buffers, wh
 call overwrites. One caller at a time: the captured input buffers are shared (a server calls it
 from one worker).
 
-Graphs of one function at several sizes can share one memory pool (`pool=shared_pool()`, passed
-to each): their intermediates then take the memory of one graph, not of each. Safe as long as
+Graphs of one function at several sizes can share one memory pool (`pool=torch.cuda.graph_pool_handle()`,
+passed to each): their intermediates then take the memory of one graph, not of each. Safe as long as
 no two of them replay at once and none reads another's outputs (each call's outputs are copies),
 in whatever order they replay.
 """
@@ -39,14 +39,9 @@ def padded_batch(rows: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows.contiguous()
 
 
-def shared_pool():
-    """A memory pool token for graphs that share one pool (`GraphedCall(..., pool=...)`)."""
-    return torch.cuda.graph_pool_handle()
-
-
 class GraphedCall:
     """`fn` captured as a CUDA graph for inputs shaped like `examples` (see the module docs);
-    `pool`: a `shared_pool()` token shared with other graphs that never replay at the same time."""
+    `pool`: a `torch.cuda.graph_pool_handle()` token shared with other graphs that never replay at the same time."""
 
     def __init__(self, fn, *examples: torch.Tensor, pool=None):
         for i, t in enumerate(examples):

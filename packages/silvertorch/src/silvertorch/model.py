@@ -43,7 +43,7 @@ from torch import nn
 
 from gpukernels_common import tracing
 from gpukernels_common.device import to_device
-from gpukernels_common.graphs import GraphedCall, padded_batch, shared_pool
+from gpukernels_common.graphs import GraphedCall, padded_batch
 
 from .__about__ import __version__
 from .bloom.exact_words import exact_words
@@ -746,7 +746,7 @@ class RetrievalModel(nn.Module):
         sizes = [user_features.shape[0]] if batch_sizes is None else [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
         if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
             raise ValueError(f"batch_sizes must be an int >= 1 or a non-empty sequence of them, got {batch_sizes!r}")
-        graphs, pool = {}, shared_pool()  # one pool: the sizes never replay at once, so they share their intermediates
+        graphs, pool = {}, torch.cuda.graph_pool_handle()  # one pool: the sizes never replay at once, so they share their intermediates
         with torch.no_grad():
             for size in sorted(set(sizes), reverse=True):  # the largest first: the smaller captures reuse its memory
                 graphs[size] = GraphedCall(self, padded_batch(user_features[:size], size), *self.prepare_filters([""] * size),

@@ -155,20 +155,39 @@ def _search_results(top, order, starts, L, main_slots, ids, fresh_ids, num_main,
 
 
 def _search_results_reference(top, order, starts, L, main_slots, ids, fresh_ids, num_main, k, nprobe):
+    pos = _selected_positions(order, lambda slots: starts.gather(1, slots // L) + slots % L, main_slots, num_main,
+                              fresh_ids.numel() > 0)
+    top, pos = _padded_to_k(top, pos, k)
+    return (top, pos, _ids_of(pos, ids, fresh_ids, num_main), pos >= num_main,
+            torch.full((pos.shape[0],), nprobe, dtype=torch.int64, device=pos.device))
+
+
+def _selected_positions(order, positions_of, main_slots: int, num_main: int, with_fresh: bool) -> torch.Tensor:
+    """Storage positions of selected slots `order` (-1 stays -1): main slots through
+    `positions_of`, fresh slot main_slots + f at position num_main + f."""
+    if not with_fresh:  # main slots only
+        return torch.where(order >= 0, positions_of(order.clamp(min=0)), -1)
     slot = order.clamp(0, max(main_slots - 1, 0))
-    main = starts.gather(1, torch.div(slot, L, rounding_mode="floor")) + slot % L
-    pos = torch.where(order < main_slots, main, num_main + order - main_slots)
-    pos = torch.where(order >= 0, pos, -1)
-    q, kk = order.shape
-    if kk < k:
-        top = torch.cat([top, top.new_full((q, k - kk), float("-inf"))], 1)
-        pos = torch.cat([pos, pos.new_full((q, k - kk), -1)], 1)
-    main_ids = ids[pos.clamp(0, max(num_main - 1, 0))] if num_main else torch.full_like(pos, -1)
+    pos = torch.where(order < main_slots, positions_of(slot), num_main + order - main_slots)
+    return torch.where(order >= 0, pos, -1)
+
+
+def _padded_to_k(top: torch.Tensor, pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A selection of fewer than k candidates padded to k: score -inf, position -1."""
+    pad = k - top.shape[1]
+    if pad <= 0:
+        return top, pos
+    return (torch.cat([top, top.new_full((top.shape[0], pad), float("-inf"))], 1),
+            torch.cat([pos, pos.new_full((pos.shape[0], pad), -1)], 1))
+
+
+def _ids_of(positions: torch.Tensor, ids: torch.Tensor, fresh_ids: torch.Tensor, num_main: int) -> torch.Tensor:
+    """User ids of storage positions: main (`ids`), then fresh (`fresh_ids`); -1 stays -1."""
+    main = ids[positions.clamp(0, max(num_main - 1, 0))] if num_main else torch.full_like(positions, -1)
     if fresh_ids.numel():
-        fresh = fresh_ids[(pos - num_main).clamp(0, fresh_ids.numel() - 1)]
-        main_ids = torch.where(pos >= num_main, fresh, main_ids)
-    out_ids = torch.where(pos >= 0, main_ids, -1)
-    return top, pos, out_ids, pos >= num_main, torch.full((q,), nprobe, dtype=torch.int64, device=pos.device)
+        fresh = fresh_ids[(positions - num_main).clamp(0, fresh_ids.numel() - 1)]
+        main = torch.where(positions >= num_main, fresh, main)
+    return torch.where(positions >= 0, main, torch.full_like(positions, -1))
 
 
 def _check_embeddings(embeddings, dim: int | None = None) -> torch.Tensor:
@@ -299,7 +318,7 @@ def _check_queries(queries: torch.Tensor, dim: int, k: int) -> None:
         raise ValueError(f"queries must be floating point, got {queries.dtype}")
     # a captured graph cannot read values (its caller checks). Finite values times 0 sum to 0, inf and NaN
     # to NaN: three ops (isfinite().all() takes five)
-    if not capturing() and not float((queries * 0).sum()) == 0:
+    if not capturing() and float((queries * 0).sum()) != 0:
         raise ValueError("queries contain NaN or inf")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -388,10 +407,7 @@ class IVFIndex:
         """User ids of storage positions (main, then fresh; -1 stays -1)."""
         if not self.num_fresh:  # one lookup: position -1 reads the -1 kept after the ids
             return derived_from(self, "_ids_then_missing", self.ids, lambda ids: torch.cat([ids, ids.new_full((1,), -1)]))[positions]
-        main = self.ids[positions.clamp(0, max(self.num_main - 1, 0))] if self.num_main else torch.full_like(positions, -1)
-        fresh = self.fresh_ids[(positions - self.num_main).clamp(0, self.num_fresh - 1)]
-        main = torch.where(positions >= self.num_main, fresh, main)
-        return torch.where(positions >= 0, main, torch.full_like(positions, -1))
+        return _ids_of(positions, self.ids, self.fresh_ids, self.num_main)
 
     # -- search ------------------------------------------------------------------------------
     def probe(self, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
@@ -636,11 +652,8 @@ class IVFIndex:
 
         def select(m):
             top, order = select_topk_of(scores, m)  # exact, ties in slot order; two-level / radix for long rows
-            if not self.num_fresh:  # main slots only: storage positions of the m kept, -1 stays -1
-                return top, order, torch.where(order >= 0, positions_of(order.clamp(min=0)), -1)
-            slot = order.clamp(0, max(main_slots - 1, 0))  # storage positions of the m kept only: main slots, then fresh
-            pos = torch.where(order < main_slots, positions_of(slot), self.num_main + order - main_slots)
-            return top, order, torch.where(order >= 0, pos, -1)
+            # storage positions of the m kept only
+            return top, order, _selected_positions(order, positions_of, main_slots, self.num_main, bool(self.num_fresh))
 
         approximate = getattr(filters, "approximate", False)
         if not approximate and slots is not None and select_backend(scores).uses_triton:
@@ -672,10 +685,7 @@ class IVFIndex:
             ok = ok.gather(1, first)
             top = torch.where(ok, top.gather(1, first), torch.full_like(top[:, :kk], float("-inf")))
             pos = torch.where(ok, pos.gather(1, first), torch.full_like(pos[:, :kk], -1))
-        if kk < k:
-            pad = k - kk
-            top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], 1)
-            pos = torch.cat([pos, torch.full((pos.shape[0], pad), -1, dtype=pos.dtype, device=pos.device)], 1)
+        top, pos = _padded_to_k(top, pos, k)
         return SearchResult(top, self._ids_at(pos), pos, found, torch.full_like(found, nprobe), pos >= self.num_main)
 
     def search(self, queries: torch.Tensor, k: int, nprobe: int | None = None, filters=None) -> tuple[torch.Tensor, torch.Tensor]:
