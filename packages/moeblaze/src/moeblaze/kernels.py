@@ -8,7 +8,7 @@ read through their strides (gate and up share one set), so views such as transfo
 transposed, concatenated layout need no copy; weight gradients are written contiguous.
 
 Backward (no atomics, every reduction in a fixed order, so gradients are deterministic):
-- `down_weight_grad_kernel` (B2): dW_down[e] = h^T (s * dO), h recomputed from a (and b);
+- `down_weight_grad_kernel` (B2): dW_down[e] = (s * h)^T dO, h recomputed from a (and b);
 - `act_grad_kernel` (B1): dh = dO W_down^T, router gradient <dh, h> (per d_ff tile, summed
   after), then da (and db);
 - `gate_up_weight_grad_kernel` (B3): dW_gate[e], dW_up[e] = x^T [da | db];
@@ -209,7 +209,7 @@ def combine_kernel(y_ptr, pos_ptr, kept_ptr, out_ptr, T, D, TOP_K: tl.constexpr,
 def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr, offsets_ptr, dwd_ptr, D, F, TOP_K,
                             ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                             BM: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
-    """B2, program (d tile, f tile, e): dW_down[e] = h^T (s * dO[token]) over expert e's rows.
+    """B2, program (d tile, f tile, e): dW_down[e] = (s * h)^T dO[token] over expert e's rows.
     An expert without rows writes zeros."""
     e, fcols, fmask, dcols, dmask, start, end = _expert_weight_tile(offsets_ptr, F, D, BF, BD)
     acc = tl.zeros((BF, BD), dtype=tl.float32)
@@ -219,13 +219,14 @@ def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
         slots = tl.load(slots_ptr + rows, mask=rmask, other=0)
         tokens = slots // TOP_K
         rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
-        # h^T tile [BF, BM], loaded transposed
+        # (s * h)^T tile [BF, BM], loaded transposed: the routing weight scales h, already in fp32
+        # registers, so that dO goes to the dot as loaded (no register round trip of the larger tile)
         _, _, ht = _activation_tile(a_ptr, b_ptr, h_ptr, rows.to(tl.int64)[None, :] * F + fcols[:, None],
                                     fmask[:, None] & rmask[None, :], ACT, GATED, SAVED_H)
         go = tl.load(go_ptr + tokens.to(tl.int64)[:, None] * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                      other=0.0)
-        gy = (go.to(tl.float32) * rw[:, None]).to(go.dtype)  # operands in the input dtype, as in the forward
-        acc += tl.dot(_mm_operand(ht.to(go.dtype), UPCAST), _mm_operand(gy, UPCAST), input_precision=PRECISION)
+        sht = (ht * rw[None, :]).to(go.dtype)  # operands in the input dtype, as in the forward
+        acc += tl.dot(_mm_operand(sht, UPCAST), _mm_operand(go, UPCAST), input_precision=PRECISION)
     tl.store(dwd_ptr + e.to(tl.int64) * F * D + fcols[:, None] * D + dcols[None, :], acc.to(dwd_ptr.dtype.element_ty),
              mask=fmask[:, None] & dmask[None, :])
 
