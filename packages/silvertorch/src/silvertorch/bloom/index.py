@@ -187,7 +187,7 @@ class BloomIndex:
         h = term_hash(self.feature_ids, self.values)
         order = torch.argsort(h)
         self._term_hashes, self._term_items = h[order], items[order]
-        self._exact_cache: dict[int, torch.Tensor] = {}
+        self._exact_cache: dict[int | None, torch.Tensor] = {}
 
     # -- facts ---------------------------------------------------------------------------
     @property
@@ -227,20 +227,21 @@ class BloomIndex:
     def _exact_tables(self, plans: FilterPlans):
         """Exact bitmaps for every EXACT_TERM slot: (rows [n, num_words] on the index's device, row
         index per (query, slot) on the host). Read on the host, where parse_filters makes the plans:
-        a search with such plans reads nothing back from the device."""
+        a search with such plans reads nothing back from the device. Vectorised over the batch (a
+        batch of 256 negated filters took 1.4 ms element by element); without exact terms the
+        kernels read no row, and a cached zero row stands in for the table."""
         q, t = plans.hashes.shape
         row_of = torch.zeros(q, t, dtype=torch.int32)
-        rows, seen = [], {}
         ops, args, hashes = plans.ops.cpu(), plans.args.cpu(), plans.hashes.cpu()
-        for i, j in (ops == EXACT_TERM).nonzero().tolist():
-            slot = int(args[i, j])
-            h = int(hashes[i, slot])
-            if h not in seen:
-                seen[h] = len(rows)
-                rows.append(self.exact_term_words(h))
-            row_of[i, slot] = seen[h]
-        table = torch.stack(rows) if rows else torch.zeros(1, max(self.num_words, 1), dtype=torch.int64, device=self.bits.device)
-        return table, row_of
+        query, step = (ops == EXACT_TERM).nonzero(as_tuple=True)
+        if not query.numel():
+            if None not in self._exact_cache:  # (None: no term hash; `_refresh` clears it with the rest)
+                self._exact_cache[None] = torch.zeros(1, max(self.num_words, 1), dtype=torch.int64, device=self.bits.device)
+            return self._exact_cache[None], row_of
+        slot = args[query, step].long()
+        unique, row = torch.unique(hashes[query, slot], return_inverse=True)
+        row_of[query, slot] = row.to(torch.int32)
+        return torch.stack([self.exact_term_words(h) for h in unique.tolist()]), row_of
 
     # -- evaluation (reference) ------------------------------------------------------------
     def _eval_reference(self, plans: FilterPlans, q: int, w: torch.Tensor, exact, row_of) -> torch.Tensor:
