@@ -1,6 +1,7 @@
 """Tile sweep for the compiled kernels (GPU only): fwd+bwd time and each kernel's share on a
 large and a fine-grained config (bf16). By default: the chosen tiles with B2's variants
-(`experts.GPU_DOWN_WEIGHT_GRAD_TILES`), then under the "full" and "recompute" checkpoints; `--tiles` sweeps `experts.GPU_TILES` settings instead. Prints a table;
+(`experts.GPU_DOWN_WEIGHT_GRAD_TILES`, and B2 reading the s * h that B1 writes:
+`experts.B2_READS_B1_OUTPUT`), then under the "full" and "recompute" checkpoints; `--tiles` sweeps `experts.GPU_TILES` settings instead. Prints a table;
 records nothing (the chosen tiles' figures come from bench_speed). `--seconds` caps the sweep.
 """
 
@@ -25,9 +26,12 @@ SETTINGS = [  # in KEYS order
     (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
 ]
 CONFIGS = [(32768, 2048, 8192, 16, 2), (40960, 768, 256, 128, 8)]
-# (label, GPU_DOWN_WEIGHT_GRAD_TILES, checkpoint) under the chosen GPU_TILES
+# (label, GPU_DOWN_WEIGHT_GRAD_TILES, checkpoint) under the chosen GPU_TILES; "B2 reads B1" sets
+# experts.B2_READS_B1_OUTPUT (B1 writes s * h, B2 reads it instead of recomputing the activation)
 VARIANTS = [
     ("chosen", None, "preact"),
+    ("B2 reads B1", None, "preact"),
+    ("B2 reads B1 bd=128 bm=128", {}, "preact"),
     ("B2 bd=128 bm=128", {}, "preact"),
     ("B2 bd=256 bm=64 4 stages", {"bd": 256, "bm": 64, "num_stages": 4}, "preact"),
     ("B2 bd=256 bm=32", {"bd": 256, "bm": 32}, "preact"),
@@ -73,6 +77,7 @@ def main():
             break
         experts.GPU_TILES.update(tiles)
         experts.GPU_DOWN_WEIGHT_GRAD_TILES = b2
+        experts.B2_READS_B1_OUTPUT = label.startswith("B2 reads B1")
         label = f"{label} checkpoint={mode}"
         for shape, tensors, dy in inputs:
             t, d, f, e, k = shape

@@ -4,7 +4,7 @@ import torch
 from gpukernels_common import Backend
 from gpukernels_common.bench import saved_tensor_bytes
 from gpukernels_common.testing import assert_close
-from moeblaze import moe_experts, moe_reference
+from moeblaze import experts, moe_experts, moe_reference
 from moeblaze.experts import CHECKPOINTS
 from moeblaze.naive import ACTIVATIONS
 
@@ -71,12 +71,15 @@ def test_forward_and_grads_match_loop(backend, case, activation):
         assert_close(a, b, backend=backend, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("b2_reads_b1", [False, True], ids=["b2-recomputes", "b2-reads-b1"])
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-d{}-f{}-E{}-k{}".format(*c))
-def test_triton_backward_matches_reference_backward(case, activation, checkpoint, monkeypatch, canary_allocations):
+def test_triton_backward_matches_reference_backward(case, activation, checkpoint, b2_reads_b1, monkeypatch, canary_allocations):
     """The Triton backward (B1-B4, interpreter) against the PyTorch reference backward, fp32 tight;
-    every buffer either backend allocates starts NaN and sits between canaries."""
+    every buffer either backend allocates starts NaN and sits between canaries. Both B2 schedules:
+    recomputing the activation, or reading the s * h that B1 wrote (`B2_READS_B1_OUTPUT`)."""
+    monkeypatch.setattr(experts, "B2_READS_B1_OUTPUT", b2_reads_b1)
     inputs = _inputs(*case, activation=activation)
     g = torch.randn(case[0], case[1], generator=torch.Generator().manual_seed(1))
     results = {}
@@ -93,7 +96,9 @@ def test_triton_backward_matches_reference_backward(case, activation, checkpoint
     ("single", (23, 16, 24, 5, 1)),  # expert 0 takes every token, the other four are empty
     ("dropped", (23, 16, 24, 5, 2)),  # slots dropped by a capacity: no output, zero routing-weight gradient
 ])
-def test_routing_extremes_match_loop(backend, routing, case, canary_allocations):
+@pytest.mark.parametrize("b2_reads_b1", [False, True], ids=["b2-recomputes", "b2-reads-b1"])
+def test_routing_extremes_match_loop(backend, routing, case, b2_reads_b1, monkeypatch, canary_allocations):
+    monkeypatch.setattr(experts, "B2_READS_B1_OUTPUT", b2_reads_b1)
     inputs = _inputs(*case, routing=routing)
     ids, e = inputs[1], case[3]
     g = torch.randn(case[0], case[1], generator=torch.Generator().manual_seed(1))
@@ -334,11 +339,13 @@ def test_no_backward_no_stored_preactivations(backend, checkpoint, mode, monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("b2_reads_b1", [False, True], ids=["b2-recomputes", "b2-reads-b1"])
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compiled_kernels_on_gpu(dtype, checkpoint):
-    """The compiled forward and backward kernels in 16 bits against the fp32 reference loop; the
-    backward runs without a host synchronisation."""
+def test_compiled_kernels_on_gpu(dtype, checkpoint, b2_reads_b1, monkeypatch):
+    """The compiled forward and backward kernels in 16 bits against the fp32 reference loop, both
+    B2 schedules; the backward runs without a host synchronisation."""
+    monkeypatch.setattr(experts, "B2_READS_B1_OUTPUT", b2_reads_b1)
     inputs = _inputs(300, 128, 256, 8, 2, routing="hot")
     g = torch.randn(300, 128, generator=torch.Generator().manual_seed(1)).cuda()
     x, ids, w, wg, wu, wd = (t.detach().cuda().to(dtype).requires_grad_() if t.is_floating_point() else t.cuda()

@@ -64,6 +64,12 @@ INTERPRET_TILES = {"bm": 16, "bk": 32, "bn": 64}  # small: each interpreted prog
 # halves that work: 21.6 -> 15.7 ms of a 74 ms step at T=32768 d=2048 d_ff=8192 E=16 k=2 on an H200
 # (sweep_tiles.py); B3 at these tiles slows from 13.0 to 23.2 ms (two [bd, bf] accumulators).
 GPU_DOWN_WEIGHT_GRAD_TILES = {"bd": 256, "bm": 64}
+# B1 writes s * h (routing weight times activation, grouped rows, the input dtype) to a transient
+# [T*k, d_ff] buffer and B2 reads it instead of recomputing the activation from a and b once per d
+# tile: both of B2's operands then go to the dot as loaded. Costs that buffer's memory during the
+# backward (not saved for it). Off until a GPU sweep shows it faster (sweep_tiles.py: with h saved,
+# B2 took 11.2 ms against 15.9 recomputing, at T=32768 d=2048 d_ff=8192 E=16 k=2 on an H200).
+B2_READS_B1_OUTPUT = False
 
 
 class _Launch:
@@ -178,18 +184,27 @@ def _backward_triton(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a,
     h_arg = h if checkpoint == "full" else placeholder
     flags = dict(ACT=_ACT_CODE[activation], GATED=gated, SAVED_H=checkpoint == "full", UPCAST=launch.upcast, PRECISION=launch.precision)
 
-    # B2 first: it reads a and b, which B1 may overwrite
     dwd = wd.new_empty(wd.shape)  # contiguous, whatever the weight's strides
-    kernels.down_weight_grad_kernel[launch.weight_grad_grid(n_experts, f, d, launch.b2_bf, launch.b2_bd)](
-        go, a, b_arg, h_arg, sorted_slots, route_w, offsets, dwd, d, f, top_k, **flags, BM=launch.b2_bm, BF=launch.b2_bf,
-        BD=launch.b2_bd, **launch.b2_meta)
+    scaled_h = x.new_empty(launch.rows, f) if B2_READS_B1_OUTPUT else None  # s * h, written by B1
+
+    def down_weight_grad(h_in, scaled: bool):  # B2
+        kernels.down_weight_grad_kernel[launch.weight_grad_grid(n_experts, f, d, launch.b2_bf, launch.b2_bd)](
+            go, a, b_arg, h_in, sorted_slots, route_w, offsets, dwd, d, f, top_k, **flags, SCALED_H=scaled,
+            BM=launch.b2_bm, BF=launch.b2_bf, BD=launch.b2_bd, **launch.b2_meta)
+
+    if scaled_h is None:
+        down_weight_grad(h_arg, False)  # first: it reads a and b, which B1 may overwrite
     f_tiles = triton.cdiv(f, launch.bn_f)
     # each d_ff tile's share of the router gradient per grouped row (rows of dropped slots stay zero)
     droute_parts = torch.zeros(f_tiles, launch.rows, dtype=torch.float32, device=x.device)
     kernels.act_grad_kernel[(f_tiles * launch.n_blocks,)](
         go, wd, a, b_arg, h_arg, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, da,
-        db if gated else placeholder, droute_parts, d, f, top_k, launch.rows, *wd.stride(), **flags, BM=launch.bm,
-        BN=launch.bn_f, BK=launch.bk, **launch.meta)
+        db if gated else placeholder, droute_parts, placeholder if scaled_h is None else scaled_h, d, f, top_k,
+        launch.rows, *wd.stride(), **flags, STORE_SH=scaled_h is not None, BM=launch.bm, BN=launch.bn_f, BK=launch.bk,
+        **launch.meta)
+    if scaled_h is not None:
+        down_weight_grad(scaled_h, True)
+        del scaled_h  # freed before B3 and B4 allocate
     # grouped row r holds slot sorted_slots[r]: summed over the tiles in a fixed order, then put in slot order
     droute = torch.empty(route_w.numel(), dtype=route_w.dtype, device=x.device).index_copy_(0, sorted_slots.long(), droute_parts.sum(0).to(route_w.dtype))
     droute = droute.view(route_w.shape)

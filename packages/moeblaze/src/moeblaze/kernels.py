@@ -8,7 +8,8 @@ read through their strides (gate and up share one set), so views such as transfo
 transposed, concatenated layout need no copy; weight gradients are written contiguous.
 
 Backward (no atomics, every reduction in a fixed order, so gradients are deterministic):
-- `down_weight_grad_kernel` (B2): dW_down[e] = (s * h)^T dO, h recomputed from a (and b);
+- `down_weight_grad_kernel` (B2): dW_down[e] = (s * h)^T dO, h recomputed from a (and b), or
+  s * h read from a buffer B1 wrote (`experts.B2_READS_B1_OUTPUT`; B1 then runs first);
 - `act_grad_kernel` (B1): dh = dO W_down^T, router gradient <dh, h> (per d_ff tile, summed
   after), then da (and db);
 - `gate_up_weight_grad_kernel` (B3): dW_gate[e], dW_up[e] = x^T [da | db];
@@ -208,9 +209,11 @@ def combine_kernel(y_ptr, pos_ptr, kept_ptr, out_ptr, T, D, TOP_K: tl.constexpr,
 @triton.jit
 def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr, offsets_ptr, dwd_ptr, D, F, TOP_K,
                             ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                            BM: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+                            SCALED_H: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
     """B2, program (d tile, f tile, e): dW_down[e] = (s * h)^T dO[token] over expert e's rows.
-    An expert without rows writes zeros."""
+    SCALED_H: h_ptr holds s * h, written by B1 (both operands go to the dot as loaded); else
+    h is recomputed from a (and b), or loaded when saved, and scaled here. An expert without rows
+    writes zeros."""
     e, fcols, fmask, dcols, dmask, start, end = _expert_weight_tile(offsets_ptr, F, D, BF, BD)
     acc = tl.zeros((BF, BD), dtype=tl.float32)
     for r0 in range(start, end, BM):
@@ -218,14 +221,19 @@ def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
         rmask = rows < end
         slots = tl.load(slots_ptr + rows, mask=rmask, other=0)
         tokens = slots // TOP_K
-        rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
-        # (s * h)^T tile [BF, BM], loaded transposed: the routing weight scales h, already in fp32
-        # registers, so that dO goes to the dot as loaded (no register round trip of the larger tile)
-        _, _, ht = _activation_tile(a_ptr, b_ptr, h_ptr, rows.to(tl.int64)[None, :] * F + fcols[:, None],
-                                    fmask[:, None] & rmask[None, :], ACT, GATED, SAVED_H)
         go = tl.load(go_ptr + tokens.to(tl.int64)[:, None] * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                      other=0.0)
-        sht = (ht * rw[None, :]).to(go.dtype)  # operands in the input dtype, as in the forward
+        # (s * h)^T tile [BF, BM], loaded transposed
+        h_offs = rows.to(tl.int64)[None, :] * F + fcols[:, None]
+        h_mask = fmask[:, None] & rmask[None, :]
+        if SCALED_H:
+            sht = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+        else:
+            # the routing weight scales h, already in fp32 registers, so that dO goes to the dot as
+            # loaded (no register round trip of the larger tile)
+            rw = tl.load(route_w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
+            _, _, ht = _activation_tile(a_ptr, b_ptr, h_ptr, h_offs, h_mask, ACT, GATED, SAVED_H)
+            sht = (ht * rw[None, :]).to(go.dtype)  # operands in the input dtype, as in the forward
         acc += tl.dot(_mm_operand(sht, UPCAST), _mm_operand(go, UPCAST), input_precision=PRECISION)
     tl.store(dwd_ptr + e.to(tl.int64) * F * D + fcols[:, None] * D + dcols[None, :], acc.to(dwd_ptr.dtype.element_ty),
              mask=fmask[:, None] & dmask[None, :])
@@ -233,15 +241,16 @@ def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
 
 @triton.jit
 def act_grad_kernel(go_ptr, wd_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr, offsets_ptr, block_expert_ptr,
-                    block_row_ptr, da_ptr, db_ptr, droute_parts_ptr, D, F, TOP_K, n_rows, wd_stride_e, wd_stride_f,
+                    block_row_ptr, da_ptr, db_ptr, droute_parts_ptr, sh_ptr, D, F, TOP_K, n_rows, wd_stride_e, wd_stride_f,
                     wd_stride_d, ACT: tl.constexpr, GATED: tl.constexpr, SAVED_H: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    PRECISION: tl.constexpr, STORE_SH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """B1, program (d_ff tile, row block), d_ff tiles fastest (the programs running together share
     the block's gathered dO rows): dh = dO[token] W_down[e]^T for the tile; the tile's share of the
     router gradient <dh, h> goes to its own row of droute_parts [d_ff tiles, rows], summed after in
     a fixed order (deterministic, no atomics); da (and db) from s * dh. One program per tile, not
     per row block: the tiles' epilogues (a, b in, da, db out) overlap other programs' products.
-    da/db may alias a/b: each tile is read before it is overwritten, by this program only."""
+    da/db may alias a/b: each tile is read before it is overwritten, by this program only.
+    STORE_SH: also writes s * h to sh_ptr (grouped rows, [rows, F]) for B2 to read."""
     n_tiles = tl.cdiv(F, BN)
     f_tile = tl.program_id(0) % n_tiles
     e_safe, rows, rmask = _block_rows(block_expert_ptr, block_row_ptr, offsets_ptr, tl.program_id(0) // n_tiles, BM)
@@ -264,6 +273,8 @@ def act_grad_kernel(go_ptr, wd_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
     omask = rmask[:, None] & cmask[None, :]
     a, b, h = _activation_tile(a_ptr, b_ptr, h_ptr, out, omask, ACT, GATED, SAVED_H)
     tl.store(droute_parts_ptr + f_tile.to(tl.int64) * n_rows + rows, tl.sum(dh * h, axis=1), mask=rmask)
+    if STORE_SH:
+        tl.store(sh_ptr + out, (h * rw[:, None]).to(sh_ptr.dtype.element_ty), mask=omask)
     da, db = _act_grad(a, b, dh * rw[:, None], ACT)
     tl.store(da_ptr + out, da.to(da_ptr.dtype.element_ty), mask=omask)
     if GATED:
