@@ -50,11 +50,11 @@ from .bloom.exact_words import exact_words
 from .bloom.hashing import term_hash
 from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
-from .bloom.probed import probed_filter_words
+from .bloom.probed import probed_filter_words, probed_keep
 from .bloom.verify import verify_plans
-from .filtering import derived_from, pack_bits, unpack_bits
+from .filtering import derived_from, pack_bits
 from .ivf.index import DEFAULT_NPROBE, IVFIndex
-from .ivf.probed import probed_scores
+from .ivf.probed import probed_positions, probed_scores
 from .ivf.probed import rows_of as _rows
 from .ivf.quantize import quantize_queries
 from .scoring import OverArch, ValueModel, check_value_weights
@@ -75,25 +75,6 @@ class Retrieved:
     # [Q] int64: items that passed the filter in the probed clusters and the fresh index, less the
     # Bloom false positives that exact verification found (exact when at most 4 x k_candidates passed)
     found: torch.Tensor
-
-
-def _signed64(value: int) -> int:
-    return (value + 2**63) % 2**64 - 2**63
-
-
-# int64 word masks: low_bits[c] keeps the lowest c bits (c = 0..64); high_bits_cleared[s] clears
-# the s highest, what an arithmetic right shift by s filled with copies of the sign bit
-_WORD_MASKS = {"low_bits": [_signed64((1 << c) - 1) for c in range(65)],
-               "high_bits_cleared": [_signed64((1 << (64 - s)) - 1) for s in range(64)]}
-_WORD_MASKS_ON: dict = {}
-
-
-def _word_mask(name: str, device: torch.device) -> torch.Tensor:
-    """A table of _WORD_MASKS on `device`, copied there once (no host-to-device copy per forward)."""
-    key = (name, device)
-    if key not in _WORD_MASKS_ON:
-        _WORD_MASKS_ON[key] = torch.tensor(_WORD_MASKS[name], dtype=torch.int64, device=device)
-    return _WORD_MASKS_ON[key]
 
 
 def _int64_words(bits: torch.Tensor) -> torch.Tensor:
@@ -297,6 +278,15 @@ class RetrievalModel(nn.Module):
         # where each cluster's items start and end in storage: the fused scoring kernels' ranges
         sizes = self.cluster_valid.sum(1)
         self.register_buffer("cluster_offsets", torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]), persistent=False)
+        # per-model tables the forward would otherwise derive per call (each a launch on a GPU): each
+        # cluster's first item, size and the packed 64-item words covering it; the fresh positions
+        self.register_buffer("cluster_starts", self.cluster_positions[:, 0].contiguous(), persistent=False)
+        self.register_buffer("cluster_sizes", sizes, persistent=False)
+        word_steps = torch.arange(self.words_per_cluster, device=sizes.device)
+        self.register_buffer("cluster_words", ((self.cluster_starts >> 6).unsqueeze(1) + word_steps).clamp(max=(self.num_main - 1) // 64),
+                             persistent=False)
+        self.register_buffer("fresh_positions", torch.arange(self.num_main, self.item_ids.shape[0], device=sizes.device),
+                             persistent=False)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -397,6 +387,15 @@ class RetrievalModel(nn.Module):
         custom op: one kernel on a Triton backend)."""
         return verify_plans(self.attr_terms, self.attr_counts, positions, ops, args, hashes)
 
+    def _fresh_embeddings(self) -> torch.Tensor:
+        """The fresh items' embeddings in float32, converted again only after `item_embeddings` changed
+        (`add_items`); converted in place of being kept while a graph is traced or captured (a kept
+        copy would go stale in a CUDA graph replayed after add_items)."""
+        def make(embeddings):
+            return embeddings[self.num_main:].float()
+
+        return make(self.item_embeddings) if tracing() else derived_from(self, "_fresh_float", self.item_embeddings, make)
+
     def _alive_words(self) -> torch.Tensor:
         """The main index's alive bits as int64 words, packed again only after `alive` changed."""
         return derived_from(self, "_alive_packed", self.alive, lambda alive: _int64_words(alive[: self.num_main]))
@@ -424,29 +423,22 @@ class RetrievalModel(nn.Module):
         """bool [Q, P, S]: item slot s of probed cluster clusters[q, p] exists, is alive and passes the
         filter, evaluated once per packed word covering the cluster, not once per item."""
         q, p = clusters.shape
-        start = _rows(self.cluster_positions[:, 0], clusters)  # [Q, P] each probed cluster's first item
-        first = start >> 6  # the word holding it
         n_words = self.words_per_cluster
-        words = (first.unsqueeze(-1) + torch.arange(n_words, device=clusters.device)).clamp(max=(self.num_main - 1) // 64)
-        words = words.reshape(q, p * n_words)
+        # the words covering each probed cluster: word start // 64 of its first item and the next ones
+        words = _rows(self.cluster_words, clusters).reshape(q, p * n_words)
         exact_slots = self.max_exact_terms if exact_slots is None else exact_slots
         exact = (self._exact_words(words, hashes[:, :exact_slots], ops, args) if exact_slots
                  else words.new_zeros(q, 1, words.shape[1]))  # no plan reads an exact term: nothing to look up
         passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
-                                      exact, self.bloom_k).view(q, p, n_words)
+                                      exact, self.bloom_k)
         width = self.cluster_positions.shape[1]
         if not tracing():
-            # eager: the words shifted so that bit j of a row is slot j, the alive bits and the
-            # cluster's end applied to the words, then unpacked a byte at a time: word-sized
-            # work, where the traced form below does int64 arithmetic on every slot
-            passing = passing & _rows(self._alive_words(), words).view(q, p, n_words)
-            shift = (start & 63).unsqueeze(-1)
-            following = torch.cat([passing[..., 1:], passing.new_zeros(q, p, 1)], -1)
-            aligned = ((passing >> shift) & _rows(_word_mask("high_bits_cleared", shift.device), shift)) | ((following << (63 - shift)) << 1)
-            sizes = _rows(self.cluster_offsets.diff(), clusters).unsqueeze(-1)  # bits from a cluster's end on are 0
-            in_cluster = (sizes - 64 * torch.arange(n_words, device=sizes.device)).clamp(0, 64)
-            aligned &= _rows(_word_mask("low_bits", shift.device), in_cluster)
-            return unpack_bits(aligned.view(torch.int32), width)
+            # eager: the words ANDed with the alive bits, aligned to the clusters' slots, cut at
+            # their ends and unpacked: word-sized work in one custom op (one kernel on a Triton
+            # backend), where the traced form below does int64 arithmetic on every slot
+            return probed_keep(passing, words, self._alive_words(), clusters, self.cluster_starts, self.cluster_sizes, width)
+        passing = passing.view(q, p, n_words)
+        start = _rows(self.cluster_starts, clusters)  # [Q, P] each probed cluster's first item
         slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
         # slot j is bit (first item's bit + j) counted from word `first`: shifts, not int64 // and %
         # over the [Q, P, S] positions (padding slots read clamped garbage, cleared below)
@@ -468,27 +460,23 @@ class RetrievalModel(nn.Module):
         # the first `pool` passing slots: passing slots ranked by slot order, the others last
         rank = torch.arange(p * s, 0, -1, device=keep.device)
         first = torch.topk(torch.where(flat, rank, torch.zeros_like(rank)), pool, dim=1).indices
-        start = _rows(self.cluster_positions[:, 0], clusters)
-        cand = (start.gather(1, first // s) + first % s).clamp(max=self.num_main - 1)
+        cand = probed_positions(first, clusters, self.cluster_starts, s, self.num_main)
         true = flat.gather(1, first) & self._verified(cand, ops, args, hashes)
         return torch.zeros(q, p, dtype=torch.int64, device=keep.device).scatter_add_(1, first // s, true.long())
 
-    def _pool(self, scores, main_slots, clusters, pool, ops, args, hashes):
-        """The best `pool` slots of each query: (scores, storage positions, verified: finite and,
-        with exact_verify, passing the filter on the stored attributes: no Bloom false positive)."""
+    def _pool(self, scores, clusters, pool, ops, args, hashes):
+        """The best `pool` slots of each query: (scores, storage positions, finite: a real candidate,
+        verified: finite and, with exact_verify, passing the filter on the stored attributes: no
+        Bloom false positive)."""
         top, j = torch.topk(scores, pool, dim=1)
         # storage positions of the pool only: slot j of the main part is item j % S of probed
         # cluster j // S (clamped as cluster_positions is); fresh slot f is item num_main + f
-        width = self.cluster_positions.shape[1]
-        slot = j.clamp(max=main_slots - 1)
-        start = _rows(self.cluster_positions[:, 0], clusters)
-        cand = (start.gather(1, slot // width) + slot % width).clamp(max=self.num_main - 1)
-        if self.fresh_capacity:
-            cand = torch.where(j < main_slots, cand, j - main_slots + self.num_main)
-        verified = torch.isfinite(top)
+        cand = probed_positions(j, clusters, self.cluster_starts, self.cluster_positions.shape[1], self.num_main)
+        finite = top.abs() < float("inf")  # torch.isfinite, in two ops where it takes four
+        verified = finite
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
-            verified = verified & self._verified(cand, ops, args, hashes)
-        return top, cand, verified
+            verified = finite & self._verified(cand, ops, args, hashes)
+        return top, cand, finite, verified
 
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
@@ -501,51 +489,60 @@ class RetrievalModel(nn.Module):
         clusters = torch.topk(u @ self.centroids.T, self.max_nprobe, dim=1).indices  # best centroid first
         ops, args, hashes, exact_slots = _batch_extent(ops, args, hashes, self.max_exact_terms)
         keep = self._probed_passing(clusters, ops, args, hashes, exact_slots)  # [Q, P, S]
-        fresh_found = torch.zeros(q, dtype=torch.int64, device=u.device)
+        fresh_found = None  # no fresh index: nothing to add
         if self.fresh_capacity:
-            fpos = torch.arange(self.num_main, self.item_ids.shape[0], device=u.device).expand(q, -1)
-            fkeep = _rows(self.alive, fpos) & self._verified(fpos, ops, args, hashes)
+            fkeep = self.alive[self.num_main:] & self._verified(self.fresh_positions.expand(q, -1), ops, args, hashes)
             fresh_found = fkeep.sum(1)
         if self.max_nprobe > self.nprobe:  # adaptive: probe cluster p only while fewer than K items passed before it
             per_cluster = self._verified_per_cluster(keep, clusters, ops, args, hashes) if self.exact_verify else keep.sum(2)
-            before = per_cluster.cumsum(1) - per_cluster + fresh_found.unsqueeze(1)
+            before = per_cluster.cumsum(1) - per_cluster
+            if fresh_found is not None:
+                before = before + fresh_found.unsqueeze(1)
             probe = (torch.arange(self.max_nprobe, device=u.device) < self.nprobe) | (before < self.k_candidates)
             keep = keep & probe.unsqueeze(-1)
-        found = keep.sum((1, 2)) + fresh_found
+        found = keep.sum((1, 2))
+        if fresh_found is not None:
+            found = found + fresh_found
         q_codes, q_scales = quantize_queries(u)  # one kernel on a Triton backend, eagerly
         # int8 scores of the probed slots, -inf where keep is off: one custom op (the fused IVF kernels
         # on a Triton backend, in eager, compiled and exported graphs alike)
         main = probed_scores(self.codes, self.scales, self.cluster_positions, self.cluster_offsets, clusters, keep, q_codes, q_scales)
         scores = main
         if self.fresh_capacity:
-            fscores = u @ self.item_embeddings[self.num_main:].float().T
+            fscores = u @ self._fresh_embeddings().T
             scores = torch.cat([main, torch.where(fkeep, fscores, torch.full_like(fscores, float("-inf")))], 1)
         # with exact verification, a pool of the best VERIFY_POOL x K is checked, so that a Bloom
         # false positive gives its place to the next true match instead of leaving it empty
         pool = min(scores.shape[1], VERIFY_POOL * self.k_candidates) if self.exact_verify else self.k_candidates
         while True:
-            top, cand, verified = self._pool(scores, main.shape[1], clusters, pool, ops, args, hashes)
+            top, cand, finite, verified = self._pool(scores, clusters, pool, ops, args, hashes)
+            if not self.exact_verify:
+                break
+            true_matches = verified.sum(1)
             # eager only (a traced graph keeps its static pool): a query whose pool holds fewer than K
             # true matches while more candidates lie past it verifies a pool VERIFY_POOL x larger
-            if (not self.exact_verify or pool == scores.shape[1] or tracing()
-                    or not bool(((verified.sum(1) < self.k_candidates) & torch.isfinite(top[:, -1])).any())):
+            if (pool == scores.shape[1] or tracing()
+                    or not bool(((true_matches < self.k_candidates) & finite[:, -1]).any())):
                 break
             pool = min(scores.shape[1], VERIFY_POOL * pool)
         if self.exact_verify:
-            found = found - (torch.isfinite(top) & ~verified).sum(1)  # exact whenever found <= pool
+            # less the pool's Bloom false positives (its finite candidates not verified; verified ones are
+            # finite): exact whenever found <= pool
+            found = found - (finite.sum(1) - true_matches)
             # the K best verified (top is sorted, so these are the first K verified of the pool)
             first = torch.topk(torch.where(verified, top, torch.full_like(top, float("-inf"))), self.k_candidates, dim=1).indices
             cand, verified = cand.gather(1, first), verified.gather(1, first)
         items = _rows(self.item_embeddings, cand)  # bf16: OverArch converts them as it goes
         dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
         logits = self.overarch(u, items, dense)
-        value = self.value_model(logits, value_weights)
+        task_probs = torch.sigmoid(logits.float())  # the Value Model's input, and the returned task_probs
+        value = self.value_model.value_of(task_probs, value_weights)
         value = torch.where(verified, value, torch.full_like(value, float("-inf")))
         best, k = torch.topk(value, self.num_results, dim=1)
         winners = cand.gather(1, k)
-        ok = torch.isfinite(best)
+        ok = best.abs() < float("inf")  # torch.isfinite, in two ops where it takes four
         ids = torch.where(ok, _rows(self.item_ids, winners), torch.full_like(winners, -1))
-        probs = torch.sigmoid(logits).gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        probs = task_probs.gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return ids, best, probs, ok & (winners >= self.num_main), found
 
     def check_user_features(self, user_features) -> torch.Tensor:

@@ -152,9 +152,13 @@ class ValueModel(nn.Module):
 
     def forward(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """logits [Q, K, T]; weights [Q, T] per request (overrides the fixed ones) -> value [Q, K]."""
-        probs = torch.sigmoid(logits.float())
+        return self.value_of(torch.sigmoid(logits.float()), weights)
+
+    def value_of(self, probs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` from the task probabilities, sigmoid(logits) in float32 [Q, K, T] (a caller
+        that returns them too computes them once)."""
         if weights is not None:
-            weights = self.check_request_weights(weights, logits.shape[0], values=not tracing()).to(probs.device)
+            weights = self.check_request_weights(weights, probs.shape[0], values=not tracing()).to(probs.device)
         if self.mlp is not None:
             return self.mlp(probs.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
         # in the probabilities' float32: a Value Model moved to another dtype (.double(), bf16) keeps working

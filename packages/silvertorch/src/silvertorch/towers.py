@@ -56,7 +56,7 @@ class EmbeddingTower(nn.Module):
                 "hidden": self.hidden, "normalize": self.normalize}
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([t(features[:, i]) for i, t in enumerate(self.tables)], -1)
+        x = torch.cat([t(features[:, i]) for i, t in enumerate(self.tables)], -1) if len(self.tables) > 1 else self.tables[0](features[:, 0])
         x = self.mlp(x)
         return nn.functional.normalize(x, dim=-1) if self.normalize else x
 

@@ -211,3 +211,26 @@ def exact_words_kernel(out_ptr, words_ptr, terms_ptr, counts_ptr, hashes_ptr, op
                 hit = hit | (tl.load(terms_ptr + items * A + a, mask=present, other=0) == h).to(tl.int64) & present.to(tl.int64)
             word = tl.sum(hit << bit[None, :].to(tl.int64), axis=1)  # distinct bits: the sum is the OR
         tl.store(out_ptr + (q * E + e).to(tl.int64) * M + m, word, mask=mmask)
+
+
+@triton.jit
+def keep_kernel(out_ptr, passing_ptr, words_ptr, alive_ptr, clusters_ptr, starts_ptr, sizes_ptr, NW, S,
+                BS: tl.constexpr):
+    """out[q, p, j] = slot j of probed cluster clusters[q, p] passes: bit start % 64 + j of the
+    row's NW probed words (passing [Q, P * NW], counted from the word holding the cluster's first
+    item `start`) ANDed with the alive word of the same item, and j < the cluster's size. One
+    lane per slot; as `probed.probed_keep_reference` (shift, join, mask and unpack), in one launch."""
+    qp = tl.program_id(0)  # q * P + p
+    j = tl.program_id(1) * BS + tl.arange(0, BS)
+    jmask = j < S
+    c = tl.load(clusters_ptr + qp)
+    start = tl.load(starts_ptr + c)
+    size = tl.load(sizes_ptr + c)
+    b = start % 64 + j
+    local = b // 64
+    lmask = jmask & (local < NW)  # past the row's words: 0 (the reference's zero word after the last)
+    at = qp.to(tl.int64) * NW + local
+    w = tl.load(words_ptr + at, mask=lmask, other=0)
+    word = tl.load(passing_ptr + at, mask=lmask, other=0) & tl.load(alive_ptr + w, mask=lmask, other=0)
+    keep = lmask & (j < size) & (((word >> (b % 64)) & 1) != 0)
+    tl.store(out_ptr + qp.to(tl.int64) * S + j, keep.to(tl.int8), mask=jmask)

@@ -8,6 +8,11 @@ combine the words bit for bit. `torch.compile` and `torch.export` see one op: on
 one kernel runs the whole stack program in registers (the Bloom index's own evaluator,
 `kernels._eval_words`); the reference runs it with tensor ops on a [Q, depth, M] stack
 (`run_plans`, which is also the reference of `verify.verify_plans`, the model's exact verification).
+
+`silvertorch::probed_keep` turns those words into the model's per-slot keep bits: each probed
+cluster's words ANDed with the alive bits, shifted so that bit j is the cluster's slot j, cut at
+the cluster's end and unpacked to bools (one kernel on a Triton backend, where the reference
+takes some twenty small tensor ops).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from gpukernels_common import register_op
 
+from ..filtering import device_constant, unpack_bits
 from ..ivf.probed import rows_of
 from .hashing import bloom_positions
 from .index import WORDS_PER_BUNDLE, _row_major
@@ -96,8 +102,9 @@ def probed_filter_words_triton(bits: torch.Tensor, row_offsets: torch.Tensor, wi
     e, t = exact_words.shape[1], hashes.shape[1]
     out = torch.empty(q, m, dtype=torch.int64, device=words.device)
     # the exact row of (query, slot): that query's own E rows, the slot clamped (plans read exact slots < E only)
-    exact_row = (torch.arange(q, device=words.device).unsqueeze(1) * e
-                 + torch.arange(t, device=words.device).clamp(max=e - 1)).to(torch.int32)
+    # (a constant per shape, made once: six launches a call on a GPU otherwise)
+    exact_row = device_constant(f"probed_exact_rows{q},{e},{t}", words.device, lambda d: (
+        torch.arange(q, device=d).unsqueeze(1) * e + torch.arange(t, device=d).clamp(max=e - 1)).to(torch.int32))
     bw = 64
     words, bits, row_offsets, widths, ops, args, hashes, exact_words = _row_major(
         words, bits, row_offsets, widths, ops, args, hashes, exact_words.reshape(q * e, m))
@@ -114,3 +121,66 @@ def _probed_filter_words_fake(bits, row_offsets, widths, words, ops, args, hashe
 probed_filter_words = register_op("silvertorch::probed_filter_words", reference=probed_filter_words_reference,
                                   triton=probed_filter_words_triton, fake=_probed_filter_words_fake)
 
+
+
+def _signed64(value: int) -> int:
+    return (value + 2**63) % 2**64 - 2**63
+
+
+# int64 word masks: low_bits[c] keeps the lowest c bits (c = 0..64); high_bits_cleared[s] clears
+# the s highest, what an arithmetic right shift by s filled with copies of the sign bit
+_WORD_MASKS = {"low_bits": [_signed64((1 << c) - 1) for c in range(65)],
+               "high_bits_cleared": [_signed64((1 << (64 - s)) - 1) for s in range(64)]}
+
+
+def _word_mask(name: str, device: torch.device) -> torch.Tensor:
+    """A table of _WORD_MASKS on `device`, copied there once (no host-to-device copy per call)."""
+    return device_constant(f"word_mask_{name}", device,
+                           lambda d: torch.tensor(_WORD_MASKS[name], dtype=torch.int64, device=d))
+
+
+def probed_keep_reference(passing: torch.Tensor, words: torch.Tensor, alive_words: torch.Tensor, clusters: torch.Tensor,
+                          cluster_starts: torch.Tensor, cluster_sizes: torch.Tensor, width: int) -> torch.Tensor:
+    """bool [Q, P, width]: slot j of probed cluster clusters[q, p] (item cluster_starts[c] + j)
+    exists (j < cluster_sizes[c]), is alive and passes. passing, words [Q, P x NW] int64: the plans'
+    words (`probed_filter_words`) on the words words[q, p x NW + i] = start // 64 + i (clamped
+    to the last word) covering each probed cluster; alive_words [ceil(N / 64)] int64: the alive
+    bits, packed as the Bloom words. Word-sized work: the words shifted so that bit j of a row is
+    slot j, the alive bits and the cluster's end applied to the words, then unpacked a byte at a time."""
+    q, p = clusters.shape
+    n_words = passing.shape[1] // p
+    passing = (passing & rows_of(alive_words, words)).view(q, p, n_words)
+    shift = (rows_of(cluster_starts, clusters) & 63).unsqueeze(-1)
+    following = torch.cat([passing[..., 1:], passing.new_zeros(q, p, 1)], -1)
+    aligned = ((passing >> shift) & rows_of(_word_mask("high_bits_cleared", shift.device), shift)) | ((following << (63 - shift)) << 1)
+    sizes = rows_of(cluster_sizes, clusters).unsqueeze(-1)  # bits from a cluster's end on are 0
+    in_cluster = (sizes - 64 * torch.arange(n_words, device=sizes.device)).clamp(0, 64)
+    aligned &= rows_of(_word_mask("low_bits", shift.device), in_cluster)
+    # contiguous, as the fake promises (unpack_bits cuts a view to `width`)
+    return unpack_bits(aligned.view(torch.int32), width).contiguous()
+
+
+def probed_keep_triton(passing: torch.Tensor, words: torch.Tensor, alive_words: torch.Tensor, clusters: torch.Tensor,
+                       cluster_starts: torch.Tensor, cluster_sizes: torch.Tensor, width: int) -> torch.Tensor:
+    import triton
+
+    from .kernels import keep_kernel
+
+    q, p = clusters.shape
+    out = torch.empty(q, p, width, dtype=torch.bool, device=clusters.device)
+    if out.numel() == 0:
+        return out
+    passing, words, alive_words, clusters, cluster_starts, cluster_sizes = _row_major(
+        passing, words, alive_words, clusters, cluster_starts, cluster_sizes)
+    bs = min(1024, triton.next_power_of_2(width))
+    keep_kernel[(q * p, triton.cdiv(width, bs))](out.view(torch.int8), passing, words, alive_words, clusters, cluster_starts,
+                                                 cluster_sizes, passing.shape[1] // p, width, BS=bs)
+    return out
+
+
+def _probed_keep_fake(passing, words, alive_words, clusters, cluster_starts, cluster_sizes, width):
+    return clusters.new_empty(clusters.shape[0], clusters.shape[1], width, dtype=torch.bool)
+
+
+probed_keep = register_op("silvertorch::probed_keep", reference=probed_keep_reference, triton=probed_keep_triton,
+                          fake=_probed_keep_fake)

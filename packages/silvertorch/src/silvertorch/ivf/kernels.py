@@ -195,3 +195,21 @@ def search_results_kernel(top_ptr, order_ptr, starts_ptr, ids_ptr, fresh_ids_ptr
     tl.store(ids_out_ptr + at, tl.where(fresh, fresh_id, main_id), mask=valid)
     tl.store(fresh_out_ptr + at, fresh, mask=valid)
     tl.store(nprobe_out_ptr + q, tl.zeros_like(q) + NPROBE, mask=valid & (j == 0))
+
+
+@triton.jit
+def slot_positions_kernel(out_ptr, slots_ptr, clusters_ptr, starts_ptr, M, P, S, LAST, BM: tl.constexpr):
+    """out[q, m] = the storage position of candidate slot slots[q, m] of query q: slot j < P x S
+    is item j % S of probed cluster clusters[q, j // S] (its first item starts[c] + j % S, clamped
+    to LAST, the main index's last item); a slot past them is fresh item j - P x S, at LAST + 1 + that.
+    As `probed.probed_positions_reference`, in one launch."""
+    q = tl.program_id(0)
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    mmask = m < M
+    j = tl.load(slots_ptr + q.to(tl.int64) * M + m, mask=mmask, other=0)
+    main = P * S
+    slot = tl.minimum(j, main - 1)
+    c = tl.load(clusters_ptr + q.to(tl.int64) * P + slot // S, mask=mmask, other=0)
+    pos = tl.minimum(tl.load(starts_ptr + c, mask=mmask, other=0) + slot % S, LAST)
+    pos = tl.where(j < main, pos, j - main + LAST + 1)
+    tl.store(out_ptr + q.to(tl.int64) * M + m, pos, mask=mmask)

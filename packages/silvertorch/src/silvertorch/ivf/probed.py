@@ -7,6 +7,10 @@ bit is off (a padding slot, a deleted item, an item that fails the filter). `tor
 backend the IVF scoring kernels run with the keep bits packed into their mask words (query-major,
 or cluster-major from `CLUSTER_MAJOR_MIN_QUERIES` queries on, as `IVFIndex.candidate_scores`);
 the reference scores the union of the batch's probed clusters in one int8 matmul.
+
+`silvertorch::probed_positions` maps slots of those rows (and of the fresh items scored after
+them) back to storage positions: the candidates the model verifies and scores (one kernel on a
+Triton backend, where the reference takes about ten small tensor ops).
 """
 
 from __future__ import annotations
@@ -127,3 +131,42 @@ def _probed_scores_fake(codes, scales, cluster_positions, cluster_offsets, clust
 
 probed_scores = register_op("silvertorch::probed_scores", reference=probed_scores_reference,
                             triton=probed_scores_triton, fake=_probed_scores_fake)
+
+
+def probed_positions_reference(slots: torch.Tensor, clusters: torch.Tensor, cluster_starts: torch.Tensor, width: int,
+                               num_main: int) -> torch.Tensor:
+    """int64 [Q, M]: the storage position of slot slots[q, m] of a [Q, P x width (+ F)] candidate
+    row (`probed_scores`' rows, then F fresh items): slot j < P x width is item j % width of probed
+    cluster clusters[q, j // width], at cluster_starts[c] + j % width clamped to the main index's
+    last item num_main - 1 (as the model's cluster_positions); a slot past them is fresh item
+    j - P x width, at num_main + that. cluster_starts [C] int64: each cluster's first item."""
+    main_slots = clusters.shape[1] * width
+    slot = slots.clamp(max=main_slots - 1)
+    start = rows_of(cluster_starts, clusters)
+    cand = (start.gather(1, slot // width) + slot % width).clamp(max=num_main - 1)
+    return torch.where(slots < main_slots, cand, slots - main_slots + num_main)
+
+
+def probed_positions_triton(slots: torch.Tensor, clusters: torch.Tensor, cluster_starts: torch.Tensor, width: int,
+                            num_main: int) -> torch.Tensor:
+    import triton
+
+    from .kernels import slot_positions_kernel
+
+    q, m = slots.shape
+    out = torch.empty(q, m, dtype=torch.int64, device=slots.device)
+    if out.numel() == 0:
+        return out
+    slots, clusters, cluster_starts = slots.contiguous(), clusters.contiguous(), cluster_starts.contiguous()
+    bm = min(1024, triton.next_power_of_2(m))
+    slot_positions_kernel[(q, triton.cdiv(m, bm))](out, slots, clusters, cluster_starts, m, clusters.shape[1], width,
+                                                   num_main - 1, BM=bm)
+    return out
+
+
+def _probed_positions_fake(slots, clusters, cluster_starts, width, num_main):
+    return slots.new_empty(slots.shape, dtype=torch.int64)
+
+
+probed_positions = register_op("silvertorch::probed_positions", reference=probed_positions_reference,
+                               triton=probed_positions_triton, fake=_probed_positions_fake)

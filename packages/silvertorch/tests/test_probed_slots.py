@@ -1,0 +1,158 @@
+"""The retrieval model's per-slot steps around its probed clusters, each kernel against its
+reference and each reference against a per-item definition: the keep bits of the probed slots
+(`silvertorch::probed_keep`) and the storage positions of candidate slots
+(`silvertorch::probed_positions`). Run under TRITON_INTERPRET=1, where the CPU takes the Triton path."""
+
+import pytest
+import torch
+
+from gpukernels_common import Backend, env
+from gpukernels_common.testing import CanaryBuffer
+from silvertorch.bloom.probed import probed_keep
+from silvertorch.ivf.probed import probed_positions
+
+interpreted = pytest.mark.skipif(not env.triton_interpret(), reason="the Triton path runs on the CPU only with TRITON_INTERPRET=1")
+
+
+def _clusters(n, n_clusters, seed):
+    """Random cluster sizes over n items (some empty, the last one too when there are several), as
+    the model stores them: starts clamped to the last item, sizes, the widest cluster's width."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randint(0, n + 1, (n_clusters - 1,), generator=g)).values
+    if n_clusters > 1:
+        cuts[-1] = n  # the last cluster empty
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.full((1,), n, dtype=torch.int64)])
+    sizes = offsets.diff()
+    return offsets[:-1].clamp(max=n - 1), sizes, max(int(sizes.max()), 1)
+
+
+def _keep_args(q, p, n_clusters, n, seed):
+    starts, sizes, width = _clusters(n, n_clusters, seed)
+    n_words = (width + 62) // 64 + 1  # the model's words per cluster
+    g = torch.Generator().manual_seed(seed + 1)
+    clusters = torch.randint(0, n_clusters, (q, p), generator=g)
+    words = ((starts[clusters] >> 6).unsqueeze(-1) + torch.arange(n_words)).clamp(max=(n - 1) // 64).reshape(q, p * n_words)
+    passing = torch.randint(-2**63, 2**63 - 1, (q, p * n_words), generator=g, dtype=torch.int64)
+    alive = torch.randint(-2**63, 2**63 - 1, ((n + 63) // 64,), generator=g, dtype=torch.int64)
+    return passing, words, alive, clusters, starts, sizes, width
+
+
+def _bit(words, index):
+    """Bit index % 64 of words[index // 64] (int64 words)."""
+    return ((words[index // 64] >> (index % 64)) & 1).bool()
+
+
+KEEP_SHAPES = [(1, 1, 1, 1), (3, 2, 5, 97), (2, 4, 9, 700), (5, 3, 4, 130), (1, 6, 3, 64)]
+
+
+@pytest.mark.parametrize("q, p, n_clusters, n", KEEP_SHAPES)
+def test_keep_reference_is_each_slots_bits(q, p, n_clusters, n):
+    """Slot j of a probed cluster: j inside the cluster, and its item's bit set in the probed words
+    (counted from the word of the cluster's first item) and in the alive words."""
+    passing, words, alive, clusters, starts, sizes, width = _keep_args(q, p, n_clusters, n, seed=n)
+    got = probed_keep.run(Backend.REFERENCE, passing, words, alive, clusters, starts, sizes, width)
+    n_words = passing.shape[1] // p
+    want = torch.zeros(q, p, width, dtype=torch.bool)
+    for i in range(q):
+        for k in range(p):
+            c = int(clusters[i, k])
+            row = passing[i, k * n_words : (k + 1) * n_words]
+            for j in range(int(sizes[c])):
+                item = int(starts[c]) + j
+                local = item // 64 - int(starts[c]) // 64
+                want[i, k, j] = bool(_bit(row, torch.tensor(64 * local + item % 64))) and bool(_bit(alive, torch.tensor(item)))
+    assert torch.equal(got, want)
+    assert got.is_contiguous()
+
+
+@interpreted
+@pytest.mark.parametrize("q, p, n_clusters, n", KEEP_SHAPES)
+def test_keep_kernel_matches_reference(q, p, n_clusters, n):
+    args = _keep_args(q, p, n_clusters, n, seed=n + 2)
+    assert torch.equal(probed_keep.run(Backend.INTERPRET, *args), probed_keep.run(Backend.REFERENCE, *args))
+
+
+@interpreted
+def test_keep_kernel_writes_every_slot_inside_its_output_only():
+    """The launch on a poisoned, canary-padded buffer: every slot written (0 or 1), none past it."""
+    import triton
+
+    from silvertorch.bloom.kernels import keep_kernel
+
+    passing, words, alive, clusters, starts, sizes, width = _keep_args(3, 5, 7, 333, seed=5)
+    q, p = clusters.shape
+    canary = CanaryBuffer((q, p, width), dtype=torch.int8)
+    keep_kernel[(q * p, triton.cdiv(width, 32))](canary.tensor, passing, words, alive, clusters, starts, sizes,
+                                                  passing.shape[1] // p, width, BS=32)
+    canary.check("keep")
+    want = probed_keep.run(Backend.REFERENCE, passing, words, alive, clusters, starts, sizes, width)
+    assert torch.equal(canary.tensor, want.to(torch.int8))
+
+
+def _positions_args(q, p, n_clusters, n, fresh, m, seed):
+    starts, _, width = _clusters(n, n_clusters, seed)
+    g = torch.Generator().manual_seed(seed + 3)
+    clusters = torch.randint(0, n_clusters, (q, p), generator=g)
+    slots = torch.randint(0, p * width + fresh, (q, m), generator=g)
+    if m > 1:
+        slots[:, 0], slots[:, -1] = p * width - 1, p * width + fresh - 1  # the last main slot; the last slot
+    return slots, clusters, starts, width, n
+
+
+POSITION_SHAPES = [(1, 1, 1, 1, 0, 1), (3, 2, 5, 97, 0, 7), (2, 4, 9, 700, 13, 130), (5, 3, 4, 130, 1, 33)]
+
+
+@pytest.mark.parametrize("q, p, n_clusters, n, fresh, m", POSITION_SHAPES)
+def test_positions_reference_is_the_cluster_positions_then_the_fresh_items(q, p, n_clusters, n, fresh, m):
+    slots, clusters, starts, width, num_main = _positions_args(q, p, n_clusters, n, fresh, m, seed=n)
+    got = probed_positions.run(Backend.REFERENCE, slots, clusters, starts, width, num_main)
+    cluster_positions = (starts.unsqueeze(1) + torch.arange(width)).clamp(max=num_main - 1)  # as the model's
+    for i in range(q):
+        for k in range(m):
+            j = int(slots[i, k])
+            want = int(cluster_positions[clusters[i, j // width], j % width]) if j < p * width else num_main + j - p * width
+            assert int(got[i, k]) == want
+
+
+@interpreted
+@pytest.mark.parametrize("q, p, n_clusters, n, fresh, m", POSITION_SHAPES)
+def test_positions_kernel_matches_reference(q, p, n_clusters, n, fresh, m):
+    args = _positions_args(q, p, n_clusters, n, fresh, m, seed=n + 4)
+    assert torch.equal(probed_positions.run(Backend.INTERPRET, *args), probed_positions.run(Backend.REFERENCE, *args))
+
+
+@interpreted
+def test_positions_kernel_writes_every_slot_inside_its_output_only():
+    import triton
+
+    from silvertorch.ivf.kernels import slot_positions_kernel
+
+    slots, clusters, starts, width, num_main = _positions_args(4, 3, 6, 250, 9, 77, seed=6)
+    q, m = slots.shape
+    canary = CanaryBuffer((q, m), dtype=torch.int64)
+    slot_positions_kernel[(q, triton.cdiv(m, 32))](canary.tensor, slots, clusters, starts, m, clusters.shape[1], width,
+                                                   num_main - 1, BM=32)
+    canary.check("positions")
+    assert torch.equal(canary.tensor, probed_positions.run(Backend.REFERENCE, slots, clusters, starts, width, num_main))
+
+
+def test_no_queries():
+    keep_args = _keep_args(1, 2, 3, 50, seed=7)
+    passing, words, alive, clusters, starts, sizes, width = keep_args
+    empty = (passing[:0], words[:0], alive, clusters[:0], starts, sizes, width)
+    slots, pclusters, pstarts, pwidth, num_main = _positions_args(1, 2, 3, 50, 4, 5, seed=8)
+    backends = [Backend.REFERENCE] + ([Backend.INTERPRET] if env.triton_interpret() else [])
+    for backend in backends:
+        assert probed_keep.run(backend, *empty).shape == (0, 2, width)
+        assert probed_positions.run(backend, slots[:0], pclusters[:0], pstarts, pwidth, num_main).shape == (0, 5)
+        assert probed_positions.run(backend, slots[:, :0], pclusters, pstarts, pwidth, num_main).shape == (1, 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_ops_pass_opcheck(monkeypatch, backend):
+    if backend == "interpret" and not env.triton_interpret():
+        pytest.skip("the Triton path runs on the CPU only with TRITON_INTERPRET=1")
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    torch.library.opcheck(probed_keep.op, _keep_args(2, 3, 5, 150, seed=9))
+    torch.library.opcheck(probed_positions.op, _positions_args(2, 3, 5, 150, 6, 20, seed=10))
+
