@@ -1,7 +1,7 @@
 """Tile sweep for the compiled kernels (GPU only): fwd+bwd time and each kernel's share on a
 large and a fine-grained config (bf16). By default: the chosen tiles with B2's variants
 (`experts.GPU_DOWN_WEIGHT_GRAD_TILES`, and B2 reading the s * h that B1 writes:
-`experts.B2_READS_B1_OUTPUT`), then under the "full" and "recompute" checkpoints; `--tiles` sweeps `experts.GPU_TILES` settings instead. Prints a table;
+`experts.B2_READS_B1_OUTPUT`) and B1's (`experts.GPU_ACT_GRAD_TILES`), then under the "full" and "recompute" checkpoints; `--tiles` sweeps `experts.GPU_TILES` settings instead. Prints a table;
 records nothing (the chosen tiles' figures come from bench_speed). `--seconds` caps the sweep.
 """
 
@@ -26,18 +26,19 @@ SETTINGS = [  # in KEYS order
     (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
 ]
 CONFIGS = [(32768, 2048, 8192, 16, 2), (40960, 768, 256, 128, 8)]
-# (label, GPU_DOWN_WEIGHT_GRAD_TILES, checkpoint) under the chosen GPU_TILES; "B2 reads B1" sets
-# experts.B2_READS_B1_OUTPUT (B1 writes s * h, B2 reads it instead of recomputing the activation)
+# (label, GPU_DOWN_WEIGHT_GRAD_TILES, GPU_ACT_GRAD_TILES, checkpoint) under the chosen GPU_TILES
+# (None: the chosen one); "B2 reads B1" sets experts.B2_READS_B1_OUTPUT (B1 writes s * h, B2 reads it
+# instead of recomputing the activation). B2's earlier tile variants (bd=128 bm=128, 4 stages,
+# bm=32, bf=64) lost to the chosen bd=256 bm=64 on an H200 and are not repeated.
 VARIANTS = [
-    ("chosen", None, "preact"),
-    ("B2 reads B1", None, "preact"),
-    ("B2 reads B1 bd=128 bm=128", {}, "preact"),
-    ("B2 bd=128 bm=128", {}, "preact"),
-    ("B2 bd=256 bm=64 4 stages", {"bd": 256, "bm": 64, "num_stages": 4}, "preact"),
-    ("B2 bd=256 bm=32", {"bd": 256, "bm": 32}, "preact"),
-    ("B2 bd=256 bm=64 bf=64", {"bd": 256, "bm": 64, "bf": 64}, "preact"),
-    ("h saved", None, "full"),
-    ("chosen", None, "recompute"),
+    ("chosen", None, None, "preact"),
+    ("B2 reads B1", None, None, "preact"),
+    ("B2 reads B1 bd=128 bm=128", {}, None, "preact"),
+    ("B1 bn=64", None, {"bn": 64}, "preact"),
+    ("B1 bn=64 4 stages", None, {"bn": 64, "num_stages": 4}, "preact"),
+    ("B2 reads B1, B1 bn=64", None, {"bn": 64}, "preact"),
+    ("h saved", None, None, "full"),
+    ("chosen", None, None, "recompute"),
 ]
 
 
@@ -65,18 +66,20 @@ def main():
     inputs = []
     for shape in CONFIGS:
         inputs.append((shape, *problem(*shape, False, dtype, device)))
-    chosen, chosen_b2 = dict(experts.GPU_TILES), dict(experts.GPU_DOWN_WEIGHT_GRAD_TILES)
+    chosen, chosen_b2, chosen_b1 = dict(experts.GPU_TILES), dict(experts.GPU_DOWN_WEIGHT_GRAD_TILES), dict(experts.GPU_ACT_GRAD_TILES)
     first = {}
     if args.tiles:
-        runs = [(f"tiles={setting}", dict(zip(KEYS, setting)), chosen_b2, "preact") for setting in SETTINGS]
+        runs = [(f"tiles={setting}", dict(zip(KEYS, setting)), chosen_b2, chosen_b1, "preact") for setting in SETTINGS]
     else:
-        runs = [(label, chosen, chosen_b2 if b2 is None else b2, mode) for label, b2, mode in VARIANTS]
-    for label, tiles, b2, mode in runs:
+        runs = [(label, chosen, chosen_b2 if b2 is None else b2, chosen_b1 if b1 is None else b1, mode)
+                for label, b2, b1, mode in VARIANTS]
+    for label, tiles, b2, b1, mode in runs:
         if time.time() - start > args.seconds:
             print(f"stopped: {args.seconds:.0f} s spent")
             break
         experts.GPU_TILES.update(tiles)
         experts.GPU_DOWN_WEIGHT_GRAD_TILES = b2
+        experts.GPU_ACT_GRAD_TILES = b1
         experts.B2_READS_B1_OUTPUT = label.startswith("B2 reads B1")
         label = f"{label} checkpoint={mode}"
         for shape, tensors, dy in inputs:

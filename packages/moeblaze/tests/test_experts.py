@@ -338,14 +338,19 @@ def test_no_backward_no_stored_preactivations(backend, checkpoint, mode, monkeyp
     canary_allocations.check()
 
 
+# the backward schedules sweep_tiles.py chooses between: module settings of moeblaze.experts
+SCHEDULES = {"chosen": {}, "b2-reads-b1": {"B2_READS_B1_OUTPUT": True}, "b1-bn64": {"GPU_ACT_GRAD_TILES": {"bn": 64}}}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("b2_reads_b1", [False, True], ids=["b2-recomputes", "b2-reads-b1"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compiled_kernels_on_gpu(dtype, checkpoint, b2_reads_b1, monkeypatch):
-    """The compiled forward and backward kernels in 16 bits against the fp32 reference loop, both
-    B2 schedules; the backward runs without a host synchronisation."""
-    monkeypatch.setattr(experts, "B2_READS_B1_OUTPUT", b2_reads_b1)
+def test_compiled_kernels_on_gpu(dtype, checkpoint, schedule, monkeypatch):
+    """The compiled forward and backward kernels in 16 bits against the fp32 reference loop, under
+    each backward schedule the tile sweep tries; the backward runs without a host synchronisation."""
+    for name, value in SCHEDULES[schedule].items():
+        monkeypatch.setattr(experts, name, value)
     inputs = _inputs(300, 128, 256, 8, 2, routing="hot")
     g = torch.randn(300, 128, generator=torch.Generator().manual_seed(1)).cuda()
     x, ids, w, wg, wu, wd = (t.detach().cuda().to(dtype).requires_grad_() if t.is_floating_point() else t.cuda()
@@ -383,6 +388,21 @@ def test_fp32_dot_precision_follows_torch(matmul_precision, monkeypatch):
         assert _Launch(torch.zeros(3, 8), offsets, 2, 8, 16, 2).precision == fp32, setting
         for dtype in (torch.bfloat16, torch.float16):
             assert _Launch(torch.zeros(3, 8, dtype=dtype), offsets, 2, 8, 16, 2).precision == "tf32", (setting, dtype)
+
+
+def test_act_grad_tiles_replace_the_chosen_ones_on_gpu_launches(monkeypatch):
+    """GPU_ACT_GRAD_TILES reaches B1's launch (16-bit inputs, GPU shapes), and only B1's."""
+    from moeblaze.experts import _Launch
+
+    monkeypatch.setenv("GKC_GPU_LAUNCH_SHAPES", "1")  # the launch a GPU takes
+    offsets = torch.tensor([0, 4, 6], dtype=torch.int32)
+    x = torch.zeros(3, 256, dtype=torch.bfloat16)
+    chosen = _Launch(x, offsets, 2, 256, 512, 2)
+    monkeypatch.setattr(experts, "GPU_ACT_GRAD_TILES", {"bn": 64, "num_warps": 4})
+    changed = _Launch(x, offsets, 2, 256, 512, 2)
+    assert (chosen.b1_bn, changed.b1_bn) == (experts.GPU_TILES["bn"], 64)
+    assert changed.b1_meta == {"num_warps": 4, "num_stages": experts.GPU_TILES["num_stages"]}
+    assert (changed.bn_f, changed.meta) == (chosen.bn_f, chosen.meta)
 
 
 @pytest.mark.gpu

@@ -64,6 +64,11 @@ INTERPRET_TILES = {"bm": 16, "bk": 32, "bn": 64}  # small: each interpreted prog
 # halves that work: 21.6 -> 15.7 ms of a 74 ms step at T=32768 d=2048 d_ff=8192 E=16 k=2 on an H200
 # (sweep_tiles.py); B3 at these tiles slows from 13.0 to 23.2 ms (two [bd, bf] accumulators).
 GPU_DOWN_WEIGHT_GRAD_TILES = {"bd": 256, "bm": 64}
+# B1 (the activation's gradient, an epilogue-heavy product) on 16-bit inputs: GPU_TILES with these
+# replaced ("bn": its d_ff tile, "num_warps", "num_stages"; its rows per block are the shared block
+# schedule's). Empty until a GPU sweep picks otherwise: at bn=128 with 8 warps it compiles to 255
+# registers for sm_90, at bn=64 to 182 (tools/compile_check.py).
+GPU_ACT_GRAD_TILES: dict = {}
 # B1 writes s * h (routing weight times activation, grouped rows, the input dtype) to a transient
 # [T*k, d_ff] buffer and B2 reads it instead of recomputing the activation from a and b once per d
 # tile: both of B2's operands then go to the dot as loaded. Costs that buffer's memory during the
@@ -96,6 +101,9 @@ class _Launch:
         self.b2_bm = b2["bm"]
         self.b2_bf, self.b2_bd = capped(b2.get("bf", b2["bn"]), f), capped(b2.get("bd", b2["bn"]), d)
         self.b2_meta = {} if self.interpret else {"num_warps": b2["num_warps"], "num_stages": b2["num_stages"]}
+        b1 = {**tiles, **GPU_ACT_GRAD_TILES} if tiles is GPU_TILES else tiles
+        self.b1_bn = capped(b1["bn"], f)
+        self.b1_meta = {} if self.interpret else {"num_warps": b1["num_warps"], "num_stages": b1["num_stages"]}
         self.rows = x.shape[0] * top_k
         counts = offsets[1:] - offsets[:-1]  # the experts' row groups (dropped slots past offsets[E] excluded)
         expert, row, self.n_blocks = grouped_blocks(offsets[:-1], counts, self.rows, self.bm)
@@ -194,14 +202,14 @@ def _backward_triton(grad_out, x, route_w, wg, wu, wd, sorted_slots, offsets, a,
 
     if scaled_h is None:
         down_weight_grad(h_arg, False)  # first: it reads a and b, which B1 may overwrite
-    f_tiles = triton.cdiv(f, launch.bn_f)
+    f_tiles = triton.cdiv(f, launch.b1_bn)
     # each d_ff tile's share of the router gradient per grouped row (rows of dropped slots stay zero)
     droute_parts = torch.zeros(f_tiles, launch.rows, dtype=torch.float32, device=x.device)
     kernels.act_grad_kernel[(f_tiles * launch.n_blocks,)](
         go, wd, a, b_arg, h_arg, sorted_slots, route_w, offsets, launch.block_expert, launch.block_row, da,
         db if gated else placeholder, droute_parts, placeholder if scaled_h is None else scaled_h, d, f, top_k,
-        launch.rows, *wd.stride(), **flags, STORE_SH=scaled_h is not None, BM=launch.bm, BN=launch.bn_f, BK=launch.bk,
-        **launch.meta)
+        launch.rows, *wd.stride(), **flags, STORE_SH=scaled_h is not None, BM=launch.bm, BN=launch.b1_bn, BK=launch.bk,
+        **launch.b1_meta)
     if scaled_h is not None:
         down_weight_grad(scaled_h, True)
         del scaled_h  # freed before B3 and B4 allocate
