@@ -15,7 +15,7 @@
 # `nox -s gpu` is the untimed version (every test, every benchmark).
 # GPU_SESSION_TESTS="<package> ..." and GPU_SESSION_BENCHES="<package>:<bench>:<cap> ..." choose
 # what runs (empty: nothing), e.g. the benches a first call had no time for, on the still-warm machine.
-# `--profile` runs the diagnostics instead (about 160 s): silvertorch's benchmarks/profile_gpu.py
+# `--profile` runs the diagnostics instead (about 210 s): silvertorch's benchmarks/profile_gpu.py
 # (launches, syncs and device time of each search) into profile.log, moeblaze's
 # benchmarks/sweep_tiles.py (fwd+bwd per tile setting, per-kernel times) into sweep.log, and
 # multibalance's benchmarks/profile_gpu.py (a step, equal weights against MultiBalance) into mb_profile.log.
@@ -75,7 +75,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 if [ "${1:-}" = "--profile" ]; then  # each script from its own folder: they import their sibling benches
   (cd packages/silvertorch/benchmarks && timeout 70 python3 profile_gpu.py > "$OUT/profile.log" 2>&1; echo "rc=$?" >> "$OUT/profile.log")
-  (cd packages/moeblaze/benchmarks && timeout 110 python3 sweep_tiles.py --seconds 75 > "$OUT/sweep.log" 2>&1; echo "rc=$?" >> "$OUT/sweep.log")
+  (cd packages/moeblaze/benchmarks && timeout 160 python3 sweep_tiles.py --seconds 120 > "$OUT/sweep.log" 2>&1; echo "rc=$?" >> "$OUT/sweep.log")
   (cd packages/multibalance/benchmarks && timeout 60 python3 profile_gpu.py > "$OUT/mb_profile.log" 2>&1; echo "rc=$?" >> "$OUT/mb_profile.log")
   grep -E "TFLOP|Error|rc=|stopped" "$OUT/sweep.log" | cut -c1-260
   grep -E "^###|host (cudaStreamSynchronize|cudaLaunchKernel)|rc=" "$OUT/profile.log" "$OUT/mb_profile.log"
