@@ -29,6 +29,8 @@ cd "$(dirname "$0")/.."
 # pytest for a machine that lacks it (it is promised torch, triton and numpy only): `bash
 # tools/gpu_session.sh --fetch-deps` here unpacks pure-Python wheels into .gpu-deps (git-ignored);
 # send it along with run(carry=[".gpu-deps"]) and it is used there when no pytest is installed.
+# It also gathers the benchmarks' anchors: wheels into .gpu-deps/anchors, and ScatterMoE's source
+# (no wheel) into .gpu-deps/anchors/src, put on PYTHONPATH below.
 if [ "${1:-}" = "--fetch-deps" ]; then
   set -e
   wheels=$(mktemp -d)
@@ -42,6 +44,19 @@ if [ "${1:-}" = "--fetch-deps" ]; then
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu-deps/anchors pyroaring liger-kernel
+  # ScatterMoE has no wheel: its python package, exported from the local mirror that the fetch tool
+  # leaves under /work/.mirror (source only, git-ignored here, never committed)
+  mirror=
+  for candidate in /work/.mirror/shawntan+scattermoe*/repo /work/.mirror/shawntan+scattermoe*; do
+    git --git-dir="$candidate" rev-parse -q --verify HEAD > /dev/null 2>&1 && { mirror=$candidate; break; }
+  done
+  if [ -z "$mirror" ]; then
+    echo "no ScatterMoE mirror under /work/.mirror/shawntan+scattermoe*: run the fetch tool for github:shawntan/scattermoe first (continuing without it)"
+  elif mkdir -p .gpu-deps/anchors/src && git --git-dir="$mirror" archive HEAD scattermoe | tar -x -C .gpu-deps/anchors/src; then
+    echo "scattermoe $(git --git-dir="$mirror" rev-parse --short HEAD) from $mirror in .gpu-deps/anchors/src"
+  else
+    echo "exporting scattermoe from $mirror failed (continuing without it)"
+  fi
   echo "anchors in .gpu-deps/anchors: $(ls .gpu-deps/anchors | tr '\n' ' ')"
   exit 0
 fi
@@ -62,6 +77,7 @@ for wheel in .gpu-deps/anchors/*.whl; do  # one by one: a wheel for another Pyth
     --target /tmp/gpu-session-anchors "$wheel" >> "$OUT/anchors.log" 2>&1
 done
 [ -d /tmp/gpu-session-anchors ] && PYTHONPATH="$PYTHONPATH:/tmp/gpu-session-anchors"
+[ -d .gpu-deps/anchors/src ] && PYTHONPATH="$PYTHONPATH:$PWD/.gpu-deps/anchors/src"  # source-only anchors (ScatterMoE)
 export PYTHONPATH
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }

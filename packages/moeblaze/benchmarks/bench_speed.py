@@ -5,8 +5,11 @@ path on the CPU), `loop` (per-expert loop, moeblaze.moe_reference), `grouped_mm
 (torchtitan-style)` (permuted copy + torch._grouped_mm) and, on a GPU where `liger-kernel` is
 importable, Liger-Kernel's fused MoE (`LigerFusedMoEFunction`, Triton; its autotuning off, as
 `LIGER_FUSED_MOE_AUTOTUNE=0` pins one config per kernel, so that a time-boxed GPU session is not
-spent in its autotuner). ScatterMoE has no wheel on PyPI and is not measured. Without --gpu: one
-tiny CPU sanity timing (not a performance figure).
+spent in its autotuner) and, where `scattermoe` is importable, ScatterMoE's `GLUMLP` (Triton; no
+wheel: `bash tools/gpu_session.sh --fetch-deps` exports its source from a local mirror into
+.gpu-deps/anchors/src, which the GPU session puts on PYTHONPATH; anchors.py maps the weights). Each
+anchor first prints its relative difference from moeblaze's output on the config. Without --gpu:
+one tiny CPU sanity timing (not a performance figure).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from gpukernels_common.bench import BenchRecord, bench_args, time_fn, write_reco
 from moeblaze import moe_experts, moe_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchors import scattermoe_provider, scattermoe_weights  # noqa: E402
 from bench_memory import grouped_mm_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -70,6 +74,7 @@ def main():
         grid = [(256, 256, 512, 8, 2)]
     dtype = torch.bfloat16
     liger = liger_provider() if args.gpu else None
+    scattermoe = scattermoe_provider() if args.gpu else None
     records = []
     for t, d, f, e, k in grid:
         for skewed in (False, True):
@@ -87,6 +92,17 @@ def main():
                     ours, theirs = moe_experts(x, ids, w, wg, wu, wd).float(), liger(x, ids, w, gate_up, down).float()
                     print(f"liger fused_moe vs moeblaze: relative difference {float((theirs - ours).norm() / ours.norm()):.2e}")
                 providers["liger fused_moe 0.8 (autotune off)"] = lambda: liger(x, ids, w, gate_up, down).backward(dy)
+            if scattermoe is not None:
+                w_in, w_out = scattermoe_weights(wg, wu, wd)  # [E, 2*d_ff, d] (up, then gate), [E, d, d_ff]
+                try:  # source from a mirror, its torch.compile'd sort on this machine: a failure drops it, not the run
+                    with torch.no_grad():
+                        ours, theirs = moe_experts(x, ids, w, wg, wu, wd).float(), scattermoe(x, ids, w, w_in, w_out).float()
+                    print(f"scattermoe GLUMLP vs moeblaze: relative difference {float((theirs - ours).norm() / ours.norm()):.2e}")
+                    scattermoe(x, ids, w, w_in, w_out).backward(dy)  # its backward too, before any timing
+                    providers["scattermoe GLUMLP"] = lambda: scattermoe(x, ids, w, w_in, w_out).backward(dy)
+                except Exception as error:  # noqa: BLE001 (whatever it raises, the other providers still run)
+                    print(f"scattermoe GLUMLP failed ({type(error).__name__}: {error}): not measured from here on")
+                    scattermoe = None
             flops = 18 * t * k * d * f
             for name, fn in providers.items():
                 ms = time_fn(fn, device=device)["ms"]
