@@ -156,3 +156,42 @@ def test_ops_pass_opcheck(monkeypatch, backend):
     torch.library.opcheck(probed_keep.op, _keep_args(2, 3, 5, 150, seed=9))
     torch.library.opcheck(probed_positions.op, _positions_args(2, 3, 5, 150, 6, 20, seed=10))
 
+
+
+def test_keep_reference_traced_or_on_fakes_keeps_no_fake_table(monkeypatch):
+    """probed_keep's reference reads module-level word-mask tables (`device_constant`). Traced
+    through it (an AOTInductor package's export under `inline_references`, a compile), with the tables
+    kept or not yet made, or run on fake tensors by hand: the results equal the eager reference's,
+    no table made then is kept, and a kept one is read only by real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gpukernels_common import inline_references
+    from silvertorch import filtering
+
+    args = _keep_args(2, 3, 5, 150, seed=11)
+    width = args[-1]
+    want = probed_keep.run(Backend.REFERENCE, *args)
+
+    class Keep(torch.nn.Module):
+        def forward(self, passing, words, alive, clusters, starts, sizes):
+            return probed_keep(passing, words, alive, clusters, starts, sizes, width)
+
+    def kept():
+        return {k[0]: v for k, v in filtering._CONSTANTS.items() if k[0].startswith("word_mask_")}
+
+    for cold in (True, False):
+        if cold:
+            monkeypatch.setattr(filtering, "_CONSTANTS", {})
+        else:
+            probed_keep.run(Backend.REFERENCE, *args)
+            assert len(kept()) == 2
+        with inline_references():
+            exported = torch.export.export(Keep(), args[:-1])
+            compiled = torch.compile(Keep(), backend="aot_eager", fullgraph=True)(*args[:-1])
+        with FakeTensorMode() as mode:
+            fake = probed_keep.reference(*(mode.from_tensor(a) for a in args[:-1]), width)
+        assert fake.shape == want.shape
+        assert torch.equal(exported.module()(*args[:-1]), want) and torch.equal(compiled, want)
+        assert all(type(t) is torch.Tensor for t in filtering._CONSTANTS.values())
+        assert len(kept()) == (0 if cold else 2)
+        torch._dynamo.reset()

@@ -72,20 +72,30 @@ _CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 CONSTANT_MAX_NUMEL = 1 << 16  # larger tables (an arange of a radix k of 1M) are made per call, not kept
 
 
+def _faking() -> bool:
+    """Whether a fake-tensor mode is active (an export's trace, or fake tensors run by hand): a
+    kept table, a real tensor, cannot meet its fakes, and a table made there is a fake."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def device_constant(name: str, device: torch.device, make) -> torch.Tensor:
     """A constant table `make(device)`, made once per device and kept: `torch.tensor(list)` on a
     GPU is a copy from pageable host memory (a synchronisation), an arange a launch, on every
-    call otherwise. Not kept while torch.compile or export traces (their tensors are fakes), nor
-    past CONSTANT_MAX_NUMEL entries; nor while a CUDA graph is captured (a table made there holds
-    its values only once the graph replays: the eager calls before a capture make them). Made
-    outside inference mode, so that one made under it is kept too."""
+    call otherwise. Not kept past CONSTANT_MAX_NUMEL entries, nor while torch.compile or export
+    traces or a CUDA graph is captured (a table made then is a fake, a graph's value, or holds its
+    values only once the graph replays: the eager calls before a capture make them); under a
+    fake-tensor mode neither read nor kept, but made afresh. Made outside inference mode, so that
+    one made under it is kept too."""
     key = (name, torch.device(device))
-    table = _CONSTANTS.get(key)
+    # (compiling first: dynamo traces the table lookup, not the dispatch-mode query)
+    faking = not torch.compiler.is_compiling() and _faking()
+    table = None if faking else _CONSTANTS.get(key)
     if table is None:
+        if faking or tracing():  # checked before is_inference, which dynamo cannot trace
+            return make(key[1])
         with torch.inference_mode(False):
             table = make(key[1])
-        if (type(table) is torch.Tensor and table.numel() <= CONSTANT_MAX_NUMEL and not table.is_inference()
-                and not tracing()):
+        if type(table) is torch.Tensor and table.numel() <= CONSTANT_MAX_NUMEL and not table.is_inference():
             _CONSTANTS[key] = table
     return table
 

@@ -78,9 +78,12 @@ class Retrieved:
 
 
 def _int64_words(bits: torch.Tensor) -> torch.Tensor:
-    """bool [..., N] -> int64 [..., ceil(N / 64)], bit b of word w = item 64 w + b (as the Bloom words)."""
-    words = pack_bits(bits)
-    return torch.cat([words, words.new_zeros(*words.shape[:-1], words.shape[-1] % 2)], -1).view(torch.int64)
+    """bool [..., N] -> int64 [..., ceil(N / 64)] (at least one word), bit b of word w = item 64 w + b
+    (as the Bloom words): padded to whole int64 words before packing, so the int32 words pair up."""
+    n = bits.shape[-1]
+    if n % 64 or not n:
+        bits = torch.nn.functional.pad(bits, (0, 64 - n % 64))
+    return pack_bits(bits).view(torch.int64)
 
 
 def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, max_exact: int):
@@ -431,21 +434,13 @@ class RetrievalModel(nn.Module):
                  else words.new_zeros(q, 1, words.shape[1]))  # no plan reads an exact term: nothing to look up
         passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
                                       exact, self.bloom_k)
-        width = self.cluster_positions.shape[1]
-        if not tracing():
-            # eager: the words ANDed with the alive bits, aligned to the clusters' slots, cut at
-            # their ends and unpacked: word-sized work in one custom op (one kernel on a Triton
-            # backend), where the traced form below does int64 arithmetic on every slot
-            return probed_keep(passing, words, self._alive_words(), clusters, self.cluster_starts, self.cluster_sizes, width)
-        passing = passing.view(q, p, n_words)
-        start = _rows(self.cluster_starts, clusters)  # [Q, P] each probed cluster's first item
-        slots = _rows(self.cluster_positions, clusters)  # [Q, P, S] storage positions
-        # slot j is bit (first item's bit + j) counted from word `first`: shifts, not int64 // and %
-        # over the [Q, P, S] positions (padding slots read clamped garbage, cleared below)
-        bit_of_slot = (start & 63).unsqueeze(-1) + torch.arange(width, device=slots.device)
-        local = (bit_of_slot >> 6).clamp(max=n_words - 1)
-        bit = (passing.gather(2, local) >> (bit_of_slot & 63)) & 1
-        return bit.bool() & _rows(self.cluster_valid, clusters) & _rows(self.alive, slots)
+        # the words ANDed with the alive bits, aligned to the clusters' slots, cut at their ends and
+        # unpacked: word-sized work in one custom op (one kernel on a Triton backend). A traced or
+        # captured graph packs the alive bits itself on every call: a kept copy would go stale in a
+        # CUDA graph replayed after delete_items or add_items
+        alive_words = _int64_words(self.alive[: self.num_main]) if tracing() else self._alive_words()
+        return probed_keep(passing, words, alive_words, clusters, self.cluster_starts, self.cluster_sizes,
+                           self.cluster_positions.shape[1])
 
     def _verified_per_cluster(self, keep, clusters, ops, args, hashes):
         """int64 [Q, P]: per probed cluster, the true matches among the first VERIFY_POOL x K items
