@@ -13,6 +13,7 @@ TORCHDYNAMO_DISABLE=1; both give the same indices.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -36,6 +37,13 @@ def scattermoe_grads_as_ours(d_in: torch.Tensor, d_out: torch.Tensor) -> tuple[t
     return d_in[:, f:].transpose(1, 2), d_in[:, :f].transpose(1, 2), d_out.transpose(1, 2)
 
 
+def _eager_sort():
+    """`torch.compiler.set_stance("force_eager")` where torch has it (2.6 on); on torch 2.5 nothing:
+    ScatterMoE's sort is then compiled as on a GPU (slower to start, the same indices)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
+
+
 def scattermoe_provider(interpret: bool = False):
     """ScatterMoE's `GLUMLP` (SiLU gates: SwiGLU) as `fn(x, ids, w, w_in, w_out)` with the weights of
     `scattermoe_weights`, differentiable in x, the routing weights w and both weight tensors; or None,
@@ -47,7 +55,8 @@ def scattermoe_provider(interpret: bool = False):
     process: run moeblaze there with GKC_BACKEND=reference (its PyTorch path, which saves the same
     tensors). Its `@torch.compile`d `flatten_sort_count` then runs eagerly
     (`torch.compiler.set_stance("force_eager")`: inductor would spend seconds on each new shape; it
-    runs under no_grad, so nothing it does is saved for backward)."""
+    runs under no_grad, so nothing it does is saved for backward; torch 2.5 has no stances and
+    compiles it). Compiled (a GPU), the caller's stance is left as it is."""
     already, before = "scattermoe" in sys.modules, os.environ.get("TRITON_INTERPRET")
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -80,7 +89,7 @@ def scattermoe_provider(interpret: bool = False):
             with torch.device("meta"):
                 modules[key] = GLUMLP(d, two_f // 2, e, ids.shape[1], activation=torch.nn.SiLU())
         params = {"experts.weight": w_in, "output_experts.weight": w_out}
-        with torch.compiler.set_stance("force_eager" if interpret else "default"):
+        with _eager_sort() if interpret else contextlib.nullcontext():
             return torch.func.functional_call(modules[key], params, (x, w, ids.long()))
 
     return run

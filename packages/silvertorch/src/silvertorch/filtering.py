@@ -27,6 +27,25 @@ def _tensor_version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
+def _dropped():
+    return None
+
+
+class _Kept(tuple):
+    """What `derived_from` keeps: (tensor, version, key, value). Not carried into a copy of its
+    owner (`copy.deepcopy`, pickle): the copy's tensors count their versions afresh, so the kept
+    version could match a copied tensor edited after the value was made (a deep copy of a model
+    read fresh items added since as zeros). The copy makes its own when first asked."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_dropped, ())
+
+
 def kept_derived(owner, slot: str, tensor: torch.Tensor):
     """(key, value) that `derived_from` kept in `owner.<slot>` for `tensor` as it is now (not
     replaced, not changed in place since), else None."""
@@ -46,7 +65,7 @@ def derived_from(owner, slot: str, tensor: torch.Tensor, make, key=None):
     if kept is not None and kept[0] == key:
         return kept[1]
     value = make(tensor)
-    setattr(owner, slot, (tensor, _tensor_version(tensor), key, value))
+    setattr(owner, slot, _Kept((tensor, _tensor_version(tensor), key, value)))
     return value
 
 
