@@ -12,9 +12,6 @@ interpreted = pytest.mark.skipif(not env.triton_interpret(), reason="the Triton 
 
 
 @interpreted
-@pytest.mark.xfail(strict=True, reason="found by review: bloom/probed.py keeps one `probed_exact_rows{q},{e},{t}` "
-                   "table per batch size q (fix pending in that file: index the exact rows as q * E + min(slot, E - 1) "
-                   "in the kernel, or keep one table per (E, T) and offset it by q)")
 def test_exact_row_tables_do_not_grow_with_the_batch_size():
     m, t, e = 4, 6, 2
     bits = torch.zeros(1, 32, dtype=torch.int64)
@@ -32,3 +29,23 @@ def test_exact_row_tables_do_not_grow_with_the_batch_size():
         exact = torch.zeros(q, e, m, dtype=torch.int64)
         probed_filter_words.run(Backend.INTERPRET, bits, row_offsets, widths, words, ops, args, hashes, exact, 1)
     assert kept() - before <= 1, f"{kept() - before} tables kept for 8 batch sizes"
+
+
+@interpreted
+def test_a_shared_exact_row_table_serves_batches_of_any_size():
+    """Batches of 70 and 3 negated filters (exact terms) read the right query's exact words
+    through one table made for 128 queries and cut to theirs: the kernel equals the reference."""
+    from silvertorch import parse_filters
+
+    g = torch.Generator().manual_seed(5)
+    m = 5
+    bits = torch.randint(-(2**62), 2**62, (4, 32), generator=g)
+    row_offsets, widths = torch.tensor([0, 4]), torch.tensor([4])
+    for q in (70, 3):
+        plans = parse_filters([f"NOT 1:{i} OR 2:{i % 3}" for i in range(q)])
+        e = 1
+        words = torch.randint(0, 32, (q, m), generator=g)
+        exact = torch.randint(-(2**62), 2**62, (q, e, m), generator=g)
+        args = (bits, row_offsets, widths, words, plans.ops, plans.args, plans.hashes, exact, 2)
+        got = probed_filter_words.run(Backend.INTERPRET, *args)
+        assert torch.equal(got, probed_filter_words.run(Backend.REFERENCE, *args)), q

@@ -101,10 +101,12 @@ def probed_filter_words_triton(bits: torch.Tensor, row_offsets: torch.Tensor, wi
     q, m = words.shape
     e, t = exact_words.shape[1], hashes.shape[1]
     out = torch.empty(q, m, dtype=torch.int64, device=words.device)
-    # the exact row of (query, slot): that query's own E rows, the slot clamped (plans read exact slots < E only)
-    # (a constant per shape, made once: six launches a call on a GPU otherwise)
-    exact_row = device_constant(f"probed_exact_rows{q},{e},{t}", words.device, lambda d: (
-        torch.arange(q, device=d).unsqueeze(1) * e + torch.arange(t, device=d).clamp(max=e - 1)).to(torch.int32))
+    # the exact row of (query, slot): that query's own E rows, the slot clamped (plans read exact slots < E only);
+    # a constant made once (six launches a call on a GPU otherwise), for a power of two of queries
+    # from 64 on and cut to q, so that a server's many batch sizes share a few tables
+    rows = max(64, triton.next_power_of_2(q))
+    exact_row = device_constant(f"probed_exact_rows{rows},{e},{t}", words.device, lambda d: (
+        torch.arange(rows, device=d).unsqueeze(1) * e + torch.arange(t, device=d).clamp(max=e - 1)).to(torch.int32))[:q]
     bw = 64
     words, bits, row_offsets, widths, ops, args, hashes, exact_words = _row_major(
         words, bits, row_offsets, widths, ops, args, hashes, exact_words.reshape(q * e, m))
