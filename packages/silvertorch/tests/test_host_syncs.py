@@ -146,14 +146,8 @@ def test_radix_column_selections_agree(k):
     assert torch.equal(fixed, gathered)
 
 
-def test_model_forward_stays_within_its_ops(counter):
-    """One eager `RetrievalModel` forward at batch 1 (unfiltered plans, a Bloom-filtered build):
-    launch-bound on a GPU, so its dispatched ops are bounded too. The bound sits a little above
-    today's count (81, of which 10 read the plans' extent on the CPU only; 133 before the probed
-    slots' keep bits and the candidates' storage positions were each one kernel and per-model
-    tables, finiteness in two ops and the task probabilities computed once; 244 before the user
-    vector's quantisation, the exact verification of the pool and the fresh items, and the exact
-    words were each one kernel)."""
+def _small_model():
+    """A Bloom-filtered RetrievalModel of 600 items in 6 clusters (nprobe 3, K = 40, N = 5)."""
     from silvertorch import EmbeddingTower, OverArch, RetrievalModel, ValueModel
 
     g = torch.Generator().manual_seed(4)
@@ -165,6 +159,18 @@ def test_model_forward_stays_within_its_ops(counter):
     model = RetrievalModel.build(EmbeddingTower([10], d, normalize=True), OverArch(d, 2, [8]), ValueModel(2, [1.0, 0.5]),
                                  emb, torch.arange(n), attrs, {"cat": 1}, n_clusters=6, nprobe=3, k_candidates=40,
                                  num_results=5, max_ops=4, max_exact_terms=2)
+    return model
+
+
+def test_model_forward_stays_within_its_ops(counter):
+    """One eager `RetrievalModel` forward at batch 1 (unfiltered plans, a Bloom-filtered build):
+    launch-bound on a GPU, so its dispatched ops are bounded too. The bound sits a little above
+    today's count (81, of which 10 read the plans' extent on the CPU only; 133 before the probed
+    slots' keep bits and the candidates' storage positions were each one kernel and per-model
+    tables, finiteness in two ops and the task probabilities computed once; 244 before the user
+    vector's quantisation, the exact verification of the pool and the fresh items, and the exact
+    words were each one kernel)."""
+    model = _small_model()
     users = torch.tensor([[3]])
     plans = model.prepare_filters(["cat:1"])
     with torch.no_grad():
@@ -180,18 +186,9 @@ def test_model_forward_on_the_traced_path_stays_within_its_ops(counter, monkeypa
     probed slot's keep bit with a dozen [Q, P, S] int64 ops in place of `probed_keep`)."""
     import silvertorch.model
     import silvertorch.scoring
-    from silvertorch import EmbeddingTower, OverArch, RetrievalModel, ValueModel
     from silvertorch.ivf import probed, quantize
 
-    g = torch.Generator().manual_seed(4)
-    n, d = 600, 16
-    emb = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
-    values = torch.randint(0, 5, (n,), generator=g)
-    attrs = (torch.ones(n, dtype=torch.int64), torch.arange(n + 1), values)
-    torch.manual_seed(4)
-    model = RetrievalModel.build(EmbeddingTower([10], d, normalize=True), OverArch(d, 2, [8]), ValueModel(2, [1.0, 0.5]),
-                                 emb, torch.arange(n), attrs, {"cat": 1}, n_clusters=6, nprobe=3, k_candidates=40,
-                                 num_results=5, max_ops=4, max_exact_terms=2)
+    model = _small_model()
     model.delete_items(torch.tensor([1, 2, 3]))
     users = torch.tensor([[3]])
     plans = model.prepare_filters(["cat:1"])
