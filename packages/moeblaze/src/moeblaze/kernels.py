@@ -227,7 +227,7 @@ def down_weight_grad_kernel(go_ptr, a_ptr, b_ptr, h_ptr, slots_ptr, route_w_ptr,
         h_offs = rows.to(tl.int64)[None, :] * F + fcols[:, None]
         h_mask = fmask[:, None] & rmask[None, :]
         if SCALED_H:
-            sht = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+            sht = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0).to(go.dtype)  # in dO's dtype, as below
         else:
             # the routing weight scales h, already in fp32 registers, so that dO goes to the dot as
             # loaded (no register round trip of the larger tile)
