@@ -5,7 +5,6 @@ Run under TRITON_INTERPRET=1, where the CPU takes the Triton path."""
 import pytest
 import torch
 
-from gpukernels_common import env
 from silvertorch import DenseMaskFilter, IVFIndex
 from silvertorch.ivf.index import (
     _cluster_blocks_reference,
@@ -17,8 +16,6 @@ from silvertorch.ivf.index import (
 )
 from silvertorch.ivf.quantize import quantize_queries, quantize_rows
 from silvertorch.topk import _select_two_level, select_topk_reference
-
-pytestmark = pytest.mark.skipif(not env.triton_interpret(), reason="the Triton path runs on the CPU only with TRITON_INTERPRET=1")
 
 
 def _same(got, want):

@@ -1,17 +1,13 @@
 """Per-call tables that the probed filter op keeps on the device (`filtering.device_constant`)
 must not grow with the batch sizes a long-running process sees (a server's dynamic batching)."""
 
-import pytest
 import torch
 
-from gpukernels_common import Backend, env
+from gpukernels_common import Backend
 from silvertorch import filtering
 from silvertorch.bloom.probed import probed_filter_words
 
-interpreted = pytest.mark.skipif(not env.triton_interpret(), reason="the Triton path runs on the CPU only with TRITON_INTERPRET=1")
 
-
-@interpreted
 def test_exact_row_tables_do_not_grow_with_the_batch_size():
     m, t, e = 4, 6, 2
     bits = torch.zeros(1, 32, dtype=torch.int64)
@@ -31,7 +27,6 @@ def test_exact_row_tables_do_not_grow_with_the_batch_size():
     assert kept() - before <= 1, f"{kept() - before} tables kept for 8 batch sizes"
 
 
-@interpreted
 def test_a_shared_exact_row_table_serves_batches_of_any_size():
     """Batches of 70 and 3 negated filters (exact terms) read the right query's exact words
     through one table made for 128 queries and cut to theirs: the kernel equals the reference."""

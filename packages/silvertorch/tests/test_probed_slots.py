@@ -6,12 +6,10 @@ reference and each reference against a per-item definition: the keep bits of the
 import pytest
 import torch
 
-from gpukernels_common import Backend, env
+from gpukernels_common import Backend
 from gpukernels_common.testing import CanaryBuffer
 from silvertorch.bloom.probed import probed_keep
 from silvertorch.ivf.probed import probed_positions
-
-interpreted = pytest.mark.skipif(not env.triton_interpret(), reason="the Triton path runs on the CPU only with TRITON_INTERPRET=1")
 
 
 def _clusters(n, n_clusters, seed):
@@ -65,14 +63,12 @@ def test_keep_reference_is_each_slots_bits(q, p, n_clusters, n):
     assert got.is_contiguous()
 
 
-@interpreted
 @pytest.mark.parametrize("q, p, n_clusters, n", KEEP_SHAPES)
 def test_keep_kernel_matches_reference(q, p, n_clusters, n):
     args = _keep_args(q, p, n_clusters, n, seed=n + 2)
     assert torch.equal(probed_keep.run(Backend.INTERPRET, *args), probed_keep.run(Backend.REFERENCE, *args))
 
 
-@interpreted
 def test_keep_kernel_writes_every_slot_inside_its_output_only():
     """The launch on a poisoned, canary-padded buffer: every slot written (0 or 1), none past it."""
     import triton
@@ -114,14 +110,12 @@ def test_positions_reference_is_the_cluster_positions_then_the_fresh_items(q, p,
             assert int(got[i, k]) == want
 
 
-@interpreted
 @pytest.mark.parametrize("q, p, n_clusters, n, fresh, m", POSITION_SHAPES)
 def test_positions_kernel_matches_reference(q, p, n_clusters, n, fresh, m):
     args = _positions_args(q, p, n_clusters, n, fresh, m, seed=n + 4)
     assert torch.equal(probed_positions.run(Backend.INTERPRET, *args), probed_positions.run(Backend.REFERENCE, *args))
 
 
-@interpreted
 def test_positions_kernel_writes_every_slot_inside_its_output_only():
     import triton
 
@@ -141,8 +135,7 @@ def test_no_queries():
     passing, words, alive, clusters, starts, sizes, width = keep_args
     empty = (passing[:0], words[:0], alive, clusters[:0], starts, sizes, width)
     slots, pclusters, pstarts, pwidth, num_main = _positions_args(1, 2, 3, 50, 4, 5, seed=8)
-    backends = [Backend.REFERENCE] + ([Backend.INTERPRET] if env.triton_interpret() else [])
-    for backend in backends:
+    for backend in (Backend.REFERENCE, Backend.INTERPRET):
         assert probed_keep.run(backend, *empty).shape == (0, 2, width)
         assert probed_positions.run(backend, slots[:0], pclusters[:0], pstarts, pwidth, num_main).shape == (0, 5)
         assert probed_positions.run(backend, slots[:, :0], pclusters, pstarts, pwidth, num_main).shape == (1, 0)
@@ -150,8 +143,6 @@ def test_no_queries():
 
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
 def test_ops_pass_opcheck(monkeypatch, backend):
-    if backend == "interpret" and not env.triton_interpret():
-        pytest.skip("the Triton path runs on the CPU only with TRITON_INTERPRET=1")
     monkeypatch.setenv("GKC_BACKEND", backend)
     torch.library.opcheck(probed_keep.op, _keep_args(2, 3, 5, 150, seed=9))
     torch.library.opcheck(probed_positions.op, _positions_args(2, 3, 5, 150, 6, 20, seed=10))

@@ -95,15 +95,20 @@ class _Launch:
         def capped(tile, n):  # a tile no wider than n padded to a power of two (16 at least)
             return min(tile, max(16, triton.next_power_of_2(n)))
 
+        def meta(t):  # Triton's launch options, left to the interpreter's defaults there
+            return {} if self.interpret else {"num_warps": t["num_warps"], "num_stages": t["num_stages"]}
+
+        def own(overrides):  # a kernel's own 16-bit GPU tiles over the shared ones
+            return {**tiles, **overrides} if tiles is GPU_TILES else tiles
+
         self.bn_f, self.bn_d = capped(tiles["bn"], f), capped(tiles["bn"], d)
-        self.meta = {} if self.interpret else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
-        b2 = {**tiles, **GPU_DOWN_WEIGHT_GRAD_TILES} if tiles is GPU_TILES else tiles
+        self.meta = meta(tiles)
+        b2 = own(GPU_DOWN_WEIGHT_GRAD_TILES)
         self.b2_bm = b2["bm"]
         self.b2_bf, self.b2_bd = capped(b2.get("bf", b2["bn"]), f), capped(b2.get("bd", b2["bn"]), d)
-        self.b2_meta = {} if self.interpret else {"num_warps": b2["num_warps"], "num_stages": b2["num_stages"]}
-        b1 = {**tiles, **GPU_ACT_GRAD_TILES} if tiles is GPU_TILES else tiles
-        self.b1_bn = capped(b1["bn"], f)
-        self.b1_meta = {} if self.interpret else {"num_warps": b1["num_warps"], "num_stages": b1["num_stages"]}
+        self.b2_meta = meta(b2)
+        b1 = own(GPU_ACT_GRAD_TILES)
+        self.b1_bn, self.b1_meta = capped(b1["bn"], f), meta(b1)
         self.rows = x.shape[0] * top_k
         counts = offsets[1:] - offsets[:-1]  # the experts' row groups (dropped slots past offsets[E] excluded)
         expert, row, self.n_blocks = grouped_blocks(offsets[:-1], counts, self.rows, self.bm)

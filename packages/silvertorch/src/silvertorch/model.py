@@ -390,18 +390,18 @@ class RetrievalModel(nn.Module):
         custom op: one kernel on a Triton backend)."""
         return verify_plans(self.attr_terms, self.attr_counts, positions, ops, args, hashes)
 
-    def _fresh_embeddings(self) -> torch.Tensor:
-        """The fresh items' embeddings in float32, converted again only after `item_embeddings` changed
-        (`add_items`); converted in place of being kept while a graph is traced or captured (a kept
-        copy would go stale in a CUDA graph replayed after add_items)."""
-        def make(embeddings):
-            return embeddings[self.num_main:].float()
+    def _derived(self, slot: str, tensor: torch.Tensor, make) -> torch.Tensor:
+        """`derived_from` eagerly; made afresh while a graph is traced or captured, where a kept value
+        would go stale in a CUDA graph replayed after add_items or delete_items."""
+        return make(tensor) if tracing() else derived_from(self, slot, tensor, make)
 
-        return make(self.item_embeddings) if tracing() else derived_from(self, "_fresh_float", self.item_embeddings, make)
+    def _fresh_embeddings(self) -> torch.Tensor:
+        """The fresh items' embeddings in float32, converted again only after `item_embeddings` changed (`add_items`)."""
+        return self._derived("_fresh_float", self.item_embeddings, lambda embeddings: embeddings[self.num_main:].float())
 
     def _alive_words(self) -> torch.Tensor:
         """The main index's alive bits as int64 words, packed again only after `alive` changed."""
-        return derived_from(self, "_alive_packed", self.alive, lambda alive: _int64_words(alive[: self.num_main]))
+        return self._derived("_alive_packed", self.alive, lambda alive: _int64_words(alive[: self.num_main]))
 
     def _exact_words(self, words, hashes, ops, args):
         """int64 [Q, E, M], E = max_exact_terms: bit b of [q, t, m] set when main-index item
@@ -435,11 +435,9 @@ class RetrievalModel(nn.Module):
         passing = probed_filter_words(self.bloom_bits, self.bloom_row_offsets, self.bloom_widths, words, ops, args, hashes,
                                       exact, self.bloom_k)
         # the words ANDed with the alive bits, aligned to the clusters' slots, cut at their ends and
-        # unpacked: word-sized work in one custom op (one kernel on a Triton backend). A traced or
-        # captured graph packs the alive bits itself on every call: a kept copy would go stale in a
-        # CUDA graph replayed after delete_items or add_items
-        alive_words = _int64_words(self.alive[: self.num_main]) if tracing() else self._alive_words()
-        return probed_keep(passing, words, alive_words, clusters, self.cluster_starts, self.cluster_sizes,
+        # unpacked: word-sized work in one custom op (one kernel on a Triton backend); a traced or
+        # captured graph packs the alive bits itself on every call (`_derived`)
+        return probed_keep(passing, words, self._alive_words(), clusters, self.cluster_starts, self.cluster_sizes,
                            self.cluster_positions.shape[1])
 
     def _verified_per_cluster(self, keep, clusters, ops, args, hashes):

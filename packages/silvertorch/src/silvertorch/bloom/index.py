@@ -18,6 +18,7 @@ import torch
 from gpukernels_common import select_backend
 from gpukernels_common.device import to_device
 
+from ..filtering import device_constant
 from ..topk import as_integers
 from .hashing import bloom_positions, next_prime, second_hash, term_hash
 from .parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE, FilterPlans
@@ -187,7 +188,7 @@ class BloomIndex:
         h = term_hash(self.feature_ids, self.values)
         order = torch.argsort(h)
         self._term_hashes, self._term_items = h[order], items[order]
-        self._exact_cache: dict[int | None, torch.Tensor] = {}
+        self._exact_cache: dict[int, torch.Tensor] = {}
 
     # -- facts ---------------------------------------------------------------------------
     @property
@@ -229,15 +230,14 @@ class BloomIndex:
         index per (query, slot) on the host). Read on the host, where parse_filters makes the plans:
         a search with such plans reads nothing back from the device. Vectorised over the batch (a
         batch of 256 negated filters took 1.4 ms element by element); without exact terms the
-        kernels read no row, and a cached zero row stands in for the table."""
+        kernels read no row, and one kept zero word stands in for the table."""
         q, t = plans.hashes.shape
         row_of = torch.zeros(q, t, dtype=torch.int32)
         ops, args, hashes = plans.ops.cpu(), plans.args.cpu(), plans.hashes.cpu()
         query, step = (ops == EXACT_TERM).nonzero(as_tuple=True)
-        if not query.numel():
-            if None not in self._exact_cache:  # (None: no term hash; `_refresh` clears it with the rest)
-                self._exact_cache[None] = torch.zeros(1, max(self.num_words, 1), dtype=torch.int64, device=self.bits.device)
-            return self._exact_cache[None], row_of
+        if not query.numel():  # the kernels and the reference read the table at exact terms only
+            return device_constant("zero_word", self.bits.device,
+                                   lambda d: torch.zeros(1, 1, dtype=torch.int64, device=d)), row_of
         slot = args[query, step].long()
         unique, row = torch.unique(hashes[query, slot], return_inverse=True)
         row_of[query, slot] = row.to(torch.int32)
