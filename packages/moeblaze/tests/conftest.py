@@ -27,6 +27,10 @@ class _CanaryAllocations:
             shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
             return self._alloc(shape, dtype or t.dtype, device or t.device)
 
+        # dynamo maps torch's functions to its rules once per process, by identity: built while
+        # torch.empty_like is patched, the map holds the stand-in, and a later torch.compile of
+        # code calling the real one fails ("marked as skipped"). Built first, it holds the real one.
+        torch._dynamo.trace_rules.get_torch_obj_rule_map()
         monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
         monkeypatch.setattr(torch.Tensor, "new_empty", poisoned_new_empty)
 
