@@ -31,6 +31,7 @@ from torch import nn
 
 from . import factored
 from .combine import weighted_loss, weighted_sum
+from .naive import _all_finite
 
 
 class TaskScales(Mapping):
@@ -61,25 +62,6 @@ class TaskScales(Mapping):
         return f"TaskScales({self._read()!r})"
 
 
-def _all_finite(values: torch.Tensor) -> torch.Tensor:
-    """0-d bool on `values`' device: no inf or NaN in it. 0 * x is 0 (or -0) unless x is inf or
-    NaN: three ops, where isfinite().all() is five (isfinite is composite: abs, ne, eq, and), each
-    a kernel launch on a GPU."""
-    return values.mul(0).sum().eq(0)
-
-
-def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
-    """The moving average of `values` (rate 1 - beta), from the first step whose values are all
-    finite (NaN until then; an empty or other-shaped `average` starts it), left as it was on a step
-    with a non-finite value (its gradients overflowed: a GradScaler skips that step). Tensor ops
-    on `values`' device only: no host sync."""
-    finite = _all_finite(values)
-    if average.shape != values.shape:
-        return torch.where(finite, values, float("nan"))
-    average = average.to(values.device)  # e.g. loaded from a checkpoint onto another device: kept
-    return torch.where(finite, torch.where(average.isnan(), values, average.lerp(values, 1 - beta)), average)
-
-
 def _with_aux(roots: list, grads: list, aux: torch.Tensor | None) -> tuple[list, list]:
     """The backward's roots and their gradients, with the aux_loss (if any) joined as one more
     root: its gradient reaches the bottom in the same backward (one gradient per parameter)."""
@@ -105,11 +87,19 @@ class _PendingNorms:
 
     def result(self) -> torch.Tensor:
         if self.norms is None:
-            if self.work is not None:
-                self.work.wait()
-                self.work = None
-            self.norms = self.stats[0] / self.stats[1].clamp_min(1) if self.per_sample else self.stats.sqrt()
+            stats, _ = self.statistics()
+            self.norms = stats[0] / stats[1].clamp_min(1) if self.per_sample else stats.sqrt()
         return self.norms
+
+    def statistics(self) -> tuple[torch.Tensor, str]:
+        """The summed statistics once reduced and what they are (a `balance_step` kind): the
+        norms, sums of squares, or per-sample norm sums stacked on their row counts."""
+        if self.norms is not None:
+            return self.norms, "norms"
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.stats, "per_sample" if self.per_sample else "squares"
 
 
 class Balancer(nn.Module, abc.ABC):

@@ -15,8 +15,9 @@ from torch import nn
 
 from gpukernels_common.checks import check_numbers
 
-from .base import Balancer, running_average
+from .base import Balancer
 from .combine import weighted_loss
+from .naive import running_average
 
 
 def _flat(grads_t: list[torch.Tensor]) -> torch.Tensor:

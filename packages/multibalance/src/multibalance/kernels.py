@@ -35,3 +35,66 @@ def weighted_sum_kernel(out_ptr, coeff_ptr, g0, g1, g2, g3, g4, g5, g6, g7, n,
     acc = _term(acc, coeff_ptr, g6, offs, mask, 6, N_IN)
     acc = _term(acc, coeff_ptr, g7, offs, mask, 7, N_IN)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def balance_step_kernel(values_ptr, ema_ptr, ema_out_ptr, step_ptr, scales_ptr, coeff_ptr, weights_ptr,
+                        R, T, lerp_weight, relax, keep, eps, warmup_steps, target_index,
+                        KIND: tl.constexpr, HAS_EMA: tl.constexpr, TARGET: tl.constexpr, WARMUP: tl.constexpr,
+                        WEIGHTED: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr):
+    """MultiBalance's per-step statistics in one program (about a dozen small ops otherwise, each
+    a launch): the norms from the reduced statistics, the moving averages, the step count, the
+    scales and the coefficients, over a [R reps, T tasks] tile. See `naive.balance_step_reference`.
+    KIND: 0 no new norms (the averages as they are), 1 norms, 2 sums of squares, 3 per-sample
+    sums then their row counts. TARGET: 0 max, 1 mean, 2 the task `target_index`."""
+    r = tl.arange(0, BR)[:, None]
+    t = tl.arange(0, BT)[None, :]
+    mask = (r < R) & (t < T)
+    idx = r * T + t
+    if KIND == 0:
+        avg = tl.load(ema_ptr + idx, mask=mask, other=0.0)
+    else:
+        if KIND == 1:
+            v = tl.load(values_ptr + idx, mask=mask, other=0.0)
+        elif KIND == 2:
+            v = tl.sqrt(tl.load(values_ptr + idx, mask=mask, other=0.0))
+        else:
+            rows = tl.load(values_ptr + R * T + idx, mask=mask, other=1.0)
+            v = tl.load(values_ptr + idx, mask=mask, other=0.0) / tl.maximum(rows, 1.0)
+        # one non-finite norm anywhere (an overflowing step) leaves every average as it was
+        bad = tl.sum(tl.sum(((v * 0.0) != 0.0).to(tl.int32), axis=1), axis=0)
+        finite = bad == 0
+        if HAS_EMA:
+            old = tl.load(ema_ptr + idx, mask=mask, other=0.0)
+            # torch.lerp's two-sided form, so the averages match the reference's bit for bit
+            if lerp_weight < 0.5:
+                mixed = old + lerp_weight * (v - old)
+            else:
+                mixed = v - (v - old) * (1.0 - lerp_weight)
+            avg = tl.where(finite, tl.where(old != old, v, mixed), old)
+        else:
+            avg = tl.where(finite, v, float("nan"))
+        tl.store(ema_out_ptr + idx, avg, mask=mask)
+    step = tl.load(step_ptr) + 1
+    tl.store(step_ptr, step)
+    m = tl.where(avg != avg, avg, tl.maximum(avg, eps))  # clamp_min keeps NaN (averages not started)
+    if TARGET == 0:
+        top = tl.max(tl.where(mask, m, float("-inf")), axis=1)
+        nans = tl.sum(((m != m) & mask).to(tl.int32), axis=1)
+        target = tl.where(nans > 0, float("nan"), top)
+    elif TARGET == 1:
+        reads = (avg > 0.0) & mask
+        total = tl.sum(tl.where(mask, m * reads.to(m.dtype), 0.0), axis=1)  # NaN * 0 stays NaN, as the reference
+        target = total / tl.maximum(tl.sum(reads.to(m.dtype), axis=1), 1.0)
+        target = tl.where(target != target, target, tl.maximum(target, eps))
+    else:
+        target = tl.sum(tl.where(t == target_index, m, 0.0), axis=1)
+    scales = keep + relax * (target[:, None] / m)
+    if TARGET == 2:  # where the target task does not read a representation: scale 1 there
+        reads_target = tl.sum(tl.where((t == target_index) & (avg > 0.0), 1, 0), axis=1)
+        scales = tl.where(reads_target[:, None] > 0, scales, 1.0)
+    if WARMUP:
+        scales = tl.where(step <= warmup_steps, 1.0, scales)
+    tl.store(scales_ptr + idx, scales, mask=mask)
+    if WEIGHTED:
+        tl.store(coeff_ptr + idx, scales * tl.load(weights_ptr + t, mask=t < T, other=0.0), mask=mask)

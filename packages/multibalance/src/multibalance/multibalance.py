@@ -10,7 +10,8 @@ import torch
 from gpukernels_common.checks import check_numbers
 
 from . import factored
-from .base import Balancer, _PendingNorms, running_average
+from .balance_step import balance_step
+from .base import Balancer, _PendingNorms
 
 
 class MultiBalance(Balancer):
@@ -102,11 +103,10 @@ class MultiBalance(Balancer):
             # exact, or the first step (or every step so far overflowed: the averages are NaN): its own norms
             if self._lagged is not None:  # (nn.Module's __setattr__ costs microseconds: not every step)
                 self._lagged = None
-            return self.coefficients(norms.result())
+            return self._balance(norms)
         previous, self._lagged = self._lagged, norms
-        if previous is not None:  # summed over ranks during the last step's bottom backward: no wait
-            self._average_in(previous.result())
-        return self._step_coefficients()
+        # the previous step's norms, summed over ranks during its bottom backward: no wait
+        return self._balance(previous)
 
     def _averages_started(self) -> bool:
         """Whether the moving averages hold a finite step's norms (they are NaN until then: see
@@ -117,35 +117,26 @@ class MultiBalance(Balancer):
         return self._ema_started
 
     def coefficients(self, norms: torch.Tensor) -> torch.Tensor:
-        self._average_in(norms)
-        return self._step_coefficients()
-
-    def _average_in(self, norms: torch.Tensor) -> None:
-        self._buffers["ema"] = running_average(self.ema, norms, self.beta)  # as `self.ema =`, without nn.Module's checks
+        return self._balance(_PendingNorms.ready(norms))
 
     def _step_coefficients(self) -> torch.Tensor:
-        self.step.add_(1)  # in place: `+=` would also re-register the buffer through Module.__setattr__
-        m = self.ema.clamp_min(self.eps)
-        # a task reads representation j once its average norm there is positive: the target is
-        # taken over the readers only (a task that does not read j has norm 0 there)
-        if self.target == "max":
-            target = m.amax(dim=1, keepdim=True)
-        elif self.target == "mean":
-            reads = self.ema > 0
-            target = ((m * reads).sum(dim=1, keepdim=True) / reads.sum(dim=1, keepdim=True).clamp_min(1)).clamp_min_(self.eps)
-        else:
-            index = self.task_names.index(self.target)
-            target = m[:, index: index + 1]
-        # (1 - relax) + relax * (target / m) in two ops (three in place, with a Python scalar for 1 - relax)
-        scales = torch.add(self._constant(1 - self.relax, m), torch.div(target, m), alpha=self.relax)
-        if self.target not in ("max", "mean"):  # where the target task does not read: nothing to match, scale 1
-            scales = torch.where(self.ema[:, index: index + 1] > 0, scales, 1.0)
-        if self.warmup_steps:  # on the device: reading the step count would wait for a GPU every step
-            scales = torch.where(self.step <= self.warmup_steps, 1.0, scales)
-        self._buffers["scales"] = scales  # a new tensor each step: `backward`'s TaskScales keep theirs
-        if self._unit_weights():
-            return scales
-        return scales * self.static_weights_on(scales.device).to(scales.dtype)  # [n_reps, n_tasks]
+        """This step's coefficients from the averages as they are (no new norms)."""
+        return self._balance(None)
+
+    def _balance(self, norms: _PendingNorms | None) -> torch.Tensor:
+        """Average `norms` in (if any), count the step, and return the [n_reps, T] coefficients
+        (the static weights included); the scales are kept for `backward`'s TaskScales. One
+        kernel on a Triton backend (`balance_step`)."""
+        values, kind = (None, "none") if norms is None else norms.statistics()
+        target = self.target if self.target in ("max", "mean") else self.task_names.index(self.target)
+        weights = None
+        if not self._unit_weights():
+            weights = self.static_weights_on((self.ema if values is None else values).device)
+        ema, scales, coeff = balance_step(values, kind, self.ema, self.step, beta=self.beta, relax=self.relax,
+                                          eps=self.eps, target=target, warmup_steps=self.warmup_steps, weights=weights)
+        # new tensors each step, set without nn.Module's checks: `backward`'s TaskScales keep theirs
+        self._buffers["ema"], self._buffers["scales"] = ema, scales
+        return coeff
 
     def _step_scales(self) -> torch.Tensor | None:
         return self.scales[0] if self.scales.numel() else None

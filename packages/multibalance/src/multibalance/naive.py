@@ -25,3 +25,59 @@ def weighted_sum_reference(grads: list[torch.Tensor], coeff: torch.Tensor, out: 
     for t in range(1, len(grads)):
         out.addcmul_(grads[t], c[t])
     return out
+
+
+def _all_finite(values: torch.Tensor) -> torch.Tensor:
+    """0-d bool on `values`' device: no inf or NaN in it. 0 * x is 0 (or -0) unless x is inf or
+    NaN: three ops, where isfinite().all() is five (isfinite is composite: abs, ne, eq, and), each
+    a kernel launch on a GPU."""
+    return values.mul(0).sum().eq(0)
+
+
+def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """The moving average of `values` (rate 1 - beta), from the first step whose values are all
+    finite (NaN until then; an empty or other-shaped `average` starts it), left as it was on a step
+    with a non-finite value (its gradients overflowed: a GradScaler skips that step). Tensor ops
+    on `values`' device only: no host sync."""
+    finite = _all_finite(values)
+    if average.shape != values.shape:
+        return torch.where(finite, values, float("nan"))
+    average = average.to(values.device)  # e.g. loaded from a checkpoint onto another device: kept
+    return torch.where(finite, torch.where(average.isnan(), values, average.lerp(values, 1 - beta)), average)
+
+
+#: what `balance_step` is given: nothing new (the averages as they are), norms, sums of squares
+#: (batch norms before their square root), or per-sample norm sums stacked on their row counts
+BALANCE_INPUTS = ("none", "norms", "squares", "per_sample")
+
+
+def balance_step_reference(values: torch.Tensor | None, kind: str, ema: torch.Tensor, step: torch.Tensor, *,
+                           beta: float, relax: float, eps: float, target: str | int, warmup_steps: int,
+                           weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One MultiBalance step from its [R, T] statistics: (new averages, scales, coefficients).
+
+    The norms (from `values` as `kind` says) enter the moving averages (`running_average`); the
+    step count `step` goes up by one in place; per representation r the target M_r (the max or
+    the mean over the tasks that read r, or task `target`'s average) gives the scales
+    s = (1 - relax) + relax * M_r / max(m, eps), 1 during the first `warmup_steps` steps and, for a
+    target task, where that task does not read r; the coefficients are s times `weights` (or s)."""
+    if kind != "none":
+        norms = values if kind == "norms" else values.sqrt() if kind == "squares" else values[0] / values[1].clamp_min(1)
+        ema = running_average(ema, norms, beta)
+    step.add_(1)  # in place: the caller's buffer
+    m = ema.clamp_min(eps)
+    # a task reads representation r once its average norm there is positive: the target is
+    # taken over the readers only (a task that does not read r has norm 0 there)
+    if target == "max":
+        top = m.amax(dim=1, keepdim=True)
+    elif target == "mean":
+        reads = ema > 0
+        top = ((m * reads).sum(dim=1, keepdim=True) / reads.sum(dim=1, keepdim=True).clamp_min(1)).clamp_min_(eps)
+    else:
+        top = m[:, target: target + 1]
+    scales = torch.add(1 - relax, torch.div(top, m), alpha=relax)  # (1 - relax) + relax * (target / m) in two ops
+    if not isinstance(target, str):  # where the target task does not read: nothing to match, scale 1
+        scales = torch.where(ema[:, target: target + 1] > 0, scales, 1.0)
+    if warmup_steps:  # on the device: reading the step count would wait for a GPU every step
+        scales = torch.where(step <= warmup_steps, 1.0, scales)
+    return ema, scales, scales if weights is None else scales * weights.to(scales.dtype)
