@@ -30,6 +30,7 @@ import functools
 import torch
 
 from .combine import weighted_loss
+from .factor_norms import factor_square_sums
 
 # linear nodes: the index of their input ("mat1") edge and where its [rows, features] size is
 # saved; the weight is saved as mat2 = W.T
@@ -301,15 +302,14 @@ def task_norm_sums(f: Factors | None, n_tasks: int, per_sample: bool, device, sa
     Gram matrices: ||d W||^2 = <d^T d, W W^T>, a row's (d_r (W W^T)) . d_r."""
     if f is None:  # `dtype`: that of the other representations' sums, stacked with these
         return torch.zeros(n_tasks, dtype=dtype, device=device)
-    if f.uniform:  # every task in one batched op
+    if f.uniform and not per_sample:  # every task in one batched op (one kernel on a Triton backend)
+        norms = factor_square_sums(f.left, f.right, len(f.widths))
+    elif f.uniform:
         n, width = len(f.widths), f.widths[0]
         ds = f.left.view(f.left.shape[0], n, width).transpose(0, 1)  # [T', B, h]
         ws = f.right.view(n, width, -1)  # [T', h, D]
         gram_w = torch.bmm(ws, ws.transpose(1, 2))
-        if per_sample:
-            norms = (torch.bmm(ds, gram_w) * ds).sum(2).view(n, samples, -1).sum(2).clamp_min(0).sqrt().sum(1)
-        else:
-            norms = (torch.bmm(ds.transpose(1, 2), ds) * gram_w).sum((1, 2)).clamp_min(0)
+        norms = (torch.bmm(ds, gram_w) * ds).sum(2).view(n, samples, -1).sum(2).clamp_min(0).sqrt().sum(1)
     else:
         norms = []
         for d, w in zip(f.left.split(f.widths, 1), f.right.split(f.widths, 0)):

@@ -98,3 +98,31 @@ def balance_step_kernel(values_ptr, ema_ptr, ema_out_ptr, step_ptr, scales_ptr, 
     tl.store(scales_ptr + idx, scales, mask=mask)
     if WEIGHTED:
         tl.store(coeff_ptr + idx, scales * tl.load(weights_ptr + t, mask=t < T, other=0.0), mask=mask)
+
+
+@triton.jit
+def factor_square_sums_kernel(out_ptr, left_ptr, right_ptr, rows, width, d, stride_left, stride_right,
+                              BB: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    """Program t: ||d_t @ W_t||^2 = <d_t^T d_t, W_t W_t^T> (clamped at 0), where d_t is columns
+    [t*width, (t+1)*width) of `left` [rows, T*width] and W_t rows [t*width, (t+1)*width) of `right`
+    [T*width, d]: two width x width Gram matrices in registers, where the reference takes two
+    batched matmuls, a product, a sum and a clamp (five launches). fp32 products (`ieee`): the
+    norms set the scales; TF32's 10-bit mantissa would move them by ~1e-3."""
+    t = tl.program_id(0)
+    h = tl.arange(0, BH)
+    h_ok = h < width
+    gram_d = tl.zeros((BH, BH), dtype=tl.float32)
+    for start in range(0, rows, BB):
+        b = start + tl.arange(0, BB)
+        tile = tl.load(left_ptr + b[:, None].to(tl.int64) * stride_left + t * width + h[None, :],
+                       mask=(b[:, None] < rows) & h_ok[None, :], other=0.0)  # [BB, BH]
+        gram_d += tl.dot(tl.trans(tile), tile, input_precision="ieee")
+    gram_w = tl.zeros((BH, BH), dtype=tl.float32)
+    for start in range(0, d, BD):
+        c = start + tl.arange(0, BD)
+        tile = tl.load(right_ptr + (t * width + h[:, None]).to(tl.int64) * stride_right + c[None, :],
+                       mask=h_ok[:, None] & (c[None, :] < d), other=0.0)  # [BH, BD]
+        gram_w += tl.dot(tile, tl.trans(tile), input_precision="ieee")
+    total = tl.sum(tl.sum(gram_d * gram_w, axis=1), axis=0)
+    # clamped at 0 (rounding), keeping NaN: an overflowing step's norms must stay non-finite
+    tl.store(out_ptr + t, tl.where(total != total, total, tl.maximum(total, 0.0)))

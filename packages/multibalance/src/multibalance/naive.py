@@ -81,3 +81,15 @@ def balance_step_reference(values: torch.Tensor | None, kind: str, ema: torch.Te
     if warmup_steps:  # on the device: reading the step count would wait for a GPU every step
         scales = torch.where(step <= warmup_steps, 1.0, scales)
     return ema, scales, scales if weights is None else scales * weights.to(scales.dtype)
+
+
+def factor_square_sums_reference(left: torch.Tensor, right: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """[T]: ||d_t @ W_t||^2 for d_t the t-th block of `width` columns of `left` [rows, T*width]
+    and W_t the t-th block of `width` rows of `right` [T*width, D], from two batched Gram
+    matrices: <d^T d, W W^T> (clamped at 0: rounding can take a zero norm below it)."""
+    width = left.shape[1] // n_tasks
+    ds = left.view(left.shape[0], n_tasks, width).transpose(0, 1)  # [T, rows, h]
+    ws = right.view(n_tasks, width, -1)  # [T, h, D]
+    gram_w = torch.bmm(ws, ws.transpose(1, 2))
+    return (torch.bmm(ds.transpose(1, 2), ds) * gram_w).sum((1, 2)).clamp_min(0)
+
