@@ -1,7 +1,7 @@
 """The retrieval model's per-slot steps around its probed clusters, each kernel against its
 reference and each reference against a per-item definition: the keep bits of the probed slots
-(`silvertorch::probed_keep`) and the storage positions of candidate slots
-(`silvertorch::probed_positions`). Run under TRITON_INTERPRET=1, where the CPU takes the Triton path."""
+(`silvertorch::probed_keep`), their scores (`silvertorch::probed_scores`) and the storage
+positions of candidate slots (`silvertorch::probed_positions`). Run under TRITON_INTERPRET=1, where the CPU takes the Triton path."""
 
 import pytest
 import torch
@@ -9,7 +9,8 @@ import torch
 from gpukernels_common import Backend
 from gpukernels_common.testing import CanaryBuffer
 from silvertorch.bloom.probed import probed_keep
-from silvertorch.ivf.probed import probed_positions
+from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
+from silvertorch.ivf.probed import probed_positions, probed_scores
 
 
 def _clusters(n, n_clusters, seed):
@@ -85,6 +86,87 @@ def test_keep_kernel_writes_every_slot_inside_its_output_only():
     assert torch.equal(canary.tensor, want.to(torch.int8))
 
 
+def _score_args(q, p, n_clusters, n, d, filtered, seed):
+    """probed_scores' arguments as the model passes them: random int8 codes and positive scales,
+    the clusters of `_clusters` (empty ones included) as offsets and clamped positions, random probed
+    clusters (shared between queries), keep off past each cluster's end (padding slots) and, filtered,
+    on a random 60% of the slots inside it."""
+    _, sizes, width = _clusters(n, n_clusters, seed)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    g = torch.Generator().manual_seed(seed + 5)
+    codes = torch.randint(-127, 128, (n, d), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, generator=g) + 0.01
+    cluster_positions = (offsets[:-1].unsqueeze(1) + torch.arange(width)).clamp(max=n - 1)
+    clusters = torch.randint(0, n_clusters, (q, p), generator=g)
+    keep = torch.arange(width) < sizes[clusters].unsqueeze(-1)
+    if filtered:
+        keep &= torch.rand(q, p, width, generator=g) < 0.6
+    q_codes = torch.randint(-127, 128, (q, d), dtype=torch.int8, generator=g)
+    q_scales = torch.rand(q, generator=g) + 0.01
+    return codes, scales, cluster_positions, offsets, clusters, keep, q_codes, q_scales
+
+
+# (q, p, n_clusters, n, d): one query and one item; odd widths and d (not powers of two, past one
+# BD tile of either kernel); batches just below, at and past CLUSTER_MAJOR_MIN_QUERIES (query-major,
+# then cluster-major with several blocks of pairs per cluster)
+SCORE_SHAPES = [(1, 1, 1, 1, 1), (1, 4, 9, 700, 37), (3, 2, 5, 97, 130), (CLUSTER_MAJOR_MIN_QUERIES - 1, 3, 7, 250, 20),
+                (CLUSTER_MAJOR_MIN_QUERIES, 3, 7, 250, 20), (CLUSTER_MAJOR_MIN_QUERIES + 1, 3, 4, 300, 65)]
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["unfiltered", "filtered"])
+@pytest.mark.parametrize("q, p, n_clusters, n, d", SCORE_SHAPES)
+def test_scores_reference_is_each_slots_scaled_dot(q, p, n_clusters, n, d, filtered):
+    """Slot j of probed cluster c: the int8 dot of the query's and item offsets[c] + j's codes, times
+    the item's then the query's scale, where keep is on; -inf elsewhere."""
+    codes, scales, positions, offsets, clusters, keep, q_codes, q_scales = _score_args(q, p, n_clusters, n, d, filtered, seed=n)
+    got = probed_scores.run(Backend.REFERENCE, codes, scales, positions, offsets, clusters, keep, q_codes, q_scales)
+    width = positions.shape[1]
+    want = torch.full((q, p, width), float("-inf"))
+    for i, k, j in keep.nonzero().tolist():
+        item = int(offsets[clusters[i, k]]) + j
+        dot = int((codes[item].long() * q_codes[i].long()).sum())
+        want[i, k, j] = float(dot) * (scales[item] * q_scales[i])
+    assert torch.equal(got, want.view(q, -1))
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["unfiltered", "filtered"])
+@pytest.mark.parametrize("q, p, n_clusters, n, d", SCORE_SHAPES)
+def test_scores_kernels_match_reference(q, p, n_clusters, n, d, filtered):
+    """Both scoring kernels (query-major below CLUSTER_MAJOR_MIN_QUERIES queries, cluster-major from
+    there) bit for bit: the int8 dots are exact, the scales applied in the reference's order."""
+    args = _score_args(q, p, n_clusters, n, d, filtered, seed=n + 6)
+    want = probed_scores.run(Backend.REFERENCE, *args)
+    assert torch.equal(probed_scores.run(Backend.INTERPRET, *args), want)
+    # scored slots, and -inf ones (padding or filtered) unless every slot is kept (the one-item index)
+    assert torch.isfinite(want).any() and (torch.isinf(want).any() or bool(args[5].all()))
+
+
+@pytest.mark.parametrize("cluster_major", [False, True], ids=["query-major", "cluster-major"])
+def test_scores_kernels_write_every_slot_inside_their_output_only(cluster_major):
+    """The launches on a NaN-poisoned, canary-padded output, with tiles narrower than a cluster (a
+    partial last tile): every slot written, none past the output."""
+    import triton
+
+    from silvertorch.ivf.index import _cluster_pairs
+    from silvertorch.ivf.kernels import probed_score_kernel, score_cluster_major_kernel
+
+    args = _score_args(5, 3, 6, 333, 45, True, seed=12)
+    codes, scales, positions, offsets, clusters, keep, q_codes, q_scales = args
+    (q, p), width = clusters.shape, positions.shape[1]
+    canary = CanaryBuffer((q, p * width))
+    if cluster_major:
+        pairs, sorted_clusters, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, offsets.numel() - 1, 4)
+        score_cluster_major_kernel[(n_blocks, triton.cdiv(width, 32))](
+            canary.tensor, codes, scales, q_codes, q_scales, offsets, pairs, sorted_clusters, block_cluster, block_row,
+            keep.view(torch.int8), pairs.numel(), 45, p, width, 1, HAS_FILTER=True, KEEP_BYTES=True, INT8_DOT=False,
+            FP16_DOT=False, BQ=4, BN=32, BD=32)
+    else:
+        probed_score_kernel[(q * p, triton.cdiv(width, 32))](canary.tensor, codes, scales, q_codes, q_scales, offsets,
+                                                            clusters, keep.view(torch.int8), 45, p, width, BN=32, BD=32)
+    canary.check("scores")
+    assert torch.equal(canary.tensor, probed_scores.run(Backend.REFERENCE, *args))
+
+
 def _positions_args(q, p, n_clusters, n, fresh, m, seed):
     starts, _, width = _clusters(n, n_clusters, seed)
     g = torch.Generator().manual_seed(seed + 3)
@@ -146,6 +228,7 @@ def test_ops_pass_opcheck(monkeypatch, backend):
     monkeypatch.setenv("GKC_BACKEND", backend)
     torch.library.opcheck(probed_keep.op, _keep_args(2, 3, 5, 150, seed=9))
     torch.library.opcheck(probed_positions.op, _positions_args(2, 3, 5, 150, 6, 20, seed=10))
+    torch.library.opcheck(probed_scores.op, _score_args(2, 3, 5, 150, 9, True, seed=14))
 
 
 

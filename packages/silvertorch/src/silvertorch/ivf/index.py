@@ -500,7 +500,7 @@ class IVFIndex:
                 pairs, sorted_clusters, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, self.n_clusters, bq)
                 score_cluster_major_kernel[(n_blocks, triton.cdiv(L, bn))](
                     out, codes, scales, q_codes, q_scales, offsets, pairs, sorted_clusters, block_cluster, block_row,
-                    flat_words, pairs.numel(), d, p, L, w32, HAS_FILTER=words is not None, INT8_DOT=int8_dot_supported(self.codes.device),
+                    flat_words, pairs.numel(), d, p, L, w32, HAS_FILTER=words is not None, KEEP_BYTES=False, INT8_DOT=int8_dot_supported(self.codes.device),
                     FP16_DOT=env.gpu_launch_shapes(self.codes.device),
                     BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
             else:

@@ -14,7 +14,6 @@ import triton.language as tl
 def score_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, starts_ptr, lengths_ptr, words_ptr,
                  D, P, L, W32, HAS_FILTER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     qp = tl.program_id(0)
-    q = qp // P
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     start = tl.load(starts_ptr + qp)
     length = tl.load(lengths_ptr + qp)
@@ -22,6 +21,30 @@ def score_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, star
     if HAS_FILTER:
         word = tl.load(words_ptr + qp.to(tl.int64) * W32 + n // 32, mask=keep, other=0)
         keep = keep & (((word >> (n % 32)) & 1) != 0)
+    _score_slots(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, qp, qp // P, n, start, keep, D, L, BN, BD)
+
+
+@triton.jit
+def probed_score_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, offsets_ptr, clusters_ptr, keep_ptr,
+                        D, P, L, BN: tl.constexpr, BD: tl.constexpr):
+    """score_kernel for `silvertorch::probed_scores`: the range of (query, slot) qp read from its
+    probed cluster clusters[qp] and the cluster offsets, the filter from the bool keep [Q x P, L]
+    (as int8), one byte per slot. The model's tensors as they are: no per-call ranges or packed
+    words to build first (each a launch on a GPU)."""
+    qp = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    cluster = tl.load(clusters_ptr + qp)
+    start = tl.load(offsets_ptr + cluster)
+    keep = n < tl.load(offsets_ptr + cluster + 1) - start  # keep is off past the end too; no row past it is read
+    keep = keep & (tl.load(keep_ptr + qp.to(tl.int64) * L + n, mask=keep, other=0) != 0)
+    _score_slots(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, qp, qp // P, n, start, keep, D, L, BN, BD)
+
+
+@triton.jit
+def _score_slots(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, qp, q, n, start, keep, D, L,
+                 BN: tl.constexpr, BD: tl.constexpr):
+    """Row qp of out, slots n: query q's int8 dots with items start + n where keep (int32
+    accumulation, both scales applied), -inf elsewhere."""
     rows = (start + n).to(tl.int64)
     acc = tl.zeros((BN,), dtype=tl.int32)
     for d0 in range(0, D, BD):
@@ -38,15 +61,16 @@ def score_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, star
 @triton.jit
 def score_cluster_major_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_scales_ptr, offsets_ptr, pairs_ptr,
                                sorted_ptr, block_cluster_ptr, block_row_ptr, words_ptr, N, D, P, L, W32,
-                               HAS_FILTER: tl.constexpr, INT8_DOT: tl.constexpr, FP16_DOT: tl.constexpr,
-                               BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                               HAS_FILTER: tl.constexpr, KEEP_BYTES: tl.constexpr, INT8_DOT: tl.constexpr,
+                               FP16_DOT: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """One program per (block of BQ (query, slot) pairs probing the same cluster, BN items): the
     cluster's rows are loaded once for the whole block and scored with tl.dot. INT8_DOT: int8
     operands accumulated in int32 (the integer tensor cores, exact at any D); otherwise fp32
     operands: int8 values are exact in fp32 (and TF32), their products and sums below 2^24 too.
     Either way the scores equal the query-major kernel's int32 accumulation bit for bit. The
     blocks come from `cluster_blocks_kernel`: a block's pairs are the sorted rows from its first
-    on that still hold its cluster (at most BQ)."""
+    on that still hold its cluster (at most BQ). The filter: int32 words [Q x P, W32], or with
+    KEEP_BYTES one byte per slot [Q x P, L] (`probed_scores`' bool keep, no packing launches)."""
     b = tl.program_id(0)
     cluster = tl.load(block_cluster_ptr + b)
     if cluster >= 0:
@@ -72,7 +96,9 @@ def score_cluster_major_kernel(out_ptr, codes_ptr, scales_ptr, q_codes_ptr, q_sc
             else:
                 acc += tl.dot(qv.to(tl.float32), tl.trans(c.to(tl.float32)))
         keep = valid[:, None] & in_cluster[None, :]
-        if HAS_FILTER:
+        if HAS_FILTER and KEEP_BYTES:
+            keep = keep & (tl.load(words_ptr + pair[:, None] * L + n[None, :], mask=keep, other=0) != 0)
+        elif HAS_FILTER:
             word = tl.load(words_ptr + pair[:, None] * W32 + (n // 32)[None, :], mask=keep, other=0)
             keep = keep & (((word >> (n % 32)[None, :]) & 1) != 0)
         scale = tl.load(scales_ptr + rows, mask=in_cluster, other=0.0)[None, :] * tl.load(q_scales_ptr + q, mask=valid, other=0.0)[:, None]

@@ -4,8 +4,8 @@ For each query, every slot of its probed clusters: the int8 dot product of the q
 with the item's codes, times the item's and the query's scale, or -inf where the filter's keep
 bit is off (a padding slot, a deleted item, an item that fails the filter). `torch.compile` and
 `torch.export` see one op, so a compiled or exported model keeps the fused kernels: on a Triton
-backend the IVF scoring kernels run with the keep bits packed into their mask words (query-major,
-or cluster-major from `CLUSTER_MAJOR_MIN_QUERIES` queries on, as `IVFIndex.candidate_scores`);
+backend one IVF scoring kernel reads the keep bools and the probed clusters' offsets as they are
+(query-major, or cluster-major from `CLUSTER_MAJOR_MIN_QUERIES` queries on, as `IVFIndex.candidate_scores`);
 the reference scores the union of the batch's probed clusters in one int8 matmul.
 
 `silvertorch::probed_positions` maps slots of those rows (and of the fresh items scored after
@@ -96,32 +96,30 @@ def probed_scores_triton(codes: torch.Tensor, scales: torch.Tensor, cluster_posi
                          q_codes: torch.Tensor, q_scales: torch.Tensor) -> torch.Tensor:
     import triton
 
-    from ..filtering import pack_bits
-    from .kernels import score_cluster_major_kernel, score_kernel
+    from .kernels import probed_score_kernel, score_cluster_major_kernel
 
     q, p = clusters.shape
     n_clusters, width = cluster_positions.shape
     d = codes.shape[1]
     # the kernels index every tensor as row-major: a column-major tower output or buffer is copied once
+    # (each a no-op, no launch, on the contiguous tensors the model passes)
     codes, scales, cluster_offsets = codes.contiguous(), scales.contiguous(), cluster_offsets.contiguous()
     q_codes, q_scales, clusters = q_codes.contiguous(), q_scales.contiguous(), clusters.contiguous()
-    words = pack_bits(keep).contiguous()  # [Q, P, W32]: the kernels' filter words
-    w32 = words.shape[-1]
+    keep = keep.contiguous().view(torch.int8)  # [Q, P, S] bools read a byte a slot: no packing into words first
     out = torch.empty(q, p * width, dtype=torch.float32, device=codes.device)
     if q >= CLUSTER_MAJOR_MIN_QUERIES:
         bq, bn = 16, 64
         pairs, sorted_clusters, block_cluster, block_row, n_blocks = _cluster_pairs(clusters, n_clusters, bq)
         score_cluster_major_kernel[(n_blocks, triton.cdiv(width, bn))](
             out, codes, scales, q_codes, q_scales, cluster_offsets, pairs, sorted_clusters, block_cluster, block_row,
-            words, pairs.numel(), d, p, width, w32, HAS_FILTER=True, INT8_DOT=int8_dot_supported(codes.device),
+            keep, pairs.numel(), d, p, width, 1, HAS_FILTER=True, KEEP_BYTES=True, INT8_DOT=int8_dot_supported(codes.device),
             FP16_DOT=env.gpu_launch_shapes(codes.device), BQ=bq, BN=bn, BD=min(64, max(32, triton.next_power_of_2(d))))
     else:
-        starts = cluster_offsets[clusters]
-        lengths = cluster_offsets[clusters + 1] - starts
+        # each (query, slot)'s range read from its cluster's offsets in the kernel: no gathers before it
         bn = 64
-        score_kernel[(q * p, triton.cdiv(width, bn))](
-            out, codes, scales, q_codes, q_scales, starts.reshape(-1).contiguous(), lengths.reshape(-1).contiguous(),
-            words, d, p, width, w32, HAS_FILTER=True, BN=bn, BD=min(128, triton.next_power_of_2(d)))
+        probed_score_kernel[(q * p, triton.cdiv(width, bn))](
+            out, codes, scales, q_codes, q_scales, cluster_offsets, clusters, keep, d, p, width,
+            BN=bn, BD=min(128, triton.next_power_of_2(d)))
     return out
 
 
