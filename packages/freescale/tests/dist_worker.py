@@ -4,6 +4,7 @@
 Each rank runs the scenario under gloo; rank 0 writes OUT_DIR/result.pt (tensors/ints only).
 """
 
+import contextlib
 import datetime
 import os
 import sys
@@ -552,6 +553,107 @@ def scenario_bad_ids(rank, world):
                 dist.barrier()
                 looked_up = emb(good, pooling="sum")  # still in step
                 out[f"{sharding} {case} {bad} after"] = [tuple(v.shape) for v in looked_up.values()]
+    every = [None] * world
+    dist.all_gather_object(every, out)
+    return {"outcomes": every}
+
+
+def _attempt(call):
+    """(outcome, seconds) of `call()`: "ok: ..." or "ErrorClass: message"."""
+    start = time.perf_counter()
+    try:
+        outcome = f"ok: {call()}"
+    except Exception as err:  # noqa: BLE001 (the class is part of the outcome)
+        outcome = f"{type(err).__name__}: {err}"
+    return outcome, time.perf_counter() - start
+
+
+def scenario_rank_errors(rank, world):
+    """Bad input to a BatchBalancer call on rank 1 only, each case on a fresh group with a 10 s
+    timeout (a timed-out gloo group stays broken): that rank raised alone before the call's
+    collective and the other waited in it until the timeout. Every rank must raise in the same
+    call, within seconds, and a good call on the same group must follow."""
+    bad = rank == 1
+    a, b, dense = global_batch(12)
+    lo, hi = local_slice(world, rank, 12)
+    feats = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]})
+    three = KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi], "c": b[lo:hi]})
+    good_dense = {"x": dense[lo:hi]}
+    n = hi - lo
+    nan_lengths = torch.tensor([3.0, float("nan")] + [1.0] * (n - 2))
+
+    def exchange(plan_dense, features, dense_):  # a plan the others' exchange needs no gather for, or one it does
+        return lambda fg: fg.exchange(fg.plan(feats, good_dense) if plan_dense else fg.plan(feats.sample_lengths()),
+                                      features, dense_)[0].batch_size
+
+    cases = {  # name: call(foreground balancer, background balancer), with rank 1's input bad
+        "plan nan": lambda fg, bg: fg.plan(nan_lengths if bad else feats.sample_lengths()).global_batch,
+        "plan 2-d": lambda fg, bg: fg.plan(feats.sample_lengths().view(-1, 1) if bad else feats.sample_lengths()).global_batch,
+        "plan str": lambda fg, bg: fg.plan("lengths" if bad else feats.sample_lengths()).global_batch,
+        "plan dense": lambda fg, bg: fg.plan(feats, dense[lo:hi] if bad else good_dense).global_batch,
+        "plan keys": lambda fg, bg: fg.plan(three if bad else feats).global_batch,
+        "plan kinds": lambda fg, bg: fg.plan(feats.sample_lengths() if bad else feats).global_batch,
+        "plan_async nan": lambda fg, bg: bg.plan_async(nan_lengths if bad else feats.sample_lengths()).result(timeout=60).global_batch,
+        "plan_async dense": lambda fg, bg: bg.plan_async(feats, {"x": [1]} if bad else good_dense).result(timeout=60).global_batch,
+        "balance features": lambda fg, bg: fg.balance(feats.sample_lengths() if bad else feats)[2].global_batch,
+        "balance dense": lambda fg, bg: fg.balance(feats, dense[lo:hi] if bad else good_dense)[2].global_batch,
+        "balance_async features": lambda fg, bg: bg.balance_async([feats] if bad else feats).result(timeout=60)[2].global_batch,
+        "balance_async dense": lambda fg, bg: bg.balance_async(feats, {"x": torch.tensor(1.0)} if bad else good_dense)
+        .result(timeout=60)[2].global_batch,
+        "exchange features": lambda fg, bg: exchange(False, feats.sample_lengths() if bad else feats, None)(fg),
+        "exchange dense": lambda fg, bg: exchange(False, feats, dense[lo:hi] if bad else good_dense)(fg),
+        "exchange planned features": lambda fg, bg: exchange(True, [feats] if bad else feats, good_dense)(fg),
+        "exchange planned keys": lambda fg, bg: exchange(True, three if bad else feats, good_dense)(fg),
+        # a balancer configured otherwise on rank 1 (another cost model): the partitions would differ
+        "config": lambda fg, bg: BatchBalancer(fg.group, CostModel(a=1.0, b=2.0 if bad else 1.0), background=False)
+        .plan(feats).global_batch,
+    }
+    out = {}
+    for name, call in cases.items():
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=10))
+        with BatchBalancer(group, CostModel(a=1.0, b=1.0), background=False) as fg, \
+                BatchBalancer(group, CostModel(a=1.0, b=1.0)) as bg, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[name] = _attempt(lambda: call(fg, bg))
+            # as a training loop's error handling would: no rank takes the next step before every
+            # rank is out of this one (a rank left waiting in the collective never got out)
+            dist.barrier()
+            out[f"{name} after"] = _attempt(lambda: fg.balance(feats, good_dense)[2].global_batch)
+    every = [None] * world
+    dist.all_gather_object(every, out)
+    return {"outcomes": every}
+
+
+def scenario_pipeline_rank_errors(rank, world):
+    """A batch that is not a (features, dense) pair on rank 1 only, in TrainPipeline with a
+    balancer and without one (the global count's all-reduce), step_fn all-reducing on a group with
+    a 10 s timeout: rank 1 raised when staging it, one step early, while rank 0 waited in its
+    step's all-reduce. Every rank must raise when the batch is due, after the same steps."""
+    a, b, dense = global_batch(12)
+    lo, hi = local_slice(world, rank, 12)
+    good = (KeyedJagged.from_dict({"a": a[lo:hi], "b": b[lo:hi]}), {"x": dense[lo:hi]})
+    bad = good[0] if rank == 1 else good
+    steps, groups = [], []
+
+    def step(features, dense_, global_batch):
+        total = torch.tensor([float(features.batch_size)])
+        dist.all_reduce(total, group=groups[-1])  # as DDP's gradient all-reduce would
+        steps.append(int(total))
+
+    out = {}
+    for name in ("balancer", "plain"):
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=10))  # a timed-out one stays broken
+        groups.append(group)
+        with contextlib.ExitStack() as stack:
+            balancer = (stack.enter_context(BatchBalancer(group, CostModel(a=1.0, b=1.0), timeout=10))
+                        if name == "balancer" else None)
+            pipe = stack.enter_context(TrainPipeline(step, balancer, process_group=group, timeout=10))
+            steps.clear()
+            out[name] = _attempt(lambda: pipe.run([good, good, bad, good]))
+            out[f"{name} steps"] = list(steps)
+            dist.barrier()
+            steps.clear()
+            out[f"{name} after"] = _attempt(lambda: len(pipe.run([good, good])))
     every = [None] * world
     dist.all_gather_object(every, out)
     return {"outcomes": every}

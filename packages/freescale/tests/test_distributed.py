@@ -180,6 +180,82 @@ def test_invalid_ids_on_one_rank_fail_every_rank_promptly(tmp_path):
     assert time.perf_counter() - start < 120
 
 
+# what each BatchBalancer call raises on both ranks when rank 1's input is bad (scenario_rank_errors),
+# then what rank 1 adds: its own reason
+_LENGTHS = "cost lengths must be 1-D non-negative integer counts, one per sample (or pass the features, a KeyedJagged)"
+_DENSE = "dense must be a dict of tensors, one row per sample"
+_EXCHANGE = "TypeError: BatchBalancer.exchange: rank 1: features must be a KeyedJagged and dense a dict of tensors with one row per sample"
+_KINDS = ("ValueError: BatchBalancer.plan: the ranks passed different kinds of input (rank 0: features with 2 key(s); "
+          "rank 1: {}); every rank must pass features with the same keys, or every rank cost lengths")
+RANK_ERRORS = {
+    "plan nan": (f"ValueError: BatchBalancer.plan: rank 1: {_LENGTHS}", " (lengths must be integer counts of positions, got dtype torch.float32)"),
+    "plan 2-d": (f"ValueError: BatchBalancer.plan: rank 1: {_LENGTHS}", " (lengths must be 1-D (one length per sample), got shape (6, 1))"),
+    "plan str": ("TypeError: BatchBalancer.plan: rank 1: lengths_or_features must be a KeyedJagged or cost lengths (1-D "
+                 "integer counts, one per sample)", " (got str)"),
+    "plan dense": (f"TypeError: BatchBalancer.plan: rank 1: {_DENSE}", " (got Tensor)"),
+    "plan keys": (_KINDS.format("features with 3 key(s)"), ""),
+    "plan kinds": (_KINDS.format("cost lengths"), ""),
+    "plan_async nan": (f"ValueError: BatchBalancer.plan_async: rank 1: {_LENGTHS}", " (lengths must be integer counts"),
+    "plan_async dense": (f"TypeError: BatchBalancer.plan_async: rank 1: {_DENSE}", " (got {'x': 'list'})"),
+    "balance features": ("TypeError: BatchBalancer.balance: rank 1: features must be a KeyedJagged", " (got Tensor)"),
+    "balance dense": (f"TypeError: BatchBalancer.balance: rank 1: {_DENSE}", " (got Tensor)"),
+    "balance_async features": ("TypeError: BatchBalancer.balance_async: rank 1: features must be a KeyedJagged", " (got list)"),
+    "balance_async dense": (f"TypeError: BatchBalancer.balance_async: rank 1: {_DENSE}", " (got {'x': 'a 0-d tensor'})"),
+    "exchange features": (_EXCHANGE, " (features must be a KeyedJagged, got Tensor)"),
+    "exchange dense": (_EXCHANGE, " (dense must be a dict of tensors (one row per sample), got Tensor)"),
+    "exchange planned features": (_EXCHANGE, " (features must be a KeyedJagged, got list)"),
+    "exchange planned keys": ("ValueError: BatchBalancer.exchange: rank 1: the features have 3 keys, the plan was made "
+                              "from features with 2", ""),
+    "config": ("ValueError: BatchBalancer.plan: the ranks' balancers are configured differently: rank(s) [1] differ from "
+               "rank 0 in the cost model", ""),
+}
+
+
+def test_one_ranks_bad_input_fails_every_balancer_call_promptly(tmp_path):
+    """Bad input on rank 1 only to every BatchBalancer call with a collective (plan, plan_async,
+    balance, balance_async, exchange: NaN, 2-D or string cost lengths, a dense tensor that is not
+    a dict, features with another number of keys or of another kind, features that are not a
+    KeyedJagged) and a balancer configured otherwise, on a group with a 10 s timeout: rank 1
+    raised alone before the collective and rank 0 waited in it until the timeout (or got an
+    error of gloo's, or a plan of garbage). Now both ranks raise the same error naming rank 1,
+    within seconds (it rides on the call's own all-gather or all-to-all), and the next call works."""
+    start = time.perf_counter()
+    proc, res = _run("rank_errors", 2, tmp_path, timeout=240)
+    outcomes = res["outcomes"]
+    assert set(outcomes[0]) == {k for case in RANK_ERRORS for k in (case, f"{case} after")}
+    for case, (common, own) in RANK_ERRORS.items():
+        for rank, outcome in enumerate(outcomes):
+            text, seconds = outcome[case]
+            assert text.startswith(common), (case, rank, text)
+            assert own in text if rank == 1 else text == common or case == "config", (case, rank, text)
+            assert seconds < 5, (case, rank, seconds)  # the group's timeout is 10 s
+            assert outcome[f"{case} after"][0] == "ok: 12", (case, rank, outcome[f"{case} after"])
+        if case == "config":  # each rank says what it has
+            assert "CostModel(a=1.0, b=1.0)" in outcomes[0][case][0] and "CostModel(a=1.0, b=2.0)" in outcomes[1][case][0]
+    assert time.perf_counter() - start < 240
+
+
+def test_a_batch_that_is_not_a_batch_on_one_rank_fails_the_pipeline_on_every_rank(tmp_path):
+    """TrainPipeline, with a balancer and without one, given a batch that is not a (features,
+    dense) pair on rank 1 only: rank 1 raised when staging it, a step before it was due, while
+    rank 0 ran that step and waited in step_fn's all-reduce (a group with a 10 s timeout). Now the
+    refusal rides on the staging's own collective (the balancer's gather, the count's
+    all-reduce): both ranks run the same two steps, then raise the same TypeError naming rank 1,
+    and the next run() works."""
+    proc, res = _run("pipeline_rank_errors", 2, tmp_path, timeout=240)
+    expected = {"balancer": "TypeError: TrainPipeline.run: rank 1: each batch must be a (KeyedJagged, dict of dense "
+                            "tensors) pair",
+                "plain": "TypeError: TrainPipeline.run: rank(s) [1]: each batch must be a (KeyedJagged, dict of dense "
+                         "tensors) pair"}
+    for name, common in expected.items():
+        for rank, outcome in enumerate(res["outcomes"]):
+            text, seconds = outcome[name]
+            assert text == (common + " (got a KeyedJagged)" if rank == 1 else common), (name, rank, text)
+            assert seconds < 5, (name, rank, seconds)
+            assert outcome[f"{name} steps"] == [12, 12], (name, rank, outcome[f"{name} steps"])
+            assert outcome[f"{name} after"][0] == "ok: 2", (name, rank, outcome[f"{name} after"])
+
+
 def test_close_releases_background_groups_and_reports_staged_errors(tmp_path):
     """BatchBalancer and TrainPipeline had no close(): their threads and background gloo groups
     lived on (a group freed late can deadlock teardown before torch 2.8), and the failure of a

@@ -82,6 +82,13 @@ def test_balancer_names_arguments_of_the_wrong_kind():
     with pytest.raises(TypeError, match=r"BatchBalancer.balance_async: dense must hold tensors of one row per sample, "
                                         r"got \{'y': 'list'\}"):
         balancer.balance_async(features, {"y": [1, 2]})
+    two = KeyedJagged.from_dict({"a": [[1], [2]], "b": [[1], [2]]})
+    three = KeyedJagged.from_dict({"a": [[1], [2]], "b": [[1], [2]], "c": [[3], [4]]})
+    with pytest.raises(ValueError, match="the features have 3 keys, the plan was made from features with 2"):
+        balancer.exchange(balancer.plan(two), three)  # a broadcasting RuntimeError before
+    with pytest.raises(TypeError, match=r"BatchBalancer.plan: lengths_or_features must be a KeyedJagged or cost "
+                                        r"lengths \(1-D integer counts, one per sample\), got str"):
+        balancer.plan("12")  # torch's "new(): invalid data type 'str'" before
     plan = balancer.plan(features)
     plan.world_size = 2  # a plan of another group
     with pytest.raises(ValueError, match="the plan was made for rank 0 of 2, this balancer is rank 0 of 1"):
@@ -94,6 +101,9 @@ def test_pipeline_names_arguments_of_the_wrong_kind():
         TrainPipeline(lambda f, d, g: None).run([_batch(1)[0]])
     with pytest.raises(TypeError, match=r"got a tuple of \(Tensor, dict\)"):
         TrainPipeline(lambda f, d, g: None).run([(torch.tensor([1]), {})])
+    with pytest.raises(TypeError, match=r"got a tuple of \(KeyedJagged, dict with values that are not tensors "
+                                        r"\{'y': 'list'\}\)"):
+        TrainPipeline(lambda f, d, g: None).run([(_batch(1)[0], {"y": [1]})])  # "'list' object has no attribute 'to'" before
     with pytest.raises(TypeError, match="step_fn must be callable"):
         TrainPipeline(None)
     with pytest.raises(TypeError, match="balancer must be a BatchBalancer or None, got str"):

@@ -175,7 +175,7 @@ class BatchBalancer:
         # collectives from two threads on one group could reach the ranks in different orders.
         # new_group is collective: every process constructs the balancer, as with any group.
         self._gather_group = None
-        self._gather_bounds: dict[int, int] = {}  # per group: the largest per-rank sample count seen
+        self._gather_bounds: dict[int, tuple[int, int]] = {}  # per group: the largest rows and schema seen (elements)
         if background and dist.is_initialized() and self.world_size > 1:
             self._gather_group = background_group(process_group, timeout)
         self._closed = False
@@ -214,34 +214,79 @@ class BatchBalancer:
     def rank(self) -> int:
         return dist.get_rank(self.group) if dist.is_initialized() else 0
 
-    def _gather_rows(self, rows: torch.Tensor, group=None, schema: list[int] | None = None):
+    def _gather_rows(self, rows: torch.Tensor, group=None, schema: list[int] | None = None,
+                     refused: _Refused | None = None, method: str = "BatchBalancer.plan"):
         """All-gather every rank's (samples x columns) integer rows and its schema (a short list
-        of ints, see `Schema`): (rows per rank, schema per rank). One all-gather of the sample
-        count, the schema and the rows, padded to the largest count and schema seen so far; a
-        second one, padded to the new largest, only when some rank has more (every rank sees
-        that in the first)."""
+        of ints, see `Schema`): (rows per rank, schema per rank). One all-gather of a header
+        (samples, columns, schema length, this rank's refusal code, the balancer's fingerprint),
+        the schema and the rows, padded to the largest rows and schema seen so far; a second
+        one, padded to the new largest, only when some rank has more (every rank sees that in
+        the first). Where a rank `refused` its input (its rows then empty), where the ranks'
+        columns (kinds of input) or balancers differ: the same error on every rank, `method`
+        first, after the first all-gather (rather than one rank raising before it, the others
+        waiting in it until the group's timeout)."""
         schema = schema or []
         if self.world_size == 1:
+            if refused is not None:
+                raise refused.error(f"{method}: {refused.alone}") from None
             return [rows], [schema]
         group = group or self.group
         key = id(group)  # plan() and plan_async() gather on different groups, maybe at once
         device = collective_device(group)  # the host, or the GPU for an NCCL group (the callers' rows are on the host)
+        head = torch.tensor([rows.shape[0], rows.shape[1], len(schema), refused.code if refused is not None else 0,
+                             self._fingerprint()], dtype=torch.long)
         while True:
+            # bounds in elements: every rank's message has the same size whatever its columns
             bound, schema_bound = self._gather_bounds.get(key, (0, 0))
-            message = torch.zeros(2 + schema_bound + bound * rows.shape[1], dtype=rows.dtype, device=device)
-            message[0], message[1] = rows.shape[0], len(schema)
-            if rows.shape[0] <= bound and len(schema) <= schema_bound:
-                message[2 : 2 + len(schema)] = torch.tensor(schema, dtype=message.dtype)
-                message[2 + schema_bound : 2 + schema_bound + rows.numel()] = rows.reshape(-1)
+            message = torch.zeros(_HEAD + schema_bound + bound, dtype=torch.long, device=device)
+            message[:_HEAD] = head
+            if rows.numel() <= bound and len(schema) <= schema_bound:
+                message[_HEAD : _HEAD + len(schema)] = torch.tensor(schema, dtype=message.dtype)
+                message[_HEAD + schema_bound : _HEAD + schema_bound + rows.numel()] = rows.reshape(-1)
             out = [torch.empty_like(message) for _ in range(self.world_size)]
             dist.all_gather(out, message, group=group)
             out = list(torch.stack(out).cpu()) if device.type != "cpu" else out  # one copy back for the plan
-            sizes, schema_sizes = [int(o[0]) for o in out], [int(o[1]) for o in out]
+            heads = [o[:_HEAD].tolist() for o in out]
+            self._check_heads(heads, refused, method)
+            sizes, schema_sizes = [h[0] * h[1] for h in heads], [h[2] for h in heads]
             if max(sizes) <= bound and max(schema_sizes) <= schema_bound:
-                start = 2 + schema_bound
-                return ([o[start : start + n * rows.shape[1]].view(n, rows.shape[1]) for o, n in zip(out, sizes)],
-                        [o[2 : 2 + m].tolist() for o, m in zip(out, schema_sizes)])
+                start = _HEAD + schema_bound
+                return ([o[start : start + h[0] * h[1]].view(h[0], h[1]) for o, h in zip(out, heads)],
+                        [o[_HEAD : _HEAD + h[2]].tolist() for o, h in zip(out, heads)])
             self._gather_bounds[key] = (max(bound, *sizes), max(schema_bound, *schema_sizes))
+
+    def _check_heads(self, heads: list[list[int]], refused: _Refused | None, method: str) -> None:
+        """Raise, the same error on every rank, where the gathered headers show a rank that refused
+        its input (that rank adds its own reason), ranks with different kinds of input (cost
+        lengths, or features with another number of keys) or balancers configured differently."""
+        bad = [(r, h[3]) for r, h in enumerate(heads) if h[3]]
+        if bad:
+            text = "; ".join(f"rank {r}: {_REFUSALS[code][1]}" + (f" ({refused})" if r == self.rank else "")
+                             for r, code in bad)
+            # a TrainPipeline batch that is not a batch: the others' balance_async is the pipeline's
+            method = "TrainPipeline.run" if bad[0][1] == _BATCH_REFUSED else method
+            raise _REFUSALS[bad[0][1]][0](f"{method}: {text}")
+        if len({h[4] for h in heads}) > 1:
+            # the plan must be the same on every rank: other partitions move samples no rank expects
+            differ = [r for r, h in enumerate(heads) if h[4] != heads[0][4]]
+            raise ValueError(f"{method}: the ranks' balancers are configured differently: rank(s) {differ} differ from "
+                             f"rank 0 in the cost model, method, refine, long_sequences, split_context or min_gain (this "
+                             f"rank: {self._config()}); every rank must plan alike")
+        if len({h[1] for h in heads}) > 1:
+            kinds = "; ".join(f"rank {r}: " + ("cost lengths" if h[1] == 1 else f"features with {h[1] - 1} key(s)")
+                              for r, h in enumerate(heads))
+            raise ValueError(f"{method}: the ranks passed different kinds of input ({kinds}); every rank must pass "
+                             "features with the same keys, or every rank cost lengths")
+
+    def _config(self) -> str:
+        """What every rank's balancer must agree on to make the same plan."""
+        model = self.cost_model
+        model = f"CostModel(a={model.a!r}, b={model.b!r})" if isinstance(model, CostModel) else type(model).__name__
+        return (f"{model}, method={self.method!r}, refine={self.refine!r}, long_sequences={self.long_sequences!r}, "
+                f"split_context={self.split_context!r}, min_gain={self.min_gain!r}")
+
+    def _fingerprint(self) -> int:
+        return zlib.crc32(self._config().encode())
 
     def lengths_of(self, features: KeyedJagged) -> torch.Tensor:
         """What the plan costs per sample: its number of positions when every key holds one entry
@@ -256,11 +301,31 @@ class BatchBalancer:
 
     def _plan_rows(self, lengths_or_features: torch.Tensor | KeyedJagged) -> torch.Tensor:
         """What the gather carries per sample: the cost length, then (features given) its length
-        under every key (the plan then decides the cost length from those, on every rank alike)."""
+        under every key (the plan then decides the cost length from those, on every rank alike).
+        A `_Refused` where the cost lengths are not what a plan takes."""
         if isinstance(lengths_or_features, KeyedJagged):
             per_key = lengths_or_features.lengths_per_key().cpu()
             return torch.cat([per_key.sum(0).unsqueeze(1), per_key.T], 1)
-        return check_lengths(torch.as_tensor(lengths_or_features).cpu()).unsqueeze(1)
+        try:
+            lengths = torch.as_tensor(lengths_or_features)
+        except (TypeError, ValueError, RuntimeError):
+            got = f"got {type(lengths_or_features).__name__}"
+            raise _Refused(5, got, f"{_REFUSALS[5][1]}, {got}") from None
+        try:
+            return check_lengths(lengths.cpu()).unsqueeze(1)
+        except ValueError as err:
+            raise _Refused(1, str(err)) from None
+
+    def _plan_input(self, lengths_or_features, dense, need_features: bool):
+        """(rows, schema, refusal) of this rank's plan input: a refused input gathers empty rows
+        and its refusal code, so that every rank raises after the gather (see `_gather_rows`)."""
+        refused = _batch_refusal(lengths_or_features, dense, need_features)
+        if refused is None:
+            try:
+                return self._plan_rows(lengths_or_features), _schema_of(lengths_or_features, dense), None
+            except _Refused as err:
+                refused = err
+        return torch.zeros(0, 1, dtype=torch.long), None, refused
 
     def _cost_lengths(self, key_lengths: torch.Tensor) -> torch.Tensor:
         """Cost length per global sample from every rank's per-key lengths (samples x keys): the
@@ -323,9 +388,12 @@ class BatchBalancer:
         every sample's per-key lengths and the exchange saves its lengths all-to-all, and the
         ranks agree on the values' dtype (and, `dense` given, the dense tensors' dtypes and
         trailing shapes) in the same gather: a rank without samples adopts them, ranks with
-        samples that disagree get a ValueError, every one of them."""
-        rows, schema = self._plan_rows(lengths_or_features), _schema_of(lengths_or_features, dense)
-        return self._make_plan(self._gather_rows(rows, schema=schema))
+        samples that disagree get a ValueError, every one of them. Input one rank refuses (cost
+        lengths that are not 1-D non-negative integers, dense not a dict of tensors), ranks with
+        different kinds of input (lengths, features with another number of keys) or balancers
+        configured otherwise: the same error on every rank, naming the rank, from the gather."""
+        rows, schema, refused = self._plan_input(lengths_or_features, dense, need_features=False)
+        return self._make_plan(self._gather_rows(rows, None, schema, refused, "BatchBalancer.plan"))
 
     def plan_async(self, lengths_or_features: torch.Tensor | KeyedJagged,
                    dense: dict[str, torch.Tensor] | None = None) -> Future:
@@ -333,12 +401,23 @@ class BatchBalancer:
         own gloo group) and the partitioning run in the background thread, so no rank waits for
         the others here; the wait moves to the future's result, after the step's compute."""
         self._check_open("plan_async")
-        rows, schema = self._plan_rows(lengths_or_features), _schema_of(lengths_or_features, dense)
+        rows, schema, refused = self._plan_input(lengths_or_features, dense, need_features=False)
+        method = "BatchBalancer.plan_async"
         if self._pool is None:
-            return _done(self._make_plan(self._gather_rows(rows, schema=schema)))
+            return _done(self._make_plan(self._gather_rows(rows, None, schema, refused, method)))
         if self._gather_group is None and self.world_size > 1:  # made before init_process_group: gather here
-            return self._pool.submit(self._make_plan, self._gather_rows(rows, schema=schema))
-        return self._pool.submit(lambda: self._make_plan(self._gather_rows(rows, self._gather_group, schema)))
+            return self._pool.submit(self._make_plan, self._gather_rows(rows, None, schema, refused, method))
+        return self._pool.submit(lambda: self._make_plan(self._gather_rows(rows, self._gather_group, schema, refused, method)))
+
+    def _refuse_async(self, refused: _Refused, method: str) -> Future:
+        """Join the plan's gather that the other ranks' `balance_async` / `plan_async` make (on the
+        group those would use) with `refused`'s code, so that every rank's future raises (e.g. a
+        TrainPipeline batch that is not a batch: its rank has no features to plan from)."""
+        self._check_open("balance_async")
+        rows = torch.zeros(0, 1, dtype=torch.long)
+        if self._pool is None or self._gather_group is None:
+            return _done(self._gather_rows(rows, None, None, refused, method))
+        return self._pool.submit(self._gather_rows, rows, self._gather_group, None, refused, method)
 
     def balance_async(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None) -> Future:
         """plan + exchange off the caller's thread: a future of (features, dense, plan). The
@@ -346,18 +425,28 @@ class BatchBalancer:
         thread on the balancer's own gloo group, so they overlap the caller's step (CPU tensors;
         anything else, or no background thread, balances here and returns a done future)."""
         self._check_open("balance_async")
-        _check_batch(features, dense, "balance_async")
-        dense = dense or {}
-        on_cpu = features.values.device.type == "cpu" and all(v.device.type == "cpu" for v in dense.values())
-        if self._pool is None or self._gather_group is None or not on_cpu:
-            return _done(self.balance(features, dense))
-        rows, schema = self._plan_rows(features), _schema_of(features, dense)
+        method = "BatchBalancer.balance_async"
+        if self._pool is None or self._gather_group is None or not self._on_host(features, dense):
+            return _done(self._balance(features, dense, method))
+        dense = {} if dense is None else dense  # (the plan agrees on the dense tensors: see `balance`)
+        rows, schema, refused = self._plan_input(features, dense, need_features=True)
 
         def plan_and_exchange():
-            plan = self._make_plan(self._gather_rows(rows, self._gather_group, schema))
+            plan = self._make_plan(self._gather_rows(rows, self._gather_group, schema, refused, method))
             return (*self.exchange(plan, features, dense, group=self._gather_group), plan)
 
         return self._pool.submit(plan_and_exchange)
+
+    def _on_host(self, features, dense) -> bool:
+        """Whether balance_async balances in the background (host tensors) or here. Input it
+        refuses takes the path the others' good input most likely takes, that of its tensors, if
+        any, else of the group's device: its refusal rides on the gather of that path."""
+        tensors = [features.values if isinstance(features, KeyedJagged) else features]
+        tensors += list(dense.values()) if isinstance(dense, dict) else [dense]
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        if tensors:
+            return all(t.device.type == "cpu" for t in tensors)
+        return not dist.is_initialized() or collective_device(self.group).type == "cpu"
 
     def exchange(self, plan: BalancePlan, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None, group=None):
         """Move samples to their assigned ranks. Returns (KeyedJagged, dense dict) for this rank.
@@ -365,29 +454,40 @@ class BatchBalancer:
         values and dense tensors travel in the dtypes and trailing shapes the ranks agreed on
         (in the plan's gather, or, for a plan made without them, in one small all-gather here):
         a rank without samples casts its empty tensors to them; ranks with samples must match.
-        Input that does not fit the plan on any rank is a ValueError on every rank, naming it."""
+        Input that does not fit the plan on any rank is a ValueError on every rank, naming it
+        (features that are not a KeyedJagged or dense tensors not a dict of tensors: a
+        TypeError). Raised on this rank alone, as no rank can join the all-to-all without it: a
+        `plan` that is not a BalancePlan of this group."""
         if not isinstance(plan, BalancePlan):
             hint = ": plan_async() returns a Future, pass its .result()" if isinstance(plan, Future) else ""
             raise TypeError(f"BatchBalancer.exchange: plan must be a BalancePlan, got {type(plan).__name__}{hint}")
         if (plan.rank, plan.world_size) != (self.rank, self.world_size):
             raise ValueError(f"BatchBalancer.exchange: the plan was made for rank {plan.rank} of {plan.world_size}, this "
                              f"balancer is rank {self.rank} of {self.world_size} (a plan of another group)")
-        _check_batch(features, dense, "exchange")
-        dense = dense or {}
         group = group or self.group
         expected, first = plan.source_sizes[plan.rank], sum(plan.source_sizes[: plan.rank])
-        problem = _input_problem(plan, features, dense, first, expected)
-        schema, detail = plan.schema, ""
         moves = plan.world_size > 1 and plan.partition.method != "kept"
+        refused = _batch_refusal(features, dense, need_features=True)
+        if refused is not None:
+            if not moves:  # no collective follows
+                raise TypeError(f"BatchBalancer.exchange: {refused.alone}")
+            # this rank has no input to exchange, but joins the collective the others are on their
+            # way into with the flag (and placeholders of the planned sizes, below)
+            problem, detail, dense = [_TYPE_PROBLEM, 0, 0, 0], f" ({refused.alone})", {}
+        else:
+            dense = {} if dense is None else dense
+            problem, detail = _input_problem(plan, features, dense, first, expected), ""
+        schema = plan.schema
         if moves and (schema is None or schema.dense is None):
             # the plan did not see the dense tensors (or the features): the ranks agree on them here,
             # and in the same gather on whether every rank's input fits the plan (a check that fails
             # on one rank only must fail on all, before the all-to-all the others would wait in)
             flags, schemas = self._gather_rows(torch.tensor([problem or [0, 0, 0, 0]], dtype=torch.long), group,
-                                               _schema_of(features, dense))
+                                               _schema_of(features, dense) if refused is None else [],
+                                               method="BatchBalancer.exchange")
             bad = [(r, f[0].tolist()) for r, f in enumerate(flags) if int(f[0, 0])]
             if bad:
-                raise ValueError("BatchBalancer.exchange: " + "; ".join(_problem_text(r, f, list(dense)) for r, f in bad))
+                raise _flagged_error(bad, list(dense), plan.rank, detail)
             schema = Schema.agree(schemas, plan.source_sizes)
         elif problem is not None and not moves:  # no collective follows
             raise ValueError("BatchBalancer.exchange: " + _problem_text(plan.rank, problem, list(dense)))
@@ -402,7 +502,7 @@ class BatchBalancer:
             # the plan saw every rank's features and dense tensors, so the other ranks are already on
             # their way into the all-to-all: this rank joins it with the sizes the plan expects and a
             # flag, and every rank raises after it (rather than the others waiting out the timeout)
-            device = features.values.device
+            device = features.values.device if refused is None else collective_device(group)
             _, send_counts = plan.send_order()
             sent_lengths = plan.sent_key_lengths().to(device)
             _, _, headers = self._move_rows(plan, sent_lengths, plan.received_key_lengths(), send_counts,
@@ -447,28 +547,60 @@ class BatchBalancer:
 
     def balance(self, features: KeyedJagged, dense: dict[str, torch.Tensor] | None = None):
         """plan + exchange in one call. Returns (features, dense, plan)."""
-        _check_batch(features, dense, "balance")
-        dense = dense or {}  # the plan's gather agrees on the dense tensors too: no second gather in exchange
-        plan = self.plan(features, dense)
+        return self._balance(features, dense, "BatchBalancer.balance")
+
+    def _balance(self, features, dense, method: str):
+        dense = {} if dense is None else dense  # the plan's gather agrees on the dense tensors too: no second gather in exchange
+        rows, schema, refused = self._plan_input(features, dense, need_features=True)
+        plan = self._make_plan(self._gather_rows(rows, None, schema, refused, method))
         feats, dense = self.exchange(plan, features, dense)
         return feats, dense, plan
 
 
-def _check_batch(features, dense, method: str) -> None:
-    """A TypeError naming `method` where `features` is not a KeyedJagged or `dense` not a dict of
-    tensors with a row dimension (they failed later with an AttributeError, or a plan of cost
-    lengths was exchanged as if they were features)."""
-    if not isinstance(features, KeyedJagged):
-        raise TypeError(f"BatchBalancer.{method}: features must be a KeyedJagged, got {type(features).__name__}")
+class _Refused(Exception):
+    """This rank's input refused before a collective: `code` (see `_REFUSALS`) travels in the
+    collective; the message is what this rank got (added to the expectation `code` names), and
+    `alone` the whole error where no other rank is involved."""
+
+    def __init__(self, code: int, reason: str, alone: str | None = None):
+        super().__init__(reason)
+        self.code, self.alone = code, alone or reason
+
+    @property
+    def error(self) -> type[Exception]:
+        return _REFUSALS[self.code][0]
+
+
+# what a rank's own check can refuse before the plan's gather, as codes it carries (0: nothing):
+# the class every rank raises, and what was expected
+_REFUSALS = {1: (ValueError, "cost lengths must be 1-D non-negative integer counts, one per sample (or pass the "
+                             "features, a KeyedJagged)"),
+             2: (TypeError, "features must be a KeyedJagged"),
+             3: (TypeError, "dense must be a dict of tensors, one row per sample"),
+             4: (TypeError, "each batch must be a (KeyedJagged, dict of dense tensors) pair"),
+             5: (TypeError, "lengths_or_features must be a KeyedJagged or cost lengths (1-D integer counts, one per "
+                            "sample)")}
+_BATCH_REFUSED = 4
+_HEAD = 5  # the gather's header: samples, columns, schema length, refusal code, the balancer's fingerprint
+
+
+def _batch_refusal(features, dense, need_features: bool) -> _Refused | None:
+    """Where `features` is not a KeyedJagged (`need_features`) or `dense` not None nor a dict of
+    tensors with a row dimension: why (they failed later with an AttributeError, or a plan of
+    cost lengths was exchanged as if they were features)."""
+    if need_features and not isinstance(features, KeyedJagged):
+        got = f"got {type(features).__name__}"
+        return _Refused(2, got, f"features must be a KeyedJagged, {got}")
     if dense is None:
-        return
+        return None
     if not isinstance(dense, dict):
-        raise TypeError(f"BatchBalancer.{method}: dense must be a dict of tensors (one row per sample), got "
-                        f"{type(dense).__name__}")
+        got = f"got {type(dense).__name__}"
+        return _Refused(3, got, f"dense must be a dict of tensors (one row per sample), {got}")
     bad = {k: type(v).__name__ if not isinstance(v, torch.Tensor) else "a 0-d tensor" for k, v in dense.items()
            if not isinstance(v, torch.Tensor) or v.dim() == 0}
     if bad:
-        raise TypeError(f"BatchBalancer.{method}: dense must hold tensors of one row per sample, got {bad}")
+        return _Refused(3, f"got {bad}", f"dense must hold tensors of one row per sample, got {bad}")
+    return None
 
 
 def release_background(pool: ThreadPoolExecutor | None, groups) -> None:
@@ -620,10 +752,13 @@ _PROBLEMS = {1: "the features have {got} samples, the plan expects {expected}",
              5: "the features' keys do not hold one entry per position (needed to cut samples for long_sequences="
                 "'cap'/'split')",
              6: "the features or dense tensors differ from those the plan was made from in keys, dtype or shape[1:] "
-                "(that rank's error says which)"}
+                "(that rank's error says which)",
+             7: "features must be a KeyedJagged and dense a dict of tensors with one row per sample",
+             8: "the features have {got} keys, the plan was made from features with {expected}"}
 
 
 _CONFORM_PROBLEM = 6  # Schema.conform refused this rank's input: its own error says how
+_TYPE_PROBLEM = 7  # `_batch_refusal` refused this rank's input: raised as a TypeError
 
 
 def _placeholders(schema: Schema, sent_lengths: torch.Tensor, sent: list[int]) -> list[torch.Tensor]:
@@ -644,8 +779,15 @@ def _raise_flagged(headers: torch.Tensor, dense_keys: list[str], rank: int, deta
     plan; `detail`: this rank's own reason, when it is one of them."""
     bad = [(r, h.tolist()) for r, h in enumerate(headers.cpu()) if int(h[0])]
     if bad:
-        raise ValueError("BatchBalancer.exchange: " + "; ".join(
-            _problem_text(r, f, dense_keys) + (detail if r == rank else "") for r, f in bad))
+        raise _flagged_error(bad, dense_keys, rank, detail)
+
+
+def _flagged_error(bad: list[tuple[int, list[int]]], dense_keys: list[str], rank: int, detail: str) -> Exception:
+    """The error every rank raises for the flagged (rank, problem) pairs: a TypeError where the
+    lowest flagged rank's input was of the wrong kind, else a ValueError."""
+    error = TypeError if bad[0][1][0] == _TYPE_PROBLEM else ValueError
+    return error("BatchBalancer.exchange: " + "; ".join(
+        _problem_text(r, f, dense_keys) + (detail if r == rank else "") for r, f in bad))
 
 
 def _problem_text(rank: int, problem: list[int], dense_keys: list[str]) -> str:
@@ -663,6 +805,8 @@ def _input_problem(plan: BalancePlan, features: KeyedJagged, dense: dict, first:
     for i, v in enumerate(dense.values()):
         if v.shape[0] != features.batch_size:
             return [2, i, v.shape[0], features.batch_size]
+    if plan.key_lengths is not None and plan.key_lengths.shape[1] != len(features.keys):  # (compared below)
+        return [8, 0, len(features.keys), plan.key_lengths.shape[1]]
     if plan.key_lengths is not None:
         differ = (plan.key_lengths[first : first + expected] != features.lengths_per_key().T.cpu()).any(1)
         if bool(differ.any()):

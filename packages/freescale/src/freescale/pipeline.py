@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .balance import BatchBalancer, _done, background_group, release_background
+from .balance import _BATCH_REFUSED, BatchBalancer, _done, _Refused, background_group, release_background
 from .bubbles import BubbleMeter
 from .embeddings import POOLINGS, ShardedEmbeddings
 from .jagged import KeyedJagged
@@ -154,13 +154,26 @@ class TrainPipeline:
 
     def _distribute_when_balanced(self, balanced):
         feats, dense, plan = balanced.result()
+        if isinstance(plan, tuple):  # no balancer: a rank whose batch was refused distributes nothing
+            _checked_count(*plan)
         return (feats, dense, plan), self._distribute(feats, self._groups)
 
     def _stage(self, batch: Batch):
+        """Stages 1-2 for `batch`. A batch that is not a batch is refused through the collective
+        the others' staging makes (the balancer's gather, the count's all-reduce): every rank
+        raises when that batch is due, after the same steps (the rank that raised alone, one
+        step early, left the others waiting in step_fn's collectives)."""
         if (not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], KeyedJagged)
-                or not isinstance(batch[1], dict)):
-            raise TypeError(f"TrainPipeline.run: each batch must be a (KeyedJagged, dict of dense tensors) pair, got "
-                            f"{_describe(batch)}")
+                or not isinstance(batch[1], dict) or not all(isinstance(v, torch.Tensor) for v in batch[1].values())):
+            got = f"got {_describe(batch)}"
+            refused = _Refused(_BATCH_REFUSED, got, f"each batch must be a (KeyedJagged, dict of dense tensors) pair, {got}")
+            if self.balancer is not None:
+                balanced = self.balancer._refuse_async(refused, "TrainPipeline.run")
+                exchanged = self.device.type == "cpu"
+            else:
+                balanced, exchanged = _done((None, {}, self._count_async(0, refused))), True
+            ids = self._pool.submit(self._distribute_when_balanced, balanced) if self._pool is not None and exchanged else None
+            return (None, {}), balanced, exchanged, ids
         batch = _to(batch, self.device)
         if self.balancer is None:
             balanced, exchanged = _done((*batch, self._count_async(batch[0].batch_size))), True
@@ -173,12 +186,16 @@ class TrainPipeline:
             ids = self._pool.submit(self._distribute_when_balanced, balanced)
         return batch, balanced, exchanged, ids
 
-    def _count_async(self, local: int):
-        """The global sample count without a balancer: (count tensor, pending all-reduce or None)."""
-        count = torch.tensor([local], dtype=torch.long)
+    def _count_async(self, local: int, refused: _Refused | None = None):
+        """The global sample count without a balancer: (count tensor, pending all-reduce or None,
+        `refused`). The count carries a flag per rank, set where that rank's batch was refused."""
+        world = dist.get_world_size(self._count_group) if self._count_group is not None else 1
+        count = torch.zeros(1 + world, dtype=torch.long)
+        count[0] = local
+        count[1 + (dist.get_rank(self._count_group) if self._count_group is not None else 0)] = refused is not None
         if self._count_group is None:
-            return count, None
-        return count, dist.all_reduce(count, group=self._count_group, async_op=True)
+            return count, None, refused
+        return count, dist.all_reduce(count, group=self._count_group, async_op=True), refused
 
     def _finish(self, staged):
         (feats, dense), balanced, exchanged, ids = staged
@@ -196,14 +213,11 @@ class TrainPipeline:
         for module, d in zip(self.embeddings, distributed or ()):
             module.prefetch(d)
         if isinstance(plan, tuple):  # no balancer: the global count's all-reduce
-            count, work = plan
-            if work is not None:  # issued a step ago: normally done (no barrier; timed as comm)
-                if self.meter is not None:
-                    with self.meter.comm("global_batch_count"):
-                        work.wait()
-                else:
-                    work.wait()
-            return (feats, dense, int(count)), None
+            # (issued a step ago: normally done; no barrier, timed as comm)
+            timed = self.meter is not None and plan[1] is not None
+            with self.meter.comm("global_batch_count") if timed else contextlib.nullcontext():
+                count = _checked_count(*plan)
+            return (feats, dense, count), None
         return (feats, dense, plan.global_batch), plan
 
     def run(self, batches: Iterator[Batch]) -> list:
@@ -219,7 +233,8 @@ class TrainPipeline:
         add a blocking collective to every step. To stop every rank promptly, let the error end
         the process (torchrun then stops the others), or give a `BubbleMeter(timeout=...)` and
         time step_fn's collectives with `meter.sync(...)`: its barriers fail on every rank within
-        that timeout."""
+        that timeout. A batch that is not a (KeyedJagged, dict of tensors) pair on one rank is
+        refused through its staging's collective: every rank raises when it is due."""
         if self._closed:
             raise RuntimeError("TrainPipeline.run: the pipeline is closed (close() was called)")
         error = self._drain()  # a batch a failed run() left staged: its collectives are done on every rank
@@ -260,9 +275,28 @@ class TrainPipeline:
         return output
 
 
+def _checked_count(count: torch.Tensor, work, refused: _Refused | None) -> int:
+    """The global sample count, once its all-reduce (`work`) is done; the same TypeError on every
+    rank where a rank's batch was refused (flagged in the count), that rank adding its reason."""
+    if work is not None:
+        work.wait()
+    bad = count[1:].nonzero()[:, 0].tolist()
+    if bad and work is None:  # one rank
+        raise TypeError(f"TrainPipeline.run: {refused.alone}")
+    if bad:
+        own = f" ({refused})" if refused is not None else ""
+        raise TypeError(f"TrainPipeline.run: rank(s) {bad}: each batch must be a (KeyedJagged, dict of dense tensors) "
+                        f"pair{own}")
+    return int(count[0])
+
+
 def _describe(batch) -> str:
     if isinstance(batch, (tuple, list)):
-        return f"a {type(batch).__name__} of ({', '.join(type(b).__name__ for b in batch)})"
+        parts = [type(b).__name__ for b in batch]
+        if len(batch) == 2 and isinstance(batch[1], dict):
+            wrong = {k: type(v).__name__ for k, v in batch[1].items() if not isinstance(v, torch.Tensor)}
+            parts[1] += f" with values that are not tensors {wrong}" if wrong else ""
+        return f"a {type(batch).__name__} of ({', '.join(parts)})"
     return f"a {type(batch).__name__}"
 
 
