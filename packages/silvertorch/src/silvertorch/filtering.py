@@ -119,6 +119,14 @@ def device_constant(name: str, device: torch.device, make) -> torch.Tensor:
     return table
 
 
+def device_scalar(value: float | int, like: torch.Tensor) -> torch.Tensor:
+    """`value` as a 0-d tensor of `like`'s dtype on its device, a `device_constant`: the fill of
+    `torch.where(mask, x, device_scalar(-inf, x))`, one launch where `full_like` (or a Python
+    scalar, made into a tensor on the device every call) takes two."""
+    return device_constant(f"scalar {value!r} {like.dtype}", like.device,
+                           lambda d: torch.full((), value, dtype=like.dtype, device=d))
+
+
 def device_arange(n: int, device: torch.device) -> torch.Tensor:
     """`torch.arange(n)` on `device`, a `device_constant`."""
     return device_constant(f"arange{n}", device, lambda d: torch.arange(n, device=d))

@@ -52,7 +52,7 @@ from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, probed_keep
 from .bloom.verify import verify_plans
-from .filtering import derived_from, pack_bits
+from .filtering import derived_from, device_scalar, pack_bits
 from .ivf.index import DEFAULT_NPROBE, IVFIndex
 from .ivf.probed import probed_positions, probed_scores
 from .ivf.probed import rows_of as _rows
@@ -503,7 +503,7 @@ class RetrievalModel(nn.Module):
         scores = main
         if self.fresh_capacity:
             fscores = u @ self._fresh_embeddings().T
-            scores = torch.cat([main, torch.where(fkeep, fscores, torch.full_like(fscores, float("-inf")))], 1)
+            scores = torch.cat([main, torch.where(fkeep, fscores, device_scalar(float("-inf"), fscores))], 1)
         # with exact verification, a pool of the best VERIFY_POOL x K is checked, so that a Bloom
         # false positive gives its place to the next true match instead of leaving it empty
         pool = min(scores.shape[1], VERIFY_POOL * self.k_candidates) if self.exact_verify else self.k_candidates
@@ -523,18 +523,18 @@ class RetrievalModel(nn.Module):
             # finite): exact whenever found <= pool
             found = found - (finite.sum(1) - true_matches)
             # the K best verified (top is sorted, so these are the first K verified of the pool)
-            first = torch.topk(torch.where(verified, top, torch.full_like(top, float("-inf"))), self.k_candidates, dim=1).indices
+            first = torch.topk(torch.where(verified, top, device_scalar(float("-inf"), top)), self.k_candidates, dim=1).indices
             cand, verified = cand.gather(1, first), verified.gather(1, first)
         items = _rows(self.item_embeddings, cand)  # bf16: OverArch converts them as it goes
         dense = _rows(self.item_dense, cand) if hasattr(self, "item_dense") else None
         logits = self.overarch(u, items, dense)
         task_probs = torch.sigmoid(logits.float())  # the Value Model's input, and the returned task_probs
         value = self.value_model.value_of(task_probs, value_weights)
-        value = torch.where(verified, value, torch.full_like(value, float("-inf")))
+        value = torch.where(verified, value, device_scalar(float("-inf"), value))
         best, k = torch.topk(value, self.num_results, dim=1)
         winners = cand.gather(1, k)
         ok = best.abs() < float("inf")  # torch.isfinite, in two ops where it takes four
-        ids = torch.where(ok, _rows(self.item_ids, winners), torch.full_like(winners, -1))
+        ids = torch.where(ok, _rows(self.item_ids, winners), device_scalar(-1, self.item_ids))
         probs = task_probs.gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return ids, best, probs, ok & (winners >= self.num_main), found
 

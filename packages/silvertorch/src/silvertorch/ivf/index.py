@@ -27,7 +27,7 @@ import torch
 from gpukernels_common import capturing, env, grouped_blocks, select_backend
 from gpukernels_common.graphs import GraphedCall, padded_batch
 
-from ..filtering import count_row_bits, derived_from, device_arange, pack_bits, unpack_bits
+from ..filtering import count_row_bits, derived_from, device_arange, device_scalar, pack_bits, unpack_bits
 from ..topk import as_count, as_integers, select_topk, select_topk_checked
 from .kmeans import kmeans
 from .quantize import launch_quantize, quantize_queries, quantize_rows
@@ -187,7 +187,7 @@ def _ids_of(positions: torch.Tensor, ids: torch.Tensor, fresh_ids: torch.Tensor,
     if fresh_ids.numel():
         fresh = fresh_ids[(positions - num_main).clamp(0, fresh_ids.numel() - 1)]
         main = torch.where(positions >= num_main, fresh, main)
-    return torch.where(positions >= 0, main, torch.full_like(positions, -1))
+    return torch.where(positions >= 0, main, device_scalar(-1, main))
 
 
 def _check_embeddings(embeddings, dim: int | None = None) -> torch.Tensor:
@@ -683,8 +683,8 @@ class IVFIndex:
                 m = min(VERIFY_POOL * m, scores.shape[1])
             first = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :kk]  # verified first, in pool order
             ok = ok.gather(1, first)
-            top = torch.where(ok, top.gather(1, first), torch.full_like(top[:, :kk], float("-inf")))
-            pos = torch.where(ok, pos.gather(1, first), torch.full_like(pos[:, :kk], -1))
+            top = torch.where(ok, top.gather(1, first), device_scalar(float("-inf"), top))
+            pos = torch.where(ok, pos.gather(1, first), device_scalar(-1, pos))
         top, pos = _padded_to_k(top, pos, k)
         return SearchResult(top, self._ids_at(pos), pos, found, torch.full_like(found, nprobe), pos >= self.num_main)
 

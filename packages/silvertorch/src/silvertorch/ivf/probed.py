@@ -88,7 +88,7 @@ def probed_scores_reference(codes: torch.Tensor, scales: torch.Tensor, cluster_p
         return scores.masked_fill_(~keep.reshape(q * p, width), float("-inf")).view(q, -1)
     dots = _probed_dots(codes, cluster_positions, clusters, q_codes)
     scale = rows_of(scales, rows_of(cluster_positions, clusters)) * q_scales[:, None, None]  # as the kernels: item x query first
-    return torch.where(keep, dots * scale, torch.full_like(dots, float("-inf"))).reshape(q, -1)
+    return torch.where(keep, dots * scale, float("-inf")).reshape(q, -1)
 
 
 def probed_scores_triton(codes: torch.Tensor, scales: torch.Tensor, cluster_positions: torch.Tensor,
