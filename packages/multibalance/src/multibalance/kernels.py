@@ -57,10 +57,12 @@ def balance_step_kernel(values_ptr, ema_ptr, ema_out_ptr, step_ptr, scales_ptr, 
         if KIND == 1:
             v = tl.load(values_ptr + idx, mask=mask, other=0.0)
         elif KIND == 2:
-            v = tl.sqrt(tl.load(values_ptr + idx, mask=mask, other=0.0))
+            # correctly rounded, as torch's: tl.sqrt compiles to sqrt.approx.ftz, which flushes a
+            # norm below ~1e-19 to 0 ("does not read" here) on a GPU; the interpreter hides it
+            v = tl.sqrt_rn(tl.load(values_ptr + idx, mask=mask, other=0.0))
         else:
             rows = tl.load(values_ptr + R * T + idx, mask=mask, other=1.0)
-            v = tl.load(values_ptr + idx, mask=mask, other=0.0) / tl.maximum(rows, 1.0)
+            v = tl.div_rn(tl.load(values_ptr + idx, mask=mask, other=0.0), tl.maximum(rows, 1.0))
         # one non-finite norm anywhere (an overflowing step) leaves every average as it was
         bad = tl.sum(tl.sum(((v * 0.0) != 0.0).to(tl.int32), axis=1), axis=0)
         finite = bad == 0
@@ -85,11 +87,11 @@ def balance_step_kernel(values_ptr, ema_ptr, ema_out_ptr, step_ptr, scales_ptr, 
     elif TARGET == 1:
         reads = (avg > 0.0) & mask
         total = tl.sum(tl.where(mask, m * reads.to(m.dtype), 0.0), axis=1)  # NaN * 0 stays NaN, as the reference
-        target = total / tl.maximum(tl.sum(reads.to(m.dtype), axis=1), 1.0)
+        target = tl.div_rn(total, tl.maximum(tl.sum(reads.to(m.dtype), axis=1), 1.0))
         target = tl.where(target != target, target, tl.maximum(target, eps))
     else:
         target = tl.sum(tl.where(t == target_index, m, 0.0), axis=1)
-    scales = keep + relax * (target[:, None] / m)
+    scales = keep + relax * tl.div_rn(target[:, None], m)  # (div_rn: IEEE division, as torch's)
     if TARGET == 2:  # where the target task does not read a representation: scale 1 there
         reads_target = tl.sum(tl.where((t == target_index) & (avg > 0.0), 1, 0), axis=1)
         scales = tl.where(reads_target[:, None] > 0, scales, 1.0)
