@@ -654,6 +654,23 @@ def scenario_pipeline_rank_errors(rank, world):
             dist.barrier()
             steps.clear()
             out[f"{name} after"] = _attempt(lambda: len(pipe.run([good, good])))
+    # without a balancer, with embeddings, on the path a GPU device takes (no input-dist thread:
+    # the ids are distributed in the step's thread): the count's flag is read before the ids of a
+    # refused batch are distributed (they failed with the embeddings' own error first)
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=10))
+    groups.append(group)
+    emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=2, process_group=group)  # global_batch's id ranges
+
+    def lookup_step(features, dense_, global_batch):
+        emb(features, "sum")
+        step(features, dense_, global_batch)
+
+    with TrainPipeline(lookup_step, None, embeddings=emb, process_group=group, timeout=10) as pipe:
+        pipe._pool.shutdown()
+        pipe._pool, pipe._groups = None, [None]  # what TrainPipeline(device="cuda", embeddings=...) has
+        steps.clear()
+        out["embeddings"] = _attempt(lambda: pipe.run([good, good, bad, good]))
+        out["embeddings steps"] = list(steps)
     every = [None] * world
     dist.all_gather_object(every, out)
     return {"outcomes": every}

@@ -247,13 +247,15 @@ def test_a_batch_that_is_not_a_batch_on_one_rank_fails_the_pipeline_on_every_ran
                             "tensors) pair",
                 "plain": "TypeError: TrainPipeline.run: rank(s) [1]: each batch must be a (KeyedJagged, dict of dense "
                          "tensors) pair"}
+    expected["embeddings"] = expected["plain"]  # no balancer, embeddings, no input-dist thread (a GPU's path)
     for name, common in expected.items():
         for rank, outcome in enumerate(res["outcomes"]):
             text, seconds = outcome[name]
             assert text == (common + " (got a KeyedJagged)" if rank == 1 else common), (name, rank, text)
             assert seconds < 5, (name, rank, seconds)
             assert outcome[f"{name} steps"] == [12, 12], (name, rank, outcome[f"{name} steps"])
-            assert outcome[f"{name} after"][0] == "ok: 2", (name, rank, outcome[f"{name} after"])
+            if name != "embeddings":
+                assert outcome[f"{name} after"][0] == "ok: 2", (name, rank, outcome[f"{name} after"])
 
 
 def test_close_releases_background_groups_and_reports_staged_errors(tmp_path):

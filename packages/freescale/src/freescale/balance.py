@@ -440,7 +440,10 @@ class BatchBalancer:
     def _on_host(self, features, dense) -> bool:
         """Whether balance_async balances in the background (host tensors) or here. Input it
         refuses takes the path the others' good input most likely takes, that of its tensors, if
-        any, else of the group's device: its refusal rides on the gather of that path."""
+        any, else of the group's device: its refusal rides on the gather of that path. A guess (a
+        rank cannot see the others' input): where it is wrong, e.g. host features on the other
+        ranks of an NCCL group while this rank's refused input holds no tensor (or one on another
+        device), the ranks wait in different collectives until the group's timeout, as before."""
         tensors = [features.values if isinstance(features, KeyedJagged) else features]
         tensors += list(dense.values()) if isinstance(dense, dict) else [dense]
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
@@ -468,6 +471,9 @@ class BatchBalancer:
         expected, first = plan.source_sizes[plan.rank], sum(plan.source_sizes[: plan.rank])
         moves = plan.world_size > 1 and plan.partition.method != "kept"
         refused = _batch_refusal(features, dense, need_features=True)
+        # the dense keys that name another rank's dense problem: the caller's, also when its input
+        # is refused (a dict holding something else), so every rank names it alike where it can
+        dense_keys = list(dense) if isinstance(dense, dict) else []
         if refused is not None:
             if not moves:  # no collective follows
                 raise TypeError(f"BatchBalancer.exchange: {refused.alone}")
@@ -487,10 +493,10 @@ class BatchBalancer:
                                                method="BatchBalancer.exchange")
             bad = [(r, f[0].tolist()) for r, f in enumerate(flags) if int(f[0, 0])]
             if bad:
-                raise _flagged_error(bad, list(dense), plan.rank, detail)
+                raise _flagged_error(bad, dense_keys, plan.rank, detail)
             schema = Schema.agree(schemas, plan.source_sizes)
         elif problem is not None and not moves:  # no collective follows
-            raise ValueError("BatchBalancer.exchange: " + _problem_text(plan.rank, problem, list(dense)))
+            raise ValueError("BatchBalancer.exchange: " + _problem_text(plan.rank, problem, dense_keys))
         if schema is not None and problem is None:
             try:
                 features, dense = schema.conform(features, dense)
@@ -507,7 +513,7 @@ class BatchBalancer:
             sent_lengths = plan.sent_key_lengths().to(device)
             _, _, headers = self._move_rows(plan, sent_lengths, plan.received_key_lengths(), send_counts,
                                             _placeholders(schema, sent_lengths, send_counts), problem, group)
-            _raise_flagged(headers, list(dense), plan.rank, detail)
+            _raise_flagged(headers, dense_keys, plan.rank, detail)
         if plan.windows is not None:  # cap/split this rank's samples first; dense rows follow their source
             mine = plan.windows.select((plan.windows.source >= first) & (plan.windows.source < first + expected))
             features = features.windows(mine.source - first, mine.start, mine.stop)

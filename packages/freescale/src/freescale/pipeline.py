@@ -208,15 +208,18 @@ class TrainPipeline:
             plan = balanced.result()
             feats, dense = self._sync(lambda: self.balancer.exchange(plan, feats, dense), "balance_exchange")
             distributed = None
+        count = None
+        if isinstance(plan, tuple):  # no balancer: the global count's all-reduce
+            # (issued a step ago: normally done; no barrier, timed as comm). Checked before the ids
+            # are distributed: a rank's refused batch (no features) fails every rank here, by name
+            timed = self.meter is not None and plan[1] is not None
+            with self.meter.comm("global_batch_count") if timed else contextlib.nullcontext():
+                count = _checked_count(*plan)
         if distributed is None and self.embeddings:  # no background thread: distribute here
             distributed = self._sync(lambda: self._distribute(feats, [m.group for m in self.embeddings]), "input_dist")
         for module, d in zip(self.embeddings, distributed or ()):
             module.prefetch(d)
-        if isinstance(plan, tuple):  # no balancer: the global count's all-reduce
-            # (issued a step ago: normally done; no barrier, timed as comm)
-            timed = self.meter is not None and plan[1] is not None
-            with self.meter.comm("global_batch_count") if timed else contextlib.nullcontext():
-                count = _checked_count(*plan)
+        if count is not None:
             return (feats, dense, count), None
         return (feats, dense, plan.global_batch), plan
 
