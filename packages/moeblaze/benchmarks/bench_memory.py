@@ -8,9 +8,8 @@ Providers on the same routed tokens (bf16):
   gate/up/down projections, SiLU*up, then weight and un-permute (the common PyTorch path);
 - `scattermoe GLUMLP` where `scattermoe` is importable (anchors.py; `bash tools/gpu_session.sh
   --fetch-deps` exports it into .gpu-deps/anchors/src): its Triton kernels through the interpreter
-  (bf16 values wrong there, the saved tensors' sizes exact), so at 16 tokens on the configs with
-  d <= SCATTERMOE_MAX_D and the fine-grained one only (the interpreter takes seconds per expert
-  and tile row: about 10 minutes for the nine d = 1024 configs, 40 for d = 2048);
+  (bf16 values wrong there, the saved tensors' sizes exact), so at 16 tokens (the interpreter
+  takes seconds per expert and tile row: about 9 minutes for the whole grid on two cores);
   its first config also at 64 tokens, to show the bytes per token do not depend on the count.
   With it, moeblaze runs its PyTorch path (GKC_BACKEND=reference), as it does on the CPU anyway.
 Parameters are excluded; routing indices count. Floor: 2d + 4k*d_ff bytes per token (bf16 x
@@ -34,7 +33,6 @@ sys.path.insert(0, str(HERE))
 from anchors import scattermoe_provider, scattermoe_weights  # noqa: E402
 
 SCATTERMOE_TOKENS = 16  # each interpreted kernel program costs the same at 16 tokens as at 64 for k <= 2
-SCATTERMOE_MAX_D = 1024  # the largest d whose configs ScatterMoE is measured on (see above)
 
 
 def activation_bytes(fn, params) -> int:
@@ -107,7 +105,7 @@ def main():
             "grouped_mm (torchtitan-style)": lambda: grouped_mm_path(x, ids, w, wg, wu, wd),
         }
         per_token = {(name, tokens): activation_bytes(fn, params) / tokens for name, fn in providers.items()}
-        if scattermoe is not None and (d <= SCATTERMOE_MAX_D or e == 128):
+        if scattermoe is not None:
             counts = (SCATTERMOE_TOKENS, tokens) if (d, f, e, k) == grid[0] else (SCATTERMOE_TOKENS,)
             for n in counts:
                 per_token["scattermoe GLUMLP", n] = scattermoe_bytes(scattermoe, n, d, f, e, k, dtype)
