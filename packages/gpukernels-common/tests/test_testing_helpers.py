@@ -199,3 +199,40 @@ def test_stand_in_device_refuses_host_tensors_as_cuda_does():
         host = x.to("cpu")
         assert type(host) is torch.Tensor and host.tolist() == [0.0, 1.0, 2.0, 3.0]
         assert bool((x > 2).any()) and int(x.sum()) == 6  # values are read as from a GPU
+
+
+def _counted_op(x: torch.Tensor) -> torch.Tensor:
+    return x.mul(2).add(1)  # two launches on a GPU
+
+
+_COUNTED = None
+
+
+def test_launch_counter_counts_launches_views_syncs_and_custom_ops_inner_ops(monkeypatch):
+    """The CPU stand-in for a GPU call's launches: non-view aten ops plus Triton launches (not the
+    interpreter's own copies of their arguments), syncing reads apart, and a registered custom
+    op's own ops counted through it (the op itself is no launch)."""
+    global _COUNTED
+    from gpukernels_common import env, register_op, select_backend
+    from gpukernels_common._probe import probe_kernel
+    from gpukernels_common.testing import LaunchCounter
+
+    if _COUNTED is None:
+        _COUNTED = register_op("gkctest::counted", reference=_counted_op)
+    counter = LaunchCounter()
+    if env.triton_interpret():
+        counter.count_triton_launches(monkeypatch)
+    x, out = torch.arange(6.0), torch.zeros(4, dtype=torch.int32)
+    select_backend(x)  # warm-up: the backend's one-off check of the interpreter (a probe launch) is not counted
+    with counter:
+        y = x.view(2, 3).t()  # views: no launch
+        z = (y + 1).sum()  # two launches
+        float(z)  # a read back: a sync (an op too)
+        _COUNTED(x)  # the custom op: its two inner ops
+        if env.triton_interpret():
+            probe_kernel[(1,)](out, 3, BLOCK=4)
+    assert counter.syncs == {"_local_scalar_dense": 1}
+    assert "counted" in counter.custom and counter.ops["counted"] == 1
+    expected = 2 + 1 + 2 + (1 if env.triton_interpret() else 0)
+    assert counter.launches == expected, str(sorted(counter.ops.items()))
+    assert counter.ops["triton:probe_kernel"] == (1 if env.triton_interpret() else 0)

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import multibalance
+from gpukernels_common.testing import LaunchCounter
 from multibalance import MultiBalance
 from multibalance.naive import running_average
 
@@ -119,24 +120,6 @@ def test_losses_of_mixed_dtypes_are_checked_exactly():
         bal.backward({"a": rep.sum().half(), "b": (rep.sum() * 1e300).double() * 1e300, "c": rep.sum()})
 
 
-_VIEWS = {"view", "_unsafe_view", "reshape", "alias", "detach", "t", "unsqueeze", "squeeze", "expand", "slice", "select",
-          "permute", "transpose", "as_strided", "unbind", "split", "split_with_sizes", "lift_fresh"}
-
-
-class _Launches(TorchDispatchMode):
-    """Dispatched ops that are no views, plus Triton launches (not the interpreter's own copies of
-    a launch's arguments): the CPU stand-in for a GPU step's kernel launches."""
-
-    def __init__(self):
-        super().__init__()
-        self.count, self.in_launch = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.in_launch and func.overloadpacket.__name__ not in _VIEWS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("first,bound", [("linear", 3), ("tanh", 7)])
 @pytest.mark.parametrize("kwargs", [{}, {"norm_lag": 1}])
 def test_launches_beyond_equal_weights(monkeypatch, first, bound, kwargs):
@@ -144,21 +127,8 @@ def test_launches_beyond_equal_weights(monkeypatch, first, bound, kwargs):
     factored path's norms another: a step launches at most `bound` kernels more than equal
     weights' (the factors side by side, their norms, the statistics, the combination); through
     the reference ops it was 16 and 19."""
-    from triton.runtime.interpreter import GridExecutor
-
     monkeypatch.setenv("GKC_BACKEND", "interpret")
-    launches = _Launches()
-    launch = GridExecutor.__call__
-
-    def counted(self, *args, **kwargs):
-        launches.count += 1
-        launches.in_launch += 1
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            launches.in_launch -= 1
-
-    monkeypatch.setattr(GridExecutor, "__call__", counted)
+    launches = LaunchCounter().count_triton_launches(monkeypatch)
     counts = {}
     for name, make in (("equal", lambda: multibalance.EqualWeights(list("abc"))),
                        ("multibalance", lambda: MultiBalance(list("abc"), **kwargs))):
@@ -167,9 +137,9 @@ def test_launches_beyond_equal_weights(monkeypatch, first, bound, kwargs):
         for _ in range(3):  # the last step counted: the averages started, constants made
             x, y = torch.randn(10, 5, generator=g), torch.randn(3, 10, generator=g)
             losses = model.losses(bal.attach(model.bottom(x)), y)
-            launches.count = 0
+            launches.ops.clear()
             with launches:
                 bal.backward(losses)
-        counts[name] = launches.count
+        counts[name] = launches.launches
     assert bal.last_path == ("factored" if first == "linear" else "general")
     assert counts["multibalance"] - counts["equal"] <= bound, counts

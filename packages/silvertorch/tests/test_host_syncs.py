@@ -3,14 +3,11 @@ argument checks (each read is a device synchronisation on a GPU) and stays withi
 dispatched ops (a CPU stand-in for kernel launches). Run under TRITON_INTERPRET=1, where the
 CPU takes the Triton path."""
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpukernels_common import env, select_backend
-from gpukernels_common.registry import registered_ops
+from gpukernels_common import env
+from gpukernels_common.testing import LaunchCounter
 from silvertorch import DenseMaskFilter, IVFIndex
 from silvertorch.ivf import index as ivf_index
 from silvertorch.ivf.index import CLUSTER_MAJOR_MIN_QUERIES
@@ -26,65 +23,9 @@ from silvertorch.topk import (
 
 pytestmark = pytest.mark.skipif(not env.triton_interpret(), reason="the Triton path runs on the CPU only with TRITON_INTERPRET=1")
 
-# ops whose result size depends on the data, or that read a value back: each a host synchronisation
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_consecutive", "unique_dim", "masked_select"}
-VIEW_OPS = {"view", "_unsafe_view", "reshape", "alias", "detach", "t", "unsqueeze", "squeeze", "expand", "slice", "select",
-            "permute", "transpose", "as_strided", "unbind", "split", "split_with_sizes", "lift_fresh"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched outside Triton kernel launches (the interpreter's own copies
-    of a launch's arguments are no launches), the launches, and the syncing ops. A registered
-    custom op (`register_op`) is counted by name but is no launch itself: its implementation runs
-    under the counter, so that its own ops (each a launch on a GPU) are counted too (dispatched
-    as the op, they would run past the mode unseen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-        self.custom = set()
-        self.in_launch = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.in_launch:
-            return func(*args, **kwargs)
-        name = func.__name__.split(".")[0]
-        self.ops[name] += 1
-        op = registered_ops().get(f"{func.namespace}::{name}")
-        if op is None:
-            return func(*args, **kwargs)
-        self.custom.add(name)
-        with self:  # the op's dispatch: the backend its tensors select
-            return op.run(select_backend(*(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))),
-                          *args, **kwargs)
-
-    @property
-    def syncs(self) -> dict:
-        return {name: n for name, n in self.ops.items() if name in SYNCING_OPS}
-
-    @property
-    def launches(self) -> int:
-        return sum(n for name, n in self.ops.items() if name not in VIEW_OPS and name not in self.custom)
-
-
 @pytest.fixture
 def counter(monkeypatch):
-    counter = OpCounter()
-    from triton.runtime.interpreter import GridExecutor
-
-    launch = GridExecutor.__call__
-
-    def counted_launch(self, *args, **kwargs):
-        counter.ops["triton:" + self.fn.__name__] += 1
-        counter.in_launch += 1
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            counter.in_launch -= 1
-
-    monkeypatch.setattr(GridExecutor, "__call__", counted_launch)
-    return counter
+    return LaunchCounter().count_triton_launches(monkeypatch)
 
 
 def _counted(counter, fn):

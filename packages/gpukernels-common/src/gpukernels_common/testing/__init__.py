@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..backend import Backend
+from .launches import LaunchCounter
 
 # (rms_tol, max_tol): relative-RMS error bound, and a bound on the worst element's error
 # relative to the reference's largest magnitude. The GPU may run fp32 `tl.dot` in TF32 (its
@@ -254,7 +255,8 @@ def run_workers(cmd, result, *, timeout: float = 180, env=None, check: bool = Tr
     return proc
 
 
-__all__ = ["free_port", "run_workers", "GLOO_TEARDOWN_ABORT", "TOLERANCES", "tolerance", "assert_close", "CanaryBuffer", "poisoned_empty", "poison_grads"]
+__all__ = ["free_port", "run_workers", "GLOO_TEARDOWN_ABORT", "TOLERANCES", "tolerance", "assert_close", "CanaryBuffer",
+           "poisoned_empty", "poison_grads", "LaunchCounter"]
 
 
 def report_rank(queue, job, rank, world, port, *args) -> None:
