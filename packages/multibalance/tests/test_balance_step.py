@@ -122,6 +122,9 @@ def test_bad_arguments_are_named():
         balance_step(ema, "norms", ema, step, target="min", **options)
     with pytest.raises(ValueError, match=r"values must be \[2, reps, tasks\]"):
         balance_step(ema, "per_sample", ema, step, target="max", **options)
+    for index in (-1, 2):  # a negative index read an empty column (scales 1 everywhere), silently
+        with pytest.raises(ValueError, match=r"target must be a task index in \[0, 2\)"):
+            balance_step(ema, "norms", ema, step, target=index, **options)
 
 
 @pytest.mark.parametrize("target", ["max", "mean", "b"])

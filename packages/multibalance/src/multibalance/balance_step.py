@@ -42,11 +42,16 @@ def balance_step(values: torch.Tensor | None, kind: str, ema: torch.Tensor, step
                          f"got {tuple(stats.shape)}")
     if kind == "none" and ema.dim() != 2:
         raise ValueError(f"ema must be [reps, tasks] when no new norms are given, got {tuple(ema.shape)}")
+    if isinstance(target, int) and not 0 <= target < shape[1]:
+        raise ValueError(f"target must be a task index in [0, {shape[1]}), got {target}")
     device = stats.device
     args = dict(beta=beta, relax=relax, eps=eps, target=target, warmup_steps=warmup_steps, weights=weights)
+    # averages of another dtype (an old checkpoint) or shape (the first step): only the latter the kernel starts
+    has_ema = ema.shape == shape and ema.dtype == stats.dtype
     # the kernel computes in fp32 (its scalar arguments are fp32): float64 statistics take the reference
     if (not select_backend(stats).uses_triton or stats.dtype != torch.float32 or step.device != device
             or step.dtype != torch.int64 or shape.numel() > MAX_TILE or shape.numel() == 0
+            or (ema.shape == shape and not has_ema)
             or (weights is not None and (weights.device != device or weights.shape != shape[1:]))):
         return balance_step_reference(values, kind, ema, step, **args)
     import triton
@@ -54,20 +59,15 @@ def balance_step(values: torch.Tensor | None, kind: str, ema: torch.Tensor, step
     from .kernels import balance_step_kernel
 
     reps, tasks = shape
-    has_ema = ema.shape == shape and ema.dtype == stats.dtype
-    ema_in = ema.to(device) if has_ema else stats  # (never read without has_ema)
-    if kind != "none" and not has_ema and ema.shape == shape:  # another dtype (an old checkpoint): as the reference
-        return balance_step_reference(values, kind, ema, step, **args)
-    values = stats.contiguous()
-    ema_in = ema_in.contiguous()
+    ema_in = (ema.to(device) if has_ema else stats).contiguous()  # (never read without has_ema)
     ema_out = ema_in if kind == "none" else _output(shape, stats)
     scales = _output(shape, stats)
     coeff = scales if weights is None else _output(shape, stats)
     w = scales if weights is None else weights.to(stats.dtype).contiguous()  # (never read without weights)
-    codes = {"none": 0, "norms": 1, "squares": 2, "per_sample": 3}
     balance_step_kernel[(1,)](
-        values, ema_in, ema_out, step, scales, coeff, w, reps, tasks, 1 - beta, relax, 1 - relax, eps,
+        stats.contiguous(), ema_in, ema_out, step, scales, coeff, w, reps, tasks, 1 - beta, relax, 1 - relax, eps,
         warmup_steps, target if isinstance(target, int) else 0,
-        KIND=codes[kind], HAS_EMA=has_ema, TARGET={"max": 0, "mean": 1}.get(target, 2), WARMUP=warmup_steps > 0,
-        WEIGHTED=weights is not None, BR=triton.next_power_of_2(reps), BT=triton.next_power_of_2(tasks))
+        KIND=BALANCE_INPUTS.index(kind), HAS_EMA=has_ema, TARGET={"max": 0, "mean": 1}.get(target, 2),
+        WARMUP=warmup_steps > 0, WEIGHTED=weights is not None, BR=triton.next_power_of_2(reps),
+        BT=triton.next_power_of_2(tasks))
     return ema_out, scales, coeff
