@@ -31,7 +31,7 @@ from torch import nn
 
 from . import factored
 from .combine import weighted_loss, weighted_sum
-from .naive import _all_finite
+from .naive import _all_finite, norms_from
 
 
 class TaskScales(Mapping):
@@ -87,8 +87,7 @@ class _PendingNorms:
 
     def result(self) -> torch.Tensor:
         if self.norms is None:
-            stats, _ = self.statistics()
-            self.norms = stats[0] / stats[1].clamp_min(1) if self.per_sample else stats.sqrt()
+            self.norms = norms_from(*self.statistics())
         return self.norms
 
     def statistics(self) -> tuple[torch.Tensor, str]:

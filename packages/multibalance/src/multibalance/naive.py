@@ -51,6 +51,13 @@ def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) ->
 BALANCE_INPUTS = ("none", "norms", "squares", "per_sample")
 
 
+def norms_from(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """[R, T] norms from the statistics `kind` names (see BALANCE_INPUTS; not "none")."""
+    if kind == "norms":
+        return values
+    return values.sqrt() if kind == "squares" else values[0] / values[1].clamp_min(1)
+
+
 def balance_step_reference(values: torch.Tensor | None, kind: str, ema: torch.Tensor, step: torch.Tensor, *,
                            beta: float, relax: float, eps: float, target: str | int, warmup_steps: int,
                            weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,8 +69,7 @@ def balance_step_reference(values: torch.Tensor | None, kind: str, ema: torch.Te
     s = (1 - relax) + relax * M_r / max(m, eps), 1 during the first `warmup_steps` steps and, for a
     target task, where that task does not read r; the coefficients are s times `weights` (or s)."""
     if kind != "none":
-        norms = values if kind == "norms" else values.sqrt() if kind == "squares" else values[0] / values[1].clamp_min(1)
-        ema = running_average(ema, norms, beta)
+        ema = running_average(ema, norms_from(values, kind), beta)
     step.add_(1)  # in place: the caller's buffer
     m = ema.clamp_min(eps)
     # a task reads representation r once its average norm there is positive: the target is

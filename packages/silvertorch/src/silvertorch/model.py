@@ -86,6 +86,11 @@ def _int64_words(bits: torch.Tensor) -> torch.Tensor:
     return pack_bits(bits).view(torch.int64)
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """torch.isfinite(x) in two ops where it takes four (each a launch on a GPU)."""
+    return x.abs() < float("inf")
+
+
 def _batch_extent(ops: torch.Tensor, args: torch.Tensor, hashes: torch.Tensor, max_exact: int):
     """(ops, args, hashes, exact slots) cut to what the batch's plans use: eager on the CPU, where
     the stack machine's small ops cost their dispatch, the steps up to the batch's last real one
@@ -465,7 +470,7 @@ class RetrievalModel(nn.Module):
         # storage positions of the pool only: slot j of the main part is item j % S of probed
         # cluster j // S (clamped as cluster_positions is); fresh slot f is item num_main + f
         cand = probed_positions(j, clusters, self.cluster_starts, self.cluster_positions.shape[1], self.num_main)
-        finite = top.abs() < float("inf")  # torch.isfinite, in two ops where it takes four
+        finite = _finite(top)
         verified = finite
         if self.exact_verify:  # Bloom false positives out: every term checked against the stored attributes
             verified = finite & self._verified(cand, ops, args, hashes)
@@ -533,7 +538,7 @@ class RetrievalModel(nn.Module):
         value = torch.where(verified, value, device_scalar(float("-inf"), value))
         best, k = torch.topk(value, self.num_results, dim=1)
         winners = cand.gather(1, k)
-        ok = best.abs() < float("inf")  # torch.isfinite, in two ops where it takes four
+        ok = _finite(best)
         ids = torch.where(ok, _rows(self.item_ids, winners), device_scalar(-1, self.item_ids))
         probs = task_probs.gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return ids, best, probs, ok & (winners >= self.num_main), found

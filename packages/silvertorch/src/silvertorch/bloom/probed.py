@@ -124,7 +124,6 @@ probed_filter_words = register_op("silvertorch::probed_filter_words", reference=
                                   triton=probed_filter_words_triton, fake=_probed_filter_words_fake)
 
 
-
 def _signed64(value: int) -> int:
     return (value + 2**63) % 2**64 - 2**63
 
