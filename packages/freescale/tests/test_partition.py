@@ -138,6 +138,17 @@ def test_cost_model_fit_refuses_non_finite_times():
         CostModel().fit([[1, 2], [3]], [float("inf"), 1.0])
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, float("nan")])
+def test_cost_model_fit_checks_each_length(bad):
+    """A negative length was fitted when its rank's sum stayed non-negative ([-1, 5] counted as a
+    sum of 4 and squares of 26), a fractional one was truncated in the squares only, a NaN one
+    failed in int() without naming the argument."""
+    with pytest.raises(ValueError, match=r"rank_lengths\[1\] must hold non-negative integer lengths"):
+        CostModel().fit([[3], [bad, 5], [4, 4]], [1.0, 2.0, 3.0])
+    fitted = CostModel().fit([[3], [4.0, 5], [4, 4]], [1.0, 2.0, 3.0])  # integral floats are counts
+    assert fitted.a >= 0 and fitted.b >= 0
+
+
 def test_oversized_and_cost_model_check_their_arguments():
     """oversized(costs, 0) named no sample; negative lengths cost like positive ones
     (cost(-3) = cost(2) for a=b=1); from_model_shape's error named coefficients, not the argument."""

@@ -51,11 +51,13 @@ class CostModel:
         the unconstrained optimum has a negative coefficient, the best fit with that one at zero."""
         if len(rank_lengths) != len(step_times) or len(step_times) < 2:
             raise ValueError("fit needs at least two (lengths, time) observations of equal count")
-        x = torch.tensor([[float(sum(ls)), float(sum(int(v) ** 2 for v in ls))] for ls in rank_lengths], dtype=torch.float64)
+        # each length checked, not the per-rank sums: [-1, 5] summed to 4 and squared to 26, and a
+        # fractional length was truncated in the squares only
+        x = torch.tensor([_sums(r, ls) for r, ls in enumerate(rank_lengths)], dtype=torch.float64)
         y = torch.tensor(list(step_times), dtype=torch.float64).unsqueeze(1)
         if not torch.isfinite(y).all():  # lstsq would fail with an internal assert
             raise ValueError(f"fit: step_times must be finite, got {[float(t) for t in step_times]}")
-        if not torch.isfinite(x).all() or (x < 0).any():
+        if not torch.isfinite(x).all():
             raise ValueError("fit: rank_lengths must hold finite, non-negative lengths")
         coef = _nonnegative_least_squares(x, y.squeeze(1))
         if float(coef.sum()) == 0:
@@ -65,6 +67,21 @@ class CostModel:
 
     def __repr__(self) -> str:
         return f"CostModel(a={self.a:.4g}, b={self.b:.4g})"
+
+
+def _sums(rank: int, lengths: Sequence[int]) -> list[float]:
+    """[sum(L), sum(L^2)] of one rank's lengths for `CostModel.fit`; a ValueError naming
+    `rank_lengths[rank]` for a length that is not a non-negative integer count."""
+    counts = []
+    for v in lengths:
+        try:
+            count = float(v)
+        except (TypeError, ValueError):
+            count = math.nan
+        if not (math.isfinite(count) and count >= 0 and count == int(count)):
+            raise ValueError(f"fit: rank_lengths[{rank}] must hold non-negative integer lengths, got {v!r}")
+        counts.append(int(count))
+    return [float(sum(counts)), float(sum(c * c for c in counts))]
 
 
 def check_lengths(lengths, name: str = "lengths") -> torch.Tensor:
