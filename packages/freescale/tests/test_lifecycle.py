@@ -104,6 +104,11 @@ def test_pipeline_names_arguments_of_the_wrong_kind():
     with pytest.raises(TypeError, match=r"got a tuple of \(KeyedJagged, dict with values that are not tensors "
                                         r"\{'y': 'list'\}\)"):
         TrainPipeline(lambda f, d, g: None).run([(_batch(1)[0], {"y": [1]})])  # "'list' object has no attribute 'to'" before
+    # a None batch (a collate_fn's skip, say) ended the run there, silently, on that rank alone
+    trained = []
+    with pytest.raises(TypeError, match=r"each batch must be a \(KeyedJagged, dict of dense tensors\) pair, got a NoneType"):
+        TrainPipeline(lambda f, d, g: trained.append(g)).run([_batch(1, 2), None, _batch(3)])
+    assert trained == [2]
     with pytest.raises(TypeError, match="step_fn must be callable"):
         TrainPipeline(None)
     with pytest.raises(TypeError, match="balancer must be a BatchBalancer or None, got str"):

@@ -29,6 +29,9 @@ from .embeddings import POOLINGS, ShardedEmbeddings
 from .jagged import KeyedJagged
 
 Batch = tuple[KeyedJagged, dict[str, torch.Tensor]]
+# the end of `run`'s batches: a None batch is refused like any other non-batch (taken as the end,
+# it stopped this rank's training silently while the others waited for it in their collectives)
+_END = object()
 
 
 def _to(batch: Batch, device) -> Batch:
@@ -246,8 +249,8 @@ class TrainPipeline:
                                f"run() stopped failed: {type(error).__name__}: {error}") from error
         outputs = []
         it = iter(batches)
-        first = next(it, None)
-        if first is None:
+        first = next(it, _END)
+        if first is _END:
             return outputs
         staged = self._stage(first)
         while staged is not None:
@@ -258,8 +261,8 @@ class TrainPipeline:
                 current, plan = self._finish(staged)
                 if self.meter is not None:
                     self.meter.add_samples(current[0].batch_size)
-                nxt = next(it, None)
-                staged = None if nxt is None else self._stage(nxt)  # stages 1-2 for batch i+1 (in the background)
+                nxt = next(it, _END)
+                staged = None if nxt is _END else self._stage(nxt)  # stages 1-2 for batch i+1 (in the background)
                 self._pending = staged  # close() waits for it (and reports its error) if step_fn raises
                 outputs.append(self._step(current, plan))  # stage 3 for batch i
         return outputs
