@@ -106,3 +106,14 @@ def test_meter_compute_waits_for_the_gpu(monkeypatch):
             pass
     assert synced == [True]
     assert meter.steps[0]["compute"] >= 0.05  # the wait is compute time
+
+
+@pytest.mark.parametrize("skip", [-1, 1.5, True])
+def test_meter_summary_refuses_a_skip_that_is_not_a_count(skip):
+    meter = BubbleMeter()
+    for _ in range(3):
+        with meter.step():
+            pass
+    with pytest.raises(ValueError, match="skip must be an integer >= 0"):
+        meter.summary(skip=skip)
+    assert meter.summary(skip=3)["step_ms"] == 0.0  # every step skipped: nothing to average

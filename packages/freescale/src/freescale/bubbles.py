@@ -119,6 +119,8 @@ class BubbleMeter:
 
     def summary(self, skip: int = 0, gather: bool = True) -> dict:
         """Ratios over all steps (after `skip` warm-up steps), over all ranks when distributed."""
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:  # skip=-k kept the last k steps, silently
+            raise ValueError(f"skip must be an integer >= 0 (warm-up steps left out), got {skip!r}")
         steps = self.steps[skip:]
         totals = {k: sum(s[k] for s in steps) for k in ("step", "compute", "wait", "comm", "untracked", "samples")}
         totals["n_steps"] = len(steps)

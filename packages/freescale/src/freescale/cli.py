@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from .cost import CostModel
 from .data import movielens_sequences, zipf_lengths
 from .partition import METHODS
@@ -50,7 +52,9 @@ def main(argv=None) -> int:
         pool = zipf_lengths(n * args.steps, seed=0)
     else:
         lengths = movielens_sequences().lengths
-        pool = lengths[__import__("torch").randint(0, lengths.numel(), (n * args.steps,))]
+        # seeded as the zipf pool is: the same command prints the same figures
+        draw = torch.randint(0, lengths.numel(), (n * args.steps,), generator=torch.Generator().manual_seed(0))
+        pool = lengths[draw]
     batches = list(pool.split(n))
     cost = CostModel(a=256.0, b=1.0)
     naive = simulate(batches, args.world, cost, method="contiguous")
