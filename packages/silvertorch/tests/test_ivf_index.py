@@ -451,6 +451,7 @@ def test_fresh_items_are_merged_tagged_filtered_saved_and_compacted(cls, tmp_pat
     f = index.search_with_stats(q, k=60, nprobe=nprobe, filters=DenseMaskFilter(mask))
     kept = f.ids[f.ids >= 0]
     assert (f.found == 50).all() and ((kept >= 1000) & (kept % 2 == 0)).all() and kept.numel() == 8 * 50
+    assert torch.equal(f.fresh, f.ids >= 0)  # the 10 empty slots past the 50 found are not tagged fresh
     assert index.remove([1000, 3, 4]) == 2  # 3 was removed already
     assert not (index.search(q, k=600, nprobe=nprobe)[1] == 1000).any()
     index.save(tmp_path / "ivf.safetensors")
