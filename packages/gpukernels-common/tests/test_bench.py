@@ -8,6 +8,7 @@ from gpukernels_common.bench import (
     read_records,
     render_markdown,
     render_results,
+    run_benchmarks,
     saved_tensor_bytes,
     time_fn,
     write_records,
@@ -43,6 +44,28 @@ def test_records_roundtrip_and_render(tmp_path):
     assert "| ours | 64 | 0.25 |" in md and "Conditions:" in md
     out = render_results([path, tmp_path / "missing.jsonl"], tmp_path / "RESULTS.md", "demo")
     assert out.read_text() == md
+
+
+def test_run_benchmarks_runs_each_script_with_the_flags_and_renders_what_they_wrote(tmp_path, capsys):
+    """A package's benchmarks/run.py: every bench_*.py (or --only one), the flags passed on, a
+    failing script reported after the others ran, RESULTS.md rendered from results/*.jsonl."""
+    folder = tmp_path / "demo_pkg" / "benchmarks"
+    (folder / "results").mkdir(parents=True)
+    script = ("import json, sys\nfrom pathlib import Path\n"
+              "name = Path(__file__).stem\n"
+              "rec = {{'bench': 'b', 'provider': name, 'shape': {{}}, 'figures': {{'flags': ' '.join(sys.argv[1:]) or '-'}}, 'env': {{}}}}\n"
+              "(Path(__file__).parent / 'results' / (name + '.jsonl')).write_text(json.dumps(rec) + '\\n')\n"
+              "sys.exit({code})\n")
+    (folder / "bench_a.py").write_text(script.format(code=0))
+    (folder / "bench_b.py").write_text(script.format(code=3))
+    assert run_benchmarks(folder, ["--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "== bench_a.py --quick" in out and "failed: ['bench_b.py']" in out
+    md = (folder / "RESULTS.md").read_text()
+    assert md.startswith("# demo_pkg benchmark results") and md.count("| --quick |") == 2
+    (folder / "results" / "bench_a.jsonl").unlink()
+    assert run_benchmarks(folder, ["--only", "a"]) == 0
+    assert "bench_b" not in capsys.readouterr().out and "| - |" in (folder / "RESULTS.md").read_text()
 
 
 def test_bench_args():

@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -320,3 +321,31 @@ def render_results(jsonl_paths: list[str | Path], md_path: str | Path, title: st
     md_path = Path(md_path)
     md_path.write_text(render_markdown(records, title))
     return md_path
+
+
+def run_benchmarks(folder: str | Path, argv=None) -> int:
+    """A package's `benchmarks/run.py`: run every `bench_*.py` in `folder` (each in its own
+    interpreter, with the flags given: `--gpu`, `--quick`; `--only X` runs bench_X.py alone),
+    then render `folder`/RESULTS.md from `folder`/results/*.jsonl. Returns 1 if a script failed
+    (the others still run, the figures they wrote are rendered), else 0."""
+    folder = Path(folder)
+    parser = argparse.ArgumentParser(prog=f"{folder.parent.name}/benchmarks/run.py")
+    parser.add_argument("--gpu", action="store_true", help="only the GPU benchmarks (on a machine with CUDA)")
+    parser.add_argument("--only", default=None, help="only bench_ONLY.py")
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    args = parser.parse_args(argv)
+    scripts = sorted(folder.glob("bench_*.py"))
+    if args.only:
+        scripts = [s for s in scripts if s.stem == f"bench_{args.only}"]
+    flags = (["--gpu"] if args.gpu else []) + (["--quick"] if args.quick else [])
+    failed = []
+    for script in scripts:
+        print(f"== {script.name} {' '.join(flags)}", flush=True)
+        if subprocess.run([sys.executable, str(script), *flags]).returncode != 0:
+            failed.append(script.name)
+    out = render_results(sorted((folder / "results").glob("*.jsonl")), folder / "RESULTS.md",
+                         f"{folder.parent.name} benchmark results")
+    print(f"wrote {out}")
+    if failed:
+        print(f"failed: {failed}")
+    return 1 if failed else 0
