@@ -163,6 +163,28 @@ def test_compile_fullgraph_and_export_match_eager(monkeypatch):
     torch.testing.assert_close(exported.module()(x.detach()), want.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_compile_dynamic_fullgraph_with_a_capacity_factor(monkeypatch):
+    """torch.compile(dynamic=True) traces a float attribute as a symbolic float: the router took
+    the capacity factor's decimal form (repr) from it and fullgraph failed ("repr_impl not
+    implemented"). The router keeps that exact form, and a new factor is still taken."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MoE(6, 8, 4, 2, capacity_factor=0.7)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for tokens, cf in ((9, 0.7), (13, 0.7), (13, 0.3)):
+        layer.router.capacity_factor = cf
+        x = torch.randn(tokens, 6)
+        got = compiled(x)
+        got_dropped = int(layer.last_dropped)
+        want = layer(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert got_dropped == int(layer.last_dropped) > 0
+    assert layer.router.capacity_factor == 0.3
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
+        layer.router.capacity_factor = 0.0
+
+
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compile_on_the_interpreter_backend_is_a_clear_error(fullgraph, monkeypatch):
     """Under TRITON_INTERPRET=1 Dynamo traced into the interpreter and failed with KeyError(torch.uint64):

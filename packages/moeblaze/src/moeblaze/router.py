@@ -29,10 +29,15 @@ class Routing:
 def expert_capacity(tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
     """Slots each expert keeps: ceil(capacity_factor * tokens * top_k / n_experts), computed
     exactly for the factor as written (1.1 is 11/10: 1.1 * 100 * 2 / 4 gives 55, where the
-    float product 110.00000000000001 would round up to 56)."""
-    factor = Fraction(repr(float(capacity_factor)))  # the float's shortest decimal form
+    float product 110.00000000000001 would round up to 56). `capacity_factor` may also be that
+    exact form already, a Fraction (as `Router` keeps it)."""
+    factor = capacity_factor if isinstance(capacity_factor, Fraction) else exact_factor(capacity_factor)
     num, den = factor.numerator * top_k, factor.denominator * n_experts
     return max(1, -((-num * tokens) // den))  # integer ceil (tokens may be a symbolic size when traced)
+
+
+def exact_factor(capacity_factor: float) -> Fraction:
+    return Fraction(repr(float(capacity_factor)))  # the float's shortest decimal form
 
 
 def check_top_k(top_k, n_experts: int) -> None:
@@ -159,6 +164,18 @@ class Router(nn.Module):
         self.n_experts, self.top_k, self.score, self.renormalize = n_experts, top_k, score, renormalize
         self.capacity_factor = capacity_factor
 
+    @property
+    def capacity_factor(self) -> float | None:
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float | None) -> None:
+        check_capacity_factor(value)
+        self._capacity_factor = value
+        # its exact decimal form, kept from here: torch.compile(dynamic=True) traces a float attribute as
+        # a symbolic float, whose decimal form (repr) cannot be taken (fullgraph failed, else a graph break)
+        self._capacity_fraction = None if value is None else exact_factor(value)
+
     def forward(self, x: torch.Tensor) -> Routing:
         d_model = self.proj.in_features
         if x.dim() != 2 or x.shape[1] != d_model:  # a 3-D x reached `route` as 3-D logits, unexplained
@@ -166,6 +183,6 @@ class Router(nn.Module):
                              f"e.g. x.reshape(-1, {d_model}), as MoE does), got shape {tuple(x.shape)}")
         check_x_dtype(x, self.proj.weight.dtype)
         capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(x.shape[0], self.top_k, self.n_experts, self.capacity_factor)
+        if self._capacity_fraction is not None:
+            capacity = expert_capacity(x.shape[0], self.top_k, self.n_experts, self._capacity_fraction)
         return route(self.proj(x), self.top_k, self.score, self.renormalize, capacity)
