@@ -162,6 +162,9 @@ def test_bad_inputs_fail_before_any_collective(single_rank_group, monkeypatch):
         expert_parallel_experts(x, ids, w, wg, wu, wd.transpose(1, 2), n_experts=4)
     with pytest.raises(ValueError, match=r"activation 'silu' needs w_up=None"):
         expert_parallel_experts(x, ids, w, wg, wu, wd, n_experts=4, activation="silu")
+    for n_experts in (4.0, "4", True, 0):  # 4.0 failed in a bincount, "4" with a bare TypeError
+        with pytest.raises(ValueError, match=f"n_experts must be an integer >= 1, got {n_experts!r}"):
+            expert_parallel_experts(x, ids, w, wg, wu, wd, n_experts=n_experts)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
     with pytest.raises(ValueError, match="n_experts=4 must be divisible by the expert-parallel group size 3"):
         local_expert_count(4)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from gpukernels_common.checks import check_sizes
+
 from .experts import _autocast, check_expert_inputs, moe_experts
 
 
@@ -135,6 +137,8 @@ def expert_parallel_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: 
     "rows" (rows actually sent, one per (token, destination rank)) and "remote_slots" /
     "remote_rows" (the same, without those this rank keeps). Each row travels out and back.
     """
+    # an integer (as dispatch checks it): 4.0 failed in a bincount of float ranks, "4" with a bare TypeError
+    n_experts, = check_sizes(n_experts=n_experts)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = local_expert_count(n_experts, group)
     x, w_gate, w_up, w_down = _autocast(x, w_gate, w_up, w_down)  # as moe_experts does: rows travel in that dtype
