@@ -49,6 +49,25 @@ def test_router_losses_and_the_layer_aux_loss_follow_their_formulas():
     torch.testing.assert_close(layer.aux_loss, 0.3 * routing.aux_loss + 0.07 * routing.z_loss)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float16])
+def test_load_balancing_loss_does_not_depend_on_the_default_dtype(default_dtype):
+    """The expert counts were summed in the default dtype: with a bf16 (fp16) default, as for a
+    model built directly in 16 bits, every count stopped at 256 (2048) slots and the loss was far off."""
+    logits = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0)) + torch.tensor([1.0, 0, 0, 0])
+    want = route(logits, 2).aux_loss
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        got = route(logits, 2).aux_loss
+    finally:
+        torch.set_default_dtype(previous)
+    ids = logits.topk(2, dim=-1).indices
+    frac = torch.bincount(ids.reshape(-1), minlength=4).double() / ids.numel()
+    assert frac.max() * ids.numel() > 2048  # past both 16-bit types' last exact step of 1
+    torch.testing.assert_close(want, (4 * (frac * logits.double().softmax(-1).mean(0)).sum()).float())
+    torch.testing.assert_close(got, want)
+
+
 def test_module_matches_reference_and_backprops():
     torch.manual_seed(0)
     layer = MoE(16, 24, n_experts=4, top_k=2, n_shared_experts=1)

@@ -111,8 +111,8 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
         weights = (F.logsigmoid(top_logits).softmax(-1) if renormalize and top_k > 1
                    else top_logits.sigmoid())
     # aux loss: E * sum_e (fraction of routed slots to e) * (mean router prob of e)
-    frac = torch.zeros(n_experts, device=logits.device).index_add_(0, expert_ids.reshape(-1),
-                                                                   torch.ones(expert_ids.numel(), device=logits.device))
+    # counted in fp32, not the default dtype: a bf16 (fp16) default stopped every count at 256 (2048)
+    frac = logits32.new_zeros(n_experts).index_add_(0, expert_ids.reshape(-1), logits32.new_ones(expert_ids.numel()))
     frac = frac / expert_ids.numel()
     mean_prob = probs.mean(0)  # each token's scores sum to 1 (softmax, or normalised sigmoids)
     aux = n_experts * (frac * mean_prob).sum()
