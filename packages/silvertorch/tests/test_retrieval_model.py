@@ -404,6 +404,39 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
         RetrievalModel.load(tmp_path / "b")
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(k_candidates=float(c["k_candidates"])), r"wrong type .*k_candidates must be an int, got 300.0"),
+    (lambda c: c.update(num_results=True), r"wrong type .*num_results must be an int, got True"),
+    (lambda c: c.update(max_ops=12.0), r"wrong type .*max_ops must be an int, got 12.0"),
+    (lambda c: c.update(max_exact_terms=4.0), r"wrong type .*max_exact_terms must be an int, got 4.0"),
+    (lambda c: c.update(max_nprobe=12.0), r"wrong type .*max_nprobe must be an int, got 12.0"),
+    (lambda c: c.update(bloom_multiplier="5"), r"wrong type .*bloom_multiplier must be a number, got '5'"),
+    (lambda c: c.update(bloom_multiplier=float("nan")), r"bloom_multiplier must be a finite number > 1 .*got nan"),
+    (lambda c: c["tensors"].update(codes=[1]), r"tensor codes is torch.int8 \[2500, 24\], the config says None None"),
+    (lambda c: c["tensors"]["codes"].pop("dtype"), r"tensor codes is torch.int8 \[2500, 24\], the config says None \[2500, 24\]"),
+], ids=["k_float", "n_bool", "max_ops_float", "exact_float", "max_nprobe_float", "multiplier_str", "multiplier_nan", "spec_list",
+        "spec_no_dtype"])
+def test_config_entries_of_the_wrong_json_type_are_refused_at_load(tmp_path, edit, match):
+    """A config.json edited to k_candidates 300.0 (or true) loaded, and then every query failed with a
+    TypeError from topk (a 500 per request in the server, a traceback in the CLI); a NaN multiplier, a
+    tensor entry that is no object failed the load with a TypeError, KeyError or an unnamed ValueError."""
+    directory = MODEL.save(tmp_path / "m")
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        RetrievalModel.load(directory)
+
+
+def test_numpy_int_options_build_as_python_ints():
+    import numpy as np
+
+    model = _model(k_candidates=np.int64(300), num_results=np.int32(10))
+    assert type(model.k_candidates) is int and type(model.config()["num_results"]) is int
+    with pytest.raises(TypeError, match="k_candidates must be an int, got 300.0"):
+        _model(k_candidates=300.0)
+
+
 @pytest.mark.parametrize("loader", ["model", "towers"])
 @pytest.mark.parametrize("corrupt, problem", [
     (lambda c: [c], "{file} must hold a JSON object, got list"),

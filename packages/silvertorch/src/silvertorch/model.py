@@ -36,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import operator
 from pathlib import Path
 
 import torch
@@ -142,6 +144,17 @@ def _check_bloom_k(bloom_k) -> None:
         raise ValueError(f"bloom_k must be an int in [1, 10] (the Bloom index's k), got {bloom_k!r}")
 
 
+def _checked_int(name: str, value) -> int:
+    """A size option as a Python int (numpy ints too); a float or bool refused by name. A config.json
+    edited to 16.0 or true loaded, and then every query failed in topk or a shape (a TypeError)."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r}")
+
+
 def _default_clusters(num_items: int) -> int:
     """build()'s n_clusters when none is given: about sqrt(num_items)."""
     return max(1, int(round(math.sqrt(num_items))))
@@ -245,6 +258,17 @@ class RetrievalModel(nn.Module):
             self.register_buffer(name, t)
         self.num_main = self.codes.shape[0]
         self.fresh_capacity = self.item_ids.shape[0] - self.num_main
+        nprobe, k_candidates, num_results, max_ops, max_terms, fresh_used, max_exact_terms = (
+            _checked_int(name, value) for name, value in (
+                ("nprobe", nprobe), ("k_candidates", k_candidates), ("num_results", num_results), ("max_ops", max_ops),
+                ("max_terms", max_terms), ("fresh_used", fresh_used), ("max_exact_terms", max_exact_terms)))
+        if max_nprobe is not None:
+            max_nprobe = _checked_int("max_nprobe", max_nprobe)
+        # a NaN read from config.json failed the Bloom check at load with "cannot convert float NaN to integer"
+        if isinstance(bloom_multiplier, bool) or not isinstance(bloom_multiplier, numbers.Real):
+            raise TypeError(f"bloom_multiplier must be a number, got {bloom_multiplier!r}")
+        if not (math.isfinite(bloom_multiplier) and bloom_multiplier > 1):
+            raise ValueError(f"bloom_multiplier must be a finite number > 1 (the Bloom index's b_multiplier), got {bloom_multiplier!r}")
         if not 0 <= fresh_used <= self.fresh_capacity:
             raise ValueError(f"fresh_used must be in [0, fresh capacity={self.fresh_capacity}], got {fresh_used}")
         self.fresh_used = fresh_used
@@ -782,8 +806,10 @@ class RetrievalModel(nn.Module):
                              f"unexpected {sorted(set(tensors) - set(expected))[:5]}")
         for name, spec in expected.items():
             t = tensors[name]
-            if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
-                raise ValueError(f"{directory}: tensor {name} is {str(t.dtype)} {list(t.shape)}, the config says {spec['dtype']} {spec['shape']}")
+            spec = spec if isinstance(spec, dict) else {}  # an entry that is no object: refused below, not a TypeError
+            if list(t.shape) != spec.get("shape") or str(t.dtype).removeprefix("torch.") != spec.get("dtype"):
+                raise ValueError(f"{directory}: tensor {name} is {str(t.dtype)} {list(t.shape)}, the config says "
+                                 f"{spec.get('dtype')} {spec.get('shape')}")
         check_weights(tensors, f"{directory}: {TENSORS_FILE}: ")
         try:
             model = cls._from_config(directory, config, tensors, user_tower).to(device).eval()
