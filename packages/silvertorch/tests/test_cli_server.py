@@ -486,6 +486,27 @@ def test_item_table_and_towers_are_checked_as_build_checks_them(artifact, tmp_pa
     assert "towers.safetensors: value_model.weights has NaN or inf values" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("version", ["2", "banana", None])
+def test_an_item_table_of_another_format_version_is_refused(tmp_path, capsys, version):
+    """load_item_table read the format but not its version: a table from a later version was built from silently."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    attrs = (torch.ones(4, dtype=torch.int64), torch.arange(5), torch.arange(4))
+    path = save_item_table(tmp_path / "items.safetensors", torch.randn(4, D), torch.arange(4), attrs, {"genre": 1})
+    assert torch.equal(load_item_table(path).ids, torch.arange(4))  # as saved: read
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("format_version")
+    save_file(tensors, str(path), metadata=meta if version is None else dict(meta, format_version=version))
+    with pytest.raises(ValueError, match=f"format version {version!r} is not supported .* reads version 1"):
+        load_item_table(path)
+    save_towers(tmp_path / "towers", EmbeddingTower([30], D), OverArch(D, 2, [8]), ValueModel(2))
+    assert main(["build", "--towers", str(tmp_path / "towers"), "--items", str(path), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("silvertorch build: error: ") and "format version" in err and err.count("\n") == 1, err
+
+
 def test_server_hands_the_model_its_inputs_on_the_models_device(artifact):
     """Requests are parsed onto the CPU; the warm-up and every batch (features, per-request weights
     stacked with the fixed ones) must reach the model on its device. The model's buffers sit on

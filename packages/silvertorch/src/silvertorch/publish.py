@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .__about__ import __version__
 from .bloom.parser import FilterSchema
 from .model import (
     RetrievalModel,
@@ -101,7 +102,7 @@ def publish(out_dir, user_tower: nn.Module, overarch: OverArch, value_model: Val
 
 # -- the files `silvertorch build` reads: trained towers and an item table ----------------------
 TOWERS_FORMAT, ITEMS_FORMAT = "silvertorch.Towers", "silvertorch.ItemTable"
-TOWERS_FORMAT_VERSION = 1
+TOWERS_FORMAT_VERSION = ITEMS_FORMAT_VERSION = 1
 TOWERS_CONFIG_FILE = "towers.json"
 
 
@@ -187,7 +188,7 @@ def save_item_table(path, embeddings, ids, attributes, schema: dict | None = Non
     # checked as the model checks it, numpy ids as ints
     schema = (schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))).features
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"format": ITEMS_FORMAT, "format_version": "1", "schema": json.dumps(schema)})
+              metadata={"format": ITEMS_FORMAT, "format_version": str(ITEMS_FORMAT_VERSION), "schema": json.dumps(schema)})
     return Path(path)
 
 
@@ -203,6 +204,10 @@ def load_item_table(path) -> ItemTable:
         raise ValueError(f"{path}: not a readable safetensors item table ({err})") from err
     if meta.get("format") != ITEMS_FORMAT:
         raise ValueError(f"{path}: not a {ITEMS_FORMAT} file (format={meta.get('format')!r})")
+    # a table from another version (say a later one) was read silently as this version's layout
+    if meta.get("format_version") != str(ITEMS_FORMAT_VERSION):
+        raise ValueError(f"{path}: {ITEMS_FORMAT} format version {meta.get('format_version')!r} is not supported by "
+                         f"silvertorch {__version__}, which reads version {ITEMS_FORMAT_VERSION}; save it again with this version")
     missing = {"embeddings", "ids", "attr_feature_ids", "attr_offsets", "attr_values"} - set(t)
     if missing:
         raise ValueError(f"{path}: missing tensors {sorted(missing)}")
