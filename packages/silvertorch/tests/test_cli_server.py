@@ -273,6 +273,42 @@ def test_server_metrics_count_every_retrieve_request_and_error(custom_model, mon
     assert (metrics["requests"], metrics["errors"]) == (8, 7)
 
 
+def test_server_times_out_a_body_that_stops_arriving(custom_model):
+    """A client that sent its headers and part of its body, then nothing, held the request (and its
+    connection, and a graceful shutdown) forever: no timeout covered the body. Driven as ASGI, since a
+    test client sends the whole body at once."""
+    import asyncio
+
+    from silvertorch.server import ServerLimits, create_app
+
+    app = create_app(custom_model, ServerLimits(timeout_s=0.5))
+    body = b'{"user_features": [0.1, 0.2, 0.3, 0.4]}'
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/retrieve", "raw_path": b"/v1/retrieve", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent = []
+
+    async def stalled(chunks):
+        queue = list(chunks)
+
+        async def receive():
+            if queue:
+                return queue.pop(0)
+            await asyncio.Event().wait()  # the client sends nothing more (and does not hang up)
+
+        await asyncio.wait_for(app(scope, receive, send), 10)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(stalled([{"type": "http.request", "body": body[:5], "more_body": True}]))
+    assert sent[0]["status"] == 408 and json.loads(sent[1]["body"]) == {"error": "the request body took longer than 0.5 s to arrive"}
+    sent.clear()  # a whole body reaches the handler (no lifespan here, so no worker: the handler's own 504)
+    asyncio.run(stalled([{"type": "http.request", "body": body[:5], "more_body": True}, {"type": "http.request", "body": body[5:]}]))
+    assert sent[0]["status"] == 504, sent
+
+
 def test_serve_binds_loopback_unless_told_otherwise(artifact, monkeypatch):
     """Safe by default: `silvertorch serve` without --host listens on 127.0.0.1 only."""
     import uvicorn

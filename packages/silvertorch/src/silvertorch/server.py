@@ -16,7 +16,7 @@ reason and never reaches the model); valid ones wait at most `max_wait_ms` in a 
 worker runs up to `max_batch` of them as one forward in a worker thread (if that forward fails, its
 requests are retried apart, so only the one the model rejects fails). Requests are capped in body
 size (the bytes received: chunked uploads too), expression length and n, and time out after
-`timeout_s` (504). On shutdown the server stops taking requests, finishes the queued ones, then exits.
+`timeout_s` (504; a body that has not arrived within `timeout_s`: 408). On shutdown the server stops taking requests, finishes the queued ones, then exits.
 """
 
 
@@ -201,10 +201,11 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None, cuda_g
         return JSONResponse({"error": reason}, status_code=status)
 
     too_large = f"request body larger than {limits.max_body_bytes} bytes"
+    too_slow = f"the request body took longer than {limits.timeout_s} s to arrive"
 
     class Guard:
-        """Pure ASGI: caps the body bytes actually received (a chunked upload has no content-length) and
-        counts every POST /v1/retrieve in `requests` and every non-2xx answer to it in `errors`."""
+        """Pure ASGI: caps the body bytes actually received (a chunked upload has no content-length) and the
+        time they take to arrive (timeout_s: 408), and counts every POST /v1/retrieve in `requests` and every non-2xx answer to it in `errors`."""
 
         def __init__(self, app):
             self.app = app
@@ -228,11 +229,19 @@ def create_app(model: RetrievalModel, limits: ServerLimits | None = None, cuda_g
             size = dict(scope["headers"]).get(b"content-length")
             if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
                 return await bad(too_large, 413)(scope, receive, send_counted)
-            received = 0
+            received, body_done = 0, False
+            deadline = time.perf_counter() + limits.timeout_s
 
             async def capped_receive():
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done:  # after the body: disconnect notices, not timed
+                    return await receive()
+                try:
+                    # a client that stops sending its body held the request and its connection open forever
+                    message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(), 0))
+                except asyncio.TimeoutError:
+                    raise HTTPException(408, too_slow) from None
+                body_done = message["type"] != "http.request" or not message.get("more_body", False)
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limits.max_body_bytes:
