@@ -943,6 +943,24 @@ def test_rebuild_passes_explicit_options_on_as_given():
         model.rebuild()
 
 
+def test_rebuild_after_many_deletions_without_fresh_capacity():
+    """k_candidates must fit max_nprobe x the largest cluster + the fresh capacity; with no fresh capacity
+    the rebuilt model's smaller clusters could not hold the carried 200, and rebuild() refused it (an
+    option it was not given). Carried over, it shrinks to what the new clusters hold; given, it is refused."""
+    model = _model(n_clusters=12, nprobe=1, k_candidates=200, num_results=10, fresh_capacity=0)
+    assert model.delete_items(IDS[: N - 400]) == N - 400
+    rebuilt = model.rebuild()
+    largest = int(rebuilt.cluster_valid.sum(1).max())
+    assert rebuilt.centroids.shape[0] == 12 and largest < 200 and rebuilt.k_candidates == largest
+    assert rebuilt.num_results == 10 and set(rebuilt.retrieve(torch.tensor([[3]])).ids[0].tolist()) <= set(IDS[N - 400 :].tolist())
+    with pytest.raises(ValueError, match="k_candidates must be in"):
+        model.rebuild(k_candidates=200)
+    tiny = _model(n_clusters=12, nprobe=1, k_candidates=200, num_results=10, fresh_capacity=0)
+    tiny.delete_items(IDS[: N - 30])  # 30 items in 12 clusters: fewer candidates than results, both shrink
+    rebuilt = tiny.rebuild()
+    assert rebuilt.num_results == rebuilt.k_candidates == int(rebuilt.cluster_valid.sum(1).max()) < 10
+
+
 def test_rebuild_takes_none_as_the_build_default():
     # rebuild(n_clusters=None) failed with a TypeError (min(int, None)); None asks what build() gives
     model = _model(k_candidates=16, num_results=8)

@@ -327,7 +327,7 @@ class RetrievalModel(nn.Module):
               k_candidates: int = 256, num_results: int = 10, fresh_capacity: int = 1024, bloom_k: int = 3,
               bloom_multiplier: float = 5.0, max_attributes: int | None = None, item_dense=None, max_ops: int = 32,
               max_terms: int = 16, exact_verify: bool = True, kmeans_iters: int = 20, seed: int = 0,
-              progress=None, max_nprobe: int | None = None, max_exact_terms: int = 8) -> RetrievalModel:
+              progress=None, max_nprobe: int | None = None, max_exact_terms: int = 8, _fit: tuple = ()) -> RetrievalModel:
         """Quantize and cluster the item embeddings, index their attributes, assemble the model.
 
         attributes: jagged (feature_ids, offsets, values) per item, in item_embeddings' row order.
@@ -337,6 +337,8 @@ class RetrievalModel(nn.Module):
         max_exact_terms: how many terms under NOT one filter may have (they are evaluated exactly;
         the probed-cluster filter's exact-attribute cost grows with this bound, not with max_terms).
         `progress(step_name)` is called before each build step (the CLI shows a progress bar).
+        `_fit` (rebuild): the names of k_candidates / num_results when carried over, not passed: they
+        shrink to what the new clusters can hold.
         """
         step = progress or (lambda name: None)
         _check_bloom_k(bloom_k)
@@ -362,6 +364,10 @@ class RetrievalModel(nn.Module):
         step("assembling the model")
         sizes = ivf.offsets.diff()
         max_cluster = max(int(sizes.max()), 1)
+        if "k_candidates" in _fit:  # known only now: fewer live items make smaller clusters
+            k_candidates = min(k_candidates, (nprobe if max_nprobe is None else max_nprobe) * max_cluster + fresh_capacity)
+            if "num_results" in _fit:
+                num_results = min(num_results, k_candidates)
         slot = torch.arange(max_cluster)
         cluster_positions = (ivf.offsets[:-1].unsqueeze(1) + slot).clamp(max=n - 1)
         cluster_valid = slot < sizes.unsqueeze(1)
@@ -687,6 +693,9 @@ class RetrievalModel(nn.Module):
         nprobe = carried("nprobe", min(options["nprobe"], n_clusters))
         carried("max_nprobe", min(max(options["max_nprobe"], nprobe), n_clusters))
         options.update(overrides)
+        # the candidates also have to fit max_nprobe x the largest new cluster (+ the fresh capacity),
+        # which only the build knows: after many deletions without fresh capacity rebuild() failed
+        options["_fit"] = tuple(name for name in ("k_candidates", "num_results") if name not in overrides)
         dense = self.item_dense[live].cpu() if hasattr(self, "item_dense") else None
         # build() makes its tensors on the CPU; the towers are shared and stay where they are
         return RetrievalModel.build(self.user_tower, self.overarch, self.value_model, self.item_embeddings[live].float().cpu(),
