@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -325,6 +326,31 @@ def test_serve_binds_loopback_unless_told_otherwise(artifact, monkeypatch):
     assert main(["serve", str(path), "--port", str(port)]) == 0
     assert main(["serve", str(path), "--port", str(port), "--host", "0.0.0.0"]) == 0
     assert calls == [("127.0.0.1", port), ("0.0.0.0", port)]
+
+
+def test_serve_restarts_on_a_port_its_last_run_left_in_time_wait(artifact, monkeypatch, capsys):
+    """A server that closed its clients' connections (a shutdown with keep-alive clients) leaves them
+    in TIME_WAIT for a minute; uvicorn binds such a port (SO_REUSEADDR), but the CLI's probe did not
+    and refused the restart: 'cannot bind ... Address already in use; pass another --port'."""
+    import socket
+
+    import silvertorch.server
+
+    if os.name != "posix":
+        pytest.skip("TIME_WAIT and SO_REUSEADDR as on POSIX")
+    with socket.socket() as old:
+        old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        old.bind(("127.0.0.1", 0))
+        old.listen()
+        port = old.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            conn, _ = old.accept()
+            conn.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+            time.sleep(0.05)
+    calls = []
+    monkeypatch.setattr(silvertorch.server, "serve", lambda model, host, port, limits, cuda_graphs: calls.append(port))
+    assert main(["serve", str(artifact[0]), "--port", str(port)]) == 0, capsys.readouterr().err
+    assert calls == [port]
 
 
 def test_cli_validates_its_options(artifact, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import sys
 
@@ -128,6 +129,8 @@ def _serve(args) -> int:
     from .server import ServerLimits, serve
 
     with socket.socket() as probe:
+        if os.name == "posix":  # as uvicorn (asyncio) binds: a port whose closed connections wait in TIME_WAIT is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((args.host, args.port))
         except OSError as err:
