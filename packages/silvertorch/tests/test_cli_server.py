@@ -353,6 +353,25 @@ def test_serve_restarts_on_a_port_its_last_run_left_in_time_wait(artifact, monke
     assert calls == [port]
 
 
+def test_serve_binds_an_ipv6_host(artifact, monkeypatch, capsys):
+    """--host ::1 (which uvicorn serves) was refused by the CLI's IPv4 port probe: 'cannot bind ::1:8080
+    (Address family for hostname not supported)'."""
+    import socket
+
+    import silvertorch.server
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    calls = []
+    monkeypatch.setattr(silvertorch.server, "serve", lambda model, host, port, limits, cuda_graphs: calls.append((host, port)))
+    assert main(["serve", str(artifact[0]), "--host", "::1", "--port", str(port)]) == 0, capsys.readouterr().err
+    assert calls == [("::1", port)]
+
+
 def test_cli_validates_its_options(artifact, capsys):
     """Bad flags are argparse errors that name the flag; a ValueError from the library is one clean line."""
     path, _ = artifact

@@ -128,14 +128,16 @@ def _serve(args) -> int:
     from .model import RetrievalModel
     from .server import ServerLimits, serve
 
-    with socket.socket() as probe:
-        if os.name == "posix":  # as uvicorn (asyncio) binds: a port whose closed connections wait in TIME_WAIT is free
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        # the family of --host's address: an IPv6 one (::1) failed an IPv4 probe ("Address family ... not supported")
+        family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family) as probe:
+            if os.name == "posix":  # as uvicorn (asyncio) binds: a port whose closed connections wait in TIME_WAIT is free
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((args.host, args.port))
-        except OSError as err:
-            print(f"silvertorch serve: cannot bind {args.host}:{args.port} ({err.strerror}); pass another --port", file=sys.stderr)
-            return 2
+    except OSError as err:
+        print(f"silvertorch serve: cannot bind {args.host}:{args.port} ({err.strerror}); pass another --port", file=sys.stderr)
+        return 2
     try:
         device = torch.device(args.device)
     except RuntimeError:
