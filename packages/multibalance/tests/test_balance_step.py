@@ -111,6 +111,24 @@ def test_float64_statistics_take_the_reference(monkeypatch):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("ema_dtype, values_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_averages_of_another_dtype_follow_the_norms(monkeypatch, ema_dtype, values_dtype):
+    """Averages of another dtype than the norms (an older checkpoint, or a step on the other path
+    with representations of mixed dtypes) take the reference, which averages the norms in (it
+    raised 'expected dtype ... for `end`')."""
+    values, ema, step = _case("squares", 2, 3, True, seed=1)
+    options = dict(beta=0.9, relax=0.7, eps=1e-12, target="max", warmup_steps=0, weights=None)
+    expected = _run(monkeypatch, "reference", values.to(values_dtype), "squares", ema.to(values_dtype),
+                    step.clone(), **options)
+    for backend in ("interpret", "reference"):
+        got = _run(monkeypatch, backend, values.to(values_dtype), "squares", ema.to(ema_dtype), step.clone(),
+                   **options)
+        assert [g.dtype for g in got[:3]] == [values_dtype] * 3
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=0)
+
+
 def test_bad_arguments_are_named():
     ema, step = torch.ones(1, 2), torch.zeros((), dtype=torch.long)
     options = dict(beta=0.9, relax=0.7, eps=1e-12)

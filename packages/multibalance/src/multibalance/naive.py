@@ -42,7 +42,10 @@ def running_average(average: torch.Tensor, values: torch.Tensor, beta: float) ->
     finite = _all_finite(values)
     if average.shape != values.shape:
         return torch.where(finite, values, float("nan"))
-    average = average.to(values.device)  # e.g. loaded from a checkpoint onto another device: kept
+    # e.g. loaded from a checkpoint onto another device, or of another dtype (an fp32 checkpoint
+    # resumed in float64, or the other path's step with representations of mixed dtypes): kept,
+    # in the norms' dtype (lerp refuses mixed dtypes)
+    average = average.to(values.device, values.dtype)
     return torch.where(finite, torch.where(average.isnan(), values, average.lerp(values, 1 - beta)), average)
 
 
