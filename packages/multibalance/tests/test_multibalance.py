@@ -263,6 +263,35 @@ def test_state_dict_roundtrip(toy):
     assert int(other.step) == 1
 
 
+
+@pytest.mark.parametrize("norm_lag", [0, 1])
+def test_float64_state_dict_resumes_as_an_uninterrupted_run(toy, norm_lag):
+    """A float64 model's checkpoint taken mid-training: the next steps equal an uninterrupted
+    run's (the loaded averages were cast to the buffers' fp32, and the next step's float64 norms
+    then failed to enter them: 'expected dtype float')."""
+    model, ids, x, y = toy
+    model, x, y = model.double(), x.double(), [t.double() for t in y]
+
+    def run(resume_at):
+        net = copy.deepcopy(model)
+        bal = MultiBalance(["t0", "t1"], norm_lag=norm_lag)
+        grads = []
+        for i in range(4):
+            if i == resume_at:
+                state = copy.deepcopy(bal.state_dict())
+                bal = MultiBalance(["t0", "t1"], norm_lag=norm_lag)
+                bal.load_state_dict(state)
+            net.zero_grad()
+            rep = bal.attach(net.shared(ids, x * (1 + i)))
+            bal.backward(_losses(net, rep, [t * (2 - i) for t in y]))
+            grads.append(net.bottom[0].weight.grad.clone())
+        assert bal.ema.dtype == torch.float64
+        return grads
+
+    for got, expected in zip(run(2), run(None)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_grad_scaler_path_matches_unscaled(toy):
     model, ids, x, y = toy
     ref = copy.deepcopy(model)

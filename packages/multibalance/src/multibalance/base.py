@@ -717,10 +717,14 @@ class Balancer(nn.Module, abc.ABC):
             error_msgs.append(f"{where}the checkpoint is of a balancer with {n_saved} tasks; this one has "
                               f"{self.num_tasks} ({self.task_names})")
             return
-        # running statistics are sized on first use: adopt the checkpoint's shapes, on this module's device
+        # running statistics are sized on first use: adopt the checkpoint's shapes, on this module's
+        # device, and its floating dtype (set by the steps' norms: a float64 model's averages cast
+        # to the fp32 placeholder's dtype lost their precision, and the resumed run drifted)
         for name in self._sized_on_first_use:
             buf, saved = self._buffers.get(name), state_dict.get(prefix + name)
-            if buf is not None and saved is not None and saved.shape != buf.shape:
-                self._buffers[name] = buf.new_empty(saved.shape)
+            if buf is not None and saved is not None and (saved.shape != buf.shape or (
+                    saved.dtype != buf.dtype and saved.is_floating_point() and buf.is_floating_point())):
+                dtype = saved.dtype if saved.is_floating_point() and buf.is_floating_point() else buf.dtype
+                self._buffers[name] = buf.new_empty(saved.shape, dtype=dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
