@@ -225,6 +225,37 @@ def test_several_representations_balanced_separately():
     torch.testing.assert_close(z2.grad, torch.full((2, 3), 20.0))
 
 
+
+@pytest.mark.parametrize("first", ["linear", "tanh"])
+@pytest.mark.parametrize("norm", ["batch", "sample"])
+def test_representations_of_mixed_dtypes_keep_float64_norms(first, norm):
+    """An fp32 and a float64 representation: the float64 one's norms are float64 on both paths
+    (the general path computed every norm in the first representation's fp32), and a step on the
+    other path (here an empty batch, which takes the general path) goes on from the same averages."""
+    torch.manual_seed(0)
+    bottom = torch.nn.Linear(4, 6)
+    heads = torch.nn.ModuleList(torch.nn.ModuleList([torch.nn.Linear(3, 2), torch.nn.Linear(3, 2).double()])
+                                for _ in range(2))
+    act = (lambda r: r) if first == "linear" else torch.tanh
+    bal = MultiBalance(["a", "b"], norm=norm)
+    for batch in (5, 0):
+        z = bottom(torch.randn(batch, 4))
+        r0, r1 = bal.attach(z[:, :3], z[:, 3:].double())
+        ds = [r1.detach().requires_grad_()]
+        losses = {n: (h[0](act(r0)).double().sum(1) + h[1](act(r1)).sum(1)).pow(2).sum() * (t + 1)
+                  for t, (n, h) in enumerate(zip("ab", heads))}
+        if batch:
+            g = [torch.autograd.grad((h[1](act(ds[0])).sum(1) + h[0](act(r0)).double().sum(1).detach()).pow(2).sum()
+                                     * (t + 1), ds[0])[0] for t, h in enumerate(heads)]
+            expected = torch.stack([x.norm() if norm == "batch" else x.norm(dim=1).mean() for x in g])
+        else:
+            expected = 0.9 * expected  # the empty batch's norms are 0
+        bal.backward(losses)
+        assert bal.last_path == ("factored" if first == "linear" and batch else "general")
+        assert bal.ema.dtype == torch.float64
+        torch.testing.assert_close(bal.ema[1], expected, rtol=1e-12, atol=0)
+
+
 def test_sample_norm_and_static_weights():
     bal = MultiBalance(["a", "b"], relax=0.0, norm="sample", weights={"b": 0.5})
     z = torch.ones(4, 2, requires_grad=True)

@@ -72,7 +72,10 @@ class MultiBalance(Balancer):
     def _norms(self, grads: list[list[torch.Tensor]]) -> _PendingNorms:
         """[n_reps, n_tasks] gradient norms, being reduced over data-parallel ranks; no host sync."""
         n_reps = len(grads[0])
-        dtype = factored.compute_dtype(grads[0][0].dtype)
+        # float64 if any representation is float64, as the factored path's stacked sums: the first
+        # one's dtype alone took a float64 representation's norms to fp32
+        dtypes = {factored.compute_dtype(g.dtype) for g in grads[0]}  # fp32 or float64 each
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
         flat = [g if g.dtype == dtype else g.to(dtype) for gt in grads for g in gt]  # task-major
         if self.norm == "batch":
             if flat[0].device.type == "cpu":  # BLAS dot: a quarter of vector_norm's time on a cached tensor
