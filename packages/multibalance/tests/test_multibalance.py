@@ -378,11 +378,20 @@ def test_torch_compile_model(toy):
      ({"warmup_steps": -3}, "warmup_steps must be an integer >= 0, got -3"), ({"warmup_steps": 1.5}, "warmup_steps"),
      ({"weights": [1.0, 0.5]}, "weights must be a mapping from task name to a float .*got list"),
      ({"weights": torch.tensor([1.0, 0.5])}, "weights must be a mapping from task name to a float .*got Tensor"),
-     ({"weights": {"a": "heavy"}}, "weights must be finite numbers")],
+     ({"weights": {"a": "heavy"}}, "weights must be finite numbers"),
+     ({"relax": "0.7"}, "relax must be a finite number"), ({"beta": None}, "beta must be a finite number"),
+     ({"relax": float("nan")}, "relax must be a finite number")],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiBalance(["a", "b"], **kwargs)
+
+
+def test_numpy_warmup_steps_are_taken_as_an_int():
+    import numpy as np
+
+    bal = MultiBalance(["a", "b"], warmup_steps=np.int64(3))
+    assert bal.warmup_steps == 3 and type(bal.warmup_steps) is int
 
 
 def test_task_names_must_not_be_a_bare_string():

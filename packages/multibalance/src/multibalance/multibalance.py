@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from gpukernels_common.checks import check_numbers
+from gpukernels_common.checks import check_numbers, check_sizes
 
 from . import factored
 from .balance_step import balance_step
@@ -45,6 +45,8 @@ class MultiBalance(Balancer):
                  norm: str = "batch", weights: Mapping[str, float] | None = None, warmup_steps: int = 0,
                  eps: float = 1e-12, norm_lag: int = 0, process_group=None):
         super().__init__(task_names, weights=weights, process_group=process_group)
+        # real numbers first: a string failed the range test with a bare TypeError
+        check_numbers(0.0, relax=relax, beta=beta)
         if not 0.0 <= relax <= 1.0:
             raise ValueError(f"relax must be in [0, 1], got {relax}")
         if not 0.0 <= beta < 1.0:
@@ -55,8 +57,7 @@ class MultiBalance(Balancer):
             raise ValueError(f"norm must be 'batch' or 'sample', got {norm!r}")
         if norm_lag not in (0, 1) or isinstance(norm_lag, bool):
             raise ValueError(f"norm_lag must be 0 or 1, got {norm_lag!r}")
-        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        warmup_steps, = check_sizes(0, warmup_steps=warmup_steps)  # numpy ints too, as Python ints
         # eps bounds the averages below: at 0 a task that does not read a representation (norm 0) got
         # the scale inf there, and inf * 0 made the whole bottom's gradient NaN
         check_numbers(0.0, above=True, eps=eps)
