@@ -411,10 +411,11 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
     (lambda c: c.update(max_exact_terms=4.0), r"wrong type .*max_exact_terms must be an int, got 4.0"),
     (lambda c: c.update(max_nprobe=12.0), r"wrong type .*max_nprobe must be an int, got 12.0"),
     (lambda c: c.update(bloom_multiplier="5"), r"wrong type .*bloom_multiplier must be a number, got '5'"),
+    (lambda c: c.update(exact_verify="no"), r"wrong type .*exact_verify must be True or False, got 'no'"),
     (lambda c: c.update(bloom_multiplier=float("nan")), r"bloom_multiplier must be a finite number > 1 .*got nan"),
     (lambda c: c["tensors"].update(codes=[1]), r"tensor codes is torch.int8 \[2500, 24\], the config says None None"),
     (lambda c: c["tensors"]["codes"].pop("dtype"), r"tensor codes is torch.int8 \[2500, 24\], the config says None \[2500, 24\]"),
-], ids=["k_float", "n_bool", "max_ops_float", "exact_float", "max_nprobe_float", "multiplier_str", "multiplier_nan", "spec_list",
+], ids=["k_float", "n_bool", "max_ops_float", "exact_float", "max_nprobe_float", "multiplier_str", "verify_str", "multiplier_nan", "spec_list",
         "spec_no_dtype"])
 def test_config_entries_of_the_wrong_json_type_are_refused_at_load(tmp_path, edit, match):
     """A config.json edited to k_candidates 300.0 (or true) loaded, and then every query failed with a

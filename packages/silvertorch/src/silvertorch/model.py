@@ -305,6 +305,8 @@ class RetrievalModel(nn.Module):
         self._filter_schema = schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))
         if not 1 <= max_exact_terms <= max_terms:
             raise ValueError(f"max_exact_terms must be in [1, max_terms={max_terms}], got {max_exact_terms}")
+        if not isinstance(exact_verify, bool):  # "no" read from an edited config.json was taken as True
+            raise TypeError(f"exact_verify must be True or False, got {exact_verify!r}")
         self.max_ops, self.max_terms, self.exact_verify = max_ops, max_terms, exact_verify
         self.max_exact_terms = max_exact_terms
         # where each cluster's items start and end in storage: the fused scoring kernels' ranges
