@@ -65,3 +65,33 @@ def test_collective_device_follows_the_group_backend(monkeypatch):
     for backend, device in (("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("nccl", "cuda:1"), ("mpi", "cpu")):
         monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None, backend=backend: backend)
         assert collective_device(object()) == torch.device(device), backend
+
+
+def test_ops_after_the_round_agreement_failed_raise_instead_of_never_resolving():
+    """The communication thread stops when the ranks' round agreement fails (a rank died): it
+    failed the ops it held, but ops queued or flushed afterwards were accepted and their futures
+    never resolved (result() without a timeout hung)."""
+    import threading
+
+    sched = CommScheduler(preempt=True)
+    release = threading.Event()
+
+    def failed_agreement(flushed):
+        release.wait(10)
+        raise RuntimeError("the agreement's all-reduce failed")
+
+    sched._agreed_round = failed_agreement
+    first = sched.all_reduce(torch.ones(2), name="first")
+    sched.flush()
+    late = sched.all_reduce(torch.ones(2), name="late")  # queued while the thread is still alive
+    release.set()
+    with pytest.raises(RuntimeError, match="agreement's all-reduce failed"):
+        first.result(timeout=10)
+    sched._thread.join(timeout=10)
+    with pytest.raises(RuntimeError, match="communication thread stopped"):
+        sched.flush()
+    with pytest.raises(RuntimeError, match="communication thread stopped"):
+        late.result(timeout=10)
+    with pytest.raises(RuntimeError, match="communication thread stopped"):
+        sched.all_to_all(torch.empty(2, 2), torch.ones(2, 2))
+    sched.close()

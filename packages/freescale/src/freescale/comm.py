@@ -61,6 +61,7 @@ class CommScheduler:
         self._ready: list[_Chunk] = []  # flushed, not started
         self._rounds = 0  # flush() rounds handed to the communication thread
         self._closed = False
+        self._failed: Exception | None = None  # why the communication thread stopped (see `_loop`)
         self._cv = threading.Condition()
         # decided on the caller's thread: the communication thread's current CUDA device is device 0
         self._agreement_device = collective_device(process_group) if dist.is_initialized() else torch.device("cpu")
@@ -96,6 +97,7 @@ class CommScheduler:
                 chunk = self._next()
             except Exception as err:  # the agreement failed (e.g. a rank died): fail what is queued
                 with self._cv:
+                    self._failed = err  # and what comes later: no thread is left to run it
                     for c in self._ready:
                         if not c.run.future.done():
                             c.run.future.set_exception(err)
@@ -113,6 +115,9 @@ class CommScheduler:
         if self._closed:
             raise RuntimeError(f"CommScheduler: cannot {what}: the scheduler is closed (close() was called); "
                                "create a new CommScheduler for further collectives")
+        if self._failed is not None:
+            raise RuntimeError(f"CommScheduler: cannot {what}: its communication thread stopped on an error "
+                               f"({self._failed}); create a new CommScheduler") from self._failed
 
     def _queue_chunks(self, parts: list, send, result, priority: int, name: str) -> Future:
         """Queue `send(part)` for every part as chunks of one op; the future resolves to `result`
@@ -237,10 +242,16 @@ class CommScheduler:
 
     def flush(self) -> None:
         """Hand every pending chunk to the communication thread as one round, most urgent first."""
-        self._check_open("flush()")
-        if not self._pending:
-            return  # an empty round would leave nothing to agree on
         with self._cv:
+            if self._failed is not None:  # the thread stopped (see `_loop`): these would never resolve
+                for chunk in self._pending:
+                    if not chunk.run.future.done():
+                        chunk.run.future.set_exception(RuntimeError("CommScheduler: its communication thread "
+                                                                    f"stopped before this op was flushed ({self._failed})"))
+                self._pending = []
+            self._check_open("flush()")
+            if not self._pending:
+                return  # an empty round would leave nothing to agree on
             self._rounds += 1
             for chunk in self._pending:
                 chunk.round = self._rounds
