@@ -524,6 +524,20 @@ def scenario_embeddings(rank, world):
     return out
 
 
+def scenario_empty_table(rank, world):
+    """A table of 0 rows (the constructor takes it) beside a table smaller than the world:
+    `full_weight` of each, table-wise and row-wise."""
+    out = {}
+    for sharding in ("row", "table"):
+        emb = ShardedEmbeddings({"small": 1, "empty": 0}, dim=3, sharding=sharding)
+        for key in emb.keys:
+            try:
+                out[f"{sharding}/{key}"] = emb.full_weight(key)
+            except Exception as err:  # noqa: BLE001 (reported to the test)
+                out[f"{sharding}/{key}"] = f"{type(err).__name__}: {err}"
+    return out
+
+
 def scenario_bad_ids(rank, world):
     """Invalid input to ShardedEmbeddings on one rank only (ids out of a table's range, float ids, a
     missing key), on a group with a 300 s timeout: the rank raised alone and the others waited in

@@ -86,6 +86,16 @@ def test_sharded_embeddings_equal_local_embedding_bag(tmp_path, world):
             torch.testing.assert_close(r["fused_updated"][key], expected, msg=f"{name} {key} fused")
 
 
+def test_full_weight_of_a_table_without_rows(tmp_path):
+    """A table of 0 rows: `full_weight` is its [0, dim] table, as on one rank (torch.cat of no
+    shards raised on more ranks)."""
+    proc, res = _run("empty_table", 2, tmp_path, timeout=90)
+    for sharding in ("row", "table"):
+        assert torch.equal(res[f"{sharding}/small"], worker.initial_rows(0, 0, 1, 3, 0, 1)), res
+        empty = res[f"{sharding}/empty"]
+        assert isinstance(empty, torch.Tensor) and empty.shape == (0, 3), empty
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_copy_engine_transport_equals_all_to_all(tmp_path, world):
     proc, res = _run("transport", world, tmp_path)

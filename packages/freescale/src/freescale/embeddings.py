@@ -256,7 +256,8 @@ class ShardedEmbeddings(nn.Module):
         # host copies: a pickled GPU shard would unpickle onto its owner's GPU index on every rank
         shard = self.shards[key].detach()
         dist.all_gather_object(parts, (self._row_start[key], shard.cpu()), group=self.group)
-        return torch.cat([p for _, p in sorted(parts, key=lambda x: x[0]) if p.numel()]).to(shard.device)
+        # every shard is [rows, dim], empty ones too: a table of 0 rows is [0, dim], as on one rank
+        return torch.cat([p for _, p in sorted(parts, key=lambda x: x[0])]).to(shard.device)
 
     def forward(self, features: KeyedJagged, pooling: str = "sum") -> dict[str, torch.Tensor]:
         """Per table key: `"sum"` / `"mean"` pooled per sample, {key: [batch, dim]} (an empty bag
