@@ -95,3 +95,12 @@ def test_ops_after_the_round_agreement_failed_raise_instead_of_never_resolving()
     with pytest.raises(RuntimeError, match="communication thread stopped"):
         sched.all_to_all(torch.empty(2, 2), torch.ones(2, 2))
     sched.close()
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, -4, 1e6, "1MB", True])
+def test_chunk_bytes_must_be_a_positive_integer(chunk_bytes):
+    """Refused when constructed, naming chunk_bytes: with a process group a 0 failed in the first
+    all-to-all with a ZeroDivisionError, 1e6 in the first all-reduce with range()'s TypeError,
+    and -4 cut every all-reduce into one-element chunks."""
+    with pytest.raises(ValueError, match="chunk_bytes must be an integer >= 1"):
+        CommScheduler(chunk_bytes=chunk_bytes)

@@ -27,6 +27,8 @@ from concurrent.futures import Future
 import torch
 import torch.distributed as dist
 
+from gpukernels_common.checks import check_sizes
+
 
 def collective_device(group=None) -> torch.device:
     """Where a tensor made here for a collective on `group` (a count, a flag) must live: the host
@@ -53,6 +55,9 @@ class _Deferred:
 
 class CommScheduler:
     def __init__(self, process_group=None, chunk_bytes: int = 1 << 20, preempt: bool = False):
+        # checked here: a 0 or float size failed only in the first op (a ZeroDivisionError, a
+        # TypeError from range()), and a negative one cut all-reduces into one element per chunk
+        (chunk_bytes,) = check_sizes(chunk_bytes=chunk_bytes)
         self.group = process_group
         self.chunk_bytes = chunk_bytes
         self.preempt = preempt
