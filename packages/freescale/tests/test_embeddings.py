@@ -28,6 +28,26 @@ def test_one_process_pooling_equals_embedding_bag(pooling):
     assert torch.equal(rows["a"], emb.shards["a"].detach()[torch.cat(bags["a"])])
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("sharding", ["row", "table"])
+def test_ids_of_any_integer_dtype_look_up_as_int64_ids(dtype, sharding):
+    """uint16/32/64 ids (numpy's uint32 hashes through torch.from_numpy, say) failed the range
+    check with a NotImplementedError ("aminmax_cpu" not implemented), 8/16-bit ids unpooled and
+    row-wise in repeat_interleave: raised on that rank alone, not an input error flagged to the
+    others (who waited in the counts all-to-all)."""
+    bags, features = _features(seed=4)
+    emb = ShardedEmbeddings({"a": 50, "b": 30}, dim=5, init_seed=1, sharding=sharding)
+    as_dtype = KeyedJagged(features.keys, features.values.to(dtype), features.lengths)
+    for pooling in ("sum", "none"):
+        want = emb(features, pooling=pooling)
+        got = emb(as_dtype, pooling=pooling)
+        for key in ("a", "b"):
+            assert torch.equal(got[key], want[key]), (pooling, key)
+    too_large = KeyedJagged(["a", "b"], torch.tensor([3, 50], dtype=dtype), torch.tensor([1, 1]))
+    with pytest.raises(IndexError, match="ids for table 'b' must be in \\[0, 30\\), got \\[50, 50\\]"):
+        emb(too_large)
+
+
 def test_sparse_gradients_equal_dense():
     _, features = _features(seed=1)
     grads = {}

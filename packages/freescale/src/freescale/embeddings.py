@@ -309,9 +309,15 @@ class ShardedEmbeddings(nn.Module):
         if missing:
             raise KeyError(f"features have no ids for the tables {missing} (features: {features.keys}, tables: {self.keys})")
         ids_per_key, lengths_per_key = zip(*(features[key] for key in self.keys))
-        for key, ids in zip(self.keys, ids_per_key):
+        ids_per_key = list(ids_per_key)
+        for t, (key, ids) in enumerate(zip(self.keys, ids_per_key)):
             if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:  # would be truncated to rows
                 raise TypeError(f"ids for table {key!r} must have an integer dtype, got {ids.dtype}")
+            if ids.dtype not in (torch.int32, torch.int64):
+                # torch has no min/max for uint16-64 (numpy's uint32 ids, say), no repeat_interleave
+                # for 8/16-bit sizes: NotImplementedErrors on that rank alone; looked up as int64
+                # (uint64 ids past 2**63 - 1 wrap negative and are refused as out of range)
+                ids_per_key[t] = ids = ids.long()
             if ids.numel():
                 low, high = torch.aminmax(ids)  # one pass
                 if low < 0 or high >= self.num_rows[key]:
