@@ -104,3 +104,20 @@ def test_chunk_bytes_must_be_a_positive_integer(chunk_bytes):
     and -4 cut every all-reduce into one-element chunks."""
     with pytest.raises(ValueError, match="chunk_bytes must be an integer >= 1"):
         CommScheduler(chunk_bytes=chunk_bytes)
+
+
+@pytest.mark.parametrize("priority", [None, "high", float("nan"), True])
+def test_a_priority_that_is_not_a_number_is_refused_naming_it(priority):
+    """Refused when queued: the communication thread compared it with the others' when picking a
+    chunk, and the TypeError there (None, a string) stopped the thread and failed every op queued
+    beside it; a NaN compared as neither more nor less urgent."""
+    sched = CommScheduler()
+    fine = sched.all_reduce(torch.ones(2), priority=0, name="fine")
+    with pytest.raises(ValueError, match="'bad': priority must be a number"):
+        sched.all_reduce(torch.ones(2), priority=priority, name="bad")
+    with pytest.raises(ValueError, match="'bad': priority must be a number"):
+        sched.all_to_all(torch.empty(2, 2), torch.ones(2, 2), priority=priority, name="bad")
+    late = sched.all_reduce(torch.ones(2), priority=2.5, name="late")  # floats (e.g. need times) are numbers
+    sched.flush()
+    assert fine.result(timeout=10) is not None and late.result(timeout=10) is not None
+    sched.close()

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import numbers
 import threading
 from concurrent.futures import Future
 
@@ -129,6 +131,10 @@ class CommScheduler:
         once the last chunk is done. A part may be a `_Deferred`, whose run returns more parts
         (the chunks it expands into, queued right behind it with the same priority and round)."""
         self._check_open(f"queue op {name!r}")
+        # checked here: the communication thread compares priorities when it picks a chunk, and a
+        # TypeError there stopped it, failing every op queued beside this one
+        if isinstance(priority, bool) or not isinstance(priority, numbers.Real) or math.isnan(priority):
+            raise ValueError(f"op {name!r}: priority must be a number (lower is more urgent), got {priority!r}")
         future: Future = Future()
         seq = next(self._seq)
         remaining = [len(parts)]
