@@ -730,7 +730,13 @@ def test_numpy_counts_and_clear_errors_for_wrong_arguments():
         index.search("queries", 5)
     with pytest.raises(ValueError, match="ids must be integers, got torch.float32"):
         index.remove(torch.tensor([1.5, 2.0]))
+    # ids past int64: named (a Python int failed with torch's unnamed overflow; uint64 ones wrapped negative)
+    with pytest.raises(ValueError, match=r"ids must be integers \(int64\), got \[1180591620717411303424\]"):
+        index.remove([2**70])
+    with pytest.raises(ValueError, match="ids must be integers within int64, got uint64 values past"):
+        index.remove(np.array([2**64 - 1], dtype=np.uint64))
     assert index.remove(np.array([1, 2])) == 2
+    assert index.remove(np.array([3], dtype=np.uint64)) == 1
 
 
 def test_dense_mask_filter_answers_ranges_given_on_another_device():

@@ -67,10 +67,17 @@ def as_count(value, name: str) -> int:
 def as_integers(values, name: str, device=None, what: str = "integers") -> torch.Tensor:
     """Ids or item positions as int64, refusing floats, complex and booleans: 1.5 would be
     truncated to 1 and a bool mask read as 0s and 1s, silently. An empty list (float32 to
-    torch) is no values, not fractional ones."""
-    t = torch.as_tensor(values, device=device)
+    torch) is no values, not fractional ones. Values past int64 are refused by name (a Python int
+    failed with torch's unnamed "Overflow when unpacking long long"; a uint64 one wrapped negative)."""
+    try:
+        t = torch.as_tensor(values, device=device)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{name} must be {what} (int64), got {values!r:.80}: {err}") from None
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise ValueError(f"{name} must be {what}, got {t.dtype}")
+    # torch has no comparisons of uint64: values past int64 are the ones whose int64 view is negative
+    if t.dtype == getattr(torch, "uint64", None) and t.numel() and bool((t.view(torch.int64) < 0).any()):
+        raise ValueError(f"{name} must be {what} within int64, got uint64 values past {torch.iinfo(torch.int64).max}")
     return t.long()
 
 
