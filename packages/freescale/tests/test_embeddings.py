@@ -162,6 +162,11 @@ def test_bad_input_is_named():
         ShardedEmbeddings({"a": 5}, dim=0)
     with pytest.raises(ValueError, match="tables: row counts must be non-negative ints, got \\{'a': -3\\}"):
         ShardedEmbeddings({"a": -3}, dim=3)
+    with pytest.raises(ValueError, match="tables must be a mapping from table name to row count .*got list"):
+        ShardedEmbeddings([("a", 5)], dim=3)
+    for unknown in (lambda: emb.full_weight("c"), lambda: emb.owner_of("c", torch.tensor([1]))):
+        with pytest.raises(KeyError, match=r"no table 'c'; tables: \['a', 'b'\]"):
+            unknown()
 
 
 def test_pipeline_sends_ids_ahead_and_warns_when_the_step_does_not_use_them():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -206,6 +207,9 @@ class ShardedEmbeddings(nn.Module):
             raise ValueError(f"fused_update must be one of {FUSED_UPDATES}, got {fused_update!r}")
         if fused_update != "eager" and fused_lr is None:
             raise ValueError(f"fused_update={fused_update!r} needs fused_lr= (it is how the fused SGD update runs)")
+        if not isinstance(tables, Mapping):  # a list failed with an AttributeError on .items()
+            raise ValueError(f"tables must be a mapping from table name to row count (e.g. {{'items': 1000}}), "
+                             f"got {type(tables).__name__}")
         if not tables:
             raise ValueError("tables must name at least one table and its row count")
         bad_rows = {k: n for k, n in tables.items() if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0}
@@ -245,11 +249,17 @@ class ShardedEmbeddings(nn.Module):
         owner = ids // per
         return owner, ids - owner * per
 
+    def _table_index(self, key: str) -> int:
+        if key not in self.num_rows:  # not list.index's bare ValueError, nor the ParameterDict's KeyError
+            raise KeyError(f"no table {key!r}; tables: {self.keys}")
+        return self.keys.index(key)
+
     def owner_of(self, key: str, ids: torch.Tensor) -> torch.Tensor:
-        return self._route(torch.full_like(ids, self.keys.index(key)), ids)[0]
+        return self._route(torch.full_like(ids, self._table_index(key)), ids)[0]
 
     def full_weight(self, key: str) -> torch.Tensor:
         """Gather the whole table (for checks and checkpoints)."""
+        self._table_index(key)  # before the gather
         if self.world == 1:
             return self.shards[key].detach()
         parts = [None] * self.world
