@@ -323,6 +323,7 @@ def test_route_refuses_integer_logits():
     (dict(capacity_factor=float("nan")), "capacity_factor must be a finite number > 0"),
     (dict(capacity_factor="1.5"), "capacity_factor must be a finite number > 0"),
     (dict(score="bogus"), "score must be 'softmax' or 'sigmoid', got 'bogus'"),  # failed at forward
+    (dict(renormalize="no"), "renormalize must be True or False, got 'no'"),  # read as true, silently
     (dict(d_ff=0), "d_ff must be an integer >= 1, got 0"),  # a ZeroDivisionError
     (dict(d_model=0), "d_model must be an integer >= 1, got 0"),
     (dict(d_ff=8.0), "d_ff must be an integer >= 1, got 8.0"),
@@ -343,6 +344,11 @@ def test_constructor_refuses_bad_arguments(kwargs, match):
         router_args = {k: v for k, v in args.items() if k not in ("d_ff",)}
         with pytest.raises(ValueError, match=match):
             moeblaze.Router(**router_args)
+
+
+def test_route_refuses_a_renormalize_that_is_not_a_bool():
+    with pytest.raises(ValueError, match="renormalize must be True or False, got 1"):
+        route(torch.randn(4, 3), 2, renormalize=1)
 
 
 @pytest.mark.parametrize("capacity", [1.5, True, 0, "2"])

@@ -15,7 +15,7 @@ from gpukernels_common.checks import check_numbers, check_sizes
 from .experts import CHECKPOINTS, moe_experts
 from .naive import ACTIVATIONS
 from .parallel import expert_parallel_experts, local_expert_count
-from .router import Router, check_capacity_factor, check_score, check_top_k, check_x_dtype
+from .router import Router, check_capacity_factor, check_renormalize, check_score, check_top_k, check_x_dtype
 
 
 class MoE(nn.Module):
@@ -58,6 +58,7 @@ class MoE(nn.Module):
         if checkpoint not in CHECKPOINTS:
             raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
         check_score(score)
+        check_renormalize(renormalize)
         check_capacity_factor(capacity_factor)
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.activation, self.checkpoint = activation, checkpoint

@@ -67,6 +67,12 @@ def check_capacity(capacity) -> None:
         raise ValueError(f"capacity must be an integer >= 1 slot per expert (or None: dropless), got {capacity!r}")
 
 
+def check_renormalize(renormalize) -> None:
+    # a bool: "no" (or a tensor) read as true, silently
+    if not isinstance(renormalize, bool):
+        raise ValueError(f"renormalize must be True or False, got {renormalize!r}")
+
+
 def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize: bool = True,
           capacity: int | None = None) -> Routing:
     """Top-k routing of [T, E] logits. With `capacity`, each expert keeps its first `capacity`
@@ -91,6 +97,7 @@ def route(logits: torch.Tensor, top_k: int, score: str = "softmax", renormalize:
     n_experts = logits.shape[1]
     check_top_k(top_k, n_experts)
     check_capacity(capacity)
+    check_renormalize(renormalize)
     # an eager-only check (a host synchronisation): skipped while torch.compile / torch.export
     # trace and on meta tensors (shape inference), which have no values to check
     if not (tracing() or logits.is_meta) and not torch.isfinite(logits).all():
@@ -159,6 +166,7 @@ class Router(nn.Module):
         check_sizes(d_model=d_model, n_experts=n_experts)
         check_top_k(top_k, n_experts)
         check_score(score)
+        check_renormalize(renormalize)
         check_capacity_factor(capacity_factor)
         self.proj = nn.Linear(d_model, n_experts, bias=False)
         self.n_experts, self.top_k, self.score, self.renormalize = n_experts, top_k, score, renormalize
