@@ -440,6 +440,7 @@ def test_pcgrad_on_device_gradients():
     (lambda: DBMTL(["a", "b"], eps=float("inf")), "eps"),
     (lambda: FAMO(["a", "b"], lr=float("nan")), "lr"),
     (lambda: FAMO(["a", "b"], gamma=-0.01), "gamma"),
+    (lambda: PCGrad(["a", "b"], seed=1.5), "seed"),
 ])
 def test_hyperparameters_are_checked(make, arg):
     """A NaN, infinite or negative rate was accepted and spread into the weights (NaN logits after

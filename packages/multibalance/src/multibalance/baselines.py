@@ -8,6 +8,7 @@ MGDA and MetaBalance become parameter-level (the expensive classic form) when gi
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -158,7 +159,9 @@ class PCGrad(Balancer):
 
     def __init__(self, task_names: Sequence[str], *, seed: int = 0, **kw):
         super().__init__(task_names, **kw)
-        self.generator = torch.Generator().manual_seed(seed)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # 1.5 failed in manual_seed, unnamed
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.generator = torch.Generator().manual_seed(int(seed))
 
     def combine(self, grads, losses):
         # each projected g_i stays a combination of the task gradients, coef[i] @ flat, so every dot
