@@ -901,6 +901,18 @@ def test_a_filtered_search_of_no_queries_is_empty():
     assert torch.equal(count_row_bits(words), count_bits(words).sum(1))
 
 
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_a_search_of_no_queries_after_remove_is_empty(monkeypatch, backend):
+    """Zero queries over an index with removed items: the empty result, not a `found.max()` of
+    no rows from the PyTorch reference's passing-items path (0 passing <= any fraction of 0 slots)."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    for cls in (IVFIndex, FlatIndex):
+        index = cls.build(INDEX_X[:300], n_clusters=4, iters=2)
+        index.remove([3])
+        r = index.search_with_stats(torch.empty(0, INDEX_X.shape[1]), 5)
+        assert r.scores.shape == r.ids.shape == r.fresh.shape == (0, 5) and r.found.shape == r.nprobe.shape == (0,)
+
+
 def test_captured_search_checks_queries_in_the_captured_dtype():
     """float64 queries past float32's range become inf in the captured float32 buffer: refused as
     the eager search refuses inf, before the graph runs (which does not check its values)."""

@@ -628,7 +628,7 @@ class IVFIndex:
                 dots[at:at + n] = int8_matmul(block, padded_queries[i])[:, 0]
             at += n
         scores = dots * (self.scales.index_select(0, positions) * q_scales.index_select(0, query))  # item x query, as the kernels
-        width = max(int(found.max()), 1)
+        width = max(int(found.max()), 1) if q else 1  # zero queries: no row to take a max of
         rank = torch.arange(positions.numel(), device=device) - (found.cumsum(0) - found).index_select(0, query)
         at = query * width + rank
         grid = torch.full((q, width), float("-inf"), device=device).view(-1).index_copy_(0, at, scores)
