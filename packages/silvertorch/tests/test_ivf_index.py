@@ -935,6 +935,20 @@ def test_captured_search_checks_queries_in_the_captured_dtype():
     assert graph.calls == 1
 
 
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_float64_queries_past_float32_range_are_refused(monkeypatch, backend):
+    """The search scores in float32: a float64 query past its range became inf there, unchecked,
+    and came back as NaN and inf scores over arbitrary ids; refused as an inf query is."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    queries = torch.ones(2, INDEX_X.shape[1], dtype=torch.float64)
+    queries[0, 1] = 1e39
+    for index in (INDEX, FlatIndex.build(INDEX_X[:200]), FlatIndex.build(INDEX_X[:200], dtype="bfloat16")):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            index.search(queries, 3)
+    scores, ids = INDEX.search(queries[1:], 3)  # in range: searched
+    assert torch.isfinite(scores).all() and (ids >= 0).all()
+
+
 def test_device_constants_made_under_inference_mode_are_kept():
     """A constant first asked for under inference_mode is kept (made outside it): otherwise it is
     made afresh inside a CUDA graph capture, a host-to-device copy that a capture refuses."""
