@@ -949,6 +949,20 @@ def test_float64_queries_past_float32_range_are_refused(monkeypatch, backend):
     assert torch.isfinite(scores).all() and (ids >= 0).all()
 
 
+def test_float64_embeddings_past_float32_range_are_refused():
+    """Items are quantised (and clustered) in float32: a float64 value past its range became an inf
+    scale or a NaN centroid, unchecked, and every search then returned NaN scores; refused as inf is."""
+    x = INDEX_X[:100].double()
+    x[5, 0] = 1e39
+    for build in (lambda: IVFIndex.build(x, n_clusters=4, iters=2), lambda: FlatIndex.build(x)):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            build()
+    index = FlatIndex.build(x[:5])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        index.add(x[5:7], ids=[100, 101])
+    assert index.num_fresh == 0
+
+
 def test_device_constants_made_under_inference_mode_are_kept():
     """A constant first asked for under inference_mode is kept (made outside it): otherwise it is
     made afresh inside a CUDA graph capture, a host-to-device copy that a capture refuses."""

@@ -199,7 +199,8 @@ def _check_embeddings(embeddings, dim: int | None = None) -> torch.Tensor:
                          f"{type(embeddings).__name__}") from err
     if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point or (dim is not None and embeddings.shape[1] != dim):
         raise ValueError(f"embeddings must be a float tensor [num_items, {dim or 'dim'}], got {embeddings.dtype} {tuple(embeddings.shape)}")
-    if not torch.isfinite(embeddings).all():
+    # as float32, the precision items are clustered and quantised in: float64 past its range turns inf there
+    if not torch.isfinite(embeddings.float()).all():
         raise ValueError("embeddings contain NaN or inf")
     return embeddings
 
