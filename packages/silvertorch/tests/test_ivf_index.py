@@ -362,6 +362,9 @@ def test_max_nprobe_below_nprobe_is_refused():
      (lambda: INDEX.search(torch.randn(1, 64), 5, nprobe=99), "nprobe"),
      (lambda: INDEX.search(torch.randn(2, 64), 5, filters=DenseMaskFilter(torch.ones(1, INDEX.num_items, dtype=torch.bool))), "filters cover"),
      (lambda: IVFIndex.build(torch.randn(10, 4), n_clusters=11), "n_clusters"),
+     (lambda: IVFIndex.build(torch.randn(10, 4), n_clusters=2.5), "n_clusters must be an int"),  # were TypeErrors
+     (lambda: IVFIndex.build(torch.randn(10, 4), n_clusters=True), "n_clusters must be an int"),  # naming no argument
+     (lambda: IVFIndex.build(torch.randn(10, 4), n_clusters=2, iters=2.5), "iters must be an int"),
      (lambda: IVFIndex.build(torch.randn(10, 4), dtype="fp8"), "int8"),
      (lambda: IVFIndex.build(torch.randn(10, 4), ids=torch.zeros(10), n_clusters=2), "ids must be 10 integers"),
      (lambda: IVFIndex.build(torch.randn(10, 4), ids=torch.arange(10) % 9, n_clusters=2), "distinct"),

@@ -351,6 +351,8 @@ class IVFIndex:
               iters: int = 20, seed: int = 0) -> IVFIndex:
         if dtype != "int8":
             raise ValueError(f"IVFIndex stores int8 codes (dtype='int8'); use FlatIndex for dtype={dtype!r}")
+        # ints (numpy's too): 2.5 or True failed inside k-means with a TypeError naming no argument
+        n_clusters, iters = as_count(n_clusters, "n_clusters"), as_count(iters, "iters")
         embeddings = _check_embeddings(embeddings)
         n = embeddings.shape[0]
         ids = _checked_ids(ids, n, embeddings.device)
