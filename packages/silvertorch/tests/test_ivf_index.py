@@ -497,6 +497,25 @@ def test_bf16_flat_index_is_exact_up_to_bf16(tmp_path):
         FlatIndex.build(x, dtype="fp8")
 
 
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_flat_index_without_main_items_searches_as_int8_and_bf16(monkeypatch, backend):
+    """A FlatIndex with no main item (built empty, or every item removed and compacted): the
+    bf16 one failed with "k must be >= 1, got k=0" (no column to select from) where the int8 one
+    returned no results; both return none, and the fresh items once added."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    for dtype in ("int8", "bfloat16"):
+        compacted = FlatIndex.build(torch.randn(3, 4), dtype=dtype)
+        compacted.remove([0, 1, 2])
+        compacted.compact()
+        for index in (FlatIndex.build(torch.empty(0, 4), dtype=dtype), compacted):
+            r = index.search_with_stats(torch.randn(2, 4), 3)
+            assert (r.scores == float("-inf")).all() and (r.ids == -1).all() and (r.found == 0).all() and not r.fresh.any()
+            index.add(torch.ones(1, 4), ids=[7])
+            r = index.search_with_stats(torch.ones(2, 4), 3)
+            assert r.ids[:, 0].tolist() == [7, 7] and (r.ids[:, 1:] == -1).all() and r.fresh[:, 0].all()
+            assert r.found.tolist() == [1, 1]
+
+
 @pytest.mark.parametrize("int8_dot", [True, False])
 def test_cluster_major_schedule_splits_busy_clusters_into_blocks(monkeypatch, int8_dot):
     import silvertorch.ivf.index as ivf_index

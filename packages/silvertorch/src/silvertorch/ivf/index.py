@@ -875,6 +875,8 @@ class FlatIndex(IVFIndex):
         if self.dtype == "int8":
             return super()._slot_scores(queries, clusters, filters, out=out, schedule=schedule, ranges=ranges)
         scores = self._exhaustive_scores(queries, self.codes, self.scales, self.removed, 0, filters)
+        if not self.num_main:  # one -inf slot, as the int8 path's: a selection needs a column
+            scores = scores.new_full((scores.shape[0], 1), float("-inf"))
         starts = torch.zeros(scores.shape[0], 1, dtype=torch.int64, device=scores.device)  # one block: slot j is item j
         found = (scores > float("-inf")).sum(1)
         return (scores if out is None else out.copy_(scores)), starts, max(self.num_main, 1), found
