@@ -328,3 +328,22 @@ def test_search_of_no_queries_is_empty_on_every_backend(monkeypatch, backend):
     assert got.shape == (0, INDEX.num_words) and got.dtype == torch.int64
     out = torch.empty(0, INDEX.num_words, dtype=torch.int64)
     assert INDEX.search(parse_filters([]), out=out) is out
+
+
+@pytest.mark.parametrize("which", ["offsets", "feature_ids", "values"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.bool])
+def test_attributes_must_be_integer_tensors(which, dtype):
+    """Float offsets [0, 1.5, 3] were truncated to [0, 1, 3] (the pairs moved to other items),
+    complex values lost their imaginary part and bool ids read as 0s and 1s, silently: refused
+    by build and append alike."""
+    given = {"feature_ids": torch.tensor([1, 1, 2]), "offsets": torch.tensor([0, 1, 3]), "values": torch.tensor([1, 0, 1])}
+    bad = dict(given, **{which: given[which].to(dtype)})
+    if which == "offsets" and dtype.is_floating_point:
+        bad["offsets"] = torch.tensor([0.0, 1.5, 3.0], dtype=dtype)
+    match = f"must be (an )?integer tensors?, got {which} of {dtype}"
+    with pytest.raises(ValueError, match=match):
+        BloomIndex.build(**bad)
+    index = BloomIndex.build(**given)
+    with pytest.raises(ValueError, match=match):
+        index.append(**bad)
+    assert index.num_items == 2

@@ -93,6 +93,12 @@ def _positions(values, name: str, device) -> torch.Tensor:
 
 
 def _validate_attributes(feature_ids, offsets, values):
+    for name, t in (("feature_ids", feature_ids), ("values", values), ("offsets", offsets)):
+        # the int64 cast would truncate float offsets (0, 1.5, 3 moved pairs to other items), drop an
+        # imaginary part or read bools as 0s and 1s, silently
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            what = "offsets must be an integer tensor" if name == "offsets" else "feature_ids and values must be integer tensors"
+            raise ValueError(f"{what}, got {name} of {t.dtype}")
     if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0:
         raise ValueError("offsets must be a 1-D tensor [n_items + 1] starting at 0")
     if (offsets.diff() < 0).any():
@@ -101,8 +107,6 @@ def _validate_attributes(feature_ids, offsets, values):
         raise ValueError(f"feature_ids and values must be 1-D with the same length, got {tuple(feature_ids.shape)} and {tuple(values.shape)}")
     if int(offsets[-1]) != values.numel():
         raise ValueError(f"offsets end at {int(offsets[-1])} but there are {values.numel()} (feature_id, value) pairs")
-    if feature_ids.dtype.is_floating_point or values.dtype.is_floating_point:
-        raise ValueError("feature_ids and values must be integer tensors")
 
 
 class BloomIndex:
