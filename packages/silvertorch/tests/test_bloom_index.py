@@ -347,3 +347,38 @@ def test_attributes_must_be_integer_tensors(which, dtype):
     with pytest.raises(ValueError, match=match):
         index.append(**bad)
     assert index.num_items == 2
+
+
+def test_load_refuses_a_corrupt_file_that_would_answer_wrongly(tmp_path):
+    """A saved file whose tombstones were cut short loaded and broadcast its first word's deletions
+    over every word (items 3 and 5 dropped in every 64); attributes that `build` refuses (pairs
+    past the end, offsets not from 0) loaded as a wrong side table; a header without k failed
+    with a KeyError."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = BloomIndex.build(*_items(300, seed=4))
+    index.delete([3, 5])
+    path = index.save(tmp_path / "ok.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    config = json.loads(meta["config"])
+    pairs = int(tensors["offsets"][-1])
+    for name, changed, new_meta, match in (
+        ("deleted", {"deleted": tensors["deleted"][:1]}, meta, r"deleted is \(1,\), expected \(5,\)"),
+        ("pairs", {"values": tensors["values"][: pairs - 2], "feature_ids": tensors["feature_ids"][: pairs - 2]}, meta,
+         "offsets end at"),
+        ("offsets", {"offsets": tensors["offsets"] + 1}, meta, "starting at 0"),
+        ("dtype", {"bits": tensors["bits"].double()}, meta, "bits must be int64"),
+        ("no_k", {}, dict(meta, config=json.dumps({key: v for key, v in config.items() if key != "k"})), "config"),
+        ("list", {}, dict(meta, config="[1]"), "config"),
+        ("nan", {}, dict(meta, config=json.dumps(dict(config, b_multiplier=float("nan")))), "config"),
+    ):
+        save_file({**tensors, **changed}, str(tmp_path / f"{name}.safetensors"), metadata=new_meta)
+        with pytest.raises(ValueError, match=match):
+            BloomIndex.load(tmp_path / f"{name}.safetensors")
+    back = BloomIndex.load(path)
+    plans = parse_filters(["", "NOT 1:1"])
+    assert torch.equal(back.search(plans), index.search(plans))

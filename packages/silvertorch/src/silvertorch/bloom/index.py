@@ -451,13 +451,32 @@ class BloomIndex:
             raise ValueError(f"{path}: not a silvertorch BloomIndex file (format={meta.get('format')!r})")
         if meta.get("format_version") != str(FORMAT_VERSION):
             raise ValueError(f"{path}: format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-        config = json.loads(meta["config"])
+        try:  # a header without k, or not an object, failed with a KeyError or AttributeError
+            config = json.loads(meta["config"])
+            k, b_multiplier = int(config["k"]), float(config["b_multiplier"])
+            if not math.isfinite(b_multiplier):
+                raise ValueError(f"b_multiplier={b_multiplier}")
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the header's config is not a BloomIndex's ({type(err).__name__}: {err})") from None
         if config.get("bundle") != BUNDLE:
             raise ValueError(f"{path}: bundle size {config.get('bundle')} != {BUNDLE}")
-        missing = {"bits", "row_offsets", "widths", "deleted", "feature_ids", "offsets", "values"} - set(tensors)
+        names = {"bits", "row_offsets", "widths", "deleted", "feature_ids", "offsets", "values"}
+        missing = names - set(tensors)
         if missing:
             raise ValueError(f"{path}: missing tensors {sorted(missing)}")
-        idx = cls(k=config["k"], b_multiplier=config["b_multiplier"], layout=config.get("layout", 0), **tensors)
+        # what `build` checks, and the saved layout: tombstones cut short were broadcast over every
+        # word, attributes build refuses loaded as a wrong side table (answers silently wrong)
+        try:
+            wrong = sorted(name for name in names if tensors[name].dtype != torch.int64)
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} must be int64, got {', '.join(str(tensors[n].dtype) for n in wrong)}")
+            _validate_attributes(tensors["feature_ids"], tensors["offsets"], tensors["values"])
+            n_words = math.ceil((tensors["offsets"].numel() - 1) / 64)
+            if tuple(tensors["deleted"].shape) != (n_words,):
+                raise ValueError(f"deleted is {tuple(tensors['deleted'].shape)}, expected ({n_words},): a word per 64 items")
+        except ValueError as err:
+            raise ValueError(f"{path}: not a valid BloomIndex file: {err}") from None
+        idx = cls(k=k, b_multiplier=b_multiplier, layout=config.get("layout", 0), **tensors)
         problem = bloom_disagreement(idx.bits, idx.row_offsets, idx.widths, idx.offsets.diff(), idx._term_items,
                                      idx._term_hashes, idx.k, idx.b_multiplier)  # the side table's terms: not hashed again
         if problem is not None:
