@@ -382,3 +382,18 @@ def test_load_refuses_a_corrupt_file_that_would_answer_wrongly(tmp_path):
     back = BloomIndex.load(path)
     plans = parse_filters(["", "NOT 1:1"])
     assert torch.equal(back.search(plans), index.search(plans))
+
+
+def test_uint64_attributes_past_int64_are_refused():
+    """A uint64 value of 2**63 or more was wrapped to a negative int64 by the cast: the item
+    matched `1:-9223372036854775803`, a value it does not have, and no filter can write its own
+    (the parser, like `FilterSchema.encode_items`, takes int64 numbers only)."""
+    offsets = torch.tensor([0, 1, 2])
+    for fids, vals in ((torch.tensor([1, 1]), torch.tensor([5, 2**63 + 5], dtype=torch.uint64)),
+                       (torch.tensor([1, 2**63], dtype=torch.uint64), torch.tensor([5, 6]))):
+        with pytest.raises(ValueError, match="outside the int64 range"):
+            BloomIndex.build(fids, offsets, vals)
+        with pytest.raises(ValueError, match="outside the int64 range"):
+            BloomIndex.build(torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([7])).append(fids, offsets, vals)
+    index = BloomIndex.build(torch.tensor([1, 1]), offsets, torch.tensor([5, 2**63 - 1], dtype=torch.uint64))  # in range: kept
+    assert index.search(parse_filters([f"1:{2**63 - 1}"]))[0, 0] == 0b10

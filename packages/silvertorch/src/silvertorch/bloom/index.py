@@ -99,6 +99,11 @@ def _validate_attributes(feature_ids, offsets, values):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             what = "offsets must be an integer tensor" if name == "offsets" else "feature_ids and values must be integer tensors"
             raise ValueError(f"{what}, got {name} of {t.dtype}")
+        # uint64 past int64 wraps to a negative value in the cast: the item would match a value it
+        # does not have and no filter can write its own (the parser and encode_items take int64)
+        if t.dtype == torch.uint64 and (t.to(torch.int64) < 0).any():
+            raise ValueError(f"{name} holds values outside the int64 range (uint64 >= 2**63); encode such values as "
+                             f"text (FilterSchema.encode_items), which a quoted filter value matches")
     if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0:
         raise ValueError("offsets must be a 1-D tensor [n_items + 1] starting at 0")
     if (offsets.diff() < 0).any():
