@@ -397,3 +397,15 @@ def test_uint64_attributes_past_int64_are_refused():
             BloomIndex.build(torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([7])).append(fids, offsets, vals)
     index = BloomIndex.build(torch.tensor([1, 1]), offsets, torch.tensor([5, 2**63 - 1], dtype=torch.uint64))  # in range: kept
     assert index.search(parse_filters([f"1:{2**63 - 1}"]))[0, 0] == 0b10
+
+
+@pytest.mark.parametrize("k, b_multiplier", [(2.5, 5.0), (True, 5.0), (3, float("nan")), (3, float("inf"))])
+def test_build_refuses_a_k_or_b_multiplier_it_cannot_use(k, b_multiplier):
+    """k=2.5 built with k=2 (True with 1), silently; a NaN or infinite b_multiplier passed the
+    `<= 1` check and failed in the widths' integer conversion, or, with no items yet, built an
+    index that a later append failed on."""
+    fids, offsets, vals = torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([5])
+    for args in ((fids, offsets, vals), (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                                         torch.zeros(0, dtype=torch.int64))):
+        with pytest.raises(ValueError, match="k must be an integer in|b_multiplier must be a finite number"):
+            BloomIndex.build(*args, k=k, b_multiplier=b_multiplier)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -131,10 +132,12 @@ class BloomIndex:
         items; the search refuses a filter made for another)."""
         feature_ids, offsets, values = (torch.as_tensor(t) for t in (feature_ids, offsets, values))
         _validate_attributes(feature_ids, offsets, values)
-        if not 1 <= k <= 10:
-            raise ValueError(f"k must be in [1, 10], got {k}")
-        if b_multiplier <= 1.0:
-            raise ValueError(f"b_multiplier must be > 1, got {b_multiplier}")
+        # k=2.5 was built as 2 and True as 1; a NaN or infinite b_multiplier passed `<= 1` and failed
+        # in the widths' integer conversion (or, with no items yet, in a later append)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= 10:
+            raise ValueError(f"k must be an integer in [1, 10], got {k!r}")
+        if isinstance(b_multiplier, bool) or not isinstance(b_multiplier, numbers.Real) or not 1.0 < b_multiplier < math.inf:
+            raise ValueError(f"b_multiplier must be a finite number > 1, got {b_multiplier!r}")
         device = torch.device(device) if device is not None else feature_ids.device
         n = offsets.numel() - 1
         idx = cls(k=k, b_multiplier=b_multiplier, feature_ids=feature_ids.to(device, torch.int64),
