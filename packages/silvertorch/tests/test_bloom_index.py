@@ -409,3 +409,22 @@ def test_build_refuses_a_k_or_b_multiplier_it_cannot_use(k, b_multiplier):
                                          torch.zeros(0, dtype=torch.int64))):
         with pytest.raises(ValueError, match="k must be an integer in|b_multiplier must be a finite number"):
             BloomIndex.build(*args, k=k, b_multiplier=b_multiplier)
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_an_index_of_no_items_answers_empty_ranges_and_padding(monkeypatch, backend):
+    """An index built with no items yet (to be appended to): `search` returned [Q, 0], but a range
+    search of its only valid range (start 0, length 0) and `verify` of padding failed with an
+    IndexError, reading the empty bundle tables."""
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    none = torch.zeros(0, dtype=torch.int64)
+    index = BloomIndex.build(none, torch.zeros(1, dtype=torch.int64), none)
+    plans = parse_filters(["1:5", "NOT 1:5"])
+    zeros = torch.zeros(2, 1, dtype=torch.int64)
+    assert torch.equal(index.search_ranges(plans, zeros, zeros, 32), torch.zeros(2, 1, 1, dtype=torch.int32))
+    out = torch.full((2, 1, 1), 7, dtype=torch.int32)
+    assert index.search_ranges(plans, zeros, zeros, 32, out=out) is out and not out.any()
+    assert torch.equal(index.filter(plans)._range_masks_unchecked(zeros, zeros, 32), torch.zeros(2, 1, 1, dtype=torch.int32))
+    assert torch.equal(index.verify(plans, torch.tensor([[-1, -1], [-1, -1]])), torch.zeros(2, 2, dtype=torch.bool))
+    index.append(torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([5]))
+    assert index.verify(plans, torch.tensor([[0, -1], [0, -1]])).tolist() == [[True, False], [False, False]]

@@ -337,7 +337,9 @@ class BloomIndex:
         q, r = starts.shape
         w32 = max(math.ceil(max_length / 32), 1)
         out = _checked_out(out, (q, r, w32), torch.int32, self.bits.device)
-        if select_backend(self.bits).uses_triton and self.num_words:
+        if self.num_words == 0:  # no items, so every range is empty (the reference would index empty bundle tables)
+            return torch.zeros(q, r, w32, dtype=torch.int32, device=self.bits.device) if out is None else out.zero_()
+        if select_backend(self.bits).uses_triton:
             import triton
 
             from .kernels import range_kernel
@@ -391,9 +393,11 @@ class BloomIndex:
         if ((positions < -1) | (positions >= self.num_items)).any():
             raise ValueError(f"positions must be -1 (padding) or in [0, {self.num_items})")
         valid = positions >= 0
+        out = torch.zeros_like(valid)
+        if self.num_items == 0:  # padding only (checked above); there is no live word to read
+            return out
         p = positions.clamp(min=0)
         alive = ((self.live[p // 64] >> (p % 64)) & 1).bool() & valid
-        out = torch.zeros_like(valid)
         for q in range(plans.num_queries):
             stack = []
             for op, slot in zip(plans.ops[q].tolist(), plans.args[q].tolist()):
