@@ -874,6 +874,19 @@ def test_id_features_on_a_device_are_range_checked_there():
         MODEL.check_user_features(features)
 
 
+@pytest.mark.parametrize("dtype, bad", [(torch.bfloat16, 500.0), (torch.float16, 4100.0)])
+def test_low_precision_float_ids_past_the_range_are_refused(dtype, bad):
+    """The id bound was compared in the features' dtype: 499 rounds to 500 in bfloat16 (4099 to 4100
+    in float16), so id 500 passed the check and failed in the embedding with an IndexError."""
+    tower = EmbeddingTower([int(bad)], D)
+    model = RetrievalModel.build(tower, OVERARCH, VALUE, EMB[:40], IDS[:40], n_clusters=2, nprobe=2, k_candidates=10,
+                                 num_results=3, fresh_capacity=0)
+    with pytest.raises(ValueError, match=f"user_features\\[0, 0\\] = {bad:g} is out of range: column 0 takes ids in "
+                                         f"\\[0, {int(bad) - 1}\\]"):
+        model.retrieve(torch.tensor([[bad]], dtype=dtype))
+    assert model.check_user_features(torch.tensor([[bad - 4]], dtype=dtype)).tolist() == [[int(bad) - 4]]
+
+
 def test_item_tower_gets_the_item_table_on_its_own_device():
     from silvertorch.publish import item_embeddings_from_tower
 

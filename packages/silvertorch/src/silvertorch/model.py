@@ -129,8 +129,10 @@ def _check_against_spec(features: torch.Tensor, spec: dict) -> torch.Tensor:
     if features.dtype.is_floating_point and not torch.equal(features, features.round()):
         raise ValueError("user_features must be whole numbers (ids) for this user tower")
     high = torch.as_tensor(spec["max"], dtype=torch.int64, device=features.device)  # retrieve() takes device tensors
-    # checked before any int64 conversion, which would wrap a huge float around
-    bad = (features < 0) | (features > high.to(features.dtype if features.dtype.is_floating_point else torch.int64))
+    # checked before any int64 conversion, which would wrap a huge float around; floats in float64,
+    # which holds every bound exactly (bfloat16 rounds a bound of 499 up to 500, letting id 500 through)
+    values = features.double() if features.dtype.is_floating_point else features
+    bad = (values < 0) | (values > high.to(values.dtype if values.dtype.is_floating_point else torch.int64))
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"user_features[{row}, {col}] = {features[row, col].item():g} is out of range: column {col} takes "
