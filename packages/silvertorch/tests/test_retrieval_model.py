@@ -887,6 +887,21 @@ def test_low_precision_float_ids_past_the_range_are_refused(dtype, bad):
     assert model.check_user_features(torch.tensor([[bad - 4]], dtype=dtype)).tolist() == [[int(bad) - 4]]
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_id_features_are_checked_and_served(dtype):
+    """torch compares no uint16 / 32 / 64 tensors: valid ids in them (a numpy uint32 array, say) failed
+    the range check with an unnamed NotImplementedError ("lt_cpu" not implemented)."""
+    users = torch.tensor([[3], [7]])
+    want = MODEL.retrieve(users)
+    got = MODEL.retrieve(users.to(dtype))
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    with pytest.raises(ValueError, match=f"is out of range: column 0 takes ids in \\[0, {USERS - 1}\\]"):
+        MODEL.retrieve(torch.tensor([[USERS]]).to(dtype))
+    if dtype == torch.uint64:  # past int64: refused, not wrapped to a negative id
+        with pytest.raises(ValueError, match="is out of range"):
+            MODEL.check_user_features(torch.tensor([[2**63 + 5]], dtype=torch.uint64))
+
+
 def test_item_tower_gets_the_item_table_on_its_own_device():
     from silvertorch.publish import item_embeddings_from_tower
 

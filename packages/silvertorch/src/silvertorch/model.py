@@ -128,6 +128,10 @@ def _check_against_spec(features: torch.Tensor, spec: dict) -> torch.Tensor:
         return features
     if features.dtype.is_floating_point and not torch.equal(features, features.round()):
         raise ValueError("user_features must be whole numbers (ids) for this user tower")
+    if features.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        # torch compares none of these ("lt_cpu" not implemented): as int64, exactly, but for a uint64
+        # past int64, whose int64 view is negative and so refused below as out of range
+        features = features.view(torch.int64) if features.dtype == torch.uint64 else features.long()
     high = torch.as_tensor(spec["max"], dtype=torch.int64, device=features.device)  # retrieve() takes device tensors
     # checked before any int64 conversion, which would wrap a huge float around; floats in float64,
     # which holds every bound exactly (bfloat16 rounds a bound of 499 up to 500, letting id 500 through)
