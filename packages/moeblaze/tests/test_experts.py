@@ -220,6 +220,20 @@ def test_bad_inputs(backend, mutate, match):
         moe_experts(**mutate(args))
 
 
+@pytest.mark.parametrize("ids, activation, match", [
+    ([[0, 1], [1, -1], [2, 0]], "swiglu", r"expert_ids must be in \[0, 3\]"),  # was skipped: no expert matches it
+    ([[0, 1], [1, 4], [2, 0]], "swiglu", r"expert_ids must be in \[0, 3\]"),
+    ([[0.0, 1.0], [1.0, 0.5], [2.0, 0.0]], "swiglu", "expert_ids must be an int32 or int64"),  # 0.5: skipped
+    ([[3, 3], [3, 3], [3, 3]], "relu", "activation must be"),  # every slot dropped: no expert ran it
+])
+def test_reference_refuses_what_moe_experts_refuses(ids, activation, match):
+    """moe_reference (what every test compares against) took ids outside [0, E] and float ids as
+    matching no expert, and checked the activation only when some expert had tokens."""
+    x, _, w, wg, wu, wd = _inputs(3, 8, 8, 3, 2)
+    with pytest.raises(ValueError, match=match):
+        moe_reference(x, torch.tensor(ids), w, wg, wu, wd, activation)
+
+
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 def test_double_backward_is_refused_clearly(backend, checkpoint):
     """create_graph=True still gives the right first-order gradients, but differentiating them
