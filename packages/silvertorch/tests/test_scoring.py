@@ -57,6 +57,7 @@ def test_overarch_needs_its_dense_features():
     (lambda: OverArch(16, 2, 8), "hidden must be a list of layer widths"),
     (lambda: OverArch(16, 2, dense_dim=-1), "dense_dim must be an integer >= 0"),
     (lambda: ValueModel(2, hidden=0), "hidden must be an integer >= 1"),
+    (lambda: ValueModel(2, learned="no"), "learned must be True or False, got 'no'"),
 ])
 def test_sizes_must_be_integers_in_range(make, match):
     with pytest.raises(ValueError, match=match):

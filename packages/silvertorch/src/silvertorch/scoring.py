@@ -116,6 +116,8 @@ class ValueModel(nn.Module):
             raise ValueError("ValueModel needs num_tasks (or task_names, one per task)")
         num_tasks = len(names) if num_tasks is None else num_tasks
         num_tasks, hidden = check_sizes(num_tasks=num_tasks, hidden=hidden)
+        if not isinstance(learned, bool):  # "no" (e.g. from a hand-edited config) built the MLP, silently
+            raise ValueError(f"learned must be True or False, got {learned!r}")
         if names is not None and len(names) != num_tasks:
             raise ValueError(f"task_names must name the {num_tasks} tasks (num_tasks={num_tasks}), got {len(names)}: {names}")
         self.num_tasks, self.learned, self.hidden_size, self.task_names = num_tasks, learned, hidden, names
