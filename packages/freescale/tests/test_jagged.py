@@ -226,3 +226,14 @@ def test_from_sample_major_refuses_flat_lengths():
     with pytest.raises(ValueError, match=r"lengths must be \(samples, keys\) = \(\*, 2\), got shape \(6,\)"):
         KeyedJagged.from_sample_major(kj.keys, values, per_key.reshape(-1))
     assert KeyedJagged.from_sample_major(kj.keys, values, per_key) == kj
+
+
+@pytest.mark.parametrize("values, lengths, match", [
+    (torch.arange(10), [[1, 2], [3, 0]], "sum to 6 but values has 10"),  # the last 4 values were dropped, silently
+    (torch.arange(3), [[1, 2], [3, 0]], "sum to 6 but values has 3"),  # an IndexError from the gather
+    (torch.arange(3), [[4, -1]], "non-negative integer"),  # repeat_interleave's "repeats can not be negative"
+    (torch.arange(3), [[1.0, 2.0]], "non-negative integer"),  # repeat_interleave's NotImplementedError
+])
+def test_from_sample_major_refuses_lengths_that_do_not_fit_the_values(values, lengths, match):
+    with pytest.raises(ValueError, match=match):
+        KeyedJagged.from_sample_major(["a", "b"], values, torch.tensor(lengths))

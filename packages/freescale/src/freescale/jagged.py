@@ -152,6 +152,13 @@ class KeyedJagged:
         if lengths.dim() != 2 or lengths.shape[1] != len(keys):
             # a flat (key-major) lengths tensor was read as one key per sample, silently
             raise ValueError(f"lengths must be (samples, keys) = (*, {len(keys)}), got shape {tuple(lengths.shape)}")
+        # checked before the gather, which dropped values past the lengths' sum silently (and failed
+        # on others with an IndexError or repeat_interleave's error)
+        if lengths.dtype not in (torch.int32, torch.int64) or (lengths < 0).any():
+            raise ValueError("lengths must be a non-negative integer tensor")
+        if values.dim() != 1 or int(lengths.sum()) != values.numel():
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but values has {values.numel()} entries "
+                             f"(shape {tuple(values.shape)}; must be 1-D)")
         flat = lengths.reshape(-1)
         starts = (torch.cumsum(flat, 0) - flat).view(lengths.shape)
         return cls(keys, gather_runs(values, starts.T.reshape(-1), lengths.T.reshape(-1)), lengths.T.reshape(-1))
