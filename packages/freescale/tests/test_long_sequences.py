@@ -67,6 +67,17 @@ def test_cap_leaves_a_batch_whole_when_every_sample_has_a_rank_to_itself():
     assert int(capped.max()) < 200 and oversized(cost(capped), 3).numel() == 0
 
 
+@pytest.mark.parametrize("lengths, world, match", [
+    ([5.7, 3.2, 1.0], 1, "lengths must be integer counts of positions"),  # truncated to [5, 3, 1]
+    ([400, 380, 20, 30, 25, 10, 12, 8], 0, "world_size must be an int >= 1, got 0"),  # no cap
+    ([400, 380, 20, 30, 25, 10, 12, 8], 2.5, "world_size must be an int >= 1, got 2.5"),  # a cap of 145
+    ([400, 380, 20, 30, 25, 10, 12, 8], -1, "world_size must be an int >= 1, got -1"),  # no cap
+])
+def test_cap_lengths_refuses_float_lengths_and_bad_world_sizes(lengths, world, match):
+    with pytest.raises(ValueError, match=match):
+        cap_lengths(torch.tensor(lengths), COST, world)
+
+
 def test_split_and_cap_remove_the_floor_in_the_simulator():
     world = 16
     batches = [_floor_bound_batch(world, seed=s) for s in (0, 100)]

@@ -38,7 +38,8 @@ import dataclasses
 
 import torch
 
-from .cost import CostModel
+from .cost import CostModel, check_lengths
+from .partition import check_world_size
 
 MODES = ("report", "cap", "split")
 DROP_WARNING = 0.10  # the share of positions a cap may drop before the plan warns
@@ -109,7 +110,10 @@ def cap_lengths(lengths, cost_model: CostModel, world_size: int) -> torch.Tensor
     cost fits the fair share of the capped batch, so that no sample alone exceeds it. The cap
     is at least 1. No more non-empty samples than ranks: every sample keeps its length (each
     can have a rank to itself; a cap would drop positions without filling any idle rank)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    # checked as `oversized` checks them: float lengths were truncated, and 0 (or a negative or
+    # float number of) ranks gave a cap or none at all, silently
+    lengths = check_lengths(lengths)
+    world_size = check_world_size(world_size)
     if int((lengths > 0).sum()) <= world_size:
         return lengths.clone()
 
