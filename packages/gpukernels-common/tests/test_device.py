@@ -104,3 +104,15 @@ def test_graphed_calls_sharing_a_pool_replay_in_any_order():
         x = torch.randn(n, 64, device="cuda")
         for g, want in zip(graphs[n](x), fn(x)):
             torch.testing.assert_close(g, want)
+
+
+def test_padded_batch_pads_with_the_last_row_and_refuses_a_larger_batch():
+    from gpukernels_common.graphs import padded_batch
+
+    rows = torch.arange(10.0).view(5, 2)
+    out = padded_batch(rows[:3], 5)
+    assert out.shape == (5, 2) and torch.equal(out[:3], rows[:3]) and torch.equal(out[3:], rows[2:3].expand(2, 2))
+    assert torch.equal(padded_batch(rows, 5), rows)
+    for q, size in ((5, 4), (5, 3), (0, 3)):  # 5 rows into 4 gave 6 rows (expand(-1) keeps the size)
+        with pytest.raises(ValueError, match=rf"rows must hold 1 to size={size} rows, got {q}"):
+            padded_batch(rows[:q], size)

@@ -35,7 +35,11 @@ def _flat_outputs(out):
 def padded_batch(rows: torch.Tensor, size: int) -> torch.Tensor:
     """`rows` [q, ...] followed by copies of its last row up to `size` rows (q <= size): a smaller
     batch run through a graph captured for `size` (its outputs cut back to q after)."""
-    extra = size - rows.shape[0]
+    q = rows.shape[0] if rows.dim() else 0
+    # checked here: q > size took expand's -1 as "keep" (size - q = -1 gave q + 1 rows, silently)
+    if not 1 <= q <= size:
+        raise ValueError(f"rows must hold 1 to size={size} rows, got {q}")
+    extra = size - q
     return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows.contiguous()
 
 
