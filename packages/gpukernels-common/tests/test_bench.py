@@ -68,6 +68,17 @@ def test_run_benchmarks_runs_each_script_with_the_flags_and_renders_what_they_wr
     assert "bench_b" not in capsys.readouterr().out and "| - |" in (folder / "RESULTS.md").read_text()
 
 
+def test_run_benchmarks_refuses_an_only_that_names_no_script(tmp_path, capsys):
+    """`--only` with a misspelt name ran nothing, rendered and returned 0."""
+    folder = tmp_path / "demo_pkg" / "benchmarks"
+    folder.mkdir(parents=True)
+    (folder / "bench_a.py").write_text("raise SystemExit(0)\n")
+    with pytest.raises(SystemExit) as exc:
+        run_benchmarks(folder, ["--only", "b"])
+    assert exc.value.code == 2 and "--only b: no bench_b.py" in capsys.readouterr().err
+    assert not (folder / "RESULTS.md").exists()
+
+
 def test_bench_args():
     from gpukernels_common.bench import bench_args
 

@@ -337,6 +337,8 @@ def run_benchmarks(folder: str | Path, argv=None) -> int:
     scripts = sorted(folder.glob("bench_*.py"))
     if args.only:
         scripts = [s for s in scripts if s.stem == f"bench_{args.only}"]
+        if not scripts:  # a misspelt name ran nothing and reported success
+            parser.error(f"--only {args.only}: no bench_{args.only}.py in {folder}")
     flags = (["--gpu"] if args.gpu else []) + (["--quick"] if args.quick else [])
     failed = []
     for script in scripts:
