@@ -2,7 +2,9 @@
 
 Usage: python tools/check_boundaries.py [ROOT]   (ROOT defaults to the repository root)
 Scans every .py file under packages/<pkg>/ (sources, tests, benchmarks) with `ast`, so
-imports inside functions and `importlib.import_module("...")` string literals count too.
+imports inside functions and `importlib.import_module("...")`, `__import__("...")` and
+`pytest.importorskip("...")` string literals count too (a test that imports another package
+only when it is installed still depends on it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _imported_roots(tree: ast.AST):
             yield node.lineno, node.module.split(".")[0]
         elif (
             isinstance(node, ast.Call)
-            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__", "importorskip")
             and node.args
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)

@@ -20,6 +20,8 @@ def test_repository_has_no_violations():
         "from silvertorch.bloom import BloomIndex\n",
         "def f():\n    import silvertorch.ivf as x\n",
         "import importlib\nm = importlib.import_module('silvertorch.cli')\n",
+        "m = __import__('silvertorch')\n",
+        "import pytest\nst = pytest.importorskip('silvertorch.bloom')\n",
     ],
 )
 def test_violation_is_caught(tmp_path, source):
