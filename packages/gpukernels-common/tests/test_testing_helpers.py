@@ -236,3 +236,18 @@ def test_launch_counter_counts_launches_views_syncs_and_custom_ops_inner_ops(mon
     expected = 2 + 1 + 2 + (1 if env.triton_interpret() else 0)
     assert counter.launches == expected, str(sorted(counter.ops.items()))
     assert counter.ops["triton:probe_kernel"] == (1 if env.triton_interpret() else 0)
+
+
+def test_launch_counter_counts_ops_that_read_back_inside_one_op_as_syncs():
+    """torch.equal / allclose (a Python bool) and bincount (sized by the max) each wait for a GPU,
+    but dispatch as one op on the CPU: they were counted as launches and not as syncs."""
+    from gpukernels_common.testing import LaunchCounter
+
+    x = torch.tensor([1, 2, 0, 3])
+    counter = LaunchCounter()
+    with counter:
+        torch.equal(x, x)
+        torch.allclose(x.double(), x.double())
+        torch.bincount(x, minlength=8)
+        x.add(1)  # no sync
+    assert counter.syncs == {"equal": 1, "allclose": 1, "bincount": 1}, dict(counter.ops)

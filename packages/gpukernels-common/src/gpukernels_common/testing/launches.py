@@ -14,8 +14,10 @@ from ..backend import select_backend
 from ..registry import registered_ops
 
 #: ops that copy a value to the host or size an output by the values: each waits for a GPU
+#: (`equal` and `allclose` return a Python bool, `bincount` sizes its output by the max: on CUDA
+#: each reads a value back inside the kernel's own op, which no `_local_scalar_dense` shows here)
 SYNCING_OPS = frozenset({"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_consecutive", "unique_dim",
-                         "masked_select"})
+                         "masked_select", "equal", "allclose", "bincount"})
 #: ops that make a view (or a detached alias): no launch
 VIEW_OPS = frozenset({"view", "_unsafe_view", "reshape", "alias", "detach", "t", "unsqueeze", "squeeze", "expand",
                       "slice", "select", "permute", "transpose", "as_strided", "unbind", "split", "split_with_sizes",
