@@ -155,13 +155,17 @@ def test_float64_has_a_tolerance_on_every_backend():
     assert_close(torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), backend="interpret")
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8, torch.bool,
+                                   torch.complex64, torch.complex128])
 def test_canary_and_poison_fit_every_dtype(dtype):
     buf = CanaryBuffer((5,), dtype, pad=4)
     buf.check()
     poison = buf.tensor[:1].clone()
     if dtype == torch.uint8:
         assert int(poison) == 255  # not 0: a correct zero must not look unwritten
+    if dtype.is_complex:  # NaN in both parts, as poisoned_empty gives
+        assert torch.view_as_real(poison.to(torch.complex64)).isnan().all()
+        assert torch.view_as_real(poisoned_empty((2,), dtype).to(torch.complex64)).isnan().all()
     buf.buffer[-1] = poison  # overwrite a canary
     with pytest.raises(AssertionError, match="after"):
         buf.check()

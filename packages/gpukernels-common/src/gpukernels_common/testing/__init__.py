@@ -111,6 +111,8 @@ def _assert_equal(a: torch.Tensor, e: torch.Tensor, bad: torch.Tensor, name: str
 
 
 def _poison_value(dtype: torch.dtype):
+    if dtype.is_complex:  # NaN in both parts (torch.iinfo refused it: a TypeError)
+        return complex(_poison_value(dtype.to_real()), _poison_value(dtype.to_real()))
     if dtype.is_floating_point:
         return float("nan") if torch.finfo(dtype).bits > 8 or _has_nan(dtype) else torch.finfo(dtype).max
     if dtype == torch.bool:
@@ -127,6 +129,8 @@ def _canary_value(dtype: torch.dtype):
     """A value the dtype holds exactly, unlike what kernels usually write."""
     if dtype == torch.bool:
         return False
+    if dtype.is_complex:
+        return _canary_value(dtype.to_real())
     if dtype.is_floating_point:
         return -12345.0 if torch.finfo(dtype).max > 12345.0 else -float(torch.finfo(dtype).max) / 2
     return -7 if torch.iinfo(dtype).min < 0 else 7
