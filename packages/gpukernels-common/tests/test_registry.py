@@ -49,6 +49,16 @@ def test_run_explicit_backend():
     assert CALLS == ["reference", "triton"]
 
 
+def test_run_takes_a_backend_by_its_name():
+    """The string "reference" (Backend is a str enum, as `tolerance` takes it) ran the Triton one."""
+    CALLS.clear()
+    OP.run("reference", torch.ones(2), 1.0)
+    OP.run("interpret", torch.ones(2), 1.0)
+    assert CALLS == ["reference", "triton"]
+    with pytest.raises(ValueError, match=r"backend must be one of \['triton', 'interpret', 'reference'\], got 'Reference'"):
+        OP.run("Reference", torch.ones(2), 1.0)
+
+
 def test_autograd_and_registration_is_idempotent():
     assert register_op("gkctest::axpb", reference=_ref, triton=_tri) is OP  # a module imported again
 

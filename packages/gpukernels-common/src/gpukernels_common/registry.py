@@ -52,8 +52,12 @@ class RegisteredOp:
             return self.reference(*args, **kwargs)
         return self.op(*args, **kwargs)
 
-    def run(self, backend: Backend, *args, **kwargs):
+    def run(self, backend: Backend | str, *args, **kwargs):
         """Run one implementation explicitly, bypassing dispatch."""
+        # as a Backend: the string "reference" is not `Backend.REFERENCE` and ran the Triton one
+        if backend not in tuple(Backend):
+            raise ValueError(f"backend must be one of {[b.value for b in Backend]}, got {backend!r}")
+        backend = Backend(backend)
         if backend is Backend.REFERENCE or self.triton is None:
             return self.reference(*args, **kwargs)
         return self.triton(*args, **kwargs)
