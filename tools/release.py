@@ -1,4 +1,4 @@
-"""Bump one package's version and open its CHANGELOG entry.
+"""Bump one package's version and name its CHANGELOG's "## Unreleased" entries with it (or open an entry).
 
     python tools/release.py silvertorch minor      # 0.1.0 -> 0.2.0
     python tools/release.py moeblaze 0.1.1         # explicit version
@@ -43,8 +43,12 @@ def release(dist: str, part: str, root: Path = ROOT) -> str:
     about.write_text(VERSION_RE.sub(f'__version__ = "{new}"', text))
     changelog = root / "packages" / dist / "CHANGELOG.md"
     lines = changelog.read_text().splitlines()
-    head = 1 if lines and lines[0].startswith("# ") else 0
-    lines[head:head] = ["", f"## {new}", "- (describe the changes)"]
+    if "## Unreleased" in lines:  # its entries are this version's (a heading above them left them unreleased)
+        at = lines.index("## Unreleased")
+        lines[at:at + 1] = ["## Unreleased", "", f"## {new}"]
+    else:
+        head = 1 if lines and lines[0].startswith("# ") else 0
+        lines[head:head] = ["", f"## {new}", "- (describe the changes)"]
     changelog.write_text("\n".join(lines) + "\n")
     return new
 

@@ -34,6 +34,14 @@ def test_bump_one_package_only(tree):
     assert f"## {new}" in (tree / "packages" / "moeblaze" / "CHANGELOG.md").read_text()
 
 
+def test_release_takes_the_unreleased_entries(tree):
+    """The new version's heading went above "## Unreleased": its entries stayed unreleased."""
+    changelog = tree / "packages" / "freescale" / "CHANGELOG.md"
+    changelog.write_text("# Changelog\n\n## Unreleased\n- a fix\n\n## 0.1.0\n- first\n")
+    new = release.release("freescale", "1.2.3", root=tree)
+    assert changelog.read_text() == f"# Changelog\n\n## Unreleased\n\n## {new}\n- a fix\n\n## 0.1.0\n- first\n"
+
+
 def test_bad_part_is_rejected(tree):
     with pytest.raises(ValueError, match="major, minor, patch"):
         release.release("freescale", "huge", root=tree)
