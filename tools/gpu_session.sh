@@ -11,7 +11,7 @@
 # Run it as `GKC_COMMIT=<the commit sent> bash tools/gpu_session.sh`: the tree sent there may come
 # without its git history, and the records name their commit.
 # Back on the development machine: `tar xzf <files_at>/results.tgz` in the repo root, then
-# `python packages/<pkg>/benchmarks/run.py --only nothing` renders that package's RESULTS.md.
+# `python packages/<pkg>/benchmarks/run.py --render` renders that package's RESULTS.md.
 # `nox -s gpu` is the untimed version (every test, every benchmark).
 # GPU_SESSION_TESTS="<package> ..." and GPU_SESSION_BENCHES="<package>:<bench>:<cap> ..." choose
 # what runs (empty: nothing), e.g. the benches a first call had no time for, on the still-warm machine.

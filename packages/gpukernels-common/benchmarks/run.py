@@ -1,4 +1,4 @@
-"""`python benchmarks/run.py [--gpu] [--quick] [--only X]`: every bench_*.py here, then RESULTS.md (gpukernels_common.bench.run_benchmarks)."""
+"""`python benchmarks/run.py [--gpu] [--quick] [--only X] [--render]`: every bench_*.py here, then RESULTS.md (gpukernels_common.bench.run_benchmarks)."""
 
 import sys
 from pathlib import Path

@@ -77,6 +77,8 @@ def test_run_benchmarks_refuses_an_only_that_names_no_script(tmp_path, capsys):
         run_benchmarks(folder, ["--only", "b"])
     assert exc.value.code == 2 and "--only b: no bench_b.py" in capsys.readouterr().err
     assert not (folder / "RESULTS.md").exists()
+    assert run_benchmarks(folder, ["--render"]) == 0  # records brought back from elsewhere: rendered, nothing run
+    assert "== bench_a.py" not in capsys.readouterr().out and (folder / "RESULTS.md").exists()
 
 
 def test_bench_args():

@@ -325,17 +325,20 @@ def render_results(jsonl_paths: list[str | Path], md_path: str | Path, title: st
 
 def run_benchmarks(folder: str | Path, argv=None) -> int:
     """A package's `benchmarks/run.py`: run every `bench_*.py` in `folder` (each in its own
-    interpreter, with the flags given: `--gpu`, `--quick`; `--only X` runs bench_X.py alone),
-    then render `folder`/RESULTS.md from `folder`/results/*.jsonl. Returns 1 if a script failed
-    (the others still run, the figures they wrote are rendered), else 0."""
+    interpreter, with the flags given: `--gpu`, `--quick`; `--only X` runs bench_X.py alone;
+    `--render` runs none), then render `folder`/RESULTS.md from `folder`/results/*.jsonl.
+    Returns 1 if a script failed (the others still run, the figures they wrote are rendered),
+    else 0."""
     folder = Path(folder)
     parser = argparse.ArgumentParser(prog=f"{folder.parent.name}/benchmarks/run.py")
     parser.add_argument("--gpu", action="store_true", help="only the GPU benchmarks (on a machine with CUDA)")
     parser.add_argument("--only", default=None, help="only bench_ONLY.py")
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--render", action="store_true", help="run no benchmark: only render RESULTS.md from the records "
+                        "(e.g. records brought back from a GPU machine)")
     args = parser.parse_args(argv)
-    scripts = sorted(folder.glob("bench_*.py"))
-    if args.only:
+    scripts = [] if args.render else sorted(folder.glob("bench_*.py"))
+    if args.only and not args.render:
         scripts = [s for s in scripts if s.stem == f"bench_{args.only}"]
         if not scripts:  # a misspelt name ran nothing and reported success
             parser.error(f"--only {args.only}: no bench_{args.only}.py in {folder}")
