@@ -221,6 +221,8 @@ def check(log: Path, arches: list[int], jobs: int | None = None) -> int:
     import triton
 
     entries = _entries(log)
+    if not entries:  # a ZeroDivisionError below, where the recording path says this in words
+        raise SystemExit(f"{log}: no Triton kernel launch to compile")
     n_recorded = len(dict.fromkeys(log.read_text().splitlines()))
     print(f"triton {triton.__version__}: {len(entries)} specialisations ({n_recorded} recorded in {log}, "
           "the rest their bfloat16 twins)", flush=True)

@@ -58,3 +58,10 @@ def test_a_kernel_only_the_interpreter_accepts_fails_the_check(tmp_path, monkeyp
 def test_only_packages_with_kernels_are_recorded_by_default():
     # a package without @triton.jit (freescale) would spend CI minutes recording nothing
     assert compile_check.with_kernels(compile_check.PACKAGES) == ["silvertorch", "moeblaze", "multibalance"]
+
+
+def test_a_log_without_launches_is_a_clear_error(tmp_path):
+    log = tmp_path / "launches.jsonl"
+    log.write_text("")
+    with pytest.raises(SystemExit, match="no Triton kernel launch to compile"):
+        compile_check.check(log, [90])
