@@ -21,7 +21,7 @@ import torch
 from gpukernels_common import Backend, env, grouped_blocks, select_backend, tracing
 
 from .dispatch import _dispatch_unchecked
-from .naive import ACTIVATIONS, activate
+from .naive import activate, check_activation, check_expert_ids
 
 CHECKPOINTS = ("preact", "recompute", "full")
 _ACT_CODE = {"swiglu": 0, "silu": 1, "gelu": 2}
@@ -355,8 +355,7 @@ def _refuse_double_backward(grads, inputs):
 def check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation, checkpoint, n_experts, world=None):
     """Argument checks shared by the routed-experts layer and its expert-parallel form (`world`
     given), where this rank holds n_experts / world of the experts (expert ids count all n_experts)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
     if x.dim() != 2:
@@ -397,12 +396,8 @@ def check_expert_inputs(x, expert_ids, weights, w_gate, w_up, w_down, activation
             raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
     # the range needs the ids' values (a host synchronisation): eager only, not while torch.compile /
     # torch.export trace (fullgraph) nor on meta tensors (shape inference)
-    if expert_ids.numel() and not (tracing() or expert_ids.is_meta):
-        lo, hi = torch.aminmax(expert_ids)  # one reduction and one host sync for both bounds
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi > n_experts:
-            raise ValueError(f"expert_ids must be in [0, {n_experts}] ({n_experts}: a slot dropped by the capacity), "
-                             f"got values in [{lo}, {hi}]")
+    if not (tracing() or expert_ids.is_meta):
+        check_expert_ids(expert_ids, n_experts)
 
 
 def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,

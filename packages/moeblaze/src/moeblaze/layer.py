@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gpukernels_common.checks import check_numbers, check_sizes
 
 from .experts import CHECKPOINTS, moe_experts
-from .naive import ACTIVATIONS
+from .naive import check_activation
 from .parallel import expert_parallel_experts, local_expert_count
 from .router import Router, check_capacity_factor, check_renormalize, check_score, check_top_k, check_x_dtype
 
@@ -53,8 +53,7 @@ class MoE(nn.Module):
         check_top_k(top_k, n_experts)
         top_k = int(top_k)
         check_numbers(0, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)  # NaN would make every aux_loss NaN
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         if checkpoint not in CHECKPOINTS:
             raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
         check_score(score)

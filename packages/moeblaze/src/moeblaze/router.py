@@ -167,7 +167,6 @@ class Router(nn.Module):
         check_top_k(top_k, n_experts)
         check_score(score)
         check_renormalize(renormalize)
-        check_capacity_factor(capacity_factor)
         self.proj = nn.Linear(d_model, n_experts, bias=False)
         self.n_experts, self.top_k, self.score, self.renormalize = n_experts, top_k, score, renormalize
         self.capacity_factor = capacity_factor

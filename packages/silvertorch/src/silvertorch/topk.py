@@ -64,6 +64,12 @@ def as_count(value, name: str) -> int:
     return int(value)
 
 
+def past_int64(t: torch.Tensor) -> bool:
+    """Whether a uint64 tensor holds values of 2**63 or more, which an int64 cast wraps negative."""
+    # torch has no comparisons of uint64: such values are the ones whose int64 view is negative
+    return t.dtype == getattr(torch, "uint64", None) and t.numel() > 0 and bool((t.view(torch.int64) < 0).any())
+
+
 def as_integers(values, name: str, device=None, what: str = "integers") -> torch.Tensor:
     """Ids or item positions as int64, refusing floats, complex and booleans: 1.5 would be
     truncated to 1 and a bool mask read as 0s and 1s, silently. An empty list (float32 to
@@ -75,8 +81,7 @@ def as_integers(values, name: str, device=None, what: str = "integers") -> torch
         raise ValueError(f"{name} must be {what} (int64), got {values!r:.80}: {err}") from None
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise ValueError(f"{name} must be {what}, got {t.dtype}")
-    # torch has no comparisons of uint64: values past int64 are the ones whose int64 view is negative
-    if t.dtype == getattr(torch, "uint64", None) and t.numel() and bool((t.view(torch.int64) < 0).any()):
+    if past_int64(t):
         raise ValueError(f"{name} must be {what} within int64, got uint64 values past {torch.iinfo(torch.int64).max}")
     return t.long()
 

@@ -20,7 +20,7 @@ from gpukernels_common import select_backend
 from gpukernels_common.device import to_device
 
 from ..filtering import device_constant
-from ..topk import as_integers
+from ..topk import as_integers, past_int64
 from .hashing import bloom_positions, next_prime, second_hash, term_hash
 from .parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE, FilterPlans
 
@@ -102,7 +102,7 @@ def _validate_attributes(feature_ids, offsets, values):
             raise ValueError(f"{what}, got {name} of {t.dtype}")
         # uint64 past int64 wraps to a negative value in the cast: the item would match a value it
         # does not have and no filter can write its own (the parser and encode_items take int64)
-        if t.dtype == torch.uint64 and (t.to(torch.int64) < 0).any():
+        if past_int64(t):
             raise ValueError(f"{name} holds values outside the int64 range (uint64 >= 2**63); encode such values as "
                              f"text (FilterSchema.encode_items), which a quoted filter value matches")
     if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0:
