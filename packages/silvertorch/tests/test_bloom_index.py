@@ -122,6 +122,21 @@ def test_false_positive_rate_within_theory():
     assert hits > 0.2 * theory  # the filter is not trivially exact either
 
 
+def test_false_positive_rate_at_k5_within_theory():
+    """At k=5 the rate sits at the formula (1 - e^(-1/m))^k too: double-hashed rows gave 4.4x it
+    here (21x at m=10), probe terms sharing all k rows with a stored term far more often than
+    independent rows do."""
+    k, m, terms, n = 5, 5.0, 6, 8192
+    g = torch.Generator().manual_seed(5)
+    vals = torch.randint(0, 10**9, (n * terms,), generator=g)
+    idx = BloomIndex.build(torch.ones(n * terms, dtype=torch.long), torch.arange(0, n * terms + 1, terms), vals,
+                           k=k, b_multiplier=m)
+    probes = [f"1:{-(i + 1)}" for i in range(256)]  # values no item has: ~410 false positives expected
+    hits = _unpack(idx.search(parse_filters(probes)), n).float().mean().item()
+    theory = (1 - math.exp(-1 / m)) ** k
+    assert 0.6 * theory < hits < 1.4 * theory, (hits, theory)
+
+
 def test_append_delete_save_load(tmp_path):
     fids, offsets, vals = _items(3000, seed=5)
     full = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=5)
@@ -146,6 +161,14 @@ def test_append_delete_save_load(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable"):
         BloomIndex.load(tmp_path / "bad.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:  # a version 1 file: its rows were double-hashed
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(tmp_path / "v1.safetensors"),
+                  metadata=dict(f.metadata(), format_version="1"))
+    with pytest.raises(ValueError, match="format version 1 is not supported .*double hashing: build the index again"):
+        BloomIndex.load(tmp_path / "v1.safetensors")
 
 
 def test_bytes_per_item_and_bad_inputs():
@@ -158,6 +181,8 @@ def test_bytes_per_item_and_bad_inputs():
         BloomIndex.build(fids, offsets, vals, b_multiplier=1.0)
     with pytest.raises(ValueError, match="k must be"):
         BloomIndex.build(fids, offsets, vals, k=0)
+    with pytest.raises(ValueError, match="an item with 1 terms needs 1073741824 Bloom rows .* fewer than 1073741824"):
+        BloomIndex.build(torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([5]), k=1, b_multiplier=2.0**30)
     plans = parse_filters(["1:1"])
     with pytest.raises(ValueError, match="inside the index"):
         idx.search_ranges(plans, torch.tensor([[4090]]), torch.tensor([[10]]), 16)

@@ -698,7 +698,8 @@ def test_bloom_verification_widens_its_pool_in_few_rounds(monkeypatch):
     index = IVFIndex.build(torch.randn(n, 8, generator=g), n_clusters=4, iters=5)
     schema = {"tag": 1, "x": 2}
     items = [{"tag": [7] if i % 400 == 0 else [], "x": torch.randint(0, 10**6, (9,), generator=g).tolist()} for i in range(n)]
-    bloom = BloomIndex.build(*FilterSchema(schema).encode_items([items[i] for i in index.order.tolist()]))
+    # a small multiplier: ~2% false positives, 9 of them to each true match
+    bloom = BloomIndex.build(*FilterSchema(schema).encode_items([items[i] for i in index.order.tolist()]), b_multiplier=3.0)
     plans = parse_filters(["tag:7"] * 3, schema=schema)
     q = torch.randn(3, 8, generator=g)
     calls = []

@@ -366,7 +366,11 @@ def test_save_load_round_trip_and_version_checks(tmp_path):
     (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format version 99"):
         RetrievalModel.load(tmp_path / "a")
-    cfg["format_version"] = 1
+    cfg["format_version"] = 1  # the double-hashed Bloom rows' version: the way out named
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format version 1 .* reads silvertorch.RetrievalModel version 2 .*double hashing: build the model again"):
+        RetrievalModel.load(tmp_path / "a")
+    cfg["format_version"] = 2
     cfg["tensors"]["codes"]["shape"][1] += 1
     (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="tensor codes"):
@@ -442,8 +446,8 @@ def test_numpy_int_options_build_as_python_ints():
 @pytest.mark.parametrize("corrupt, problem", [
     (lambda c: [c], "{file} must hold a JSON object, got list"),
     (lambda c: dict(c, format="other"), "{file} has format 'other', expected '{format}'"),
-    (lambda c: dict(c, format_version="1"), r"{file}: format version '1' \(str\) is not supported .* reads {format} version 1 \(an int\)"),
-    (lambda c: dict(c, format_version=99), r"{file}: format version 99 \(int\) is not supported .* reads {format} version 1 \(an int\)"),
+    (lambda c: dict(c, format_version=str(c["format_version"])), r"{file}: format version '\d' \(str\) is not supported .* reads {format} version \d \(an int\)"),
+    (lambda c: dict(c, format_version=99), r"{file}: format version 99 \(int\) is not supported .* reads {format} version \d \(an int\); save it again"),
     # an edited entry: the file it is in named (load_towers named config.json)
     (lambda c: dict(c, overarch=dict(c["overarch"], hidden=[-1])), r"{file} entry 'overarch' is not valid \(hidden\[0\] must be"),
 ], ids=["not_an_object", "wrong_format", "version_a_string", "version_99", "entry_edited"])

@@ -64,7 +64,10 @@ from .topk import as_integers
 from .towers import TOWERS
 
 FORMAT = "silvertorch.RetrievalModel"
-FORMAT_VERSION = 1
+# 2: the Bloom index's independent rows per term (`bloom.hashing.bloom_positions`)
+FORMAT_VERSION = 2
+OLD_VERSIONS = {1: "version 1 artifacts hold Bloom rows placed by double hashing: build the model again "
+                   "(RetrievalModel.build, or `silvertorch build` from the published towers and item table)"}
 CONFIG_FILE, TENSORS_FILE = "config.json", "model.safetensors"
 
 
@@ -809,7 +812,7 @@ class RetrievalModel(nn.Module):
         from safetensors import SafetensorError, safe_open
 
         directory = Path(directory)
-        config = _checked_config(directory, CONFIG_FILE, FORMAT, FORMAT_VERSION)
+        config = _checked_config(directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, OLD_VERSIONS)
         try:
             with safe_open(str(directory / TENSORS_FILE), framework="pt", device=str(device)) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -878,9 +881,11 @@ class RetrievalModel(nn.Module):
                    max_nprobe=config.get("max_nprobe"), max_exact_terms=config.get("max_exact_terms", config["max_terms"]))
 
 
-def _checked_config(directory: Path, config_file: str, expected_format: str, supported_version: int) -> dict:
+def _checked_config(directory: Path, config_file: str, expected_format: str, supported_version: int,
+                    old_versions: dict[int, str] | None = None) -> dict:
     """directory/config_file read as a JSON object of `expected_format` at `supported_version`; the
-    one check of every saved directory (an artifact, saved towers), so that all refuse alike."""
+    one check of every saved directory (an artifact, saved towers), so that all refuse alike.
+    `old_versions`: what to do with a file of an older version this one cannot convert."""
     try:
         config = json.loads((directory / config_file).read_text())
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
@@ -891,9 +896,10 @@ def _checked_config(directory: Path, config_file: str, expected_format: str, sup
         raise ValueError(f"{directory}: {config_file} has format {config.get('format')!r}, expected {expected_format!r}")
     version = config.get("format_version")
     if type(version) is not int or version != supported_version:  # 1.0, "1" and True are not version 1
+        known = (old_versions or {}).get(version) if type(version) is int else None  # (a list is unhashable)
         raise ValueError(f"{directory}: {config_file}: format version {version!r} ({type(version).__name__}) is not "
                          f"supported by silvertorch {__version__}, which reads {expected_format} version "
-                         f"{supported_version} (an int); save it again with this version")
+                         f"{supported_version} (an int); {known or 'save it again with this version'}")
     return config
 
 

@@ -2,8 +2,8 @@
 
 Layout: items in bundles of 2048; bundle b has `widths[b]` rows (a prime >= max terms of an
 item in the bundle * k * b_multiplier) of 32 int64 words; bit i % 64 of word (i % 2048) // 64
-in row p is set when item i has a term hashing to row p. A term's test over 64 items is the
-AND of k words. Beside the bits the index keeps the items' attributes (for exact NOT, exact
+in row p is set when item i has a term hashing to row p (`hashing.bloom_positions`: k rows per
+term). A term's test over 64 items is the AND of k words. Beside the bits the index keeps the items' attributes (for exact NOT, exact
 verification and rebuilding bundles on append) and a tombstone mask for deleted items.
 """
 
@@ -21,14 +21,16 @@ from gpukernels_common.device import to_device
 
 from ..filtering import device_constant
 from ..topk import as_integers, past_int64
-from .hashing import bloom_positions, next_prime, second_hash, term_hash
+from .hashing import bloom_positions, next_prime, term_hash
 from .parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE, FilterPlans
 
 BUNDLE = 2048
 WORDS_PER_BUNDLE = BUNDLE // 64
-FORMAT_VERSION = 1
+# 2: independent rows per term (`hashing.bloom_positions`); version 1 files hold double-hashed rows
+FORMAT_VERSION = 2
 
 
+MAX_WIDTH = 1 << 30  # a bound on rows per bundle: the prime above it stays below 2^31 (32-bit row hashes)
 BUILD_CHUNK = 1 << 22  # (item, term) pairs per step of the reference build
 
 
@@ -47,6 +49,10 @@ def bundle_widths(lengths: torch.Tensor, k: int, b_multiplier: float) -> torch.T
     n = lengths.numel()
     padded = torch.zeros(math.ceil(n / BUNDLE) * BUNDLE, dtype=torch.int64)
     padded[:n] = lengths.cpu()
+    most = int(lengths.max()) if n else 0
+    if math.ceil(most * k * b_multiplier) >= MAX_WIDTH:  # the kernels reduce 32-bit row hashes modulo the width
+        raise ValueError(f"an item with {most} terms needs {math.ceil(most * k * b_multiplier)} Bloom rows at k={k}, "
+                         f"b_multiplier={b_multiplier}; a bundle holds fewer than {MAX_WIDTH} rows")
     return torch.tensor([next_prime(max(math.ceil(int(m) * k * b_multiplier), k + 1)) for m in padded.view(-1, BUNDLE).amax(1)],
                         dtype=torch.int64)
 
@@ -173,7 +179,7 @@ class BloomIndex:
             fresh = torch.zeros(new_rows, 32, dtype=torch.int64, device=device)
             block = 1024
             h, item_of_term, widths, row_offsets = _row_major(h, item_of_term, widths, row_offsets)
-            build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, second_hash(h), item_of_term, widths, row_offsets,
+            build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, item_of_term, widths, row_offsets,
                                                           h.numel(), keep_rows, K=self.k, BLOCK=block)
         else:
             fresh = torch.zeros(new_rows * 32, dtype=torch.int64, device=device)
@@ -234,7 +240,7 @@ class BloomIndex:
 
     def _plan_tensors(self, plans: FilterPlans, row_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(ops, args, hashes, exact row per slot) row-major on the index's device: one copy for all
-        four (`to_device`: no host synchronisation); the kernels take the second hashes themselves."""
+        four (`to_device`: no host synchronisation); the kernels derive the rows from the hashes themselves."""
         return to_device((plans.ops, plans.args, plans.hashes, row_of), self.bits.device)
 
     def _exact_tables(self, plans: FilterPlans):
@@ -462,7 +468,9 @@ class BloomIndex:
         if meta.get("format") != "silvertorch.BloomIndex":
             raise ValueError(f"{path}: not a silvertorch BloomIndex file (format={meta.get('format')!r})")
         if meta.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(f"{path}: format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+            raise ValueError(f"{path}: format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION}"
+                             + ("; version 1 placed each term's Bloom rows by double hashing: build the index again from "
+                                "the items" if meta.get("format_version") == "1" else "") + ")")
         try:  # a header without k, or not an object, failed with a KeyError or AttributeError
             config = json.loads(meta["config"])
             k, b_multiplier = int(config["k"]), float(config["b_multiplier"])

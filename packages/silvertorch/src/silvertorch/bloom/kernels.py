@@ -17,13 +17,30 @@ TERM, EXACT_TERM, AND, OR, NOT, TRUE = (tl.constexpr(code) for code in (parser.T
 
 
 @triton.jit
-def _second_hash(h):
-    """hashing.second_hash of a uint64 term hash, in the kernel (mix64 of h + the golden ratio):
-    computed where it is read, not per search with a dozen small tensor ops."""
-    x = h + 0x9E3779B97F4A7C15
+def _mix64(x):
+    """hashing.mix64 (the splitmix64 finalizer) on uint64."""
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
     x = (x ^ (x >> 27)) * 0x94D049BB133111EB
     return x ^ (x >> 31)
+
+
+@triton.jit
+def _bloom_test(h, width, row0, bits_ptr, wib, mask, K: tl.constexpr):
+    """The AND of term hash h's K row words (hashing.bloom_positions: the 32-bit halves of
+    mix64(h + i * golden), i = 1, 2, ..., modulo the bundle's `width` rows from `row0`); rows of
+    32 words, word `wib` of each. Masked lanes read all-ones."""
+    w32 = width.to(tl.uint32)  # < 2^31 (bundle_widths): a 32-bit remainder, far cheaper than a 64-bit one
+    x = h
+    test = tl.full(wib.shape, -1, tl.int64)
+    for i in tl.static_range((K + 1) // 2):
+        x = x + 0x9E3779B97F4A7C15  # h + (i + 1) * golden, wrapping as uint64
+        r = _mix64(x)
+        row = ((r & 0xFFFFFFFF).to(tl.uint32) % w32).to(tl.int64)
+        test = test & tl.load(bits_ptr + (row0 + row) * 32 + wib, mask=mask, other=-1)
+        if 2 * i + 1 < K:
+            row = ((r >> 32).to(tl.uint32) % w32).to(tl.int64)
+            test = test & tl.load(bits_ptr + (row0 + row) * 32 + wib, mask=mask, other=-1)
+    return test
 
 
 @triton.jit
@@ -62,14 +79,7 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
         slot = tl.load(args_ptr + q * L + i)
         # the value a push would bring: a Bloom term, an exact term, or TRUE
         h1 = tl.load(h1_ptr + q * T + slot).to(tl.uint64, bitcast=True)
-        h2 = _second_hash(h1)
-        wu = width.to(tl.uint64)
-        p0 = h1 % wu
-        step = 1 + h2 % (wu - 1)
-        term = ones
-        for j in tl.static_range(K):
-            p = ((p0 + j * step) % wu).to(tl.int64)
-            term = term & tl.load(bits_ptr + (roff + p) * 32 + wib, mask=wmask & (op == TERM), other=-1)
+        term = _bloom_test(h1, width, roff, bits_ptr, wib, wmask & (op == TERM), K)  # the mixing once, per program
         erow = tl.load(exact_row_ptr + q * T + slot)
         exact = tl.load(exact_ptr + erow.to(tl.int64) * exact_stride + exact_col, mask=wmask & (op == EXACT_TERM), other=0)
         pushed = tl.where(op == TERM, term, tl.where(op == EXACT_TERM, exact, ones))
@@ -136,25 +146,27 @@ def words_kernel(out_ptr, words_ptr, bits_ptr, row_off_ptr, width_ptr, ops_ptr, 
 
 
 @triton.jit
-def build_kernel(bits_ptr, h1_ptr, h2_ptr, item_ptr, width_ptr, row_off_ptr, n_terms, row_base,
+def build_kernel(bits_ptr, h1_ptr, item_ptr, width_ptr, row_off_ptr, n_terms, row_base,
                  K: tl.constexpr, BLOCK: tl.constexpr):
-    """Set each term's k rows for its item: one lane per (item, term) pair; OR is order-free,
-    so the atomics give a deterministic result."""
+    """Set each term's k rows (hashing.bloom_positions, as `_bloom_test` reads them) for its item:
+    one lane per (item, term) pair; OR is order-free, so the atomics give a deterministic result."""
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tmask = t < n_terms
     item = tl.load(item_ptr + t, mask=tmask, other=0)
     bundle = item // 2048
-    wu = tl.load(width_ptr + bundle, mask=tmask, other=2).to(tl.uint64)
-    roff = tl.load(row_off_ptr + bundle, mask=tmask, other=0)
-    h1 = tl.load(h1_ptr + t, mask=tmask, other=0).to(tl.uint64, bitcast=True)
-    h2 = tl.load(h2_ptr + t, mask=tmask, other=0).to(tl.uint64, bitcast=True)
-    p0 = h1 % wu
-    step = 1 + h2 % (wu - 1)
+    w32 = tl.load(width_ptr + bundle, mask=tmask, other=2).to(tl.uint32)
+    roff = tl.load(row_off_ptr + bundle, mask=tmask, other=0) - row_base
+    x = tl.load(h1_ptr + t, mask=tmask, other=0).to(tl.uint64, bitcast=True)
     wib = (item % 2048) // 64
     bit = tl.full((BLOCK,), 1, tl.int64) << (item % 64)
-    for j in tl.static_range(K):
-        p = ((p0 + j * step) % wu).to(tl.int64)
-        tl.atomic_or(bits_ptr + (roff + p - row_base) * 32 + wib, bit, mask=tmask)
+    for i in tl.static_range((K + 1) // 2):
+        x = x + 0x9E3779B97F4A7C15
+        r = _mix64(x)
+        row = ((r & 0xFFFFFFFF).to(tl.uint32) % w32).to(tl.int64)
+        tl.atomic_or(bits_ptr + (roff + row) * 32 + wib, bit, mask=tmask)
+        if 2 * i + 1 < K:
+            row = ((r >> 32).to(tl.uint32) % w32).to(tl.int64)
+            tl.atomic_or(bits_ptr + (roff + row) * 32 + wib, bit, mask=tmask)
 
 
 @triton.jit
