@@ -237,3 +237,14 @@ def test_from_sample_major_refuses_flat_lengths():
 def test_from_sample_major_refuses_lengths_that_do_not_fit_the_values(values, lengths, match):
     with pytest.raises(ValueError, match=match):
         KeyedJagged.from_sample_major(["a", "b"], values, torch.tensor(lengths))
+
+
+def test_equality_requires_the_same_values_dtype_and_device():
+    kj = _kj()
+    as_int32 = KeyedJagged(kj.keys, kj.values.int(), kj.lengths.int())
+    assert as_int32 != kj and kj != as_int32
+    assert KeyedJagged(kj.keys, kj.values.float(), kj.lengths) != kj
+    assert KeyedJagged(kj.keys, kj.values.int(), kj.lengths) == as_int32
+    # another device is unequal (torch.equal would raise across devices, and meta has no equal)
+    on_meta = KeyedJagged(kj.keys, kj.values.to("meta"), kj.lengths)
+    assert on_meta != kj and kj != on_meta

@@ -225,8 +225,13 @@ class KeyedJagged:
         return KeyedJaggedTensor(keys=self.keys, values=self.values, lengths=self.lengths)
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, KeyedJagged) and self.keys == other.keys and torch.equal(self.lengths, other.lengths)
-                and torch.equal(self.values, other.values))
+        # torch.equal compares int32 ids with int64 ones (or floats) by value; a batch of another
+        # dtype is another batch (concat refuses to mix them), and torch.equal raises across
+        # devices, so both are checked first. Lengths are always stored as int64.
+        return (isinstance(other, KeyedJagged) and self.keys == other.keys
+                and self.values.dtype == other.values.dtype and self.values.device == other.values.device
+                and self.lengths.device == other.lengths.device
+                and torch.equal(self.lengths, other.lengths) and torch.equal(self.values, other.values))
 
     def __repr__(self) -> str:
         return f"KeyedJagged(keys={self.keys}, batch_size={self.batch_size}, values={self.values.numel()})"
