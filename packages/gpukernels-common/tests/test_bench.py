@@ -234,6 +234,19 @@ def test_spawn_jobs_names_a_rank_that_died_without_waiting_out_the_timeout():
     assert time.monotonic() - start < 120
 
 
+def test_spawn_jobs_names_a_rank_that_exited_without_reporting_without_waiting_out_the_timeout():
+    import time
+
+    import pytest
+
+    from gpukernels_common.bench import spawn_jobs
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"job 0 rank \d exited with code 0 without putting its result on the queue"):
+        spawn_jobs("".format, 2, (), timeout=90)  # "".format(queue, job, rank, ...) returns "" and puts nothing
+    assert time.monotonic() - start < 60
+
+
 def test_time_fn_reports_the_median_and_the_20th_and_80th_percentiles(monkeypatch):
     """On a fake clock: a 1 ms warm call sizes rep_ms=11 to 11 samples of 1..11 ms (shuffled)."""
     import gpukernels_common.bench as bench

@@ -160,13 +160,42 @@ def print_profile(name: str, fn: Callable[[], object], calls: int = 5) -> dict:
     return {"wall_ms": wall, "device_ms": device_ms, "host_events": host}
 
 
+class _RankQueue:
+    """The queue a spawned rank sees: what it puts goes tagged with its job and rank, so that
+    `spawn_jobs` knows which process has reported (anything else is the queue's own)."""
+
+    def __init__(self, queue, job: int, rank: int):
+        self._queue, self._key = queue, (job, rank)
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        self._queue.put((self._key, item), block, timeout)
+
+    def put_nowait(self, item) -> None:
+        self._queue.put_nowait((self._key, item))
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
+
+
+def _run_rank(target: Callable, queue, job: int, rank: int, world: int, port: int, *args) -> None:
+    target(_RankQueue(queue, job, rank), job, rank, world, port, *args)
+
+
+# A rank's item is in the pipe before its process ends (the queue's feeder thread is joined at
+# exit), but the parent may see the exit first: an exited rank is missing its item only once
+# this long has passed since its exit was seen.
+_REPORT_GRACE_S = 5.0
+
+
 def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1, timeout: float = 600) -> list:
     """Run `jobs` independent multi-process jobs of `world` spawned local processes each (every job
     on its own loopback port, e.g. one torch.distributed process group per job) and return what
     the processes put on the queue, in arrival order.
 
     Process `rank` of job `job` calls target(queue, job, rank, world, port, *args) and must put
-    exactly one item on the queue (None when it has nothing to report).
+    exactly one item on the queue (None when it has nothing to report). A process that exits
+    without reporting (with an error, or with code 0 after putting nothing) is a RuntimeError
+    naming its job and rank, within seconds, not at the timeout.
     """
     import queue as queue_module
 
@@ -177,14 +206,17 @@ def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1,
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     ports = [free_port() for _ in range(jobs)]
-    procs = [ctx.Process(target=target, args=(queue, j, r, world, ports[j], *args)) for j in range(jobs) for r in range(world)]
+    procs = [ctx.Process(target=_run_rank, args=(target, queue, j, r, world, ports[j], *args))
+             for j in range(jobs) for r in range(world)]
     for p in procs:
         p.start()
     try:
-        results, deadline = [], time.monotonic() + timeout
+        results, reported, exit_seen, deadline = [], set(), {}, time.monotonic() + timeout
         while len(results) < len(procs):
             try:  # short waits: a process that died without reporting is named at once
-                results.append(queue.get(timeout=min(1.0, max(0.0, deadline - time.monotonic()))))
+                key, item = queue.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                results.append(item)
+                reported.add(key)
                 continue
             except queue_module.Empty:
                 pass
@@ -192,6 +224,11 @@ def spawn_jobs(target: Callable, world: int, args: tuple = (), *, jobs: int = 1,
                 if p.exitcode not in (None, 0):
                     raise RuntimeError(f"spawn_jobs: job {i // world} rank {i % world} exited with code {p.exitcode} "
                                        f"before reporting (its error is above)")
+                if p.exitcode == 0 and (i // world, i % world) not in reported:
+                    seen = exit_seen.setdefault(i, time.monotonic())
+                    if time.monotonic() - seen >= _REPORT_GRACE_S:
+                        raise RuntimeError(f"spawn_jobs: job {i // world} rank {i % world} exited with code 0 without "
+                                           f"putting its result on the queue (the target must put exactly one item)")
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"spawn_jobs: {len(procs) - len(results)} of {len(procs)} processes did not "
                                    f"report within {timeout:g} s")
