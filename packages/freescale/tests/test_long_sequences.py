@@ -89,6 +89,22 @@ def test_split_and_cap_remove_the_floor_in_the_simulator():
         assert cut.bubble_ratio < 0.5 * whole.bubble_ratio, mode
 
 
+@pytest.mark.parametrize("method", ["kk_equal", "contiguous", "lpt_equal"])
+def test_simulator_keeps_the_batch_whole_when_cutting_is_no_better(method):
+    """BatchBalancer's rule (test_distributed's cut_plans_never_worse, these samples): split's
+    pieces recompute context and their best plan (max 50.05) is worse than the batch as it
+    stands on the ranks (the naive contiguous split, max 40), so every sample stays whole and in
+    place; the simulator ran the worse plan."""
+    batch = torch.tensor([0, 0, 20, 0, 0, 1, 6, 0, 0, 16])
+    cost = CostModel(1.0, 0.05)
+    kw = dict(method=method, seconds_per_cost=1.0)
+    whole = simulate([batch], 2, cost, **kw)
+    split = simulate([batch], 2, cost, long_sequences="split", **kw)
+    assert split.step_times == pytest.approx([40.0]) and split.step_times == pytest.approx(whole.step_times)
+    assert split.bubble_ratio == pytest.approx(whole.bubble_ratio)
+    assert simulate([batch], 2, cost, long_sequences="cap", **kw).step_times[0] < 40.0  # capping helps: kept cut
+
+
 def test_floor_report():
     costs = CostModel(a=1.0, b=1.0)(torch.tensor([40, 3, 4, 2, 5, 3]))
     f = floor_of(costs, 2)

@@ -33,7 +33,7 @@ from .comm import collective_device
 from .cost import CostModel, check_lengths
 from .jagged import KeyedJagged
 from .longseq import DROP_WARNING, MODES, Windows, floor_of, long_sequence_windows
-from .partition import METHODS, Partition, bubble_of, oversized, partition
+from .partition import METHODS, Partition, bubble_of, oversized, partition_or_keep
 
 
 @dataclasses.dataclass
@@ -365,14 +365,11 @@ class BatchBalancer:
             source_rank = torch.repeat_interleave(torch.arange(self.world_size), torch.tensor(source_sizes))
             local_sizes = torch.bincount(source_rank[windows.source], minlength=self.world_size).tolist()
             costs = self.cost_model(windows.lengths)
-        part = partition(costs, self.world_size, method=self.method, refine=self.refine)
-        if float(part.loads.max()) > (1.0 - self.min_gain) * float(before.max()):
+        part = partition_or_keep(costs, before, source_sizes, self.method, self.refine, self.min_gain)
+        if part.method == "kept":
             # not worth moving: every rank keeps its samples whole (the same decision on every rank);
             # cut samples too, whose pieces may cost more than the whole (split's recomputed context)
             windows, local_sizes = None, source_sizes
-            bounds = [0] + torch.cumsum(torch.tensor(source_sizes), 0).tolist()
-            part = Partition([torch.arange(bounds[r], bounds[r + 1]) for r in range(self.world_size)],
-                             before.to(torch.float64), "kept")
         plan = BalancePlan(self.rank, self.world_size, local_sizes, part, before, big, lengths, source_sizes,
                            self.cost_model, windows, self.long_sequences, key_lengths, schema)
         dropped = plan.positions_dropped()

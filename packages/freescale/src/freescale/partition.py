@@ -154,6 +154,22 @@ def partition(costs, world_size: int, method: str = "kk_equal", refine: bool = T
     return Partition(assignments, loads, method)
 
 
+def partition_or_keep(costs, before: torch.Tensor, source_sizes: list[int], method: str = "kk_equal",
+                      refine: bool = True, min_gain: float = 0.0) -> Partition:
+    """`partition(costs)` over `len(source_sizes)` ranks, unless its most loaded rank costs more than
+    `(1 - min_gain)` times the batch as it stands (`before`: each rank's cost of its own
+    `source_sizes` samples, uncut): then the "kept" partition, every rank keeping its samples in
+    order (the indices are then those of the uncut batch). `costs` may be those of capped or
+    split samples, whose pieces can cost more than the whole (split's recomputed context).
+    `BatchBalancer` and `simulate` decide by this one rule."""
+    world = len(source_sizes)
+    part = partition(costs, world, method=method, refine=refine)
+    if float(part.loads.max()) <= (1.0 - min_gain) * float(before.max()):
+        return part
+    bounds = [0] + torch.cumsum(torch.tensor(source_sizes, dtype=torch.long), 0).tolist()
+    return Partition([torch.arange(bounds[r], bounds[r + 1]) for r in range(world)], before.to(torch.float64), "kept")
+
+
 def check_world_size(world_size) -> int:
     """`world_size` as an int >= 1; a ValueError otherwise (0 ranks made every sample oversized-free)."""
     if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:

@@ -6,7 +6,9 @@ each rank computes for load * seconds_per_cost, while its embedding communicatio
 overlaps by `overlap_slowdown` (measured 30-40% on H100s for NCCL kernels); SM-free
 (copy-engine) transfers do not. Ranks then meet at the gradient all-reduce: the early ones
 wait (the bubble). `long_sequences="cap"|"split"` cuts samples that alone exceed a rank's
-fair share first, as `BatchBalancer` does (split pieces recompute their context).
+fair share first, as `BatchBalancer` does (split pieces recompute their context); as there,
+a plan no better than the batch as it stands (each rank holding its contiguous share, uncut)
+keeps every sample whole and in place.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from .cost import CostModel, check_lengths
 from .longseq import long_sequence_windows
-from .partition import check_world_size, partition
+from .partition import check_world_size, partition, partition_or_keep
 
 
 @dataclasses.dataclass
@@ -60,8 +62,13 @@ def simulate(batches: Sequence[torch.Tensor], world_size: int, cost_model: CostM
         lengths = check_lengths(lengths, f"batches[{batch}]")  # negative lengths cost like positive ones
         total_samples += lengths.numel()
         windows = long_sequence_windows(long_sequences, lengths, cost_model, world_size, split_context)
-        lengths = lengths if windows is None else windows.lengths
-        part = partition(cost_model(lengths), world_size, method=method, refine=refine)
+        # the batch as it stands: each rank's naive contiguous share, uncut; a plan no better than
+        # it keeps every sample whole and in place, as BatchBalancer does
+        costs = cost_model(lengths)
+        source = partition(costs, world_size, method="contiguous")
+        part = partition_or_keep(costs if windows is None else cost_model(windows.lengths), source.loads,
+                                 source.counts(), method=method, refine=refine)
+        lengths = lengths if windows is None or part.method == "kept" else windows.lengths
         finish, comp_list, exposed_list = [], [], []
         for r, idx in enumerate(part.assignments):
             compute = float(part.loads[r]) * seconds_per_cost
