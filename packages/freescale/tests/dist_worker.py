@@ -894,6 +894,43 @@ def scenario_preempt(rank, world):
     return {"fifo": orders[False], "preempt": orders[True]}
 
 
+def scenario_scheduler_mismatch(rank, world):
+    """preempt=True, ranks that submit differently: A and B (equal-sized all-reduces) with their
+    priorities swapped on rank 1 (its A met rank 0's B, silently), or flushed in one round on
+    rank 0 and in two on rank 1. Per case and rank: each op's result, or its error; then a
+    scheduler given the same submissions everywhere still works (the ranks stayed in step)."""
+    out = {}
+    for case in ("priorities", "flushes"):
+        sched = CommScheduler(preempt=True)
+        a, b = torch.full((4,), float(rank + 1)), torch.full((4,), 10.0 * (rank + 1))
+        swap = case == "priorities" and rank == 1
+        futures = [sched.all_reduce(a, priority=1 if swap else 0, name="A")]
+        if case == "flushes" and rank == 1:
+            sched.flush()
+        futures.append(sched.all_reduce(b, priority=0 if swap else 1, name="B"))
+        got = []
+        try:
+            sched.flush()
+        except RuntimeError as err:  # the thread may have stopped on the mismatch already
+            got.append(str(err))
+        for f in futures:
+            try:
+                got.append(f.result(timeout=20).tolist())
+            except RuntimeError as err:
+                got.append(str(err))
+        sched.close()
+        every = [None] * world
+        dist.all_gather_object(every, got)
+        out[case] = every
+    sched = CommScheduler(preempt=True)
+    ok = torch.full((4,), float(rank + 1))
+    sched.all_reduce(ok, priority=3, name="ok")
+    sched.flush()
+    sched.close()
+    out["after"] = ok.tolist()
+    return out
+
+
 def scenario_sim(rank, world):
     # sleep-simulated compute proportional to cost; compare the measured step with the simulator,
     # which is given the fixed per-step overhead (plan all-gather + barrier) measured on empty steps

@@ -392,6 +392,19 @@ def test_background_groups_take_the_process_group_timeout(tmp_path):
     assert res["error"] != "no error" and res["waited"] < 5, res
 
 
+def test_scheduler_ranks_that_submit_differently_fail_on_every_rank(tmp_path):
+    """preempt=True: the round agreement carries a fingerprint of each flush()'s ops (kinds,
+    shapes, dtypes, priorities, order); ranks whose submissions differ get a RuntimeError on every
+    op of that round, on every rank, instead of each other's equal-sized payloads."""
+    proc, res = _run("scheduler_mismatch", 2, tmp_path, timeout=90)
+    for case in ("priorities", "flushes"):
+        for rank, got in enumerate(res[case]):
+            errors = [g for g in got if isinstance(g, str)]
+            assert len(errors) >= 2 and not any(isinstance(g, list) for g in got), (case, rank, got)
+            assert all("submissions differ" in e and "flush() round 1" in e for e in errors), (case, rank, got)
+    assert res["after"] == [3.0] * 4
+
+
 def test_cut_plans_are_never_worse_than_the_batch_as_it_stands(tmp_path):
     proc, res = _run("cut_plans_never_worse", 2, tmp_path)
     for name, (before, after, _, _) in res["plans"].items():

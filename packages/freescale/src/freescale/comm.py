@@ -14,7 +14,13 @@ when its communication thread picks the next chunk depends on timing, so before 
 the ranks agree on the latest round flushed everywhere (one small MIN all-reduce on the
 scheduler's group) and pick the most urgent chunk of the rounds up to it: the same choice on
 every rank. That all-reduce is the price; give the scheduler a process group of its own when
-other threads issue collectives at the same time.
+other threads issue collectives at the same time. It also carries a fingerprint of each round's
+ops (kind, shapes, dtype, chunk count, priority, in submission order): ranks whose submissions
+differ (another priority, another flush() boundary) would otherwise send each other's
+equal-sized payloads, silently, so a round is not started before every rank's fingerprint of it
+is the same, and a mismatch is a RuntimeError on every rank. Without `preempt` the scheduler
+issues no collective of its own to carry it (it would cost one per flush): identical submissions
+are the caller's to keep.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import itertools
 import math
 import numbers
 import threading
+import zlib
 from concurrent.futures import Future
 
 import torch
@@ -49,6 +56,11 @@ class _Chunk:
     index: int
     run: object
     round: int = 0
+    spec: str = ""  # the op's kind, shapes, dtype and chunk count, for the round's fingerprint
+
+
+_CHECKED_ROUNDS = 8  # rounds whose fingerprints one agreement carries (more wait for the next)
+_ABSENT = 1 << 62  # a round this rank has not flushed yet: above every fingerprint, ignored by MIN
 
 
 class _Deferred:
@@ -67,6 +79,8 @@ class CommScheduler:
         self._pending: list[_Chunk] = []  # submitted, not flushed
         self._ready: list[_Chunk] = []  # flushed, not started
         self._rounds = 0  # flush() rounds handed to the communication thread
+        self._checked = 0  # rounds whose fingerprints every rank has agreed on (preempt)
+        self._fingerprints: list[int] = []  # of the flushed rounds after the checked ones
         self._closed = False
         self._failed: Exception | None = None  # why the communication thread stopped (see `_loop`)
         self._cv = threading.Condition()
@@ -77,12 +91,29 @@ class CommScheduler:
         self._thread.start()
 
     def _agreed_round(self, flushed: int) -> int:
-        """The latest round every rank has flushed (see the module docs)."""
+        """The latest round every rank has flushed and submitted alike (see the module docs)."""
         if not self.preempt or not dist.is_initialized() or dist.get_world_size(self.group) == 1:
             return flushed
-        agreed = torch.tensor([flushed], dtype=torch.long, device=self._agreement_device)
+        with self._cv:
+            prints = self._fingerprints[: min(flushed - self._checked, _CHECKED_ROUNDS)]
+        absent = [_ABSENT] * (_CHECKED_ROUNDS - len(prints))
+        # one MIN all-reduce: the least round flushed, and per unchecked round the least
+        # fingerprint and the least negated one (minus the greatest)
+        agreed = torch.tensor([flushed, *prints, *absent, *(-p for p in prints), *absent], dtype=torch.long,
+                              device=self._agreement_device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
-        return int(agreed)
+        agreed = agreed.tolist()
+        limit = min(agreed[0], self._checked + _CHECKED_ROUNDS)  # every rank sent these rounds' prints
+        for i in range(limit - self._checked):
+            if agreed[1 + i] != -agreed[1 + _CHECKED_ROUNDS + i]:
+                raise RuntimeError(f"CommScheduler: the ranks' submissions differ in flush() round {self._checked + i + 1} "
+                                   "(preempt=True checks each round's ops: kind, shapes, dtype, chunk count, priority, "
+                                   "order); every rank must queue the same ops with the same priorities and call flush() "
+                                   "at the same points")
+        with self._cv:
+            del self._fingerprints[: limit - self._checked]
+        self._checked = limit
+        return limit
 
     def _next(self) -> _Chunk | None:
         with self._cv:
@@ -126,10 +157,11 @@ class CommScheduler:
             raise RuntimeError(f"CommScheduler: cannot {what}: its communication thread stopped on an error "
                                f"({self._failed}); create a new CommScheduler") from self._failed
 
-    def _queue_chunks(self, parts: list, send, result, priority: int, name: str) -> Future:
+    def _queue_chunks(self, parts: list, send, result, priority: int, name: str, spec: str = "") -> Future:
         """Queue `send(part)` for every part as chunks of one op; the future resolves to `result`
         once the last chunk is done. A part may be a `_Deferred`, whose run returns more parts
-        (the chunks it expands into, queued right behind it with the same priority and round)."""
+        (the chunks it expands into, queued right behind it with the same priority and round).
+        `spec`: what must match on every rank besides the priority (kind, shapes, dtype)."""
         self._check_open(f"queue op {name!r}")
         # checked here: the communication thread compares priorities when it picks a chunk, and a
         # TypeError there stopped it, failing every op queued beside this one
@@ -165,7 +197,7 @@ class CommScheduler:
 
         for i, part in enumerate(parts):
             run = make_run(part)
-            run.chunk = _Chunk(priority, seq, i, run)
+            run.chunk = _Chunk(priority, seq, i, run, spec=f"{spec} x{len(parts)}")
             self._pending.append(run.chunk)
         return future
 
@@ -182,10 +214,14 @@ class CommScheduler:
         rank: the first chunk agrees on the count (one one-element MAX all-reduce on the
         scheduler's group, on the communication thread) and sends the first column block."""
         if not self._local():
+            uneven = output_splits is not None or input_splits is not None
+            # with splits only the rows may differ between ranks
+            spec = (f"all_to_all {tuple(input.shape[1:])}->{tuple(output.shape[1:])} split" if uneven
+                    else f"all_to_all {tuple(input.shape)}->{tuple(output.shape)}") + f" {input.dtype}"
             return self._queue_chunks([_Deferred()] if self._uneven_chunking(input, output_splits, input_splits)
                                       else self._column_blocks(input, output, self._local_chunks(input, output)),
                                       lambda part: self._send_all_to_all(output, input, output_splits, input_splits, part),
-                                      output, priority, name)
+                                      output, priority, name, spec)
 
         def copy(_):  # a world of one: the only peer is this rank
             if output.shape != input.shape:
@@ -249,7 +285,7 @@ class CommScheduler:
         per_chunk = max(1, self.chunk_bytes // max(1, tensor.element_size()))
         starts = list(range(0, max(1, flat.numel()), per_chunk))
         return self._queue_chunks(starts, lambda lo: dist.all_reduce(flat[lo : lo + per_chunk], group=self.group),
-                                  tensor, priority, name)
+                                  tensor, priority, name, f"all_reduce {flat.numel()} {tensor.dtype}")
 
     def flush(self) -> None:
         """Hand every pending chunk to the communication thread as one round, most urgent first."""
@@ -264,6 +300,9 @@ class CommScheduler:
             if not self._pending:
                 return  # an empty round would leave nothing to agree on
             self._rounds += 1
+            if self.preempt:  # checked by the round agreement, which only preempt has
+                ops = [f"{c.spec} p{float(c.priority)!r}" for c in self._pending if c.index == 0]  # submission order
+                self._fingerprints.append(zlib.crc32("|".join(ops).encode()))
             for chunk in self._pending:
                 chunk.round = self._rounds
             self._ready.extend(self._pending)
