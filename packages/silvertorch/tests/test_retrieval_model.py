@@ -1118,6 +1118,37 @@ def test_fresh_matches_count_towards_adaptive_probing_and_empty_slots_are_not_fr
         assert torch.equal(getattr(f, name), getattr(a, name)), name
 
 
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_empty_result_slots_hold_zero_task_probs(monkeypatch, backend):
+    """A result slot left empty (id -1: fewer than N items passed) holds score -inf, fresh False and
+    task probabilities 0, on the query-major and cluster-major scoring paths, eagerly and on the
+    traced path (captured, compiled and exported graphs): they held whatever candidate the top-N
+    had gathered there, probabilities of no item."""
+    import silvertorch.model
+    import silvertorch.scoring
+    from silvertorch.ivf import probed, quantize
+
+    monkeypatch.setenv("GKC_BACKEND", backend)
+    fixed, _, _, _, _ = _fixed_and_adaptive_over_the_rare_catalog(k_candidates=5, num_results=5, fresh_capacity=8)
+    for q in (1, CLUSTER_MAJOR_MIN_QUERIES + 1):
+        users = (torch.arange(q) % USERS).unsqueeze(1)
+        plans = fixed.prepare_filters(["tag:1"] * q)
+        with torch.no_grad():
+            eager = fixed(users, *plans)
+            with monkeypatch.context() as traced_path:
+                for module in (silvertorch.model, silvertorch.scoring, probed, quantize):
+                    traced_path.setattr(module, "tracing", lambda: True)
+                traced = fixed(users, *plans)
+        for ids, scores, task_probs, fresh, _ in (eager, traced):
+            empty = ids < 0
+            assert empty.any() and (~empty).any(), "the test needs both filled and empty slots"
+            assert (scores[empty] == float("-inf")).all() and not fresh[empty].any()
+            assert (task_probs[empty] == 0).all(), task_probs[empty]
+            assert (task_probs[~empty] > 0).all()
+        for a, b in zip(eager, traced):
+            assert torch.equal(a, b)
+
+
 def test_capture_refuses_a_model_off_cuda():
     with pytest.raises(RuntimeError, match="capture needs the model on a CUDA device"):
         _model().capture(torch.arange(4).unsqueeze(1))

@@ -75,7 +75,7 @@ CONFIG_FILE, TENSORS_FILE = "config.json", "model.safetensors"
 class Retrieved:
     ids: torch.Tensor  # [Q, N] int64, -1 where fewer than N items pass
     scores: torch.Tensor  # [Q, N] Value Model output, -inf where missing
-    task_probs: torch.Tensor  # [Q, N, T] per-task probabilities from OverArch
+    task_probs: torch.Tensor  # [Q, N, T] per-task probabilities from OverArch, 0 where missing
     fresh: torch.Tensor  # [Q, N] bool: the item came from the fresh index
     # [Q] int64: items that passed the filter in the probed clusters and the fresh index, less the
     # Bloom false positives that exact verification found (exact when at most 4 x k_candidates passed)
@@ -519,7 +519,8 @@ class RetrievalModel(nn.Module):
 
     # -- the forward pass ----------------------------------------------------------------------
     def forward(self, user_features, ops, args, hashes, value_weights=None):
-        """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q]).
+        """Returns (ids [Q, N], scores [Q, N], task_probs [Q, N, T], fresh [Q, N], found [Q]); a slot left
+        empty (fewer than N items passed) holds id -1, score -inf, task_probs 0 and fresh False.
         ops, args, hashes: plans from prepare_filters / pad_plans, which check them against the model's bounds."""
         u = self.user_tower(user_features).float()
         if u.dim() != 2 or u.shape[1] != self.dim:  # static shapes: no check at run time in a traced graph
@@ -582,6 +583,8 @@ class RetrievalModel(nn.Module):
         ok = _finite(best)
         ids = torch.where(ok, _rows(self.item_ids, winners), device_scalar(-1, self.item_ids))
         probs = task_probs.gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        # an empty slot gathered some unverified candidate's probabilities: 0 there, as its id is -1
+        probs = torch.where(ok.unsqueeze(-1), probs, device_scalar(0.0, probs))
         return ids, best, probs, ok & (winners >= self.num_main), found
 
     def check_user_features(self, user_features) -> torch.Tensor:
