@@ -18,6 +18,7 @@ from silvertorch import (
     RetrievalModel,
     ValueModel,
     load_item_table,
+    load_towers,
     save_item_table,
     save_towers,
 )
@@ -566,6 +567,25 @@ def test_item_table_and_towers_are_checked_as_build_checks_them(artifact, tmp_pa
                  "--k-candidates", "20", "--num-results", "5", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "towers.safetensors: value_model.weights has NaN or inf values" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("content", [b"", b"xx", b"\x00garbage" * 10])
+def test_a_towers_file_that_is_no_safetensors_is_one_line(artifact, tmp_path, capsys, content):
+    """A towers.safetensors that is no safetensors file (empty, truncated, garbage): load_towers raised
+    safetensors' own SafetensorError, which `silvertorch build` printed as a traceback."""
+    import shutil
+
+    towers = tmp_path / "towers"
+    shutil.copytree(artifact[0].parent / "towers", towers)
+    (towers / "towers.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match="towers: no readable towers.safetensors"):
+        load_towers(towers)
+    capsys.readouterr()
+    assert main(["build", "--towers", str(towers), "--items", str(artifact[0].parent / "items.safetensors"),
+                 "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("silvertorch build: error: ") and "no readable towers.safetensors" in err, err
+    assert err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("version", ["2", "banana", None])

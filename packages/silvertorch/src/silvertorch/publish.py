@@ -130,6 +130,7 @@ def save_towers(directory, user_tower: nn.Module, overarch: OverArch, value_mode
 
 
 def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .towers import TOWERS
@@ -138,7 +139,7 @@ def load_towers(directory) -> tuple[nn.Module, OverArch, ValueModel]:
     config = _checked_config(directory, TOWERS_CONFIG_FILE, TOWERS_FORMAT, TOWERS_FORMAT_VERSION)
     try:
         tensors = load_file(str(directory / "towers.safetensors"))
-    except (OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:  # SafetensorError: not a safetensors file (empty, cut short)
         raise ValueError(f"{directory}: no readable towers.safetensors ({err})") from err
     check_weights(tensors, f"{directory}: towers.safetensors: ")
     try:
