@@ -701,6 +701,17 @@ def test_cuda_graphs_need_a_cuda_model(artifact, capsys):
     assert "--device: expected a torch device such as cpu or cuda, got 'gpu0'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+def test_serve_refuses_a_device_this_torch_cannot_serve_on_in_one_line(artifact, capsys, device):
+    """--device of a type this torch build lacks (mps on Linux, xpu without XPU support) failed with
+    a traceback from the model's load; meta (no data) with "model.safetensors is not readable"."""
+    capsys.readouterr()
+    assert main(["serve", str(artifact[0]), "--device", device, "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"silvertorch serve: --device: expected a device this torch can compute on, got {device!r}"), err
+    assert err.count("\n") == 1, err
+
+
 @pytest.mark.gpu
 def test_server_replays_cuda_graphs_and_keeps_per_request_weights_eager(artifact):
     from fastapi.testclient import TestClient

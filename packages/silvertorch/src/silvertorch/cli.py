@@ -146,6 +146,17 @@ def _serve(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("silvertorch serve: --device: CUDA is not available on this machine", file=sys.stderr)
         return 2
+    try:
+        # a device type this torch build lacks (mps, xpu) failed in the model's load with a traceback;
+        # meta holds no data to serve (its load said "model.safetensors is not readable")
+        torch.empty(0, device=device)
+        usable = device.type != "meta"
+    except Exception:  # RuntimeError, NotImplementedError, AssertionError ("Torch not compiled with XPU enabled")
+        usable = False
+    if not usable:
+        print(f"silvertorch serve: --device: expected a device this torch can compute on, got {args.device!r} "
+              f"(e.g. cpu, or cuda where CUDA is available)", file=sys.stderr)
+        return 2
     if args.cuda_graphs and device.type != "cuda":
         print("silvertorch serve: --cuda-graphs needs --device cuda", file=sys.stderr)
         return 2
