@@ -111,6 +111,18 @@ def test_serve_port_in_use_is_reported(artifact, capsys):
     assert "pass another --port" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "256.1.1.1", "192.0.2.1"])  # unresolvable; not this machine's
+def test_serve_names_a_host_it_cannot_bind(artifact, capsys, host):
+    """A --host that does not resolve, or is no address of this machine, was reported as a port to
+    change ("pass another --port"): the error names --host."""
+    capsys.readouterr()
+    assert main(["serve", str(artifact[0]), "--host", host, "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"silvertorch serve: --host: expected an address of this machine or a name that resolves to one, "
+                          f"cannot bind {host}"), err
+    assert "--port" not in err and err.count("\n") == 1, err
+
 def test_real_server_batches_concurrent_requests_and_rejects_bad_ones(artifact):
     path, genre = artifact
     port = free_port()
@@ -368,7 +380,9 @@ def test_serve_binds_an_ipv6_host(artifact, monkeypatch, capsys):
     monkeypatch.setattr(silvertorch.server, "serve", lambda model, host, port, limits, cuda_graphs: calls.append((host, port)))
     if port is None:
         assert main(["serve", str(artifact[0]), "--host", "::1", "--port", "8080"]) == 2
-        assert "silvertorch serve: cannot bind ::1:8080" in capsys.readouterr().err and not calls
+        err = capsys.readouterr().err  # as a --host of no address here (EADDRNOTAVAIL), or a refused family
+        assert err.startswith("silvertorch serve: ") and "cannot bind ::1" in err and err.count("\n") == 1, err
+        assert not calls
         return
     assert main(["serve", str(artifact[0]), "--host", "::1", "--port", str(port)]) == 0, capsys.readouterr().err
     assert calls == [("::1", port)]

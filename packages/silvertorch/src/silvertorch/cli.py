@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -136,6 +137,10 @@ def _serve(args) -> int:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((args.host, args.port))
     except OSError as err:
+        if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # the host is wrong, not the port
+            print(f"silvertorch serve: --host: expected an address of this machine or a name that resolves to one, "
+                  f"cannot bind {args.host} ({err.strerror})", file=sys.stderr)
+            return 2
         print(f"silvertorch serve: cannot bind {args.host}:{args.port} ({err.strerror}); pass another --port", file=sys.stderr)
         return 2
     try:
