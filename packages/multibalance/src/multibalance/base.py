@@ -206,6 +206,9 @@ class Balancer(nn.Module, abc.ABC):
         warning, the attachments of the attach() calls before the first one a task's loss reads
         (EqualWeights, UncertaintyWeighting and
         the parameter-level forms never back-propagate the attachments: they drop them unused).
+        Under torch.distributed every rank attaches the same number of representations in a step:
+        MultiBalance sums the [n_reps, T] norms over ranks, and ranks of different counts wait in
+        that all-reduce until the group's timeout (or gloo aborts a process on the size mismatch).
         """
         if not reps:
             raise ValueError("attach() needs at least one representation tensor")
