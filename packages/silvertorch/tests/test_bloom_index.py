@@ -67,13 +67,20 @@ else:
             assert torch.equal(exact, truth)
 
 
-def test_build_kernel_matches_reference(monkeypatch):
+@pytest.mark.parametrize("k", [1, 3, 10])  # 10: every one of the kernel's draw slots
+def test_build_kernel_matches_reference(monkeypatch, k):
     fids, offsets, vals = _items(5000, seed=7)  # 3 bundles, the last one partial
-    ref = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
+    monkeypatch.setenv("GKC_BACKEND", "reference")  # (the default on the CPU is the interpreter)
+    ref = BloomIndex.build(fids, offsets, vals, k=k, b_multiplier=2.5)
     monkeypatch.setenv("GKC_BACKEND", "interpret")
-    tri = BloomIndex.build(fids, offsets, vals, k=3, b_multiplier=2.5)
+    tri = BloomIndex.build(fids, offsets, vals, k=k, b_multiplier=2.5)
     assert torch.equal(tri.bits, ref.bits) and torch.equal(tri.widths, ref.widths)
+    plans = parse_filters(["1:2 AND NOT 2:3", "3:1 OR 1:0", "2:-1"])
+    kernel_words = tri.search(plans)
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    assert torch.equal(ref.search(plans), kernel_words)  # the search kernel places each term's rows as the reference
     cut = int(offsets[10])
+    monkeypatch.setenv("GKC_BACKEND", "interpret")
     tri.append(fids[:cut], offsets[:11], vals[:cut])
     monkeypatch.setenv("GKC_BACKEND", "reference")
     ref.append(fids[:cut], offsets[:11], vals[:cut])
@@ -82,6 +89,7 @@ def test_build_kernel_matches_reference(monkeypatch):
 
 def test_kernel_matches_reference_and_ranges_match_full(monkeypatch):
     plans = parse_filters(["1:2 AND NOT 2:3", "1:{1,2} OR 3:0", "", "!(1:0 | 2:1) & 3:{0,1,2}"])
+    monkeypatch.setenv("GKC_BACKEND", "reference")  # (the default on the CPU is the interpreter)
     ref = INDEX.search(plans)
     monkeypatch.setenv("GKC_BACKEND", "interpret")
     canary = CanaryBuffer(ref.shape, dtype=torch.int64)  # poisoned output inside canary padding

@@ -77,20 +77,19 @@ def test_limits_and_types():
         parse_filters(["genre:x"], schema=SCHEMA)
 
 
-def test_positions_are_in_range_and_independent():
-    """Rows in [0, width). Each row on its own, and the pair of a term's first two rows, spread
-    evenly: double hashing's (h1 + j * h2) rows fixed the set by two residues, so far fewer
-    distinct row sets came out (a test that fails for it: the distinct sets)."""
-    h = term_hash(torch.ones(40_000, dtype=torch.long), torch.arange(40_000))
-    width = 31
-    pos = bloom_positions(h, torch.full((40_000,), width), 5)
-    assert pos.shape == (40_000, 5) and ((pos >= 0) & (pos < width)).all()
-    for j in range(5):  # each row uniform over the width: counts within ~5 sigma of 40_000 / 31
-        counts = torch.bincount(pos[:, j], minlength=width).float()
-        assert (counts - 40_000 / width).abs().max() < 5 * math.sqrt(40_000 / width), (j, counts)
-    # 40,000 draws of 5 independent rows from 31 land on nearly 40,000 distinct (ordered) tuples;
-    # double hashing has at most 31 * 30 = 930
-    assert len(set(map(tuple, pos.tolist()))) > 39_000
+def test_positions_are_distinct_in_range_and_independent():
+    """k distinct rows in [0, width), a uniformly random k-subset: every row in about k/width of the
+    terms' sets, and nearly as many different sets as draws. Double hashing's (h1 + j * h2) rows
+    were fixed by two residues: at most width * (width - 1) / 2 sets (the test fails for it)."""
+    n, width, k = 40_000, 31, 5
+    h = term_hash(torch.ones(n, dtype=torch.long), torch.arange(n))
+    pos = bloom_positions(h, torch.full((n,), width), k)
+    assert pos.shape == (n, k) and ((pos >= 0) & (pos < width)).all()
+    assert all(len(set(row)) == k for row in pos.tolist())
+    counts = torch.bincount(pos.reshape(-1), minlength=width).float()  # within ~5 sigma of n * k / width
+    assert (counts - n * k / width).abs().max() < 5 * math.sqrt(n * k / width), counts
+    # C(31, 5) = 169,911 sets: 40,000 uniform draws give ~35,700 different ones
+    assert len({tuple(sorted(row)) for row in pos.tolist()}) > 34_000
 
 
 def test_hashes_are_splitmix64_in_uint64_arithmetic():
@@ -112,11 +111,20 @@ def test_hashes_are_splitmix64_in_uint64_arithmetic():
     got = term_hash(torch.tensor(fids), torch.tensor(vals), seed=3).tolist()
     want = [mix(mix((f * golden + 3) & mask) ^ (v & mask)) for f, v in zip(fids, vals, strict=True)]
     assert got == [signed(h) for h in want] and any(h >> 63 for h in want)
-    width = 1_000_003  # prime, as a bundle's
-    rows = bloom_positions(torch.tensor(got), torch.full((len(got),), width), 5).tolist()
-    halves = [[mix((h + i * golden) & mask) for i in (1, 2, 3)] for h in want]
-    assert rows == [[(r & 0xFFFFFFFF) % width, (r >> 32) % width, (s & 0xFFFFFFFF) % width, (s >> 32) % width,
-                     (t & 0xFFFFFFFF) % width] for r, s, t in halves]
+    width, k = 37, 5  # prime, as a bundle's; small, so that Floyd's replacements happen
+    hashes = got + term_hash(torch.ones(400, dtype=torch.long), torch.arange(400)).tolist()
+    rows = bloom_positions(torch.tensor(hashes), torch.full((len(hashes),), width), k).tolist()
+    want_rows, replaced = [], 0
+    for h in hashes:
+        h &= mask
+        draws = [half for i in (1, 2, 3) for r in [mix((h + i * golden) & mask)] for half in (r & 0xFFFFFFFF, r >> 32)]
+        picked = []
+        for j in range(k):
+            top, row = width - k + j, draws[j] % (width - k + j + 1)
+            replaced += row in picked
+            picked.append(top if row in picked else row)
+        want_rows.append(picked)
+    assert rows == want_rows and replaced > 10
 
 
 def test_schema_encodes_item_attributes_as_the_language_hashes_them():

@@ -2,8 +2,8 @@
 
 Terms are (feature_id, value) pairs. `term_hash` mixes them with the splitmix64 finalizer
 (torch int64 arithmetic wraps like uint64; right shifts are made logical by masking), and
-`bloom_positions` derives a term's k rows in a bundle from k independent 32-bit hashes (the
-halves of splitmix64 of h + i * golden ratio, i = 1, 2, ...), each modulo the bundle's width.
+`bloom_positions` derives a term's k distinct rows in a bundle, a uniformly random k-subset of its
+width, from k 32-bit hashes (the halves of splitmix64 of h + i * golden ratio, i = 1, 2, ...).
 String values go through FNV-1a 64 (`string_value`) so every process maps them alike, after
 Unicode NFC normalization so that "Comédie" typed with a combining accent matches the same word
 with a precomposed é.
@@ -39,19 +39,28 @@ def term_hash(feature_ids: torch.Tensor, values: torch.Tensor, seed: int = 0) ->
 
 
 def bloom_positions(h: torch.Tensor, width: torch.Tensor, k: int) -> torch.Tensor:
-    """[..., k] rows in [0, width) for term hashes `h` (0 < width < 2^31): row 2i is the low and row
-    2i + 1 the high 32-bit half of mix64(h + (i + 1) * golden), modulo the width.
+    """[..., k] distinct rows in [0, width) for term hashes `h` (k < width < 2^31): a uniformly
+    random k-subset, drawn by Floyd's sampling from k 32-bit hashes (the low and high halves of
+    mix64(h + i * golden), i = 1, 2, ...): draw j (j = 0 .. k-1) is the hash modulo width - k + j + 1,
+    replaced by width - k + j when an earlier draw took that row.
 
     Independent rows, as the false-positive formula (1 - e^(-1/m))^k assumes. Double hashing
     (rows h1 + j * h2 modulo a prime width) gave each term one of only width^2 row sets, so a probe
     term had all its rows in common with some stored term of an item far more often than
     independent rows would: at k=5, m=10 the rate was 21x the formula (`FORMAT_VERSION` 2 of the
-    Bloom index and of the retrieval model). Rows may repeat, as the formula allows."""
+    Bloom index and of the retrieval model)."""
     halves = (k + 1) // 2
     i = torch.arange(1, halves + 1, device=h.device)
     r = mix64(h.to(torch.int64).unsqueeze(-1) + i * _GOLDEN)  # [..., halves]
-    rows = torch.stack([r & 0xFFFFFFFF, _lsr(r, 32)], -1).reshape(*r.shape[:-1], 2 * halves)[..., :k]
-    return rows % width.unsqueeze(-1)
+    draws = torch.stack([r & 0xFFFFFFFF, _lsr(r, 32)], -1).reshape(*r.shape[:-1], 2 * halves)
+    rows: list[torch.Tensor] = []
+    for j in range(k):
+        top = width - k + j  # no earlier draw took it: they are all below it
+        row = draws[..., j] % (top + 1)
+        if rows:
+            row = torch.where((torch.stack(rows, -1) == row.unsqueeze(-1)).any(-1), top, row)
+        rows.append(row)
+    return torch.stack(rows, -1)
 
 
 def string_value(text: str) -> int:

@@ -25,20 +25,51 @@ def _mix64(x):
 
 
 @triton.jit
-def _bloom_test(h, width, row0, bits_ptr, wib, mask, K: tl.constexpr):
-    """The AND of term hash h's K row words (hashing.bloom_positions: the 32-bit halves of
-    mix64(h + i * golden), i = 1, 2, ..., modulo the bundle's `width` rows from `row0`); rows of
-    32 words, word `wib` of each. Masked lanes read all-ones."""
-    w32 = width.to(tl.uint32)  # < 2^31 (bundle_widths): a 32-bit remainder, far cheaper than a 64-bit one
+def _bloom_rows(h, width, row0, bits_ptr, wib, mask, bit, K: tl.constexpr, SET: tl.constexpr):
+    """Term hash h's K distinct rows in a bundle of `width` rows from `row0` (hashing.bloom_positions:
+    Floyd's sampling with the 32-bit halves of mix64(h + i * golden)), rows of 32 words, word `wib`
+    of each. SET: OR `bit` into those words (the build); else return their AND (masked lanes read
+    all-ones). One helper for both, so that the build and the searches place a term alike."""
+    w = width.to(tl.uint32)  # < 2^31 (bundle_widths): 32-bit remainders, far cheaper than 64-bit ones
     x = h
     test = tl.full(wib.shape, -1, tl.int64)
-    for i in tl.static_range((K + 1) // 2):
-        x = x + 0x9E3779B97F4A7C15  # h + (i + 1) * golden, wrapping as uint64
-        r = _mix64(x)
-        row = ((r & 0xFFFFFFFF).to(tl.uint32) % w32).to(tl.int64)
-        test = test & tl.load(bits_ptr + (row0 + row) * 32 + wib, mask=mask, other=-1)
-        if 2 * i + 1 < K:
-            row = ((r >> 32).to(tl.uint32) % w32).to(tl.int64)
+    none = tl.full(wib.shape, -1, tl.int64)  # an unused draw: no row equals it
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = none, none, none, none, none, none, none, none, none, none
+    for j in tl.static_range(K):
+        if j % 2 == 0:
+            x = x + 0x9E3779B97F4A7C15  # h + (j // 2 + 1) * golden, wrapping as uint64
+            r = _mix64(x)
+            draw = (r & 0xFFFFFFFF).to(tl.uint32)
+        else:
+            draw = (r >> 32).to(tl.uint32)
+        top = w - K + j  # above every earlier draw
+        row = (draw % (top + 1)).to(tl.int64)
+        taken = (row == p0) | (row == p1) | (row == p2) | (row == p3) | (row == p4) | (row == p5) | (row == p6) \
+            | (row == p7) | (row == p8) | (row == p9)
+        row = tl.where(taken, top.to(tl.int64), row)
+        if j == 0:
+            p0 = row
+        elif j == 1:
+            p1 = row
+        elif j == 2:
+            p2 = row
+        elif j == 3:
+            p3 = row
+        elif j == 4:
+            p4 = row
+        elif j == 5:
+            p5 = row
+        elif j == 6:
+            p6 = row
+        elif j == 7:
+            p7 = row
+        elif j == 8:
+            p8 = row
+        else:
+            p9 = row
+        if SET:
+            tl.atomic_or(bits_ptr + (row0 + row) * 32 + wib, bit, mask=mask)
+        else:
             test = test & tl.load(bits_ptr + (row0 + row) * 32 + wib, mask=mask, other=-1)
     return test
 
@@ -69,7 +100,7 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
     """The plan of query q on words w; an EXACT_TERM of slot s reads exact_ptr[exact_row[q, s] * exact_stride + exact_col]."""
     bundle = w // 32
     wib = w % 32
-    width = tl.load(width_ptr + bundle, mask=wmask, other=2)
+    width = tl.load(width_ptr + bundle, mask=wmask, other=K + 1)  # masked lanes: a width every draw fits
     roff = tl.load(row_off_ptr + bundle, mask=wmask, other=0)
     ones = tl.full((BW,), -1, tl.int64)
     # an empty stack reads as "everything", as the tensor-op evaluator's (an empty program passes all)
@@ -79,7 +110,7 @@ def _eval_words(w, wmask, q, bits_ptr, row_off_ptr, width_ptr, live_ptr, ops_ptr
         slot = tl.load(args_ptr + q * L + i)
         # the value a push would bring: a Bloom term, an exact term, or TRUE
         h1 = tl.load(h1_ptr + q * T + slot).to(tl.uint64, bitcast=True)
-        term = _bloom_test(h1, width, roff, bits_ptr, wib, wmask & (op == TERM), K)  # the mixing once, per program
+        term = _bloom_rows(h1, width, roff, bits_ptr, wib, wmask & (op == TERM), 0, K, False)
         erow = tl.load(exact_row_ptr + q * T + slot)
         exact = tl.load(exact_ptr + erow.to(tl.int64) * exact_stride + exact_col, mask=wmask & (op == EXACT_TERM), other=0)
         pushed = tl.where(op == TERM, term, tl.where(op == EXACT_TERM, exact, ones))
@@ -148,25 +179,17 @@ def words_kernel(out_ptr, words_ptr, bits_ptr, row_off_ptr, width_ptr, ops_ptr, 
 @triton.jit
 def build_kernel(bits_ptr, h1_ptr, item_ptr, width_ptr, row_off_ptr, n_terms, row_base,
                  K: tl.constexpr, BLOCK: tl.constexpr):
-    """Set each term's k rows (hashing.bloom_positions, as `_bloom_test` reads them) for its item:
-    one lane per (item, term) pair; OR is order-free, so the atomics give a deterministic result."""
+    """Set each term's k rows for its item: one lane per (item, term) pair; OR is order-free,
+    so the atomics give a deterministic result."""
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tmask = t < n_terms
     item = tl.load(item_ptr + t, mask=tmask, other=0)
     bundle = item // 2048
-    w32 = tl.load(width_ptr + bundle, mask=tmask, other=2).to(tl.uint32)
+    width = tl.load(width_ptr + bundle, mask=tmask, other=K + 1)
     roff = tl.load(row_off_ptr + bundle, mask=tmask, other=0) - row_base
-    x = tl.load(h1_ptr + t, mask=tmask, other=0).to(tl.uint64, bitcast=True)
-    wib = (item % 2048) // 64
+    h = tl.load(h1_ptr + t, mask=tmask, other=0).to(tl.uint64, bitcast=True)
     bit = tl.full((BLOCK,), 1, tl.int64) << (item % 64)
-    for i in tl.static_range((K + 1) // 2):
-        x = x + 0x9E3779B97F4A7C15
-        r = _mix64(x)
-        row = ((r & 0xFFFFFFFF).to(tl.uint32) % w32).to(tl.int64)
-        tl.atomic_or(bits_ptr + (roff + row) * 32 + wib, bit, mask=tmask)
-        if 2 * i + 1 < K:
-            row = ((r >> 32).to(tl.uint32) % w32).to(tl.int64)
-            tl.atomic_or(bits_ptr + (roff + row) * 32 + wib, bit, mask=tmask)
+    _bloom_rows(h, width, roff, bits_ptr, (item % 2048) // 64, tmask, bit, K, True)
 
 
 @triton.jit
