@@ -64,7 +64,7 @@ from .topk import as_integers
 from .towers import TOWERS
 
 FORMAT = "silvertorch.RetrievalModel"
-# 2: the Bloom index's independent rows per term (`bloom.hashing.bloom_positions`)
+# 2: the Bloom index's random k-subset of rows per term (`bloom.hashing.bloom_positions`)
 FORMAT_VERSION = 2
 OLD_VERSIONS = {1: "version 1 artifacts hold Bloom rows placed by double hashing: build the model again "
                    "(RetrievalModel.build, or `silvertorch build` from the published towers and item table)"}

@@ -44,7 +44,7 @@ def bloom_positions(h: torch.Tensor, width: torch.Tensor, k: int) -> torch.Tenso
     mix64(h + i * golden), i = 1, 2, ...): draw j (j = 0 .. k-1) is the hash modulo width - k + j + 1,
     replaced by width - k + j when an earlier draw took that row.
 
-    Independent rows, as the false-positive formula (1 - e^(-1/m))^k assumes. Double hashing
+    Random rows, as the false-positive formula (1 - e^(-1/m))^k assumes. Double hashing
     (rows h1 + j * h2 modulo a prime width) gave each term one of only width^2 row sets, so a probe
     term had all its rows in common with some stored term of an item far more often than
     independent rows would: at k=5, m=10 the rate was 21x the formula (`FORMAT_VERSION` 2 of the

@@ -2,9 +2,10 @@
 
 Layout: items in bundles of 2048; bundle b has `widths[b]` rows (a prime >= max terms of an
 item in the bundle * k * b_multiplier) of 32 int64 words; bit i % 64 of word (i % 2048) // 64
-in row p is set when item i has a term hashing to row p (`hashing.bloom_positions`: k rows per
-term). A term's test over 64 items is the AND of k words. Beside the bits the index keeps the items' attributes (for exact NOT, exact
-verification and rebuilding bundles on append) and a tombstone mask for deleted items.
+in row p is set when item i has a term hashing to row p (`hashing.bloom_positions`: k distinct
+rows per term). A term's test over 64 items is the AND of k words. Beside the bits the index
+keeps the items' attributes (for exact NOT, exact verification and rebuilding bundles on append)
+and a tombstone mask for deleted items.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from .parser import AND, EXACT_TERM, NOT, OR, TERM, TRUE, FilterPlans
 
 BUNDLE = 2048
 WORDS_PER_BUNDLE = BUNDLE // 64
-# 2: independent rows per term (`hashing.bloom_positions`); version 1 files hold double-hashed rows
+# 2: a random k-subset of rows per term (`hashing.bloom_positions`); version 1 files hold double-hashed rows
 FORMAT_VERSION = 2
-
-
 MAX_WIDTH = 1 << 30  # a bound on rows per bundle: the prime above it stays below 2^31 (32-bit row hashes)
 BUILD_CHUNK = 1 << 22  # (item, term) pairs per step of the reference build
 
@@ -270,7 +269,8 @@ class BloomIndex:
         stack: list[torch.Tensor] = []
         for op, slot in zip(plans.ops[q].tolist(), plans.args[q].tolist()):
             if op == TERM:
-                pos = bloom_positions(plans.hashes[q, slot].expand_as(wc), self.widths[bundle], self.k)
+                # a term's rows depend on the bundle only: placed once per bundle, gathered per word
+                pos = bloom_positions(plans.hashes[q, slot].expand_as(self.widths), self.widths, self.k)[bundle]
                 words = self.bits[self.row_offsets[bundle].unsqueeze(1) + pos, wib.unsqueeze(1)]
                 acc = words[:, 0]
                 for j in range(1, self.k):
