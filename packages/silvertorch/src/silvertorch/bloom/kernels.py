@@ -33,8 +33,8 @@ def _bloom_rows(h, width, row0, bits_ptr, wib, mask, bit, K: tl.constexpr, SET: 
     w = width.to(tl.uint32)  # < 2^31 (bundle_widths): 32-bit remainders, far cheaper than 64-bit ones
     x = h
     test = tl.full(wib.shape, -1, tl.int64)
-    none = tl.full(wib.shape, -1, tl.int64)  # an unused draw: no row equals it
-    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = none, none, none, none, none, none, none, none, none, none
+    none = tl.full(wib.shape, -1, tl.int64)  # the draws so far (set below; never compared before they are)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8 = none, none, none, none, none, none, none, none, none
     for j in tl.static_range(K):
         if j % 2 == 0:
             x = x + 0x9E3779B97F4A7C15  # h + (j // 2 + 1) * golden, wrapping as uint64
@@ -44,8 +44,25 @@ def _bloom_rows(h, width, row0, bits_ptr, wib, mask, bit, K: tl.constexpr, SET: 
             draw = (r >> 32).to(tl.uint32)
         top = w - K + j  # above every earlier draw
         row = (draw % (top + 1)).to(tl.int64)
-        taken = (row == p0) | (row == p1) | (row == p2) | (row == p3) | (row == p4) | (row == p5) | (row == p6) \
-            | (row == p7) | (row == p8) | (row == p9)
+        taken = row < 0  # (never) compared with the j earlier draws only: static conditions
+        if j > 0:
+            taken = taken | (row == p0)
+        if j > 1:
+            taken = taken | (row == p1)
+        if j > 2:
+            taken = taken | (row == p2)
+        if j > 3:
+            taken = taken | (row == p3)
+        if j > 4:
+            taken = taken | (row == p4)
+        if j > 5:
+            taken = taken | (row == p5)
+        if j > 6:
+            taken = taken | (row == p6)
+        if j > 7:
+            taken = taken | (row == p7)
+        if j > 8:
+            taken = taken | (row == p8)
         row = tl.where(taken, top.to(tl.int64), row)
         if j == 0:
             p0 = row
@@ -65,8 +82,6 @@ def _bloom_rows(h, width, row0, bits_ptr, wib, mask, bit, K: tl.constexpr, SET: 
             p7 = row
         elif j == 8:
             p8 = row
-        else:
-            p9 = row
         if SET:
             tl.atomic_or(bits_ptr + (row0 + row) * 32 + wib, bit, mask=mask)
         else:
