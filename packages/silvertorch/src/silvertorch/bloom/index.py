@@ -176,7 +176,7 @@ class BloomIndex:
             from .kernels import build_kernel
 
             fresh = torch.zeros(new_rows, 32, dtype=torch.int64, device=device)
-            block = 1024
+            block = 1024 if self.k <= 5 else 256  # each lane holds its k draws: 254 registers a thread at k=10 with 1024
             h, item_of_term, widths, row_offsets = _row_major(h, item_of_term, widths, row_offsets)
             build_kernel[(triton.cdiv(h.numel(), block),)](fresh, h, item_of_term, widths, row_offsets,
                                                           h.numel(), keep_rows, K=self.k, BLOCK=block)
