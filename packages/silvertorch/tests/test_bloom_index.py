@@ -204,6 +204,23 @@ def test_bytes_per_item_and_bad_inputs():
         idx.verify(plans, torch.tensor([[5000]]))
 
 
+def test_an_append_refused_for_its_bundle_width_leaves_the_index_as_it_was():
+    """An append whose items need a bundle of 2^30 rows or more is refused (the kernels reduce 32-bit
+    row hashes modulo the width), but the refusal came from the rebuild, after the attributes were
+    appended: the index counted the refused items, without their Bloom bits or live bits, and could
+    no longer be saved and loaded."""
+    none = torch.zeros(0, dtype=torch.int64)
+    index = BloomIndex.build(none, torch.tensor([0, 0, 0]), none, k=1, b_multiplier=2.0**29)  # items of no terms: 2 rows
+    plans = parse_filters(["", "1:5"])
+    assert index.search(plans).tolist() == [[0b11], [0]]
+    with pytest.raises(ValueError, match="an item with 2 terms needs 1073741824 Bloom rows"):
+        index.append(torch.tensor([1, 2]), torch.tensor([0, 0, 2]), torch.tensor([5, 6]))
+    assert index.num_items == 2 and index.offsets.tolist() == [0, 0, 0] and index.feature_ids.numel() == 0
+    assert index.deleted.numel() == 1 and index.search(plans).tolist() == [[0b11], [0]]
+    assert index.append(none, torch.tensor([0, 0]), none).tolist() == [2]  # and it still takes items
+    assert index.search(plans).tolist() == [[0b111], [0]] and index.widths.tolist() == [2]
+
+
 def test_bloom_filter_range_masks_check_their_ranges():
     """`BloomFilter.range_masks` is the public range-filter method: ranges outside the index are a
     ValueError, as `search_ranges` says, not words of bits past its end. (The IVF search, whose

@@ -42,16 +42,22 @@ def _or_bits(n_words: int, word: torch.Tensor, bit: torch.Tensor, device) -> tor
     return out
 
 
+def _check_bundle_rows(lengths: torch.Tensor, k: int, b_multiplier: float) -> None:
+    """Refuse items whose bundle would need MAX_WIDTH rows or more: the kernels reduce 32-bit row
+    hashes modulo the width (`bundle_widths`; `append` checks before it changes anything)."""
+    most = int(lengths.max()) if lengths.numel() else 0
+    if math.ceil(most * k * b_multiplier) >= MAX_WIDTH:
+        raise ValueError(f"an item with {most} terms needs {math.ceil(most * k * b_multiplier)} Bloom rows at k={k}, "
+                         f"b_multiplier={b_multiplier}; a bundle holds fewer than {MAX_WIDTH} rows")
+
+
 def bundle_widths(lengths: torch.Tensor, k: int, b_multiplier: float) -> torch.Tensor:
     """Rows per bundle for items with `lengths` terms each (bundles from the first item): the
     smallest prime >= max(ceil(max terms in the bundle * k * b_multiplier), k + 1)."""
     n = lengths.numel()
     padded = torch.zeros(math.ceil(n / BUNDLE) * BUNDLE, dtype=torch.int64)
     padded[:n] = lengths.cpu()
-    most = int(lengths.max()) if n else 0
-    if math.ceil(most * k * b_multiplier) >= MAX_WIDTH:  # the kernels reduce 32-bit row hashes modulo the width
-        raise ValueError(f"an item with {most} terms needs {math.ceil(most * k * b_multiplier)} Bloom rows at k={k}, "
-                         f"b_multiplier={b_multiplier}; a bundle holds fewer than {MAX_WIDTH} rows")
+    _check_bundle_rows(lengths, k, b_multiplier)
     return torch.tensor([next_prime(max(math.ceil(int(m) * k * b_multiplier), k + 1)) for m in padded.view(-1, BUNDLE).amax(1)],
                         dtype=torch.int64)
 
@@ -425,6 +431,8 @@ class BloomIndex:
         """Add items; returns their positions. The last partial bundle and the new ones are rebuilt."""
         feature_ids, offsets, values = (torch.as_tensor(t, device=self.bits.device) for t in (feature_ids, offsets, values))
         _validate_attributes(feature_ids, offsets, values)
+        # refused before the attributes are appended: the rebuild's refusal left them counted, without bits
+        _check_bundle_rows(offsets.diff(), self.k, self.b_multiplier)
         old_n = self.num_items
         self.feature_ids = torch.cat([self.feature_ids, feature_ids.to(torch.int64)])
         self.values = torch.cat([self.values, values.to(torch.int64)])
