@@ -434,6 +434,26 @@ def test_load_refuses_a_corrupt_file_that_would_answer_wrongly(tmp_path):
     assert torch.equal(back.search(plans), index.search(plans))
 
 
+@pytest.mark.parametrize("k", [0, 12])
+def test_load_refuses_a_k_that_build_refuses(tmp_path, monkeypatch, k):
+    """A file whose k is outside build's [1, 10], its bits and widths laid out for that k (so the
+    load-time check of the bits passes) loaded: with k=12 the kernels, which hold 10 draws of
+    Floyd's sampling, read other rows than the reference (a term's rows repeated); with k=0 (items
+    of no terms: no bits to check) a search of a term failed in the reference with a RuntimeError and
+    passed every item in the kernels. Refused as build refuses it."""
+    monkeypatch.setenv("GKC_BACKEND", "reference")
+    n = 300
+    terms = n if k else 0  # a term each: narrow bundles, where Floyd's replacements are frequent
+    index = BloomIndex(k=k, b_multiplier=1.01, feature_ids=torch.ones(terms, dtype=torch.int64),
+                       offsets=torch.arange(n + 1) if k else torch.zeros(n + 1, dtype=torch.int64),
+                       values=torch.arange(terms), bits=torch.zeros(0, 32, dtype=torch.int64),
+                       row_offsets=torch.zeros(1, dtype=torch.int64), widths=torch.zeros(0, dtype=torch.int64),
+                       deleted=torch.zeros(5, dtype=torch.int64))
+    index._build_bundles(0)
+    with pytest.raises(ValueError, match=rf"k.safetensors: the header's config is not a BloomIndex's .*k must be an integer in \[1, 10\], got {k}"):
+        BloomIndex.load(index.save(tmp_path / "k.safetensors"))
+
+
 def test_uint64_attributes_past_int64_are_refused():
     """A uint64 value of 2**63 or more was wrapped to a negative int64 by the cast: the item
     matched `1:-9223372036854775803`, a value it does not have, and no filter can write its own

@@ -481,7 +481,11 @@ class BloomIndex:
                                 "the items" if meta.get("format_version") == "1" else "") + ")")
         try:  # a header without k, or not an object, failed with a KeyError or AttributeError
             config = json.loads(meta["config"])
-            k, b_multiplier = int(config["k"]), float(config["b_multiplier"])
+            k, b_multiplier = config["k"], float(config["b_multiplier"])
+            # as build: the kernels hold 10 draws of a term's rows (k=12 loaded, and they read other rows
+            # than the reference; k=0 failed in the bits' check with a torch RuntimeError)
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 10:
+                raise ValueError(f"k must be an integer in [1, 10], got {k!r}")
             if not math.isfinite(b_multiplier):
                 raise ValueError(f"b_multiplier={b_multiplier}")
         except (KeyError, TypeError, ValueError) as err:

@@ -30,6 +30,7 @@ def _bloom_rows(h, width, row0, bits_ptr, wib, mask, bit, K: tl.constexpr, SET: 
     Floyd's sampling with the 32-bit halves of mix64(h + i * golden)), rows of 32 words, word `wib`
     of each. SET: OR `bit` into those words (the build); else return their AND (masked lanes read
     all-ones). One helper for both, so that the build and the searches place a term alike."""
+    tl.static_assert(K <= 10, "_bloom_rows keeps 10 draws (BloomIndex's k is in [1, 10])")
     w = width.to(tl.uint32)  # < 2^31 (bundle_widths): 32-bit remainders, far cheaper than 64-bit ones
     x = h
     test = tl.full(wib.shape, -1, tl.int64)
