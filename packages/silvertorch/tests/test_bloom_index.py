@@ -425,6 +425,9 @@ def test_load_refuses_a_corrupt_file_that_would_answer_wrongly(tmp_path):
         ("no_k", {}, dict(meta, config=json.dumps({key: v for key, v in config.items() if key != "k"})), "config"),
         ("list", {}, dict(meta, config="[1]"), "config"),
         ("nan", {}, dict(meta, config=json.dumps(dict(config, b_multiplier=float("nan")))), "config"),
+        # widths past the kernels' bound: the ValueError named neither the file nor the check
+        ("wide", {}, dict(meta, config=json.dumps(dict(config, b_multiplier=2.0**40))),
+         r"wide.safetensors: the Bloom index does not match its items: an item with \d+ terms needs \d+ Bloom rows"),
     ):
         save_file({**tensors, **changed}, str(tmp_path / f"{name}.safetensors"), metadata=new_meta)
         with pytest.raises(ValueError, match=match):

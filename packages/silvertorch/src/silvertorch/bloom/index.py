@@ -80,7 +80,10 @@ def bloom_disagreement(bits, row_offsets, widths, lengths, term_items, term_hash
     n = lengths.numel()
     if widths.numel() != math.ceil(n / BUNDLE):
         return f"{widths.numel()} bundle widths for {n} items (expected {math.ceil(n / BUNDLE)})"
-    expected = bundle_widths(lengths, k, b_multiplier)
+    try:
+        expected = bundle_widths(lengths, k, b_multiplier)
+    except ValueError as err:  # widths past the kernels' bound: said as what disagrees, so the loaders name their file
+        return str(err)
     if not torch.equal(widths.cpu(), expected):
         return f"the bundle widths do not follow from k={k} and b_multiplier={b_multiplier} (a changed k or b_multiplier?)"
     if row_offsets.numel() != widths.numel() + 1 or not torch.equal(row_offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), expected.cumsum(0)])):
