@@ -652,7 +652,7 @@ def test_bad_inputs_are_named():
         RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, (ATTRS[0], ATTRS[1], ATTRS[2].float() + 0.5), SCHEMA)
     with pytest.raises(ValueError, match="attributes: offsets must be non-decreasing"):
         RetrievalModel.build(TOWER, OVERARCH, VALUE, EMB, IDS, (ATTRS[0], ATTRS[1].index_put((torch.tensor([1]),), torch.tensor(5)), ATTRS[2]), SCHEMA)
-    with pytest.raises(ValueError, match="bloom_k must be an int in"):
+    with pytest.raises(ValueError, match=r"bloom_k must be an integer in \[1, 10\]"):
         _model(bloom_k=0)
     before = (MODEL.fresh_used, MODEL.item_ids.clone())
     new_rows = EMB[:2]

@@ -50,7 +50,7 @@ from gpukernels_common.graphs import GraphedCall, padded_batch
 from .__about__ import __version__
 from .bloom.exact_words import exact_words
 from .bloom.hashing import term_hash
-from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement
+from .bloom.index import BloomIndex, _validate_attributes, bloom_disagreement, check_k
 from .bloom.parser import EXACT_TERM, NOP, TERM, FilterPlans, FilterSchema, parse_filters
 from .bloom.probed import probed_filter_words, probed_keep
 from .bloom.verify import verify_plans
@@ -145,12 +145,6 @@ def _check_against_spec(features: torch.Tensor, spec: dict) -> torch.Tensor:
         raise ValueError(f"user_features[{row}, {col}] = {features[row, col].item():g} is out of range: column {col} takes "
                          f"ids in [0, {int(high[col])}]")
     return features.long()
-
-
-def _check_bloom_k(bloom_k) -> None:
-    """At build and at load (an edited config.json would read every Bloom word wrongly)."""
-    if isinstance(bloom_k, bool) or not isinstance(bloom_k, int) or not 1 <= bloom_k <= 10:
-        raise ValueError(f"bloom_k must be an int in [1, 10] (the Bloom index's k), got {bloom_k!r}")
 
 
 def _checked_int(name: str, value) -> int:
@@ -308,8 +302,8 @@ class RetrievalModel(nn.Module):
         self.nprobe, self.max_nprobe, self.k_candidates, self.num_results = nprobe, max_nprobe, k_candidates, num_results
         # a cluster of max_cluster items starting anywhere in a word spans at most this many words
         self.words_per_cluster = (max_cluster + 62) // 64 + 1
-        _check_bloom_k(bloom_k)
-        self.bloom_k, self.bloom_multiplier = bloom_k, bloom_multiplier
+        check_k(bloom_k, "bloom_k")  # at build and at load: an edited config.json would read every Bloom word wrongly
+        self.bloom_k, self.bloom_multiplier = int(bloom_k), bloom_multiplier  # (a numpy int would fail the JSON config)
         # checked (names a filter can write, int64 ids) and with Python int ids (numpy ones would fail the JSON config)
         self._filter_schema = schema if isinstance(schema, FilterSchema) else FilterSchema(dict(schema or {}))
         if not 1 <= max_exact_terms <= max_terms:
@@ -352,7 +346,7 @@ class RetrievalModel(nn.Module):
         shrink to what the new clusters can hold.
         """
         step = progress or (lambda name: None)
-        _check_bloom_k(bloom_k)
+        check_k(bloom_k, "bloom_k")
         check_weights(_module_tensors(user_tower=user_tower, overarch=overarch, value_model=value_model))
         emb = torch.as_tensor(item_embeddings).detach().float().cpu()
         if emb.dim() != 2 or emb.shape[0] < 1:

@@ -29,6 +29,7 @@ BUNDLE = 2048
 WORDS_PER_BUNDLE = BUNDLE // 64
 # 2: a random k-subset of rows per term (`hashing.bloom_positions`); version 1 files hold double-hashed rows
 FORMAT_VERSION = 2
+MAX_K = 10  # a term's rows per bundle: the kernels keep this many draws (`kernels._bloom_rows`)
 MAX_WIDTH = 1 << 30  # a bound on rows per bundle: the prime above it stays below 2^31 (32-bit row hashes)
 BUILD_CHUNK = 1 << 22  # (item, term) pairs per step of the reference build
 
@@ -40,6 +41,13 @@ def _or_bits(n_words: int, word: torch.Tensor, bit: torch.Tensor, device) -> tor
         key = torch.unique(word * 64 + bit)
         out.index_add_(0, key // 64, torch.bitwise_left_shift(torch.ones_like(key), key % 64))
     return out
+
+
+def check_k(k, name: str = "k") -> None:
+    """The one check of a Bloom index's k (build, load, the retrieval model's bloom_k): k=2.5 was
+    built as 2 and True as 1, and a k above the kernels' draws reads other rows than the reference."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_K}], got {k!r}")
 
 
 def _check_bundle_rows(lengths: torch.Tensor, k: int, b_multiplier: float) -> None:
@@ -146,10 +154,9 @@ class BloomIndex:
         items; the search refuses a filter made for another)."""
         feature_ids, offsets, values = (torch.as_tensor(t) for t in (feature_ids, offsets, values))
         _validate_attributes(feature_ids, offsets, values)
-        # k=2.5 was built as 2 and True as 1; a NaN or infinite b_multiplier passed `<= 1` and failed
-        # in the widths' integer conversion (or, with no items yet, in a later append)
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= 10:
-            raise ValueError(f"k must be an integer in [1, 10], got {k!r}")
+        check_k(k)
+        # a NaN or infinite b_multiplier passed `<= 1` and failed in the widths' integer conversion
+        # (or, with no items yet, in a later append)
         if isinstance(b_multiplier, bool) or not isinstance(b_multiplier, numbers.Real) or not 1.0 < b_multiplier < math.inf:
             raise ValueError(f"b_multiplier must be a finite number > 1, got {b_multiplier!r}")
         device = torch.device(device) if device is not None else feature_ids.device
@@ -485,10 +492,7 @@ class BloomIndex:
         try:  # a header without k, or not an object, failed with a KeyError or AttributeError
             config = json.loads(meta["config"])
             k, b_multiplier = config["k"], float(config["b_multiplier"])
-            # as build: the kernels hold 10 draws of a term's rows (k=12 loaded, and they read other rows
-            # than the reference; k=0 failed in the bits' check with a torch RuntimeError)
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 10:
-                raise ValueError(f"k must be an integer in [1, 10], got {k!r}")
+            check_k(k)  # as build (k=12 loaded and read other rows; k=0 failed with a torch RuntimeError)
             if not math.isfinite(b_multiplier):
                 raise ValueError(f"b_multiplier={b_multiplier}")
         except (KeyError, TypeError, ValueError) as err:
