@@ -25,6 +25,24 @@ def _mix64(x):
 
 
 @triton.jit
+def _same(row, drawn, EARLIER: tl.constexpr, NOW: tl.constexpr):
+    """Whether draw NOW's row equals draw EARLIER's, `drawn` (all false unless EARLIER < NOW: a static choice)."""
+    if EARLIER < NOW:
+        return row == drawn
+    else:
+        return row < 0
+
+
+@triton.jit
+def _kept(drawn, row, SLOT: tl.constexpr, NOW: tl.constexpr):
+    """Draw SLOT's row after draw NOW: `row` when SLOT == NOW (a static choice), else `drawn` as it was."""
+    if SLOT == NOW:
+        return row
+    else:
+        return drawn
+
+
+@triton.jit
 def _bloom_rows(h, width, row0, bits_ptr, wib, mask, bit, K: tl.constexpr, SET: tl.constexpr):
     """Term hash h's K distinct rows in a bundle of `width` rows from `row0` (hashing.bloom_positions:
     Floyd's sampling with the 32-bit halves of mix64(h + i * golden)), rows of 32 words, word `wib`
@@ -45,44 +63,14 @@ def _bloom_rows(h, width, row0, bits_ptr, wib, mask, bit, K: tl.constexpr, SET: 
             draw = (r >> 32).to(tl.uint32)
         top = w - K + j  # above every earlier draw
         row = (draw % (top + 1)).to(tl.int64)
-        taken = row < 0  # (never) compared with the j earlier draws only: static conditions
-        if j > 0:
-            taken = taken | (row == p0)
-        if j > 1:
-            taken = taken | (row == p1)
-        if j > 2:
-            taken = taken | (row == p2)
-        if j > 3:
-            taken = taken | (row == p3)
-        if j > 4:
-            taken = taken | (row == p4)
-        if j > 5:
-            taken = taken | (row == p5)
-        if j > 6:
-            taken = taken | (row == p6)
-        if j > 7:
-            taken = taken | (row == p7)
-        if j > 8:
-            taken = taken | (row == p8)
+        # compared with the j earlier draws only (static), then kept as draw j
+        taken = (_same(row, p0, 0, j) | _same(row, p1, 1, j) | _same(row, p2, 2, j) | _same(row, p3, 3, j)
+                 | _same(row, p4, 4, j) | _same(row, p5, 5, j) | _same(row, p6, 6, j) | _same(row, p7, 7, j)
+                 | _same(row, p8, 8, j))
         row = tl.where(taken, top.to(tl.int64), row)
-        if j == 0:
-            p0 = row
-        elif j == 1:
-            p1 = row
-        elif j == 2:
-            p2 = row
-        elif j == 3:
-            p3 = row
-        elif j == 4:
-            p4 = row
-        elif j == 5:
-            p5 = row
-        elif j == 6:
-            p6 = row
-        elif j == 7:
-            p7 = row
-        elif j == 8:
-            p8 = row
+        p0, p1, p2 = _kept(p0, row, 0, j), _kept(p1, row, 1, j), _kept(p2, row, 2, j)
+        p3, p4, p5 = _kept(p3, row, 3, j), _kept(p4, row, 4, j), _kept(p5, row, 5, j)
+        p6, p7, p8 = _kept(p6, row, 6, j), _kept(p7, row, 7, j), _kept(p8, row, 8, j)
         if SET:
             tl.atomic_or(bits_ptr + (row0 + row) * 32 + wib, bit, mask=mask)
         else:
