@@ -29,6 +29,8 @@ BUNDLE = 2048
 WORDS_PER_BUNDLE = BUNDLE // 64
 # 2: a random k-subset of rows per term (`hashing.bloom_positions`); version 1 files hold double-hashed rows
 FORMAT_VERSION = 2
+# what to do with a file of an older version (the header's string), as the retrieval model's OLD_VERSIONS
+OLD_VERSIONS = {"1": "version 1 placed each term's Bloom rows by double hashing: build the index again from the items"}
 MAX_K = 10  # a term's rows per bundle: the kernels keep this many draws (`kernels._bloom_rows`)
 MAX_WIDTH = 1 << 30  # a bound on rows per bundle: the prime above it stays below 2^31 (32-bit row hashes)
 BUILD_CHUNK = 1 << 22  # (item, term) pairs per step of the reference build
@@ -285,8 +287,12 @@ class BloomIndex:
         stack: list[torch.Tensor] = []
         for op, slot in zip(plans.ops[q].tolist(), plans.args[q].tolist()):
             if op == TERM:
-                # a term's rows depend on the bundle only: placed once per bundle, gathered per word
-                pos = bloom_positions(plans.hashes[q, slot].expand_as(self.widths), self.widths, self.k)[bundle]
+                # a term's rows depend on the bundle only: placed once per bundle and gathered per word
+                # when the words outnumber the bundles (a full search), else placed per word (a few ranges)
+                if wc.numel() >= self.widths.numel():
+                    pos = bloom_positions(plans.hashes[q, slot].expand_as(self.widths), self.widths, self.k)[bundle]
+                else:
+                    pos = bloom_positions(plans.hashes[q, slot].expand_as(wc), self.widths[bundle], self.k)
                 words = self.bits[self.row_offsets[bundle].unsqueeze(1) + pos, wib.unsqueeze(1)]
                 acc = words[:, 0]
                 for j in range(1, self.k):
@@ -486,9 +492,9 @@ class BloomIndex:
         if meta.get("format") != "silvertorch.BloomIndex":
             raise ValueError(f"{path}: not a silvertorch BloomIndex file (format={meta.get('format')!r})")
         if meta.get("format_version") != str(FORMAT_VERSION):
+            hint = OLD_VERSIONS.get(meta.get("format_version"))
             raise ValueError(f"{path}: format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION}"
-                             + ("; version 1 placed each term's Bloom rows by double hashing: build the index again from "
-                                "the items" if meta.get("format_version") == "1" else "") + ")")
+                             + (f"; {hint}" if hint else "") + ")")
         try:  # a header without k, or not an object, failed with a KeyError or AttributeError
             config = json.loads(meta["config"])
             k, b_multiplier = config["k"], float(config["b_multiplier"])
